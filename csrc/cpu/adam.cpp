@@ -1,0 +1,102 @@
+// Adam and AdamW on CPU: checks, scalars, flag and dtype dispatch. The math is
+// AdamRule in update_rules.h; the loop and threading are in multi_tensor.h.
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "cpu/multi_tensor.h"
+
+namespace fused_optim::cpu {
+namespace {
+
+template <WeightDecay kWD, bool kAmsgrad>
+SegmentFn adam_segment_fn(at::ScalarType dtype, bool unscale) {
+  return dispatch_dtype(dtype, [&]<typename T>() {
+    using Rule = AdamRule<at::opmath_type<T>, kWD, kAmsgrad>;
+    return unscale ? pick_segment_fn<T, true, Rule>() : pick_segment_fn<T, false, Rule>();
+  });
+}
+
+SegmentFn select_adam(at::ScalarType dtype, WeightDecay wd, bool amsgrad, bool unscale) {
+  switch (wd) {
+    case WeightDecay::kNone:
+      return amsgrad ? adam_segment_fn<WeightDecay::kNone, true>(dtype, unscale)
+                     : adam_segment_fn<WeightDecay::kNone, false>(dtype, unscale);
+    case WeightDecay::kL2:
+      return amsgrad ? adam_segment_fn<WeightDecay::kL2, true>(dtype, unscale)
+                     : adam_segment_fn<WeightDecay::kL2, false>(dtype, unscale);
+    case WeightDecay::kDecoupled:
+      return amsgrad ? adam_segment_fn<WeightDecay::kDecoupled, true>(dtype, unscale)
+                     : adam_segment_fn<WeightDecay::kDecoupled, false>(dtype, unscale);
+  }
+  TORCH_CHECK(false, "unreachable");
+}
+
+void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+              at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+              at::TensorList state_steps, double lr, double beta1, double beta2,
+              double weight_decay, double eps, bool amsgrad, bool maximize,
+              bool decoupled_weight_decay, const std::optional<at::Tensor>& lr_tensor,
+              const std::optional<at::Tensor>& grad_scale,
+              const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* op = "fused_optim::adam_";
+  const bool unscale = grad_scale.has_value() && grad_scale->defined();
+  std::vector<at::TensorList> states{exp_avgs, exp_avg_sqs};
+  if (amsgrad) {
+    states.push_back(max_exp_avg_sqs);
+  } else {
+    TORCH_CHECK(max_exp_avg_sqs.empty(), op, ": max_exp_avg_sqs must be empty without amsgrad");
+  }
+  MultiTensorPlan plan(op, params, grads, states, /*grad_mutable=*/unscale);
+  check_steps(op, state_steps, plan.size());
+  const double inv_scale = inverse_grad_scale(op, grad_scale);
+  lr = lr_value(op, lr, lr_tensor);
+  // Note [Tensor lr]: torch's for-loop computes lr / bias_correction1 and
+  // 1 - lr * weight_decay as tensor ops in lr's dtype; with a float32 lr we round the
+  // same way, so a Tensor lr gives the same bits as in torch.optim.
+  const bool lr_is_f32 = lr_tensor.has_value() && lr_tensor->defined() &&
+                         lr_tensor->scalar_type() == at::kFloat;
+  if (skip_step(found_inf)) return;  // after all checks; nothing has changed yet
+
+  const WeightDecay wd = weight_decay == 0.0 ? WeightDecay::kNone
+                         : decoupled_weight_decay ? WeightDecay::kDecoupled
+                                                  : WeightDecay::kL2;
+  AdamCoeffs base{};
+  base.grad_sign = maximize ? -1.0 : 1.0;
+  base.weight_decay = weight_decay;
+  base.decay_factor = lr_is_f32 ? static_cast<double>(
+                                      1.0f - static_cast<float>(lr) * static_cast<float>(weight_decay))
+                                : 1.0 - lr * weight_decay;
+  base.one_minus_beta1 = 1.0 - beta1;
+  base.beta2 = beta2;
+  base.one_minus_beta2 = 1.0 - beta2;
+  base.eps = eps;
+
+  const std::vector<double> steps = increment_steps(state_steps);
+  const int64_t n = plan.size();
+  std::vector<AdamCoeffs> coeffs(n, base);
+  std::vector<const void*> coeff_ptrs(n);
+  std::vector<SegmentFn> fns(n);
+  for (int64_t i = 0; i < n; ++i) {
+    // As torch's for-loop: Python floats (double) and Python's ** (C pow).
+    const double bias_correction1 = 1.0 - std::pow(beta1, steps[i]);
+    const double bias_correction2 = 1.0 - std::pow(beta2, steps[i]);
+    const double step_size =
+        lr_is_f32 ? static_cast<double>(static_cast<float>(lr) / static_cast<float>(bias_correction1))
+                  : lr / bias_correction1;
+    coeffs[i].neg_step_size = -step_size;
+    coeffs[i].bias_correction2_sqrt = std::pow(bias_correction2, 0.5);
+    coeff_ptrs[i] = &coeffs[i];
+    // Tensors of one dtype share one function: look it up once per dtype.
+    fns[i] = (i > 0 && plan.real_dtype(i) == plan.real_dtype(i - 1))
+                 ? fns[i - 1]
+                 : select_adam(plan.real_dtype(i), wd, amsgrad, unscale);
+  }
+  plan.run(fns, coeff_ptrs, inv_scale);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_optim, CPU, m) { m.impl("adam_", &adam_cpu); }
+
+}  // namespace fused_optim::cpu

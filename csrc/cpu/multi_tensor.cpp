@@ -1,0 +1,200 @@
+#include "cpu/multi_tensor.h"
+
+#include <ATen/ATen.h>
+
+namespace fused_optim::cpu {
+
+bool cpu_has_avx2() {
+#if FO_HAVE_AVX2_CLONE
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
+#else
+  return false;
+#endif
+}
+
+namespace {
+
+bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf ||
+         t == at::kComplexFloat || t == at::kComplexDouble;
+}
+
+// Same layout as far as elementwise work goes: equal strides on every dimension of
+// size > 1 (a size-1 dimension's stride is never used).
+bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  const auto sizes = a.sizes();
+  const auto sa = a.strides();
+  const auto sb = b.strides();
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    if (sizes[d] > 1 && sa[d] != sb[d]) return false;
+  }
+  return true;
+}
+
+void check_companion(const char* op, const char* list, int64_t i, const at::Tensor& param,
+                     const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), op, ": ", list, "[", i, "] is undefined");
+  TORCH_CHECK(!t.is_sparse(), op, ": ", list, "[", i,
+              "] is sparse; fused_optim kernels need dense tensors");
+  TORCH_CHECK(t.device() == param.device(), op, ": ", list, "[", i, "] is on ", t.device(),
+              " but its param is on ", param.device());
+  TORCH_CHECK(t.scalar_type() == param.scalar_type(), op, ": ", list, "[", i, "] has dtype ",
+              t.scalar_type(), " but its param has dtype ", param.scalar_type());
+  TORCH_CHECK(t.sizes() == param.sizes(), op, ": ", list, "[", i, "] has shape ", t.sizes(),
+              " but its param has shape ", param.sizes());
+}
+
+}  // namespace
+
+MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::TensorList grads,
+                                 const std::vector<at::TensorList>& states, bool grad_mutable)
+    : num_tensors_(static_cast<int64_t>(params.size())),
+      num_states_(static_cast<int>(states.size())) {
+  TORCH_CHECK(num_states_ <= kMaxStates, op, ": too many state lists");
+  TORCH_CHECK(grads.size() == params.size(), op, ": expected as many grads as params, got ",
+              grads.size(), " and ", params.size());
+  for (const auto& s : states) {
+    TORCH_CHECK(s.size() == params.size(), op,
+                ": expected every state list to have one tensor per param, got ", s.size(),
+                " and ", params.size());
+  }
+  real_dtypes_.reserve(num_tensors_);
+  index_.reserve(num_tensors_);
+  ptrs_.reserve(num_tensors_);
+  offsets_.reserve(num_tensors_ + 1);
+  offsets_.push_back(0);
+
+  const char* state_names[kMaxStates] = {"state[0]", "state[1]", "state[2]"};
+  for (int64_t i = 0; i < num_tensors_; ++i) {
+    at::Tensor p = params[i];
+    TORCH_CHECK(p.defined(), op, ": params[", i, "] is undefined");
+    TORCH_CHECK(p.device().is_cpu(), op, ": params[", i, "] is on ", p.device(),
+                "; this kernel runs on CPU tensors");
+    TORCH_CHECK(is_supported_dtype(p.scalar_type()), op, ": params[", i, "] has dtype ",
+                p.scalar_type(), "; supported: float64, float32, bfloat16, float16 and complex");
+    at::Tensor g = grads[i];
+    check_companion(op, "grads", i, p, g);
+    std::array<at::Tensor, kMaxStates> st;
+    for (int k = 0; k < num_states_; ++k) {
+      st[k] = states[k][i];
+      check_companion(op, state_names[k], i, p, st[k]);
+    }
+
+    // Complex params are updated as real views, as torch.optim does.
+    if (p.is_complex()) {
+      p = at::view_as_real(p);
+      g = at::view_as_real(g);
+      for (int k = 0; k < num_states_; ++k) st[k] = at::view_as_real(st[k]);
+    }
+    real_dtypes_.push_back(p.scalar_type());
+    if (p.numel() == 0) continue;
+
+    // Note [layouts]
+    // The loops walk memory linearly, so every tensor of a param must share one dense
+    // layout. The usual case (contiguous, transposed, channels_last params whose grad and
+    // state share their strides) needs nothing. Otherwise each tensor that differs from
+    // the target layout (the param's own if it is dense, contiguous if not) is copied to
+    // a temporary of that layout, and the temporaries of tensors we write are copied back
+    // after the update. Never update a copy without writing it back.
+    const bool param_dense = p.is_non_overlapping_and_dense();
+    auto target = [&](const at::Tensor& t, bool mutated) -> at::Tensor {
+      if (param_dense ? same_layout(t, p) : t.is_contiguous()) return t;
+      at::Tensor tmp = param_dense ? at::empty_strided(p.sizes(), p.strides(), p.options())
+                                   : at::empty(p.sizes(), p.options());
+      tmp.copy_(t);
+      if (mutated) {
+        writebacks_.emplace_back(t, tmp);
+      } else {
+        keep_alive_.push_back(tmp);
+      }
+      return tmp;
+    };
+    TensorPtrs tp{};
+    tp.param = target(p, /*mutated=*/true).data_ptr();
+    tp.grad = target(g, grad_mutable).data_ptr();
+    for (int k = 0; k < num_states_; ++k) tp.state[k] = target(st[k], /*mutated=*/true).data_ptr();
+    ptrs_.push_back(tp);
+    index_.push_back(i);
+    offsets_.push_back(offsets_.back() + p.numel());
+  }
+}
+
+void MultiTensorPlan::run(const std::vector<SegmentFn>& fns,
+                          const std::vector<const void*>& coeffs, double inv_grad_scale) {
+  TORCH_INTERNAL_ASSERT(static_cast<int64_t>(fns.size()) == num_tensors_);
+  TORCH_INTERNAL_ASSERT(static_cast<int64_t>(coeffs.size()) == num_tensors_);
+  std::vector<SegmentFn> seg_fns(index_.size());
+  for (size_t j = 0; j < index_.size(); ++j) {
+    ptrs_[j].coeffs = coeffs[index_[j]];
+    ptrs_[j].inv_grad_scale = inv_grad_scale;
+    seg_fns[j] = fns[index_[j]];
+  }
+  const int64_t total = offsets_.back();
+  // Note [one parallel region]
+  // The elements of all tensors form one range, split evenly across threads whatever the
+  // tensor sizes; each thread walks its tensors from the one holding its first element.
+  // The math is elementwise and identical in vector body and tail, so the result is
+  // bitwise the same for every thread count.
+  at::parallel_for(0, total, kGrainSize, [&](int64_t begin, int64_t end) {
+    auto it = std::upper_bound(offsets_.begin(), offsets_.end(), begin);
+    size_t j = static_cast<size_t>(it - offsets_.begin()) - 1;
+    while (begin < end) {
+      const int64_t lo = begin - offsets_[j];
+      const int64_t hi = std::min(end, offsets_[j + 1]) - offsets_[j];
+      seg_fns[j](ptrs_[j], lo, hi);
+      begin = offsets_[j] + hi;
+      ++j;
+    }
+  });
+  for (auto& wb : writebacks_) wb.first.copy_(wb.second);
+}
+
+void check_steps(const char* op, at::TensorList steps, int64_t n) {
+  TORCH_CHECK(static_cast<int64_t>(steps.size()) == n, op,
+              ": expected one state_step per param, got ", steps.size(), " and ", n);
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const at::Tensor& s = steps[i];
+    TORCH_CHECK(s.defined() && s.device().is_cpu() && s.numel() == 1 &&
+                    (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+                op, ": state_steps[", i,
+                "] must be a one-element float32 or float64 CPU tensor");
+  }
+}
+
+std::vector<double> increment_steps(at::TensorList steps) {
+  std::vector<double> values(steps.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const at::Tensor& s = steps[i];
+    if (s.scalar_type() == at::kFloat) {
+      float* v = s.data_ptr<float>();
+      *v += 1.0f;  // step_t += 1
+      values[i] = *v;
+    } else {
+      double* v = s.data_ptr<double>();
+      *v += 1.0;
+      values[i] = *v;
+    }
+  }
+  return values;
+}
+
+bool skip_step(const std::optional<at::Tensor>& found_inf) {
+  return found_inf.has_value() && found_inf->defined() && found_inf->item<double>() != 0.0;
+}
+
+double inverse_grad_scale(const char* op, const std::optional<at::Tensor>& grad_scale) {
+  if (!grad_scale.has_value() || !grad_scale->defined()) return 1.0;
+  TORCH_CHECK(grad_scale->numel() == 1, op, ": grad_scale must have one element");
+  // GradScaler.unscale_ multiplies by scale.double().reciprocal().float().
+  return static_cast<double>(static_cast<float>(1.0 / grad_scale->item<double>()));
+}
+
+double lr_value(const char* op, double lr, const std::optional<at::Tensor>& lr_tensor) {
+  if (!lr_tensor.has_value() || !lr_tensor->defined()) return lr;
+  TORCH_CHECK(lr_tensor->numel() == 1, op, ": Tensor lr must be 1-element");
+  return lr_tensor->item<double>();
+}
+
+}  // namespace fused_optim::cpu

@@ -1,0 +1,214 @@
+#pragma once
+// The CPU multi-tensor machinery every algorithm shares: input checks, layout handling,
+// one parallel region over all elements of all tensors, and run-time ISA selection.
+// An algorithm brings only its update rule (update_rules.h) and its scalars.
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "update_rules.h"
+
+namespace fused_optim::cpu {
+
+// Note [ISA dispatch]
+// Each segment loop is compiled twice from the same source: for the x86-64 baseline and
+// with AVX2+FMA+F16C enabled for that one function (a target attribute, so nothing else
+// in the library, and nothing it shares with torch's headers, changes ISA). The AVX2 copy
+// is chosen at run time when the CPU has those features. Every fma is explicit and the
+// build has -ffp-contract=off, so both copies produce the same bits (on a CPU without FMA,
+// std::fma is libm's correctly rounded fma: slower, same result).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FO_HAVE_AVX2_CLONE 1
+#define FO_AVX2_TARGET __attribute__((target("avx2,fma,f16c"), flatten))
+#else
+#define FO_HAVE_AVX2_CLONE 0
+#define FO_AVX2_TARGET
+#endif
+
+bool cpu_has_avx2();  // checked once, cached
+
+constexpr int kMaxStates = 3;
+// Elements converted at a time for 16-bit params: the float copies stay in L1.
+constexpr int64_t kBlock = 256;
+// Below this many elements in total, no threads are started.
+constexpr int64_t kGrainSize = 32768;
+
+// Pointers of one tensor's data (after layout handling), as seen by a segment loop.
+struct TensorPtrs {
+  void* param;
+  void* grad;
+  void* state[kMaxStates];
+  const void* coeffs;  // the algorithm's coefficient struct for this tensor
+  double inv_grad_scale;
+};
+
+using SegmentFn = void (*)(const TensorPtrs&, int64_t begin, int64_t end);
+
+// ---- 16-bit loads and stores (same rounding as c10: round to nearest even) -----------
+FO_INLINE float widen(c10::BFloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+FO_INLINE float widen(c10::Half x) { return static_cast<float>(x); }
+FO_INLINE void narrow(float f, c10::BFloat16* out) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  out->x = (f != f) ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);
+}
+FO_INLINE void narrow(float f, c10::Half* out) { *out = c10::Half(f); }
+
+// The loop over one contiguous segment of one tensor. `Rule` is an update rule from
+// update_rules.h; it sees each element in opmath precision.
+template <typename T, bool kUnscale, typename Rule>
+FO_INLINE void segment_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
+  using M = at::opmath_type<T>;
+  constexpr int NS = Rule::kStates;
+  const Rule rule(*static_cast<const typename Rule::Coeffs*>(t.coeffs));
+  const M inv_scale = static_cast<M>(t.inv_grad_scale);
+  T* p = static_cast<T*>(t.param) + begin;
+  T* g = static_cast<T*>(t.grad) + begin;
+  T* s[kMaxStates > NS ? kMaxStates : NS];
+  for (int k = 0; k < NS; ++k) s[k] = static_cast<T*>(t.state[k]) + begin;
+  const int64_t n = end - begin;
+
+  if constexpr (std::is_same_v<T, M>) {
+    // float/double: update memory in place.
+#pragma GCC ivdep
+    for (int64_t i = 0; i < n; ++i) {
+      M pv = p[i];
+      M gv = g[i];
+      if constexpr (kUnscale) {
+        gv = gv * inv_scale;
+        g[i] = gv;
+      }
+      M sv[NS > 0 ? NS : 1];
+      for (int k = 0; k < NS; ++k) sv[k] = s[k][i];
+      rule(pv, gv, sv);
+      p[i] = pv;
+      for (int k = 0; k < NS; ++k) s[k][i] = sv[k];
+    }
+  } else {
+    // 16-bit: widen a block into float buffers, update them, round back.
+    alignas(64) M pb[kBlock];
+    alignas(64) M gb[kBlock];
+    alignas(64) M sb[NS > 0 ? NS : 1][kBlock];
+    for (int64_t b = 0; b < n; b += kBlock) {
+      const int64_t m = std::min(kBlock, n - b);
+      for (int64_t i = 0; i < m; ++i) pb[i] = widen(p[b + i]);
+      for (int64_t i = 0; i < m; ++i) gb[i] = widen(g[b + i]);
+      for (int k = 0; k < NS; ++k)
+        for (int64_t i = 0; i < m; ++i) sb[k][i] = widen(s[k][b + i]);
+      for (int64_t i = 0; i < m; ++i) {
+        M pv = pb[i];
+        M gv = gb[i];
+        if constexpr (kUnscale) {
+          gv = gv * inv_scale;
+          gb[i] = gv;
+        }
+        M sv[NS > 0 ? NS : 1];
+        for (int k = 0; k < NS; ++k) sv[k] = sb[k][i];
+        rule(pv, gv, sv);
+        pb[i] = pv;
+        for (int k = 0; k < NS; ++k) sb[k][i] = sv[k];
+      }
+      for (int64_t i = 0; i < m; ++i) narrow(pb[i], p + b + i);
+      if constexpr (kUnscale)
+        for (int64_t i = 0; i < m; ++i) narrow(gb[i], g + b + i);
+      for (int k = 0; k < NS; ++k)
+        for (int64_t i = 0; i < m; ++i) narrow(sb[k][i], s[k] + b + i);
+    }
+  }
+}
+
+template <typename T, bool kUnscale, typename Rule>
+void segment_baseline(const TensorPtrs& t, int64_t begin, int64_t end) {
+  segment_loop<T, kUnscale, Rule>(t, begin, end);
+}
+
+#if FO_HAVE_AVX2_CLONE
+template <typename T, bool kUnscale, typename Rule>
+FO_AVX2_TARGET void segment_avx2(const TensorPtrs& t, int64_t begin, int64_t end) {
+  segment_loop<T, kUnscale, Rule>(t, begin, end);
+}
+#endif
+
+template <typename T, bool kUnscale, typename Rule>
+SegmentFn pick_segment_fn() {
+#if FO_HAVE_AVX2_CLONE
+  if (cpu_has_avx2()) return &segment_avx2<T, kUnscale, Rule>;
+#endif
+  return &segment_baseline<T, kUnscale, Rule>;
+}
+
+// Calls f.template operator()<T>() with T the C++ type of a (real) floating dtype.
+template <typename F>
+SegmentFn dispatch_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: return f.template operator()<float>();
+    case at::kDouble: return f.template operator()<double>();
+    case at::kBFloat16: return f.template operator()<c10::BFloat16>();
+    case at::kHalf: return f.template operator()<c10::Half>();
+    default: TORCH_CHECK(false, "fused_optim: unsupported dtype ", dtype);
+  }
+}
+
+// ---- the multi-tensor plan ------------------------------------------------------------
+
+// One call's lists, checked and laid out for the flat segment loops. Building a plan
+// changes nothing; run() updates; all errors are raised while building, so a bad input
+// never leaves a half-applied update.
+class MultiTensorPlan {
+ public:
+  // `grad_mutable`: grads are written (the unscaled grad, when a GradScaler is active).
+  MultiTensorPlan(const char* op, at::TensorList params, at::TensorList grads,
+                  const std::vector<at::TensorList>& states, bool grad_mutable);
+
+  // Number of tensors in the call (zero-size ones included).
+  int64_t size() const { return num_tensors_; }
+  // dtype of tensor i (real dtype: complex params are updated as real views).
+  at::ScalarType real_dtype(int64_t i) const { return real_dtypes_[i]; }
+
+  // Runs fns[i] over tensor i with coefficient struct coeffs[i], all tensors in one
+  // parallel region, then writes back temporaries made for unusual layouts.
+  void run(const std::vector<SegmentFn>& fns, const std::vector<const void*>& coeffs,
+           double inv_grad_scale);
+
+ private:
+  int64_t num_tensors_ = 0;
+  int num_states_ = 0;
+  std::vector<at::ScalarType> real_dtypes_;
+  // Only tensors with elements take part in the loop.
+  std::vector<int64_t> index_;    // position in the call's lists
+  std::vector<int64_t> offsets_;  // prefix sums of numel, size index_.size() + 1
+  std::vector<TensorPtrs> ptrs_;
+  std::vector<std::pair<at::Tensor, at::Tensor>> writebacks_;  // (original, temporary)
+  std::vector<at::Tensor> keep_alive_;                          // read-only temporaries
+};
+
+// Checks a list of 0-dim step tensors (float32 or float64, CPU) of the given length.
+void check_steps(const char* op, at::TensorList steps, int64_t n);
+// Adds 1 to each step tensor and returns the new values.
+std::vector<double> increment_steps(at::TensorList steps);
+
+// True when `found_inf` says this step must be skipped (a GradScaler saw inf/NaN).
+bool skip_step(const std::optional<at::Tensor>& found_inf);
+// 1/scale rounded to float, as GradScaler.unscale_ computes it; 1 without a scaler.
+double inverse_grad_scale(const char* op, const std::optional<at::Tensor>& grad_scale);
+// The value of lr: a Python float, or a 1-element tensor.
+double lr_value(const char* op, double lr, const std::optional<at::Tensor>& lr_tensor);
+
+}  // namespace fused_optim::cpu

@@ -1,0 +1,37 @@
+// Every schema of the library, in one place. Kernels register per device in
+// csrc/cpu/*.cpp (and csrc/cuda/*.cu); fake kernels for torch.compile live in
+// fused_optim/_ops.py.
+//
+// Note [schemas]
+// Each list a kernel writes is annotated (Tensor(a!)[]): params, the optimizer state and
+// the step counters always; grads too, because with a GradScaler the kernel stores the
+// unscaled grad back, as torch's for-loop (GradScaler.unscale_) and fused paths leave it.
+// Hyper-parameters are doubles; `lr_tensor` carries a Tensor lr (then `lr` is ignored).
+
+#include <Python.h>
+#include <torch/library.h>
+
+// An empty module: importing fused_optim._C loads this library, whose static
+// initializers register the ops (the extension-cpp pattern; works with any Python 3
+// through the limited API).
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(fused_optim, m) {
+  m.def(
+      "sgd_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, "
+      "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
+      "bool maximize, bool is_first_step, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
+  m.def(
+      "adam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, "
+      "float lr, float beta1, float beta2, float weight_decay, float eps, bool amsgrad, "
+      "bool maximize, bool decoupled_weight_decay, Tensor? lr_tensor=None, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // Benchmark helper: streams memory with a given read/write pattern, to measure the
+  // bandwidth limit an optimizer step can reach (see benchmarks/).
+  m.def("_stream_(Tensor(a!)[] inout, Tensor[] read_only, float scale) -> ()");
+}

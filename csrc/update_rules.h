@@ -1,0 +1,173 @@
+#pragma once
+// The per-element math of every algorithm: ONE copy, used by the CPU kernels (both
+// their vectorized body and their scalar tail, on every ISA) and by the CUDA kernels.
+//
+// Note [matching torch.optim bit for bit]
+// Each rule performs, in the same order and with the same roundings, the tensor ops of
+// torch.optim's for-loop implementation (`foreach=False`) as torch's own CPU kernels
+// compute them. torch builds its kernels with floating-point contraction, so where the
+// for-loop writes `a.add(b, alpha=s)` torch computes fma(b, s, a), `addcmul` is
+// fma(value * t1, t2, self), and `lerp` is the fma form; `addcdiv` and division by a
+// Python scalar are true divisions. We spell every fma out (std::fma) and build with
+// -ffp-contract=off (Note [no FP contraction] in setup.py), so the result does not depend
+// on where a vector or thread boundary falls. Scalars arrive as double, as in torch,
+// and are rounded to the math type once (see the *Coeffs structs).
+//
+// For float16/bfloat16 params the math runs in float (at::opmath_type) and only the
+// stored values are rounded, as torch's `fused=True` kernels do; the for-loop instead
+// rounds every intermediate to 16 bits, so it is not the reference there.
+
+#include <cmath>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FO_HOST_DEVICE __host__ __device__
+#define FO_INLINE __forceinline__
+#else
+#define FO_HOST_DEVICE
+#define FO_INLINE inline __attribute__((always_inline))
+#endif
+
+namespace fused_optim {
+
+template <typename M>
+FO_HOST_DEVICE FO_INLINE M fma_(M a, M b, M c) {
+#if defined(__CUDA_ARCH__)
+  return ::fma(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+
+template <typename M>
+FO_HOST_DEVICE FO_INLINE M sqrt_(M a) {
+#if defined(__CUDA_ARCH__)
+  return ::sqrt(a);
+#else
+  return std::sqrt(a);
+#endif
+}
+
+// torch.maximum: NaN if either side is NaN.
+template <typename M>
+FO_HOST_DEVICE FO_INLINE M maximum_(M a, M b) {
+  return (a != a || b != b) ? a + b : (a > b ? a : b);
+}
+
+// Tensor.lerp_(end, weight) with a scalar weight, as torch computes it: for a small
+// weight from `start`, otherwise from `end` (better accuracy near weight 1).
+template <typename M>
+struct LerpWeight {
+  M coeff;     // weight if small, weight - 1 otherwise
+  bool small;  // |weight| < 0.5
+  FO_HOST_DEVICE LerpWeight() = default;
+  FO_HOST_DEVICE explicit LerpWeight(double w) {
+    const M wm = static_cast<M>(w);
+    small = (wm < M(0) ? -wm : wm) < M(0.5);
+    coeff = small ? wm : wm - M(1);
+  }
+  FO_HOST_DEVICE FO_INLINE M operator()(M start, M end) const {
+    return fma_(coeff, end - start, small ? start : end);
+  }
+};
+
+enum class WeightDecay { kNone, kL2, kDecoupled };
+
+// ---------------------------------------------------------------------------------------
+// SGD (torch.optim.SGD): weight decay, momentum with dampening, Nesterov, maximize.
+// ---------------------------------------------------------------------------------------
+enum class Momentum { kNone, kFirstStep, kFirstStepNesterov, kUpdate, kUpdateNesterov };
+
+struct SgdCoeffs {  // as double, straight from the param group
+  double grad_sign, weight_decay, momentum, one_minus_dampening, neg_lr;
+};
+
+template <typename M, bool kWeightDecay, Momentum kMomentum>
+struct SgdRule {
+  using Coeffs = SgdCoeffs;
+  static constexpr int kStates = kMomentum == Momentum::kNone ? 0 : 1;
+  M grad_sign, weight_decay, momentum, one_minus_dampening, neg_lr;
+
+  FO_HOST_DEVICE explicit SgdRule(const SgdCoeffs& c)
+      : grad_sign(static_cast<M>(c.grad_sign)),
+        weight_decay(static_cast<M>(c.weight_decay)),
+        momentum(static_cast<M>(c.momentum)),
+        one_minus_dampening(static_cast<M>(c.one_minus_dampening)),
+        neg_lr(static_cast<M>(c.neg_lr)) {}
+
+  // state[0]: momentum_buffer
+  FO_HOST_DEVICE FO_INLINE void operator()(M& p, M g, M* state) const {
+    g = g * grad_sign;                        // maximize: grad = -grad (exact)
+    if constexpr (kWeightDecay) {
+      g = fma_(p, weight_decay, g);           // grad.add(param, alpha=weight_decay)
+    }
+    if constexpr (kMomentum != Momentum::kNone) {
+      M& buf = state[0];
+      if constexpr (kMomentum == Momentum::kFirstStep ||
+                    kMomentum == Momentum::kFirstStepNesterov) {
+        buf = g;                              // torch.clone(grad)
+      } else {
+        buf = fma_(g, one_minus_dampening, buf * momentum);  // buf.mul_(m).add_(g, alpha=1-d)
+      }
+      if constexpr (kMomentum == Momentum::kFirstStepNesterov ||
+                    kMomentum == Momentum::kUpdateNesterov) {
+        g = fma_(buf, momentum, g);           // grad.add(buf, alpha=momentum)
+      } else {
+        g = buf;
+      }
+    }
+    p = fma_(g, neg_lr, p);                   // param.add_(grad, alpha=-lr)
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// Adam / AdamW (torch.optim.Adam, decoupled_weight_decay=True is AdamW): amsgrad,
+// maximize, L2 or decoupled weight decay. Bias corrections depend on each param's own
+// step, so the step-dependent coefficients are per tensor.
+// ---------------------------------------------------------------------------------------
+struct AdamCoeffs {  // as double
+  double grad_sign, weight_decay, decay_factor, one_minus_beta1, beta2, one_minus_beta2, eps;
+  double bias_correction2_sqrt, neg_step_size;  // per tensor (per step count)
+};
+
+template <typename M, WeightDecay kWeightDecay, bool kAmsgrad>
+struct AdamRule {
+  using Coeffs = AdamCoeffs;
+  static constexpr int kStates = kAmsgrad ? 3 : 2;
+  M grad_sign, weight_decay, decay_factor, beta2, one_minus_beta2, eps;
+  M bias_correction2_sqrt, neg_step_size;
+  LerpWeight<M> lerp;
+
+  FO_HOST_DEVICE explicit AdamRule(const AdamCoeffs& c)
+      : grad_sign(static_cast<M>(c.grad_sign)),
+        weight_decay(static_cast<M>(c.weight_decay)),
+        decay_factor(static_cast<M>(c.decay_factor)),
+        beta2(static_cast<M>(c.beta2)),
+        one_minus_beta2(static_cast<M>(c.one_minus_beta2)),
+        eps(static_cast<M>(c.eps)),
+        bias_correction2_sqrt(static_cast<M>(c.bias_correction2_sqrt)),
+        neg_step_size(static_cast<M>(c.neg_step_size)),
+        lerp(c.one_minus_beta1) {}
+
+  // state[0]: exp_avg, state[1]: exp_avg_sq, state[2]: max_exp_avg_sq (amsgrad)
+  FO_HOST_DEVICE FO_INLINE void operator()(M& p, M g, M* state) const {
+    M& exp_avg = state[0];
+    M& exp_avg_sq = state[1];
+    g = g * grad_sign;
+    if constexpr (kWeightDecay == WeightDecay::kDecoupled) {
+      p = p * decay_factor;                   // param.mul_(1 - lr * weight_decay)
+    } else if constexpr (kWeightDecay == WeightDecay::kL2) {
+      g = fma_(p, weight_decay, g);           // grad.add(param, alpha=weight_decay)
+    }
+    exp_avg = lerp(exp_avg, g);               // exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq = fma_(one_minus_beta2 * g, g, exp_avg_sq * beta2);  // .mul_(b2).addcmul_
+    M second = exp_avg_sq;
+    if constexpr (kAmsgrad) {
+      state[2] = maximum_(state[2], exp_avg_sq);
+      second = state[2];
+    }
+    const M denom = sqrt_(second) / bias_correction2_sqrt + eps;
+    p = p + (neg_step_size * exp_avg) / denom;  // param.addcdiv_(exp_avg, denom, value=-step_size)
+  }
+};
+
+}  // namespace fused_optim

@@ -1,0 +1,144 @@
+"""The base class of every fused_optim optimizer: the step loop and the torch.optim contract.
+
+Each algorithm class derives from this class and from the torch.optim class it replaces,
+in that order (``class Adam(FusedOptimizer, torch.optim.Adam)``). torch's class supplies the
+constructor's validation and errors, ``param_groups``, ``__setstate__``, ``state_dict`` /
+``load_state_dict``, hooks and ``repr``, so all of them are exactly torch's; this class
+replaces ``step()`` with one fused kernel call per param group.
+
+Note [state]
+All state lives in ``self.state`` as plain tensors with torch's keys, dtypes and layouts
+(the C++ kernels hold none), so a checkpoint moves between torch.optim and fused_optim in
+both directions, and schedulers, GradScaler and torch.distributed see what they expect.
+"""
+import warnings
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from ._loader import built_with_cuda
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    # Set per algorithm: the torch.optim class it replaces, and the group options that
+    # make us run that class's own step instead of the kernel.
+    _torch_class: type = torch.optim.Optimizer
+    _torch_only_options = ("differentiable", "capturable")
+    _warned: set = set()
+
+    def _fused_setup(self) -> None:
+        """Called at the end of each algorithm's __init__."""
+        # GradScaler then hands us grad_scale/found_inf instead of unscaling the grads
+        # itself; the kernel unscales and skips inf/NaN steps (see step()).
+        self._step_supports_amp_scaling = True
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        supported = ("cpu", "cuda") if built_with_cuda() else ("cpu",)
+        for p in self.param_groups[-1]["params"]:
+            if p.device.type not in supported:
+                hint = (
+                    " fused_optim was built without CUDA kernels: rebuild it where a CUDA "
+                    "toolkit and a CUDA build of torch are installed (FUSED_OPTIM_CUDA=1)."
+                    if p.device.type == "cuda"
+                    else ""
+                )
+                raise RuntimeError(
+                    f"{type(self).__name__}: a param is on device {p.device}, but fused_optim "
+                    f"has kernels for {', '.join(supported)} only.{hint}"
+                )
+
+    # -- hooks for the algorithm classes ------------------------------------------------
+    def _update_group(
+        self,
+        group: Dict[str, Any],
+        params: List[Tensor],
+        grads: List[Tensor],
+        grad_scale: Optional[Tensor],
+        found_inf: Optional[Tensor],
+    ) -> None:
+        raise NotImplementedError
+
+    def _torch_step_reason(self) -> Optional[str]:
+        """Why this step must run torch's own implementation, or None."""
+        for group in self.param_groups:
+            for option in self._torch_only_options:
+                if group.get(option):
+                    return f"{option}=True"
+        return None
+
+    # -- the step ------------------------------------------------------------------------
+    def step(self, closure: Optional[Callable[[], float]] = None):  # type: ignore[override]
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model
+                and returns the loss.
+        """
+        reason = self._torch_step_reason()
+        if reason is not None:
+            return self._torch_step(closure, reason)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Set by GradScaler.step() for optimizers with _step_supports_amp_scaling.
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        with torch.no_grad():
+            for group in self.param_groups:
+                params: List[Tensor] = []
+                grads: List[Tensor] = []
+                for p in group["params"]:
+                    g = p.grad
+                    if g is not None:
+                        params.append(p)
+                        grads.append(g)
+                if params:
+                    self._update_group(group, params, grads, grad_scale, found_inf)
+        return loss
+
+    def _torch_step(self, closure, reason: str):
+        """torch.optim's own step, for options the fused kernels do not implement."""
+        key = (type(self).__name__, reason)
+        if key not in FusedOptimizer._warned:
+            FusedOptimizer._warned.add(key)
+            warnings.warn(
+                f"fused_optim.{type(self).__name__}: {reason} is not supported by the fused "
+                f"kernels; running torch.optim.{type(self).__name__}'s implementation instead.",
+                stacklevel=3,
+            )
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        # torch's step, unwrapped: our own step already ran the step hooks once.
+        torch_step = self._torch_class.step
+        torch_step = getattr(torch_step, "__wrapped__", torch_step)
+        if grad_scale is None and found_inf is None:
+            return torch_step(self, closure)
+        # A GradScaler gave us the scale (we claim amp support); torch's non-fused path
+        # expects unscaled grads and no scaler attributes, as GradScaler would leave them.
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if found_inf is not None and found_inf.item() != 0:
+            return loss
+        try:
+            self.grad_scale = self.found_inf = None
+            if grad_scale is not None:
+                inv_scale = grad_scale.double().reciprocal().float()
+                with torch.no_grad():
+                    for group in self.param_groups:
+                        for p in group["params"]:
+                            if p.grad is not None:
+                                p.grad.mul_(inv_scale.to(p.grad.device))
+            torch_step(self)
+        finally:
+            self.grad_scale, self.found_inf = grad_scale, found_inf
+        return loss
+
+
+def hyper_float(value) -> float:
+    """A hyper-parameter given as a float or a 1-element tensor, as a Python float."""
+    return value.item() if isinstance(value, Tensor) else float(value)
