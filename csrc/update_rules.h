@@ -47,6 +47,17 @@ FO_HOST_DEVICE FO_INLINE M sqrt_(M a) {
 #endif
 }
 
+// a * b + c with one rounding (fma), as torch's kernels compute `x.add(y, alpha=s)` on real
+// tensors, or with two (a multiply, then an add), as they do on complex tensors.
+template <bool kFused, typename M>
+FO_HOST_DEVICE FO_INLINE M madd_(M a, M b, M c) {
+  if constexpr (kFused) {
+    return fma_(a, b, c);
+  } else {
+    return a * b + c;  // not contracted: see Note [no FP contraction]
+  }
+}
+
 // torch.maximum: NaN if either side is NaN.
 template <typename M>
 FO_HOST_DEVICE FO_INLINE M maximum_(M a, M b) {
@@ -81,7 +92,9 @@ struct SgdCoeffs {  // as double, straight from the param group
   double grad_sign, weight_decay, momentum, one_minus_dampening, neg_lr;
 };
 
-template <typename M, bool kWeightDecay, Momentum kMomentum>
+// torch's SGD (unlike Adam) updates complex params with complex arithmetic; with a real
+// scalar that is the real-view update with unfused multiply-adds (kFma = false).
+template <typename M, bool kWeightDecay, Momentum kMomentum, bool kFma = true>
 struct SgdRule {
   using Coeffs = SgdCoeffs;
   static constexpr int kStates = kMomentum == Momentum::kNone ? 0 : 1;
@@ -98,7 +111,7 @@ struct SgdRule {
   FO_HOST_DEVICE FO_INLINE void operator()(M& p, M g, M* state) const {
     g = g * grad_sign;                        // maximize: grad = -grad (exact)
     if constexpr (kWeightDecay) {
-      g = fma_(p, weight_decay, g);           // grad.add(param, alpha=weight_decay)
+      g = madd_<kFma>(p, weight_decay, g);    // grad.add(param, alpha=weight_decay)
     }
     if constexpr (kMomentum != Momentum::kNone) {
       M& buf = state[0];
@@ -106,16 +119,16 @@ struct SgdRule {
                     kMomentum == Momentum::kFirstStepNesterov) {
         buf = g;                              // torch.clone(grad)
       } else {
-        buf = fma_(g, one_minus_dampening, buf * momentum);  // buf.mul_(m).add_(g, alpha=1-d)
+        buf = madd_<kFma>(g, one_minus_dampening, buf * momentum);  // buf.mul_(m).add_(g, alpha=1-d)
       }
       if constexpr (kMomentum == Momentum::kFirstStepNesterov ||
                     kMomentum == Momentum::kUpdateNesterov) {
-        g = fma_(buf, momentum, g);           // grad.add(buf, alpha=momentum)
+        g = madd_<kFma>(buf, momentum, g);    // grad.add(buf, alpha=momentum)
       } else {
         g = buf;
       }
     }
-    p = fma_(g, neg_lr, p);                   // param.add_(grad, alpha=-lr)
+    p = madd_<kFma>(g, neg_lr, p);            // param.add_(grad, alpha=-lr)
   }
 };
 
@@ -129,7 +142,9 @@ struct AdamCoeffs {  // as double
   double bias_correction2_sqrt, neg_step_size;  // per tensor (per step count)
 };
 
-template <typename M, WeightDecay kWeightDecay, bool kAmsgrad>
+// torch's Adam takes the real view of a complex param after the weight decay, so the L2
+// term is a complex multiply-add there (kFma = false); the rest is real arithmetic.
+template <typename M, WeightDecay kWeightDecay, bool kAmsgrad, bool kFma = true>
 struct AdamRule {
   using Coeffs = AdamCoeffs;
   static constexpr int kStates = kAmsgrad ? 3 : 2;
@@ -156,7 +171,7 @@ struct AdamRule {
     if constexpr (kWeightDecay == WeightDecay::kDecoupled) {
       p = p * decay_factor;                   // param.mul_(1 - lr * weight_decay)
     } else if constexpr (kWeightDecay == WeightDecay::kL2) {
-      g = fma_(p, weight_decay, g);           // grad.add(param, alpha=weight_decay)
+      g = madd_<kFma>(p, weight_decay, g);    // grad.add(param, alpha=weight_decay)
     }
     exp_avg = lerp(exp_avg, g);               // exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq = fma_(one_minus_beta2 * g, g, exp_avg_sq * beta2);  // .mul_(b2).addcmul_

@@ -10,24 +10,32 @@ namespace fused_optim::cpu {
 namespace {
 
 template <WeightDecay kWD, bool kAmsgrad>
-SegmentFn adam_segment_fn(at::ScalarType dtype, bool unscale) {
+SegmentFn adam_segment_fn(at::ScalarType dtype, bool complex, bool unscale) {
   return dispatch_dtype(dtype, [&]<typename T>() {
-    using Rule = AdamRule<at::opmath_type<T>, kWD, kAmsgrad>;
+    using M = at::opmath_type<T>;
+    if constexpr (kWD == WeightDecay::kL2 && std::is_same_v<T, M>) {
+      if (complex) {  // see AdamRule: only the L2 term differs for complex params
+        using Rule = AdamRule<M, kWD, kAmsgrad, /*kFma=*/false>;
+        return unscale ? pick_segment_fn<T, true, Rule>() : pick_segment_fn<T, false, Rule>();
+      }
+    }
+    using Rule = AdamRule<M, kWD, kAmsgrad>;
     return unscale ? pick_segment_fn<T, true, Rule>() : pick_segment_fn<T, false, Rule>();
   });
 }
 
-SegmentFn select_adam(at::ScalarType dtype, WeightDecay wd, bool amsgrad, bool unscale) {
+SegmentFn select_adam(at::ScalarType dtype, bool complex, WeightDecay wd, bool amsgrad,
+                      bool unscale) {
   switch (wd) {
     case WeightDecay::kNone:
-      return amsgrad ? adam_segment_fn<WeightDecay::kNone, true>(dtype, unscale)
-                     : adam_segment_fn<WeightDecay::kNone, false>(dtype, unscale);
+      return amsgrad ? adam_segment_fn<WeightDecay::kNone, true>(dtype, complex, unscale)
+                     : adam_segment_fn<WeightDecay::kNone, false>(dtype, complex, unscale);
     case WeightDecay::kL2:
-      return amsgrad ? adam_segment_fn<WeightDecay::kL2, true>(dtype, unscale)
-                     : adam_segment_fn<WeightDecay::kL2, false>(dtype, unscale);
+      return amsgrad ? adam_segment_fn<WeightDecay::kL2, true>(dtype, complex, unscale)
+                     : adam_segment_fn<WeightDecay::kL2, false>(dtype, complex, unscale);
     case WeightDecay::kDecoupled:
-      return amsgrad ? adam_segment_fn<WeightDecay::kDecoupled, true>(dtype, unscale)
-                     : adam_segment_fn<WeightDecay::kDecoupled, false>(dtype, unscale);
+      return amsgrad ? adam_segment_fn<WeightDecay::kDecoupled, true>(dtype, complex, unscale)
+                     : adam_segment_fn<WeightDecay::kDecoupled, false>(dtype, complex, unscale);
   }
   TORCH_CHECK(false, "unreachable");
 }
@@ -87,10 +95,12 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
     coeffs[i].neg_step_size = -step_size;
     coeffs[i].bias_correction2_sqrt = std::pow(bias_correction2, 0.5);
     coeff_ptrs[i] = &coeffs[i];
-    // Tensors of one dtype share one function: look it up once per dtype.
-    fns[i] = (i > 0 && plan.real_dtype(i) == plan.real_dtype(i - 1))
+    // Neighbours of one kind share one function: look it up once per kind.
+    const at::ScalarType dt = plan.real_dtype(i);
+    const bool cplx = plan.is_complex(i);
+    fns[i] = (i > 0 && dt == plan.real_dtype(i - 1) && cplx == plan.is_complex(i - 1))
                  ? fns[i - 1]
-                 : select_adam(plan.real_dtype(i), wd, amsgrad, unscale);
+                 : select_adam(dt, cplx, wd, amsgrad, unscale);
   }
   plan.run(fns, coeff_ptrs, inv_scale);
 }

@@ -89,6 +89,7 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
       for (int k = 0; k < num_states_; ++k) st[k] = at::view_as_real(st[k]);
     }
     real_dtypes_.push_back(p.scalar_type());
+    is_complex_.push_back(params[i].is_complex());
     if (p.numel() == 0) continue;
 
     // Note [layouts]

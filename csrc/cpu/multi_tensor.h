@@ -181,6 +181,7 @@ class MultiTensorPlan {
   int64_t size() const { return num_tensors_; }
   // dtype of tensor i (real dtype: complex params are updated as real views).
   at::ScalarType real_dtype(int64_t i) const { return real_dtypes_[i]; }
+  bool is_complex(int64_t i) const { return is_complex_[i]; }
 
   // Runs fns[i] over tensor i with coefficient struct coeffs[i], all tensors in one
   // parallel region, then writes back temporaries made for unusual layouts.
@@ -191,6 +192,7 @@ class MultiTensorPlan {
   int64_t num_tensors_ = 0;
   int num_states_ = 0;
   std::vector<at::ScalarType> real_dtypes_;
+  std::vector<bool> is_complex_;
   // Only tensors with elements take part in the loop.
   std::vector<int64_t> index_;    // position in the call's lists
   std::vector<int64_t> offsets_;  // prefix sums of numel, size index_.size() + 1

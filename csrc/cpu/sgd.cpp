@@ -8,23 +8,32 @@ namespace fused_optim::cpu {
 namespace {
 
 template <bool kWD, Momentum kMomentum>
-SegmentFn sgd_segment_fn(at::ScalarType dtype, bool unscale) {
+SegmentFn sgd_segment_fn(at::ScalarType dtype, bool complex, bool unscale) {
   return dispatch_dtype(dtype, [&]<typename T>() {
-    using Rule = SgdRule<at::opmath_type<T>, kWD, kMomentum>;
+    using M = at::opmath_type<T>;
+    if (complex) {  // only float and double have complex counterparts
+      if constexpr (std::is_same_v<T, M>) {
+        using Rule = SgdRule<M, kWD, kMomentum, /*kFma=*/false>;
+        return unscale ? pick_segment_fn<T, true, Rule>() : pick_segment_fn<T, false, Rule>();
+      }
+    }
+    using Rule = SgdRule<M, kWD, kMomentum>;
     return unscale ? pick_segment_fn<T, true, Rule>() : pick_segment_fn<T, false, Rule>();
   });
 }
 
 template <bool kWD>
-SegmentFn select_sgd_momentum(at::ScalarType dtype, Momentum momentum, bool unscale) {
+SegmentFn select_sgd_momentum(at::ScalarType dtype, bool complex, Momentum momentum,
+                              bool unscale) {
   switch (momentum) {
-    case Momentum::kNone: return sgd_segment_fn<kWD, Momentum::kNone>(dtype, unscale);
-    case Momentum::kFirstStep: return sgd_segment_fn<kWD, Momentum::kFirstStep>(dtype, unscale);
+    case Momentum::kNone: return sgd_segment_fn<kWD, Momentum::kNone>(dtype, complex, unscale);
+    case Momentum::kFirstStep:
+      return sgd_segment_fn<kWD, Momentum::kFirstStep>(dtype, complex, unscale);
     case Momentum::kFirstStepNesterov:
-      return sgd_segment_fn<kWD, Momentum::kFirstStepNesterov>(dtype, unscale);
-    case Momentum::kUpdate: return sgd_segment_fn<kWD, Momentum::kUpdate>(dtype, unscale);
+      return sgd_segment_fn<kWD, Momentum::kFirstStepNesterov>(dtype, complex, unscale);
+    case Momentum::kUpdate: return sgd_segment_fn<kWD, Momentum::kUpdate>(dtype, complex, unscale);
     case Momentum::kUpdateNesterov:
-      return sgd_segment_fn<kWD, Momentum::kUpdateNesterov>(dtype, unscale);
+      return sgd_segment_fn<kWD, Momentum::kUpdateNesterov>(dtype, complex, unscale);
   }
   TORCH_CHECK(false, "unreachable");
 }
@@ -56,11 +65,13 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
   std::vector<const void*> coeff_ptrs(n, &coeffs);
   std::vector<SegmentFn> fns(n);
   for (int64_t i = 0; i < n; ++i) {
-    if (i > 0 && plan.real_dtype(i) == plan.real_dtype(i - 1)) {
+    const at::ScalarType dt = plan.real_dtype(i);
+    const bool cplx = plan.is_complex(i);
+    if (i > 0 && dt == plan.real_dtype(i - 1) && cplx == plan.is_complex(i - 1)) {
       fns[i] = fns[i - 1];
     } else {
-      fns[i] = weight_decay != 0.0 ? select_sgd_momentum<true>(plan.real_dtype(i), mode, unscale)
-                                   : select_sgd_momentum<false>(plan.real_dtype(i), mode, unscale);
+      fns[i] = weight_decay != 0.0 ? select_sgd_momentum<true>(dt, cplx, mode, unscale)
+                                   : select_sgd_momentum<false>(dt, cplx, mode, unscale);
     }
   }
   plan.run(fns, coeff_ptrs, inv_scale);
