@@ -58,10 +58,13 @@ FO_HOST_DEVICE FO_INLINE M madd_(M a, M b, M c) {
   }
 }
 
-// torch.maximum: NaN if either side is NaN.
+// torch.maximum: NaN if either side is NaN. Written without branches (a NaN makes a + b
+// NaN), so the loops that use it still vectorize.
 template <typename M>
 FO_HOST_DEVICE FO_INLINE M maximum_(M a, M b) {
-  return (a != a || b != b) ? a + b : (a > b ? a : b);
+  const M m = a > b ? a : b;
+  const bool unordered = (a != a) | (b != b);
+  return unordered ? a + b : m;
 }
 
 // Tensor.lerp_(end, weight) with a scalar weight, as torch computes it: for a small

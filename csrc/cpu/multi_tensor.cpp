@@ -2,16 +2,40 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdlib>
+#include <string>
+
 namespace fused_optim::cpu {
 
-bool cpu_has_avx2() {
-#if FO_HAVE_AVX2_CLONE
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return has;
-#else
-  return false;
+Isa cpu_isa() {
+  static const Isa isa = [] {
+    Isa best = Isa::kBaseline;
+#if FO_X86_CLONES
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c")) {
+      best = Isa::kAvx2;
+      if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
+        best = Isa::kAvx512;
+      }
+    }
 #endif
+    const char* cap = std::getenv("FUSED_OPTIM_ISA");
+    if (cap != nullptr && *cap != '\0') {
+      const std::string c(cap);
+      Isa limit = Isa::kAvx512;
+      if (c == "baseline") {
+        limit = Isa::kBaseline;
+      } else if (c == "avx2") {
+        limit = Isa::kAvx2;
+      } else {
+        TORCH_CHECK(c == "avx512", "FUSED_OPTIM_ISA must be baseline, avx2 or avx512, not ", c);
+      }
+      best = std::min(best, limit);
+    }
+    return best;
+  }();
+  return isa;
 }
 
 namespace {

@@ -19,24 +19,36 @@
 
 #include "update_rules.h"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace fused_optim::cpu {
 
 // Note [ISA dispatch]
-// Each segment loop is compiled twice from the same source: for the x86-64 baseline and
-// with AVX2+FMA+F16C enabled for that one function (a target attribute, so nothing else
-// in the library, and nothing it shares with torch's headers, changes ISA). The AVX2 copy
-// is chosen at run time when the CPU has those features. Every fma is explicit and the
-// build has -ffp-contract=off, so both copies produce the same bits (on a CPU without FMA,
-// std::fma is libm's correctly rounded fma: slower, same result).
+// Each segment loop is compiled three times from the same source: for the x86-64
+// baseline, with AVX2+FMA+F16C, and with AVX-512, each through a target attribute on that
+// one function (so nothing else in the library, and nothing it shares with torch's
+// headers, changes ISA). The widest one the CPU supports is chosen at run time;
+// FUSED_OPTIM_ISA=baseline|avx2|avx512 caps it (tests use it to compare all three).
+// Every fma is explicit and the build has -ffp-contract=off, so all copies produce the
+// same bits: sqrt, division and fma are exactly rounded at any vector width (and on a CPU
+// without FMA, std::fma is libm's correctly rounded fma).
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FO_HAVE_AVX2_CLONE 1
+#define FO_X86_CLONES 1
 #define FO_AVX2_TARGET __attribute__((target("avx2,fma,f16c"), flatten))
+#define FO_AVX512_TARGET                                                                  \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,"              \
+                        "prefer-vector-width=512"),                                        \
+                 flatten))
+#define FO_F16C_TARGET __attribute__((target("avx2,f16c")))
 #else
-#define FO_HAVE_AVX2_CLONE 0
-#define FO_AVX2_TARGET
+#define FO_X86_CLONES 0
 #endif
 
-bool cpu_has_avx2();  // checked once, cached
+enum class Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+// The ISA of the loops: the best the CPU has, capped by FUSED_OPTIM_ISA. Decided once.
+Isa cpu_isa();
 
 constexpr int kMaxStates = 3;
 // Elements converted at a time for 16-bit params: the float copies stay in L1.
@@ -71,9 +83,68 @@ FO_INLINE void narrow(float f, c10::BFloat16* out) {
 }
 FO_INLINE void narrow(float f, c10::Half* out) { *out = c10::Half(f); }
 
+#if FO_X86_CLONES
+// float16 blocks with the F16C instructions (round to nearest even, as c10::Half).
+FO_F16C_TARGET inline void widen_block_f16c(const c10::Half* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+  }
+  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i].x);
+}
+FO_F16C_TARGET inline void narrow_block_f16c(const float* src, c10::Half* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+  }
+  for (; i < n; ++i) dst[i].x = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+}
+#endif
+
+template <Isa kIsa, typename T>
+FO_INLINE void widen_block(const T* src, float* dst, int64_t n) {
+#if FO_X86_CLONES
+  if constexpr (kIsa != Isa::kBaseline && std::is_same_v<T, c10::Half>) {
+    widen_block_f16c(src, dst, n);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = widen(src[i]);
+}
+template <Isa kIsa, typename T>
+FO_INLINE void narrow_block(const float* src, T* dst, int64_t n) {
+#if FO_X86_CLONES
+  if constexpr (kIsa != Isa::kBaseline && std::is_same_v<T, c10::Half>) {
+    narrow_block_f16c(src, dst, n);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) narrow(src[i], dst + i);
+}
+
+// Element access in opmath precision, for every supported T.
+template <typename T>
+FO_INLINE at::opmath_type<T> load(const T* p) {
+  if constexpr (std::is_same_v<T, at::opmath_type<T>>) {
+    return *p;
+  } else {
+    return widen(*p);
+  }
+}
+template <typename T>
+FO_INLINE void store(at::opmath_type<T> v, T* p) {
+  if constexpr (std::is_same_v<T, at::opmath_type<T>>) {
+    *p = v;
+  } else {
+    narrow(v, p);
+  }
+}
+
 // The loop over one contiguous segment of one tensor. `Rule` is an update rule from
 // update_rules.h; it sees each element in opmath precision.
-template <typename T, bool kUnscale, typename Rule>
+template <typename T, bool kUnscale, typename Rule, Isa kIsa>
 FO_INLINE void segment_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
   using M = at::opmath_type<T>;
   constexpr int NS = Rule::kStates;
@@ -108,10 +179,9 @@ FO_INLINE void segment_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
     alignas(64) M sb[NS > 0 ? NS : 1][kBlock];
     for (int64_t b = 0; b < n; b += kBlock) {
       const int64_t m = std::min(kBlock, n - b);
-      for (int64_t i = 0; i < m; ++i) pb[i] = widen(p[b + i]);
-      for (int64_t i = 0; i < m; ++i) gb[i] = widen(g[b + i]);
-      for (int k = 0; k < NS; ++k)
-        for (int64_t i = 0; i < m; ++i) sb[k][i] = widen(s[k][b + i]);
+      widen_block<kIsa>(p + b, pb, m);
+      widen_block<kIsa>(g + b, gb, m);
+      for (int k = 0; k < NS; ++k) widen_block<kIsa>(s[k] + b, sb[k], m);
       for (int64_t i = 0; i < m; ++i) {
         M pv = pb[i];
         M gv = gb[i];
@@ -125,31 +195,37 @@ FO_INLINE void segment_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
         pb[i] = pv;
         for (int k = 0; k < NS; ++k) sb[k][i] = sv[k];
       }
-      for (int64_t i = 0; i < m; ++i) narrow(pb[i], p + b + i);
-      if constexpr (kUnscale)
-        for (int64_t i = 0; i < m; ++i) narrow(gb[i], g + b + i);
-      for (int k = 0; k < NS; ++k)
-        for (int64_t i = 0; i < m; ++i) narrow(sb[k][i], s[k] + b + i);
+      narrow_block<kIsa>(pb, p + b, m);
+      if constexpr (kUnscale) narrow_block<kIsa>(gb, g + b, m);
+      for (int k = 0; k < NS; ++k) narrow_block<kIsa>(sb[k], s[k] + b, m);
     }
   }
 }
 
 template <typename T, bool kUnscale, typename Rule>
 void segment_baseline(const TensorPtrs& t, int64_t begin, int64_t end) {
-  segment_loop<T, kUnscale, Rule>(t, begin, end);
+  segment_loop<T, kUnscale, Rule, Isa::kBaseline>(t, begin, end);
 }
 
-#if FO_HAVE_AVX2_CLONE
+#if FO_X86_CLONES
 template <typename T, bool kUnscale, typename Rule>
 FO_AVX2_TARGET void segment_avx2(const TensorPtrs& t, int64_t begin, int64_t end) {
-  segment_loop<T, kUnscale, Rule>(t, begin, end);
+  segment_loop<T, kUnscale, Rule, Isa::kAvx2>(t, begin, end);
+}
+template <typename T, bool kUnscale, typename Rule>
+FO_AVX512_TARGET void segment_avx512(const TensorPtrs& t, int64_t begin, int64_t end) {
+  segment_loop<T, kUnscale, Rule, Isa::kAvx512>(t, begin, end);
 }
 #endif
 
 template <typename T, bool kUnscale, typename Rule>
 SegmentFn pick_segment_fn() {
-#if FO_HAVE_AVX2_CLONE
-  if (cpu_has_avx2()) return &segment_avx2<T, kUnscale, Rule>;
+#if FO_X86_CLONES
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return &segment_avx512<T, kUnscale, Rule>;
+    case Isa::kAvx2: return &segment_avx2<T, kUnscale, Rule>;
+    case Isa::kBaseline: break;
+  }
 #endif
   return &segment_baseline<T, kUnscale, Rule>;
 }
