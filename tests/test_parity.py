@@ -39,6 +39,20 @@ def test_full_precision_bitwise_with_ieee_sqrt(algo, options, dtype):
     pu.assert_same_trajectory(ours, ref, exact=True, msg=f"{algo} {dtype}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("algo", ["Adam", "AdamW"])
+def test_tensor_betas(algo, dtype):
+    """betas given as tensors: torch's for-loop then computes 1 - beta and the bias
+    corrections as float32 tensor ops, where we use their values in double as for float
+    betas. That moves coefficients by an ulp of float32, far inside assert_close's default
+    tolerances."""
+    torch_cls, ours_cls = pu.ALGOS[algo]
+    options = dict(lr=0.01, betas=(torch.tensor(0.8), torch.tensor(0.99)), amsgrad=True)
+    ours = pu.run(ours_cls, options, dtype)
+    ref = pu.run(torch_cls, options, dtype, foreach=False)
+    pu.assert_same_trajectory(ours, ref, exact=False, msg=f"{algo} tensor betas")
+
+
 LOW = [torch.bfloat16, torch.float16]
 
 

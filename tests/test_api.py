@@ -1,0 +1,209 @@
+"""The torch.optim contract: signatures, defaults, errors, param_groups, repr, copies, hooks."""
+import copy
+import inspect
+import pickle
+import warnings
+
+import pytest
+import torch
+
+import fused_optim
+import parity_utils as pu
+
+PAIRS = [(name, t, o) for name, (t, o) in pu.ALGOS.items()]
+PAIR_IDS = [name for name, _, _ in PAIRS]
+
+
+def params(n=3):
+    return [torch.randn(4, 5, requires_grad=True) for _ in range(n)]
+
+
+@pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
+def test_signature_and_defaults_match_torch(name, torch_cls, ours_cls):
+    ours = inspect.signature(ours_cls.__init__).parameters
+    ref = inspect.signature(torch_cls.__init__).parameters
+    assert list(ours) == list(ref)
+    for key, p in ref.items():
+        assert ours[key].kind == p.kind, key
+        assert ours[key].default == p.default, key
+    ps = params()
+    assert ours_cls(ps).defaults == torch_cls(ps).defaults
+    assert issubclass(ours_cls, torch_cls) and issubclass(ours_cls, torch.optim.Optimizer)
+
+
+BAD_HYPERPARAMS = [
+    ("SGD", dict(lr=-1)), ("SGD", dict(momentum=-1)), ("SGD", dict(weight_decay=-1)),
+    ("SGD", dict(nesterov=True)), ("SGD", dict(momentum=0.9, dampening=0.1, nesterov=True)),
+    ("SGD", dict(fused=True, differentiable=True)), ("SGD", dict(fused=True, foreach=True)),
+    ("Adam", dict(lr=-1)), ("Adam", dict(eps=-1)), ("Adam", dict(betas=(1.0, 0.9))),
+    ("Adam", dict(betas=(0.9, -0.1))), ("Adam", dict(weight_decay=-1)),
+    ("Adam", dict(betas=(torch.tensor(0.9), 0.99))), ("Adam", dict(lr=torch.tensor([0.1, 0.2]))),
+    ("Adam", dict(fused=True, foreach=True)), ("Adam", dict(fused=True, differentiable=True)),
+    ("AdamW", dict(lr=-1)), ("AdamW", dict(betas=(0.9, 1.0))), ("AdamW", dict(weight_decay=-0.1)),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", BAD_HYPERPARAMS,
+                         ids=[f"{n}-{pu.option_id(k)}" for n, k in BAD_HYPERPARAMS])
+def test_bad_hyperparameters_raise_torchs_error(name, kwargs):
+    torch_cls, ours_cls = pu.ALGOS[name]
+    with pytest.raises(Exception) as ref:
+        torch_cls(params(), **kwargs)
+    with pytest.raises(type(ref.value)) as ours:
+        ours_cls(params(), **kwargs)
+    assert str(ours.value) == str(ref.value)
+
+
+BAD_PARAMS = {
+    "tensor_not_iterable": lambda: torch.zeros(3, requires_grad=True),
+    "not_a_tensor": lambda: [1.0],
+    "empty": lambda: [],
+    "non_leaf": lambda: [torch.zeros(2, requires_grad=True) * 2],
+}
+
+
+@pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize("case", list(BAD_PARAMS))
+def test_bad_params_raise_torchs_error(name, torch_cls, ours_cls, case):
+    with pytest.raises(Exception) as ref:
+        torch_cls(BAD_PARAMS[case]())
+    with pytest.raises(type(ref.value)) as ours:
+        ours_cls(BAD_PARAMS[case]())
+    assert str(ours.value) == str(ref.value)
+
+
+@pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
+def test_duplicate_params_warn_like_torch(name, torch_cls, ours_cls):
+    p = torch.zeros(3, requires_grad=True)
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        ours_cls([p, p])
+    q = torch.zeros(3, requires_grad=True)
+    opt = ours_cls([p])
+    with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
+        opt.add_param_group({"params": [p, q]})
+
+
+@pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
+def test_param_groups_repr_and_named_params(name, torch_cls, ours_cls):
+    model = torch.nn.Linear(3, 2)
+    ours = ours_cls(model.named_parameters(), lr=0.05)
+    ref = torch_cls(model.named_parameters(), lr=0.05)
+    assert [g["param_names"] for g in ours.param_groups] == [g["param_names"] for g in ref.param_groups]
+    strip = lambda g: {k: v for k, v in g.items() if k != "params"}  # noqa: E731
+    assert [strip(g) for g in ours.param_groups] == [strip(g) for g in ref.param_groups]
+    assert repr(ours).replace(type(ours).__name__, "X") == repr(ref).replace(type(ref).__name__, "X")
+    extra = torch.zeros(2, requires_grad=True)
+    ours.add_param_group({"params": [("extra", extra)], "lr": 0.5})
+    assert ours.param_groups[-1]["lr"] == 0.5 and ours.param_groups[-1]["param_names"] == ["extra"]
+
+
+@pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
+def test_deepcopy_and_pickle_keep_training_identically(name, torch_cls, ours_cls):
+    ps = params()
+    opt = ours_cls(ps, lr=0.01)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    clone = copy.deepcopy(opt)
+    unpickled = pickle.loads(pickle.dumps(opt))
+    grads = [torch.randn_like(p) for p in ps]
+    for o in (opt, clone, unpickled):
+        assert type(o) is ours_cls
+        for p, g in zip(o.param_groups[0]["params"], grads):
+            p.grad = g.clone()
+        o.step()  # each on its own copies of the params and state
+    for o in (clone, unpickled):
+        for p, q in zip(ps, o.param_groups[0]["params"]):
+            assert p is not q
+            assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
+def test_step_hooks_and_zero_grad(name, torch_cls, ours_cls):
+    ps = params()
+    opt = ours_cls(ps)
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert calls == ["pre", "post"]
+    opt.zero_grad(set_to_none=False)
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in ps)
+    opt.zero_grad()
+    assert all(p.grad is None for p in ps)
+
+
+@pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
+def test_closure_returns_loss(name, torch_cls, ours_cls):
+    w = torch.ones(3, requires_grad=True)
+    opt = ours_cls([w], lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (w * w).sum()
+        loss.backward()
+        return loss
+
+    assert opt.step(closure).item() == 3.0
+    assert not torch.equal(w.detach(), torch.ones(3))
+
+
+@pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
+def test_differentiable_runs_torchs_implementation_with_one_warning(name, torch_cls, ours_cls):
+    """No fused kernel for differentiable=True: torch's own step, warned once."""
+    fused_optim.optimizer.FusedOptimizer._warned.clear()
+    # Params that do not require grad, so torch's differentiable step (which runs with
+    # grad enabled) may update them in place.
+    ps_ours = [torch.randn(4, 5) for _ in range(3)]
+    ps_ref = [p.clone() for p in ps_ours]
+    ours = ours_cls(ps_ours, differentiable=True)
+    ref = torch_cls(ps_ref, differentiable=True)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            for a, b in zip(ps_ours, ps_ref):
+                a.grad = torch.ones_like(a)
+                b.grad = torch.ones_like(b)
+            ours.step()
+            ref.step()
+    ours_warnings = [x for x in w if "fused_optim" in str(x.message)]
+    assert len(ours_warnings) == 1 and "differentiable=True" in str(ours_warnings[0].message)
+    for a, b in zip(ps_ours, ps_ref):
+        assert torch.equal(a, b)
+
+
+def test_sgd_sparse_grads_use_torchs_for_loop_with_warning():
+    fused_optim.optimizer.FusedOptimizer._warned.clear()
+    emb_ours = torch.nn.Embedding(10, 3, sparse=True)
+    emb_ref = copy.deepcopy(emb_ours)
+    ours = fused_optim.SGD(emb_ours.parameters(), lr=0.1, momentum=0.9)
+    ref = torch.optim.SGD(emb_ref.parameters(), lr=0.1, momentum=0.9)
+    idx = torch.tensor([1, 2, 4])
+    with pytest.warns(UserWarning, match="sparse gradients"):
+        for _ in range(3):
+            for m, o in ((emb_ours, ours), (emb_ref, ref)):
+                o.zero_grad()
+                m(idx).sum().backward()
+                o.step()
+    assert torch.equal(emb_ours.weight, emb_ref.weight)
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_adam_sparse_grads_raise_torchs_error(name):
+    torch_cls, ours_cls = pu.ALGOS[name]
+    for cls in (torch_cls, ours_cls):
+        emb = torch.nn.Embedding(10, 3, sparse=True)
+        opt = cls(emb.parameters())
+        emb(torch.tensor([1])).sum().backward()
+        with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+            opt.step()
+    assert torch.equal(emb.weight, emb.weight)
+
+
+@pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
+def test_unsupported_device_is_refused_at_construction(name, torch_cls, ours_cls):
+    p = torch.zeros(3, device="meta", requires_grad=True)
+    with pytest.raises(RuntimeError, match="has kernels for"):
+        ours_cls([p])

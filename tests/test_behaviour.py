@@ -1,0 +1,196 @@
+"""Step semantics beyond the math: skipped params, GradScaler, determinism, bad input."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fused_optim
+import parity_utils as pu
+
+PAIRS = [(name, t, o) for name, (t, o) in pu.ALGOS.items()]
+PAIR_IDS = [name for name, _, _ in PAIRS]
+STATEFUL = {"SGD": dict(lr=0.1, momentum=0.9), "Adam": dict(lr=0.01, amsgrad=True),
+            "AdamW": dict(lr=0.01)}
+
+
+def snapshot(opt, ps):
+    return [p.detach().clone() for p in ps], {
+        i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(ps) if p in opt.state}
+
+
+def assert_unchanged(before, opt, ps):
+    params, state = before
+    for a, b in zip(params, ps):
+        assert torch.equal(a, b)
+    assert set(state) == {i for i, p in enumerate(ps) if p in opt.state}
+    for i, s in state.items():
+        for k, v in s.items():
+            assert torch.equal(v, opt.state[ps[i]][k]), f"state {k} changed"
+
+
+@pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
+def test_step_with_every_grad_none_is_a_noop(name, torch_cls, ours_cls):
+    ps = [torch.randn(5, requires_grad=True) for _ in range(3)]
+    opt = ours_cls(ps, **STATEFUL[name])
+    before = snapshot(opt, ps)
+    opt.step()
+    assert_unchanged(before, opt, ps)
+    assert len(opt.state) == 0  # no state for params that never had a grad
+
+
+@pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
+def test_params_without_grad_get_no_state_and_no_step(name, torch_cls, ours_cls):
+    a, b = torch.randn(5, requires_grad=True), torch.randn(5, requires_grad=True)
+    b0 = b.detach().clone()
+    opt = ours_cls([a, b], **STATEFUL[name])
+    ref = torch_cls([a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()],
+                    **STATEFUL[name])
+    a.grad = torch.randn(5)
+    ref.param_groups[0]["params"][0].grad = a.grad.clone()
+    opt.step()
+    ref.step()
+    assert torch.equal(b, b0) and b not in opt.state
+    assert opt.state[a].keys() == ref.state[ref.param_groups[0]["params"][0]].keys()
+
+
+def _scaler_run(cls, kwargs, inf_at_step, steps=6):
+    """A tiny model trained with GradScaler("cpu"); an inf grad is injected at one step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    opt = cls(model.parameters(), **kwargs)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    data = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+    history = []
+    for step in range(steps):
+        opt.zero_grad()
+        loss = model(data).pow(2).mean()
+        scaler.scale(loss).backward()
+        if step == inf_at_step:
+            model[0].weight.grad[0, 0] = float("inf")
+        before = snapshot(opt, list(model.parameters()))
+        scaler.step(opt)
+        scaler.update()
+        history.append((before, scaler.get_scale(),
+                        [p.grad.clone() for p in model.parameters()]))
+    return model, opt, history
+
+
+@pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
+def test_grad_scaler_overflow_skips_step_then_training_matches_torch(name, torch_cls, ours_cls):
+    with pu.correctly_rounded_sqrt():  # see parity_utils: makes torch's for-loop exact
+        ref_model, ref_opt, ref_hist = _scaler_run(torch_cls, dict(STATEFUL[name], foreach=False), 2)
+    model, opt, hist = _scaler_run(ours_cls, STATEFUL[name], 2)
+    ps = list(model.parameters())
+    # The overflow step changed nothing (params, state, step counts)...
+    skipped_before = hist[2][0]
+    after_skip = hist[3][0]
+    for a, b in zip(skipped_before[0], after_skip[0]):
+        assert torch.equal(a, b)
+    for i, s in skipped_before[1].items():
+        for k, v in s.items():
+            assert torch.equal(v, after_skip[1][i][k]), f"state {k} changed on a skipped step"
+    # ...the scale backed off exactly as with torch.optim...
+    assert [h[1] for h in hist] == [h[1] for h in ref_hist]
+    assert hist[2][1] == hist[1][1] / 2
+    # ...grads were left unscaled on normal steps, as with torch.optim (on the skipped
+    # step they are left untouched, as torch's fused path leaves them)...
+    for step, ((_, _, g), (_, _, rg)) in enumerate(zip(hist, ref_hist)):
+        if step == 2:
+            continue
+        for a, b in zip(g, rg):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    # ...and training continues bit for bit in step with torch.optim.
+    for a, b in zip(ps, ref_model.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(ps, ref_model.parameters()):
+        for k, v in ref_opt.state[b].items():
+            assert torch.equal(opt.state[a][k], v), k
+
+
+def _deterministic_model():
+    # Several tensors larger than the parallel grain, odd sizes, mixed dtypes in one group.
+    g = torch.Generator().manual_seed(0)
+    shapes = [(70001,), (3, 40000), (33333,), (5,), (65536 + 17,)]
+    ps = [torch.randn(s, generator=g).requires_grad_() for s in shapes]
+    ps.append(torch.randn(50000, generator=g).bfloat16().requires_grad_())
+    ps.append(torch.randn(40000, generator=g).double().requires_grad_())
+    return ps
+
+
+def _train(cls, kwargs, threads, steps=5):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ps = _deterministic_model()
+        opt = cls(ps, **kwargs)
+        for step in range(steps):
+            g = torch.Generator().manual_seed(step)
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+            opt.step()
+        return ps, opt
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
+def test_bitwise_identical_across_thread_counts(name, torch_cls, ours_cls):
+    ref_ps, ref_opt = _train(ours_cls, STATEFUL[name], threads=1)
+    for threads in (2, 3):
+        ps, opt = _train(ours_cls, STATEFUL[name], threads=threads)
+        for p, q in zip(ps, ref_ps):
+            assert torch.equal(p, q), f"{threads} threads"
+            for k, v in ref_opt.state[q].items():
+                assert torch.equal(opt.state[p][k], v), f"{threads} threads, state {k}"
+
+
+ISA_SCRIPT = r"""
+import sys, torch, fused_optim
+sys.path.insert(0, {tests!r})
+import test_behaviour as tb
+out = {{}}
+for name, kwargs in tb.STATEFUL.items():
+    ps, opt = tb._train(getattr(fused_optim, name), kwargs, threads=2, steps=3)
+    out[name] = [p.detach() for p in ps] + [v for p in ps for v in opt.state[p].values()]
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_bitwise_identical_across_isas(tmp_path):
+    """The baseline, AVX2 and AVX-512 copies of the loops give the same bits."""
+    results = {}
+    script = ISA_SCRIPT.format(tests=os.path.dirname(__file__))
+    for isa in ("baseline", "avx2", "avx512"):
+        out = tmp_path / f"{isa}.pt"
+        env = dict(os.environ, FUSED_OPTIM_ISA=isa)
+        subprocess.run([sys.executable, "-c", script, str(out)], env=env, check=True, timeout=300)
+        results[isa] = torch.load(out)
+    for isa in ("avx2", "avx512"):
+        for name, tensors in results["baseline"].items():
+            for a, b in zip(tensors, results[isa][name]):
+                assert torch.equal(a, b), f"{name}: {isa} differs from baseline"
+
+
+def test_bad_input_changes_nothing():
+    """A kernel that rejects its input has changed nothing: checks come before updates."""
+    good = torch.randn(10)
+    bad = torch.randn(4)
+    ps, grads = [good.clone(), bad.clone()], [torch.randn(10), torch.randn(5)]  # shape mismatch
+    ms, vs = [torch.zeros(10), torch.zeros(4)], [torch.zeros(10), torch.zeros(4)]
+    steps = [torch.tensor(0.0), torch.tensor(0.0)]
+    with pytest.raises(RuntimeError, match=r"grads\[1\] has shape \[5\] but its param has shape \[4\]"):
+        fused_optim._ops.adam_(ps, grads, ms, vs, [], steps, lr=0.1, beta1=0.9, beta2=0.999,
+                               weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False,
+                               decoupled_weight_decay=False)
+    assert torch.equal(ps[0], good) and torch.equal(ms[0], torch.zeros(10))
+    assert steps[0].item() == 0.0
+    with pytest.raises(RuntimeError, match="dtype"):
+        fused_optim._ops.sgd_([good.clone()], [torch.randn(10, dtype=torch.float64)], [], lr=0.1,
+                              momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                              maximize=False, is_first_step=False)
+    with pytest.raises(RuntimeError, match="supported: float64, float32"):
+        fused_optim._ops.sgd_([torch.zeros(3, dtype=torch.int64)], [torch.zeros(3, dtype=torch.int64)],
+                              [], lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                              nesterov=False, maximize=False, is_first_step=False)

@@ -1,0 +1,20 @@
+"""Import-time checks of the compiled extension."""
+import pytest
+import torch
+
+from fused_optim import _loader
+
+
+def test_mismatched_torch_gives_a_rebuild_message(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "0.0.1-not-the-build-torch")
+    with pytest.raises(ImportError) as e:
+        _loader.load_extension()
+    message = str(e.value)
+    assert "was built against torch" in message and "0.0.1-not-the-build-torch" in message
+    assert "pip install --no-build-isolation" in message
+
+
+def test_build_info_matches_running_torch():
+    info = _loader.load_extension()
+    assert info.TORCH_VERSION == torch.__version__
+    assert isinstance(info.WITH_CUDA, bool)

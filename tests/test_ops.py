@@ -1,0 +1,57 @@
+"""The custom ops themselves: schemas, fake kernels (torch.library.opcheck)."""
+import pytest
+import torch
+
+import fused_optim  # noqa: F401
+from fused_optim import _ops
+
+
+def tensors(dtype, n=(3, 17, 1)):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(k, generator=g).to(dtype) for k in n]
+
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scaler", [False, True])
+def test_opcheck_adam(dtype, scaler):
+    ps, gs = tensors(dtype), tensors(dtype)
+    ms, vs, mx = tensors(dtype), [t.abs() for t in tensors(dtype)], [t.abs() for t in tensors(dtype)]
+    steps = [torch.tensor(1.0) for _ in ps]
+    extra = (torch.tensor(0.01), torch.tensor(4.0), torch.tensor(0.0)) if scaler else (None, None, None)
+    torch.library.opcheck(
+        torch.ops.fused_optim.adam_.default,
+        (ps, gs, ms, vs, mx, steps, 0.01, 0.9, 0.999, 0.1, 1e-8, True, False, True) + extra)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scaler", [False, True])
+def test_opcheck_sgd(dtype, scaler):
+    ps, gs, bufs = tensors(dtype), tensors(dtype), tensors(dtype)
+    extra = (torch.tensor(0.1), torch.tensor(4.0), torch.tensor(0.0)) if scaler else (None, None, None)
+    torch.library.opcheck(torch.ops.fused_optim.sgd_.default,
+                          (ps, gs, bufs, 0.1, 0.9, 0.0, 0.01, True, False, False) + extra)
+
+
+def test_opcheck_stream():
+    a = [torch.randn(100) for _ in range(4)]
+    torch.library.opcheck(torch.ops.fused_optim._stream_.default, (a[:3], a[3:], 0.5))
+
+
+def test_stream_computes_its_pattern():
+    io_, rd = [torch.randn(1000) for _ in range(3)], [torch.randn(1000)]
+    expected = [t * 0.5 + rd[0] for t in io_]
+    _ops.stream_(io_, rd, 0.5)
+    for a, b in zip(io_, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_schemas_annotate_every_mutated_list():
+    schema = torch.ops.fused_optim.adam_.default._schema
+    mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    assert mutated == {"params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"}
+    schema = torch.ops.fused_optim.sgd_.default._schema
+    mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    assert mutated == {"params", "grads", "momentum_buffers"}
