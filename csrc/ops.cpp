@@ -11,6 +11,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/multi_tensor.h"
+
 // An empty module: importing fused_optim._C loads this library, whose static
 // initializers register the ops (the extension-cpp pattern; works with any Python 3
 // through the limited API).
@@ -34,4 +38,12 @@ TORCH_LIBRARY(fused_optim, m) {
   // Benchmark helper: streams memory with a given read/write pattern, to measure the
   // bandwidth limit an optimizer step can reach (see benchmarks/).
   m.def("_stream_(Tensor(a!)[] inout, Tensor[] read_only, float scale) -> ()");
+  // Which copy of the CPU loops runs here (Note [ISA dispatch]): for benchmark reports.
+  m.def("_cpu_isa() -> str", [] {
+    switch (fused_optim::cpu::cpu_isa()) {
+      case fused_optim::cpu::Isa::kAvx512: return std::string("avx512");
+      case fused_optim::cpu::Isa::kAvx2: return std::string("avx2");
+      default: return std::string("baseline");
+    }
+  });
 }

@@ -1,0 +1,265 @@
+"""Optimizer step benchmark: fused_optim against torch.optim's implementations, side by side,
+and against the machine's measured memory-bandwidth limit for the same access pattern.
+
+    python benchmarks/bench.py                      # all workloads and algorithms, all cores
+    python benchmarks/bench.py --threads 1,2 --algos Adam --workloads W1,W3
+    python benchmarks/bench.py --quick              # small and fast (CI smoke test)
+
+Per row: median ms/step over many steps after warm-up (state initialised), GB/s (bytes the
+step must move / time), % of the measured limit, speedup over torch fused=True, µs per
+tensor, and the extra peak memory of one step. Writes a markdown table to stdout, and
+bench.json, bench.md and bench.png to --out.
+"""
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fused_optim  # noqa: E402
+from workloads import ALGORITHMS, workloads  # noqa: E402
+
+IMPLS = ["fused_optim", "torch foreach=False", "torch foreach=True", "torch fused=True", "deepspeed"]
+
+
+def deepspeed_adam():
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # noqa: F401
+    except Exception:
+        return None
+    return DeepSpeedCPUAdam
+
+
+def make_optimizer(impl, algo, params, kwargs):
+    if impl == "fused_optim":
+        return getattr(fused_optim, algo)(params, **kwargs)
+    if impl == "deepspeed":
+        cls = deepspeed_adam()
+        if cls is None or algo == "SGD":
+            return None
+        return cls(params, adamw_mode=(algo == "AdamW"), **kwargs)
+    flag = impl.split()[1]
+    key, value = flag.split("=")
+    return getattr(torch.optim, algo)(params, **kwargs, **{key: value == "True"})
+
+
+# -- memory: the process's peak resident set over one step (Linux) ----------------------
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def extra_peak_mib(fn):
+    """Extra resident memory at the peak of fn(), in MiB (None where not measurable)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak (VmHWM) to the current RSS
+        before = _status_kib("VmRSS")
+        fn()
+        peak = _status_kib("VmHWM")
+        return max(0.0, (peak - before) / 1024.0)
+    except OSError:
+        fn()
+        return None
+
+
+def time_steps(step, steps, warmup, max_seconds):
+    for _ in range(warmup):
+        step()
+    times = []
+    start = time.perf_counter()
+    while len(times) < steps:
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+        if len(times) >= 5 and time.perf_counter() - start > max_seconds:
+            break
+    return statistics.median(times), len(times)
+
+
+def stream_limit(numel, dtype, pattern, steps, warmup, max_seconds):
+    """GB/s of the bandwidth probe with the optimizer's read/write pattern."""
+    inout, read_only = pattern
+    bufs = [torch.rand(numel, dtype=torch.float32).to(dtype) for _ in range(inout + read_only)]
+    t, _ = time_steps(lambda: fused_optim._ops.stream_(bufs[:inout], bufs[inout:], 0.5),
+                      steps, warmup, max_seconds)
+    moved = numel * bufs[0].element_size() * (2 * inout + read_only)
+    del bufs
+    return moved / t / 1e9
+
+
+class Progress:
+    def __init__(self, total):
+        self.total, self.done = total, 0
+
+    def update(self, label):
+        self.done += 1
+        width = 30
+        filled = int(width * self.done / self.total)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {label:<50}")
+        sys.stderr.flush()
+
+    def close(self):
+        sys.stderr.write("\n")
+
+
+def machine_line(threads):
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, threads {','.join(map(str, threads))}; "
+            f"torch {torch.__version__}; fused_optim {fused_optim.__version__} "
+            f"({torch.ops.fused_optim._cpu_isa()} loops); Python {platform.python_version()}; "
+            f"{datetime.date.today().isoformat()}")
+
+
+def run(args):
+    wls = workloads(quick=args.quick)
+    selected_w = [w for w in args.workloads.split(",") if w]
+    selected_a = [a for a in args.algos.split(",") if a]
+    impls = [i for i in IMPLS if i in args.impls.split(",")] if args.impls else IMPLS
+    if "deepspeed" in impls and deepspeed_adam() is None:
+        impls.remove("deepspeed")
+        print("(DeepSpeed's CPU Adam is not importable here: its rows are left out.)", file=sys.stderr)
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
+    rows_plan = [(t, w, a) for t in threads for w in selected_w for a in selected_a]
+    progress = Progress(len(rows_plan) * (len(impls) + 1))
+    rows = []
+    old_threads = torch.get_num_threads()
+    for t, wname, algo in rows_plan:
+        torch.set_num_threads(t)
+        wl = wls[wname]
+        kwargs, pattern = ALGORITHMS[algo]
+        progress.update(f"{wname} {algo} limit, {t} threads")
+        limit = stream_limit(wl.numel, wl.dtype, pattern, args.steps, args.warmup, args.max_seconds)
+        bytes_per_step = wl.numel * torch.finfo(wl.dtype).bits // 8 * (2 * pattern[0] + pattern[1])
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.empty(s, dtype=wl.dtype).uniform_(-1, 1, generator=gen).requires_grad_()
+                  for s in wl.shapes]
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(wl.dtype)
+        base = dict(workload=wname, algo=algo, threads=t, dtype=str(wl.dtype).replace("torch.", ""),
+                    tensors=len(wl.shapes), numel=wl.numel, limit_gbs=limit)
+        for impl in impls:
+            progress.update(f"{wname} {algo} {impl}, {t} threads")
+            opt = make_optimizer(impl, algo, params, kwargs)
+            if opt is None:
+                continue
+            opt.step()  # state initialised before anything is measured
+            peak = extra_peak_mib(opt.step)
+            median, n = time_steps(opt.step, args.steps, args.warmup, args.max_seconds)
+            gbs = bytes_per_step / median / 1e9
+            rows.append(dict(base, impl=impl, ms=median * 1e3, steps=n, gbs=gbs,
+                             pct_limit=100.0 * gbs / limit, us_per_tensor=median * 1e6 / len(wl.shapes),
+                             extra_peak_mib=peak))
+            del opt
+            gc.collect()
+        del params
+        gc.collect()
+    torch.set_num_threads(old_threads)
+    progress.close()
+    for r in rows:
+        ref = next((x for x in rows if x["impl"] == "torch fused=True" and x["workload"] == r["workload"]
+                    and x["algo"] == r["algo"] and x["threads"] == r["threads"]), None)
+        r["speedup_vs_torch_fused"] = ref["ms"] / r["ms"] if ref else None
+    return rows, machine_line(threads)
+
+
+def fmt(v, spec):
+    return "n/a" if v is None else format(v, spec)
+
+
+def markdown(rows, machine):
+    lines = [f"Machine: {machine}", "",
+             "| workload | algo | threads | implementation | ms/step | GB/s | % of limit | vs torch fused | µs/tensor | extra peak MiB |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    last = None
+    for r in rows:
+        key = (r["workload"], r["algo"], r["threads"])
+        if key != last:
+            lines.append(f"| {r['workload']} | {r['algo']} | {r['threads']} | *limit (same pattern)* | | "
+                         f"{r['limit_gbs']:.1f} | 100 | | | |")
+            last = key
+        name = f"**{r['impl']}**" if r["impl"] == "fused_optim" else r["impl"]
+        lines.append(
+            f"| {r['workload']} | {r['algo']} | {r['threads']} | {name} | {r['ms']:.2f} | {r['gbs']:.1f} | "
+            f"{r['pct_limit']:.0f} | {fmt(r['speedup_vs_torch_fused'], '.2f')}x | "
+            f"{r['us_per_tensor']:.2f} | {fmt(r['extra_peak_mib'], '.1f')} |")
+    return "\n".join(lines)
+
+
+def chart(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: no chart written)", file=sys.stderr)
+        return False
+    groups = sorted({(r["threads"], r["workload"], r["algo"]) for r in rows})
+    impls = [i for i in IMPLS if any(r["impl"] == i for r in rows)]
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(groups) * len(impls) / 2), 5))
+    width = 0.8 / len(impls)
+    for k, impl in enumerate(impls):
+        xs, ys = [], []
+        for g, key in enumerate(groups):
+            r = next((r for r in rows if (r["threads"], r["workload"], r["algo"]) == key and r["impl"] == impl), None)
+            if r:
+                xs.append(g + k * width)
+                ys.append(r["pct_limit"])
+        ax.bar(xs, ys, width, label=impl)
+    ax.axhline(100, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
+    ax.set_xticklabels([f"{w} {a}\n{t} thr" for t, w, a in groups], fontsize=8)
+    ax.set_ylabel("% of measured memory-bandwidth limit")
+    ax.set_title("Optimizer step: fraction of the bandwidth limit (higher is better)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--algos", default="Adam,AdamW,SGD")
+    ap.add_argument("--workloads", default="W1,W2,W3,W4")
+    ap.add_argument("--impls", default="", help="comma-separated subset of: " + ", ".join(IMPLS))
+    ap.add_argument("--threads", default="", help="comma-separated thread counts (default: torch's)")
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per row (median reported)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--max-seconds", type=float, default=8.0, help="time cap per row (>= 5 steps)")
+    ap.add_argument("--quick", action="store_true", help="small workloads and few steps")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup, args.max_seconds = 5, 1, 2.0
+    rows, machine = run(args)
+    table = markdown(rows, machine)
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump({"machine": machine, "rows": rows}, f, indent=1)
+    with open(os.path.join(args.out, "bench.md"), "w") as f:
+        f.write(table + "\n")
+    chart(rows, os.path.join(args.out, "bench.png"))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

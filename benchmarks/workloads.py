@@ -1,0 +1,70 @@
+"""The named benchmark workloads: parameter shapes and dtypes, nothing else."""
+import random
+from dataclasses import dataclass
+from typing import List, Tuple
+
+import torch
+
+
+@dataclass
+class Workload:
+    name: str
+    description: str
+    shapes: List[Tuple[int, ...]]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 0
+        for s in self.shapes:
+            k = 1
+            for d in s:
+                k *= d
+            n += k
+        return n
+
+
+def gpt2_small_shapes(scale: int = 1) -> List[Tuple[int, ...]]:
+    """The 148 parameter tensors of GPT-2 small (124M params); `scale` divides the
+    hidden sizes for a quick run."""
+    d, vocab, ctx = 768 // scale, 50257 // scale, 1024 // scale
+    shapes = [(vocab, d), (ctx, d)]
+    for _ in range(12):
+        shapes += [(d,), (d,),                 # ln_1
+                   (d, 3 * d), (3 * d,),       # attn.c_attn
+                   (d, d), (d,),               # attn.c_proj
+                   (d,), (d,),                 # ln_2
+                   (d, 4 * d), (4 * d,),       # mlp.c_fc
+                   (4 * d, d), (d,)]           # mlp.c_proj
+    shapes += [(d,), (d,)]                     # ln_f
+    return shapes
+
+
+def many_small_shapes(count: int = 5000, lo: int = 64, hi: int = 4096, seed: int = 0):
+    rng = random.Random(seed)
+    return [(rng.randint(lo, hi),) for _ in range(count)]
+
+
+def workloads(quick: bool = False):
+    if quick:
+        return {
+            "W1": Workload("W1", "one fp32 tensor of 1M elements (quick)", [(2**20,)], torch.float32),
+            "W2": Workload("W2", "GPT-2 small shapes / 8, fp32 (quick)", gpt2_small_shapes(8), torch.float32),
+            "W3": Workload("W3", "500 tensors of 64..4096 elements, fp32 (quick)", many_small_shapes(500), torch.float32),
+            "W4": Workload("W4", "GPT-2 small shapes / 8, bf16 (quick)", gpt2_small_shapes(8), torch.bfloat16),
+        }
+    return {
+        "W1": Workload("W1", "one fp32 tensor of 64M elements", [(64 * 2**20,)], torch.float32),
+        "W2": Workload("W2", "GPT-2 small (124M params, 148 tensors), fp32", gpt2_small_shapes(), torch.float32),
+        "W3": Workload("W3", "5,000 tensors of 64..4,096 elements, fp32", many_small_shapes(), torch.float32),
+        "W4": Workload("W4", "GPT-2 small (124M params, 148 tensors), bf16", gpt2_small_shapes(), torch.bfloat16),
+    }
+
+
+# Algorithms: constructor kwargs, and the optimizer's memory pattern per element
+# (tensors read and written: (inout, read_only) for the bandwidth probe).
+ALGORITHMS = {
+    "Adam": (dict(lr=1e-3), (3, 1)),
+    "AdamW": (dict(lr=1e-3, weight_decay=0.01), (3, 1)),
+    "SGD": (dict(lr=1e-3, momentum=0.9), (2, 1)),
+}
