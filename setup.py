@@ -46,6 +46,20 @@ def write_build_info(with_cuda: bool) -> None:
         f.write(f"WITH_CUDA = {with_cuda!r}\n")
 
 
+def openmp_flags():
+    """at::parallel_for is a header template: under torch's OpenMP backend it only runs in
+    parallel in code compiled with OpenMP; without it every call silently runs on one thread.
+    Linking libgomp.so.1 shares the OpenMP runtime torch has already loaded (same soname), so
+    torch.set_num_threads keeps governing our loops."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return [], []  # the native backend's thread pool lives in libtorch: nothing to add
+    if sys.platform == "win32":
+        return ["/openmp"], []
+    if sys.platform == "darwin":
+        return ["-Xpreprocessor", "-fopenmp"], ["-lomp"]
+    return ["-fopenmp"], ["-fopenmp"]
+
+
 def extensions():
     with_cuda = want_cuda()
     write_build_info(with_cuda)
@@ -67,6 +81,8 @@ def extensions():
         ext_cls = CUDAExtension
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         kwargs["define_macros"] = [("FUSED_OPTIM_WITH_CUDA", "1")]
+    omp_compile, omp_link = openmp_flags()
+    cxx_flags += omp_compile
     extra = {"cxx": cxx_flags}
     if with_cuda:
         extra["nvcc"] = ["-O3", "-fmad=false"]
@@ -76,6 +92,7 @@ def extensions():
             sources,
             include_dirs=[os.path.join(HERE, "csrc")],
             extra_compile_args=extra,
+            extra_link_args=omp_link,
             py_limited_api=True,
             **kwargs,
         )

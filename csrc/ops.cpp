@@ -11,7 +11,11 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <string>
+#include <vector>
 
 #include "cpu/multi_tensor.h"
 
@@ -38,6 +42,16 @@ TORCH_LIBRARY(fused_optim, m) {
   // Benchmark helper: streams memory with a given read/write pattern, to measure the
   // bandwidth limit an optimizer step can reach (see benchmarks/).
   m.def("_stream_(Tensor(a!)[] inout, Tensor[] read_only, float scale) -> ()");
+  // How many threads one of our parallel regions really uses over n elements (a build
+  // check: at::parallel_for silently runs serially in code compiled without OpenMP).
+  m.def("_parallel_workers(int n) -> int", [](int64_t n) {
+    std::vector<char> used(static_cast<size_t>(std::max(1, at::get_num_threads())), 0);
+    at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+      const int t = at::get_thread_num();
+      if (t >= 0 && static_cast<size_t>(t) < used.size()) used[static_cast<size_t>(t)] = 1;
+    });
+    return static_cast<int64_t>(std::count(used.begin(), used.end(), 1));
+  });
   // Which copy of the CPU loops runs here (Note [ISA dispatch]): for benchmark reports.
   m.def("_cpu_isa() -> str", [] {
     switch (fused_optim::cpu::cpu_isa()) {

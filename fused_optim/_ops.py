@@ -4,12 +4,35 @@ The schemas are in csrc/ops.cpp. The ops mutate their tensor-list arguments in p
 return nothing, so a fake kernel has nothing to compute: registering it is what lets
 torch.compile trace through an optimizer step without a graph break.
 """
+import sys
 from typing import List, Optional
 
 import torch
 from torch import Tensor
 
 _lib = torch.ops.fused_optim
+
+
+def _local(*lists: List[Tensor]):
+    """The tensors the kernels update: a DTensor (FSDP2's sharded params, their grads and
+    states) is replaced by its local shard, which the kernel updates in place, with no
+    gather. Costs nothing where torch.distributed.tensor was never imported."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is None:
+        return lists
+    cls = dtensor.DTensor
+    params, grads = lists[0], lists[1]
+    for p, g in zip(params, grads):
+        if isinstance(p, cls) or isinstance(g, cls):
+            # An elementwise update of local shards is right only where every tensor of a
+            # param is laid out across ranks the same way (FSDP2: Shard(0) everywhere).
+            same = isinstance(p, cls) and isinstance(g, cls) and p.placements == g.placements
+            if not same or p.device_mesh != g.device_mesh:
+                raise RuntimeError(
+                    "fused_optim: a DTensor param and its grad must have the same device mesh "
+                    f"and placements, got {getattr(p, 'placements', 'a plain tensor')} and "
+                    f"{getattr(g, 'placements', 'a plain tensor')}")
+    return tuple([t._local_tensor if isinstance(t, cls) else t for t in ts] for ts in lists)
 
 
 def sgd_(
@@ -28,6 +51,7 @@ def sgd_(
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
 ) -> None:
+    params, grads, momentum_buffers = _local(params, grads, momentum_buffers)
     _lib.sgd_(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
               maximize, is_first_step, lr_tensor, grad_scale, found_inf)
 
@@ -52,6 +76,8 @@ def adam_(
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
 ) -> None:
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = _local(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
     _lib.adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1,
                beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay, lr_tensor,
                grad_scale, found_inf)

@@ -86,14 +86,20 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
   std::vector<const void*> coeff_ptrs(n);
   std::vector<SegmentFn> fns(n);
   for (int64_t i = 0; i < n; ++i) {
-    // As torch's for-loop: Python floats (double) and Python's ** (C pow).
-    const double bias_correction1 = 1.0 - std::pow(beta1, steps[i]);
-    const double bias_correction2 = 1.0 - std::pow(beta2, steps[i]);
-    const double step_size =
-        lr_is_f32 ? static_cast<double>(static_cast<float>(lr) / static_cast<float>(bias_correction1))
-                  : lr / bias_correction1;
-    coeffs[i].neg_step_size = -step_size;
-    coeffs[i].bias_correction2_sqrt = std::pow(bias_correction2, 0.5);
+    if (i > 0 && steps[i] == steps[i - 1]) {
+      // The usual case: every param of the group is at the same step (3 pows saved).
+      coeffs[i].neg_step_size = coeffs[i - 1].neg_step_size;
+      coeffs[i].bias_correction2_sqrt = coeffs[i - 1].bias_correction2_sqrt;
+    } else {
+      // As torch's for-loop: Python floats (double) and Python's ** (C pow).
+      const double bias_correction1 = 1.0 - std::pow(beta1, steps[i]);
+      const double bias_correction2 = 1.0 - std::pow(beta2, steps[i]);
+      const double step_size =
+          lr_is_f32 ? static_cast<double>(static_cast<float>(lr) / static_cast<float>(bias_correction1))
+                    : lr / bias_correction1;
+      coeffs[i].neg_step_size = -step_size;
+      coeffs[i].bias_correction2_sqrt = std::pow(bias_correction2, 0.5);
+    }
     coeff_ptrs[i] = &coeffs[i];
     // Neighbours of one kind share one function: look it up once per kind.
     const at::ScalarType dt = plan.real_dtype(i);

@@ -1,0 +1,232 @@
+"""torch.distributed scenarios for test_distributed.py, on the real engine: 2 processes,
+gloo, CPU. Run as `python distributed_worker.py SCENARIO`; exits non-zero when a rank fails.
+
+Each scenario trains the same model from the same seed twice under the same distributed
+setup, once with fused_optim and once with torch.optim (foreach=False), and compares every
+param (and, where the scenario is about checkpoints, the restored training) elementwise.
+"""
+import copy
+import datetime
+import os
+import socket
+import sys
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fused_optim  # noqa: E402
+from parity_utils import correctly_rounded_sqrt  # noqa: E402
+
+WORLD = 2
+STEPS = 6
+
+
+def model_fn():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 7))
+
+
+def batch(rank, step):
+    g = torch.Generator().manual_seed(100 * step + rank)
+    return torch.randn(8, 16, generator=g), torch.randn(8, 7, generator=g)
+
+
+def train(model, opt, rank, steps, first=0):
+    for step in range(first, first + steps):
+        x, y = batch(rank, step)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def assert_params_equal(a, b, exact, what):
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        pa, pb = pa.detach(), pb.detach()
+        if hasattr(pa, "to_local"):
+            assert pa.placements == pb.placements, f"{what}: placements of {name}"
+            pa, pb = pa.to_local(), pb.to_local()
+        if exact:
+            assert torch.equal(pa, pb), f"{what}: {name} not bitwise equal"
+        else:
+            torch.testing.assert_close(pa, pb, msg=lambda m: f"{what}: {name}: {m}")
+
+
+# -- scenarios --------------------------------------------------------------------------
+def ddp(rank):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ours, ref = DDP(model_fn()), DDP(model_fn())
+    # bitwise: torch's for-loop with an IEEE sqrt (see parity_utils.correctly_rounded_sqrt)
+    with correctly_rounded_sqrt():
+        train(ours, fused_optim.AdamW(ours.parameters(), lr=0.01), rank, STEPS)
+        train(ref, torch.optim.AdamW(ref.parameters(), lr=0.01, foreach=False), rank, STEPS)
+    assert_params_equal(ours, ref, exact=True, what="DDP AdamW")
+    # and the ranks agree (DDP keeps replicas identical)
+    flat = torch.cat([p.detach().flatten() for p in ours.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(WORLD)]
+    dist.all_gather(gathered, flat)
+    assert torch.equal(gathered[0], gathered[1]), "DDP replicas differ"
+
+
+def zero(rank):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    ours_model, ref_model = model_fn(), model_fn()
+    with correctly_rounded_sqrt():
+        ours = ZeroRedundancyOptimizer(ours_model.parameters(), optimizer_class=fused_optim.Adam, lr=0.01)
+        ref = ZeroRedundancyOptimizer(ref_model.parameters(), optimizer_class=torch.optim.Adam, lr=0.01,
+                                      foreach=False)
+        assert isinstance(ours.optim, fused_optim.Adam)
+        # ZeRO does not sync grads itself: average them as DDP would
+        for model, opt in ((ours_model, ours), (ref_model, ref)):
+            for step in range(STEPS):
+                x, y = batch(rank, step)
+                opt.zero_grad()
+                torch.nn.functional.mse_loss(model(x), y).backward()
+                for p in model.parameters():
+                    dist.all_reduce(p.grad)
+                    p.grad /= WORLD
+                opt.step()
+        assert_params_equal(ours_model, ref_model, exact=True, what="ZeRO Adam")
+
+        # The consolidated state_dict loads into a fresh ZeRO optimizer (and into a torch one),
+        # and training continues identically.
+        ours.consolidate_state_dict(to=0)
+        ref.consolidate_state_dict(to=0)
+        sd = [ours.state_dict() if rank == 0 else None]
+        dist.broadcast_object_list(sd, src=0)
+        sd = sd[0]
+        assert set(sd["state"]) == set(range(len(list(ours_model.parameters()))))
+        resumed_model = copy.deepcopy(ours_model)
+        resumed = ZeroRedundancyOptimizer(resumed_model.parameters(), optimizer_class=fused_optim.Adam, lr=0.01)
+        resumed.load_state_dict(sd)
+        as_torch_model = copy.deepcopy(ours_model)
+        as_torch = ZeroRedundancyOptimizer(as_torch_model.parameters(), optimizer_class=torch.optim.Adam,
+                                           lr=0.01, foreach=False)
+        as_torch.load_state_dict(sd)
+        for model, opt in ((resumed_model, resumed), (ref_model, ref), (as_torch_model, as_torch)):
+            for step in range(STEPS, STEPS + 3):
+                x, y = batch(rank, step)
+                opt.zero_grad()
+                torch.nn.functional.mse_loss(model(x), y).backward()
+                for p in model.parameters():
+                    dist.all_reduce(p.grad)
+                    p.grad /= WORLD
+                opt.step()
+        assert_params_equal(resumed_model, ref_model, exact=True, what="ZeRO Adam after reload")
+        assert_params_equal(as_torch_model, ref_model, exact=True, what="ZeRO checkpoint into torch.optim")
+
+
+def _fsdp2_model():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = model_fn()
+    for layer in model:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def fsdp2(rank):
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    ours_model, ref_model = _fsdp2_model(), _fsdp2_model()
+    assert all(isinstance(p, DTensor) for p in ours_model.parameters())
+    ours = fused_optim.AdamW(ours_model.parameters(), lr=0.01)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=0.01, foreach=False)
+    for step in range(STEPS):
+        for model, opt in ((ours_model, ours), (ref_model, ref)):
+            x, y = batch(rank, step)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            if opt is ours:
+                # the update works on the local shards: not a single collective
+                with CommDebugMode() as comm:
+                    opt.step()
+                assert comm.get_total_counts() == 0, comm.get_comm_counts()
+            else:
+                opt.step()
+    # The reference runs torch's for-loop on DTensors (its sqrt cannot be swapped for the
+    # IEEE one there): compared at assert_close's default float32 tolerances.
+    assert_params_equal(ours_model, ref_model, exact=False, what="FSDP2 AdamW")
+    for p in ours_model.parameters():
+        s = ours.state[p]
+        assert isinstance(s["exp_avg"], DTensor) and s["exp_avg"].placements == p.placements
+        assert s["step"].item() == STEPS
+
+
+def dcp(rank):
+    import torch.distributed.checkpoint as dcp_
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
+
+    model = _fsdp2_model()
+    opt = fused_optim.AdamW(model.parameters(), lr=0.01)
+    train(model, opt, rank, 3)
+    path = [tempfile.mkdtemp() if rank == 0 else None]
+    dist.broadcast_object_list(path, src=0)
+    dcp_.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+              checkpoint_id=path[0])
+
+    restored = _fsdp2_model()
+    restored_opt = fused_optim.AdamW(restored.parameters(), lr=0.01)
+    sd = {"model": get_model_state_dict(restored), "optim": get_optimizer_state_dict(restored, restored_opt)}
+    dcp_.load(sd, checkpoint_id=path[0])
+    set_model_state_dict(restored, sd["model"])
+    set_optimizer_state_dict(restored, restored_opt, sd["optim"])
+    assert_params_equal(restored, model, exact=True, what="DCP restored params")
+    for p, q in zip(model.parameters(), restored.parameters()):
+        for key, value in opt.state[p].items():
+            other = restored_opt.state[q][key]
+            a = value.to_local() if hasattr(value, "to_local") else value
+            b = other.to_local() if hasattr(other, "to_local") else other
+            assert torch.equal(a, b), f"DCP restored state {key}"
+    train(model, opt, rank, 3, first=3)
+    train(restored, restored_opt, rank, 3, first=3)
+    assert_params_equal(restored, model, exact=True, what="DCP training continued")
+
+
+SCENARIOS = {"ddp": ddp, "zero": zero, "fsdp2": fsdp2, "dcp": dcp}
+
+
+def _worker(rank, scenario, port, errors):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    # bounded: a rank left waiting for a failed peer gives up instead of hanging
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    try:
+        SCENARIOS[scenario](rank)
+        dist.barrier()
+    except BaseException:
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def main(scenario):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    try:
+        mp.start_processes(_worker, args=(scenario, port, errors), nprocs=WORLD, join=True,
+                           start_method="spawn")
+    except Exception:
+        while not errors.empty():
+            print(errors.get(), file=sys.stderr)
+        raise
+    print(f"{scenario}: OK")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
