@@ -23,6 +23,11 @@ from ._loader import built_with_cuda
 class FusedOptimizer(torch.optim.Optimizer):
     # Set per algorithm: the torch.optim class it replaces, and the group options that
     # make us run that class's own step instead of the kernel.
+    # Note [capturable]: torch.compile marks every group capturable=True while it traces a
+    # step (on CPU too), so a compiled step would never reach our kernel if we refused it.
+    # Under compilation it is honoured: the kernels read and increment `step` and read a
+    # tensor lr themselves, with no host synchronisation. In eager mode capturable=True
+    # runs torch's own step, which refuses CPU params with torch's own error.
     _torch_class: type = torch.optim.Optimizer
     _torch_only_options = ("differentiable", "capturable")
     _warned: set = set()
@@ -62,9 +67,10 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _torch_step_reason(self) -> Optional[str]:
         """Why this step must run torch's own implementation, or None."""
+        compiling = torch.compiler.is_compiling()
         for group in self.param_groups:
             for option in self._torch_only_options:
-                if group.get(option):
+                if group.get(option) and not (option == "capturable" and compiling):
                     return f"{option}=True"
         return None
 
@@ -102,7 +108,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _torch_step(self, closure, reason: str):
         """torch.optim's own step, for options the fused kernels do not implement."""
         key = (type(self).__name__, reason)
-        if key not in FusedOptimizer._warned:
+        cpu_only = all(p.device.type == "cpu" for g in self.param_groups for p in g["params"])
+        if reason == "capturable=True" and cpu_only:
+            pass  # torch's step raises its error for CPU params: nothing to warn about
+        elif key not in FusedOptimizer._warned:
             FusedOptimizer._warned.add(key)
             warnings.warn(
                 f"fused_optim.{type(self).__name__}: {reason} is not supported by the fused "

@@ -174,6 +174,25 @@ def test_differentiable_runs_torchs_implementation_with_one_warning(name, torch_
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_capturable_on_cpu_raises_torchs_error(name):
+    """Eager capturable=True with CPU params: torch refuses it at step; so do we, with its
+    error (Note [capturable]; under torch.compile the kernel runs, see test_integrations)."""
+    torch_cls, ours_cls = pu.ALGOS[name]
+    errors = []
+    for cls in (torch_cls, ours_cls):
+        ps = params()
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        before = [p.detach().clone() for p in ps]
+        opt = cls(ps, capturable=True)
+        with pytest.raises(Exception) as info:
+            opt.step()
+        errors.append((type(info.value), str(info.value)))
+        assert all(torch.equal(p, b) for p, b in zip(ps, before))
+    assert errors[0] == errors[1]
+
+
 def test_sgd_sparse_grads_use_torchs_for_loop_with_warning():
     fused_optim.optimizer.FusedOptimizer._warned.clear()
     emb_ours = torch.nn.Embedding(10, 3, sparse=True)

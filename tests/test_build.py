@@ -18,3 +18,15 @@ def test_build_info_matches_running_torch():
     info = _loader.load_extension()
     assert info.TORCH_VERSION == torch.__version__
     assert isinstance(info.WITH_CUDA, bool)
+
+
+def test_parallel_regions_use_every_thread():
+    # at::parallel_for is compiled into our library: built without OpenMP (under torch's
+    # OpenMP backend) it would silently run every step on one thread.
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert torch.ops.fused_optim._parallel_workers(10_000) == threads
+    finally:
+        torch.set_num_threads(old)
