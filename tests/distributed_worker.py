@@ -7,6 +7,7 @@ param (and, where the scenario is about checkpoints, the restored training) elem
 """
 import copy
 import datetime
+import gc
 import os
 import socket
 import sys
@@ -199,6 +200,10 @@ def _worker(rank, scenario, port, errors):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
         SCENARIOS[scenario](rank)
+        # DDP modules and FSDP states hold the process group through reference cycles; free
+        # them now, while the group is alive, not at interpreter exit where gloo's threads
+        # may be torn down after what they use (seen once in CI: std::terminate, SIGABRT)
+        gc.collect()
         dist.barrier()
     except BaseException:
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
