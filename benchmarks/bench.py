@@ -13,6 +13,7 @@ bench.json, bench.md and bench.png to --out.
 import argparse
 import datetime
 import gc
+import inspect
 import json
 import os
 import platform
@@ -42,12 +43,15 @@ def make_optimizer(impl, algo, params, kwargs):
         return getattr(fused_optim, algo)(params, **kwargs)
     if impl == "deepspeed":
         cls = deepspeed_adam()
-        if cls is None or algo == "SGD":
+        if cls is None or algo not in ("Adam", "AdamW"):
             return None
         return cls(params, adamw_mode=(algo == "AdamW"), **kwargs)
     flag = impl.split()[1]
     key, value = flag.split("=")
-    return getattr(torch.optim, algo)(params, **kwargs, **{key: value == "True"})
+    torch_cls = getattr(torch.optim, algo)
+    if key not in inspect.signature(torch_cls).parameters:
+        return None  # torch.optim.RMSprop has no fused=True
+    return torch_cls(params, **kwargs, **{key: value == "True"})
 
 
 # -- memory: the process's peak resident set over one step (Linux) ----------------------
@@ -237,7 +241,7 @@ def chart(rows, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--algos", default="Adam,AdamW,SGD")
+    ap.add_argument("--algos", default="Adam,AdamW,SGD,RMSprop,Adagrad")
     ap.add_argument("--workloads", default="W1,W2,W3,W4")
     ap.add_argument("--impls", default="", help="comma-separated subset of: " + ", ".join(IMPLS))
     ap.add_argument("--threads", default="", help="comma-separated thread counts (default: torch's)")

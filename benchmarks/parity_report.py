@@ -89,7 +89,7 @@ def markdown(rows, steps):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--algos", default="SGD,Adam,AdamW")
+    ap.add_argument("--algos", default="SGD,Adam,AdamW,RMSprop,Adagrad")
     ap.add_argument("--dtypes", default="float32,float64")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="a few option combinations only")

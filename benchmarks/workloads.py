@@ -67,4 +67,6 @@ ALGORITHMS = {
     "Adam": (dict(lr=1e-3), (3, 1)),
     "AdamW": (dict(lr=1e-3, weight_decay=0.01), (3, 1)),
     "SGD": (dict(lr=1e-3, momentum=0.9), (2, 1)),
+    "RMSprop": (dict(lr=1e-3), (2, 1)),
+    "Adagrad": (dict(lr=1e-3), (2, 1)),
 }

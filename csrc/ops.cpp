@@ -39,6 +39,17 @@ TORCH_LIBRARY(fused_optim, m) {
       "float lr, float beta1, float beta2, float weight_decay, float eps, bool amsgrad, "
       "bool maximize, bool decoupled_weight_decay, Tensor? lr_tensor=None, "
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "rmsprop_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avgs, "
+      "Tensor(d!)[] grad_avgs, Tensor(e!)[] momentum_buffers, Tensor(f!)[] state_steps, "
+      "float lr, float alpha, float eps, float weight_decay, float momentum, bool centered, "
+      "bool maximize, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
+  m.def(
+      "adagrad_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] state_sums, "
+      "Tensor(d!)[] state_steps, float lr, float lr_decay, float weight_decay, float eps, "
+      "bool maximize, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
   // Benchmark helper: streams memory with a given read/write pattern, to measure the
   // bandwidth limit an optimizer step can reach (see benchmarks/).
   m.def("_stream_(Tensor(a!)[] inout, Tensor[] read_only, float scale) -> ()");

@@ -188,4 +188,92 @@ struct AdamRule {
   }
 };
 
+// ---------------------------------------------------------------------------------------
+// RMSprop (torch.optim.RMSprop): L2 weight decay, centered, momentum, maximize. The step
+// counter is only counted, never used.
+// ---------------------------------------------------------------------------------------
+struct RmspropCoeffs {  // as double
+  double grad_sign, weight_decay, alpha, one_minus_alpha, eps, momentum, neg_lr;
+};
+
+// As in Adam, a complex param is viewed as real after the weight decay (kFma = false).
+template <typename M, bool kWeightDecay, bool kCentered, bool kMomentum, bool kFma = true>
+struct RmspropRule {
+  using Coeffs = RmspropCoeffs;
+  static constexpr int kStates = 1 + int(kCentered) + int(kMomentum);
+  M grad_sign, weight_decay, alpha, one_minus_alpha, eps, momentum, neg_lr;
+  LerpWeight<M> lerp;
+
+  FO_HOST_DEVICE explicit RmspropRule(const RmspropCoeffs& c)
+      : grad_sign(static_cast<M>(c.grad_sign)),
+        weight_decay(static_cast<M>(c.weight_decay)),
+        alpha(static_cast<M>(c.alpha)),
+        one_minus_alpha(static_cast<M>(c.one_minus_alpha)),
+        eps(static_cast<M>(c.eps)),
+        momentum(static_cast<M>(c.momentum)),
+        neg_lr(static_cast<M>(c.neg_lr)),
+        lerp(c.one_minus_alpha) {}
+
+  // state[0]: square_avg, then grad_avg (centered), then momentum_buffer (momentum > 0)
+  FO_HOST_DEVICE FO_INLINE void operator()(M& p, M g, M* state) const {
+    M& square_avg = state[0];
+    g = g * grad_sign;
+    if constexpr (kWeightDecay) {
+      g = madd_<kFma>(p, weight_decay, g);  // grad.add(param, alpha=weight_decay)
+    }
+    square_avg = fma_(one_minus_alpha * g, g, square_avg * alpha);  // .mul_(a).addcmul_
+    M avg;
+    if constexpr (kCentered) {
+      M& grad_avg = state[1];
+      grad_avg = lerp(grad_avg, g);                       // grad_avg.lerp_(grad, 1 - alpha)
+      avg = sqrt_(fma_(-grad_avg, grad_avg, square_avg));  // addcmul(ga, ga, value=-1).sqrt_()
+    } else {
+      avg = sqrt_(square_avg);
+    }
+    avg = avg + eps;                                      // avg.add_(eps)
+    if constexpr (kMomentum) {
+      M& buf = state[kCentered ? 2 : 1];
+      buf = buf * momentum + g / avg;                     // buf.mul_(momentum).addcdiv_(grad, avg)
+      p = fma_(buf, neg_lr, p);                           // param.add_(buf, alpha=-lr)
+    } else {
+      p = p + (neg_lr * g) / avg;                         // param.addcdiv_(grad, avg, value=-lr)
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// Adagrad (torch.optim.Adagrad, dense grads): L2 weight decay, lr decay, maximize. The
+// decayed lr depends on each param's own step, so it is per tensor.
+// ---------------------------------------------------------------------------------------
+struct AdagradCoeffs {  // as double
+  double grad_sign, weight_decay, eps;
+  double neg_clr;  // per tensor: -lr / (1 + (step - 1) * lr_decay)
+};
+
+// As in Adam, a complex param is viewed as real after the weight decay (kFma = false).
+template <typename M, bool kWeightDecay, bool kFma = true>
+struct AdagradRule {
+  using Coeffs = AdagradCoeffs;
+  static constexpr int kStates = 1;
+  M grad_sign, weight_decay, eps, neg_clr;
+
+  FO_HOST_DEVICE explicit AdagradRule(const AdagradCoeffs& c)
+      : grad_sign(static_cast<M>(c.grad_sign)),
+        weight_decay(static_cast<M>(c.weight_decay)),
+        eps(static_cast<M>(c.eps)),
+        neg_clr(static_cast<M>(c.neg_clr)) {}
+
+  // state[0]: sum
+  FO_HOST_DEVICE FO_INLINE void operator()(M& p, M g, M* state) const {
+    M& sum = state[0];
+    g = g * grad_sign;
+    if constexpr (kWeightDecay) {
+      g = madd_<kFma>(p, weight_decay, g);  // grad.add(param, alpha=weight_decay)
+    }
+    sum = fma_(g, g, sum);                  // state_sum.addcmul_(grad, grad, value=1)
+    const M std = sqrt_(sum) + eps;         // state_sum.sqrt().add_(eps)
+    p = p + (neg_clr * g) / std;            // param.addcdiv_(grad, std, value=-clr)
+  }
+};
+
 }  // namespace fused_optim

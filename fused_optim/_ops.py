@@ -83,6 +83,52 @@ def adam_(
                grad_scale, found_inf)
 
 
+def rmsprop_(
+    params: List[Tensor],
+    grads: List[Tensor],
+    square_avgs: List[Tensor],
+    grad_avgs: List[Tensor],
+    momentum_buffers: List[Tensor],
+    state_steps: List[Tensor],
+    *,
+    lr: float,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    centered: bool,
+    maximize: bool,
+    lr_tensor: Optional[Tensor] = None,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+) -> None:
+    params, grads, square_avgs, grad_avgs, momentum_buffers = _local(
+        params, grads, square_avgs, grad_avgs, momentum_buffers)
+    _lib.rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, lr, alpha,
+                  eps, weight_decay, momentum, centered, maximize, lr_tensor, grad_scale,
+                  found_inf)
+
+
+def adagrad_(
+    params: List[Tensor],
+    grads: List[Tensor],
+    state_sums: List[Tensor],
+    state_steps: List[Tensor],
+    *,
+    lr: float,
+    lr_decay: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    lr_tensor: Optional[Tensor] = None,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+) -> None:
+    params, grads, state_sums = _local(params, grads, state_sums)
+    _lib.adagrad_(params, grads, state_sums, state_steps, lr, lr_decay, weight_decay, eps,
+                  maximize, lr_tensor, grad_scale, found_inf)
+
+
 def stream_(inout: List[Tensor], read_only: List[Tensor], scale: float) -> None:
     """Benchmark helper: inout[k] = inout[k] * scale + sum(read_only) elementwise."""
     _lib._stream_(inout, read_only, scale)
@@ -103,4 +149,17 @@ def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_step
 
 @torch.library.register_fake("fused_optim::_stream_")
 def _stream_fake(inout, read_only, scale):
+    return None
+
+
+@torch.library.register_fake("fused_optim::rmsprop_")
+def _rmsprop_fake(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, lr, alpha,
+                  eps, weight_decay, momentum, centered, maximize, lr_tensor=None,
+                  grad_scale=None, found_inf=None):
+    return None
+
+
+@torch.library.register_fake("fused_optim::adagrad_")
+def _adagrad_fake(params, grads, state_sums, state_steps, lr, lr_decay, weight_decay, eps,
+                  maximize, lr_tensor=None, grad_scale=None, found_inf=None):
     return None

@@ -16,6 +16,8 @@ ALGOS = {
     "SGD": (torch.optim.SGD, fused_optim.SGD),
     "Adam": (torch.optim.Adam, fused_optim.Adam),
     "AdamW": (torch.optim.AdamW, fused_optim.AdamW),
+    "RMSprop": (torch.optim.RMSprop, fused_optim.RMSprop),
+    "Adagrad": (torch.optim.Adagrad, fused_optim.Adagrad),
 }
 
 TENSOR_LR = "tensor"  # marker in the option tables: lr given as a 0-dim tensor
@@ -63,6 +65,25 @@ OPTIONS = {
             maximize=[False, True],
         )
     ),
+    "RMSprop": list(
+        _combos(
+            lr=[0.01, TENSOR_LR],
+            alpha=[0.99, 0.5],
+            weight_decay=[0.0, 0.1],
+            momentum=[0.0, 0.9],
+            centered=[False, True],
+            maximize=[False, True],
+        )
+    ),
+    "Adagrad": list(
+        _combos(
+            lr=[0.01, TENSOR_LR],
+            lr_decay=[0.0, 0.05],
+            weight_decay=[0.0, 0.1],
+            initial_accumulator_value=[0.0, 0.5],
+            maximize=[False, True],
+        )
+    ),
 }
 
 
@@ -75,7 +96,7 @@ def materialize(options, group_index=0):
     o = dict(options)
     scale = 1.0 if group_index == 0 else 0.5  # the second group runs at another lr
     if o.get("lr") == TENSOR_LR:
-        base = 0.1 if "momentum" in o else 0.01
+        base = 0.1 if "nesterov" in o else 0.01  # SGD runs at 0.1
         o["lr"] = torch.tensor(base * scale)
     elif "lr" in o:
         o["lr"] = o["lr"] * scale
@@ -225,11 +246,17 @@ def correctly_rounded_sqrt():
             return torch.from_numpy(np.asarray(np.sqrt(self.detach().numpy())))
         return original(self)
 
-    torch.Tensor.sqrt = sqrt
+    def sqrt_(self):  # RMSprop (centered) takes the in-place one
+        if self.dtype in (torch.float32, torch.float64) and not self.requires_grad:
+            return self.copy_(sqrt(self))
+        return original_(self)
+
+    original_ = torch.Tensor.sqrt_
+    torch.Tensor.sqrt, torch.Tensor.sqrt_ = sqrt, sqrt_
     try:
         yield
     finally:
-        torch.Tensor.sqrt = original
+        torch.Tensor.sqrt, torch.Tensor.sqrt_ = original, original_
 
 
 def assert_same_trajectory(ours, ref, *, exact, msg="", **tol):

@@ -40,6 +40,13 @@ BAD_HYPERPARAMS = [
     ("Adam", dict(betas=(torch.tensor(0.9), 0.99))), ("Adam", dict(lr=torch.tensor([0.1, 0.2]))),
     ("Adam", dict(fused=True, foreach=True)), ("Adam", dict(fused=True, differentiable=True)),
     ("AdamW", dict(lr=-1)), ("AdamW", dict(betas=(0.9, 1.0))), ("AdamW", dict(weight_decay=-0.1)),
+    ("RMSprop", dict(lr=-1)), ("RMSprop", dict(eps=-1)), ("RMSprop", dict(momentum=-1)),
+    ("RMSprop", dict(weight_decay=-1)), ("RMSprop", dict(alpha=-1)),
+    ("RMSprop", dict(lr=torch.tensor([0.1, 0.2]))), ("RMSprop", dict(fused=True)),
+    ("Adagrad", dict(lr=-1)), ("Adagrad", dict(lr_decay=-1)), ("Adagrad", dict(weight_decay=-1)),
+    ("Adagrad", dict(initial_accumulator_value=-1)), ("Adagrad", dict(eps=-1)),
+    ("Adagrad", dict(lr=torch.tensor([0.1, 0.2]))), ("Adagrad", dict(fused=True, foreach=True)),
+    ("Adagrad", dict(fused=True, differentiable=True)),
 ]
 
 
@@ -174,7 +181,7 @@ def test_differentiable_runs_torchs_implementation_with_one_warning(name, torch_
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop"])
 def test_capturable_on_cpu_raises_torchs_error(name):
     """Eager capturable=True with CPU params: torch refuses it at step; so do we, with its
     error (Note [capturable]; under torch.compile the kernel runs, see test_integrations)."""
@@ -209,16 +216,37 @@ def test_sgd_sparse_grads_use_torchs_for_loop_with_warning():
     assert torch.equal(emb_ours.weight, emb_ref.weight)
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW"])
-def test_adam_sparse_grads_raise_torchs_error(name):
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop"])
+def test_sparse_grads_raise_torchs_error(name):
     torch_cls, ours_cls = pu.ALGOS[name]
+    messages = []
     for cls in (torch_cls, ours_cls):
         emb = torch.nn.Embedding(10, 3, sparse=True)
+        before = emb.weight.detach().clone()
         opt = cls(emb.parameters())
         emb(torch.tensor([1])).sum().backward()
-        with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        with pytest.raises(RuntimeError, match="does not support sparse gradients") as info:
             opt.step()
-    assert torch.equal(emb.weight, emb.weight)
+        messages.append(str(info.value))
+        assert torch.equal(emb.weight, before)
+    assert messages[0] == messages[1]
+
+
+def test_adagrad_sparse_grads_use_torchs_for_loop_with_warning():
+    """torch's Adagrad has a sparse update in its for-loop: run it, warned once."""
+    fused_optim.optimizer.FusedOptimizer._warned.clear()
+    emb_ours = torch.nn.Embedding(10, 3, sparse=True)
+    emb_ref = copy.deepcopy(emb_ours)
+    ours = fused_optim.Adagrad(emb_ours.parameters(), lr=0.1)
+    ref = torch.optim.Adagrad(emb_ref.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match="sparse gradients"):
+        for idx in ([1, 2, 4], [2, 3], [1, 1, 9]):
+            for m, o in ((emb_ours, ours), (emb_ref, ref)):
+                o.zero_grad()
+                m(torch.tensor(idx)).sum().backward()
+                o.step()
+    assert torch.equal(emb_ours.weight, emb_ref.weight)
+    assert torch.equal(ours.state[emb_ours.weight]["sum"], ref.state[emb_ref.weight]["sum"])
 
 
 @pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)

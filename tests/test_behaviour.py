@@ -12,7 +12,8 @@ import parity_utils as pu
 PAIRS = [(name, t, o) for name, (t, o) in pu.ALGOS.items()]
 PAIR_IDS = [name for name, _, _ in PAIRS]
 STATEFUL = {"SGD": dict(lr=0.1, momentum=0.9), "Adam": dict(lr=0.01, amsgrad=True),
-            "AdamW": dict(lr=0.01)}
+            "AdamW": dict(lr=0.01), "RMSprop": dict(lr=0.01, momentum=0.9, centered=True),
+            "Adagrad": dict(lr=0.05, lr_decay=0.01, initial_accumulator_value=0.1)}
 
 
 def snapshot(opt, ps):
@@ -34,10 +35,14 @@ def assert_unchanged(before, opt, ps):
 def test_step_with_every_grad_none_is_a_noop(name, torch_cls, ours_cls):
     ps = [torch.randn(5, requires_grad=True) for _ in range(3)]
     opt = ours_cls(ps, **STATEFUL[name])
+    ref = torch_cls([p.detach().clone().requires_grad_() for p in ps], **STATEFUL[name])
     before = snapshot(opt, ps)
     opt.step()
+    ref.step()
     assert_unchanged(before, opt, ps)
-    assert len(opt.state) == 0  # no state for params that never had a grad
+    # No state for params that never had a grad; torch's Adagrad alone makes every param's
+    # state at construction (step 0), and keeps it untouched, as here.
+    assert len(opt.state) == len(ref.state) == (len(ps) if name == "Adagrad" else 0)
 
 
 @pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
@@ -51,8 +56,12 @@ def test_params_without_grad_get_no_state_and_no_step(name, torch_cls, ours_cls)
     ref.param_groups[0]["params"][0].grad = a.grad.clone()
     opt.step()
     ref.step()
-    assert torch.equal(b, b0) and b not in opt.state
-    assert opt.state[a].keys() == ref.state[ref.param_groups[0]["params"][0]].keys()
+    ref_a, ref_b = ref.param_groups[0]["params"]
+    assert torch.equal(b, b0)
+    assert (b in opt.state) == (ref_b in ref.state) == (name == "Adagrad")  # see above
+    for k, v in ref.state.get(ref_b, {}).items():
+        assert torch.equal(opt.state[b][k], v), k  # Adagrad: step 0, sum untouched
+    assert opt.state[a].keys() == ref.state[ref_a].keys()
 
 
 def _scaler_run(cls, kwargs, inf_at_step, steps=6):

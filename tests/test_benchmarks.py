@@ -11,6 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks", "bench.py")
 REPORT = os.path.join(ROOT, "benchmarks", "parity_report.py")
+ALGOS = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad")  # the default --algos of both scripts
 
 
 def _run(args, timeout=600):
@@ -31,9 +32,11 @@ def test_bench_quick_output_is_well_formed(tmp_path, extra):
     impls = {"fused_optim", "torch foreach=False", "torch foreach=True", "torch fused=True"}
     # every (workload, algo, threads) has a row per implementation, with every column
     keys = {(r["workload"], r["algo"], r["threads"]) for r in rows}
-    assert keys == {(w, a, t) for w in ("W1", "W3", "W4") for a in ("Adam", "AdamW", "SGD") for t in (1, 2)}
+    assert keys == {(w, a, t) for w in ("W1", "W3", "W4") for a in ALGOS for t in (1, 2)}
     for key in keys:
-        assert impls <= {r["impl"] for r in rows if (r["workload"], r["algo"], r["threads"]) == key}
+        # torch has no fused RMSprop: no such row, and no speedup over it
+        want = impls - {"torch fused=True"} if key[1] == "RMSprop" else impls
+        assert want <= {r["impl"] for r in rows if (r["workload"], r["algo"], r["threads"]) == key}
     for r in rows:
         for col in ("ms", "gbs", "pct_limit", "limit_gbs", "us_per_tensor"):
             assert isinstance(r[col], float) and math.isfinite(r[col]) and r[col] > 0, (col, r)
@@ -41,6 +44,8 @@ def test_bench_quick_output_is_well_formed(tmp_path, extra):
         assert r["extra_peak_mib"] is None or r["extra_peak_mib"] >= 0
         if r["impl"] == "torch fused=True":
             assert r["speedup_vs_torch_fused"] == pytest.approx(1.0)
+        if r["algo"] == "RMSprop":
+            assert r["speedup_vs_torch_fused"] is None
         assert math.isclose(r["gbs"] * 100 / r["limit_gbs"], r["pct_limit"], rel_tol=1e-9)
     # the markdown table: a machine line, a header, one line per row plus one limit line per key
     md = (tmp_path / "bench.md").read_text().strip().splitlines()
@@ -55,10 +60,10 @@ def test_bench_quick_output_is_well_formed(tmp_path, extra):
 def test_parity_report_quick():
     out = _run([REPORT, "--quick", "--steps", "3"])
     lines = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(lines) == 6  # 3 algorithms x 2 dtypes
+    assert len(lines) == 2 * len(ALGOS)  # x 2 dtypes
     for line in lines:
         algo, dtype, combos, plain, ieee = [c.strip() for c in line.strip("|").split("|")]
-        assert algo in ("SGD", "Adam", "AdamW") and dtype in ("float32", "float64")
+        assert algo in ALGOS and dtype in ("float32", "float64")
         assert int(combos) > 0 and int(plain) >= 0
         # With torch's sqrt made correctly rounded, the for-loop and our kernels agree bitwise
         # (the same claim test_parity.py checks on the full option table).

@@ -18,6 +18,8 @@ ALGOS = {
     "SGD": (torch.optim.SGD, fused_optim.SGD, dict(lr=0.1, momentum=0.9)),
     "Adam": (torch.optim.Adam, fused_optim.Adam, dict(lr=0.01)),
     "AdamW": (torch.optim.AdamW, fused_optim.AdamW, dict(lr=0.01)),
+    "RMSprop": (torch.optim.RMSprop, fused_optim.RMSprop, dict(lr=0.01, momentum=0.9)),
+    "Adagrad": (torch.optim.Adagrad, fused_optim.Adagrad, dict(lr=0.05, lr_decay=0.01)),
 }
 
 
@@ -44,10 +46,12 @@ SCHEDULERS = {
     "PolynomialLR": lambda o, a: S.PolynomialLR(o, total_iters=8, power=2.0),
     "CosineAnnealingLR": lambda o, a: S.CosineAnnealingLR(o, T_max=5),
     "CosineAnnealingWarmRestarts": lambda o, a: S.CosineAnnealingWarmRestarts(o, T_0=3, T_mult=2),
-    # momentum cycling: SGD's momentum, Adam's beta1
+    # momentum cycling: SGD's and RMSprop's momentum, Adam's beta1 (Adagrad has neither)
     "CyclicLR": lambda o, a: S.CyclicLR(o, base_lr=0.001, max_lr=0.05, step_size_up=3,
-                                        cycle_momentum=True, base_momentum=0.8, max_momentum=0.95),
-    "OneCycleLR": lambda o, a: S.OneCycleLR(o, max_lr=0.05, total_steps=12, cycle_momentum=True),
+                                        cycle_momentum=a != "Adagrad", base_momentum=0.8,
+                                        max_momentum=0.95),
+    "OneCycleLR": lambda o, a: S.OneCycleLR(o, max_lr=0.05, total_steps=12,
+                                            cycle_momentum=a != "Adagrad"),
     "SequentialLR": lambda o, a: S.SequentialLR(
         o, [S.LinearLR(o, start_factor=0.1, total_iters=3), S.ExponentialLR(o, gamma=0.9)], milestones=[3]),
     "ChainedScheduler": lambda o, a: S.ChainedScheduler(
@@ -150,7 +154,7 @@ def _graph_breaks(fn, *args):
     return explanation.graph_break_count, [str(r.reason) for r in explanation.break_reasons]
 
 
-@pytest.mark.parametrize("algo", ["SGD", "AdamW"])
+@pytest.mark.parametrize("algo", ["SGD", "AdamW", "RMSprop", "Adagrad"])
 def test_compiled_training_step_has_no_graph_break_from_fused_optim(algo):
     torch_cls, ours_cls, kwargs = ALGOS[algo]
 
@@ -190,7 +194,7 @@ def test_compiled_training_step_has_no_graph_break_from_fused_optim(algo):
         torch.testing.assert_close(p, q)
 
 
-@pytest.mark.parametrize("algo", ["SGD", "Adam"])
+@pytest.mark.parametrize("algo", ["SGD", "Adam", "RMSprop", "Adagrad"])
 def test_compiled_step_with_tensor_lr_scheduler_does_not_recompile(algo):
     """torch's recipe for compiled optimizers with a scheduler: a tensor lr, and the step and
     the scheduler in one compiled function. The lr changing every step must not recompile."""

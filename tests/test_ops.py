@@ -35,6 +35,30 @@ def test_opcheck_sgd(dtype, scaler):
                           (ps, gs, bufs, 0.1, 0.9, 0.0, 0.01, True, False, False) + extra)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scaler", [False, True])
+@pytest.mark.parametrize("centered,momentum", [(False, 0.0), (True, 0.9)])
+def test_opcheck_rmsprop(dtype, scaler, centered, momentum):
+    ps, gs, sq = tensors(dtype), tensors(dtype), [t.abs() for t in tensors(dtype)]
+    gavg = tensors(dtype) if centered else []
+    bufs = tensors(dtype) if momentum else []
+    steps = [torch.tensor(1.0) for _ in ps]
+    extra = (torch.tensor(0.01), torch.tensor(4.0), torch.tensor(0.0)) if scaler else (None, None, None)
+    torch.library.opcheck(
+        torch.ops.fused_optim.rmsprop_.default,
+        (ps, gs, sq, gavg, bufs, steps, 0.01, 0.99, 1e-8, 0.1, momentum, centered, True) + extra)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scaler", [False, True])
+def test_opcheck_adagrad(dtype, scaler):
+    ps, gs, sums = tensors(dtype), tensors(dtype), [t.abs() for t in tensors(dtype)]
+    steps = [torch.tensor(1.0) for _ in ps]
+    extra = (torch.tensor(0.01), torch.tensor(4.0), torch.tensor(0.0)) if scaler else (None, None, None)
+    torch.library.opcheck(torch.ops.fused_optim.adagrad_.default,
+                          (ps, gs, sums, steps, 0.01, 0.01, 0.1, 1e-10, False) + extra)
+
+
 def test_opcheck_stream():
     a = [torch.randn(100) for _ in range(4)]
     torch.library.opcheck(torch.ops.fused_optim._stream_.default, (a[:3], a[3:], 0.5))
@@ -55,3 +79,10 @@ def test_schemas_annotate_every_mutated_list():
     schema = torch.ops.fused_optim.sgd_.default._schema
     mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
     assert mutated == {"params", "grads", "momentum_buffers"}
+    schema = torch.ops.fused_optim.rmsprop_.default._schema
+    mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    assert mutated == {"params", "grads", "square_avgs", "grad_avgs", "momentum_buffers",
+                       "state_steps"}
+    schema = torch.ops.fused_optim.adagrad_.default._schema
+    mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    assert mutated == {"params", "grads", "state_sums", "state_steps"}

@@ -1,4 +1,5 @@
 """Checkpoints move between torch.optim and fused_optim in both directions."""
+import inspect
 import io
 
 import pytest
@@ -8,7 +9,9 @@ import parity_utils as pu
 
 OPTS = {"SGD": dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
         "Adam": dict(lr=0.01, amsgrad=True, weight_decay=0.1),
-        "AdamW": dict(lr=torch.tensor(0.01), amsgrad=False)}
+        "AdamW": dict(lr=torch.tensor(0.01), amsgrad=False),
+        "RMSprop": dict(lr=0.01, momentum=0.9, centered=True, weight_decay=0.01),
+        "Adagrad": dict(lr=torch.tensor(0.05), lr_decay=0.01, initial_accumulator_value=0.1)}
 
 
 def model_params(dtype):
@@ -87,7 +90,8 @@ def test_checkpoint_interchange_continues_identically(name, direction, dtype):
 @pytest.mark.parametrize("name", list(OPTS))
 def test_fresh_state_matches_torch_keys_dtypes_layouts(name):
     torch_cls, ours_cls = pu.ALGOS[name]
-    for fused in (None, True):
+    # torch.optim.RMSprop has no fused implementation (nor the argument)
+    for fused in (None, True) if "fused" in inspect.signature(torch_cls).parameters else (None,):
         for default in (torch.float32, torch.float64):
             old = torch.get_default_dtype()
             torch.set_default_dtype(default)
@@ -98,8 +102,9 @@ def test_fresh_state_matches_torch_keys_dtypes_layouts(name):
                 for p, q in zip(ps, qs):
                     p.grad = torch.randn_like(p)
                     q.grad = p.grad.clone()
-                ours = ours_cls(ps, **dict(OPTS[name], fused=fused))
-                ref = torch_cls(qs, **dict(OPTS[name], fused=fused))
+                kw = dict(OPTS[name], fused=fused) if fused else OPTS[name]
+                ours = ours_cls(ps, **kw)
+                ref = torch_cls(qs, **kw)
                 ours.step()
                 ref.step()
                 for p, q in zip(ps, qs):
@@ -111,7 +116,7 @@ def test_fresh_state_matches_torch_keys_dtypes_layouts(name):
                 torch.set_default_dtype(old)
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW"])  # SGD keeps no step
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "Adagrad"])  # SGD keeps no step
 def test_old_checkpoint_with_python_number_step_loads(name):
     """Old checkpoints stored `step` as a number; torch's __setstate__ converts it."""
     torch_cls, ours_cls = pu.ALGOS[name]

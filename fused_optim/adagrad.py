@@ -1,0 +1,97 @@
+"""Adagrad: torch.optim.Adagrad with the step computed by fused_optim::adagrad_."""
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _get_scalar_dtype
+
+from . import _ops
+from .optimizer import FusedOptimizer, hyper_float
+
+__all__ = ["Adagrad"]
+
+
+class Adagrad(FusedOptimizer, torch.optim.Adagrad):
+    __doc__ = torch.optim.Adagrad.__doc__
+    _torch_class = torch.optim.Adagrad
+
+    def __init__(
+        self,
+        params,
+        lr=1e-2,
+        lr_decay=0,
+        weight_decay=0,
+        initial_accumulator_value=0,
+        eps=1e-10,
+        foreach=None,
+        *,
+        maximize=False,
+        differentiable=False,
+        fused=None,
+    ):
+        # torch.optim.Adagrad creates every param's state (`step`, `sum`) right here.
+        super().__init__(
+            params,
+            lr=lr,
+            lr_decay=lr_decay,
+            weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value,
+            eps=eps,
+            foreach=foreach,
+            maximize=maximize,
+            differentiable=differentiable,
+            fused=fused,
+        )
+        self._fused_setup()
+
+    def _torch_step_reason(self) -> Optional[str]:
+        reason = super()._torch_step_reason()
+        if reason is None:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None and p.grad.is_sparse:
+                        # torch's for-loop has a sparse update (and its fused path refuses
+                        # sparse grads with its own error): run torch's step.
+                        return "sparse gradients"
+        return reason
+
+    def _update_group(
+        self,
+        group: Dict[str, Any],
+        params: List[Tensor],
+        grads: List[Tensor],
+        grad_scale: Optional[Tensor],
+        found_inf: Optional[Tensor],
+    ) -> None:
+        sums, steps = [], []
+        state = self.state
+        for p in params:
+            s = state[p]
+            if len(s) == 0:
+                # A param added after construction: as torch.optim.Adagrad._init_group
+                # creates its state, from the *defaults'* initial_accumulator_value.
+                s["step"] = (
+                    torch.zeros((), dtype=_get_scalar_dtype(is_fused=True), device=p.device)
+                    if group["fused"]
+                    else torch.tensor(0.0, dtype=_get_scalar_dtype())
+                )
+                init = self.defaults["initial_accumulator_value"]
+                s["sum"] = torch.full_like(p, complex(init, init) if p.is_complex() else init,
+                                           memory_format=torch.preserve_format)
+            sums.append(s["sum"])
+            steps.append(s["step"])
+        lr = group["lr"]
+        _ops.adagrad_(
+            params,
+            grads,
+            sums,
+            steps,
+            lr=0.0 if isinstance(lr, Tensor) else lr,
+            lr_tensor=lr if isinstance(lr, Tensor) else None,
+            lr_decay=group["lr_decay"],
+            weight_decay=hyper_float(group["weight_decay"]),
+            eps=group["eps"],
+            maximize=group["maximize"],
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+        )
