@@ -185,8 +185,8 @@ def run(args):
     return rows, machine_line(threads)
 
 
-def fmt(v, spec):
-    return "n/a" if v is None else format(v, spec)
+def fmt(v, spec, suffix=""):
+    return "n/a" if v is None else format(v, spec) + suffix
 
 
 def markdown(rows, machine):
@@ -203,7 +203,7 @@ def markdown(rows, machine):
         name = f"**{r['impl']}**" if r["impl"] == "fused_optim" else r["impl"]
         lines.append(
             f"| {r['workload']} | {r['algo']} | {r['threads']} | {name} | {r['ms']:.2f} | {r['gbs']:.1f} | "
-            f"{r['pct_limit']:.0f} | {fmt(r['speedup_vs_torch_fused'], '.2f')}x | "
+            f"{r['pct_limit']:.0f} | {fmt(r['speedup_vs_torch_fused'], '.2f', 'x')} | "
             f"{r['us_per_tensor']:.2f} | {fmt(r['extra_peak_mib'], '.1f')} |")
     return "\n".join(lines)
 
