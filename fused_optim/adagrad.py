@@ -46,13 +46,10 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
 
     def _torch_step_reason(self) -> Optional[str]:
         reason = super()._torch_step_reason()
-        if reason is None:
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None and p.grad.is_sparse:
-                        # torch's for-loop has a sparse update (and its fused path refuses
-                        # sparse grads with its own error): run torch's step.
-                        return "sparse gradients"
+        if reason is None and self._sparse_grad_group() is not None:
+            # torch's for-loop has a sparse update (and its fused path refuses sparse
+            # grads with its own error): run torch's step.
+            return "sparse gradients"
         return reason
 
     def _update_group(

@@ -65,6 +65,14 @@ class FusedOptimizer(torch.optim.Optimizer):
     ) -> None:
         raise NotImplementedError
 
+    def _sparse_grad_group(self) -> Optional[Dict[str, Any]]:
+        """The first param group with a param whose grad is sparse, or None."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    return group
+        return None
+
     def _torch_step_reason(self) -> Optional[str]:
         """Why this step must run torch's own implementation, or None."""
         compiling = torch.compiler.is_compiling()

@@ -45,11 +45,10 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     def _torch_step_reason(self) -> Optional[str]:
         reason = super()._torch_step_reason()
         if reason is None:
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None and p.grad.is_sparse:
-                        # torch's fused SGD refuses these; its for-loop handles them.
-                        return "sparse gradients" if not group["fused"] else None
+            group = self._sparse_grad_group()
+            if group is not None and not group["fused"]:
+                # torch's for-loop handles sparse grads (its fused SGD refuses them).
+                return "sparse gradients"
         return reason
 
     def _update_group(

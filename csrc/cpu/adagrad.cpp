@@ -33,10 +33,8 @@ void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
   check_steps(op, state_steps, plan.size());
   const double inv_scale = inverse_grad_scale(op, grad_scale);
   lr = lr_value(op, lr, lr_tensor);
-  // Note [Tensor lr] (adam.cpp): with a float32 lr, torch's for-loop divides it by the
-  // decay as a float32 tensor op; we round the same way.
-  const bool lr_is_f32 = lr_tensor.has_value() && lr_tensor->defined() &&
-                         lr_tensor->scalar_type() == at::kFloat;
+  // Note [Tensor lr] (multi_tensor.h): lr / decay in the lr's dtype, as torch's for-loop.
+  const bool lr_is_f32 = lr_is_float32(lr_tensor);
   if (skip_step(found_inf)) return;  // after all checks; nothing has changed yet
 
   const AdagradCoeffs base{maximize ? -1.0 : 1.0, weight_decay, eps, 0.0};
@@ -44,7 +42,6 @@ void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
   const int64_t n = plan.size();
   std::vector<AdagradCoeffs> coeffs(n, base);
   std::vector<const void*> coeff_ptrs(n);
-  std::vector<SegmentFn> fns(n);
   for (int64_t i = 0; i < n; ++i) {
     // As torch's for-loop: clr = lr / (1 + (step - 1) * lr_decay) with Python floats.
     const double decay = 1.0 + (steps[i] - 1.0) * lr_decay;
@@ -53,13 +50,11 @@ void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
                                  : lr / decay;
     coeffs[i].neg_clr = -clr;
     coeff_ptrs[i] = &coeffs[i];
-    const at::ScalarType dt = plan.real_dtype(i);
-    const bool cplx = plan.is_complex(i);
-    fns[i] = (i > 0 && dt == plan.real_dtype(i - 1) && cplx == plan.is_complex(i - 1))
-                 ? fns[i - 1]
-                 : weight_decay != 0.0 ? adagrad_segment_fn<true>(dt, cplx, unscale)
-                                       : adagrad_segment_fn<false>(dt, cplx, unscale);
   }
+  const auto fns = segment_fns(plan, [&](at::ScalarType dt, bool cplx) {
+    return weight_decay != 0.0 ? adagrad_segment_fn<true>(dt, cplx, unscale)
+                               : adagrad_segment_fn<false>(dt, cplx, unscale);
+  });
   plan.run(fns, coeff_ptrs, inv_scale);
 }
 

@@ -59,11 +59,9 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
   check_steps(op, state_steps, plan.size());
   const double inv_scale = inverse_grad_scale(op, grad_scale);
   lr = lr_value(op, lr, lr_tensor);
-  // Note [Tensor lr]: torch's for-loop computes lr / bias_correction1 and
-  // 1 - lr * weight_decay as tensor ops in lr's dtype; with a float32 lr we round the
-  // same way, so a Tensor lr gives the same bits as in torch.optim.
-  const bool lr_is_f32 = lr_tensor.has_value() && lr_tensor->defined() &&
-                         lr_tensor->scalar_type() == at::kFloat;
+  // Note [Tensor lr] (multi_tensor.h): torch's for-loop computes lr / bias_correction1 and
+  // 1 - lr * weight_decay as tensor ops in lr's dtype; we round the same way.
+  const bool lr_is_f32 = lr_is_float32(lr_tensor);
   if (skip_step(found_inf)) return;  // after all checks; nothing has changed yet
 
   const WeightDecay wd = weight_decay == 0.0 ? WeightDecay::kNone
@@ -84,7 +82,6 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
   const int64_t n = plan.size();
   std::vector<AdamCoeffs> coeffs(n, base);
   std::vector<const void*> coeff_ptrs(n);
-  std::vector<SegmentFn> fns(n);
   for (int64_t i = 0; i < n; ++i) {
     if (i > 0 && steps[i] == steps[i - 1]) {
       // The usual case: every param of the group is at the same step (3 pows saved).
@@ -101,13 +98,10 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
       coeffs[i].bias_correction2_sqrt = std::pow(bias_correction2, 0.5);
     }
     coeff_ptrs[i] = &coeffs[i];
-    // Neighbours of one kind share one function: look it up once per kind.
-    const at::ScalarType dt = plan.real_dtype(i);
-    const bool cplx = plan.is_complex(i);
-    fns[i] = (i > 0 && dt == plan.real_dtype(i - 1) && cplx == plan.is_complex(i - 1))
-                 ? fns[i - 1]
-                 : select_adam(dt, cplx, wd, amsgrad, unscale);
   }
+  const auto fns = segment_fns(plan, [&](at::ScalarType dt, bool cplx) {
+    return select_adam(dt, cplx, wd, amsgrad, unscale);
+  });
   plan.run(fns, coeff_ptrs, inv_scale);
 }
 

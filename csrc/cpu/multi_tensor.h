@@ -288,5 +288,26 @@ bool skip_step(const std::optional<at::Tensor>& found_inf);
 double inverse_grad_scale(const char* op, const std::optional<at::Tensor>& grad_scale);
 // The value of lr: a Python float, or a 1-element tensor.
 double lr_value(const char* op, double lr, const std::optional<at::Tensor>& lr_tensor);
+// Note [Tensor lr]: where torch's for-loop divides a Tensor lr by a Python float (Adam's
+// bias correction, Adagrad's lr decay) it computes in the lr's dtype; with a float32 lr
+// the kernels round those quotients to float the same way.
+inline bool lr_is_float32(const std::optional<at::Tensor>& lr_tensor) {
+  return lr_tensor.has_value() && lr_tensor->defined() && lr_tensor->scalar_type() == at::kFloat;
+}
+
+// The segment function of each tensor of a plan: `select(real dtype, is complex)`, looked
+// up once per run of neighbours of the same kind.
+template <typename Select>
+std::vector<SegmentFn> segment_fns(const MultiTensorPlan& plan, Select&& select) {
+  const int64_t n = plan.size();
+  std::vector<SegmentFn> fns(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const at::ScalarType dt = plan.real_dtype(i);
+    const bool cplx = plan.is_complex(i);
+    const bool same_kind = i > 0 && dt == plan.real_dtype(i - 1) && cplx == plan.is_complex(i - 1);
+    fns[i] = same_kind ? fns[i - 1] : select(dt, cplx);
+  }
+  return fns;
+}
 
 }  // namespace fused_optim::cpu

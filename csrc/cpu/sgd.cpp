@@ -62,18 +62,11 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
                         : (nesterov ? Momentum::kUpdateNesterov : Momentum::kUpdate);
   const SgdCoeffs coeffs{maximize ? -1.0 : 1.0, weight_decay, momentum, 1.0 - dampening, -lr};
   const int64_t n = plan.size();
-  std::vector<const void*> coeff_ptrs(n, &coeffs);
-  std::vector<SegmentFn> fns(n);
-  for (int64_t i = 0; i < n; ++i) {
-    const at::ScalarType dt = plan.real_dtype(i);
-    const bool cplx = plan.is_complex(i);
-    if (i > 0 && dt == plan.real_dtype(i - 1) && cplx == plan.is_complex(i - 1)) {
-      fns[i] = fns[i - 1];
-    } else {
-      fns[i] = weight_decay != 0.0 ? select_sgd_momentum<true>(dt, cplx, mode, unscale)
-                                   : select_sgd_momentum<false>(dt, cplx, mode, unscale);
-    }
-  }
+  const std::vector<const void*> coeff_ptrs(n, &coeffs);
+  const auto fns = segment_fns(plan, [&](at::ScalarType dt, bool cplx) {
+    return weight_decay != 0.0 ? select_sgd_momentum<true>(dt, cplx, mode, unscale)
+                               : select_sgd_momentum<false>(dt, cplx, mode, unscale);
+  });
   plan.run(fns, coeff_ptrs, inv_scale);
 }
 
