@@ -140,32 +140,11 @@ def stream_(inout: List[Tensor], read_only: List[Tensor], scale: float) -> None:
     _lib._stream_(inout, read_only, scale)
 
 
-@torch.library.register_fake("fused_optim::sgd_")
-def _sgd_fake(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
-              maximize, is_first_step, lr_tensor=None, grad_scale=None, found_inf=None):
+def _nothing_to_compute(*args, **kwargs):
+    """The fake kernel of every op here: each one mutates its list arguments in place and
+    returns nothing, so under tracing there is no output to describe."""
     return None
 
 
-@torch.library.register_fake("fused_optim::adam_")
-def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1,
-               beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay,
-               lr_tensor=None, grad_scale=None, found_inf=None):
-    return None
-
-
-@torch.library.register_fake("fused_optim::_stream_")
-def _stream_fake(inout, read_only, scale):
-    return None
-
-
-@torch.library.register_fake("fused_optim::rmsprop_")
-def _rmsprop_fake(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, lr, alpha,
-                  eps, weight_decay, momentum, centered, maximize, lr_tensor=None,
-                  grad_scale=None, found_inf=None):
-    return None
-
-
-@torch.library.register_fake("fused_optim::adagrad_")
-def _adagrad_fake(params, grads, state_sums, state_steps, lr, lr_decay, weight_decay, eps,
-                  maximize, lr_tensor=None, grad_scale=None, found_inf=None):
-    return None
+for _op in ("sgd_", "adam_", "rmsprop_", "adagrad_", "_stream_"):
+    torch.library.register_fake(f"fused_optim::{_op}")(_nothing_to_compute)

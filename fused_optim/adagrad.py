@@ -6,7 +6,7 @@ from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
 from . import _ops
-from .optimizer import FusedOptimizer, hyper_float
+from .optimizer import FusedOptimizer, hyper_float, lr_args
 
 __all__ = ["Adagrad"]
 
@@ -77,14 +77,12 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
                                            memory_format=torch.preserve_format)
             sums.append(s["sum"])
             steps.append(s["step"])
-        lr = group["lr"]
         _ops.adagrad_(
             params,
             grads,
             sums,
             steps,
-            lr=0.0 if isinstance(lr, Tensor) else lr,
-            lr_tensor=lr if isinstance(lr, Tensor) else None,
+            **lr_args(group["lr"]),
             lr_decay=group["lr_decay"],
             weight_decay=hyper_float(group["weight_decay"]),
             eps=group["eps"],

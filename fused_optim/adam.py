@@ -6,7 +6,7 @@ from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
 from . import _ops
-from .optimizer import FusedOptimizer, hyper_float
+from .optimizer import FusedOptimizer, hyper_float, lr_args
 
 __all__ = ["Adam", "AdamW"]
 
@@ -45,7 +45,6 @@ class _AdamStep(FusedOptimizer):
             if amsgrad:
                 max_exp_avg_sqs.append(s["max_exp_avg_sq"])
             steps.append(s["step"])
-        lr = group["lr"]
         beta1, beta2 = group["betas"]
         _ops.adam_(
             params,
@@ -54,8 +53,7 @@ class _AdamStep(FusedOptimizer):
             exp_avg_sqs,
             max_exp_avg_sqs,
             steps,
-            lr=0.0 if isinstance(lr, Tensor) else lr,
-            lr_tensor=lr if isinstance(lr, Tensor) else None,
+            **lr_args(group["lr"]),
             beta1=hyper_float(beta1),
             beta2=hyper_float(beta2),
             weight_decay=hyper_float(group["weight_decay"]),

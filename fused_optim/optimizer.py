@@ -90,13 +90,16 @@ class FusedOptimizer(torch.optim.Optimizer):
             closure (Callable, optional): A closure that reevaluates the model
                 and returns the loss.
         """
-        reason = self._torch_step_reason()
-        if reason is not None:
-            return self._torch_step(closure, reason)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Decided after the closure: the grads it makes (sparse ones, say) are the ones the
+        # step sees.
+        reason = self._torch_step_reason()
+        if reason is not None:
+            self._torch_step(reason)
+            return loss
         # Set by GradScaler.step() for optimizers with _step_supports_amp_scaling.
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
@@ -113,8 +116,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     self._update_group(group, params, grads, grad_scale, found_inf)
         return loss
 
-    def _torch_step(self, closure, reason: str):
-        """torch.optim's own step, for options the fused kernels do not implement."""
+    def _torch_step(self, reason: str) -> None:
+        """torch.optim's own step (the closure has run), for what the kernels do not do."""
         key = (type(self).__name__, reason)
         cpu_only = all(p.device.type == "cpu" for g in self.param_groups for p in g["params"])
         if reason == "capturable=True" and cpu_only:
@@ -132,15 +135,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         torch_step = self._torch_class.step
         torch_step = getattr(torch_step, "__wrapped__", torch_step)
         if grad_scale is None and found_inf is None:
-            return torch_step(self, closure)
+            torch_step(self)
+            return
         # A GradScaler gave us the scale (we claim amp support); torch's non-fused path
         # expects unscaled grads and no scaler attributes, as GradScaler would leave them.
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
         if found_inf is not None and found_inf.item() != 0:
-            return loss
+            return
         try:
             self.grad_scale = self.found_inf = None
             if grad_scale is not None:
@@ -153,7 +153,14 @@ class FusedOptimizer(torch.optim.Optimizer):
             torch_step(self)
         finally:
             self.grad_scale, self.found_inf = grad_scale, found_inf
-        return loss
+
+
+def lr_args(lr) -> Dict[str, Any]:
+    """The kernels' lr arguments: a float lr as `lr`, a Tensor lr as `lr_tensor` (read by
+    the kernel itself, so a compiled step needs no host synchronisation)."""
+    if isinstance(lr, Tensor):
+        return {"lr": 0.0, "lr_tensor": lr}
+    return {"lr": lr, "lr_tensor": None}
 
 
 def hyper_float(value) -> float:

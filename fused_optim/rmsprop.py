@@ -6,7 +6,7 @@ from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
 from . import _ops
-from .optimizer import FusedOptimizer, hyper_float
+from .optimizer import FusedOptimizer, hyper_float, lr_args
 
 __all__ = ["RMSprop"]
 
@@ -77,7 +77,6 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
                 buffers.append(s["momentum_buffer"])
             if centered:
                 grad_avgs.append(s["grad_avg"])
-        lr = group["lr"]
         _ops.rmsprop_(
             params,
             grads,
@@ -85,8 +84,7 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             grad_avgs,
             buffers,
             steps,
-            lr=0.0 if isinstance(lr, Tensor) else lr,
-            lr_tensor=lr if isinstance(lr, Tensor) else None,
+            **lr_args(group["lr"]),
             alpha=group["alpha"],
             eps=group["eps"],
             weight_decay=hyper_float(group["weight_decay"]),

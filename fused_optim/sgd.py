@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from . import _ops
-from .optimizer import FusedOptimizer, hyper_float
+from .optimizer import FusedOptimizer, hyper_float, lr_args
 
 __all__ = ["SGD"]
 
@@ -60,10 +60,8 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         found_inf: Optional[Tensor],
     ) -> None:
         momentum = group["momentum"]
-        lr = group["lr"]
         common = dict(
-            lr=0.0 if isinstance(lr, Tensor) else lr,
-            lr_tensor=lr if isinstance(lr, Tensor) else None,
+            **lr_args(group["lr"]),
             momentum=momentum,
             dampening=group["dampening"],
             weight_decay=hyper_float(group["weight_decay"]),

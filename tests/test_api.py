@@ -216,6 +216,29 @@ def test_sgd_sparse_grads_use_torchs_for_loop_with_warning():
     assert torch.equal(emb_ours.weight, emb_ref.weight)
 
 
+@pytest.mark.parametrize("name", ["SGD", "Adagrad"])
+def test_sparse_grads_made_by_the_closure_use_torchs_for_loop(name):
+    """The step looks at the grads the closure has just made (the first step's grads exist
+    only after it runs)."""
+    fused_optim.optimizer.FusedOptimizer._warned.clear()
+    torch_cls, ours_cls = pu.ALGOS[name]
+    emb_ours = torch.nn.Embedding(10, 3, sparse=True)
+    emb_ref = copy.deepcopy(emb_ours)
+    ours, ref = ours_cls(emb_ours.parameters(), lr=0.1), torch_cls(emb_ref.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match="sparse gradients"):
+        for idx in ([1, 2, 4], [2, 3]):
+            losses = []
+            for m, o in ((emb_ours, ours), (emb_ref, ref)):
+                def closure(m=m, o=o):
+                    o.zero_grad()
+                    loss = m(torch.tensor(idx)).sum()
+                    loss.backward()
+                    return loss
+                losses.append(o.step(closure))  # the step returns the closure's loss
+            assert torch.equal(losses[0], losses[1])
+            assert torch.equal(emb_ours.weight, emb_ref.weight)
+
+
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop"])
 def test_sparse_grads_raise_torchs_error(name):
     torch_cls, ours_cls = pu.ALGOS[name]
