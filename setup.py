@@ -93,7 +93,6 @@ def extensions():
             include_dirs=[os.path.join(HERE, "csrc")],
             extra_compile_args=extra,
             extra_link_args=omp_link,
-            py_limited_api=True,
             **kwargs,
         )
     ]
@@ -102,5 +101,4 @@ def extensions():
 setup(
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

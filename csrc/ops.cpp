@@ -1,6 +1,6 @@
 // Every schema of the library, in one place. Kernels register per device in
 // csrc/cpu/*.cpp (and csrc/cuda/*.cu); fake kernels for torch.compile live in
-// fused_optim/_ops.py.
+// fused_optim/_ops.py; the Python module _C is in csrc/python_step.cpp.
 //
 // Note [schemas]
 // Each list a kernel writes is annotated (Tensor(a!)[]): params, the optimizer state and
@@ -8,7 +8,6 @@
 // unscaled grad back, as torch's for-loop (GradScaler.unscale_) and fused paths leave it.
 // Hyper-parameters are doubles; `lr_tensor` carries a Tensor lr (then `lr` is ignored).
 
-#include <Python.h>
 #include <torch/library.h>
 
 #include <ATen/Parallel.h>
@@ -18,14 +17,6 @@
 #include <vector>
 
 #include "cpu/multi_tensor.h"
-
-// An empty module: importing fused_optim._C loads this library, whose static
-// initializers register the ops (the extension-cpp pattern; works with any Python 3
-// through the limited API).
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
 
 TORCH_LIBRARY(fused_optim, m) {
   m.def(

@@ -1,11 +1,11 @@
-"""Typed wrappers over torch.ops.fused_optim.*, and their fake (meta) kernels.
+"""Calls of torch.ops.fused_optim.*, and their fake (meta) kernels.
 
 The schemas are in csrc/ops.cpp. The ops mutate their tensor-list arguments in place and
 return nothing, so a fake kernel has nothing to compute: registering it is what lets
 torch.compile trace through an optimizer step without a graph break.
 """
 import sys
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -41,98 +41,31 @@ def _local(*lists: List[Tensor]):
     return tuple([t._local_tensor if isinstance(t, cls) else t for t in ts] for ts in lists)
 
 
-def sgd_(
-    params: List[Tensor],
-    grads: List[Tensor],
-    momentum_buffers: List[Tensor],
-    *,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    maximize: bool,
-    is_first_step: bool,
-    lr_tensor: Optional[Tensor] = None,
-    grad_scale: Optional[Tensor] = None,
-    found_inf: Optional[Tensor] = None,
-) -> None:
-    params, grads, momentum_buffers = _local(params, grads, momentum_buffers)
-    _lib.sgd_(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
-              maximize, is_first_step, lr_tensor, grad_scale, found_inf)
+# The names of each op's arguments that are not tensor lists, in schema order (read once,
+# here, so that torch.compile never traces a schema lookup).
+_ARG_NAMES: Dict[str, Tuple[str, ...]] = {
+    op: tuple(a.name for a in getattr(_lib, op).default._schema.arguments
+              if not isinstance(a.type, torch.ListType))
+    for op in ("sgd_", "adam_", "rmsprop_", "adagrad_")
+}
 
 
-def adam_(
-    params: List[Tensor],
-    grads: List[Tensor],
-    exp_avgs: List[Tensor],
-    exp_avg_sqs: List[Tensor],
-    max_exp_avg_sqs: List[Tensor],
-    state_steps: List[Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
-    eps: float,
-    amsgrad: bool,
-    maximize: bool,
-    decoupled_weight_decay: bool,
-    lr_tensor: Optional[Tensor] = None,
-    grad_scale: Optional[Tensor] = None,
-    found_inf: Optional[Tensor] = None,
-) -> None:
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = _local(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
-    _lib.adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1,
-               beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay, lr_tensor,
-               grad_scale, found_inf)
+def schema_args(op: str, kwargs: Dict[str, Any], grad_scale: Optional[Tensor],
+                found_inf: Optional[Tensor]) -> Tuple[Any, ...]:
+    """The op's arguments other than its tensor lists, in schema order (csrc/ops.cpp),
+    from `kwargs` and the GradScaler's grad_scale and found_inf."""
+    kwargs = dict(kwargs, grad_scale=grad_scale, found_inf=found_inf)
+    names = _ARG_NAMES[op]
+    if len(kwargs) != len(names):
+        raise TypeError(f"fused_optim::{op} takes {names}, got {tuple(kwargs)}")
+    return tuple(kwargs[name] for name in names)
 
 
-def rmsprop_(
-    params: List[Tensor],
-    grads: List[Tensor],
-    square_avgs: List[Tensor],
-    grad_avgs: List[Tensor],
-    momentum_buffers: List[Tensor],
-    state_steps: List[Tensor],
-    *,
-    lr: float,
-    alpha: float,
-    eps: float,
-    weight_decay: float,
-    momentum: float,
-    centered: bool,
-    maximize: bool,
-    lr_tensor: Optional[Tensor] = None,
-    grad_scale: Optional[Tensor] = None,
-    found_inf: Optional[Tensor] = None,
-) -> None:
-    params, grads, square_avgs, grad_avgs, momentum_buffers = _local(
-        params, grads, square_avgs, grad_avgs, momentum_buffers)
-    _lib.rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, lr, alpha,
-                  eps, weight_decay, momentum, centered, maximize, lr_tensor, grad_scale,
-                  found_inf)
-
-
-def adagrad_(
-    params: List[Tensor],
-    grads: List[Tensor],
-    state_sums: List[Tensor],
-    state_steps: List[Tensor],
-    *,
-    lr: float,
-    lr_decay: float,
-    weight_decay: float,
-    eps: float,
-    maximize: bool,
-    lr_tensor: Optional[Tensor] = None,
-    grad_scale: Optional[Tensor] = None,
-    found_inf: Optional[Tensor] = None,
-) -> None:
-    params, grads, state_sums = _local(params, grads, state_sums)
-    _lib.adagrad_(params, grads, state_sums, state_steps, lr, lr_decay, weight_decay, eps,
-                  maximize, lr_tensor, grad_scale, found_inf)
+def call(op: str, params: List[Tensor], grads: List[Tensor], state_lists: Sequence[List[Tensor]],
+         args: Tuple[Any, ...]) -> None:
+    """torch.ops.fused_optim.<op> on the lists (DTensors replaced by their local shards),
+    with `args` from schema_args."""
+    getattr(_lib, op)(*_local(params, grads, *state_lists), *args)
 
 
 def stream_(inout: List[Tensor], read_only: List[Tensor], scale: float) -> None:

@@ -1,11 +1,10 @@
 """Adagrad: torch.optim.Adagrad with the step computed by fused_optim::adagrad_."""
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from . import _ops
 from .optimizer import FusedOptimizer, hyper_float, lr_args
 
 __all__ = ["Adagrad"]
@@ -52,41 +51,30 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
             return "sparse gradients"
         return reason
 
-    def _update_group(
-        self,
-        group: Dict[str, Any],
-        params: List[Tensor],
-        grads: List[Tensor],
-        grad_scale: Optional[Tensor],
-        found_inf: Optional[Tensor],
-    ) -> None:
-        sums, steps = [], []
-        state = self.state
-        for p in params:
-            s = state[p]
-            if len(s) == 0:
-                # A param added after construction: as torch.optim.Adagrad._init_group
-                # creates its state, from the *defaults'* initial_accumulator_value.
-                s["step"] = (
-                    torch.zeros((), dtype=_get_scalar_dtype(is_fused=True), device=p.device)
-                    if group["fused"]
-                    else torch.tensor(0.0, dtype=_get_scalar_dtype())
-                )
-                init = self.defaults["initial_accumulator_value"]
-                s["sum"] = torch.full_like(p, complex(init, init) if p.is_complex() else init,
-                                           memory_format=torch.preserve_format)
-            sums.append(s["sum"])
-            steps.append(s["step"])
-        _ops.adagrad_(
-            params,
-            grads,
-            sums,
-            steps,
+    _op = "adagrad_"
+
+    def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
+        return ("sum", "step")
+
+    def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        return dict(
             **lr_args(group["lr"]),
             lr_decay=group["lr_decay"],
             weight_decay=hyper_float(group["weight_decay"]),
             eps=group["eps"],
             maximize=group["maximize"],
-            grad_scale=grad_scale,
-            found_inf=found_inf,
         )
+
+    def _init_state(self, group: Dict[str, Any], p: Tensor, grad: Tensor, state: Dict[str, Any]) -> None:
+        if len(state) != 0:
+            return
+        # A param added after construction: as torch.optim.Adagrad._init_group creates its
+        # state, from the *defaults'* initial_accumulator_value.
+        state["step"] = (
+            torch.zeros((), dtype=_get_scalar_dtype(is_fused=True), device=p.device)
+            if group["fused"]
+            else torch.tensor(0.0, dtype=_get_scalar_dtype())
+        )
+        init = self.defaults["initial_accumulator_value"]
+        state["sum"] = torch.full_like(p, complex(init, init) if p.is_complex() else init,
+                                       memory_format=torch.preserve_format)

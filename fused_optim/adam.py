@@ -1,69 +1,51 @@
 """Adam and AdamW: torch.optim's classes with the step computed by fused_optim::adam_."""
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from . import _ops
 from .optimizer import FusedOptimizer, hyper_float, lr_args
 
 __all__ = ["Adam", "AdamW"]
 
 
 class _AdamStep(FusedOptimizer):
-    def _update_group(
-        self,
-        group: Dict[str, Any],
-        params: List[Tensor],
-        grads: List[Tensor],
-        grad_scale: Optional[Tensor],
-        found_inf: Optional[Tensor],
-    ) -> None:
-        amsgrad = group["amsgrad"]
-        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], []
-        state = self.state
-        for p, g in zip(params, grads):
-            s = state[p]
-            if len(s) == 0:
-                if g.is_sparse:  # checked where torch checks it, with torch's message
-                    raise RuntimeError(
-                        "Adam does not support sparse gradients, please consider SparseAdam instead"
-                    )
-                # As torch.optim.Adam._init_group creates it (Note [state]).
-                s["step"] = (
-                    torch.zeros((), dtype=_get_scalar_dtype(is_fused=True), device=p.device)
-                    if group["fused"]
-                    else torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
-                )
-                s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if amsgrad:
-                    s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            exp_avgs.append(s["exp_avg"])
-            exp_avg_sqs.append(s["exp_avg_sq"])
-            if amsgrad:
-                max_exp_avg_sqs.append(s["max_exp_avg_sq"])
-            steps.append(s["step"])
+    _op = "adam_"
+
+    def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if group["amsgrad"] else None, "step")
+
+    def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
         beta1, beta2 = group["betas"]
-        _ops.adam_(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            max_exp_avg_sqs,
-            steps,
+        return dict(
             **lr_args(group["lr"]),
             beta1=hyper_float(beta1),
             beta2=hyper_float(beta2),
             weight_decay=hyper_float(group["weight_decay"]),
             eps=group["eps"],
-            amsgrad=amsgrad,
+            amsgrad=group["amsgrad"],
             maximize=group["maximize"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
-            grad_scale=grad_scale,
-            found_inf=found_inf,
         )
+
+    def _init_state(self, group: Dict[str, Any], p: Tensor, grad: Tensor, state: Dict[str, Any]) -> None:
+        if len(state) != 0:
+            return
+        if grad.is_sparse:  # checked where torch checks it, with torch's message
+            raise RuntimeError(
+                "Adam does not support sparse gradients, please consider SparseAdam instead"
+            )
+        # As torch.optim.Adam._init_group creates it (Note [state]).
+        state["step"] = (
+            torch.zeros((), dtype=_get_scalar_dtype(is_fused=True), device=p.device)
+            if group["fused"]
+            else torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
+        )
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 class Adam(_AdamStep, torch.optim.Adam):

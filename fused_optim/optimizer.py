@@ -12,11 +12,12 @@ All state lives in ``self.state`` as plain tensors with torch's keys, dtypes and
 both directions, and schedulers, GradScaler and torch.distributed see what they expect.
 """
 import warnings
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from . import _C, _ops
 from ._loader import built_with_cuda
 
 
@@ -55,22 +56,35 @@ class FusedOptimizer(torch.optim.Optimizer):
                 )
 
     # -- hooks for the algorithm classes ------------------------------------------------
-    def _update_group(
-        self,
-        group: Dict[str, Any],
-        params: List[Tensor],
-        grads: List[Tensor],
-        grad_scale: Optional[Tensor],
-        found_inf: Optional[Tensor],
-    ) -> None:
+    # The kernel, torch.ops.fused_optim.<_op>; its schema is in csrc/ops.cpp.
+    _op: str = ""
+
+    def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
+        """The state key of each tensor list the kernel takes after params and grads, in
+        schema order; None where the kernel gets an empty list (an option that is off)."""
         raise NotImplementedError
+
+    def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        """The kernel's other arguments by name (schema names), except grad_scale and
+        found_inf."""
+        raise NotImplementedError
+
+    def _init_state(self, group: Dict[str, Any], p: Tensor, grad: Tensor, state: Dict[str, Any]) -> None:
+        """Creates p's state where it is missing, as torch's _init_group does, and raises
+        torch's errors for grads it refuses. Runs on the general path only: the fast path
+        takes a group only when all its state exists."""
 
     def _sparse_grad_group(self) -> Optional[Dict[str, Any]]:
         """The first param group with a param whose grad is sparse, or None."""
+        compiling = torch.compiler.is_compiling()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and p.grad.is_sparse:
-                    return group
+            params = group["params"]
+            if compiling:
+                sparse = any(p.grad is not None and p.grad.is_sparse for p in params)
+            else:
+                sparse = _C._has_sparse_grad(params)  # the same scan at C speed
+            if sparse:
+                return group
         return None
 
     def _torch_step_reason(self) -> Optional[str]:
@@ -103,8 +117,18 @@ class FusedOptimizer(torch.optim.Optimizer):
         # Set by GradScaler.step() for optimizers with _step_supports_amp_scaling.
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        # Note [fast path]: in eager mode, _C._step gathers each group's lists in C++ and
+        # calls the CPU kernel directly (Note [direct calls] in csrc/direct_call.h); it
+        # declines, changing nothing, whatever it does not handle (first steps that create
+        # state, DTensors and other subclasses, CUDA tensors, active torch function or
+        # dispatch modes), and the general path below takes the group through the op.
+        fast = not torch.compiler.is_compiling()
         with torch.no_grad():
             for group in self.param_groups:
+                keys = self._state_keys(group)
+                args = _ops.schema_args(self._op, self._kernel_args(group), grad_scale, found_inf)
+                if fast and _C._step(self._op, group["params"], self.state, keys, args):
+                    continue
                 params: List[Tensor] = []
                 grads: List[Tensor] = []
                 for p in group["params"]:
@@ -113,8 +137,28 @@ class FusedOptimizer(torch.optim.Optimizer):
                         params.append(p)
                         grads.append(g)
                 if params:
-                    self._update_group(group, params, grads, grad_scale, found_inf)
+                    self._update_group(group, params, grads, keys, args)
         return loss
+
+    def _update_group(
+        self,
+        group: Dict[str, Any],
+        params: List[Tensor],
+        grads: List[Tensor],
+        keys: Tuple[Optional[str], ...],
+        args: Tuple[Any, ...],
+    ) -> None:
+        """The general path: creates missing state, gathers the lists in Python and runs
+        the op (through the dispatcher, so torch.compile, modes and subclasses see it)."""
+        state = self.state
+        lists: Tuple[List[Tensor], ...] = tuple([] for _ in keys)
+        for p, g in zip(params, grads):
+            s = state[p]
+            self._init_state(group, p, g, s)
+            for tensors, key in zip(lists, keys):
+                if key is not None:
+                    tensors.append(s[key])
+        _ops.call(self._op, params, grads, lists, args)
 
     def _torch_step(self, reason: str) -> None:
         """torch.optim's own step (the closure has run), for what the kernels do not do."""

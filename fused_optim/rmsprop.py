@@ -1,11 +1,10 @@
 """RMSprop: torch.optim.RMSprop with the step computed by fused_optim::rmsprop_."""
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from . import _ops
 from .optimizer import FusedOptimizer, hyper_float, lr_args
 
 __all__ = ["RMSprop"]
@@ -44,53 +43,41 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
         )
         self._fused_setup()
 
-    def _update_group(
-        self,
-        group: Dict[str, Any],
-        params: List[Tensor],
-        grads: List[Tensor],
-        grad_scale: Optional[Tensor],
-        found_inf: Optional[Tensor],
-    ) -> None:
-        momentum, centered = group["momentum"], group["centered"]
-        square_avgs, grad_avgs, buffers, steps = [], [], [], []
-        state = self.state
-        for p, g in zip(params, grads):
-            if g.is_sparse:  # checked where torch checks it, with torch's message
-                raise RuntimeError("RMSprop does not support sparse gradients")
-            s = state[p]
-            if len(s) == 0:
-                # As torch.optim.RMSprop._init_group creates it (Note [state]).
-                s["step"] = torch.zeros(
-                    (), dtype=_get_scalar_dtype(),
-                    device=p.device if group["capturable"] else None)
-                s["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if momentum > 0:
-                    s["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if centered:
-                    s["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            square_avgs.append(s["square_avg"])
-            steps.append(s["step"])
-            # A KeyError here when momentum or centered was switched on after the state was
-            # made, exactly as in torch.optim.RMSprop.
-            if momentum > 0:
-                buffers.append(s["momentum_buffer"])
-            if centered:
-                grad_avgs.append(s["grad_avg"])
-        _ops.rmsprop_(
-            params,
-            grads,
-            square_avgs,
-            grad_avgs,
-            buffers,
-            steps,
+    _op = "rmsprop_"
+
+    def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
+        return (
+            "square_avg",
+            "grad_avg" if group["centered"] else None,
+            "momentum_buffer" if group["momentum"] > 0 else None,
+            "step",
+        )
+
+    def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        return dict(
             **lr_args(group["lr"]),
             alpha=group["alpha"],
             eps=group["eps"],
             weight_decay=hyper_float(group["weight_decay"]),
-            momentum=momentum,
-            centered=centered,
+            momentum=group["momentum"],
+            centered=group["centered"],
             maximize=group["maximize"],
-            grad_scale=grad_scale,
-            found_inf=found_inf,
         )
+
+    def _init_state(self, group: Dict[str, Any], p: Tensor, grad: Tensor, state: Dict[str, Any]) -> None:
+        if grad.is_sparse:  # checked where torch checks it, with torch's message
+            raise RuntimeError("RMSprop does not support sparse gradients")
+        momentum, centered = group["momentum"], group["centered"]
+        if len(state) == 0:
+            # As torch.optim.RMSprop._init_group creates it (Note [state]).
+            state["step"] = torch.zeros(
+                (), dtype=_get_scalar_dtype(), device=p.device if group["capturable"] else None)
+            state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if momentum > 0:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if centered:
+                state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif momentum > 0 and centered and "momentum_buffer" not in state:
+            # Both options switched on after the state was made: torch looks momentum_buffer
+            # up first, so its KeyError names that key.
+            raise KeyError("momentum_buffer")

@@ -1,5 +1,5 @@
 """SGD: torch.optim.SGD with the step computed by fused_optim::sgd_."""
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -51,35 +51,39 @@ class SGD(FusedOptimizer, torch.optim.SGD):
                 return "sparse gradients"
         return reason
 
+    _op = "sgd_"
+
+    def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
+        return ("momentum_buffer" if group["momentum"] != 0 else None,)
+
+    def _kernel_args(self, group: Dict[str, Any], is_first_step: bool = False) -> Dict[str, Any]:
+        return dict(
+            **lr_args(group["lr"]),
+            momentum=group["momentum"],
+            dampening=group["dampening"],
+            weight_decay=hyper_float(group["weight_decay"]),
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+            is_first_step=is_first_step,
+        )
+
     def _update_group(
         self,
         group: Dict[str, Any],
         params: List[Tensor],
         grads: List[Tensor],
-        grad_scale: Optional[Tensor],
-        found_inf: Optional[Tensor],
+        keys: Tuple[Optional[str], ...],
+        args: Tuple[Any, ...],
     ) -> None:
-        momentum = group["momentum"]
-        common = dict(
-            **lr_args(group["lr"]),
-            momentum=momentum,
-            dampening=group["dampening"],
-            weight_decay=hyper_float(group["weight_decay"]),
-            nesterov=group["nesterov"],
-            maximize=group["maximize"],
-            grad_scale=grad_scale,
-            found_inf=found_inf,
-        )
-        if momentum == 0:
-            _ops.sgd_(params, grads, [], is_first_step=False, **common)
+        if group["momentum"] == 0:
+            _ops.call(self._op, params, grads, [[]], args)
             return
         # torch creates momentum_buffer on a param's first step as a copy of its grad
         # (after weight decay); the kernel does that copy when is_first_step is set.
         state = self.state
         old, new = ([], [], []), ([], [], [])
         for p, g in zip(params, grads):
-            s = state[p]
-            buf = s.get("momentum_buffer")
+            buf = state[p].get("momentum_buffer")
             if buf is None:
                 buf = torch.zeros_like(g, memory_format=torch.preserve_format)
                 lists = new
@@ -89,9 +93,12 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             lists[1].append(g)
             lists[2].append(buf)
         if old[0]:
-            _ops.sgd_(*old, is_first_step=False, **common)
+            _ops.call(self._op, old[0], old[1], [old[2]], args)
         if new[0]:
-            _ops.sgd_(*new, is_first_step=True, **common)
+            grad_scale, found_inf = args[-2:]  # schema_args puts them last (csrc/ops.cpp)
+            first = _ops.schema_args(self._op, self._kernel_args(group, is_first_step=True),
+                                     grad_scale, found_inf)
+            _ops.call(self._op, new[0], new[1], [new[2]], first)
             if found_inf is None or found_inf.item() == 0:
                 for p, buf in zip(new[0], new[2]):
                     state[p]["momentum_buffer"] = buf

@@ -190,16 +190,17 @@ def test_bad_input_changes_nothing():
     ms, vs = [torch.zeros(10), torch.zeros(4)], [torch.zeros(10), torch.zeros(4)]
     steps = [torch.tensor(0.0), torch.tensor(0.0)]
     with pytest.raises(RuntimeError, match=r"grads\[1\] has shape \[5\] but its param has shape \[4\]"):
-        fused_optim._ops.adam_(ps, grads, ms, vs, [], steps, lr=0.1, beta1=0.9, beta2=0.999,
-                               weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False,
-                               decoupled_weight_decay=False)
+        torch.ops.fused_optim.adam_(ps, grads, ms, vs, [], steps, lr=0.1, beta1=0.9, beta2=0.999,
+                                    weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False,
+                                    decoupled_weight_decay=False)
     assert torch.equal(ps[0], good) and torch.equal(ms[0], torch.zeros(10))
     assert steps[0].item() == 0.0
     with pytest.raises(RuntimeError, match="dtype"):
-        fused_optim._ops.sgd_([good.clone()], [torch.randn(10, dtype=torch.float64)], [], lr=0.1,
-                              momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-                              maximize=False, is_first_step=False)
+        torch.ops.fused_optim.sgd_([good.clone()], [torch.randn(10, dtype=torch.float64)], [],
+                                   lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                                   nesterov=False, maximize=False, is_first_step=False)
     with pytest.raises(RuntimeError, match="supported: float64, float32"):
-        fused_optim._ops.sgd_([torch.zeros(3, dtype=torch.int64)], [torch.zeros(3, dtype=torch.int64)],
-                              [], lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                              nesterov=False, maximize=False, is_first_step=False)
+        torch.ops.fused_optim.sgd_([torch.zeros(3, dtype=torch.int64)],
+                                   [torch.zeros(3, dtype=torch.int64)], [], lr=0.1, momentum=0.0,
+                                   dampening=0.0, weight_decay=0.0, nesterov=False,
+                                   maximize=False, is_first_step=False)

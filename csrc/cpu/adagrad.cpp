@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "cpu/multi_tensor.h"
+#include "direct_call.h"
 
 namespace fused_optim::cpu {
 namespace {
@@ -61,5 +62,7 @@ void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_optim, CPU, m) { m.impl("adagrad_", &adagrad_cpu); }
+// The same kernel for the optimizers' eager steps: Note [direct calls].
+FO_REGISTER_DIRECT_CALL("adagrad_", adagrad_cpu);
 
 }  // namespace fused_optim::cpu

@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "cpu/multi_tensor.h"
+#include "direct_call.h"
 
 namespace fused_optim::cpu {
 namespace {
@@ -108,5 +109,7 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_optim, CPU, m) { m.impl("adam_", &adam_cpu); }
+// The same kernel for the optimizers' eager steps: Note [direct calls].
+FO_REGISTER_DIRECT_CALL("adam_", adam_cpu);
 
 }  // namespace fused_optim::cpu

@@ -92,28 +92,39 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
 
   const char* state_names[kMaxStates] = {"state[0]", "state[1]", "state[2]"};
   for (int64_t i = 0; i < num_tensors_; ++i) {
-    at::Tensor p = params[i];
-    TORCH_CHECK(p.defined(), op, ": params[", i, "] is undefined");
-    TORCH_CHECK(p.device().is_cpu(), op, ": params[", i, "] is on ", p.device(),
+    // Note [no tensor copies]
+    // The tensors are referenced, never copied: copying an at::Tensor that a Python object
+    // owns increfs that object (and the copy's destructor takes the GIL to decref it),
+    // which costs more than updating a small tensor. Only complex views and layout
+    // temporaries (below) are new tensors.
+    const at::Tensor& param = params[i];
+    TORCH_CHECK(param.defined(), op, ": params[", i, "] is undefined");
+    TORCH_CHECK(param.device().is_cpu(), op, ": params[", i, "] is on ", param.device(),
                 "; this kernel runs on CPU tensors");
-    TORCH_CHECK(is_supported_dtype(p.scalar_type()), op, ": params[", i, "] has dtype ",
-                p.scalar_type(), "; supported: float64, float32, bfloat16, float16 and complex");
-    at::Tensor g = grads[i];
-    check_companion(op, "grads", i, p, g);
-    std::array<at::Tensor, kMaxStates> st;
+    TORCH_CHECK(is_supported_dtype(param.scalar_type()), op, ": params[", i, "] has dtype ",
+                param.scalar_type(), "; supported: float64, float32, bfloat16, float16 and complex");
+    // The param, its grad and its states, in that order.
+    std::array<const at::Tensor*, 2 + kMaxStates> t{};
+    t[0] = &param;
+    t[1] = &grads[i];
+    check_companion(op, "grads", i, param, *t[1]);
     for (int k = 0; k < num_states_; ++k) {
-      st[k] = states[k][i];
-      check_companion(op, state_names[k], i, p, st[k]);
+      t[2 + k] = &states[k][i];
+      check_companion(op, state_names[k], i, param, *t[2 + k]);
     }
+    const int count = 2 + num_states_;
 
     // Complex params are updated as real views, as torch.optim does.
-    if (p.is_complex()) {
-      p = at::view_as_real(p);
-      g = at::view_as_real(g);
-      for (int k = 0; k < num_states_; ++k) st[k] = at::view_as_real(st[k]);
+    std::array<at::Tensor, 2 + kMaxStates> real_views;
+    if (param.is_complex()) {
+      for (int k = 0; k < count; ++k) {
+        real_views[k] = at::view_as_real(*t[k]);
+        t[k] = &real_views[k];
+      }
     }
+    const at::Tensor& p = *t[0];
     real_dtypes_.push_back(p.scalar_type());
-    is_complex_.push_back(params[i].is_complex());
+    is_complex_.push_back(param.is_complex());
     if (p.numel() == 0) continue;
 
     // Note [layouts]
@@ -124,22 +135,23 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
     // a temporary of that layout, and the temporaries of tensors we write are copied back
     // after the update. Never update a copy without writing it back.
     const bool param_dense = p.is_non_overlapping_and_dense();
-    auto target = [&](const at::Tensor& t, bool mutated) -> at::Tensor {
-      if (param_dense ? same_layout(t, p) : t.is_contiguous()) return t;
+    auto data = [&](const at::Tensor& x, bool mutated) -> void* {
+      if (param_dense ? same_layout(x, p) : x.is_contiguous()) return x.data_ptr();
       at::Tensor tmp = param_dense ? at::empty_strided(p.sizes(), p.strides(), p.options())
                                    : at::empty(p.sizes(), p.options());
-      tmp.copy_(t);
+      tmp.copy_(x);
+      void* ptr = tmp.data_ptr();
       if (mutated) {
-        writebacks_.emplace_back(t, tmp);
+        writebacks_.emplace_back(x, std::move(tmp));
       } else {
-        keep_alive_.push_back(tmp);
+        keep_alive_.push_back(std::move(tmp));
       }
-      return tmp;
+      return ptr;
     };
     TensorPtrs tp{};
-    tp.param = target(p, /*mutated=*/true).data_ptr();
-    tp.grad = target(g, grad_mutable).data_ptr();
-    for (int k = 0; k < num_states_; ++k) tp.state[k] = target(st[k], /*mutated=*/true).data_ptr();
+    tp.param = data(p, /*mutated=*/true);
+    tp.grad = data(*t[1], grad_mutable);
+    for (int k = 0; k < num_states_; ++k) tp.state[k] = data(*t[2 + k], /*mutated=*/true);
     ptrs_.push_back(tp);
     index_.push_back(i);
     offsets_.push_back(offsets_.back() + p.numel());

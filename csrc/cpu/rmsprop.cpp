@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "cpu/multi_tensor.h"
+#include "direct_call.h"
 
 namespace fused_optim::cpu {
 namespace {
@@ -78,5 +79,7 @@ void rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList squ
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_optim, CPU, m) { m.impl("rmsprop_", &rmsprop_cpu); }
+// The same kernel for the optimizers' eager steps: Note [direct calls].
+FO_REGISTER_DIRECT_CALL("rmsprop_", rmsprop_cpu);
 
 }  // namespace fused_optim::cpu

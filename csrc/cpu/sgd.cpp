@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "cpu/multi_tensor.h"
+#include "direct_call.h"
 
 namespace fused_optim::cpu {
 namespace {
@@ -73,5 +74,7 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_optim, CPU, m) { m.impl("sgd_", &sgd_cpu); }
+// The same kernel for the optimizers' eager steps: Note [direct calls].
+FO_REGISTER_DIRECT_CALL("sgd_", sgd_cpu);
 
 }  // namespace fused_optim::cpu

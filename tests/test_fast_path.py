@@ -1,0 +1,142 @@
+"""The eager fast path (Note [fast path] in fused_optim/optimizer.py, Note [direct calls]
+in csrc/direct_call.h): which groups it takes, which it declines, and that it computes
+exactly what the dispatcher path computes."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fused_optim
+from fused_optim import _C, _ops
+from parity_utils import ALGOS
+
+KWARGS = {
+    "SGD": dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
+    "Adam": dict(lr=0.01, amsgrad=True, weight_decay=0.1),
+    "AdamW": dict(lr=0.01, maximize=True),
+    "RMSprop": dict(lr=0.01, momentum=0.5, centered=True, weight_decay=0.1),
+    "Adagrad": dict(lr=0.1, lr_decay=0.01, weight_decay=0.1),
+}
+
+
+def make_params(seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(7,), (33, 5), (0,), (16,), (3, 4, 5), (1,)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=dtype)) for s in shapes]
+    params.append(torch.randn(6, 4, generator=g, dtype=dtype).t().requires_grad_())  # a view
+    return params
+
+
+def set_grads(params, seed):
+    g = torch.Generator().manual_seed(seed)
+    for i, p in enumerate(params):
+        # One param without a grad: it is left out, as torch.optim leaves it.
+        p.grad = None if i == 3 else torch.randn(p.shape, generator=g, dtype=p.dtype)
+
+
+def fast_step(opt, group):
+    return _C._step(opt._op, group["params"], opt.state, opt._state_keys(group),
+                    _ops.schema_args(opt._op, opt._kernel_args(group), None, None))
+
+
+@pytest.mark.parametrize("algo", list(ALGOS))
+def test_fast_path_is_bitwise_the_dispatcher_path(algo, monkeypatch):
+    fused_cls = ALGOS[algo][1]
+    fast_params, slow_params = make_params(), make_params()
+    fast = fused_cls(fast_params, **KWARGS[algo])
+    slow = fused_cls(slow_params, **KWARGS[algo])
+    taken = []
+    real_step = _C._step
+
+    def spy(*args):
+        taken.append(real_step(*args))
+        return taken[-1]
+
+    for step in range(4):
+        set_grads(fast_params, step)
+        set_grads(slow_params, step)
+        monkeypatch.setattr(fused_optim.optimizer._C, "_step", spy)
+        fast.step()
+        monkeypatch.setattr(fused_optim.optimizer._C, "_step", lambda *args: False)
+        slow.step()
+    # The first step creates the state on the general path (except Adagrad's, made at
+    # construction, and SGD's, whose momentum buffers are made by the first step); every
+    # later step is taken by the fast path.
+    assert taken[1:] == [True] * 3
+    for p, q in zip(fast_params, slow_params):
+        assert torch.equal(p, q)  # bitwise: one kernel, the same arguments
+        for key, value in fast.state[p].items():
+            assert torch.equal(value, slow.state[q][key]), key
+
+
+def test_fast_path_declines_what_it_does_not_handle():
+    params = make_params()
+    set_grads(params, 0)
+    opt = fused_optim.Adam(params, lr=0.01)
+    group = opt.param_groups[0]
+    assert not fast_step(opt, group)  # no state yet: the general path creates it
+    opt.step()
+    set_grads(params, 1)
+    assert fast_step(opt, group)
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    # An active dispatch mode must see the op: the step goes through the dispatcher.
+    with Recorder() as mode:
+        assert not fast_step(opt, group)
+        opt.step()
+    assert torch.ops.fused_optim.adam_.default in mode.ops
+
+    # A state entry that is not a tensor: declined, and the general path raises torch's
+    # KeyError for a missing one.
+    saved = opt.state[params[0]].pop("exp_avg")
+    assert not fast_step(opt, group)
+    with pytest.raises(KeyError, match="exp_avg"):
+        opt.step()
+    opt.state[params[0]]["exp_avg"] = saved
+
+    # A tensor subclass param takes the general path, and is updated the same way.
+    class Sub(torch.Tensor):
+        pass
+
+    sub = torch.randn(5).as_subclass(Sub).requires_grad_()
+    plain = sub.detach().clone().as_subclass(torch.Tensor).requires_grad_()
+    opt_sub, opt_plain = fused_optim.Adam([sub], lr=0.1), fused_optim.Adam([plain], lr=0.1)
+    for seed in range(3):
+        sub.grad = torch.randn(5, generator=torch.Generator().manual_seed(seed))
+        plain.grad = sub.grad.clone()
+        opt_sub.step()
+        opt_plain.step()
+    assert not fast_step(opt_sub, opt_sub.param_groups[0])
+    assert torch.equal(sub.as_subclass(torch.Tensor), plain)
+
+
+def test_fast_path_raises_the_kernels_errors_with_nothing_changed():
+    params = make_params()
+    set_grads(params, 0)
+    opt = fused_optim.Adam(params, lr=0.01)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    steps = [opt.state[p]["step"].clone() for p in params if p.grad is not None]
+    opt.state[params[4]]["exp_avg_sq"] = torch.zeros(3)  # a wrong shape
+    with pytest.raises(RuntimeError, match=r"state\[1\]\[3\] has shape \[3\] but its param has shape \[3, 4, 5\]"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(torch.equal(opt.state[p]["step"], s)
+               for p, s in zip([p for p in params if p.grad is not None], steps))
+
+
+def test_fast_path_is_seen_by_the_profiler():
+    params = make_params()
+    set_grads(params, 0)
+    opt = fused_optim.SGD(params, lr=0.1, momentum=0.9)
+    opt.step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        assert fast_step(opt, opt.param_groups[0])
+    assert any(e.name == "fused_optim::sgd_" for e in prof.events())
