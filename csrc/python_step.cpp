@@ -59,6 +59,29 @@ const at::Tensor* plain_tensor(PyObject* obj) {
   return is_plain_cpu(t) ? &t : nullptr;
 }
 
+// Note [prefetch]
+// After a step's kernel has streamed hundreds of MB through the caches, every tensor's
+// Python object, TensorImpl and StorageImpl is a cache miss. Chased one tensor at a
+// time, those misses are latency-bound: on 5,000 small tensors they cost half as much
+// as the update itself. So the gather goes in passes (params, grads, state dicts, state
+// tensors), and each pass asks for the memory that the element kAhead places later will
+// need, to keep many misses in flight at once.
+constexpr Py_ssize_t kAhead = 8;
+
+inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
+
+// The first cache lines of a TensorImpl: key set, sizes, strides, dtype, storage.
+inline void prefetch_lines(const at::TensorImpl* impl) {
+  const char* base = reinterpret_cast<const char*>(impl);
+  for (int line = 0; line < 4; ++line) prefetch(base + 64 * line);
+}
+
+// obj's TensorImpl, if obj is a Tensor or Parameter (its own header was asked for
+// earlier: this reads it).
+inline void prefetch_tensor_impl(PyObject* obj) {
+  if (THPVariable_CheckExact(obj)) prefetch_lines(THPVariable_Unpack(obj).unsafeGetTensorImpl());
+}
+
 // _step(op, params, state, keys, args) -> bool
 //
 // One param group's step through the CPU kernel registered as `op`, if this path can
@@ -87,33 +110,84 @@ PyObject* py_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs)
     Py_RETURN_FALSE;
   }
 
+  // The gather goes in passes over the group: Note [prefetch].
   const Py_ssize_t n = PyList_GET_SIZE(params);
   const Py_ssize_t num_keys = PyTuple_GET_SIZE(keys);
+  // Pass 1: the params, and whether each has a grad.
+  std::vector<const at::Tensor*> param_tensors(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (i + 2 * kAhead < n) prefetch(PyList_GET_ITEM(params, i + 2 * kAhead));
+    if (i + kAhead < n) prefetch_tensor_impl(PyList_GET_ITEM(params, i + kAhead));
+    const at::Tensor* p = plain_tensor(PyList_GET_ITEM(params, i));
+    if (p == nullptr) Py_RETURN_FALSE;
+    const char* meta = reinterpret_cast<const char*>(p->unsafeGetTensorImpl()->autograd_meta());
+    if (meta != nullptr) {  // where the grad is
+      prefetch(meta);
+      prefetch(meta + 64);
+    }
+    param_tensors[static_cast<size_t>(i)] = p;
+  }
+  // Pass 2: the grads.
+  std::vector<const at::Tensor*> grad_tensors(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const at::Tensor& g = param_tensors[static_cast<size_t>(i)]->grad();
+    if (g.defined()) prefetch_lines(g.unsafeGetTensorImpl());
+    grad_tensors[static_cast<size_t>(i)] = &g;
+  }
   std::vector<BorrowedTensors> lists(static_cast<size_t>(2 + num_keys));
   for (auto& l : lists) l.reserve(static_cast<size_t>(n));
+  std::vector<PyObject*> with_grad;  // the params' Python objects, for the state lookups
+  with_grad.reserve(static_cast<size_t>(n));
   for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* obj = PyList_GET_ITEM(params, i);
-    const at::Tensor* p = plain_tensor(obj);
-    if (p == nullptr) Py_RETURN_FALSE;
-    const at::Tensor& g = p->grad();
+    const at::Tensor& p = *param_tensors[static_cast<size_t>(i)];
+    const at::Tensor& g = *grad_tensors[static_cast<size_t>(i)];
     if (!g.defined()) continue;
     if (!is_plain_cpu(g)) Py_RETURN_FALSE;
-    lists[0].push(*p);
+    lists[0].push(p);
     lists[1].push(g);
-    PyObject* param_state = nullptr;  // borrowed; looked up once a key needs it
-    for (Py_ssize_t k = 0; k < num_keys; ++k) {
-      PyObject* key = PyTuple_GET_ITEM(keys, k);
-      if (key == Py_None) continue;
-      if (param_state == nullptr) {
-        param_state = PyDict_GetItemWithError(state, obj);
-        if (param_state == nullptr && PyErr_Occurred()) return nullptr;
-        if (param_state == nullptr || !PyDict_Check(param_state)) Py_RETURN_FALSE;
+    with_grad.push_back(PyList_GET_ITEM(params, i));
+  }
+  const Py_ssize_t m = static_cast<Py_ssize_t>(with_grad.size());
+  bool any_key = false;
+  for (Py_ssize_t k = 0; k < num_keys; ++k) any_key |= PyTuple_GET_ITEM(keys, k) != Py_None;
+  if (any_key) {
+    // Pass 3: each param's state dict.
+    std::vector<PyObject*> param_states(static_cast<size_t>(m));
+    for (Py_ssize_t i = 0; i < m; ++i) {
+      PyObject* param_state = PyDict_GetItemWithError(state, with_grad[static_cast<size_t>(i)]);
+      if (param_state == nullptr && PyErr_Occurred()) return nullptr;
+      if (param_state == nullptr) Py_RETURN_FALSE;
+      prefetch(param_state);
+      param_states[static_cast<size_t>(i)] = param_state;
+    }
+    // Pass 4: the state entries' Python objects.
+    std::vector<PyObject*> values(static_cast<size_t>(m * num_keys), nullptr);
+    for (Py_ssize_t i = 0; i < m; ++i) {
+      if (i + kAhead < m) {
+        PyObject* ahead = param_states[static_cast<size_t>(i + kAhead)];
+        if (PyDict_Check(ahead)) prefetch(reinterpret_cast<PyDictObject*>(ahead)->ma_keys);
       }
-      PyObject* value = PyDict_GetItemWithError(param_state, key);  // borrowed
-      if (value == nullptr && PyErr_Occurred()) return nullptr;
-      const at::Tensor* s = value == nullptr ? nullptr : plain_tensor(value);
-      if (s == nullptr) Py_RETURN_FALSE;
-      lists[static_cast<size_t>(2 + k)].push(*s);
+      PyObject* param_state = param_states[static_cast<size_t>(i)];
+      if (!PyDict_Check(param_state)) Py_RETURN_FALSE;
+      for (Py_ssize_t k = 0; k < num_keys; ++k) {
+        PyObject* key = PyTuple_GET_ITEM(keys, k);
+        if (key == Py_None) continue;
+        PyObject* value = PyDict_GetItemWithError(param_state, key);  // borrowed
+        if (value == nullptr && PyErr_Occurred()) return nullptr;
+        if (value == nullptr) Py_RETURN_FALSE;
+        prefetch(value);
+        values[static_cast<size_t>(i * num_keys + k)] = value;
+      }
+    }
+    // Pass 5: the state tensors, list by list.
+    for (Py_ssize_t k = 0; k < num_keys; ++k) {
+      if (PyTuple_GET_ITEM(keys, k) == Py_None) continue;
+      for (Py_ssize_t i = 0; i < m; ++i) {
+        if (i + kAhead < m) prefetch_tensor_impl(values[static_cast<size_t>((i + kAhead) * num_keys + k)]);
+        const at::Tensor* s = plain_tensor(values[static_cast<size_t>(i * num_keys + k)]);
+        if (s == nullptr) Py_RETURN_FALSE;
+        lists[static_cast<size_t>(2 + k)].push(*s);
+      }
     }
   }
   if (lists[0].empty()) Py_RETURN_TRUE;

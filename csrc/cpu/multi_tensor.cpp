@@ -91,7 +91,18 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
   offsets_.push_back(0);
 
   const char* state_names[kMaxStates] = {"state[0]", "state[1]", "state[2]"};
+  // The storages of the tensor kAhead places later, asked for now: after a kernel has
+  // streamed through the caches each one is a miss (Note [prefetch], python_step.cpp).
+  constexpr int64_t kAhead = 8;
+  auto prefetch_storage = [](const at::Tensor& t) {
+    __builtin_prefetch(t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
+  };
   for (int64_t i = 0; i < num_tensors_; ++i) {
+    if (i + kAhead < num_tensors_) {
+      prefetch_storage(params[i + kAhead]);
+      prefetch_storage(grads[i + kAhead]);
+      for (int k = 0; k < num_states_; ++k) prefetch_storage(states[k][i + kAhead]);
+    }
     // Note [no tensor copies]
     // The tensors are referenced, never copied: copying an at::Tensor that a Python object
     // owns increfs that object (and the copy's destructor takes the GIL to decref it),
