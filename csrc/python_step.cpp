@@ -6,10 +6,12 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <ATen/Parallel.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/record_function.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 
+#include <atomic>
 #include <string>
 #include <vector>
 
@@ -82,59 +84,58 @@ inline void prefetch_tensor_impl(PyObject* obj) {
   if (THPVariable_CheckExact(obj)) prefetch_lines(THPVariable_Unpack(obj).unsafeGetTensorImpl());
 }
 
-// _step(op, params, state, keys, args) -> bool
-//
-// One param group's step through the CPU kernel registered as `op`, if this path can
-// take it: `params` is the group's list, `state` the optimizer's state dict, `keys` the
-// state key of each list the kernel takes after params and grads (None: an empty list),
-// `args` the kernel's other arguments in schema order. Params without a grad are left
-// out, as in torch.optim. Returns False, having changed nothing, when any param, grad or
-// state entry is not a plain CPU tensor, when a state entry is missing (the Python
-// path creates the state), or when a torch function or dispatch mode is active (they
-// must see the op): the caller then takes the dispatcher path.
-PyObject* py_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
-  TORCH_CHECK_TYPE(nargs == 5, "_step expects 5 arguments, got ", nargs);
-  PyObject* op = args[0];
-  PyObject* params = args[1];
-  PyObject* state = args[2];
-  PyObject* keys = args[3];
-  PyObject* rest = args[4];
-  TORCH_CHECK_TYPE(PyUnicode_Check(op) && PyList_Check(params) && PyDict_Check(state) &&
-                       PyTuple_Check(keys) && PyTuple_Check(rest),
-                   "_step expects (str, list, dict, tuple, tuple)");
-  const std::string name = PyUnicode_AsUTF8(op);
-  const DirectFn kernel = find_direct_call(name);
-  TORCH_CHECK(kernel != nullptr, "_step: no CPU kernel registered as ", name);
-  if (c10::impl::TorchDispatchModeTLS::any_modes_set() || at::impl::torch_function_mode_enabled()) {
-    Py_RETURN_FALSE;
+// Runs f(i, end) for every i in [0, n), where `end` bounds i's chunk (for prefetching),
+// on torch's threads when n is large. f reads tensors and Python objects' fields only:
+// it calls no Python API and touches no reference count (the caller keeps the GIL).
+template <typename F>
+void tensor_pass(Py_ssize_t n, const F& f) {
+  constexpr int64_t kGrain = 512;
+  if (n < 2 * kGrain || at::get_num_threads() == 1 || at::in_parallel_region()) {
+    for (Py_ssize_t i = 0; i < n; ++i) f(i, n);
+    return;
   }
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) f(i, end);
+  });
+}
 
+enum class Gathered { kOk, kDecline, kError };
+
+// One param group's lists: params with a grad, their grads, then one list per key of
+// `keys` (`lists` has 2 + len(keys) entries; a None key's list stays empty). kDecline:
+// something the fast path does not take (see _step); kError: a Python error is set.
+Gathered gather_group(PyObject* params, PyObject* state, PyObject* keys,
+                      std::vector<BorrowedTensors>& lists) {
   // The gather goes in passes over the group: Note [prefetch].
   const Py_ssize_t n = PyList_GET_SIZE(params);
   const Py_ssize_t num_keys = PyTuple_GET_SIZE(keys);
-  // Pass 1: the params, and whether each has a grad.
+  // Pass 1: the params, and where their grads are.
   std::vector<const at::Tensor*> param_tensors(static_cast<size_t>(n));
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    if (i + 2 * kAhead < n) prefetch(PyList_GET_ITEM(params, i + 2 * kAhead));
-    if (i + kAhead < n) prefetch_tensor_impl(PyList_GET_ITEM(params, i + kAhead));
+  std::atomic<bool> decline{false};
+  tensor_pass(n, [&](Py_ssize_t i, Py_ssize_t end) {
+    if (i + 2 * kAhead < end) prefetch(PyList_GET_ITEM(params, i + 2 * kAhead));
+    if (i + kAhead < end) prefetch_tensor_impl(PyList_GET_ITEM(params, i + kAhead));
     const at::Tensor* p = plain_tensor(PyList_GET_ITEM(params, i));
-    if (p == nullptr) Py_RETURN_FALSE;
+    if (p == nullptr) {
+      decline.store(true, std::memory_order_relaxed);
+      return;
+    }
     const char* meta = reinterpret_cast<const char*>(p->unsafeGetTensorImpl()->autograd_meta());
     if (meta != nullptr) {  // where the grad is
       prefetch(meta);
       prefetch(meta + 64);
     }
     param_tensors[static_cast<size_t>(i)] = p;
-  }
-  // Pass 2: the grads.
+  });
+  if (decline.load()) return Gathered::kDecline;
+  // Pass 2: the grads (TensorImpl::grad: torch.optim refuses non-leaf params, so the
+  // non-leaf warning of Tensor::grad has nothing to say here).
   std::vector<const at::Tensor*> grad_tensors(static_cast<size_t>(n));
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    const at::Tensor& g = param_tensors[static_cast<size_t>(i)]->grad();
+  tensor_pass(n, [&](Py_ssize_t i, Py_ssize_t /*end*/) {
+    const at::Tensor& g = param_tensors[static_cast<size_t>(i)]->unsafeGetTensorImpl()->grad();
     if (g.defined()) prefetch_lines(g.unsafeGetTensorImpl());
     grad_tensors[static_cast<size_t>(i)] = &g;
-  }
-  std::vector<BorrowedTensors> lists(static_cast<size_t>(2 + num_keys));
+  });
   for (auto& l : lists) l.reserve(static_cast<size_t>(n));
   std::vector<PyObject*> with_grad;  // the params' Python objects, for the state lookups
   with_grad.reserve(static_cast<size_t>(n));
@@ -142,7 +143,7 @@ PyObject* py_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs)
     const at::Tensor& p = *param_tensors[static_cast<size_t>(i)];
     const at::Tensor& g = *grad_tensors[static_cast<size_t>(i)];
     if (!g.defined()) continue;
-    if (!is_plain_cpu(g)) Py_RETURN_FALSE;
+    if (!is_plain_cpu(g)) return Gathered::kDecline;
     lists[0].push(p);
     lists[1].push(g);
     with_grad.push_back(PyList_GET_ITEM(params, i));
@@ -155,8 +156,8 @@ PyObject* py_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs)
     std::vector<PyObject*> param_states(static_cast<size_t>(m));
     for (Py_ssize_t i = 0; i < m; ++i) {
       PyObject* param_state = PyDict_GetItemWithError(state, with_grad[static_cast<size_t>(i)]);
-      if (param_state == nullptr && PyErr_Occurred()) return nullptr;
-      if (param_state == nullptr) Py_RETURN_FALSE;
+      if (param_state == nullptr && PyErr_Occurred()) return Gathered::kError;
+      if (param_state == nullptr) return Gathered::kDecline;
       prefetch(param_state);
       param_states[static_cast<size_t>(i)] = param_state;
     }
@@ -168,64 +169,141 @@ PyObject* py_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs)
         if (PyDict_Check(ahead)) prefetch(reinterpret_cast<PyDictObject*>(ahead)->ma_keys);
       }
       PyObject* param_state = param_states[static_cast<size_t>(i)];
-      if (!PyDict_Check(param_state)) Py_RETURN_FALSE;
+      if (!PyDict_Check(param_state)) return Gathered::kDecline;
       for (Py_ssize_t k = 0; k < num_keys; ++k) {
         PyObject* key = PyTuple_GET_ITEM(keys, k);
         if (key == Py_None) continue;
         PyObject* value = PyDict_GetItemWithError(param_state, key);  // borrowed
-        if (value == nullptr && PyErr_Occurred()) return nullptr;
-        if (value == nullptr) Py_RETURN_FALSE;
+        if (value == nullptr && PyErr_Occurred()) return Gathered::kError;
+        if (value == nullptr) return Gathered::kDecline;
         prefetch(value);
         values[static_cast<size_t>(i * num_keys + k)] = value;
       }
     }
     // Pass 5: the state tensors, list by list.
+    std::vector<const at::Tensor*> state_tensors(static_cast<size_t>(m));
     for (Py_ssize_t k = 0; k < num_keys; ++k) {
       if (PyTuple_GET_ITEM(keys, k) == Py_None) continue;
-      for (Py_ssize_t i = 0; i < m; ++i) {
-        if (i + kAhead < m) prefetch_tensor_impl(values[static_cast<size_t>((i + kAhead) * num_keys + k)]);
-        const at::Tensor* s = plain_tensor(values[static_cast<size_t>(i * num_keys + k)]);
-        if (s == nullptr) Py_RETURN_FALSE;
-        lists[static_cast<size_t>(2 + k)].push(*s);
+      auto value = [&](Py_ssize_t i) { return values[static_cast<size_t>(i * num_keys + k)]; };
+      tensor_pass(m, [&](Py_ssize_t i, Py_ssize_t end) {
+        if (i + kAhead < end) prefetch_tensor_impl(value(i + kAhead));
+        const at::Tensor* s = plain_tensor(value(i));
+        if (s == nullptr) decline.store(true, std::memory_order_relaxed);
+        state_tensors[static_cast<size_t>(i)] = s;
+      });
+      if (decline.load()) return Gathered::kDecline;
+      for (Py_ssize_t i = 0; i < m; ++i) lists[static_cast<size_t>(2 + k)].push(*state_tensors[static_cast<size_t>(i)]);
+    }
+  }
+  return Gathered::kOk;
+}
+
+// _step(op, groups, state, keys, args) -> bool
+//
+// A step of all param groups through the CPU kernel registered as `op`, if this path can
+// take every group: `groups` holds each group's param list, `state` is the optimizer's
+// state dict, `keys[g]` the state key of each list the kernel takes after params and
+// grads (None: an empty list), `args[g]` the kernel's other arguments in schema order.
+// Params without a grad are left out, as in torch.optim. All groups are gathered before
+// any is updated. Returns False, having changed nothing, when any param, grad or state
+// entry is not a plain dense CPU tensor (a sparse grad, a subclass, a DTensor, ...), when
+// a state entry is missing (the Python path creates the state), or when a torch function
+// or dispatch mode is active (they must see the op): the caller then takes its general
+// path. Each group's update runs as the op would: same checks, same errors.
+PyObject* py_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 5, "_step expects 5 arguments, got ", nargs);
+  PyObject* op = args[0];
+  PyObject* groups = args[1];
+  PyObject* state = args[2];
+  PyObject* keys = args[3];
+  PyObject* rest = args[4];
+  TORCH_CHECK_TYPE(PyUnicode_Check(op) && PyList_Check(groups) && PyDict_Check(state) &&
+                       PyList_Check(keys) && PyList_Check(rest) &&
+                       PyList_GET_SIZE(keys) == PyList_GET_SIZE(groups) &&
+                       PyList_GET_SIZE(rest) == PyList_GET_SIZE(groups),
+                   "_step expects (str, list, dict, list, list), one entry per group");
+  const std::string name = PyUnicode_AsUTF8(op);
+  const DirectFn kernel = find_direct_call(name);
+  TORCH_CHECK(kernel != nullptr, "_step: no CPU kernel registered as ", name);
+  if (c10::impl::TorchDispatchModeTLS::any_modes_set() || at::impl::torch_function_mode_enabled()) {
+    Py_RETURN_FALSE;
+  }
+  const Py_ssize_t num_groups = PyList_GET_SIZE(groups);
+  std::vector<std::vector<BorrowedTensors>> lists;
+  std::vector<DirectCall> calls(static_cast<size_t>(num_groups));
+  lists.reserve(static_cast<size_t>(num_groups));
+  for (Py_ssize_t g = 0; g < num_groups; ++g) {
+    PyObject* params = PyList_GET_ITEM(groups, g);
+    PyObject* group_keys = PyList_GET_ITEM(keys, g);
+    PyObject* group_args = PyList_GET_ITEM(rest, g);
+    TORCH_CHECK_TYPE(PyList_Check(params) && PyTuple_Check(group_keys) && PyTuple_Check(group_args),
+                     "_step expects each group's params as a list, its keys and args as tuples");
+    lists.emplace_back(static_cast<size_t>(2 + PyTuple_GET_SIZE(group_keys)));
+    switch (gather_group(params, state, group_keys, lists.back())) {
+      case Gathered::kOk: break;
+      case Gathered::kDecline: Py_RETURN_FALSE;
+      case Gathered::kError: return nullptr;
+    }
+    DirectCall& call = calls[static_cast<size_t>(g)];
+    for (const auto& l : lists.back()) call.lists.push_back(l.list());
+    for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(group_args); ++j) {
+      PyObject* a = PyTuple_GET_ITEM(group_args, j);
+      if (a == Py_None) {
+        call.tensors.emplace_back(std::nullopt);
+      } else if (THPVariable_Check(a)) {
+        call.tensors.emplace_back(THPVariable_Unpack(a));
+      } else {
+        const double v = PyFloat_AsDouble(a);
+        if (v == -1.0 && PyErr_Occurred()) return nullptr;
+        call.numbers.push_back(v);
       }
     }
   }
-  if (lists[0].empty()) Py_RETURN_TRUE;
-
-  DirectCall call;
-  for (const auto& l : lists) call.lists.push_back(l.list());
-  for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(rest); ++j) {
-    PyObject* a = PyTuple_GET_ITEM(rest, j);
-    if (a == Py_None) {
-      call.tensors.emplace_back(std::nullopt);
-    } else if (THPVariable_Check(a)) {
-      call.tensors.emplace_back(THPVariable_Unpack(a));
-    } else {
-      const double v = PyFloat_AsDouble(a);
-      if (v == -1.0 && PyErr_Occurred()) return nullptr;
-      call.numbers.push_back(v);
-    }
-  }
   {
-    // As a torch op: the GIL is released while the kernel runs, and a profiler sees it.
+    // As a torch op: the GIL is released while the kernels run, and a profiler sees them.
     pybind11::gil_scoped_release no_gil;
-    RECORD_FUNCTION("fused_optim::" + name, std::vector<c10::IValue>());
-    kernel(call);
+    for (const DirectCall& call : calls) {
+      if (call.lists[0].empty()) continue;  // no grads in this group
+      RECORD_FUNCTION("fused_optim::" + name, std::vector<c10::IValue>());
+      kernel(call);
+    }
   }
   Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS
 }
 
-// _has_sparse_grad(params) -> bool: whether a tensor of the list has a sparse grad.
+// _has_sparse_grad(params) -> bool: whether a tensor of the list has a sparse grad. SGD
+// and Adagrad ask before every step, so it is a pass like _step's (Note [prefetch]); and
+// the memory it reads is what _step reads next.
 PyObject* py_has_sparse_grad(PyObject* /*module*/, PyObject* params) {
   HANDLE_TH_ERRORS
   TORCH_CHECK_TYPE(PyList_Check(params), "_has_sparse_grad expects a list");
-  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(params); ++i) {
+  const Py_ssize_t n = PyList_GET_SIZE(params);
+  // Any Tensor, subclasses included: their C++ grad is the one Python sees.
+  auto tensor_impl = [&](Py_ssize_t i) -> const at::TensorImpl* {
     PyObject* obj = PyList_GET_ITEM(params, i);
-    if (!THPVariable_Check(obj)) continue;
-    const at::Tensor& g = THPVariable_Unpack(obj).grad();
-    if (g.defined() && g.is_sparse()) Py_RETURN_TRUE;
+    return THPVariable_Check(obj) ? THPVariable_Unpack(obj).unsafeGetTensorImpl() : nullptr;
+  };
+  for (Py_ssize_t i = 0; i < n; ++i) prefetch(PyList_GET_ITEM(params, i));
+  std::vector<const at::TensorImpl*> impls(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (i + kAhead < n) {
+      const at::TensorImpl* ahead = tensor_impl(i + kAhead);
+      if (ahead != nullptr) prefetch_lines(ahead);
+    }
+    impls[static_cast<size_t>(i)] = tensor_impl(i);
   }
+  bool sparse = false;
+  for (Py_ssize_t i = 0; i < n && !sparse; ++i) {
+    if (i + kAhead < n && impls[static_cast<size_t>(i + kAhead)] != nullptr) {
+      prefetch(impls[static_cast<size_t>(i + kAhead)]->autograd_meta());
+    }
+    if (impls[static_cast<size_t>(i)] == nullptr) continue;
+    const at::Tensor& g = impls[static_cast<size_t>(i)]->grad();
+    sparse = g.defined() && g.is_sparse();
+  }
+  if (sparse) Py_RETURN_TRUE;
   Py_RETURN_FALSE;
   END_HANDLE_TH_ERRORS
 }

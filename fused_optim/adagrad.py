@@ -43,8 +43,8 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
         )
         self._fused_setup()
 
-    def _torch_step_reason(self) -> Optional[str]:
-        reason = super()._torch_step_reason()
+    def _torch_grads_reason(self) -> Optional[str]:
+        reason = super()._torch_grads_reason()
         if reason is None and self._sparse_grad_group() is not None:
             # torch's for-loop has a sparse update (and its fused path refuses sparse
             # grads with its own error): run torch's step.

@@ -87,8 +87,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                 return group
         return None
 
+    def _torch_grads_reason(self) -> Optional[str]:
+        """Why the grads of this step make it run torch's own implementation (sparse grads
+        for some algorithms), or None. Asked only when the fast path declined."""
+        return None
+
     def _torch_step_reason(self) -> Optional[str]:
-        """Why this step must run torch's own implementation, or None."""
+        """Why the options make this step run torch's own implementation, or None."""
         compiling = torch.compiler.is_compiling()
         for group in self.param_groups:
             for option in self._torch_only_options:
@@ -111,23 +116,35 @@ class FusedOptimizer(torch.optim.Optimizer):
         # Decided after the closure: the grads it makes (sparse ones, say) are the ones the
         # step sees.
         reason = self._torch_step_reason()
-        if reason is not None:
-            self._torch_step(reason)
-            return loss
         # Set by GradScaler.step() for optimizers with _step_supports_amp_scaling.
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        # Note [fast path]: in eager mode, _C._step gathers each group's lists in C++ and
-        # calls the CPU kernel directly (Note [direct calls] in csrc/direct_call.h); it
-        # declines, changing nothing, whatever it does not handle (first steps that create
-        # state, DTensors and other subclasses, CUDA tensors, active torch function or
-        # dispatch modes), and the general path below takes the group through the op.
+        groups = self.param_groups
+        keys = [self._state_keys(group) for group in groups]
+        args = [_ops.schema_args(self._op, self._kernel_args(group), grad_scale, found_inf)
+                for group in groups]
+        # Note [fast path]: in eager mode, _C._step gathers the groups' lists in C++ and
+        # calls the CPU kernel directly (Note [direct calls] in csrc/direct_call.h). It
+        # declines, changing nothing, whatever it does not take (first steps that create
+        # state, sparse grads, DTensors and other subclasses, CUDA tensors, active torch
+        # function or dispatch modes); then the grads are looked at for a reason to run
+        # torch's step, and each group takes the fast path or the general one below,
+        # through the op.
         fast = not torch.compiler.is_compiling()
+        if reason is None:
+            with torch.no_grad():
+                done = fast and _C._step(self._op, [g["params"] for g in groups], self.state,
+                                         keys, args)
+            if done:
+                return loss
+            reason = self._torch_grads_reason()
+        if reason is not None:
+            self._torch_step(reason)
+            return loss
         with torch.no_grad():
-            for group in self.param_groups:
-                keys = self._state_keys(group)
-                args = _ops.schema_args(self._op, self._kernel_args(group), grad_scale, found_inf)
-                if fast and _C._step(self._op, group["params"], self.state, keys, args):
+            for group, group_keys, group_args in zip(groups, keys, args):
+                if fast and _C._step(self._op, [group["params"]], self.state, [group_keys],
+                                     [group_args]):
                     continue
                 params: List[Tensor] = []
                 grads: List[Tensor] = []
@@ -137,7 +154,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                         params.append(p)
                         grads.append(g)
                 if params:
-                    self._update_group(group, params, grads, keys, args)
+                    self._update_group(group, params, grads, group_keys, group_args)
         return loss
 
     def _update_group(

@@ -42,8 +42,8 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         )
         self._fused_setup()
 
-    def _torch_step_reason(self) -> Optional[str]:
-        reason = super()._torch_step_reason()
+    def _torch_grads_reason(self) -> Optional[str]:
+        reason = super()._torch_grads_reason()
         if reason is None:
             group = self._sparse_grad_group()
             if group is not None and not group["fused"]:

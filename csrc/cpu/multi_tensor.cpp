@@ -1,7 +1,9 @@
 #include "cpu/multi_tensor.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/COW.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <string>
 
@@ -57,6 +59,10 @@ bool same_layout(const at::Tensor& a, const at::Tensor& b) {
   return true;
 }
 
+bool is_cow(const at::Tensor& t) {
+  return c10::impl::cow::is_cow_data_ptr(t.unsafeGetTensorImpl()->unsafe_storage().data_ptr());
+}
+
 void check_companion(const char* op, const char* list, int64_t i, const at::Tensor& param,
                      const at::Tensor& t) {
   TORCH_CHECK(t.defined(), op, ": ", list, "[", i, "] is undefined");
@@ -84,21 +90,30 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
                 ": expected every state list to have one tensor per param, got ", s.size(),
                 " and ", params.size());
   }
-  real_dtypes_.reserve(num_tensors_);
-  index_.reserve(num_tensors_);
-  ptrs_.reserve(num_tensors_);
-  offsets_.reserve(num_tensors_ + 1);
+  const int64_t n = num_tensors_;
+  real_dtypes_.resize(n);
+  is_complex_.resize(n);
+  index_.reserve(n);
+  ptrs_.reserve(n);
+  offsets_.reserve(n + 1);
   offsets_.push_back(0);
 
+  // Pass 1 reads only: every check, and the data pointers of each param whose tensors all
+  // have the layout the loops walk (the usual case). It runs on torch's threads for big
+  // calls: after a step's kernel has streamed through the caches, each tensor's metadata
+  // is a cache miss, and two cores have twice as many in flight. An error is raised in
+  // list order whatever thread met it first: on any failure the checks rerun serially.
+  std::vector<TensorPtrs> direct(n);
+  std::vector<char> is_direct(n, 0);
   const char* state_names[kMaxStates] = {"state[0]", "state[1]", "state[2]"};
-  // The storages of the tensor kAhead places later, asked for now: after a kernel has
-  // streamed through the caches each one is a miss (Note [prefetch], python_step.cpp).
-  constexpr int64_t kAhead = 8;
-  auto prefetch_storage = [](const at::Tensor& t) {
-    __builtin_prefetch(t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
-  };
-  for (int64_t i = 0; i < num_tensors_; ++i) {
-    if (i + kAhead < num_tensors_) {
+  auto check = [&](int64_t i, int64_t end) {
+    // The storages of the tensor kAhead places later, asked for now (Note [prefetch] in
+    // python_step.cpp).
+    constexpr int64_t kAhead = 8;
+    if (i + kAhead < end) {
+      auto prefetch_storage = [](const at::Tensor& t) {
+        __builtin_prefetch(t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
+      };
       prefetch_storage(params[i + kAhead]);
       prefetch_storage(grads[i + kAhead]);
       for (int k = 0; k < num_states_; ++k) prefetch_storage(states[k][i + kAhead]);
@@ -107,66 +122,105 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
     // The tensors are referenced, never copied: copying an at::Tensor that a Python object
     // owns increfs that object (and the copy's destructor takes the GIL to decref it),
     // which costs more than updating a small tensor. Only complex views and layout
-    // temporaries (below) are new tensors.
+    // temporaries (pass 2) are new tensors.
     const at::Tensor& param = params[i];
     TORCH_CHECK(param.defined(), op, ": params[", i, "] is undefined");
     TORCH_CHECK(param.device().is_cpu(), op, ": params[", i, "] is on ", param.device(),
                 "; this kernel runs on CPU tensors");
     TORCH_CHECK(is_supported_dtype(param.scalar_type()), op, ": params[", i, "] has dtype ",
                 param.scalar_type(), "; supported: float64, float32, bfloat16, float16 and complex");
-    // The param, its grad and its states, in that order.
-    std::array<const at::Tensor*, 2 + kMaxStates> t{};
-    t[0] = &param;
-    t[1] = &grads[i];
-    check_companion(op, "grads", i, param, *t[1]);
-    for (int k = 0; k < num_states_; ++k) {
-      t[2 + k] = &states[k][i];
-      check_companion(op, state_names[k], i, param, *t[2 + k]);
-    }
-    const int count = 2 + num_states_;
-
-    // Complex params are updated as real views, as torch.optim does.
-    std::array<at::Tensor, 2 + kMaxStates> real_views;
-    if (param.is_complex()) {
-      for (int k = 0; k < count; ++k) {
-        real_views[k] = at::view_as_real(*t[k]);
-        t[k] = &real_views[k];
-      }
-    }
-    const at::Tensor& p = *t[0];
-    real_dtypes_.push_back(p.scalar_type());
-    is_complex_.push_back(param.is_complex());
-    if (p.numel() == 0) continue;
-
+    check_companion(op, "grads", i, param, grads[i]);
+    for (int k = 0; k < num_states_; ++k) check_companion(op, state_names[k], i, param, states[k][i]);
+    const bool complex = param.is_complex();
+    is_complex_[i] = complex;
+    // Complex params are updated as real views, as torch.optim does (pass 2 makes them).
+    real_dtypes_[i] = complex ? c10::toRealValueType(param.scalar_type()) : param.scalar_type();
+    if (complex || param.numel() == 0) return;
     // Note [layouts]
     // The loops walk memory linearly, so every tensor of a param must share one dense
     // layout. The usual case (contiguous, transposed, channels_last params whose grad and
-    // state share their strides) needs nothing. Otherwise each tensor that differs from
-    // the target layout (the param's own if it is dense, contiguous if not) is copied to
-    // a temporary of that layout, and the temporaries of tensors we write are copied back
-    // after the update. Never update a copy without writing it back.
-    const bool param_dense = p.is_non_overlapping_and_dense();
-    auto data = [&](const at::Tensor& x, bool mutated) -> void* {
-      if (param_dense ? same_layout(x, p) : x.is_contiguous()) return x.data_ptr();
-      at::Tensor tmp = param_dense ? at::empty_strided(p.sizes(), p.strides(), p.options())
-                                   : at::empty(p.sizes(), p.options());
-      tmp.copy_(x);
-      void* ptr = tmp.data_ptr();
-      if (mutated) {
-        writebacks_.emplace_back(x, std::move(tmp));
-      } else {
-        keep_alive_.push_back(std::move(tmp));
+    // state share their strides) needs nothing: its pointers are taken here.
+    if (!param.is_non_overlapping_and_dense()) return;
+    bool same = same_layout(grads[i], param);
+    for (int k = 0; k < num_states_; ++k) same = same && same_layout(states[k][i], param);
+    if (!same) return;
+    // A copy-on-write storage is copied when first written through: pass 2 does that, on
+    // one thread (two tensors can share one).
+    bool cow = is_cow(param) || is_cow(grads[i]);
+    for (int k = 0; k < num_states_; ++k) cow = cow || is_cow(states[k][i]);
+    if (cow) return;
+    TensorPtrs& tp = direct[i];
+    tp.param = param.data_ptr();
+    tp.grad = grads[i].data_ptr();
+    for (int k = 0; k < num_states_; ++k) tp.state[k] = states[k][i].data_ptr();
+    is_direct[i] = 1;
+  };
+  bool checked = false;
+  if (n >= kParallelChecks && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+    std::atomic<bool> failed{false};
+    at::parallel_for(0, n, kParallelChecks / 2, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end && !failed.load(std::memory_order_relaxed); ++i) {
+        try {
+          check(i, end);
+        } catch (...) {
+          failed.store(true, std::memory_order_relaxed);
+        }
       }
-      return ptr;
-    };
-    TensorPtrs tp{};
-    tp.param = data(p, /*mutated=*/true);
-    tp.grad = data(*t[1], grad_mutable);
-    for (int k = 0; k < num_states_; ++k) tp.state[k] = data(*t[2 + k], /*mutated=*/true);
-    ptrs_.push_back(tp);
-    index_.push_back(i);
-    offsets_.push_back(offsets_.back() + p.numel());
+    });
+    checked = !failed.load();
   }
+  if (!checked) {
+    for (int64_t i = 0; i < n; ++i) check(i, n);
+  }
+
+  // Pass 2, in list order: the loop's index and offsets, and for the unusual params the
+  // real views of complex tensors and the layout temporaries.
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t numel = params[i].numel() * (is_complex_[i] ? 2 : 1);
+    if (numel == 0) continue;
+    if (!is_direct[i]) direct[i] = unusual_layout(i, params, grads, states, grad_mutable);
+    ptrs_.push_back(direct[i]);
+    index_.push_back(i);
+    offsets_.push_back(offsets_.back() + numel);
+  }
+}
+
+TensorPtrs MultiTensorPlan::unusual_layout(int64_t i, at::TensorList params,
+                                           at::TensorList grads,
+                                           const std::vector<at::TensorList>& states,
+                                           bool grad_mutable) {
+  // The param, its grad and its states, in that order; real views of complex ones.
+  std::array<at::Tensor, 2 + kMaxStates> t;
+  t[0] = params[i];
+  t[1] = grads[i];
+  for (int k = 0; k < num_states_; ++k) t[2 + k] = states[k][i];
+  if (params[i].is_complex()) {
+    for (int k = 0; k < 2 + num_states_; ++k) t[k] = at::view_as_real(t[k]);
+  }
+  // Note [layouts], continued: each tensor that differs from the target layout (the
+  // param's own if it is dense, contiguous if not) is copied to a temporary of that
+  // layout, and the temporaries of tensors we write are copied back after the update.
+  // Never update a copy without writing it back.
+  const at::Tensor& p = t[0];
+  const bool param_dense = p.is_non_overlapping_and_dense();
+  auto data = [&](const at::Tensor& x, bool mutated) -> void* {
+    if (param_dense ? same_layout(x, p) : x.is_contiguous()) return x.data_ptr();
+    at::Tensor tmp = param_dense ? at::empty_strided(p.sizes(), p.strides(), p.options())
+                                 : at::empty(p.sizes(), p.options());
+    tmp.copy_(x);
+    void* ptr = tmp.data_ptr();
+    if (mutated) {
+      writebacks_.emplace_back(x, std::move(tmp));
+    } else {
+      keep_alive_.push_back(std::move(tmp));
+    }
+    return ptr;
+  };
+  TensorPtrs tp{};
+  tp.param = data(p, /*mutated=*/true);
+  tp.grad = data(t[1], grad_mutable);
+  for (int k = 0; k < num_states_; ++k) tp.state[k] = data(t[2 + k], /*mutated=*/true);
+  return tp;
 }
 
 void MultiTensorPlan::run(const std::vector<SegmentFn>& fns,

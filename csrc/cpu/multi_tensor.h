@@ -55,6 +55,8 @@ constexpr int kMaxStates = 3;
 constexpr int64_t kBlock = 256;
 // Below this many elements in total, no threads are started.
 constexpr int64_t kGrainSize = 32768;
+// Below this many params in a call, a plan checks its tensors on one thread.
+constexpr int64_t kParallelChecks = 1024;
 
 // Pointers of one tensor's data (after layout handling), as seen by a segment loop.
 struct TensorPtrs {
@@ -257,7 +259,7 @@ class MultiTensorPlan {
   int64_t size() const { return num_tensors_; }
   // dtype of tensor i (real dtype: complex params are updated as real views).
   at::ScalarType real_dtype(int64_t i) const { return real_dtypes_[i]; }
-  bool is_complex(int64_t i) const { return is_complex_[i]; }
+  bool is_complex(int64_t i) const { return is_complex_[i] != 0; }
 
   // Runs fns[i] over tensor i with coefficient struct coeffs[i], all tensors in one
   // parallel region, then writes back temporaries made for unusual layouts.
@@ -265,10 +267,14 @@ class MultiTensorPlan {
            double inv_grad_scale);
 
  private:
+  // The pointers of param i whose tensors need real views or layout temporaries.
+  TensorPtrs unusual_layout(int64_t i, at::TensorList params, at::TensorList grads,
+                            const std::vector<at::TensorList>& states, bool grad_mutable);
+
   int64_t num_tensors_ = 0;
   int num_states_ = 0;
   std::vector<at::ScalarType> real_dtypes_;
-  std::vector<bool> is_complex_;
+  std::vector<char> is_complex_;  // not vector<bool>: written from several threads
   // Only tensors with elements take part in the loop.
   std::vector<int64_t> index_;    // position in the call's lists
   std::vector<int64_t> offsets_;  // prefix sums of numel, size index_.size() + 1
