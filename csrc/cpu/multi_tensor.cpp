@@ -257,6 +257,9 @@ void check_steps(const char* op, at::TensorList steps, int64_t n) {
   TORCH_CHECK(static_cast<int64_t>(steps.size()) == n, op,
               ": expected one state_step per param, got ", steps.size(), " and ", n);
   for (size_t i = 0; i < steps.size(); ++i) {
+    if (i + 8 < steps.size()) {  // Note [prefetch] (python_step.cpp)
+      __builtin_prefetch(steps[i + 8].unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
+    }
     const at::Tensor& s = steps[i];
     TORCH_CHECK(s.defined() && s.device().is_cpu() && s.numel() == 1 &&
                     (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
@@ -268,6 +271,7 @@ void check_steps(const char* op, at::TensorList steps, int64_t n) {
 std::vector<double> increment_steps(at::TensorList steps) {
   std::vector<double> values(steps.size());
   for (size_t i = 0; i < steps.size(); ++i) {
+    if (i + 8 < steps.size()) __builtin_prefetch(steps[i + 8].const_data_ptr(), 1);
     const at::Tensor& s = steps[i];
     if (s.scalar_type() == at::kFloat) {
       float* v = s.data_ptr<float>();
