@@ -144,6 +144,28 @@ FO_INLINE void store(at::opmath_type<T> v, T* p) {
   }
 }
 
+// Note [software prefetch]
+// The update's arithmetic (Adam: two divisions and a square root per element) delays the
+// loads, and the hardware prefetchers then do not run far enough ahead of them: fp32 Adam
+// on one big tensor reached ~87% of the measured bandwidth limit. So the loops go in
+// chunks of kPrefetchChunk elements, and before each chunk ask for the memory of the
+// chunk kPrefetchAhead elements further on (tuned on this project's 2-core Xeon: fp32
+// Adam then reaches ~95%; a plain stream gains nothing from the same prefetches). A
+// prefetch changes no result.
+constexpr int64_t kPrefetchChunk = 128;
+constexpr int64_t kPrefetchAhead = 384;
+
+// Asks for elements [from, from + count) of a segment of n elements.
+template <typename T, int NS>
+FO_INLINE void prefetch_ahead(T* p, T* g, T* const* s, int64_t from, int64_t count, int64_t n) {
+  const int64_t to = std::min(n, from + count);
+  for (int64_t b = from; b < to; b += 64 / static_cast<int64_t>(sizeof(T))) {
+    __builtin_prefetch(p + b, 1);
+    __builtin_prefetch(g + b, 0);
+    for (int k = 0; k < NS; ++k) __builtin_prefetch(s[k] + b, 1);
+  }
+}
+
 // The loop over one contiguous segment of one tensor. `Rule` is an update rule from
 // update_rules.h; it sees each element in opmath precision.
 template <typename T, bool kUnscale, typename Rule, Isa kIsa>
@@ -159,20 +181,24 @@ FO_INLINE void segment_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
   const int64_t n = end - begin;
 
   if constexpr (std::is_same_v<T, M>) {
-    // float/double: update memory in place.
+    // float/double: update memory in place, a chunk at a time (Note [software prefetch]).
+    for (int64_t c = 0; c < n; c += kPrefetchChunk) {
+      const int64_t chunk_end = std::min(n, c + kPrefetchChunk);
+      prefetch_ahead<T, NS>(p, g, s, chunk_end + kPrefetchAhead, kPrefetchChunk, n);
 #pragma GCC ivdep
-    for (int64_t i = 0; i < n; ++i) {
-      M pv = p[i];
-      M gv = g[i];
-      if constexpr (kUnscale) {
-        gv = gv * inv_scale;
-        g[i] = gv;
+      for (int64_t i = c; i < chunk_end; ++i) {
+        M pv = p[i];
+        M gv = g[i];
+        if constexpr (kUnscale) {
+          gv = gv * inv_scale;
+          g[i] = gv;
+        }
+        M sv[NS > 0 ? NS : 1];
+        for (int k = 0; k < NS; ++k) sv[k] = s[k][i];
+        rule(pv, gv, sv);
+        p[i] = pv;
+        for (int k = 0; k < NS; ++k) s[k][i] = sv[k];
       }
-      M sv[NS > 0 ? NS : 1];
-      for (int k = 0; k < NS; ++k) sv[k] = s[k][i];
-      rule(pv, gv, sv);
-      p[i] = pv;
-      for (int k = 0; k < NS; ++k) s[k][i] = sv[k];
     }
   } else {
     // 16-bit: widen a block into float buffers, update them, round back.
@@ -181,6 +207,7 @@ FO_INLINE void segment_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
     alignas(64) M sb[NS > 0 ? NS : 1][kBlock];
     for (int64_t b = 0; b < n; b += kBlock) {
       const int64_t m = std::min(kBlock, n - b);
+      prefetch_ahead<T, NS>(p, g, s, b + m + kPrefetchAhead, kBlock, n);
       widen_block<kIsa>(p + b, pb, m);
       widen_block<kIsa>(g + b, gb, m);
       for (int k = 0; k < NS; ++k) widen_block<kIsa>(s[k] + b, sb[k], m);
