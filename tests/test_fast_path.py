@@ -143,3 +143,62 @@ def test_fast_path_is_seen_by_the_profiler():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         assert fast_step(opt, opt.param_groups[0])
     assert any(e.name == "fused_optim::sgd_" for e in prof.events())
+
+
+class Sub(torch.Tensor):
+    pass
+
+
+def test_a_group_the_fast_path_declines_does_not_hold_back_the_others(monkeypatch):
+    def model():
+        plain = make_params(seed=1)
+        sub = torch.randn(9, generator=torch.Generator().manual_seed(2)).as_subclass(Sub)
+        return plain, [sub.requires_grad_()]
+
+    (fast_plain, fast_sub), (slow_plain, slow_sub) = model(), model()
+    fast = fused_optim.AdamW([{"params": fast_plain}, {"params": fast_sub, "lr": 0.1}], lr=0.01)
+    slow = fused_optim.AdamW([{"params": slow_plain}, {"params": slow_sub, "lr": 0.1}], lr=0.01)
+    real_step = _C._step
+    for step in range(3):
+        for params in (fast_plain + fast_sub, slow_plain + slow_sub):
+            set_grads(params, step)
+        calls = []
+
+        def spy(op, groups, *rest):
+            calls.append((len(groups), real_step(op, groups, *rest)))
+            return calls[-1][1]
+
+        monkeypatch.setattr(fused_optim.optimizer._C, "_step", spy)
+        fast.step()
+        monkeypatch.setattr(fused_optim.optimizer._C, "_step", lambda *args: False)
+        slow.step()
+        if step > 0:
+            # All groups at once: declined (the subclass); then group by group: the plain
+            # group takes the fast path, the subclass group the general path.
+            assert calls == [(2, False), (1, True), (1, False)]
+    for p, q in zip(fast_plain + fast_sub, slow_plain + slow_sub):
+        assert torch.equal(p.as_subclass(torch.Tensor), q.as_subclass(torch.Tensor))
+        for key, value in fast.state[p].items():
+            assert torch.equal(value, slow.state[q][key]), key
+
+
+def test_sparse_grads_found_after_the_fast_path_declines():
+    # SGD's sparse grads run torch's for-loop for the whole step, as before the fast path:
+    # the fast path declines a sparse grad and then the grads are looked at.
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    ref = torch.nn.Embedding(10, 3, sparse=True)
+    ref.load_state_dict(emb.state_dict())
+    dense = torch.nn.Parameter(torch.randn(4))
+    ref_dense = torch.nn.Parameter(dense.detach().clone())
+    opt = fused_optim.SGD([{"params": [dense]}, {"params": emb.parameters()}], lr=0.1)
+    ref_opt = torch.optim.SGD([{"params": [ref_dense]}, {"params": ref.parameters()}], lr=0.1)
+    idx = torch.tensor([1, 3, 3])
+    for _ in range(3):
+        for e, d, o in ((emb, dense, opt), (ref, ref_dense, ref_opt)):
+            o.zero_grad()
+            (e(idx).sum() + (d * d).sum()).backward()
+        opt.step()  # our kernels refuse sparse grads: it completes only through torch's
+        ref_opt.step()
+    # Both ran torch's for-loop: bitwise equal.
+    assert torch.equal(emb.weight, ref.weight)
+    assert torch.equal(dense, ref_dense)

@@ -85,14 +85,23 @@ void stream_cpu(at::TensorList inout, at::TensorList read_only, double scale) {
   };
   for (const auto& t : inout) check(t);
   for (const auto& t : read_only) check(t);
-  dispatch_dtype(first.scalar_type(), [&]<typename T>() -> SegmentFn {
+  auto run = [&]<typename T>() {
     StreamArgs<T> a{};
     a.num_inout = static_cast<int>(inout.size());
     a.num_read = static_cast<int>(read_only.size());
     a.scale = static_cast<float>(scale);
-    for (int k = 0; k < a.num_inout; ++k) a.inout[k] = inout[k].data_ptr<T>();
-    for (int r = 0; r < a.num_read; ++r) a.read[r] = read_only[r].data_ptr<T>();
+    for (int k = 0; k < a.num_inout; ++k) a.inout[k] = static_cast<T*>(inout[k].data_ptr());
+    for (int r = 0; r < a.num_read; ++r) a.read[r] = static_cast<const T*>(read_only[r].data_ptr());
     stream_dispatch(a, first.numel());
+  };
+  if (first.element_size() == 2) {
+    // 16-bit dtypes are streamed as 16-bit integers: the probe measures what moving these
+    // bytes costs, not what converting them to float costs (that is the kernels' work).
+    run.template operator()<uint16_t>();
+    return;
+  }
+  dispatch_dtype(first.scalar_type(), [&]<typename T>() -> SegmentFn {
+    run.template operator()<T>();
     return nullptr;
   });
 }
