@@ -66,8 +66,9 @@ const at::Tensor* plain_tensor(PyObject* obj) {
 // Python object, TensorImpl and StorageImpl is a cache miss. Chased one tensor at a
 // time, those misses are latency-bound: on 5,000 small tensors they cost half as much
 // as the update itself. So the gather goes in passes (params, grads, state dicts, state
-// tensors), and each pass asks for the memory that the element kAhead places later will
-// need, to keep many misses in flight at once.
+// tensors), each pass asks for the memory that the element kAhead places later will
+// need, and the passes that call no Python API run on torch's threads: many misses are
+// in flight at once.
 constexpr Py_ssize_t kAhead = 8;
 
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }

@@ -41,12 +41,15 @@ def _local(*lists: List[Tensor]):
     return tuple([t._local_tensor if isinstance(t, cls) else t for t in ts] for ts in lists)
 
 
+# The optimizer ops (csrc/ops.cpp), each the kernel of one algorithm class's `_op`.
+OPTIMIZER_OPS = ("sgd_", "adam_", "rmsprop_", "adagrad_")
+
 # The names of each op's arguments that are not tensor lists, in schema order (read once,
 # here, so that torch.compile never traces a schema lookup).
 _ARG_NAMES: Dict[str, Tuple[str, ...]] = {
     op: tuple(a.name for a in getattr(_lib, op).default._schema.arguments
               if not isinstance(a.type, torch.ListType))
-    for op in ("sgd_", "adam_", "rmsprop_", "adagrad_")
+    for op in OPTIMIZER_OPS
 }
 
 
@@ -79,5 +82,5 @@ def _nothing_to_compute(*args, **kwargs):
     return None
 
 
-for _op in ("sgd_", "adam_", "rmsprop_", "adagrad_", "_stream_"):
+for _op in OPTIMIZER_OPS + ("_stream_",):
     torch.library.register_fake(f"fused_optim::{_op}")(_nothing_to_compute)
