@@ -16,6 +16,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -34,6 +35,14 @@ struct DirectCall {
 };
 
 using DirectFn = void (*)(const DirectCall&);
+
+// A registered kernel, and the kind of each of its arguments after the tensor lists, in
+// schema order: 'n' a number (float or bool), 't' an optional tensor.
+struct DirectKernel {
+  DirectFn fn = nullptr;
+  size_t num_lists = 0;
+  std::string arg_kinds;
+};
 
 namespace detail {
 
@@ -83,30 +92,43 @@ void call_with(void (*fn)(A...), const char* name, const DirectCall& c) {
   std::apply(fn, args);
 }
 
+template <typename... A>
+DirectKernel describe(void (*)(A...), DirectFn fn) {
+  DirectKernel k;
+  k.fn = fn;
+  k.num_lists = (count_of<A, at::TensorList>() + ...);
+  (void)std::initializer_list<int>{
+      (count_of<A, at::TensorList>() ? 0
+                                     : (k.arg_kinds += count_of<A, std::optional<at::Tensor>>() ? 't' : 'n', 0))...};
+  return k;
+}
+
 }  // namespace detail
 
 // The registered kernels, by op name (without the namespace).
-inline std::unordered_map<std::string, DirectFn>& direct_calls() {
-  static std::unordered_map<std::string, DirectFn> registry;
+inline std::unordered_map<std::string, DirectKernel>& direct_calls() {
+  static std::unordered_map<std::string, DirectKernel> registry;
   return registry;
 }
 
-inline bool register_direct_call(const char* name, DirectFn fn) {
-  direct_calls().emplace(name, fn);
+inline bool register_direct_call(const char* name, DirectKernel kernel) {
+  direct_calls().emplace(name, std::move(kernel));
   return true;
 }
 
-inline DirectFn find_direct_call(const std::string& name) {
+inline const DirectKernel* find_direct_call(const std::string& name) {
   const auto it = direct_calls().find(name);
-  return it == direct_calls().end() ? nullptr : it->second;
+  return it == direct_calls().end() ? nullptr : &it->second;
 }
 
 }  // namespace fused_optim
 
 #define FO_DIRECT_CONCAT_(a, b) a##b
 #define FO_DIRECT_CONCAT(a, b) FO_DIRECT_CONCAT_(a, b)
-#define FO_REGISTER_DIRECT_CALL(name, kernel)                                              \
-  static const bool FO_DIRECT_CONCAT(fo_direct_call_, __LINE__) =                          \
-      ::fused_optim::register_direct_call(name, [](const ::fused_optim::DirectCall& c) { \
-        ::fused_optim::detail::call_with(&kernel, name, c);                                \
-      })
+#define FO_REGISTER_DIRECT_CALL(name, kernel)                                      \
+  static const bool FO_DIRECT_CONCAT(fo_direct_call_, __LINE__) =                  \
+      ::fused_optim::register_direct_call(                                         \
+          name, ::fused_optim::detail::describe(                                   \
+                    &kernel, [](const ::fused_optim::DirectCall& c) {              \
+                      ::fused_optim::detail::call_with(&kernel, name, c);          \
+                    }))

@@ -4,7 +4,6 @@
 
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
-#include <torch/csrc/utils/pybind.h>
 
 #include <ATen/Parallel.h>
 #include <ATen/PythonTorchFunctionTLS.h>
@@ -102,21 +101,72 @@ void tensor_pass(Py_ssize_t n, const F& f) {
 
 enum class Gathered { kOk, kDecline, kError };
 
-// One param group's lists: params with a grad, their grads, then one list per key of
-// `keys` (`lists` has 2 + len(keys) entries; a None key's list stays empty). kDecline:
-// something the fast path does not take (see _step); kError: a Python error is set.
-Gathered gather_group(PyObject* params, PyObject* state, PyObject* keys,
+// Python references the call owns until it returns.
+class OwnedRefs {
+ public:
+  OwnedRefs() = default;
+  OwnedRefs(const OwnedRefs&) = delete;
+  OwnedRefs& operator=(const OwnedRefs&) = delete;
+  ~OwnedRefs() {
+    for (PyObject* o : refs_) Py_DECREF(o);
+  }
+  PyObject* own(PyObject* o) {
+    Py_INCREF(o);
+    refs_.push_back(o);
+    return o;
+  }
+
+ private:
+  std::vector<PyObject*> refs_;
+};
+
+// Note [borrowing safely]
+// The lists borrow tensors without owning them, so nothing may change a param group, a
+// grad or the state while they exist: no Python code runs from the first borrow to the
+// end of the call, and the GIL is held throughout (also while the kernels run: another
+// thread's zero_grad() must not free a grad under them). The one step that can run
+// Python code, the state dict lookup (it calls Tensor.__hash__), comes first, for every
+// group, and keeps owned references to what it found.
+struct GroupSnapshot {
+  std::vector<PyObject*> params;  // owned
+  std::vector<PyObject*> states;  // owned; nullptr where not looked up
+};
+
+// The Python part of a group's gather: its params, and the state dict of each param
+// with a grad (when the kernel takes state).
+Gathered snapshot_group(PyObject* params, PyObject* state, bool any_key, OwnedRefs& owned,
+                        GroupSnapshot& snap) {
+  // The size is read again each time: a lookup can run Python code that changes the list.
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(params); ++i) {
+    PyObject* obj = owned.own(PyList_GET_ITEM(params, i));
+    if (!THPVariable_CheckExact(obj)) return Gathered::kDecline;
+    snap.params.push_back(obj);
+    PyObject* param_state = nullptr;
+    if (any_key && THPVariable_Unpack(obj).unsafeGetTensorImpl()->grad().defined()) {
+      param_state = PyDict_GetItemWithError(state, obj);
+      if (param_state == nullptr) return PyErr_Occurred() ? Gathered::kError : Gathered::kDecline;
+      owned.own(param_state);
+    }
+    snap.states.push_back(param_state);
+  }
+  return Gathered::kOk;
+}
+
+// The rest of a group's gather, which runs no Python code: params with a grad, their
+// grads, then one list per key of `keys` (`lists` has 2 + len(keys) entries; a None
+// key's list stays empty). kDecline: something the fast path does not take (see _step).
+Gathered gather_group(const GroupSnapshot& snap, PyObject* keys,
                       std::vector<BorrowedTensors>& lists) {
   // The gather goes in passes over the group: Note [prefetch].
-  const Py_ssize_t n = PyList_GET_SIZE(params);
+  const Py_ssize_t n = static_cast<Py_ssize_t>(snap.params.size());
   const Py_ssize_t num_keys = PyTuple_GET_SIZE(keys);
   // Pass 1: the params, and where their grads are.
   std::vector<const at::Tensor*> param_tensors(static_cast<size_t>(n));
   std::atomic<bool> decline{false};
   tensor_pass(n, [&](Py_ssize_t i, Py_ssize_t end) {
-    if (i + 2 * kAhead < end) prefetch(PyList_GET_ITEM(params, i + 2 * kAhead));
-    if (i + kAhead < end) prefetch_tensor_impl(PyList_GET_ITEM(params, i + kAhead));
-    const at::Tensor* p = plain_tensor(PyList_GET_ITEM(params, i));
+    if (i + 2 * kAhead < end) prefetch(snap.params[static_cast<size_t>(i + 2 * kAhead)]);
+    if (i + kAhead < end) prefetch_tensor_impl(snap.params[static_cast<size_t>(i + kAhead)]);
+    const at::Tensor* p = plain_tensor(snap.params[static_cast<size_t>(i)]);
     if (p == nullptr) {
       decline.store(true, std::memory_order_relaxed);
       return;
@@ -137,63 +187,53 @@ Gathered gather_group(PyObject* params, PyObject* state, PyObject* keys,
     if (g.defined()) prefetch_lines(g.unsafeGetTensorImpl());
     grad_tensors[static_cast<size_t>(i)] = &g;
   });
+  bool any_key = false;
+  for (Py_ssize_t k = 0; k < num_keys; ++k) any_key |= PyTuple_GET_ITEM(keys, k) != Py_None;
   for (auto& l : lists) l.reserve(static_cast<size_t>(n));
-  std::vector<PyObject*> with_grad;  // the params' Python objects, for the state lookups
-  with_grad.reserve(static_cast<size_t>(n));
+  std::vector<PyObject*> param_states;  // of the params with a grad
+  param_states.reserve(static_cast<size_t>(n));
   for (Py_ssize_t i = 0; i < n; ++i) {
-    const at::Tensor& p = *param_tensors[static_cast<size_t>(i)];
     const at::Tensor& g = *grad_tensors[static_cast<size_t>(i)];
     if (!g.defined()) continue;
     if (!is_plain_cpu(g)) return Gathered::kDecline;
-    lists[0].push(p);
+    PyObject* param_state = snap.states[static_cast<size_t>(i)];
+    if (any_key) {
+      if (param_state == nullptr || !PyDict_Check(param_state)) return Gathered::kDecline;
+      prefetch(reinterpret_cast<PyDictObject*>(param_state)->ma_keys);
+    }
+    lists[0].push(*param_tensors[static_cast<size_t>(i)]);
     lists[1].push(g);
-    with_grad.push_back(PyList_GET_ITEM(params, i));
+    param_states.push_back(param_state);
   }
-  const Py_ssize_t m = static_cast<Py_ssize_t>(with_grad.size());
-  bool any_key = false;
-  for (Py_ssize_t k = 0; k < num_keys; ++k) any_key |= PyTuple_GET_ITEM(keys, k) != Py_None;
-  if (any_key) {
-    // Pass 3: each param's state dict.
-    std::vector<PyObject*> param_states(static_cast<size_t>(m));
-    for (Py_ssize_t i = 0; i < m; ++i) {
-      PyObject* param_state = PyDict_GetItemWithError(state, with_grad[static_cast<size_t>(i)]);
-      if (param_state == nullptr && PyErr_Occurred()) return Gathered::kError;
-      if (param_state == nullptr) return Gathered::kDecline;
-      prefetch(param_state);
-      param_states[static_cast<size_t>(i)] = param_state;
-    }
-    // Pass 4: the state entries' Python objects.
-    std::vector<PyObject*> values(static_cast<size_t>(m * num_keys), nullptr);
-    for (Py_ssize_t i = 0; i < m; ++i) {
-      if (i + kAhead < m) {
-        PyObject* ahead = param_states[static_cast<size_t>(i + kAhead)];
-        if (PyDict_Check(ahead)) prefetch(reinterpret_cast<PyDictObject*>(ahead)->ma_keys);
-      }
-      PyObject* param_state = param_states[static_cast<size_t>(i)];
-      if (!PyDict_Check(param_state)) return Gathered::kDecline;
-      for (Py_ssize_t k = 0; k < num_keys; ++k) {
-        PyObject* key = PyTuple_GET_ITEM(keys, k);
-        if (key == Py_None) continue;
-        PyObject* value = PyDict_GetItemWithError(param_state, key);  // borrowed
-        if (value == nullptr && PyErr_Occurred()) return Gathered::kError;
-        if (value == nullptr) return Gathered::kDecline;
-        prefetch(value);
-        values[static_cast<size_t>(i * num_keys + k)] = value;
-      }
-    }
-    // Pass 5: the state tensors, list by list.
-    std::vector<const at::Tensor*> state_tensors(static_cast<size_t>(m));
+  if (!any_key) return Gathered::kOk;
+  const Py_ssize_t m = static_cast<Py_ssize_t>(param_states.size());
+  // Pass 3: the state entries' Python objects (str keys: no Python code runs).
+  std::vector<PyObject*> values(static_cast<size_t>(m * num_keys), nullptr);
+  for (Py_ssize_t i = 0; i < m; ++i) {
+    PyObject* param_state = param_states[static_cast<size_t>(i)];
     for (Py_ssize_t k = 0; k < num_keys; ++k) {
-      if (PyTuple_GET_ITEM(keys, k) == Py_None) continue;
-      auto value = [&](Py_ssize_t i) { return values[static_cast<size_t>(i * num_keys + k)]; };
-      tensor_pass(m, [&](Py_ssize_t i, Py_ssize_t end) {
-        if (i + kAhead < end) prefetch_tensor_impl(value(i + kAhead));
-        const at::Tensor* s = plain_tensor(value(i));
-        if (s == nullptr) decline.store(true, std::memory_order_relaxed);
-        state_tensors[static_cast<size_t>(i)] = s;
-      });
-      if (decline.load()) return Gathered::kDecline;
-      for (Py_ssize_t i = 0; i < m; ++i) lists[static_cast<size_t>(2 + k)].push(*state_tensors[static_cast<size_t>(i)]);
+      PyObject* key = PyTuple_GET_ITEM(keys, k);
+      if (key == Py_None) continue;
+      PyObject* value = PyDict_GetItem(param_state, key);  // borrowed
+      if (value == nullptr) return Gathered::kDecline;
+      prefetch(value);
+      values[static_cast<size_t>(i * num_keys + k)] = value;
+    }
+  }
+  // Pass 4: the state tensors, list by list.
+  std::vector<const at::Tensor*> state_tensors(static_cast<size_t>(m));
+  for (Py_ssize_t k = 0; k < num_keys; ++k) {
+    if (PyTuple_GET_ITEM(keys, k) == Py_None) continue;
+    auto value = [&](Py_ssize_t i) { return values[static_cast<size_t>(i * num_keys + k)]; };
+    tensor_pass(m, [&](Py_ssize_t i, Py_ssize_t end) {
+      if (i + kAhead < end) prefetch_tensor_impl(value(i + kAhead));
+      const at::Tensor* s = plain_tensor(value(i));
+      if (s == nullptr) decline.store(true, std::memory_order_relaxed);
+      state_tensors[static_cast<size_t>(i)] = s;
+    });
+    if (decline.load()) return Gathered::kDecline;
+    for (Py_ssize_t i = 0; i < m; ++i) {
+      lists[static_cast<size_t>(2 + k)].push(*state_tensors[static_cast<size_t>(i)]);
     }
   }
   return Gathered::kOk;
@@ -206,7 +246,7 @@ Gathered gather_group(PyObject* params, PyObject* state, PyObject* keys,
 // state dict, `keys[g]` the state key of each list the kernel takes after params and
 // grads (None: an empty list), `args[g]` the kernel's other arguments in schema order.
 // Params without a grad are left out, as in torch.optim. All groups are gathered before
-// any is updated. Returns False, having changed nothing, when any param, grad or state
+// any is updated; the GIL stays held (Note [borrowing safely]). Returns False, having changed nothing, when any param, grad or state
 // entry is not a plain dense CPU tensor (a sparse grad, a subclass, a DTensor, ...), when
 // a state entry is missing (the Python path creates the state), or when a torch function
 // or dispatch mode is active (they must see the op): the caller then takes its general
@@ -224,51 +264,84 @@ PyObject* py_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs)
                        PyList_GET_SIZE(keys) == PyList_GET_SIZE(groups) &&
                        PyList_GET_SIZE(rest) == PyList_GET_SIZE(groups),
                    "_step expects (str, list, dict, list, list), one entry per group");
-  const std::string name = PyUnicode_AsUTF8(op);
-  const DirectFn kernel = find_direct_call(name);
+  const char* op_name = PyUnicode_AsUTF8(op);
+  if (op_name == nullptr) return nullptr;
+  const std::string name = op_name;
+  const DirectKernel* kernel = find_direct_call(name);
   TORCH_CHECK(kernel != nullptr, "_step: no CPU kernel registered as ", name);
   if (c10::impl::TorchDispatchModeTLS::any_modes_set() || at::impl::torch_function_mode_enabled()) {
     Py_RETURN_FALSE;
   }
   const Py_ssize_t num_groups = PyList_GET_SIZE(groups);
-  std::vector<std::vector<BorrowedTensors>> lists;
-  std::vector<DirectCall> calls(static_cast<size_t>(num_groups));
-  lists.reserve(static_cast<size_t>(num_groups));
   for (Py_ssize_t g = 0; g < num_groups; ++g) {
-    PyObject* params = PyList_GET_ITEM(groups, g);
     PyObject* group_keys = PyList_GET_ITEM(keys, g);
-    PyObject* group_args = PyList_GET_ITEM(rest, g);
-    TORCH_CHECK_TYPE(PyList_Check(params) && PyTuple_Check(group_keys) && PyTuple_Check(group_args),
-                     "_step expects each group's params as a list, its keys and args as tuples");
-    lists.emplace_back(static_cast<size_t>(2 + PyTuple_GET_SIZE(group_keys)));
-    switch (gather_group(params, state, group_keys, lists.back())) {
+    TORCH_CHECK_TYPE(PyList_Check(PyList_GET_ITEM(groups, g)) && PyTuple_Check(group_keys) &&
+                         PyTuple_Check(PyList_GET_ITEM(rest, g)) &&
+                         static_cast<size_t>(2 + PyTuple_GET_SIZE(group_keys)) == kernel->num_lists,
+                     "_step expects each group's params as a list, and a tuple of ",
+                     kernel->num_lists - 2, " keys and a tuple of args for ", name);
+  }
+
+  // Note [borrowing safely]: first what may run Python code, for every group.
+  OwnedRefs owned;
+  owned.own(groups);
+  owned.own(state);
+  std::vector<GroupSnapshot> snaps(static_cast<size_t>(num_groups));
+  for (Py_ssize_t g = 0; g < num_groups; ++g) {
+    PyObject* group_keys = PyList_GET_ITEM(keys, g);
+    bool any_key = false;
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(group_keys); ++k) {
+      any_key |= PyTuple_GET_ITEM(group_keys, k) != Py_None;
+    }
+    switch (snapshot_group(owned.own(PyList_GET_ITEM(groups, g)), state, any_key, owned,
+                           snaps[static_cast<size_t>(g)])) {
       case Gathered::kOk: break;
       case Gathered::kDecline: Py_RETURN_FALSE;
       case Gathered::kError: return nullptr;
     }
+  }
+  // The arguments, by the kinds the kernel takes: anything else (a tensor where the
+  // schema has a float, say) is left to the general path, whose op call handles it.
+  std::vector<DirectCall> calls(static_cast<size_t>(num_groups));
+  for (Py_ssize_t g = 0; g < num_groups; ++g) {
+    PyObject* group_args = PyList_GET_ITEM(rest, g);
+    if (static_cast<size_t>(PyTuple_GET_SIZE(group_args)) != kernel->arg_kinds.size()) {
+      Py_RETURN_FALSE;
+    }
     DirectCall& call = calls[static_cast<size_t>(g)];
-    for (const auto& l : lists.back()) call.lists.push_back(l.list());
     for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(group_args); ++j) {
       PyObject* a = PyTuple_GET_ITEM(group_args, j);
-      if (a == Py_None) {
-        call.tensors.emplace_back(std::nullopt);
-      } else if (THPVariable_Check(a)) {
-        call.tensors.emplace_back(THPVariable_Unpack(a));
+      if (kernel->arg_kinds[static_cast<size_t>(j)] == 't') {
+        if (a == Py_None) {
+          call.tensors.emplace_back(std::nullopt);
+        } else if (THPVariable_Check(a)) {
+          call.tensors.emplace_back(THPVariable_Unpack(a));
+        } else {
+          Py_RETURN_FALSE;
+        }
       } else {
+        if (!PyFloat_Check(a) && !PyLong_Check(a)) Py_RETURN_FALSE;  // bool is an int
         const double v = PyFloat_AsDouble(a);
         if (v == -1.0 && PyErr_Occurred()) return nullptr;
         call.numbers.push_back(v);
       }
     }
   }
-  {
-    // As a torch op: the GIL is released while the kernels run, and a profiler sees them.
-    pybind11::gil_scoped_release no_gil;
-    for (const DirectCall& call : calls) {
-      if (call.lists[0].empty()) continue;  // no grads in this group
-      RECORD_FUNCTION("fused_optim::" + name, std::vector<c10::IValue>());
-      kernel(call);
+  // From here on no Python code runs, and the GIL stays held (Note [borrowing safely]).
+  std::vector<std::vector<BorrowedTensors>> lists;
+  lists.reserve(static_cast<size_t>(num_groups));
+  for (Py_ssize_t g = 0; g < num_groups; ++g) {
+    lists.emplace_back(kernel->num_lists);
+    if (gather_group(snaps[static_cast<size_t>(g)], PyList_GET_ITEM(keys, g), lists.back()) !=
+        Gathered::kOk) {
+      Py_RETURN_FALSE;
     }
+    for (const auto& l : lists.back()) calls[static_cast<size_t>(g)].lists.push_back(l.list());
+  }
+  for (const DirectCall& call : calls) {
+    if (call.lists[0].empty()) continue;  // no grads in this group
+    RECORD_FUNCTION("fused_optim::" + name, std::vector<c10::IValue>());
+    kernel->fn(call);
   }
   Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS

@@ -116,6 +116,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         # Decided after the closure: the grads it makes (sparse ones, say) are the ones the
         # step sees.
         reason = self._torch_step_reason()
+        if reason is not None:
+            self._torch_step(reason)
+            return loss
         # Set by GradScaler.step() for optimizers with _step_supports_amp_scaling.
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
@@ -131,13 +134,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         # torch's step, and each group takes the fast path or the general one below,
         # through the op.
         fast = not torch.compiler.is_compiling()
-        if reason is None:
-            with torch.no_grad():
-                done = fast and _C._step(self._op, [g["params"] for g in groups], self.state,
-                                         keys, args)
-            if done:
-                return loss
-            reason = self._torch_grads_reason()
+        with torch.no_grad():
+            done = fast and _C._step(self._op, [g["params"] for g in groups], self.state, keys,
+                                     args)
+        if done:
+            return loss
+        reason = self._torch_grads_reason()
         if reason is not None:
             self._torch_step(reason)
             return loss

@@ -202,3 +202,22 @@ def test_sparse_grads_found_after_the_fast_path_declines():
     # Both ran torch's for-loop: bitwise equal.
     assert torch.equal(emb.weight, ref.weight)
     assert torch.equal(dense, ref_dense)
+
+
+def test_an_argument_of_another_kind_is_declined_before_any_update():
+    # A 0-dim tensor where the schema has a float (torch.optim accepts one for eps): the
+    # fast path leaves it to the op call, having updated no group.
+    params = make_params()
+    set_grads(params, 0)
+    opt = fused_optim.Adam([{"params": params[:3]}, {"params": params[3:], "eps": 1e-8}], lr=0.01)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    groups = opt.param_groups
+    args = [_ops.schema_args("adam_", opt._kernel_args(g), None, None) for g in groups]
+    eps = _ops._ARG_NAMES["adam_"].index("eps")
+    args[1] = args[1][:eps] + (torch.tensor(1e-8),) + args[1][eps + 1:]
+    with torch.no_grad():
+        taken = _C._step("adam_", [g["params"] for g in groups], opt.state,
+                         [opt._state_keys(g) for g in groups], args)
+    assert taken is False
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
