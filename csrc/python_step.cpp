@@ -129,11 +129,12 @@ class OwnedRefs {
 // group, and keeps owned references to what it found.
 struct GroupSnapshot {
   std::vector<PyObject*> params;  // owned
-  std::vector<PyObject*> states;  // owned; nullptr where not looked up
+  std::vector<PyObject*> states;  // owned; nullptr where there is none
 };
 
-// The Python part of a group's gather: its params, and the state dict of each param
-// with a grad (when the kernel takes state).
+// The Python part of a group's gather: its params, and the state dict of each param that
+// has one (when the kernel takes state). It reads no tensor: the grads are read later, in
+// the passes that prefetch (Note [prefetch]).
 Gathered snapshot_group(PyObject* params, PyObject* state, bool any_key, OwnedRefs& owned,
                         GroupSnapshot& snap) {
   // The size is read again each time: a lookup can run Python code that changes the list.
@@ -142,10 +143,11 @@ Gathered snapshot_group(PyObject* params, PyObject* state, bool any_key, OwnedRe
     if (!THPVariable_CheckExact(obj)) return Gathered::kDecline;
     snap.params.push_back(obj);
     PyObject* param_state = nullptr;
-    if (any_key && THPVariable_Unpack(obj).unsafeGetTensorImpl()->grad().defined()) {
+    if (any_key) {
+      // A param without state is fine if it has no grad: gather_group decides.
       param_state = PyDict_GetItemWithError(state, obj);
-      if (param_state == nullptr) return PyErr_Occurred() ? Gathered::kError : Gathered::kDecline;
-      owned.own(param_state);
+      if (param_state == nullptr && PyErr_Occurred()) return Gathered::kError;
+      if (param_state != nullptr) owned.own(param_state);
     }
     snap.states.push_back(param_state);
   }
