@@ -143,10 +143,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         if reason is not None:
             self._torch_step(reason)
             return loss
+        # Group by group only where there are several: a single group was just declined.
+        retry = fast and len(groups) > 1
         with torch.no_grad():
             for group, group_keys, group_args in zip(groups, keys, args):
-                if fast and _C._step(self._op, [group["params"]], self.state, [group_keys],
-                                     [group_args]):
+                if retry and _C._step(self._op, [group["params"]], self.state, [group_keys],
+                                      [group_args]):
                     continue
                 params: List[Tensor] = []
                 grads: List[Tensor] = []
