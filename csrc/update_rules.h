@@ -38,6 +38,14 @@ FO_HOST_DEVICE FO_INLINE M fma_(M a, M b, M c) {
 #endif
 }
 
+FO_HOST_DEVICE FO_INLINE double pow_(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return ::pow(a, b);
+#else
+  return std::pow(a, b);
+#endif
+}
+
 template <typename M>
 FO_HOST_DEVICE FO_INLINE M sqrt_(M a) {
 #if defined(__CUDA_ARCH__)
@@ -86,6 +94,16 @@ struct LerpWeight {
 
 enum class WeightDecay { kNone, kL2, kDecoupled };
 
+// Note [per-step coefficients]
+// Each *Coeffs struct holds an algorithm's scalars as double. Its `at(lr, lr_is_f32, step)`
+// sets the ones that depend on lr and on the param's step count, as torch's for-loop
+// computes them: Python floats (double) and Python's ** (C pow); with a float32 Tensor lr
+// the quotients by lr are float32 tensor ops (Note [Tensor lr] in plan.h). One copy for
+// every device: the CPU kernels call it on the host; the CUDA kernels call it on the host
+// where lr and the steps live there (so CUDA gets the CPU kernels' bits), and on the GPU
+// where they live there (capturable steps, a CUDA Tensor lr: no host synchronisation;
+// the GPU's pow may differ from the host's in the last bit).
+
 // ---------------------------------------------------------------------------------------
 // SGD (torch.optim.SGD): weight decay, momentum with dampening, Nesterov, maximize.
 // ---------------------------------------------------------------------------------------
@@ -93,6 +111,8 @@ enum class Momentum { kNone, kFirstStep, kFirstStepNesterov, kUpdate, kUpdateNes
 
 struct SgdCoeffs {  // as double, straight from the param group
   double grad_sign, weight_decay, momentum, one_minus_dampening, neg_lr;
+  // torch's for-loop uses alpha=-lr; a Tensor lr becomes that Scalar exactly.
+  FO_HOST_DEVICE void at(double lr, bool /*lr_is_f32*/, double /*step*/) { neg_lr = -lr; }
 };
 
 // torch's SGD (unlike Adam) updates complex params with complex arithmetic; with a real
@@ -143,6 +163,21 @@ struct SgdRule {
 struct AdamCoeffs {  // as double
   double grad_sign, weight_decay, decay_factor, one_minus_beta1, beta2, one_minus_beta2, eps;
   double bias_correction2_sqrt, neg_step_size;  // per tensor (per step count)
+  double beta1;
+
+  FO_HOST_DEVICE void at(double lr, bool lr_is_f32, double step) {
+    // 1 - lr * weight_decay (AdamW's param.mul_), in lr's dtype for a Tensor lr.
+    decay_factor = lr_is_f32 ? static_cast<double>(1.0f - static_cast<float>(lr) *
+                                                              static_cast<float>(weight_decay))
+                             : 1.0 - lr * weight_decay;
+    const double bias_correction1 = 1.0 - pow_(beta1, step);
+    const double bias_correction2 = 1.0 - pow_(beta2, step);
+    const double step_size =
+        lr_is_f32 ? static_cast<double>(static_cast<float>(lr) / static_cast<float>(bias_correction1))
+                  : lr / bias_correction1;
+    neg_step_size = -step_size;
+    bias_correction2_sqrt = pow_(bias_correction2, 0.5);  // bias_correction2 ** 0.5
+  }
 };
 
 // torch's Adam takes the real view of a complex param after the weight decay, so the L2
@@ -194,6 +229,8 @@ struct AdamRule {
 // ---------------------------------------------------------------------------------------
 struct RmspropCoeffs {  // as double
   double grad_sign, weight_decay, alpha, one_minus_alpha, eps, momentum, neg_lr;
+  // alpha=-lr / value=-lr in torch's for-loop; the step is only counted.
+  FO_HOST_DEVICE void at(double lr, bool /*lr_is_f32*/, double /*step*/) { neg_lr = -lr; }
 };
 
 // As in Adam, a complex param is viewed as real after the weight decay (kFma = false).
@@ -248,6 +285,15 @@ struct RmspropRule {
 struct AdagradCoeffs {  // as double
   double grad_sign, weight_decay, eps;
   double neg_clr;  // per tensor: -lr / (1 + (step - 1) * lr_decay)
+  double lr_decay;
+
+  FO_HOST_DEVICE void at(double lr, bool lr_is_f32, double step) {
+    // clr = lr / (1 + (step - 1) * lr_decay), in lr's dtype for a Tensor lr.
+    const double decay = 1.0 + (step - 1.0) * lr_decay;
+    const double clr = lr_is_f32 ? static_cast<double>(static_cast<float>(lr) / static_cast<float>(decay))
+                                 : lr / decay;
+    neg_clr = -clr;
+  }
 };
 
 // As in Adam, a complex param is viewed as real after the weight decay (kFma = false).

@@ -34,29 +34,24 @@ void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
   check_steps(op, state_steps, plan.size());
   const double inv_scale = inverse_grad_scale(op, grad_scale);
   lr = lr_value(op, lr, lr_tensor);
-  // Note [Tensor lr] (multi_tensor.h): lr / decay in the lr's dtype, as torch's for-loop.
+  // Note [Tensor lr] (plan.h): lr / decay in the lr's dtype, as torch's for-loop.
   const bool lr_is_f32 = lr_is_float32(lr_tensor);
   if (skip_step(found_inf)) return;  // after all checks; nothing has changed yet
 
-  const AdagradCoeffs base{maximize ? -1.0 : 1.0, weight_decay, eps, 0.0};
+  AdagradCoeffs base{maximize ? -1.0 : 1.0, weight_decay, eps, 0.0, lr_decay};
   const std::vector<double> steps = increment_steps(state_steps);
   const int64_t n = plan.size();
   std::vector<AdagradCoeffs> coeffs(n, base);
   std::vector<const void*> coeff_ptrs(n);
   for (int64_t i = 0; i < n; ++i) {
-    // As torch's for-loop: clr = lr / (1 + (step - 1) * lr_decay) with Python floats.
-    const double decay = 1.0 + (steps[i] - 1.0) * lr_decay;
-    const double clr = lr_is_f32 ? static_cast<double>(static_cast<float>(lr) /
-                                                       static_cast<float>(decay))
-                                 : lr / decay;
-    coeffs[i].neg_clr = -clr;
+    coeffs[i].at(lr, lr_is_f32, steps[i]);  // Note [per-step coefficients]
     coeff_ptrs[i] = &coeffs[i];
   }
   const auto fns = segment_fns(plan, [&](at::ScalarType dt, bool cplx) {
     return weight_decay != 0.0 ? adagrad_segment_fn<true>(dt, cplx, unscale)
                                : adagrad_segment_fn<false>(dt, cplx, unscale);
   });
-  plan.run(fns, coeff_ptrs, inv_scale);
+  run(plan, fns, coeff_ptrs, inv_scale);
 }
 
 }  // namespace

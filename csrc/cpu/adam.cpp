@@ -2,8 +2,6 @@
 // AdamRule in update_rules.h; the loop and threading are in multi_tensor.h.
 #include <torch/library.h>
 
-#include <cmath>
-
 #include "cpu/multi_tensor.h"
 #include "direct_call.h"
 
@@ -60,7 +58,7 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
   check_steps(op, state_steps, plan.size());
   const double inv_scale = inverse_grad_scale(op, grad_scale);
   lr = lr_value(op, lr, lr_tensor);
-  // Note [Tensor lr] (multi_tensor.h): torch's for-loop computes lr / bias_correction1 and
+  // Note [Tensor lr] (plan.h): torch's for-loop computes lr / bias_correction1 and
   // 1 - lr * weight_decay as tensor ops in lr's dtype; we round the same way.
   const bool lr_is_f32 = lr_is_float32(lr_tensor);
   if (skip_step(found_inf)) return;  // after all checks; nothing has changed yet
@@ -71,9 +69,7 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
   AdamCoeffs base{};
   base.grad_sign = maximize ? -1.0 : 1.0;
   base.weight_decay = weight_decay;
-  base.decay_factor = lr_is_f32 ? static_cast<double>(
-                                      1.0f - static_cast<float>(lr) * static_cast<float>(weight_decay))
-                                : 1.0 - lr * weight_decay;
+  base.beta1 = beta1;
   base.one_minus_beta1 = 1.0 - beta1;
   base.beta2 = beta2;
   base.one_minus_beta2 = 1.0 - beta2;
@@ -85,25 +81,16 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
   std::vector<const void*> coeff_ptrs(n);
   for (int64_t i = 0; i < n; ++i) {
     if (i > 0 && steps[i] == steps[i - 1]) {
-      // The usual case: every param of the group is at the same step (3 pows saved).
-      coeffs[i].neg_step_size = coeffs[i - 1].neg_step_size;
-      coeffs[i].bias_correction2_sqrt = coeffs[i - 1].bias_correction2_sqrt;
+      coeffs[i] = coeffs[i - 1];  // the usual case: a group's params share a step (no pows)
     } else {
-      // As torch's for-loop: Python floats (double) and Python's ** (C pow).
-      const double bias_correction1 = 1.0 - std::pow(beta1, steps[i]);
-      const double bias_correction2 = 1.0 - std::pow(beta2, steps[i]);
-      const double step_size =
-          lr_is_f32 ? static_cast<double>(static_cast<float>(lr) / static_cast<float>(bias_correction1))
-                    : lr / bias_correction1;
-      coeffs[i].neg_step_size = -step_size;
-      coeffs[i].bias_correction2_sqrt = std::pow(bias_correction2, 0.5);
+      coeffs[i].at(lr, lr_is_f32, steps[i]);  // Note [per-step coefficients]
     }
     coeff_ptrs[i] = &coeffs[i];
   }
   const auto fns = segment_fns(plan, [&](at::ScalarType dt, bool cplx) {
     return select_adam(dt, cplx, wd, amsgrad, unscale);
   });
-  plan.run(fns, coeff_ptrs, inv_scale);
+  run(plan, fns, coeff_ptrs, inv_scale);
 }
 
 }  // namespace

@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "plan.h"
 #include "update_rules.h"
 
 #if defined(__x86_64__)
@@ -50,22 +51,10 @@ enum class Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 // The ISA of the loops: the best the CPU has, capped by FUSED_OPTIM_ISA. Decided once.
 Isa cpu_isa();
 
-constexpr int kMaxStates = 3;
 // Elements converted at a time for 16-bit params: the float copies stay in L1.
 constexpr int64_t kBlock = 256;
 // Below this many elements in total, no threads are started.
 constexpr int64_t kGrainSize = 32768;
-// Below this many params in a call, a plan checks its tensors on one thread.
-constexpr int64_t kParallelChecks = 1024;
-
-// Pointers of one tensor's data (after layout handling), as seen by a segment loop.
-struct TensorPtrs {
-  void* param;
-  void* grad;
-  void* state[kMaxStates];
-  const void* coeffs;  // the algorithm's coefficient struct for this tensor
-  double inv_grad_scale;
-};
 
 using SegmentFn = void (*)(const TensorPtrs&, int64_t begin, int64_t end);
 
@@ -271,62 +260,10 @@ SegmentFn dispatch_dtype(at::ScalarType dtype, F&& f) {
   }
 }
 
-// ---- the multi-tensor plan ------------------------------------------------------------
-
-// One call's lists, checked and laid out for the flat segment loops. Building a plan
-// changes nothing; run() updates; all errors are raised while building, so a bad input
-// never leaves a half-applied update.
-class MultiTensorPlan {
- public:
-  // `grad_mutable`: grads are written (the unscaled grad, when a GradScaler is active).
-  MultiTensorPlan(const char* op, at::TensorList params, at::TensorList grads,
-                  const std::vector<at::TensorList>& states, bool grad_mutable);
-
-  // Number of tensors in the call (zero-size ones included).
-  int64_t size() const { return num_tensors_; }
-  // dtype of tensor i (real dtype: complex params are updated as real views).
-  at::ScalarType real_dtype(int64_t i) const { return real_dtypes_[i]; }
-  bool is_complex(int64_t i) const { return is_complex_[i] != 0; }
-
-  // Runs fns[i] over tensor i with coefficient struct coeffs[i], all tensors in one
-  // parallel region, then writes back temporaries made for unusual layouts.
-  void run(const std::vector<SegmentFn>& fns, const std::vector<const void*>& coeffs,
-           double inv_grad_scale);
-
- private:
-  // The pointers of param i whose tensors need real views or layout temporaries.
-  TensorPtrs unusual_layout(int64_t i, at::TensorList params, at::TensorList grads,
-                            const std::vector<at::TensorList>& states, bool grad_mutable);
-
-  int64_t num_tensors_ = 0;
-  int num_states_ = 0;
-  std::vector<at::ScalarType> real_dtypes_;
-  std::vector<char> is_complex_;  // not vector<bool>: written from several threads
-  // Only tensors with elements take part in the loop.
-  std::vector<int64_t> index_;    // position in the call's lists
-  std::vector<int64_t> offsets_;  // prefix sums of numel, size index_.size() + 1
-  std::vector<TensorPtrs> ptrs_;
-  std::vector<std::pair<at::Tensor, at::Tensor>> writebacks_;  // (original, temporary)
-  std::vector<at::Tensor> keep_alive_;                          // read-only temporaries
-};
-
-// Checks a list of 0-dim step tensors (float32 or float64, CPU) of the given length.
-void check_steps(const char* op, at::TensorList steps, int64_t n);
-// Adds 1 to each step tensor and returns the new values.
-std::vector<double> increment_steps(at::TensorList steps);
-
-// True when `found_inf` says this step must be skipped (a GradScaler saw inf/NaN).
-bool skip_step(const std::optional<at::Tensor>& found_inf);
-// 1/scale rounded to float, as GradScaler.unscale_ computes it; 1 without a scaler.
-double inverse_grad_scale(const char* op, const std::optional<at::Tensor>& grad_scale);
-// The value of lr: a Python float, or a 1-element tensor.
-double lr_value(const char* op, double lr, const std::optional<at::Tensor>& lr_tensor);
-// Note [Tensor lr]: where torch's for-loop divides a Tensor lr by a Python float (Adam's
-// bias correction, Adagrad's lr decay) it computes in the lr's dtype; with a float32 lr
-// the kernels round those quotients to float the same way.
-inline bool lr_is_float32(const std::optional<at::Tensor>& lr_tensor) {
-  return lr_tensor.has_value() && lr_tensor->defined() && lr_tensor->scalar_type() == at::kFloat;
-}
+// Runs fns[i] over tensor i of the plan with coefficient struct coeffs[i], all tensors in
+// one parallel region, then writes back the plan's layout temporaries.
+void run(MultiTensorPlan& plan, const std::vector<SegmentFn>& fns,
+         const std::vector<const void*>& coeffs, double inv_grad_scale);
 
 // The segment function of each tensor of a plan: `select(real dtype, is complex)`, looked
 // up once per run of neighbours of the same kind.

@@ -73,7 +73,7 @@ void rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList squ
                ? select_rmsprop_wd<true>(dt, cplx, centered, use_momentum, unscale)
                : select_rmsprop_wd<false>(dt, cplx, centered, use_momentum, unscale);
   });
-  plan.run(fns, coeff_ptrs, inv_scale);
+  run(plan, fns, coeff_ptrs, inv_scale);
 }
 
 }  // namespace

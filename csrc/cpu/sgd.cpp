@@ -68,7 +68,7 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
     return weight_decay != 0.0 ? select_sgd_momentum<true>(dt, cplx, mode, unscale)
                                : select_sgd_momentum<false>(dt, cplx, mode, unscale);
   });
-  plan.run(fns, coeff_ptrs, inv_scale);
+  run(plan, fns, coeff_ptrs, inv_scale);
 }
 
 }  // namespace

@@ -1,0 +1,267 @@
+// The host side every device shares (plan.h): checks, layouts, scalar arguments.
+#include "plan.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/core/impl/COW.h>
+
+#include <array>
+#include <atomic>
+#include <string>
+
+namespace fused_optim {
+
+namespace {
+
+bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf ||
+         t == at::kComplexFloat || t == at::kComplexDouble;
+}
+
+// Same layout as far as elementwise work goes: equal strides on every dimension of
+// size > 1 (a size-1 dimension's stride is never used).
+bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  const auto sizes = a.sizes();
+  const auto sa = a.strides();
+  const auto sb = b.strides();
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    if (sizes[d] > 1 && sa[d] != sb[d]) return false;
+  }
+  return true;
+}
+
+bool is_cow(const at::Tensor& t) {
+  return c10::impl::cow::is_cow_data_ptr(t.unsafeGetTensorImpl()->unsafe_storage().data_ptr());
+}
+
+void check_companion(const char* op, const char* list, int64_t i, const at::Tensor& param,
+                     const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), op, ": ", list, "[", i, "] is undefined");
+  TORCH_CHECK(!t.is_sparse(), op, ": ", list, "[", i,
+              "] is sparse; fused_optim kernels need dense tensors");
+  TORCH_CHECK(t.device() == param.device(), op, ": ", list, "[", i, "] is on ", t.device(),
+              " but its param is on ", param.device());
+  TORCH_CHECK(t.scalar_type() == param.scalar_type(), op, ": ", list, "[", i, "] has dtype ",
+              t.scalar_type(), " but its param has dtype ", param.scalar_type());
+  TORCH_CHECK(t.sizes() == param.sizes(), op, ": ", list, "[", i, "] has shape ", t.sizes(),
+              " but its param has shape ", param.sizes());
+}
+
+}  // namespace
+
+MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::TensorList grads,
+                                 const std::vector<at::TensorList>& states, bool grad_mutable,
+                                 c10::DeviceType device_type)
+    : num_tensors_(static_cast<int64_t>(params.size())),
+      num_states_(static_cast<int>(states.size())) {
+  TORCH_CHECK(num_states_ <= kMaxStates, op, ": too many state lists");
+  TORCH_CHECK(grads.size() == params.size(), op, ": expected as many grads as params, got ",
+              grads.size(), " and ", params.size());
+  for (const auto& s : states) {
+    TORCH_CHECK(s.size() == params.size(), op,
+                ": expected every state list to have one tensor per param, got ", s.size(),
+                " and ", params.size());
+  }
+  const int64_t n = num_tensors_;
+  real_dtypes_.resize(n);
+  is_complex_.resize(n);
+  index_.reserve(n);
+  ptrs_.reserve(n);
+  offsets_.reserve(n + 1);
+  offsets_.push_back(0);
+
+  // Pass 1 reads only: every check, and the data pointers of each param whose tensors all
+  // have the layout the loops walk (the usual case). It runs on torch's threads for big
+  // calls: after a step's kernel has streamed through the caches, each tensor's metadata
+  // is a cache miss, and two cores have twice as many in flight. An error is raised in
+  // list order whatever thread met it first: on any failure the checks rerun serially.
+  std::vector<TensorPtrs> direct(n);
+  std::vector<char> is_direct(n, 0);
+  const char* state_names[kMaxStates] = {"state[0]", "state[1]", "state[2]"};
+  auto check = [&](int64_t i, int64_t end) {
+    // The storages of the tensor kAhead places later, asked for now (Note [prefetch] in
+    // python_step.cpp).
+    constexpr int64_t kAhead = 8;
+    if (i + kAhead < end) {
+      auto prefetch_storage = [](const at::Tensor& t) {
+        __builtin_prefetch(t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
+      };
+      prefetch_storage(params[i + kAhead]);
+      prefetch_storage(grads[i + kAhead]);
+      for (int k = 0; k < num_states_; ++k) prefetch_storage(states[k][i + kAhead]);
+    }
+    // Note [no tensor copies]
+    // The tensors are referenced, never copied: copying an at::Tensor that a Python object
+    // owns increfs that object (and the copy's destructor takes the GIL to decref it),
+    // which costs more than updating a small tensor. Only complex views and layout
+    // temporaries (pass 2) are new tensors.
+    const at::Tensor& param = params[i];
+    TORCH_CHECK(param.defined(), op, ": params[", i, "] is undefined");
+    TORCH_CHECK(param.device().type() == device_type, op, ": params[", i, "] is on ",
+                param.device(), "; this kernel runs on ", c10::DeviceTypeName(device_type),
+                " tensors");
+    // One call runs on one device (the optimizers bucket a group's params by device).
+    TORCH_CHECK(param.device() == params[0].device(), op, ": params[", i, "] is on ",
+                param.device(), " but params[0] is on ", params[0].device(),
+                "; one call runs on one device");
+    TORCH_CHECK(is_supported_dtype(param.scalar_type()), op, ": params[", i, "] has dtype ",
+                param.scalar_type(), "; supported: float64, float32, bfloat16, float16 and complex");
+    check_companion(op, "grads", i, param, grads[i]);
+    for (int k = 0; k < num_states_; ++k) check_companion(op, state_names[k], i, param, states[k][i]);
+    const bool complex = param.is_complex();
+    is_complex_[i] = complex;
+    // Complex params are updated as real views, as torch.optim does (pass 2 makes them).
+    real_dtypes_[i] = complex ? c10::toRealValueType(param.scalar_type()) : param.scalar_type();
+    if (complex || param.numel() == 0) return;
+    // Note [layouts]
+    // The loops walk memory linearly, so every tensor of a param must share one dense
+    // layout. The usual case (contiguous, transposed, channels_last params whose grad and
+    // state share their strides) needs nothing: its pointers are taken here.
+    if (!param.is_non_overlapping_and_dense()) return;
+    bool same = same_layout(grads[i], param);
+    for (int k = 0; k < num_states_; ++k) same = same && same_layout(states[k][i], param);
+    if (!same) return;
+    // A copy-on-write storage is copied when first written through: pass 2 does that, on
+    // one thread (two tensors can share one).
+    bool cow = is_cow(param) || is_cow(grads[i]);
+    for (int k = 0; k < num_states_; ++k) cow = cow || is_cow(states[k][i]);
+    if (cow) return;
+    TensorPtrs& tp = direct[i];
+    tp.param = param.data_ptr();
+    tp.grad = grads[i].data_ptr();
+    for (int k = 0; k < num_states_; ++k) tp.state[k] = states[k][i].data_ptr();
+    is_direct[i] = 1;
+  };
+  bool checked = false;
+  if (n >= kParallelChecks && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+    std::atomic<bool> failed{false};
+    at::parallel_for(0, n, kParallelChecks / 2, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end && !failed.load(std::memory_order_relaxed); ++i) {
+        try {
+          check(i, end);
+        } catch (...) {
+          failed.store(true, std::memory_order_relaxed);
+        }
+      }
+    });
+    checked = !failed.load();
+  }
+  if (!checked) {
+    for (int64_t i = 0; i < n; ++i) check(i, n);
+  }
+
+  // Pass 2, in list order: the loop's index and offsets, and for the unusual params the
+  // real views of complex tensors and the layout temporaries.
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t numel = params[i].numel() * (is_complex_[i] ? 2 : 1);
+    if (numel == 0) continue;
+    if (!is_direct[i]) direct[i] = unusual_layout(i, params, grads, states, grad_mutable);
+    ptrs_.push_back(direct[i]);
+    index_.push_back(i);
+    offsets_.push_back(offsets_.back() + numel);
+  }
+}
+
+TensorPtrs MultiTensorPlan::unusual_layout(int64_t i, at::TensorList params,
+                                           at::TensorList grads,
+                                           const std::vector<at::TensorList>& states,
+                                           bool grad_mutable) {
+  // The param, its grad and its states, in that order; real views of complex ones.
+  std::array<at::Tensor, 2 + kMaxStates> t;
+  t[0] = params[i];
+  t[1] = grads[i];
+  for (int k = 0; k < num_states_; ++k) t[2 + k] = states[k][i];
+  if (params[i].is_complex()) {
+    for (int k = 0; k < 2 + num_states_; ++k) t[k] = at::view_as_real(t[k]);
+  }
+  // Note [layouts], continued: each tensor that differs from the target layout (the
+  // param's own if it is dense, contiguous if not) is copied to a temporary of that
+  // layout, and the temporaries of tensors we write are copied back after the update.
+  // Never update a copy without writing it back.
+  const at::Tensor& p = t[0];
+  const bool param_dense = p.is_non_overlapping_and_dense();
+  auto data = [&](const at::Tensor& x, bool mutated) -> void* {
+    if (param_dense ? same_layout(x, p) : x.is_contiguous()) return x.data_ptr();
+    at::Tensor tmp = param_dense ? at::empty_strided(p.sizes(), p.strides(), p.options())
+                                 : at::empty(p.sizes(), p.options());
+    tmp.copy_(x);
+    void* ptr = tmp.data_ptr();
+    if (mutated) {
+      writebacks_.emplace_back(x, std::move(tmp));
+    } else {
+      keep_alive_.push_back(std::move(tmp));
+    }
+    return ptr;
+  };
+  TensorPtrs tp{};
+  tp.param = data(p, /*mutated=*/true);
+  tp.grad = data(t[1], grad_mutable);
+  for (int k = 0; k < num_states_; ++k) tp.state[k] = data(t[2 + k], /*mutated=*/true);
+  return tp;
+}
+
+void MultiTensorPlan::finish() {
+  for (auto& wb : writebacks_) wb.first.copy_(wb.second);
+  writebacks_.clear();
+  keep_alive_.clear();
+}
+
+bool check_steps(const char* op, at::TensorList steps, int64_t n,
+                 std::optional<c10::Device> device) {
+  TORCH_CHECK(static_cast<int64_t>(steps.size()) == n, op,
+              ": expected one state_step per param, got ", steps.size(), " and ", n);
+  // The steps are where the first one is: on the CPU, or (capturable / fused groups) on
+  // the params' device.
+  const bool on_device = device.has_value() && !steps.empty() && steps[0].defined() &&
+                         steps[0].device() == *device;
+  for (size_t i = 0; i < steps.size(); ++i) {
+    if (i + 8 < steps.size()) {  // Note [prefetch] (python_step.cpp)
+      __builtin_prefetch(steps[i + 8].unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
+    }
+    const at::Tensor& s = steps[i];
+    const bool where = s.defined() && (on_device ? s.device() == *device : s.device().is_cpu());
+    TORCH_CHECK(where && s.numel() == 1 &&
+                    (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+                op, ": state_steps[", i, "] must be a one-element float32 or float64 ",
+                on_device ? c10::str(*device) : std::string("CPU"), " tensor",
+                on_device ? " (as state_steps[0] is)" : "");
+  }
+  return on_device;
+}
+
+std::vector<double> increment_steps(at::TensorList steps) {
+  std::vector<double> values(steps.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    if (i + 8 < steps.size()) __builtin_prefetch(steps[i + 8].const_data_ptr(), 1);
+    const at::Tensor& s = steps[i];
+    if (s.scalar_type() == at::kFloat) {
+      float* v = s.data_ptr<float>();
+      *v += 1.0f;  // step_t += 1
+      values[i] = *v;
+    } else {
+      double* v = s.data_ptr<double>();
+      *v += 1.0;
+      values[i] = *v;
+    }
+  }
+  return values;
+}
+
+bool skip_step(const std::optional<at::Tensor>& found_inf) {
+  return found_inf.has_value() && found_inf->defined() && found_inf->item<double>() != 0.0;
+}
+
+double inverse_grad_scale(const char* op, const std::optional<at::Tensor>& grad_scale) {
+  if (!grad_scale.has_value() || !grad_scale->defined()) return 1.0;
+  TORCH_CHECK(grad_scale->numel() == 1, op, ": grad_scale must have one element");
+  // GradScaler.unscale_ multiplies by scale.double().reciprocal().float().
+  return static_cast<double>(static_cast<float>(1.0 / grad_scale->item<double>()));
+}
+
+double lr_value(const char* op, double lr, const std::optional<at::Tensor>& lr_tensor) {
+  if (!lr_tensor.has_value() || !lr_tensor->defined()) return lr;
+  TORCH_CHECK(lr_tensor->numel() == 1, op, ": Tensor lr must be 1-element");
+  return lr_tensor->item<double>();
+}
+
+}  // namespace fused_optim

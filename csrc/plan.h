@@ -1,0 +1,107 @@
+#pragma once
+// What the kernels of every device share on the host: the input checks, the layout
+// handling (complex views, layout temporaries, copy-on-write), and the scalar arguments
+// (steps, grad scale, found_inf, lr). The CPU loops (cpu/multi_tensor.h) and the CUDA
+// launches (cuda/multi_tensor.cuh) both start from a MultiTensorPlan, so a bad input gets
+// the same error on every device, and always before anything is written.
+//
+// This header is compiled by the host compiler and by nvcc: it names no ISA and no CUDA
+// API.
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/DeviceType.h>
+
+#include <cstdint>
+#include <optional>
+#include <utility>
+#include <vector>
+
+namespace fused_optim {
+
+constexpr int kMaxStates = 3;
+// Below this many params in a call, a plan checks its tensors on one thread.
+constexpr int64_t kParallelChecks = 1024;
+
+// Pointers of one tensor's data (after layout handling), as seen by a loop.
+struct TensorPtrs {
+  void* param;
+  void* grad;
+  void* state[kMaxStates];
+  const void* coeffs;  // CPU: the algorithm's coefficient struct for this tensor
+  double inv_grad_scale;
+};
+
+// One call's lists, checked and laid out for flat elementwise loops. Building a plan
+// changes nothing; all errors are raised while building, so a bad input never leaves a
+// half-applied update. The device's loops then walk its entries, and finish() writes back
+// the temporaries made for unusual layouts.
+class MultiTensorPlan {
+ public:
+  // `device_type`: where the kernel runs (CPU or CUDA). A CUDA call runs on the device of
+  // params[0]; every tensor must be there.
+  // `grad_mutable`: grads are written (the unscaled grad, when a GradScaler is active).
+  MultiTensorPlan(const char* op, at::TensorList params, at::TensorList grads,
+                  const std::vector<at::TensorList>& states, bool grad_mutable,
+                  c10::DeviceType device_type = c10::DeviceType::CPU);
+
+  // Number of tensors in the call (zero-size ones included).
+  int64_t size() const { return num_tensors_; }
+  // dtype of tensor i (real dtype: complex params are updated as real views).
+  at::ScalarType real_dtype(int64_t i) const { return real_dtypes_[i]; }
+  bool is_complex(int64_t i) const { return is_complex_[i] != 0; }
+  int num_states() const { return num_states_; }
+
+  // The entries the loops walk: the tensors with elements, in list order.
+  int64_t num_entries() const { return static_cast<int64_t>(index_.size()); }
+  int64_t entry_index(int64_t j) const { return index_[j]; }  // position in the lists
+  int64_t entry_numel(int64_t j) const { return offsets_[j + 1] - offsets_[j]; }
+  int64_t entry_offset(int64_t j) const { return offsets_[j]; }  // prefix sum of numels
+  int64_t total_numel() const { return offsets_.back(); }
+  TensorPtrs& entry(int64_t j) { return ptrs_[j]; }
+  const std::vector<int64_t>& offsets() const { return offsets_; }
+
+  // Copies the layout temporaries of written tensors back (on CUDA: stream-ordered).
+  void finish();
+
+ private:
+  // The pointers of param i whose tensors need real views or layout temporaries.
+  TensorPtrs unusual_layout(int64_t i, at::TensorList params, at::TensorList grads,
+                            const std::vector<at::TensorList>& states, bool grad_mutable);
+
+  int64_t num_tensors_ = 0;
+  int num_states_ = 0;
+  std::vector<at::ScalarType> real_dtypes_;
+  std::vector<char> is_complex_;  // not vector<bool>: written from several threads
+  // Only tensors with elements take part in the loop.
+  std::vector<int64_t> index_;    // position in the call's lists
+  std::vector<int64_t> offsets_;  // prefix sums of numel, size index_.size() + 1
+  std::vector<TensorPtrs> ptrs_;
+  std::vector<std::pair<at::Tensor, at::Tensor>> writebacks_;  // (original, temporary)
+  std::vector<at::Tensor> keep_alive_;                          // read-only temporaries
+};
+
+// Checks a list of n step tensors: one-element float32 or float64 tensors, all on the CPU
+// (the for-loop's steps) or, where `device` is given, all on that device (the steps of
+// capturable and fused groups). Returns true when they are on `device`.
+bool check_steps(const char* op, at::TensorList steps, int64_t n,
+                 std::optional<c10::Device> device = std::nullopt);
+// Adds 1 to each (CPU) step tensor and returns the new values.
+std::vector<double> increment_steps(at::TensorList steps);
+
+// True when `found_inf` says this step must be skipped (a GradScaler saw inf/NaN).
+bool skip_step(const std::optional<at::Tensor>& found_inf);
+// 1/scale rounded to float, as GradScaler.unscale_ computes it; 1 without a scaler.
+double inverse_grad_scale(const char* op, const std::optional<at::Tensor>& grad_scale);
+// The value of lr: a Python float, or a 1-element tensor.
+double lr_value(const char* op, double lr, const std::optional<at::Tensor>& lr_tensor);
+// Note [Tensor lr]: where torch's for-loop divides a Tensor lr by a Python float (Adam's
+// bias correction, Adagrad's lr decay) it computes in the lr's dtype; with a float32 lr
+// the kernels round those quotients to float the same way.
+inline bool lr_is_float32(const std::optional<at::Tensor>& lr_tensor) {
+  return lr_tensor.has_value() && lr_tensor->defined() && lr_tensor->scalar_type() == at::kFloat;
+}
+inline bool has_tensor(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined();
+}
+
+}  // namespace fused_optim
