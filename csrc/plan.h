@@ -100,6 +100,23 @@ double lr_value(const char* op, double lr, const std::optional<at::Tensor>& lr_t
 inline bool lr_is_float32(const std::optional<at::Tensor>& lr_tensor) {
   return lr_tensor.has_value() && lr_tensor->defined() && lr_tensor->scalar_type() == at::kFloat;
 }
+// Each tensor's coefficient struct (update_rules.h) for its step, as counted after this
+// step's increment (Note [per-step coefficients]); the pows run once per run of equal
+// steps (a group's params usually share one).
+template <typename Coeffs>
+std::vector<Coeffs> per_step_coeffs(const Coeffs& base, double lr, bool lr_is_f32,
+                                    const std::vector<double>& steps) {
+  std::vector<Coeffs> coeffs(steps.size(), base);
+  for (size_t i = 0; i < steps.size(); ++i) {
+    if (i > 0 && steps[i] == steps[i - 1]) {
+      coeffs[i] = coeffs[i - 1];
+    } else {
+      coeffs[i].at(lr, lr_is_f32, steps[i]);
+    }
+  }
+  return coeffs;
+}
+
 inline bool has_tensor(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined();
 }

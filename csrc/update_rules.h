@@ -81,7 +81,7 @@ template <typename M>
 struct LerpWeight {
   M coeff;     // weight if small, weight - 1 otherwise
   bool small;  // |weight| < 0.5
-  FO_HOST_DEVICE LerpWeight() = default;
+  LerpWeight() = default;
   FO_HOST_DEVICE explicit LerpWeight(double w) {
     const M wm = static_cast<M>(w);
     small = (wm < M(0) ? -wm : wm) < M(0.5);
@@ -114,6 +114,11 @@ struct SgdCoeffs {  // as double, straight from the param group
   // torch's for-loop uses alpha=-lr; a Tensor lr becomes that Scalar exactly.
   FO_HOST_DEVICE void at(double lr, bool /*lr_is_f32*/, double /*step*/) { neg_lr = -lr; }
 };
+
+inline SgdCoeffs sgd_coeffs(bool maximize, double weight_decay, double momentum,
+                            double dampening) {
+  return SgdCoeffs{maximize ? -1.0 : 1.0, weight_decay, momentum, 1.0 - dampening, 0.0};
+}
 
 // torch's SGD (unlike Adam) updates complex params with complex arithmetic; with a real
 // scalar that is the real-view update with unfused multiply-adds (kFma = false).
@@ -180,6 +185,19 @@ struct AdamCoeffs {  // as double
   }
 };
 
+inline AdamCoeffs adam_coeffs(bool maximize, double weight_decay, double beta1, double beta2,
+                              double eps) {
+  AdamCoeffs c{};
+  c.grad_sign = maximize ? -1.0 : 1.0;
+  c.weight_decay = weight_decay;
+  c.beta1 = beta1;
+  c.one_minus_beta1 = 1.0 - beta1;
+  c.beta2 = beta2;
+  c.one_minus_beta2 = 1.0 - beta2;
+  c.eps = eps;
+  return c;
+}
+
 // torch's Adam takes the real view of a complex param after the weight decay, so the L2
 // term is a complex multiply-add there (kFma = false); the rest is real arithmetic.
 template <typename M, WeightDecay kWeightDecay, bool kAmsgrad, bool kFma = true>
@@ -232,6 +250,11 @@ struct RmspropCoeffs {  // as double
   // alpha=-lr / value=-lr in torch's for-loop; the step is only counted.
   FO_HOST_DEVICE void at(double lr, bool /*lr_is_f32*/, double /*step*/) { neg_lr = -lr; }
 };
+
+inline RmspropCoeffs rmsprop_coeffs(bool maximize, double weight_decay, double alpha,
+                                    double eps, double momentum) {
+  return RmspropCoeffs{maximize ? -1.0 : 1.0, weight_decay, alpha, 1.0 - alpha, eps, momentum, 0.0};
+}
 
 // As in Adam, a complex param is viewed as real after the weight decay (kFma = false).
 template <typename M, bool kWeightDecay, bool kCentered, bool kMomentum, bool kFma = true>
@@ -295,6 +318,11 @@ struct AdagradCoeffs {  // as double
     neg_clr = -clr;
   }
 };
+
+inline AdagradCoeffs adagrad_coeffs(bool maximize, double weight_decay, double eps,
+                                    double lr_decay) {
+  return AdagradCoeffs{maximize ? -1.0 : 1.0, weight_decay, eps, 0.0, lr_decay};
+}
 
 // As in Adam, a complex param is viewed as real after the weight decay (kFma = false).
 template <typename M, bool kWeightDecay, bool kFma = true>

@@ -67,8 +67,20 @@ def schema_args(op: str, kwargs: Dict[str, Any], grad_scale: Optional[Tensor],
 def call(op: str, params: List[Tensor], grads: List[Tensor], state_lists: Sequence[List[Tensor]],
          args: Tuple[Any, ...]) -> None:
     """torch.ops.fused_optim.<op> on the lists (DTensors replaced by their local shards),
-    with `args` from schema_args."""
-    getattr(_lib, op)(*_local(params, grads, *state_lists), *args)
+    with `args` from schema_args: one call per device where the params are on several (a
+    kernel runs on one device; a param's grad and state are on its device, except steps
+    that torch keeps on the CPU)."""
+    lists = _local(params, grads, *state_lists)
+    kernel = getattr(_lib, op)
+    device = params[0].device if params else None
+    if all(p.device == device for p in params):
+        kernel(*lists, *args)
+        return
+    buckets: Dict[torch.device, List[int]] = {}
+    for i, p in enumerate(params):
+        buckets.setdefault(p.device, []).append(i)
+    for indices in buckets.values():
+        kernel(*([ts[i] for i in indices] if ts else ts for ts in lists), *args)
 
 
 def stream_(inout: List[Tensor], read_only: List[Tensor], scale: float) -> None:

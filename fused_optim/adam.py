@@ -39,7 +39,7 @@ class _AdamStep(FusedOptimizer):
         # As torch.optim.Adam._init_group creates it (Note [state]).
         state["step"] = (
             torch.zeros((), dtype=_get_scalar_dtype(is_fused=True), device=p.device)
-            if group["fused"]
+            if group["capturable"] or group["fused"]
             else torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
         )
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)

@@ -24,10 +24,13 @@ from ._loader import built_with_cuda
 class FusedOptimizer(torch.optim.Optimizer):
     # Set per algorithm: the torch.optim class it replaces, and the group options that
     # make us run that class's own step instead of the kernel.
-    # Note [capturable]: torch.compile marks every group capturable=True while it traces a
-    # step (on CPU too), so a compiled step would never reach our kernel if we refused it.
-    # Under compilation it is honoured: the kernels read and increment `step` and read a
-    # tensor lr themselves, with no host synchronisation. In eager mode capturable=True
+    # Note [capturable]: a capturable group's step can be captured in a CUDA graph: no host
+    # synchronisation. The CUDA kernels honour it (steps on the device are incremented and
+    # read there, and so are a Tensor lr, grad_scale and found_inf), so a group whose params
+    # are all CUDA tensors runs our kernel. torch.compile also marks every group
+    # capturable=True while it traces a step (on CPU too), so a compiled step would never
+    # reach our kernel if we refused it; there the CPU kernels read and increment `step`
+    # and read a tensor lr themselves. Otherwise (CPU params in eager mode) capturable=True
     # runs torch's own step, which refuses CPU params with torch's own error.
     _torch_class: type = torch.optim.Optimizer
     _torch_only_options = ("differentiable", "capturable")
@@ -97,7 +100,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         compiling = torch.compiler.is_compiling()
         for group in self.param_groups:
             for option in self._torch_only_options:
-                if group.get(option) and not (option == "capturable" and compiling):
+                if group.get(option) and not (option == "capturable" and (
+                        compiling or all(p.is_cuda for p in group["params"]))):
                     return f"{option}=True"
         return None
 

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "plan.h"
+#include "rule_select.h"
 #include "update_rules.h"
 
 #if defined(__x86_64__)
@@ -248,17 +249,14 @@ SegmentFn pick_segment_fn() {
   return &segment_baseline<T, kUnscale, Rule>;
 }
 
-// Calls f.template operator()<T>() with T the C++ type of a (real) floating dtype.
-template <typename F>
-SegmentFn dispatch_dtype(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat: return f.template operator()<float>();
-    case at::kDouble: return f.template operator()<double>();
-    case at::kBFloat16: return f.template operator()<c10::BFloat16>();
-    case at::kHalf: return f.template operator()<c10::Half>();
-    default: TORCH_CHECK(false, "fused_optim: unsupported dtype ", dtype);
+// The CPU loop of (T, Rule) for the select_* functions of rule_select.h.
+struct PickSegment {
+  bool unscale;  // a GradScaler's grads: unscaled (and stored back) first
+  template <typename T, typename Rule>
+  SegmentFn operator()() const {
+    return unscale ? pick_segment_fn<T, true, Rule>() : pick_segment_fn<T, false, Rule>();
   }
-}
+};
 
 // Runs fns[i] over tensor i of the plan with coefficient struct coeffs[i], all tensors in
 // one parallel region, then writes back the plan's layout temporaries.

@@ -1,0 +1,119 @@
+// The non-template part of the CUDA machinery (cuda/multi_tensor.cuh).
+#include "cuda/multi_tensor.cuh"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+
+namespace fused_optim::cuda {
+
+namespace {
+
+// The steps of one launch of increment_steps_kernel (by value, under 4 KB).
+constexpr int kStepsPerLaunch = 384;
+struct StepArgs {
+  void* step[kStepsPerLaunch];
+  uint8_t is_double[kStepsPerLaunch];
+  int n;
+  Scalar found_inf;
+};
+
+// A one-element scalar argument (lr, grad_scale, found_inf): read in the kernels where it
+// lives on `device`, read on the host where it is a CPU tensor.
+Scalar scalar_arg(const char* op, const char* name, const at::Tensor& t, c10::Device device) {
+  Scalar s;
+  if (t.device().is_cpu()) {
+    s.value = t.item<double>();
+    return s;
+  }
+  TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(),
+              " but the params are on ", device);
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              " on ", device, " must be float32 or float64, got ", t.scalar_type());
+  s.ptr = t.const_data_ptr();
+  s.is_double = t.scalar_type() == at::kDouble;
+  return s;
+}
+
+__global__ void increment_steps_kernel(const StepArgs a) {
+  const int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (i >= a.n || a.found_inf.get() != 0.0) return;
+  if (a.is_double[i]) {
+    *static_cast<double*>(a.step[i]) += 1.0;
+  } else {
+    *static_cast<float*>(a.step[i]) += 1.0f;
+  }
+}
+
+}  // namespace
+
+std::optional<c10::Device> call_device(at::TensorList params) {
+  if (params.empty() || !params[0].defined() || !params[0].is_cuda()) return std::nullopt;
+  return params[0].device();
+}
+
+// Note [CUDA scalars]
+// Where the call's steps are CPU tensors (torch's for-loop keeps them there unless a group
+// is capturable or fused), everything is read on the host, as the for-loop does: lr,
+// found_inf (a skipped step then changes nothing, steps included), and the steps, whose
+// coefficients are computed on the host (Note [CUDA bits]). Otherwise nothing is: lr,
+// grad_scale and found_inf on the device are read by the kernels, the steps are
+// incremented by a kernel, and no host synchronisation happens, so the step can be
+// captured in a CUDA graph.
+CallScalars call_scalars(const char* op, c10::Device device, double lr,
+                         const std::optional<at::Tensor>& lr_tensor,
+                         const std::optional<at::Tensor>& grad_scale,
+                         const std::optional<at::Tensor>& found_inf, bool host_steps,
+                         bool steps_on_device) {
+  CallScalars sc;
+  sc.unscale = has_tensor(grad_scale);
+  if (sc.unscale) {
+    TORCH_CHECK(grad_scale->numel() == 1, op, ": grad_scale must have one element");
+    sc.grad_scale = scalar_arg(op, "grad_scale", *grad_scale, device);
+  }
+  sc.lr_is_f32 = lr_is_float32(lr_tensor);
+  if (has_tensor(lr_tensor)) {
+    TORCH_CHECK(lr_tensor->numel() == 1, op, ": Tensor lr must be 1-element");
+  }
+  if (host_steps) {
+    sc.lr_value = lr_value(op, lr, lr_tensor);
+    sc.lr.value = sc.lr_value;
+    if (has_tensor(found_inf)) {
+      TORCH_CHECK(found_inf->device().is_cpu() || found_inf->device() == device, op,
+                  ": found_inf is on ", found_inf->device(), " but the params are on ", device);
+    }
+    sc.skip = skip_step(found_inf);
+    return sc;
+  }
+  const bool lr_on_device = has_tensor(lr_tensor) && !lr_tensor->device().is_cpu();
+  if (lr_on_device) {
+    sc.lr = scalar_arg(op, "lr", *lr_tensor, device);
+  } else {
+    sc.lr_value = lr_value(op, lr, lr_tensor);
+    sc.lr.value = sc.lr_value;
+  }
+  if (has_tensor(found_inf)) sc.found_inf = scalar_arg(op, "found_inf", *found_inf, device);
+  sc.device_coeffs = steps_on_device || lr_on_device;
+  return sc;
+}
+
+void increment_device_steps(at::TensorList steps, const Scalar& found_inf) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  StepArgs args{};
+  args.found_inf = found_inf;
+  for (size_t begin = 0; begin < steps.size(); begin += kStepsPerLaunch) {
+    const size_t n = std::min(steps.size() - begin, static_cast<size_t>(kStepsPerLaunch));
+    for (size_t k = 0; k < n; ++k) {
+      const at::Tensor& s = steps[begin + k];
+      args.step[k] = s.data_ptr();
+      args.is_double[k] = s.scalar_type() == at::kDouble;
+    }
+    args.n = static_cast<int>(n);
+    constexpr int kStepThreads = 128;
+    const int blocks = static_cast<int>((n + kStepThreads - 1) / kStepThreads);
+    increment_steps_kernel<<<blocks, kStepThreads, 0, stream>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace fused_optim::cuda

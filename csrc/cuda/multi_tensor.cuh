@@ -1,0 +1,281 @@
+#pragma once
+// The CUDA multi-tensor machinery every algorithm shares: the launches over many tensors,
+// the element loop, and how scalar arguments reach the kernels. An algorithm brings only
+// its checks and coefficients (cuda/<algo>.cu); the per-element math is its rule in
+// update_rules.h, the same source the CPU loops run, and the checks and layout handling
+// are the CPU's (MultiTensorPlan, plan.h).
+//
+// Note [CUDA bits]
+// The rules spell out every fused multiply-add (::fma), and the CUDA sources are built with
+// -fmad=false and IEEE division and square root (nvcc's defaults without fast math), so a
+// CUDA kernel computes each element exactly as the CPU kernels do: where lr and the steps
+// live on the host (the for-loop's usual state), a CUDA step gives the bits a CPU step
+// gives. Where they live on the device (capturable and fused groups, a CUDA Tensor lr), the
+// coefficients are computed on the GPU (Note [per-step coefficients]).
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "plan.h"
+#include "rule_select.h"
+#include "update_rules.h"
+
+namespace fused_optim::cuda {
+
+// Note [CUDA launches]
+// One launch covers up to kTensors tensors in up to kBlocks chunks of kChunk elements (one
+// thread block each; a chunk never straddles two tensors). Everything a launch needs
+// travels in its by-value kernel argument, under the 4 KB that every architecture accepts:
+// no host-to-device copy is made, and a launch captured in a CUDA graph owns its own copy.
+// The coefficients of up to kCoeffSets distinct steps ride along (a group's params usually
+// share one step); a launch ends early when a tensor would need another.
+constexpr int kThreads = 512;
+constexpr int64_t kChunk = 65536;
+constexpr int kTensors = 24;
+constexpr int kBlocks = 320;
+constexpr int kCoeffSets = 4;
+constexpr int kPtrs = 2 + kMaxStates;  // param, grad, states
+
+// A float32 or float64 scalar in device memory, or a value known on the host.
+struct Scalar {
+  const void* ptr = nullptr;
+  bool is_double = false;
+  double value = 0.0;
+
+  __device__ __forceinline__ double get() const {
+    if (ptr == nullptr) return value;
+    return is_double ? *static_cast<const double*>(ptr)
+                     : static_cast<double>(*static_cast<const float*>(ptr));
+  }
+};
+
+template <typename Coeffs>
+struct LaunchArgs {
+  void* ptr[kPtrs][kTensors];
+  int64_t numel[kTensors];
+  const void* step[kTensors];  // device steps (capturable / fused groups), else null
+  uint8_t step_is_double[kTensors];
+  uint8_t coeff_set[kTensors];
+  uint8_t block_tensor[kBlocks];
+  int32_t block_chunk[kBlocks];
+  Coeffs coeffs[kCoeffSets];
+  Scalar lr, grad_scale, found_inf;
+  bool lr_is_f32;
+  bool device_coeffs;  // recompute each tensor's coefficients on the GPU
+  bool unscale;        // a GradScaler's grads: unscaled, and the unscaled grad stored
+};
+
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int kSize = static_cast<int>(16 / sizeof(T));
+  T v[kSize];
+};
+
+template <typename T, typename Rule>
+__global__ void __launch_bounds__(kThreads) update_kernel(const LaunchArgs<typename Rule::Coeffs> a) {
+  using M = at::opmath_type<T>;
+  constexpr int NS = Rule::kStates;
+  constexpr int kS = NS > 0 ? NS : 1;
+  if (a.found_inf.get() != 0.0) return;  // GradScaler found inf/NaN: skip the step
+  const int t = a.block_tensor[blockIdx.x];
+  const int64_t numel = a.numel[t];
+  const int64_t begin = static_cast<int64_t>(a.block_chunk[blockIdx.x]) * kChunk;
+  const int64_t end = numel < begin + kChunk ? numel : begin + kChunk;
+
+  typename Rule::Coeffs c = a.coeffs[a.coeff_set[t]];
+  if (a.device_coeffs) {  // Note [per-step coefficients]
+    double step = 0.0;
+    if (a.step[t] != nullptr) {
+      step = a.step_is_double[t] ? *static_cast<const double*>(a.step[t])
+                                 : static_cast<double>(*static_cast<const float*>(a.step[t]));
+    }
+    c.at(a.lr.get(), a.lr_is_f32, step);
+  }
+  const Rule rule(c);
+  // GradScaler.unscale_ multiplies by scale.double().reciprocal().float().
+  const M inv_scale =
+      a.unscale ? static_cast<M>(static_cast<float>(1.0 / a.grad_scale.get())) : M(1);
+
+  T* p = static_cast<T*>(a.ptr[0][t]);
+  T* g = static_cast<T*>(a.ptr[1][t]);
+  T* s[kS];
+  for (int k = 0; k < NS; ++k) s[k] = static_cast<T*>(a.ptr[2 + k][t]);
+
+  // One element, in opmath precision (float for 16-bit types), as the CPU loops do it.
+  auto update = [&](T& pe, T& ge, auto&& state) {
+    M pv = static_cast<M>(pe);
+    M gv = static_cast<M>(ge);
+    if (a.unscale) {
+      gv = gv * inv_scale;
+      ge = static_cast<T>(gv);
+    }
+    M sv[kS];
+    for (int k = 0; k < NS; ++k) sv[k] = static_cast<M>(state(k));
+    rule(pv, gv, sv);
+    pe = static_cast<T>(pv);
+    for (int k = 0; k < NS; ++k) state(k) = static_cast<T>(sv[k]);
+  };
+
+  // 16-byte loads and stores where every pointer allows them (a chunk starts at a multiple
+  // of kChunk elements, so only the tensors' own addresses matter); indices are int64.
+  uintptr_t bits = reinterpret_cast<uintptr_t>(p) | reinterpret_cast<uintptr_t>(g);
+  for (int k = 0; k < NS; ++k) bits |= reinterpret_cast<uintptr_t>(s[k]);
+  int64_t i = begin;
+  if (bits % 16 == 0) {
+    constexpr int kV = Pack<T>::kSize;
+    const int64_t packs = (end - begin) / kV;
+    for (int64_t v = threadIdx.x; v < packs; v += kThreads) {
+      const int64_t at = begin + v * kV;
+      Pack<T> pp = *reinterpret_cast<const Pack<T>*>(p + at);
+      Pack<T> gp = *reinterpret_cast<const Pack<T>*>(g + at);
+      Pack<T> sp[kS];
+      for (int k = 0; k < NS; ++k) sp[k] = *reinterpret_cast<const Pack<T>*>(s[k] + at);
+#pragma unroll
+      for (int j = 0; j < kV; ++j) {
+        update(pp.v[j], gp.v[j], [&](int k) -> T& { return sp[k].v[j]; });
+      }
+      *reinterpret_cast<Pack<T>*>(p + at) = pp;
+      if (a.unscale) *reinterpret_cast<Pack<T>*>(g + at) = gp;
+      for (int k = 0; k < NS; ++k) *reinterpret_cast<Pack<T>*>(s[k] + at) = sp[k];
+    }
+    i = begin + packs * kV;
+  }
+  for (int64_t e = i + threadIdx.x; e < end; e += kThreads) {
+    update(p[e], g[e], [&](int k) -> T& { return s[k][e]; });
+  }
+}
+
+template <typename Coeffs>
+using Kernel = void (*)(LaunchArgs<Coeffs>);
+
+// The CUDA kernel of (T, Rule) for the select_* functions of rule_select.h.
+template <typename Coeffs>
+struct PickKernel {
+  template <typename T, typename Rule>
+  Kernel<Coeffs> operator()() const {
+    static_assert(std::is_same_v<typename Rule::Coeffs, Coeffs>);
+    static_assert(sizeof(LaunchArgs<Coeffs>) <= 4096, "a launch's argument must fit in 4 KB");
+    return &update_kernel<T, Rule>;
+  }
+};
+
+// How one call's scalar arguments reach its kernels (Note [CUDA scalars] in multi_tensor.cu).
+struct CallScalars {
+  Scalar lr, grad_scale, found_inf;
+  double lr_value = 0.0;  // lr, where it is read on the host
+  bool lr_is_f32 = false;
+  bool unscale = false;
+  bool device_coeffs = false;
+  bool skip = false;  // found_inf, read on the host, says: skip this step
+};
+
+// `device`: the call's device. `host_steps`: the call has steps and they are CPU tensors
+// (then everything is read on the host, as the for-loop does: lr, found_inf, the steps).
+CallScalars call_scalars(const char* op, c10::Device device, double lr,
+                         const std::optional<at::Tensor>& lr_tensor,
+                         const std::optional<at::Tensor>& grad_scale,
+                         const std::optional<at::Tensor>& found_inf, bool host_steps,
+                         bool steps_on_device);
+
+// Adds 1 to each step tensor on the device, unless found_inf (on the device) is nonzero.
+void increment_device_steps(at::TensorList steps, const Scalar& found_inf);
+
+// The device of a call: params[0]'s, or none when there is no CUDA params[0] (an empty
+// call; otherwise MultiTensorPlan raises the error).
+std::optional<c10::Device> call_device(at::TensorList params);
+
+// Runs the plan's tensors through the kernels `select(real dtype, is complex)` returns, in
+// as few launches as Note [CUDA launches] allows, on the current stream, then writes back
+// the plan's layout temporaries. `coeffs` holds one struct per tensor of the call, or a
+// single one for all; `device_steps` is the call's steps where they live on the device.
+template <typename Coeffs, typename Select>
+void launch_update(MultiTensorPlan& plan, const std::vector<Coeffs>& coeffs,
+                   at::TensorList device_steps, const CallScalars& sc, Select&& select) {
+  const int64_t entries = plan.num_entries();
+  if (entries == 0) {
+    plan.finish();
+    return;
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  LaunchArgs<Coeffs> args{};
+  args.lr = sc.lr;
+  args.grad_scale = sc.grad_scale;
+  args.found_inf = sc.found_inf;
+  args.lr_is_f32 = sc.lr_is_f32;
+  args.device_coeffs = sc.device_coeffs;
+  args.unscale = sc.unscale;
+
+  Kernel<Coeffs> kernel = nullptr;
+  int tensors = 0, blocks = 0, sets = 0;
+  auto flush = [&] {
+    if (blocks > 0) {
+      kernel<<<blocks, kThreads, 0, stream>>>(args);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    tensors = blocks = sets = 0;
+  };
+  // Puts entry j in the launch being built; returns its slot.
+  auto add_tensor = [&](int64_t j) {
+    if (tensors == kTensors) flush();
+    const int64_t i = plan.entry_index(j);
+    const Coeffs& c = coeffs[coeffs.size() == 1 ? 0 : i];
+    int set = -1;
+    for (int q = 0; q < sets && set < 0; ++q) {
+      if (std::memcmp(&args.coeffs[q], &c, sizeof(Coeffs)) == 0) set = q;
+    }
+    if (set < 0) {
+      if (sets == kCoeffSets) flush();
+      set = sets++;
+      args.coeffs[set] = c;
+    }
+    const int slot = tensors++;
+    const TensorPtrs& tp = plan.entry(j);
+    args.ptr[0][slot] = tp.param;
+    args.ptr[1][slot] = tp.grad;
+    for (int k = 0; k < plan.num_states(); ++k) args.ptr[2 + k][slot] = tp.state[k];
+    args.numel[slot] = plan.entry_numel(j);
+    args.step[slot] = device_steps.empty() ? nullptr : device_steps[i].const_data_ptr();
+    args.step_is_double[slot] =
+        !device_steps.empty() && device_steps[i].scalar_type() == at::kDouble;
+    args.coeff_set[slot] = static_cast<uint8_t>(set);
+    return slot;
+  };
+  for (int64_t j = 0; j < entries; ++j) {
+    const int64_t i = plan.entry_index(j);
+    const bool same_kind = j > 0 && plan.real_dtype(i) == plan.real_dtype(plan.entry_index(j - 1)) &&
+                           plan.is_complex(i) == plan.is_complex(plan.entry_index(j - 1));
+    const Kernel<Coeffs> k = same_kind ? kernel : select(plan.real_dtype(i), plan.is_complex(i));
+    if (k != kernel) {
+      flush();
+      kernel = k;
+    }
+    int slot = add_tensor(j);
+    const int64_t chunks = (plan.entry_numel(j) + kChunk - 1) / kChunk;
+    TORCH_CHECK(chunks <= INT32_MAX, "fused_optim: a tensor of ", plan.entry_numel(j),
+                " elements is too large");
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      if (blocks == kBlocks) {
+        flush();
+        slot = add_tensor(j);  // the rest of this tensor starts the next launch
+      }
+      args.block_tensor[blocks] = static_cast<uint8_t>(slot);
+      args.block_chunk[blocks] = static_cast<int32_t>(ch);
+      ++blocks;
+    }
+  }
+  flush();
+  plan.finish();
+}
+
+}  // namespace fused_optim::cuda

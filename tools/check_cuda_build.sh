@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Compiles and links fused_optim with its CUDA kernels on a machine without a GPU, and
+# checks that the kernels were registered (issue 5: the CUDA sources must compile with the
+# installed nvcc against torch's headers). Nothing here runs a kernel.
+#
+#   bash tools/check_cuda_build.sh [VENV]
+#
+# VENV (default ../cuda-venv) is a virtual environment with a CUDA build of torch; it is
+# created when missing (torch==2.14.1, the CUDA 13 build this project's machines have on
+# disk: about 5.5 GB, outside the repository). The build happens in a temporary copy of the
+# tracked files, so the working tree's own (CPU) build is left alone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${1:-../cuda-venv}
+TORCH_CUDA=${FUSED_OPTIM_CUDA_TORCH:-torch==2.14.1}
+if ! "$VENV/bin/python" -c 'import torch, sys; sys.exit(torch.version.cuda is None)' 2>/dev/null; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q "$TORCH_CUDA" numpy ninja setuptools wheel
+fi
+# The toolkit's root: the nvcc on PATH may be a wrapper from which torch would guess a root
+# without libcudart. Headers such as cusparse.h come with the CUDA torch's nvidia wheels.
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export PATH="$CUDA_HOME/bin:$PATH"
+CPATH="$("$VENV/bin/python" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "include"))')${CPATH:+:$CPATH}"
+export CPATH
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-2}
+
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$WORK"
+cd "$WORK"
+echo "== building with FUSED_OPTIM_CUDA=1 (nvcc $(nvcc --version | tail -1), arch $TORCH_CUDA_ARCH_LIST)"
+FUSED_OPTIM_CUDA=1 "$VENV/bin/python" setup.py -q build_ext --inplace
+echo "== checking the CUDA registrations"
+"$VENV/bin/python" - <<'PY'
+import torch
+import fused_optim
+from fused_optim import _build_info, _ops
+
+assert _build_info.WITH_CUDA, "the build did not compile the CUDA kernels"
+registered = torch._C._dispatch_get_registrations_for_dispatch_key("CUDA")
+wanted = {f"fused_optim::{op}" for op in _ops.OPTIMIZER_OPS}
+missing = sorted(wanted - set(registered))
+assert not missing, f"no CUDA kernel registered for {missing}"
+print("CUDA kernels registered:", ", ".join(sorted(wanted)))
+PY
