@@ -4,11 +4,16 @@ and against the machine's measured memory-bandwidth limit for the same access pa
     python benchmarks/bench.py                      # all workloads and algorithms, all cores
     python benchmarks/bench.py --threads 1,2 --algos Adam --workloads W1,W3
     python benchmarks/bench.py --quick              # small and fast (CI smoke test)
+    python benchmarks/bench.py --device cuda        # on the GPU, against its copy bandwidth
 
 Per row: median ms/step over many steps after warm-up (state initialised), GB/s (bytes the
 step must move / time), % of the measured limit, speedup over torch fused=True, µs per
 tensor, and the extra peak memory of one step. Writes a markdown table to stdout, and
 bench.json, bench.md and bench.png to --out.
+
+With --device cuda the params live on the GPU, steps are timed with CUDA events, the limit
+is the GPU's measured copy bandwidth (Tensor.copy_ of a buffer the size of the step's
+traffic), and the extra peak memory is the CUDA allocator's.
 """
 import argparse
 import datetime
@@ -77,15 +82,24 @@ def extra_peak_mib(fn):
         return None
 
 
-def time_steps(step, steps, warmup, max_seconds):
+def time_steps(step, steps, warmup, max_seconds, device="cpu"):
+    cuda = device == "cuda"
     for _ in range(warmup):
         step()
     times = []
     start = time.perf_counter()
     while len(times) < steps:
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
         if len(times) >= 5 and time.perf_counter() - start > max_seconds:
             break
     return statistics.median(times), len(times)
@@ -100,6 +114,27 @@ def stream_limit(numel, dtype, pattern, steps, warmup, max_seconds):
     moved = numel * bufs[0].element_size() * (2 * inout + read_only)
     del bufs
     return moved / t / 1e9
+
+
+def copy_limit(nbytes, steps, warmup, max_seconds):
+    """GB/s of the GPU's Tensor.copy_ (bytes read + written), over a buffer of half the
+    step's traffic."""
+    n = max(1 << 20, nbytes // 2 // 4)
+    src = torch.rand(n, device="cuda")
+    dst = torch.empty_like(src)
+    t, _ = time_steps(lambda: dst.copy_(src), steps, warmup, max_seconds, "cuda")
+    del src, dst
+    return 2 * n * 4 / t / 1e9
+
+
+def extra_peak_cuda_mib(fn):
+    """Extra CUDA allocator memory at the peak of fn(), in MiB."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return max(0.0, (torch.cuda.max_memory_allocated() - before) / 2**20)
 
 
 class Progress:
@@ -117,7 +152,12 @@ class Progress:
         sys.stderr.write("\n")
 
 
-def machine_line(threads):
+def machine_line(threads, device="cpu"):
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        return (f"{props.name} ({props.total_memory / 2**30:.0f} GiB); torch {torch.__version__} "
+                f"(CUDA {torch.version.cuda}); fused_optim {fused_optim.__version__}; "
+                f"Python {platform.python_version()}; {datetime.date.today().isoformat()}")
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -138,6 +178,9 @@ def run(args):
     selected_w = [w for w in args.workloads.split(",") if w]
     selected_a = [a for a in args.algos.split(",") if a]
     impls = [i for i in IMPLS if i in args.impls.split(",")] if args.impls else IMPLS
+    device = args.device
+    if device == "cuda" and "deepspeed" in impls:
+        impls.remove("deepspeed")  # DeepSpeedCPUAdam is a CPU optimizer
     if "deepspeed" in impls and deepspeed_adam() is None:
         impls.remove("deepspeed")
         print("(DeepSpeed's CPU Adam is not importable here: its rows are left out.)", file=sys.stderr)
@@ -151,14 +194,17 @@ def run(args):
         wl = wls[wname]
         kwargs, pattern = ALGORITHMS[algo]
         progress.update(f"{wname} {algo} limit, {t} threads")
-        limit = stream_limit(wl.numel, wl.dtype, pattern, args.steps, args.warmup, args.max_seconds)
         bytes_per_step = wl.numel * torch.finfo(wl.dtype).bits // 8 * (2 * pattern[0] + pattern[1])
+        if device == "cuda":
+            limit = copy_limit(bytes_per_step, args.steps, args.warmup, args.max_seconds)
+        else:
+            limit = stream_limit(wl.numel, wl.dtype, pattern, args.steps, args.warmup, args.max_seconds)
         gen = torch.Generator().manual_seed(0)
-        params = [torch.empty(s, dtype=wl.dtype).uniform_(-1, 1, generator=gen).requires_grad_()
+        params = [torch.empty(s, dtype=wl.dtype).uniform_(-1, 1, generator=gen).to(device).requires_grad_()
                   for s in wl.shapes]
         for p in params:
-            p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(wl.dtype)
-        base = dict(workload=wname, algo=algo, threads=t, dtype=str(wl.dtype).replace("torch.", ""),
+            p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(wl.dtype).to(device)
+        base = dict(workload=wname, algo=algo, threads=t, device=device, dtype=str(wl.dtype).replace("torch.", ""),
                     tensors=len(wl.shapes), numel=wl.numel, limit_gbs=limit)
         for impl in impls:
             progress.update(f"{wname} {algo} {impl}, {t} threads")
@@ -166,8 +212,8 @@ def run(args):
             if opt is None:
                 continue
             opt.step()  # state initialised before anything is measured
-            peak = extra_peak_mib(opt.step)
-            median, n = time_steps(opt.step, args.steps, args.warmup, args.max_seconds)
+            peak = extra_peak_cuda_mib(opt.step) if device == "cuda" else extra_peak_mib(opt.step)
+            median, n = time_steps(opt.step, args.steps, args.warmup, args.max_seconds, device)
             gbs = bytes_per_step / median / 1e9
             rows.append(dict(base, impl=impl, ms=median * 1e3, steps=n, gbs=gbs,
                              pct_limit=100.0 * gbs / limit, us_per_tensor=median * 1e6 / len(wl.shapes),
@@ -182,7 +228,7 @@ def run(args):
         ref = next((x for x in rows if x["impl"] == "torch fused=True" and x["workload"] == r["workload"]
                     and x["algo"] == r["algo"] and x["threads"] == r["threads"]), None)
         r["speedup_vs_torch_fused"] = ref["ms"] / r["ms"] if ref else None
-    return rows, machine_line(threads)
+    return rows, machine_line(threads, device)
 
 
 def fmt(v, spec, suffix=""):
@@ -197,7 +243,8 @@ def markdown(rows, machine):
     for r in rows:
         key = (r["workload"], r["algo"], r["threads"])
         if key != last:
-            lines.append(f"| {r['workload']} | {r['algo']} | {r['threads']} | *limit (same pattern)* | | "
+            limit_name = "copy bandwidth" if r.get("device") == "cuda" else "same pattern"
+            lines.append(f"| {r['workload']} | {r['algo']} | {r['threads']} | *limit ({limit_name})* | | "
                          f"{r['limit_gbs']:.1f} | 100 | | | |")
             last = key
         name = f"**{r['impl']}**" if r["impl"] == "fused_optim" else r["impl"]
@@ -249,8 +296,12 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--max-seconds", type=float, default=3.0, help="time cap per row (>= 5 steps)")
     ap.add_argument("--quick", action="store_true", help="small workloads and few steps")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where the params live (cuda: the limit is the GPU's copy bandwidth)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no GPU here")
     if args.quick:
         args.steps, args.warmup, args.max_seconds = 5, 1, 2.0
     rows, machine = run(args)

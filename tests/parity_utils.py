@@ -108,33 +108,37 @@ def materialize(options, group_index=0):
 SIZES = [1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 255, 256, 257, 2**16 + 3]
 
 
-def layouts(dtype):
+def layouts(dtype, device="cpu"):
     """name -> (param factory, grad layout). The factory makes a leaf with that layout
-    from a generator; grad layout "same" means the param's strides, "contiguous" differs
-    from the param's on purpose."""
+    from a generator (values drawn on the CPU, then moved to `device` before any view is
+    taken, so the layout is the same on every device); grad layout "same" means the
+    param's strides, "contiguous" differs from the param's on purpose."""
+
+    def randn(g, *shape, dt=dtype):
+        return torch.randn(shape, generator=g, dtype=dt).to(device)
+
     ls = {}
     for n in SIZES:
-        ls[f"vec{n}"] = (lambda g, n=n: torch.randn(n, generator=g, dtype=dtype), "same")
-    ls["matrix"] = (lambda g: torch.randn(33, 65, generator=g, dtype=dtype), "same")
-    ls["transposed"] = (lambda g: torch.randn(65, 33, generator=g, dtype=dtype).t(), "same")
-    ls["transposed_grad_contiguous"] = (
-        lambda g: torch.randn(65, 33, generator=g, dtype=dtype).t(), "contiguous")
+        ls[f"vec{n}"] = (lambda g, n=n: randn(g, n), "same")
+    ls["matrix"] = (lambda g: randn(g, 33, 65), "same")
+    ls["transposed"] = (lambda g: randn(g, 65, 33).t(), "same")
+    ls["transposed_grad_contiguous"] = (lambda g: randn(g, 65, 33).t(), "contiguous")
     ls["channels_last"] = (
-        lambda g: torch.randn(2, 6, 5, 7, generator=g, dtype=dtype).to(
-            memory_format=torch.channels_last), "same")
+        lambda g: randn(g, 2, 6, 5, 7).to(memory_format=torch.channels_last), "same")
     ls["channels_last_grad_contiguous"] = (
-        lambda g: torch.randn(2, 6, 5, 7, generator=g, dtype=dtype).to(
-            memory_format=torch.channels_last), "contiguous")
+        lambda g: randn(g, 2, 6, 5, 7).to(memory_format=torch.channels_last), "contiguous")
     # A strided view (not dense): torch's own fused=True gets this one wrong.
-    ls["sliced_view"] = (lambda g: torch.randn(20, 30, generator=g, dtype=dtype)[:, 1::2], "contiguous")
-    ls["sliced_view_grad_strided"] = (
-        lambda g: torch.randn(20, 30, generator=g, dtype=dtype)[:, 1::2], "transposed")
-    ls["zero_dim"] = (lambda g: torch.randn((), generator=g, dtype=dtype), "same")
-    ls["zero_size"] = (lambda g: torch.randn(0, 3, generator=g, dtype=dtype), "same")
+    ls["sliced_view"] = (lambda g: randn(g, 20, 30)[:, 1::2], "contiguous")
+    ls["sliced_view_grad_strided"] = (lambda g: randn(g, 20, 30)[:, 1::2], "transposed")
+    # A view one element into its storage: not 16-byte aligned (the CUDA kernels' scalar
+    # loop), same-stride grad.
+    ls["offset_view"] = (lambda g: randn(g, 1 + 2**16 + 5)[1:], "same")
+    ls["zero_dim"] = (lambda g: randn(g), "same")
+    ls["zero_size"] = (lambda g: randn(g, 0, 3), "same")
     if dtype in (torch.float32, torch.float64):
         cdtype = torch.complex64 if dtype == torch.float32 else torch.complex128
-        ls["complex"] = (lambda g: torch.randn(37, generator=g, dtype=cdtype), "same")
-    ls["no_grad"] = (lambda g: torch.randn(10, generator=g, dtype=dtype), None)
+        ls["complex"] = (lambda g: randn(g, 37, dt=cdtype), "same")
+    ls["no_grad"] = (lambda g: randn(g, 10), None)
     return ls
 
 
@@ -143,12 +147,12 @@ def fused_safe_layouts(dtype):
     return [k for k, (_, gl) in layouts(dtype).items() if gl in ("same", None)]
 
 
-def make_model(dtype, seed=0, names=None, ref_dtype=None):
+def make_model(dtype, seed=0, names=None, ref_dtype=None, device="cpu"):
     """Params (leaf tensors) for every layout, in `ref_dtype` if given (values come
-    from `dtype`, so an fp64 reference starts from the same bf16 values)."""
+    from `dtype`, so an fp64 reference starts from the same bf16 values), on `device`."""
     g = torch.Generator().manual_seed(seed)
     params = {}
-    for name, (factory, _) in layouts(dtype).items():
+    for name, (factory, _) in layouts(dtype, device).items():
         p = factory(g)
         if names is not None and name not in names:
             continue
@@ -175,9 +179,9 @@ def set_grads(params, dtype, step):
         if grad_layout == "same":
             grad = torch.empty_like(p, memory_format=torch.preserve_format)
         elif grad_layout == "contiguous":
-            grad = torch.empty(p.shape, dtype=p.dtype)
+            grad = torch.empty(p.shape, dtype=p.dtype, device=p.device)
         else:  # "transposed": strides other than the param's and than contiguous
-            grad = torch.empty(tuple(reversed(p.shape)), dtype=p.dtype).t()
+            grad = torch.empty(tuple(reversed(p.shape)), dtype=p.dtype, device=p.device).t()
         grad.copy_(values)
         p.grad = grad
 
@@ -192,8 +196,8 @@ def build_optimizer(cls, params, options, **extra):
     return cls(groups, **extra)
 
 
-def run(cls, options, dtype, steps=10, names=None, ref_dtype=None, **extra):
-    params = make_model(dtype, names=names, ref_dtype=ref_dtype)
+def run(cls, options, dtype, steps=10, names=None, ref_dtype=None, device="cpu", **extra):
+    params = make_model(dtype, names=names, ref_dtype=ref_dtype, device=device)
     opt = build_optimizer(cls, params, options, **extra)
     for step in range(steps):
         set_grads(params, dtype, step)

@@ -1,0 +1,291 @@
+"""The CUDA kernels, where a GPU and a CUDA build of fused_optim are present (skipped, and
+reported as skipped, otherwise).
+
+The contract (Note [CUDA bits] in csrc/cuda/multi_tensor.cuh): where lr and the steps live
+on the host (the for-loop's usual state), a CUDA step computes every element exactly as
+the CPU kernels do, so the whole parity suite's CPU results are the reference, bit for bit,
+for every option, dtype and layout. Where the steps live on the device (capturable and
+fused groups) the coefficients come from the GPU's pow, which may differ from the host's
+in the last bit. Against torch.optim on CUDA, whose kernels round some ops differently
+(a division by a Python scalar is a multiply by its reciprocal there), results agree to
+a few ulps.
+"""
+import copy
+
+import pytest
+import torch
+
+import fused_optim
+import parity_utils as pu
+from fused_optim._loader import built_with_cuda
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and built_with_cuda()),
+    reason="needs an NVIDIA GPU and fused_optim built with its CUDA kernels (FUSED_OPTIM_CUDA=1)",
+)
+
+CASES = [(algo, o) for algo, opts in pu.OPTIONS.items() for o in opts]
+IDS = [f"{algo}[{pu.option_id(o)}]" for algo, o in CASES]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp32", "fp64", "bf16", "fp16"]
+
+
+def to_cpu_trajectory(run):
+    """(params, optimizer) of a CUDA run, with params and state moved to the CPU."""
+    params, opt = run
+    cpu_params = {n: p.detach().cpu() for n, p in params.items()}
+    state = {n: {k: v.cpu() if torch.is_tensor(v) else v for k, v in opt.state.get(p, {}).items()}
+             for n, p in params.items()}
+    return cpu_params, state
+
+
+def assert_cuda_equals_cpu(cuda_run, cpu_run, exact, msg, **tol):
+    params, state = to_cpu_trajectory(cuda_run)
+    ref_params, ref_opt = cpu_run
+    ref_state = pu.state_of(ref_opt, ref_params)
+    for name, ref in ref_params.items():
+        pu.check(params[name], ref.detach(), exact, f"{msg} param {name}", **tol)
+        assert state[name].keys() == ref_state[name].keys(), f"{msg} state keys of {name}"
+        for key, value in ref_state[name].items():
+            ours = state[name][key]
+            assert ours.dtype == value.dtype, f"{msg} dtype of state {name}.{key}"
+            if key == "step":  # the step counts are small integers: exact on any device
+                assert ours.item() == value.item(), f"{msg} state {name}.step"
+                continue
+            pu.check(ours, value, exact, f"{msg} state {name}.{key}", **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("algo,options", CASES, ids=IDS)
+def test_cuda_bitwise_equal_to_cpu(algo, options, dtype):
+    """Every option, dtype and layout of the parity suite, 10 steps: the CUDA kernels give
+    the CPU kernels' bits (which the parity suite compares with torch.optim)."""
+    _, ours_cls = pu.ALGOS[algo]
+    cuda_run = pu.run(ours_cls, options, dtype, device="cuda")
+    cpu_run = pu.run(ours_cls, options, dtype)
+    assert_cuda_equals_cpu(cuda_run, cpu_run, True, f"{algo} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("algo,options", CASES, ids=IDS)
+def test_cuda_matches_torch_for_loop_on_cuda(algo, options, dtype):
+    """Against torch.optim's for-loop on the GPU: torch's CUDA kernels round a few ops
+    differently from its CPU ones (a division by a Python scalar is a multiply by the
+    reciprocal; addcdiv fuses its multiply-add), a few ulps per step, so torch.testing's
+    default tolerances for the dtype hold over 10 steps (fp32: rtol 1.3e-6, atol 1e-5)."""
+    torch_cls, ours_cls = pu.ALGOS[algo]
+    ours = to_cpu_trajectory(pu.run(ours_cls, options, dtype, device="cuda"))
+    ref_params, ref_opt = pu.run(torch_cls, options, dtype, device="cuda", foreach=False)
+    ref_state = pu.state_of(ref_opt, ref_params)
+    for name, ref in ref_params.items():
+        pu.check(ours[0][name], ref.detach().cpu(), False, f"{algo} param {name}")
+        for key, value in ref_state[name].items():
+            pu.check(ours[1][name][key], value.cpu(), False, f"{algo} state {name}.{key}")
+
+
+@pytest.mark.parametrize("flag", ["capturable", "fused"])
+@pytest.mark.parametrize("algo", ["Adam", "AdamW"])
+def test_device_steps_close_to_cpu(algo, flag):
+    """capturable=True / fused=True keep the steps on the GPU (as torch does), and the
+    kernels compute the bias corrections there: the GPU's double pow may differ from the
+    host's in the last bit, which moves a float32 coefficient by at most an ulp, so the
+    trajectory stays within torch.testing's float32 tolerances of the CPU run."""
+    _, ours_cls = pu.ALGOS[algo]
+    options = dict(lr=0.01, weight_decay=0.1, amsgrad=True)
+    # torch's fused=True takes real floating params only
+    names = [n for n in pu.fused_safe_layouts(torch.float32) if n != "complex"]
+    cuda_run = pu.run(ours_cls, options, torch.float32, device="cuda", names=names,
+                      **{flag: True})
+    _, opt = cuda_run
+    for p, s in opt.state.items():
+        assert s["step"].device == p.device, "capturable/fused steps live on the param's device"
+    cpu_run = pu.run(ours_cls, options, torch.float32, names=names)
+    params, state = to_cpu_trajectory(cuda_run)
+    ref_params, ref_opt = cpu_run
+    ref_state = pu.state_of(ref_opt, ref_params)
+    for name, ref in ref_params.items():
+        pu.check(params[name], ref.detach(), False, f"param {name}")
+        for key, value in ref_state[name].items():
+            pu.check(state[name][key].to(value.dtype), value, False, f"state {name}.{key}")
+
+
+def test_cuda_graph_capture_and_replay():
+    """A capturable Adam step captured in a CUDA graph and replayed gives what eager steps
+    give (the kernels read lr, steps and found_inf on the device: no host sync)."""
+    torch.manual_seed(0)
+    shapes = [(1000,), (33, 65), (7,), (2**16 + 3,)]
+    params = [torch.randn(s, device="cuda", requires_grad=True) for s in shapes]
+    eager = [p.detach().clone().requires_grad_() for p in params]
+    opt = fused_optim.Adam(params, lr=torch.tensor(0.01, device="cuda"), capturable=True)
+    ref = fused_optim.Adam(eager, lr=torch.tensor(0.01, device="cuda"), capturable=True)
+    grads = [[torch.randn(s, device="cuda") for s in shapes] for _ in range(6)]
+    # Warm up on a side stream (creates the state), as torch's CUDA graph docs do.
+    for p, g in zip(params, grads[0]):
+        p.grad = g.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for p, g in zip(eager, grads[0]):
+        p.grad = g.clone()
+    ref.step()
+    for step in range(1, 6):
+        for p, e, g in zip(params, eager, grads[step]):
+            p.grad.copy_(g)
+            e.grad = g.clone()
+        graph.replay()
+        ref.step()
+    torch.cuda.synchronize()
+    for p, e in zip(params, eager):
+        assert torch.equal(p.detach(), e.detach())
+    for p, e in zip(params, eager):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][key], ref.state[e][key])
+    assert opt.state[params[0]]["step"].item() == 6
+
+
+@pytest.mark.parametrize("algo", ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad"])
+def test_many_tensors_and_launches(algo):
+    """More tensors than one launch holds (24), more chunks than one launch holds (320 of
+    65536 elements), params at different step counts (more coefficient sets than one
+    launch holds): every launch boundary, bit for bit with the CPU."""
+    torch_cls, ours_cls = pu.ALGOS[algo]
+    options = {"SGD": dict(lr=0.1, momentum=0.9), "RMSprop": dict(lr=0.01, momentum=0.5)}.get(
+        algo, dict(lr=0.01))
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(int(n),) for n in torch.randint(1, 5000, (60,), generator=gen)] + [(321 * 65536 + 7,)]
+    base = [torch.randn(s, generator=gen) for s in shapes]
+    runs = {}
+    for device in ("cpu", "cuda"):
+        params = [b.to(device).requires_grad_() for b in base]
+        opt = ours_cls(params, **options)
+        for step in range(4):
+            for i, p in enumerate(params):
+                # param i skips its first i % 7 steps: steps differ across params
+                if step >= i % 7 or i == len(params) - 1:
+                    g = torch.Generator().manual_seed(100 * step + i)
+                    p.grad = torch.randn(p.shape, generator=g).to(device)
+                else:
+                    p.grad = None
+            opt.step()
+        runs[device] = (params, opt)
+    (cpu_params, cpu_opt), (cuda_params, cuda_opt) = runs["cpu"], runs["cuda"]
+    for i, (a, b) in enumerate(zip(cpu_params, cuda_params)):
+        assert torch.equal(a.detach(), b.detach().cpu()), f"param {i}"
+        for key, value in cpu_opt.state[a].items():
+            assert torch.equal(value, cuda_opt.state[b][key].cpu()), f"state {i}.{key}"
+
+
+def test_mixed_devices_in_one_group():
+    """A group with CPU and CUDA params: each device's params go to that device's kernel
+    (bucketed by device), and each ends where a one-device run ends."""
+    torch.manual_seed(0)
+    cpu_p = torch.randn(100, requires_grad=True)
+    cuda_p = torch.randn(100, device="cuda", requires_grad=True)
+    alone = [cpu_p.detach().clone().requires_grad_(), cuda_p.detach().cpu().requires_grad_()]
+    opt = fused_optim.AdamW([cpu_p, cuda_p], lr=0.01)
+    ref = fused_optim.AdamW(alone, lr=0.01)
+    for step in range(3):
+        g = torch.randn(100), torch.randn(100)
+        cpu_p.grad, cuda_p.grad = g[0].clone(), g[1].cuda()
+        alone[0].grad, alone[1].grad = g[0].clone(), g[1].clone()
+        opt.step()
+        ref.step()
+    assert torch.equal(cpu_p.detach(), alone[0].detach())
+    assert torch.equal(cuda_p.detach().cpu(), alone[1].detach())
+
+
+@pytest.mark.parametrize("algo", ["SGD", "Adam", "AdamW"])
+def test_grad_scaler_on_cuda(algo):
+    """GradScaler hands the kernels grad_scale and found_inf: they unscale in the kernel
+    and skip a step with inf grads (steps not counted), as torch's for-loop with the
+    scaler's own unscale_ does; compared with the CPU kernels bit for bit."""
+    _, ours_cls = pu.ALGOS[algo]
+    results = {}
+    for device in ("cpu", "cuda"):
+        # loss = (w * x).sum(): the scaled grad is x times a power of two, exact on any
+        # device, so both devices' kernels see the same grads.
+        w = torch.randn(100, generator=torch.Generator().manual_seed(0)).to(device)
+        w.requires_grad_()
+        opt = ours_cls([w], lr=0.01)
+        scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
+        for step in range(4):
+            opt.zero_grad()
+            x = torch.randn(100, generator=torch.Generator().manual_seed(step)).to(device)
+            if step == 2:
+                x[0] = float("inf")  # an inf grad: the step is skipped
+            scaler.scale((w * x).sum()).backward()
+            scaler.step(opt)
+            scaler.update()
+        results[device] = (w, opt)
+    (cpu_w, cpu_opt), (cuda_w, cuda_opt) = results["cpu"], results["cuda"]
+    assert torch.equal(cpu_w.detach(), cuda_w.detach().cpu())
+    for key, value in cpu_opt.state[cpu_w].items():
+        assert torch.equal(value, cuda_opt.state[cuda_w][key].cpu()), key
+    if algo != "SGD":
+        assert cuda_opt.state[cuda_w]["step"].item() == 3  # the skipped step is not counted
+
+
+@pytest.mark.parametrize("algo", ["SGD", "Adam", "AdamW"])
+def test_state_dict_interchange_on_cuda(algo):
+    """A checkpoint moves between torch.optim and fused_optim on CUDA in both directions,
+    with torch's state keys, dtypes and devices."""
+    torch_cls, ours_cls = pu.ALGOS[algo]
+    options = dict(lr=0.01, momentum=0.9) if algo == "SGD" else dict(lr=0.01)
+    for first, second in ((torch_cls, ours_cls), (ours_cls, torch_cls)):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 4).cuda()
+        opt = first(model.parameters(), **options)
+        model(torch.randn(3, 8, device="cuda")).sum().backward()
+        opt.step()
+        clone = copy.deepcopy(model)
+        other = second(clone.parameters(), **options)
+        other.load_state_dict(copy.deepcopy(opt.state_dict()))  # state_dict() shares tensors
+        x = torch.randn(3, 8, device="cuda")
+        for m, o in ((model, opt), (clone, other)):
+            o.zero_grad()
+            m(x).sum().backward()
+            o.step()
+        for a, b in zip(model.parameters(), clone.parameters()):
+            torch.testing.assert_close(a, b)  # torch's CUDA for-loop vs ours: a few ulps
+        for (pa, sa), (pb, sb) in zip(opt.state.items(), other.state.items()):
+            assert sa.keys() == sb.keys()
+            for key in sa:
+                assert sa[key].device == sb[key].device and sa[key].dtype == sb[key].dtype, key
+
+
+def test_errors_before_any_update():
+    """State on another device (a checkpoint loaded wrongly by hand) is refused with a
+    clear error, and nothing was updated: params, state and steps unchanged."""
+    p = torch.randn(10, device="cuda", requires_grad=True)
+    q = torch.randn(10, device="cuda", requires_grad=True)
+    opt = fused_optim.Adam([p, q], lr=0.1)
+    p.grad, q.grad = torch.randn(10, device="cuda"), torch.randn(10, device="cuda")
+    opt.step()
+    opt.state[q]["exp_avg"] = opt.state[q]["exp_avg"].cpu()
+    before = copy.deepcopy((p.detach(), q.detach(), opt.state[p], opt.state[q]))
+    with pytest.raises(RuntimeError, match=r"state\[0\]\[1\] is on cpu but its param is on cuda"):
+        opt.step()
+    assert torch.equal(p.detach(), before[0]) and torch.equal(q.detach(), before[1])
+    for state, old in ((opt.state[p], before[2]), (opt.state[q], before[3])):
+        for key, value in old.items():
+            assert torch.equal(state[key].cpu(), value.cpu()), key
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_params_on_two_gpus():
+    """Params on two GPUs in one group: one kernel call per device, each on its device."""
+    ps = [torch.randn(50, device=f"cuda:{i}", requires_grad=True) for i in (0, 1)]
+    ref = [p.detach().cpu().requires_grad_() for p in ps]
+    opt, ref_opt = fused_optim.Adam(ps, lr=0.1), fused_optim.Adam(ref, lr=0.1)
+    for p, r in zip(ps, ref):
+        g = torch.randn(50)
+        p.grad, r.grad = g.to(p.device), g
+    opt.step()
+    ref_opt.step()
+    for p, r in zip(ps, ref):
+        assert torch.equal(p.detach().cpu(), r.detach())
