@@ -190,8 +190,30 @@ FO_INLINE void segment_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
         for (int k = 0; k < NS; ++k) s[k][i] = sv[k];
       }
     }
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    // bfloat16: widening is a shift and rounding a few integer operations, so they fuse
+    // into the update's vector loop, where they overlap the divisions (Note [software
+    // prefetch] as for float).
+    for (int64_t c = 0; c < n; c += kPrefetchChunk) {
+      const int64_t chunk_end = std::min(n, c + kPrefetchChunk);
+      prefetch_ahead<T, NS>(p, g, s, chunk_end + 2 * kPrefetchAhead, kPrefetchChunk, n);
+#pragma GCC ivdep
+      for (int64_t i = c; i < chunk_end; ++i) {
+        M pv = widen(p[i]);
+        M gv = widen(g[i]);
+        if constexpr (kUnscale) {
+          gv = gv * inv_scale;
+          narrow(gv, g + i);
+        }
+        M sv[NS > 0 ? NS : 1];
+        for (int k = 0; k < NS; ++k) sv[k] = widen(s[k][i]);
+        rule(pv, gv, sv);
+        narrow(pv, p + i);
+        for (int k = 0; k < NS; ++k) narrow(sv[k], s[k] + i);
+      }
+    }
   } else {
-    // 16-bit: widen a block into float buffers, update them, round back.
+    // float16: widen a block into float buffers, update them, round back.
     alignas(64) M pb[kBlock];
     alignas(64) M gb[kBlock];
     alignas(64) M sb[NS > 0 ? NS : 1][kBlock];
