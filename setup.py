@@ -85,7 +85,11 @@ def extensions():
     cxx_flags += omp_compile
     extra = {"cxx": cxx_flags}
     if with_cuda:
-        extra["nvcc"] = ["-O3", "-fmad=false"]
+        # -fmad=false: Note [no FP contraction] for device code. The host code of the .cu
+        # files (coefficients, Note [per-step coefficients]) gets the C++ flags, so it
+        # rounds as the .cpp files do.
+        extra["nvcc"] = ["-O3", "-fmad=false"] + [
+            arg for flag in cxx_flags if flag != "-O3" for arg in ("-Xcompiler", flag)]
     return [
         ext_cls(
             "fused_optim._C",

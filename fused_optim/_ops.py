@@ -74,13 +74,25 @@ def call(op: str, params: List[Tensor], grads: List[Tensor], state_lists: Sequen
     kernel = getattr(_lib, op)
     device = params[0].device if params else None
     if all(p.device == device for p in params):
-        kernel(*lists, *args)
+        kernel(*lists, *_scalars_on(device, args))
         return
     buckets: Dict[torch.device, List[int]] = {}
     for i, p in enumerate(params):
         buckets.setdefault(p.device, []).append(i)
-    for indices in buckets.values():
-        kernel(*([ts[i] for i in indices] if ts else ts for ts in lists), *args)
+    for dev, indices in buckets.items():
+        kernel(*([ts[i] for i in indices] if ts else ts for ts in lists), *_scalars_on(dev, args))
+
+
+def _scalars_on(device: Optional[torch.device], args: Tuple[Any, ...]) -> Tuple[Any, ...]:
+    """`args` with each tensor (lr, grad_scale, found_inf) that lives on an accelerator
+    other than `device` copied to `device`, as torch's fused optimizers do: a GradScaler
+    keeps them on one device, and a kernel reads them where its params are (CPU tensors
+    are read on the host by every kernel; a CUDA one in a CPU call would also make the
+    dispatcher pick the CUDA kernel)."""
+    if device is None or not any(isinstance(a, Tensor) for a in args):
+        return args
+    return tuple(a.to(device) if isinstance(a, Tensor) and a.device != device
+                 and a.device.type != "cpu" else a for a in args)
 
 
 def stream_(inout: List[Tensor], read_only: List[Tensor], scale: float) -> None:

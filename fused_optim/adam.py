@@ -38,7 +38,7 @@ class _AdamStep(FusedOptimizer):
             )
         # As torch.optim.Adam._init_group creates it (Note [state]).
         state["step"] = (
-            torch.zeros((), dtype=_get_scalar_dtype(is_fused=True), device=p.device)
+            torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"]), device=p.device)
             if group["capturable"] or group["fused"]
             else torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
         )

@@ -101,9 +101,22 @@ class FusedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for option in self._torch_only_options:
                 if group.get(option) and not (option == "capturable" and (
-                        compiling or all(p.is_cuda for p in group["params"]))):
+                        compiling or self._capturable_on_cuda(group))):
                     return f"{option}=True"
         return None
+
+    def _capturable_on_cuda(self, group: Dict[str, Any]) -> bool:
+        """A capturable group our CUDA kernels can honour: CUDA params whose steps (where
+        they exist) are on the GPU too. Otherwise torch's step runs and raises its own
+        error (steps on the CPU would need a host synchronisation)."""
+        state = self.state
+        for p in group["params"]:
+            if not p.is_cuda:
+                return False
+            step = state[p].get("step") if p in state else None
+            if isinstance(step, Tensor) and step.device != p.device:
+                return False
+        return True
 
     # -- the step ------------------------------------------------------------------------
     def step(self, closure: Optional[Callable[[], float]] = None):  # type: ignore[override]

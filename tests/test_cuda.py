@@ -154,8 +154,8 @@ def test_many_tensors_and_launches(algo):
     65536 elements), params at different step counts (more coefficient sets than one
     launch holds): every launch boundary, bit for bit with the CPU."""
     torch_cls, ours_cls = pu.ALGOS[algo]
-    options = {"SGD": dict(lr=0.1, momentum=0.9), "RMSprop": dict(lr=0.01, momentum=0.5)}.get(
-        algo, dict(lr=0.01))
+    options = {"SGD": dict(lr=0.1, momentum=0.9), "RMSprop": dict(lr=0.01, momentum=0.5),
+               "Adagrad": dict(lr=0.01, lr_decay=0.05)}.get(algo, dict(lr=0.01))
     gen = torch.Generator().manual_seed(0)
     shapes = [(int(n),) for n in torch.randint(1, 5000, (60,), generator=gen)] + [(321 * 65536 + 7,)]
     base = [torch.randn(s, generator=gen) for s in shapes]
@@ -163,10 +163,11 @@ def test_many_tensors_and_launches(algo):
     for device in ("cpu", "cuda"):
         params = [b.to(device).requires_grad_() for b in base]
         opt = ours_cls(params, **options)
-        for step in range(4):
+        for step in range(8):
             for i, p in enumerate(params):
-                # param i skips its first i % 7 steps: steps differ across params
-                if step >= i % 7 or i == len(params) - 1:
+                # param i skips its first i % 9 steps: by the last steps, neighbours are at
+                # up to 8 different step counts (more than the 4 coefficient sets a launch holds)
+                if step >= i % 9 or i == len(params) - 1:
                     g = torch.Generator().manual_seed(100 * step + i)
                     p.grad = torch.randn(p.shape, generator=g).to(device)
                 else:
@@ -178,6 +179,134 @@ def test_many_tensors_and_launches(algo):
         assert torch.equal(a.detach(), b.detach().cpu()), f"param {i}"
         for key, value in cpu_opt.state[a].items():
             assert torch.equal(value, cuda_opt.state[b][key].cpu()), f"state {i}.{key}"
+
+
+DEVICE_SCALAR_CASES = {
+    # (algo, options, constructor flags): lr or steps on the GPU, read by the kernels
+    "SGD-cuda-lr": ("SGD", dict(momentum=0.9, weight_decay=0.1), {}),
+    "RMSprop-cuda-lr": ("RMSprop", dict(momentum=0.5, centered=True), {}),
+    "RMSprop-capturable": ("RMSprop", dict(momentum=0.5), dict(capturable=True)),
+    "Adagrad-fused": ("Adagrad", dict(lr_decay=0.05, weight_decay=0.1), dict(fused=True)),
+    "Adagrad-cuda-lr": ("Adagrad", dict(lr_decay=0.05), {}),
+}
+
+
+@pytest.mark.parametrize("case", list(DEVICE_SCALAR_CASES))
+def test_device_scalars_bitwise_equal_to_cpu(case):
+    """A CUDA Tensor lr, and steps on the GPU (capturable / fused groups), are read by the
+    kernels. Where no pow is involved (SGD, RMSprop, Adagrad's lr decay is a double
+    division, IEEE on both sides) the result is still the CPU kernels' bits, with the CPU
+    run given the same lr as a float32 CPU tensor."""
+    algo, options, flags = DEVICE_SCALAR_CASES[case]
+    _, ours_cls = pu.ALGOS[algo]
+    names = [n for n in pu.fused_safe_layouts(torch.float32) if n != "complex"]
+
+    def run(device):
+        params = pu.make_model(torch.float32, names=names, device=device)
+        # a float32 Tensor lr on the run's device (the CPU run's is read on the host), or
+        # the float lr for the cases about device steps
+        lr = torch.tensor(0.01, device=device) if "cuda-lr" in case else 0.01
+        opt = ours_cls(list(params.values()), lr=lr, **options,
+                       **(flags if device == "cuda" else {}))
+        for step in range(6):
+            pu.set_grads(params, torch.float32, step)
+            opt.step()
+        return params, opt
+
+    cuda_run, cpu_run = run("cuda"), run("cpu")
+    if flags:
+        for p, s in cuda_run[1].state.items():
+            assert s["step"].device == p.device, "the steps of this group live on the GPU"
+    assert_cuda_equals_cpu(cuda_run, cpu_run, True, case)
+
+
+def test_capturable_adam_with_grad_scaler():
+    """Capturable Adam under GradScaler: grad_scale and found_inf are read on the GPU, and a
+    step with an inf grad changes nothing (the step kernel leaves the steps alone). Against
+    the CPU kernels within float32 tolerances (the bias corrections use the GPU's pow)."""
+    results = {}
+    for device in ("cpu", "cuda"):
+        w = torch.randn(300, generator=torch.Generator().manual_seed(0)).to(device)
+        w.requires_grad_()
+        flags = dict(capturable=True) if device == "cuda" else {}
+        opt = fused_optim.Adam([w], lr=0.01, **flags)
+        scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
+        for step in range(5):
+            opt.zero_grad()
+            x = torch.randn(300, generator=torch.Generator().manual_seed(step)).to(device)
+            if step == 2:
+                x[5] = float("inf")
+            scaler.scale((w * x).sum()).backward()
+            scaler.step(opt)
+            scaler.update()
+        results[device] = (w, opt)
+    (cpu_w, cpu_opt), (cuda_w, cuda_opt) = results["cpu"], results["cuda"]
+    assert cuda_opt.state[cuda_w]["step"].device == cuda_w.device
+    assert cuda_opt.state[cuda_w]["step"].item() == cpu_opt.state[cpu_w]["step"].item() == 4
+    torch.testing.assert_close(cuda_w.detach().cpu(), cpu_w.detach())
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(cuda_opt.state[cuda_w][key].cpu(), cpu_opt.state[cpu_w][key])
+
+
+def test_mixed_devices_with_grad_scaler():
+    """A group with a CPU and a CUDA param under GradScaler("cuda"): the scaler's tensors
+    live on the GPU; the CPU param's call gets them on the CPU (else the dispatcher would
+    pick the CUDA kernel for it). Bit for bit with an all-CPU run."""
+    results = {}
+    for mixed in (True, False):
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randn(50, generator=gen).requires_grad_()
+        b = torch.randn(50, generator=gen)
+        b = (b.cuda() if mixed else b).requires_grad_()
+        opt = fused_optim.AdamW([a, b], lr=0.01)
+        scaler = torch.amp.GradScaler("cuda" if mixed else "cpu", init_scale=2.0**8)
+        for step in range(4):
+            opt.zero_grad()
+            gen = torch.Generator().manual_seed(step)
+            xa, xb = torch.randn(50, generator=gen), torch.randn(50, generator=gen)
+            if step == 1:
+                xb[3] = float("inf")
+            loss_b = (b * xb.to(b.device)).sum()
+            loss = (a * xa).sum().to(b.device) + loss_b
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        results[mixed] = (a, b, opt)
+    (a1, b1, o1), (a0, b0, o0) = results[True], results[False]
+    assert torch.equal(a1.detach(), a0.detach())
+    assert torch.equal(b1.detach().cpu(), b0.detach())
+    assert o1.state[a1]["step"].item() == o0.state[a0]["step"].item() == 3
+
+
+@pytest.mark.parametrize("algo", ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad"])
+def test_compiled_step_with_scheduler_on_cuda(algo):
+    """torch.compile (aot_eager: no Triton needed) of a step and an LR scheduler driving a
+    CUDA Tensor lr gives what the eager step gives. While tracing, torch marks groups
+    capturable, so the compiled step keeps its steps on the GPU and computes the bias
+    corrections there (the GPU's pow: last-bit differences), hence torch.testing's float32
+    tolerances."""
+    import torch._dynamo
+
+    _, ours_cls = pu.ALGOS[algo]
+    extra = dict(momentum=0.9) if algo in ("SGD", "RMSprop") else {}
+
+    def run(compiled):
+        torch._dynamo.reset()
+        w = torch.randn(1000, generator=torch.Generator().manual_seed(0)).cuda().requires_grad_()
+        opt = ours_cls([w], lr=torch.tensor(0.01, device="cuda"), **extra)
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+
+        def step():
+            opt.step()
+            sched.step()
+
+        fn = torch.compile(step, backend="aot_eager") if compiled else step
+        for i in range(5):
+            w.grad = torch.randn(1000, generator=torch.Generator().manual_seed(i + 1)).cuda()
+            fn()
+        return w.detach()
+
+    torch.testing.assert_close(run(True), run(False))
 
 
 def test_mixed_devices_in_one_group():
@@ -282,10 +411,16 @@ def test_params_on_two_gpus():
     ps = [torch.randn(50, device=f"cuda:{i}", requires_grad=True) for i in (0, 1)]
     ref = [p.detach().cpu().requires_grad_() for p in ps]
     opt, ref_opt = fused_optim.Adam(ps, lr=0.1), fused_optim.Adam(ref, lr=0.1)
-    for p, r in zip(ps, ref):
-        g = torch.randn(50)
-        p.grad, r.grad = g.to(p.device), g
-    opt.step()
-    ref_opt.step()
+    scaler, ref_scaler = torch.amp.GradScaler("cuda"), torch.amp.GradScaler("cpu")
+    for step in range(3):
+        xs = [torch.randn(50) for _ in ps]
+        # GradScaler keeps grad_scale and found_inf on cuda:0; cuda:1's call gets copies
+        loss = sum((p * x.to(p.device)).sum().to("cuda:0") for p, x in zip(ps, xs))
+        scaler.scale(loss).backward()
+        ref_scaler.scale(sum((r * x).sum() for r, x in zip(ref, xs))).backward()
+        for o, s in ((opt, scaler), (ref_opt, ref_scaler)):
+            s.step(o)
+            s.update()
+            o.zero_grad()
     for p, r in zip(ps, ref):
         assert torch.equal(p.detach().cpu(), r.detach())
