@@ -1,6 +1,6 @@
 #pragma once
 // Note [direct calls]
-// The optimizers' eager steps call the CPU kernels without the dispatcher. Through
+// The optimizers' eager steps call the kernels without the dispatcher. Through
 // torch.ops, each tensor of each list is boxed into an IValue and copied twice, and a
 // copy of a tensor that Python owns increfs its PyObject (the copy's destructor takes
 // the GIL to decref it): on a step over 5,000 small tensors that costs more than the
@@ -10,8 +10,10 @@
 // function the dispatcher calls, with the same arguments in schema order, so both ways
 // run the same checks, the same math and raise the same errors.
 //
-// A kernel registers itself next to its TORCH_LIBRARY_IMPL:
+// A kernel registers itself next to its TORCH_LIBRARY_IMPL, the CUDA one under the op's
+// name + "@cuda" (python_step.cpp picks it for a group on one GPU):
 //   FO_REGISTER_DIRECT_CALL("adam_", adam_cpu);
+//   FO_REGISTER_DIRECT_CALL("adam_@cuda", adam_cuda);
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>

@@ -42,22 +42,49 @@ class BorrowedTensors {
   std::vector<at::Tensor> tensors_;
 };
 
-// A dense CPU tensor with nothing in between it and its memory: no tensor subclass, no
-// functorch or functionalization wrapper, no conjugate or negative bit, no sparse
-// layout. Anything else takes the dispatcher path, which handles it as before.
-bool is_plain_cpu(const at::Tensor& t) {
-  static const c10::DispatchKeySet plain{c10::DispatchKey::CPU, c10::DispatchKey::ADInplaceOrView,
-                                         c10::DispatchKey::AutogradCPU,
-                                         c10::DispatchKey::AutocastCPU};
-  return plain.isSupersetOf(t.key_set()) && t.layout() == at::kStrided;
+// A dense CPU or CUDA tensor with nothing in between it and its memory: no tensor
+// subclass, no functorch or functionalization wrapper, no conjugate or negative bit, no
+// sparse layout. Anything else takes the dispatcher path, which handles it as before.
+bool is_plain(const at::Tensor& t) {
+  static const c10::DispatchKeySet plain_cpu{
+      c10::DispatchKey::CPU, c10::DispatchKey::ADInplaceOrView, c10::DispatchKey::AutogradCPU,
+      c10::DispatchKey::AutocastCPU};
+  static const c10::DispatchKeySet plain_cuda{
+      c10::DispatchKey::CUDA, c10::DispatchKey::ADInplaceOrView, c10::DispatchKey::AutogradCUDA,
+      c10::DispatchKey::AutocastCUDA};
+  const c10::DispatchKeySet keys = t.key_set();
+  return (plain_cpu.isSupersetOf(keys) || plain_cuda.isSupersetOf(keys)) &&
+         t.layout() == at::kStrided;
 }
 
 // The tensor a Python object holds if it is a plain Tensor or Parameter (not a subclass)
-// holding a plain CPU tensor; nullptr otherwise.
+// holding a plain tensor; nullptr otherwise.
 const at::Tensor* plain_tensor(PyObject* obj) {
   if (!THPVariable_CheckExact(obj)) return nullptr;
   const at::Tensor& t = THPVariable_Unpack(obj);
-  return is_plain_cpu(t) ? &t : nullptr;
+  return is_plain(t) ? &t : nullptr;
+}
+
+// The kernel a group's call goes to: the CPU kernel registered as `name`, or for a group
+// whose params are all on one CUDA device, the CUDA kernel (registered as name + "@cuda",
+// Note [direct calls]) when the build has one and no host synchronisation would happen
+// with the GIL held: no tensor argument (lr, grad_scale, found_inf) on the GPU, since a
+// kernel may read those on the host (Note [CUDA scalars]). nullptr: the general path
+// takes the step (it also gives params on several devices one call per device).
+const DirectKernel* group_kernel(const std::string& name, const DirectKernel* cpu,
+                                 const DirectCall& call) {
+  const at::TensorList params = call.lists[0];
+  if (params.empty()) return cpu;  // nothing to update
+  const c10::Device device = params[0].device();
+  for (const at::Tensor& p : params) {
+    if (p.device() != device) return nullptr;
+  }
+  if (device.is_cpu()) return cpu;
+  if (!device.is_cuda()) return nullptr;
+  for (const auto& t : call.tensors) {
+    if (t.has_value() && t->defined() && !t->device().is_cpu()) return nullptr;
+  }
+  return find_direct_call(name + "@cuda");
 }
 
 // Note [prefetch]
@@ -197,7 +224,7 @@ Gathered gather_group(const GroupSnapshot& snap, PyObject* keys,
   for (Py_ssize_t i = 0; i < n; ++i) {
     const at::Tensor& g = *grad_tensors[static_cast<size_t>(i)];
     if (!g.defined()) continue;
-    if (!is_plain_cpu(g)) return Gathered::kDecline;
+    if (!is_plain(g)) return Gathered::kDecline;
     PyObject* param_state = snap.states[static_cast<size_t>(i)];
     if (any_key) {
       if (param_state == nullptr || !PyDict_Check(param_state)) return Gathered::kDecline;
@@ -243,13 +270,15 @@ Gathered gather_group(const GroupSnapshot& snap, PyObject* keys,
 
 // _step(op, groups, state, keys, args) -> bool
 //
-// A step of all param groups through the CPU kernel registered as `op`, if this path can
+// A step of all param groups through the kernel registered as `op` (CPU, or CUDA for a
+// group on one GPU: group_kernel), if this path can
 // take every group: `groups` holds each group's param list, `state` is the optimizer's
 // state dict, `keys[g]` the state key of each list the kernel takes after params and
 // grads (None: an empty list), `args[g]` the kernel's other arguments in schema order.
 // Params without a grad are left out, as in torch.optim. All groups are gathered before
 // any is updated; the GIL stays held (Note [borrowing safely]). Returns False, having changed nothing, when any param, grad or state
-// entry is not a plain dense CPU tensor (a sparse grad, a subclass, a DTensor, ...), when
+// entry is not a plain dense CPU or CUDA tensor (a sparse grad, a subclass, a DTensor, ...),
+// when a group's params are on several devices, when
 // a state entry is missing (the Python path creates the state), or when a torch function
 // or dispatch mode is active (they must see the op): the caller then takes its general
 // path. Each group's update runs as the op would: same checks, same errors.
@@ -340,10 +369,16 @@ PyObject* py_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs)
     }
     for (const auto& l : lists.back()) calls[static_cast<size_t>(g)].lists.push_back(l.list());
   }
-  for (const DirectCall& call : calls) {
+  std::vector<const DirectKernel*> kernels(static_cast<size_t>(num_groups));
+  for (Py_ssize_t g = 0; g < num_groups; ++g) {
+    kernels[static_cast<size_t>(g)] = group_kernel(name, kernel, calls[static_cast<size_t>(g)]);
+    if (kernels[static_cast<size_t>(g)] == nullptr) Py_RETURN_FALSE;
+  }
+  for (Py_ssize_t g = 0; g < num_groups; ++g) {
+    const DirectCall& call = calls[static_cast<size_t>(g)];
     if (call.lists[0].empty()) continue;  // no grads in this group
     RECORD_FUNCTION("fused_optim::" + name, std::vector<c10::IValue>());
-    kernel->fn(call);
+    kernels[static_cast<size_t>(g)]->fn(call);
   }
   Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS
@@ -386,7 +421,7 @@ PyObject* py_has_sparse_grad(PyObject* /*module*/, PyObject* params) {
 
 PyMethodDef methods[] = {
     {"_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_step)),
-     METH_FASTCALL, "One param group's step through a CPU kernel (Note [direct calls])."},
+     METH_FASTCALL, "A step of every param group through the kernels (Note [direct calls])."},
     {"_has_sparse_grad", py_has_sparse_grad, METH_O,
      "Whether a tensor of the list has a sparse grad."},
     {nullptr, nullptr, 0, nullptr}};

@@ -144,12 +144,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         args = [_ops.schema_args(self._op, self._kernel_args(group), grad_scale, found_inf)
                 for group in groups]
         # Note [fast path]: in eager mode, _C._step gathers the groups' lists in C++ and
-        # calls the CPU kernel directly (Note [direct calls] in csrc/direct_call.h). It
-        # declines, changing nothing, whatever it does not take (first steps that create
-        # state, sparse grads, DTensors and other subclasses, CUDA tensors, active torch
-        # function or dispatch modes); then the grads are looked at for a reason to run
-        # torch's step, and each group takes the fast path or the general one below,
-        # through the op.
+        # calls the CPU or CUDA kernel directly (Note [direct calls] in
+        # csrc/direct_call.h). It declines, changing nothing, whatever it does not take
+        # (first steps that create state, sparse grads, DTensors and other subclasses,
+        # a group on several devices, a CUDA group with lr / grad_scale / found_inf on the
+        # GPU, active torch function or dispatch modes); then the grads are looked at for
+        # a reason to run torch's step, and each group takes the fast path or the general
+        # one below, through the op.
         fast = not torch.compiler.is_compiling()
         with torch.no_grad():
             done = fast and _C._step(self._op, [g["params"] for g in groups], self.state, keys,

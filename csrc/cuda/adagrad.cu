@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "cuda/multi_tensor.cuh"
+#include "direct_call.h"
 
 namespace fused_optim::cuda {
 namespace {
@@ -41,5 +42,7 @@ void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList st
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) { m.impl("adagrad_", &adagrad_cuda); }
+// The same kernel for the optimizers' eager steps: Note [direct calls].
+FO_REGISTER_DIRECT_CALL("adagrad_@cuda", adagrad_cuda);
 
 }  // namespace fused_optim::cuda

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "cuda/multi_tensor.cuh"
+#include "direct_call.h"
 #include "state_lists.h"
 
 namespace fused_optim::cuda {
@@ -44,5 +45,7 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) { m.impl("adam_", &adam_cuda); }
+// The same kernel for the optimizers' eager steps: Note [direct calls].
+FO_REGISTER_DIRECT_CALL("adam_@cuda", adam_cuda);
 
 }  // namespace fused_optim::cuda

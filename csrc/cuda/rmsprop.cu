@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "cuda/multi_tensor.cuh"
+#include "direct_call.h"
 #include "state_lists.h"
 
 namespace fused_optim::cuda {
@@ -47,5 +48,7 @@ void rmsprop_cuda(at::TensorList params, at::TensorList grads, at::TensorList sq
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) { m.impl("rmsprop_", &rmsprop_cuda); }
+// The same kernel for the optimizers' eager steps: Note [direct calls].
+FO_REGISTER_DIRECT_CALL("rmsprop_@cuda", rmsprop_cuda);
 
 }  // namespace fused_optim::cuda

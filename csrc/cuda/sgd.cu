@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "cuda/multi_tensor.cuh"
+#include "direct_call.h"
 #include "state_lists.h"
 
 namespace fused_optim::cuda {
@@ -36,5 +37,7 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) { m.impl("sgd_", &sgd_cuda); }
+// The same kernel for the optimizers' eager steps: Note [direct calls].
+FO_REGISTER_DIRECT_CALL("sgd_@cuda", sgd_cuda);
 
 }  // namespace fused_optim::cuda
