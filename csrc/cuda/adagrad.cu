@@ -15,28 +15,14 @@ void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList st
                   const std::optional<at::Tensor>& grad_scale,
                   const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "fused_optim::adagrad_";
-  const std::optional<c10::Device> device = call_device(params);
-  const c10::cuda::OptionalCUDAGuard guard(device);
-  MultiTensorPlan plan(op, params, grads, {state_sums}, has_tensor(grad_scale),
-                       c10::DeviceType::CUDA);
-  const bool device_steps = check_steps(op, state_steps, plan.size(), device);
-  if (!device.has_value()) return;  // no params
-  const CallScalars sc = call_scalars(op, *device, lr, lr_tensor, grad_scale, found_inf,
-                                      /*host_steps=*/!device_steps, device_steps);
-  if (sc.skip) return;  // after all checks; nothing has changed yet
-
-  const AdagradCoeffs base = adagrad_coeffs(maximize, weight_decay, eps, lr_decay);
-  std::vector<AdagradCoeffs> coeffs{base};
-  if (device_steps) {
-    increment_device_steps(state_steps, sc.found_inf);
-  } else {
-    coeffs = per_step_coeffs(base, sc.lr_value, sc.lr_is_f32, increment_steps(state_steps));
-  }
-  launch_update(plan, coeffs, device_steps ? state_steps : at::TensorList(), sc,
-                [&](at::ScalarType dt, bool cplx) {
-                  return select_adagrad(dt, cplx, weight_decay != 0.0,
-                                        PickKernel<AdagradCoeffs>{});
-                });
+  CudaCall call(op, params, grads, {state_sums}, state_steps, lr, lr_tensor, grad_scale,
+                found_inf);
+  if (!call.updates()) return;  // after all checks; nothing has changed yet
+  const auto coeffs = call.count_step(adagrad_coeffs(maximize, weight_decay, eps, lr_decay),
+                                      /*per_step=*/true);
+  call.launch(coeffs, [&](at::ScalarType dt, bool cplx) {
+    return select_adagrad(dt, cplx, weight_decay != 0.0, PickKernel<AdagradCoeffs>{});
+  });
 }
 
 }  // namespace

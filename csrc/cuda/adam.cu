@@ -19,27 +19,14 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "fused_optim::adam_";
   const auto states = adam_state_lists(op, amsgrad, exp_avgs, exp_avg_sqs, max_exp_avg_sqs);
-  const std::optional<c10::Device> device = call_device(params);
-  const c10::cuda::OptionalCUDAGuard guard(device);
-  MultiTensorPlan plan(op, params, grads, states, has_tensor(grad_scale), c10::DeviceType::CUDA);
-  const bool device_steps = check_steps(op, state_steps, plan.size(), device);
-  if (!device.has_value()) return;  // no params
-  const CallScalars sc = call_scalars(op, *device, lr, lr_tensor, grad_scale, found_inf,
-                                      /*host_steps=*/!device_steps, device_steps);
-  if (sc.skip) return;  // after all checks; nothing has changed yet
-
-  const AdamCoeffs base = adam_coeffs(maximize, weight_decay, beta1, beta2, eps);
-  std::vector<AdamCoeffs> coeffs{base};
-  if (device_steps) {
-    increment_device_steps(state_steps, sc.found_inf);
-  } else {
-    coeffs = per_step_coeffs(base, sc.lr_value, sc.lr_is_f32, increment_steps(state_steps));
-  }
+  CudaCall call(op, params, grads, states, state_steps, lr, lr_tensor, grad_scale, found_inf);
+  if (!call.updates()) return;  // after all checks; nothing has changed yet
+  const auto coeffs = call.count_step(adam_coeffs(maximize, weight_decay, beta1, beta2, eps),
+                                      /*per_step=*/true);
   const WeightDecay wd = adam_weight_decay(weight_decay, decoupled_weight_decay);
-  launch_update(plan, coeffs, device_steps ? state_steps : at::TensorList(), sc,
-                [&](at::ScalarType dt, bool cplx) {
-                  return select_adam(dt, cplx, wd, amsgrad, PickKernel<AdamCoeffs>{});
-                });
+  call.launch(coeffs, [&](at::ScalarType dt, bool cplx) {
+    return select_adam(dt, cplx, wd, amsgrad, PickKernel<AdamCoeffs>{});
+  });
 }
 
 }  // namespace

@@ -25,6 +25,7 @@
 #include <cstring>
 #include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "plan.h"
@@ -277,5 +278,64 @@ void launch_update(MultiTensorPlan& plan, const std::vector<Coeffs>& coeffs,
   flush();
   plan.finish();
 }
+
+// What every CUDA op call does around its own coefficients: the device guard, the plan
+// (every check, before anything changes), where the steps live, the scalar arguments
+// (Note [CUDA scalars]), counting the step, and the launches.
+class CudaCall {
+ public:
+  // `steps`: the call's step tensors, or nullopt for an op without them (SGD).
+  CudaCall(const char* op, at::TensorList params, at::TensorList grads,
+           const std::vector<at::TensorList>& states, std::optional<at::TensorList> steps,
+           double lr, const std::optional<at::Tensor>& lr_tensor,
+           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf)
+      : device_(call_device(params)),
+        guard_(device_),
+        plan_(op, params, grads, states, has_tensor(grad_scale), c10::DeviceType::CUDA),
+        steps_(steps.value_or(at::TensorList())),
+        has_steps_(steps.has_value()),
+        device_steps_(has_steps_ && check_steps(op, steps_, plan_.size(), device_)) {
+    if (device_.has_value()) {
+      sc_ = call_scalars(op, *device_, lr, lr_tensor, grad_scale, found_inf,
+                         /*host_steps=*/has_steps_ && !device_steps_, device_steps_);
+    }
+  }
+
+  // False: nothing to update (no params, or found_inf, read on the host, says skip).
+  bool updates() const { return device_.has_value() && !sc_.skip; }
+
+  // Counts this step (a kernel for steps on the device, the host otherwise), then returns
+  // the coefficients for the kernels: `base` at lr, and at each tensor's new step where
+  // `per_step` and the steps live on the host; `base` alone where the kernels compute them
+  // (Note [per-step coefficients]).
+  template <typename Coeffs>
+  std::vector<Coeffs> count_step(Coeffs base, bool per_step) {
+    std::vector<double> host_steps;
+    if (device_steps_) {
+      increment_device_steps(steps_, sc_.found_inf);
+    } else if (has_steps_) {
+      host_steps = increment_steps(steps_);
+    }
+    if (sc_.device_coeffs) return {base};
+    if (per_step) return per_step_coeffs(base, sc_.lr_value, sc_.lr_is_f32, host_steps);
+    base.at(sc_.lr_value, sc_.lr_is_f32, 0.0);
+    return {base};
+  }
+
+  template <typename Coeffs, typename Select>
+  void launch(const std::vector<Coeffs>& coeffs, Select&& select) {
+    launch_update(plan_, coeffs, device_steps_ ? steps_ : at::TensorList(), sc_,
+                  std::forward<Select>(select));
+  }
+
+ private:
+  std::optional<c10::Device> device_;
+  c10::cuda::OptionalCUDAGuard guard_;
+  MultiTensorPlan plan_;
+  at::TensorList steps_;
+  bool has_steps_;
+  bool device_steps_;
+  CallScalars sc_;
+};
 
 }  // namespace fused_optim::cuda

@@ -21,28 +21,15 @@ void rmsprop_cuda(at::TensorList params, at::TensorList grads, at::TensorList sq
   const bool use_momentum = momentum > 0.0;  // as torch: `if momentum > 0`
   const auto states = rmsprop_state_lists(op, centered, use_momentum, square_avgs, grad_avgs,
                                           momentum_buffers);
-  const std::optional<c10::Device> device = call_device(params);
-  const c10::cuda::OptionalCUDAGuard guard(device);
-  MultiTensorPlan plan(op, params, grads, states, has_tensor(grad_scale), c10::DeviceType::CUDA);
-  const bool device_steps = check_steps(op, state_steps, plan.size(), device);
-  if (!device.has_value()) return;  // no params
-  const CallScalars sc = call_scalars(op, *device, lr, lr_tensor, grad_scale, found_inf,
-                                      /*host_steps=*/!device_steps, device_steps);
-  if (sc.skip) return;  // after all checks; nothing has changed yet
-
-  // Counted, as torch does; RMSprop's math never reads the step.
-  if (device_steps) {
-    increment_device_steps(state_steps, sc.found_inf);
-  } else {
-    increment_steps(state_steps);
-  }
-  RmspropCoeffs coeffs = rmsprop_coeffs(maximize, weight_decay, alpha, eps, momentum);
-  coeffs.at(sc.lr_value, false, 0.0);
-  launch_update(plan, std::vector<RmspropCoeffs>{coeffs}, at::TensorList(), sc,
-                [&](at::ScalarType dt, bool cplx) {
-                  return select_rmsprop(dt, cplx, weight_decay != 0.0, centered, use_momentum,
-                                        PickKernel<RmspropCoeffs>{});
-                });
+  CudaCall call(op, params, grads, states, state_steps, lr, lr_tensor, grad_scale, found_inf);
+  if (!call.updates()) return;  // after all checks; nothing has changed yet
+  // The step is counted, as torch does; RMSprop's math never reads it.
+  const auto coeffs = call.count_step(
+      rmsprop_coeffs(maximize, weight_decay, alpha, eps, momentum), /*per_step=*/false);
+  call.launch(coeffs, [&](at::ScalarType dt, bool cplx) {
+    return select_rmsprop(dt, cplx, weight_decay != 0.0, centered, use_momentum,
+                          PickKernel<RmspropCoeffs>{});
+  });
 }
 
 }  // namespace

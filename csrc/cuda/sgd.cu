@@ -17,21 +17,15 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
               const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "fused_optim::sgd_";
   const auto states = sgd_state_lists(op, momentum, momentum_buffers);
-  const std::optional<c10::Device> device = call_device(params);
-  const c10::cuda::OptionalCUDAGuard guard(device);
-  MultiTensorPlan plan(op, params, grads, states, has_tensor(grad_scale), c10::DeviceType::CUDA);
-  if (!device.has_value()) return;  // no params
   // No steps: nothing is read on the host unless it lives there (Note [CUDA scalars]).
-  const CallScalars sc = call_scalars(op, *device, lr, lr_tensor, grad_scale, found_inf,
-                                      /*host_steps=*/false, /*steps_on_device=*/false);
-
-  SgdCoeffs coeffs = sgd_coeffs(maximize, weight_decay, momentum, dampening);
-  coeffs.at(sc.lr_value, false, 0.0);
+  CudaCall call(op, params, grads, states, std::nullopt, lr, lr_tensor, grad_scale, found_inf);
+  if (!call.updates()) return;  // no params
+  const auto coeffs =
+      call.count_step(sgd_coeffs(maximize, weight_decay, momentum, dampening), /*per_step=*/false);
   const Momentum mode = sgd_momentum(momentum, nesterov, is_first_step);
-  launch_update(plan, std::vector<SgdCoeffs>{coeffs}, at::TensorList(), sc,
-                [&](at::ScalarType dt, bool cplx) {
-                  return select_sgd(dt, cplx, weight_decay != 0.0, mode, PickKernel<SgdCoeffs>{});
-                });
+  call.launch(coeffs, [&](at::ScalarType dt, bool cplx) {
+    return select_sgd(dt, cplx, weight_decay != 0.0, mode, PickKernel<SgdCoeffs>{});
+  });
 }
 
 }  // namespace
