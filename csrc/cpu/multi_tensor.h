@@ -170,46 +170,28 @@ FO_INLINE void segment_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
   for (int k = 0; k < NS; ++k) s[k] = static_cast<T*>(t.state[k]) + begin;
   const int64_t n = end - begin;
 
-  if constexpr (std::is_same_v<T, M>) {
-    // float/double: update memory in place, a chunk at a time (Note [software prefetch]).
+  if constexpr (std::is_same_v<T, M> || std::is_same_v<T, c10::BFloat16>) {
+    // float/double: update memory in place; bfloat16: widening is a shift and rounding a
+    // few integer operations, so they fuse into the update's vector loop, where they
+    // overlap the divisions. A chunk at a time (Note [software prefetch]; bfloat16 asks
+    // for the same bytes ahead as float).
+    constexpr int64_t kAhead = std::is_same_v<T, M> ? kPrefetchAhead : 2 * kPrefetchAhead;
     for (int64_t c = 0; c < n; c += kPrefetchChunk) {
       const int64_t chunk_end = std::min(n, c + kPrefetchChunk);
-      prefetch_ahead<T, NS>(p, g, s, chunk_end + kPrefetchAhead, kPrefetchChunk, n);
+      prefetch_ahead<T, NS>(p, g, s, chunk_end + kAhead, kPrefetchChunk, n);
 #pragma GCC ivdep
       for (int64_t i = c; i < chunk_end; ++i) {
-        M pv = p[i];
-        M gv = g[i];
+        M pv = load(p + i);
+        M gv = load(g + i);
         if constexpr (kUnscale) {
           gv = gv * inv_scale;
-          g[i] = gv;
+          store(gv, g + i);
         }
         M sv[NS > 0 ? NS : 1];
-        for (int k = 0; k < NS; ++k) sv[k] = s[k][i];
+        for (int k = 0; k < NS; ++k) sv[k] = load(s[k] + i);
         rule(pv, gv, sv);
-        p[i] = pv;
-        for (int k = 0; k < NS; ++k) s[k][i] = sv[k];
-      }
-    }
-  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    // bfloat16: widening is a shift and rounding a few integer operations, so they fuse
-    // into the update's vector loop, where they overlap the divisions (Note [software
-    // prefetch] as for float).
-    for (int64_t c = 0; c < n; c += kPrefetchChunk) {
-      const int64_t chunk_end = std::min(n, c + kPrefetchChunk);
-      prefetch_ahead<T, NS>(p, g, s, chunk_end + 2 * kPrefetchAhead, kPrefetchChunk, n);
-#pragma GCC ivdep
-      for (int64_t i = c; i < chunk_end; ++i) {
-        M pv = widen(p[i]);
-        M gv = widen(g[i]);
-        if constexpr (kUnscale) {
-          gv = gv * inv_scale;
-          narrow(gv, g + i);
-        }
-        M sv[NS > 0 ? NS : 1];
-        for (int k = 0; k < NS; ++k) sv[k] = widen(s[k][i]);
-        rule(pv, gv, sv);
-        narrow(pv, p + i);
-        for (int k = 0; k < NS; ++k) narrow(sv[k], s[k] + i);
+        store(pv, p + i);
+        for (int k = 0; k < NS; ++k) store(sv[k], s[k] + i);
       }
     }
   } else {
