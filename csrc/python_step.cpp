@@ -155,22 +155,26 @@ class OwnedRefs {
 // Python code, the state dict lookup (it calls Tensor.__hash__), comes first, for every
 // group, and keeps owned references to what it found.
 struct GroupSnapshot {
+  bool any_key = false;           // the kernel takes state (a key is not None)
   std::vector<PyObject*> params;  // owned
   std::vector<PyObject*> states;  // owned; nullptr where there is none
 };
 
 // The Python part of a group's gather: its params, and the state dict of each param that
-// has one (when the kernel takes state). It reads no tensor: the grads are read later, in
-// the passes that prefetch (Note [prefetch]).
-Gathered snapshot_group(PyObject* params, PyObject* state, bool any_key, OwnedRefs& owned,
+// has one (when the kernel takes state: a key of `keys` is not None). It reads no tensor:
+// the grads are read later, in the passes that prefetch (Note [prefetch]).
+Gathered snapshot_group(PyObject* params, PyObject* state, PyObject* keys, OwnedRefs& owned,
                         GroupSnapshot& snap) {
+  for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(keys); ++k) {
+    snap.any_key |= PyTuple_GET_ITEM(keys, k) != Py_None;
+  }
   // The size is read again each time: a lookup can run Python code that changes the list.
   for (Py_ssize_t i = 0; i < PyList_GET_SIZE(params); ++i) {
     PyObject* obj = owned.own(PyList_GET_ITEM(params, i));
     if (!THPVariable_CheckExact(obj)) return Gathered::kDecline;
     snap.params.push_back(obj);
     PyObject* param_state = nullptr;
-    if (any_key) {
+    if (snap.any_key) {
       // A param without state is fine if it has no grad: gather_group decides.
       param_state = PyDict_GetItemWithError(state, obj);
       if (param_state == nullptr && PyErr_Occurred()) return Gathered::kError;
@@ -216,8 +220,6 @@ Gathered gather_group(const GroupSnapshot& snap, PyObject* keys,
     if (g.defined()) prefetch_lines(g.unsafeGetTensorImpl());
     grad_tensors[static_cast<size_t>(i)] = &g;
   });
-  bool any_key = false;
-  for (Py_ssize_t k = 0; k < num_keys; ++k) any_key |= PyTuple_GET_ITEM(keys, k) != Py_None;
   for (auto& l : lists) l.reserve(static_cast<size_t>(n));
   std::vector<PyObject*> param_states;  // of the params with a grad
   param_states.reserve(static_cast<size_t>(n));
@@ -226,7 +228,7 @@ Gathered gather_group(const GroupSnapshot& snap, PyObject* keys,
     if (!g.defined()) continue;
     if (!is_plain(g)) return Gathered::kDecline;
     PyObject* param_state = snap.states[static_cast<size_t>(i)];
-    if (any_key) {
+    if (snap.any_key) {
       if (param_state == nullptr || !PyDict_Check(param_state)) return Gathered::kDecline;
       prefetch(reinterpret_cast<PyDictObject*>(param_state)->ma_keys);
     }
@@ -234,7 +236,7 @@ Gathered gather_group(const GroupSnapshot& snap, PyObject* keys,
     lists[1].push(g);
     param_states.push_back(param_state);
   }
-  if (!any_key) return Gathered::kOk;
+  if (!snap.any_key) return Gathered::kOk;
   const Py_ssize_t m = static_cast<Py_ssize_t>(param_states.size());
   // Pass 3: the state entries' Python objects (str keys: no Python code runs).
   std::vector<PyObject*> values(static_cast<size_t>(m * num_keys), nullptr);
@@ -271,14 +273,14 @@ Gathered gather_group(const GroupSnapshot& snap, PyObject* keys,
 // _step(op, groups, state, keys, args) -> bool
 //
 // A step of all param groups through the kernel registered as `op` (CPU, or CUDA for a
-// group on one GPU: group_kernel), if this path can
-// take every group: `groups` holds each group's param list, `state` is the optimizer's
-// state dict, `keys[g]` the state key of each list the kernel takes after params and
-// grads (None: an empty list), `args[g]` the kernel's other arguments in schema order.
-// Params without a grad are left out, as in torch.optim. All groups are gathered before
-// any is updated; the GIL stays held (Note [borrowing safely]). Returns False, having changed nothing, when any param, grad or state
-// entry is not a plain dense CPU or CUDA tensor (a sparse grad, a subclass, a DTensor, ...),
-// when a group's params are on several devices, when
+// group on one GPU: group_kernel), if this path can take every group: `groups` holds each
+// group's param list, `state` is the optimizer's state dict, `keys[g]` the state key of
+// each list the kernel takes after params and grads (None: an empty list), `args[g]` the
+// kernel's other arguments in schema order. Params without a grad are left out, as in
+// torch.optim. All groups are gathered before any is updated; the GIL stays held (Note
+// [borrowing safely]). Returns False, having changed nothing, when any param, grad or
+// state entry is not a plain dense CPU or CUDA tensor (a sparse grad, a subclass, a
+// DTensor, ...), when group_kernel declines a group (params on several devices, ...), when
 // a state entry is missing (the Python path creates the state), or when a torch function
 // or dispatch mode is active (they must see the op): the caller then takes its general
 // path. Each group's update runs as the op would: same checks, same errors.
@@ -319,13 +321,8 @@ PyObject* py_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs)
   owned.own(state);
   std::vector<GroupSnapshot> snaps(static_cast<size_t>(num_groups));
   for (Py_ssize_t g = 0; g < num_groups; ++g) {
-    PyObject* group_keys = PyList_GET_ITEM(keys, g);
-    bool any_key = false;
-    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(group_keys); ++k) {
-      any_key |= PyTuple_GET_ITEM(group_keys, k) != Py_None;
-    }
-    switch (snapshot_group(owned.own(PyList_GET_ITEM(groups, g)), state, any_key, owned,
-                           snaps[static_cast<size_t>(g)])) {
+    switch (snapshot_group(owned.own(PyList_GET_ITEM(groups, g)), state,
+                           PyList_GET_ITEM(keys, g), owned, snaps[static_cast<size_t>(g)])) {
       case Gathered::kOk: break;
       case Gathered::kDecline: Py_RETURN_FALSE;
       case Gathered::kError: return nullptr;
