@@ -72,27 +72,25 @@ CallScalars call_scalars(const char* op, c10::Device device, double lr,
     sc.grad_scale = scalar_arg(op, "grad_scale", *grad_scale, device);
   }
   sc.lr_is_f32 = lr_is_float32(lr_tensor);
-  if (has_tensor(lr_tensor)) {
-    TORCH_CHECK(lr_tensor->numel() == 1, op, ": Tensor lr must be 1-element");
-  }
-  if (host_steps) {
-    sc.lr_value = lr_value(op, lr, lr_tensor);
-    sc.lr.value = sc.lr_value;
-    if (has_tensor(found_inf)) {
-      TORCH_CHECK(found_inf->device().is_cpu() || found_inf->device() == device, op,
-                  ": found_inf is on ", found_inf->device(), " but the params are on ", device);
-    }
-    sc.skip = skip_step(found_inf);
-    return sc;
-  }
-  const bool lr_on_device = has_tensor(lr_tensor) && !lr_tensor->device().is_cpu();
+  // Where the steps are CPU tensors, a CUDA lr is read on the host too (its quotients
+  // with the steps are computed there).
+  const bool lr_on_device = !host_steps && has_tensor(lr_tensor) && !lr_tensor->device().is_cpu();
   if (lr_on_device) {
+    TORCH_CHECK(lr_tensor->numel() == 1, op, ": Tensor lr must be 1-element");
     sc.lr = scalar_arg(op, "lr", *lr_tensor, device);
   } else {
     sc.lr_value = lr_value(op, lr, lr_tensor);
     sc.lr.value = sc.lr_value;
   }
-  if (has_tensor(found_inf)) sc.found_inf = scalar_arg(op, "found_inf", *found_inf, device);
+  if (host_steps) {
+    if (has_tensor(found_inf)) {
+      TORCH_CHECK(found_inf->device().is_cpu() || found_inf->device() == device, op,
+                  ": found_inf is on ", found_inf->device(), " but the params are on ", device);
+    }
+    sc.skip = skip_step(found_inf);
+  } else if (has_tensor(found_inf)) {
+    sc.found_inf = scalar_arg(op, "found_inf", *found_inf, device);
+  }
   sc.device_coeffs = steps_on_device || lr_on_device;
   return sc;
 }

@@ -48,16 +48,20 @@ constexpr int kBlocks = 320;
 constexpr int kCoeffSets = 4;
 constexpr int kPtrs = 2 + kMaxStates;  // param, grad, states
 
-// A float32 or float64 scalar in device memory, or a value known on the host.
+// A float32 or float64 scalar (lr, grad_scale, found_inf, a step) in device memory.
+__device__ __forceinline__ double read_scalar(const void* ptr, bool is_double) {
+  return is_double ? *static_cast<const double*>(ptr)
+                   : static_cast<double>(*static_cast<const float*>(ptr));
+}
+
+// A scalar in device memory, or a value known on the host.
 struct Scalar {
   const void* ptr = nullptr;
   bool is_double = false;
   double value = 0.0;
 
   __device__ __forceinline__ double get() const {
-    if (ptr == nullptr) return value;
-    return is_double ? *static_cast<const double*>(ptr)
-                     : static_cast<double>(*static_cast<const float*>(ptr));
+    return ptr == nullptr ? value : read_scalar(ptr, is_double);
   }
 };
 
@@ -96,11 +100,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const LaunchArgs<typen
 
   typename Rule::Coeffs c = a.coeffs[a.coeff_set[t]];
   if (a.device_coeffs) {  // Note [per-step coefficients]
-    double step = 0.0;
-    if (a.step[t] != nullptr) {
-      step = a.step_is_double[t] ? *static_cast<const double*>(a.step[t])
-                                 : static_cast<double>(*static_cast<const float*>(a.step[t]));
-    }
+    const double step = a.step[t] == nullptr ? 0.0 : read_scalar(a.step[t], a.step_is_double[t]);
     c.at(a.lr.get(), a.lr_is_f32, step);
   }
   const Rule rule(c);
