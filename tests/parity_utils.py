@@ -8,9 +8,11 @@ import contextlib
 import itertools
 
 import numpy as np
+import pytest
 import torch
 
 import fused_optim
+from fused_optim._loader import built_with_cuda
 
 ALGOS = {
     "SGD": (torch.optim.SGD, fused_optim.SGD),
@@ -19,6 +21,13 @@ ALGOS = {
     "RMSprop": (torch.optim.RMSprop, fused_optim.RMSprop),
     "Adagrad": (torch.optim.Adagrad, fused_optim.Adagrad),
 }
+
+# The CUDA tests run where there is a GPU and a build with the CUDA kernels, and are
+# skipped (and reported as skipped) elsewhere.
+needs_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and built_with_cuda()),
+    reason="needs an NVIDIA GPU and fused_optim built with its CUDA kernels (FUSED_OPTIM_CUDA=1)",
+)
 
 TENSOR_LR = "tensor"  # marker in the option tables: lr given as a 0-dim tensor
 

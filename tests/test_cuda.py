@@ -17,13 +17,8 @@ import torch
 
 import fused_optim
 import parity_utils as pu
-from fused_optim import _ops
-from fused_optim._loader import built_with_cuda
 
-pytestmark = pytest.mark.skipif(
-    not (torch.cuda.is_available() and built_with_cuda()),
-    reason="needs an NVIDIA GPU and fused_optim built with its CUDA kernels (FUSED_OPTIM_CUDA=1)",
-)
+pytestmark = pu.needs_cuda
 
 CASES = [(algo, o) for algo, opts in pu.OPTIONS.items() for o in opts]
 IDS = [f"{algo}[{pu.option_id(o)}]" for algo, o in CASES]
@@ -308,61 +303,6 @@ def test_compiled_step_with_scheduler_on_cuda(algo):
         return w.detach()
 
     torch.testing.assert_close(run(True), run(False))
-
-
-@pytest.mark.parametrize("algo", ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad"])
-def test_fast_path_takes_cuda_groups(algo, monkeypatch):
-    """The eager C++ gather (Note [fast path]) calls the CUDA kernel directly for a group on
-    one GPU, bit for bit as the dispatcher path, and declines (the general path then runs)
-    for params on two devices or a CUDA tensor among lr / grad_scale / found_inf."""
-    from fused_optim import _C
-
-    _, ours_cls = pu.ALGOS[algo]
-    options = dict(lr=0.01, momentum=0.9) if algo in ("SGD", "RMSprop") else dict(lr=0.01)
-    gen = torch.Generator().manual_seed(0)
-    base = [torch.randn(s, generator=gen) for s in ((300,), (17, 5), (2**16 + 3,))]
-    fast_params = [b.cuda().requires_grad_() for b in base]
-    slow_params = [b.cuda().requires_grad_() for b in base]
-    fast, slow = ours_cls(fast_params, **options), ours_cls(slow_params, **options)
-    real_step = _C._step
-    for step in range(4):
-        for ps in (fast_params, slow_params):
-            g = torch.Generator().manual_seed(step)
-            for p in ps:
-                p.grad = torch.randn(p.shape, generator=g).cuda()
-        taken = []
-
-        def spy(*args):
-            taken.append(real_step(*args))
-            return taken[-1]
-
-        monkeypatch.setattr(fused_optim.optimizer._C, "_step", spy)
-        fast.step()
-        monkeypatch.setattr(fused_optim.optimizer._C, "_step", lambda *args: False)
-        slow.step()
-        if step > 0 or algo == "Adagrad":
-            assert taken == [True], "a CUDA group's later steps take the fast path"
-    monkeypatch.undo()
-    for p, q in zip(fast_params, slow_params):
-        assert torch.equal(p, q)
-        for key, value in fast.state[p].items():
-            assert torch.equal(value, slow.state[q][key]), key
-    group = fast.param_groups[0]
-    with torch.no_grad():
-        args = _ops.schema_args(fast._op, fast._kernel_args(group),
-                                torch.ones((), device="cuda"), torch.zeros((), device="cuda"))
-        assert not real_step(fast._op, [group["params"]], fast.state, [fast._state_keys(group)],
-                             [args]), "a CUDA grad_scale / found_inf: the general path"
-    mixed = [torch.randn(4, requires_grad=True), torch.randn(4, device="cuda", requires_grad=True)]
-    opt = ours_cls(mixed, **options)
-    for p in mixed:
-        p.grad = torch.ones_like(p)
-    opt.step()  # creates the state
-    group = opt.param_groups[0]
-    with torch.no_grad():
-        args = _ops.schema_args(opt._op, opt._kernel_args(group), None, None)
-        assert not real_step(opt._op, [group["params"]], opt.state, [opt._state_keys(group)],
-                             [args]), "params on two devices: the general path"
 
 
 def test_mixed_devices_in_one_group():

@@ -7,7 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_optim
 from fused_optim import _C, _ops
-from parity_utils import ALGOS
+from parity_utils import ALGOS, needs_cuda
 
 KWARGS = {
     "SGD": dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
@@ -18,11 +18,13 @@ KWARGS = {
 }
 
 
-def make_params(seed=0, dtype=torch.float32):
+def make_params(seed=0, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     shapes = [(7,), (33, 5), (0,), (16,), (3, 4, 5), (1,)]
-    params = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=dtype)) for s in shapes]
-    params.append(torch.randn(6, 4, generator=g, dtype=dtype).t().requires_grad_())  # a view
+    params = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=dtype).to(device))
+              for s in shapes]
+    # a view
+    params.append(torch.randn(6, 4, generator=g, dtype=dtype).to(device).t().requires_grad_())
     return params
 
 
@@ -30,19 +32,23 @@ def set_grads(params, seed):
     g = torch.Generator().manual_seed(seed)
     for i, p in enumerate(params):
         # One param without a grad: it is left out, as torch.optim leaves it.
-        p.grad = None if i == 3 else torch.randn(p.shape, generator=g, dtype=p.dtype)
+        p.grad = None if i == 3 else torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device)
 
 
-def fast_step(opt, group):
+def fast_step(opt, group, grad_scale=None, found_inf=None):
     with torch.no_grad():
         return _C._step(opt._op, [group["params"]], opt.state, [opt._state_keys(group)],
-                        [_ops.schema_args(opt._op, opt._kernel_args(group), None, None)])
+                        [_ops.schema_args(opt._op, opt._kernel_args(group), grad_scale,
+                                          found_inf)])
 
 
 @pytest.mark.parametrize("algo", list(ALGOS))
-def test_fast_path_is_bitwise_the_dispatcher_path(algo, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_fast_path_is_bitwise_the_dispatcher_path(device, algo, monkeypatch):
+    """The fast path takes a group on one device (CPU, or one GPU: its CUDA kernel) and
+    computes exactly what the dispatcher path computes."""
     fused_cls = ALGOS[algo][1]
-    fast_params, slow_params = make_params(), make_params()
+    fast_params, slow_params = make_params(device=device), make_params(device=device)
     fast = fused_cls(fast_params, **KWARGS[algo])
     slow = fused_cls(slow_params, **KWARGS[algo])
     real_step = _C._step
@@ -69,6 +75,27 @@ def test_fast_path_is_bitwise_the_dispatcher_path(algo, monkeypatch):
         assert torch.equal(p, q)  # bitwise: one kernel, the same arguments
         for key, value in fast.state[p].items():
             assert torch.equal(value, slow.state[q][key]), key
+
+
+@needs_cuda
+@pytest.mark.parametrize("algo", list(ALGOS))
+def test_fast_path_declines_cuda_groups_it_cannot_take(algo):
+    """A CUDA group with grad_scale / found_inf on the GPU (a kernel may read them on the
+    host, and the fast path holds the GIL), and a group with params on two devices (the
+    general path makes one call per device), go through the op."""
+    fused_cls = ALGOS[algo][1]
+    params = make_params(device="cuda")
+    opt = fused_cls(params, **KWARGS[algo])
+    set_grads(params, 0)
+    opt.step()  # creates the state
+    group = opt.param_groups[0]
+    assert fast_step(opt, group)
+    assert not fast_step(opt, group, torch.ones((), device="cuda"), torch.zeros((), device="cuda"))
+    mixed = [torch.randn(4, requires_grad=True), torch.randn(4, device="cuda", requires_grad=True)]
+    opt = fused_cls(mixed, **KWARGS[algo])
+    set_grads(mixed, 0)
+    opt.step()
+    assert not fast_step(opt, opt.param_groups[0])
 
 
 def test_fast_path_declines_what_it_does_not_handle():
