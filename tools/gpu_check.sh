@@ -29,7 +29,7 @@ python -m pytest tests/test_cuda.py -q -x -p no:cacheprovider \
 [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
 
 echo "== the whole CUDA suite"
-python -m pytest tests/test_cuda.py -q -p no:cacheprovider -rfs 2>&1 | tail -60 | tee "$OUT/tests.txt"
+python -m pytest tests/test_cuda.py tests/test_fast_path.py -q -p no:cacheprovider -rfs 2>&1 | tail -60 | tee "$OUT/tests.txt"
 status=${PIPESTATUS[0]}
 
 if [ "${GPU_CHECK_BENCH:-1}" != "0" ]; then
