@@ -29,6 +29,10 @@ struct TensorPtrs {
   void* state[kMaxStates];
   const void* coeffs;  // CPU: the algorithm's coefficient struct for this tensor
   double inv_grad_scale;
+  // CPU: the entry the loops walk after this one (null for the last) and this entry's
+  // element count, for prefetching across the boundary (Note [software prefetch]).
+  const TensorPtrs* next;
+  int64_t numel;
 };
 
 // One call's lists, checked and laid out for flat elementwise loops. Building a plan

@@ -48,6 +48,8 @@ void run(MultiTensorPlan& plan, const std::vector<SegmentFn>& fns,
     TensorPtrs& tp = plan.entry(j);
     tp.coeffs = coeffs[plan.entry_index(j)];
     tp.inv_grad_scale = inv_grad_scale;
+    tp.next = j + 1 < entries ? &plan.entry(j + 1) : nullptr;
+    tp.numel = plan.offsets()[j + 1] - plan.offsets()[j];
     seg_fns[j] = fns[plan.entry_index(j)];
     ptrs[j] = &tp;
   }
