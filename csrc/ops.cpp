@@ -57,6 +57,7 @@ TORCH_LIBRARY(fused_optim, m) {
   // Which copy of the CPU loops runs here (Note [ISA dispatch]): for benchmark reports.
   m.def("_cpu_isa() -> str", [] {
     switch (fused_optim::cpu::cpu_isa()) {
+      case fused_optim::cpu::Isa::kAvx512Bf16: return std::string("avx512bf16");
       case fused_optim::cpu::Isa::kAvx512: return std::string("avx512");
       case fused_optim::cpu::Isa::kAvx2: return std::string("avx2");
       default: return std::string("baseline");

@@ -66,14 +66,21 @@ FO_HOST_DEVICE FO_INLINE M madd_(M a, M b, M c) {
   }
 }
 
-// torch.maximum: NaN if either side is NaN. Written without branches (a NaN makes a + b
-// NaN), so the loops that use it still vectorize.
+// torch.maximum: NaN if either side is NaN (a's where both are). A select, so the loops
+// that use it still vectorize; no arithmetic, so which NaN comes out does not depend on
+// the operand order a compiler picks for an add (x86 returns the first operand's NaN),
+// and the vector and scalar loops store the same bits.
 template <typename M>
 FO_HOST_DEVICE FO_INLINE M maximum_(M a, M b) {
-  const M m = a > b ? a : b;
-  const bool unordered = (a != a) | (b != b);
-  return unordered ? a + b : m;
+  return (a > b) | (a != a) ? a : b;
 }
+
+// The element type of a math type: M itself, or float for the CPU's vectors of floats
+// (Note [vector rules] in cpu/simd.h), where a rule runs on sixteen elements at once.
+template <typename M>
+struct ScalarOf {
+  using type = M;
+};
 
 // Tensor.lerp_(end, weight) with a scalar weight, as torch computes it: for a small
 // weight from `start`, otherwise from `end` (better accuracy near weight 1).
@@ -83,12 +90,13 @@ struct LerpWeight {
   bool small;  // |weight| < 0.5
   LerpWeight() = default;
   FO_HOST_DEVICE explicit LerpWeight(double w) {
-    const M wm = static_cast<M>(w);
-    small = (wm < M(0) ? -wm : wm) < M(0.5);
-    coeff = small ? wm : wm - M(1);
+    using S = typename ScalarOf<M>::type;
+    const S wm = static_cast<S>(w);
+    small = (wm < S(0) ? -wm : wm) < S(0.5);
+    coeff = M(small ? wm : wm - S(1));
   }
   FO_HOST_DEVICE FO_INLINE M operator()(M start, M end) const {
-    return fma_(coeff, end - start, small ? start : end);
+    return small ? fma_(coeff, end - start, start) : fma_(coeff, end - start, end);
   }
 };
 
@@ -125,6 +133,8 @@ inline SgdCoeffs sgd_coeffs(bool maximize, double weight_decay, double momentum,
 template <typename M, bool kWeightDecay, Momentum kMomentum, bool kFma = true>
 struct SgdRule {
   using Coeffs = SgdCoeffs;
+  template <typename V>  // the same rule on another math type (Note [vector rules])
+  using WithMath = SgdRule<V, kWeightDecay, kMomentum, kFma>;
   static constexpr int kStates = kMomentum == Momentum::kNone ? 0 : 1;
   M grad_sign, weight_decay, momentum, one_minus_dampening, neg_lr;
 
@@ -203,6 +213,8 @@ inline AdamCoeffs adam_coeffs(bool maximize, double weight_decay, double beta1, 
 template <typename M, WeightDecay kWeightDecay, bool kAmsgrad, bool kFma = true>
 struct AdamRule {
   using Coeffs = AdamCoeffs;
+  template <typename V>
+  using WithMath = AdamRule<V, kWeightDecay, kAmsgrad, kFma>;
   static constexpr int kStates = kAmsgrad ? 3 : 2;
   M grad_sign, weight_decay, decay_factor, beta2, one_minus_beta2, eps;
   M bias_correction2_sqrt, neg_step_size;
@@ -260,6 +272,8 @@ inline RmspropCoeffs rmsprop_coeffs(bool maximize, double weight_decay, double a
 template <typename M, bool kWeightDecay, bool kCentered, bool kMomentum, bool kFma = true>
 struct RmspropRule {
   using Coeffs = RmspropCoeffs;
+  template <typename V>
+  using WithMath = RmspropRule<V, kWeightDecay, kCentered, kMomentum, kFma>;
   static constexpr int kStates = 1 + int(kCentered) + int(kMomentum);
   M grad_sign, weight_decay, alpha, one_minus_alpha, eps, momentum, neg_lr;
   LerpWeight<M> lerp;
@@ -328,6 +342,8 @@ inline AdagradCoeffs adagrad_coeffs(bool maximize, double weight_decay, double e
 template <typename M, bool kWeightDecay, bool kFma = true>
 struct AdagradRule {
   using Coeffs = AdagradCoeffs;
+  template <typename V>
+  using WithMath = AdagradRule<V, kWeightDecay, kFma>;
   static constexpr int kStates = 1;
   M grad_sign, weight_decay, eps, neg_clr;
 

@@ -159,27 +159,102 @@ ISA_SCRIPT = r"""
 import sys, torch, fused_optim
 sys.path.insert(0, {tests!r})
 import test_behaviour as tb
-out = {{}}
+out = {{"isa": torch.ops.fused_optim._cpu_isa()}}
 for name, kwargs in tb.STATEFUL.items():
     ps, opt = tb._train(getattr(fused_optim, name), kwargs, threads=2, steps=3)
     out[name] = [p.detach() for p in ps] + [v for p in ps for v in opt.state[p].values()]
 torch.save(out, sys.argv[1])
 """
+ISAS = ("baseline", "avx2", "avx512", "avx512bf16")
+
+
+def _run_isas(script, tmp_path, *args):
+    """Runs `script` (which saves a dict to argv[1]) with each FUSED_OPTIM_ISA cap."""
+    results = {}
+    for isa in ISAS:
+        out = tmp_path / f"{isa}.pt"
+        env = dict(os.environ, FUSED_OPTIM_ISA=isa)
+        subprocess.run([sys.executable, "-c", script, str(out), *args], env=env, check=True,
+                       timeout=300)
+        results[isa] = torch.load(out)
+        # A cap never raises the ISA: on a CPU without it, the next lower copy runs.
+        assert ISAS.index(results[isa].pop("isa")) <= ISAS.index(isa)
+    return results
 
 
 def test_bitwise_identical_across_isas(tmp_path):
-    """The baseline, AVX2 and AVX-512 copies of the loops give the same bits."""
-    results = {}
-    script = ISA_SCRIPT.format(tests=os.path.dirname(__file__))
-    for isa in ("baseline", "avx2", "avx512"):
-        out = tmp_path / f"{isa}.pt"
-        env = dict(os.environ, FUSED_OPTIM_ISA=isa)
-        subprocess.run([sys.executable, "-c", script, str(out)], env=env, check=True, timeout=300)
-        results[isa] = torch.load(out)
-    for isa in ("avx2", "avx512"):
+    """The baseline, AVX2, AVX-512 and AVX512-BF16 copies of the loops give the same bits."""
+    results = _run_isas(ISA_SCRIPT.format(tests=os.path.dirname(__file__)), tmp_path)
+    for isa in ISAS[1:]:
         for name, tensors in results["baseline"].items():
             for a, b in zip(tensors, results[isa][name]):
                 assert torch.equal(a, b), f"{name}: {isa} differs from baseline"
+
+
+# Every bit pattern of a 16-bit dtype (NaNs of each sign and payload, infinities,
+# subnormals, the largest finite values) as params, grads and so states, for every
+# algorithm and option that changes the loop, and the GradScaler path (grads unscaled and
+# stored back). The results are float values of every kind, rounded on every store.
+BITS16_SCRIPT = r"""
+import sys, torch, fused_optim
+every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(getattr(torch, sys.argv[2]))
+gen = torch.Generator().manual_seed(0)
+def shuffled():
+    return every[torch.randperm(every.numel(), generator=gen)]
+# One tensor of all 65,536 patterns (whole vectors only) and one of 16 * 3 + 5 (a tail).
+def params():
+    return [shuffled().requires_grad_(), shuffled()[:53].clone().requires_grad_()]
+cases = [("SGD", dict(lr=0.3)), ("SGD", dict(lr=0.3, momentum=0.9, nesterov=True, weight_decay=0.01)),
+         ("SGD", dict(lr=0.3, momentum=0.9, dampening=0.2, maximize=True)),
+         ("Adam", dict(lr=0.01, amsgrad=True, weight_decay=0.1)), ("Adam", dict(lr=0.01, maximize=True)),
+         ("AdamW", dict(lr=0.01, betas=(0.6, 0.7))), ("AdamW", dict(lr=0.01, amsgrad=True)),
+         ("RMSprop", dict(lr=0.01, momentum=0.9, centered=True, weight_decay=0.1)),
+         ("RMSprop", dict(lr=0.01)), ("Adagrad", dict(lr=0.05, lr_decay=0.01, weight_decay=0.1))]
+out = {"isa": torch.ops.fused_optim._cpu_isa()}
+for i, (name, kwargs) in enumerate(cases):
+    ps = params()
+    opt = getattr(fused_optim, name)(ps, **kwargs)
+    for step in range(3):
+        for p in ps:
+            p.grad = shuffled()[:p.numel()].clone()
+        opt.step()
+    out[i] = [p.detach() for p in ps] + [v for p in ps for v in opt.state[p].values()]
+# GradScaler's path: the op unscales the grads (by a scale that is not a power of two, so
+# the quotients round) and stores them back before the update.
+ps, gs, bufs = params(), [shuffled()[:n].clone() for n in (65536, 53)], [shuffled()[:n].clone() for n in (65536, 53)]
+torch.ops.fused_optim.sgd_(ps, gs, bufs, lr=0.3, momentum=0.9, dampening=0.0, weight_decay=0.0,
+                           nesterov=False, maximize=False, is_first_step=False,
+                           grad_scale=torch.tensor(3.0), found_inf=torch.tensor(0.0))
+out["unscaled"] = [t.detach() for t in ps + gs + bufs]
+torch.save(out, sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16bit_rounding_identical_across_isas_on_every_bit_pattern(tmp_path, dtype):
+    """Note [vector rules]: AVX512-BF16's rounding with c10's fix-ups (NaN, subnormals) gives
+    the baseline loops' bits on every bfloat16 input; F16C's rounding gives them on every
+    float16 input."""
+    results = _run_isas(BITS16_SCRIPT, tmp_path, dtype)
+    for isa in ISAS[1:]:
+        for case, tensors in results["baseline"].items():
+            for a, b in zip(tensors, results[isa][case]):
+                if a.dtype == getattr(torch, dtype):  # bitwise, NaN payloads included: raw bits
+                    a, b = a.view(torch.int16), b.view(torch.int16)
+                assert torch.equal(a, b), f"case {case}: {isa}"  # (else a step count)
+    # The inputs did reach the special cases on the stores: NaNs (of other payloads than
+    # c10's 0x7FC0 in the inputs), subnormals and infinities in the results.
+    stored = torch.cat([t.float().flatten() for ts in results["baseline"].values() for t in ts])
+    assert stored.isnan().any() and stored.isinf().any()
+    assert ((stored != 0) & (stored.abs() < torch.finfo(getattr(torch, dtype)).tiny)).any()
+
+
+def test_avx512bf16_loops_run_where_the_cpu_has_them():
+    """Guards the test above: on a CPU with AVX512-BF16 its copy of the loops is the default."""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if " avx512_bf16" not in flags or os.environ.get("FUSED_OPTIM_ISA"):
+        pytest.skip("no AVX512-BF16 on this CPU (or FUSED_OPTIM_ISA caps it)")
+    assert torch.ops.fused_optim._cpu_isa() == "avx512bf16"
 
 
 def test_bad_input_changes_nothing():

@@ -16,19 +16,23 @@ Isa cpu_isa() {
       if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
         best = Isa::kAvx512;
+        if (__builtin_cpu_supports("avx512bf16")) best = Isa::kAvx512Bf16;
       }
     }
 #endif
     const char* cap = std::getenv("FUSED_OPTIM_ISA");
     if (cap != nullptr && *cap != '\0') {
       const std::string c(cap);
-      Isa limit = Isa::kAvx512;
+      Isa limit = Isa::kAvx512Bf16;
       if (c == "baseline") {
         limit = Isa::kBaseline;
       } else if (c == "avx2") {
         limit = Isa::kAvx2;
+      } else if (c == "avx512") {
+        limit = Isa::kAvx512;
       } else {
-        TORCH_CHECK(c == "avx512", "FUSED_OPTIM_ISA must be baseline, avx2 or avx512, not ", c);
+        TORCH_CHECK(c == "avx512bf16",
+                    "FUSED_OPTIM_ISA must be baseline, avx2, avx512 or avx512bf16, not ", c);
       }
       best = std::min(best, limit);
     }

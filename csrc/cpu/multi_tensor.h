@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "plan.h"
+#include "cpu/simd.h"
 #include "rule_select.h"
 #include "update_rules.h"
 
@@ -28,11 +29,13 @@
 namespace fused_optim::cpu {
 
 // Note [ISA dispatch]
-// Each segment loop is compiled three times from the same source: for the x86-64
-// baseline, with AVX2+FMA+F16C, and with AVX-512, each through a target attribute on that
-// one function (so nothing else in the library, and nothing it shares with torch's
-// headers, changes ISA). The widest one the CPU supports is chosen at run time;
-// FUSED_OPTIM_ISA=baseline|avx2|avx512 caps it (tests use it to compare all three).
+// Each segment loop is compiled four times from the same source: for the x86-64
+// baseline, with AVX2+FMA+F16C, with AVX-512, and with AVX-512 plus AVX512-BF16 (whose
+// bfloat16 loops run the rules on vectors: Note [vector rules] in simd.h), each through a
+// target attribute on that one function (so nothing else in the library, and nothing it
+// shares with torch's headers, changes ISA). The widest one the CPU supports is chosen at
+// run time; FUSED_OPTIM_ISA=baseline|avx2|avx512|avx512bf16 caps it (tests use it to
+// compare all four).
 // Every fma is explicit and the build has -ffp-contract=off, so all copies produce the
 // same bits: sqrt, division and fma are exactly rounded at any vector width (and on a CPU
 // without FMA, std::fma is libm's correctly rounded fma).
@@ -43,12 +46,14 @@ namespace fused_optim::cpu {
   __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,"              \
                         "prefer-vector-width=512"),                                        \
                  flatten))
+#define FO_AVX512BF16_TARGET \
+  __attribute__((target(FO_AVX512BF16_ISA ",prefer-vector-width=512"), flatten))
 #define FO_F16C_TARGET __attribute__((target("avx2,f16c")))
 #else
 #define FO_X86_CLONES 0
 #endif
 
-enum class Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+enum class Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 // The ISA of the loops: the best the CPU has, capped by FUSED_OPTIM_ISA. Decided once.
 Isa cpu_isa();
 
@@ -76,7 +81,8 @@ FO_INLINE void narrow(float f, c10::BFloat16* out) {
 FO_INLINE void narrow(float f, c10::Half* out) { *out = c10::Half(f); }
 
 #if FO_X86_CLONES
-// float16 blocks with the F16C instructions (round to nearest even, as c10::Half).
+// float16 blocks with the F16C instructions (round to nearest even, as c10::Half; NaNs as
+// c10::Half stores them).
 FO_F16C_TARGET inline void widen_block_f16c(const c10::Half* src, float* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -85,13 +91,22 @@ FO_F16C_TARGET inline void widen_block_f16c(const c10::Half* src, float* dst, in
   }
   for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i].x);
 }
+// F16C keeps a NaN's sign and payload; c10::Half stores every NaN as sign | 0x7E00. The
+// NaN lanes of eight results (magnitude above infinity's, 0x7C00) are set the c10 way.
+FO_F16C_TARGET inline __m128i c10_nans_f16c(__m128i h) {
+  const __m128i nan = _mm_cmpgt_epi16(_mm_and_si128(h, _mm_set1_epi16(0x7FFF)),
+                                      _mm_set1_epi16(0x7C00));
+  const __m128i c10_nan = _mm_or_si128(_mm_and_si128(h, _mm_set1_epi16(INT16_MIN)),
+                                       _mm_set1_epi16(0x7E00));
+  return _mm_blendv_epi8(h, c10_nan, nan);
+}
 FO_F16C_TARGET inline void narrow_block_f16c(const float* src, c10::Half* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), c10_nans_f16c(h));
   }
-  for (; i < n; ++i) dst[i].x = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+  for (; i < n; ++i) dst[i] = c10::Half(src[i]);
 }
 #endif
 
@@ -199,11 +214,41 @@ FO_INLINE void segment_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
     // overlap the divisions. A chunk at a time (Note [software prefetch]; bfloat16 asks
     // for the same bytes ahead as float).
     constexpr int64_t kAhead = std::is_same_v<T, M> ? kPrefetchAhead : 2 * kPrefetchAhead;
+#if FO_AVX512BF16_CLONES
+    // bfloat16 with AVX512-BF16: the rule on sixteen elements at a time, rounded with
+    // vcvtneps2bf16 (Note [vector rules]); the scalar loop below does the tail.
+    constexpr bool kVectorRule = kIsa == Isa::kAvx512Bf16 && std::is_same_v<T, c10::BFloat16>;
+    // (Elsewhere these are a scalar rule and float, unused: no AVX-512 outside this copy.)
+    using V = std::conditional_t<kVectorRule, F32x16, M>;
+    using VRule = std::conditional_t<kVectorRule, typename Rule::template WithMath<F32x16>, Rule>;
+    const VRule vrule(*static_cast<const typename Rule::Coeffs*>(t.coeffs));
+    const V vinv_scale(inv_scale);
+#else
+    constexpr bool kVectorRule = false;
+#endif
     for (int64_t c = 0; c < n; c += kPrefetchChunk) {
       const int64_t chunk_end = std::min(n, c + kPrefetchChunk);
       prefetch_ahead<T, NS>(p, g, s, chunk_end + kAhead, kPrefetchChunk, n, next);
+      int64_t i = c;
+#if FO_AVX512BF16_CLONES
+      if constexpr (kVectorRule) {
+        for (; i + 16 <= chunk_end; i += 16) {
+          V pv = load_bf16x16(p + i);
+          V gv = load_bf16x16(g + i);
+          if constexpr (kUnscale) {
+            gv = gv * vinv_scale;
+            store_bf16x16(gv, g + i);
+          }
+          V sv[NS > 0 ? NS : 1];
+          for (int k = 0; k < NS; ++k) sv[k] = load_bf16x16(s[k] + i);
+          vrule(pv, gv, sv);
+          store_bf16x16(pv, p + i);
+          for (int k = 0; k < NS; ++k) store_bf16x16(sv[k], s[k] + i);
+        }
+      }
+#endif
 #pragma GCC ivdep
-      for (int64_t i = c; i < chunk_end; ++i) {
+      for (; i < chunk_end; ++i) {
         M pv = load(p + i);
         M gv = load(g + i);
         if constexpr (kUnscale) {
@@ -262,12 +307,20 @@ template <typename T, bool kUnscale, typename Rule>
 FO_AVX512_TARGET void segment_avx512(const TensorPtrs& t, int64_t begin, int64_t end) {
   segment_loop<T, kUnscale, Rule, Isa::kAvx512>(t, begin, end);
 }
+template <typename T, bool kUnscale, typename Rule>
+FO_AVX512BF16_TARGET void segment_avx512bf16(const TensorPtrs& t, int64_t begin, int64_t end) {
+  segment_loop<T, kUnscale, Rule, Isa::kAvx512Bf16>(t, begin, end);
+}
 #endif
 
 template <typename T, bool kUnscale, typename Rule>
 SegmentFn pick_segment_fn() {
 #if FO_X86_CLONES
   switch (cpu_isa()) {
+    case Isa::kAvx512Bf16:
+      // Only bfloat16 loops differ from the AVX-512 ones: one copy fewer of the rest.
+      if constexpr (std::is_same_v<T, c10::BFloat16>) return &segment_avx512bf16<T, kUnscale, Rule>;
+      return &segment_avx512<T, kUnscale, Rule>;
     case Isa::kAvx512: return &segment_avx512<T, kUnscale, Rule>;
     case Isa::kAvx2: return &segment_avx2<T, kUnscale, Rule>;
     case Isa::kBaseline: break;
