@@ -41,14 +41,12 @@ namespace fused_optim::cpu {
 // without FMA, std::fma is libm's correctly rounded fma).
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FO_X86_CLONES 1
-#define FO_AVX2_TARGET __attribute__((target("avx2,fma,f16c"), flatten))
-#define FO_AVX512_TARGET                                                                  \
-  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,"              \
-                        "prefer-vector-width=512"),                                        \
-                 flatten))
+#define FO_AVX2_TARGET __attribute__((target(FO_AVX2_ISA), flatten))
+#define FO_AVX512_TARGET \
+  __attribute__((target(FO_AVX512_ISA ",prefer-vector-width=512"), flatten))
 #define FO_AVX512BF16_TARGET \
   __attribute__((target(FO_AVX512BF16_ISA ",prefer-vector-width=512"), flatten))
-#define FO_F16C_TARGET __attribute__((target("avx2,f16c")))
+#define FO_F16C_TARGET __attribute__((target(FO_AVX2_ISA)))
 #else
 #define FO_X86_CLONES 0
 #endif
@@ -56,6 +54,29 @@ namespace fused_optim::cpu {
 enum class Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 // The ISA of the loops: the best the CPU has, capped by FUSED_OPTIM_ISA. Decided once.
 Isa cpu_isa();
+
+// The math type of the vector loop of T's params in kIsa's copy (Note [vector rules]), or
+// opmath (M) where the loop is scalar code, left to the compiler to vectorize: float and
+// double everywhere, anything on the baseline, and bfloat16 without AVX512-BF16, where
+// GCC's code for c10's integer rounding beats ours (with AVX2, W4-like AdamW took 31 ms
+// a step as scalar code and 35 ms on F32x8, which runs out of registers).
+template <typename T, Isa kIsa>
+struct VectorMathOf {
+  using type = at::opmath_type<T>;
+};
+#if FO_VECTOR_RULES
+template <Isa kIsa>
+struct VectorMathOf<c10::Half, kIsa> {
+  using type = std::conditional_t<kIsa >= Isa::kAvx512, F32x16,
+                                  std::conditional_t<kIsa == Isa::kAvx2, F32x8, float>>;
+};
+template <Isa kIsa>
+struct VectorMathOf<c10::BFloat16, kIsa> {
+  using type = std::conditional_t<kIsa == Isa::kAvx512Bf16, F32x16, float>;
+};
+#endif
+template <typename T, Isa kIsa>
+using VectorMath = typename VectorMathOf<T, kIsa>::type;
 
 // Elements converted at a time for 16-bit params: the float copies stay in L1.
 constexpr int64_t kBlock = 256;
@@ -91,20 +112,12 @@ FO_F16C_TARGET inline void widen_block_f16c(const c10::Half* src, float* dst, in
   }
   for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i].x);
 }
-// F16C keeps a NaN's sign and payload; c10::Half stores every NaN as sign | 0x7E00. The
-// NaN lanes of eight results (magnitude above infinity's, 0x7C00) are set the c10 way.
-FO_F16C_TARGET inline __m128i c10_nans_f16c(__m128i h) {
-  const __m128i nan = _mm_cmpgt_epi16(_mm_and_si128(h, _mm_set1_epi16(0x7FFF)),
-                                      _mm_set1_epi16(0x7C00));
-  const __m128i c10_nan = _mm_or_si128(_mm_and_si128(h, _mm_set1_epi16(INT16_MIN)),
-                                       _mm_set1_epi16(0x7E00));
-  return _mm_blendv_epi8(h, c10_nan, nan);
-}
 FO_F16C_TARGET inline void narrow_block_f16c(const float* src, c10::Half* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), c10_nans_f16c(h));
+    const U16x8 c10 = c10_nans_f16(reinterpret_cast<U16x8>(h));
+    std::memcpy(dst + i, &c10, sizeof(c10));
   }
   for (; i < n; ++i) dst[i] = c10::Half(src[i]);
 }
@@ -208,45 +221,40 @@ FO_INLINE void segment_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
   // Prefetches run on into the next entry only where this segment ends with its tensor.
   const TensorPtrs* next = end == t.numel ? t.next : nullptr;
 
-  if constexpr (std::is_same_v<T, M> || std::is_same_v<T, c10::BFloat16>) {
+  // 16-bit params with AVX2 or AVX-512: the rule on a vector of floats at a time,
+  // converted in registers (Note [vector rules]); the scalar loop below does the tail.
+  // (Without a vector, V is M, never used.)
+  using V = VectorMath<T, kIsa>;
+  constexpr bool kVectorRule = !std::is_same_v<V, M>;
+  if constexpr (std::is_same_v<T, M> || std::is_same_v<T, c10::BFloat16> || kVectorRule) {
     // float/double: update memory in place; bfloat16: widening is a shift and rounding a
     // few integer operations, so they fuse into the update's vector loop, where they
-    // overlap the divisions. A chunk at a time (Note [software prefetch]; bfloat16 asks
-    // for the same bytes ahead as float).
+    // overlap the divisions. A chunk at a time (Note [software prefetch]; 16-bit types
+    // ask for the same bytes ahead as float).
     constexpr int64_t kAhead = std::is_same_v<T, M> ? kPrefetchAhead : 2 * kPrefetchAhead;
-#if FO_AVX512BF16_CLONES
-    // bfloat16 with AVX512-BF16: the rule on sixteen elements at a time, rounded with
-    // vcvtneps2bf16 (Note [vector rules]); the scalar loop below does the tail.
-    constexpr bool kVectorRule = kIsa == Isa::kAvx512Bf16 && std::is_same_v<T, c10::BFloat16>;
-    // (Elsewhere these are a scalar rule and float, unused: no AVX-512 outside this copy.)
-    using V = std::conditional_t<kVectorRule, F32x16, M>;
-    using VRule = std::conditional_t<kVectorRule, typename Rule::template WithMath<F32x16>, Rule>;
-    const VRule vrule(*static_cast<const typename Rule::Coeffs*>(t.coeffs));
+    const typename Rule::template WithMath<V> vrule(
+        *static_cast<const typename Rule::Coeffs*>(t.coeffs));
     const V vinv_scale(inv_scale);
-#else
-    constexpr bool kVectorRule = false;
-#endif
     for (int64_t c = 0; c < n; c += kPrefetchChunk) {
       const int64_t chunk_end = std::min(n, c + kPrefetchChunk);
       prefetch_ahead<T, NS>(p, g, s, chunk_end + kAhead, kPrefetchChunk, n, next);
       int64_t i = c;
-#if FO_AVX512BF16_CLONES
       if constexpr (kVectorRule) {
-        for (; i + 16 <= chunk_end; i += 16) {
-          V pv = load_bf16x16(p + i);
-          V gv = load_bf16x16(g + i);
+        constexpr int64_t kWidth = sizeof(V) / sizeof(float);
+        for (; i + kWidth <= chunk_end; i += kWidth) {
+          V pv = V::load(p + i);
+          V gv = V::load(g + i);
           if constexpr (kUnscale) {
             gv = gv * vinv_scale;
-            store_bf16x16(gv, g + i);
+            gv.store(g + i);
           }
           V sv[NS > 0 ? NS : 1];
-          for (int k = 0; k < NS; ++k) sv[k] = load_bf16x16(s[k] + i);
+          for (int k = 0; k < NS; ++k) sv[k] = V::load(s[k] + i);
           vrule(pv, gv, sv);
-          store_bf16x16(pv, p + i);
-          for (int k = 0; k < NS; ++k) store_bf16x16(sv[k], s[k] + i);
+          pv.store(p + i);
+          for (int k = 0; k < NS; ++k) sv[k].store(s[k] + i);
         }
       }
-#endif
 #pragma GCC ivdep
       for (; i < chunk_end; ++i) {
         M pv = load(p + i);
@@ -263,7 +271,8 @@ FO_INLINE void segment_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
       }
     }
   } else {
-    // float16: widen a block into float buffers, update them, round back.
+    // float16 without AVX-512: widen a block into float buffers (F16C where the CPU has
+    // it), update them, round back.
     alignas(64) M pb[kBlock];
     alignas(64) M gb[kBlock];
     alignas(64) M sb[NS > 0 ? NS : 1][kBlock];

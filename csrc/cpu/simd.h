@@ -1,21 +1,26 @@
 #pragma once
 // Note [vector rules]
-// The bfloat16 loops of the AVX512-BF16 copy run the update rules of update_rules.h on
-// F32x16, sixteen floats in one AVX-512 register, instead of on float: the rules are
-// templates over their math type, and F32x16 has the operations they use (+ - * /, unary
-// minus, and the fma_, sqrt_ and maximum_ overloads below), each one exactly rounded
-// IEEE operation, lane by lane, as the scalar float version does. So the bits are the
-// same; tests/test_behaviour.py checks it against the baseline loops, special values
-// included.
+// The 16-bit loops of the vector copies (float16 with AVX2 or AVX-512, bfloat16 with
+// AVX512-BF16) run the update rules of update_rules.h on F32x8 or F32x16, eight or
+// sixteen floats in one register, instead of on float: the rules are templates over their
+// math type, and these types have the operations the rules use (+ - * /, unary minus, and
+// the fma_, sqrt_ and maximum_ overloads below), each one exactly rounded IEEE operation,
+// lane by lane, as the scalar float version does. So the bits are the same;
+// tests/test_behaviour.py checks it against the baseline loops on every 16-bit input.
 //
 // Why: compiled from scalar code, the bfloat16 loops round each stored value with c10's
 // integer round-to-nearest-even (about eight vector instructions a value), and bf16 Adam
 // was bound by vector-instruction throughput, not by memory. vcvtneps2bf16 does the same
-// rounding in one instruction, except for NaN (c10 stores 0x7FC0; the instruction keeps
-// sign and payload) and float subnormals (the instruction flushes them to zero): vectors
-// holding any of those (vfpclassps, which ignores MXCSR.DAZ) take c10's integer rounding.
+// rounding in one instruction (W4 Adam: ~10-15% faster), except for NaN (c10 stores
+// 0x7FC0; the instruction keeps sign and payload) and float subnormals (the instruction
+// flushes them to zero): vectors holding any of those (vfpclassps, which ignores
+// MXCSR.DAZ) take c10's integer rounding. The float16 loops used to convert blocks into
+// float buffers and back (F16C) around a scalar loop, and ran at 0.7x torch's fused=True
+// (AdamW, 4 x 16M elements); vcvtph2ps and vcvtps2ph now convert in registers (twice as
+// fast), with c10's NaN (sign | 0x7E00) where the instruction would keep the payload.
 
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <cstring>
@@ -23,26 +28,33 @@
 #include "update_rules.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FO_AVX512BF16_CLONES 1
+#define FO_VECTOR_RULES 1
 #include <immintrin.h>
 #else
-#define FO_AVX512BF16_CLONES 0
+#define FO_VECTOR_RULES 0
 #endif
 
-#if FO_AVX512BF16_CLONES
-#define FO_AVX512BF16_ISA "avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,avx2,fma,f16c"
+#if FO_VECTOR_RULES
+// The ISAs of the vector copies of the loops (Note [ISA dispatch] in multi_tensor.h).
+#define FO_AVX2_ISA "avx2,fma,f16c"
+#define FO_AVX512_ISA "avx512f,avx512vl,avx512bw,avx512dq," FO_AVX2_ISA
+#define FO_AVX512BF16_ISA FO_AVX512_ISA ",avx512bf16"
 // Not always_inline: GCC refuses that into the rules' functions, which have no target
-// attribute. The flatten attribute of the AVX512-BF16 segment loops inlines everything
-// they call, these functions included, so no __m512 is ever passed to a call.
-#define FO_VEC_INLINE inline __attribute__((target(FO_AVX512BF16_ISA)))
-
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"
+// attribute. The flatten attribute of the segment loops inlines everything they call,
+// these functions included, so no vector is ever passed to a call.
+#define FO_AVX2_INLINE inline __attribute__((target(FO_AVX2_ISA)))
+#define FO_AVX512_INLINE inline __attribute__((target(FO_AVX512_ISA)))
+#define FO_AVX512BF16_INLINE inline __attribute__((target(FO_AVX512BF16_ISA)))
 
 namespace fused_optim {
 namespace cpu {
+struct F32x8;
 struct F32x16;
-}
+}  // namespace cpu
+template <>
+struct ScalarOf<cpu::F32x8> {
+  using type = float;
+};
 template <>
 struct ScalarOf<cpu::F32x16> {
   using type = float;
@@ -51,73 +63,123 @@ struct ScalarOf<cpu::F32x16> {
 
 namespace fused_optim::cpu {
 
+// Integer lanes as GNU vectors: shifts and width conversions on these compile to the
+// same instructions as the intrinsics, without GCC 12's false -Wmaybe-uninitialized
+// warnings about the AVX-512 intrinsics' _mm512_undefined_* (GCC bug 105593; for the
+// same reason some AVX-512 intrinsics below are the maskz form with every lane).
+typedef uint16_t U16x8 __attribute__((vector_size(16)));
+typedef uint16_t U16x16 __attribute__((vector_size(32)));
+typedef uint32_t U32x16 __attribute__((vector_size(64)));
+
+// F16C keeps a NaN's sign and payload; c10::Half stores every NaN as sign | 0x7E00. The
+// NaN lanes of float16 results (magnitude above infinity's, 0x7C00) are set the c10 way.
+template <typename U16>
+FO_AVX2_INLINE U16 c10_nans_f16(U16 h) {
+  return (h & 0x7FFF) > 0x7C00 ? (h & 0x8000) | 0x7E00 : h;
+}
+
+// ---- eight floats (AVX2, FMA, F16C) ------------------------------------------------------
+struct F32x8 {
+  __m256 v;
+  F32x8() = default;
+  FO_AVX2_INLINE explicit F32x8(__m256 x) : v(x) {}
+  // A rule's scalar, rounded to float once (as static_cast<float>), in every lane.
+  FO_AVX2_INLINE explicit F32x8(double d) : v(_mm256_set1_ps(static_cast<float>(d))) {}
+  FO_AVX2_INLINE explicit F32x8(float f) : v(_mm256_set1_ps(f)) {}
+
+  // float16: F16C both ways (exact widening; rounding to nearest even), c10's NaNs.
+  static FO_AVX2_INLINE F32x8 load(const c10::Half* p) {
+    return F32x8(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  FO_AVX2_INLINE void store(c10::Half* p) const {
+    U16x8 r = reinterpret_cast<U16x8>(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    if (__builtin_expect(_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0, 0)) {
+      r = c10_nans_f16(r);
+    }
+    std::memcpy(p, &r, sizeof(r));
+  }
+};
+
+FO_AVX2_INLINE F32x8 operator+(F32x8 a, F32x8 b) { return F32x8(_mm256_add_ps(a.v, b.v)); }
+FO_AVX2_INLINE F32x8 operator-(F32x8 a, F32x8 b) { return F32x8(_mm256_sub_ps(a.v, b.v)); }
+FO_AVX2_INLINE F32x8 operator*(F32x8 a, F32x8 b) { return F32x8(_mm256_mul_ps(a.v, b.v)); }
+FO_AVX2_INLINE F32x8 operator/(F32x8 a, F32x8 b) { return F32x8(_mm256_div_ps(a.v, b.v)); }
+// Negation flips the sign bit only, as for a float (NaN included).
+FO_AVX2_INLINE F32x8 operator-(F32x8 a) {
+  return F32x8(_mm256_xor_ps(a.v, _mm256_set1_ps(-0.0f)));
+}
+// Found by argument-dependent lookup from the rules, before the scalar templates.
+FO_AVX2_INLINE F32x8 fma_(F32x8 a, F32x8 b, F32x8 c) {
+  return F32x8(_mm256_fmadd_ps(a.v, b.v, c.v));
+}
+FO_AVX2_INLINE F32x8 sqrt_(F32x8 a) { return F32x8(_mm256_sqrt_ps(a.v)); }
+// maximum_ of update_rules.h lane by lane: a where a > b or a is NaN, else b.
+FO_AVX2_INLINE F32x8 maximum_(F32x8 a, F32x8 b) {
+  const __m256 take_a =
+      _mm256_or_ps(_mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ), _mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q));
+  return F32x8(_mm256_blendv_ps(b.v, a.v, take_a));
+}
+
+// ---- sixteen floats (AVX-512; bfloat16 with AVX512-BF16) ------------------------------
 struct F32x16 {
   __m512 v;
   F32x16() = default;
-  FO_VEC_INLINE explicit F32x16(__m512 x) : v(x) {}
-  // A rule's scalar, rounded to float once (as static_cast<float>), in every lane.
-  FO_VEC_INLINE explicit F32x16(double d) : v(_mm512_set1_ps(static_cast<float>(d))) {}
-  FO_VEC_INLINE explicit F32x16(float f) : v(_mm512_set1_ps(f)) {}
+  FO_AVX512_INLINE explicit F32x16(__m512 x) : v(x) {}
+  FO_AVX512_INLINE explicit F32x16(double d) : v(_mm512_set1_ps(static_cast<float>(d))) {}
+  FO_AVX512_INLINE explicit F32x16(float f) : v(_mm512_set1_ps(f)) {}
+
+  static constexpr int kQuietNan = 0x01, kSubnormal = 0x20, kSignalingNan = 0x80;  // vfpclassps
+
+  static FO_AVX512_INLINE F32x16 load(const c10::BFloat16* p) {
+    // (__builtin_convertvector splits this one in two halves here.)
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const U32x16 w = reinterpret_cast<U32x16>(_mm512_maskz_cvtepu16_epi32(0xFFFF, h));
+    return F32x16(reinterpret_cast<__m512>(w << 16));
+  }
+  // vcvtneps2bf16, or where a lane is NaN or subnormal, c10's rounding (narrow() in
+  // multi_tensor.h) on the integer lanes: to nearest even, and 0x7FC0 for NaN.
+  FO_AVX512BF16_INLINE void store(c10::BFloat16* p) const {
+    U16x16 r = reinterpret_cast<U16x16>(_mm512_cvtneps_pbh(v));
+    if (__builtin_expect(_mm512_fpclass_ps_mask(v, kQuietNan | kSubnormal | kSignalingNan) != 0, 0)) {
+      const U32x16 bits = reinterpret_cast<U32x16>(v);
+      const U32x16 nan = reinterpret_cast<U32x16>(
+          _mm512_movm_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)));
+      const U32x16 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+      r = __builtin_convertvector((rounded & ~nan) | (nan & 0x7FC0u), U16x16);
+    }
+    std::memcpy(p, &r, sizeof(r));
+  }
+  static FO_AVX512_INLINE F32x16 load(const c10::Half* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return F32x16(_mm512_maskz_cvtph_ps(0xFFFF, h));
+  }
+  FO_AVX512_INLINE void store(c10::Half* p) const {
+    U16x16 r = reinterpret_cast<U16x16>(_mm512_maskz_cvtps_ph(0xFFFF, v, _MM_FROUND_TO_NEAREST_INT));
+    if (__builtin_expect(_mm512_fpclass_ps_mask(v, kQuietNan | kSignalingNan) != 0, 0)) {
+      r = c10_nans_f16(r);
+    }
+    std::memcpy(p, &r, sizeof(r));
+  }
 };
 
-FO_VEC_INLINE F32x16 operator+(F32x16 a, F32x16 b) { return F32x16(_mm512_add_ps(a.v, b.v)); }
-FO_VEC_INLINE F32x16 operator-(F32x16 a, F32x16 b) { return F32x16(_mm512_sub_ps(a.v, b.v)); }
-FO_VEC_INLINE F32x16 operator*(F32x16 a, F32x16 b) { return F32x16(_mm512_mul_ps(a.v, b.v)); }
-FO_VEC_INLINE F32x16 operator/(F32x16 a, F32x16 b) { return F32x16(_mm512_div_ps(a.v, b.v)); }
-// Negation flips the sign bit only, as for a float (NaN included).
-FO_VEC_INLINE F32x16 operator-(F32x16 a) {
+FO_AVX512_INLINE F32x16 operator+(F32x16 a, F32x16 b) { return F32x16(_mm512_add_ps(a.v, b.v)); }
+FO_AVX512_INLINE F32x16 operator-(F32x16 a, F32x16 b) { return F32x16(_mm512_sub_ps(a.v, b.v)); }
+FO_AVX512_INLINE F32x16 operator*(F32x16 a, F32x16 b) { return F32x16(_mm512_mul_ps(a.v, b.v)); }
+FO_AVX512_INLINE F32x16 operator/(F32x16 a, F32x16 b) { return F32x16(_mm512_div_ps(a.v, b.v)); }
+FO_AVX512_INLINE F32x16 operator-(F32x16 a) {
   return F32x16(_mm512_castsi512_ps(
       _mm512_xor_si512(_mm512_castps_si512(a.v), _mm512_set1_epi32(INT32_MIN))));
 }
-// Found by argument-dependent lookup from the rules, before the scalar templates.
-FO_VEC_INLINE F32x16 fma_(F32x16 a, F32x16 b, F32x16 c) {
+FO_AVX512_INLINE F32x16 fma_(F32x16 a, F32x16 b, F32x16 c) {
   return F32x16(_mm512_fmadd_ps(a.v, b.v, c.v));
 }
-// (maskz with every lane: _mm512_sqrt_ps trips the same GCC 12 warning.)
-FO_VEC_INLINE F32x16 sqrt_(F32x16 a) { return F32x16(_mm512_maskz_sqrt_ps(0xFFFF, a.v)); }
-// maximum_ of update_rules.h lane by lane: a where a > b or a is NaN, else b.
-FO_VEC_INLINE F32x16 maximum_(F32x16 a, F32x16 b) {
+FO_AVX512_INLINE F32x16 sqrt_(F32x16 a) { return F32x16(_mm512_maskz_sqrt_ps(0xFFFF, a.v)); }
+FO_AVX512_INLINE F32x16 maximum_(F32x16 a, F32x16 b) {
   const __mmask16 take_a = _mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ) |
                            _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q);
   return F32x16(_mm512_mask_blend_ps(take_a, b.v, a.v));
 }
 
-// Integer lanes as GNU vectors: shifts and width conversions on these compile to the
-// same instructions as the intrinsics, without GCC 12's false -Wmaybe-uninitialized
-// warnings about the intrinsics' _mm512_undefined_epi32 (GCC bug 105593).
-typedef uint16_t U16x16 __attribute__((vector_size(32)));
-typedef uint32_t U32x16 __attribute__((vector_size(64)));
-
-// Sixteen bfloat16 values widened to float (exact: a shift).
-FO_VEC_INLINE F32x16 load_bf16x16(const c10::BFloat16* p) {
-  // (maskz with every lane: __builtin_convertvector splits it in two halves here.)
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  const U32x16 w = reinterpret_cast<U32x16>(_mm512_maskz_cvtepu16_epi32(0xFFFF, h));
-  return F32x16(reinterpret_cast<__m512>(w << 16));
-}
-
-// c10's rounding (narrow() in multi_tensor.h) for sixteen lanes: round to nearest even on
-// the bits, and 0x7FC0 for NaN.
-FO_VEC_INLINE U16x16 round_bf16x16_c10(__m512 x) {
-  const U32x16 bits = reinterpret_cast<U32x16>(x);
-  U32x16 r = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  r = reinterpret_cast<U32x16>(_mm512_mask_mov_epi32(reinterpret_cast<__m512i>(r),
-                                                     _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q),
-                                                     _mm512_set1_epi32(0x7FC0)));
-  return __builtin_convertvector(r, U16x16);
-}
-
-// Sixteen floats rounded to bfloat16 as c10 rounds them (Note [vector rules]).
-FO_VEC_INLINE void store_bf16x16(F32x16 x, c10::BFloat16* p) {
-  constexpr int kQuietNan = 0x01, kSubnormal = 0x20, kSignalingNan = 0x80;
-  U16x16 r = reinterpret_cast<U16x16>(_mm512_cvtneps_pbh(x.v));
-  if (__builtin_expect(_mm512_fpclass_ps_mask(x.v, kQuietNan | kSubnormal | kSignalingNan) != 0, 0)) {
-    r = round_bf16x16_c10(x.v);
-  }
-  std::memcpy(p, &r, sizeof(r));
-}
-
 }  // namespace fused_optim::cpu
 
-#pragma GCC diagnostic pop
-#endif  // FO_AVX512BF16_CLONES
+#endif  // FO_VECTOR_RULES
