@@ -3,6 +3,7 @@ and against the machine's measured memory-bandwidth limit for the same access pa
 
     python benchmarks/bench.py                      # all workloads and algorithms, all cores
     python benchmarks/bench.py --threads 1,2 --algos Adam --workloads W1,W3
+    python benchmarks/bench.py --workloads W2 --dtypes float16,bfloat16   # other param dtypes
     python benchmarks/bench.py --quick              # small and fast (CI smoke test)
     python benchmarks/bench.py --device cuda        # on the GPU, against its copy bandwidth
 
@@ -16,6 +17,7 @@ is the GPU's measured copy bandwidth (Tensor.copy_ of a buffer the size of the s
 traffic), and the extra peak memory is the CUDA allocator's.
 """
 import argparse
+import dataclasses
 import datetime
 import gc
 import inspect
@@ -33,6 +35,7 @@ import fused_optim  # noqa: E402
 from workloads import ALGORITHMS, workloads  # noqa: E402
 
 IMPLS = ["fused_optim", "torch foreach=False", "torch foreach=True", "torch fused=True", "deepspeed"]
+SHORT_DTYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def deepspeed_adam():
@@ -185,13 +188,18 @@ def run(args):
         impls.remove("deepspeed")
         print("(DeepSpeed's CPU Adam is not importable here: its rows are left out.)", file=sys.stderr)
     threads = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
-    rows_plan = [(t, w, a) for t in threads for w in selected_w for a in selected_a]
+    # Each workload in its own dtype, or in each of --dtypes (then named e.g. "W2 fp16").
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",") if d] or [None]
+    rows_plan = [(t, w, dt, a) for t in threads for w in selected_w for dt in dtypes for a in selected_a]
     progress = Progress(len(rows_plan) * (len(impls) + 1))
     rows = []
     old_threads = torch.get_num_threads()
-    for t, wname, algo in rows_plan:
+    for t, wname, dtype, algo in rows_plan:
         torch.set_num_threads(t)
         wl = wls[wname]
+        if dtype is not None and dtype != wl.dtype:
+            wl = dataclasses.replace(wl, name=f"{wname} {SHORT_DTYPES[dtype]}", dtype=dtype)
+        wname = wl.name
         kwargs, pattern = ALGORITHMS[algo]
         progress.update(f"{wname} {algo} limit, {t} threads")
         bytes_per_step = wl.numel * torch.finfo(wl.dtype).bits // 8 * (2 * pattern[0] + pattern[1])
@@ -290,6 +298,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--algos", default="Adam,AdamW,SGD,RMSprop,Adagrad")
     ap.add_argument("--workloads", default="W1,W2,W3,W4")
+    ap.add_argument("--dtypes", default="",
+                    help="comma-separated param dtypes to run each workload in, of: "
+                         + ", ".join(str(d).replace("torch.", "") for d in SHORT_DTYPES)
+                         + " (default: each workload's own: W1-W3 float32, W4 bfloat16)")
     ap.add_argument("--impls", default="", help="comma-separated subset of: " + ", ".join(IMPLS))
     ap.add_argument("--threads", default="", help="comma-separated thread counts (default: torch's)")
     ap.add_argument("--steps", type=int, default=30, help="timed steps per row (median reported)")
@@ -300,6 +312,9 @@ def main(argv=None):
                     help="where the params live (cuda: the limit is the GPU's copy bandwidth)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
+    bad = [d for d in args.dtypes.split(",") if d and getattr(torch, d, None) not in SHORT_DTYPES]
+    if bad:
+        ap.error(f"--dtypes: unsupported {', '.join(bad)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no GPU here")
     if args.quick:

@@ -57,6 +57,24 @@ def test_bench_quick_output_is_well_formed(tmp_path, extra):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_dtypes_option_runs_workloads_in_other_dtypes(tmp_path):
+    _run([BENCH, "--quick", "--out", str(tmp_path), "--workloads", "W1,W4", "--algos", "Adam",
+          "--dtypes", "float16,bfloat16", "--impls", "fused_optim,torch fused=True"])
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    # W4 is bf16 already: it keeps its name there; every other pair is named for its dtype.
+    got = {(r["workload"], r["dtype"], r["impl"]) for r in rows}
+    want = {(w, d, i) for w, d in [("W1 fp16", "float16"), ("W1 bf16", "bfloat16"),
+                                   ("W4 fp16", "float16"), ("W4", "bfloat16")]
+            for i in ("fused_optim", "torch fused=True")}
+    assert got == want
+    for r in rows:  # each row's speedup is against torch in the same dtype
+        if r["impl"] == "torch fused=True":
+            assert r["speedup_vs_torch_fused"] == pytest.approx(1.0)
+    out = subprocess.run([sys.executable, BENCH, "--dtypes", "int8"], capture_output=True, text=True,
+                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, *sys.path])))
+    assert out.returncode == 2 and "--dtypes: unsupported int8" in out.stderr
+
+
 def test_parity_report_quick():
     out = _run([REPORT, "--quick", "--steps", "3"])
     lines = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]

@@ -29,13 +29,13 @@
 namespace fused_optim::cpu {
 
 // Note [ISA dispatch]
-// Each segment loop is compiled four times from the same source: for the x86-64
-// baseline, with AVX2+FMA+F16C, with AVX-512, and with AVX-512 plus AVX512-BF16 (whose
-// bfloat16 loops run the rules on vectors: Note [vector rules] in simd.h), each through a
-// target attribute on that one function (so nothing else in the library, and nothing it
-// shares with torch's headers, changes ISA). The widest one the CPU supports is chosen at
-// run time; FUSED_OPTIM_ISA=baseline|avx2|avx512|avx512bf16 caps it (tests use it to
-// compare all four).
+// Each segment loop is compiled up to four times from the same source: for the x86-64
+// baseline, with AVX2+FMA+F16C, with AVX-512, and (bfloat16 only) with AVX-512 plus
+// AVX512-BF16, each through a target attribute on that one function (so nothing else in
+// the library, and nothing it shares with torch's headers, changes ISA). The 16-bit loops
+// of the vector copies run the rules on vectors (Note [vector rules] in simd.h). The
+// widest copy the CPU supports is chosen at run time;
+// FUSED_OPTIM_ISA=baseline|avx2|avx512|avx512bf16 caps it (tests compare all four).
 // Every fma is explicit and the build has -ffp-contract=off, so all copies produce the
 // same bits: sqrt, division and fma are exactly rounded at any vector width (and on a CPU
 // without FMA, std::fma is libm's correctly rounded fma).
@@ -46,7 +46,6 @@ namespace fused_optim::cpu {
   __attribute__((target(FO_AVX512_ISA ",prefer-vector-width=512"), flatten))
 #define FO_AVX512BF16_TARGET \
   __attribute__((target(FO_AVX512BF16_ISA ",prefer-vector-width=512"), flatten))
-#define FO_F16C_TARGET __attribute__((target(FO_AVX2_ISA)))
 #else
 #define FO_X86_CLONES 0
 #endif
@@ -101,46 +100,11 @@ FO_INLINE void narrow(float f, c10::BFloat16* out) {
 }
 FO_INLINE void narrow(float f, c10::Half* out) { *out = c10::Half(f); }
 
-#if FO_X86_CLONES
-// float16 blocks with the F16C instructions (round to nearest even, as c10::Half; NaNs as
-// c10::Half stores them).
-FO_F16C_TARGET inline void widen_block_f16c(const c10::Half* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
-  }
-  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i].x);
-}
-FO_F16C_TARGET inline void narrow_block_f16c(const float* src, c10::Half* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
-    const U16x8 c10 = c10_nans_f16(reinterpret_cast<U16x8>(h));
-    std::memcpy(dst + i, &c10, sizeof(c10));
-  }
-  for (; i < n; ++i) dst[i] = c10::Half(src[i]);
-}
-#endif
-
-template <Isa kIsa, typename T>
-FO_INLINE void widen_block(const T* src, float* dst, int64_t n) {
-#if FO_X86_CLONES
-  if constexpr (kIsa != Isa::kBaseline && std::is_same_v<T, c10::Half>) {
-    widen_block_f16c(src, dst, n);
-    return;
-  }
-#endif
+// A block of float16 values widened to float, and rounded back (the baseline loops).
+FO_INLINE void widen_block(const c10::Half* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = widen(src[i]);
 }
-template <Isa kIsa, typename T>
-FO_INLINE void narrow_block(const float* src, T* dst, int64_t n) {
-#if FO_X86_CLONES
-  if constexpr (kIsa != Isa::kBaseline && std::is_same_v<T, c10::Half>) {
-    narrow_block_f16c(src, dst, n);
-    return;
-  }
-#endif
+FO_INLINE void narrow_block(const float* src, c10::Half* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) narrow(src[i], dst + i);
 }
 
@@ -271,17 +235,17 @@ FO_INLINE void segment_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
       }
     }
   } else {
-    // float16 without AVX-512: widen a block into float buffers (F16C where the CPU has
-    // it), update them, round back.
+    // float16 on the baseline: widen a block into float buffers, update them (a loop the
+    // compiler vectorizes), round back.
     alignas(64) M pb[kBlock];
     alignas(64) M gb[kBlock];
     alignas(64) M sb[NS > 0 ? NS : 1][kBlock];
     for (int64_t b = 0; b < n; b += kBlock) {
       const int64_t m = std::min(kBlock, n - b);
       prefetch_ahead<T, NS>(p, g, s, b + m + kPrefetchAhead, kBlock, n, next);
-      widen_block<kIsa>(p + b, pb, m);
-      widen_block<kIsa>(g + b, gb, m);
-      for (int k = 0; k < NS; ++k) widen_block<kIsa>(s[k] + b, sb[k], m);
+      widen_block(p + b, pb, m);
+      widen_block(g + b, gb, m);
+      for (int k = 0; k < NS; ++k) widen_block(s[k] + b, sb[k], m);
       for (int64_t i = 0; i < m; ++i) {
         M pv = pb[i];
         M gv = gb[i];
@@ -295,9 +259,9 @@ FO_INLINE void segment_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
         pb[i] = pv;
         for (int k = 0; k < NS; ++k) sb[k][i] = sv[k];
       }
-      narrow_block<kIsa>(pb, p + b, m);
-      if constexpr (kUnscale) narrow_block<kIsa>(gb, g + b, m);
-      for (int k = 0; k < NS; ++k) narrow_block<kIsa>(sb[k], s[k] + b, m);
+      narrow_block(pb, p + b, m);
+      if constexpr (kUnscale) narrow_block(gb, g + b, m);
+      for (int k = 0; k < NS; ++k) narrow_block(sb[k], s[k] + b, m);
     }
   }
 }
