@@ -76,7 +76,8 @@ FO_HOST_DEVICE FO_INLINE M maximum_(M a, M b) {
 }
 
 // The element type of a math type: M itself, or float for the CPU's vectors of floats
-// (Note [vector rules] in cpu/simd.h), where a rule runs on sixteen elements at once.
+// (Note [vector rules] in cpu/simd.h), where a rule runs on eight or sixteen elements at
+// once.
 template <typename M>
 struct ScalarOf {
   using type = M;

@@ -42,10 +42,16 @@ namespace fused_optim::cpu {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FO_X86_CLONES 1
 #define FO_AVX2_TARGET __attribute__((target(FO_AVX2_ISA), flatten))
-#define FO_AVX512_TARGET \
-  __attribute__((target(FO_AVX512_ISA ",prefer-vector-width=512"), flatten))
+// (GCC alone takes prefer-vector-width in a target attribute; clang would drop the whole
+// attribute, and compile the AVX-512 copies for the baseline.)
+#if defined(__clang__)
+#define FO_WIDE_VECTORS
+#else
+#define FO_WIDE_VECTORS ",prefer-vector-width=512"
+#endif
+#define FO_AVX512_TARGET __attribute__((target(FO_AVX512_ISA FO_WIDE_VECTORS), flatten))
 #define FO_AVX512BF16_TARGET \
-  __attribute__((target(FO_AVX512BF16_ISA ",prefer-vector-width=512"), flatten))
+  __attribute__((target(FO_AVX512BF16_ISA FO_WIDE_VECTORS), flatten))
 #else
 #define FO_X86_CLONES 0
 #endif
@@ -77,7 +83,8 @@ struct VectorMathOf<c10::BFloat16, kIsa> {
 template <typename T, Isa kIsa>
 using VectorMath = typename VectorMathOf<T, kIsa>::type;
 
-// Elements converted at a time for 16-bit params: the float copies stay in L1.
+// Elements converted at a time for float16 params in the baseline loops: the float copies
+// stay in L1.
 constexpr int64_t kBlock = 256;
 // Below this many elements in total, no threads are started.
 constexpr int64_t kGrainSize = 32768;
@@ -98,7 +105,13 @@ FO_INLINE void narrow(float f, c10::BFloat16* out) {
   const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
   out->x = (f != f) ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);
 }
-FO_INLINE void narrow(float f, c10::Half* out) { *out = c10::Half(f); }
+// c10::Half's rounding, and its NaN (sign | 0x7E00) spelled out: built with F16C enabled
+// (-mf16c in CFLAGS), c10::Half(float) would keep a NaN's payload.
+FO_INLINE void narrow(float f, c10::Half* out) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  out->x = (f != f) ? static_cast<uint16_t>(((bits >> 16) & 0x8000u) | 0x7E00u) : c10::Half(f).x;
+}
 
 // A block of float16 values widened to float, and rounded back (the baseline loops).
 FO_INLINE void widen_block(const c10::Half* src, float* dst, int64_t n) {
@@ -170,7 +183,8 @@ FO_INLINE void prefetch_ahead(T* p, T* g, T* const* s, int64_t from, int64_t cou
 }
 
 // The loop over one contiguous segment of one tensor. `Rule` is an update rule from
-// update_rules.h; it sees each element in opmath precision.
+// update_rules.h; it sees each element in opmath precision (or, in the 16-bit loops of
+// the vector copies, a vector of them: Note [vector rules]).
 template <typename T, bool kUnscale, typename Rule, Isa kIsa>
 FO_INLINE void segment_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
   using M = at::opmath_type<T>;
@@ -199,13 +213,17 @@ FO_INLINE void segment_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
     const typename Rule::template WithMath<V> vrule(
         *static_cast<const typename Rule::Coeffs*>(t.coeffs));
     const V vinv_scale(inv_scale);
+    // Under MXCSR.DAZ the vector bfloat16 stores cannot see subnormals (simd.h): the
+    // scalar loop does those segments. (float16 stores need no such check.)
+    bool vectors_exact = true;
+    if constexpr (kVectorRule && std::is_same_v<T, c10::BFloat16>) vectors_exact = !daz_is_set();
     for (int64_t c = 0; c < n; c += kPrefetchChunk) {
       const int64_t chunk_end = std::min(n, c + kPrefetchChunk);
       prefetch_ahead<T, NS>(p, g, s, chunk_end + kAhead, kPrefetchChunk, n, next);
       int64_t i = c;
       if constexpr (kVectorRule) {
         constexpr int64_t kWidth = sizeof(V) / sizeof(float);
-        for (; i + kWidth <= chunk_end; i += kWidth) {
+        for (; vectors_exact && i + kWidth <= chunk_end; i += kWidth) {
           V pv = V::load(p + i);
           V gv = V::load(g + i);
           if constexpr (kUnscale) {

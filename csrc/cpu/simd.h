@@ -13,11 +13,20 @@
 // was bound by vector-instruction throughput, not by memory. vcvtneps2bf16 does the same
 // rounding in one instruction (W4 Adam: ~10-15% faster), except for NaN (c10 stores
 // 0x7FC0; the instruction keeps sign and payload) and float subnormals (the instruction
-// flushes them to zero): vectors holding any of those (vfpclassps, which ignores
-// MXCSR.DAZ) take c10's integer rounding. The float16 loops used to convert blocks into
-// float buffers and back (F16C) around a scalar loop, and ran at 0.7x torch's fused=True
-// (AdamW, 4 x 16M elements); vcvtph2ps and vcvtps2ph now convert in registers (twice as
-// fast), with c10's NaN (sign | 0x7E00) where the instruction would keep the payload.
+// flushes them to zero): vectors holding any of those (vfpclassps) take c10's integer
+// rounding. Under MXCSR.DAZ vfpclassps sees subnormals as zero (measured here), and FTZ
+// does not stop an amsgrad maximum from passing a loaded subnormal through, so there the
+// scalar loop runs instead (daz_is_set, checked once per segment). The float16 loops used
+// to convert blocks into float buffers and back (F16C) around a scalar loop, and ran at
+// 0.7x torch's fused=True (AdamW, 4 x 16M elements); vcvtph2ps and vcvtps2ph now convert
+// in registers (twice as fast), with c10's NaN (sign | 0x7E00) where the instruction
+// would keep the payload.
+//
+// Limits of "the same bits": the rounding mode is the default one (vcvtps2ph rounds to
+// nearest even whatever MXCSR.RC says; c10's float16 conversion follows it); and where an
+// operation meets two NaNs, which one's sign and payload the result keeps is the
+// compiler's choice of operand order (it shows in float16, float and double results;
+// bfloat16 stores every NaN as 0x7FC0).
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -70,6 +79,10 @@ namespace fused_optim::cpu {
 typedef uint16_t U16x8 __attribute__((vector_size(16)));
 typedef uint16_t U16x16 __attribute__((vector_size(32)));
 typedef uint32_t U32x16 __attribute__((vector_size(64)));
+
+// MXCSR's denormals-are-zero bit (torch.set_flush_denormal(True) sets it, on the calling
+// thread).
+inline bool daz_is_set() { return (_mm_getcsr() & 0x0040u) != 0; }
 
 // F16C keeps a NaN's sign and payload; c10::Half stores every NaN as sign | 0x7E00. The
 // NaN lanes of float16 results (magnitude above infinity's, 0x7C00) are set the c10 way.
