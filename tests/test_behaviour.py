@@ -201,7 +201,7 @@ every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(geta
 gen = torch.Generator().manual_seed(0)
 def shuffled():
     return every[torch.randperm(every.numel(), generator=gen)]
-# One tensor of all 65,536 patterns (whole vectors only) and one of 16 * 3 + 5 (a tail).
+# One tensor of all 65,536 patterns and one of 16 * 3 + 5 (vectors and a scalar tail).
 def params():
     return [shuffled().requires_grad_(), shuffled()[:53].clone().requires_grad_()]
 if len(sys.argv) > 3:  # "daz": flush denormals (FTZ and DAZ), on the one thread that runs

@@ -102,16 +102,11 @@ FO_INLINE float widen(c10::Half x) { return static_cast<float>(x); }
 FO_INLINE void narrow(float f, c10::BFloat16* out) {
   uint32_t bits;
   std::memcpy(&bits, &f, sizeof(bits));
-  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  out->x = (f != f) ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);
+  out->x = (f != f) ? uint16_t(0x7FC0) : static_cast<uint16_t>(round_bf16_bits(bits));
 }
-// c10::Half's rounding, and its NaN (sign | 0x7E00) spelled out: built with F16C enabled
-// (-mf16c in CFLAGS), c10::Half(float) would keep a NaN's payload.
-FO_INLINE void narrow(float f, c10::Half* out) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  out->x = (f != f) ? static_cast<uint16_t>(((bits >> 16) & 0x8000u) | 0x7E00u) : c10::Half(f).x;
-}
+// c10::Half's rounding, and its NaN made explicit (c10_nans_f16: built with -mf16c,
+// c10::Half(float) would keep a NaN's payload).
+FO_INLINE void narrow(float f, c10::Half* out) { out->x = c10_nans_f16(c10::Half(f).x); }
 
 // A block of float16 values widened to float, and rounded back (the baseline loops).
 FO_INLINE void widen_block(const c10::Half* src, float* dst, int64_t n) {

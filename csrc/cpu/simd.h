@@ -43,6 +43,29 @@
 #define FO_VECTOR_RULES 0
 #endif
 
+namespace fused_optim::cpu {
+
+// c10's roundings to 16 bits, on integer lanes: a uint32_t/uint16_t in the scalar loops
+// (narrow() in multi_tensor.h), a GNU vector of them in the vector stores below. No
+// target attribute: they take their caller's ISA.
+
+// bfloat16: the float's bits rounded to nearest even (c10 stores every NaN as 0x7FC0;
+// the callers see to that).
+template <typename U32>
+FO_INLINE U32 round_bf16_bits(U32 bits) {
+  return (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+}
+
+// float16: c10::Half stores every NaN as sign | 0x7E00, where F16C (and c10::Half built
+// with -mf16c) keeps the payload. The NaN lanes (magnitude above infinity's, 0x7C00) of
+// rounded results are set the c10 way.
+template <typename U16>
+FO_INLINE U16 c10_nans_f16(U16 h) {
+  return (h & 0x7FFF) > 0x7C00 ? (h & 0x8000) | 0x7E00 : h;
+}
+
+}  // namespace fused_optim::cpu
+
 #if FO_VECTOR_RULES
 // The ISAs of the vector copies of the loops (Note [ISA dispatch] in multi_tensor.h).
 #define FO_AVX2_ISA "avx2,fma,f16c"
@@ -83,13 +106,6 @@ typedef uint32_t U32x16 __attribute__((vector_size(64)));
 // MXCSR's denormals-are-zero bit (torch.set_flush_denormal(True) sets it, on the calling
 // thread).
 inline bool daz_is_set() { return (_mm_getcsr() & 0x0040u) != 0; }
-
-// F16C keeps a NaN's sign and payload; c10::Half stores every NaN as sign | 0x7E00. The
-// NaN lanes of float16 results (magnitude above infinity's, 0x7C00) are set the c10 way.
-template <typename U16>
-FO_AVX2_INLINE U16 c10_nans_f16(U16 h) {
-  return (h & 0x7FFF) > 0x7C00 ? (h & 0x8000) | 0x7E00 : h;
-}
 
 // ---- eight floats (AVX2, FMA, F16C) ------------------------------------------------------
 struct F32x8 {
@@ -149,15 +165,15 @@ struct F32x16 {
     const U32x16 w = reinterpret_cast<U32x16>(_mm512_maskz_cvtepu16_epi32(0xFFFF, h));
     return F32x16(reinterpret_cast<__m512>(w << 16));
   }
-  // vcvtneps2bf16, or where a lane is NaN or subnormal, c10's rounding (narrow() in
-  // multi_tensor.h) on the integer lanes: to nearest even, and 0x7FC0 for NaN.
+  // vcvtneps2bf16, or where a lane is NaN or subnormal, c10's rounding on the integer
+  // lanes: to nearest even, and 0x7FC0 for NaN.
   FO_AVX512BF16_INLINE void store(c10::BFloat16* p) const {
     U16x16 r = reinterpret_cast<U16x16>(_mm512_cvtneps_pbh(v));
     if (__builtin_expect(_mm512_fpclass_ps_mask(v, kQuietNan | kSubnormal | kSignalingNan) != 0, 0)) {
       const U32x16 bits = reinterpret_cast<U32x16>(v);
       const U32x16 nan = reinterpret_cast<U32x16>(
           _mm512_movm_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)));
-      const U32x16 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+      const U32x16 rounded = round_bf16_bits(bits);
       r = __builtin_convertvector((rounded & ~nan) | (nan & 0x7FC0u), U16x16);
     }
     std::memcpy(p, &r, sizeof(r));
