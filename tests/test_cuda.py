@@ -146,24 +146,31 @@ def test_cuda_graph_capture_and_replay():
 
 @pytest.mark.parametrize("algo", ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad"])
 def test_many_tensors_and_launches(algo):
-    """More tensors than one launch holds (24), more chunks than one launch holds (320 of
-    65536 elements), params at different step counts (more coefficient sets than one
-    launch holds): every launch boundary, bit for bit with the CPU."""
+    """More tensors than one launch holds (160, or 48 before CUDA 12.1), tensors of many
+    chunks (16384 elements each) sharing a launch with one-chunk and empty tensors (each
+    block finds its tensor by a search of the launch's block_start table), params at
+    different step counts (more coefficient sets than one launch holds): every launch
+    boundary, bit for bit with the CPU (Note [CUDA launches])."""
     torch_cls, ours_cls = pu.ALGOS[algo]
     options = {"SGD": dict(lr=0.1, momentum=0.9), "RMSprop": dict(lr=0.01, momentum=0.5),
                "Adagrad": dict(lr=0.01, lr_decay=0.05)}.get(algo, dict(lr=0.01))
     gen = torch.Generator().manual_seed(0)
-    shapes = [(int(n),) for n in torch.randint(1, 5000, (60,), generator=gen)] + [(321 * 65536 + 7,)]
+    shapes = [(int(n),) for n in torch.randint(1, 5000, (200,), generator=gen)]
+    # multi-chunk tensors (exact multiples of a chunk and not), an empty one among them
+    shapes[3:3] = [(3 * 16384 + 5,), (0,), (16384,), (16385,), (7,), (40, 1000)]
+    shapes += [(321 * 65536 + 7,)]
     base = [torch.randn(s, generator=gen) for s in shapes]
     runs = {}
     for device in ("cpu", "cuda"):
-        params = [b.to(device).requires_grad_() for b in base]
+        params = [b.to(device, copy=True).requires_grad_() for b in base]
         opt = ours_cls(params, **options)
-        for step in range(8):
+        for step in range(11):
             for i, p in enumerate(params):
-                # param i skips its first i % 9 steps: by the last steps, neighbours are at
-                # up to 8 different step counts (more than the 4 coefficient sets a launch holds)
-                if step >= i % 9 or i == len(params) - 1:
+                # Every param steps twice (one coefficient set: launches fill up to the
+                # tensor cap), then param i skips i % 9 steps: by the last steps, neighbours
+                # are at up to 9 different step counts (more than the 4 coefficient sets a
+                # launch holds)
+                if step < 2 or step >= 2 + i % 9 or i == len(params) - 1:
                     g = torch.Generator().manual_seed(100 * step + i)
                     p.grad = torch.randn(p.shape, generator=g).to(device)
                 else:
@@ -245,9 +252,19 @@ def test_capturable_adam_with_grad_scaler():
 
 
 def test_mixed_devices_with_grad_scaler():
-    """A group with a CPU and a CUDA param under GradScaler("cuda"): the scaler's tensors
-    live on the GPU; the CPU param's call gets them on the CPU (else the dispatcher would
-    pick the CUDA kernel for it). Bit for bit with an all-CPU run."""
+    """A group with a CPU and a CUDA param, given grad_scale and found_inf on the GPU (what
+    GradScaler("cuda").step hands an optimizer with _step_supports_amp_scaling): the CPU
+    param's call gets them on the CPU (else the dispatcher would pick the CUDA kernel for
+    it), a step with found_inf set changes nothing on either device, and params, unscaled
+    grads and step counts are bit for bit an all-CPU run's.
+
+    The scaler's tensors are set by hand, as GradScaler.step sets them, because GradScaler
+    itself races on CPU grads: it copies its GPU scale to the CPU with
+    to("cpu", non_blocking=True) (_MultiDeviceReplicator in torch/amp/grad_scaler.py), which
+    returns pinned memory that the copy has not filled yet when the CPU unscale reads it.
+    On an H100 under load (the CUDA suite in 12 processes) the CPU grads came out multiplied
+    by stale values (0 on the first step), whichever optimizer runs next."""
+    schedule = [(256.0, 0.0), (256.0, 1.0), (128.0, 0.0), (128.0, 0.0)]  # (scale, found_inf)
     results = {}
     for mixed in (True, False):
         gen = torch.Generator().manual_seed(0)
@@ -255,23 +272,26 @@ def test_mixed_devices_with_grad_scaler():
         b = torch.randn(50, generator=gen)
         b = (b.cuda() if mixed else b).requires_grad_()
         opt = fused_optim.AdamW([a, b], lr=0.01)
-        scaler = torch.amp.GradScaler("cuda" if mixed else "cpu", init_scale=2.0**8)
-        for step in range(4):
-            opt.zero_grad()
+        grads = []
+        for step, (scale, inf) in enumerate(schedule):
             gen = torch.Generator().manual_seed(step)
-            xa, xb = torch.randn(50, generator=gen), torch.randn(50, generator=gen)
-            if step == 1:
-                xb[3] = float("inf")
-            loss_b = (b * xb.to(b.device)).sum()
-            loss = (a * xa).sum().to(b.device) + loss_b
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        results[mixed] = (a, b, opt)
-    (a1, b1, o1), (a0, b0, o0) = results[True], results[False]
+            # scaled grads, as backward() of a scaled loss makes them (x 2^k: exact)
+            a.grad = torch.randn(50, generator=gen) * scale
+            b.grad = (torch.randn(50, generator=gen) * scale).to(b.device)
+            opt.grad_scale = torch.tensor(scale, device=b.device)
+            opt.found_inf = torch.tensor(inf, device=b.device)
+            opt.step()
+            del opt.grad_scale, opt.found_inf
+            grads.append((a.grad.clone(), b.grad.cpu()))
+        results[mixed] = (a, b, opt, grads)
+    (a1, b1, o1, g1), (a0, b0, o0, g0) = results[True], results[False]
     assert torch.equal(a1.detach(), a0.detach())
     assert torch.equal(b1.detach().cpu(), b0.detach())
+    for step, ((ga1, gb1), (ga0, gb0)) in enumerate(zip(g1, g0)):
+        assert torch.equal(ga1, ga0), f"CPU grad after step {step}"
+        assert torch.equal(gb1, gb0), f"CUDA grad after step {step}"
     assert o1.state[a1]["step"].item() == o0.state[a0]["step"].item() == 3
+    assert o1.state[b1]["step"].item() == o0.state[b0]["step"].item() == 3
 
 
 @pytest.mark.parametrize("algo", ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad"])
