@@ -10,6 +10,7 @@ whether a GPU is visible at build time.
 """
 import glob
 import os
+import re
 import sys
 
 from setuptools import setup
@@ -35,6 +36,20 @@ def want_cuda() -> bool:
     if mode == "1" and not available:
         sys.exit("FUSED_OPTIM_CUDA=1 but no CUDA toolkit (CUDA_HOME) or no CUDA build of torch found")
     return mode != "0" and available
+
+
+def cuda_big_kernel_args() -> bool:
+    """Note [CUDA launches] in csrc/cuda/multi_tensor.cuh: a launch's tensors travel in a
+    kernel argument of up to 32 KB where CUDA >= 12.1 (checked there) and every target
+    architecture is Volta (7.0) or newer; ptxas holds older ones to 4 KB."""
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+    try:
+        flags = _get_cuda_arch_flags()
+    except Exception:  # no arch list and no GPU to ask: the build reports it
+        return False
+    archs = [int(a) for f in flags for a in re.findall(r"(?:sm|compute)_(\d+)", f)]
+    return bool(archs) and min(archs) >= 70
 
 
 def write_build_info(with_cuda: bool) -> None:
@@ -86,6 +101,8 @@ def extensions():
         ext_cls = CUDAExtension
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         kwargs["define_macros"] = [("FUSED_OPTIM_WITH_CUDA", "1")]
+        if cuda_big_kernel_args():
+            kwargs["define_macros"].append(("FUSED_OPTIM_CUDA_BIG_ARGS", "1"))
     omp_compile, omp_link = openmp_flags()
     cxx_flags += omp_compile
     extra = {"cxx": cxx_flags}

@@ -14,6 +14,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check}
 mkdir -p "$OUT"
+: > "$OUT/log.txt"
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the in-place build, for bench.py too
@@ -55,6 +56,7 @@ build() {
 if [ "${GPU_CHECK_BUILD:-1}" = "0" ] && cuda_build_loads; then
   echo "using the CUDA build in place"
 else
+  [ "${GPU_CHECK_BUILD:-1}" = "0" ] && echo "GPU_CHECK_BUILD=0, but the build in place does not load: building" | tee -a "$OUT/log.txt"
   phase "build (arch $TORCH_CUDA_ARCH_LIST, $MAX_JOBS jobs)" build || exit 1
   phase "load" cuda_build_loads || exit 1
 fi
@@ -66,16 +68,18 @@ fi
 xdist=()
 "$PY" -c 'import xdist' 2> /dev/null && xdist=(-n "${GPU_CHECK_WORKERS:-12}")
 timeout_arg=()
-"$PY" -c 'import pytest_timeout' 2> /dev/null && timeout_arg=(--timeout 150)
-phase "CUDA tests" timeout "${GPU_CHECK_TESTS_TIMEOUT:-300}" \
+# (the thread method: a test blocked in a CUDA call never sees a signal)
+"$PY" -c 'import pytest_timeout' 2> /dev/null && timeout_arg=(--timeout 150 --timeout-method=thread)
+phase "CUDA tests" timeout -k 30 "${GPU_CHECK_TESTS_TIMEOUT:-300}" \
   env OMP_NUM_THREADS="${OMP_NUM_THREADS:-$([ ${#xdist[@]} -gt 0 ] && echo 1 || nproc)}" "$PY" -m pytest tests/test_cuda.py tests/test_fast_path.py -q -p no:cacheprovider \
-  -rfEs --tb=short --durations=10 "${xdist[@]}" "${timeout_arg[@]}" > "$OUT/tests.txt" 2>&1
+  -rfEs --tb=short --durations=10 ${xdist[@]+"${xdist[@]}"} ${timeout_arg[@]+"${timeout_arg[@]}"} \
+  > "$OUT/tests.txt" 2>&1
 tail -25 "$OUT/tests.txt"
 
 if [ "${GPU_CHECK_BENCH:-1}" != "0" ]; then
   # W1/W2 are the issue's bandwidth targets (90% of the copy bandwidth), W3 its launch
   # target (faster than torch's fused CUDA path); stderr is the progress bar.
-  phase "benchmark --device cuda" timeout "${GPU_CHECK_BENCH_TIMEOUT:-240}" \
+  phase "benchmark --device cuda" timeout -k 30 "${GPU_CHECK_BENCH_TIMEOUT:-240}" \
     "$PY" benchmarks/bench.py --device cuda --workloads W1,W2,W3,W4 --algos Adam,AdamW,SGD \
     --impls "fused_optim,torch foreach=True,torch fused=True" --steps 30 --out "$OUT/bench" 2> /dev/null
 fi

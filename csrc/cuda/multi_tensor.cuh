@@ -51,11 +51,12 @@ namespace fused_optim::cuda {
 // Everything a launch needs travels in its by-value kernel argument: no host-to-device
 // copy is made, and a launch captured in a CUDA graph owns its own copy. CUDA 12.1 raised
 // that argument's limit from 4 KB to 32 KB (32,764 bytes; Volta or newer, and a driver of
-// CUDA 12.1 or newer), which holds 160 tensors; older toolkits get 48. Each block finds its
-// tensor by a binary search of block_start. The coefficients of up to kCoeffSets distinct
-// steps ride along (a group's params usually share one step); a launch ends early when a
-// tensor would need another.
-#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
+// CUDA 12.1 or newer), which holds 160 tensors; builds with an older toolkit or a target
+// architecture before Volta (setup.py then leaves FUSED_OPTIM_CUDA_BIG_ARGS undefined) get
+// 48. Each block finds its tensor by a binary search of block_start. The plan leaves empty
+// tensors out. The coefficients of up to kCoeffSets distinct steps ride along (a group's
+// params usually share one step); a launch ends early when a tensor would need another.
+#if defined(FUSED_OPTIM_CUDA_BIG_ARGS) && defined(CUDART_VERSION) && CUDART_VERSION >= 12010
 constexpr int kTensors = 160;
 constexpr size_t kMaxArgBytes = 32764;
 #else
