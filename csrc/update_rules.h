@@ -75,6 +75,14 @@ FO_HOST_DEVICE FO_INLINE M maximum_(M a, M b) {
   return (a > b) | (a != a) ? a : b;
 }
 
+// a / b, where b is the same for a whole tensor and inv_b is 1 / b rounded: the division,
+// except on AVX-512 vectors, where a multiply and a correction give the same bits (Note
+// [division by a constant] in cpu/simd.h).
+template <typename M>
+FO_HOST_DEVICE FO_INLINE M div_by_(M a, M b, M /*inv_b*/) {
+  return a / b;
+}
+
 // The element type of a math type: M itself, or float for the CPU's vectors of floats
 // (Note [vector rules] in cpu/simd.h), where a rule runs on eight or sixteen elements at
 // once.
@@ -218,7 +226,7 @@ struct AdamRule {
   using WithMath = AdamRule<V, kWeightDecay, kAmsgrad, kFma>;
   static constexpr int kStates = kAmsgrad ? 3 : 2;
   M grad_sign, weight_decay, decay_factor, beta2, one_minus_beta2, eps;
-  M bias_correction2_sqrt, neg_step_size;
+  M bias_correction2_sqrt, inv_bias_correction2_sqrt, neg_step_size;
   LerpWeight<M> lerp;
 
   FO_HOST_DEVICE explicit AdamRule(const AdamCoeffs& c)
@@ -229,6 +237,7 @@ struct AdamRule {
         one_minus_beta2(static_cast<M>(c.one_minus_beta2)),
         eps(static_cast<M>(c.eps)),
         bias_correction2_sqrt(static_cast<M>(c.bias_correction2_sqrt)),
+        inv_bias_correction2_sqrt(M(1.0f) / bias_correction2_sqrt),
         neg_step_size(static_cast<M>(c.neg_step_size)),
         lerp(c.one_minus_beta1) {}
 
@@ -249,7 +258,8 @@ struct AdamRule {
       state[2] = maximum_(state[2], exp_avg_sq);
       second = state[2];
     }
-    const M denom = sqrt_(second) / bias_correction2_sqrt + eps;
+    // exp_avg_sq.sqrt() / bias_correction2_sqrt, then .add_(eps)
+    const M denom = div_by_(sqrt_(second), bias_correction2_sqrt, inv_bias_correction2_sqrt) + eps;
     p = p + (neg_step_size * exp_avg) / denom;  // param.addcdiv_(exp_avg, denom, value=-step_size)
   }
 };
