@@ -37,18 +37,7 @@ phase() {  # phase NAME COMMAND...: runs it, logs its exit status and time
   "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "CUDA", torch.version.cuda)'
 } 2>&1 | tee "$OUT/gpu.txt"
 
-cuda_build_loads() {
-  "$PY" - <<'PY'
-import torch
-import fused_optim
-from fused_optim import _build_info, _ops
-assert _build_info.WITH_CUDA, "this build has no CUDA kernels"
-registered = set(torch._C._dispatch_get_registrations_for_dispatch_key("CUDA"))
-missing = sorted(f"fused_optim::{op}" for op in _ops.OPTIMIZER_OPS if f"fused_optim::{op}" not in registered)
-assert not missing, f"no CUDA kernel registered for {missing}"
-print("CUDA kernels registered; torch", torch.__version__, "built against", _build_info.TORCH_VERSION)
-PY
-}
+cuda_build_loads() { "$PY" tools/check_cuda_registrations.py; }
 build() {
   "$PY" setup.py -q build_ext --inplace > "$OUT/build.txt" 2>&1 || { tail -40 "$OUT/build.txt"; return 1; }
 }
