@@ -5,37 +5,131 @@ Build it against the torch that is installed, never an isolated one:
     pip install --no-build-isolation -e .
 
 FUSED_OPTIM_CUDA=auto|0|1 decides whether the CUDA kernels are compiled: `auto` (default)
-builds them when a CUDA toolkit and a CUDA-enabled torch are present; it never depends on
-whether a GPU is visible at build time.
+builds them when a CUDA build of torch and a CUDA toolkit of the same major version are
+present, and otherwise builds for the CPU (with a warning where torch is a CUDA build);
+`1` makes "cannot" an error. It never depends on whether a GPU is visible at build time.
+An unsupported torch or Python, or no C++ compiler, stops the build with a message that
+says what to do (fused_optim/_support.py has the supported releases); the environment
+is left as it was: torch is not a declared dependency, so pip never replaces it.
 """
 import glob
 import os
 import re
+import runpy
+import shutil
+import subprocess
 import sys
+import warnings
 
 from setuptools import setup
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+# The supported torch and Python releases (one place, shared with the import-time check).
+SUPPORT = runpy.run_path(os.path.join(HERE, "fused_optim", "_support.py"))
+
+
+def fail(message: str):
+    """Stops the build with `message`: nothing is installed, nothing in the environment changes."""
+    sys.exit(message if message.startswith("fused_optim") else "fused_optim: " + message)
+
+
+def check_python():
+    error, warning = SUPPORT["python_problem"](sys.version_info)
+    if error:
+        fail(error)
+    if warning:
+        warnings.warn(warning)
+
+
+def check_compiler():
+    """A C++20 compiler is needed (g++ >= 10 or clang >= 14): say so before torch's
+    extension builder fails deep inside a compile."""
+    if sys.platform == "win32":
+        return
+    cxx = os.environ.get("CXX", "c++").split()[0]
+    if shutil.which(cxx) is None:
+        fail(f"building needs a C++20 compiler (g++ >= 10 or clang >= 14), and `{cxx}` is not "
+             "on PATH. Install one (Debian/Ubuntu: `apt-get install g++`; conda: "
+             "`conda install gxx_linux-64`), or name it in CXX, and install again.")
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([cxx, "-dumpfullversion", "-dumpversion"], capture_output=True,
+                                 text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return
+    if "Free Software Foundation" in out and version and int(version.split(".")[0]) < 10:
+        fail(f"building needs a C++20 compiler: g++ >= 10, and `{cxx}` is g++ {version}. "
+             "Install a newer one and name it in CXX (e.g. `CXX=g++-12`), then install again.")
+
+
+check_python()
+check_compiler()
 try:
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-except ImportError:  # pragma: no cover - only hit by a misconfigured install
-    sys.exit(
-        "fused_optim: building needs PyTorch installed in this environment, and pip must not "
-        "build in an isolated environment. Install torch first (e.g. `pip install torch==2.13.0`), "
-        "then `pip install --no-build-isolation -e .`"
+except ImportError:
+    fail(
+        "building needs PyTorch installed in this environment, and pip must not build in an "
+        "isolated environment. Install torch first (e.g. `pip install torch==2.13.0`), then "
+        "`pip install --no-build-isolation -e .` (the flag is what lets the build see it)."
     )
+_torch_error, _torch_warning = SUPPORT["torch_problem"](torch.__version__)
+if _torch_error:
+    fail(_torch_error)
+if _torch_warning:
+    warnings.warn(_torch_warning)
+from torch.utils.cpp_extension import (  # noqa: E402
+    CUDA_HOME, BuildExtension, CppExtension, CUDAExtension)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+
+def toolkit_version():
+    """(major, minor) of the CUDA toolkit at CUDA_HOME, from its nvcc; None if it can't tell."""
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc")
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-def want_cuda() -> bool:
+def cuda_problem():
+    """Why the CUDA kernels cannot be built here, or None."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is not a CUDA build"
+    if CUDA_HOME is None:
+        return "no CUDA toolkit was found (set CUDA_HOME to its root, e.g. /usr/local/cuda)"
+    toolkit = toolkit_version()
+    if toolkit is None:
+        return f"the CUDA toolkit at {CUDA_HOME} has no working nvcc"
+    torch_major = int(torch.version.cuda.split(".")[0])
+    if toolkit[0] != torch_major:
+        # torch's extension builder refuses a different major version (minor ones work).
+        return (f"the CUDA toolkit at {CUDA_HOME} is CUDA {toolkit[0]}.{toolkit[1]}, but torch "
+                f"{torch.__version__} was built with CUDA {torch.version.cuda}; install a "
+                f"CUDA {torch_major}.x toolkit and point CUDA_HOME at it, or a torch built "
+                f"for CUDA {toolkit[0]}")
+    return None
+
+
+def want_cuda():
+    """(build the CUDA kernels?, why not). FUSED_OPTIM_CUDA=auto builds them where they can
+    be built, else builds for the CPU with a warning; 1 makes 'cannot' an error; 0 skips."""
     mode = os.environ.get("FUSED_OPTIM_CUDA", "auto").lower()
     if mode not in ("auto", "0", "1"):
-        sys.exit(f"FUSED_OPTIM_CUDA must be auto, 0 or 1, not {mode!r}")
-    available = torch.version.cuda is not None and CUDA_HOME is not None
-    if mode == "1" and not available:
-        sys.exit("FUSED_OPTIM_CUDA=1 but no CUDA toolkit (CUDA_HOME) or no CUDA build of torch found")
-    return mode != "0" and available
+        fail(f"FUSED_OPTIM_CUDA must be auto, 0 or 1, not {mode!r}")
+    if mode == "0":
+        return False, "the build was made with FUSED_OPTIM_CUDA=0"
+    problem = cuda_problem()
+    if problem is None:
+        return True, None
+    if mode == "1":
+        fail(f"FUSED_OPTIM_CUDA=1, but the CUDA kernels cannot be built: {problem}.")
+    if torch.version.cuda is not None:
+        # A CUDA torch without a matching toolkit: the user may well expect CUDA kernels.
+        warnings.warn(f"fused_optim: building without the CUDA kernels: {problem}. CPU params "
+                      "work; for CUDA params rebuild with a matching toolkit "
+                      "(FUSED_OPTIM_CUDA=1 makes this an error).")
+    return False, problem
 
 
 def cuda_big_kernel_args() -> bool:
@@ -52,13 +146,14 @@ def cuda_big_kernel_args() -> bool:
     return bool(archs) and min(archs) >= 70
 
 
-def write_build_info(with_cuda: bool) -> None:
+def write_build_info(with_cuda: bool, why_no_cuda) -> None:
     # Read by fused_optim/__init__.py before loading _C, so a torch upgrade after the
     # build gives a clear "rebuild" message instead of an undefined-symbol trace.
     with open(os.path.join(HERE, "fused_optim", "_build_info.py"), "w") as f:
         f.write("# Generated by setup.py. Do not edit.\n")
         f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
         f.write(f"WITH_CUDA = {with_cuda!r}\n")
+        f.write(f"WHY_NO_CUDA = {why_no_cuda!r}\n")
 
 
 def openmp_flags():
@@ -76,8 +171,8 @@ def openmp_flags():
 
 
 def extensions():
-    with_cuda = want_cuda()
-    write_build_info(with_cuda)
+    with_cuda, why_no_cuda = want_cuda()
+    write_build_info(with_cuda, why_no_cuda)
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = [
         "-O3",
@@ -124,7 +219,8 @@ def extensions():
     ]
 
 
-setup(
-    ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension},
-)
+if __name__ == "__main__":  # (tests/test_install.py imports this file to test its checks)
+    setup(
+        ext_modules=extensions(),
+        cmdclass={"build_ext": BuildExtension},
+    )

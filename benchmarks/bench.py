@@ -7,10 +7,15 @@ and against the machine's measured memory-bandwidth limit for the same access pa
     python benchmarks/bench.py --quick              # small and fast (CI smoke test)
     python benchmarks/bench.py --device cuda        # on the GPU, against its copy bandwidth
 
-Per row: median ms/step over many steps after warm-up (state initialised), GB/s (bytes the
-step must move / time), % of the measured limit, speedup over torch fused=True, µs per
-tensor, and the extra peak memory of one step. Writes a markdown table to stdout, and
-bench.json, bench.md and bench.png to --out.
+Interleaved: within each (workload, algorithm, threads), every implementation and the
+bandwidth probe are timed in turn in every round (--rounds, --steps steps each, the order
+rotating), so each ratio compares the same minutes of a noisy machine; a row's ms/step is
+the median of its rounds' medians, and bench.json keeps every round's time.
+
+Per row: ms/step, GB/s (bytes the step must move / time), % of the measured limit, speedup
+over torch fused=True (and DeepSpeed's CPU Adam, where installed), µs per tensor, and the
+extra peak memory of one step. Prints the full table and a one-line-per-workload summary,
+and writes bench.json, bench.md, summary.md and bench.png to --out.
 
 With --device cuda the params live on the GPU, steps are timed with CUDA events, the limit
 is the GPU's measured copy bandwidth (Tensor.copy_ of a buffer the size of the step's
@@ -35,6 +40,7 @@ import fused_optim  # noqa: E402
 from workloads import ALGORITHMS, workloads  # noqa: E402
 
 IMPLS = ["fused_optim", "torch foreach=False", "torch foreach=True", "torch fused=True", "deepspeed"]
+LIMIT = "limit"  # the bandwidth probe, timed in the rounds as one more runner
 SHORT_DTYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -46,14 +52,17 @@ def deepspeed_adam():
     return DeepSpeedCPUAdam
 
 
-def make_optimizer(impl, algo, params, kwargs):
+def make_optimizer(impl, algo, params, kwargs, dtype):
     if impl == "fused_optim":
         return getattr(fused_optim, algo)(params, **kwargs)
     if impl == "deepspeed":
         cls = deepspeed_adam()
         if cls is None or algo not in ("Adam", "AdamW"):
             return None
-        return cls(params, adamw_mode=(algo == "AdamW"), **kwargs)
+        # With 16-bit params, DeepSpeed's bf16-state mode (state in the params' dtype, as
+        # torch and fused_optim keep it); fp32 state for fp32 params.
+        return cls(params, adamw_mode=(algo == "AdamW"),
+                   fp32_optimizer_states=dtype == torch.float32, **kwargs)
     flag = impl.split()[1]
     key, value = flag.split("=")
     torch_cls = getattr(torch.optim, algo)
@@ -108,28 +117,6 @@ def time_steps(step, steps, warmup, max_seconds, device="cpu"):
     return statistics.median(times), len(times)
 
 
-def stream_limit(numel, dtype, pattern, steps, warmup, max_seconds):
-    """GB/s of the bandwidth probe with the optimizer's read/write pattern."""
-    inout, read_only = pattern
-    bufs = [torch.rand(numel, dtype=torch.float32).to(dtype) for _ in range(inout + read_only)]
-    t, _ = time_steps(lambda: fused_optim._ops.stream_(bufs[:inout], bufs[inout:], 0.5),
-                      steps, warmup, max_seconds)
-    moved = numel * bufs[0].element_size() * (2 * inout + read_only)
-    del bufs
-    return moved / t / 1e9
-
-
-def copy_limit(nbytes, steps, warmup, max_seconds):
-    """GB/s of the GPU's Tensor.copy_ (bytes read + written), over a buffer of half the
-    step's traffic."""
-    n = max(1 << 20, nbytes // 2 // 4)
-    src = torch.rand(n, device="cuda")
-    dst = torch.empty_like(src)
-    t, _ = time_steps(lambda: dst.copy_(src), steps, warmup, max_seconds, "cuda")
-    del src, dst
-    return 2 * n * 4 / t / 1e9
-
-
 def extra_peak_cuda_mib(fn):
     """Extra CUDA allocator memory at the peak of fn(), in MiB."""
     torch.cuda.synchronize()
@@ -172,26 +159,46 @@ def machine_line(threads, device="cpu"):
         pass
     return (f"{cpu}, {os.cpu_count()} cores, threads {','.join(map(str, threads))}; "
             f"torch {torch.__version__}; fused_optim {fused_optim.__version__} "
-            f"({torch.ops.fused_optim._cpu_isa()} loops); Python {platform.python_version()}; "
+            f"({torch.ops.fused_optim._cpu_isa()} loops, {torch.ops.fused_optim._cpu_tuning()}); "
+            f"Python {platform.python_version()}; "
             f"{datetime.date.today().isoformat()}")
+
+
+def _rounds(runners, rounds, steps, warmup, max_seconds, device, progress, label):
+    """Times every runner `steps` steps per round, the runners alternating round-robin within
+    each round (the order rotating from round to round), so that every ratio compares the
+    same minutes of a noisy machine. Returns {name: [median seconds of each round]}."""
+    times = {name: [] for name in runners}
+    names = list(runners)
+    start = time.perf_counter()
+    for k in range(rounds):
+        order = names[k % len(names):] + names[:k % len(names)]
+        for name in order:
+            progress.update(f"{label} round {k + 1}/{rounds} {name}")
+            t, _ = time_steps(runners[name], steps, warmup, float("inf"), device)
+            times[name].append(t)
+        if k >= 2 and time.perf_counter() - start > max_seconds:
+            break  # at least three rounds, then the time cap
+    return times
 
 
 def run(args):
     wls = workloads(quick=args.quick)
     selected_w = [w for w in args.workloads.split(",") if w]
     selected_a = [a for a in args.algos.split(",") if a]
-    impls = [i for i in IMPLS if i in args.impls.split(",")] if args.impls else IMPLS
+    impls = [i for i in IMPLS if i in args.impls.split(",")] if args.impls else list(IMPLS)
     device = args.device
     if device == "cuda" and "deepspeed" in impls:
         impls.remove("deepspeed")  # DeepSpeedCPUAdam is a CPU optimizer
     if "deepspeed" in impls and deepspeed_adam() is None:
         impls.remove("deepspeed")
-        print("(DeepSpeed's CPU Adam is not importable here: its rows are left out.)", file=sys.stderr)
+        print("(DeepSpeed's CPU Adam is not importable here: its rows are left out; "
+              "`pip install deepspeed py-cpuinfo` adds them: docs/benchmarks.md)", file=sys.stderr)
     threads = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
     # Each workload in its own dtype, or in each of --dtypes (then named e.g. "W2 fp16").
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",") if d] or [None]
     rows_plan = [(t, w, dt, a) for t in threads for w in selected_w for dt in dtypes for a in selected_a]
-    progress = Progress(len(rows_plan) * (len(impls) + 1))
+    progress = Progress(len(rows_plan) * (len(impls) + 1) * (args.rounds + 1))
     rows = []
     old_threads = torch.get_num_threads()
     for t, wname, dtype, algo in rows_plan:
@@ -201,41 +208,62 @@ def run(args):
             wl = dataclasses.replace(wl, name=f"{wname} {SHORT_DTYPES[dtype]}", dtype=dtype)
         wname = wl.name
         kwargs, pattern = ALGORITHMS[algo]
-        progress.update(f"{wname} {algo} limit, {t} threads")
+        label = f"{wname} {algo} {t} thr"
         bytes_per_step = wl.numel * torch.finfo(wl.dtype).bits // 8 * (2 * pattern[0] + pattern[1])
-        if device == "cuda":
-            limit = copy_limit(bytes_per_step, args.steps, args.warmup, args.max_seconds)
-        else:
-            limit = stream_limit(wl.numel, wl.dtype, pattern, args.steps, args.warmup, args.max_seconds)
         gen = torch.Generator().manual_seed(0)
         params = [torch.empty(s, dtype=wl.dtype).uniform_(-1, 1, generator=gen).to(device).requires_grad_()
                   for s in wl.shapes]
         for p in params:
             p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(wl.dtype).to(device)
-        base = dict(workload=wname, algo=algo, threads=t, device=device, dtype=str(wl.dtype).replace("torch.", ""),
-                    tensors=len(wl.shapes), numel=wl.numel, limit_gbs=limit)
+        # Every implementation steps the same params (each with its own state), and the
+        # limit probe streams buffers of the step's size: all timed in the same rounds.
+        runners, peaks = {}, {}
         for impl in impls:
-            progress.update(f"{wname} {algo} {impl}, {t} threads")
-            opt = make_optimizer(impl, algo, params, kwargs)
+            progress.update(f"{label} {impl} (state, memory)")
+            opt = make_optimizer(impl, algo, params, kwargs, wl.dtype)
             if opt is None:
                 continue
             opt.step()  # state initialised before anything is measured
-            peak = extra_peak_cuda_mib(opt.step) if device == "cuda" else extra_peak_mib(opt.step)
-            median, n = time_steps(opt.step, args.steps, args.warmup, args.max_seconds, device)
+            peaks[impl] = extra_peak_cuda_mib(opt.step) if device == "cuda" else extra_peak_mib(opt.step)
+            runners[impl] = opt.step
+        if device == "cuda":
+            n = max(1 << 20, bytes_per_step // 2 // 4)
+            src = torch.rand(n, device="cuda")
+            dst = torch.empty_like(src)
+            probe_bytes = 2 * n * 4
+            runners[LIMIT] = lambda: dst.copy_(src)
+        else:
+            bufs = [torch.rand(wl.numel, dtype=torch.float32).to(wl.dtype) for _ in range(sum(pattern))]
+            probe_bytes = bytes_per_step
+            runners[LIMIT] = lambda: fused_optim._ops.stream_(bufs[:pattern[0]], bufs[pattern[0]:], 0.5)
+        times = _rounds(runners, args.rounds, args.steps, args.warmup, args.max_seconds, device,
+                        progress, label)
+        limit_rounds = [probe_bytes / x / 1e9 for x in times.pop(LIMIT)]
+        limit = statistics.median(limit_rounds)
+        base = dict(workload=wname, algo=algo, threads=t, device=device, dtype=str(wl.dtype).replace("torch.", ""),
+                    tensors=len(wl.shapes), numel=wl.numel, limit_gbs=limit,
+                    limit_round_gbs=limit_rounds, rounds=len(limit_rounds), steps_per_round=args.steps)
+        for impl, ts in times.items():
+            median = statistics.median(ts)
             gbs = bytes_per_step / median / 1e9
-            rows.append(dict(base, impl=impl, ms=median * 1e3, steps=n, gbs=gbs,
-                             pct_limit=100.0 * gbs / limit, us_per_tensor=median * 1e6 / len(wl.shapes),
-                             extra_peak_mib=peak))
-            del opt
-            gc.collect()
-        del params
+            rows.append(dict(base, impl=impl, ms=median * 1e3, round_ms=[x * 1e3 for x in ts],
+                             steps=len(ts) * args.steps, gbs=gbs, pct_limit=100.0 * gbs / limit,
+                             us_per_tensor=median * 1e6 / len(wl.shapes), extra_peak_mib=peaks[impl]))
+        del runners, params
+        if device == "cuda":
+            del src, dst
+        else:
+            del bufs
         gc.collect()
     torch.set_num_threads(old_threads)
     progress.close()
     for r in rows:
-        ref = next((x for x in rows if x["impl"] == "torch fused=True" and x["workload"] == r["workload"]
-                    and x["algo"] == r["algo"] and x["threads"] == r["threads"]), None)
-        r["speedup_vs_torch_fused"] = ref["ms"] / r["ms"] if ref else None
+        same = [x for x in rows if (x["workload"], x["algo"], x["threads"]) == (r["workload"], r["algo"], r["threads"])]
+        for ref_impl, key in (("torch fused=True", "speedup_vs_torch_fused"), ("deepspeed", "speedup_vs_deepspeed")):
+            ref = next((x for x in same if x["impl"] == ref_impl), None)
+            r[key] = ref["ms"] / r["ms"] if ref else None
+            # the same ratio round by round (the rounds are the same minutes for both)
+            r[key + "_rounds"] = ([a / b for a, b in zip(ref["round_ms"], r["round_ms"])] if ref else None)
     return rows, machine_line(threads, device)
 
 
@@ -260,6 +288,29 @@ def markdown(rows, machine):
             f"| {r['workload']} | {r['algo']} | {r['threads']} | {name} | {r['ms']:.2f} | {r['gbs']:.1f} | "
             f"{r['pct_limit']:.0f} | {fmt(r['speedup_vs_torch_fused'], '.2f', 'x')} | "
             f"{r['us_per_tensor']:.2f} | {fmt(r['extra_peak_mib'], '.1f')} |")
+    return "\n".join(lines)
+
+
+def summary(rows, machine):
+    """One line per (workload, algo, threads): fused_optim against the limit, torch fused,
+    torch's fastest implementation and DeepSpeed, each ratio from the same rounds."""
+    lines = [f"Machine: {machine}", "",
+             "| workload | algo | threads | fused_optim ms | % of limit | vs torch fused | "
+             "torch's fastest (our speedup) | vs DeepSpeed | µs/tensor | extra peak MiB |",
+             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        if r["impl"] != "fused_optim":
+            continue
+        same = [x for x in rows if (x["workload"], x["algo"], x["threads"]) == (r["workload"], r["algo"], r["threads"])
+                and x["impl"].startswith("torch ")]
+        fastest = min(same, key=lambda x: x["ms"], default=None)
+        best = (f"{fastest['impl'][6:]} {fastest['ms']:.2f} ({fastest['ms'] / r['ms']:.2f}x)"
+                if fastest else "n/a")
+        lines.append(
+            f"| {r['workload']} | {r['algo']} | {r['threads']} | {r['ms']:.2f} | {r['pct_limit']:.0f} | "
+            f"{fmt(r['speedup_vs_torch_fused'], '.2f', 'x')} | {best} | "
+            f"{fmt(r['speedup_vs_deepspeed'], '.2f', 'x')} | {r['us_per_tensor']:.2f} | "
+            f"{fmt(r['extra_peak_mib'], '.1f')} |")
     return "\n".join(lines)
 
 
@@ -304,9 +355,12 @@ def main(argv=None):
                          + " (default: each workload's own: W1-W3 float32, W4 bfloat16)")
     ap.add_argument("--impls", default="", help="comma-separated subset of: " + ", ".join(IMPLS))
     ap.add_argument("--threads", default="", help="comma-separated thread counts (default: torch's)")
-    ap.add_argument("--steps", type=int, default=30, help="timed steps per row (median reported)")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--max-seconds", type=float, default=3.0, help="time cap per row (>= 5 steps)")
+    ap.add_argument("--rounds", type=int, default=7,
+                    help="rounds: in each, every implementation and the limit probe in turn")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per implementation per round")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps before each round's")
+    ap.add_argument("--max-seconds", type=float, default=30.0,
+                    help="time cap per row group (at least 3 rounds run)")
     ap.add_argument("--quick", action="store_true", help="small workloads and few steps")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="where the params live (cuda: the limit is the GPU's copy bandwidth)")
@@ -318,15 +372,20 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no GPU here")
     if args.quick:
-        args.steps, args.warmup, args.max_seconds = 5, 1, 2.0
+        args.rounds, args.steps, args.warmup, args.max_seconds = 3, 2, 1, 5.0
     rows, machine = run(args)
     table = markdown(rows, machine)
+    short = summary(rows, machine)
     print(table)
+    print()
+    print(short.split("\n", 2)[2])  # the summary, under the same machine line
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump({"machine": machine, "rows": rows}, f, indent=1)
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write(table + "\n")
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(short + "\n")
     chart(rows, os.path.join(args.out, "bench.png"))
     return rows
 

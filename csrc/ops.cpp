@@ -54,6 +54,13 @@ TORCH_LIBRARY(fused_optim, m) {
     });
     return static_cast<int64_t>(std::count(used.begin(), used.end(), 1));
   });
+  // The CPU tuning in force (Note [CPU tuning]): for benchmark reports and tests.
+  m.def("_cpu_tuning() -> str", [] {
+    const auto& t = fused_optim::cpu::cpu_tuning();
+    return std::string("prefetch ") +
+           (t.prefetch_ahead > 0 ? std::to_string(t.prefetch_ahead) : std::string("off")) +
+           (t.gather_prefetch ? "" : ", gather prefetch off") + " (" + t.cpu + ", " + t.source + ")";
+  });
   // Which copy of the CPU loops runs here (Note [ISA dispatch]): for benchmark reports.
   m.def("_cpu_isa() -> str", [] {
     switch (fused_optim::cpu::cpu_isa()) {

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/tuning.h"
 #include "direct_call.h"
 
 namespace fused_optim {
@@ -98,7 +99,10 @@ const DirectKernel* group_kernel(const std::string& name, const DirectKernel* cp
 // in flight at once.
 constexpr Py_ssize_t kAhead = 8;
 
-inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
+inline void prefetch(const void* p) {
+  static const bool on = cpu::cpu_tuning().gather_prefetch;  // Note [CPU tuning]
+  if (on) __builtin_prefetch(p, 0, 3);
+}
 
 // The first cache lines of a TensorImpl: key set, sizes, strides, dtype, storage.
 inline void prefetch_lines(const at::TensorImpl* impl) {

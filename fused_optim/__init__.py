@@ -4,7 +4,14 @@ for torch.optim.
     import fused_optim
     opt = fused_optim.AdamW(model.parameters(), lr=1e-3)   # instead of torch.optim.AdamW
 """
-import torch  # noqa: F401  (must come first: _C links against torch's libraries)
+try:
+    import torch  # noqa: F401  (must come first: _C links against torch's libraries)
+except ImportError as _e:  # torch is not a declared dependency: pip never installs it for us
+    raise ImportError(
+        "fused_optim needs PyTorch, and this environment has none (" + str(_e) + "). Install "
+        "the torch release fused_optim was built against (fused_optim/_build_info.py names "
+        "it), or a supported one and rebuild: docs/install.md."
+    ) from None
 
 from ._loader import load_extension as _load_extension
 
@@ -16,5 +23,32 @@ from .adam import Adam, AdamW  # noqa: E402
 from .rmsprop import RMSprop  # noqa: E402
 from .sgd import SGD  # noqa: E402
 
-__all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad"]
+# Note [the whole namespace]
+# `import fused_optim as optim` works for any torch.optim script: every name of the
+# installed torch.optim.__all__ is here. FUSED are our kernels' classes (subclasses of
+# torch's); TORCH_OWN are torch's own objects, re-exported as they are: the base class,
+# schedulers and SWA, LBFGS (its cost is closure evaluations, not the update), and the
+# optimizers fused_optim has no kernel for yet. A name outside both sets fails
+# tests/test_api.py, so a torch upgrade that adds one is noticed.
+FUSED = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad")
+TORCH_OWN = ("Optimizer", "lr_scheduler", "swa_utils", "swap_in_optimizer_params_and_state",
+             "LBFGS", "NAdam", "RAdam", "Adamax", "Adadelta", "ASGD", "Rprop", "Adafactor",
+             "SparseAdam", "Muon")
+
+
+def _reexport_torch_names():
+    import sys
+
+    names = []
+    for name in TORCH_OWN:
+        if name in torch.optim.__all__:  # older torch releases lack some (Muon, Adafactor)
+            obj = getattr(torch.optim, name)
+            globals()[name] = obj
+            names.append(name)
+            if name in ("lr_scheduler", "swa_utils"):  # `from fused_optim.lr_scheduler import X`
+                sys.modules[f"{__name__}.{name}"] = obj
+    return names
+
+
+__all__ = list(FUSED) + _reexport_torch_names()
 __version__ = "0.1.0"

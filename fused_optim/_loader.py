@@ -1,7 +1,10 @@
 """Loads the compiled extension, with a clear message when it does not match torch."""
 import importlib
+import warnings
 
 import torch
+
+from . import _support
 
 _REBUILD = (
     "Rebuild fused_optim against the installed torch, from its source tree: "
@@ -11,6 +14,11 @@ _REBUILD = (
 
 
 def load_extension():
+    error, warning = _support.torch_problem(torch.__version__)
+    if error:
+        raise ImportError(error)
+    if warning:
+        warnings.warn(warning, stacklevel=3)
     try:
         build_info = importlib.import_module("fused_optim._build_info")
     except ImportError:
@@ -34,3 +42,9 @@ def load_extension():
 
 def built_with_cuda() -> bool:
     return bool(importlib.import_module("fused_optim._build_info").WITH_CUDA)
+
+
+def why_no_cuda() -> str:
+    """Why the build has no CUDA kernels, as setup.py recorded it (builds made before it did
+    say nothing)."""
+    return getattr(importlib.import_module("fused_optim._build_info"), "WHY_NO_CUDA", None) or ""

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _C, _ops
-from ._loader import built_with_cuda
+from ._loader import built_with_cuda, why_no_cuda
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -48,8 +48,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         for p in self.param_groups[-1]["params"]:
             if p.device.type not in supported:
                 hint = (
-                    " fused_optim was built without CUDA kernels: rebuild it where a CUDA "
-                    "toolkit and a CUDA build of torch are installed (FUSED_OPTIM_CUDA=1)."
+                    " fused_optim was built without CUDA kernels"
+                    + (f" ({why_no_cuda()})" if why_no_cuda() else "")
+                    + ": rebuild it where a CUDA toolkit of torch's CUDA major version and a "
+                    "CUDA build of torch are installed (FUSED_OPTIM_CUDA=1 makes a build that "
+                    "cannot have them fail instead): docs/install.md."
                     if p.device.type == "cuda"
                     else ""
                 )

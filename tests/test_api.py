@@ -277,3 +277,31 @@ def test_unsupported_device_is_refused_at_construction(name, torch_cls, ours_cls
     p = torch.zeros(3, device="meta", requires_grad=True)
     with pytest.raises(RuntimeError, match="has kernels for"):
         ours_cls([p])
+
+
+def test_namespace_offers_every_torch_optim_name():
+    # Note [the whole namespace]: every name of the installed torch.optim.__all__, ours or
+    # torch's own; a name torch adds in a later release fails here until it is sorted.
+    unknown = set(torch.optim.__all__) - set(fused_optim.FUSED) - set(fused_optim.TORCH_OWN)
+    assert not unknown, f"torch.optim has names fused_optim does not know: {sorted(unknown)}"
+    for name in torch.optim.__all__:
+        ours, theirs = getattr(fused_optim, name), getattr(torch.optim, name)
+        assert name in fused_optim.__all__
+        if name in fused_optim.FUSED:
+            assert ours is not theirs and issubclass(ours, theirs), name
+        else:
+            assert ours is theirs, name
+    # the pattern of a torch.optim script, unchanged but for the import
+    import fused_optim as optim
+    from fused_optim.lr_scheduler import OneCycleLR
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = optim.AdamW([p], lr=0.1)
+    assert isinstance(opt, optim.Optimizer)
+    sched = OneCycleLR(opt, max_lr=0.1, total_steps=10)
+    assert isinstance(sched, optim.lr_scheduler.LRScheduler)
+    p.grad = torch.ones(3)
+    opt.step()
+    sched.step()
+    swa = optim.swa_utils.AveragedModel(torch.nn.Linear(2, 2))
+    assert isinstance(swa, torch.optim.swa_utils.AveragedModel)

@@ -6,11 +6,11 @@ from fused_optim import _loader
 
 
 def test_mismatched_torch_gives_a_rebuild_message(monkeypatch):
-    monkeypatch.setattr(torch, "__version__", "0.0.1-not-the-build-torch")
+    monkeypatch.setattr(torch, "__version__", "2.13.99-not-the-build-torch")
     with pytest.raises(ImportError) as e:
         _loader.load_extension()
     message = str(e.value)
-    assert "was built against torch" in message and "0.0.1-not-the-build-torch" in message
+    assert "was built against torch" in message and "2.13.99-not-the-build-torch" in message
     assert "pip install --no-build-isolation" in message
 
 

@@ -2,7 +2,12 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <string>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#endif
 
 namespace fused_optim::cpu {
 
@@ -39,6 +44,91 @@ Isa cpu_isa() {
     return best;
   }();
   return isa;
+}
+
+namespace {
+
+// The CPU, as far as the tuning table needs it: vendor, family and model from CPUID.
+struct CpuId {
+  std::string vendor;
+  unsigned family = 0, model = 0;
+};
+
+CpuId read_cpuid() {
+  CpuId id;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid(0, &a, &b, &c, &d)) {
+    char v[13];
+    std::memcpy(v, &b, 4);
+    std::memcpy(v + 4, &d, 4);
+    std::memcpy(v + 8, &c, 4);
+    v[12] = '\0';
+    id.vendor = v;
+  }
+  if (__get_cpuid(1, &a, &b, &c, &d)) {
+    const unsigned base_family = (a >> 8) & 0xF, base_model = (a >> 4) & 0xF;
+    id.family = base_family == 0xF ? base_family + ((a >> 20) & 0xFF) : base_family;
+    id.model = (base_family == 0x6 || base_family == 0xF) ? (((a >> 16) & 0xF) << 4) | base_model
+                                                          : base_model;
+  }
+#endif
+  return id;
+}
+
+// Note [CPU tuning]'s table: what was measured where. Distances are in elements of float.
+CpuTuning tuning_from_table() {
+  const CpuId id = read_cpuid();
+  CpuTuning t{0, true, "unknown CPU", "default"};
+#if FO_X86_CLONES
+  if (id.vendor == "GenuineIntel" && __builtin_cpu_supports("avx512bf16")) {
+    // The project's 2-core Xeon (Cooper Lake or newer server cores): fp32 Adam 87% -> 95%
+    // of the limit, W3 Adam ~12% faster at 2 threads (sessions 5-7).
+    t = {384, true, "Intel Xeon with AVX512-BF16", "table"};
+  } else if (id.vendor == "AuthenticAMD" && id.family == 0x19 &&
+             ((id.model >= 0x10 && id.model <= 0x1F) || (id.model >= 0x60 && id.model <= 0xAF))) {
+    // A 2-core AMD EPYC (Zen 4, family 19h model 11h): with the Xeon's prefetch, fp32 Adam
+    // was 0.7-0.98x torch fused=True; without, 1.03-1.25x (session 9: Note [CPU tuning]).
+    t = {0, true, "AMD Zen 4", "table"};
+  } else if (!id.vendor.empty()) {
+    t.cpu = id.vendor + " family " + std::to_string(id.family) + " model " +
+            std::to_string(id.model) + " (not in the table)";
+  }
+#endif
+  return t;
+}
+
+}  // namespace
+
+const CpuTuning& cpu_tuning() {
+  static const CpuTuning tuning = [] {
+    CpuTuning t = tuning_from_table();
+    const char* env = std::getenv("FUSED_OPTIM_PREFETCH");
+    if (env != nullptr && *env != '\0' && std::string(env) != "auto") {
+      const std::string v(env);
+      if (v == "off" || v == "0") {
+        t.prefetch_ahead = 0;
+      } else {
+        char* end = nullptr;
+        const long long n = std::strtoll(v.c_str(), &end, 10);
+        TORCH_CHECK(end != v.c_str() && *end == '\0' && n > 0 && n <= (1 << 20),
+                    "FUSED_OPTIM_PREFETCH must be auto, off or a distance in elements "
+                    "(1 to 1048576), not ", v);
+        t.prefetch_ahead = n;
+      }
+      t.source = "FUSED_OPTIM_PREFETCH";
+    }
+    const char* gather = std::getenv("FUSED_OPTIM_GATHER_PREFETCH");
+    if (gather != nullptr && *gather != '\0' && std::string(gather) != "auto") {
+      const std::string v(gather);
+      TORCH_CHECK(v == "on" || v == "off",
+                  "FUSED_OPTIM_GATHER_PREFETCH must be auto, on or off, not ", v);
+      t.gather_prefetch = v == "on";
+      t.source = "FUSED_OPTIM_PREFETCH";
+    }
+    return t;
+  }();
+  return tuning;
 }
 
 void run(MultiTensorPlan& plan, const std::vector<SegmentFn>& fns,

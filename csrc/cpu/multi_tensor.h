@@ -19,6 +19,7 @@
 
 #include "plan.h"
 #include "cpu/simd.h"
+#include "cpu/tuning.h"
 #include "rule_select.h"
 #include "update_rules.h"
 
@@ -136,15 +137,18 @@ FO_INLINE void store(at::opmath_type<T> v, T* p) {
 
 // Note [software prefetch]
 // The update's arithmetic (Adam: two divisions and a square root per element) delays the
-// loads, and the hardware prefetchers then do not run far enough ahead of them: fp32 Adam
-// on one big tensor reached ~87% of the measured bandwidth limit. So the loops go in
-// chunks of kPrefetchChunk elements, and before each chunk ask for the memory of the
-// chunk kPrefetchAhead elements further on (tuned on this project's 2-core Xeon: fp32
-// Adam then reaches ~95%; a plain stream gains nothing from the same prefetches). Near
-// the end of a tensor they run on into the next ones: on 5,000 small tensors (W3) that
-// made Adam ~12% and SGD ~6% faster at 2 threads. A prefetch changes no result.
+// loads, and on some CPUs the hardware prefetchers then do not run far enough ahead of
+// them: on the project's 2-core Intel Xeon (AVX512-BF16), fp32 Adam on one big tensor
+// reached ~87% of the measured bandwidth limit. So the loops go in chunks of
+// kPrefetchChunk elements and, where the CPU gains from it, ask before each chunk for the
+// memory of the chunk cpu_tuning().prefetch_ahead elements further on (on that Xeon:
+// fp32 Adam ~95%; near the end of a tensor the prefetches run on into the next ones,
+// which made W3 Adam ~12% faster there). The same prefetches made fp32 Adam 10-30% slower
+// on an AMD EPYC (Zen 4), whose own prefetchers keep up: the distance is chosen per CPU
+// (Note [CPU tuning]), and 0 means none. A prefetch changes no result.
 constexpr int64_t kPrefetchChunk = 128;
-constexpr int64_t kPrefetchAhead = 384;
+
+// (The distance: Note [CPU tuning] in cpu/tuning.h.)
 
 // Asks for elements [from, from + count) of a segment of n elements. Where that runs past
 // the end of the segment's tensor, it asks for the elements as far into the entries that
@@ -204,7 +208,8 @@ FO_INLINE void segment_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
     // few integer operations, so they fuse into the update's vector loop, where they
     // overlap the divisions. A chunk at a time (Note [software prefetch]; 16-bit types
     // ask for the same bytes ahead as float).
-    constexpr int64_t kAhead = std::is_same_v<T, M> ? kPrefetchAhead : 2 * kPrefetchAhead;
+    const int64_t ahead = std::is_same_v<T, M> ? cpu_tuning().prefetch_ahead
+                                               : 2 * cpu_tuning().prefetch_ahead;
     const typename Rule::template WithMath<V> vrule(
         *static_cast<const typename Rule::Coeffs*>(t.coeffs));
     const V vinv_scale(inv_scale);
@@ -214,7 +219,7 @@ FO_INLINE void segment_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
     if constexpr (kVectorRule && std::is_same_v<T, c10::BFloat16>) vectors_exact = !daz_is_set();
     for (int64_t c = 0; c < n; c += kPrefetchChunk) {
       const int64_t chunk_end = std::min(n, c + kPrefetchChunk);
-      prefetch_ahead<T, NS>(p, g, s, chunk_end + kAhead, kPrefetchChunk, n, next);
+      if (ahead > 0) prefetch_ahead<T, NS>(p, g, s, chunk_end + ahead, kPrefetchChunk, n, next);
       int64_t i = c;
       if constexpr (kVectorRule) {
         constexpr int64_t kWidth = sizeof(V) / sizeof(float);
@@ -250,12 +255,13 @@ FO_INLINE void segment_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
   } else {
     // float16 on the baseline: widen a block into float buffers, update them (a loop the
     // compiler vectorizes), round back.
+    const int64_t ahead = cpu_tuning().prefetch_ahead;
     alignas(64) M pb[kBlock];
     alignas(64) M gb[kBlock];
     alignas(64) M sb[NS > 0 ? NS : 1][kBlock];
     for (int64_t b = 0; b < n; b += kBlock) {
       const int64_t m = std::min(kBlock, n - b);
-      prefetch_ahead<T, NS>(p, g, s, b + m + kPrefetchAhead, kBlock, n, next);
+      if (ahead > 0) prefetch_ahead<T, NS>(p, g, s, b + m + ahead, kBlock, n, next);
       widen_block(p + b, pb, m);
       widen_block(g + b, gb, m);
       for (int k = 0; k < NS; ++k) widen_block(s[k] + b, sb[k], m);

@@ -1,0 +1,27 @@
+#pragma once
+// The per-CPU choices of the loops (Note [CPU tuning]); a small header, so that code
+// outside the CPU loops (python_step.cpp) can ask too.
+
+#include <cstdint>
+#include <string>
+
+namespace fused_optim::cpu {
+
+// Note [CPU tuning]
+// What the loops do beyond the plain stream is chosen once per process, from a table of
+// the microarchitectures it was measured on, with the plain stream (no software prefetch)
+// for every other CPU: hardware prefetchers are built for streams, and a distance tuned
+// on one CPU was measured to cost 10-30% on another. FUSED_OPTIM_PREFETCH=auto|off|N
+// forces the loops' distance (N: in elements; 16-bit types ask for the same bytes ahead as
+// float, 2N elements), for experiments. No choice changes a result bit: the tests run
+// the bitwise comparisons with each one forced.
+// FUSED_OPTIM_GATHER_PREFETCH=auto|on|off does the same for the eager step's gather.
+struct CpuTuning {
+  int64_t prefetch_ahead;  // elements ahead of the current chunk; 0: no software prefetch
+  bool gather_prefetch;    // python_step.cpp's Note [prefetch] for Python objects
+  std::string cpu;         // the CPU as the table knows it
+  std::string source;      // "table", "default" or "FUSED_OPTIM_PREFETCH"
+};
+const CpuTuning& cpu_tuning();
+
+}  // namespace fused_optim::cpu
