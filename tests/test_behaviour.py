@@ -1,5 +1,6 @@
 """Step semantics beyond the math: skipped params, GradScaler, determinism, bad input."""
 import os
+import re
 import subprocess
 import sys
 
@@ -189,6 +190,76 @@ def test_bitwise_identical_across_isas(tmp_path):
         for name, tensors in results["baseline"].items():
             for a, b in zip(tensors, results[isa][name]):
                 assert torch.equal(a, b), f"{name}: {isa} differs from baseline"
+
+
+# Note [CPU tuning]: the software prefetch (on/off, its distance) and the gather's prefetch
+# change no bit. Each choice forced, in a process of its own (the choice is made once per
+# process): the model above plus 300 small tensors, where the prefetches run across tensor
+# boundaries, and bf16 and fp16 params (whose loops ask for 2N elements ahead).
+TUNING_SCRIPT = ISA_SCRIPT.replace("torch.save(out, sys.argv[1])", r"""
+out["tuning"] = torch.ops.fused_optim._cpu_tuning()
+g = torch.Generator().manual_seed(1)
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    ps = [torch.randn(int(n), generator=g).to(dtype).requires_grad_()
+          for n in torch.randint(1, 3000, (300,), generator=g)]
+    for name in ("Adam", "SGD"):
+        opt = getattr(fused_optim, name)(ps, lr=0.01, **({{"momentum": 0.9}} if name == "SGD" else {{}}))
+        for step in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g).to(dtype)
+            opt.step()
+        out[(name, str(dtype))] = [p.detach().clone() for p in ps] + [
+            v for p in ps for v in opt.state[p].values()]
+torch.save(out, sys.argv[1])""")
+TUNINGS = {
+    "plain": dict(FUSED_OPTIM_PREFETCH="off", FUSED_OPTIM_GATHER_PREFETCH="off"),
+    "xeon": dict(FUSED_OPTIM_PREFETCH="384", FUSED_OPTIM_GATHER_PREFETCH="on"),
+    "near": dict(FUSED_OPTIM_PREFETCH="5", FUSED_OPTIM_GATHER_PREFETCH="on"),
+    "far": dict(FUSED_OPTIM_PREFETCH="100000", FUSED_OPTIM_GATHER_PREFETCH="off"),
+}
+
+
+def test_bitwise_identical_across_cpu_tunings(tmp_path):
+    script = TUNING_SCRIPT.format(tests=os.path.dirname(__file__))
+    results = {}
+    for name, env in TUNINGS.items():
+        out = tmp_path / f"{name}.pt"
+        subprocess.run([sys.executable, "-c", script, str(out)], env=dict(os.environ, **env),
+                       check=True, timeout=300)
+        results[name] = torch.load(out)
+        tuning = results[name].pop("tuning")
+        results[name].pop("isa")
+        distance = env["FUSED_OPTIM_PREFETCH"]
+        assert re.match(f"prefetch {distance}[ ,]", tuning), tuning  # the forced choice ran
+        assert ("gather prefetch off" in tuning) == (env["FUSED_OPTIM_GATHER_PREFETCH"] == "off")
+    for name in list(TUNINGS)[1:]:
+        for case, tensors in results["plain"].items():
+            for a, b in zip(tensors, results[name][case]):
+                assert torch.equal(a, b), f"{case}: tuning {name} differs from the plain stream"
+
+
+@pytest.mark.parametrize("var,value", [("FUSED_OPTIM_PREFETCH", "far"),
+                                       ("FUSED_OPTIM_PREFETCH", "-3"),
+                                       ("FUSED_OPTIM_GATHER_PREFETCH", "yes")])
+def test_a_bad_tuning_variable_is_a_clear_error(var, value):
+    out = subprocess.run([sys.executable, "-c", "import torch, fused_optim; "
+                          "print(torch.ops.fused_optim._cpu_tuning())"],
+                         env=dict(os.environ, **{var: value}), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0 and f"{var} must be auto" in out.stderr and value in out.stderr
+
+
+def test_default_tuning_names_the_cpu_and_how_it_was_chosen():
+    if os.environ.get("FUSED_OPTIM_PREFETCH") or os.environ.get("FUSED_OPTIM_GATHER_PREFETCH"):
+        pytest.skip("a tuning variable is set")
+    tuning = torch.ops.fused_optim._cpu_tuning()
+    # e.g. "prefetch off (AMD Zen 4, table)", "prefetch 384 (Intel Xeon with AVX512-BF16,
+    # table)", "prefetch off (GenuineIntel family 6 model 85 (not in the table), default)"
+    assert re.fullmatch(r"prefetch (off|\d+)(, gather prefetch off)? \(.+, (table|default)\)",
+                        tuning), tuning
+    info = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if "AuthenticAMD" in info and re.search(r"cpu family\s*: 25\n", info) and " avx512f" in info:
+        assert tuning == "prefetch off (AMD Zen 4, table)"  # measured: Note [CPU tuning]
 
 
 # Every bit pattern of a 16-bit dtype (NaNs of each sign and payload, infinities,

@@ -3,6 +3,7 @@ benchmarks are measured with the script, never judged in tests."""
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ ALGOS = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad")  # the default --algos of
 
 def _run(args, timeout=600, returncode=0):
     # the package as the tests see it (installed, or built in place in ROOT)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, *sys.path]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*filter(None, sys.path), ROOT]))
     out = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
                          cwd=ROOT, env=env)
     assert out.returncode == returncode, out.stderr[-4000:]
@@ -41,6 +42,13 @@ def test_bench_quick_output_is_well_formed(tmp_path, extra):
         for col in ("ms", "gbs", "pct_limit", "limit_gbs", "us_per_tensor"):
             assert isinstance(r[col], float) and math.isfinite(r[col]) and r[col] > 0, (col, r)
         assert r["steps"] >= 5
+        # interleaved rounds: every implementation and the limit probe timed in each round,
+        # each round's time kept; the row is the median of its rounds
+        assert r["rounds"] >= 3 and len(r["round_ms"]) == len(r["limit_round_gbs"]) == r["rounds"]
+        assert r["steps"] == r["rounds"] * r["steps_per_round"]
+        assert r["ms"] == pytest.approx(statistics.median(r["round_ms"]))
+        if r["speedup_vs_torch_fused"] is not None:
+            assert len(r["speedup_vs_torch_fused_rounds"]) == r["rounds"]
         assert r["extra_peak_mib"] is None or r["extra_peak_mib"] >= 0
         if r["impl"] == "torch fused=True":
             assert r["speedup_vs_torch_fused"] == pytest.approx(1.0)
@@ -53,6 +61,11 @@ def test_bench_quick_output_is_well_formed(tmp_path, extra):
     table = [line for line in md if line.startswith("| ") and not line.startswith("| workload")]
     assert len(table) == len(rows) + len(keys)
     assert md[0] in out.stdout
+    # the summary: the same machine line, one line per (workload, algo, threads)
+    summary = (tmp_path / "summary.md").read_text().strip().splitlines()
+    assert summary[0] == md[0]
+    assert len([line for line in summary if line.startswith("| W")]) == len(keys)
+    assert "prefetch" in data["machine"]  # the CPU tuning in force (Note [CPU tuning])
     png = (tmp_path / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 
 @pytest.mark.parametrize("scenario", ["ddp", "zero", "fsdp2", "dcp"])
 def test_distributed(scenario):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, *sys.path]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*filter(None, sys.path), ROOT]))
     out = subprocess.run([sys.executable, os.path.join(HERE, "distributed_worker.py"), scenario],
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-6000:]

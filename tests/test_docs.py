@@ -99,7 +99,7 @@ def test_python_block_runs_as_written(tmp_path, page, index):
                script]
     else:
         cmd = [sys.executable, script]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, *sys.path]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*filter(None, sys.path), ROOT]))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-4000:]
     assert out.stdout.strip(), "each snippet prints its result"

@@ -20,7 +20,7 @@ def _blocks(lang):
 
 
 def _env():
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, *sys.path]))
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([*filter(None, sys.path), ROOT]))
 
 
 def test_drop_in_example_prints_identical_losses():
