@@ -176,6 +176,10 @@ def extensions():
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = [
         "-O3",
+        # The sources are C++20 (template lambdas). torch's extension builder adds
+        # -std=c++17 where no -std is given (torch 2.8 does), and GCC then accepts them as an
+        # extension only; clang does not.
+        "-std=c++20",
         # Note [no FP contraction]: the kernels spell out every fused multiply-add they
         # want (std::fma), exactly where torch's own kernels use one. Letting the compiler
         # contract other a*b+c would make results depend on the vector width and differ
@@ -206,7 +210,8 @@ def extensions():
         # files (coefficients, Note [per-step coefficients]) gets the C++ flags, so it
         # rounds as the .cpp files do.
         extra["nvcc"] = ["-O3", "-fmad=false"] + [
-            arg for flag in cxx_flags if flag != "-O3" for arg in ("-Xcompiler", flag)]
+            arg for flag in cxx_flags if flag != "-O3" and not flag.startswith("-std=")
+            for arg in ("-Xcompiler", flag)]
     return [
         ext_cls(
             "fused_optim._C",

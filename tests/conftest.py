@@ -6,7 +6,8 @@ own; this only marks some of them."""
 
 # Tests marked whole (every parametrization): cheap, and about the install itself.
 _WHOLE_FILES = ("test_build.py", "test_install.py")
-# Tests of which every CPU parametrization at fp32 is marked.
+# Tests of which every CPU parametrization at fp32 is marked (their dtype axis lists
+# torch.float32 first: pytest names it dtype0).
 _FP32_CASES = (
     "test_state_dict.py::test_checkpoint_interchange_continues_identically",
 )
@@ -43,7 +44,7 @@ def pytest_collection_modifyitems(config, items):
         smoke = (
             name.split("::")[0] in _WHOLE_FILES
             or name in _EVERY_CASE
-            or (name in _FP32_CASES and "float32" in params)
+            or (name in _FP32_CASES and params.endswith("-dtype0]"))  # (float32 first)
         )
         if name in _FIRST_PER_ALGO:
             algo = params.split("[")[0]
