@@ -72,6 +72,12 @@ struct Adamax {
   using Rule = AdamaxRule<M, kWD, kFma>;
 };
 
+template <bool kWD>
+struct Adadelta {
+  template <typename M, bool kFma>
+  using Rule = AdadeltaRule<M, kWD, kFma>;
+};
+
 template <bool kWD, typename Pick>
 auto select_sgd_momentum(at::ScalarType dtype, bool complex, Momentum momentum, Pick& pick) {
   // torch updates complex SGD params with complex arithmetic throughout.
@@ -151,6 +157,14 @@ auto select_adamax(at::ScalarType dtype, bool complex, bool weight_decay, Pick&&
   return weight_decay
              ? detail::pick_rule<detail::Adamax<true>::template Rule, true>(dtype, complex, pick)
              : detail::pick_rule<detail::Adamax<false>::template Rule, false>(dtype, complex, pick);
+}
+
+template <typename Pick>
+auto select_adadelta(at::ScalarType dtype, bool complex, bool weight_decay, Pick&& pick) {
+  // The param's update is complex arithmetic whatever the weight decay (AdadeltaRule).
+  return weight_decay
+             ? detail::pick_rule<detail::Adadelta<true>::template Rule, true>(dtype, complex, pick)
+             : detail::pick_rule<detail::Adadelta<false>::template Rule, true>(dtype, complex, pick);
 }
 
 // The WeightDecay of Adam's options.

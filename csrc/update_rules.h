@@ -444,4 +444,54 @@ struct AdamaxRule {
   }
 };
 
+// ---------------------------------------------------------------------------------------
+// Adadelta (torch.optim.Adadelta): L2 weight decay, maximize. The step counter is only
+// counted, never used.
+// ---------------------------------------------------------------------------------------
+struct AdadeltaCoeffs {  // as double
+  double grad_sign, weight_decay, rho, one_minus_rho, eps, neg_lr;
+  // alpha=-lr in torch's for-loop; a Tensor lr becomes that Scalar exactly.
+  FO_HOST_DEVICE void at(double lr, bool /*lr_is_f32*/, double /*step*/) { neg_lr = -lr; }
+};
+
+inline AdadeltaCoeffs adadelta_coeffs(bool maximize, double weight_decay, double rho, double eps) {
+  return AdadeltaCoeffs{maximize ? -1.0 : 1.0, weight_decay, rho, 1.0 - rho, eps, 0.0};
+}
+
+// torch's Adadelta takes real views of the state and grad only, after the weight decay, and
+// adds the complex delta to the complex param: both are complex arithmetic there, with
+// unfused multiply-adds (kFma = false), as in SGD.
+template <typename M, bool kWeightDecay, bool kFma = true>
+struct AdadeltaRule {
+  using Coeffs = AdadeltaCoeffs;
+  template <typename V>
+  using WithMath = AdadeltaRule<V, kWeightDecay, kFma>;
+  static constexpr int kStates = 2;
+  M grad_sign, weight_decay, rho, one_minus_rho, eps, neg_lr;
+
+  FO_HOST_DEVICE explicit AdadeltaRule(const AdadeltaCoeffs& c)
+      : grad_sign(static_cast<M>(c.grad_sign)),
+        weight_decay(static_cast<M>(c.weight_decay)),
+        rho(static_cast<M>(c.rho)),
+        one_minus_rho(static_cast<M>(c.one_minus_rho)),
+        eps(static_cast<M>(c.eps)),
+        neg_lr(static_cast<M>(c.neg_lr)) {}
+
+  // state[0]: square_avg, state[1]: acc_delta
+  FO_HOST_DEVICE FO_INLINE void operator()(M& p, M g, M* state) const {
+    M& square_avg = state[0];
+    M& acc_delta = state[1];
+    g = g * grad_sign;
+    if constexpr (kWeightDecay) {
+      g = madd_<kFma>(p, weight_decay, g);  // grad.add(param, alpha=weight_decay)
+    }
+    square_avg = fma_(one_minus_rho * g, g, square_avg * rho);  // .mul_(rho).addcmul_
+    const M std = sqrt_(square_avg + eps);                      // square_avg.add(eps).sqrt_()
+    M delta = sqrt_(acc_delta + eps);                           // acc_delta.add(eps).sqrt_()
+    delta = (delta / std) * g;                                  // delta.div_(std).mul_(grad)
+    acc_delta = fma_(one_minus_rho * delta, delta, acc_delta * rho);  // .mul_(rho).addcmul_
+    p = madd_<kFma>(delta, neg_lr, p);                          // param.add_(delta, alpha=-lr)
+  }
+};
+
 }  // namespace fused_optim

@@ -21,6 +21,7 @@ ALGOS = {
     "RMSprop": (torch.optim.RMSprop, fused_optim.RMSprop),
     "Adagrad": (torch.optim.Adagrad, fused_optim.Adagrad),
     "Adamax": (torch.optim.Adamax, fused_optim.Adamax),
+    "Adadelta": (torch.optim.Adadelta, fused_optim.Adadelta),
 }
 
 # The CUDA tests run where there is a GPU and a build with the CUDA kernels, and are
@@ -99,6 +100,14 @@ OPTIONS = {
         _combos(
             lr=[0.01, TENSOR_LR],
             betas=[(0.9, 0.999), (0.3, 0.5)],
+            weight_decay=[0.0, 0.1],
+            maximize=[False, True],
+        )
+    ),
+    "Adadelta": list(
+        _combos(
+            lr=[1.0, TENSOR_LR],
+            rho=[0.9, 0.5],
             weight_decay=[0.0, 0.1],
             maximize=[False, True],
         )

@@ -21,6 +21,7 @@ ALGOS = {
     "RMSprop": (torch.optim.RMSprop, fused_optim.RMSprop, dict(lr=0.01, momentum=0.9)),
     "Adagrad": (torch.optim.Adagrad, fused_optim.Adagrad, dict(lr=0.05, lr_decay=0.01)),
     "Adamax": (torch.optim.Adamax, fused_optim.Adamax, dict(lr=0.01)),
+    "Adadelta": (torch.optim.Adadelta, fused_optim.Adadelta, dict(lr=0.5)),
 }
 # The algorithms whose momentum (or betas[0]) CyclicLR and OneCycleLR can cycle.
 CYCLES_MOMENTUM = ("SGD", "Adam", "AdamW", "RMSprop", "Adamax")
