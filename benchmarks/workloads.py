@@ -69,4 +69,7 @@ ALGORITHMS = {
     "SGD": (dict(lr=1e-3, momentum=0.9), (2, 1)),
     "RMSprop": (dict(lr=1e-3), (2, 1)),
     "Adagrad": (dict(lr=1e-3), (2, 1)),
+    # Not in the benchmark's default --algos (tests/test_benchmarks.py): --algos Adamax,...
+    "Adamax": (dict(lr=1e-3), (3, 1)),
+    "Adadelta": (dict(lr=1.0), (3, 1)),
 }

@@ -41,6 +41,16 @@ TORCH_LIBRARY(fused_optim, m) {
       "Tensor(d!)[] state_steps, float lr, float lr_decay, float weight_decay, float eps, "
       "bool maximize, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> ()");
+  m.def(
+      "adamax_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_infs, Tensor(e!)[] state_steps, float lr, float beta1, float beta2, "
+      "float weight_decay, float eps, bool maximize, Tensor? lr_tensor=None, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "adadelta_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avgs, "
+      "Tensor(d!)[] acc_deltas, Tensor(e!)[] state_steps, float lr, float rho, float eps, "
+      "float weight_decay, bool maximize, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
   // Benchmark helper: streams memory with a given read/write pattern, to measure the
   // bandwidth limit an optimizer step can reach (see benchmarks/).
   m.def("_stream_(Tensor(a!)[] inout, Tensor[] read_only, float scale) -> ()");

@@ -66,6 +66,18 @@ struct Adagrad {
   using Rule = AdagradRule<M, kWD, kFma>;
 };
 
+template <bool kWD>
+struct Adamax {
+  template <typename M, bool kFma>
+  using Rule = AdamaxRule<M, kWD, kFma>;
+};
+
+template <bool kWD>
+struct Adadelta {
+  template <typename M, bool kFma>
+  using Rule = AdadeltaRule<M, kWD, kFma>;
+};
+
 template <bool kWD, typename Pick>
 auto select_sgd_momentum(at::ScalarType dtype, bool complex, Momentum momentum, Pick& pick) {
   // torch updates complex SGD params with complex arithmetic throughout.
@@ -137,6 +149,22 @@ auto select_adagrad(at::ScalarType dtype, bool complex, bool weight_decay, Pick&
   return weight_decay
              ? detail::pick_rule<detail::Adagrad<true>::template Rule, true>(dtype, complex, pick)
              : detail::pick_rule<detail::Adagrad<false>::template Rule, false>(dtype, complex, pick);
+}
+
+template <typename Pick>
+auto select_adamax(at::ScalarType dtype, bool complex, bool weight_decay, Pick&& pick) {
+  // As Adam: only the L2 term of a complex param is complex arithmetic.
+  return weight_decay
+             ? detail::pick_rule<detail::Adamax<true>::template Rule, true>(dtype, complex, pick)
+             : detail::pick_rule<detail::Adamax<false>::template Rule, false>(dtype, complex, pick);
+}
+
+template <typename Pick>
+auto select_adadelta(at::ScalarType dtype, bool complex, bool weight_decay, Pick&& pick) {
+  // The param's update is complex arithmetic whatever the weight decay (AdadeltaRule).
+  return weight_decay
+             ? detail::pick_rule<detail::Adadelta<true>::template Rule, true>(dtype, complex, pick)
+             : detail::pick_rule<detail::Adadelta<false>::template Rule, true>(dtype, complex, pick);
 }
 
 // The WeightDecay of Adam's options.

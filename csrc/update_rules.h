@@ -75,6 +75,16 @@ FO_HOST_DEVICE FO_INLINE M maximum_(M a, M b) {
   return (a > b) | (a != a) ? a : b;
 }
 
+// |a| (torch.abs): the sign bit cleared, NaN included.
+template <typename M>
+FO_HOST_DEVICE FO_INLINE M abs_(M a) {
+#if defined(__CUDA_ARCH__)
+  return ::fabs(a);
+#else
+  return std::fabs(a);
+#endif
+}
+
 // a / b, where b is the same for a whole tensor and inv_b is 1 / b rounded: the division,
 // except on AVX-512 vectors, where a multiply and a correction give the same bits (Note
 // [division by a constant] in cpu/simd.h).
@@ -374,6 +384,113 @@ struct AdagradRule {
     sum = fma_(g, g, sum);                  // state_sum.addcmul_(grad, grad, value=1)
     const M std = sqrt_(sum) + eps;         // state_sum.sqrt().add_(eps)
     p = p + (neg_clr * g) / std;            // param.addcdiv_(grad, std, value=-clr)
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// Adamax (torch.optim.Adamax): L2 weight decay, maximize. The bias correction depends on
+// each param's own step, so the step size is per tensor.
+// ---------------------------------------------------------------------------------------
+struct AdamaxCoeffs {  // as double
+  double grad_sign, weight_decay, one_minus_beta1, beta2, eps;
+  double neg_clr;  // per tensor: -lr / (1 - beta1 ** step)
+  double beta1;
+
+  FO_HOST_DEVICE void at(double lr, bool lr_is_f32, double step) {
+    // clr = lr / bias_correction, in lr's dtype for a Tensor lr (Note [Tensor lr]).
+    const double bias_correction = 1.0 - pow_(beta1, step);
+    const double clr = lr_is_f32 ? static_cast<double>(static_cast<float>(lr) /
+                                                       static_cast<float>(bias_correction))
+                                 : lr / bias_correction;
+    neg_clr = -clr;
+  }
+};
+
+inline AdamaxCoeffs adamax_coeffs(bool maximize, double weight_decay, double beta1, double beta2,
+                                  double eps) {
+  return AdamaxCoeffs{maximize ? -1.0 : 1.0, weight_decay, 1.0 - beta1, beta2, eps, 0.0, beta1};
+}
+
+// As in Adam, a complex param is viewed as real after the weight decay (kFma = false).
+template <typename M, bool kWeightDecay, bool kFma = true>
+struct AdamaxRule {
+  using Coeffs = AdamaxCoeffs;
+  template <typename V>
+  using WithMath = AdamaxRule<V, kWeightDecay, kFma>;
+  static constexpr int kStates = 2;
+  M grad_sign, weight_decay, beta2, eps, neg_clr;
+  LerpWeight<M> lerp;
+
+  FO_HOST_DEVICE explicit AdamaxRule(const AdamaxCoeffs& c)
+      : grad_sign(static_cast<M>(c.grad_sign)),
+        weight_decay(static_cast<M>(c.weight_decay)),
+        beta2(static_cast<M>(c.beta2)),
+        eps(static_cast<M>(c.eps)),
+        neg_clr(static_cast<M>(c.neg_clr)),
+        lerp(c.one_minus_beta1) {}
+
+  // state[0]: exp_avg, state[1]: exp_inf
+  FO_HOST_DEVICE FO_INLINE void operator()(M& p, M g, M* state) const {
+    M& exp_avg = state[0];
+    M& exp_inf = state[1];
+    g = g * grad_sign;
+    if constexpr (kWeightDecay) {
+      g = madd_<kFma>(p, weight_decay, g);  // grad.add(param, alpha=weight_decay)
+    }
+    exp_avg = lerp(exp_avg, g);             // exp_avg.lerp_(grad, 1 - beta1)
+    // torch.maximum(exp_inf.mul_(beta2), grad.abs().add_(eps), out=exp_inf): NaN wins
+    exp_inf = maximum_(exp_inf * beta2, abs_(g) + eps);
+    p = p + (neg_clr * exp_avg) / exp_inf;  // param.addcdiv_(exp_avg, exp_inf, value=-clr)
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// Adadelta (torch.optim.Adadelta): L2 weight decay, maximize. The step counter is only
+// counted, never used.
+// ---------------------------------------------------------------------------------------
+struct AdadeltaCoeffs {  // as double
+  double grad_sign, weight_decay, rho, one_minus_rho, eps, neg_lr;
+  // alpha=-lr in torch's for-loop; a Tensor lr becomes that Scalar exactly.
+  FO_HOST_DEVICE void at(double lr, bool /*lr_is_f32*/, double /*step*/) { neg_lr = -lr; }
+};
+
+inline AdadeltaCoeffs adadelta_coeffs(bool maximize, double weight_decay, double rho, double eps) {
+  return AdadeltaCoeffs{maximize ? -1.0 : 1.0, weight_decay, rho, 1.0 - rho, eps, 0.0};
+}
+
+// torch's Adadelta takes real views of the state and grad only, after the weight decay, and
+// adds the complex delta to the complex param: both are complex arithmetic there, with
+// unfused multiply-adds (kFma = false), as in SGD.
+template <typename M, bool kWeightDecay, bool kFma = true>
+struct AdadeltaRule {
+  using Coeffs = AdadeltaCoeffs;
+  template <typename V>
+  using WithMath = AdadeltaRule<V, kWeightDecay, kFma>;
+  static constexpr int kStates = 2;
+  M grad_sign, weight_decay, rho, one_minus_rho, eps, neg_lr;
+
+  FO_HOST_DEVICE explicit AdadeltaRule(const AdadeltaCoeffs& c)
+      : grad_sign(static_cast<M>(c.grad_sign)),
+        weight_decay(static_cast<M>(c.weight_decay)),
+        rho(static_cast<M>(c.rho)),
+        one_minus_rho(static_cast<M>(c.one_minus_rho)),
+        eps(static_cast<M>(c.eps)),
+        neg_lr(static_cast<M>(c.neg_lr)) {}
+
+  // state[0]: square_avg, state[1]: acc_delta
+  FO_HOST_DEVICE FO_INLINE void operator()(M& p, M g, M* state) const {
+    M& square_avg = state[0];
+    M& acc_delta = state[1];
+    g = g * grad_sign;
+    if constexpr (kWeightDecay) {
+      g = madd_<kFma>(p, weight_decay, g);  // grad.add(param, alpha=weight_decay)
+    }
+    square_avg = fma_(one_minus_rho * g, g, square_avg * rho);  // .mul_(rho).addcmul_
+    const M std = sqrt_(square_avg + eps);                      // square_avg.add(eps).sqrt_()
+    M delta = sqrt_(acc_delta + eps);                           // acc_delta.add(eps).sqrt_()
+    delta = (delta / std) * g;                                  // delta.div_(std).mul_(grad)
+    acc_delta = fma_(one_minus_rho * delta, delta, acc_delta * rho);  // .mul_(rho).addcmul_
+    p = madd_<kFma>(delta, neg_lr, p);                          // param.add_(delta, alpha=-lr)
   }
 };
 

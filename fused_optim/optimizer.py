@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import _get_scalar_dtype
 
 from . import _C, _ops
 from ._loader import built_with_cuda, why_no_cuda
@@ -252,3 +253,12 @@ def lr_args(lr) -> Dict[str, Any]:
 def hyper_float(value) -> float:
     """A hyper-parameter given as a float or a 1-element tensor, as a Python float."""
     return value.item() if isinstance(value, Tensor) else float(value)
+
+
+def scalar_state(value: float, p: Tensor, capturable: bool) -> Tensor:
+    """A 0-dim float32 state entry (`step`, NAdam's `mu_product`, ...), as the _init_group
+    of torch's newer optimizers makes it: on the CPU (the for-loop reads it on the host),
+    on the param's device where the group is capturable."""
+    if capturable:
+        return torch.full((), value, dtype=_get_scalar_dtype(), device=p.device)
+    return torch.tensor(value, dtype=_get_scalar_dtype())

@@ -20,6 +20,8 @@ ALGOS = {
     "AdamW": (torch.optim.AdamW, fused_optim.AdamW),
     "RMSprop": (torch.optim.RMSprop, fused_optim.RMSprop),
     "Adagrad": (torch.optim.Adagrad, fused_optim.Adagrad),
+    "Adamax": (torch.optim.Adamax, fused_optim.Adamax),
+    "Adadelta": (torch.optim.Adadelta, fused_optim.Adadelta),
 }
 
 # The CUDA tests run where there is a GPU and a build with the CUDA kernels, and are
@@ -90,6 +92,23 @@ OPTIONS = {
             lr_decay=[0.0, 0.05],
             weight_decay=[0.0, 0.1],
             initial_accumulator_value=[0.0, 0.5],
+            maximize=[False, True],
+        )
+    ),
+    # (betas[0] = 0.3 takes lerp's weight >= 0.5 branch.)
+    "Adamax": list(
+        _combos(
+            lr=[0.01, TENSOR_LR],
+            betas=[(0.9, 0.999), (0.3, 0.5)],
+            weight_decay=[0.0, 0.1],
+            maximize=[False, True],
+        )
+    ),
+    "Adadelta": list(
+        _combos(
+            lr=[1.0, TENSOR_LR],
+            rho=[0.9, 0.5],
+            weight_decay=[0.0, 0.1],
             maximize=[False, True],
         )
     ),

@@ -47,6 +47,12 @@ BAD_HYPERPARAMS = [
     ("Adagrad", dict(initial_accumulator_value=-1)), ("Adagrad", dict(eps=-1)),
     ("Adagrad", dict(lr=torch.tensor([0.1, 0.2]))), ("Adagrad", dict(fused=True, foreach=True)),
     ("Adagrad", dict(fused=True, differentiable=True)),
+    ("Adamax", dict(lr=-1)), ("Adamax", dict(eps=-1)), ("Adamax", dict(betas=(1.0, 0.9))),
+    ("Adamax", dict(betas=(0.9, -0.1))), ("Adamax", dict(weight_decay=-1)),
+    ("Adamax", dict(lr=torch.tensor([0.1, 0.2]))), ("Adamax", dict(fused=True)),
+    ("Adadelta", dict(lr=-1)), ("Adadelta", dict(rho=1.1)), ("Adadelta", dict(rho=-0.1)),
+    ("Adadelta", dict(eps=-1)), ("Adadelta", dict(weight_decay=-1)),
+    ("Adadelta", dict(lr=torch.tensor([0.1, 0.2]))), ("Adadelta", dict(fused=True)),
 ]
 
 
@@ -181,7 +187,7 @@ def test_differentiable_runs_torchs_implementation_with_one_warning(name, torch_
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop"])
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "Adamax", "Adadelta"])
 def test_capturable_on_cpu_raises_torchs_error(name):
     """Eager capturable=True with CPU params: torch refuses it at step; so do we, with its
     error (Note [capturable]; under torch.compile the kernel runs, see test_integrations)."""
@@ -239,7 +245,7 @@ def test_sparse_grads_made_by_the_closure_use_torchs_for_loop(name):
             assert torch.equal(emb_ours.weight, emb_ref.weight)
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop"])
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "Adamax", "Adadelta"])
 def test_sparse_grads_raise_torchs_error(name):
     torch_cls, ours_cls = pu.ALGOS[name]
     messages = []

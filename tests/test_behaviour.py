@@ -14,7 +14,9 @@ PAIRS = [(name, t, o) for name, (t, o) in pu.ALGOS.items()]
 PAIR_IDS = [name for name, _, _ in PAIRS]
 STATEFUL = {"SGD": dict(lr=0.1, momentum=0.9), "Adam": dict(lr=0.01, amsgrad=True),
             "AdamW": dict(lr=0.01), "RMSprop": dict(lr=0.01, momentum=0.9, centered=True),
-            "Adagrad": dict(lr=0.05, lr_decay=0.01, initial_accumulator_value=0.1)}
+            "Adagrad": dict(lr=0.05, lr_decay=0.01, initial_accumulator_value=0.1),
+            "Adamax": dict(lr=0.01, weight_decay=0.1),
+            "Adadelta": dict(lr=0.5, rho=0.8, weight_decay=0.01)}
 
 
 def snapshot(opt, ps):
@@ -286,7 +288,9 @@ cases = [("SGD", dict(lr=0.3)), ("SGD", dict(lr=0.3, momentum=0.9, nesterov=True
          ("AdamW", dict(lr=0.01, betas=(0.6, 0.7))), ("AdamW", dict(lr=0.01, amsgrad=True)),
          ("RMSprop", dict(lr=0.01, momentum=0.9, centered=True, weight_decay=0.1)),
          ("RMSprop", dict(lr=0.01, alpha=0.3, centered=True)),
-         ("Adagrad", dict(lr=0.05, lr_decay=0.01, weight_decay=0.1))]
+         ("Adagrad", dict(lr=0.05, lr_decay=0.01, weight_decay=0.1)),
+         ("Adamax", dict(lr=0.01, weight_decay=0.1)), ("Adamax", dict(lr=0.01, betas=(0.3, 0.5), maximize=True)),
+         ("Adadelta", dict(lr=0.5, weight_decay=0.1)), ("Adadelta", dict(rho=0.3, maximize=True))]
 out = {"isa": torch.ops.fused_optim._cpu_isa()}
 for i, (name, kwargs) in enumerate(cases):
     ps = params()

@@ -15,6 +15,8 @@ KWARGS = {
     "AdamW": dict(lr=0.01, maximize=True),
     "RMSprop": dict(lr=0.01, momentum=0.5, centered=True, weight_decay=0.1),
     "Adagrad": dict(lr=0.1, lr_decay=0.01, weight_decay=0.1),
+    "Adamax": dict(lr=0.01, weight_decay=0.1, maximize=True),
+    "Adadelta": dict(lr=0.5, rho=0.8, weight_decay=0.1),
 }
 
 

@@ -20,7 +20,11 @@ ALGOS = {
     "AdamW": (torch.optim.AdamW, fused_optim.AdamW, dict(lr=0.01)),
     "RMSprop": (torch.optim.RMSprop, fused_optim.RMSprop, dict(lr=0.01, momentum=0.9)),
     "Adagrad": (torch.optim.Adagrad, fused_optim.Adagrad, dict(lr=0.05, lr_decay=0.01)),
+    "Adamax": (torch.optim.Adamax, fused_optim.Adamax, dict(lr=0.01)),
+    "Adadelta": (torch.optim.Adadelta, fused_optim.Adadelta, dict(lr=0.5)),
 }
+# The algorithms whose momentum (or betas[0]) CyclicLR and OneCycleLR can cycle.
+CYCLES_MOMENTUM = ("SGD", "Adam", "AdamW", "RMSprop", "Adamax")
 
 
 def model_fn(seed=0):
@@ -46,12 +50,12 @@ SCHEDULERS = {
     "PolynomialLR": lambda o, a: S.PolynomialLR(o, total_iters=8, power=2.0),
     "CosineAnnealingLR": lambda o, a: S.CosineAnnealingLR(o, T_max=5),
     "CosineAnnealingWarmRestarts": lambda o, a: S.CosineAnnealingWarmRestarts(o, T_0=3, T_mult=2),
-    # momentum cycling: SGD's and RMSprop's momentum, Adam's beta1 (Adagrad has neither)
+    # momentum cycling: SGD's and RMSprop's momentum, Adam's and Adamax's beta1
     "CyclicLR": lambda o, a: S.CyclicLR(o, base_lr=0.001, max_lr=0.05, step_size_up=3,
-                                        cycle_momentum=a != "Adagrad", base_momentum=0.8,
+                                        cycle_momentum=a in CYCLES_MOMENTUM, base_momentum=0.8,
                                         max_momentum=0.95),
     "OneCycleLR": lambda o, a: S.OneCycleLR(o, max_lr=0.05, total_steps=12,
-                                            cycle_momentum=a != "Adagrad"),
+                                            cycle_momentum=a in CYCLES_MOMENTUM),
     "SequentialLR": lambda o, a: S.SequentialLR(
         o, [S.LinearLR(o, start_factor=0.1, total_iters=3), S.ExponentialLR(o, gamma=0.9)], milestones=[3]),
     "ChainedScheduler": lambda o, a: S.ChainedScheduler(

@@ -59,6 +59,27 @@ def test_opcheck_adagrad(dtype, scaler):
                           (ps, gs, sums, steps, 0.01, 0.01, 0.1, 1e-10, False) + extra)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scaler", [False, True])
+def test_opcheck_adamax(dtype, scaler):
+    ps, gs, ms, infs = tensors(dtype), tensors(dtype), tensors(dtype), [t.abs() for t in tensors(dtype)]
+    steps = [torch.tensor(1.0) for _ in ps]
+    extra = (torch.tensor(0.01), torch.tensor(4.0), torch.tensor(0.0)) if scaler else (None, None, None)
+    torch.library.opcheck(torch.ops.fused_optim.adamax_.default,
+                          (ps, gs, ms, infs, steps, 0.01, 0.9, 0.999, 0.1, 1e-8, True) + extra)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scaler", [False, True])
+def test_opcheck_adadelta(dtype, scaler):
+    ps, gs = tensors(dtype), tensors(dtype)
+    sq, acc = [t.abs() for t in tensors(dtype)], [t.abs() for t in tensors(dtype)]
+    steps = [torch.tensor(1.0) for _ in ps]
+    extra = (torch.tensor(0.5), torch.tensor(4.0), torch.tensor(0.0)) if scaler else (None, None, None)
+    torch.library.opcheck(torch.ops.fused_optim.adadelta_.default,
+                          (ps, gs, sq, acc, steps, 0.5, 0.9, 1e-6, 0.1, True) + extra)
+
+
 def test_opcheck_stream():
     a = [torch.randn(100) for _ in range(4)]
     torch.library.opcheck(torch.ops.fused_optim._stream_.default, (a[:3], a[3:], 0.5))
@@ -86,3 +107,9 @@ def test_schemas_annotate_every_mutated_list():
     schema = torch.ops.fused_optim.adagrad_.default._schema
     mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
     assert mutated == {"params", "grads", "state_sums", "state_steps"}
+    schema = torch.ops.fused_optim.adamax_.default._schema
+    mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    assert mutated == {"params", "grads", "exp_avgs", "exp_infs", "state_steps"}
+    schema = torch.ops.fused_optim.adadelta_.default._schema
+    mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    assert mutated == {"params", "grads", "square_avgs", "acc_deltas", "state_steps"}

@@ -24,15 +24,10 @@ void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
   if (skip_step(found_inf)) return;  // after all checks; nothing has changed yet
 
   const AdagradCoeffs base = adagrad_coeffs(maximize, weight_decay, eps, lr_decay);
-  const std::vector<AdagradCoeffs> coeffs =
-      per_step_coeffs(base, lr, lr_is_f32, increment_steps(state_steps));
-  const int64_t n = plan.size();
-  std::vector<const void*> coeff_ptrs(n);
-  for (int64_t i = 0; i < n; ++i) coeff_ptrs[i] = &coeffs[i];
-  const auto fns = segment_fns(plan, [&](at::ScalarType dt, bool cplx) {
-    return select_adagrad(dt, cplx, weight_decay != 0.0, PickSegment{unscale});
-  });
-  run(plan, fns, coeff_ptrs, inv_scale);
+  run_per_step(plan, state_steps, base, lr, lr_is_f32, inv_scale,
+               [&](at::ScalarType dt, bool cplx) {
+                 return select_adagrad(dt, cplx, weight_decay != 0.0, PickSegment{unscale});
+               });
 }
 
 }  // namespace

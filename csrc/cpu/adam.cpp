@@ -30,15 +30,10 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
 
   const WeightDecay wd = adam_weight_decay(weight_decay, decoupled_weight_decay);
   const AdamCoeffs base = adam_coeffs(maximize, weight_decay, beta1, beta2, eps);
-  const std::vector<AdamCoeffs> coeffs =
-      per_step_coeffs(base, lr, lr_is_f32, increment_steps(state_steps));
-  const int64_t n = plan.size();
-  std::vector<const void*> coeff_ptrs(n);
-  for (int64_t i = 0; i < n; ++i) coeff_ptrs[i] = &coeffs[i];
-  const auto fns = segment_fns(plan, [&](at::ScalarType dt, bool cplx) {
-    return select_adam(dt, cplx, wd, amsgrad, PickSegment{unscale});
-  });
-  run(plan, fns, coeff_ptrs, inv_scale);
+  run_per_step(plan, state_steps, base, lr, lr_is_f32, inv_scale,
+               [&](at::ScalarType dt, bool cplx) {
+                 return select_adam(dt, cplx, wd, amsgrad, PickSegment{unscale});
+               });
 }
 
 }  // namespace

@@ -350,4 +350,27 @@ std::vector<SegmentFn> segment_fns(const MultiTensorPlan& plan, Select&& select)
   return fns;
 }
 
+// The end of every binding: runs the loops `select(real dtype, is complex)` picks, with
+// one coefficient struct for every tensor: `coeffs` at lr (the step is not used).
+template <typename Coeffs, typename Select>
+void run_shared(MultiTensorPlan& plan, Coeffs coeffs, double lr, double inv_grad_scale,
+                Select&& select) {
+  coeffs.at(lr, false, 0.0);
+  const std::vector<const void*> coeff_ptrs(plan.size(), &coeffs);
+  run(plan, segment_fns(plan, select), coeff_ptrs, inv_grad_scale);
+}
+
+// The same with each tensor's coefficients at its step, as counted by this call (Note
+// [per-step coefficients]).
+template <typename Coeffs, typename Select>
+void run_per_step(MultiTensorPlan& plan, at::TensorList state_steps, const Coeffs& base,
+                  double lr, bool lr_is_f32, double inv_grad_scale, Select&& select) {
+  const std::vector<Coeffs> coeffs =
+      per_step_coeffs(base, lr, lr_is_f32, increment_steps(state_steps));
+  const int64_t n = plan.size();
+  std::vector<const void*> coeff_ptrs(n);
+  for (int64_t i = 0; i < n; ++i) coeff_ptrs[i] = &coeffs[i];
+  run(plan, segment_fns(plan, select), coeff_ptrs, inv_grad_scale);
+}
+
 }  // namespace fused_optim::cpu

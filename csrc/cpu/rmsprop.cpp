@@ -29,15 +29,11 @@ void rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList squ
   if (skip_step(found_inf)) return;  // after all checks; nothing has changed yet
 
   increment_steps(state_steps);  // counted, as torch does; RMSprop's math never reads it
-  RmspropCoeffs coeffs = rmsprop_coeffs(maximize, weight_decay, alpha, eps, momentum);
-  coeffs.at(lr, false, 0.0);
-  const int64_t n = plan.size();
-  const std::vector<const void*> coeff_ptrs(n, &coeffs);
-  const auto fns = segment_fns(plan, [&](at::ScalarType dt, bool cplx) {
-    return select_rmsprop(dt, cplx, weight_decay != 0.0, centered, use_momentum,
-                          PickSegment{unscale});
-  });
-  run(plan, fns, coeff_ptrs, inv_scale);
+  run_shared(plan, rmsprop_coeffs(maximize, weight_decay, alpha, eps, momentum), lr, inv_scale,
+             [&](at::ScalarType dt, bool cplx) {
+               return select_rmsprop(dt, cplx, weight_decay != 0.0, centered, use_momentum,
+                                     PickSegment{unscale});
+             });
 }
 
 }  // namespace

@@ -24,14 +24,10 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
   if (skip_step(found_inf)) return;
 
   const Momentum mode = sgd_momentum(momentum, nesterov, is_first_step);
-  SgdCoeffs coeffs = sgd_coeffs(maximize, weight_decay, momentum, dampening);
-  coeffs.at(lr, false, 0.0);
-  const int64_t n = plan.size();
-  const std::vector<const void*> coeff_ptrs(n, &coeffs);
-  const auto fns = segment_fns(plan, [&](at::ScalarType dt, bool cplx) {
-    return select_sgd(dt, cplx, weight_decay != 0.0, mode, PickSegment{unscale});
-  });
-  run(plan, fns, coeff_ptrs, inv_scale);
+  run_shared(plan, sgd_coeffs(maximize, weight_decay, momentum, dampening), lr, inv_scale,
+             [&](at::ScalarType dt, bool cplx) {
+               return select_sgd(dt, cplx, weight_decay != 0.0, mode, PickSegment{unscale});
+             });
 }
 
 }  // namespace

@@ -4,7 +4,7 @@
 // AVX512-BF16) run the update rules of update_rules.h on F32x8 or F32x16, eight or
 // sixteen floats in one register, instead of on float: the rules are templates over their
 // math type, and these types have the operations the rules use (+ - * /, unary minus, and
-// the fma_, sqrt_, maximum_ and div_by_ overloads below), each one exactly rounded IEEE
+// the fma_, sqrt_, abs_, maximum_ and div_by_ overloads below), each one exactly rounded IEEE
 // operation, lane by lane, as the scalar float version does (div_by_ in two steps: Note
 // [division by a constant]). So the bits are the same;
 // tests/test_behaviour.py checks it against the baseline loops on every 16-bit input.
@@ -143,6 +143,8 @@ FO_AVX2_INLINE F32x8 fma_(F32x8 a, F32x8 b, F32x8 c) {
   return F32x8(_mm256_fmadd_ps(a.v, b.v, c.v));
 }
 FO_AVX2_INLINE F32x8 sqrt_(F32x8 a) { return F32x8(_mm256_sqrt_ps(a.v)); }
+// The sign bit cleared, as for a float (NaN included).
+FO_AVX2_INLINE F32x8 abs_(F32x8 a) { return F32x8(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a.v)); }
 // maximum_ of update_rules.h lane by lane: a where a > b or a is NaN, else b.
 FO_AVX2_INLINE F32x8 maximum_(F32x8 a, F32x8 b) {
   const __m256 take_a =
@@ -204,6 +206,10 @@ FO_AVX512_INLINE F32x16 fma_(F32x16 a, F32x16 b, F32x16 c) {
   return F32x16(_mm512_fmadd_ps(a.v, b.v, c.v));
 }
 FO_AVX512_INLINE F32x16 sqrt_(F32x16 a) { return F32x16(_mm512_maskz_sqrt_ps(0xFFFF, a.v)); }
+FO_AVX512_INLINE F32x16 abs_(F32x16 a) {
+  return F32x16(_mm512_castsi512_ps(
+      _mm512_and_si512(_mm512_castps_si512(a.v), _mm512_set1_epi32(INT32_MAX))));
+}
 FO_AVX512_INLINE F32x16 maximum_(F32x16 a, F32x16 b) {
   const __mmask16 take_a = _mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ) |
                            _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q);
