@@ -72,4 +72,5 @@ ALGORITHMS = {
     # Not in the benchmark's default --algos (tests/test_benchmarks.py): --algos Adamax,...
     "Adamax": (dict(lr=1e-3), (3, 1)),
     "Adadelta": (dict(lr=1.0), (3, 1)),
+    "NAdam": (dict(lr=1e-3), (3, 1)),
 }

@@ -8,6 +8,9 @@
 
 #include <vector>
 
+#include "plan.h"
+#include "update_rules.h"
+
 namespace fused_optim {
 
 inline std::vector<at::TensorList> sgd_state_lists(const char* op, double momentum,
@@ -49,6 +52,19 @@ inline std::vector<at::TensorList> rmsprop_state_lists(const char* op, bool cent
                 ": momentum_buffers must be empty unless momentum > 0");
   }
   return states;
+}
+
+// NAdam's coefficients for each tensor, after `mu_product *= mu` on each tensor's
+// mu_product (Note [scalar states] in plan.h).
+inline std::vector<NadamCoeffs> nadam_step_coeffs(const NadamCoeffs& base, double lr,
+                                                  bool lr_is_f32, const std::vector<double>& steps,
+                                                  at::TensorList mu_products) {
+  return per_tensor_coeffs(base, lr, lr_is_f32, steps, [&](size_t i, NadamCoeffs& c) {
+    const at::Tensor& mu_product = mu_products[i];
+    c.mu_product = c.next_mu_product(scalar_state_value(mu_product),
+                                     mu_product.scalar_type() != at::kDouble, steps[i]);
+    set_scalar_state(mu_product, c.mu_product);
+  });
 }
 
 }  // namespace fused_optim

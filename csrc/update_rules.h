@@ -494,4 +494,113 @@ struct AdadeltaRule {
   }
 };
 
+// ---------------------------------------------------------------------------------------
+// NAdam (torch.optim.NAdam): L2 or decoupled weight decay, momentum decay, maximize. Each
+// param's step and its `mu_product`, a 0-dim state tensor the kernel updates on the host
+// (Note [scalar states] in plan.h), set the two step sizes, so they are per tensor.
+// ---------------------------------------------------------------------------------------
+struct NadamCoeffs {  // as double
+  double grad_sign, weight_decay, decay_factor, one_minus_beta1, beta2, one_minus_beta2, eps;
+  double bias_correction2, grad_step, exp_avg_step;  // per tensor
+  double beta1, momentum_decay;
+  // Per tensor, set before at(): the param's mu_product after this step's update.
+  double mu_product;
+
+  // mu at a step: beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay))), in double.
+  FO_HOST_DEVICE double mu(double step) const {
+    return beta1 * (1.0 - 0.5 * pow_(0.96, step * momentum_decay));
+  }
+  // `mu_product *= mu` on the 0-dim tensor: in its math type, float unless it is float64,
+  // mu rounded to that first (torch's multiply by a Python scalar); the caller rounds the
+  // product to the tensor's dtype.
+  FO_HOST_DEVICE double next_mu_product(double mu_product_before, bool in_float,
+                                        double step) const {
+    return in_float ? static_cast<double>(static_cast<float>(mu_product_before) *
+                                          static_cast<float>(mu(step)))
+                    : mu_product_before * mu(step);
+  }
+
+  FO_HOST_DEVICE void at(double lr, bool lr_is_f32, double step) {
+    // 1 - lr * weight_decay, in lr's dtype for a Tensor lr (as Adam's).
+    decay_factor = lr_is_f32 ? static_cast<double>(1.0f - static_cast<float>(lr) *
+                                                              static_cast<float>(weight_decay))
+                             : 1.0 - lr * weight_decay;
+    bias_correction2 = 1.0 - pow_(beta2, step);
+    const double mu_t = mu(step);
+    const double mu_next = mu(step + 1.0);
+    // mu_product_next = _get_value(mu_product) * mu_next: a Python float.
+    const double mu_product_next = mu_product * mu_next;
+    if (lr_is_f32) {
+      // -lr * (1.0 - mu) / (1.0 - mu_product) and (-lr * mu_next) / (1.0 - mu_product_next)
+      // with a float32 Tensor lr: float32 tensor ops, each Python float rounded to float.
+      const float neg_lr = -static_cast<float>(lr);
+      grad_step = static_cast<double>((neg_lr * static_cast<float>(1.0 - mu_t)) /
+                                      static_cast<float>(1.0 - mu_product));
+      exp_avg_step = static_cast<double>((neg_lr * static_cast<float>(mu_next)) /
+                                         static_cast<float>(1.0 - mu_product_next));
+    } else {
+      grad_step = -lr * (1.0 - mu_t) / (1.0 - mu_product);
+      exp_avg_step = (-lr * mu_next) / (1.0 - mu_product_next);
+    }
+  }
+};
+
+inline NadamCoeffs nadam_coeffs(bool maximize, double weight_decay, double beta1, double beta2,
+                                double eps, double momentum_decay) {
+  NadamCoeffs c{};
+  c.grad_sign = maximize ? -1.0 : 1.0;
+  c.weight_decay = weight_decay;
+  c.one_minus_beta1 = 1.0 - beta1;
+  c.beta2 = beta2;
+  c.one_minus_beta2 = 1.0 - beta2;
+  c.eps = eps;
+  c.beta1 = beta1;
+  c.momentum_decay = momentum_decay;
+  c.mu_product = 1.0;
+  return c;
+}
+
+// torch's NAdam takes the real view of a complex param before anything else: real
+// arithmetic throughout (no kFma = false variant).
+template <typename M, WeightDecay kWeightDecay, bool kFma = true>
+struct NadamRule {
+  using Coeffs = NadamCoeffs;
+  template <typename V>
+  using WithMath = NadamRule<V, kWeightDecay, kFma>;
+  static constexpr int kStates = 2;
+  M grad_sign, weight_decay, decay_factor, beta2, one_minus_beta2, eps;
+  M bias_correction2, grad_step, exp_avg_step;
+  LerpWeight<M> lerp;
+
+  FO_HOST_DEVICE explicit NadamRule(const NadamCoeffs& c)
+      : grad_sign(static_cast<M>(c.grad_sign)),
+        weight_decay(static_cast<M>(c.weight_decay)),
+        decay_factor(static_cast<M>(c.decay_factor)),
+        beta2(static_cast<M>(c.beta2)),
+        one_minus_beta2(static_cast<M>(c.one_minus_beta2)),
+        eps(static_cast<M>(c.eps)),
+        bias_correction2(static_cast<M>(c.bias_correction2)),
+        grad_step(static_cast<M>(c.grad_step)),
+        exp_avg_step(static_cast<M>(c.exp_avg_step)),
+        lerp(c.one_minus_beta1) {}
+
+  // state[0]: exp_avg, state[1]: exp_avg_sq
+  FO_HOST_DEVICE FO_INLINE void operator()(M& p, M g, M* state) const {
+    M& exp_avg = state[0];
+    M& exp_avg_sq = state[1];
+    g = g * grad_sign;
+    if constexpr (kWeightDecay == WeightDecay::kDecoupled) {
+      p = p * decay_factor;                 // param.mul_(1 - lr * weight_decay)
+    } else if constexpr (kWeightDecay == WeightDecay::kL2) {
+      g = fma_(p, weight_decay, g);         // grad.add(param, alpha=weight_decay)
+    }
+    exp_avg = lerp(exp_avg, g);             // exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq = fma_(one_minus_beta2 * g, g, exp_avg_sq * beta2);  // .mul_(b2).addcmul_
+    // exp_avg_sq.div(bias_correction2).sqrt(), then .add_(eps)
+    const M denom = sqrt_(exp_avg_sq / bias_correction2) + eps;
+    p = p + (grad_step * g) / denom;        // param.addcdiv_(grad, denom, value=...)
+    p = p + (exp_avg_step * exp_avg) / denom;  // param.addcdiv_(exp_avg, denom, value=...)
+  }
+};
+
 }  // namespace fused_optim

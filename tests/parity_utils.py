@@ -22,6 +22,7 @@ ALGOS = {
     "Adagrad": (torch.optim.Adagrad, fused_optim.Adagrad),
     "Adamax": (torch.optim.Adamax, fused_optim.Adamax),
     "Adadelta": (torch.optim.Adadelta, fused_optim.Adadelta),
+    "NAdam": (torch.optim.NAdam, fused_optim.NAdam),
 }
 
 # The CUDA tests run where there is a GPU and a build with the CUDA kernels, and are
@@ -112,7 +113,20 @@ OPTIONS = {
             maximize=[False, True],
         )
     ),
+    "NAdam": list(
+        _combos(
+            lr=[0.01, TENSOR_LR],
+            weight_decay=[0.0, 0.1],
+            decoupled_weight_decay=[False, True],
+            momentum_decay=[4e-3, 0.1],
+            maximize=[False, True],
+        )
+    ),
 }
+
+# The per-param 0-dim state entries besides the elementwise ones: torch keeps them in
+# float32 (float64 under a float64 default dtype) whatever the param's dtype.
+SCALAR_STATES = ("step", "mu_product")
 
 
 def option_id(o):
@@ -251,11 +265,11 @@ def run_rounded_reference(torch_cls, options, dtype, steps=10, names=None):
                 p.copy_(low[n])  # the float copy continues from the rounded value
             for s in opt.state.values():
                 for k, v in s.items():
-                    if k != "step":
+                    if k not in SCALAR_STATES:
                         v.copy_(v.to(dtype))
     state = {}
     for n, p in work.items():
-        state[n] = {k: (v if k == "step" else v.to(dtype)) for k, v in opt.state.get(p, {}).items()}
+        state[n] = {k: (v if k in SCALAR_STATES else v.to(dtype)) for k, v in opt.state.get(p, {}).items()}
     return low, state
 
 

@@ -17,6 +17,7 @@ KWARGS = {
     "Adagrad": dict(lr=0.1, lr_decay=0.01, weight_decay=0.1),
     "Adamax": dict(lr=0.01, weight_decay=0.1, maximize=True),
     "Adadelta": dict(lr=0.5, rho=0.8, weight_decay=0.1),
+    "NAdam": dict(lr=0.01, weight_decay=0.1, momentum_decay=0.1),
 }
 
 

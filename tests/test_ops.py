@@ -80,6 +80,18 @@ def test_opcheck_adadelta(dtype, scaler):
                           (ps, gs, sq, acc, steps, 0.5, 0.9, 1e-6, 0.1, True) + extra)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scaler", [False, True])
+def test_opcheck_nadam(dtype, scaler):
+    ps, gs, ms, vs = tensors(dtype), tensors(dtype), tensors(dtype), [t.abs() for t in tensors(dtype)]
+    mu_products = [torch.tensor(0.9) for _ in ps]
+    steps = [torch.tensor(1.0) for _ in ps]
+    extra = (torch.tensor(0.01), torch.tensor(4.0), torch.tensor(0.0)) if scaler else (None, None, None)
+    torch.library.opcheck(
+        torch.ops.fused_optim.nadam_.default,
+        (ps, gs, ms, vs, mu_products, steps, 0.01, 0.9, 0.999, 0.1, 1e-8, 4e-3, True, False) + extra)
+
+
 def test_opcheck_stream():
     a = [torch.randn(100) for _ in range(4)]
     torch.library.opcheck(torch.ops.fused_optim._stream_.default, (a[:3], a[3:], 0.5))
@@ -113,3 +125,6 @@ def test_schemas_annotate_every_mutated_list():
     schema = torch.ops.fused_optim.adadelta_.default._schema
     mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
     assert mutated == {"params", "grads", "square_avgs", "acc_deltas", "state_steps"}
+    schema = torch.ops.fused_optim.nadam_.default._schema
+    mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    assert mutated == {"params", "grads", "exp_avgs", "exp_avg_sqs", "mu_products", "state_steps"}

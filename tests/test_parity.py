@@ -81,11 +81,12 @@ def test_low_precision_bitwise_with_rounded_reference(algo, options, dtype):
 # torch 2.13's CPU fused=True SGD is wrong in bf16/fp16 for tensors of 16 elements or more
 # (one lr=0.1 step lands up to 0.27 away from the float result), so only Adam/AdamW are
 # compared with it; SGD is covered by the rounded reference above and the fp64 test below.
-# torch has no fused=True for RMSprop, Adamax, Adadelta, NAdam, RAdam, Rprop and ASGD. torch's fused Adagrad rounds weight_decay, eps and the
-# decayed lr to the 16-bit param type before using them (0.1 becomes 0.09998 in fp16), where
-# we keep them in float as every other path does; with weight decay that moves an element by
-# several 16-bit ulps (measured: 1 of 65539 elements, 6 ulps, in fp16), so those cases are
-# checked by the rounded reference and the fp64 test only.
+# torch has no fused=True for RMSprop, Adamax, Adadelta, NAdam, RAdam, Rprop and ASGD.
+# torch's fused Adagrad rounds weight_decay, eps and the decayed lr to the 16-bit param type
+# before using them (0.1 becomes 0.09998 in fp16), where we keep them in float as every other
+# path does; with weight decay that moves an element by several 16-bit ulps (measured: 1 of
+# 65539 elements, 6 ulps, in fp16), so those cases are checked by the rounded reference and
+# the fp64 test only.
 FUSED_CASES = [(a, o) for a, o in CASES if a != "SGD"
                and "fused" in inspect.signature(pu.ALGOS[a][0]).parameters
                and not (a == "Adagrad" and o["weight_decay"] != 0)]

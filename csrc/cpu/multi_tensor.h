@@ -360,17 +360,23 @@ void run_shared(MultiTensorPlan& plan, Coeffs coeffs, double lr, double inv_grad
   run(plan, segment_fns(plan, select), coeff_ptrs, inv_grad_scale);
 }
 
+// The same with coeffs[i] for tensor i.
+template <typename Coeffs, typename Select>
+void run_each(MultiTensorPlan& plan, const std::vector<Coeffs>& coeffs, double inv_grad_scale,
+              Select&& select) {
+  const int64_t n = plan.size();
+  std::vector<const void*> coeff_ptrs(n);
+  for (int64_t i = 0; i < n; ++i) coeff_ptrs[i] = &coeffs[i];
+  run(plan, segment_fns(plan, select), coeff_ptrs, inv_grad_scale);
+}
+
 // The same with each tensor's coefficients at its step, as counted by this call (Note
 // [per-step coefficients]).
 template <typename Coeffs, typename Select>
 void run_per_step(MultiTensorPlan& plan, at::TensorList state_steps, const Coeffs& base,
                   double lr, bool lr_is_f32, double inv_grad_scale, Select&& select) {
-  const std::vector<Coeffs> coeffs =
-      per_step_coeffs(base, lr, lr_is_f32, increment_steps(state_steps));
-  const int64_t n = plan.size();
-  std::vector<const void*> coeff_ptrs(n);
-  for (int64_t i = 0; i < n; ++i) coeff_ptrs[i] = &coeffs[i];
-  run(plan, segment_fns(plan, select), coeff_ptrs, inv_grad_scale);
+  run_each(plan, per_step_coeffs(base, lr, lr_is_f32, increment_steps(state_steps)),
+           inv_grad_scale, select);
 }
 
 }  // namespace fused_optim::cpu
