@@ -73,4 +73,5 @@ ALGORITHMS = {
     "Adamax": (dict(lr=1e-3), (3, 1)),
     "Adadelta": (dict(lr=1.0), (3, 1)),
     "NAdam": (dict(lr=1e-3), (3, 1)),
+    "RAdam": (dict(lr=1e-3), (3, 1)),
 }

@@ -57,6 +57,11 @@ TORCH_LIBRARY(fused_optim, m) {
       "float lr, float beta1, float beta2, float weight_decay, float eps, "
       "float momentum_decay, bool decoupled_weight_decay, bool maximize, "
       "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "radam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] state_steps, float lr, float beta1, float beta2, "
+      "float weight_decay, float eps, bool decoupled_weight_decay, bool maximize, "
+      "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   // Benchmark helper: streams memory with a given read/write pattern, to measure the
   // bandwidth limit an optimizer step can reach (see benchmarks/).
   m.def("_stream_(Tensor(a!)[] inout, Tensor[] read_only, float scale) -> ()");

@@ -195,6 +195,11 @@ auto select_nadam(at::ScalarType dtype, bool complex, WeightDecay wd, Pick&& pic
   return detail::select_real_weight_decay<NadamRule>(dtype, complex, wd, pick);
 }
 
+template <typename Pick>
+auto select_radam(at::ScalarType dtype, bool complex, WeightDecay wd, Pick&& pick) {
+  return detail::select_real_weight_decay<RadamRule>(dtype, complex, wd, pick);
+}
+
 // The WeightDecay of Adam's options.
 inline WeightDecay adam_weight_decay(double weight_decay, bool decoupled) {
   return weight_decay == 0.0 ? WeightDecay::kNone

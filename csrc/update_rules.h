@@ -603,4 +603,96 @@ struct NadamRule {
   }
 };
 
+// ---------------------------------------------------------------------------------------
+// RAdam (torch.optim.RAdam): L2 or decoupled weight decay, maximize. Each param's step
+// decides whether its update is rectified (rho_t > 5) and sets the bias corrections, so
+// those are per tensor.
+// ---------------------------------------------------------------------------------------
+struct RadamCoeffs {  // as double
+  double grad_sign, weight_decay, decay_factor, one_minus_beta1, beta2, one_minus_beta2, eps, lr;
+  double bias_correction1, bias_correction2_sqrt, rect;  // per tensor
+  bool rectified;                                        // per tensor: rho_t > 5
+  double beta1;
+
+  FO_HOST_DEVICE void at(double lr_, bool lr_is_f32, double step) {
+    // `bias_corrected_exp_avg * lr` takes lr as it is (a float32 Tensor lr's value is
+    // exact in the math type); 1 - lr * weight_decay in lr's dtype (as Adam's).
+    lr = lr_;
+    decay_factor = lr_is_f32 ? static_cast<double>(1.0f - static_cast<float>(lr_) *
+                                                              static_cast<float>(weight_decay))
+                             : 1.0 - lr_ * weight_decay;
+    bias_correction1 = 1.0 - pow_(beta1, step);
+    const double bias_correction2 = 1.0 - pow_(beta2, step);
+    const double rho_inf = 2 / (1 - beta2) - 1;
+    const double rho_t = rho_inf - 2 * step * pow_(beta2, step) / bias_correction2;
+    rectified = rho_t > 5.0;
+    rect = pow_((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t), 0.5);
+    bias_correction2_sqrt = pow_(bias_correction2, 0.5);
+  }
+};
+
+inline RadamCoeffs radam_coeffs(bool maximize, double weight_decay, double beta1, double beta2,
+                                double eps) {
+  RadamCoeffs c{};
+  c.grad_sign = maximize ? -1.0 : 1.0;
+  c.weight_decay = weight_decay;
+  c.one_minus_beta1 = 1.0 - beta1;
+  c.beta2 = beta2;
+  c.one_minus_beta2 = 1.0 - beta2;
+  c.eps = eps;
+  c.beta1 = beta1;
+  return c;
+}
+
+// torch's RAdam takes the real view of a complex param before anything else: real
+// arithmetic throughout.
+template <typename M, WeightDecay kWeightDecay, bool kFma = true>
+struct RadamRule {
+  using Coeffs = RadamCoeffs;
+  template <typename V>
+  using WithMath = RadamRule<V, kWeightDecay, kFma>;
+  static constexpr int kStates = 2;
+  M grad_sign, weight_decay, decay_factor, beta2, one_minus_beta2, eps, lr;
+  M bias_correction1, bias_correction2_sqrt, rect;
+  bool rectified;
+  LerpWeight<M> lerp;
+
+  FO_HOST_DEVICE explicit RadamRule(const RadamCoeffs& c)
+      : grad_sign(static_cast<M>(c.grad_sign)),
+        weight_decay(static_cast<M>(c.weight_decay)),
+        decay_factor(static_cast<M>(c.decay_factor)),
+        beta2(static_cast<M>(c.beta2)),
+        one_minus_beta2(static_cast<M>(c.one_minus_beta2)),
+        eps(static_cast<M>(c.eps)),
+        lr(static_cast<M>(c.lr)),
+        bias_correction1(static_cast<M>(c.bias_correction1)),
+        bias_correction2_sqrt(static_cast<M>(c.bias_correction2_sqrt)),
+        rect(static_cast<M>(c.rect)),
+        rectified(c.rectified),
+        lerp(c.one_minus_beta1) {}
+
+  // state[0]: exp_avg, state[1]: exp_avg_sq
+  FO_HOST_DEVICE FO_INLINE void operator()(M& p, M g, M* state) const {
+    M& exp_avg = state[0];
+    M& exp_avg_sq = state[1];
+    g = g * grad_sign;
+    if constexpr (kWeightDecay == WeightDecay::kDecoupled) {
+      p = p * decay_factor;                   // param.mul_(1 - lr * weight_decay)
+    } else if constexpr (kWeightDecay == WeightDecay::kL2) {
+      g = fma_(p, weight_decay, g);           // grad.add(param, alpha=weight_decay)
+    }
+    exp_avg = lerp(exp_avg, g);               // exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq = fma_(one_minus_beta2 * g, g, exp_avg_sq * beta2);  // .mul_(b2).addcmul_
+    const M update = (exp_avg / bias_correction1) * lr;  // bias_corrected_exp_avg * lr
+    if (rectified) {
+      // (bias_correction2 ** 0.5) / exp_avg_sq.sqrt().add_(eps): a Python float divided
+      // by a tensor is the tensor's reciprocal times the float (Tensor.__rtruediv__).
+      const M adaptive_lr = (M(1.0f) / (sqrt_(exp_avg_sq) + eps)) * bias_correction2_sqrt;
+      p = p - (update * adaptive_lr) * rect;  // param.add_(... * adaptive_lr * rect, alpha=-1.0)
+    } else {
+      p = p - update;                         // param.add_(bias_corrected_exp_avg * lr, alpha=-1.0)
+    }
+  }
+};
+
 }  // namespace fused_optim

@@ -1,5 +1,5 @@
-"""fused_optim: fused multi-tensor SGD, Adam, AdamW, RMSprop, Adagrad, Adamax, Adadelta
-and NAdam kernels, a drop-in for torch.optim.
+"""fused_optim: fused multi-tensor SGD, Adam, AdamW, RMSprop, Adagrad, Adamax, Adadelta,
+NAdam and RAdam kernels, a drop-in for torch.optim.
 
     import fused_optim
     opt = fused_optim.AdamW(model.parameters(), lr=1e-3)   # instead of torch.optim.AdamW
@@ -23,6 +23,7 @@ from .adagrad import Adagrad  # noqa: E402
 from .adam import Adam, AdamW  # noqa: E402
 from .adamax import Adamax  # noqa: E402
 from .nadam import NAdam  # noqa: E402
+from .radam import RAdam  # noqa: E402
 from .rmsprop import RMSprop  # noqa: E402
 from .sgd import SGD  # noqa: E402
 
@@ -33,9 +34,9 @@ from .sgd import SGD  # noqa: E402
 # schedulers and SWA, LBFGS (its cost is closure evaluations, not the update), and the
 # optimizers fused_optim has no kernel for yet. A name outside both sets fails
 # tests/test_api.py, so a torch upgrade that adds one is noticed.
-FUSED = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "Adadelta", "NAdam")
+FUSED = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "Adadelta", "NAdam", "RAdam")
 TORCH_OWN = ("Optimizer", "lr_scheduler", "swa_utils", "swap_in_optimizer_params_and_state",
-             "LBFGS", "RAdam", "ASGD", "Rprop", "Adafactor",
+             "LBFGS", "ASGD", "Rprop", "Adafactor",
              "SparseAdam", "Muon")
 
 

@@ -23,6 +23,7 @@ ALGOS = {
     "Adamax": (torch.optim.Adamax, fused_optim.Adamax),
     "Adadelta": (torch.optim.Adadelta, fused_optim.Adadelta),
     "NAdam": (torch.optim.NAdam, fused_optim.NAdam),
+    "RAdam": (torch.optim.RAdam, fused_optim.RAdam),
 }
 
 # The CUDA tests run where there is a GPU and a build with the CUDA kernels, and are
@@ -119,6 +120,16 @@ OPTIONS = {
             weight_decay=[0.0, 0.1],
             decoupled_weight_decay=[False, True],
             momentum_decay=[4e-3, 0.1],
+            maximize=[False, True],
+        )
+    ),
+    # With the default betas, steps 1-5 take the unrectified update and 6-10 the rectified
+    # one (tests/test_parity.py checks it).
+    "RAdam": list(
+        _combos(
+            lr=[0.01, TENSOR_LR],
+            weight_decay=[0.0, 0.1],
+            decoupled_weight_decay=[False, True],
             maximize=[False, True],
         )
     ),

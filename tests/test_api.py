@@ -57,6 +57,9 @@ BAD_HYPERPARAMS = [
     ("NAdam", dict(betas=(0.9, -0.1))), ("NAdam", dict(weight_decay=-1)),
     ("NAdam", dict(momentum_decay=-1)), ("NAdam", dict(lr=torch.tensor([0.1, 0.2]))),
     ("NAdam", dict(fused=True)),
+    ("RAdam", dict(lr=-1)), ("RAdam", dict(eps=-1)), ("RAdam", dict(betas=(1.0, 0.9))),
+    ("RAdam", dict(betas=(0.9, -0.1))), ("RAdam", dict(weight_decay=-1)),
+    ("RAdam", dict(lr=torch.tensor([0.1, 0.2]))), ("RAdam", dict(fused=True)),
 ]
 
 
@@ -191,7 +194,8 @@ def test_differentiable_runs_torchs_implementation_with_one_warning(name, torch_
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "Adamax", "Adadelta", "NAdam"])
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "Adamax", "Adadelta", "NAdam",
+                                  "RAdam"])
 def test_capturable_on_cpu_raises_torchs_error(name):
     """Eager capturable=True with CPU params: torch refuses it at step; so do we, with its
     error (Note [capturable]; under torch.compile the kernel runs, see test_integrations)."""
@@ -249,7 +253,8 @@ def test_sparse_grads_made_by_the_closure_use_torchs_for_loop(name):
             assert torch.equal(emb_ours.weight, emb_ref.weight)
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "Adamax", "Adadelta", "NAdam"])
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "Adamax", "Adadelta", "NAdam",
+                                  "RAdam"])
 def test_sparse_grads_raise_torchs_error(name):
     torch_cls, ours_cls = pu.ALGOS[name]
     messages = []

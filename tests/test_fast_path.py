@@ -18,6 +18,7 @@ KWARGS = {
     "Adamax": dict(lr=0.01, weight_decay=0.1, maximize=True),
     "Adadelta": dict(lr=0.5, rho=0.8, weight_decay=0.1),
     "NAdam": dict(lr=0.01, weight_decay=0.1, momentum_decay=0.1),
+    "RAdam": dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
 }
 
 

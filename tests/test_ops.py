@@ -92,6 +92,17 @@ def test_opcheck_nadam(dtype, scaler):
         (ps, gs, ms, vs, mu_products, steps, 0.01, 0.9, 0.999, 0.1, 1e-8, 4e-3, True, False) + extra)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scaler", [False, True])
+@pytest.mark.parametrize("step", [1.0, 9.0])  # unrectified, rectified
+def test_opcheck_radam(dtype, scaler, step):
+    ps, gs, ms, vs = tensors(dtype), tensors(dtype), tensors(dtype), [t.abs() for t in tensors(dtype)]
+    steps = [torch.tensor(step) for _ in ps]
+    extra = (torch.tensor(0.01), torch.tensor(4.0), torch.tensor(0.0)) if scaler else (None, None, None)
+    torch.library.opcheck(torch.ops.fused_optim.radam_.default,
+                          (ps, gs, ms, vs, steps, 0.01, 0.9, 0.999, 0.1, 1e-8, True, False) + extra)
+
+
 def test_opcheck_stream():
     a = [torch.randn(100) for _ in range(4)]
     torch.library.opcheck(torch.ops.fused_optim._stream_.default, (a[:3], a[3:], 0.5))
@@ -128,3 +139,6 @@ def test_schemas_annotate_every_mutated_list():
     schema = torch.ops.fused_optim.nadam_.default._schema
     mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
     assert mutated == {"params", "grads", "exp_avgs", "exp_avg_sqs", "mu_products", "state_steps"}
+    schema = torch.ops.fused_optim.radam_.default._schema
+    mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    assert mutated == {"params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps"}

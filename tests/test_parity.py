@@ -55,6 +55,16 @@ def test_tensor_betas(algo, dtype):
     pu.assert_same_trajectory(ours, ref, exact=False, msg=f"{algo} tensor betas")
 
 
+def test_radam_cases_take_both_branches():
+    """RAdam's update is rectified where rho_t > 5 (torch.optim.radam): over the 10 steps of
+    each case, both ways are taken."""
+    for o in pu.OPTIONS["RAdam"]:
+        beta2 = o.get("betas", (0.9, 0.999))[1]
+        rho_inf = 2 / (1 - beta2) - 1
+        rho = [rho_inf - 2 * t * beta2**t / (1 - beta2**t) for t in range(1, 11)]
+        assert min(rho) <= 5.0 < max(rho), o
+
+
 LOW = [torch.bfloat16, torch.float16]
 
 
