@@ -74,4 +74,5 @@ ALGORITHMS = {
     "Adadelta": (dict(lr=1.0), (3, 1)),
     "NAdam": (dict(lr=1e-3), (3, 1)),
     "RAdam": (dict(lr=1e-3), (3, 1)),
+    "Rprop": (dict(lr=1e-3), (3, 1)),
 }

@@ -62,6 +62,12 @@ TORCH_LIBRARY(fused_optim, m) {
       "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] state_steps, float lr, float beta1, float beta2, "
       "float weight_decay, float eps, bool decoupled_weight_decay, bool maximize, "
       "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // (Rprop's lr is only its initial step size, made with the state: no lr argument.)
+  m.def(
+      "rprop_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] prevs, "
+      "Tensor(d!)[] step_sizes, Tensor(e!)[] state_steps, float etaminus, float etaplus, "
+      "float step_size_min, float step_size_max, bool maximize, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
   // Benchmark helper: streams memory with a given read/write pattern, to measure the
   // bandwidth limit an optimizer step can reach (see benchmarks/).
   m.def("_stream_(Tensor(a!)[] inout, Tensor[] read_only, float scale) -> ()");

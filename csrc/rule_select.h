@@ -200,6 +200,12 @@ auto select_radam(at::ScalarType dtype, bool complex, WeightDecay wd, Pick&& pic
   return detail::select_real_weight_decay<RadamRule>(dtype, complex, wd, pick);
 }
 
+template <typename Pick>
+auto select_rprop(at::ScalarType dtype, bool complex, Pick&& pick) {
+  // Real arithmetic throughout, complex params included (RpropRule).
+  return detail::pick_rule<RpropRule, false>(dtype, complex, pick);
+}
+
 // The WeightDecay of Adam's options.
 inline WeightDecay adam_weight_decay(double weight_decay, bool decoupled) {
   return weight_decay == 0.0 ? WeightDecay::kNone

@@ -695,4 +695,63 @@ struct RadamRule {
   }
 };
 
+// ---------------------------------------------------------------------------------------
+// Rprop (torch.optim.Rprop): etas, step size bounds, maximize. lr is only the initial
+// step size (made with the state); the step counter is only counted.
+// ---------------------------------------------------------------------------------------
+struct RpropCoeffs {  // as double
+  double grad_sign, etaminus, etaplus, step_size_min, step_size_max;
+  FO_HOST_DEVICE void at(double /*lr*/, bool /*lr_is_f32*/, double /*step*/) {}
+};
+
+inline RpropCoeffs rprop_coeffs(bool maximize, double etaminus, double etaplus,
+                                double step_size_min, double step_size_max) {
+  return RpropCoeffs{maximize ? -1.0 : 1.0, etaminus, etaplus, step_size_min, step_size_max};
+}
+
+// Note [Rprop's selects]
+// The rule chooses per element (by the sign of grad * prev), which the vector types of
+// cpu/simd.h do not offer: kScalarOnly makes the CPU loops run it on scalars for every
+// dtype (float16/bfloat16 too, where the compiler vectorizes what it can). Every choice
+// is a comparison, so NaN goes where torch sends it: torch.sign(NaN) is 0, so a NaN
+// product takes the factor 1, and a NaN grad moves nothing but stays in `prev`.
+// torch's complex Rprop works on real views: real arithmetic throughout.
+template <typename M, bool kFma = true>
+struct RpropRule {
+  using Coeffs = RpropCoeffs;
+  template <typename V>
+  using WithMath = RpropRule<V, kFma>;
+  static constexpr int kStates = 2;
+  static constexpr bool kScalarOnly = true;
+  M grad_sign, etaminus, etaplus, step_size_min, step_size_max;
+
+  FO_HOST_DEVICE explicit RpropRule(const RpropCoeffs& c)
+      : grad_sign(static_cast<M>(c.grad_sign)),
+        etaminus(static_cast<M>(c.etaminus)),
+        etaplus(static_cast<M>(c.etaplus)),
+        step_size_min(static_cast<M>(c.step_size_min)),
+        step_size_max(static_cast<M>(c.step_size_max)) {}
+
+  // torch.sign: 1, -1, or +0 (for +-0 and NaN).
+  static FO_HOST_DEVICE FO_INLINE M sign(M x) { return x > M(0) ? M(1) : x < M(0) ? M(-1) : M(0); }
+
+  // state[0]: prev, state[1]: step_size
+  FO_HOST_DEVICE FO_INLINE void operator()(M& p, M g, M* state) const {
+    M& prev = state[0];
+    M& step_size = state[1];
+    g = g * grad_sign;
+    // sign = grad.mul(prev).sign(); sign[sign > 0] = etaplus; sign[sign < 0] = etaminus;
+    // sign[sign == 0] = 1
+    const M s = sign(g * prev);
+    const M factor = s > M(0) ? etaplus : s < M(0) ? etaminus : M(1);
+    // step_size.mul_(sign).clamp_(step_size_min, step_size_max): min(max(x, lo), hi)
+    M size = step_size * factor;
+    size = size < step_size_min ? step_size_min : size;
+    step_size = step_size_max < size ? step_size_max : size;
+    if (s < M(0)) g = M(0);          // grad[sign.eq(etaminus)] = 0
+    p = fma_(-sign(g), step_size, p);  // param.addcmul_(grad.sign(), step_size, value=-1)
+    prev = g;                        // prev.copy_(grad)
+  }
+};
+
 }  // namespace fused_optim

@@ -1,5 +1,5 @@
 """fused_optim: fused multi-tensor SGD, Adam, AdamW, RMSprop, Adagrad, Adamax, Adadelta,
-NAdam and RAdam kernels, a drop-in for torch.optim.
+NAdam, RAdam and Rprop kernels, a drop-in for torch.optim.
 
     import fused_optim
     opt = fused_optim.AdamW(model.parameters(), lr=1e-3)   # instead of torch.optim.AdamW
@@ -25,6 +25,7 @@ from .adamax import Adamax  # noqa: E402
 from .nadam import NAdam  # noqa: E402
 from .radam import RAdam  # noqa: E402
 from .rmsprop import RMSprop  # noqa: E402
+from .rprop import Rprop  # noqa: E402
 from .sgd import SGD  # noqa: E402
 
 # Note [the whole namespace]
@@ -34,10 +35,10 @@ from .sgd import SGD  # noqa: E402
 # schedulers and SWA, LBFGS (its cost is closure evaluations, not the update), and the
 # optimizers fused_optim has no kernel for yet. A name outside both sets fails
 # tests/test_api.py, so a torch upgrade that adds one is noticed.
-FUSED = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "Adadelta", "NAdam", "RAdam")
+FUSED = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "Adadelta", "NAdam", "RAdam",
+         "Rprop")
 TORCH_OWN = ("Optimizer", "lr_scheduler", "swa_utils", "swap_in_optimizer_params_and_state",
-             "LBFGS", "ASGD", "Rprop", "Adafactor",
-             "SparseAdam", "Muon")
+             "LBFGS", "ASGD", "Adafactor", "SparseAdam", "Muon")
 
 
 def _reexport_torch_names():

@@ -24,6 +24,7 @@ ALGOS = {
     "Adadelta": (torch.optim.Adadelta, fused_optim.Adadelta),
     "NAdam": (torch.optim.NAdam, fused_optim.NAdam),
     "RAdam": (torch.optim.RAdam, fused_optim.RAdam),
+    "Rprop": (torch.optim.Rprop, fused_optim.Rprop),
 }
 
 # The CUDA tests run where there is a GPU and a build with the CUDA kernels, and are
@@ -133,6 +134,17 @@ OPTIONS = {
             maximize=[False, True],
         )
     ),
+    # (Rprop has no weight decay. lr is the initial step size, a state value: 2**-7 (also as
+    # a tensor: materialize) is exact in bfloat16 and float16, as run_rounded_reference needs.
+    # The second step_sizes clamp within 10 steps at both ends.)
+    "Rprop": list(
+        _combos(
+            lr=[2**-7, TENSOR_LR],
+            etas=[(0.5, 1.2), (0.3, 1.5)],
+            step_sizes=[(1e-6, 50), (5e-3, 0.02)],
+            maximize=[False, True],
+        )
+    ),
 }
 
 # The per-param 0-dim state entries besides the elementwise ones: torch keeps them in
@@ -149,7 +161,8 @@ def materialize(options, group_index=0):
     o = dict(options)
     scale = 1.0 if group_index == 0 else 0.5  # the second group runs at another lr
     if o.get("lr") == TENSOR_LR:
-        base = 0.1 if "nesterov" in o else 0.01  # SGD runs at 0.1
+        # SGD runs at 0.1; Rprop's lr (its initial step size) is exact in 16 bits
+        base = 0.1 if "nesterov" in o else 2**-7 if "etas" in o else 0.01
         o["lr"] = torch.tensor(base * scale)
     elif "lr" in o:
         o["lr"] = o["lr"] * scale

@@ -60,6 +60,8 @@ BAD_HYPERPARAMS = [
     ("RAdam", dict(lr=-1)), ("RAdam", dict(eps=-1)), ("RAdam", dict(betas=(1.0, 0.9))),
     ("RAdam", dict(betas=(0.9, -0.1))), ("RAdam", dict(weight_decay=-1)),
     ("RAdam", dict(lr=torch.tensor([0.1, 0.2]))), ("RAdam", dict(fused=True)),
+    ("Rprop", dict(lr=-1)), ("Rprop", dict(etas=(1.0, 1.2))), ("Rprop", dict(etas=(0.5, 1.0))),
+    ("Rprop", dict(lr=torch.tensor([0.1, 0.2]))), ("Rprop", dict(fused=True)),
 ]
 
 
@@ -195,7 +197,7 @@ def test_differentiable_runs_torchs_implementation_with_one_warning(name, torch_
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "Adamax", "Adadelta", "NAdam",
-                                  "RAdam"])
+                                  "RAdam", "Rprop"])
 def test_capturable_on_cpu_raises_torchs_error(name):
     """Eager capturable=True with CPU params: torch refuses it at step; so do we, with its
     error (Note [capturable]; under torch.compile the kernel runs, see test_integrations)."""
@@ -254,7 +256,7 @@ def test_sparse_grads_made_by_the_closure_use_torchs_for_loop(name):
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "Adamax", "Adadelta", "NAdam",
-                                  "RAdam"])
+                                  "RAdam", "Rprop"])
 def test_sparse_grads_raise_torchs_error(name):
     torch_cls, ours_cls = pu.ALGOS[name]
     messages = []

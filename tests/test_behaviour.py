@@ -17,7 +17,8 @@ STATEFUL = {"SGD": dict(lr=0.1, momentum=0.9), "Adam": dict(lr=0.01, amsgrad=Tru
             "Adamax": dict(lr=0.01, weight_decay=0.1),
             "Adadelta": dict(lr=0.5, rho=0.8, weight_decay=0.01),
             "NAdam": dict(lr=0.01, weight_decay=0.1, momentum_decay=0.1),
-            "RAdam": dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)}
+            "RAdam": dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+            "Rprop": dict(lr=0.01, step_sizes=(5e-3, 0.02))}
 
 
 def snapshot(opt, ps):
@@ -224,7 +225,8 @@ cases = [("SGD", dict(lr=0.3)), ("SGD", dict(lr=0.3, momentum=0.9, nesterov=True
          ("Adadelta", dict(lr=0.5, weight_decay=0.1)), ("Adadelta", dict(rho=0.3, maximize=True)),
          ("NAdam", dict(lr=0.01, weight_decay=0.1)),
          ("NAdam", dict(lr=0.01, betas=(0.3, 0.5), weight_decay=0.1, decoupled_weight_decay=True)),
-         ("RAdam", dict(lr=0.01, weight_decay=0.1)), ("RAdam", dict(lr=0.01, betas=(0.3, 0.5)))]
+         ("RAdam", dict(lr=0.01, weight_decay=0.1)), ("RAdam", dict(lr=0.01, betas=(0.3, 0.5))),
+         ("Rprop", dict(lr=0.01)), ("Rprop", dict(lr=0.01, step_sizes=(5e-3, 0.02), maximize=True))]
 out = {"isa": torch.ops.fused_optim._cpu_isa()}
 for i, (name, kwargs) in enumerate(cases):
     ps = params()

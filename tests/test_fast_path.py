@@ -19,6 +19,7 @@ KWARGS = {
     "Adadelta": dict(lr=0.5, rho=0.8, weight_decay=0.1),
     "NAdam": dict(lr=0.01, weight_decay=0.1, momentum_decay=0.1),
     "RAdam": dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+    "Rprop": dict(lr=0.01, etas=(0.4, 1.3), maximize=True),
 }
 
 

@@ -24,6 +24,7 @@ ALGOS = {
     "Adadelta": (torch.optim.Adadelta, fused_optim.Adadelta, dict(lr=0.5)),
     "NAdam": (torch.optim.NAdam, fused_optim.NAdam, dict(lr=0.01)),
     "RAdam": (torch.optim.RAdam, fused_optim.RAdam, dict(lr=0.01)),
+    "Rprop": (torch.optim.Rprop, fused_optim.Rprop, dict(lr=0.01)),
 }
 # The algorithms whose momentum (or betas[0]) CyclicLR and OneCycleLR can cycle.
 CYCLES_MOMENTUM = ("SGD", "Adam", "AdamW", "RMSprop", "Adamax", "NAdam", "RAdam")
