@@ -75,4 +75,5 @@ ALGORITHMS = {
     "NAdam": (dict(lr=1e-3), (3, 1)),
     "RAdam": (dict(lr=1e-3), (3, 1)),
     "Rprop": (dict(lr=1e-3), (3, 1)),
+    "ASGD": (dict(lr=1e-3), (2, 1)),
 }

@@ -68,6 +68,11 @@ TORCH_LIBRARY(fused_optim, m) {
       "Tensor(d!)[] step_sizes, Tensor(e!)[] state_steps, float etaminus, float etaplus, "
       "float step_size_min, float step_size_max, bool maximize, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> ()");
+  m.def(
+      "asgd_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] axs, Tensor(d!)[] mus, "
+      "Tensor(e!)[] etas, Tensor(f!)[] state_steps, float lr, float lambd, float alpha, "
+      "float t0, float weight_decay, bool maximize, Tensor? lr_tensor=None, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   // Benchmark helper: streams memory with a given read/write pattern, to measure the
   // bandwidth limit an optimizer step can reach (see benchmarks/).
   m.def("_stream_(Tensor(a!)[] inout, Tensor[] read_only, float scale) -> ()");

@@ -101,6 +101,12 @@ auto select_real_weight_decay(at::ScalarType dtype, bool complex, WeightDecay wd
                                                                                 pick);
 }
 
+template <bool kWD>
+struct Asgd {
+  template <typename M, bool kFma>
+  using Rule = AsgdRule<M, kWD, kFma>;
+};
+
 template <bool kWD, typename Pick>
 auto select_sgd_momentum(at::ScalarType dtype, bool complex, Momentum momentum, Pick& pick) {
   // torch updates complex SGD params with complex arithmetic throughout.
@@ -204,6 +210,14 @@ template <typename Pick>
 auto select_rprop(at::ScalarType dtype, bool complex, Pick&& pick) {
   // Real arithmetic throughout, complex params included (RpropRule).
   return detail::pick_rule<RpropRule, false>(dtype, complex, pick);
+}
+
+template <typename Pick>
+auto select_asgd(at::ScalarType dtype, bool complex, bool weight_decay, Pick&& pick) {
+  // Real arithmetic throughout, complex params included (AsgdRule).
+  return weight_decay
+             ? detail::pick_rule<detail::Asgd<true>::template Rule, false>(dtype, complex, pick)
+             : detail::pick_rule<detail::Asgd<false>::template Rule, false>(dtype, complex, pick);
 }
 
 // The WeightDecay of Adam's options.

@@ -67,4 +67,17 @@ inline std::vector<NadamCoeffs> nadam_step_coeffs(const NadamCoeffs& base, doubl
   });
 }
 
+// ASGD's coefficients for each tensor, from its eta and mu, which are then updated for the
+// next step (Note [scalar states] in plan.h).
+inline std::vector<AsgdCoeffs> asgd_step_coeffs(const AsgdCoeffs& base, double lr,
+                                                bool lr_is_f32, const std::vector<double>& steps,
+                                                at::TensorList etas, at::TensorList mus) {
+  return per_tensor_coeffs(base, lr, lr_is_f32, steps, [&](size_t i, AsgdCoeffs& c) {
+    c.eta = scalar_state_value(etas[i]);
+    c.mu = scalar_state_value(mus[i]);
+    set_scalar_state(etas[i], c.next_eta(lr, lr_is_f32, steps[i]));
+    set_scalar_state(mus[i], c.next_mu(steps[i]));
+  });
+}
+
 }  // namespace fused_optim

@@ -754,4 +754,91 @@ struct RpropRule {
   }
 };
 
+// ---------------------------------------------------------------------------------------
+// ASGD (torch.optim.ASGD): L2 weight decay, maximize, averaging. Each param's `eta` and
+// `mu`, 0-dim state tensors the kernel reads and then updates on the host (Note [scalar
+// states] in plan.h), set its step size and whether it averages, so they are per tensor.
+// ---------------------------------------------------------------------------------------
+struct AsgdCoeffs {  // as double
+  double grad_sign, weight_decay, lambd, alpha, t0;
+  // Per tensor, set before at(): the param's eta and mu as this step reads them (before
+  // their update), as Python floats.
+  double eta, mu;
+  double decay, neg_eta, average;  // per tensor; average: mu != 1 (1.0 or 0.0)
+
+  FO_HOST_DEVICE void at(double /*lr*/, bool /*lr_is_f32*/, double /*step*/) {
+    decay = 1.0 - lambd * eta;  // param.mul_(1 - lambd * eta_value)
+    neg_eta = -eta;             // param.add_(grad, alpha=-eta_value)
+    average = mu != 1.0 ? 1.0 : 0.0;
+  }
+  // eta after a step: lr / ((1 + lambd * lr * step) ** alpha), Python floats, or for a
+  // float32 Tensor lr float32 tensor ops (Note [Tensor lr]), where torch's pow of a float
+  // by a Python float is the double pow of the two, rounded (measured: 7,164 cases, no
+  // difference). Not mirrored: torch's pow kernel computes some exponents otherwise; for
+  // alpha = 0.5 it takes its sqrt (MKL's, not correctly rounded on x86: measured 1 ulp
+  // off the IEEE sqrt at lr 0.01, lambd 0.1, step 6), so with a float32 Tensor lr and
+  // alpha 0.5 eta can differ by an ulp of float32 (and likewise 2, 3, -0.5, -1, -2).
+  double next_eta(double lr, bool lr_is_f32, double step) const {
+    if (lr_is_f32) {
+      const float lr_f = static_cast<float>(lr);
+      const float base = 1.0f + (static_cast<float>(lambd) * lr_f) * static_cast<float>(step);
+      return static_cast<double>(lr_f /
+                                 static_cast<float>(std::pow(static_cast<double>(base), alpha)));
+    }
+    return lr / std::pow(1.0 + lambd * lr * step, alpha);
+  }
+  // mu after a step: 1 / max(1, step - t0).
+  double next_mu(double step) const {
+    const double d = step - t0;
+    return 1.0 / (d > 1.0 ? d : 1.0);
+  }
+};
+
+inline AsgdCoeffs asgd_coeffs(bool maximize, double weight_decay, double lambd, double alpha,
+                              double t0) {
+  AsgdCoeffs c{};
+  c.grad_sign = maximize ? -1.0 : 1.0;
+  c.weight_decay = weight_decay;
+  c.lambd = lambd;
+  c.alpha = alpha;
+  c.t0 = t0;
+  return c;
+}
+
+// torch's ASGD takes the real view of a complex param before the weight decay: real
+// arithmetic throughout.
+template <typename M, bool kWeightDecay, bool kFma = true>
+struct AsgdRule {
+  using Coeffs = AsgdCoeffs;
+  template <typename V>
+  using WithMath = AsgdRule<V, kWeightDecay, kFma>;
+  static constexpr int kStates = 1;
+  M grad_sign, weight_decay, decay, neg_eta, mu;
+  bool average;
+
+  FO_HOST_DEVICE explicit AsgdRule(const AsgdCoeffs& c)
+      : grad_sign(static_cast<M>(c.grad_sign)),
+        weight_decay(static_cast<M>(c.weight_decay)),
+        decay(static_cast<M>(c.decay)),
+        neg_eta(static_cast<M>(c.neg_eta)),
+        mu(static_cast<M>(c.mu)),
+        average(c.average != 0.0) {}
+
+  // state[0]: ax
+  FO_HOST_DEVICE FO_INLINE void operator()(M& p, M g, M* state) const {
+    M& ax = state[0];
+    g = g * grad_sign;
+    if constexpr (kWeightDecay) {
+      g = fma_(p, weight_decay, g);  // grad.add(param, alpha=weight_decay)
+    }
+    p = p * decay;                   // param.mul_(1 - lambd * eta)
+    p = fma_(g, neg_eta, p);         // param.add_(grad, alpha=-eta)
+    if (average) {
+      ax = ax + (p - ax) * mu;       // ax.add_(param.sub(ax).mul_(mu))
+    } else {
+      ax = p;                        // ax.copy_(param)
+    }
+  }
+};
+
 }  // namespace fused_optim

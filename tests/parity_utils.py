@@ -25,6 +25,7 @@ ALGOS = {
     "NAdam": (torch.optim.NAdam, fused_optim.NAdam),
     "RAdam": (torch.optim.RAdam, fused_optim.RAdam),
     "Rprop": (torch.optim.Rprop, fused_optim.Rprop),
+    "ASGD": (torch.optim.ASGD, fused_optim.ASGD),
 }
 
 # The CUDA tests run where there is a GPU and a build with the CUDA kernels, and are
@@ -145,11 +146,23 @@ OPTIONS = {
             maximize=[False, True],
         )
     ),
+    # (t0 = 3: the averaging starts at step 4. Not alpha = 0.5: with a Tensor lr, torch's
+    # `** 0.5` is its sqrt, an ulp off the IEEE one at times; AsgdCoeffs::next_eta.)
+    "ASGD": list(
+        _combos(
+            lr=[0.01, TENSOR_LR],
+            lambd=[1e-4, 0.1],
+            alpha=[0.75, 0.6],
+            t0=[3.0, 1e6],
+            weight_decay=[0.0, 0.1],
+            maximize=[False, True],
+        )
+    ),
 }
 
 # The per-param 0-dim state entries besides the elementwise ones: torch keeps them in
 # float32 (float64 under a float64 default dtype) whatever the param's dtype.
-SCALAR_STATES = ("step", "mu_product")
+SCALAR_STATES = ("step", "mu_product", "eta", "mu")
 
 
 def option_id(o):

@@ -62,6 +62,8 @@ BAD_HYPERPARAMS = [
     ("RAdam", dict(lr=torch.tensor([0.1, 0.2]))), ("RAdam", dict(fused=True)),
     ("Rprop", dict(lr=-1)), ("Rprop", dict(etas=(1.0, 1.2))), ("Rprop", dict(etas=(0.5, 1.0))),
     ("Rprop", dict(lr=torch.tensor([0.1, 0.2]))), ("Rprop", dict(fused=True)),
+    ("ASGD", dict(lr=-1)), ("ASGD", dict(weight_decay=-1)),
+    ("ASGD", dict(lr=torch.tensor([0.1, 0.2]))), ("ASGD", dict(fused=True)),
 ]
 
 
@@ -197,7 +199,7 @@ def test_differentiable_runs_torchs_implementation_with_one_warning(name, torch_
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "Adamax", "Adadelta", "NAdam",
-                                  "RAdam", "Rprop"])
+                                  "RAdam", "Rprop", "ASGD"])
 def test_capturable_on_cpu_raises_torchs_error(name):
     """Eager capturable=True with CPU params: torch refuses it at step; so do we, with its
     error (Note [capturable]; under torch.compile the kernel runs, see test_integrations)."""
@@ -256,7 +258,7 @@ def test_sparse_grads_made_by_the_closure_use_torchs_for_loop(name):
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "Adamax", "Adadelta", "NAdam",
-                                  "RAdam", "Rprop"])
+                                  "RAdam", "Rprop", "ASGD"])
 def test_sparse_grads_raise_torchs_error(name):
     torch_cls, ours_cls = pu.ALGOS[name]
     messages = []

@@ -18,7 +18,8 @@ STATEFUL = {"SGD": dict(lr=0.1, momentum=0.9), "Adam": dict(lr=0.01, amsgrad=Tru
             "Adadelta": dict(lr=0.5, rho=0.8, weight_decay=0.01),
             "NAdam": dict(lr=0.01, weight_decay=0.1, momentum_decay=0.1),
             "RAdam": dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
-            "Rprop": dict(lr=0.01, step_sizes=(5e-3, 0.02))}
+            "Rprop": dict(lr=0.01, step_sizes=(5e-3, 0.02)),
+            "ASGD": dict(lr=0.01, lambd=0.1, t0=2.0, weight_decay=0.1)}
 
 
 def snapshot(opt, ps):
@@ -226,7 +227,8 @@ cases = [("SGD", dict(lr=0.3)), ("SGD", dict(lr=0.3, momentum=0.9, nesterov=True
          ("NAdam", dict(lr=0.01, weight_decay=0.1)),
          ("NAdam", dict(lr=0.01, betas=(0.3, 0.5), weight_decay=0.1, decoupled_weight_decay=True)),
          ("RAdam", dict(lr=0.01, weight_decay=0.1)), ("RAdam", dict(lr=0.01, betas=(0.3, 0.5))),
-         ("Rprop", dict(lr=0.01)), ("Rprop", dict(lr=0.01, step_sizes=(5e-3, 0.02), maximize=True))]
+         ("Rprop", dict(lr=0.01)), ("Rprop", dict(lr=0.01, step_sizes=(5e-3, 0.02), maximize=True)),
+         ("ASGD", dict(lr=0.01, t0=1.0, weight_decay=0.1)), ("ASGD", dict(lr=0.01, maximize=True))]
 out = {"isa": torch.ops.fused_optim._cpu_isa()}
 for i, (name, kwargs) in enumerate(cases):
     ps = params()

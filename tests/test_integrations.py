@@ -25,6 +25,7 @@ ALGOS = {
     "NAdam": (torch.optim.NAdam, fused_optim.NAdam, dict(lr=0.01)),
     "RAdam": (torch.optim.RAdam, fused_optim.RAdam, dict(lr=0.01)),
     "Rprop": (torch.optim.Rprop, fused_optim.Rprop, dict(lr=0.01)),
+    "ASGD": (torch.optim.ASGD, fused_optim.ASGD, dict(lr=0.01, t0=3.0)),
 }
 # The algorithms whose momentum (or betas[0]) CyclicLR and OneCycleLR can cycle.
 CYCLES_MOMENTUM = ("SGD", "Adam", "AdamW", "RMSprop", "Adamax", "NAdam", "RAdam")

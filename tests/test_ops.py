@@ -114,6 +114,17 @@ def test_opcheck_rprop(dtype, scaler):
                           (ps, gs, prevs, sizes, steps, 0.5, 1.2, 1e-6, 50.0, False) + extra)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scaler", [False, True])
+def test_opcheck_asgd(dtype, scaler):
+    ps, gs, axs = tensors(dtype), tensors(dtype), tensors(dtype)
+    mus, etas = [torch.tensor(0.5) for _ in ps], [torch.tensor(0.01) for _ in ps]
+    steps = [torch.tensor(4.0) for _ in ps]
+    extra = (torch.tensor(0.01), torch.tensor(4.0), torch.tensor(0.0)) if scaler else (None, None, None)
+    torch.library.opcheck(torch.ops.fused_optim.asgd_.default,
+                          (ps, gs, axs, mus, etas, steps, 0.01, 1e-4, 0.75, 3.0, 0.1, False) + extra)
+
+
 def test_opcheck_stream():
     a = [torch.randn(100) for _ in range(4)]
     torch.library.opcheck(torch.ops.fused_optim._stream_.default, (a[:3], a[3:], 0.5))
@@ -156,3 +167,6 @@ def test_schemas_annotate_every_mutated_list():
     schema = torch.ops.fused_optim.rprop_.default._schema
     mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
     assert mutated == {"params", "grads", "prevs", "step_sizes", "state_steps"}
+    schema = torch.ops.fused_optim.asgd_.default._schema
+    mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    assert mutated == {"params", "grads", "axs", "mus", "etas", "state_steps"}

@@ -16,7 +16,8 @@ OPTS = {"SGD": dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
         "Adadelta": dict(lr=torch.tensor(0.5), rho=0.8, weight_decay=0.01),
         "NAdam": dict(lr=torch.tensor(0.01), weight_decay=0.1, decoupled_weight_decay=True),
         "RAdam": dict(lr=0.01, weight_decay=0.1),
-        "Rprop": dict(lr=torch.tensor(0.01), etas=(0.4, 1.3))}
+        "Rprop": dict(lr=torch.tensor(0.01), etas=(0.4, 1.3)),
+        "ASGD": dict(lr=torch.tensor(0.01), lambd=0.1, t0=2.0, weight_decay=0.01)}
 
 
 def model_params(dtype):
@@ -135,7 +136,7 @@ def test_fresh_state_matches_torch_keys_dtypes_layouts(name):
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "Adagrad", "Adamax",
-                                  "Adadelta", "NAdam", "RAdam", "Rprop"])  # SGD keeps no step
+                                  "Adadelta", "NAdam", "RAdam", "Rprop", "ASGD"])  # SGD keeps no step
 def test_old_checkpoint_with_python_number_step_loads(name):
     """Old checkpoints stored `step` as a number; torch's __setstate__ converts it."""
     torch_cls, ours_cls = pu.ALGOS[name]
