@@ -72,4 +72,8 @@ ALGORITHMS = {
     # Not in the benchmark's default --algos (tests/test_benchmarks.py): --algos Adamax,...
     "Adamax": (dict(lr=1e-3), (3, 1)),
     "Adadelta": (dict(lr=1.0), (3, 1)),
+    "NAdam": (dict(lr=1e-3), (3, 1)),
+    "RAdam": (dict(lr=1e-3), (3, 1)),
+    "Rprop": (dict(lr=1e-3), (3, 1)),
+    "ASGD": (dict(lr=1e-3), (2, 1)),
 }

@@ -51,6 +51,28 @@ TORCH_LIBRARY(fused_optim, m) {
       "Tensor(d!)[] acc_deltas, Tensor(e!)[] state_steps, float lr, float rho, float eps, "
       "float weight_decay, bool maximize, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> ()");
+  m.def(
+      "nadam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] mu_products, Tensor(f!)[] state_steps, "
+      "float lr, float beta1, float beta2, float weight_decay, float eps, "
+      "float momentum_decay, bool decoupled_weight_decay, bool maximize, "
+      "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "radam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] state_steps, float lr, float beta1, float beta2, "
+      "float weight_decay, float eps, bool decoupled_weight_decay, bool maximize, "
+      "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // (Rprop's lr is only its initial step size, made with the state: no lr argument.)
+  m.def(
+      "rprop_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] prevs, "
+      "Tensor(d!)[] step_sizes, Tensor(e!)[] state_steps, float etaminus, float etaplus, "
+      "float step_size_min, float step_size_max, bool maximize, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
+  m.def(
+      "asgd_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] axs, Tensor(d!)[] mus, "
+      "Tensor(e!)[] etas, Tensor(f!)[] state_steps, float lr, float lambd, float alpha, "
+      "float t0, float weight_decay, bool maximize, Tensor? lr_tensor=None, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   // Benchmark helper: streams memory with a given read/write pattern, to measure the
   // bandwidth limit an optimizer step can reach (see benchmarks/).
   m.def("_stream_(Tensor(a!)[] inout, Tensor[] read_only, float scale) -> ()");

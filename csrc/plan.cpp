@@ -206,27 +206,66 @@ void MultiTensorPlan::finish() {
   keep_alive_.clear();
 }
 
-bool check_steps(const char* op, at::TensorList steps, int64_t n,
-                 std::optional<c10::Device> device) {
-  TORCH_CHECK(static_cast<int64_t>(steps.size()) == n, op,
-              ": expected one state_step per param, got ", steps.size(), " and ", n);
+namespace {
+
+// A list of n one-element tensors, all on the CPU or, where `device` is given and the first
+// one is there, all on that device; float32 or float64, or (`any_float`) any floating
+// dtype. Returns true when they are on `device`.
+bool check_scalar_list(const char* op, const char* name, at::TensorList list, int64_t n,
+                       std::optional<c10::Device> device, bool any_float) {
+  TORCH_CHECK(static_cast<int64_t>(list.size()) == n, op, ": expected one ", name,
+              " entry per param, got ", list.size(), " and ", n);
   // The steps are where the first one is: on the CPU, or (capturable / fused groups) on
   // the params' device.
-  const bool on_device = device.has_value() && !steps.empty() && steps[0].defined() &&
-                         steps[0].device() == *device;
-  for (size_t i = 0; i < steps.size(); ++i) {
-    if (i + 8 < steps.size()) {  // Note [prefetch] (python_step.cpp)
-      __builtin_prefetch(steps[i + 8].unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
+  const bool on_device = device.has_value() && !list.empty() && list[0].defined() &&
+                         list[0].device() == *device;
+  for (size_t i = 0; i < list.size(); ++i) {
+    if (i + 8 < list.size()) {  // Note [prefetch] (python_step.cpp)
+      __builtin_prefetch(list[i + 8].unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
     }
-    const at::Tensor& s = steps[i];
+    const at::Tensor& s = list[i];
     const bool where = s.defined() && (on_device ? s.device() == *device : s.device().is_cpu());
-    TORCH_CHECK(where && s.numel() == 1 &&
-                    (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
-                op, ": state_steps[", i, "] must be a one-element float32 or float64 ",
-                on_device ? c10::str(*device) : std::string("CPU"), " tensor",
-                on_device ? " (as state_steps[0] is)" : "");
+    const at::ScalarType t = where ? s.scalar_type() : at::kFloat;
+    const bool dtype = t == at::kFloat || t == at::kDouble ||
+                       (any_float && (t == at::kBFloat16 || t == at::kHalf));
+    TORCH_CHECK(where && s.numel() == 1 && dtype, op, ": ", name, "[", i,
+                "] must be a one-element ", any_float ? "floating point" : "float32 or float64",
+                " ", on_device ? c10::str(*device) : std::string("CPU"), " tensor",
+                on_device ? c10::str(" (as ", name, "[0] is)") : std::string());
   }
   return on_device;
+}
+
+}  // namespace
+
+bool check_steps(const char* op, at::TensorList steps, int64_t n,
+                 std::optional<c10::Device> device) {
+  return check_scalar_list(op, "state_steps", steps, n, device, /*any_float=*/false);
+}
+
+bool check_scalar_states(const char* op, const char* name, at::TensorList states, int64_t n,
+                         std::optional<c10::Device> device) {
+  // Any floating dtype: torch's load_state_dict casts these (unlike `step`) to the param's.
+  return check_scalar_list(op, name, states, n, device, /*any_float=*/true);
+}
+
+double scalar_state_value(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return *t.data_ptr<float>();
+    case at::kBFloat16: return static_cast<float>(*t.data_ptr<c10::BFloat16>());
+    case at::kHalf: return static_cast<float>(*t.data_ptr<c10::Half>());
+    default: return *t.data_ptr<double>();
+  }
+}
+
+void set_scalar_state(const at::Tensor& t, double value) {
+  // As Tensor.copy_ from a float64 value (through float for the 16-bit types).
+  switch (t.scalar_type()) {
+    case at::kFloat: *t.data_ptr<float>() = static_cast<float>(value); break;
+    case at::kBFloat16: *t.data_ptr<c10::BFloat16>() = c10::BFloat16(static_cast<float>(value)); break;
+    case at::kHalf: *t.data_ptr<c10::Half>() = c10::Half(static_cast<float>(value)); break;
+    default: *t.data_ptr<double>() = value;
+  }
 }
 
 std::vector<double> increment_steps(at::TensorList steps) {

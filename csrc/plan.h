@@ -12,6 +12,7 @@
 #include <c10/core/DeviceType.h>
 
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -89,6 +90,21 @@ class MultiTensorPlan {
 // capturable and fused groups). Returns true when they are on `device`.
 bool check_steps(const char* op, at::TensorList steps, int64_t n,
                  std::optional<c10::Device> device = std::nullopt);
+
+// Note [scalar states]
+// Besides `step`, some algorithms keep a 0-dim state tensor per param that the update reads
+// (NAdam's mu_product). torch's for-loop keeps it on the CPU, updates it with a tensor op
+// in its own dtype (float32, float64 under a float64 default dtype, or the param's dtype
+// after load_state_dict, which casts every state but `step`) and reads it as a Python
+// float; the kernels do the same on the host, per tensor, before the update, and so need
+// the steps there too (a capturable group on the GPU runs torch's step). The list is
+// checked as the steps are (check_steps), any floating dtype allowed.
+bool check_scalar_states(const char* op, const char* name, at::TensorList states, int64_t n,
+                         std::optional<c10::Device> device = std::nullopt);
+// The value of a one-element floating point CPU tensor, and its assignment (the value
+// rounded to the tensor's dtype).
+double scalar_state_value(const at::Tensor& t);
+void set_scalar_state(const at::Tensor& t, double value);
 // Adds 1 to each (CPU) step tensor and returns the new values.
 std::vector<double> increment_steps(at::TensorList steps);
 
@@ -117,6 +133,29 @@ std::vector<Coeffs> per_step_coeffs(const Coeffs& base, double lr, bool lr_is_f3
     } else {
       coeffs[i].at(lr, lr_is_f32, steps[i]);
     }
+  }
+  return coeffs;
+}
+
+// Each tensor's coefficient struct where they also depend on its scalar states (Note
+// [scalar states]): `update(i, c)` updates tensor i's scalar states on the host and sets
+// what `c.at` reads of them; the pows run once per run of equal inputs.
+template <typename Coeffs, typename Update>
+std::vector<Coeffs> per_tensor_coeffs(const Coeffs& base, double lr, bool lr_is_f32,
+                                      const std::vector<double>& steps, Update&& update) {
+  std::vector<Coeffs> coeffs(steps.size(), base);
+  Coeffs previous_inputs = base;
+  for (size_t i = 0; i < steps.size(); ++i) {
+    Coeffs inputs = base;
+    update(i, inputs);
+    if (i > 0 && steps[i] == steps[i - 1] &&
+        std::memcmp(&inputs, &previous_inputs, sizeof(Coeffs)) == 0) {
+      coeffs[i] = coeffs[i - 1];
+    } else {
+      coeffs[i] = inputs;
+      coeffs[i].at(lr, lr_is_f32, steps[i]);
+    }
+    previous_inputs = inputs;
   }
   return coeffs;
 }

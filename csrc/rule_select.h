@@ -78,6 +78,35 @@ struct Adadelta {
   using Rule = AdadeltaRule<M, kWD, kFma>;
 };
 
+template <template <typename, WeightDecay, bool> class R, WeightDecay kWD>
+struct WithWeightDecay {
+  template <typename M, bool kFma>
+  using Rule = R<M, kWD, kFma>;
+};
+
+// R<M, kWD, kFma> for each WeightDecay mode, with real arithmetic for complex params too
+// (the algorithms that view a complex param as real before anything else: NAdam, RAdam).
+template <template <typename, WeightDecay, bool> class R, typename Pick>
+auto select_real_weight_decay(at::ScalarType dtype, bool complex, WeightDecay wd, Pick& pick) {
+  switch (wd) {
+    case WeightDecay::kL2:
+      return pick_rule<WithWeightDecay<R, WeightDecay::kL2>::template Rule, false>(dtype, complex,
+                                                                                  pick);
+    case WeightDecay::kDecoupled:
+      return pick_rule<WithWeightDecay<R, WeightDecay::kDecoupled>::template Rule, false>(
+          dtype, complex, pick);
+    case WeightDecay::kNone: break;
+  }
+  return pick_rule<WithWeightDecay<R, WeightDecay::kNone>::template Rule, false>(dtype, complex,
+                                                                                pick);
+}
+
+template <bool kWD>
+struct Asgd {
+  template <typename M, bool kFma>
+  using Rule = AsgdRule<M, kWD, kFma>;
+};
+
 template <bool kWD, typename Pick>
 auto select_sgd_momentum(at::ScalarType dtype, bool complex, Momentum momentum, Pick& pick) {
   // torch updates complex SGD params with complex arithmetic throughout.
@@ -165,6 +194,30 @@ auto select_adadelta(at::ScalarType dtype, bool complex, bool weight_decay, Pick
   return weight_decay
              ? detail::pick_rule<detail::Adadelta<true>::template Rule, true>(dtype, complex, pick)
              : detail::pick_rule<detail::Adadelta<false>::template Rule, true>(dtype, complex, pick);
+}
+
+template <typename Pick>
+auto select_nadam(at::ScalarType dtype, bool complex, WeightDecay wd, Pick&& pick) {
+  return detail::select_real_weight_decay<NadamRule>(dtype, complex, wd, pick);
+}
+
+template <typename Pick>
+auto select_radam(at::ScalarType dtype, bool complex, WeightDecay wd, Pick&& pick) {
+  return detail::select_real_weight_decay<RadamRule>(dtype, complex, wd, pick);
+}
+
+template <typename Pick>
+auto select_rprop(at::ScalarType dtype, bool complex, Pick&& pick) {
+  // Real arithmetic throughout, complex params included (RpropRule).
+  return detail::pick_rule<RpropRule, false>(dtype, complex, pick);
+}
+
+template <typename Pick>
+auto select_asgd(at::ScalarType dtype, bool complex, bool weight_decay, Pick&& pick) {
+  // Real arithmetic throughout, complex params included (AsgdRule).
+  return weight_decay
+             ? detail::pick_rule<detail::Asgd<true>::template Rule, false>(dtype, complex, pick)
+             : detail::pick_rule<detail::Asgd<false>::template Rule, false>(dtype, complex, pick);
 }
 
 // The WeightDecay of Adam's options.

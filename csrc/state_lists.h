@@ -8,6 +8,9 @@
 
 #include <vector>
 
+#include "plan.h"
+#include "update_rules.h"
+
 namespace fused_optim {
 
 inline std::vector<at::TensorList> sgd_state_lists(const char* op, double momentum,
@@ -49,6 +52,32 @@ inline std::vector<at::TensorList> rmsprop_state_lists(const char* op, bool cent
                 ": momentum_buffers must be empty unless momentum > 0");
   }
   return states;
+}
+
+// NAdam's coefficients for each tensor, after `mu_product *= mu` on each tensor's
+// mu_product (Note [scalar states] in plan.h).
+inline std::vector<NadamCoeffs> nadam_step_coeffs(const NadamCoeffs& base, double lr,
+                                                  bool lr_is_f32, const std::vector<double>& steps,
+                                                  at::TensorList mu_products) {
+  return per_tensor_coeffs(base, lr, lr_is_f32, steps, [&](size_t i, NadamCoeffs& c) {
+    const at::Tensor& mu_product = mu_products[i];
+    c.mu_product = c.next_mu_product(scalar_state_value(mu_product),
+                                     mu_product.scalar_type() != at::kDouble, steps[i]);
+    set_scalar_state(mu_product, c.mu_product);
+  });
+}
+
+// ASGD's coefficients for each tensor, from its eta and mu, which are then updated for the
+// next step (Note [scalar states] in plan.h).
+inline std::vector<AsgdCoeffs> asgd_step_coeffs(const AsgdCoeffs& base, double lr,
+                                                bool lr_is_f32, const std::vector<double>& steps,
+                                                at::TensorList etas, at::TensorList mus) {
+  return per_tensor_coeffs(base, lr, lr_is_f32, steps, [&](size_t i, AsgdCoeffs& c) {
+    c.eta = scalar_state_value(etas[i]);
+    c.mu = scalar_state_value(mus[i]);
+    set_scalar_state(etas[i], c.next_eta(lr, lr_is_f32, steps[i]));
+    set_scalar_state(mus[i], c.next_mu(steps[i]));
+  });
 }
 
 }  // namespace fused_optim

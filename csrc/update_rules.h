@@ -494,4 +494,351 @@ struct AdadeltaRule {
   }
 };
 
+// ---------------------------------------------------------------------------------------
+// NAdam (torch.optim.NAdam): L2 or decoupled weight decay, momentum decay, maximize. Each
+// param's step and its `mu_product`, a 0-dim state tensor the kernel updates on the host
+// (Note [scalar states] in plan.h), set the two step sizes, so they are per tensor.
+// ---------------------------------------------------------------------------------------
+struct NadamCoeffs {  // as double
+  double grad_sign, weight_decay, decay_factor, one_minus_beta1, beta2, one_minus_beta2, eps;
+  double bias_correction2, grad_step, exp_avg_step;  // per tensor
+  double beta1, momentum_decay;
+  // Per tensor, set before at(): the param's mu_product after this step's update.
+  double mu_product;
+
+  // mu at a step: beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay))), in double.
+  FO_HOST_DEVICE double mu(double step) const {
+    return beta1 * (1.0 - 0.5 * pow_(0.96, step * momentum_decay));
+  }
+  // `mu_product *= mu` on the 0-dim tensor: in its math type, float unless it is float64,
+  // mu rounded to that first (torch's multiply by a Python scalar); the caller rounds the
+  // product to the tensor's dtype.
+  FO_HOST_DEVICE double next_mu_product(double mu_product_before, bool in_float,
+                                        double step) const {
+    return in_float ? static_cast<double>(static_cast<float>(mu_product_before) *
+                                          static_cast<float>(mu(step)))
+                    : mu_product_before * mu(step);
+  }
+
+  FO_HOST_DEVICE void at(double lr, bool lr_is_f32, double step) {
+    // 1 - lr * weight_decay, in lr's dtype for a Tensor lr (as Adam's).
+    decay_factor = lr_is_f32 ? static_cast<double>(1.0f - static_cast<float>(lr) *
+                                                              static_cast<float>(weight_decay))
+                             : 1.0 - lr * weight_decay;
+    bias_correction2 = 1.0 - pow_(beta2, step);
+    const double mu_t = mu(step);
+    const double mu_next = mu(step + 1.0);
+    // mu_product_next = _get_value(mu_product) * mu_next: a Python float.
+    const double mu_product_next = mu_product * mu_next;
+    if (lr_is_f32) {
+      // -lr * (1.0 - mu) / (1.0 - mu_product) and (-lr * mu_next) / (1.0 - mu_product_next)
+      // with a float32 Tensor lr: float32 tensor ops, each Python float rounded to float.
+      const float neg_lr = -static_cast<float>(lr);
+      grad_step = static_cast<double>((neg_lr * static_cast<float>(1.0 - mu_t)) /
+                                      static_cast<float>(1.0 - mu_product));
+      exp_avg_step = static_cast<double>((neg_lr * static_cast<float>(mu_next)) /
+                                         static_cast<float>(1.0 - mu_product_next));
+    } else {
+      grad_step = -lr * (1.0 - mu_t) / (1.0 - mu_product);
+      exp_avg_step = (-lr * mu_next) / (1.0 - mu_product_next);
+    }
+  }
+};
+
+inline NadamCoeffs nadam_coeffs(bool maximize, double weight_decay, double beta1, double beta2,
+                                double eps, double momentum_decay) {
+  NadamCoeffs c{};
+  c.grad_sign = maximize ? -1.0 : 1.0;
+  c.weight_decay = weight_decay;
+  c.one_minus_beta1 = 1.0 - beta1;
+  c.beta2 = beta2;
+  c.one_minus_beta2 = 1.0 - beta2;
+  c.eps = eps;
+  c.beta1 = beta1;
+  c.momentum_decay = momentum_decay;
+  c.mu_product = 1.0;
+  return c;
+}
+
+// torch's NAdam takes the real view of a complex param before anything else: real
+// arithmetic throughout (no kFma = false variant).
+template <typename M, WeightDecay kWeightDecay, bool kFma = true>
+struct NadamRule {
+  using Coeffs = NadamCoeffs;
+  template <typename V>
+  using WithMath = NadamRule<V, kWeightDecay, kFma>;
+  static constexpr int kStates = 2;
+  M grad_sign, weight_decay, decay_factor, beta2, one_minus_beta2, eps;
+  M bias_correction2, grad_step, exp_avg_step;
+  LerpWeight<M> lerp;
+
+  FO_HOST_DEVICE explicit NadamRule(const NadamCoeffs& c)
+      : grad_sign(static_cast<M>(c.grad_sign)),
+        weight_decay(static_cast<M>(c.weight_decay)),
+        decay_factor(static_cast<M>(c.decay_factor)),
+        beta2(static_cast<M>(c.beta2)),
+        one_minus_beta2(static_cast<M>(c.one_minus_beta2)),
+        eps(static_cast<M>(c.eps)),
+        bias_correction2(static_cast<M>(c.bias_correction2)),
+        grad_step(static_cast<M>(c.grad_step)),
+        exp_avg_step(static_cast<M>(c.exp_avg_step)),
+        lerp(c.one_minus_beta1) {}
+
+  // state[0]: exp_avg, state[1]: exp_avg_sq
+  FO_HOST_DEVICE FO_INLINE void operator()(M& p, M g, M* state) const {
+    M& exp_avg = state[0];
+    M& exp_avg_sq = state[1];
+    g = g * grad_sign;
+    if constexpr (kWeightDecay == WeightDecay::kDecoupled) {
+      p = p * decay_factor;                 // param.mul_(1 - lr * weight_decay)
+    } else if constexpr (kWeightDecay == WeightDecay::kL2) {
+      g = fma_(p, weight_decay, g);         // grad.add(param, alpha=weight_decay)
+    }
+    exp_avg = lerp(exp_avg, g);             // exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq = fma_(one_minus_beta2 * g, g, exp_avg_sq * beta2);  // .mul_(b2).addcmul_
+    // exp_avg_sq.div(bias_correction2).sqrt(), then .add_(eps)
+    const M denom = sqrt_(exp_avg_sq / bias_correction2) + eps;
+    p = p + (grad_step * g) / denom;        // param.addcdiv_(grad, denom, value=...)
+    p = p + (exp_avg_step * exp_avg) / denom;  // param.addcdiv_(exp_avg, denom, value=...)
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// RAdam (torch.optim.RAdam): L2 or decoupled weight decay, maximize. Each param's step
+// decides whether its update is rectified (rho_t > 5) and sets the bias corrections, so
+// those are per tensor.
+// ---------------------------------------------------------------------------------------
+struct RadamCoeffs {  // as double
+  double grad_sign, weight_decay, decay_factor, one_minus_beta1, beta2, one_minus_beta2, eps, lr;
+  double bias_correction1, bias_correction2_sqrt, rect;  // per tensor
+  bool rectified;                                        // per tensor: rho_t > 5
+  double beta1;
+
+  FO_HOST_DEVICE void at(double lr_, bool lr_is_f32, double step) {
+    // `bias_corrected_exp_avg * lr` takes lr as it is (a float32 Tensor lr's value is
+    // exact in the math type); 1 - lr * weight_decay in lr's dtype (as Adam's).
+    lr = lr_;
+    decay_factor = lr_is_f32 ? static_cast<double>(1.0f - static_cast<float>(lr_) *
+                                                              static_cast<float>(weight_decay))
+                             : 1.0 - lr_ * weight_decay;
+    bias_correction1 = 1.0 - pow_(beta1, step);
+    const double bias_correction2 = 1.0 - pow_(beta2, step);
+    const double rho_inf = 2 / (1 - beta2) - 1;
+    const double rho_t = rho_inf - 2 * step * pow_(beta2, step) / bias_correction2;
+    rectified = rho_t > 5.0;
+    rect = pow_((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t), 0.5);
+    bias_correction2_sqrt = pow_(bias_correction2, 0.5);
+  }
+};
+
+inline RadamCoeffs radam_coeffs(bool maximize, double weight_decay, double beta1, double beta2,
+                                double eps) {
+  RadamCoeffs c{};
+  c.grad_sign = maximize ? -1.0 : 1.0;
+  c.weight_decay = weight_decay;
+  c.one_minus_beta1 = 1.0 - beta1;
+  c.beta2 = beta2;
+  c.one_minus_beta2 = 1.0 - beta2;
+  c.eps = eps;
+  c.beta1 = beta1;
+  return c;
+}
+
+// torch's RAdam takes the real view of a complex param before anything else: real
+// arithmetic throughout.
+template <typename M, WeightDecay kWeightDecay, bool kFma = true>
+struct RadamRule {
+  using Coeffs = RadamCoeffs;
+  template <typename V>
+  using WithMath = RadamRule<V, kWeightDecay, kFma>;
+  static constexpr int kStates = 2;
+  M grad_sign, weight_decay, decay_factor, beta2, one_minus_beta2, eps, lr;
+  M bias_correction1, bias_correction2_sqrt, rect;
+  bool rectified;
+  LerpWeight<M> lerp;
+
+  FO_HOST_DEVICE explicit RadamRule(const RadamCoeffs& c)
+      : grad_sign(static_cast<M>(c.grad_sign)),
+        weight_decay(static_cast<M>(c.weight_decay)),
+        decay_factor(static_cast<M>(c.decay_factor)),
+        beta2(static_cast<M>(c.beta2)),
+        one_minus_beta2(static_cast<M>(c.one_minus_beta2)),
+        eps(static_cast<M>(c.eps)),
+        lr(static_cast<M>(c.lr)),
+        bias_correction1(static_cast<M>(c.bias_correction1)),
+        bias_correction2_sqrt(static_cast<M>(c.bias_correction2_sqrt)),
+        rect(static_cast<M>(c.rect)),
+        rectified(c.rectified),
+        lerp(c.one_minus_beta1) {}
+
+  // state[0]: exp_avg, state[1]: exp_avg_sq
+  FO_HOST_DEVICE FO_INLINE void operator()(M& p, M g, M* state) const {
+    M& exp_avg = state[0];
+    M& exp_avg_sq = state[1];
+    g = g * grad_sign;
+    if constexpr (kWeightDecay == WeightDecay::kDecoupled) {
+      p = p * decay_factor;                   // param.mul_(1 - lr * weight_decay)
+    } else if constexpr (kWeightDecay == WeightDecay::kL2) {
+      g = fma_(p, weight_decay, g);           // grad.add(param, alpha=weight_decay)
+    }
+    exp_avg = lerp(exp_avg, g);               // exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq = fma_(one_minus_beta2 * g, g, exp_avg_sq * beta2);  // .mul_(b2).addcmul_
+    const M update = (exp_avg / bias_correction1) * lr;  // bias_corrected_exp_avg * lr
+    if (rectified) {
+      // (bias_correction2 ** 0.5) / exp_avg_sq.sqrt().add_(eps): a Python float divided
+      // by a tensor is the tensor's reciprocal times the float (Tensor.__rtruediv__).
+      const M adaptive_lr = (M(1.0f) / (sqrt_(exp_avg_sq) + eps)) * bias_correction2_sqrt;
+      p = p - (update * adaptive_lr) * rect;  // param.add_(... * adaptive_lr * rect, alpha=-1.0)
+    } else {
+      p = p - update;                         // param.add_(bias_corrected_exp_avg * lr, alpha=-1.0)
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// Rprop (torch.optim.Rprop): etas, step size bounds, maximize. lr is only the initial
+// step size (made with the state); the step counter is only counted.
+// ---------------------------------------------------------------------------------------
+struct RpropCoeffs {  // as double
+  double grad_sign, etaminus, etaplus, step_size_min, step_size_max;
+  FO_HOST_DEVICE void at(double /*lr*/, bool /*lr_is_f32*/, double /*step*/) {}
+};
+
+inline RpropCoeffs rprop_coeffs(bool maximize, double etaminus, double etaplus,
+                                double step_size_min, double step_size_max) {
+  return RpropCoeffs{maximize ? -1.0 : 1.0, etaminus, etaplus, step_size_min, step_size_max};
+}
+
+// Note [Rprop's selects]
+// The rule chooses per element (by the sign of grad * prev), which the vector types of
+// cpu/simd.h do not offer: kScalarOnly makes the CPU loops run it on scalars for every
+// dtype (float16/bfloat16 too, where the compiler vectorizes what it can). Every choice
+// is a comparison, so NaN goes where torch sends it: torch.sign(NaN) is 0, so a NaN
+// product takes the factor 1, and a NaN grad moves nothing but stays in `prev`.
+// torch's complex Rprop works on real views: real arithmetic throughout.
+template <typename M, bool kFma = true>
+struct RpropRule {
+  using Coeffs = RpropCoeffs;
+  template <typename V>
+  using WithMath = RpropRule<V, kFma>;
+  static constexpr int kStates = 2;
+  static constexpr bool kScalarOnly = true;
+  M grad_sign, etaminus, etaplus, step_size_min, step_size_max;
+
+  FO_HOST_DEVICE explicit RpropRule(const RpropCoeffs& c)
+      : grad_sign(static_cast<M>(c.grad_sign)),
+        etaminus(static_cast<M>(c.etaminus)),
+        etaplus(static_cast<M>(c.etaplus)),
+        step_size_min(static_cast<M>(c.step_size_min)),
+        step_size_max(static_cast<M>(c.step_size_max)) {}
+
+  // torch.sign: 1, -1, or +0 (for +-0 and NaN).
+  static FO_HOST_DEVICE FO_INLINE M sign(M x) { return x > M(0) ? M(1) : x < M(0) ? M(-1) : M(0); }
+
+  // state[0]: prev, state[1]: step_size
+  FO_HOST_DEVICE FO_INLINE void operator()(M& p, M g, M* state) const {
+    M& prev = state[0];
+    M& step_size = state[1];
+    g = g * grad_sign;
+    // sign = grad.mul(prev).sign(); sign[sign > 0] = etaplus; sign[sign < 0] = etaminus;
+    // sign[sign == 0] = 1
+    const M s = sign(g * prev);
+    const M factor = s > M(0) ? etaplus : s < M(0) ? etaminus : M(1);
+    // step_size.mul_(sign).clamp_(step_size_min, step_size_max): min(max(x, lo), hi)
+    M size = step_size * factor;
+    size = size < step_size_min ? step_size_min : size;
+    step_size = step_size_max < size ? step_size_max : size;
+    if (s < M(0)) g = M(0);          // grad[sign.eq(etaminus)] = 0
+    p = fma_(-sign(g), step_size, p);  // param.addcmul_(grad.sign(), step_size, value=-1)
+    prev = g;                        // prev.copy_(grad)
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// ASGD (torch.optim.ASGD): L2 weight decay, maximize, averaging. Each param's `eta` and
+// `mu`, 0-dim state tensors the kernel reads and then updates on the host (Note [scalar
+// states] in plan.h), set its step size and whether it averages, so they are per tensor.
+// ---------------------------------------------------------------------------------------
+struct AsgdCoeffs {  // as double
+  double grad_sign, weight_decay, lambd, alpha, t0;
+  // Per tensor, set before at(): the param's eta and mu as this step reads them (before
+  // their update), as Python floats.
+  double eta, mu;
+  double decay, neg_eta, average;  // per tensor; average: mu != 1 (1.0 or 0.0)
+
+  FO_HOST_DEVICE void at(double /*lr*/, bool /*lr_is_f32*/, double /*step*/) {
+    decay = 1.0 - lambd * eta;  // param.mul_(1 - lambd * eta_value)
+    neg_eta = -eta;             // param.add_(grad, alpha=-eta_value)
+    average = mu != 1.0 ? 1.0 : 0.0;
+  }
+  // eta after a step: lr / ((1 + lambd * lr * step) ** alpha), Python floats, or for a
+  // float32 Tensor lr float32 tensor ops (Note [Tensor lr]), where torch's pow of a float
+  // by a Python float is the double pow of the two, rounded (measured: 7,164 cases, no
+  // difference). Not mirrored: torch's pow kernel computes some exponents otherwise; for
+  // alpha = 0.5 it takes its sqrt (MKL's, not correctly rounded on x86: measured 1 ulp
+  // off the IEEE sqrt at lr 0.01, lambd 0.1, step 6), so with a float32 Tensor lr and
+  // alpha 0.5 eta can differ by an ulp of float32 (and likewise 2, 3, -0.5, -1, -2).
+  double next_eta(double lr, bool lr_is_f32, double step) const {
+    if (lr_is_f32) {
+      const float lr_f = static_cast<float>(lr);
+      const float base = 1.0f + (static_cast<float>(lambd) * lr_f) * static_cast<float>(step);
+      return static_cast<double>(lr_f /
+                                 static_cast<float>(std::pow(static_cast<double>(base), alpha)));
+    }
+    return lr / std::pow(1.0 + lambd * lr * step, alpha);
+  }
+  // mu after a step: 1 / max(1, step - t0).
+  double next_mu(double step) const {
+    const double d = step - t0;
+    return 1.0 / (d > 1.0 ? d : 1.0);
+  }
+};
+
+inline AsgdCoeffs asgd_coeffs(bool maximize, double weight_decay, double lambd, double alpha,
+                              double t0) {
+  AsgdCoeffs c{};
+  c.grad_sign = maximize ? -1.0 : 1.0;
+  c.weight_decay = weight_decay;
+  c.lambd = lambd;
+  c.alpha = alpha;
+  c.t0 = t0;
+  return c;
+}
+
+// torch's ASGD takes the real view of a complex param before the weight decay: real
+// arithmetic throughout.
+template <typename M, bool kWeightDecay, bool kFma = true>
+struct AsgdRule {
+  using Coeffs = AsgdCoeffs;
+  template <typename V>
+  using WithMath = AsgdRule<V, kWeightDecay, kFma>;
+  static constexpr int kStates = 1;
+  M grad_sign, weight_decay, decay, neg_eta, mu;
+  bool average;
+
+  FO_HOST_DEVICE explicit AsgdRule(const AsgdCoeffs& c)
+      : grad_sign(static_cast<M>(c.grad_sign)),
+        weight_decay(static_cast<M>(c.weight_decay)),
+        decay(static_cast<M>(c.decay)),
+        neg_eta(static_cast<M>(c.neg_eta)),
+        mu(static_cast<M>(c.mu)),
+        average(c.average != 0.0) {}
+
+  // state[0]: ax
+  FO_HOST_DEVICE FO_INLINE void operator()(M& p, M g, M* state) const {
+    M& ax = state[0];
+    g = g * grad_sign;
+    if constexpr (kWeightDecay) {
+      g = fma_(p, weight_decay, g);  // grad.add(param, alpha=weight_decay)
+    }
+    p = p * decay;                   // param.mul_(1 - lambd * eta)
+    p = fma_(g, neg_eta, p);         // param.add_(grad, alpha=-eta)
+    if (average) {
+      ax = ax + (p - ax) * mu;       // ax.add_(param.sub(ax).mul_(mu))
+    } else {
+      ax = p;                        // ax.copy_(param)
+    }
+  }
+};
+
 }  // namespace fused_optim

@@ -1,5 +1,5 @@
-"""fused_optim: fused multi-tensor SGD, Adam, AdamW, RMSprop, Adagrad, Adamax and Adadelta
-kernels, a drop-in for torch.optim.
+"""fused_optim: fused multi-tensor SGD, Adam, AdamW, RMSprop, Adagrad, Adamax, Adadelta,
+NAdam, RAdam, Rprop and ASGD kernels, a drop-in for torch.optim.
 
     import fused_optim
     opt = fused_optim.AdamW(model.parameters(), lr=1e-3)   # instead of torch.optim.AdamW
@@ -18,11 +18,15 @@ from ._loader import load_extension as _load_extension
 _load_extension()
 
 from . import _ops  # noqa: E402,F401  (fake kernels for torch.compile)
+from .asgd import ASGD  # noqa: E402
 from .adadelta import Adadelta  # noqa: E402
 from .adagrad import Adagrad  # noqa: E402
 from .adam import Adam, AdamW  # noqa: E402
 from .adamax import Adamax  # noqa: E402
+from .nadam import NAdam  # noqa: E402
+from .radam import RAdam  # noqa: E402
 from .rmsprop import RMSprop  # noqa: E402
+from .rprop import Rprop  # noqa: E402
 from .sgd import SGD  # noqa: E402
 
 # Note [the whole namespace]
@@ -32,10 +36,10 @@ from .sgd import SGD  # noqa: E402
 # schedulers and SWA, LBFGS (its cost is closure evaluations, not the update), and the
 # optimizers fused_optim has no kernel for yet. A name outside both sets fails
 # tests/test_api.py, so a torch upgrade that adds one is noticed.
-FUSED = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "Adadelta")
+FUSED = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "Adadelta", "NAdam", "RAdam",
+         "Rprop", "ASGD")
 TORCH_OWN = ("Optimizer", "lr_scheduler", "swa_utils", "swap_in_optimizer_params_and_state",
-             "LBFGS", "NAdam", "RAdam", "ASGD", "Rprop", "Adafactor",
-             "SparseAdam", "Muon")
+             "LBFGS", "Adafactor", "SparseAdam", "Muon")
 
 
 def _reexport_torch_names():

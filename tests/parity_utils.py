@@ -22,6 +22,10 @@ ALGOS = {
     "Adagrad": (torch.optim.Adagrad, fused_optim.Adagrad),
     "Adamax": (torch.optim.Adamax, fused_optim.Adamax),
     "Adadelta": (torch.optim.Adadelta, fused_optim.Adadelta),
+    "NAdam": (torch.optim.NAdam, fused_optim.NAdam),
+    "RAdam": (torch.optim.RAdam, fused_optim.RAdam),
+    "Rprop": (torch.optim.Rprop, fused_optim.Rprop),
+    "ASGD": (torch.optim.ASGD, fused_optim.ASGD),
 }
 
 # The CUDA tests run where there is a GPU and a build with the CUDA kernels, and are
@@ -112,7 +116,53 @@ OPTIONS = {
             maximize=[False, True],
         )
     ),
+    "NAdam": list(
+        _combos(
+            lr=[0.01, TENSOR_LR],
+            weight_decay=[0.0, 0.1],
+            decoupled_weight_decay=[False, True],
+            momentum_decay=[4e-3, 0.1],
+            maximize=[False, True],
+        )
+    ),
+    # With the default betas, steps 1-5 take the unrectified update and 6-10 the rectified
+    # one (tests/test_parity.py checks it).
+    "RAdam": list(
+        _combos(
+            lr=[0.01, TENSOR_LR],
+            weight_decay=[0.0, 0.1],
+            decoupled_weight_decay=[False, True],
+            maximize=[False, True],
+        )
+    ),
+    # (Rprop has no weight decay. lr is the initial step size, a state value: 2**-7 (also as
+    # a tensor: materialize) is exact in bfloat16 and float16, as run_rounded_reference needs.
+    # The second step_sizes clamp within 10 steps at both ends.)
+    "Rprop": list(
+        _combos(
+            lr=[2**-7, TENSOR_LR],
+            etas=[(0.5, 1.2), (0.3, 1.5)],
+            step_sizes=[(1e-6, 50), (5e-3, 0.02)],
+            maximize=[False, True],
+        )
+    ),
+    # (t0 = 3: the averaging starts at step 4. Not alpha = 0.5: with a Tensor lr, torch's
+    # `** 0.5` is its sqrt, an ulp off the IEEE one at times; AsgdCoeffs::next_eta.)
+    "ASGD": list(
+        _combos(
+            lr=[0.01, TENSOR_LR],
+            lambd=[1e-4, 0.1],
+            alpha=[0.75, 0.6],
+            t0=[3.0, 1e6],
+            weight_decay=[0.0, 0.1],
+            maximize=[False, True],
+        )
+    ),
 }
+
+# The per-param 0-dim state entries besides the elementwise ones: torch keeps them in
+# float32 (float64 under a float64 default dtype) whatever the param's dtype.
+SCALAR_STATES = ("step", "mu_product", "eta", "mu")
 
 
 def option_id(o):
@@ -124,7 +174,8 @@ def materialize(options, group_index=0):
     o = dict(options)
     scale = 1.0 if group_index == 0 else 0.5  # the second group runs at another lr
     if o.get("lr") == TENSOR_LR:
-        base = 0.1 if "nesterov" in o else 0.01  # SGD runs at 0.1
+        # SGD runs at 0.1; Rprop's lr (its initial step size) is exact in 16 bits
+        base = 0.1 if "nesterov" in o else 2**-7 if "etas" in o else 0.01
         o["lr"] = torch.tensor(base * scale)
     elif "lr" in o:
         o["lr"] = o["lr"] * scale
@@ -251,11 +302,11 @@ def run_rounded_reference(torch_cls, options, dtype, steps=10, names=None):
                 p.copy_(low[n])  # the float copy continues from the rounded value
             for s in opt.state.values():
                 for k, v in s.items():
-                    if k != "step":
+                    if k not in SCALAR_STATES:
                         v.copy_(v.to(dtype))
     state = {}
     for n, p in work.items():
-        state[n] = {k: (v if k == "step" else v.to(dtype)) for k, v in opt.state.get(p, {}).items()}
+        state[n] = {k: (v if k in SCALAR_STATES else v.to(dtype)) for k, v in opt.state.get(p, {}).items()}
     return low, state
 
 

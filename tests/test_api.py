@@ -53,6 +53,17 @@ BAD_HYPERPARAMS = [
     ("Adadelta", dict(lr=-1)), ("Adadelta", dict(rho=1.1)), ("Adadelta", dict(rho=-0.1)),
     ("Adadelta", dict(eps=-1)), ("Adadelta", dict(weight_decay=-1)),
     ("Adadelta", dict(lr=torch.tensor([0.1, 0.2]))), ("Adadelta", dict(fused=True)),
+    ("NAdam", dict(lr=-1)), ("NAdam", dict(eps=-1)), ("NAdam", dict(betas=(1.0, 0.9))),
+    ("NAdam", dict(betas=(0.9, -0.1))), ("NAdam", dict(weight_decay=-1)),
+    ("NAdam", dict(momentum_decay=-1)), ("NAdam", dict(lr=torch.tensor([0.1, 0.2]))),
+    ("NAdam", dict(fused=True)),
+    ("RAdam", dict(lr=-1)), ("RAdam", dict(eps=-1)), ("RAdam", dict(betas=(1.0, 0.9))),
+    ("RAdam", dict(betas=(0.9, -0.1))), ("RAdam", dict(weight_decay=-1)),
+    ("RAdam", dict(lr=torch.tensor([0.1, 0.2]))), ("RAdam", dict(fused=True)),
+    ("Rprop", dict(lr=-1)), ("Rprop", dict(etas=(1.0, 1.2))), ("Rprop", dict(etas=(0.5, 1.0))),
+    ("Rprop", dict(lr=torch.tensor([0.1, 0.2]))), ("Rprop", dict(fused=True)),
+    ("ASGD", dict(lr=-1)), ("ASGD", dict(weight_decay=-1)),
+    ("ASGD", dict(lr=torch.tensor([0.1, 0.2]))), ("ASGD", dict(fused=True)),
 ]
 
 
@@ -187,7 +198,8 @@ def test_differentiable_runs_torchs_implementation_with_one_warning(name, torch_
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "Adamax", "Adadelta"])
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "Adamax", "Adadelta", "NAdam",
+                                  "RAdam", "Rprop", "ASGD"])
 def test_capturable_on_cpu_raises_torchs_error(name):
     """Eager capturable=True with CPU params: torch refuses it at step; so do we, with its
     error (Note [capturable]; under torch.compile the kernel runs, see test_integrations)."""
@@ -245,7 +257,8 @@ def test_sparse_grads_made_by_the_closure_use_torchs_for_loop(name):
             assert torch.equal(emb_ours.weight, emb_ref.weight)
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "Adamax", "Adadelta"])
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "Adamax", "Adadelta", "NAdam",
+                                  "RAdam", "Rprop", "ASGD"])
 def test_sparse_grads_raise_torchs_error(name):
     torch_cls, ours_cls = pu.ALGOS[name]
     messages = []

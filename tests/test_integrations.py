@@ -22,9 +22,13 @@ ALGOS = {
     "Adagrad": (torch.optim.Adagrad, fused_optim.Adagrad, dict(lr=0.05, lr_decay=0.01)),
     "Adamax": (torch.optim.Adamax, fused_optim.Adamax, dict(lr=0.01)),
     "Adadelta": (torch.optim.Adadelta, fused_optim.Adadelta, dict(lr=0.5)),
+    "NAdam": (torch.optim.NAdam, fused_optim.NAdam, dict(lr=0.01)),
+    "RAdam": (torch.optim.RAdam, fused_optim.RAdam, dict(lr=0.01)),
+    "Rprop": (torch.optim.Rprop, fused_optim.Rprop, dict(lr=0.01)),
+    "ASGD": (torch.optim.ASGD, fused_optim.ASGD, dict(lr=0.01, t0=3.0)),
 }
 # The algorithms whose momentum (or betas[0]) CyclicLR and OneCycleLR can cycle.
-CYCLES_MOMENTUM = ("SGD", "Adam", "AdamW", "RMSprop", "Adamax")
+CYCLES_MOMENTUM = ("SGD", "Adam", "AdamW", "RMSprop", "Adamax", "NAdam", "RAdam")
 
 
 def model_fn(seed=0):
@@ -50,7 +54,7 @@ SCHEDULERS = {
     "PolynomialLR": lambda o, a: S.PolynomialLR(o, total_iters=8, power=2.0),
     "CosineAnnealingLR": lambda o, a: S.CosineAnnealingLR(o, T_max=5),
     "CosineAnnealingWarmRestarts": lambda o, a: S.CosineAnnealingWarmRestarts(o, T_0=3, T_mult=2),
-    # momentum cycling: SGD's and RMSprop's momentum, Adam's and Adamax's beta1
+    # momentum cycling: SGD's and RMSprop's momentum, beta1 of Adam, Adamax, NAdam, RAdam
     "CyclicLR": lambda o, a: S.CyclicLR(o, base_lr=0.001, max_lr=0.05, step_size_up=3,
                                         cycle_momentum=a in CYCLES_MOMENTUM, base_momentum=0.8,
                                         max_momentum=0.95),

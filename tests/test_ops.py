@@ -80,6 +80,51 @@ def test_opcheck_adadelta(dtype, scaler):
                           (ps, gs, sq, acc, steps, 0.5, 0.9, 1e-6, 0.1, True) + extra)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scaler", [False, True])
+def test_opcheck_nadam(dtype, scaler):
+    ps, gs, ms, vs = tensors(dtype), tensors(dtype), tensors(dtype), [t.abs() for t in tensors(dtype)]
+    mu_products = [torch.tensor(0.9) for _ in ps]
+    steps = [torch.tensor(1.0) for _ in ps]
+    extra = (torch.tensor(0.01), torch.tensor(4.0), torch.tensor(0.0)) if scaler else (None, None, None)
+    torch.library.opcheck(
+        torch.ops.fused_optim.nadam_.default,
+        (ps, gs, ms, vs, mu_products, steps, 0.01, 0.9, 0.999, 0.1, 1e-8, 4e-3, True, False) + extra)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scaler", [False, True])
+@pytest.mark.parametrize("step", [1.0, 9.0])  # unrectified, rectified
+def test_opcheck_radam(dtype, scaler, step):
+    ps, gs, ms, vs = tensors(dtype), tensors(dtype), tensors(dtype), [t.abs() for t in tensors(dtype)]
+    steps = [torch.tensor(step) for _ in ps]
+    extra = (torch.tensor(0.01), torch.tensor(4.0), torch.tensor(0.0)) if scaler else (None, None, None)
+    torch.library.opcheck(torch.ops.fused_optim.radam_.default,
+                          (ps, gs, ms, vs, steps, 0.01, 0.9, 0.999, 0.1, 1e-8, True, False) + extra)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scaler", [False, True])
+def test_opcheck_rprop(dtype, scaler):
+    ps, gs, prevs = tensors(dtype), tensors(dtype), tensors(dtype)
+    sizes = [torch.full_like(t, 0.01) for t in ps]
+    steps = [torch.tensor(1.0) for _ in ps]
+    extra = (torch.tensor(4.0), torch.tensor(0.0)) if scaler else (None, None)
+    torch.library.opcheck(torch.ops.fused_optim.rprop_.default,
+                          (ps, gs, prevs, sizes, steps, 0.5, 1.2, 1e-6, 50.0, False) + extra)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scaler", [False, True])
+def test_opcheck_asgd(dtype, scaler):
+    ps, gs, axs = tensors(dtype), tensors(dtype), tensors(dtype)
+    mus, etas = [torch.tensor(0.5) for _ in ps], [torch.tensor(0.01) for _ in ps]
+    steps = [torch.tensor(4.0) for _ in ps]
+    extra = (torch.tensor(0.01), torch.tensor(4.0), torch.tensor(0.0)) if scaler else (None, None, None)
+    torch.library.opcheck(torch.ops.fused_optim.asgd_.default,
+                          (ps, gs, axs, mus, etas, steps, 0.01, 1e-4, 0.75, 3.0, 0.1, False) + extra)
+
+
 def test_opcheck_stream():
     a = [torch.randn(100) for _ in range(4)]
     torch.library.opcheck(torch.ops.fused_optim._stream_.default, (a[:3], a[3:], 0.5))
@@ -113,3 +158,15 @@ def test_schemas_annotate_every_mutated_list():
     schema = torch.ops.fused_optim.adadelta_.default._schema
     mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
     assert mutated == {"params", "grads", "square_avgs", "acc_deltas", "state_steps"}
+    schema = torch.ops.fused_optim.nadam_.default._schema
+    mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    assert mutated == {"params", "grads", "exp_avgs", "exp_avg_sqs", "mu_products", "state_steps"}
+    schema = torch.ops.fused_optim.radam_.default._schema
+    mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    assert mutated == {"params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps"}
+    schema = torch.ops.fused_optim.rprop_.default._schema
+    mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    assert mutated == {"params", "grads", "prevs", "step_sizes", "state_steps"}
+    schema = torch.ops.fused_optim.asgd_.default._schema
+    mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    assert mutated == {"params", "grads", "axs", "mus", "etas", "state_steps"}

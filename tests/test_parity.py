@@ -55,6 +55,16 @@ def test_tensor_betas(algo, dtype):
     pu.assert_same_trajectory(ours, ref, exact=False, msg=f"{algo} tensor betas")
 
 
+def test_radam_cases_take_both_branches():
+    """RAdam's update is rectified where rho_t > 5 (torch.optim.radam): over the 10 steps of
+    each case, both ways are taken."""
+    for o in pu.OPTIONS["RAdam"]:
+        beta2 = o.get("betas", (0.9, 0.999))[1]
+        rho_inf = 2 / (1 - beta2) - 1
+        rho = [rho_inf - 2 * t * beta2**t / (1 - beta2**t) for t in range(1, 11)]
+        assert min(rho) <= 5.0 < max(rho), o
+
+
 LOW = [torch.bfloat16, torch.float16]
 
 
@@ -81,11 +91,12 @@ def test_low_precision_bitwise_with_rounded_reference(algo, options, dtype):
 # torch 2.13's CPU fused=True SGD is wrong in bf16/fp16 for tensors of 16 elements or more
 # (one lr=0.1 step lands up to 0.27 away from the float result), so only Adam/AdamW are
 # compared with it; SGD is covered by the rounded reference above and the fp64 test below.
-# torch has no fused=True for RMSprop, Adamax, Adadelta, NAdam, RAdam, Rprop and ASGD. torch's fused Adagrad rounds weight_decay, eps and the
-# decayed lr to the 16-bit param type before using them (0.1 becomes 0.09998 in fp16), where
-# we keep them in float as every other path does; with weight decay that moves an element by
-# several 16-bit ulps (measured: 1 of 65539 elements, 6 ulps, in fp16), so those cases are
-# checked by the rounded reference and the fp64 test only.
+# torch has no fused=True for RMSprop, Adamax, Adadelta, NAdam, RAdam, Rprop and ASGD.
+# torch's fused Adagrad rounds weight_decay, eps and the decayed lr to the 16-bit param type
+# before using them (0.1 becomes 0.09998 in fp16), where we keep them in float as every other
+# path does; with weight decay that moves an element by several 16-bit ulps (measured: 1 of
+# 65539 elements, 6 ulps, in fp16), so those cases are checked by the rounded reference and
+# the fp64 test only.
 FUSED_CASES = [(a, o) for a, o in CASES if a != "SGD"
                and "fused" in inspect.signature(pu.ALGOS[a][0]).parameters
                and not (a == "Adagrad" and o["weight_decay"] != 0)]

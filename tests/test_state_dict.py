@@ -13,7 +13,11 @@ OPTS = {"SGD": dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
         "RMSprop": dict(lr=0.01, momentum=0.9, centered=True, weight_decay=0.01),
         "Adagrad": dict(lr=torch.tensor(0.05), lr_decay=0.01, initial_accumulator_value=0.1),
         "Adamax": dict(lr=0.01, weight_decay=0.1),
-        "Adadelta": dict(lr=torch.tensor(0.5), rho=0.8, weight_decay=0.01)}
+        "Adadelta": dict(lr=torch.tensor(0.5), rho=0.8, weight_decay=0.01),
+        "NAdam": dict(lr=torch.tensor(0.01), weight_decay=0.1, decoupled_weight_decay=True),
+        "RAdam": dict(lr=0.01, weight_decay=0.1),
+        "Rprop": dict(lr=torch.tensor(0.01), etas=(0.4, 1.3)),
+        "ASGD": dict(lr=torch.tensor(0.01), lambd=0.1, t0=2.0, weight_decay=0.01)}
 
 
 def model_params(dtype):
@@ -35,6 +39,14 @@ def roundtrip(sd):
     torch.save(sd, buf)
     buf.seek(0)
     return torch.load(buf, weights_only=True)
+
+
+def as_loaded(sd, dtype):
+    """A checkpoint as load_state_dict leaves it for params of `dtype`: every floating state
+    but `step` cast to it (NAdam's float32 mu_product too, in torch.optim as here)."""
+    state = {k: {key: v if key == "step" or not v.is_floating_point() else v.to(dtype)
+                 for key, v in s.items()} for k, s in sd["state"].items()}
+    return dict(sd, state=state)
 
 
 def assert_same_state_dict(a, b):
@@ -59,10 +71,15 @@ def test_checkpoint_interchange_continues_identically(name, direction, dtype):
     first, second = (torch_cls, ours_cls) if direction == "torch_to_ours" else (ours_cls, torch_cls)
     kw = lambda cls: dict(OPTS[name], foreach=False) if cls is torch_cls else dict(OPTS[name])  # noqa: E731
     with pu.correctly_rounded_sqrt():  # torch's for-loop made exact (see parity_utils)
-        # Reference: the second class all the way.
+        # Reference: the second class all the way, through a checkpoint of its own (loading
+        # casts some state: as_loaded).
         ref_ps = model_params(dtype)
         ref = second(ref_ps, **kw(second))
-        train(ref, ref_ps, 6, 0)
+        train(ref, ref_ps, 3, 0)
+        ref_sd = roundtrip(ref.state_dict())
+        ref = second(ref_ps, **kw(second))
+        ref.load_state_dict(ref_sd)
+        train(ref, ref_ps, 3, 3)
         # Three steps with the first class, checkpoint, three with the second.
         ps = model_params(dtype)
         opt = first(ps, **kw(first))
@@ -76,7 +93,7 @@ def test_checkpoint_interchange_continues_identically(name, direction, dtype):
         ps2 = [p.detach().clone().requires_grad_() for p in ps]
         opt2 = second(ps2, **kw(second))
         opt2.load_state_dict(sd)
-        assert_same_state_dict(opt2.state_dict(), sd)
+        assert_same_state_dict(opt2.state_dict(), as_loaded(sd, dtype))
         train(opt2, ps2, 3, 3)
     if dtype == torch.bfloat16:
         # torch's bf16 for-loop rounds every intermediate; ours does not. Continuing works
@@ -119,7 +136,7 @@ def test_fresh_state_matches_torch_keys_dtypes_layouts(name):
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "Adagrad", "Adamax",
-                                  "Adadelta"])  # SGD keeps no step
+                                  "Adadelta", "NAdam", "RAdam", "Rprop", "ASGD"])  # SGD keeps no step
 def test_old_checkpoint_with_python_number_step_loads(name):
     """Old checkpoints stored `step` as a number; torch's __setstate__ converts it."""
     torch_cls, ours_cls = pu.ALGOS[name]

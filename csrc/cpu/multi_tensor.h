@@ -83,6 +83,10 @@ struct VectorMathOf<c10::BFloat16, kIsa> {
 #endif
 template <typename T, Isa kIsa>
 using VectorMath = typename VectorMathOf<T, kIsa>::type;
+// A rule that chooses per element (kScalarOnly: Note [Rprop's selects] in update_rules.h)
+// runs on scalars, as on the baseline.
+template <typename Rule>
+constexpr bool kScalarOnly = requires { requires Rule::kScalarOnly; };
 
 // Elements converted at a time for float16 params in the baseline loops: the float copies
 // stay in L1.
@@ -201,7 +205,7 @@ FO_INLINE void segment_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
   // 16-bit params with AVX2 or AVX-512: the rule on a vector of floats at a time,
   // converted in registers (Note [vector rules]); the scalar loop below does the tail.
   // (Without a vector, V is M, never used.)
-  using V = VectorMath<T, kIsa>;
+  using V = std::conditional_t<kScalarOnly<Rule>, M, VectorMath<T, kIsa>>;
   constexpr bool kVectorRule = !std::is_same_v<V, M>;
   if constexpr (std::is_same_v<T, M> || std::is_same_v<T, c10::BFloat16> || kVectorRule) {
     // float/double: update memory in place; bfloat16: widening is a shift and rounding a
@@ -360,17 +364,23 @@ void run_shared(MultiTensorPlan& plan, Coeffs coeffs, double lr, double inv_grad
   run(plan, segment_fns(plan, select), coeff_ptrs, inv_grad_scale);
 }
 
+// The same with coeffs[i] for tensor i.
+template <typename Coeffs, typename Select>
+void run_each(MultiTensorPlan& plan, const std::vector<Coeffs>& coeffs, double inv_grad_scale,
+              Select&& select) {
+  const int64_t n = plan.size();
+  std::vector<const void*> coeff_ptrs(n);
+  for (int64_t i = 0; i < n; ++i) coeff_ptrs[i] = &coeffs[i];
+  run(plan, segment_fns(plan, select), coeff_ptrs, inv_grad_scale);
+}
+
 // The same with each tensor's coefficients at its step, as counted by this call (Note
 // [per-step coefficients]).
 template <typename Coeffs, typename Select>
 void run_per_step(MultiTensorPlan& plan, at::TensorList state_steps, const Coeffs& base,
                   double lr, bool lr_is_f32, double inv_grad_scale, Select&& select) {
-  const std::vector<Coeffs> coeffs =
-      per_step_coeffs(base, lr, lr_is_f32, increment_steps(state_steps));
-  const int64_t n = plan.size();
-  std::vector<const void*> coeff_ptrs(n);
-  for (int64_t i = 0; i < n; ++i) coeff_ptrs[i] = &coeffs[i];
-  run(plan, segment_fns(plan, select), coeff_ptrs, inv_grad_scale);
+  run_each(plan, per_step_coeffs(base, lr, lr_is_f32, increment_steps(state_steps)),
+           inv_grad_scale, select);
 }
 
 }  // namespace fused_optim::cpu

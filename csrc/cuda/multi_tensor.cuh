@@ -348,6 +348,19 @@ class CudaCall {
     return {base};
   }
 
+  // Counts this step on the host and returns `coeffs_at(new steps, lr, lr_is_f32)`: for
+  // coefficients that also read scalar states on the host (Note [scalar states]); only
+  // for calls whose steps are CPU tensors (device_steps() is false).
+  template <typename CoeffsAt>
+  auto count_step_on_host(CoeffsAt&& coeffs_at) {
+    TORCH_INTERNAL_ASSERT(!device_steps_ && !sc_.device_coeffs);
+    return coeffs_at(has_steps_ ? increment_steps(steps_) : std::vector<double>(), sc_.lr_value,
+                     sc_.lr_is_f32);
+  }
+
+  // The steps are on the GPU (capturable and fused groups).
+  bool device_steps() const { return device_steps_; }
+
   template <typename Coeffs, typename Select>
   void launch(const std::vector<Coeffs>& coeffs, Select&& select) {
     launch_update(plan_, coeffs, device_steps_ ? steps_ : at::TensorList(), sc_,

@@ -1,0 +1,40 @@
+// RAdam on CPU: checks, scalars, flag and dtype dispatch. The math is RadamRule in
+// update_rules.h; the loop and threading are in multi_tensor.h.
+#include <torch/library.h>
+
+#include "cpu/multi_tensor.h"
+#include "direct_call.h"
+
+namespace fused_optim::cpu {
+namespace {
+
+void radam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+               at::TensorList exp_avg_sqs, at::TensorList state_steps, double lr, double beta1,
+               double beta2, double weight_decay, double eps, bool decoupled_weight_decay,
+               bool maximize, const std::optional<at::Tensor>& lr_tensor,
+               const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* op = "fused_optim::radam_";
+  const bool unscale = has_tensor(grad_scale);
+  MultiTensorPlan plan(op, params, grads, {exp_avgs, exp_avg_sqs}, /*grad_mutable=*/unscale);
+  check_steps(op, state_steps, plan.size());
+  const double inv_scale = inverse_grad_scale(op, grad_scale);
+  lr = lr_value(op, lr, lr_tensor);
+  // Note [Tensor lr] (plan.h): 1 - lr * weight_decay in the lr's dtype, as torch's for-loop.
+  const bool lr_is_f32 = lr_is_float32(lr_tensor);
+  if (skip_step(found_inf)) return;  // after all checks; nothing has changed yet
+
+  const WeightDecay wd = adam_weight_decay(weight_decay, decoupled_weight_decay);
+  run_per_step(plan, state_steps, radam_coeffs(maximize, weight_decay, beta1, beta2, eps), lr,
+               lr_is_f32, inv_scale, [&](at::ScalarType dt, bool cplx) {
+                 return select_radam(dt, cplx, wd, PickSegment{unscale});
+               });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_optim, CPU, m) { m.impl("radam_", &radam_cpu); }
+// The same kernel for the optimizers' eager steps: Note [direct calls].
+FO_REGISTER_DIRECT_CALL("radam_", radam_cpu);
+
+}  // namespace fused_optim::cpu

@@ -1,0 +1,49 @@
+// NAdam on CUDA: the call's options and scalars. The checks and layouts are the CPU's
+// (MultiTensorPlan, plan.h), the math is NadamRule (update_rules.h), the launches are in
+// cuda/multi_tensor.cuh.
+#include <torch/library.h>
+
+#include "cuda/multi_tensor.cuh"
+#include "direct_call.h"
+#include "state_lists.h"
+
+namespace fused_optim::cuda {
+namespace {
+
+void nadam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                at::TensorList exp_avg_sqs, at::TensorList mu_products,
+                at::TensorList state_steps, double lr, double beta1, double beta2,
+                double weight_decay, double eps, double momentum_decay,
+                bool decoupled_weight_decay, bool maximize,
+                const std::optional<at::Tensor>& lr_tensor,
+                const std::optional<at::Tensor>& grad_scale,
+                const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* op = "fused_optim::nadam_";
+  CudaCall call(op, params, grads, {exp_avgs, exp_avg_sqs}, state_steps, lr, lr_tensor,
+                grad_scale, found_inf);
+  // Note [scalar states] (plan.h): mu_product is updated and read on the host, so the
+  // steps must be there too (torch's for-loop keeps both on the CPU unless capturable;
+  // fused_optim.NAdam runs torch's own step for capturable CUDA groups).
+  TORCH_CHECK(!call.device_steps(), op,
+              ": steps and mu_products on the GPU (capturable) are not supported");
+  check_scalar_states(op, "mu_products", mu_products, static_cast<int64_t>(params.size()));
+  if (!call.updates()) return;  // after all checks; nothing has changed yet
+  const WeightDecay wd = adam_weight_decay(weight_decay, decoupled_weight_decay);
+  const auto coeffs = call.count_step_on_host([&](const std::vector<double>& steps,
+                                                  double lr_value, bool lr_is_f32) {
+    return nadam_step_coeffs(
+        nadam_coeffs(maximize, weight_decay, beta1, beta2, eps, momentum_decay), lr_value,
+        lr_is_f32, steps, mu_products);
+  });
+  call.launch(coeffs, [&](at::ScalarType dt, bool cplx) {
+    return select_nadam(dt, cplx, wd, PickKernel<NadamCoeffs>{});
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) { m.impl("nadam_", &nadam_cuda); }
+// The same kernel for the optimizers' eager steps: Note [direct calls].
+FO_REGISTER_DIRECT_CALL("nadam_@cuda", nadam_cuda);
+
+}  // namespace fused_optim::cuda

@@ -1,0 +1,80 @@
+"""ASGD: torch.optim.ASGD with the step computed by fused_optim::asgd_."""
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _get_scalar_dtype, _to_scalar
+
+from .optimizer import FusedOptimizer, hyper_float, lr_args
+
+__all__ = ["ASGD"]
+
+
+class ASGD(FusedOptimizer, torch.optim.ASGD):
+    __doc__ = torch.optim.ASGD.__doc__
+    _torch_class = torch.optim.ASGD
+
+    def __init__(
+        self,
+        params,
+        lr=1e-2,
+        lambd=1e-4,
+        alpha=0.75,
+        t0=1e6,
+        weight_decay=0,
+        foreach=None,
+        maximize=False,
+        differentiable=False,
+        capturable=False,
+    ):
+        super().__init__(
+            params,
+            lr=lr,
+            lambd=lambd,
+            alpha=alpha,
+            t0=t0,
+            weight_decay=weight_decay,
+            foreach=foreach,
+            maximize=maximize,
+            differentiable=differentiable,
+            capturable=capturable,
+        )
+        self._fused_setup()
+
+    _op = "asgd_"
+
+    def _torch_step_reason(self) -> Optional[str]:
+        reason = super()._torch_step_reason()
+        if reason is None and any(p.is_cuda for g in self.param_groups for p in g["params"]):
+            # Note [scalar states] (csrc/plan.h): torch keeps step, eta and mu on the
+            # param's device, and the kernels read and update eta and mu on the host.
+            return "CUDA params"
+        return reason
+
+    def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
+        return ("ax", "mu", "eta", "step")
+
+    def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        return dict(
+            **lr_args(group["lr"]),
+            lambd=group["lambd"],
+            alpha=group["alpha"],
+            t0=group["t0"],
+            weight_decay=hyper_float(group["weight_decay"]),
+            maximize=group["maximize"],
+        )
+
+    def _init_state(self, group: Dict[str, Any], p: Tensor, grad: Tensor, state: Dict[str, Any]) -> None:
+        if grad.is_sparse:  # checked where torch checks it, with torch's message
+            raise RuntimeError("ASGD does not support sparse gradients")
+        if len(state) == 0:
+            # As torch.optim.ASGD._init_group creates it (Note [state]): on the param's
+            # device, capturable or not.
+            state["step"] = torch.zeros((), device=p.device, dtype=_get_scalar_dtype())
+            state["eta"] = (
+                torch.as_tensor(_to_scalar(group["lr"]), device=p.device, dtype=_get_scalar_dtype())
+                .clone()
+                .detach()
+            )
+            state["mu"] = torch.ones((), device=p.device, dtype=_get_scalar_dtype())
+            state["ax"] = torch.zeros_like(p, memory_format=torch.preserve_format)

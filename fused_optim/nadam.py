@@ -1,0 +1,77 @@
+"""NAdam: torch.optim.NAdam with the step computed by fused_optim::nadam_."""
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .optimizer import FusedOptimizer, hyper_float, lr_args, scalar_state
+
+__all__ = ["NAdam"]
+
+
+class NAdam(FusedOptimizer, torch.optim.NAdam):
+    __doc__ = torch.optim.NAdam.__doc__
+    _torch_class = torch.optim.NAdam
+
+    def __init__(
+        self,
+        params,
+        lr=2e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0,
+        momentum_decay=4e-3,
+        decoupled_weight_decay=False,
+        *,
+        foreach=None,
+        maximize=False,
+        capturable=False,
+        differentiable=False,
+    ):
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            momentum_decay=momentum_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+        )
+        self._fused_setup()
+
+    _op = "nadam_"
+
+    def _capturable_on_cuda(self, group: Dict[str, Any]) -> bool:
+        # Note [scalar states] (csrc/plan.h): the kernels update mu_product on the host, so
+        # a capturable CUDA group (steps and mu_products on the GPU) runs torch's step.
+        return False
+
+    def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
+        return ("exp_avg", "exp_avg_sq", "mu_product", "step")
+
+    def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        beta1, beta2 = group["betas"]
+        return dict(
+            **lr_args(group["lr"]),
+            beta1=hyper_float(beta1),
+            beta2=hyper_float(beta2),
+            weight_decay=hyper_float(group["weight_decay"]),
+            eps=group["eps"],
+            momentum_decay=group["momentum_decay"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            maximize=group["maximize"],
+        )
+
+    def _init_state(self, group: Dict[str, Any], p: Tensor, grad: Tensor, state: Dict[str, Any]) -> None:
+        if grad.is_sparse:  # checked where torch checks it, with torch's message
+            raise RuntimeError("NAdam does not support sparse gradients")
+        if len(state) == 0:
+            # As torch.optim.NAdam._init_group creates it (Note [state]).
+            state["step"] = scalar_state(0.0, p, group["capturable"])
+            state["mu_product"] = scalar_state(1.0, p, group["capturable"])
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)

@@ -1,0 +1,68 @@
+"""RAdam: torch.optim.RAdam with the step computed by fused_optim::radam_."""
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .optimizer import FusedOptimizer, hyper_float, lr_args, scalar_state
+
+__all__ = ["RAdam"]
+
+
+class RAdam(FusedOptimizer, torch.optim.RAdam):
+    __doc__ = torch.optim.RAdam.__doc__
+    _torch_class = torch.optim.RAdam
+
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0,
+        decoupled_weight_decay=False,
+        *,
+        foreach=None,
+        maximize=False,
+        capturable=False,
+        differentiable=False,
+    ):
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+        )
+        self._fused_setup()
+
+    _op = "radam_"
+
+    def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
+        return ("exp_avg", "exp_avg_sq", "step")
+
+    def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        beta1, beta2 = group["betas"]
+        return dict(
+            **lr_args(group["lr"]),
+            beta1=hyper_float(beta1),
+            beta2=hyper_float(beta2),
+            weight_decay=hyper_float(group["weight_decay"]),
+            eps=group["eps"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            maximize=group["maximize"],
+        )
+
+    def _init_state(self, group: Dict[str, Any], p: Tensor, grad: Tensor, state: Dict[str, Any]) -> None:
+        if grad.is_sparse:  # checked where torch checks it, with torch's message
+            raise RuntimeError("RAdam does not support sparse gradients")
+        if len(state) == 0:
+            # As torch.optim.RAdam._init_group creates it (Note [state]).
+            state["step"] = scalar_state(0.0, p, group["capturable"])
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
