@@ -22,6 +22,10 @@ pytestmark = pu.needs_cuda
 
 CASES = [(algo, o) for algo, opts in pu.OPTIONS.items() for o in opts]
 IDS = [f"{algo}[{pu.option_id(o)}]" for algo, o in CASES]
+# fused_optim.ASGD runs torch's own step for CUDA params (Note [scalar states] in
+# csrc/plan.h): its CUDA trajectory is torch's, not the CPU kernels'.
+KERNEL_CASES = [(a, o) for a, o in CASES if a != "ASGD"]
+KERNEL_IDS = [f"{a}[{pu.option_id(o)}]" for a, o in KERNEL_CASES]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "fp64", "bf16", "fp16"]
 
@@ -52,7 +56,7 @@ def assert_cuda_equals_cpu(cuda_run, cpu_run, exact, msg, **tol):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("algo,options", CASES, ids=IDS)
+@pytest.mark.parametrize("algo,options", KERNEL_CASES, ids=KERNEL_IDS)
 def test_cuda_bitwise_equal_to_cpu(algo, options, dtype):
     """Every option, dtype and layout of the parity suite, 10 steps: the CUDA kernels give
     the CPU kernels' bits (which the parity suite compares with torch.optim)."""
