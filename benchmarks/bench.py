@@ -246,8 +246,11 @@ def run(args):
         for impl, ts in times.items():
             median = statistics.median(ts)
             gbs = bytes_per_step / median / 1e9
+            # % of the limit round by round (the bandwidth moves between rounds), its median
+            pct = statistics.median(100.0 * bytes_per_step / x / 1e9 / lim
+                                    for x, lim in zip(ts, limit_rounds))
             rows.append(dict(base, impl=impl, ms=median * 1e3, round_ms=[x * 1e3 for x in ts],
-                             steps=len(ts) * args.steps, gbs=gbs, pct_limit=100.0 * gbs / limit,
+                             steps=len(ts) * args.steps, gbs=gbs, pct_limit=pct,
                              us_per_tensor=median * 1e6 / len(wl.shapes), extra_peak_mib=peaks[impl]))
         del runners, params
         if device == "cuda":
