@@ -6,6 +6,15 @@ and against the machine's measured memory-bandwidth limit for the same access pa
     python benchmarks/bench.py --workloads W2 --dtypes float16,bfloat16   # other param dtypes
     python benchmarks/bench.py --quick              # small and fast (CI smoke test)
     python benchmarks/bench.py --device cuda        # on the GPU, against its copy bandwidth
+    python benchmarks/bench.py --clip --algos AdamW --workloads W2,W3   # clip + step
+
+With --clip every row is a training loop's clip + step: torch's rows run
+torch.nn.utils.clip_grad_norm_ then their step (as users write it today), the fused_optim
+row fused_optim.clip_grad_norm_ then its step (as they would write it with fused_optim), and
+"fused_optim max_grad_norm" the clipping inside the step (Note [clipping in the step]). The
+max norm shrinks by 0.1% every step, shared by all rows, so every step really scales the
+grads (the norm after a clip is the max norm: a fixed one would clip once, then never).
+The bytes a row must move then include one read of the grads, for the norm.
 
 Interleaved: within each (workload, algorithm, threads), every implementation and the
 bandwidth probe are timed in turn in every round (--rounds, --steps steps each, the order
@@ -40,6 +49,7 @@ import fused_optim  # noqa: E402
 from workloads import ALGORITHMS, workloads  # noqa: E402
 
 IMPLS = ["fused_optim", "torch foreach=False", "torch foreach=True", "torch fused=True", "deepspeed"]
+CLIP_IMPL = "fused_optim max_grad_norm"  # with --clip only
 LIMIT = "limit"  # the bandwidth probe, timed in the rounds as one more runner
 SHORT_DTYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -55,6 +65,8 @@ def deepspeed_adam():
 def make_optimizer(impl, algo, params, kwargs, dtype):
     if impl == "fused_optim":
         return getattr(fused_optim, algo)(params, **kwargs)
+    if impl == CLIP_IMPL:
+        return getattr(fused_optim, algo)(params, **kwargs, max_grad_norm=1.0)
     if impl == "deepspeed":
         cls = deepspeed_adam()
         if cls is None or algo not in ("Adam", "AdamW"):
@@ -186,7 +198,8 @@ def run(args):
     wls = workloads(quick=args.quick)
     selected_w = [w for w in args.workloads.split(",") if w]
     selected_a = [a for a in args.algos.split(",") if a]
-    impls = [i for i in IMPLS if i in args.impls.split(",")] if args.impls else list(IMPLS)
+    all_impls = IMPLS[:1] + [CLIP_IMPL] + IMPLS[1:] if args.clip else IMPLS
+    impls = [i for i in all_impls if i in args.impls.split(",")] if args.impls else list(all_impls)
     device = args.device
     if device == "cuda" and "deepspeed" in impls:
         impls.remove("deepspeed")  # DeepSpeedCPUAdam is a CPU optimizer
@@ -209,12 +222,33 @@ def run(args):
         wname = wl.name
         kwargs, pattern = ALGORITHMS[algo]
         label = f"{wname} {algo} {t} thr"
-        bytes_per_step = wl.numel * torch.finfo(wl.dtype).bits // 8 * (2 * pattern[0] + pattern[1])
+        bytes_per_step = wl.numel * torch.finfo(wl.dtype).bits // 8 * (2 * pattern[0] + pattern[1]
+                                                                      + (1 if args.clip else 0))
         gen = torch.Generator().manual_seed(0)
         params = [torch.empty(s, dtype=wl.dtype).uniform_(-1, 1, generator=gen).to(device).requires_grad_()
                   for s in wl.shapes]
         for p in params:
             p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(wl.dtype).to(device)
+        # --clip: the max norm all rows clip to, 0.1% lower at every step (see the docstring).
+        max_norm = [torch.nn.utils.get_total_norm([p.grad for p in params]).item()]
+
+        def clipped(impl, opt):
+            def shrink():
+                max_norm[0] *= 0.999
+                return max_norm[0]
+            if impl == CLIP_IMPL:
+                def step():
+                    opt.max_grad_norm = shrink()
+                    opt.step()
+            elif impl == "fused_optim":
+                def step():
+                    fused_optim.clip_grad_norm_(params, shrink())
+                    opt.step()
+            else:
+                def step():
+                    torch.nn.utils.clip_grad_norm_(params, shrink())
+                    opt.step()
+            return step
         # Every implementation steps the same params (each with its own state), and the
         # limit probe streams buffers of the step's size: all timed in the same rounds.
         runners, peaks = {}, {}
@@ -223,9 +257,10 @@ def run(args):
             opt = make_optimizer(impl, algo, params, kwargs, wl.dtype)
             if opt is None:
                 continue
-            opt.step()  # state initialised before anything is measured
-            peaks[impl] = extra_peak_cuda_mib(opt.step) if device == "cuda" else extra_peak_mib(opt.step)
-            runners[impl] = opt.step
+            step = clipped(impl, opt) if args.clip else opt.step
+            step()  # state initialised before anything is measured
+            peaks[impl] = extra_peak_cuda_mib(step) if device == "cuda" else extra_peak_mib(step)
+            runners[impl] = step
         if device == "cuda":
             n = max(1 << 20, bytes_per_step // 2 // 4)
             src = torch.rand(n, device="cuda")
@@ -267,7 +302,7 @@ def run(args):
             r[key] = ref["ms"] / r["ms"] if ref else None
             # the same ratio round by round (the rounds are the same minutes for both)
             r[key + "_rounds"] = ([a / b for a, b in zip(ref["round_ms"], r["round_ms"])] if ref else None)
-    return rows, machine_line(threads, device)
+    return rows, machine_line(threads, device) + ("; every row: clip by global norm + step" if args.clip else "")
 
 
 def fmt(v, spec, suffix=""):
@@ -286,7 +321,7 @@ def markdown(rows, machine):
             lines.append(f"| {r['workload']} | {r['algo']} | {r['threads']} | *limit ({limit_name})* | | "
                          f"{r['limit_gbs']:.1f} | 100 | | | |")
             last = key
-        name = f"**{r['impl']}**" if r["impl"] == "fused_optim" else r["impl"]
+        name = f"**{r['impl']}**" if r["impl"].startswith("fused_optim") else r["impl"]
         lines.append(
             f"| {r['workload']} | {r['algo']} | {r['threads']} | {name} | {r['ms']:.2f} | {r['gbs']:.1f} | "
             f"{r['pct_limit']:.0f} | {fmt(r['speedup_vs_torch_fused'], '.2f', 'x')} | "
@@ -302,15 +337,16 @@ def summary(rows, machine):
              "torch's fastest (our speedup) | vs DeepSpeed | µs/tensor | extra peak MiB |",
              "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
-        if r["impl"] != "fused_optim":
+        if not r["impl"].startswith("fused_optim"):
             continue
         same = [x for x in rows if (x["workload"], x["algo"], x["threads"]) == (r["workload"], r["algo"], r["threads"])
                 and x["impl"].startswith("torch ")]
         fastest = min(same, key=lambda x: x["ms"], default=None)
         best = (f"{fastest['impl'][6:]} {fastest['ms']:.2f} ({fastest['ms'] / r['ms']:.2f}x)"
                 if fastest else "n/a")
+        algo = r["algo"] + (" (max_grad_norm)" if r["impl"] == CLIP_IMPL else "")
         lines.append(
-            f"| {r['workload']} | {r['algo']} | {r['threads']} | {r['ms']:.2f} | {r['pct_limit']:.0f} | "
+            f"| {r['workload']} | {algo} | {r['threads']} | {r['ms']:.2f} | {r['pct_limit']:.0f} | "
             f"{fmt(r['speedup_vs_torch_fused'], '.2f', 'x')} | {best} | "
             f"{fmt(r['speedup_vs_deepspeed'], '.2f', 'x')} | {r['us_per_tensor']:.2f} | "
             f"{fmt(r['extra_peak_mib'], '.1f')} |")
@@ -326,7 +362,7 @@ def chart(rows, path):
         print("(matplotlib is not installed: no chart written)", file=sys.stderr)
         return False
     groups = sorted({(r["threads"], r["workload"], r["algo"]) for r in rows})
-    impls = [i for i in IMPLS if any(r["impl"] == i for r in rows)]
+    impls = [i for i in IMPLS[:1] + [CLIP_IMPL] + IMPLS[1:] if any(r["impl"] == i for r in rows)]
     fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(groups) * len(impls) / 2), 5))
     width = 0.8 / len(impls)
     for k, impl in enumerate(impls):
@@ -365,6 +401,8 @@ def main(argv=None):
     ap.add_argument("--max-seconds", type=float, default=30.0,
                     help="time cap per row group (at least 3 rounds run)")
     ap.add_argument("--quick", action="store_true", help="small workloads and few steps")
+    ap.add_argument("--clip", action="store_true",
+                    help="each row clips the grads by global norm, then steps (see above)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="where the params live (cuda: the limit is the GPU's copy bandwidth)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))

@@ -73,6 +73,11 @@ TORCH_LIBRARY(fused_optim, m) {
       "Tensor(e!)[] etas, Tensor(f!)[] state_steps, float lr, float lambd, float alpha, "
       "float t0, float weight_decay, bool maximize, Tensor? lr_tensor=None, "
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // Gradient clipping by global norm (csrc/cpu/grad_norm.cpp, fused_optim/clip.py): each
+  // tensor's norm (ord 2 or inf) as torch.linalg.vector_norm computes it, of the tensors
+  // times inv_scale (a GradScaler's unscale); and tensors *= scalar.
+  m.def("_norms(Tensor[] tensors, float ord, float inv_scale=1.0) -> Tensor");
+  m.def("_mul_(Tensor(a!)[] tensors, Tensor scalar) -> ()");
   // Benchmark helper: streams memory with a given read/write pattern, to measure the
   // bandwidth limit an optimizer step can reach (see benchmarks/).
   m.def("_stream_(Tensor(a!)[] inout, Tensor[] read_only, float scale) -> ()");

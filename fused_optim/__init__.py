@@ -23,6 +23,7 @@ from .adadelta import Adadelta  # noqa: E402
 from .adagrad import Adagrad  # noqa: E402
 from .adam import Adam, AdamW  # noqa: E402
 from .adamax import Adamax  # noqa: E402
+from .clip import clip_grad_norm_, clip_grads_with_norm_, get_total_norm  # noqa: E402
 from .nadam import NAdam  # noqa: E402
 from .radam import RAdam  # noqa: E402
 from .rmsprop import RMSprop  # noqa: E402
@@ -56,5 +57,7 @@ def _reexport_torch_names():
     return names
 
 
-__all__ = list(FUSED) + _reexport_torch_names()
+# Beyond torch.optim's names: torch.nn.utils' clipping functions, fused (clip.py).
+EXTRAS = ("clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_")
+__all__ = list(FUSED) + _reexport_torch_names() + list(EXTRAS)
 __version__ = "0.1.0"

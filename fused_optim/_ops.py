@@ -107,5 +107,10 @@ def _nothing_to_compute(*args, **kwargs):
     return None
 
 
-for _op in OPTIMIZER_OPS + ("_stream_",):
+for _op in OPTIMIZER_OPS + ("_stream_", "_mul_"):
     torch.library.register_fake(f"fused_optim::{_op}")(_nothing_to_compute)
+
+
+@torch.library.register_fake("fused_optim::_norms")
+def _norms_fake(tensors: List[Tensor], ord: float, inv_scale: float = 1.0) -> Tensor:
+    return tensors[0].new_empty((len(tensors),))

@@ -25,6 +25,8 @@ class Adadelta(FusedOptimizer, torch.optim.Adadelta):
         capturable=False,
         maximize=False,
         differentiable=False,
+        max_grad_norm=None,
+        grad_norm_type=2.0,
     ):
         super().__init__(
             params,
@@ -37,7 +39,7 @@ class Adadelta(FusedOptimizer, torch.optim.Adadelta):
             maximize=maximize,
             differentiable=differentiable,
         )
-        self._fused_setup()
+        self._fused_setup(max_grad_norm, grad_norm_type)
 
     _op = "adadelta_"
 

@@ -27,6 +27,8 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
         maximize=False,
         differentiable=False,
         fused=None,
+        max_grad_norm=None,
+        grad_norm_type=2.0,
     ):
         # torch.optim.Adagrad creates every param's state (`step`, `sum`) right here.
         super().__init__(
@@ -41,7 +43,7 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
             differentiable=differentiable,
             fused=fused,
         )
-        self._fused_setup()
+        self._fused_setup(max_grad_norm, grad_norm_type)
 
     def _torch_grads_reason(self) -> Optional[str]:
         reason = super()._torch_grads_reason()

@@ -67,6 +67,8 @@ class Adam(_AdamStep, torch.optim.Adam):
         differentiable=False,
         fused=None,
         decoupled_weight_decay=False,
+        max_grad_norm=None,
+        grad_norm_type=2.0,
     ):
         super().__init__(
             params,
@@ -82,7 +84,7 @@ class Adam(_AdamStep, torch.optim.Adam):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        self._fused_setup()
+        self._fused_setup(max_grad_norm, grad_norm_type)
 
 
 class AdamW(_AdamStep, torch.optim.AdamW):
@@ -103,6 +105,8 @@ class AdamW(_AdamStep, torch.optim.AdamW):
         capturable=False,
         differentiable=False,
         fused=None,
+        max_grad_norm=None,
+        grad_norm_type=2.0,
     ):
         super().__init__(
             params,
@@ -117,4 +121,4 @@ class AdamW(_AdamStep, torch.optim.AdamW):
             differentiable=differentiable,
             fused=fused,
         )
-        self._fused_setup()
+        self._fused_setup(max_grad_norm, grad_norm_type)

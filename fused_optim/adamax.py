@@ -25,6 +25,8 @@ class Adamax(FusedOptimizer, torch.optim.Adamax):
         maximize=False,
         differentiable=False,
         capturable=False,
+        max_grad_norm=None,
+        grad_norm_type=2.0,
     ):
         super().__init__(
             params,
@@ -37,7 +39,7 @@ class Adamax(FusedOptimizer, torch.optim.Adamax):
             differentiable=differentiable,
             capturable=capturable,
         )
-        self._fused_setup()
+        self._fused_setup(max_grad_norm, grad_norm_type)
 
     _op = "adamax_"
 

@@ -26,6 +26,9 @@ class ASGD(FusedOptimizer, torch.optim.ASGD):
         maximize=False,
         differentiable=False,
         capturable=False,
+        *,
+        max_grad_norm=None,
+        grad_norm_type=2.0,
     ):
         super().__init__(
             params,
@@ -39,7 +42,7 @@ class ASGD(FusedOptimizer, torch.optim.ASGD):
             differentiable=differentiable,
             capturable=capturable,
         )
-        self._fused_setup()
+        self._fused_setup(max_grad_norm, grad_norm_type)
 
     _op = "asgd_"
 

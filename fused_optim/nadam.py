@@ -27,6 +27,8 @@ class NAdam(FusedOptimizer, torch.optim.NAdam):
         maximize=False,
         capturable=False,
         differentiable=False,
+        max_grad_norm=None,
+        grad_norm_type=2.0,
     ):
         super().__init__(
             params,
@@ -41,7 +43,7 @@ class NAdam(FusedOptimizer, torch.optim.NAdam):
             capturable=capturable,
             differentiable=differentiable,
         )
-        self._fused_setup()
+        self._fused_setup(max_grad_norm, grad_norm_type)
 
     _op = "nadam_"
 

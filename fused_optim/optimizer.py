@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
 from . import _C, _ops
+from .clip import clip_in_step
 from ._loader import built_with_cuda, why_no_cuda
 
 
@@ -37,11 +38,19 @@ class FusedOptimizer(torch.optim.Optimizer):
     _torch_only_options = ("differentiable", "capturable")
     _warned: set = set()
 
-    def _fused_setup(self) -> None:
-        """Called at the end of each algorithm's __init__."""
+    def _fused_setup(self, max_grad_norm: Optional[float] = None, grad_norm_type: float = 2.0) -> None:
+        """Called at the end of each algorithm's __init__, with its fused_optim options."""
         # GradScaler then hands us grad_scale/found_inf instead of unscaling the grads
         # itself; the kernel unscales and skips inf/NaN steps (see step()).
         self._step_supports_amp_scaling = True
+        # Clipping by global norm inside step() (Note [clipping in the step], clip.py):
+        # optimizer-wide, like the norm it clips by, so not a param-group option.
+        if max_grad_norm is not None and not float(max_grad_norm) > 0.0:
+            raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.grad_norm_type = float(grad_norm_type)
+        # The total norm of the last step's grads (unscaled), when max_grad_norm is set.
+        self.last_grad_norm: Optional[Tensor] = None
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -137,16 +146,20 @@ class FusedOptimizer(torch.optim.Optimizer):
         # Decided after the closure: the grads it makes (sparse ones, say) are the ones the
         # step sees.
         reason = self._torch_step_reason()
-        if reason is not None:
-            self._torch_step(reason)
-            return loss
         # Set by GradScaler.step() for optimizers with _step_supports_amp_scaling.
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         groups = self.param_groups
+        scales = [grad_scale] * len(groups)
+        if getattr(self, "max_grad_norm", None) is not None:
+            scales, self.last_grad_norm = clip_in_step(self, grad_scale, found_inf,
+                                                       fold=reason is None)
+        if reason is not None:
+            self._torch_step(reason, scales[0] if scales else grad_scale)
+            return loss
         keys = [self._state_keys(group) for group in groups]
-        args = [_ops.schema_args(self._op, self._kernel_args(group), grad_scale, found_inf)
-                for group in groups]
+        args = [_ops.schema_args(self._op, self._kernel_args(group), scale, found_inf)
+                for group, scale in zip(groups, scales)]
         # Note [fast path]: in eager mode, _C._step gathers the groups' lists in C++ and
         # calls the CPU or CUDA kernel directly (Note [direct calls] in
         # csrc/direct_call.h). It declines, changing nothing, whatever it does not take
@@ -163,7 +176,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             return loss
         reason = self._torch_grads_reason()
         if reason is not None:
-            self._torch_step(reason)
+            # (Clipping folded nothing into `scales` here: it folds only where every grad
+            # is a dense float32 CPU tensor, and this reason is about sparse grads.)
+            self._torch_step(reason, scales[0] if scales else grad_scale)
             return loss
         # Group by group only where there are several: a single group was just declined.
         retry = fast and len(groups) > 1
@@ -203,8 +218,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                     tensors.append(s[key])
         _ops.call(self._op, params, grads, lists, args)
 
-    def _torch_step(self, reason: str) -> None:
-        """torch.optim's own step (the closure has run), for what the kernels do not do."""
+    def _torch_step(self, reason: str, grad_scale: Optional[Tensor]) -> None:
+        """torch.optim's own step (the closure has run), for what the kernels do not do.
+        `grad_scale`: the scaler's scale, or None where the grads are unscaled already (by
+        clipping: Note [clipping in the step])."""
         key = (type(self).__name__, reason)
         cpu_only = all(p.device.type == "cpu" for g in self.param_groups for p in g["params"])
         if reason == "capturable=True" and cpu_only:
@@ -216,12 +233,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                 f"kernels; running torch.optim.{type(self).__name__}'s implementation instead.",
                 stacklevel=3,
             )
-        grad_scale = getattr(self, "grad_scale", None)
+        saved_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         # torch's step, unwrapped: our own step already ran the step hooks once.
         torch_step = self._torch_class.step
         torch_step = getattr(torch_step, "__wrapped__", torch_step)
-        if grad_scale is None and found_inf is None:
+        if saved_scale is None and found_inf is None:
             torch_step(self)
             return
         # A GradScaler gave us the scale (we claim amp support); torch's non-fused path
@@ -239,7 +256,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                                 p.grad.mul_(inv_scale.to(p.grad.device))
             torch_step(self)
         finally:
-            self.grad_scale, self.found_inf = grad_scale, found_inf
+            self.grad_scale, self.found_inf = saved_scale, found_inf
 
 
 def lr_args(lr) -> Dict[str, Any]:

@@ -26,6 +26,8 @@ class RAdam(FusedOptimizer, torch.optim.RAdam):
         maximize=False,
         capturable=False,
         differentiable=False,
+        max_grad_norm=None,
+        grad_norm_type=2.0,
     ):
         super().__init__(
             params,
@@ -39,7 +41,7 @@ class RAdam(FusedOptimizer, torch.optim.RAdam):
             capturable=capturable,
             differentiable=differentiable,
         )
-        self._fused_setup()
+        self._fused_setup(max_grad_norm, grad_norm_type)
 
     _op = "radam_"
 

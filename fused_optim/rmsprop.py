@@ -27,6 +27,9 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
         foreach=None,
         maximize=False,
         differentiable=False,
+        *,
+        max_grad_norm=None,
+        grad_norm_type=2.0,
     ):
         super().__init__(
             params,
@@ -41,7 +44,7 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             maximize=maximize,
             differentiable=differentiable,
         )
-        self._fused_setup()
+        self._fused_setup(max_grad_norm, grad_norm_type)
 
     _op = "rmsprop_"
 

@@ -25,6 +25,8 @@ class Rprop(FusedOptimizer, torch.optim.Rprop):
         foreach=None,
         maximize=False,
         differentiable=False,
+        max_grad_norm=None,
+        grad_norm_type=2.0,
     ):
         super().__init__(
             params,
@@ -36,7 +38,7 @@ class Rprop(FusedOptimizer, torch.optim.Rprop):
             maximize=maximize,
             differentiable=differentiable,
         )
-        self._fused_setup()
+        self._fused_setup(max_grad_norm, grad_norm_type)
 
     _op = "rprop_"
 

@@ -27,6 +27,8 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         foreach=None,
         differentiable=False,
         fused=None,
+        max_grad_norm=None,
+        grad_norm_type=2.0,
     ):
         super().__init__(
             params,
@@ -40,7 +42,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             differentiable=differentiable,
             fused=fused,
         )
-        self._fused_setup()
+        self._fused_setup(max_grad_norm, grad_norm_type)
 
     def _torch_grads_reason(self) -> Optional[str]:
         reason = super()._torch_grads_reason()

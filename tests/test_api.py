@@ -18,11 +18,21 @@ def params(n=3):
     return [torch.randn(4, 5, requires_grad=True) for _ in range(n)]
 
 
+# fused_optim's options beyond torch's (Note [clipping in the step] in clip.py).
+FUSED_OPTIONS = {"max_grad_norm": None, "grad_norm_type": 2.0}
+
+
 @pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
 def test_signature_and_defaults_match_torch(name, torch_cls, ours_cls):
     ours = inspect.signature(ours_cls.__init__).parameters
     ref = inspect.signature(torch_cls.__init__).parameters
-    assert list(ours) == list(ref)
+    # torch's parameters, in torch's order, then fused_optim's own options: keyword-only,
+    # off by default (the default step is torch's, bit for bit).
+    assert list(ours)[:len(ref)] == list(ref)
+    assert list(ours)[len(ref):] == list(FUSED_OPTIONS)
+    for key, default in FUSED_OPTIONS.items():
+        assert ours[key].kind == inspect.Parameter.KEYWORD_ONLY, key
+        assert ours[key].default == default, key
     for key, p in ref.items():
         assert ours[key].kind == p.kind, key
         assert ours[key].default == p.default, key

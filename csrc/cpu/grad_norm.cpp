@@ -1,0 +1,247 @@
+// Gradient clipping by global norm on the CPU: the per-tensor norms of a list of tensors in
+// one parallel region (fused_optim::_norms), and the in-place multiply of a list by one
+// scalar (fused_optim::_mul_). They are the second kind of kernel of the library: a
+// reduction, not an elementwise update, so they do not go through MultiTensorPlan.
+// fused_optim/clip.py turns them into torch.nn.utils.clip_grad_norm_.
+#include <torch/library.h>
+
+#include <ATen/Functions.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/grad_norm.h"
+#include "cpu/multi_tensor.h"
+
+namespace fused_optim::cpu {
+namespace {
+
+// Note [global norm]
+// clip_grad_norm_ takes torch.linalg.vector_norm of each grad, then the norm of those
+// norms. On an x86 CPU torch's 2-norm of a dense float, double or bfloat16 tensor is one
+// pass in memory order (its AVX2 kernel) with one accumulator of 32 bytes: 8 float lanes
+// (bfloat16 values widened to float, 16 per step: the first 8, then the next 8) or 4
+// double lanes, each lane a chain of `acc + x * x` without fma; then the lanes are added
+// in order, then the leftover elements one by one, each with an fma (the compiler
+// contracted that scalar loop), and the square root of that, rounded to the tensor's
+// dtype. That pass runs on one thread, one tensor after another. A float16 tensor takes
+// torch's generic reduction instead: one chain of `acc + x * x` in float, split into one
+// contiguous run per thread when it has 32,768 elements or more (at::parallel_for's
+// split), the runs' sums then added in thread order. The functions below add in those
+// same orders, so each norm is bitwise torch's (measured on torch 2.8 to 2.14); what runs
+// in parallel here is tensors, spread over the threads by size. The infinity norm (the
+// largest |x|, NaN if any is NaN) does not depend on the order. Anything else (a tensor
+// that is not dense, a norm type other than 2 and inf) gets torch's own norm, on the
+// calling thread; the norm of the norms is always computed by torch (clip.py).
+// `inv_scale` != 1: the norm of the tensors multiplied by it and rounded to their dtype,
+// as a GradScaler's unscale_ leaves grads before clip_grad_norm_ reads them.
+
+template <typename T>
+FO_INLINE at::opmath_type<T> unscaled(const T* p, at::opmath_type<T> inv_scale, bool unscale) {
+  using M = at::opmath_type<T>;
+  M v = load(p);
+  if (unscale) {
+    T rounded;
+    store(v * inv_scale, &rounded);
+    v = load(&rounded);
+  }
+  return v;
+}
+
+template <typename T, bool kUnscale>
+at::opmath_type<T> sum_squares(const T* x, int64_t n, at::opmath_type<T> inv_scale) {
+  using M = at::opmath_type<T>;
+  constexpr int kLanes = 32 / sizeof(M);                  // 8 floats or 4 doubles
+  constexpr int kStep = std::is_same_v<T, M> ? kLanes : 2 * kLanes;  // 16-bit: 16 per step
+  M acc[kLanes] = {};
+  const int64_t body = n - n % kStep;
+  for (int64_t d = 0; d < body; d += kStep) {
+    for (int half = 0; half < kStep / kLanes; ++half) {
+      M v[kLanes];
+      for (int j = 0; j < kLanes; ++j) v[j] = unscaled(x + d + half * kLanes + j, inv_scale, kUnscale);
+      for (int j = 0; j < kLanes; ++j) acc[j] = acc[j] + v[j] * v[j];
+    }
+  }
+  M sum = acc[0];
+  for (int j = 1; j < kLanes; ++j) sum = sum + acc[j];
+  for (int64_t d = body; d < n; ++d) {
+    const M v = unscaled(x + d, inv_scale, kUnscale);
+    sum = std::fma(v, v, sum);
+  }
+  return sum;
+}
+
+// float16: torch's generic reduction (Note [global norm]). `threads`: the caller's
+// at::get_num_threads(), which decides torch's split.
+template <bool kUnscale>
+float sum_squares_f16(const c10::Half* x, int64_t n, float inv_scale, int64_t threads) {
+  constexpr int64_t kTorchGrain = 32768;  // at::internal::GRAIN_SIZE
+  auto chain = [&](int64_t begin, int64_t end) {
+    float acc = 0.0f;
+    for (int64_t d = begin; d < end; ++d) {
+      const float v = unscaled(x + d, inv_scale, kUnscale);
+      acc = acc + v * v;
+    }
+    return acc;
+  };
+  if (n < kTorchGrain || threads <= 1) return 0.0f + chain(0, n);
+  const int64_t runs = std::min(threads, (n + kTorchGrain - 1) / kTorchGrain);
+  const int64_t run = (n + runs - 1) / runs;
+  float total = 0.0f;
+  for (int64_t begin = 0; begin < n; begin += run) total = total + chain(begin, std::min(n, begin + run));
+  return total;
+}
+
+template <typename T, bool kUnscale>
+at::opmath_type<T> abs_max(const T* x, int64_t n, at::opmath_type<T> inv_scale) {
+  using M = at::opmath_type<T>;
+  M m = M(0);
+  bool nan = false;
+  for (int64_t d = 0; d < n; ++d) {
+    const M v = std::abs(unscaled(x + d, inv_scale, kUnscale));
+    nan |= v != v;
+    m = v > m ? v : m;
+  }
+  return nan ? std::numeric_limits<M>::quiet_NaN() : m;
+}
+
+// The norm of one dense tensor (Note [global norm]), in its dtype.
+template <typename T>
+T dense_norm(const at::Tensor& t, bool inf, double inv_scale, int64_t threads) {
+  using M = at::opmath_type<T>;
+  const T* x = static_cast<const T*>(t.const_data_ptr());
+  const int64_t n = t.numel();
+  const M inv = static_cast<M>(inv_scale);
+  const bool unscale = inv_scale != 1.0;
+  M r;
+  if (inf) {
+    r = unscale ? abs_max<T, true>(x, n, inv) : abs_max<T, false>(x, n, inv);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    r = std::sqrt(unscale ? sum_squares_f16<true>(x, n, inv, threads)
+                          : sum_squares_f16<false>(x, n, inv, threads));
+  } else {
+    r = std::sqrt(unscale ? sum_squares<T, true>(x, n, inv) : sum_squares<T, false>(x, n, inv));
+  }
+  T out;
+  store(r, &out);
+  return out;
+}
+
+// Splits tensors [0, n) into `parts` runs of consecutive tensors of about equal cost
+// (elements, plus a fixed cost per tensor): bounds[k] to bounds[k + 1] is run k.
+std::vector<int64_t> balanced_runs(const std::vector<int64_t>& cost, int64_t parts) {
+  const int64_t n = static_cast<int64_t>(cost.size());
+  std::vector<int64_t> prefix(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i) prefix[i + 1] = prefix[i] + cost[i];
+  std::vector<int64_t> bounds(parts + 1, n);
+  bounds[0] = 0;
+  int64_t i = 0;
+  for (int64_t k = 1; k < parts; ++k) {
+    const int64_t target = prefix[n] * k / parts;
+    while (i < n && prefix[i + 1] <= target) ++i;
+    bounds[k] = std::max(i, bounds[k - 1]);
+  }
+  return bounds;
+}
+
+constexpr int64_t kTensorCost = 256;  // elements' worth of work per tensor (its setup)
+
+}  // namespace
+
+at::Tensor norms_cpu(at::TensorList tensors, double ord, double inv_scale) {
+  constexpr const char* op = "fused_optim::_norms";
+  const bool inf = std::isinf(ord) && ord > 0;
+  TORCH_CHECK(ord == 2.0 || inf, op, ": expects the norm type 2 or inf, got ", ord);
+  TORCH_CHECK(!tensors.empty(), op, ": expects at least one tensor");
+  const at::ScalarType dtype = tensors[0].scalar_type();
+  for (const at::Tensor& t : tensors) {
+    TORCH_CHECK(t.device().is_cpu() && t.layout() == at::kStrided, op,
+                ": expects dense CPU tensors, got one on ", t.device(), " with layout ",
+                t.layout());
+    TORCH_CHECK(t.scalar_type() == dtype, op, ": expects tensors of one dtype, got ", dtype,
+                " and ", t.scalar_type());
+  }
+  const int64_t n = static_cast<int64_t>(tensors.size());
+  at::Tensor out = at::empty({n}, tensors[0].options());
+  std::vector<int64_t> cost(n);
+  std::vector<char> ours(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& t = tensors[i];
+    // torch.nn.utils' clipping calls _foreach_norm on the CPU, with this error.
+    TORCH_CHECK(!inf || t.numel() > 0, "_foreach_norm cannot compute the infinity norm on an "
+                "empty tensor because the operation does not have an identity");
+    ours[i] = t.is_non_overlapping_and_dense() && !t.is_neg() && !t.is_conj();
+    cost[i] = ours[i] ? t.numel() + kTensorCost : 0;
+  }
+  dispatch_dtype(dtype, [&]<typename T>() -> SegmentFn {
+    T* result = out.mutable_data_ptr<T>();
+    // torch's own norm for the rest, here, before the parallel region.
+    for (int64_t i = 0; i < n; ++i) {
+      if (ours[i]) continue;
+      at::Tensor t = tensors[i];
+      if (inv_scale != 1.0) t = t.mul(inv_scale);  // as unscale_ leaves it, rounded to T
+      result[i] = at::linalg_vector_norm(t, ord).item<T>();
+    }
+    const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+    const int64_t parts = threads;
+    const std::vector<int64_t> bounds = balanced_runs(cost, parts);
+    at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        for (int64_t i = bounds[k]; i < bounds[k + 1]; ++i) {
+          if (ours[i]) result[i] = dense_norm<T>(tensors[i], inf, inv_scale, threads);
+        }
+      }
+    });
+    return nullptr;
+  });
+  return out;
+}
+
+void mul_cpu(at::TensorList tensors, const at::Tensor& scalar) {
+  constexpr const char* op = "fused_optim::_mul_";
+  TORCH_CHECK(scalar.numel() == 1 && scalar.device().is_cpu(), op,
+              ": expects a one-element CPU tensor as the scalar");
+  if (tensors.empty()) return;
+  const at::ScalarType dtype = tensors[0].scalar_type();
+  for (const at::Tensor& t : tensors) {
+    TORCH_CHECK(t.device().is_cpu() && t.layout() == at::kStrided && t.scalar_type() == dtype,
+                op, ": expects dense CPU tensors of one dtype");
+  }
+  const double c = scalar.item<double>();
+  std::vector<void*> ptrs;
+  std::vector<int64_t> offsets{0};
+  for (const at::Tensor& t : tensors) {
+    if (t.is_non_overlapping_and_dense() && !t.is_neg() && !t.is_conj() && !t.is_complex()) {
+      ptrs.push_back(t.data_ptr());  // (asks for copy-on-write storage to materialize)
+      offsets.push_back(offsets.back() + t.numel());
+    } else {
+      at::Tensor(t).mul_(scalar);
+    }
+  }
+  if (ptrs.empty()) return;
+  dispatch_dtype(dtype, [&]<typename T>() -> SegmentFn {
+    using M = at::opmath_type<T>;
+    const M cm = static_cast<M>(c);
+    at::parallel_for(0, offsets.back(), kGrainSize, [&](int64_t begin, int64_t end) {
+      // The first tensor of the range, then on through the following ones.
+      int64_t k = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
+      for (int64_t i = begin; i < end; ++k) {
+        T* x = static_cast<T*>(ptrs[k]) - offsets[k];
+        const int64_t stop = std::min(end, offsets[k + 1]);
+#pragma GCC ivdep
+        for (int64_t j = i; j < stop; ++j) store(load(x + j) * cm, x + j);
+        i = stop;
+      }
+    });
+    return nullptr;
+  });
+}
+
+TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
+  m.impl("_norms", &norms_cpu);
+  m.impl("_mul_", &mul_cpu);
+}
+
+}  // namespace fused_optim::cpu

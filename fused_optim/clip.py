@@ -1,0 +1,321 @@
+"""Gradient clipping by global norm: torch.nn.utils.clip_grad_norm_, get_total_norm and
+clip_grads_with_norm_, with the norms in one multi-tensor pass and the multiply in one
+parallel region (csrc/cpu/grad_norm.cpp).
+
+Same signatures, return values, errors and results as torch's: the norm of each CPU grad
+is computed in the order torch's kernel uses (Note [global norm]), so the total norm and
+the clipped grads are bitwise torch's. What the CPU kernels do not take (CUDA tensors,
+DTensors and other subclasses, complex grads, norm types other than 2 and inf, a step
+being compiled) runs torch's own implementation: under torch.compile silently (torch's
+code is what gets traced), otherwise with a one-time warning.
+"""
+import types
+import warnings
+from typing import Dict, Iterable, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+from . import _C
+
+__all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_"]
+
+_tensor_or_tensors = Union[Tensor, Iterable[Tensor]]
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_warned: set = set()
+
+
+def _why_torch(tensors: List[Tensor], norm_type: Optional[float] = None) -> Optional[str]:
+    """Why these tensors (and this norm type) go to torch's own implementation, or None."""
+    if torch.compiler.is_compiling():
+        return ""  # torch's code is traced: nothing to warn about
+    if norm_type is not None and norm_type != 2.0 and norm_type != float("inf"):
+        return f"norm_type={norm_type} (the kernels compute the 2-norm and the inf-norm)"
+    for t in tensors:
+        if type(t) is not Tensor and type(t) is not torch.nn.Parameter:
+            return f"{type(t).__name__} grads"
+        if t.device.type != "cpu":
+            return f"{t.device.type} grads"
+        if t.layout != torch.strided:
+            return f"{t.layout} grads"
+        if t.dtype not in _KERNEL_DTYPES:
+            return f"{t.dtype} grads"
+    return None
+
+
+def _kernel_norm(norm_type: float) -> bool:
+    """Whether the kernels compute this norm type (in eager mode)."""
+    return (norm_type == 2.0 or norm_type == float("inf")) and not torch.compiler.is_compiling()
+
+
+def _warn_once(function: str, reason: str) -> None:
+    if reason and reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(
+            f"fused_optim.{function}: {reason} are not supported by the fused kernels; running "
+            f"torch.nn.utils.{function}'s implementation instead.",
+            stacklevel=4,
+        )
+
+
+def _norms_by_group(tensors: List[Tensor], norm_type: float, inv_scale: float = 1.0) -> Tensor:
+    """The norm of each tensor, as one vector in the order torch's _get_total_norm stacks
+    them (grouped by device and dtype, groups in order of first appearance)."""
+    first = tensors[0].dtype
+    if all(t.dtype is first for t in tensors):  # one group: no regrouping to do
+        return torch.ops.fused_optim._norms(tensors, norm_type, inv_scale)
+    grouped = _group_tensors_by_device_and_dtype([tensors])
+    return torch.cat([torch.ops.fused_optim._norms(group, norm_type, inv_scale)
+                      for (_, _), ([group], _) in grouped.items()])
+
+
+def _nonfinite_error(total_norm: Tensor, norm_type: float) -> None:
+    if torch.logical_or(total_norm.isnan(), total_norm.isinf()):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from "
+            "`parameters` is non-finite, so it cannot be clipped. To disable "
+            "this error and scale the gradients by the non-finite norm anyway, "
+            "set `error_if_nonfinite=False`"
+        )
+
+
+@torch.no_grad()
+def get_total_norm(
+    tensors: _tensor_or_tensors,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: Optional[bool] = None,
+) -> Tensor:
+    r"""The norm of an iterable of tensors, as :func:`torch.nn.utils.get_total_norm`
+    computes it (the norm of the tensors' norms), bitwise, with the norms in one pass."""
+    if isinstance(tensors, Tensor):
+        tensors = [tensors]
+    else:
+        tensors = list(tensors)
+    norm_type = float(norm_type)
+    reason = _why_torch(tensors, norm_type) if tensors else None
+    if reason is not None:
+        _warn_once("get_total_norm", reason)
+        return torch.nn.utils.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
+    if len(tensors) == 0:
+        return torch.tensor(0.0)
+    total_norm = torch.linalg.vector_norm(_norms_by_group(tensors, norm_type), norm_type)
+    if error_if_nonfinite:
+        _nonfinite_error(total_norm, norm_type)
+    return total_norm
+
+
+def _clip_coef(max_norm: float, total_norm: Tensor) -> Tensor:
+    """min(max_norm / (total_norm + 1e-6), 1), with torch's tensor ops (so its bits)."""
+    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+
+
+def _mul_grads_(grads: List[Tensor], scalar: Tensor) -> None:
+    """grads *= scalar (a CPU 0-dim tensor), as torch._foreach_mul_ would, group by dtype."""
+    first = grads[0].dtype
+    if all(g.dtype is first for g in grads):
+        torch.ops.fused_optim._mul_(grads, scalar)
+        return
+    for (_, _), ([group], _) in _group_tensors_by_device_and_dtype([grads]).items():
+        torch.ops.fused_optim._mul_(group, scalar)
+
+
+@torch.no_grad()
+def clip_grads_with_norm_(
+    parameters: _tensor_or_tensors,
+    max_norm: float,
+    total_norm: Tensor,
+    foreach: Optional[bool] = None,
+) -> None:
+    r"""Scales the grads of ``parameters`` by ``min(max_norm / (total_norm + 1e-6), 1)`` in
+    place, as :func:`torch.nn.utils.clip_grads_with_norm_` does, bitwise."""
+    if isinstance(parameters, Tensor):
+        parameters = [parameters]
+    else:
+        parameters = list(parameters)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    reason = _why_torch(grads) if grads else None
+    if reason is None and (type(total_norm) is not Tensor or total_norm.device.type != "cpu"):
+        reason = "total norms off the CPU"
+    if reason is not None:
+        _warn_once("clip_grads_with_norm_", reason)
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
+        return
+    max_norm = float(max_norm)
+    if len(grads) == 0:
+        return
+    coef = _clip_coef(max_norm, total_norm)
+    # A product by 1.0 changes nothing: torch multiplies anyway (on an accelerator, asking
+    # would synchronise); on the CPU asking is free.
+    if coef.item() != 1.0:
+        _mul_grads_(grads, coef)
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: _tensor_or_tensors,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: Optional[bool] = None,
+) -> Tensor:
+    r"""Clips the gradient norm of an iterable of parameters, as
+    :func:`torch.nn.utils.clip_grad_norm_` does (same arguments, errors, return value and
+    results, bitwise), with the norms in one multi-tensor pass and the scaling in one
+    parallel region.
+
+    Args:
+        parameters (Iterable[Tensor] or Tensor): the tensors whose grads are clipped
+        max_norm (float): max norm of the gradients
+        norm_type (float, optional): type of the used p-norm. Can be ``'inf'`` for
+            infinity norm. Default: 2.0
+        error_if_nonfinite (bool, optional): if True, an error is thrown if the total
+            norm of the gradients from :attr:`parameters` is ``nan``,
+            ``inf``, or ``-inf``. Default: False
+        foreach (bool, optional): accepted for torch's signature; the kernels compute the
+            same values either way. Default: None
+
+    Returns:
+        Total norm of the parameter gradients (viewed as a single vector).
+    """
+    if isinstance(parameters, Tensor):
+        parameters = [parameters]
+    else:
+        is_generator = isinstance(parameters, types.GeneratorType)
+        parameters = list(parameters)
+        if is_generator and len(parameters) == 0:
+            warnings.warn(
+                "`parameters` is an empty generator, no gradient clipping will occur.",
+                stacklevel=3,
+            )
+    norm_type = float(norm_type)
+    if _kernel_norm(norm_type):
+        # The fast path (Note [clipping's fast path] in csrc/python_step.cpp).
+        norms = _C._grad_norms([parameters], norm_type, 1.0)
+        if norms is not None:
+            if norms.numel() == 0:
+                return torch.tensor(0.0)
+            total_norm = torch.linalg.vector_norm(norms, norm_type)
+            if error_if_nonfinite:
+                _nonfinite_error(total_norm, norm_type)
+            coef = _clip_coef(float(max_norm), total_norm)
+            if coef.item() != 1.0:  # (see clip_grads_with_norm_)
+                _C._mul_grads_([parameters], coef)
+            return total_norm
+    grads = [p.grad for p in parameters if p.grad is not None]
+    reason = _why_torch(grads, norm_type) if grads else None
+    if reason is not None:
+        _warn_once("clip_grad_norm_", reason)
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type,
+                                              error_if_nonfinite, foreach)
+    total_norm = get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
+    clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
+    return total_norm
+
+
+def clip_in_step(optimizer, grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
+                 fold: bool) -> Tuple[List[Optional[Tensor]], Tensor]:
+    """Note [clipping in the step]
+    An optimizer made with max_grad_norm clips the grads of all its groups by their global
+    norm inside step(). The result is bitwise that of torch's recipe, GradScaler.unscale_
+    (when a scaler drives the step), clip_grad_norm_, then the step:
+
+    * the norm is of the unscaled grads: the norm kernel multiplies each grad by the
+      scaler's 1/scale (as unscale_ computes it) and rounds to the grad's dtype before
+      squaring; so nothing is written before the step;
+    * where clipping changes nothing (the coefficient is 1), the step runs as without it;
+    * otherwise, for a group whose grads are all float32 (`fold`: our kernel runs its
+      step), the coefficient goes into the kernel as a scaler's scale does: the kernel
+      multiplies each grad by one float32 factor, 1/scale times the coefficient (exact
+      when the scale is a power of two, as GradScaler's always are), and stores it back,
+      as torch's recipe leaves the grads. So unscaling, clipping and the update are one
+      pass over the grads, and the norm another;
+    * any other group (float64 and 16-bit grads, which torch's recipe rounds in between;
+      a scale that is not a power of two; a step that runs torch's implementation) has its
+      grads unscaled and clipped in place first (fused_optim's _mul_, or torch's own
+      functions for what the kernels do not take), then steps without the scale.
+
+    Returns each group's grad_scale for the kernel (None: the grads are already unscaled,
+    or there is no scaler), and the total norm."""
+    groups = optimizer.param_groups
+    max_norm = float(optimizer.max_grad_norm)
+    norm_type = float(optimizer.grad_norm_type)
+    # 1/scale as GradScaler.unscale_ computes it.
+    inv = None if grad_scale is None else grad_scale.double().reciprocal().float()
+    inv_value = 1.0 if inv is None or inv.device.type != "cpu" else inv.item()
+    if _kernel_norm(norm_type) and (inv is None or inv.device.type == "cpu"):
+        # The fast path (Note [clipping's fast path] in csrc/python_step.cpp): every grad of
+        # one dtype, dense, on the CPU.
+        param_lists = [group["params"] for group in groups]
+        norms = _C._grad_norms(param_lists, norm_type, inv_value)
+        if norms is not None:
+            if norms.numel() == 0:
+                return [grad_scale] * len(groups), torch.tensor(0.0)
+            total = torch.linalg.vector_norm(norms, norm_type)
+            coef = _clip_coef(max_norm, total)
+            c = coef.item()
+            if c == 1.0 or (found_inf is not None and found_inf.item() != 0):
+                return [grad_scale] * len(groups), total
+            if fold and norms.dtype == torch.float32 and (inv is None or _power_of_two(inv)):
+                return [_folded_scale(c, inv_value)] * len(groups), total
+            if inv is not None:
+                _C._mul_grads_(param_lists, inv)
+            _C._mul_grads_(param_lists, coef)
+            return [None] * len(groups), total
+    # The general path: grads of several dtypes, or what the kernels do not take.
+    group_grads = [[p.grad for p in group["params"] if p.grad is not None] for group in groups]
+    grads = [g for gs in group_grads for g in gs]
+    unchanged = [grad_scale] * len(groups)
+    if not grads:
+        return unchanged, torch.tensor(0.0)
+    reason = _why_torch(grads, norm_type)
+    if reason is not None or (inv is not None and inv.device.type != "cpu"):
+        # torch's recipe itself: unscale_ (GradScaler's op), clip_grad_norm_, a step
+        # without the scale.
+        _warn_once("clip_grad_norm_", reason or "GradScalers off the CPU")
+        if inv is not None:
+            for (device, _), ([group], _) in _group_tensors_by_device_and_dtype([grads]).items():
+                torch._amp_foreach_non_finite_check_and_unscale_(
+                    group, torch.zeros(1, device=device), inv.to(device))
+        total = torch.nn.utils.get_total_norm(grads, norm_type)
+        torch.nn.utils.clip_grads_with_norm_(grads_params(groups), max_norm, total)
+        return [None] * len(groups), total
+    total = torch.linalg.vector_norm(_norms_by_group(grads, norm_type, inv_value), norm_type)
+    coef = _clip_coef(max_norm, total)
+    c = coef.item()
+    if c == 1.0:
+        return unchanged, total
+    if found_inf is not None and found_inf.item() != 0:
+        return unchanged, total  # the kernel skips the step and writes nothing
+    power_of_two = inv is None or _power_of_two(inv)
+    scales: List[Optional[Tensor]] = []
+    for gs in group_grads:
+        if not gs:
+            scales.append(grad_scale)
+        elif fold and power_of_two and all(g.dtype is torch.float32 for g in gs):
+            scales.append(_folded_scale(c, inv_value))
+        else:
+            if inv is not None:
+                _mul_grads_(gs, inv)
+            _mul_grads_(gs, coef)
+            scales.append(None)
+    return scales, total
+
+
+def _power_of_two(x: Tensor) -> bool:
+    return torch.frexp(x)[0].item() == 0.5
+
+
+def _folded_scale(coef: float, inv_scale: float) -> Tensor:
+    """The grad_scale that makes the kernel multiply each grad by the clip coefficient
+    (rounded to float32, as torch multiplies float32 grads by it) times 1/scale: exact for a
+    power-of-two scale. The kernel's factor is 1 / grad_scale, computed in float64 and
+    rounded to float32, so a float64 scale gives the float32 factor back exactly."""
+    factor = torch.tensor(coef, dtype=torch.float32) * torch.tensor(inv_scale, dtype=torch.float32)
+    return torch.tensor(1.0 / factor.item(), dtype=torch.float64)
+
+
+def grads_params(groups: List[Dict]) -> List[Tensor]:
+    """Every param of the groups that has a grad."""
+    return [p for group in groups for p in group["params"] if p.grad is not None]

@@ -1,0 +1,281 @@
+"""Gradient clipping by global norm (issue 20): fused_optim.clip_grad_norm_ and friends
+against torch.nn.utils', and clipping inside the step (max_grad_norm=) against
+clip_grad_norm_ followed by the step. Every comparison is bitwise (torch.equal): the norm
+kernel adds in the order torch's does (Note [global norm] in csrc/cpu/grad_norm.cpp), and
+the step's clipping is the same products (Note [clipping in the step] in clip.py)."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+import fused_optim
+from fused_optim import clip as fclip
+
+from parity_utils import ALGOS, OPTIONS, make_model, materialize, set_grads
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+def _model(dtype, seed=0):
+    """Every layout of the parity suite but complex (complex grads go to torch's own norm:
+    tested on their own)."""
+    params = make_model(dtype, seed=seed)
+    params.pop("complex", None)
+    return params
+
+
+def _grads(params, dtype, step=0, scale=1.0):
+    set_grads(params, dtype, step)
+    if scale != 1.0:
+        with torch.no_grad():
+            for p in params.values():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+
+
+def _clone_grads(params):
+    out = {}
+    for n, p in params.items():
+        q = p.detach().clone().requires_grad_()
+        # Same strides as the original grad (clone keeps dense layouts; a strided grad
+        # gets a same-strided copy).
+        q.grad = None if p.grad is None else torch.empty_strided(
+            p.grad.shape, p.grad.stride(), dtype=p.grad.dtype).copy_(p.grad)
+        out[n] = q
+    return out
+
+
+def _assert_grads_equal(a, b):
+    for n in a:
+        ga, gb = a[n].grad, b[n].grad
+        assert (ga is None) == (gb is None), n
+        if ga is not None:
+            assert torch.equal(ga, gb), f"grad {n}"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("norm_type", [2.0, float("inf")])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])  # clips, and does not (coefficient 1)
+def test_clip_grad_norm_bitwise_torch(dtype, norm_type, max_norm, threads):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours = _model(dtype)
+        if norm_type == float("inf"):
+            ours.pop("zero_size")  # an error: test_errors_and_edge_cases_as_torch
+        _grads(ours, dtype, step=3, scale=7.0)
+        ref = _clone_grads(ours)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the kernels take all of these: no fallback
+            n_ours = fused_optim.clip_grad_norm_(ours.values(), max_norm, norm_type)
+        n_ref = torch.nn.utils.clip_grad_norm_(ref.values(), max_norm, norm_type)
+        assert n_ours.dtype == n_ref.dtype and n_ours.shape == n_ref.shape
+        assert torch.equal(n_ours, n_ref), (n_ours.item(), n_ref.item())
+        _assert_grads_equal(ours, ref)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_bitwise_on_every_length_and_scale(dtype):
+    # Lengths around the 8- and 16-element steps of torch's accumulator and long ones,
+    # values over many magnitudes (the sum's rounding shows in the last bit).
+    g = torch.Generator().manual_seed(5)
+    lengths = list(range(1, 40)) + [255, 256, 257, 4099, 65537, 300001]
+    tensors = [(torch.randn(n, generator=g, dtype=torch.float64)
+                * 10.0 ** torch.randint(-3, 4, (n,), generator=g)).to(dtype) for n in lengths]
+    norms = torch.ops.fused_optim._norms(tensors, 2.0)
+    for t, n in zip(tensors, norms):
+        assert torch.equal(n, torch.linalg.vector_norm(t)), t.numel()
+    assert torch.equal(fused_optim.get_total_norm(tensors), torch.nn.utils.get_total_norm(tensors))
+
+
+def test_non_dense_and_mixed_dtype_grads():
+    # A strided grad that is not dense (torch's own norm, on the calling thread) and
+    # grads of several dtypes (grouped and stacked in torch's order).
+    ps = [torch.randn(20, 30, dtype=dt).requires_grad_()
+          for dt in (torch.float32, torch.bfloat16, torch.float32, torch.float64)]
+    for i, p in enumerate(ps):
+        p.grad = torch.randn(20, 60, dtype=p.dtype)[:, ::2] * (i + 1)
+    ref = [p.detach().clone().requires_grad_() for p in ps]
+    for p, q in zip(ps, ref):
+        q.grad = p.grad.clone()
+    n_ours = fused_optim.clip_grad_norm_(ps, 1.0)
+    n_ref = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    assert n_ours.dtype == n_ref.dtype and torch.equal(n_ours, n_ref)
+    for p, q in zip(ps, ref):
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_other_norm_types_and_complex_run_torch_with_a_warning():
+    p = torch.randn(50, dtype=torch.complex64).requires_grad_()
+    p.grad = torch.randn(50, dtype=torch.complex64)
+    q = p.detach().clone().requires_grad_()
+    q.grad = p.grad.clone()
+    fclip._warned.clear()
+    with pytest.warns(UserWarning, match="torch.complex64 grads"):
+        n = fused_optim.clip_grad_norm_([p], 0.1)
+    assert torch.equal(n, torch.nn.utils.clip_grad_norm_([q], 0.1))
+    assert torch.equal(p.grad, q.grad)
+    r = torch.randn(30).requires_grad_()
+    r.grad = torch.randn(30)
+    s = r.detach().clone().requires_grad_()
+    s.grad = r.grad.clone()
+    with pytest.warns(UserWarning, match="norm_type=1.0"):
+        n = fused_optim.clip_grad_norm_([r], 0.1, norm_type=1)
+    assert torch.equal(n, torch.nn.utils.clip_grad_norm_([s], 0.1, norm_type=1))
+    assert torch.equal(r.grad, s.grad)
+
+
+def test_errors_and_edge_cases_as_torch():
+    p = torch.randn(10).requires_grad_()
+    p.grad = torch.randn(10)
+    p.grad[3] = float("inf")
+    msg = "The total norm of order 2.0 for gradients from `parameters` is non-finite"
+    with pytest.raises(RuntimeError, match=msg):
+        torch.nn.utils.clip_grad_norm_([p], 1.0, error_if_nonfinite=True)
+    with pytest.raises(RuntimeError, match=msg):
+        fused_optim.clip_grad_norm_([p], 1.0, error_if_nonfinite=True)
+    # Not asked to raise: both scale by the non-finite norm.
+    q = p.detach().clone().requires_grad_()
+    q.grad = p.grad.clone()
+    assert torch.equal(fused_optim.clip_grad_norm_([p], 1.0), torch.nn.utils.clip_grad_norm_([q], 1.0))
+    torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, equal_nan=True)
+    # The inf-norm of an empty grad: torch's error.
+    e = torch.zeros(0, 3, requires_grad=True)
+    e.grad = torch.zeros(0, 3)
+    msg = "_foreach_norm cannot compute the infinity norm on an empty tensor"
+    with pytest.raises(RuntimeError, match=msg):
+        torch.nn.utils.clip_grad_norm_([e, p], 1.0, norm_type="inf")
+    with pytest.raises(RuntimeError, match=msg):
+        fused_optim.clip_grad_norm_([e, p], 1.0, norm_type="inf")
+    # No grads: tensor(0.), grads untouched; a single tensor; an empty generator warns.
+    r = torch.randn(4).requires_grad_()
+    assert torch.equal(fused_optim.clip_grad_norm_([r], 1.0), torch.tensor(0.0))
+    r.grad = torch.full((4,), 3.0)
+    assert torch.equal(fused_optim.clip_grad_norm_(r, 1.0), torch.tensor(6.0))
+    assert torch.equal(r.grad, torch.full((4,), 3.0) * torch.clamp(1.0 / (torch.tensor(6.0) + 1e-6), max=1.0))
+    with pytest.warns(UserWarning, match="empty generator"):
+        fused_optim.clip_grad_norm_((x for x in []), 1.0)
+
+
+# -- clipping inside the step ------------------------------------------------------------
+
+def _first_options(name):
+    return OPTIONS[name][0]
+
+
+def _pair(name, dtype, max_norm, **extra):
+    """(ours, reference): ours clips in the step; the reference is the same fused class
+    without it, after fused_optim.clip_grad_norm_ (itself bitwise torch's, above)."""
+    _, cls = ALGOS[name]
+    options = _first_options(name)
+    p1, p2 = _model(dtype), _model(dtype)
+    names = list(p1)
+    half = len(names) // 2
+
+    def groups(params):
+        return [{"params": [params[n] for n in names[:half]], **materialize(options, 0)},
+                {"params": [params[n] for n in names[half:]], **materialize(options, 1)}]
+    ours = cls(groups(p1), max_grad_norm=max_norm, **extra)
+    ref = cls(groups(p2), **extra)
+    return (p1, ours), (p2, ref)
+
+
+def _assert_same(a, b):
+    (pa, oa), (pb, ob) = a, b
+    for n in pa:
+        assert torch.equal(pa[n].detach(), pb[n].detach()), f"param {n}"
+        sa, sb = oa.state.get(pa[n], {}), ob.state.get(pb[n], {})
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), f"state {n}.{k}"
+    _assert_grads_equal(pa, pb)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(ALGOS))
+def test_max_grad_norm_is_clip_then_step(name, dtype):
+    ours, ref = _pair(name, dtype, max_norm=2.0)
+    for step in range(4):
+        # Steps 0-2 clip (the grads' norm is far above 2), step 3 does not.
+        scale = 1.0 if step < 3 else 1e-3
+        _grads(ours[0], dtype, step, scale)
+        _grads(ref[0], dtype, step, scale)
+        ours[1].step()
+        norm = fused_optim.clip_grad_norm_(ref[0].values(), 2.0)
+        ref[1].step()
+        assert torch.equal(ours[1].last_grad_norm, norm)
+        _assert_same(ours, ref)
+
+
+@pytest.mark.parametrize("init_scale", [2.0**16, 3000.0])  # a power of two, and not
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["Adam", "SGD", "Adagrad"])
+def test_max_grad_norm_with_grad_scaler(name, dtype, init_scale):
+    # ours: scaler.step(opt) with max_grad_norm; reference: torch's recipe, unscale_,
+    # clip_grad_norm_, scaler.step. Step 2 has an inf grad: skipped whole by both.
+    ours, ref = _pair(name, dtype, max_norm=2.0)
+    s1 = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    s2 = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    for step in range(4):
+        for (params, _), scaler in ((ours, s1), (ref, s2)):
+            scaler.scale(torch.ones(()))  # (the scaler makes its scale tensor here)
+            _grads(params, dtype, step, scale=scaler.get_scale())
+            if step == 2:
+                params["vec17"].grad[5] = float("inf")
+        s1.step(ours[1])
+        s1.update()
+        s2.unscale_(ref[1])
+        norm = fused_optim.clip_grad_norm_(ref[0].values(), 2.0)
+        s2.step(ref[1])
+        s2.update()
+        assert torch.equal(ours[1].last_grad_norm, norm)
+        assert s1.get_scale() == s2.get_scale()
+        (pa, oa), (pb, ob) = ours, ref
+        for n in pa:
+            assert torch.equal(pa[n].detach(), pb[n].detach()), f"step {step} param {n}"
+            for k, v in oa.state.get(pa[n], {}).items():
+                assert torch.equal(v, ob.state[pb[n]][k]), f"step {step} state {n}.{k}"
+
+
+def test_max_grad_norm_when_torch_runs_the_step():
+    # differentiable=True runs torch's own step: the clipping is torch's own recipe. (Its
+    # in-place update needs params that do not require grad.)
+    ours, ref = _pair("Adam", torch.float32, max_norm=1.0, differentiable=True)
+    for params, _ in (ours, ref):
+        for p in params.values():
+            p.requires_grad_(False)
+    for step in range(3):
+        _grads(ours[0], torch.float32, step)
+        _grads(ref[0], torch.float32, step)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the one-time "runs torch's step" warning
+            ours[1].step()
+            norm = fused_optim.clip_grad_norm_(ref[0].values(), 1.0)
+            ref[1].step()
+        assert torch.equal(ours[1].last_grad_norm, norm)
+        _assert_same(ours, ref)
+
+
+def test_max_grad_norm_validation_and_keyword_only():
+    p = [torch.zeros(3, requires_grad=True)]
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="Invalid max_grad_norm value"):
+            fused_optim.AdamW(p, max_grad_norm=bad)
+    with pytest.raises(TypeError):
+        fused_optim.ASGD(p, 0.01, 1e-4, 0.75, 1e6, 0, None, False, False, False, 1.0)
+    opt = fused_optim.SGD(p, lr=0.1)
+    assert opt.max_grad_norm is None and opt.last_grad_norm is None
+    # The option can be changed between steps, as a group's lr can.
+    p[0].grad = torch.full((3,), 4.0)
+    opt.max_grad_norm = 1.0
+    opt.step()
+    expected = torch.full((3,), 4.0) * torch.clamp(1.0 / (torch.linalg.vector_norm(torch.full((3,), 4.0)) + 1e-6), max=1.0)
+    assert torch.equal(p[0].grad, expected)
+    assert torch.equal(p[0].detach(), -0.1 * expected)
+    # Checkpoints are torch's: the option is not in them.
+    sd = opt.state_dict()
+    assert set(sd) == {"state", "param_groups"}
+    assert "max_grad_norm" not in sd["param_groups"][0]
+    torch.optim.SGD([torch.zeros(3, requires_grad=True)], lr=0.1).load_state_dict(copy.deepcopy(sd))
