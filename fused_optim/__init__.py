@@ -29,6 +29,7 @@ from .radam import RAdam  # noqa: E402
 from .rmsprop import RMSprop  # noqa: E402
 from .rprop import Rprop  # noqa: E402
 from .sgd import SGD  # noqa: E402
+from .backward import step_in_backward  # noqa: E402
 
 # Note [the whole namespace]
 # `import fused_optim as optim` works for any torch.optim script: every name of the
@@ -57,7 +58,8 @@ def _reexport_torch_names():
     return names
 
 
-# Beyond torch.optim's names: torch.nn.utils' clipping functions, fused (clip.py).
-EXTRAS = ("clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_")
+# Beyond torch.optim's names: torch.nn.utils' clipping functions, fused (clip.py), and
+# the step run inside backward (backward.py).
+EXTRAS = ("clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "step_in_backward")
 __all__ = list(FUSED) + _reexport_torch_names() + list(EXTRAS)
 __version__ = "0.1.0"

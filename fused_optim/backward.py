@@ -1,0 +1,304 @@
+"""Step in backward: each param's update runs during backward, as soon as its grad is
+accumulated, and the grad is freed then (docs/integrations.md#step-in-backward).
+
+    handle = fused_optim.step_in_backward(opt)
+    for batch in loader:
+        loss_fn(model(batch)).backward()   # most params are updated here
+        opt.step()                         # the rest, and the end of the iteration
+        sched.step()
+        opt.zero_grad()
+
+Note [step in backward]
+A post-accumulate-grad hook on every param puts the param in a pending bucket; when the
+bucket's grads reach bucket_cap_mb, the optimizer's kernel runs on exactly those params
+(one call per param group, with the group's hyper-parameters as they are at that moment)
+and their grads are set to None. A bucket trades the per-call cost of many small params
+against the memory its grads hold. The optimizer stays the one object it was:
+param_groups, state, state_dict, LR schedulers and checkpoints are untouched. Its step()
+(wrapped on the instance) ends an iteration: it runs the optimizer's own step, which finds
+grads on the pending params only (the others were updated and freed), so nothing is
+updated twice; torch's step hooks and schedulers see one step() per iteration as before.
+
+Every update is elementwise and per tensor (a tensor's coefficients come from its own step),
+and the kernels' result does not depend on where a vector or thread boundary falls (Note
+[matching torch.optim bit for bit] in csrc/update_rules.h), so params and state are bitwise
+those of backward-then-step, whatever the buckets.
+
+What cannot be combined with it is refused before anything is written where that can be
+seen in time: a second backward reaching a param before step() (gradient accumulation, unless
+accumulation_steps says so), clipping by the global grad norm (it needs every grad first),
+options that run torch's own step (differentiable=True, ...), sparse grads, a closure, and
+torch.distributed with several processes (DDP all-reduces a grad after its hook has run).
+A GradScaler is seen only by step(), after the iteration's updates ran: step() raises then.
+"""
+import threading
+import types
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from . import _C, _ops
+from .optimizer import FusedOptimizer
+
+__all__ = ["step_in_backward", "StepInBackward"]
+
+_MISSING = object()
+
+
+def step_in_backward(optimizer: FusedOptimizer, *, bucket_cap_mb: float = 25.0,
+                     accumulation_steps: int = 1) -> "StepInBackward":
+    """Runs `optimizer`'s update of each param during backward, as soon as its grad is
+    accumulated, and frees the grad. Returns a handle; `handle.remove()` (or leaving a
+    `with` block) restores the usual backward-then-step.
+
+    The training loop stays `loss.backward(); opt.step(); sched.step(); opt.zero_grad()`:
+    step() updates what backward left pending (the last bucket) and ends the iteration.
+    Params, state and state_dict are bitwise those of backward-then-step.
+
+    Args:
+        optimizer: a fused_optim optimizer (any algorithm), all of its param groups.
+        bucket_cap_mb: the grads, in MiB, that wait for one update call; 0 updates each
+            param on its own. Larger buckets mean fewer calls and more grad memory held.
+        accumulation_steps: the number of backwards whose grads accumulate before the
+            update, which runs during the last of them; step() after it ends the cycle (a
+            step() after fewer backwards updates with what was accumulated, as torch.optim
+            does). With 1, a second backward before step() is refused.
+
+    Raises:
+        TypeError: `optimizer` is not a fused_optim optimizer.
+        RuntimeError: what cannot be combined with it (see docs/integrations.md).
+    """
+    return StepInBackward(optimizer, bucket_cap_mb=bucket_cap_mb,
+                          accumulation_steps=accumulation_steps)
+
+
+class StepInBackward:
+    """The handle of step_in_backward: remove() takes the hooks off and restores step()."""
+
+    def __init__(self, optimizer: FusedOptimizer, *, bucket_cap_mb: float = 25.0,
+                 accumulation_steps: int = 1) -> None:
+        if not isinstance(optimizer, FusedOptimizer):
+            raise TypeError(
+                "fused_optim.step_in_backward takes a fused_optim optimizer (fused_optim.AdamW, "
+                f"...), got {type(optimizer).__module__}.{type(optimizer).__qualname__}")
+        if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) \
+                or not bucket_cap_mb >= 0:
+            raise ValueError(f"bucket_cap_mb must be a number >= 0, got {bucket_cap_mb!r}")
+        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) \
+                or accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
+        other = getattr(optimizer, "_fused_step_in_backward", None)
+        if other is not None and other._active:
+            raise RuntimeError(
+                "fused_optim.step_in_backward: this optimizer already runs its step in backward; "
+                "remove() the first handle before making another")
+        self.optimizer = optimizer
+        self._cap_bytes = bucket_cap_mb * 2**20
+        self._accumulation_steps = accumulation_steps
+        self._check_combinable()
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            raise RuntimeError(
+                "fused_optim.step_in_backward does not support torch.distributed with several "
+                "processes: DistributedDataParallel all-reduces a grad after the hook that would "
+                "update its param has run, so each rank would update with its own grads")
+        self._lock = threading.Lock()
+        self._active = True
+        # The params whose grads arrived since the last step(), with how many backwards
+        # reached each; the ones waiting for an update call, and their grads' bytes.
+        self._counts: Dict[Tensor, int] = {}
+        self._pending: List[Tensor] = []
+        self._pending_bytes = 0
+        self._hooks: Dict[Tensor, Any] = {}
+        self._group_of: Dict[Tensor, int] = {}
+        self._layout: Optional[tuple] = None
+        self._no_grad_params: List[Tensor] = []
+        self._track_params()
+        self._install_step()
+        optimizer._fused_step_in_backward = self
+
+    # -- what cannot be combined ---------------------------------------------------------
+    def _check_combinable(self) -> None:
+        """Raises for options that need every grad before any update, or that make
+        fused_optim run torch's own step. Asked at the start of every iteration, before
+        anything is written."""
+        opt = self.optimizer
+        if getattr(opt, "max_grad_norm", None) is not None:
+            raise RuntimeError(
+                "fused_optim.step_in_backward cannot clip by the global grad norm "
+                f"(max_grad_norm={opt.max_grad_norm}): the norm needs every grad before the "
+                "first update, and step in backward updates each param as soon as its own grad "
+                "is there. Set max_grad_norm=None, or remove() the handle to clip")
+        reason = opt._torch_step_reason()
+        if reason is not None:
+            raise RuntimeError(
+                f"fused_optim.step_in_backward: {reason} makes fused_optim.{type(opt).__name__} "
+                "run torch.optim's own step, which updates every param at once; step in "
+                "backward needs the fused kernels")
+
+    # -- the params and their hooks ------------------------------------------------------
+    def _track_params(self) -> None:
+        """Hooks every param that requires grad and has none yet, and maps each param to its
+        group's index. Run at install and at every step(): param groups added since, and
+        params that require grad since, join at the next iteration."""
+        groups = self.optimizer.param_groups
+        layout = tuple(len(g["params"]) for g in groups)
+        if layout != self._layout:  # at install, or a group was added
+            self._layout = layout
+            self._group_of = {p: i for i, g in enumerate(groups) for p in g["params"]}
+            candidates = list(self._group_of)
+        else:
+            candidates = self._no_grad_params
+        self._no_grad_params = []
+        for p in candidates:
+            if p in self._hooks:
+                continue
+            if p.requires_grad:
+                self._hooks[p] = p.register_post_accumulate_grad_hook(self._on_grad)
+            else:  # a frozen param (torch cannot hook it): looked at again at each step()
+                self._no_grad_params.append(p)
+
+    def _on_grad(self, p: Tensor) -> None:
+        """The post-accumulate-grad hook: p's grad of this backward is complete."""
+        with self._lock:
+            if not self._active:
+                return
+            if not self._counts:  # the first grad of an iteration
+                self._check_combinable()
+            grad = p.grad
+            if grad is None:
+                return
+            if grad.is_sparse:
+                raise RuntimeError(
+                    "fused_optim.step_in_backward does not support sparse grads (a param of "
+                    f"shape {tuple(p.shape)} has one): remove() the handle for this model")
+            n = self._counts.get(p, 0) + 1
+            if n > self._accumulation_steps:
+                if self._accumulation_steps == 1:
+                    raise RuntimeError(
+                        "fused_optim.step_in_backward: a second backward reached a param before "
+                        "optimizer.step() ended the iteration, but a param is updated with the "
+                        "grad of one backward, during it. Call optimizer.step() after each "
+                        "backward, or pass accumulation_steps=N to accumulate the grads of N "
+                        "backwards (the update then runs during the N-th)")
+                raise RuntimeError(
+                    f"fused_optim.step_in_backward: backward number {n} reached a param since "
+                    f"the last optimizer.step(), with accumulation_steps="
+                    f"{self._accumulation_steps}: its update runs during backward number "
+                    f"{self._accumulation_steps}. Call optimizer.step() after every "
+                    f"{self._accumulation_steps} backwards")
+            self._counts[p] = n
+            if n < self._accumulation_steps:
+                return
+            self._pending.append(p)
+            self._pending_bytes += grad.numel() * grad.element_size()
+            if self._pending_bytes >= self._cap_bytes:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Updates the pending params, as FusedOptimizer.step updates a group (the fast path,
+        else the general one), and frees their grads."""
+        params, self._pending, self._pending_bytes = self._pending, [], 0
+        opt = self.optimizer
+        groups = opt.param_groups
+        by_group: Dict[int, List[Tensor]] = {}
+        for p in params:
+            by_group.setdefault(self._group_of[p], []).append(p)
+        fast = not torch.compiler.is_compiling()
+        with torch.no_grad():
+            for index, group_params in by_group.items():
+                group = groups[index]
+                keys = opt._state_keys(group)
+                args = _ops.schema_args(opt._op, opt._kernel_args(group), None, None)
+                if fast and _C._step(opt._op, [group_params], opt.state, [keys], [args]):
+                    continue
+                reason = opt._torch_grads_reason()
+                if reason is not None:
+                    raise RuntimeError(
+                        f"fused_optim.step_in_backward: these grads ({reason}) make fused_optim "
+                        "run torch.optim's own step, which step in backward cannot do")
+                opt._update_group(group, group_params, [p.grad for p in group_params], keys,
+                                  args)
+        for p in params:
+            p.grad = None
+
+    # -- step() --------------------------------------------------------------------------
+    def _install_step(self) -> None:
+        opt = self.optimizer
+        # The step to run at the end of an iteration: the instance's (an LR scheduler's
+        # wrapper that records the call) or the class's (torch's hooks around ours).
+        self._previous_attr = opt.__dict__.get("step", _MISSING)
+        previous_step = opt.step
+        handle = self
+
+        def step(opt_self, closure=None):
+            if not handle._active:
+                return previous_step() if closure is None else previous_step(closure)
+            return handle._end_iteration(previous_step, closure)
+
+        step.__doc__ = type(opt).step.__doc__
+        if hasattr(previous_step, "_wrapped_by_lr_sched"):
+            # A scheduler already wraps the step we call: schedulers made later must not
+            # warn that step() was replaced after them.
+            step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        # A bound method, as LRScheduler's wrapper expects of optimizer.step (__func__).
+        self._step = types.MethodType(step, opt)
+        opt.step = self._step
+
+    def _end_iteration(self, previous_step, closure):
+        opt = self.optimizer
+        if closure is not None:
+            raise RuntimeError(
+                "fused_optim.step_in_backward: optimizer.step(closure) is not supported: the "
+                "closure's backward would update the params itself. Call the closure (or "
+                "loss.backward()) first, then optimizer.step()")
+        if getattr(opt, "grad_scale", None) is not None \
+                or getattr(opt, "found_inf", None) is not None:
+            raise RuntimeError(
+                "fused_optim.step_in_backward cannot be combined with a GradScaler: the updates "
+                "during backward ran on scaled grads, before the scaler could unscale them or "
+                "skip a step with inf/NaN grads (this iteration's updates already happened). "
+                "Remove the GradScaler (bfloat16 autocast needs none) or remove() the handle")
+        with self._lock:
+            if getattr(opt, "max_grad_norm", None) is not None:
+                raise RuntimeError(
+                    "fused_optim.step_in_backward cannot clip by the global grad norm "
+                    f"(max_grad_norm={opt.max_grad_norm}, set since this iteration began: its "
+                    "updates in backward ran unclipped). Set max_grad_norm=None, or remove() "
+                    "the handle to clip")
+            # The pending params are the only ones with grads among those updated in backward.
+            out = previous_step()
+            for p in self._counts:
+                p.grad = None
+            self._counts.clear()
+            self._pending, self._pending_bytes = [], 0
+            self._track_params()
+        return out
+
+    # -- the handle ----------------------------------------------------------------------
+    def remove(self) -> None:
+        """Takes the hooks off and restores the optimizer's step(). Params still pending keep
+        their grads, so a following step() updates them as usual."""
+        with self._lock:
+            if not self._active:
+                return
+            self._active = False
+            for hook in self._hooks.values():
+                hook.remove()
+            self._hooks.clear()
+            opt = self.optimizer
+            if opt.__dict__.get("step") is self._step:
+                if self._previous_attr is _MISSING:
+                    del opt.step
+                else:
+                    opt.step = self._previous_attr
+            # else a scheduler made after us wraps our step, which now passes calls through.
+            if getattr(opt, "_fused_step_in_backward", None) is self:
+                del opt._fused_step_in_backward
+
+    def __enter__(self) -> "StepInBackward":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
