@@ -273,7 +273,7 @@ def clip_in_step(optimizer, grad_scale: Optional[Tensor], found_inf: Optional[Te
     if reason is not None or (inv is not None and inv.device.type != "cpu"):
         # torch's recipe itself: unscale_ (GradScaler's op), clip_grad_norm_, a step
         # without the scale.
-        _warn_once("clip_grad_norm_", reason or "GradScalers off the CPU")
+        _warn_once("clip_grad_norm_", "GradScalers off the CPU" if reason is None else reason)
         if inv is not None:
             for (device, _), ([group], _) in _group_tensors_by_device_and_dtype([grads]).items():
                 torch._amp_foreach_non_finite_check_and_unscale_(

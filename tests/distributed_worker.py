@@ -159,6 +159,45 @@ def fsdp2(rank):
         assert s["step"].item() == STEPS
 
 
+def fsdp2_clip(rank):
+    """Clipping by global norm with FSDP2's sharded grads: fused_optim.clip_grad_norm_ (torch's
+    own function for DTensors) and max_grad_norm= both clip by the norm over all shards,
+    bitwise as torch's recipe (clip_grad_norm_, then the same fused step)."""
+    import warnings
+
+    from torch.distributed.tensor import DTensor
+
+    models = [_fsdp2_model() for _ in range(3)]
+    in_step = fused_optim.AdamW(models[0].parameters(), lr=0.01, max_grad_norm=0.05)
+    function = fused_optim.AdamW(models[1].parameters(), lr=0.01)
+    recipe = fused_optim.AdamW(models[2].parameters(), lr=0.01)
+    for step in range(STEPS):
+        norms = []
+        for k, (model, opt) in enumerate(zip(models, (in_step, function, recipe))):
+            x, y = batch(rank, step)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            if k == 2:
+                grads = [p.grad.full_tensor() for p in model.parameters()]
+                whole = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05))
+                # the norm over every shard of every grad
+                torch.testing.assert_close(norms[-1].full_tensor(), whole)
+            elif k == 1:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # the one-time "torch's own" warning
+                    norms.append(fused_optim.clip_grad_norm_(model.parameters(), 0.05))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                opt.step()
+            if k == 0:
+                norms.append(in_step.last_grad_norm)
+        full = [n.full_tensor() if isinstance(n, DTensor) else n for n in norms]
+        assert torch.equal(full[0], full[2]) and torch.equal(full[1], full[2]), full
+    assert_params_equal(models[0], models[2], exact=True, what="FSDP2 max_grad_norm")
+    assert_params_equal(models[1], models[2], exact=True, what="FSDP2 clip_grad_norm_")
+
+
 def dcp(rank):
     import torch.distributed.checkpoint as dcp_
     from torch.distributed.checkpoint.state_dict import (
@@ -190,7 +229,7 @@ def dcp(rank):
     assert_params_equal(restored, model, exact=True, what="DCP training continued")
 
 
-SCENARIOS = {"ddp": ddp, "zero": zero, "fsdp2": fsdp2, "dcp": dcp}
+SCENARIOS = {"ddp": ddp, "zero": zero, "fsdp2": fsdp2, "fsdp2_clip": fsdp2_clip, "dcp": dcp}
 
 
 def _worker(rank, scenario, port, errors):

@@ -279,3 +279,34 @@ def test_max_grad_norm_validation_and_keyword_only():
     assert set(sd) == {"state", "param_groups"}
     assert "max_grad_norm" not in sd["param_groups"][0]
     torch.optim.SGD([torch.zeros(3, requires_grad=True)], lr=0.1).load_state_dict(copy.deepcopy(sd))
+
+
+def test_max_grad_norm_under_torch_compile():
+    # A compiled step traces torch's own clipping (get_total_norm, clip_grads_with_norm_)
+    # and the fused op: no graph break, and the same training as eager up to the rounding
+    # of inductor's generated norm (a float32 reduction in another order: assert_close's
+    # float32 tolerances).
+    import torch._dynamo
+
+    def make():
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.randn(n, generator=g).requires_grad_() for n in (5, 64, 300)]
+        return ps, fused_optim.AdamW(ps, lr=0.1, max_grad_norm=0.5)
+
+    eager_ps, eager = make()
+    comp_ps, comp = make()
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(comp.step)()
+    assert explanation.graph_break_count == 0, [str(r.reason) for r in explanation.break_reasons]
+    comp_ps, comp = make()
+    step = torch.compile(comp.step)
+    for k in range(3):
+        for ps in (eager_ps, comp_ps):
+            g = torch.Generator().manual_seed(k)
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g) * 3
+        eager.step()
+        step()
+        torch.testing.assert_close(comp.last_grad_norm, eager.last_grad_norm)
+        for p, q in zip(comp_ps, eager_ps):
+            torch.testing.assert_close(p, q)
