@@ -36,6 +36,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     # runs torch's own step, which refuses CPU params with torch's own error.
     _torch_class: type = torch.optim.Optimizer
     _torch_only_options = ("differentiable", "capturable")
+    # Whether the eager C++ gather (Note [fast path]) can take this algorithm's steps.
+    _fast_path = True
     _warned: set = set()
 
     def _fused_setup(self, max_grad_norm: Optional[float] = None, grad_norm_type: float = 2.0) -> None:
@@ -49,8 +51,17 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.grad_norm_type = float(grad_norm_type)
-        # The total norm of the last step's grads (unscaled), when max_grad_norm is set.
-        self.last_grad_norm: Optional[Tensor] = None
+        # The total norm of the last step's grads (unscaled), when max_grad_norm is set: in a
+        # list, whose mutation a compiled step replays (an attribute set on an optimizer
+        # inside a compiled step is not).
+        self._last_grad_norm: List[Optional[Tensor]] = [None]
+
+    @property
+    def last_grad_norm(self) -> Optional[Tensor]:
+        """The total norm of the grads (unscaled) of the last step() that clipped by
+        max_grad_norm, as torch.nn.utils.clip_grad_norm_ returns it; None before."""
+        norms = getattr(self, "_last_grad_norm", None)
+        return norms[0] if norms else None
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -152,8 +163,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         groups = self.param_groups
         scales = [grad_scale] * len(groups)
         if getattr(self, "max_grad_norm", None) is not None:
-            scales, self.last_grad_norm = clip_in_step(self, grad_scale, found_inf,
-                                                       fold=reason is None)
+            scales, self._last_grad_norm[0] = clip_in_step(self, grad_scale, found_inf,
+                                                           fold=reason is None)
         if reason is not None:
             self._torch_step(reason, scales[0] if scales else grad_scale)
             return loss
@@ -168,7 +179,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         # GPU, active torch function or dispatch modes); then the grads are looked at for
         # a reason to run torch's step, and each group takes the fast path or the general
         # one below, through the op.
-        fast = not torch.compiler.is_compiling()
+        fast = self._fast_path and not torch.compiler.is_compiling()
         with torch.no_grad():
             done = fast and _C._step(self._op, [g["params"] for g in groups], self.state, keys,
                                      args)
