@@ -73,6 +73,13 @@ TORCH_LIBRARY(fused_optim, m) {
       "Tensor(e!)[] etas, Tensor(f!)[] state_steps, float lr, float lambd, float alpha, "
       "float t0, float weight_decay, bool maximize, Tensor? lr_tensor=None, "
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // SparseAdam: the step sizes are computed per param on the host from torch's Python-int
+  // steps (Note [sparse adam] in update_rules.h); grads are written when a GradScaler's
+  // scale is given (their values unscaled in place, as GradScaler.unscale_ leaves them).
+  m.def(
+      "sparse_adam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_sqs, float[] step_sizes, float beta1, float beta2, float eps, "
+      "bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   // Gradient clipping by global norm (csrc/cpu/grad_norm.cpp, fused_optim/clip.py): each
   // tensor's norm (ord 2 or inf) as torch.linalg.vector_norm computes it, of the tensors
   // times inv_scale (a GradScaler's unscale); and tensors *= scalar.

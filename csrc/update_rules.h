@@ -841,4 +841,37 @@ struct AsgdRule {
   }
 };
 
+// ---- SparseAdam -------------------------------------------------------------------------
+// Note [sparse adam]
+// torch's SparseAdam is op-by-op tensor code on the touched elements (the values of the
+// coalesced sparse grad): each intermediate is a tensor of the param's dtype, so every
+// operation below rounds to it (`r`: the identity for float and double, a rounding for
+// bfloat16 and float16, whose ops torch computes in float). Its scalars are Python floats,
+// converted as a tensor op converts them: to float for float and 16-bit tensors, kept as
+// double for double ones (M). The step size is computed per param on the host, in double,
+// as torch does (lr * sqrt(1 - beta2**step) / (1 - beta1**step)). No fma anywhere: torch
+// runs separate ops.
+template <typename M>
+struct SparseAdamCoeffs {
+  M one_minus_beta1, one_minus_beta2, eps, neg_step_size;
+};
+
+template <typename M>
+struct SparseAdamRule {
+  // g: the coalesced grad value (negated under maximize); p, exp_avg, exp_avg_sq in place.
+  template <typename Round>
+  FO_HOST_DEVICE FO_INLINE static void apply(M& p, M& exp_avg, M& exp_avg_sq, M g,
+                                             const SparseAdamCoeffs<M>& c, Round r) {
+    const M old_exp_avg = exp_avg;
+    const M old_exp_avg_sq = exp_avg_sq;
+    const M avg_update = r(r(g - old_exp_avg) * c.one_minus_beta1);  // grad.sub(old).mul_(1 - b1)
+    exp_avg = r(old_exp_avg + avg_update);                           // exp_avg.add_(sparse)
+    const M sq_update = r(r(r(g * g) - old_exp_avg_sq) * c.one_minus_beta2);  // pow(2).sub_.mul_
+    exp_avg_sq = r(old_exp_avg_sq + sq_update);
+    const M numer = r(avg_update + old_exp_avg);                     // .add_(old_exp_avg_values)
+    const M denom = r(r(sqrt_(r(sq_update + old_exp_avg_sq))) + c.eps);  // .add_(old).sqrt_().add_(eps)
+    p = r(p + r(c.neg_step_size * r(numer / denom)));  // param.add_(-step_size * numer.div_(denom))
+  }
+};
+
 }  // namespace fused_optim

@@ -29,6 +29,7 @@ from .radam import RAdam  # noqa: E402
 from .rmsprop import RMSprop  # noqa: E402
 from .rprop import Rprop  # noqa: E402
 from .sgd import SGD  # noqa: E402
+from .sparse_adam import SparseAdam  # noqa: E402
 from .backward import step_in_backward  # noqa: E402
 
 # Note [the whole namespace]
@@ -39,9 +40,9 @@ from .backward import step_in_backward  # noqa: E402
 # optimizers fused_optim has no kernel for yet. A name outside both sets fails
 # tests/test_api.py, so a torch upgrade that adds one is noticed.
 FUSED = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "Adadelta", "NAdam", "RAdam",
-         "Rprop", "ASGD")
+         "Rprop", "ASGD", "SparseAdam")
 TORCH_OWN = ("Optimizer", "lr_scheduler", "swa_utils", "swap_in_optimizer_params_and_state",
-             "LBFGS", "Adafactor", "SparseAdam", "Muon")
+             "LBFGS", "Adafactor", "Muon")
 
 
 def _reexport_torch_names():

@@ -1,0 +1,89 @@
+"""SparseAdam: torch.optim.SparseAdam with the step computed by fused_optim::sparse_adam_,
+which reads and writes only the elements the sparse grads name (Note [sparse adam] in
+csrc/update_rules.h)."""
+import math
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from torch.optim.optimizer import _to_scalar
+
+from .optimizer import FusedOptimizer, hyper_float
+
+__all__ = ["SparseAdam"]
+
+
+class SparseAdam(FusedOptimizer, torch.optim.SparseAdam):
+    __doc__ = torch.optim.SparseAdam.__doc__
+    _torch_class = torch.optim.SparseAdam
+    _op = "sparse_adam_"
+    _torch_only_options = ()  # torch's SparseAdam has no differentiable or capturable
+    _fast_path = False  # sparse grads: the eager C++ gather takes dense tensors only
+
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        maximize: bool = False,
+        *,
+        max_grad_norm=None,
+        grad_norm_type=2.0,
+    ):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, maximize=maximize)
+        self._fused_setup(max_grad_norm, grad_norm_type)
+
+    def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
+        return ("exp_avg", "exp_avg_sq")
+
+    def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        beta1, beta2 = group["betas"]
+        return dict(beta1=hyper_float(beta1), beta2=hyper_float(beta2), eps=group["eps"],
+                    maximize=group.get("maximize", False))
+
+    def _torch_grads_reason(self) -> Optional[str]:
+        # torch raises this at the first dense grad, after the params before it were
+        # updated; here it is raised before anything changes.
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and not p.grad.is_sparse:
+                    raise RuntimeError(
+                        "SparseAdam does not support dense gradients, please consider Adam instead")
+        return None
+
+    def _update_group(self, group: Dict[str, Any], params: List[Tensor], grads: List[Tensor],
+                      keys: Tuple[Optional[str], ...], args: Tuple[Any, ...]) -> None:
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and found_inf.item() != 0:
+            return  # GradScaler skips the step: torch's step (and its counts) never run
+        beta1, beta2 = group["betas"]
+        # A Tensor lr stays a tensor in torch's arithmetic below (its dtype's rounding).
+        lr = _to_scalar(group["lr"])
+        state = self.state
+        exp_avgs, exp_avg_sqs, step_sizes = [], [], []
+        sizes: Dict[int, float] = {}  # step -> step size (a group's params share a step)
+        for p in params:
+            s = state[p]
+            if len(s) == 0:  # as torch's step creates it: `step` is a Python int
+                s["step"] = 0
+                s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs.append(s["exp_avg"])
+            exp_avg_sqs.append(s["exp_avg_sq"])
+            s["step"] += 1
+            step = s["step"]
+            if step not in sizes:
+                # torch's arithmetic, in Python (F.sparse_adam).
+                bias_correction1 = 1 - beta1**step
+                bias_correction2 = 1 - beta2**step
+                sizes[step] = lr * math.sqrt(bias_correction2) / bias_correction1
+            size = sizes[step]
+            if isinstance(size, Tensor):
+                # torch's `-step_size * values` with a 0-dim tensor first: a tensor op of
+                # the values' dtype, which rounds the step size to it (a 16-bit one, too).
+                size = size.to(p.dtype).item() if p.dtype in (torch.bfloat16, torch.float16) \
+                    else size.item()
+            step_sizes.append(size)
+        torch.ops.fused_optim.sparse_adam_(params, grads, exp_avgs, exp_avg_sqs, step_sizes, *args)
