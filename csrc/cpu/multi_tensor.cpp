@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <string>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -10,6 +11,17 @@
 #endif
 
 namespace fused_optim::cpu {
+namespace {
+
+// The value of an environment variable that overrides a choice made per machine, or
+// nullopt where it is unset, empty or "auto" (the machine's own choice stands).
+std::optional<std::string> env_choice(const char* name) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0' || std::string(value) == "auto") return std::nullopt;
+  return std::string(value);
+}
+
+}  // namespace
 
 Isa cpu_isa() {
   static const Isa isa = [] {
@@ -25,9 +37,8 @@ Isa cpu_isa() {
       }
     }
 #endif
-    const char* cap = std::getenv("FUSED_OPTIM_ISA");
-    if (cap != nullptr && *cap != '\0') {
-      const std::string c(cap);
+    if (const auto cap = env_choice("FUSED_OPTIM_ISA")) {
+      const std::string& c = *cap;
       Isa limit = Isa::kAvx512Bf16;
       if (c == "baseline") {
         limit = Isa::kBaseline;
@@ -103,9 +114,8 @@ CpuTuning tuning_from_table() {
 const CpuTuning& cpu_tuning() {
   static const CpuTuning tuning = [] {
     CpuTuning t = tuning_from_table();
-    const char* env = std::getenv("FUSED_OPTIM_PREFETCH");
-    if (env != nullptr && *env != '\0' && std::string(env) != "auto") {
-      const std::string v(env);
+    if (const auto env = env_choice("FUSED_OPTIM_PREFETCH")) {
+      const std::string& v = *env;
       if (v == "off" || v == "0") {
         t.prefetch_ahead = 0;
       } else {
@@ -118,13 +128,14 @@ const CpuTuning& cpu_tuning() {
       }
       t.source = "FUSED_OPTIM_PREFETCH";
     }
-    const char* gather = std::getenv("FUSED_OPTIM_GATHER_PREFETCH");
-    if (gather != nullptr && *gather != '\0' && std::string(gather) != "auto") {
-      const std::string v(gather);
+    if (const auto gather = env_choice("FUSED_OPTIM_GATHER_PREFETCH")) {
+      const std::string& v = *gather;
       TORCH_CHECK(v == "on" || v == "off",
                   "FUSED_OPTIM_GATHER_PREFETCH must be auto, on or off, not ", v);
       t.gather_prefetch = v == "on";
-      t.source = "FUSED_OPTIM_PREFETCH";
+      t.source = t.source == "FUSED_OPTIM_PREFETCH"
+                     ? "FUSED_OPTIM_PREFETCH, FUSED_OPTIM_GATHER_PREFETCH"
+                     : "FUSED_OPTIM_GATHER_PREFETCH";
     }
     return t;
   }();
