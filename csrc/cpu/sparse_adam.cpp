@@ -72,14 +72,42 @@ void update_entries(const Work& w, const SparseAdamCoeffs<at::opmath_type<T>>& c
   const T* vals = w.values.const_data_ptr<T>();
   T* base[3];
   for (int k = 0; k < 3; ++k) base[k] = static_cast<T*>(w.ptr[k]);
+  const bool contiguous = w.dense[0].empty() && w.dense[1].empty() && w.dense[2].empty();
+  auto entry = [&](int64_t e, int k) {
+    int64_t offset = 0;
+    for (int64_t d = 0; d < w.sparse_dim; ++d) offset += ind[d * w.nnz + e] * w.strides[k][d];
+    return base[k] + offset;
+  };
+  // Note [sparse prefetch]: the rows of a big table are far apart (a TLB and a cache miss
+  // each, in each of the three tensors), so the rows kAhead entries on are asked for while
+  // this one is updated.
+  constexpr int64_t kAhead = 4;
+  const int64_t row_bytes = w.row * static_cast<int64_t>(sizeof(T));
   for (int64_t e = begin; e < end; ++e) {
-    T* at[3];
-    for (int k = 0; k < 3; ++k) {
-      int64_t offset = 0;
-      for (int64_t d = 0; d < w.sparse_dim; ++d) offset += ind[d * w.nnz + e] * w.strides[k][d];
-      at[k] = base[k] + offset;
+    if (contiguous && e + kAhead < end) {
+      for (int k = 0; k < 3; ++k) {
+        const char* ahead = reinterpret_cast<const char*>(entry(e + kAhead, k));
+        for (int64_t b = 0; b < row_bytes && b < 4096; b += 64) __builtin_prefetch(ahead + b, 1);
+      }
     }
+    T* at[3];
+    for (int k = 0; k < 3; ++k) at[k] = entry(e, k);
     const T* g = vals + e * w.row;
+    if (contiguous) {
+      // The common case (an embedding's rows): a loop the compiler vectorizes.
+      T* __restrict__ p = at[0];
+      T* __restrict__ m = at[1];
+      T* __restrict__ v = at[2];
+#pragma GCC ivdep
+      for (int64_t j = 0; j < w.row; ++j) {
+        M pj = load(p + j), mj = load(m + j), vj = load(v + j);
+        SparseAdamRule<M>::apply(pj, mj, vj, load(g + j), coeffs, round);
+        store(pj, p + j);
+        store(mj, m + j);
+        store(vj, v + j);
+      }
+      continue;
+    }
     for (int64_t j = 0; j < w.row; ++j) {
       T* x[3];
       for (int k = 0; k < 3; ++k) x[k] = at[k] + (w.dense[k].empty() ? j : w.dense[k][j]);
