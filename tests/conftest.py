@@ -17,6 +17,12 @@ _EVERY_CASE = (
     "test_fast_path.py::test_fast_path_is_bitwise_the_dispatcher_path",
     "test_integrations.py::test_compiled_training_step_has_no_graph_break_from_fused_optim",
     "test_api.py::test_namespace_offers_every_torch_optim_name",
+    # torch's norm order, SparseAdam's op-by-op rounding and the backward hooks are about
+    # the installed torch's own kernels and autograd: checked on every lane's torch.
+    "test_clip.py::test_norm_bitwise_on_every_length_and_scale",
+    "test_sparse_adam.py::test_embedding_training_matches_torch",
+    "test_step_in_backward.py::test_grads_are_freed_and_params_updated_during_backward",
+    "test_step_in_backward.py::test_checkpoint_to_torch_optim_continues_identically",
 )
 # Tests of which the first case of each algorithm is marked (one option set per algorithm).
 _FIRST_PER_ALGO = (
