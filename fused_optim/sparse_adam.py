@@ -32,6 +32,11 @@ class SparseAdam(FusedOptimizer, torch.optim.SparseAdam):
         max_grad_norm=None,
         grad_norm_type=2.0,
     ):
+        if max_grad_norm is not None:
+            # (torch.nn.utils.clip_grad_norm_ has no norm of sparse grads either.)
+            raise ValueError(
+                "SparseAdam does not support max_grad_norm: clipping by global norm needs "
+                "the norm of sparse grads, which torch.linalg.vector_norm does not compute")
         super().__init__(params, lr=lr, betas=betas, eps=eps, maximize=maximize)
         self._fused_setup(max_grad_norm, grad_norm_type)
 

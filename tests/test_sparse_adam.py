@@ -170,6 +170,8 @@ def test_constructor_errors_are_torch():
             fused_optim.SparseAdam([torch.zeros(3, requires_grad=True)], **bad)
     with pytest.raises(ValueError, match="SparseAdam requires dense parameter tensors"):
         fused_optim.SparseAdam([torch.zeros(3).to_sparse().requires_grad_()])
+    with pytest.raises(ValueError, match="SparseAdam does not support max_grad_norm"):
+        fused_optim.SparseAdam([torch.zeros(3, requires_grad=True)], max_grad_norm=1.0)
     with pytest.raises(ValueError, match="SparseAdam does not support complex parameters"):
         fused_optim.SparseAdam([torch.zeros(3, dtype=torch.complex64, requires_grad=True)])
 
