@@ -74,6 +74,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     # -- hooks for the algorithm classes ------------------------------------------------
     # The kernel, torch.ops.fused_optim.<_op>; its schema is in csrc/ops.cpp.
     _op: str = ""
+    # Whether the eager fast path (Note [fast path]) can take this algorithm's groups: it
+    # needs a direct call registered for _op and one state entry per param and key.
+    _fast_path: bool = True
 
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         """The state key of each tensor list the kernel takes after params and grads, in
@@ -168,7 +171,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         # GPU, active torch function or dispatch modes); then the grads are looked at for
         # a reason to run torch's step, and each group takes the fast path or the general
         # one below, through the op.
-        fast = not torch.compiler.is_compiling()
+        fast = self._fast_path and not torch.compiler.is_compiling()
         with torch.no_grad():
             done = fast and _C._step(self._op, [g["params"] for g in groups], self.state, keys,
                                      args)
