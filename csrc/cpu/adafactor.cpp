@@ -40,8 +40,8 @@ constexpr const char* kOp = "fused_optim::adafactor_";
 //      (col_var, and the clamped mean of row_var) in the same task; the slices of several
 //      blocks leave their column sums in a buffer, combined after the pass in block order
 //      (a second short parallel region over those slices).
-//   2. every param: each task (kChunk elements, whole rows of a slice) computes the update
-//      of its elements, as pass 3 will, and sums its squares, and the param's squares
+//   2. every param: each task (kChunk elements, whole rows of a slice) sums the squares of
+//      its elements' updates (Note [Adafactor's update RMS]) and of the param
 //      (alpha is computed from the param before the weight decay). Params of fewer than
 //      2 dims read g first here, and compute their new `variance` without storing it. The
 //      per-task sums are added per param after the pass, in task order, to make alpha and
@@ -58,7 +58,8 @@ constexpr const char* kOp = "fused_optim::adafactor_";
 // Every sum is taken in double, in an order fixed by the shapes alone: a row sum by one
 // task, element j in lane j % 8 (lanes added in order at the end of the row); a column sum
 // down its rows within a block, the blocks then added in order; the RMS sums per task in
-// lanes, the tasks added in order. The task lists depend only on the shapes, never on the
+// lanes (element j of a row, or of a vector's task, in lane j % 16 of each run of 256),
+// the lanes in order, then the tasks in order. The task lists depend only on the shapes, never on the
 // thread count, so a step is bitwise the same at any number of threads. torch's reductions
 // add in other orders (and in float for float params), so the sums differ from torch's by
 // rounding, and with them everything downstream: tests/test_adafactor.py compares with
@@ -69,6 +70,8 @@ constexpr int64_t kChunk = int64_t{1} << 16;              // passes 2-3: element
 constexpr int64_t kRowBlock = int64_t{1} << 22;           // pass 1: elements per row block
 constexpr int64_t kMaxColumnPartials = int64_t{1} << 16;  // pass 1: buffer per slice
 constexpr int kLanes = 8;
+constexpr int kSumLanes = 16;     // pass 2's sums of squares
+constexpr int64_t kBuffer = 256;  // pass 2: updates computed at a time (a multiple of kSumLanes)
 
 struct Entry {  // one param with a grad, after layout handling
   void* p;
@@ -194,61 +197,87 @@ struct Passes {
     if (t.partial < 0) finish_slice(e, t.slice, col, row_means);
   }
 
-  // Pass 2 on element k of a param of fewer than 2 dims.
-  static FO_INLINE void vector_element(const Rule& rule, T* g, T* var, const T* p, M inv,
-                                       int64_t k, double& usum, double& psum) {
-    const M gv = grad_value<T, kUnscale>(g + k, inv);
-    // variance.lerp_(grad * grad, ...), stored in pass 3 (Note [Adafactor's passes]).
-    const M u = rule.update(rule.variance(cpu::load(var + k), gv), gv);
-    const double ud = static_cast<double>(u), pd = static_cast<double>(cpu::load(p + k));
-    usum += ud * ud;
-    psum += pd * pd;
+  // lanes[j % 16] += x[j]^2 for j < len (len a multiple of 16 but at the end of a run):
+  // two vectors of 8 doubles, so two chains of adds.
+  template <typename X>
+  static FO_INLINE void add_squares(const X* x, int64_t len, double* lanes) {
+    int64_t j = 0;
+    for (; j + kSumLanes <= len; j += kSumLanes) {
+      for (int l = 0; l < kSumLanes; ++l) {
+        const double v = static_cast<double>(cpu::load(x + j + l));
+        lanes[l] += v * v;
+      }
+    }
+    for (int l = 0; j < len; ++j, ++l) {
+      const double v = static_cast<double>(cpu::load(x + j));
+      lanes[l] += v * v;
+    }
   }
 
-  // sums[0]: the update's sum of squares over the task, sums[1]: the param's.
+  // lanes[j % 16] += x[j] (as add_squares).
+  static FO_INLINE void add_terms(const M* x, int64_t len, double* lanes) {
+    int64_t j = 0;
+    for (; j + kSumLanes <= len; j += kSumLanes) {
+      for (int l = 0; l < kSumLanes; ++l) lanes[l] += static_cast<double>(x[j + l]);
+    }
+    for (int l = 0; j < len; ++j, ++l) lanes[l] += static_cast<double>(x[j]);
+  }
+
+  // Note [Adafactor's update RMS]
+  // The clipping needs the RMS of the update u = g / sqrt(max(estimate, eps1^2)) of the
+  // whole param before any element is updated. Pass 2 sums u^2 as g^2 / max(estimate,
+  // eps1^2), the estimate as row * (col * (1 / row_mean)): a square root and two divisions
+  // fewer per element than pass 3's exact u, and within a few float ulps of its square
+  // (the sum is already not torch's: Note [Adafactor's sums]).
+  static FO_INLINE M update_squared(const Rule& rule, M estimate, M g) {
+    return (g * g) / fused_optim::maximum_<M>(estimate, rule.eps1_sq);
+  }
+
+  // sums[0]: the update's sum of squares over the task, sums[1]: the param's. The squares
+  // are computed kBuffer elements at a time into a buffer (a loop that vectorizes), then
+  // added in lanes (Note [Adafactor's sums]).
   static FO_INLINE void pass2(const Entry& e, const Task& t, double* sums) {
     const Rule rule(e.c);
-    double ul[kLanes] = {};
-    double pl[kLanes] = {};
+    double ul[kSumLanes] = {};
+    double pl[kSumLanes] = {};
+    alignas(64) M u2[kBuffer];
     if (e.factored) {
       const int64_t m = e.rows, n = e.cols;
       const T* g = static_cast<const T*>(e.g) + (t.slice * m + t.begin) * n;
       const T* p = static_cast<const T*>(e.p) + (t.slice * m + t.begin) * n;
       const M* row = row_factors(e) + t.slice * m;
       const M* col = col_factors(e) + t.slice * n;
-      const M row_mean = static_cast<M>(e.row_means[t.slice]);
+      const M inv_row_mean = M(1) / static_cast<M>(e.row_means[t.slice]);
       for (int64_t r = t.begin; r < t.end; ++r, g += n, p += n) {
-        const M rv = row[r];
-        int64_t j = 0;
-        for (; j + kLanes <= n; j += kLanes) {
-          for (int l = 0; l < kLanes; ++l) {
-            const M u = rule.update(Rule::factored_estimate(rv, col[j + l], row_mean),
-                                    cpu::load(g + j + l));
-            const double ud = static_cast<double>(u), pd = static_cast<double>(cpu::load(p + j + l));
-            ul[l] += ud * ud;
-            pl[l] += pd * pd;
-          }
-        }
-        for (int l = 0; j < n; ++j, ++l) {
-          const M u = rule.update(Rule::factored_estimate(rv, col[j], row_mean), cpu::load(g + j));
-          const double ud = static_cast<double>(u), pd = static_cast<double>(cpu::load(p + j));
-          ul[l] += ud * ud;
-          pl[l] += pd * pd;
+        const M rv = row[r] * inv_row_mean;
+        for (int64_t j0 = 0; j0 < n; j0 += kBuffer) {
+          const int64_t len = std::min(kBuffer, n - j0);
+#pragma GCC ivdep
+          for (int64_t j = 0; j < len; ++j) u2[j] = update_squared(rule, rv * col[j0 + j], cpu::load(g + j0 + j));
+          add_terms(u2, len, ul);
+          add_squares(p + j0, len, pl);
         }
       }
     } else {
+      // (g read first here: unscaled and stored back under a GradScaler. The new variance
+      // is stored in pass 3: Note [Adafactor's passes].)
       const M inv = static_cast<M>(e.inv_grad_scale);
       T* g = static_cast<T*>(e.g);
-      T* var = static_cast<T*>(e.var);
+      const T* var = static_cast<const T*>(e.var);
       const T* p = static_cast<const T*>(e.p);
-      int64_t i = t.begin;
-      for (; i + kLanes <= t.end; i += kLanes) {
-        for (int l = 0; l < kLanes; ++l) vector_element(rule, g, var, p, inv, i + l, ul[l], pl[l]);
+      for (int64_t i0 = t.begin; i0 < t.end; i0 += kBuffer) {
+        const int64_t len = std::min(kBuffer, t.end - i0);
+#pragma GCC ivdep
+        for (int64_t j = 0; j < len; ++j) {
+          const M gv = grad_value<T, kUnscale>(g + i0 + j, inv);
+          u2[j] = update_squared(rule, rule.variance(cpu::load(var + i0 + j), gv), gv);
+        }
+        add_terms(u2, len, ul);
+        add_squares(p + i0, len, pl);
       }
-      for (int l = 0; i < t.end; ++i, ++l) vector_element(rule, g, var, p, inv, i, ul[l], pl[l]);
     }
     double us = ul[0], ps = pl[0];
-    for (int l = 1; l < kLanes; ++l) {
+    for (int l = 1; l < kSumLanes; ++l) {
       us += ul[l];
       ps += pl[l];
     }
