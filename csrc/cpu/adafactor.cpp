@@ -33,7 +33,7 @@ constexpr const char* kOp = "fused_optim::adafactor_";
 // update g / sqrt(estimate) (clamped), and its RMS, which clips it. Each of these needs the
 // one before over the whole param, so one call runs three passes over all tensors of the
 // group, each pass one parallel region (at::parallel_for over a list of tasks, so
-// torch.set_num_threads governs it):
+// torch.set_num_threads governs it; run_tasks):
 //   1. params of 2+ dims: each task is a block of rows of one slice. It reads g once and
 //      sums g*g along each row (then lerps row_var) and down each column of its block.
 //      A slice of one block (most: up to kRowBlock elements) then finishes its columns
@@ -439,6 +439,41 @@ double round_to_math_type(at::ScalarType dtype, double x) {
   return dtype == at::kDouble ? x : static_cast<double>(static_cast<float>(x));
 }
 
+// Runs fn(k) for every task k in one parallel region, the tasks split into one run of
+// consecutive tasks per thread of about equal cost (rows * cols elements plus a fixed cost
+// per task): tasks differ in size (a 4M-element block of pass 1, a short vector), and an
+// even split by count would leave threads waiting at the end of each pass. Which thread
+// runs a task changes no result: each task's sums are its own (Note [Adafactor's sums]).
+template <typename Fn>
+void run_tasks(const std::vector<Task>& tasks, const std::vector<Entry>& entries, Fn&& fn) {
+  constexpr int64_t kTaskCost = 256;  // elements' worth of work per task (its setup)
+  const int64_t n = static_cast<int64_t>(tasks.size());
+  const int64_t parts = at::in_parallel_region() ? 1 : std::min<int64_t>(n, at::get_num_threads());
+  if (parts <= 1) {
+    for (int64_t k = 0; k < n; ++k) fn(k);
+    return;
+  }
+  std::vector<int64_t> prefix(static_cast<size_t>(n + 1), 0);
+  for (int64_t k = 0; k < n; ++k) {
+    const Task& t = tasks[k];
+    const Entry& e = entries[t.entry];
+    const int64_t elements = e.factored ? (t.end - t.begin) * e.cols : t.end - t.begin;
+    prefix[k + 1] = prefix[k] + elements + kTaskCost;
+  }
+  std::vector<int64_t> bounds(static_cast<size_t>(parts + 1), n);
+  bounds[0] = 0;
+  for (int64_t part = 1, k = 0; part < parts; ++part) {
+    const int64_t target = prefix[n] / parts * part;
+    while (k < n && prefix[k + 1] <= target) ++k;
+    bounds[part] = std::max(k, bounds[part - 1]);
+  }
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part) {
+      for (int64_t k = bounds[part]; k < bounds[part + 1]; ++k) fn(k);
+    }
+  });
+}
+
 void adafactor_cpu(at::TensorList params, at::TensorList grads, at::TensorList row_vars,
                    at::TensorList col_vars, at::TensorList variances,
                    at::TensorList state_steps, double lr, double beta2_decay,
@@ -611,12 +646,10 @@ void adafactor_cpu(at::TensorList params, at::TensorList grads, at::TensorList r
 
   // -- pass 1 (Note [Adafactor's passes]) -----------------------------------------------
   std::vector<double> partials(static_cast<size_t>(partials_size));
-  at::parallel_for(0, static_cast<int64_t>(tasks1.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const Task& t = tasks1[k];
-      Entry& e = entries[t.entry];
-      fns[t.entry].pass1(e, t, partials.data(), e.row_means);
-    }
+  run_tasks(tasks1, entries, [&](int64_t k) {
+    const Task& t = tasks1[k];
+    const Entry& e = entries[t.entry];
+    fns[t.entry].pass1(e, t, partials.data(), e.row_means);
   });
   at::parallel_for(0, static_cast<int64_t>(multi.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
@@ -634,11 +667,9 @@ void adafactor_cpu(at::TensorList params, at::TensorList grads, at::TensorList r
   // -- pass 2 ---------------------------------------------------------------------------
   const int64_t num_tasks2 = static_cast<int64_t>(tasks2.size());
   std::vector<double> sums(static_cast<size_t>(2 * num_tasks2));
-  at::parallel_for(0, num_tasks2, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const Task& t = tasks2[k];
-      fns[t.entry].pass2(entries[t.entry], t, sums.data() + 2 * k);
-    }
+  run_tasks(tasks2, entries, [&](int64_t k) {
+    const Task& t = tasks2[k];
+    fns[t.entry].pass2(entries[t.entry], t, sums.data() + 2 * k);
   });
 
   // alpha and denom of each param, from its tasks' sums in task order.
@@ -673,11 +704,9 @@ void adafactor_cpu(at::TensorList params, at::TensorList grads, at::TensorList r
   }
 
   // -- pass 3 ---------------------------------------------------------------------------
-  at::parallel_for(0, num_tasks2, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const Task& t = tasks2[k];
-      fns[t.entry].pass3(entries[t.entry], t);
-    }
+  run_tasks(tasks2, entries, [&](int64_t k) {
+    const Task& t = tasks2[k];
+    fns[t.entry].pass3(entries[t.entry], t);
   });
   layouts.finish();
 }
