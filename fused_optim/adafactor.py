@@ -102,13 +102,31 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
         args: Tuple[Any, ...],
     ) -> None:
         state = self.state
+        init = self._init_state
+        device = params[0].device
+        rows: List[Tensor] = []
+        cols: List[Tensor] = []
+        variances: List[Tensor] = []
+        steps: List[Tensor] = []
+        empty = several_devices = False
         for p, g in zip(params, grads):
-            self._init_state(group, p, g, state[p])
-        for p in params:
-            if p.numel() == 0:
-                # torch's for-loop divides the param's norm by numel ** 0.5 (after updating
-                # the params before it); we raise its error before changing anything.
-                raise ZeroDivisionError("float division by zero")
+            s = state[p]
+            init(group, p, g, s)
+            if p.dim() > 1:
+                rows.append(s["row_var"])
+                cols.append(s["col_var"])
+            else:
+                variances.append(s["variance"])
+            steps.append(s["step"])
+            empty = empty or p.numel() == 0
+            several_devices = several_devices or p.device != device
+        if empty:
+            # torch's for-loop divides the param's norm by numel ** 0.5 (after updating
+            # the params before it); we raise its error before changing anything.
+            raise ZeroDivisionError("float division by zero")
+        if not several_devices:
+            _ops.call(self._op, params, grads, (rows, cols, variances, steps), args)
+            return
         # One kernel call per device (Note [Adafactor's state lists]: _ops.call's split by
         # device assumes lists of one entry per param).
         by_device: Dict[torch.device, List[int]] = {}
@@ -116,10 +134,7 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
             by_device.setdefault(p.device, []).append(i)
         for indices in by_device.values():
             ps = [params[i] for i in indices]
-            rows: List[Tensor] = []
-            cols: List[Tensor] = []
-            variances: List[Tensor] = []
-            steps: List[Tensor] = []
+            rows, cols, variances, steps = [], [], [], []
             for p in ps:
                 s = state[p]
                 if p.dim() > 1:
