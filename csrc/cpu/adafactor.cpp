@@ -448,17 +448,18 @@ template <typename Fn>
 void run_tasks(const std::vector<Task>& tasks, const std::vector<Entry>& entries, Fn&& fn) {
   constexpr int64_t kTaskCost = 256;  // elements' worth of work per task (its setup)
   const int64_t n = static_cast<int64_t>(tasks.size());
-  const int64_t parts = at::in_parallel_region() ? 1 : std::min<int64_t>(n, at::get_num_threads());
-  if (parts <= 1) {
-    for (int64_t k = 0; k < n; ++k) fn(k);
-    return;
-  }
+  int64_t parts = at::in_parallel_region() ? 1 : std::min<int64_t>(n, at::get_num_threads());
   std::vector<int64_t> prefix(static_cast<size_t>(n + 1), 0);
-  for (int64_t k = 0; k < n; ++k) {
+  for (int64_t k = 0; parts > 1 && k < n; ++k) {
     const Task& t = tasks[k];
     const Entry& e = entries[t.entry];
     const int64_t elements = e.factored ? (t.end - t.begin) * e.cols : t.end - t.begin;
     prefix[k + 1] = prefix[k] + elements + kTaskCost;
+  }
+  if (prefix[n] < kGrainSize) parts = 1;  // as the elementwise loops: no threads for little work
+  if (parts <= 1) {
+    for (int64_t k = 0; k < n; ++k) fn(k);
+    return;
   }
   std::vector<int64_t> bounds(static_cast<size_t>(parts + 1), n);
   bounds[0] = 0;
