@@ -76,4 +76,7 @@ ALGORITHMS = {
     "RAdam": (dict(lr=1e-3), (3, 1)),
     "Rprop": (dict(lr=1e-3), (3, 1)),
     "ASGD": (dict(lr=1e-3), (2, 1)),
+    # Three passes (Note [Adafactor's passes] in csrc/cpu/adafactor.cpp): the param read
+    # twice and written once, the grad read three times; its factored state is O(rows + cols).
+    "Adafactor": (dict(lr=1e-2), (1, 4)),
 }

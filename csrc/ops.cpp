@@ -80,6 +80,14 @@ TORCH_LIBRARY(fused_optim, m) {
       "sparse_adam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] exp_avg_sqs, float[] step_sizes, float beta1, float beta2, float eps, "
       "bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // Adafactor (csrc/cpu/adafactor.cpp): row_vars and col_vars hold the state of the params
+  // of 2+ dims, variances that of the others, each in the params' order. eps1=None is
+  // torch.finfo(dtype).eps of the first param, as in torch's for-loop.
+  m.def(
+      "adafactor_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] row_vars, "
+      "Tensor(d!)[] col_vars, Tensor(e!)[] variances, Tensor(f!)[] state_steps, float lr, "
+      "float beta2_decay, float? eps1, float eps2, float d, float weight_decay, bool maximize, "
+      "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   // Gradient clipping by global norm (csrc/cpu/grad_norm.cpp, fused_optim/clip.py): each
   // tensor's norm (ord 2 or inf) as torch.linalg.vector_norm computes it, of the tensors
   // times inv_scale (a GradScaler's unscale); and tensors *= scalar.

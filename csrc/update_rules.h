@@ -874,4 +874,68 @@ struct SparseAdamRule {
   }
 };
 
+// ---------------------------------------------------------------------------------------
+// Adafactor (torch.optim.Adafactor): factored second moments for params of 2+ dims, a
+// full one for the others, update clipping by RMS (d), a relative step size, decoupled
+// weight decay, maximize. Its update needs three reductions per param (the row and column
+// means of g*g, the RMS of the param and of the unclipped update), so it is not one rule
+// per element: cpu/adafactor.cpp runs it as passes (Note [Adafactor's passes] there).
+// What is per element lives here, as torch's for-loop computes it.
+// ---------------------------------------------------------------------------------------
+struct AdafactorCoeffs {  // per tensor, as double (Note [per-step coefficients])
+  double grad_sign;
+  double one_minus_beta2;  // step ** beta2_decay: the lerp weight of the second moments
+  double eps1;             // clamp of the row factor's mean
+  double eps1_sq;          // eps1 * eps1: clamp of the variance estimate
+  double decay;            // 1 - lr * weight_decay
+  double step_scale;       // -alpha / denom (set after the RMS of the update is known)
+};
+
+template <typename M>
+struct AdafactorRule {
+  M grad_sign, eps1, eps1_sq, decay, step_scale;
+  LerpWeight<M> lerp;
+
+  FO_HOST_DEVICE explicit AdafactorRule(const AdafactorCoeffs& c)
+      : grad_sign(static_cast<M>(c.grad_sign)),
+        eps1(static_cast<M>(c.eps1)),
+        eps1_sq(static_cast<M>(c.eps1_sq)),
+        decay(static_cast<M>(c.decay)),
+        step_scale(static_cast<M>(c.step_scale)),
+        lerp(c.one_minus_beta2) {}
+
+  // The mean of squares of `count` elements from their sum of squares `sum`, as
+  // torch.norm(grad, dim=...).square_().div_(count): the norm rounded to M, squared, divided.
+  FO_HOST_DEVICE FO_INLINE static M mean_of_squares(double sum, double count) {
+    const M norm = static_cast<M>(sqrt_(sum));
+    return (norm * norm) / static_cast<M>(count);
+  }
+  // row_var.lerp_(row_mean, one_minus_beta2_t) (and col_var's).
+  FO_HOST_DEVICE FO_INLINE M factor(M old, M mean) const { return lerp(old, mean); }
+  // row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1), from the mean.
+  FO_HOST_DEVICE FO_INLINE M clamp_row_mean(M mean) const { return maximum_(mean, eps1); }
+  // variance.lerp_(grad * grad, one_minus_beta2_t) (params of fewer than 2 dims).
+  FO_HOST_DEVICE FO_INLINE M variance(M old, M g) const {
+    g = g * grad_sign;  // grad = -grad under maximize (exact)
+    return lerp(old, g * g);
+  }
+  // The unclipped update from the variance estimate:
+  // var_estimate.clamp_(min=eps1 * eps1).rsqrt_().mul_(grad).
+  FO_HOST_DEVICE FO_INLINE M update(M var_estimate, M g) const {
+    const M v = maximum_(var_estimate, eps1_sq);
+    return (M(1) / sqrt_(v)) * (g * grad_sign);
+  }
+  // The factored variance estimate of one element: (row_var @ col_var) / clamped row mean.
+  FO_HOST_DEVICE FO_INLINE static M factored_estimate(M row, M col, M row_mean) {
+    return (row * col) / row_mean;
+  }
+  // param.mul_(1 - lr * weight_decay) (if weight_decay != 0), then
+  // param.add_(update, alpha=-alpha / denom).
+  template <bool kDecay>
+  FO_HOST_DEVICE FO_INLINE M apply(M p, M u) const {
+    if constexpr (kDecay) p = p * decay;
+    return fma_(u, step_scale, p);
+  }
+};
+
 }  // namespace fused_optim

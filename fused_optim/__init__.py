@@ -1,5 +1,5 @@
 """fused_optim: fused multi-tensor SGD, Adam, AdamW, RMSprop, Adagrad, Adamax, Adadelta,
-NAdam, RAdam, Rprop and ASGD kernels, a drop-in for torch.optim.
+NAdam, RAdam, Rprop, ASGD and Adafactor kernels, a drop-in for torch.optim.
 
     import fused_optim
     opt = fused_optim.AdamW(model.parameters(), lr=1e-3)   # instead of torch.optim.AdamW
@@ -18,6 +18,7 @@ from ._loader import load_extension as _load_extension
 _load_extension()
 
 from . import _ops  # noqa: E402,F401  (fake kernels for torch.compile)
+from .adafactor import Adafactor  # noqa: E402
 from .asgd import ASGD  # noqa: E402
 from .adadelta import Adadelta  # noqa: E402
 from .adagrad import Adagrad  # noqa: E402
@@ -40,9 +41,9 @@ from .backward import step_in_backward  # noqa: E402
 # optimizers fused_optim has no kernel for yet. A name outside both sets fails
 # tests/test_api.py, so a torch upgrade that adds one is noticed.
 FUSED = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "Adadelta", "NAdam", "RAdam",
-         "Rprop", "ASGD", "SparseAdam")
+         "Rprop", "ASGD", "SparseAdam", "Adafactor")
 TORCH_OWN = ("Optimizer", "lr_scheduler", "swa_utils", "swap_in_optimizer_params_and_state",
-             "LBFGS", "Adafactor", "Muon")
+             "LBFGS", "Muon")
 
 
 def _reexport_torch_names():
@@ -50,7 +51,7 @@ def _reexport_torch_names():
 
     names = []
     for name in TORCH_OWN:
-        if name in torch.optim.__all__:  # older torch releases lack some (Muon, Adafactor)
+        if name in torch.optim.__all__:  # older torch releases lack some (Muon)
             obj = getattr(torch.optim, name)
             globals()[name] = obj
             names.append(name)

@@ -205,7 +205,7 @@ class StepInBackward:
         by_group: Dict[int, List[Tensor]] = {}
         for p in params:
             by_group.setdefault(self._group_of[p], []).append(p)
-        fast = not torch.compiler.is_compiling()
+        fast = opt._fast_path and not torch.compiler.is_compiling()
         with torch.no_grad():
             for index, group_params in by_group.items():
                 group = groups[index]

@@ -36,8 +36,6 @@ class FusedOptimizer(torch.optim.Optimizer):
     # runs torch's own step, which refuses CPU params with torch's own error.
     _torch_class: type = torch.optim.Optimizer
     _torch_only_options = ("differentiable", "capturable")
-    # Whether the eager C++ gather (Note [fast path]) can take this algorithm's steps.
-    _fast_path = True
     _warned: set = set()
 
     def _fused_setup(self, max_grad_norm: Optional[float] = None, grad_norm_type: float = 2.0) -> None:
@@ -85,6 +83,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     # -- hooks for the algorithm classes ------------------------------------------------
     # The kernel, torch.ops.fused_optim.<_op>; its schema is in csrc/ops.cpp.
     _op: str = ""
+    # Whether the eager fast path (Note [fast path]) can take this algorithm's groups: it
+    # needs a direct call registered for _op and one state entry per param and key.
+    _fast_path: bool = True
 
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         """The state key of each tensor list the kernel takes after params and grads, in

@@ -60,10 +60,12 @@ void run_stream(const StreamArgs<T>& a, int64_t n) {
 }
 
 // The optimizer patterns: (inout, read_only) = SGD (1,1), SGD+momentum (2,1),
-// Adam (3,1), Adam+amsgrad (4,1).
+// Adam (3,1), Adam+amsgrad (4,1); Adafactor's three passes (1,4): the param read twice and
+// written once, the grad read three times (Note [Adafactor's passes]).
 template <typename T>
 void stream_dispatch(const StreamArgs<T>& a, int64_t n) {
-  TORCH_CHECK(a.num_read == 1, "fused_optim::_stream_: expects one read-only tensor");
+  if (a.num_inout == 1 && a.num_read == 4) return run_stream<T, 1, 4>(a, n);
+  TORCH_CHECK(a.num_read == 1, "fused_optim::_stream_: expects one read-only tensor, or 1 inout and 4");
   switch (a.num_inout) {
     case 1: return run_stream<T, 1, 1>(a, n);
     case 2: return run_stream<T, 2, 1>(a, n);

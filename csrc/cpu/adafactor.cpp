@@ -1,0 +1,719 @@
+// Adafactor on the CPU: checks, layouts, scalars and three passes over the group's tensors.
+// The per-element math is AdafactorRule in update_rules.h. Adafactor's update needs
+// reductions (row and column means of the squared grads, the RMS of the param and of the
+// unclipped update), so this is the second kind of kernel of the library, next to the
+// elementwise loops of multi_tensor.h and the norms of grad_norm.cpp, not a special case
+// inside either.
+#include <torch/library.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "cpu/multi_tensor.h"
+#include "plan.h"
+
+namespace fused_optim::cpu {
+namespace {
+
+constexpr const char* kOp = "fused_optim::adafactor_";
+
+// Note [Adafactor's passes]
+// torch's for-loop computes, for each param in turn: alpha from the param's RMS; for a
+// param of 2+ dims (a batch of m x n matrices, "slices") the row and column means of g*g
+// (torch.norm over the last and second-to-last dims), lerped into row_var and col_var,
+// then the variance estimate row_var @ col_var / row_var.mean(dim=-2) (clamped), the
+// update g / sqrt(estimate) (clamped), and its RMS, which clips it. Each of these needs the
+// one before over the whole param, so one call runs three passes over all tensors of the
+// group, each pass one parallel region (at::parallel_for over a list of tasks, so
+// torch.set_num_threads governs it; run_tasks):
+//   1. params of 2+ dims: each task is a block of rows of one slice. It reads g once and
+//      sums g*g along each row (then lerps row_var) and down each column of its block.
+//      A slice of one block (most: up to kRowBlock elements) then finishes its columns
+//      (col_var, and the clamped mean of row_var) in the same task; the slices of several
+//      blocks leave their column sums in a buffer, combined after the pass in block order
+//      (a second short parallel region over those slices).
+//   2. every param: each task (kChunk elements, whole rows of a slice) sums the squares of
+//      its elements' updates (Note [Adafactor's update RMS]) and of the param
+//      (alpha is computed from the param before the weight decay). Params of fewer than
+//      2 dims read g first here, and compute their new `variance` without storing it. The
+//      per-task sums are added per param after the pass, in task order, to make alpha and
+//      denom.
+//   3. every param: the update again, and param = param * (1 - lr * wd) - alpha/denom * u;
+//      params of fewer than 2 dims store `variance` here (so with 16-bit params both
+//      passes use its value before rounding, as torch's math in float would).
+// Memory: g is read three times, the param twice and written once (the benchmark's
+// pattern), and nothing of the params' size is allocated: the column sums of multi-block
+// slices (kMaxColumnPartials per slice at most), the slice's column sums in a task of a
+// one-block slice, a double per slice and two per task.
+//
+// Note [Adafactor's sums]
+// Every sum is taken in double, in an order fixed by the shapes alone: a row sum by one
+// task, element j in lane j % 8 (lanes added in order at the end of the row); a column sum
+// down its rows within a block, the blocks then added in order; the RMS sums per task in
+// lanes (element j of a row, or of a vector's task, in lane j % 16 of each run of 256),
+// the lanes in order, then the tasks in order. The task lists depend only on the shapes, never on the
+// thread count, so a step is bitwise the same at any number of threads. torch's reductions
+// add in other orders (and in float for float params), so the sums differ from torch's by
+// rounding, and with them everything downstream: tests/test_adafactor.py compares with
+// torch's for-loop within a tolerance it justifies, and bitwise across thread counts.
+// Each sum is rounded to the param's math type where torch's result has that dtype (the
+// norms, the means), and the rest follows torch's ops and roundings (update_rules.h).
+constexpr int64_t kChunk = int64_t{1} << 16;              // passes 2-3: elements per task
+constexpr int64_t kRowBlock = int64_t{1} << 22;           // pass 1: elements per row block
+constexpr int64_t kMaxColumnPartials = int64_t{1} << 16;  // pass 1: buffer per slice
+constexpr int kLanes = 8;
+constexpr int kSumLanes = 16;     // pass 2's sums of squares
+constexpr int64_t kBuffer = 256;  // pass 2: updates computed at a time (a multiple of kSumLanes)
+
+struct Entry {  // one param with a grad, after layout handling
+  void* p;
+  void* g;
+  void* row;  // row_var (2+ dims)
+  void* col;  // col_var (2+ dims)
+  void* var;  // variance (fewer dims)
+  bool factored;
+  int64_t rows, cols;       // of each slice (factored); vectors: 1 x numel
+  int64_t numel;
+  double* row_means;        // factored: the clamped row_var mean of each slice
+  // factored 16-bit params: row_var and col_var as computed, before their rounding to 16
+  // bits, for passes 2 and 3 (Note [Adafactor's 16-bit factors]); null otherwise.
+  float* row_f;
+  float* col_f;
+  double inv_grad_scale;
+  AdafactorCoeffs c;
+};
+
+struct Task {
+  int64_t entry, slice;  // slice of the entry (0 for vectors)
+  int64_t begin, end;    // rows of the slice (factored) or elements (vectors)
+  int64_t partial;       // pass 1: offset of its column sums in the buffer; -1: own slice
+};
+
+struct MultiBlockSlice {  // pass 1: a slice whose column sums are in the buffer
+  int64_t entry, slice, partial, blocks;
+};
+
+template <typename T, bool kUnscale>
+FO_INLINE at::opmath_type<T> grad_value(T* g, at::opmath_type<T> inv_scale) {
+  at::opmath_type<T> v = cpu::load(g);
+  if constexpr (kUnscale) {
+    store(v * inv_scale, g);  // the unscaled grad, stored back (as GradScaler.unscale_)
+    v = cpu::load(g);
+  }
+  return v;
+}
+
+// Note [Adafactor's 16-bit factors]
+// With 16-bit params the math runs in float and only stored values are rounded, as in the
+// other kernels: the update of this step uses row_var and col_var as lerped, in float, not
+// their 16-bit roundings. A call keeps those floats for the factored 16-bit params (one
+// float per row and column of each slice: O(rows + cols), never O(rows * cols)).
+template <typename T, bool kUnscale>
+struct Passes {
+  using M = at::opmath_type<T>;
+  using Rule = AdafactorRule<M>;
+  static constexpr bool kLow = !std::is_same_v<T, M>;
+
+  // row_var and col_var of the entry in M, as this step computed them.
+  static FO_INLINE const M* row_factors(const Entry& e) {
+    if constexpr (kLow) {
+      return e.row_f;
+    } else {
+      return static_cast<const M*>(e.row);
+    }
+  }
+  static FO_INLINE const M* col_factors(const Entry& e) {
+    if constexpr (kLow) {
+      return e.col_f;
+    } else {
+      return static_cast<const M*>(e.col);
+    }
+  }
+
+  // col_var of one slice from its column sums, and the clamped mean of its row_var.
+  static FO_INLINE void finish_slice(const Entry& e, int64_t slice, const double* col_sums,
+                                     double* row_means) {
+    const Rule rule(e.c);
+    const int64_t m = e.rows, n = e.cols;
+    T* col = static_cast<T*>(e.col) + slice * n;
+    for (int64_t j = 0; j < n; ++j) {
+      const M v = rule.factor(cpu::load(col + j), Rule::mean_of_squares(col_sums[j], double(m)));
+      store(v, col + j);
+      if constexpr (kLow) e.col_f[slice * n + j] = v;
+    }
+    const M* row = row_factors(e) + slice * m;
+    double sum = 0.0;
+    for (int64_t r = 0; r < m; ++r) sum += static_cast<double>(row[r]);
+    const M mean = static_cast<M>(sum) / static_cast<M>(m);  // row_var.mean(dim=-2)
+    row_means[slice] = static_cast<double>(rule.clamp_row_mean(mean));
+  }
+
+  static FO_INLINE void pass1(const Entry& e, const Task& t, double* partials, double* row_means) {
+    const Rule rule(e.c);
+    const M inv = static_cast<M>(e.inv_grad_scale);
+    const int64_t m = e.rows, n = e.cols;
+    T* g = static_cast<T*>(e.g) + (t.slice * m + t.begin) * n;
+    T* row = static_cast<T*>(e.row) + t.slice * m;
+    std::vector<double> own;
+    double* col;
+    if (t.partial < 0) {
+      own.assign(static_cast<size_t>(n), 0.0);
+      col = own.data();
+    } else {
+      col = partials + t.partial;
+      std::fill(col, col + n, 0.0);
+    }
+    for (int64_t r = t.begin; r < t.end; ++r, g += n) {
+      double lanes[kLanes] = {};
+      int64_t j = 0;
+      for (; j + kLanes <= n; j += kLanes) {
+        for (int l = 0; l < kLanes; ++l) {
+          const double v = static_cast<double>(grad_value<T, kUnscale>(g + j + l, inv));
+          const double sq = v * v;
+          lanes[l] += sq;
+          col[j + l] += sq;
+        }
+      }
+      for (int l = 0; j < n; ++j, ++l) {
+        const double v = static_cast<double>(grad_value<T, kUnscale>(g + j, inv));
+        const double sq = v * v;
+        lanes[l] += sq;
+        col[j] += sq;
+      }
+      double sum = lanes[0];
+      for (int l = 1; l < kLanes; ++l) sum += lanes[l];
+      const M v = rule.factor(cpu::load(row + r), Rule::mean_of_squares(sum, double(n)));
+      store(v, row + r);
+      if constexpr (kLow) e.row_f[t.slice * m + r] = v;
+    }
+    if (t.partial < 0) finish_slice(e, t.slice, col, row_means);
+  }
+
+  // lanes[j % 16] += x[j]^2 for j < len (len a multiple of 16 but at the end of a run):
+  // two vectors of 8 doubles, so two chains of adds.
+  template <typename X>
+  static FO_INLINE void add_squares(const X* x, int64_t len, double* lanes) {
+    int64_t j = 0;
+    for (; j + kSumLanes <= len; j += kSumLanes) {
+      for (int l = 0; l < kSumLanes; ++l) {
+        const double v = static_cast<double>(cpu::load(x + j + l));
+        lanes[l] += v * v;
+      }
+    }
+    for (int l = 0; j < len; ++j, ++l) {
+      const double v = static_cast<double>(cpu::load(x + j));
+      lanes[l] += v * v;
+    }
+  }
+
+  // lanes[j % 16] += x[j] (as add_squares).
+  static FO_INLINE void add_terms(const M* x, int64_t len, double* lanes) {
+    int64_t j = 0;
+    for (; j + kSumLanes <= len; j += kSumLanes) {
+      for (int l = 0; l < kSumLanes; ++l) lanes[l] += static_cast<double>(x[j + l]);
+    }
+    for (int l = 0; j < len; ++j, ++l) lanes[l] += static_cast<double>(x[j]);
+  }
+
+  // Note [Adafactor's update RMS]
+  // The clipping needs the RMS of the update u = g / sqrt(max(estimate, eps1^2)) of the
+  // whole param before any element is updated. Pass 2 sums u^2 as g^2 / max(estimate,
+  // eps1^2), the estimate as row * (col * (1 / row_mean)): a square root and two divisions
+  // fewer per element than pass 3's exact u, and within a few float ulps of its square
+  // (the sum is already not torch's: Note [Adafactor's sums]).
+  static FO_INLINE M update_squared(const Rule& rule, M estimate, M g) {
+    return (g * g) / fused_optim::maximum_<M>(estimate, rule.eps1_sq);
+  }
+
+  // sums[0]: the update's sum of squares over the task, sums[1]: the param's. The squares
+  // are computed kBuffer elements at a time into a buffer (a loop that vectorizes), then
+  // added in lanes (Note [Adafactor's sums]).
+  static FO_INLINE void pass2(const Entry& e, const Task& t, double* sums) {
+    const Rule rule(e.c);
+    double ul[kSumLanes] = {};
+    double pl[kSumLanes] = {};
+    alignas(64) M u2[kBuffer];
+    if (e.factored) {
+      const int64_t m = e.rows, n = e.cols;
+      const T* g = static_cast<const T*>(e.g) + (t.slice * m + t.begin) * n;
+      const T* p = static_cast<const T*>(e.p) + (t.slice * m + t.begin) * n;
+      const M* row = row_factors(e) + t.slice * m;
+      const M* col = col_factors(e) + t.slice * n;
+      const M inv_row_mean = M(1) / static_cast<M>(e.row_means[t.slice]);
+      for (int64_t r = t.begin; r < t.end; ++r, g += n, p += n) {
+        const M rv = row[r] * inv_row_mean;
+        for (int64_t j0 = 0; j0 < n; j0 += kBuffer) {
+          const int64_t len = std::min(kBuffer, n - j0);
+#pragma GCC ivdep
+          for (int64_t j = 0; j < len; ++j) u2[j] = update_squared(rule, rv * col[j0 + j], cpu::load(g + j0 + j));
+          add_terms(u2, len, ul);
+          add_squares(p + j0, len, pl);
+        }
+      }
+    } else {
+      // (g read first here: unscaled and stored back under a GradScaler. The new variance
+      // is stored in pass 3: Note [Adafactor's passes].)
+      const M inv = static_cast<M>(e.inv_grad_scale);
+      T* g = static_cast<T*>(e.g);
+      const T* var = static_cast<const T*>(e.var);
+      const T* p = static_cast<const T*>(e.p);
+      for (int64_t i0 = t.begin; i0 < t.end; i0 += kBuffer) {
+        const int64_t len = std::min(kBuffer, t.end - i0);
+#pragma GCC ivdep
+        for (int64_t j = 0; j < len; ++j) {
+          const M gv = grad_value<T, kUnscale>(g + i0 + j, inv);
+          u2[j] = update_squared(rule, rule.variance(cpu::load(var + i0 + j), gv), gv);
+        }
+        add_terms(u2, len, ul);
+        add_squares(p + i0, len, pl);
+      }
+    }
+    double us = ul[0], ps = pl[0];
+    for (int l = 1; l < kSumLanes; ++l) {
+      us += ul[l];
+      ps += pl[l];
+    }
+    sums[0] = us;
+    sums[1] = ps;
+  }
+
+  template <bool kDecay>
+  static FO_INLINE void pass3(const Entry& e, const Task& t) {
+    const Rule rule(e.c);
+    if (e.factored) {
+      const int64_t m = e.rows, n = e.cols;
+      const T* g = static_cast<const T*>(e.g) + (t.slice * m + t.begin) * n;
+      T* p = static_cast<T*>(e.p) + (t.slice * m + t.begin) * n;
+      const M* row = row_factors(e) + t.slice * m;
+      const M* col = col_factors(e) + t.slice * n;
+      const M row_mean = static_cast<M>(e.row_means[t.slice]);
+      for (int64_t r = t.begin; r < t.end; ++r, g += n, p += n) {
+        const M rv = row[r];
+#pragma GCC ivdep
+        for (int64_t j = 0; j < n; ++j) {
+          const M u = rule.update(Rule::factored_estimate(rv, col[j], row_mean), cpu::load(g + j));
+          store(rule.template apply<kDecay>(cpu::load(p + j), u), p + j);
+        }
+      }
+    } else {
+      const T* g = static_cast<const T*>(e.g);
+      T* var = static_cast<T*>(e.var);
+      T* p = static_cast<T*>(e.p);
+#pragma GCC ivdep
+      for (int64_t i = t.begin; i < t.end; ++i) {
+        const M gv = cpu::load(g + i);
+        const M v = rule.variance(cpu::load(var + i), gv);
+        store(v, var + i);
+        const M u = rule.update(v, gv);  // var_estimate = variance.clone()
+        store(rule.template apply<kDecay>(cpu::load(p + i), u), p + i);
+      }
+    }
+  }
+};
+
+// The passes of (T, unscale, decay), compiled for each ISA (Note [ISA dispatch] in
+// multi_tensor.h): every operation is exactly rounded, so every copy gives the same bits.
+struct PassFns {
+  void (*pass1)(const Entry&, const Task&, double*, double*);
+  void (*finish)(const Entry&, int64_t, const double*, double*);
+  void (*pass2)(const Entry&, const Task&, double*);
+  void (*pass3)(const Entry&, const Task&);
+};
+
+#define FO_ADAFACTOR_COPY(suffix, attr)                                                   \
+  template <typename T, bool kU>                                                          \
+  attr void pass1_##suffix(const Entry& e, const Task& t, double* parts, double* means) { \
+    Passes<T, kU>::pass1(e, t, parts, means);                                             \
+  }                                                                                       \
+  template <typename T, bool kU>                                                          \
+  attr void finish_##suffix(const Entry& e, int64_t s, const double* sums, double* means) { \
+    Passes<T, kU>::finish_slice(e, s, sums, means);                                       \
+  }                                                                                       \
+  template <typename T, bool kU>                                                          \
+  attr void pass2_##suffix(const Entry& e, const Task& t, double* sums) {                 \
+    Passes<T, kU>::pass2(e, t, sums);                                                     \
+  }                                                                                       \
+  template <typename T, bool kU, bool kDecay>                                             \
+  attr void pass3_##suffix(const Entry& e, const Task& t) {                               \
+    Passes<T, kU>::template pass3<kDecay>(e, t);                                          \
+  }                                                                                       \
+  template <typename T, bool kU, bool kDecay>                                             \
+  PassFns fns_##suffix() {                                                                \
+    return PassFns{&pass1_##suffix<T, kU>, &finish_##suffix<T, kU>, &pass2_##suffix<T, kU>, \
+                   &pass3_##suffix<T, kU, kDecay>};                                       \
+  }
+
+FO_ADAFACTOR_COPY(baseline, )
+#if FO_X86_CLONES
+FO_ADAFACTOR_COPY(avx2, FO_AVX2_TARGET)
+FO_ADAFACTOR_COPY(avx512, FO_AVX512_TARGET)
+#endif
+#undef FO_ADAFACTOR_COPY
+
+template <typename T, bool kU, bool kDecay>
+PassFns pick_fns() {
+#if FO_X86_CLONES
+  switch (cpu_isa()) {
+    case Isa::kAvx512Bf16:
+    case Isa::kAvx512: return fns_avx512<T, kU, kDecay>();
+    case Isa::kAvx2: return fns_avx2<T, kU, kDecay>();
+    case Isa::kBaseline: break;
+  }
+#endif
+  return fns_baseline<T, kU, kDecay>();
+}
+
+PassFns select_fns(at::ScalarType dtype, bool unscale, bool decay) {
+  return dispatch_dtype(dtype, [&]<typename T>() {
+    if (unscale) return decay ? pick_fns<T, true, true>() : pick_fns<T, true, false>();
+    return decay ? pick_fns<T, false, true>() : pick_fns<T, false, false>();
+  });
+}
+
+// Tensors of unusual layouts (not contiguous, or a negated or conjugated view) are
+// updated in contiguous temporaries, copied back after the passes.
+struct Layouts {
+  std::vector<std::pair<at::Tensor, at::Tensor>> writebacks;  // (original, temporary)
+  std::vector<at::Tensor> keep_alive;
+
+  static bool usual(const at::Tensor& t) {
+    return t.is_contiguous() && !t.is_neg() && !t.is_conj();
+  }
+  void* written(const at::Tensor& t) {
+    if (usual(t)) return t.mutable_data_ptr();  // (materializes copy-on-write storage)
+    at::Tensor tmp = at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
+    tmp.copy_(t);
+    writebacks.emplace_back(t, tmp);
+    return tmp.mutable_data_ptr();
+  }
+  void* read(const at::Tensor& t) {
+    if (usual(t)) return const_cast<void*>(t.const_data_ptr());
+    at::Tensor tmp = t.contiguous().resolve_neg().resolve_conj();
+    if (!usual(tmp)) tmp = tmp.clone(at::MemoryFormat::Contiguous);
+    keep_alive.push_back(tmp);
+    return const_cast<void*>(tmp.const_data_ptr());
+  }
+  void finish() {
+    for (auto& [original, tmp] : writebacks) original.copy_(tmp);
+  }
+};
+
+std::vector<int64_t> with_last_dims(at::IntArrayRef sizes, int64_t dim) {
+  std::vector<int64_t> s(sizes.begin(), sizes.end());
+  s[s.size() - dim] = 1;
+  return s;
+}
+
+void check_state(const char* list, int64_t k, const at::Tensor& t, const at::Tensor& param,
+                 at::IntArrayRef shape) {
+  TORCH_CHECK(t.defined() && t.layout() == at::kStrided, kOp, ": ", list, "[", k,
+              "] must be a dense tensor");
+  TORCH_CHECK(t.device() == param.device(), kOp, ": ", list, "[", k, "] is on ", t.device(),
+              " but its param is on ", param.device());
+  TORCH_CHECK(t.scalar_type() == param.scalar_type(), kOp, ": ", list, "[", k, "] has dtype ",
+              t.scalar_type(), " but its param has dtype ", param.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, kOp, ": ", list, "[", k, "] has shape ", t.sizes(),
+              " but must have shape ", shape, " for a param of shape ", param.sizes());
+}
+
+double finfo_eps(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kDouble: return std::numeric_limits<double>::epsilon();
+    case at::kBFloat16: return 0.0078125;      // torch.finfo(torch.bfloat16).eps
+    case at::kHalf: return 0.0009765625;       // torch.finfo(torch.float16).eps
+    default: return std::numeric_limits<float>::epsilon();
+  }
+}
+
+// A value rounded to the opmath type of `dtype`, as torch's norm of such a tensor is
+// rounded (Note [Adafactor's sums]; 16-bit params: their math runs in float).
+double round_to_math_type(at::ScalarType dtype, double x) {
+  return dtype == at::kDouble ? x : static_cast<double>(static_cast<float>(x));
+}
+
+// Runs fn(k) for every task k in one parallel region, the tasks split into one run of
+// consecutive tasks per thread of about equal cost (rows * cols elements plus a fixed cost
+// per task): tasks differ in size (a 4M-element block of pass 1, a short vector), and an
+// even split by count would leave threads waiting at the end of each pass. Which thread
+// runs a task changes no result: each task's sums are its own (Note [Adafactor's sums]).
+template <typename Fn>
+void run_tasks(const std::vector<Task>& tasks, const std::vector<Entry>& entries, Fn&& fn) {
+  constexpr int64_t kTaskCost = 256;  // elements' worth of work per task (its setup)
+  const int64_t n = static_cast<int64_t>(tasks.size());
+  int64_t parts = at::in_parallel_region() ? 1 : std::min<int64_t>(n, at::get_num_threads());
+  std::vector<int64_t> prefix(static_cast<size_t>(n + 1), 0);
+  for (int64_t k = 0; parts > 1 && k < n; ++k) {
+    const Task& t = tasks[k];
+    const Entry& e = entries[t.entry];
+    const int64_t elements = e.factored ? (t.end - t.begin) * e.cols : t.end - t.begin;
+    prefix[k + 1] = prefix[k] + elements + kTaskCost;
+  }
+  if (prefix[n] < kGrainSize) parts = 1;  // as the elementwise loops: no threads for little work
+  if (parts <= 1) {
+    for (int64_t k = 0; k < n; ++k) fn(k);
+    return;
+  }
+  std::vector<int64_t> bounds(static_cast<size_t>(parts + 1), n);
+  bounds[0] = 0;
+  for (int64_t part = 1, k = 0; part < parts; ++part) {
+    const int64_t target = prefix[n] / parts * part;
+    while (k < n && prefix[k + 1] <= target) ++k;
+    bounds[part] = std::max(k, bounds[part - 1]);
+  }
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part) {
+      for (int64_t k = bounds[part]; k < bounds[part + 1]; ++k) fn(k);
+    }
+  });
+}
+
+void adafactor_cpu(at::TensorList params, at::TensorList grads, at::TensorList row_vars,
+                   at::TensorList col_vars, at::TensorList variances,
+                   at::TensorList state_steps, double lr, double beta2_decay,
+                   std::optional<double> eps1, double eps2, double d, double weight_decay,
+                   bool maximize, const std::optional<at::Tensor>& lr_tensor,
+                   const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  const bool unscale = has_tensor(grad_scale);
+  // -- every check first: a bad input changes nothing ----------------------------------
+  TORCH_CHECK(static_cast<int64_t>(grads.size()) == n, kOp,
+              ": expected as many grads as params, got ", grads.size(), " and ", n);
+  int64_t factored = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK(p.defined() && p.layout() == at::kStrided && p.device().is_cpu(), kOp,
+                ": params[", i, "] must be a dense CPU tensor");
+    // torch.optim.Adafactor's own errors
+    TORCH_CHECK(!p.is_complex(), "Adafactor does not support complex parameters");
+    TORCH_CHECK(g.defined() && !g.is_sparse(), "Adafactor does not support sparse gradients");
+    const at::ScalarType dt = p.scalar_type();
+    TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+                kOp, ": unsupported dtype ", dt);
+    TORCH_CHECK(g.layout() == at::kStrided && g.device() == p.device() &&
+                    g.scalar_type() == dt && g.sizes() == p.sizes(),
+                kOp, ": grads[", i, "] must be a dense tensor of its param's device, dtype and "
+                "shape, got ", g.device(), ", ", g.scalar_type(), ", ", g.sizes(), " for ",
+                p.device(), ", ", dt, ", ", p.sizes());
+    // torch's for-loop divides the param's norm by sqrt(numel): a ZeroDivisionError.
+    TORCH_CHECK(p.numel() > 0, kOp, ": params[", i, "] has no elements (torch.optim."
+                "Adafactor divides by its size)");
+    if (p.dim() > 1) ++factored;
+  }
+  TORCH_CHECK(static_cast<int64_t>(row_vars.size()) == factored &&
+                  static_cast<int64_t>(col_vars.size()) == factored &&
+                  static_cast<int64_t>(variances.size()) == n - factored,
+              kOp, ": expected a row_var and a col_var for each of the ", factored,
+              " params of 2+ dims and a variance for each of the ", n - factored,
+              " others, got ", row_vars.size(), ", ", col_vars.size(), " and ",
+              variances.size());
+  {
+    int64_t k = 0, v = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const at::Tensor& p = params[i];
+      if (p.dim() > 1) {
+        check_state("row_vars", k, row_vars[k], p, with_last_dims(p.sizes(), 1));
+        check_state("col_vars", k, col_vars[k], p, with_last_dims(p.sizes(), 2));
+        ++k;
+      } else {
+        check_state("variances", v, variances[v], p, p.sizes());
+        ++v;
+      }
+    }
+  }
+  check_steps(kOp, state_steps, n);
+  const double inv_scale = inverse_grad_scale(kOp, grad_scale);
+  lr = lr_value(kOp, lr, lr_tensor);
+  const bool lr_is_f32 = lr_is_float32(lr_tensor);
+  if (n == 0 || skip_step(found_inf)) return;  // after all checks; nothing has changed yet
+
+  // -- scalars: torch's for-loop computes them on the host, in double -------------------
+  // eps1=None: torch.finfo(param.dtype).eps of the first param, kept for the group's others
+  // (the for-loop assigns the variable once).
+  const double e1 = eps1.has_value() ? *eps1 : finfo_eps(params[0].scalar_type());
+  const std::vector<double> steps = increment_steps(state_steps);
+  const bool decay = weight_decay != 0.0;
+  // 1 - lr * weight_decay; with a float32 Tensor lr a float32 tensor op (Note [Tensor lr]).
+  const double decay_factor =
+      lr_is_f32 ? static_cast<double>(1.0f - static_cast<float>(lr) * static_cast<float>(weight_decay))
+                : 1.0 - lr * weight_decay;
+
+  // -- layouts, entries, tasks ----------------------------------------------------------
+  Layouts layouts;
+  std::vector<Entry> entries(n);
+  std::vector<PassFns> fns(n);
+  int64_t num_slices = 0;
+  {
+    int64_t k = 0, v = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const at::Tensor& p = params[i];
+      Entry& e = entries[i];
+      e.p = layouts.written(p);
+      e.g = unscale ? layouts.written(grads[i]) : layouts.read(grads[i]);
+      e.factored = p.dim() > 1;
+      e.numel = p.numel();
+      e.inv_grad_scale = inv_scale;
+      if (e.factored) {
+        e.row = layouts.written(row_vars[k]);
+        e.col = layouts.written(col_vars[k]);
+        e.var = nullptr;
+        ++k;
+        e.rows = p.size(-2);
+        e.cols = p.size(-1);
+        num_slices += e.numel / (e.rows * e.cols);
+      } else {
+        e.var = layouts.written(variances[v]);
+        e.row = e.col = nullptr;
+        ++v;
+        e.rows = 1;
+        e.cols = e.numel;
+      }
+      AdafactorCoeffs& c = e.c;
+      c.grad_sign = maximize ? -1.0 : 1.0;
+      c.one_minus_beta2 = std::pow(steps[i], beta2_decay);  // step_float ** beta2_decay
+      c.eps1 = e1;
+      c.eps1_sq = e1 * e1;
+      c.decay = decay_factor;
+      c.step_scale = 0.0;  // after pass 2
+      const bool same = i > 0 && p.scalar_type() == params[i - 1].scalar_type();
+      fns[i] = same ? fns[i - 1] : select_fns(p.scalar_type(), unscale, decay);
+    }
+  }
+  std::vector<double> row_means(static_cast<size_t>(num_slices));
+  int64_t low_factors = 0;  // Note [Adafactor's 16-bit factors]
+  for (int64_t i = 0; i < n; ++i) {
+    const Entry& e = entries[i];
+    if (e.factored && params[i].element_size() == 2) {
+      low_factors += e.numel / (e.rows * e.cols) * (e.rows + e.cols);
+    }
+  }
+  std::vector<float> factors(static_cast<size_t>(low_factors));
+  for (int64_t i = 0, offset = 0; i < n; ++i) {
+    Entry& e = entries[i];
+    e.row_f = e.col_f = nullptr;
+    if (e.factored && params[i].element_size() == 2) {
+      const int64_t slices = e.numel / (e.rows * e.cols);
+      e.row_f = factors.data() + offset;
+      e.col_f = e.row_f + slices * e.rows;
+      offset += slices * (e.rows + e.cols);
+    }
+  }
+  std::vector<Task> tasks1, tasks2;
+  std::vector<MultiBlockSlice> multi;
+  int64_t partials_size = 0;
+  {
+    int64_t first_slice = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      Entry& e = entries[i];
+      const int64_t m = e.rows, cols = e.cols;
+      if (!e.factored) {
+        for (int64_t b = 0; b < e.numel; b += kChunk) {
+          tasks2.push_back(Task{i, 0, b, std::min(e.numel, b + kChunk), -1});
+        }
+        continue;
+      }
+      e.row_means = row_means.data() + first_slice;
+      const int64_t slices = e.numel / (m * cols);
+      first_slice += slices;
+      // Pass 1: blocks of about kRowBlock elements, at most kMaxColumnPartials column sums
+      // in the buffer per slice.
+      int64_t blocks = std::max<int64_t>(1, (m * cols + kRowBlock - 1) / kRowBlock);
+      blocks = std::min(blocks, std::max<int64_t>(1, kMaxColumnPartials / cols));
+      const int64_t rows1 = (m + blocks - 1) / blocks;
+      blocks = (m + rows1 - 1) / rows1;
+      // Passes 2 and 3: whole rows, about kChunk elements.
+      const int64_t rows2 = std::max<int64_t>(1, kChunk / cols);
+      for (int64_t s = 0; s < slices; ++s) {
+        if (blocks > 1) multi.push_back(MultiBlockSlice{i, s, partials_size, blocks});
+        for (int64_t r = 0; r < m; r += rows1) {
+          tasks1.push_back(Task{i, s, r, std::min(m, r + rows1), blocks > 1 ? partials_size : -1});
+          if (blocks > 1) partials_size += cols;
+        }
+        for (int64_t r = 0; r < m; r += rows2) {
+          tasks2.push_back(Task{i, s, r, std::min(m, r + rows2), -1});
+        }
+      }
+    }
+  }
+
+  // -- pass 1 (Note [Adafactor's passes]) -----------------------------------------------
+  std::vector<double> partials(static_cast<size_t>(partials_size));
+  run_tasks(tasks1, entries, [&](int64_t k) {
+    const Task& t = tasks1[k];
+    const Entry& e = entries[t.entry];
+    fns[t.entry].pass1(e, t, partials.data(), e.row_means);
+  });
+  at::parallel_for(0, static_cast<int64_t>(multi.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const MultiBlockSlice& s = multi[k];
+      const Entry& e = entries[s.entry];
+      double* sums = partials.data() + s.partial;
+      for (int64_t b = 1; b < s.blocks; ++b) {
+        const double* block = sums + b * e.cols;
+        for (int64_t j = 0; j < e.cols; ++j) sums[j] += block[j];
+      }
+      fns[s.entry].finish(e, s.slice, sums, e.row_means);
+    }
+  });
+
+  // -- pass 2 ---------------------------------------------------------------------------
+  const int64_t num_tasks2 = static_cast<int64_t>(tasks2.size());
+  std::vector<double> sums(static_cast<size_t>(2 * num_tasks2));
+  run_tasks(tasks2, entries, [&](int64_t k) {
+    const Task& t = tasks2[k];
+    fns[t.entry].pass2(entries[t.entry], t, sums.data() + 2 * k);
+  });
+
+  // alpha and denom of each param, from its tasks' sums in task order.
+  for (int64_t k = 0; k < num_tasks2;) {
+    const int64_t i = tasks2[k].entry;
+    double usum = 0.0, psum = 0.0;
+    for (; k < num_tasks2 && tasks2[k].entry == i; ++k) {
+      usum += sums[2 * k];
+      psum += sums[2 * k + 1];
+    }
+    Entry& e = entries[i];
+    const at::ScalarType dt = params[i].scalar_type();
+    const double count_sqrt = std::pow(static_cast<double>(e.numel), 0.5);  // numel ** 0.5
+    // max(eps2, param.norm(2).item() / numel ** 0.5): Python's max keeps eps2 unless the
+    // RMS is greater (a NaN RMS gives eps2), and min(lr, 1 / step ** 0.5) keeps lr unless
+    // the other is smaller.
+    const double rms = round_to_math_type(dt, std::sqrt(psum)) / count_sqrt;
+    const double scale = rms > eps2 ? rms : eps2;
+    const double r = 1.0 / std::pow(steps[i], 0.5);
+    // denom = max(1.0, update.norm(2).item() / (numel ** 0.5 * d))
+    const double q = round_to_math_type(dt, std::sqrt(usum)) / (count_sqrt * d);
+    const double denom = q > 1.0 ? q : 1.0;
+    if (lr_is_f32 && !(static_cast<float>(lr) > static_cast<float>(r))) {
+      // rho_t is the float32 Tensor lr itself (the comparison too is a float32 tensor op):
+      // alpha = scale * rho_t and -alpha / denom are float32 tensor ops.
+      const float alpha = static_cast<float>(scale) * static_cast<float>(lr);
+      e.c.step_scale = static_cast<double>(-alpha / static_cast<float>(denom));
+    } else {
+      const double rho = r < lr ? r : lr;
+      e.c.step_scale = -(scale * rho) / denom;
+    }
+  }
+
+  // -- pass 3 ---------------------------------------------------------------------------
+  run_tasks(tasks2, entries, [&](int64_t k) {
+    const Task& t = tasks2[k];
+    fns[t.entry].pass3(entries[t.entry], t);
+  });
+  layouts.finish();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_optim, CPU, m) { m.impl("adafactor_", &adafactor_cpu); }
+
+}  // namespace fused_optim::cpu

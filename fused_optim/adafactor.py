@@ -1,0 +1,147 @@
+"""Adafactor: torch.optim.Adafactor with the step computed by fused_optim::adafactor_."""
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _get_scalar_dtype
+
+from . import _ops
+from ._loader import built_with_cuda
+from .optimizer import FusedOptimizer, lr_args
+
+__all__ = ["Adafactor"]
+
+
+class Adafactor(FusedOptimizer, torch.optim.Adafactor):
+    __doc__ = torch.optim.Adafactor.__doc__
+    _torch_class = torch.optim.Adafactor
+
+    def __init__(
+        self,
+        params,
+        lr=1e-2,
+        beta2_decay=-0.8,
+        eps=(None, 1e-3),
+        d=1.0,
+        weight_decay=0.0,
+        *,
+        foreach=None,
+        maximize=False,
+        max_grad_norm=None,
+        grad_norm_type=2.0,
+    ):
+        super().__init__(
+            params,
+            lr=lr,
+            beta2_decay=beta2_decay,
+            eps=eps,
+            d=d,
+            weight_decay=weight_decay,
+            foreach=foreach,
+            maximize=maximize,
+        )
+        self._fused_setup(max_grad_norm, grad_norm_type)
+
+    _op = "adafactor_"
+    # Note [Adafactor's state lists]
+    # A param has either row_var and col_var (2+ dims) or variance (fewer), so the kernel's
+    # state lists are not one entry per param: row_vars and col_vars hold the entries of
+    # the params of 2+ dims, variances those of the others, each in param order. The eager
+    # fast path (_C._step) gathers one entry per param and key, so Adafactor takes the
+    # general path (_update_group below), which costs a Python loop over the params.
+    _fast_path = False
+
+    def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
+        return ("row_var", "col_var", "variance", "step")
+
+    def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        eps1, eps2 = group["eps"]  # torch's step unpacks it first: its ValueError
+        return dict(
+            **lr_args(group["lr"]),
+            beta2_decay=group["beta2_decay"],
+            eps1=eps1,
+            eps2=eps2,
+            d=group["d"],
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+        )
+
+    def _torch_step_reason(self) -> Optional[str]:
+        reason = super()._torch_step_reason()
+        if reason is None and built_with_cuda() and any(
+                p.is_cuda for g in self.param_groups for p in g["params"]):
+            # No CUDA kernel yet (_ops.CPU_ONLY_OPS): torch's own step, with a one-time warning.
+            return "a CUDA param"
+        return reason
+
+    def _init_state(self, group: Dict[str, Any], p: Tensor, grad: Tensor, state: Dict[str, Any]) -> None:
+        # torch's _init_group checks these for every param with a grad, in this order.
+        if torch.is_complex(p):
+            raise RuntimeError("Adafactor does not support complex parameters")
+        if grad.is_sparse:
+            raise RuntimeError("Adafactor does not support sparse gradients")
+        if len(state) == 0:
+            # As torch.optim.Adafactor._init_group creates it (Note [state]): from the grad.
+            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+            if grad.dim() > 1:
+                row_shape = list(grad.shape)
+                row_shape[-1] = 1
+                state["row_var"] = grad.new_zeros(row_shape)
+                col_shape = list(grad.shape)
+                col_shape[-2] = 1
+                state["col_var"] = grad.new_zeros(col_shape)
+            else:
+                state["variance"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+
+    def _update_group(
+        self,
+        group: Dict[str, Any],
+        params: List[Tensor],
+        grads: List[Tensor],
+        keys: Tuple[Optional[str], ...],
+        args: Tuple[Any, ...],
+    ) -> None:
+        state = self.state
+        init = self._init_state
+        device = params[0].device
+        rows: List[Tensor] = []
+        cols: List[Tensor] = []
+        variances: List[Tensor] = []
+        steps: List[Tensor] = []
+        empty = several_devices = False
+        for p, g in zip(params, grads):
+            s = state[p]
+            init(group, p, g, s)
+            if p.dim() > 1:
+                rows.append(s["row_var"])
+                cols.append(s["col_var"])
+            else:
+                variances.append(s["variance"])
+            steps.append(s["step"])
+            empty = empty or p.numel() == 0
+            several_devices = several_devices or p.device != device
+        if empty:
+            # torch's for-loop divides the param's norm by numel ** 0.5 (after updating
+            # the params before it); we raise its error before changing anything.
+            raise ZeroDivisionError("float division by zero")
+        if not several_devices:
+            _ops.call(self._op, params, grads, (rows, cols, variances, steps), args)
+            return
+        # One kernel call per device (Note [Adafactor's state lists]: _ops.call's split by
+        # device assumes lists of one entry per param).
+        by_device: Dict[torch.device, List[int]] = {}
+        for i, p in enumerate(params):
+            by_device.setdefault(p.device, []).append(i)
+        for indices in by_device.values():
+            ps = [params[i] for i in indices]
+            rows, cols, variances, steps = [], [], [], []
+            for p in ps:
+                s = state[p]
+                if p.dim() > 1:
+                    rows.append(s["row_var"])
+                    cols.append(s["col_var"])
+                else:
+                    variances.append(s["variance"])
+                steps.append(s["step"])
+            _ops.call(self._op, ps, [grads[i] for i in indices], (rows, cols, variances, steps),
+                      args)
