@@ -81,7 +81,7 @@ void update_entries(const Work& w, const SparseAdamCoeffs<at::opmath_type<T>>& c
   // Note [sparse prefetch]: the rows of a big table are far apart (a TLB and a cache miss
   // each, in each of the three tensors), so the rows kAhead entries on are asked for while
   // this one is updated.
-  constexpr int64_t kAhead = 4;
+  constexpr int64_t kAhead = 16;
   const int64_t row_bytes = w.row * static_cast<int64_t>(sizeof(T));
   for (int64_t e = begin; e < end; ++e) {
     if (contiguous && e + kAhead < end) {
