@@ -1,5 +1,5 @@
 """fused_optim: fused multi-tensor SGD, Adam, AdamW, RMSprop, Adagrad, Adamax, Adadelta,
-NAdam, RAdam, Rprop and ASGD kernels, a drop-in for torch.optim.
+NAdam, RAdam, Rprop, ASGD and Muon kernels, a drop-in for torch.optim.
 
     import fused_optim
     opt = fused_optim.AdamW(model.parameters(), lr=1e-3)   # instead of torch.optim.AdamW
@@ -29,6 +29,9 @@ from .radam import RAdam  # noqa: E402
 from .rmsprop import RMSprop  # noqa: E402
 from .rprop import Rprop  # noqa: E402
 from .sgd import SGD  # noqa: E402
+
+if hasattr(torch.optim, "Muon"):  # torch 2.9 and later
+    from .muon import Muon  # noqa: E402,F401
 from .backward import step_in_backward  # noqa: E402
 
 # Note [the whole namespace]
@@ -39,9 +42,9 @@ from .backward import step_in_backward  # noqa: E402
 # optimizers fused_optim has no kernel for yet. A name outside both sets fails
 # tests/test_api.py, so a torch upgrade that adds one is noticed.
 FUSED = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "Adadelta", "NAdam", "RAdam",
-         "Rprop", "ASGD")
+         "Rprop", "ASGD") + (("Muon",) if hasattr(torch.optim, "Muon") else ())
 TORCH_OWN = ("Optimizer", "lr_scheduler", "swa_utils", "swap_in_optimizer_params_and_state",
-             "LBFGS", "Adafactor", "SparseAdam", "Muon")
+             "LBFGS", "Adafactor", "SparseAdam")
 
 
 def _reexport_torch_names():
@@ -49,7 +52,7 @@ def _reexport_torch_names():
 
     names = []
     for name in TORCH_OWN:
-        if name in torch.optim.__all__:  # older torch releases lack some (Muon, Adafactor)
+        if name in torch.optim.__all__:  # older torch releases lack some (Adafactor)
             obj = getattr(torch.optim, name)
             globals()[name] = obj
             names.append(name)

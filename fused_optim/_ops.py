@@ -43,14 +43,14 @@ def _local(*lists: List[Tensor]):
 
 # The optimizer ops (csrc/ops.cpp), each the kernel of one algorithm class's `_op`.
 OPTIMIZER_OPS = ("sgd_", "adam_", "rmsprop_", "adagrad_", "adamax_", "adadelta_", "nadam_",
-                 "radam_", "rprop_", "asgd_")
+                 "radam_", "rprop_", "asgd_", "muon_")
 
 # The names of each op's arguments that are not tensor lists, in schema order (read once,
 # here, so that torch.compile never traces a schema lookup).
 _ARG_NAMES: Dict[str, Tuple[str, ...]] = {
     op: tuple(a.name for a in getattr(_lib, op).default._schema.arguments
               if not isinstance(a.type, torch.ListType))
-    for op in OPTIMIZER_OPS
+    for op in OPTIMIZER_OPS + ("_muon_aten_",)
 }
 
 
@@ -107,7 +107,7 @@ def _nothing_to_compute(*args, **kwargs):
     return None
 
 
-for _op in OPTIMIZER_OPS + ("_stream_", "_mul_"):
+for _op in OPTIMIZER_OPS + ("_muon_aten_", "_stream_", "_mul_"):
     torch.library.register_fake(f"fused_optim::{_op}")(_nothing_to_compute)
 
 
