@@ -409,6 +409,9 @@ def test_aten_path_matches_torch(dtype, nesterov):
         opt_ref.step()
         opt_ours.step()
     assert_matches(ours, ref, opt_ours, opt_ref, kwargs, 3)
+    if _blas_batches_like_torch(SHAPES):  # then also bitwise (on the CPU)
+        for p, q in zip(ours, ref):
+            assert torch.equal(p, q)
 
 
 def test_op_passes_opcheck():

@@ -292,6 +292,119 @@ std::vector<Piece> pieces_of(const std::vector<Slot>& slots) {
   return pieces;
 }
 
+// The loops of the three elementwise passes, compiled for the baseline and, on x86-64,
+// for AVX2+FMA and AVX-512 (Note [ISA dispatch] in multi_tensor.h): the same source, every
+// fma explicit, so every copy gives the same bits; the widest the CPU has runs.
+template <typename T>
+struct MomentumArgs {
+  using M = at::opmath_type<T>;
+  LerpWeight<M> to_grad, to_buf;  // buf.lerp_(grad, 1 - momentum), grad.lerp(buf, momentum)
+  M inv_scale;
+  bool unscale, nesterov;
+};
+
+// Pass 1: unscale, momentum, nesterov, bfloat16 (Note [Muon as torch computes it]).
+template <typename T>
+FO_INLINE void momentum_loop(const MomentumArgs<T>& a, T* g, T* buf, c10::BFloat16* x,
+                             int64_t begin, int64_t end) {
+  using M = at::opmath_type<T>;
+  for (int64_t k = begin; k < end; ++k) {
+    M gv = cpu::load(g + k);
+    if (a.unscale) {
+      store(gv * a.inv_scale, g + k);
+      gv = cpu::load(g + k);
+    }
+    store(a.to_grad(cpu::load(buf + k), gv), buf + k);
+    const M bv = cpu::load(buf + k);
+    M u = bv;
+    if (a.nesterov) {
+      T rounded;
+      store(a.to_buf(gv, bv), &rounded);
+      u = cpu::load(&rounded);
+    }
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      store(u, x + k);
+    } else {
+      store(static_cast<float>(u), x + k);  // (a double is rounded to float first, as c10 does)
+    }
+  }
+}
+
+// x /= the clamped norm, in float, rounded to bfloat16 (torch's div_ by a 0-dim tensor);
+// with `buf`, also stored there (Note [Muon's bfloat16 buffer]).
+FO_INLINE void normalize_loop(c10::BFloat16* x, c10::BFloat16* buf, float d, int64_t begin,
+                              int64_t end) {
+  for (int64_t k = begin; k < end; ++k) store(cpu::load(x + k) / d, x + k);
+  if (buf != nullptr) {
+    for (int64_t k = begin; k < end; ++k) buf[k] = x[k];
+  }
+}
+
+// Pass 2: param.mul_(decay); param.add_(update, alpha): fma(update, alpha, param) up to
+// `fused_end`, and after it (bfloat16 only: Note [torch's bfloat16 add]) the two roundings
+// of torch's scalar loop.
+template <typename T>
+FO_INLINE void step_loop(T* p, const c10::BFloat16* u, at::opmath_type<T> decay,
+                         at::opmath_type<T> alpha, int64_t fused_end, int64_t begin,
+                         int64_t end) {
+  using M = at::opmath_type<T>;
+  const int64_t mid = std::clamp(fused_end, begin, end);
+  for (int64_t k = begin; k < mid; ++k) {
+    store(cpu::load(p + k) * decay, p + k);
+    store(fused_optim::fma_<M>(static_cast<M>(cpu::load(u + k)), alpha, cpu::load(p + k)), p + k);
+  }
+  for (int64_t k = mid; k < end; ++k) {
+    store(cpu::load(p + k) * decay, p + k);
+    c10::BFloat16 product;
+    store(alpha * cpu::load(u + k), &product);
+    store(cpu::load(p + k) + cpu::load(&product), p + k);
+  }
+}
+
+template <typename T>
+struct MuonLoops {
+  void (*momentum)(const MomentumArgs<T>&, T*, T*, c10::BFloat16*, int64_t, int64_t);
+  void (*normalize)(c10::BFloat16*, c10::BFloat16*, float, int64_t, int64_t);
+  void (*step)(T*, const c10::BFloat16*, at::opmath_type<T>, at::opmath_type<T>, int64_t,
+               int64_t, int64_t);
+};
+
+#define FO_MUON_LOOPS(SUFFIX, ATTR)                                                          \
+  template <typename T>                                                                     \
+  ATTR void momentum_##SUFFIX(const MomentumArgs<T>& a, T* g, T* buf, c10::BFloat16* x,     \
+                              int64_t b, int64_t e) {                                       \
+    momentum_loop<T>(a, g, buf, x, b, e);                                                   \
+  }                                                                                         \
+  ATTR inline void normalize_##SUFFIX(c10::BFloat16* x, c10::BFloat16* buf, float d,        \
+                                      int64_t b, int64_t e) {                               \
+    normalize_loop(x, buf, d, b, e);                                                        \
+  }                                                                                         \
+  template <typename T>                                                                     \
+  ATTR void step_##SUFFIX(T* p, const c10::BFloat16* u, at::opmath_type<T> decay,           \
+                          at::opmath_type<T> alpha, int64_t f, int64_t b, int64_t e) {      \
+    step_loop<T>(p, u, decay, alpha, f, b, e);                                              \
+  }                                                                                         \
+  template <typename T>                                                                     \
+  MuonLoops<T> loops_##SUFFIX() {                                                           \
+    return {&momentum_##SUFFIX<T>, &normalize_##SUFFIX, &step_##SUFFIX<T>};                  \
+  }
+
+FO_MUON_LOOPS(baseline, )
+#if FO_X86_CLONES
+FO_MUON_LOOPS(avx2, FO_AVX2_TARGET)
+FO_MUON_LOOPS(avx512, FO_AVX512_TARGET)
+#endif
+#undef FO_MUON_LOOPS
+
+template <typename T>
+MuonLoops<T> muon_loops() {
+#if FO_X86_CLONES
+  if (cpu_isa() >= Isa::kAvx512) return loops_avx512<T>();
+  if (cpu_isa() == Isa::kAvx2) return loops_avx2<T>();
+#endif
+  return loops_baseline<T>();
+}
+
 void for_pieces(const std::vector<Piece>& pieces, const std::function<void(const Piece&)>& f) {
   at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) f(pieces[k]);
@@ -303,7 +416,6 @@ FO_INLINE c10::BFloat16 to_bf16(float v) {
   narrow(v, &out);
   return out;
 }
-FO_INLINE c10::BFloat16 to_bf16(double v) { return to_bf16(static_cast<float>(v)); }
 
 void muon_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
               double lr, double weight_decay, double momentum, bool nesterov, double ns_a,
@@ -353,32 +465,12 @@ void muon_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
 
   dispatch_dtype(dtype, [&]<typename T>() -> SegmentFn {
     using M = at::opmath_type<T>;
-    const LerpWeight<M> to_grad(1.0 - momentum);   // buf.lerp_(grad, 1 - momentum)
-    const LerpWeight<M> to_buf(momentum);          // grad.lerp(buf, momentum)
-    const M inv = static_cast<M>(inv_scale);
-
-    // Pass 1: unscale, momentum, nesterov, bfloat16 (Note [Muon as torch computes it]).
+    const MuonLoops<T> loops = muon_loops<T>();
+    const MomentumArgs<T> margs{LerpWeight<M>(1.0 - momentum), LerpWeight<M>(momentum),
+                                static_cast<M>(inv_scale), unscale, nesterov};
     for_pieces(pieces, [&](const Piece& pc) {
       const Slot& s = slots[pc.slot];
-      T* g = s.g.data_ptr<T>();
-      T* buf = s.buf.data_ptr<T>();
-      c10::BFloat16* x = stacked(s);
-      for (int64_t k = pc.begin; k < pc.end; ++k) {
-        M gv = cpu::load(g + k);
-        if (unscale) {
-          store(gv * inv, g + k);
-          gv = cpu::load(g + k);
-        }
-        store(to_grad(cpu::load(buf + k), gv), buf + k);
-        const M bv = cpu::load(buf + k);
-        if (nesterov) {
-          T u;
-          store(to_buf(gv, bv), &u);
-          x[k] = to_bf16(cpu::load(&u));
-        } else {
-          x[k] = to_bf16(bv);
-        }
-      }
+      loops.momentum(margs, s.g.data_ptr<T>(), s.buf.data_ptr<T>(), stacked(s), pc.begin, pc.end);
     });
 
     // Each update's norm, bitwise torch's (Note [global norm]), then its clamp and the
@@ -397,15 +489,11 @@ void muon_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
     constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
     for_pieces(pieces, [&](const Piece& pc) {
       const Slot& s = slots[pc.slot];
-      c10::BFloat16* x = stacked(s);
-      const float d = divisors[pc.slot];
-      for (int64_t k = pc.begin; k < pc.end; ++k) x[k] = to_bf16(static_cast<float>(x[k]) / d);
+      c10::BFloat16* buf = nullptr;
       if constexpr (kBf16) {  // Note [Muon's bfloat16 buffer]
-        if (!nesterov) {
-          T* buf = s.buf.data_ptr<T>();
-          for (int64_t k = pc.begin; k < pc.end; ++k) buf[k] = x[k];
-        }
+        if (!nesterov) buf = s.buf.data_ptr<c10::BFloat16>();
       }
+      loops.normalize(stacked(s), buf, divisors[pc.slot], pc.begin, pc.end);
     });
     for (size_t i = 0; i < slots.size(); ++i) {
       if (slots[i].buf_temp) at::Tensor(momentum_buffers[i]).copy_(slots[i].buf);
@@ -426,33 +514,18 @@ void muon_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
     for_pieces(pieces, [&](const Piece& pc) {
       const Slot& s = slots[pc.slot];
       const ShapeGroup& g = groups[s.group];
-      T* p = s.p.data_ptr<T>();
-      const c10::BFloat16* u =
-          updates[s.group].const_data_ptr<c10::BFloat16>() + s.index * g.rows * g.cols;
+      const int64_t n = g.rows * g.cols;
+      const c10::BFloat16* u = updates[s.group].const_data_ptr<c10::BFloat16>() + s.index * n;
       const M decay = static_cast<M>(scalars[s.group].decay);
+      M alpha = static_cast<M>(scalars[s.group].alpha);
+      int64_t fused_end = n;
       if constexpr (kBf16) {
-        // Note [torch's bfloat16 add]
-        const float alpha = static_cast<float>(to_bf16(static_cast<float>(scalars[s.group].alpha)));
-        const int64_t n = g.rows * g.cols;
+        // Note [torch's bfloat16 add]: alpha in bfloat16; torch's scalar loop at the end.
+        alpha = static_cast<float>(to_bf16(alpha));
         const bool strided_update = g.rows > g.cols && g.cols > 1 && ns_steps > 0;
-        const int64_t fused_end = strided_update ? 0 : n - n % bf16_lanes;
-        for (int64_t k = pc.begin; k < pc.end; ++k) {
-          store(cpu::load(p + k) * decay, p + k);
-          const float uk = static_cast<float>(u[k]);
-          const float pk = cpu::load(p + k);
-          store(k < fused_end ? fused_optim::fma_<float>(uk, alpha, pk)
-                              : pk + static_cast<float>(to_bf16(alpha * uk)),
-                p + k);
-        }
-      } else {
-        const M alpha = static_cast<M>(scalars[s.group].alpha);
-        for (int64_t k = pc.begin; k < pc.end; ++k) {
-          store(cpu::load(p + k) * decay, p + k);
-          store(fused_optim::fma_<M>(static_cast<M>(static_cast<float>(u[k])), alpha,
-                                     cpu::load(p + k)),
-                p + k);
-        }
+        fused_end = strided_update ? 0 : n - n % bf16_lanes;
       }
+      loops.step(s.p.data_ptr<T>(), u, decay, alpha, fused_end, pc.begin, pc.end);
     });
     for (size_t i = 0; i < slots.size(); ++i) {
       if (slots[i].p_temp) at::Tensor(params[i]).copy_(slots[i].p);
