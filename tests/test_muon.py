@@ -24,7 +24,10 @@ Note [torch's bfloat16 add] in muon.cpp). The same bound holds for fused_optim::
 import copy
 import inspect
 import math
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -194,6 +197,39 @@ def test_bitwise_where_blas_batches_like_torch(dtype, options):
     for p, q in zip(ours, ref):
         assert torch.equal(p, q)
         assert torch.equal(opt_ours.state[p]["momentum_buffer"], opt_ref.state[q]["momentum_buffer"])
+
+
+ISA_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import torch, fused_optim
+import test_muon as tm
+out = {{"isa": torch.ops.fused_optim._cpu_isa()}}
+for dtype in tm.DTYPES:
+    ps = tm.make_params(dtype)
+    opt = fused_optim.Muon(ps, lr=0.02, nesterov=dtype != torch.bfloat16)
+    for step in range(2):
+        tm.set_grads([ps], step)
+        opt.step()
+    out[str(dtype)] = [t for p in ps for t in (p.detach(), opt.state[p]["momentum_buffer"])]
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_same_bits_with_every_isa(tmp_path):
+    # The elementwise passes' baseline, AVX2 and AVX-512 copies (Note [ISA dispatch]).
+    results = {}
+    for isa in ("baseline", "avx2", "avx512"):
+        out = tmp_path / f"{isa}.pt"
+        subprocess.run([sys.executable, "-c", ISA_SCRIPT.format(tests=os.path.dirname(__file__)),
+                        str(out)], env=dict(os.environ, FUSED_OPTIM_ISA=isa), check=True,
+                       timeout=300)
+        results[isa] = torch.load(out)
+        results[isa].pop("isa")
+    for isa in ("avx2", "avx512"):
+        for key, tensors in results["baseline"].items():
+            for a, b in zip(tensors, results[isa][key]):
+                assert torch.equal(a, b), f"{key}: {isa} differs from baseline"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -412,6 +448,21 @@ def test_aten_path_matches_torch(dtype, nesterov):
     if _blas_batches_like_torch(SHAPES):  # then also bitwise (on the CPU)
         for p, q in zip(ours, ref):
             assert torch.equal(p, q)
+
+
+def test_group_of_several_dtypes():
+    # (The kernel hands such a group to the ATen-op path.)
+    kwargs = _opts(dict(nesterov=False))
+    ref = make_params(torch.float32)
+    ref = [p.detach().to(dt).requires_grad_() for p, dt in
+           zip(ref, [torch.float32, torch.bfloat16, torch.float64, torch.float16] * 3)]
+    ours = clone_params(ref)
+    opt_ref, opt_ours = torch.optim.Muon(ref, **kwargs), fused_optim.Muon(ours, **kwargs)
+    for step in range(3):
+        set_grads([ref, ours], step)
+        opt_ref.step()
+        opt_ours.step()
+    assert_matches(ours, ref, opt_ours, opt_ref, kwargs, 3)
 
 
 def test_op_passes_opcheck():

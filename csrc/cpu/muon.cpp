@@ -207,7 +207,7 @@ void muon_aten(at::TensorList params, at::TensorList grads, at::TensorList momen
   const bool lr_f32 = lr_is_float32(lr_tensor);
   if (skip_step(found_inf)) return;
 
-  // (Scalars as Python passes them: see wrapped() below.)
+  // (Numbers as Python passes them: wrapped().)
   if (unscale) {
     const at::Tensor inv = wrapped(inv_scale);
     for (const at::Tensor& g : grads) at::Tensor(g).mul_(inv);
@@ -228,8 +228,8 @@ void muon_aten(at::TensorList params, at::TensorList grads, at::TensorList momen
     g.x.copy_(at::stack(members));
     const at::Tensor norms = at::stack(at::_foreach_norm(g.x.unbind(0), 2)).view({n, 1, 1});
     g.x.div_(norms.clamp_min(eps));
-    if (params[g.members[0]].scalar_type() == at::kBFloat16 && !nesterov) {
-      for (int64_t j = 0; j < n; ++j) bufs[j].copy_(g.x[j]);  // Note [Muon's bfloat16 buffer]
+    for (int64_t j = 0; j < n && !nesterov; ++j) {  // Note [Muon's bfloat16 buffer]
+      if (bufs[j].scalar_type() == at::kBFloat16) bufs[j].copy_(g.x[j]);
     }
     const at::Tensor u = newton_schulz(g.x, g.rows, g.cols, ns_a, ns_b, ns_c, ns_steps);
     const FinalScalars sc =
