@@ -163,6 +163,12 @@ def test_bigger_matrices_and_batches():
     run_both(torch.float32, dict(), steps=2, shapes=shapes)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_empty_and_one_element_params(dtype):
+    # (A param with no columns makes torch's _adjust_lr divide by zero: not mirrored.)
+    run_both(dtype, dict(), shapes=[(0, 5), (1, 1), (1, 1), (3, 4)])
+
+
 def _blas_batches_like_torch(shapes):
     """True when bmm/baddbmm on a stack give each matrix the bits of mm/addmm alone."""
     gen = torch.Generator().manual_seed(5)
