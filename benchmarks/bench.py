@@ -79,6 +79,8 @@ def make_optimizer(impl, algo, params, kwargs, dtype):
     key, value = flag.split("=")
     torch_cls = getattr(torch.optim, algo)
     if key not in inspect.signature(torch_cls).parameters:
+        if key == "foreach" and value == "False":
+            return torch_cls(params, **kwargs)  # the for-loop is its only implementation (Muon)
         return None  # torch.optim.RMSprop has no fused=True
     return torch_cls(params, **kwargs, **{key: value == "True"})
 

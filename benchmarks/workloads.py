@@ -45,7 +45,40 @@ def many_small_shapes(count: int = 5000, lo: int = 64, hi: int = 4096, seed: int
     return [(rng.randint(lo, hi),) for _ in range(count)]
 
 
+def square_matrix_shapes(count: int = 500, lo: int = 64, hi: int = 256, seed: int = 0):
+    """Square matrices of random widths (Muon's many-small-params workload)."""
+    rng = random.Random(seed)
+    return [(w, w) for w in (rng.randint(lo, hi) for _ in range(count))]
+
+
+def two_dim(shapes: List[Tuple[int, ...]]) -> List[Tuple[int, ...]]:
+    """The 2-D shapes only: what Muon takes (it refuses others)."""
+    return [s for s in shapes if len(s) == 2]
+
+
+# Not in the benchmark's default --workloads (tests/test_benchmarks.py): Muon's targets,
+# `--algos Muon --workloads W2-2d,W5`.
+def _muon_workloads(quick: bool):
+    if quick:
+        return {
+            "W2-2d": Workload("W2-2d", "the 2-D params of GPT-2 small / 8, fp32 (quick)",
+                              two_dim(gpt2_small_shapes(8)), torch.float32),
+            "W5": Workload("W5", "50 square matrices 16..64 wide, fp32 (quick)",
+                           square_matrix_shapes(50, 16, 64), torch.float32),
+        }
+    return {
+        "W2-2d": Workload("W2-2d", "the 2-D params of GPT-2 small (50 tensors), fp32",
+                          two_dim(gpt2_small_shapes()), torch.float32),
+        "W5": Workload("W5", "500 square matrices 64..256 wide, fp32", square_matrix_shapes(),
+                       torch.float32),
+    }
+
+
 def workloads(quick: bool = False):
+    return dict(_workloads(quick), **_muon_workloads(quick))
+
+
+def _workloads(quick: bool):
     if quick:
         return {
             "W1": Workload("W1", "one fp32 tensor of 1M elements (quick)", [(2**20,)], torch.float32),
@@ -79,4 +112,8 @@ ALGORITHMS = {
     # Three passes (Note [Adafactor's passes] in csrc/cpu/adafactor.cpp): the param read
     # twice and written once, the grad read three times; its factored state is O(rows + cols).
     "Adafactor": (dict(lr=1e-2), (1, 4)),
+    # 2-D params only (workloads W2-2d, W5). Its cost is the Newton-Schulz products, not
+    # memory: the pattern (momentum buffer and param written, grad read) sizes the
+    # bandwidth probe only.
+    "Muon": (dict(lr=1e-3), (2, 1)),
 }

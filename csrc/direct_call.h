@@ -29,7 +29,7 @@
 namespace fused_optim {
 
 // One kernel call's arguments, by kind, each kind in schema order: the tensor lists,
-// the float and bool arguments (as doubles), and the optional tensors.
+// the float, int and bool arguments (as doubles), and the optional tensors.
 struct DirectCall {
   std::vector<at::TensorList> lists;
   std::vector<double> numbers;
@@ -39,7 +39,7 @@ struct DirectCall {
 using DirectFn = void (*)(const DirectCall&);
 
 // A registered kernel, and the kind of each of its arguments after the tensor lists, in
-// schema order: 'n' a number (float or bool), 't' an optional tensor.
+// schema order: 'n' a number (float, int or bool), 't' an optional tensor.
 struct DirectKernel {
   DirectFn fn = nullptr;
   size_t num_lists = 0;
@@ -63,6 +63,12 @@ struct DirectArg<double> {
   static double get(const DirectCall& c, Cursor& k) { return c.numbers[k.number++]; }
 };
 template <>
+struct DirectArg<int64_t> {
+  static int64_t get(const DirectCall& c, Cursor& k) {
+    return static_cast<int64_t>(c.numbers[k.number++]);
+  }
+};
+template <>
 struct DirectArg<bool> {
   static bool get(const DirectCall& c, Cursor& k) { return c.numbers[k.number++] != 0.0; }
 };
@@ -81,7 +87,8 @@ constexpr size_t count_of() {
 template <typename... A>
 void call_with(void (*fn)(A...), const char* name, const DirectCall& c) {
   constexpr size_t lists = (count_of<A, at::TensorList>() + ...);
-  constexpr size_t numbers = (count_of<A, double>() + ...) + (count_of<A, bool>() + ...);
+  constexpr size_t numbers = (count_of<A, double>() + ...) + (count_of<A, bool>() + ...) +
+                             (count_of<A, int64_t>() + ...);
   constexpr size_t tensors = (count_of<A, std::optional<at::Tensor>>() + ...);
   TORCH_CHECK(c.lists.size() == lists && c.numbers.size() == numbers &&
                   c.tensors.size() == tensors,

@@ -88,6 +88,19 @@ TORCH_LIBRARY(fused_optim, m) {
       "Tensor(d!)[] col_vars, Tensor(e!)[] variances, Tensor(f!)[] state_steps, float lr, "
       "float beta2_decay, float? eps1, float eps2, float d, float weight_decay, bool maximize, "
       "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // Muon (csrc/cpu/muon.cpp): not elementwise; the Newton-Schulz coefficients are a, b, c;
+  // adjust_lr 0 is torch's None or "original", 1 "match_rms_adamw" (fused_optim/muon.py).
+  // _muon_aten_: the same step through ATen ops only (CUDA's kernel), on any device.
+  m.def(
+      "muon_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, "
+      "float lr, float weight_decay, float momentum, bool nesterov, float ns_a, float ns_b, "
+      "float ns_c, float eps, int ns_steps, int adjust_lr, Tensor? lr_tensor=None, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "_muon_aten_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, "
+      "float lr, float weight_decay, float momentum, bool nesterov, float ns_a, float ns_b, "
+      "float ns_c, float eps, int ns_steps, int adjust_lr, Tensor? lr_tensor=None, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   // Gradient clipping by global norm (csrc/cpu/grad_norm.cpp, fused_optim/clip.py): each
   // tensor's norm (ord 2 or inf) as torch.linalg.vector_norm computes it, of the tensors
   // times inv_scale (a GradScaler's unscale); and tensors *= scalar.

@@ -1,5 +1,5 @@
 """fused_optim: fused multi-tensor SGD, Adam, AdamW, RMSprop, Adagrad, Adamax, Adadelta,
-NAdam, RAdam, Rprop, ASGD and Adafactor kernels, a drop-in for torch.optim.
+NAdam, RAdam, Rprop, ASGD, SparseAdam, Adafactor and Muon kernels, a drop-in for torch.optim.
 
     import fused_optim
     opt = fused_optim.AdamW(model.parameters(), lr=1e-3)   # instead of torch.optim.AdamW
@@ -31,19 +31,23 @@ from .rmsprop import RMSprop  # noqa: E402
 from .rprop import Rprop  # noqa: E402
 from .sgd import SGD  # noqa: E402
 from .sparse_adam import SparseAdam  # noqa: E402
+
+if hasattr(torch.optim, "Muon"):  # torch 2.9 and later
+    from .muon import Muon  # noqa: E402,F401
+
 from .backward import step_in_backward  # noqa: E402
 
 # Note [the whole namespace]
 # `import fused_optim as optim` works for any torch.optim script: every name of the
 # installed torch.optim.__all__ is here. FUSED are our kernels' classes (subclasses of
 # torch's); TORCH_OWN are torch's own objects, re-exported as they are: the base class,
-# schedulers and SWA, LBFGS (its cost is closure evaluations, not the update), and the
-# optimizers fused_optim has no kernel for yet. A name outside both sets fails
-# tests/test_api.py, so a torch upgrade that adds one is noticed.
+# schedulers and SWA, and LBFGS (its cost is closure evaluations, not the update). A name
+# outside both sets fails tests/test_api.py, so a torch upgrade that adds one is noticed.
 FUSED = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "Adadelta", "NAdam", "RAdam",
          "Rprop", "ASGD", "SparseAdam", "Adafactor")
+FUSED += ("Muon",) if hasattr(torch.optim, "Muon") else ()  # (torch 2.9 and later)
 TORCH_OWN = ("Optimizer", "lr_scheduler", "swa_utils", "swap_in_optimizer_params_and_state",
-             "LBFGS", "Muon")
+             "LBFGS")
 
 
 def _reexport_torch_names():
@@ -51,7 +55,7 @@ def _reexport_torch_names():
 
     names = []
     for name in TORCH_OWN:
-        if name in torch.optim.__all__:  # older torch releases lack some (Muon)
+        if name in torch.optim.__all__:
             obj = getattr(torch.optim, name)
             globals()[name] = obj
             names.append(name)

@@ -43,7 +43,7 @@ def _local(*lists: List[Tensor]):
 
 # The optimizer ops (csrc/ops.cpp), each the kernel of one algorithm class's `_op`.
 OPTIMIZER_OPS = ("sgd_", "adam_", "rmsprop_", "adagrad_", "adamax_", "adadelta_", "nadam_",
-                 "radam_", "rprop_", "asgd_", "sparse_adam_", "adafactor_")
+                 "radam_", "rprop_", "asgd_", "sparse_adam_", "adafactor_", "muon_")
 # Ops with no CUDA kernel yet: their classes run torch's own step for CUDA params, with a
 # one-time warning (tools/check_cuda_registrations.py does not ask for them).
 CPU_ONLY_OPS = ("adafactor_",)
@@ -53,7 +53,7 @@ CPU_ONLY_OPS = ("adafactor_",)
 _ARG_NAMES: Dict[str, Tuple[str, ...]] = {
     op: tuple(a.name for a in getattr(_lib, op).default._schema.arguments
               if not isinstance(a.type, torch.ListType))
-    for op in OPTIMIZER_OPS
+    for op in OPTIMIZER_OPS + ("_muon_aten_",)
 }
 
 
@@ -110,7 +110,7 @@ def _nothing_to_compute(*args, **kwargs):
     return None
 
 
-for _op in OPTIMIZER_OPS + ("_stream_", "_mul_"):
+for _op in OPTIMIZER_OPS + ("_muon_aten_", "_stream_", "_mul_"):
     torch.library.register_fake(f"fused_optim::{_op}")(_nothing_to_compute)
 
 

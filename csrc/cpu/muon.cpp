@@ -1,0 +1,555 @@
+// Muon (fused_optim::muon_): momentum, then Newton-Schulz orthogonalization of each 2-D
+// update, then decoupled weight decay and the shape-adjusted step. The third kind of
+// kernel of the library, next to the elementwise updates and the norms (grad_norm.cpp):
+// its heart is matrix products, which ATen's BLAS (oneDNN / MKL on the CPU, cuBLAS on CUDA)
+// computes on all the group's params of one shape at once, as one batched product per
+// iteration; what this file fuses is the elementwise work around them.
+#include <torch/library.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <map>
+#include <utility>
+#include <vector>
+
+#include "cpu/grad_norm.h"
+#include "cpu/multi_tensor.h"
+#include "direct_call.h"
+#include "plan.h"
+#include "update_rules.h"
+
+namespace fused_optim::cpu {
+namespace {
+
+constexpr const char* kOp = "fused_optim::muon_";
+
+// Note [Muon as torch computes it]
+// torch.optim.Muon's for-loop (torch/optim/_muon.py), per param, in the param's dtype T:
+//   buf.lerp_(grad, 1 - momentum)
+//   update = grad.lerp(buf, momentum) if nesterov else buf
+//   X = update.bfloat16(), transposed (a view) if rows > cols
+//   X.div_(X.norm().clamp(min=eps))               # in bfloat16
+//   ns_steps times:  A = X @ X.T;  B = addmm(A, A, A, beta=b, alpha=c)
+//                    X = addmm(X, B, X, beta=a)    # bfloat16 products
+//   param.mul_(1 - lr * weight_decay)
+//   param.add_(X (transposed back), alpha=-lr * ratio(shape))
+// The Newton-Schulz iterations run in bfloat16 whatever T is, so the update has bfloat16's
+// 8-bit precision. We compute the same expressions in the same order: the elementwise
+// passes below bitwise as torch's kernels do (lerp's two forms, the fma of add with
+// alpha, bfloat16 rounding, the norm: Note [global norm] in grad_norm.cpp), the products
+// with the same ATen calls on a stacked batch of all params of one shape (bmm and baddbmm
+// instead of mm and addmm). A batched product gives the same bits as the single products
+// wherever BLAS computes each matrix of the batch the way it computes one matrix; on
+// oneDNN's bfloat16 kernels (AVX512-BF16, torch 2.13) it does, at every thread count we
+// tried (1 to 16) and for every shape in tests/test_muon.py. BLAS promises neither, and
+// the iterations are sensitive to a product rounded the other way, so the tests allow a
+// tolerance where BLAS batches otherwise (Note [Muon's tolerance] in tests/test_muon.py).
+//
+// Note [Muon's bfloat16 buffer]
+// With bfloat16 params and nesterov=False, torch's `update` is the momentum buffer
+// itself, update.bfloat16() returns that same tensor, and the in-place normalization
+// divides the buffer by its norm: torch's next step starts from the normalized buffer.
+// We do the same, so that the two stay interchangeable (a checkpoint, a switch of
+// optimizer mid-training).
+
+// The update's scaling by shape, as torch's _adjust_lr: 0 is None or "original", 1 is
+// "match_rms_adamw", anything else no adjustment (fused_optim/muon.py maps the names).
+double lr_ratio(int64_t adjust, int64_t rows, int64_t cols) {
+  if (adjust == 0) {
+    return std::sqrt(std::max(1.0, static_cast<double>(rows) / static_cast<double>(cols)));
+  }
+  if (adjust == 1) return 0.2 * std::sqrt(static_cast<double>(std::max(rows, cols)));
+  return 1.0;
+}
+
+// The two scalars of one param's final update: param * decay + alpha * update. A float32
+// Tensor lr makes them float32 tensor ops in torch (Note [Tensor lr] in plan.h):
+// `1 - lr * weight_decay` and `lr * ratio` each rounded to float.
+struct FinalScalars {
+  double decay;
+  double alpha;
+};
+
+FinalScalars final_scalars(double lr, bool lr_f32, double weight_decay, double ratio) {
+  if (lr_f32) {
+    const float lr_f = static_cast<float>(lr);
+    const float decay = 1.0f - lr_f * static_cast<float>(weight_decay);
+    return {decay, -static_cast<double>(lr_f * static_cast<float>(ratio))};
+  }
+  return {1.0 - lr * weight_decay, -(lr * ratio)};
+}
+
+void check_inputs(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                  c10::Device device) {
+  TORCH_CHECK(grads.size() == params.size() && bufs.size() == params.size(), kOp,
+              ": expected as many grads and momentum buffers as params, got ", grads.size(),
+              ", ", bufs.size(), " and ", params.size());
+  const char* names[2] = {"grads", "momentum_buffers"};
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.defined(), kOp, ": params[", i, "] is undefined");
+    // torch's errors (its constructor's and step's), with its exception types.
+    TORCH_CHECK_VALUE(p.dim() == 2,
+                      "Muon only supports 2D parameters whereas we found a parameter with size: ",
+                      p.sizes());
+    TORCH_CHECK(!p.is_complex(), "Muon does not support complex parameters");
+    TORCH_CHECK(!p.is_sparse() && p.layout() == at::kStrided, kOp,
+                ": params must be dense tensors");
+    TORCH_CHECK(p.device() == device, kOp, ": params[", i, "] is on ", p.device(),
+                " but params[0] is on ", device);
+    const auto dt = p.scalar_type();
+    TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+                kOp, ": unsupported dtype ", dt);
+    const at::Tensor* companions[2] = {&grads[i], &bufs[i]};
+    for (int k = 0; k < 2; ++k) {
+      const at::Tensor& t = *companions[k];
+      TORCH_CHECK(t.defined(), kOp, ": ", names[k], "[", i, "] is undefined");
+      if (k == 0) {
+        TORCH_CHECK(!t.is_sparse(), "Muon does not support sparse gradients");
+        TORCH_CHECK_VALUE(t.dim() == 2, "Param gradient must be a 2D matrix");
+      }
+      TORCH_CHECK(t.layout() == at::kStrided, kOp, ": ", names[k], "[", i,
+                  "] must be a dense tensor");
+      TORCH_CHECK(t.device() == p.device(), kOp, ": ", names[k], "[", i, "] is on ",
+                  t.device(), " but its param is on ", p.device());
+      TORCH_CHECK(t.scalar_type() == dt, kOp, ": ", names[k], "[", i, "] has dtype ",
+                  t.scalar_type(), " but its param has dtype ", dt);
+      TORCH_CHECK(t.sizes() == p.sizes(), kOp, ": ", names[k], "[", i, "] has shape ",
+                  t.sizes(), " but its param has shape ", p.sizes());
+    }
+  }
+}
+
+void check_ns(int64_t ns_steps) {
+  // torch's check (in _zeropower_via_newtonschulz); a negative count runs none there.
+  TORCH_CHECK_VALUE(ns_steps < 100,
+                    "Number of steps must be less than 100 for computational efficiency");
+}
+
+// The params of one shape, in list order, and their stacked bfloat16 updates.
+struct ShapeGroup {
+  int64_t rows = 0, cols = 0;
+  std::vector<int64_t> members;
+  at::Tensor x;  // (members, rows, cols), bfloat16, contiguous
+};
+
+std::vector<ShapeGroup> group_by_shape(at::TensorList params, const at::TensorOptions& opts) {
+  std::map<std::pair<int64_t, int64_t>, size_t> where;
+  std::vector<ShapeGroup> groups;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto key = std::make_pair(params[i].size(0), params[i].size(1));
+    auto it = where.find(key);
+    if (it == where.end()) {
+      it = where.emplace(key, groups.size()).first;
+      groups.emplace_back();
+      groups.back().rows = key.first;
+      groups.back().cols = key.second;
+    }
+    groups[it->second].members.push_back(static_cast<int64_t>(i));
+  }
+  for (auto& g : groups) {
+    g.x = at::empty({static_cast<int64_t>(g.members.size()), g.rows, g.cols},
+                    opts.dtype(at::kBFloat16));
+  }
+  return groups;
+}
+
+// Newton-Schulz on a stack of bfloat16 matrices (Note [Muon as torch computes it]),
+// normalized already; returns the stack in the params' orientation (maybe a transposed
+// view).
+at::Tensor newton_schulz(const at::Tensor& stack, int64_t rows, int64_t cols, double a,
+                         double b, double c, int64_t ns_steps) {
+  const bool tall = rows > cols;
+  at::Tensor x = tall ? stack.transpose(1, 2) : stack;
+  for (int64_t k = 0; k < ns_steps; ++k) {
+    const at::Tensor gram = at::bmm(x, x.transpose(1, 2));
+    const at::Tensor gram_update = at::baddbmm(gram, gram, gram, /*beta=*/b, /*alpha=*/c);
+    x = at::baddbmm(x, gram_update, x, /*beta=*/a);
+  }
+  return tall ? x.transpose(1, 2) : x;
+}
+
+// ---- any device, through ATen ops ------------------------------------------------------
+
+// A number as Python passes it to a binary op: a wrapped 0-dim double tensor, which the
+// kernel of a 16-bit tensor reads in float (a C++ Scalar would be rounded to the tensor's
+// dtype first).
+at::Tensor wrapped(double v) {
+  at::Tensor t = at::scalar_tensor(v, at::TensorOptions().dtype(at::kDouble));
+  t.unsafeGetTensorImpl()->set_wrapped_number(true);
+  return t;
+}
+
+// Note [Muon on CUDA]
+// The same computation as muon_cpu, written with ATen's foreach and batched ops, so it runs
+// on any device (CUDA's kernel; on the CPU, fused_optim::_muon_aten_ lets the tests check
+// this code without a GPU). The products are the same calls as on the CPU; the
+// elementwise parts are torch's own ops, a few passes instead of two. The updates' norms
+// are one _foreach_norm, which on CUDA need not add in the order of torch's norm of one
+// matrix (on the CPU it is that norm).
+void muon_aten(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+               double lr, double weight_decay, double momentum, bool nesterov, double ns_a,
+               double ns_b, double ns_c, double eps, int64_t ns_steps, int64_t adjust_lr,
+               const std::optional<at::Tensor>& lr_tensor,
+               const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& found_inf) {
+  if (params.empty()) return;
+  check_inputs(params, grads, momentum_buffers, params[0].device());
+  check_ns(ns_steps);
+  const bool unscale = has_tensor(grad_scale);
+  const double inv_scale = inverse_grad_scale(kOp, grad_scale);
+  lr = lr_value(kOp, lr, lr_tensor);
+  const bool lr_f32 = lr_is_float32(lr_tensor);
+  if (skip_step(found_inf)) return;
+
+  // (Numbers as Python passes them: wrapped().)
+  if (unscale) {
+    const at::Tensor inv = wrapped(inv_scale);
+    for (const at::Tensor& g : grads) at::Tensor(g).mul_(inv);
+  }
+  at::_foreach_lerp_(momentum_buffers, grads, at::Scalar(1.0 - momentum));
+  std::vector<at::Tensor> updates =
+      nesterov ? at::_foreach_lerp(grads, momentum_buffers, at::Scalar(momentum))
+               : momentum_buffers.vec();
+  std::vector<ShapeGroup> groups = group_by_shape(params, params[0].options());
+  for (ShapeGroup& g : groups) {
+    std::vector<at::Tensor> members, bufs, ps;
+    for (int64_t i : g.members) {
+      members.push_back(updates[i]);
+      bufs.push_back(momentum_buffers[i]);
+      ps.push_back(params[i]);
+    }
+    const int64_t n = static_cast<int64_t>(members.size());
+    g.x.copy_(at::stack(members));
+    const at::Tensor norms = at::stack(at::_foreach_norm(g.x.unbind(0), 2)).view({n, 1, 1});
+    g.x.div_(norms.clamp_min(eps));
+    for (int64_t j = 0; j < n && !nesterov; ++j) {  // Note [Muon's bfloat16 buffer]
+      if (bufs[j].scalar_type() == at::kBFloat16) bufs[j].copy_(g.x[j]);
+    }
+    const at::Tensor u = newton_schulz(g.x, g.rows, g.cols, ns_a, ns_b, ns_c, ns_steps);
+    const FinalScalars sc =
+        final_scalars(lr, lr_f32, weight_decay, lr_ratio(adjust_lr, g.rows, g.cols));
+    // Per param, torch's own two calls as Python makes them. Python's param.mul_(float)
+    // passes the number as a wrapped 0-dim tensor, which a 16-bit param's kernel reads in
+    // float; Tensor::mul_(Scalar) and _foreach_mul_ would round it to the param's dtype
+    // first. A bfloat16 update added to a param of another dtype is computed in their
+    // common dtype.
+    const at::Tensor decay = wrapped(sc.decay);
+    for (int64_t j = 0; j < n; ++j) {
+      ps[j].mul_(decay);
+      ps[j].add_(u[j], at::Scalar(sc.alpha));
+    }
+  }
+}
+
+// ---- the CPU kernel --------------------------------------------------------------------
+
+// Note [torch's bfloat16 add]
+// torch's param.add_(update, alpha=-lr) on bfloat16 params and a bfloat16 update converts
+// alpha to bfloat16, and then computes each element one of two ways: in its vector loop
+// (contiguous operands) fma(update, alpha, param) in float, rounded once; in its scalar
+// loop (the last n % lanes elements of each contiguous run, and every element where the
+// update is a transposed view: a tall matrix after Newton-Schulz) with bfloat16
+// arithmetic, param + bfloat16(alpha * update), rounded twice. `lanes` is the length of
+// its bfloat16 vector (32 with AVX-512, 16 otherwise, ATen's run-time choice). We do the
+// same, for one contiguous run per param: what torch does on one thread. On several
+// threads torch splits a param of 32,768 elements or more into runs, one per thread, each
+// with its own scalar tail, so its bits there depend on its thread count; ours do not.
+int64_t torch_bf16_lanes() {
+  static const int64_t lanes = at::get_cpu_capability() == "AVX512" ? 32 : 16;
+  return lanes;
+}
+
+
+// Where one param's elements are read and written: its own tensors, or contiguous
+// temporaries (copied back after the step) where a layout is not plain row-major.
+struct Slot {
+  at::Tensor p, g, buf;  // contiguous
+  bool p_temp = false, g_temp = false, buf_temp = false;
+  int64_t group = 0, index = 0;  // its shape group, and its place in that group's stack
+};
+
+// Fixed pieces of each param's elements: the passes are elementwise, so where a thread
+// boundary falls changes no result.
+struct Piece {
+  int64_t slot, begin, end;
+};
+constexpr int64_t kPiece = 16384;
+
+std::vector<Piece> pieces_of(const std::vector<Slot>& slots) {
+  std::vector<Piece> pieces;
+  for (size_t i = 0; i < slots.size(); ++i) {
+    const int64_t n = slots[i].p.numel();
+    for (int64_t b = 0; b < n; b += kPiece) {
+      pieces.push_back({static_cast<int64_t>(i), b, std::min(n, b + kPiece)});
+    }
+  }
+  return pieces;
+}
+
+// The loops of the three elementwise passes, compiled for the baseline and, on x86-64,
+// for AVX2+FMA and AVX-512 (Note [ISA dispatch] in multi_tensor.h): the same source, every
+// fma explicit, so every copy gives the same bits; the widest the CPU has runs.
+template <typename T>
+struct MomentumArgs {
+  using M = at::opmath_type<T>;
+  LerpWeight<M> to_grad, to_buf;  // buf.lerp_(grad, 1 - momentum), grad.lerp(buf, momentum)
+  M inv_scale;
+  bool unscale, nesterov;
+};
+
+// Pass 1: unscale, momentum, nesterov, bfloat16 (Note [Muon as torch computes it]).
+template <typename T>
+FO_INLINE void momentum_loop(const MomentumArgs<T>& a, T* g, T* buf, c10::BFloat16* x,
+                             int64_t begin, int64_t end) {
+  using M = at::opmath_type<T>;
+  for (int64_t k = begin; k < end; ++k) {
+    M gv = cpu::load(g + k);
+    if (a.unscale) {
+      store(gv * a.inv_scale, g + k);
+      gv = cpu::load(g + k);
+    }
+    store(a.to_grad(cpu::load(buf + k), gv), buf + k);
+    const M bv = cpu::load(buf + k);
+    M u = bv;
+    if (a.nesterov) {
+      T rounded;
+      store(a.to_buf(gv, bv), &rounded);
+      u = cpu::load(&rounded);
+    }
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      store(u, x + k);
+    } else {
+      store(static_cast<float>(u), x + k);  // (a double is rounded to float first, as c10 does)
+    }
+  }
+}
+
+// x /= the clamped norm, in float, rounded to bfloat16 (torch's div_ by a 0-dim tensor);
+// with `buf`, also stored there (Note [Muon's bfloat16 buffer]).
+FO_INLINE void normalize_loop(c10::BFloat16* x, c10::BFloat16* buf, float d, int64_t begin,
+                              int64_t end) {
+  for (int64_t k = begin; k < end; ++k) store(cpu::load(x + k) / d, x + k);
+  if (buf != nullptr) {
+    for (int64_t k = begin; k < end; ++k) buf[k] = x[k];
+  }
+}
+
+// Pass 2: param.mul_(decay); param.add_(update, alpha): fma(update, alpha, param) up to
+// `fused_end`, and after it (bfloat16 only: Note [torch's bfloat16 add]) the two roundings
+// of torch's scalar loop.
+template <typename T>
+FO_INLINE void step_loop(T* p, const c10::BFloat16* u, at::opmath_type<T> decay,
+                         at::opmath_type<T> alpha, int64_t fused_end, int64_t begin,
+                         int64_t end) {
+  using M = at::opmath_type<T>;
+  const int64_t mid = std::clamp(fused_end, begin, end);
+  for (int64_t k = begin; k < mid; ++k) {
+    store(cpu::load(p + k) * decay, p + k);
+    store(fused_optim::fma_<M>(static_cast<M>(cpu::load(u + k)), alpha, cpu::load(p + k)), p + k);
+  }
+  for (int64_t k = mid; k < end; ++k) {
+    store(cpu::load(p + k) * decay, p + k);
+    c10::BFloat16 product;
+    store(alpha * cpu::load(u + k), &product);
+    store(cpu::load(p + k) + cpu::load(&product), p + k);
+  }
+}
+
+template <typename T>
+struct MuonLoops {
+  void (*momentum)(const MomentumArgs<T>&, T*, T*, c10::BFloat16*, int64_t, int64_t);
+  void (*normalize)(c10::BFloat16*, c10::BFloat16*, float, int64_t, int64_t);
+  void (*step)(T*, const c10::BFloat16*, at::opmath_type<T>, at::opmath_type<T>, int64_t,
+               int64_t, int64_t);
+};
+
+#define FO_MUON_LOOPS(SUFFIX, ATTR)                                                          \
+  template <typename T>                                                                     \
+  ATTR void momentum_##SUFFIX(const MomentumArgs<T>& a, T* g, T* buf, c10::BFloat16* x,     \
+                              int64_t b, int64_t e) {                                       \
+    momentum_loop<T>(a, g, buf, x, b, e);                                                   \
+  }                                                                                         \
+  ATTR inline void normalize_##SUFFIX(c10::BFloat16* x, c10::BFloat16* buf, float d,        \
+                                      int64_t b, int64_t e) {                               \
+    normalize_loop(x, buf, d, b, e);                                                        \
+  }                                                                                         \
+  template <typename T>                                                                     \
+  ATTR void step_##SUFFIX(T* p, const c10::BFloat16* u, at::opmath_type<T> decay,           \
+                          at::opmath_type<T> alpha, int64_t f, int64_t b, int64_t e) {      \
+    step_loop<T>(p, u, decay, alpha, f, b, e);                                              \
+  }                                                                                         \
+  template <typename T>                                                                     \
+  MuonLoops<T> loops_##SUFFIX() {                                                           \
+    return {&momentum_##SUFFIX<T>, &normalize_##SUFFIX, &step_##SUFFIX<T>};                  \
+  }
+
+FO_MUON_LOOPS(baseline, )
+#if FO_X86_CLONES
+FO_MUON_LOOPS(avx2, FO_AVX2_TARGET)
+FO_MUON_LOOPS(avx512, FO_AVX512_TARGET)
+#endif
+#undef FO_MUON_LOOPS
+
+template <typename T>
+MuonLoops<T> muon_loops() {
+#if FO_X86_CLONES
+  if (cpu_isa() >= Isa::kAvx512) return loops_avx512<T>();
+  if (cpu_isa() == Isa::kAvx2) return loops_avx2<T>();
+#endif
+  return loops_baseline<T>();
+}
+
+void for_pieces(const std::vector<Piece>& pieces, const std::function<void(const Piece&)>& f) {
+  at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) f(pieces[k]);
+  });
+}
+
+FO_INLINE c10::BFloat16 to_bf16(float v) {
+  c10::BFloat16 out;
+  narrow(v, &out);
+  return out;
+}
+
+void muon_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+              double lr, double weight_decay, double momentum, bool nesterov, double ns_a,
+              double ns_b, double ns_c, double eps, int64_t ns_steps, int64_t adjust_lr,
+              const std::optional<at::Tensor>& lr_tensor,
+              const std::optional<at::Tensor>& grad_scale,
+              const std::optional<at::Tensor>& found_inf) {
+  if (params.empty()) return;
+  check_inputs(params, grads, momentum_buffers, c10::Device(c10::kCPU));
+  check_ns(ns_steps);
+  const at::ScalarType dtype = params[0].scalar_type();
+  for (const at::Tensor& p : params) {
+    if (p.scalar_type() != dtype) {  // a group of several dtypes (rare): ATen's ops
+      muon_aten(params, grads, momentum_buffers, lr, weight_decay, momentum, nesterov, ns_a,
+                ns_b, ns_c, eps, ns_steps, adjust_lr, lr_tensor, grad_scale, found_inf);
+      return;
+    }
+  }
+  const bool unscale = has_tensor(grad_scale);
+  const double inv_scale = inverse_grad_scale(kOp, grad_scale);
+  lr = lr_value(kOp, lr, lr_tensor);
+  const bool lr_f32 = lr_is_float32(lr_tensor);
+  if (skip_step(found_inf)) return;
+
+  std::vector<ShapeGroup> groups = group_by_shape(params, params[0].options());
+  std::vector<Slot> slots(params.size());
+  for (size_t gi = 0; gi < groups.size(); ++gi) {
+    for (size_t j = 0; j < groups[gi].members.size(); ++j) {
+      const int64_t i = groups[gi].members[j];
+      Slot& s = slots[i];
+      s.group = static_cast<int64_t>(gi);
+      s.index = static_cast<int64_t>(j);
+      auto take = [](const at::Tensor& t, at::Tensor& out, bool& temp) {
+        temp = !t.is_contiguous() || t.is_neg() || t.is_conj();
+        out = temp ? t.contiguous().resolve_neg() : t;
+      };
+      take(params[i], s.p, s.p_temp);
+      take(grads[i], s.g, s.g_temp);
+      take(momentum_buffers[i], s.buf, s.buf_temp);
+    }
+  }
+  const std::vector<Piece> pieces = pieces_of(slots);
+  auto stacked = [&](const Slot& s) {
+    return groups[s.group].x.data_ptr<c10::BFloat16>() +
+           s.index * groups[s.group].rows * groups[s.group].cols;
+  };
+
+  dispatch_dtype(dtype, [&]<typename T>() -> SegmentFn {
+    using M = at::opmath_type<T>;
+    const MuonLoops<T> loops = muon_loops<T>();
+    const MomentumArgs<T> margs{LerpWeight<M>(1.0 - momentum), LerpWeight<M>(momentum),
+                                static_cast<M>(inv_scale), unscale, nesterov};
+    for_pieces(pieces, [&](const Piece& pc) {
+      const Slot& s = slots[pc.slot];
+      loops.momentum(margs, s.g.data_ptr<T>(), s.buf.data_ptr<T>(), stacked(s), pc.begin, pc.end);
+    });
+
+    // Each update's norm, bitwise torch's (Note [global norm]), then its clamp and the
+    // division, in bfloat16 as torch's div_ by a 0-dim tensor computes it (in float).
+    std::vector<at::Tensor> matrices;
+    matrices.reserve(slots.size());
+    for (const Slot& s : slots) matrices.push_back(groups[s.group].x[s.index]);
+    const at::Tensor norms = norms_cpu(matrices, 2.0, 1.0);
+    const float eps_bf16 = static_cast<float>(c10::BFloat16(static_cast<float>(eps)));
+    std::vector<float> divisors(slots.size());
+    const c10::BFloat16* nv = norms.const_data_ptr<c10::BFloat16>();
+    for (size_t i = 0; i < slots.size(); ++i) {
+      const float n = static_cast<float>(nv[i]);
+      divisors[i] = n < eps_bf16 ? eps_bf16 : n;  // clamp(min=eps): a NaN stays
+    }
+    constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
+    for_pieces(pieces, [&](const Piece& pc) {
+      const Slot& s = slots[pc.slot];
+      c10::BFloat16* buf = nullptr;
+      if constexpr (kBf16) {  // Note [Muon's bfloat16 buffer]
+        if (!nesterov) buf = s.buf.data_ptr<c10::BFloat16>();
+      }
+      loops.normalize(stacked(s), buf, divisors[pc.slot], pc.begin, pc.end);
+    });
+    for (size_t i = 0; i < slots.size(); ++i) {
+      if (slots[i].buf_temp) at::Tensor(momentum_buffers[i]).copy_(slots[i].buf);
+      if (unscale && slots[i].g_temp) at::Tensor(grads[i]).copy_(slots[i].g);
+    }
+
+    // The products, one batch per shape; each result made row-major for the last pass.
+    std::vector<at::Tensor> updates(groups.size());
+    std::vector<FinalScalars> scalars(groups.size());
+    for (size_t gi = 0; gi < groups.size(); ++gi) {
+      const ShapeGroup& g = groups[gi];
+      updates[gi] = newton_schulz(g.x, g.rows, g.cols, ns_a, ns_b, ns_c, ns_steps).contiguous();
+      scalars[gi] = final_scalars(lr, lr_f32, weight_decay, lr_ratio(adjust_lr, g.rows, g.cols));
+    }
+
+    // Pass 2: weight decay, then the step: param.mul_(decay); param.add_(update, alpha).
+    const int64_t bf16_lanes = torch_bf16_lanes();
+    for_pieces(pieces, [&](const Piece& pc) {
+      const Slot& s = slots[pc.slot];
+      const ShapeGroup& g = groups[s.group];
+      const int64_t n = g.rows * g.cols;
+      const c10::BFloat16* u = updates[s.group].const_data_ptr<c10::BFloat16>() + s.index * n;
+      const M decay = static_cast<M>(scalars[s.group].decay);
+      M alpha = static_cast<M>(scalars[s.group].alpha);
+      int64_t fused_end = n;
+      if constexpr (kBf16) {
+        // Note [torch's bfloat16 add]: alpha in bfloat16; torch's scalar loop at the end.
+        alpha = static_cast<float>(to_bf16(alpha));
+        const bool strided_update = g.rows > g.cols && g.cols > 1 && ns_steps > 0;
+        fused_end = strided_update ? 0 : n - n % bf16_lanes;
+      }
+      loops.step(s.p.data_ptr<T>(), u, decay, alpha, fused_end, pc.begin, pc.end);
+    });
+    for (size_t i = 0; i < slots.size(); ++i) {
+      if (slots[i].p_temp) at::Tensor(params[i]).copy_(slots[i].p);
+    }
+    return nullptr;
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
+  m.impl("muon_", &muon_cpu);
+  m.impl("_muon_aten_", &muon_aten);
+}
+// The same kernels for the optimizers' eager steps: Note [direct calls].
+FO_REGISTER_DIRECT_CALL("muon_", muon_cpu);
+FO_REGISTER_DIRECT_CALL("_muon_aten_", muon_aten);
+
+#if defined(FUSED_OPTIM_WITH_CUDA)
+TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) {
+  m.impl("muon_", &muon_aten);
+  m.impl("_muon_aten_", &muon_aten);
+}
+FO_REGISTER_DIRECT_CALL("muon_@cuda", muon_aten);
+#endif
+
+}  // namespace fused_optim::cpu

@@ -1,0 +1,100 @@
+"""Muon: torch.optim.Muon with the step computed by fused_optim::muon_ (csrc/cpu/muon.cpp).
+
+Note [Muon's step]
+One kernel call per param group: the momentum update of every param in one parallel pass,
+the Newton-Schulz iterations of all params of one shape as batched matrix products (ATen's
+bmm/baddbmm on a stack, so oneDNN or cuBLAS does the work), then the weight decay and the
+step in one more pass. torch's for-loop does each param on its own, 3 * ns_steps products
+and about ten elementwise ops each (Note [Muon as torch computes it] in muon.cpp).
+"""
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .optimizer import FusedOptimizer, hyper_float, lr_args
+
+__all__ = ["Muon"]
+
+# torch's defaults (torch/optim/_muon.py), read from its signature so they cannot drift.
+_TORCH_DEFAULTS = {
+    k: v.default
+    for k, v in __import__("inspect").signature(torch.optim.Muon.__init__).parameters.items()
+}
+
+# adjust_lr_fn as the kernel's `adjust_lr` (csrc/ops.cpp): torch's _adjust_lr treats None
+# as "original", and any other name (one set in a param group after construction) as no
+# adjustment.
+_ADJUST_LR = {None: 0, "original": 0, "match_rms_adamw": 1}
+
+
+class Muon(FusedOptimizer, torch.optim.Muon):
+    __doc__ = torch.optim.Muon.__doc__
+    _torch_class = torch.optim.Muon
+    _torch_only_options = ()  # Muon has neither `differentiable` nor `capturable`
+    _op = "muon_"
+
+    def __init__(
+        self,
+        params,
+        lr=_TORCH_DEFAULTS["lr"],
+        weight_decay=_TORCH_DEFAULTS["weight_decay"],
+        momentum=_TORCH_DEFAULTS["momentum"],
+        nesterov=_TORCH_DEFAULTS["nesterov"],
+        ns_coefficients=_TORCH_DEFAULTS["ns_coefficients"],
+        eps=_TORCH_DEFAULTS["eps"],
+        ns_steps=_TORCH_DEFAULTS["ns_steps"],
+        adjust_lr_fn=_TORCH_DEFAULTS["adjust_lr_fn"],
+        *,
+        max_grad_norm=None,
+        grad_norm_type=2.0,
+    ):
+        super().__init__(
+            params,
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_coefficients=ns_coefficients,
+            eps=eps,
+            ns_steps=ns_steps,
+            adjust_lr_fn=adjust_lr_fn,
+        )
+        self._fused_setup(max_grad_norm, grad_norm_type)
+
+    def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
+        return ("momentum_buffer",)
+
+    def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        coefficients = group["ns_coefficients"]
+        ns_steps = group["ns_steps"]
+        if (len(coefficients) != 3 or ns_steps >= 100) and any(
+                p.grad is not None for p in group["params"]):
+            # torch's checks, raised where torch raises them (a step with grads), but
+            # before anything changes (torch's first param has its momentum by then).
+            if ns_steps >= 100:
+                raise ValueError(
+                    "Number of steps must be less than 100 for computational efficiency")
+            raise ValueError("Coefficients must be a tuple of exactly 3 values")
+        a, b, c = coefficients if len(coefficients) == 3 else (0.0, 0.0, 0.0)
+        return dict(
+            **lr_args(group["lr"]),
+            weight_decay=hyper_float(group["weight_decay"]),
+            momentum=hyper_float(group["momentum"]),
+            nesterov=bool(group["nesterov"]),
+            ns_a=float(a),
+            ns_b=float(b),
+            ns_c=float(c),
+            eps=float(group["eps"]),
+            ns_steps=int(ns_steps),
+            adjust_lr=_ADJUST_LR.get(group["adjust_lr_fn"], 2),
+        )
+
+    def _init_state(self, group: Dict[str, Any], p: Tensor, grad: Tensor, state: Dict[str, Any]) -> None:
+        # torch's checks (its _init_group runs them every step, param by param).
+        if torch.is_complex(p):
+            raise RuntimeError("Muon does not support complex parameters")
+        if grad.is_sparse:
+            raise RuntimeError("Muon does not support sparse gradients")
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
