@@ -20,7 +20,7 @@ struct CpuTuning {
   int64_t prefetch_ahead;  // elements ahead of the current chunk; 0: no software prefetch
   bool gather_prefetch;    // python_step.cpp's Note [prefetch] for Python objects
   std::string cpu;         // the CPU as the table knows it
-  std::string source;      // "table", "default" or "FUSED_OPTIM_PREFETCH"
+  std::string source;      // "table", "default", or the FUSED_OPTIM_* variable(s) that forced it
 };
 const CpuTuning& cpu_tuning();
 
