@@ -183,22 +183,11 @@ def worker(args):
 
 
 def machine_line(threads):
-    import torch
+    """bench.py's machine line (CPU, cores, threads, torch, fused_optim's loops and tuning)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench import machine_line as bench_machine_line
 
-    import fused_optim
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, threads {threads}; torch {torch.__version__}; "
-            f"fused_optim {fused_optim.__version__}; Python {platform.python_version()}; "
-            f"{datetime.date.today().isoformat()}")
+    return bench_machine_line([threads])
 
 
 def main():

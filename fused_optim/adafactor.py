@@ -101,14 +101,34 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
         keys: Tuple[Optional[str], ...],
         args: Tuple[Any, ...],
     ) -> None:
+        lists, empty, devices = self._gather(group, params, grads)
+        if empty:
+            # torch's for-loop divides the param's norm by numel ** 0.5 (after updating
+            # the params before it); we raise its error before changing anything.
+            raise ZeroDivisionError("float division by zero")
+        if len(devices) == 1:
+            _ops.call(self._op, params, grads, lists, args)
+            return
+        # One kernel call per device (Note [Adafactor's state lists]: _ops.call's split by
+        # device assumes lists of one entry per param).
+        for device in devices:
+            indices = [i for i, p in enumerate(params) if p.device == device]
+            ps, gs = [params[i] for i in indices], [grads[i] for i in indices]
+            _ops.call(self._op, ps, gs, self._gather(group, ps, gs)[0], args)
+
+    def _gather(self, group: Dict[str, Any], params: List[Tensor], grads: List[Tensor]):
+        """Creates missing state (torch's _init_group) and gathers the kernel's state lists in
+        one pass over the params: row_vars and col_vars of the params of 2+ dims, variances of
+        the others, every param's step. Also whether a param is empty, and the devices in
+        order of first appearance."""
         state = self.state
         init = self._init_state
-        device = params[0].device
         rows: List[Tensor] = []
         cols: List[Tensor] = []
         variances: List[Tensor] = []
         steps: List[Tensor] = []
-        empty = several_devices = False
+        devices: Dict[torch.device, None] = {}
+        empty = False
         for p, g in zip(params, grads):
             s = state[p]
             init(group, p, g, s)
@@ -119,29 +139,5 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
                 variances.append(s["variance"])
             steps.append(s["step"])
             empty = empty or p.numel() == 0
-            several_devices = several_devices or p.device != device
-        if empty:
-            # torch's for-loop divides the param's norm by numel ** 0.5 (after updating
-            # the params before it); we raise its error before changing anything.
-            raise ZeroDivisionError("float division by zero")
-        if not several_devices:
-            _ops.call(self._op, params, grads, (rows, cols, variances, steps), args)
-            return
-        # One kernel call per device (Note [Adafactor's state lists]: _ops.call's split by
-        # device assumes lists of one entry per param).
-        by_device: Dict[torch.device, List[int]] = {}
-        for i, p in enumerate(params):
-            by_device.setdefault(p.device, []).append(i)
-        for indices in by_device.values():
-            ps = [params[i] for i in indices]
-            rows, cols, variances, steps = [], [], [], []
-            for p in ps:
-                s = state[p]
-                if p.dim() > 1:
-                    rows.append(s["row_var"])
-                    cols.append(s["col_var"])
-                else:
-                    variances.append(s["variance"])
-                steps.append(s["step"])
-            _ops.call(self._op, ps, [grads[i] for i in indices], (rows, cols, variances, steps),
-                      args)
+            devices[p.device] = None
+        return (rows, cols, variances, steps), empty, list(devices)
