@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/record_function.h>
+#include <ATen/ops/empty.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 
 #include <atomic>
