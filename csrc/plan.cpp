@@ -1,7 +1,10 @@
 // The host side every device shares (plan.h): checks, layouts, scalar arguments.
 #include "plan.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
+#include <ATen/ops/view_as_real.h>
 #include <ATen/Parallel.h>
 #include <c10/core/impl/COW.h>
 

@@ -5,7 +5,9 @@
 // fused_optim/clip.py turns them into torch.nn.utils.clip_grad_norm_.
 #include <torch/library.h>
 
-#include <ATen/Functions.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>

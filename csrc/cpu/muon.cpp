@@ -6,7 +6,15 @@
 // iteration; what this file fuses is the elementwise work around them.
 #include <torch/library.h>
 
-#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_foreach_lerp.h>
+#include <ATen/ops/_foreach_norm.h>
+#include <ATen/ops/baddbmm.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/stack.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 

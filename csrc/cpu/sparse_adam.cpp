@@ -4,7 +4,7 @@
 // over the touched rows of every param of the group.
 #include <torch/library.h>
 
-#include <ATen/Functions.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
