@@ -42,7 +42,8 @@ using DirectFn = void (*)(const DirectCall&);
 // schema order: 'n' a number (float, int or bool), 't' an optional tensor.
 struct DirectKernel {
   DirectFn fn = nullptr;
-  size_t num_lists = 0;
+  size_t num_lists = 0;           // required tensor lists
+  size_t num_optional_lists = 0;  // after them: optional ones (param_aux)
   std::string arg_kinds;
 };
 
@@ -57,6 +58,15 @@ struct DirectArg;
 template <>
 struct DirectArg<at::TensorList> {
   static at::TensorList get(const DirectCall& c, Cursor& k) { return c.lists[k.list++]; }
+};
+// An optional list (param_aux): the next list where the caller gave one more than the
+// required lists, else none (callers that know nothing of it leave it out).
+template <>
+struct DirectArg<std::optional<at::TensorList>> {
+  static std::optional<at::TensorList> get(const DirectCall& c, Cursor& k) {
+    if (k.list < c.lists.size()) return c.lists[k.list++];
+    return std::nullopt;
+  }
 };
 template <>
 struct DirectArg<double> {
@@ -87,11 +97,12 @@ constexpr size_t count_of() {
 template <typename... A>
 void call_with(void (*fn)(A...), const char* name, const DirectCall& c) {
   constexpr size_t lists = (count_of<A, at::TensorList>() + ...);
+  constexpr size_t optional_lists = (count_of<A, std::optional<at::TensorList>>() + ...);
   constexpr size_t numbers = (count_of<A, double>() + ...) + (count_of<A, bool>() + ...) +
                              (count_of<A, int64_t>() + ...);
   constexpr size_t tensors = (count_of<A, std::optional<at::Tensor>>() + ...);
-  TORCH_CHECK(c.lists.size() == lists && c.numbers.size() == numbers &&
-                  c.tensors.size() == tensors,
+  TORCH_CHECK(c.lists.size() >= lists && c.lists.size() <= lists + optional_lists &&
+                  c.numbers.size() == numbers && c.tensors.size() == tensors,
               "fused_optim::", name, ": expected ", lists, " tensor lists, ", numbers,
               " numbers and ", tensors, " optional tensors, got ", c.lists.size(), ", ",
               c.numbers.size(), " and ", c.tensors.size());
@@ -106,8 +117,9 @@ DirectKernel describe(void (*)(A...), DirectFn fn) {
   DirectKernel k;
   k.fn = fn;
   k.num_lists = (count_of<A, at::TensorList>() + ...);
+  k.num_optional_lists = (count_of<A, std::optional<at::TensorList>>() + ...);
   (void)std::initializer_list<int>{
-      (count_of<A, at::TensorList>() ? 0
+      (count_of<A, at::TensorList>() + count_of<A, std::optional<at::TensorList>>() ? 0
                                      : (k.arg_kinds += count_of<A, std::optional<at::Tensor>>() ? 't' : 'n', 0))...};
   return k;
 }

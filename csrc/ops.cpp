@@ -7,6 +7,8 @@
 // the step counters always; grads too, because with a GradScaler the kernel stores the
 // unscaled grad back, as torch's for-loop (GradScaler.unscale_) and fused paths leave it.
 // Hyper-parameters are doubles; `lr_tensor` carries a Tensor lr (then `lr` is ignored).
+// The elementwise algorithms end with `param_mode` and `param_aux`: how 16-bit params are
+// kept between steps (Note [param storage] in plan.h; 0 and None: round to nearest).
 
 #include <torch/library.h>
 
@@ -23,56 +25,66 @@ TORCH_LIBRARY(fused_optim, m) {
       "sgd_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, "
       "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
       "bool maximize, bool is_first_step, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None, int param_mode=0, "
+      "Tensor(z!)[]? param_aux=None) -> ()");
   m.def(
       "adam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, "
       "float lr, float beta1, float beta2, float weight_decay, float eps, bool amsgrad, "
       "bool maximize, bool decoupled_weight_decay, Tensor? lr_tensor=None, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, int param_mode=0, "
+      "Tensor(z!)[]? param_aux=None) -> ()");
   m.def(
       "rmsprop_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avgs, "
       "Tensor(d!)[] grad_avgs, Tensor(e!)[] momentum_buffers, Tensor(f!)[] state_steps, "
       "float lr, float alpha, float eps, float weight_decay, float momentum, bool centered, "
       "bool maximize, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None, int param_mode=0, "
+      "Tensor(z!)[]? param_aux=None) -> ()");
   m.def(
       "adagrad_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] state_sums, "
       "Tensor(d!)[] state_steps, float lr, float lr_decay, float weight_decay, float eps, "
       "bool maximize, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None, int param_mode=0, "
+      "Tensor(z!)[]? param_aux=None) -> ()");
   m.def(
       "adamax_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] exp_infs, Tensor(e!)[] state_steps, float lr, float beta1, float beta2, "
       "float weight_decay, float eps, bool maximize, Tensor? lr_tensor=None, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, int param_mode=0, "
+      "Tensor(z!)[]? param_aux=None) -> ()");
   m.def(
       "adadelta_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avgs, "
       "Tensor(d!)[] acc_deltas, Tensor(e!)[] state_steps, float lr, float rho, float eps, "
       "float weight_decay, bool maximize, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None, int param_mode=0, "
+      "Tensor(z!)[]? param_aux=None) -> ()");
   m.def(
       "nadam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] mu_products, Tensor(f!)[] state_steps, "
       "float lr, float beta1, float beta2, float weight_decay, float eps, "
       "float momentum_decay, bool decoupled_weight_decay, bool maximize, "
-      "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, int param_mode=0, "
+      "Tensor(z!)[]? param_aux=None) -> ()");
   m.def(
       "radam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] state_steps, float lr, float beta1, float beta2, "
       "float weight_decay, float eps, bool decoupled_weight_decay, bool maximize, "
-      "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, int param_mode=0, "
+      "Tensor(z!)[]? param_aux=None) -> ()");
   // (Rprop's lr is only its initial step size, made with the state: no lr argument.)
   m.def(
       "rprop_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] prevs, "
       "Tensor(d!)[] step_sizes, Tensor(e!)[] state_steps, float etaminus, float etaplus, "
       "float step_size_min, float step_size_max, bool maximize, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None, int param_mode=0, "
+      "Tensor(z!)[]? param_aux=None) -> ()");
   m.def(
       "asgd_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] axs, Tensor(d!)[] mus, "
       "Tensor(e!)[] etas, Tensor(f!)[] state_steps, float lr, float lambd, float alpha, "
       "float t0, float weight_decay, bool maximize, Tensor? lr_tensor=None, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, int param_mode=0, "
+      "Tensor(z!)[]? param_aux=None) -> ()");
   // SparseAdam: the step sizes are computed per param on the host from torch's Python-int
   // steps (Note [sparse adam] in update_rules.h); grads are written when a GradScaler's
   // scale is given (their values unscaled in place, as GradScaler.unscale_ leaves them).

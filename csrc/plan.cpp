@@ -1,6 +1,8 @@
 // The host side every device shares (plan.h): checks, layouts, scalar arguments.
 #include "plan.h"
 
+#include "rounding.h"
+
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_strided.h>
@@ -38,26 +40,87 @@ bool is_cow(const at::Tensor& t) {
 }
 
 void check_companion(const char* op, const char* list, int64_t i, const at::Tensor& param,
-                     const at::Tensor& t) {
+                     const at::Tensor& t, std::optional<at::ScalarType> dtype = std::nullopt) {
   TORCH_CHECK(t.defined(), op, ": ", list, "[", i, "] is undefined");
   TORCH_CHECK(!t.is_sparse(), op, ": ", list, "[", i,
               "] is sparse; fused_optim kernels need dense tensors");
   TORCH_CHECK(t.device() == param.device(), op, ": ", list, "[", i, "] is on ", t.device(),
               " but its param is on ", param.device());
-  TORCH_CHECK(t.scalar_type() == param.scalar_type(), op, ": ", list, "[", i, "] has dtype ",
-              t.scalar_type(), " but its param has dtype ", param.scalar_type());
+  if (dtype.has_value()) {
+    TORCH_CHECK(t.scalar_type() == *dtype, op, ": ", list, "[", i, "] has dtype ",
+                t.scalar_type(), " but must be ", *dtype);
+  } else {
+    TORCH_CHECK(t.scalar_type() == param.scalar_type(), op, ": ", list, "[", i, "] has dtype ",
+                t.scalar_type(), " but its param has dtype ", param.scalar_type());
+  }
   TORCH_CHECK(t.sizes() == param.sizes(), op, ": ", list, "[", i, "] has shape ", t.sizes(),
               " but its param has shape ", param.sizes());
 }
 
 }  // namespace
 
+const char* param_mode_option(ParamMode mode) {
+  switch (mode) {
+    case ParamMode::kKahan: return "kahan_summation";
+    case ParamMode::kStochastic: return "stochastic_rounding";
+    case ParamMode::kMaster: return "master_weights";
+    default: return "round to nearest";
+  }
+}
+
+ParamStorage param_storage(const char* op, int64_t param_mode,
+                           std::optional<at::TensorList> param_aux) {
+  TORCH_CHECK(param_mode >= 0 && param_mode <= 3, op, ": param_mode must be 0 (round to nearest), "
+              "1 (kahan_summation), 2 (stochastic_rounding) or 3 (master_weights), got ",
+              param_mode);
+  ParamStorage storage{static_cast<ParamMode>(param_mode), param_aux.value_or(at::TensorList())};
+  TORCH_CHECK(storage.mode != ParamMode::kNearest || storage.aux.empty(), op,
+              ": param_aux must be empty without a param_mode");
+  return storage;
+}
+
 MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::TensorList grads,
-                                 const std::vector<at::TensorList>& states, bool grad_mutable,
-                                 c10::DeviceType device_type)
+                                 const std::vector<at::TensorList>& rule_states, bool grad_mutable,
+                                 c10::DeviceType device_type, const ParamStorage& storage)
     : num_tensors_(static_cast<int64_t>(params.size())),
-      num_states_(static_cast<int>(states.size())) {
-  TORCH_CHECK(num_states_ <= kMaxStates, op, ": too many state lists");
+      num_states_(static_cast<int>(rule_states.size())),
+      param_mode_(storage.mode) {
+  TORCH_CHECK(num_states_ <= kMaxRuleStates, op, ": too many state lists");
+  // Note [param storage]: the storage's buffer is the last state list.
+  std::vector<at::TensorList> states = rule_states;
+  const char* storage_name = nullptr;
+  std::optional<at::ScalarType> storage_dtype;  // kMaster: float32; kKahan: the param's
+  if (param_mode_ != ParamMode::kNearest) {
+    const char* option = param_mode_option(param_mode_);
+    TORCH_CHECK(device_type == c10::DeviceType::CPU, op, ": ", option,
+                " runs on CPU params only (no CUDA kernel has it yet)");
+    TORCH_CHECK(storage.aux.size() == params.size(), op, ": ", option, " needs one ",
+                param_mode_ == ParamMode::kKahan        ? "kahan_comp"
+                : param_mode_ == ParamMode::kStochastic ? "rounding_state"
+                                                        : "master_param",
+                " per param in param_aux, got ", storage.aux.size(), " for ", params.size(),
+                " params");
+    for (size_t i = 0; i < params.size(); ++i) {
+      const at::ScalarType dt = params[i].defined() ? params[i].scalar_type() : at::kFloat;
+      TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf, op, ": ", option,
+                  " applies to bfloat16 and float16 params; params[", i, "] has dtype ", dt);
+    }
+    if (param_mode_ == ParamMode::kStochastic) {
+      for (size_t i = 0; i < storage.aux.size(); ++i) {
+        const at::Tensor& r = storage.aux[i];
+        TORCH_CHECK(r.defined() && r.device().is_cpu() && r.scalar_type() == at::kLong &&
+                        r.numel() == 2 && r.is_contiguous(),
+                    op, ": param_aux[", i, "] (rounding_state) must be a contiguous int64 CPU "
+                    "tensor of 2 elements: [seed, counter]");
+      }
+      rounding_states_ = storage.aux;
+    } else {
+      states.push_back(storage.aux);
+      ++num_states_;
+      storage_name = param_mode_ == ParamMode::kKahan ? "kahan_comp" : "master_param";
+      if (param_mode_ == ParamMode::kMaster) storage_dtype = at::kFloat;
+    }
+  }
   TORCH_CHECK(grads.size() == params.size(), op, ": expected as many grads as params, got ",
               grads.size(), " and ", params.size());
   for (const auto& s : states) {
@@ -80,7 +143,7 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
   // list order whatever thread met it first: on any failure the checks rerun serially.
   std::vector<TensorPtrs> direct(n);
   std::vector<char> is_direct(n, 0);
-  const char* state_names[kMaxStates] = {"state[0]", "state[1]", "state[2]"};
+  const char* state_names[kMaxStates] = {"state[0]", "state[1]", "state[2]", "state[3]"};
   auto check = [&](int64_t i, int64_t end) {
     // The storages of the tensor kAhead places later, asked for now (Note [prefetch] in
     // python_step.cpp).
@@ -110,7 +173,11 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
     TORCH_CHECK(is_supported_dtype(param.scalar_type()), op, ": params[", i, "] has dtype ",
                 param.scalar_type(), "; supported: float64, float32, bfloat16, float16 and complex");
     check_companion(op, "grads", i, param, grads[i]);
-    for (int k = 0; k < num_states_; ++k) check_companion(op, state_names[k], i, param, states[k][i]);
+    for (int k = 0; k < num_states_; ++k) {
+      const bool buffer = storage_name != nullptr && k == num_states_ - 1;
+      check_companion(op, buffer ? storage_name : state_names[k], i, param, states[k][i],
+                      buffer ? storage_dtype : std::nullopt);
+    }
     const bool complex = param.is_complex();
     is_complex_[i] = complex;
     // Complex params are updated as real views, as torch.optim does (pass 2 makes them).
@@ -185,8 +252,10 @@ TensorPtrs MultiTensorPlan::unusual_layout(int64_t i, at::TensorList params,
   const bool param_dense = p.is_non_overlapping_and_dense();
   auto data = [&](const at::Tensor& x, bool mutated) -> void* {
     if (param_dense ? same_layout(x, p) : x.is_contiguous()) return x.data_ptr();
-    at::Tensor tmp = param_dense ? at::empty_strided(p.sizes(), p.strides(), p.options())
-                                 : at::empty(p.sizes(), p.options());
+    // (in x's own dtype: a master_param is float32 beside a 16-bit param)
+    const auto options = p.options().dtype(x.scalar_type());
+    at::Tensor tmp = param_dense ? at::empty_strided(p.sizes(), p.strides(), options)
+                                 : at::empty(p.sizes(), options);
     tmp.copy_(x);
     void* ptr = tmp.data_ptr();
     if (mutated) {
@@ -201,6 +270,16 @@ TensorPtrs MultiTensorPlan::unusual_layout(int64_t i, at::TensorList params,
   tp.grad = data(t[1], grad_mutable);
   for (int k = 0; k < num_states_; ++k) tp.state[k] = data(t[2 + k], /*mutated=*/true);
   return tp;
+}
+
+std::vector<uint64_t> MultiTensorPlan::next_rounding_streams() const {
+  std::vector<uint64_t> streams(rounding_states_.size());
+  for (size_t i = 0; i < rounding_states_.size(); ++i) {
+    int64_t* r = rounding_states_[i].data_ptr<int64_t>();
+    r[1] += 1;  // this step's counter
+    streams[i] = rounding_stream(static_cast<uint64_t>(r[0]), static_cast<uint64_t>(r[1]));
+  }
+  return streams;
 }
 
 void MultiTensorPlan::finish() {

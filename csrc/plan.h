@@ -19,7 +19,9 @@
 
 namespace fused_optim {
 
-constexpr int kMaxStates = 3;
+// The rule's states (3 at most), and the param storage's (Note [param storage]).
+constexpr int kMaxRuleStates = 3;
+constexpr int kMaxStates = kMaxRuleStates + 1;
 // Below this many params in a call, a plan checks its tensors on one thread.
 constexpr int64_t kParallelChecks = 1024;
 
@@ -36,6 +38,37 @@ struct TensorPtrs {
   int64_t numel;
 };
 
+// Note [param storage]
+// How the kernels keep a 16-bit (bfloat16 or float16) param between steps: the
+// optimizers' keyword-only options, all off by default (then the param is the update's
+// float result rounded to nearest, as torch's fused kernels store it).
+//   kKahan (kahan_summation=True): a compensation buffer of the param's dtype
+//     (state["kahan_comp"]) holds what the last rounding lost. The rule updates the float
+//     p + comp; then p = round(result), comp = round(result - p). The param so carries
+//     about 16 bits of mantissa in two 16-bit tensors: 2 bytes per param.
+//   kStochastic (stochastic_rounding=True): the float result is rounded stochastically
+//     (Note [stochastic rounding] in rounding.h), with the param's seed and counter
+//     (state["rounding_state"], an int64 [seed, counter] CPU tensor the kernel counts).
+//   kMaster (master_weights=True): a float32 copy of the param (state["master_param"]) is
+//     what the rule updates; the param is its rounding to nearest. 4 bytes per param.
+// The states of the rule keep the param's dtype (math in float, as always). The storage's
+// elementwise buffer (kahan_comp, master_param) is the plan's last state list, so layouts
+// and checks treat it as any state; its loops are cpu/multi_tensor.h's storage_loop.
+enum class ParamMode : int64_t { kNearest = 0, kKahan = 1, kStochastic = 2, kMaster = 3 };
+
+// The option of a mode, for messages.
+const char* param_mode_option(ParamMode mode);
+
+struct ParamStorage {
+  ParamMode mode = ParamMode::kNearest;
+  at::TensorList aux;  // kahan_comp, rounding_state or master_param, one per param
+};
+
+// An op's param_mode and param_aux arguments, checked: a known mode, and an aux list
+// exactly where the mode needs one.
+ParamStorage param_storage(const char* op, int64_t param_mode,
+                           std::optional<at::TensorList> param_aux);
+
 // One call's lists, checked and laid out for flat elementwise loops. Building a plan
 // changes nothing; all errors are raised while building, so a bad input never leaves a
 // half-applied update. The device's loops then walk its entries, and finish() writes back
@@ -47,14 +80,23 @@ class MultiTensorPlan {
   // `grad_mutable`: grads are written (the unscaled grad, when a GradScaler is active).
   MultiTensorPlan(const char* op, at::TensorList params, at::TensorList grads,
                   const std::vector<at::TensorList>& states, bool grad_mutable,
-                  c10::DeviceType device_type = c10::DeviceType::CPU);
+                  c10::DeviceType device_type = c10::DeviceType::CPU,
+                  const ParamStorage& storage = {});
 
   // Number of tensors in the call (zero-size ones included).
   int64_t size() const { return num_tensors_; }
   // dtype of tensor i (real dtype: complex params are updated as real views).
   at::ScalarType real_dtype(int64_t i) const { return real_dtypes_[i]; }
   bool is_complex(int64_t i) const { return is_complex_[i] != 0; }
-  int num_states() const { return num_states_; }
+  // The rule's state lists (the storage's buffer, where there is one, comes after them).
+  int num_states() const { return num_states_ - (has_storage_buffer() ? 1 : 0); }
+  ParamMode param_mode() const { return param_mode_; }
+  bool has_storage_buffer() const {
+    return param_mode_ == ParamMode::kKahan || param_mode_ == ParamMode::kMaster;
+  }
+  // kStochastic: counts a step in each param's rounding_state and returns its stream
+  // (rounding.h), by position in the lists. Call once, when the update runs.
+  std::vector<uint64_t> next_rounding_streams() const;
 
   // The entries the loops walk: the tensors with elements, in list order.
   int64_t num_entries() const { return static_cast<int64_t>(index_.size()); }
@@ -74,7 +116,9 @@ class MultiTensorPlan {
                             const std::vector<at::TensorList>& states, bool grad_mutable);
 
   int64_t num_tensors_ = 0;
-  int num_states_ = 0;
+  int num_states_ = 0;  // the rule's, and the storage's buffer
+  ParamMode param_mode_ = ParamMode::kNearest;
+  at::TensorList rounding_states_;  // kStochastic
   std::vector<at::ScalarType> real_dtypes_;
   std::vector<char> is_complex_;  // not vector<bool>: written from several threads
   // Only tensors with elements take part in the loop.

@@ -355,9 +355,12 @@ PyObject* py_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs)
     PyObject* group_keys = PyList_GET_ITEM(keys, g);
     TORCH_CHECK_TYPE(PyList_Check(PyList_GET_ITEM(groups, g)) && PyTuple_Check(group_keys) &&
                          PyTuple_Check(PyList_GET_ITEM(rest, g)) &&
-                         static_cast<size_t>(2 + PyTuple_GET_SIZE(group_keys)) == kernel->num_lists,
+                         static_cast<size_t>(2 + PyTuple_GET_SIZE(group_keys)) >= kernel->num_lists &&
+                         static_cast<size_t>(2 + PyTuple_GET_SIZE(group_keys)) <=
+                             kernel->num_lists + kernel->num_optional_lists,
                      "_step expects each group's params as a list, and a tuple of ",
-                     kernel->num_lists - 2, " keys and a tuple of args for ", name);
+                     kernel->num_lists - 2, " keys (", kernel->num_optional_lists,
+                     " more optional) and a tuple of args for ", name);
   }
 
   // Note [borrowing safely]: first what may run Python code, for every group.
@@ -406,7 +409,7 @@ PyObject* py_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs)
   std::vector<std::vector<BorrowedTensors>> lists;
   lists.reserve(static_cast<size_t>(num_groups));
   for (Py_ssize_t g = 0; g < num_groups; ++g) {
-    lists.emplace_back(kernel->num_lists);
+    lists.emplace_back(static_cast<size_t>(2 + PyTuple_GET_SIZE(PyList_GET_ITEM(keys, g))));
     if (gather_group(snaps[static_cast<size_t>(g)], PyList_GET_ITEM(keys, g), lists.back()) !=
         Gathered::kOk) {
       Py_RETURN_FALSE;

@@ -48,11 +48,23 @@ OPTIMIZER_OPS = ("sgd_", "adam_", "rmsprop_", "adagrad_", "adamax_", "adadelta_"
 # one-time warning (tools/check_cuda_registrations.py does not ask for them).
 CPU_ONLY_OPS = ("adafactor_",)
 
-# The names of each op's arguments that are not tensor lists, in schema order (read once,
-# here, so that torch.compile never traces a schema lookup).
+
+def _is_list(t) -> bool:
+    """A tensor list argument, or an optional one (param_aux: Note [param storage])."""
+    return isinstance(t, torch.ListType) or (
+        isinstance(t, torch.OptionalType) and isinstance(t.getElementType(), torch.ListType))
+
+
+# The names of each op's arguments that are not tensor lists, in schema order, and the
+# number of its required lists (read once, here, so that torch.compile never traces a
+# schema lookup). An op with the param storage's `param_aux` ends with it, after
+# `param_mode` (csrc/ops.cpp): a caller's list after the required ones is that.
 _ARG_NAMES: Dict[str, Tuple[str, ...]] = {
-    op: tuple(a.name for a in getattr(_lib, op).default._schema.arguments
-              if not isinstance(a.type, torch.ListType))
+    op: tuple(a.name for a in getattr(_lib, op).default._schema.arguments if not _is_list(a.type))
+    for op in OPTIMIZER_OPS + ("_muon_aten_",)
+}
+_NUM_LISTS: Dict[str, int] = {
+    op: sum(isinstance(a.type, torch.ListType) for a in getattr(_lib, op).default._schema.arguments)
     for op in OPTIMIZER_OPS + ("_muon_aten_",)
 }
 
@@ -63,9 +75,17 @@ def schema_args(op: str, kwargs: Dict[str, Any], grad_scale: Optional[Tensor],
     from `kwargs` and the GradScaler's grad_scale and found_inf."""
     kwargs = dict(kwargs, grad_scale=grad_scale, found_inf=found_inf)
     names = _ARG_NAMES[op]
+    if "param_mode" in names and "param_mode" not in kwargs:
+        kwargs["param_mode"] = 0  # round to nearest (Note [param storage])
     if len(kwargs) != len(names):
         raise TypeError(f"fused_optim::{op} takes {names}, got {tuple(kwargs)}")
     return tuple(kwargs[name] for name in names)
+
+
+def scaler_args(op: str, args: Tuple[Any, ...]) -> Tuple[Any, Any]:
+    """(grad_scale, found_inf) of schema_args' `args`."""
+    names = _ARG_NAMES[op]
+    return args[names.index("grad_scale")], args[names.index("found_inf")]
 
 
 def call(op: str, params: List[Tensor], grads: List[Tensor], state_lists: Sequence[List[Tensor]],
@@ -76,15 +96,17 @@ def call(op: str, params: List[Tensor], grads: List[Tensor], state_lists: Sequen
     that torch keeps on the CPU)."""
     lists = _local(params, grads, *state_lists)
     kernel = getattr(_lib, op)
+    n = _NUM_LISTS[op]  # lists after the required ones: param_aux, after the scalars
     device = params[0].device if params else None
     if all(p.device == device for p in params):
-        kernel(*lists, *_scalars_on(device, args))
+        kernel(*lists[:n], *_scalars_on(device, args), *lists[n:])
         return
     buckets: Dict[torch.device, List[int]] = {}
     for i, p in enumerate(params):
         buckets.setdefault(p.device, []).append(i)
     for dev, indices in buckets.items():
-        kernel(*([ts[i] for i in indices] if ts else ts for ts in lists), *_scalars_on(dev, args))
+        split = [[ts[i] for i in indices] if ts else ts for ts in lists]
+        kernel(*split[:n], *_scalars_on(dev, args), *split[n:])
 
 
 def _scalars_on(device: Optional[torch.device], args: Tuple[Any, ...]) -> Tuple[Any, ...]:

@@ -29,6 +29,9 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
         fused=None,
         max_grad_norm=None,
         grad_norm_type=2.0,
+        master_weights=False,
+        kahan_summation=False,
+        stochastic_rounding=False,
     ):
         # torch.optim.Adagrad creates every param's state (`step`, `sum`) right here.
         super().__init__(
@@ -43,7 +46,9 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
             differentiable=differentiable,
             fused=fused,
         )
-        self._fused_setup(max_grad_norm, grad_norm_type)
+        self._fused_setup(max_grad_norm, grad_norm_type, master_weights=master_weights,
+                          kahan_summation=kahan_summation,
+                          stochastic_rounding=stochastic_rounding)
 
     def _torch_grads_reason(self) -> Optional[str]:
         reason = super()._torch_grads_reason()

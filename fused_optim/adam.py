@@ -69,6 +69,9 @@ class Adam(_AdamStep, torch.optim.Adam):
         decoupled_weight_decay=False,
         max_grad_norm=None,
         grad_norm_type=2.0,
+        master_weights=False,
+        kahan_summation=False,
+        stochastic_rounding=False,
     ):
         super().__init__(
             params,
@@ -84,7 +87,9 @@ class Adam(_AdamStep, torch.optim.Adam):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        self._fused_setup(max_grad_norm, grad_norm_type)
+        self._fused_setup(max_grad_norm, grad_norm_type, master_weights=master_weights,
+                          kahan_summation=kahan_summation,
+                          stochastic_rounding=stochastic_rounding)
 
 
 class AdamW(_AdamStep, torch.optim.AdamW):
@@ -107,6 +112,9 @@ class AdamW(_AdamStep, torch.optim.AdamW):
         fused=None,
         max_grad_norm=None,
         grad_norm_type=2.0,
+        master_weights=False,
+        kahan_summation=False,
+        stochastic_rounding=False,
     ):
         super().__init__(
             params,
@@ -121,4 +129,6 @@ class AdamW(_AdamStep, torch.optim.AdamW):
             differentiable=differentiable,
             fused=fused,
         )
-        self._fused_setup(max_grad_norm, grad_norm_type)
+        self._fused_setup(max_grad_norm, grad_norm_type, master_weights=master_weights,
+                          kahan_summation=kahan_summation,
+                          stochastic_rounding=stochastic_rounding)

@@ -209,8 +209,8 @@ class StepInBackward:
         with torch.no_grad():
             for index, group_params in by_group.items():
                 group = groups[index]
-                keys = opt._state_keys(group)
-                args = _ops.schema_args(opt._op, opt._kernel_args(group), None, None)
+                keys = opt._step_keys(group)
+                args = _ops.schema_args(opt._op, opt._step_kwargs(group), None, None)
                 if fast and _C._step(opt._op, [group_params], opt.state, [keys], [args]):
                     continue
                 reason = opt._torch_grads_reason()

@@ -29,6 +29,9 @@ class NAdam(FusedOptimizer, torch.optim.NAdam):
         differentiable=False,
         max_grad_norm=None,
         grad_norm_type=2.0,
+        master_weights=False,
+        kahan_summation=False,
+        stochastic_rounding=False,
     ):
         super().__init__(
             params,
@@ -43,7 +46,9 @@ class NAdam(FusedOptimizer, torch.optim.NAdam):
             capturable=capturable,
             differentiable=differentiable,
         )
-        self._fused_setup(max_grad_norm, grad_norm_type)
+        self._fused_setup(max_grad_norm, grad_norm_type, master_weights=master_weights,
+                          kahan_summation=kahan_summation,
+                          stochastic_rounding=stochastic_rounding)
 
     _op = "nadam_"
 

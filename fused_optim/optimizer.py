@@ -23,6 +23,25 @@ from .clip import clip_in_step
 from ._loader import built_with_cuda, why_no_cuda
 
 
+# Note [param storage] (csrc/plan.h): how 16-bit params are kept between steps. Each option
+# is the kernels' param_mode, with the state entry that holds its buffer.
+_STORAGE = {
+    "kahan_summation": (1, "kahan_comp"),
+    "stochastic_rounding": (2, "rounding_state"),
+    "master_weights": (3, "master_param"),
+}
+_STORAGE_OPTION = {key: option for option, (_, key) in _STORAGE.items()}
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(z: int) -> int:
+    """SplitMix64's output function (csrc/rounding.h), on Python ints."""
+    z &= _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     # Set per algorithm: the torch.optim class it replaces, and the group options that
     # make us run that class's own step instead of the kernel.
@@ -38,8 +57,25 @@ class FusedOptimizer(torch.optim.Optimizer):
     _torch_only_options = ("differentiable", "capturable")
     _warned: set = set()
 
-    def _fused_setup(self, max_grad_norm: Optional[float] = None, grad_norm_type: float = 2.0) -> None:
+    def _fused_setup(self, max_grad_norm: Optional[float] = None, grad_norm_type: float = 2.0,
+                     *, master_weights: bool = False, kahan_summation: bool = False,
+                     stochastic_rounding: bool = False) -> None:
         """Called at the end of each algorithm's __init__, with its fused_optim options."""
+        # Note [param storage]: at most one way to keep 16-bit params, for every group.
+        chosen = [name for name, on in (("kahan_summation", kahan_summation),
+                                        ("stochastic_rounding", stochastic_rounding),
+                                        ("master_weights", master_weights)) if on]
+        if len(chosen) > 1:
+            raise ValueError(f"{' and '.join(chosen)} cannot be combined: each is a way to keep "
+                             "16-bit params between steps; choose one")
+        self._storage_option: Optional[str] = chosen[0] if chosen else None
+        self._param_mode, self._storage_key = _STORAGE[chosen[0]] if chosen else (0, None)
+        if chosen:
+            for index in range(len(self.param_groups)):
+                self._check_storage(index)
+            # Stochastic rounding's seeds: one drawn from torch's generator now, each
+            # param's derived from it and the param's position (Note [stochastic rounding]).
+            self._rounding_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         # GradScaler then hands us grad_scale/found_inf instead of unscaling the grads
         # itself; the kernel unscales and skips inf/NaN steps (see step()).
         self._step_supports_amp_scaling = True
@@ -61,8 +97,29 @@ class FusedOptimizer(torch.optim.Optimizer):
         norms = getattr(self, "_last_grad_norm", None)
         return norms[0] if norms else None
 
+    def _check_storage(self, index: int) -> None:
+        """A mode of Note [param storage] applies to 16-bit CPU params: param group `index`
+        has only those, or the error names the option and the param."""
+        option = self._storage_option
+        for i, p in enumerate(self.param_groups[index]["params"]):
+            if p.dtype not in (torch.bfloat16, torch.float16):
+                raise ValueError(
+                    f"{option}=True applies to bfloat16 and float16 params; param {i} of param "
+                    f"group {index} has dtype {p.dtype} (put it in an optimizer without "
+                    f"{option})")
+            if p.device.type != "cpu":
+                raise RuntimeError(
+                    f"{option}=True runs on CPU params only so far (the CUDA kernels do not "
+                    f"have it yet); param {i} of param group {index} is on {p.device}")
+
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         super().add_param_group(param_group)
+        if getattr(self, "_param_mode", 0):
+            try:
+                self._check_storage(len(self.param_groups) - 1)
+            except (ValueError, RuntimeError):
+                self.param_groups.pop()  # refused: the optimizer is as it was
+                raise
         supported = ("cpu", "cuda") if built_with_cuda() else ("cpu",)
         for p in self.param_groups[-1]["params"]:
             if p.device.type not in supported:
@@ -96,6 +153,73 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The kernel's other arguments by name (schema names), except grad_scale and
         found_inf."""
         raise NotImplementedError
+
+    def _step_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
+        """_state_keys, then the param storage's buffer where a mode is on (the op's
+        param_aux: Note [param storage])."""
+        keys = self._state_keys(group)
+        return keys + (self._storage_key,) if getattr(self, "_param_mode", 0) else keys
+
+    def _step_kwargs(self, group: Dict[str, Any], **extra: Any) -> Dict[str, Any]:
+        """_kernel_args, and the param storage's mode where one is on."""
+        kwargs = self._kernel_args(group, **extra)
+        mode = getattr(self, "_param_mode", 0)
+        if mode:
+            kwargs["param_mode"] = mode
+        return kwargs
+
+    def _init_storage(self, p: Tensor, state: Dict[str, Any]) -> Tensor:
+        """p's param storage buffer, made where it is missing (a new param, or a torch.optim
+        checkpoint): Kahan's compensation zero, the master the param's float32 value, the
+        rounding state p's seed and a counter of 0."""
+        key = self._storage_key
+        buf = state.get(key)
+        if buf is None:
+            if key == "kahan_comp":
+                buf = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif key == "master_param":
+                buf = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+            else:
+                index = next(i for i, q in enumerate(q for g in self.param_groups
+                                                     for q in g["params"]) if q is p)
+                seed = _mix64(self._rounding_seed + index)
+                buf = torch.tensor([seed - (1 << 64) if seed >= 1 << 63 else seed, 0],
+                                   dtype=torch.int64)
+            state[key] = buf
+        return buf
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """torch's load_state_dict, keeping the param storage's buffers as they were saved
+        (torch would cast them to the param's dtype) and refusing a checkpoint of another
+        mode (Note [param storage]) before anything is loaded."""
+        mode_key = getattr(self, "_storage_key", None)
+        kept: Dict[Any, Dict[str, Tensor]] = {}
+        stripped: Dict[Any, Dict[str, Any]] = {}
+        for pid, s in state_dict["state"].items():
+            ours = {k: v for k, v in s.items() if k in _STORAGE_OPTION}
+            for k in ours:
+                if k != mode_key:
+                    now = f"{self._storage_option}=True" if mode_key else (
+                        "none of kahan_summation, stochastic_rounding, master_weights")
+                    raise ValueError(
+                        f"{type(self).__name__}.load_state_dict: the state of param {pid} has "
+                        f"'{k}' ({_STORAGE_OPTION[k]}=True), but this optimizer has {now}: make "
+                        f"it with {_STORAGE_OPTION[k]}=True to resume this checkpoint")
+            stripped[pid] = {k: v for k, v in s.items() if k not in _STORAGE_OPTION}
+            if ours:
+                kept[pid] = ours
+        if not kept:
+            super().load_state_dict(state_dict)
+            return
+        super().load_state_dict(dict(state_dict, state=stripped))
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        by_id = dict(zip(saved_ids, params))
+        for pid, ours in kept.items():
+            p = by_id[pid]
+            for k, v in ours.items():
+                device = "cpu" if k == "rounding_state" else p.device
+                self.state[p][k] = v.to(device=device, copy=True)
 
     def _init_state(self, group: Dict[str, Any], p: Tensor, grad: Tensor, state: Dict[str, Any]) -> None:
         """Creates p's state where it is missing, as torch's _init_group does, and raises
@@ -158,6 +282,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         # Decided after the closure: the grads it makes (sparse ones, say) are the ones the
         # step sees.
         reason = self._torch_step_reason()
+        if reason is None and getattr(self, "_param_mode", 0):
+            reason = self._torch_grads_reason()  # (looked at later otherwise)
+        if reason is not None and getattr(self, "_param_mode", 0):
+            raise RuntimeError(
+                f"fused_optim.{type(self).__name__}: {reason} runs torch.optim's own step, which "
+                f"cannot keep params with {self._storage_option}=True (Note [param storage])")
         # Set by GradScaler.step() for optimizers with _step_supports_amp_scaling.
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
@@ -169,8 +299,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if reason is not None:
             self._torch_step(reason, scales[0] if scales else grad_scale)
             return loss
-        keys = [self._state_keys(group) for group in groups]
-        args = [_ops.schema_args(self._op, self._kernel_args(group), scale, found_inf)
+        keys = [self._step_keys(group) for group in groups]
+        args = [_ops.schema_args(self._op, self._step_kwargs(group), scale, found_inf)
                 for group, scale in zip(groups, scales)]
         # Note [fast path]: in eager mode, _C._step gathers the groups' lists in C++ and
         # calls the CPU or CUDA kernel directly (Note [direct calls] in
@@ -222,9 +352,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         the op (through the dispatcher, so torch.compile, modes and subclasses see it)."""
         state = self.state
         lists: Tuple[List[Tensor], ...] = tuple([] for _ in keys)
+        storage = getattr(self, "_param_mode", 0)
         for p, g in zip(params, grads):
             s = state[p]
             self._init_state(group, p, g, s)
+            if storage:
+                self._init_storage(p, s)
             for tensors, key in zip(lists, keys):
                 if key is not None:
                     tensors.append(s[key])

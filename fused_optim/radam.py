@@ -28,6 +28,9 @@ class RAdam(FusedOptimizer, torch.optim.RAdam):
         differentiable=False,
         max_grad_norm=None,
         grad_norm_type=2.0,
+        master_weights=False,
+        kahan_summation=False,
+        stochastic_rounding=False,
     ):
         super().__init__(
             params,
@@ -41,7 +44,9 @@ class RAdam(FusedOptimizer, torch.optim.RAdam):
             capturable=capturable,
             differentiable=differentiable,
         )
-        self._fused_setup(max_grad_norm, grad_norm_type)
+        self._fused_setup(max_grad_norm, grad_norm_type, master_weights=master_weights,
+                          kahan_summation=kahan_summation,
+                          stochastic_rounding=stochastic_rounding)
 
     _op = "radam_"
 

@@ -30,6 +30,9 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
         *,
         max_grad_norm=None,
         grad_norm_type=2.0,
+        master_weights=False,
+        kahan_summation=False,
+        stochastic_rounding=False,
     ):
         super().__init__(
             params,
@@ -44,7 +47,9 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             maximize=maximize,
             differentiable=differentiable,
         )
-        self._fused_setup(max_grad_norm, grad_norm_type)
+        self._fused_setup(max_grad_norm, grad_norm_type, master_weights=master_weights,
+                          kahan_summation=kahan_summation,
+                          stochastic_rounding=stochastic_rounding)
 
     _op = "rmsprop_"
 

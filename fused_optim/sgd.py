@@ -29,6 +29,9 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         fused=None,
         max_grad_norm=None,
         grad_norm_type=2.0,
+        master_weights=False,
+        kahan_summation=False,
+        stochastic_rounding=False,
     ):
         super().__init__(
             params,
@@ -42,7 +45,9 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             differentiable=differentiable,
             fused=fused,
         )
-        self._fused_setup(max_grad_norm, grad_norm_type)
+        self._fused_setup(max_grad_norm, grad_norm_type, master_weights=master_weights,
+                          kahan_summation=kahan_summation,
+                          stochastic_rounding=stochastic_rounding)
 
     def _torch_grads_reason(self) -> Optional[str]:
         reason = super()._torch_grads_reason()
@@ -77,14 +82,17 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         keys: Tuple[Optional[str], ...],
         args: Tuple[Any, ...],
     ) -> None:
+        state = self.state
+        # Note [param storage]: the mode's buffers (made where missing), after the lists.
+        storage = getattr(self, "_param_mode", 0)
+        aux = [self._init_storage(p, state[p]) for p in params] if storage else None
         if group["momentum"] == 0:
-            _ops.call(self._op, params, grads, [[]], args)
+            _ops.call(self._op, params, grads, [[]] + ([aux] if storage else []), args)
             return
         # torch creates momentum_buffer on a param's first step as a copy of its grad
         # (after weight decay); the kernel does that copy when is_first_step is set.
-        state = self.state
-        old, new = ([], [], []), ([], [], [])
-        for p, g in zip(params, grads):
+        old, new = ([], [], [], []), ([], [], [], [])
+        for i, (p, g) in enumerate(zip(params, grads)):
             buf = state[p].get("momentum_buffer")
             if buf is None:
                 buf = torch.zeros_like(g, memory_format=torch.preserve_format)
@@ -94,13 +102,16 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             lists[0].append(p)
             lists[1].append(g)
             lists[2].append(buf)
+            if storage:
+                lists[3].append(aux[i])
+        extra = (lambda lists: [lists[3]]) if storage else (lambda lists: [])
         if old[0]:
-            _ops.call(self._op, old[0], old[1], [old[2]], args)
+            _ops.call(self._op, old[0], old[1], [old[2]] + extra(old), args)
         if new[0]:
-            grad_scale, found_inf = args[-2:]  # schema_args puts them last (csrc/ops.cpp)
-            first = _ops.schema_args(self._op, self._kernel_args(group, is_first_step=True),
+            grad_scale, found_inf = _ops.scaler_args(self._op, args)
+            first = _ops.schema_args(self._op, self._step_kwargs(group, is_first_step=True),
                                      grad_scale, found_inf)
-            _ops.call(self._op, new[0], new[1], [new[2]], first)
+            _ops.call(self._op, new[0], new[1], [new[2]] + extra(new), first)
             if found_inf is None or found_inf.item() == 0:
                 for p, buf in zip(new[0], new[2]):
                     state[p]["momentum_buffer"] = buf

@@ -19,7 +19,9 @@ def params(n=3):
 
 
 # fused_optim's options beyond torch's (Note [clipping in the step] in clip.py).
-FUSED_OPTIONS = {"max_grad_norm": None, "grad_norm_type": 2.0}
+# Note [param storage] in csrc/plan.h: the 16-bit param modes.
+FUSED_OPTIONS = {"max_grad_norm": None, "grad_norm_type": 2.0, "master_weights": False,
+                 "kahan_summation": False, "stochastic_rounding": False}
 
 
 @pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)

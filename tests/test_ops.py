@@ -130,6 +130,21 @@ def test_opcheck_stream():
     torch.library.opcheck(torch.ops.fused_optim._stream_.default, (a[:3], a[3:], 0.5))
 
 
+@pytest.mark.parametrize("mode", [1, 2, 3], ids=["kahan", "stochastic", "master"])
+def test_opcheck_param_storage(mode):
+    """The storage modes' arguments (Note [param storage]): schema, fake kernel and
+    dispatch agree, the param_aux list mutated as annotated."""
+    ps, gs = [torch.randn(40).bfloat16() for _ in range(2)], [torch.randn(40).bfloat16() for _ in range(2)]
+    ms, vs = [torch.zeros(40).bfloat16() for _ in range(2)], [torch.zeros(40).bfloat16() for _ in range(2)]
+    steps = [torch.tensor(0.0) for _ in range(2)]
+    aux = {1: [torch.zeros(40).bfloat16() for _ in range(2)],
+           2: [torch.tensor([7, 0]) for _ in range(2)],
+           3: [p.float() for p in ps]}[mode]
+    torch.library.opcheck(torch.ops.fused_optim.adam_.default,
+                          (ps, gs, ms, vs, [], steps, 0.01, 0.9, 0.999, 0.0, 1e-8, False, False,
+                           False, None, None, None, mode, aux))
+
+
 def test_stream_computes_its_pattern():
     io_, rd = [torch.randn(1000) for _ in range(3)], [torch.randn(1000)]
     expected = [t * 0.5 + rd[0] for t in io_]
@@ -141,32 +156,35 @@ def test_stream_computes_its_pattern():
 def test_schemas_annotate_every_mutated_list():
     schema = torch.ops.fused_optim.adam_.default._schema
     mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
-    assert mutated == {"params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"}
+    # (param_aux: the param storage's buffers, Note [param storage] in csrc/plan.h)
+    assert mutated == {"params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps",
+                       "param_aux"}
     schema = torch.ops.fused_optim.sgd_.default._schema
     mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
-    assert mutated == {"params", "grads", "momentum_buffers"}
+    assert mutated == {"params", "grads", "momentum_buffers", "param_aux"}
     schema = torch.ops.fused_optim.rmsprop_.default._schema
     mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
     assert mutated == {"params", "grads", "square_avgs", "grad_avgs", "momentum_buffers",
-                       "state_steps"}
+                       "state_steps", "param_aux"}
     schema = torch.ops.fused_optim.adagrad_.default._schema
     mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
-    assert mutated == {"params", "grads", "state_sums", "state_steps"}
+    assert mutated == {"params", "grads", "state_sums", "state_steps", "param_aux"}
     schema = torch.ops.fused_optim.adamax_.default._schema
     mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
-    assert mutated == {"params", "grads", "exp_avgs", "exp_infs", "state_steps"}
+    assert mutated == {"params", "grads", "exp_avgs", "exp_infs", "state_steps", "param_aux"}
     schema = torch.ops.fused_optim.adadelta_.default._schema
     mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
-    assert mutated == {"params", "grads", "square_avgs", "acc_deltas", "state_steps"}
+    assert mutated == {"params", "grads", "square_avgs", "acc_deltas", "state_steps", "param_aux"}
     schema = torch.ops.fused_optim.nadam_.default._schema
     mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
-    assert mutated == {"params", "grads", "exp_avgs", "exp_avg_sqs", "mu_products", "state_steps"}
+    assert mutated == {"params", "grads", "exp_avgs", "exp_avg_sqs", "mu_products", "state_steps",
+                       "param_aux"}
     schema = torch.ops.fused_optim.radam_.default._schema
     mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
-    assert mutated == {"params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps"}
+    assert mutated == {"params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps", "param_aux"}
     schema = torch.ops.fused_optim.rprop_.default._schema
     mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
-    assert mutated == {"params", "grads", "prevs", "step_sizes", "state_steps"}
+    assert mutated == {"params", "grads", "prevs", "step_sizes", "state_steps", "param_aux"}
     schema = torch.ops.fused_optim.asgd_.default._schema
     mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
-    assert mutated == {"params", "grads", "axs", "mus", "etas", "state_steps"}
+    assert mutated == {"params", "grads", "axs", "mus", "etas", "state_steps", "param_aux"}

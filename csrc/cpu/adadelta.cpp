@@ -13,10 +13,12 @@ void adadelta_cpu(at::TensorList params, at::TensorList grads, at::TensorList sq
                   double eps, double weight_decay, bool maximize,
                   const std::optional<at::Tensor>& lr_tensor,
                   const std::optional<at::Tensor>& grad_scale,
-                  const std::optional<at::Tensor>& found_inf) {
+                  const std::optional<at::Tensor>& found_inf, int64_t param_mode,
+    std::optional<at::TensorList> param_aux) {
   constexpr const char* op = "fused_optim::adadelta_";
   const bool unscale = has_tensor(grad_scale);
-  MultiTensorPlan plan(op, params, grads, {square_avgs, acc_deltas}, /*grad_mutable=*/unscale);
+  MultiTensorPlan plan(op, params, grads, {square_avgs, acc_deltas}, /*grad_mutable=*/unscale,
+                       c10::DeviceType::CPU, param_storage(op, param_mode, param_aux));
   check_steps(op, state_steps, plan.size());
   const double inv_scale = inverse_grad_scale(op, grad_scale);
   // torch's for-loop uses alpha=-lr; a Tensor lr becomes that Scalar exactly.
@@ -26,7 +28,7 @@ void adadelta_cpu(at::TensorList params, at::TensorList grads, at::TensorList sq
   increment_steps(state_steps);  // counted, as torch does; Adadelta's math never reads it
   run_shared(plan, adadelta_coeffs(maximize, weight_decay, rho, eps), lr, inv_scale,
              [&](at::ScalarType dt, bool cplx) {
-               return select_adadelta(dt, cplx, weight_decay != 0.0, PickSegment{unscale});
+               return select_adadelta(dt, cplx, weight_decay != 0.0, PickSegment{unscale, plan.param_mode()});
              });
 }
 

@@ -12,10 +12,12 @@ void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
                  at::TensorList state_steps, double lr, double lr_decay, double weight_decay,
                  double eps, bool maximize, const std::optional<at::Tensor>& lr_tensor,
                  const std::optional<at::Tensor>& grad_scale,
-                 const std::optional<at::Tensor>& found_inf) {
+                 const std::optional<at::Tensor>& found_inf, int64_t param_mode,
+    std::optional<at::TensorList> param_aux) {
   constexpr const char* op = "fused_optim::adagrad_";
   const bool unscale = grad_scale.has_value() && grad_scale->defined();
-  MultiTensorPlan plan(op, params, grads, {state_sums}, /*grad_mutable=*/unscale);
+  MultiTensorPlan plan(op, params, grads, {state_sums}, /*grad_mutable=*/unscale,
+                       c10::DeviceType::CPU, param_storage(op, param_mode, param_aux));
   check_steps(op, state_steps, plan.size());
   const double inv_scale = inverse_grad_scale(op, grad_scale);
   lr = lr_value(op, lr, lr_tensor);
@@ -26,7 +28,7 @@ void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
   const AdagradCoeffs base = adagrad_coeffs(maximize, weight_decay, eps, lr_decay);
   run_per_step(plan, state_steps, base, lr, lr_is_f32, inv_scale,
                [&](at::ScalarType dt, bool cplx) {
-                 return select_adagrad(dt, cplx, weight_decay != 0.0, PickSegment{unscale});
+                 return select_adagrad(dt, cplx, weight_decay != 0.0, PickSegment{unscale, plan.param_mode()});
                });
 }
 

@@ -15,11 +15,13 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
               double weight_decay, double eps, bool amsgrad, bool maximize,
               bool decoupled_weight_decay, const std::optional<at::Tensor>& lr_tensor,
               const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf) {
+              const std::optional<at::Tensor>& found_inf, int64_t param_mode,
+    std::optional<at::TensorList> param_aux) {
   constexpr const char* op = "fused_optim::adam_";
   const bool unscale = grad_scale.has_value() && grad_scale->defined();
   const auto states = adam_state_lists(op, amsgrad, exp_avgs, exp_avg_sqs, max_exp_avg_sqs);
-  MultiTensorPlan plan(op, params, grads, states, /*grad_mutable=*/unscale);
+  MultiTensorPlan plan(op, params, grads, states, /*grad_mutable=*/unscale,
+                       c10::DeviceType::CPU, param_storage(op, param_mode, param_aux));
   check_steps(op, state_steps, plan.size());
   const double inv_scale = inverse_grad_scale(op, grad_scale);
   lr = lr_value(op, lr, lr_tensor);
@@ -32,7 +34,7 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
   const AdamCoeffs base = adam_coeffs(maximize, weight_decay, beta1, beta2, eps);
   run_per_step(plan, state_steps, base, lr, lr_is_f32, inv_scale,
                [&](at::ScalarType dt, bool cplx) {
-                 return select_adam(dt, cplx, wd, amsgrad, PickSegment{unscale});
+                 return select_adam(dt, cplx, wd, amsgrad, PickSegment{unscale, plan.param_mode()});
                });
 }
 

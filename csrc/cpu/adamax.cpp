@@ -13,10 +13,12 @@ void adamax_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 double beta2, double weight_decay, double eps, bool maximize,
                 const std::optional<at::Tensor>& lr_tensor,
                 const std::optional<at::Tensor>& grad_scale,
-                const std::optional<at::Tensor>& found_inf) {
+                const std::optional<at::Tensor>& found_inf, int64_t param_mode,
+    std::optional<at::TensorList> param_aux) {
   constexpr const char* op = "fused_optim::adamax_";
   const bool unscale = has_tensor(grad_scale);
-  MultiTensorPlan plan(op, params, grads, {exp_avgs, exp_infs}, /*grad_mutable=*/unscale);
+  MultiTensorPlan plan(op, params, grads, {exp_avgs, exp_infs}, /*grad_mutable=*/unscale,
+                       c10::DeviceType::CPU, param_storage(op, param_mode, param_aux));
   check_steps(op, state_steps, plan.size());
   const double inv_scale = inverse_grad_scale(op, grad_scale);
   lr = lr_value(op, lr, lr_tensor);
@@ -26,7 +28,7 @@ void adamax_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_
 
   run_per_step(plan, state_steps, adamax_coeffs(maximize, weight_decay, beta1, beta2, eps), lr,
                lr_is_f32, inv_scale, [&](at::ScalarType dt, bool cplx) {
-                 return select_adamax(dt, cplx, weight_decay != 0.0, PickSegment{unscale});
+                 return select_adamax(dt, cplx, weight_decay != 0.0, PickSegment{unscale, plan.param_mode()});
                });
 }
 

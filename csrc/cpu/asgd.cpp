@@ -14,10 +14,12 @@ void asgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList axs,
               double lambd, double alpha, double t0, double weight_decay, bool maximize,
               const std::optional<at::Tensor>& lr_tensor,
               const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf) {
+              const std::optional<at::Tensor>& found_inf, int64_t param_mode,
+    std::optional<at::TensorList> param_aux) {
   constexpr const char* op = "fused_optim::asgd_";
   const bool unscale = has_tensor(grad_scale);
-  MultiTensorPlan plan(op, params, grads, {axs}, /*grad_mutable=*/unscale);
+  MultiTensorPlan plan(op, params, grads, {axs}, /*grad_mutable=*/unscale,
+                       c10::DeviceType::CPU, param_storage(op, param_mode, param_aux));
   check_steps(op, state_steps, plan.size());
   check_scalar_states(op, "mus", mus, plan.size());
   check_scalar_states(op, "etas", etas, plan.size());
@@ -31,7 +33,7 @@ void asgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList axs,
       asgd_step_coeffs(asgd_coeffs(maximize, weight_decay, lambd, alpha, t0), lr, lr_is_f32,
                        increment_steps(state_steps), etas, mus);
   run_each(plan, coeffs, inv_scale, [&](at::ScalarType dt, bool cplx) {
-    return select_asgd(dt, cplx, weight_decay != 0.0, PickSegment{unscale});
+    return select_asgd(dt, cplx, weight_decay != 0.0, PickSegment{unscale, plan.param_mode()});
   });
 }
 

@@ -149,9 +149,20 @@ void run(MultiTensorPlan& plan, const std::vector<SegmentFn>& fns,
   const int64_t entries = plan.num_entries();
   std::vector<SegmentFn> seg_fns(entries);
   std::vector<TensorPtrs*> ptrs(entries);
+  // Note [param storage]: the storage loops see the rule's coefficients through a
+  // StorageCoeffs, with the tensor's stream of this step (counted now, the update running).
+  std::vector<StorageCoeffs> storage;
+  const ParamMode mode = plan.param_mode();
+  if (mode != ParamMode::kNearest) {
+    std::vector<uint64_t> streams = mode == ParamMode::kStochastic
+                                        ? plan.next_rounding_streams()
+                                        : std::vector<uint64_t>(plan.size(), 0);
+    storage.resize(plan.size());
+    for (int64_t i = 0; i < plan.size(); ++i) storage[i] = {coeffs[i], streams[i], mode};
+  }
   for (int64_t j = 0; j < entries; ++j) {
     TensorPtrs& tp = plan.entry(j);
-    tp.coeffs = coeffs[plan.entry_index(j)];
+    tp.coeffs = storage.empty() ? coeffs[plan.entry_index(j)] : &storage[plan.entry_index(j)];
     tp.inv_grad_scale = inv_grad_scale;
     tp.next = j + 1 < entries ? &plan.entry(j + 1) : nullptr;
     tp.numel = plan.offsets()[j + 1] - plan.offsets()[j];

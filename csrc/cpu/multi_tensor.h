@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "plan.h"
+#include "rounding.h"
 #include "cpu/simd.h"
 #include "cpu/tuning.h"
 #include "rule_select.h"
@@ -40,7 +41,8 @@ namespace fused_optim::cpu {
 // Every fma is explicit and the build has -ffp-contract=off, so all copies produce the
 // same bits: sqrt, division and fma are exactly rounded at any vector width (and on a CPU
 // without FMA, std::fma is libm's correctly rounded fma).
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(FUSED_OPTIM_BASELINE_ONLY)
 #define FO_X86_CLONES 1
 #define FO_AVX2_TARGET __attribute__((target(FO_AVX2_ISA), flatten))
 // (GCC alone takes prefer-vector-width in a target attribute; clang would drop the whole
@@ -113,11 +115,14 @@ FO_INLINE void narrow(float f, c10::BFloat16* out) {
 // c10::Half(float) would keep a NaN's payload).
 FO_INLINE void narrow(float f, c10::Half* out) { out->x = c10_nans_f16(c10::Half(f).x); }
 
-// A block of float16 values widened to float, and rounded back (the baseline loops).
-FO_INLINE void widen_block(const c10::Half* src, float* dst, int64_t n) {
+// A block of 16-bit values widened to float, and rounded back (the float16 baseline
+// loops, and the storage loops).
+template <typename T>
+FO_INLINE void widen_block(const T* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = widen(src[i]);
 }
-FO_INLINE void narrow_block(const float* src, c10::Half* dst, int64_t n) {
+template <typename T>
+FO_INLINE void narrow_block(const float* src, T* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) narrow(src[i], dst + i);
 }
 
@@ -289,6 +294,153 @@ FO_INLINE void segment_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
   }
 }
 
+// A block of 16-bit values widened to float, and rounded back, with kIsa's vector
+// conversions where its loops have them (float16 with AVX2 or AVX-512: the same bits as
+// widen() and narrow(), Note [vector rules] in simd.h), else as widen_block/narrow_block.
+template <typename T, Isa kIsa>
+FO_INLINE void widen_block_isa(const T* src, float* dst, int64_t m) {
+  using V = VectorMath<T, kIsa>;
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, c10::Half> && !std::is_same_v<V, float>) {
+    constexpr int64_t kWidth = sizeof(V) / sizeof(float);
+    for (; i + kWidth <= m; i += kWidth) {
+      const V v = V::load(src + i);
+      std::memcpy(dst + i, &v.v, sizeof(V));
+    }
+  }
+  for (; i < m; ++i) dst[i] = widen(src[i]);
+}
+template <typename T, Isa kIsa>
+FO_INLINE void narrow_block_isa(const float* src, T* dst, int64_t m) {
+  using V = VectorMath<T, kIsa>;
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, c10::Half> && !std::is_same_v<V, float>) {
+    constexpr int64_t kWidth = sizeof(V) / sizeof(float);
+    for (; i + kWidth <= m; i += kWidth) {
+      V v;
+      std::memcpy(&v.v, src + i, sizeof(V));
+      v.store(dst + i);
+    }
+  }
+  for (; i < m; ++i) narrow(src[i], dst + i);
+}
+
+// The coefficients a storage loop sees for a tensor (Note [param storage] in plan.h): the
+// rule's, and the tensor's stream of random bits for stochastic rounding.
+struct StorageCoeffs {
+  const void* rule_coeffs;
+  uint64_t rounding_stream;
+  ParamMode mode;
+};
+
+// The loop over one segment of a 16-bit param kept in one of the storage modes (Note
+// [param storage]): kBlock elements at a time, widened to float (the param from its
+// master copy, or plus its compensation), updated by the rule, and stored as the mode says.
+// The rule's math and every rounding of the states are those of the other loops, so a
+// mode changes the param's storage and nothing else. Each step is its own loop over the
+// block, so that the compiler vectorizes it; whether the grads are unscaled is decided at
+// run time (a scale of 1 would change no value), which halves the copies compiled.
+template <typename T, typename Rule, Isa kIsa>
+FO_INLINE void storage_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
+  using M = float;
+  static_assert(std::is_same_v<at::opmath_type<T>, float>);
+  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
+  constexpr int NS = Rule::kStates;
+  const StorageCoeffs& sc = *static_cast<const StorageCoeffs*>(t.coeffs);
+  const Rule rule(*static_cast<const typename Rule::Coeffs*>(sc.rule_coeffs));
+  const M inv_scale = static_cast<M>(t.inv_grad_scale);
+  const bool unscale = t.inv_grad_scale != 1.0;
+  T* p = static_cast<T*>(t.param) + begin;
+  T* g = static_cast<T*>(t.grad) + begin;
+  T* s[NS > 0 ? NS : 1];
+  for (int k = 0; k < NS; ++k) s[k] = static_cast<T*>(t.state[k]) + begin;
+  const ParamMode mode = sc.mode;
+  T* comp = mode == ParamMode::kKahan ? static_cast<T*>(t.state[NS]) + begin : nullptr;
+  float* master = mode == ParamMode::kMaster ? static_cast<float*>(t.state[NS]) + begin : nullptr;
+  const int64_t n = end - begin;
+  alignas(64) M pb[kBlock];
+  alignas(64) M gb[kBlock];
+  alignas(64) M sb[NS > 0 ? NS : 1][kBlock];
+  alignas(64) M hb[kBlock];  // Kahan: the param as stored, widened
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t m = std::min(kBlock, n - b);
+    if (mode == ParamMode::kMaster) {
+      std::memcpy(pb, master + b, static_cast<size_t>(m) * sizeof(float));
+    } else if (mode == ParamMode::kKahan) {
+      widen_block_isa<T, kIsa>(p + b, pb, m);
+      widen_block_isa<T, kIsa>(comp + b, hb, m);
+      for (int64_t i = 0; i < m; ++i) pb[i] = pb[i] + hb[i];
+    } else {
+      widen_block_isa<T, kIsa>(p + b, pb, m);
+    }
+    widen_block_isa<T, kIsa>(g + b, gb, m);
+    if (unscale) {
+      for (int64_t i = 0; i < m; ++i) gb[i] = gb[i] * inv_scale;
+      narrow_block_isa<T, kIsa>(gb, g + b, m);  // the unscaled grad, stored back
+    }
+    for (int k = 0; k < NS; ++k) widen_block_isa<T, kIsa>(s[k] + b, sb[k], m);
+    for (int64_t i = 0; i < m; ++i) {
+      M pv = pb[i];
+      M sv[NS > 0 ? NS : 1];
+      for (int k = 0; k < NS; ++k) sv[k] = sb[k][i];
+      rule(pv, gb[i], sv);
+      pb[i] = pv;
+      for (int k = 0; k < NS; ++k) sb[k][i] = sv[k];
+    }
+    for (int k = 0; k < NS; ++k) narrow_block_isa<T, kIsa>(sb[k], s[k] + b, m);
+    if (mode == ParamMode::kMaster) {
+      std::memcpy(master + b, pb, static_cast<size_t>(m) * sizeof(float));
+      narrow_block_isa<T, kIsa>(pb, p + b, m);
+    } else if (mode == ParamMode::kKahan) {
+      narrow_block_isa<T, kIsa>(pb, p + b, m);
+      widen_block_isa<T, kIsa>(p + b, hb, m);
+      for (int64_t i = 0; i < m; ++i) hb[i] = pb[i] - hb[i];  // exact: what rounding lost
+      narrow_block_isa<T, kIsa>(hb, comp + b, m);
+    } else {  // kStochastic (Note [stochastic rounding] in rounding.h)
+      const uint64_t first = static_cast<uint64_t>(begin + b);
+      const uint64_t stream = sc.rounding_stream;
+      if constexpr (kBf16) {
+        for (int64_t i = 0; i < m; ++i) {
+          p[b + i].x = bf16_stochastic_bits(pb[i], rounding_bits(stream, first + i));
+        }
+      } else {
+        for (int64_t i = 0; i < m; ++i) {
+          hb[i] = f16_stochastic_float(pb[i], rounding_bits(stream, first + i));
+        }
+        narrow_block_isa<T, kIsa>(hb, p + b, m);
+      }
+    }
+  }
+}
+
+template <typename T, typename Rule>
+void storage_baseline(const TensorPtrs& t, int64_t begin, int64_t end) {
+  storage_loop<T, Rule, Isa::kBaseline>(t, begin, end);
+}
+#if FO_X86_CLONES
+template <typename T, typename Rule>
+FO_AVX2_TARGET void storage_avx2(const TensorPtrs& t, int64_t begin, int64_t end) {
+  storage_loop<T, Rule, Isa::kAvx2>(t, begin, end);
+}
+template <typename T, typename Rule>
+FO_AVX512_TARGET void storage_avx512(const TensorPtrs& t, int64_t begin, int64_t end) {
+  storage_loop<T, Rule, Isa::kAvx512>(t, begin, end);
+}
+#endif
+
+template <typename T, typename Rule>
+SegmentFn pick_storage_fn() {
+#if FO_X86_CLONES
+  switch (cpu_isa()) {
+    case Isa::kAvx512Bf16:
+    case Isa::kAvx512: return &storage_avx512<T, Rule>;
+    case Isa::kAvx2: return &storage_avx2<T, Rule>;
+    case Isa::kBaseline: break;
+  }
+#endif
+  return &storage_baseline<T, Rule>;
+}
+
 template <typename T, bool kUnscale, typename Rule>
 void segment_baseline(const TensorPtrs& t, int64_t begin, int64_t end) {
   segment_loop<T, kUnscale, Rule, Isa::kBaseline>(t, begin, end);
@@ -328,8 +480,18 @@ SegmentFn pick_segment_fn() {
 // The CPU loop of (T, Rule) for the select_* functions of rule_select.h.
 struct PickSegment {
   bool unscale;  // a GradScaler's grads: unscaled (and stored back) first
+  ParamMode mode = ParamMode::kNearest;  // Note [param storage] (plan.h)
   template <typename T, typename Rule>
   SegmentFn operator()() const {
+    if (mode != ParamMode::kNearest) {
+      // (The plan refused every other dtype.)
+      if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
+        return pick_storage_fn<T, Rule>();  // (unscales at run time)
+      } else {
+        TORCH_CHECK(false, "fused_optim: ", param_mode_option(mode),
+                    " applies to bfloat16 and float16 params only");
+      }
+    }
     return unscale ? pick_segment_fn<T, true, Rule>() : pick_segment_fn<T, false, Rule>();
   }
 };

@@ -16,10 +16,12 @@ void nadam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                bool decoupled_weight_decay, bool maximize,
                const std::optional<at::Tensor>& lr_tensor,
                const std::optional<at::Tensor>& grad_scale,
-               const std::optional<at::Tensor>& found_inf) {
+               const std::optional<at::Tensor>& found_inf, int64_t param_mode,
+    std::optional<at::TensorList> param_aux) {
   constexpr const char* op = "fused_optim::nadam_";
   const bool unscale = has_tensor(grad_scale);
-  MultiTensorPlan plan(op, params, grads, {exp_avgs, exp_avg_sqs}, /*grad_mutable=*/unscale);
+  MultiTensorPlan plan(op, params, grads, {exp_avgs, exp_avg_sqs}, /*grad_mutable=*/unscale,
+                       c10::DeviceType::CPU, param_storage(op, param_mode, param_aux));
   check_steps(op, state_steps, plan.size());
   check_scalar_states(op, "mu_products", mu_products, plan.size());
   const double inv_scale = inverse_grad_scale(op, grad_scale);
@@ -33,7 +35,7 @@ void nadam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_a
       nadam_step_coeffs(nadam_coeffs(maximize, weight_decay, beta1, beta2, eps, momentum_decay),
                         lr, lr_is_f32, increment_steps(state_steps), mu_products);
   run_each(plan, coeffs, inv_scale, [&](at::ScalarType dt, bool cplx) {
-    return select_nadam(dt, cplx, wd, PickSegment{unscale});
+    return select_nadam(dt, cplx, wd, PickSegment{unscale, plan.param_mode()});
   });
 }
 

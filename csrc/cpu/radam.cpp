@@ -13,10 +13,12 @@ void radam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                double beta2, double weight_decay, double eps, bool decoupled_weight_decay,
                bool maximize, const std::optional<at::Tensor>& lr_tensor,
                const std::optional<at::Tensor>& grad_scale,
-               const std::optional<at::Tensor>& found_inf) {
+               const std::optional<at::Tensor>& found_inf, int64_t param_mode,
+    std::optional<at::TensorList> param_aux) {
   constexpr const char* op = "fused_optim::radam_";
   const bool unscale = has_tensor(grad_scale);
-  MultiTensorPlan plan(op, params, grads, {exp_avgs, exp_avg_sqs}, /*grad_mutable=*/unscale);
+  MultiTensorPlan plan(op, params, grads, {exp_avgs, exp_avg_sqs}, /*grad_mutable=*/unscale,
+                       c10::DeviceType::CPU, param_storage(op, param_mode, param_aux));
   check_steps(op, state_steps, plan.size());
   const double inv_scale = inverse_grad_scale(op, grad_scale);
   lr = lr_value(op, lr, lr_tensor);
@@ -27,7 +29,7 @@ void radam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   const WeightDecay wd = adam_weight_decay(weight_decay, decoupled_weight_decay);
   run_per_step(plan, state_steps, radam_coeffs(maximize, weight_decay, beta1, beta2, eps), lr,
                lr_is_f32, inv_scale, [&](at::ScalarType dt, bool cplx) {
-                 return select_radam(dt, cplx, wd, PickSegment{unscale});
+                 return select_radam(dt, cplx, wd, PickSegment{unscale, plan.param_mode()});
                });
 }
 

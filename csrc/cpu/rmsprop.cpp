@@ -15,13 +15,15 @@ void rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList squ
                  double weight_decay, double momentum, bool centered, bool maximize,
                  const std::optional<at::Tensor>& lr_tensor,
                  const std::optional<at::Tensor>& grad_scale,
-                 const std::optional<at::Tensor>& found_inf) {
+                 const std::optional<at::Tensor>& found_inf, int64_t param_mode,
+    std::optional<at::TensorList> param_aux) {
   constexpr const char* op = "fused_optim::rmsprop_";
   const bool unscale = grad_scale.has_value() && grad_scale->defined();
   const bool use_momentum = momentum > 0.0;  // as torch: `if momentum > 0`
   const auto states = rmsprop_state_lists(op, centered, use_momentum, square_avgs, grad_avgs,
                                           momentum_buffers);
-  MultiTensorPlan plan(op, params, grads, states, /*grad_mutable=*/unscale);
+  MultiTensorPlan plan(op, params, grads, states, /*grad_mutable=*/unscale,
+                       c10::DeviceType::CPU, param_storage(op, param_mode, param_aux));
   check_steps(op, state_steps, plan.size());
   const double inv_scale = inverse_grad_scale(op, grad_scale);
   // torch's for-loop uses alpha=-lr / value=-lr; a Tensor lr becomes that Scalar exactly.
@@ -32,7 +34,7 @@ void rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList squ
   run_shared(plan, rmsprop_coeffs(maximize, weight_decay, alpha, eps, momentum), lr, inv_scale,
              [&](at::ScalarType dt, bool cplx) {
                return select_rmsprop(dt, cplx, weight_decay != 0.0, centered, use_momentum,
-                                     PickSegment{unscale});
+                                     PickSegment{unscale, plan.param_mode()});
              });
 }
 

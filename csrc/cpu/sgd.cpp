@@ -13,11 +13,13 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
              double lr, double momentum, double dampening, double weight_decay, bool nesterov,
              bool maximize, bool is_first_step, const std::optional<at::Tensor>& lr_tensor,
              const std::optional<at::Tensor>& grad_scale,
-             const std::optional<at::Tensor>& found_inf) {
+             const std::optional<at::Tensor>& found_inf, int64_t param_mode,
+    std::optional<at::TensorList> param_aux) {
   constexpr const char* op = "fused_optim::sgd_";
   const bool unscale = grad_scale.has_value() && grad_scale->defined();
   const auto states = sgd_state_lists(op, momentum, momentum_buffers);
-  MultiTensorPlan plan(op, params, grads, states, /*grad_mutable=*/unscale);
+  MultiTensorPlan plan(op, params, grads, states, /*grad_mutable=*/unscale,
+                       c10::DeviceType::CPU, param_storage(op, param_mode, param_aux));
   const double inv_scale = inverse_grad_scale(op, grad_scale);
   // torch's for-loop uses alpha=-lr; a Tensor lr becomes that Scalar exactly.
   lr = lr_value(op, lr, lr_tensor);
@@ -26,7 +28,7 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
   const Momentum mode = sgd_momentum(momentum, nesterov, is_first_step);
   run_shared(plan, sgd_coeffs(maximize, weight_decay, momentum, dampening), lr, inv_scale,
              [&](at::ScalarType dt, bool cplx) {
-               return select_sgd(dt, cplx, weight_decay != 0.0, mode, PickSegment{unscale});
+               return select_sgd(dt, cplx, weight_decay != 0.0, mode, PickSegment{unscale, plan.param_mode()});
              });
 }
 

@@ -14,7 +14,9 @@ void adadelta_cuda(at::TensorList params, at::TensorList grads, at::TensorList s
                    double eps, double weight_decay, bool maximize,
                    const std::optional<at::Tensor>& lr_tensor,
                    const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf) {
+                   const std::optional<at::Tensor>& found_inf, int64_t param_mode,
+    std::optional<at::TensorList> param_aux) {
+  no_param_storage(param_mode, param_aux);
   constexpr const char* op = "fused_optim::adadelta_";
   CudaCall call(op, params, grads, {square_avgs, acc_deltas}, state_steps, lr, lr_tensor,
                 grad_scale, found_inf);

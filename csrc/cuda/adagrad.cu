@@ -13,7 +13,9 @@ void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList st
                   at::TensorList state_steps, double lr, double lr_decay, double weight_decay,
                   double eps, bool maximize, const std::optional<at::Tensor>& lr_tensor,
                   const std::optional<at::Tensor>& grad_scale,
-                  const std::optional<at::Tensor>& found_inf) {
+                  const std::optional<at::Tensor>& found_inf, int64_t param_mode,
+    std::optional<at::TensorList> param_aux) {
+  no_param_storage(param_mode, param_aux);
   constexpr const char* op = "fused_optim::adagrad_";
   CudaCall call(op, params, grads, {state_sums}, state_steps, lr, lr_tensor, grad_scale,
                 found_inf);

@@ -16,7 +16,9 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                double weight_decay, double eps, bool amsgrad, bool maximize,
                bool decoupled_weight_decay, const std::optional<at::Tensor>& lr_tensor,
                const std::optional<at::Tensor>& grad_scale,
-               const std::optional<at::Tensor>& found_inf) {
+               const std::optional<at::Tensor>& found_inf, int64_t param_mode,
+    std::optional<at::TensorList> param_aux) {
+  no_param_storage(param_mode, param_aux);
   constexpr const char* op = "fused_optim::adam_";
   const auto states = adam_state_lists(op, amsgrad, exp_avgs, exp_avg_sqs, max_exp_avg_sqs);
   CudaCall call(op, params, grads, states, state_steps, lr, lr_tensor, grad_scale, found_inf);

@@ -15,7 +15,9 @@ void asgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList axs,
                double lambd, double alpha, double t0, double weight_decay, bool maximize,
                const std::optional<at::Tensor>& lr_tensor,
                const std::optional<at::Tensor>& grad_scale,
-               const std::optional<at::Tensor>& found_inf) {
+               const std::optional<at::Tensor>& found_inf, int64_t param_mode,
+    std::optional<at::TensorList> param_aux) {
+  no_param_storage(param_mode, param_aux);
   constexpr const char* op = "fused_optim::asgd_";
   CudaCall call(op, params, grads, {axs}, state_steps, lr, lr_tensor, grad_scale, found_inf);
   // Note [scalar states] (plan.h): eta and mu are read and updated on the host, so the

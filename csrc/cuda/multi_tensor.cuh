@@ -66,7 +66,7 @@ constexpr size_t kMaxArgBytes = 4096;
 constexpr int kThreads = 256;
 constexpr int64_t kChunk = 16384;
 constexpr int kCoeffSets = 4;
-constexpr int kPtrs = 2 + kMaxStates;  // param, grad, states
+constexpr int kPtrs = 2 + kMaxRuleStates;  // param, grad, states (no param storage on CUDA yet)
 
 // A float32 or float64 scalar (lr, grad_scale, found_inf, a step) in device memory.
 __device__ __forceinline__ double read_scalar(const void* ptr, bool is_double) {
@@ -303,6 +303,14 @@ void launch_update(MultiTensorPlan& plan, const std::vector<Coeffs>& coeffs,
   }
   flush();
   plan.finish();
+}
+
+// Note [param storage] (plan.h): the CUDA kernels keep 16-bit params rounded to nearest
+// only, so far; the optimizers refuse the other modes for CUDA params when they are made.
+inline void no_param_storage(int64_t param_mode, const std::optional<at::TensorList>& param_aux) {
+  TORCH_CHECK(param_mode == 0 && (!param_aux.has_value() || param_aux->empty()),
+              "fused_optim: kahan_summation, stochastic_rounding and master_weights run on CPU "
+              "params only (the CUDA kernels do not have them yet)");
 }
 
 // What every CUDA op call does around its own coefficients: the device guard, the plan

@@ -17,7 +17,9 @@ void nadam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 bool decoupled_weight_decay, bool maximize,
                 const std::optional<at::Tensor>& lr_tensor,
                 const std::optional<at::Tensor>& grad_scale,
-                const std::optional<at::Tensor>& found_inf) {
+                const std::optional<at::Tensor>& found_inf, int64_t param_mode,
+    std::optional<at::TensorList> param_aux) {
+  no_param_storage(param_mode, param_aux);
   constexpr const char* op = "fused_optim::nadam_";
   CudaCall call(op, params, grads, {exp_avgs, exp_avg_sqs}, state_steps, lr, lr_tensor,
                 grad_scale, found_inf);

@@ -16,7 +16,9 @@ void rmsprop_cuda(at::TensorList params, at::TensorList grads, at::TensorList sq
                   double weight_decay, double momentum, bool centered, bool maximize,
                   const std::optional<at::Tensor>& lr_tensor,
                   const std::optional<at::Tensor>& grad_scale,
-                  const std::optional<at::Tensor>& found_inf) {
+                  const std::optional<at::Tensor>& found_inf, int64_t param_mode,
+    std::optional<at::TensorList> param_aux) {
+  no_param_storage(param_mode, param_aux);
   constexpr const char* op = "fused_optim::rmsprop_";
   const bool use_momentum = momentum > 0.0;  // as torch: `if momentum > 0`
   const auto states = rmsprop_state_lists(op, centered, use_momentum, square_avgs, grad_avgs,

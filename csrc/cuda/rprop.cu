@@ -13,7 +13,9 @@ void rprop_cuda(at::TensorList params, at::TensorList grads, at::TensorList prev
                 at::TensorList step_sizes, at::TensorList state_steps, double etaminus,
                 double etaplus, double step_size_min, double step_size_max, bool maximize,
                 const std::optional<at::Tensor>& grad_scale,
-                const std::optional<at::Tensor>& found_inf) {
+                const std::optional<at::Tensor>& found_inf, int64_t param_mode,
+    std::optional<at::TensorList> param_aux) {
+  no_param_storage(param_mode, param_aux);
   constexpr const char* op = "fused_optim::rprop_";
   // lr is only Rprop's initial step size: the kernel has none.
   CudaCall call(op, params, grads, {prevs, step_sizes}, state_steps, /*lr=*/0.0,

@@ -14,7 +14,9 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
               double lr, double momentum, double dampening, double weight_decay, bool nesterov,
               bool maximize, bool is_first_step, const std::optional<at::Tensor>& lr_tensor,
               const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf) {
+              const std::optional<at::Tensor>& found_inf, int64_t param_mode,
+    std::optional<at::TensorList> param_aux) {
+  no_param_storage(param_mode, param_aux);
   constexpr const char* op = "fused_optim::sgd_";
   const auto states = sgd_state_lists(op, momentum, momentum_buffers);
   // No steps: nothing is read on the host unless it lives there (Note [CUDA scalars]).

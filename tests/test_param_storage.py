@@ -1,0 +1,418 @@
+"""How 16-bit params are kept between steps (Note [param storage] in csrc/plan.h):
+kahan_summation, stochastic_rounding and master_weights, on every elementwise algorithm.
+
+Each mode is compared bit for bit with a reference built from torch.optim's for-loop: the
+update computed in float32 on float32 copies (with the IEEE sqrt, as in test_parity.py),
+the param and state then stored as the mode says, written here in Python (stochastic
+rounding's generator in numpy: Note [stochastic rounding] in csrc/rounding.h)."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import fused_optim
+from parity_utils import correctly_rounded_sqrt
+
+MODES = ("kahan_summation", "stochastic_rounding", "master_weights")
+KEYS = {"kahan_summation": "kahan_comp", "stochastic_rounding": "rounding_state",
+        "master_weights": "master_param"}
+DTYPES = (torch.bfloat16, torch.float16)
+# Every elementwise algorithm, with options that give it states and weight decay.
+CASES = [
+    ("SGD", dict(lr=0.1, momentum=0.9, weight_decay=0.01)),
+    ("Adam", dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
+    ("AdamW", dict(lr=0.01, betas=(0.8, 0.9))),
+    ("RMSprop", dict(lr=0.01, momentum=0.5, centered=True)),
+    ("Adagrad", dict(lr=0.05, lr_decay=0.01)),
+    ("Adamax", dict(lr=0.01, weight_decay=0.1)),
+    ("Adadelta", dict(lr=0.5)),
+    ("NAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
+    ("RAdam", dict(lr=0.01, weight_decay=0.1)),
+    # (lr is Rprop's first step_size, made in the param's dtype: one 16-bit values hold,
+    # so the float32 reference starts from the same step sizes)
+    ("Rprop", dict(lr=2.0 ** -7)),
+    ("ASGD", dict(lr=0.01, t0=1.0, weight_decay=0.1)),
+]
+SCALARS = {"step", "mu_product", "eta", "mu"}  # 0-dim states: not rounded to 16 bits
+# 1,000 elements (several 256-element blocks and a tail), one 2-D param, one scalar.
+SHAPES = [(1000,), (37, 29), ()]
+MASK = (1 << 64) - 1
+GOLDEN = 0x9E3779B97F4A7C15
+
+
+def mix64(z):
+    """SplitMix64's output function, on Python ints."""
+    z &= MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
+    return z ^ (z >> 31)
+
+
+def hash32(x):
+    """Wellons' lowbias32, on numpy uint32 arrays (csrc/rounding.h)."""
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x7FEB352D)
+    x = x ^ (x >> np.uint32(15))
+    x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
+
+
+def stochastic_round(x, dtype, seed, counter):
+    """Note [stochastic rounding]: float32 tensor x (contiguous) rounded to `dtype` with the
+    stream of (seed, counter), element i with the i-th bits."""
+    stream = mix64((seed & MASK) + counter * GOLDEN)
+    lo, hi = np.uint32(stream & 0xFFFFFFFF), np.uint32(stream >> 32)
+    n = x.numel()
+    with np.errstate(over="ignore"):
+        bits = hash32(lo ^ hash32(np.arange(n, dtype=np.uint32) + hi))
+    xs = x.detach().contiguous().view(-1).numpy().astype(np.float32)
+    if dtype == torch.bfloat16:
+        u = xs.view(np.uint32)
+        mag = u & np.uint32(0x7FFFFFFF)
+        with np.errstate(over="ignore"):
+            out = ((u + (bits & np.uint32(0xFFFF))) >> np.uint32(16)).astype(np.uint16)
+        out = np.where(mag == 0x7F800000, (u >> 16).astype(np.uint16), out)
+        out = np.where(mag > 0x7F800000, np.uint16(0x7FC0), out)
+        return torch.from_numpy(out.view(np.int16).copy()).view(torch.bfloat16).view(x.shape)
+    u = xs.view(np.uint32)
+    sign = u & np.uint32(0x80000000)
+    with np.errstate(over="ignore"):
+        normal = (((u & np.uint32(0x7FFFFFFF)) + (bits >> np.uint32(19))) & np.uint32(~0x1FFF & 0xFFFFFFFF)) | sign
+    normal = normal.view(np.float32)
+    a = np.abs(xs)
+    s = (a * np.float32(2.0 ** 24)).astype(np.float32)
+    lo = np.trunc(s).astype(np.float32)
+    u24 = (bits >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24)
+    sub = (np.where(u24 < s - lo, lo + np.float32(1), lo) * np.float32(2.0 ** -24)).astype(np.float32)
+    sub = np.where(sign != 0, -sub, sub)
+    r = np.where(a >= np.float32(2.0 ** -14), normal, sub)
+    r = np.where(a < 65504.0, r, xs)  # overflow, inf, NaN: to nearest
+    return torch.from_numpy(r).to(torch.float16).view(x.shape)
+
+
+def make_params(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in SHAPES]
+
+
+def grads_at(step, dtype):
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(s, generator=g).to(dtype) for s in SHAPES]
+
+
+def run_ours(name, kwargs, mode, dtype, steps, threads=None):
+    params = make_params(dtype)
+    opt = getattr(fused_optim, name)(params, **kwargs, **{mode: True})
+    seeds = None
+    for step in range(steps):
+        for p, g in zip(params, grads_at(step, dtype)):
+            p.grad = g
+        opt.step()
+        if seeds is None and mode == "stochastic_rounding":
+            seeds = [int(opt.state[p]["rounding_state"][0]) for p in params]
+    return params, opt, seeds
+
+
+def run_reference(name, kwargs, mode, dtype, steps, seeds):
+    """torch's for-loop in float32 on float32 copies, each step's param stored as `mode`
+    says and its states rounded to `dtype` (as run_rounded_reference in parity_utils)."""
+    low = [p.detach().clone() for p in make_params(dtype)]
+    work = [p.float().requires_grad_() for p in low]
+    opt = getattr(torch.optim, name)(work, foreach=False, **kwargs)
+    comp = [torch.zeros_like(p) for p in low]
+    master = [p.float() for p in low]
+    for step in range(steps):
+        with torch.no_grad():
+            for i, w in enumerate(work):
+                if mode == "kahan_summation":
+                    w.copy_(low[i].float() + comp[i].float())
+                elif mode == "master_weights":
+                    w.copy_(master[i])
+                else:
+                    w.copy_(low[i].float())
+        for w, g in zip(work, grads_at(step, dtype)):
+            w.grad = g.float()
+        with correctly_rounded_sqrt():
+            opt.step()
+        with torch.no_grad():
+            for i, w in enumerate(work):
+                if mode == "kahan_summation":
+                    low[i].copy_(w.to(dtype))
+                    comp[i].copy_((w - low[i].float()).to(dtype))
+                elif mode == "master_weights":
+                    master[i].copy_(w)
+                    low[i].copy_(w.to(dtype))
+                else:
+                    low[i].copy_(stochastic_round(w, dtype, seeds[i], step + 1))
+            for s in opt.state.values():
+                for k, v in s.items():
+                    if k not in SCALARS:
+                        v.copy_(v.to(dtype))
+    aux = {"kahan_summation": comp, "master_weights": master}.get(mode)
+    return low, opt, work, aux
+
+
+def assert_bitwise(a, b, what):
+    a, b = a.detach(), b.detach()
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=what)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name,kwargs", CASES, ids=[c[0] for c in CASES])
+def test_mode_matches_the_float32_reference_bitwise(name, kwargs, mode, dtype):
+    """Five steps (the first on the general path, which makes the state, then the eager
+    fast path): params, every state and the mode's buffer, bit for bit."""
+    steps = 5
+    params, opt, seeds = run_ours(name, kwargs, mode, dtype, steps)
+    low, ref, work, aux = run_reference(name, kwargs, mode, dtype, steps, seeds)
+    for i, (p, r) in enumerate(zip(params, low)):
+        assert_bitwise(p, r, f"param {i}")
+        ours, theirs = opt.state[p], ref.state[work[i]]
+        assert set(ours) == set(theirs) | {KEYS[mode]}, f"state keys of param {i}"
+        for k, v in theirs.items():
+            want = v if k in SCALARS else v.to(dtype)
+            assert_bitwise(ours[k], want, f"state {k} of param {i}")
+        if aux is not None:
+            assert_bitwise(ours[KEYS[mode]], aux[i], f"{KEYS[mode]} of param {i}")
+        else:  # rounding_state: the seed drawn when the optimizer was made, a step counted
+            assert ours["rounding_state"].dtype == torch.int64
+            assert ours["rounding_state"].tolist() == [seeds[i], steps]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_small_updates_accumulate(mode, dtype):
+    """The point of the modes: 400 SGD steps of a tenth of a 16-bit ulp each. Rounded to
+    nearest, every one is lost (the param stays 1.0); kept by a mode, they add up to 40
+    ulps. Master weights: float32's sum, within 400 float32 roundings (< 0.01 ulp). Kahan:
+    the compensation is itself rounded to 16 bits each step (an error below 2^-9 ulp in
+    bfloat16), within one ulp. Stochastic rounding: each step moves an element up one ulp
+    with probability 0.1, so it ends at Binomial(400, 0.1) ulps (std 6); the mean of 4,096
+    elements is within 0.5 ulp of 40 (more than 5 standard errors)."""
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10  # at 1.0
+    def train(**options):
+        p = torch.ones(4096, dtype=dtype, requires_grad=True)
+        opt = fused_optim.SGD([p], lr=0.1 * ulp, **options)
+        for _ in range(400):
+            p.grad = torch.full_like(p, -1.0)
+            opt.step()
+        return p.detach().float()
+    assert torch.equal(train(), torch.ones(4096))  # round to nearest: nothing moved
+    moved = (train(**{mode: True}) - 1.0) / ulp
+    if mode == "stochastic_rounding":
+        assert abs(moved.mean().item() - 40.0) < 0.5
+        assert moved.std().item() > 3.0  # and the elements did round differently
+    else:
+        atol = 0.01 if mode == "master_weights" else 1.0
+        torch.testing.assert_close(moved, torch.full_like(moved, 40.0), rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_stochastic_rounding_is_unbiased(dtype):
+    """One step puts 2**20 params at 1 + 0.3 ulp: rounded stochastically, 30% of them go
+    up. The mean error is 0 within 5 standard errors (0.46 ulp / sqrt(2**20) each), where
+    round-to-nearest's is -0.3 ulp."""
+    n = 1 << 20
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
+    p = torch.ones(n, dtype=dtype, requires_grad=True)
+    opt = fused_optim.SGD([p], lr=0.3 * ulp, stochastic_rounding=True)
+    p.grad = torch.full_like(p, -1.0)
+    opt.step()
+    err = (p.detach().double() - (1.0 + 0.3 * ulp)) / ulp
+    sigma = (0.3 * 0.7) ** 0.5 / n ** 0.5
+    assert abs(err.mean().item()) < 5 * sigma
+    assert set(torch.unique(p.detach().float()).tolist()) == {1.0, 1.0 + ulp}
+
+
+def test_stochastic_rounding_is_reproducible_at_any_thread_count():
+    """The same seed gives the same bits at 1 and 2 threads (a param big enough for both
+    threads to work on it), and a different seed other bits."""
+    def run(threads, seed):
+        torch.manual_seed(seed)
+        p = (torch.arange(200_000, dtype=torch.float32) / 7e5).to(torch.bfloat16).requires_grad_()
+        opt = fused_optim.AdamW([p], lr=1e-3, stochastic_rounding=True)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for step in range(3):
+                p.grad = torch.sin(torch.arange(200_000.0) * (step + 1)).to(torch.bfloat16)
+                opt.step()
+        finally:
+            torch.set_num_threads(before)
+        return p.detach()
+    one, two = run(1, seed=5), run(2, seed=5)
+    assert torch.equal(one.view(torch.int16), two.view(torch.int16))
+    assert not torch.equal(one.view(torch.int16), run(2, seed=6).view(torch.int16))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_checkpoint_resumes_bit_for_bit(mode):
+    """A state_dict of a mode, loaded into a new optimizer of the same mode, continues
+    exactly as the run that was not interrupted (the buffer keeps its dtype: torch's
+    load_state_dict would cast it to the param's)."""
+    name, kwargs = "AdamW", dict(lr=0.01, weight_decay=0.1)
+    dtype = torch.bfloat16
+    params, opt, _ = run_ours(name, kwargs, mode, dtype, steps=3)
+    saved_params = [p.detach().clone() for p in params]
+    saved = copy.deepcopy(opt.state_dict())
+    for step in range(3, 6):
+        for p, g in zip(params, grads_at(step, dtype)):
+            p.grad = g
+        opt.step()
+    resumed = [p.clone().requires_grad_() for p in saved_params]
+    opt2 = getattr(fused_optim, name)(resumed, **kwargs, **{mode: True})
+    opt2.load_state_dict(saved)
+    key = KEYS[mode]
+    assert opt2.state[resumed[0]][key].dtype == opt.state[params[0]][key].dtype
+    for step in range(3, 6):
+        for p, g in zip(resumed, grads_at(step, dtype)):
+            p.grad = g
+        opt2.step()
+    for i, (a, b) in enumerate(zip(params, resumed)):
+        assert_bitwise(a, b, f"param {i}")
+        for k, v in opt.state[a].items():
+            assert_bitwise(opt2.state[b][k], v, f"state {k} of param {i}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_checkpoint_loads_into_a_mode(mode):
+    """torch.optim's checkpoint (no buffer) starts a mode: the buffer is made at the next
+    step from the param as it is (master: its float32 value; Kahan: zero compensation)."""
+    params = make_params(torch.bfloat16)
+    topt = torch.optim.AdamW(params, lr=0.01)
+    for p, g in zip(params, grads_at(0, torch.bfloat16)):
+        p.grad = g
+    topt.step()
+    ours = [p.detach().clone().requires_grad_() for p in params]
+    opt = fused_optim.AdamW(ours, lr=0.01, **{mode: True})
+    opt.load_state_dict(topt.state_dict())
+    for p, g in zip(ours, grads_at(1, torch.bfloat16)):
+        p.grad = g
+    opt.step()
+    for p in ours:
+        assert KEYS[mode] in opt.state[p] and opt.state[p]["step"].item() == 2.0
+
+
+def test_checkpoint_of_another_mode_is_refused():
+    params, opt, _ = run_ours("Adam", dict(lr=0.01), "master_weights", torch.bfloat16, steps=1)
+    sd = opt.state_dict()
+    plain = fused_optim.Adam([p.detach().clone().requires_grad_() for p in params], lr=0.01)
+    with pytest.raises(ValueError, match=r"param 0 .*'master_param' \(master_weights=True\)"):
+        plain.load_state_dict(sd)
+    assert not plain.state  # nothing loaded
+    kahan = fused_optim.Adam([p.detach().clone().requires_grad_() for p in params], lr=0.01,
+                             kahan_summation=True)
+    with pytest.raises(ValueError, match="master_weights=True"):
+        kahan.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_grad_scaler_unscales_and_skips(mode):
+    """With a GradScaler's scale the kernel unscales in the storage loop too, as torch's
+    unscale_ then step would (a power of two: the 16-bit unscaled grads are exact either
+    way); an inf step changes nothing at all: params, states, buffers and the stochastic
+    rounding's counter."""
+    dtype = torch.bfloat16
+    params = make_params(dtype)
+    ref_params = [p.detach().clone().requires_grad_() for p in params]
+    torch.manual_seed(0)  # the same rounding seeds for both (drawn when each is made)
+    opt = fused_optim.Adam(params, lr=0.01, **{mode: True})
+    torch.manual_seed(0)
+    ref = fused_optim.Adam(ref_params, lr=0.01, **{mode: True})
+    scale = torch.tensor(1024.0)
+    for step in range(2):
+        grads = grads_at(step, dtype)
+        for p, q, g in zip(params, ref_params, grads):
+            p.grad = (g.float() * 1024.0).to(dtype)
+            q.grad = p.grad.float().mul_(scale.double().reciprocal().float()).to(dtype)
+        opt.grad_scale, opt.found_inf = scale, torch.tensor(0.0)
+        opt.step()
+        ref.step()
+    for p, q in zip(params, ref_params):
+        assert_bitwise(p, q, "param")
+        for k in ref.state[q]:
+            assert_bitwise(opt.state[p][k], ref.state[q][k], k)
+    state = copy.deepcopy(opt.state_dict())
+    kept = [p.detach().clone() for p in params]
+    opt.grad_scale, opt.found_inf = scale, torch.tensor(1.0)
+    opt.step()
+    for p, k in zip(params, kept):
+        assert_bitwise(p, k, "param after an inf step")
+    for i, s in state["state"].items():
+        for k, v in s.items():
+            assert_bitwise(opt.state_dict()["state"][i][k], v, f"{k} after an inf step")
+
+
+def test_bad_options_are_refused_before_anything_changes():
+    p16 = torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)
+    p32 = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="kahan_summation and stochastic_rounding cannot be combined"):
+        fused_optim.Adam([p16], kahan_summation=True, stochastic_rounding=True)
+    with pytest.raises(ValueError, match="master_weights and stochastic_rounding cannot be combined|stochastic_rounding and master_weights cannot be combined"):
+        fused_optim.Adam([p16], master_weights=True, stochastic_rounding=True)
+    with pytest.raises(ValueError, match=r"kahan_summation=True applies to bfloat16 and float16 params; param 1 of param group 0 has dtype torch.float32"):
+        fused_optim.SGD([p16, p32], lr=0.1, kahan_summation=True)
+    opt = fused_optim.SGD([p16], lr=0.1, master_weights=True)
+    with pytest.raises(ValueError, match=r"master_weights=True applies .* param 0 of param group 1 has dtype torch.float32"):
+        opt.add_param_group({"params": [p32]})
+    assert len(opt.param_groups) == 1
+    # torch's own step cannot keep a mode: refused, not ignored
+    opt = fused_optim.Adam([p16], lr=0.1, differentiable=True, kahan_summation=True)
+    p16.grad = torch.ones_like(p16)
+    with pytest.raises(RuntimeError, match="differentiable=True .* kahan_summation=True"):
+        opt.step()
+    assert torch.equal(p16.detach(), torch.zeros(3, dtype=torch.bfloat16)) and not opt.state
+
+
+def test_the_op_checks_its_storage_arguments():
+    p = torch.zeros(4, dtype=torch.bfloat16)
+    g = torch.ones(4, dtype=torch.bfloat16)
+    sgd = torch.ops.fused_optim.sgd_
+    common = dict(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                  maximize=False, is_first_step=False)
+    with pytest.raises(RuntimeError, match="param_mode must be 0"):
+        sgd([p], [g], [], **common, param_mode=7, param_aux=[])
+    with pytest.raises(RuntimeError, match="kahan_summation needs one kahan_comp per param"):
+        sgd([p], [g], [], **common, param_mode=1, param_aux=[])
+    with pytest.raises(RuntimeError, match=r"master_param\[0\] has dtype BFloat16 but must be Float"):
+        sgd([p], [g], [], **common, param_mode=3, param_aux=[torch.zeros(4, dtype=torch.bfloat16)])
+    with pytest.raises(RuntimeError, match=r"rounding_state\) must be a contiguous int64 CPU tensor"):
+        sgd([p], [g], [], **common, param_mode=2, param_aux=[torch.zeros(3, dtype=torch.int64)])
+    with pytest.raises(RuntimeError, match="stochastic_rounding applies to bfloat16 and float16 params"):
+        sgd([p.float()], [g.float()], [], **common, param_mode=2, param_aux=[torch.zeros(2, dtype=torch.int64)])
+    assert torch.equal(p, torch.zeros(4, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_compiled_step_and_step_in_backward_match_eager(mode):
+    """The modes through torch.compile (the op's param_aux list is a mutated argument the
+    compiler sees) and through step_in_backward: the same bits as the eager step."""
+    def model_and_opt(seed=0):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+        model = model.to(torch.bfloat16)
+        return model, fused_optim.AdamW(model.parameters(), lr=0.01, **{mode: True})
+    x = torch.randn(8, 16).to(torch.bfloat16)
+    eager, eager_opt = model_and_opt()
+    compiled, compiled_opt = model_and_opt()
+    hooked, hooked_opt = model_and_opt()
+    fused_optim.step_in_backward(hooked_opt)
+    step = torch.compile(compiled_opt.step)
+    for _ in range(3):
+        for m in (eager, compiled):
+            m.zero_grad()
+            m(x).float().square().sum().backward()
+        hooked(x).float().square().sum().backward()  # the updates run inside backward
+        hooked_opt.step()  # (ends the iteration: the pending bucket)
+        hooked_opt.zero_grad()
+        eager_opt.step()
+        step()
+    for a, b, c in zip(eager.parameters(), compiled.parameters(), hooked.parameters()):
+        assert_bitwise(b, a, "compiled")
+        assert_bitwise(c, a, "step in backward")
+        for k in eager_opt.state[a]:
+            assert_bitwise(compiled_opt.state[b][k], eager_opt.state[a][k], f"compiled {k}")
+            assert_bitwise(hooked_opt.state[c][k], eager_opt.state[a][k], f"in backward {k}")
