@@ -108,3 +108,14 @@ def test_parity_report_quick():
         # With torch's sqrt made correctly rounded, the for-loop and our kernels agree bitwise
         # (the same claim test_parity.py checks on the full option table).
         assert int(ieee) == 0, line
+
+
+def test_param_storage_benchmark_quick_runs():
+    out = _run([os.path.join(ROOT, "benchmarks", "param_storage.py"), "--quick"])
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("Machine: ")
+    rows = [line for line in lines if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "round to nearest", "kahan_summation", "stochastic_rounding", "master_weights"]
+    for r in rows:  # ms, bytes, GB/s, % of limit, ratio: positive numbers
+        assert all(float(c) > 0 for c in r.strip("|").split("|")[1:])

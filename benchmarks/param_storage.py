@@ -1,0 +1,86 @@
+"""The cost of keeping 16-bit params by Kahan summation, stochastic rounding or master
+weights (Note [param storage] in csrc/plan.h), against rounding to nearest.
+
+AdamW on one tensor of 2**25 bfloat16 (or float16) params, each mode's optimizer and a
+stream probe of the same bytes timed in turn in every round (interleaved: each ratio
+compares the same minutes of a noisy machine); the median of the rounds.
+
+    python benchmarks/param_storage.py [--dtype bfloat16|float16] [--rounds 7] [--quick]
+
+Bytes per element and step: param read and written, grad read, two moments read and
+written (2 bytes each: 14), plus Kahan's compensation read and written (+4), or the float32
+master read and written instead of the param read (+6).
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import fused_optim
+from fused_optim import _ops
+
+MODES = {
+    "round to nearest": ({}, 14),
+    "kahan_summation": ({"kahan_summation": True}, 18),
+    "stochastic_rounding": ({"stochastic_rounding": True}, 14),
+    "master_weights": ({"master_weights": True}, 20),
+}
+
+
+def machine_line(threads):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench import machine_line as bench_machine_line
+    return bench_machine_line([threads])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per mode per round")
+    ap.add_argument("--quick", action="store_true", help="2**16 elements, 3 rounds")
+    args = ap.parse_args(argv)
+    n = 1 << (16 if args.quick else 25)
+    rounds = 3 if args.quick else args.rounds
+    dtype = getattr(torch, args.dtype)
+    opts = {}
+    for name, (options, _) in MODES.items():
+        p = torch.randn(n).to(dtype).requires_grad_()
+        p.grad = torch.randn(n).to(dtype)
+        opts[name] = fused_optim.AdamW([p], lr=1e-3, **options)
+        opts[name].step()  # the state made, its pages written
+    # The probe: float32 streams of 14 bytes per element (two read and written, one read).
+    m = n * 14 // 20
+    inout, read = [torch.randn(m) for _ in range(2)], [torch.randn(m)]
+    times = {name: [] for name in list(MODES) + ["limit"]}
+    for _ in range(rounds):
+        for name, opt in opts.items():
+            opt.step()  # untimed, as bench.py's --warmup
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                opt.step()
+            times[name].append((time.perf_counter() - t) / args.steps)
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            _ops.stream_(inout, read, 0.5)
+        times["limit"].append((time.perf_counter() - t) / args.steps)
+    limit = statistics.median(20 * m / t / 1e9 for t in times["limit"])
+    print("Machine: " + machine_line(torch.get_num_threads()))
+    print(f"AdamW, {n:,} {args.dtype} params, {rounds} rounds of {args.steps} steps; "
+          f"limit (stream probe): {limit:.1f} GB/s")
+    print()
+    print("| mode | ms/step | bytes/param | GB/s | % of limit | time / round to nearest |")
+    print("|---|---:|---:|---:|---:|---:|")
+    base = statistics.median(times["round to nearest"])
+    for name, (_, nbytes) in MODES.items():
+        ms = statistics.median(times[name])
+        gbs = nbytes * n / ms / 1e9
+        print(f"| {name} | {ms * 1e3:.2f} | {nbytes} | {gbs:.1f} | {100 * gbs / limit:.0f} | "
+              f"{ms / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
