@@ -90,6 +90,18 @@ class FusedOptimizer(torch.optim.Optimizer):
         # inside a compiled step is not).
         self._last_grad_norm: List[Optional[Tensor]] = [None]
 
+    # The options _fused_setup sets beyond torch's: kept by copies and pickles, which
+    # otherwise hold only torch's defaults, state and param_groups (torch's __getstate__),
+    # and would step without them (torch's __setstate__ restores whatever is given).
+    _FUSED_ATTRIBUTES = ("_step_supports_amp_scaling", "max_grad_norm", "grad_norm_type",
+                         "_last_grad_norm", "_storage_option", "_param_mode", "_storage_key",
+                         "_rounding_seed")
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = super().__getstate__()
+        state.update({k: self.__dict__[k] for k in self._FUSED_ATTRIBUTES if k in self.__dict__})
+        return state
+
     @property
     def last_grad_norm(self) -> Optional[Tensor]:
         """The total norm of the grads (unscaled) of the last step() that clipped by
@@ -180,9 +192,14 @@ class FusedOptimizer(torch.optim.Optimizer):
             elif key == "master_param":
                 buf = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
             else:
-                index = next(i for i, q in enumerate(q for g in self.param_groups
-                                                     for q in g["params"]) if q is p)
-                seed = _mix64(self._rounding_seed + index)
+                # p's position among all params: a map made once, remade when a param is
+                # not in it (added since), not a scan of every group for each param
+                positions = self.__dict__.get("_param_positions")
+                if positions is None or p not in positions:
+                    positions = {q: i for i, q in enumerate(
+                        q for g in self.param_groups for q in g["params"])}
+                    self._param_positions = positions
+                seed = _mix64(self._rounding_seed + positions[p])
                 buf = torch.tensor([seed - (1 << 64) if seed >= 1 << 63 else seed, 0],
                                    dtype=torch.int64)
             state[key] = buf

@@ -6,6 +6,7 @@ update computed in float32 on float32 copies (with the IEEE sqrt, as in test_par
 the param and state then stored as the mode says, written here in Python (stochastic
 rounding's generator in numpy: Note [stochastic rounding] in csrc/rounding.h)."""
 import copy
+import pickle
 
 import numpy as np
 import pytest
@@ -416,3 +417,22 @@ def test_compiled_step_and_step_in_backward_match_eager(mode):
         for k in eager_opt.state[a]:
             assert_bitwise(compiled_opt.state[b][k], eager_opt.state[a][k], f"compiled {k}")
             assert_bitwise(hooked_opt.state[c][k], eager_opt.state[a][k], f"in backward {k}")
+
+
+@pytest.mark.parametrize("copy_of", [copy.deepcopy, lambda o: pickle.loads(pickle.dumps(o))],
+                         ids=["deepcopy", "pickle"])
+def test_copies_keep_the_mode(copy_of):
+    """A copied or unpickled optimizer keeps its mode (and max_grad_norm): torch's
+    __getstate__ alone keeps only defaults, state and param_groups, and the copy would then
+    step rounding to nearest, its kahan_comp ignored."""
+    params, opt, _ = run_ours("AdamW", dict(lr=0.01), "kahan_summation", torch.bfloat16, steps=1)
+    opt.max_grad_norm = 1.0
+    twin = copy_of(opt)
+    assert twin._param_mode == opt._param_mode and twin.max_grad_norm == 1.0
+    for p, q in zip(params, [p for g in twin.param_groups for p in g["params"]]):
+        p.grad = q.grad = torch.full_like(p, 0.5)
+    opt.step()
+    twin.step()
+    for p, q in zip(params, [p for g in twin.param_groups for p in g["params"]]):
+        assert_bitwise(q, p, "param")
+        assert_bitwise(twin.state[q]["kahan_comp"], opt.state[p]["kahan_comp"], "kahan_comp")
