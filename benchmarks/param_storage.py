@@ -1,15 +1,18 @@
 """The cost of keeping 16-bit params by Kahan summation, stochastic rounding or master
-weights (Note [param storage] in csrc/plan.h), against rounding to nearest.
+weights (Note [param storage] in csrc/plan.h), against rounding to nearest; and of keeping
+the moments in fewer bits (state_dtype: Note [state storage]), with --dtype float32.
 
 AdamW on one tensor of 2**25 bfloat16 (or float16) params, each mode's optimizer and a
 stream probe of the same bytes timed in turn in every round (interleaved: each ratio
 compares the same minutes of a noisy machine); the median of the rounds.
 
-    python benchmarks/param_storage.py [--dtype bfloat16|float16] [--rounds 7] [--quick]
+    python benchmarks/param_storage.py [--dtype bfloat16|float16|float32] [--rounds 7] [--quick]
 
 Bytes per element and step: param read and written, grad read, two moments read and
 written (2 bytes each: 14), plus Kahan's compensation read and written (+4), or the float32
-master read and written instead of the param read (+6).
+master read and written instead of the param read (+6); with 8-bit moments, 1 byte each
+(10; their block scales add 1/16). float32 params: 28 with float32 moments, 20 with
+bfloat16 ones, 16 with 8-bit ones.
 """
 import argparse
 import os
@@ -27,6 +30,12 @@ MODES = {
     "kahan_summation": ({"kahan_summation": True}, 18),
     "stochastic_rounding": ({"stochastic_rounding": True}, 14),
     "master_weights": ({"master_weights": True}, 20),
+    "state_dtype=torch.uint8": ({"state_dtype": torch.uint8}, 10),
+}
+FLOAT32_MODES = {
+    "float32 moments (torch's)": ({}, 28),
+    "state_dtype=torch.bfloat16": ({"state_dtype": torch.bfloat16}, 20),
+    "state_dtype=torch.uint8": ({"state_dtype": torch.uint8}, 16),
 }
 
 
@@ -38,7 +47,7 @@ def machine_line(threads):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per mode per round")
     ap.add_argument("--quick", action="store_true", help="2**16 elements, 3 rounds")
@@ -46,16 +55,18 @@ def main(argv=None):
     n = 1 << (16 if args.quick else 25)
     rounds = 3 if args.quick else args.rounds
     dtype = getattr(torch, args.dtype)
+    modes = FLOAT32_MODES if dtype == torch.float32 else MODES
+    base_bytes = next(iter(modes.values()))[1]
     opts = {}
-    for name, (options, _) in MODES.items():
+    for name, (options, _) in modes.items():
         p = torch.randn(n).to(dtype).requires_grad_()
         p.grad = torch.randn(n).to(dtype)
         opts[name] = fused_optim.AdamW([p], lr=1e-3, **options)
         opts[name].step()  # the state made, its pages written
-    # The probe: float32 streams of 14 bytes per element (two read and written, one read).
-    m = n * 14 // 20
+    # The probe: float32 streams of the first mode's bytes (two read and written, one read).
+    m = n * base_bytes // 20
     inout, read = [torch.randn(m) for _ in range(2)], [torch.randn(m)]
-    times = {name: [] for name in list(MODES) + ["limit"]}
+    times = {name: [] for name in list(modes) + ["limit"]}
     for _ in range(rounds):
         for name, opt in opts.items():
             opt.step()  # untimed, as bench.py's --warmup
@@ -72,10 +83,10 @@ def main(argv=None):
     print(f"AdamW, {n:,} {args.dtype} params, {rounds} rounds of {args.steps} steps; "
           f"limit (stream probe): {limit:.1f} GB/s")
     print()
-    print("| mode | ms/step | bytes/param | GB/s | % of limit | time / round to nearest |")
+    print(f"| mode | ms/step | bytes/param | GB/s | % of limit | time / {next(iter(modes))} |")
     print("|---|---:|---:|---:|---:|---:|")
-    base = statistics.median(times["round to nearest"])
-    for name, (_, nbytes) in MODES.items():
+    base = statistics.median(times[next(iter(modes))])
+    for name, (_, nbytes) in modes.items():
         ms = statistics.median(times[name])
         gbs = nbytes * n / ms / 1e9
         print(f"| {name} | {ms * 1e3:.2f} | {nbytes} | {gbs:.1f} | {100 * gbs / limit:.0f} | "

@@ -18,6 +18,12 @@ namespace fused_optim {
 
 namespace {
 
+// The dtypes a param and its states may mix (Note [state storage]).
+bool is_storable(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+constexpr int64_t kQuantBlockSize = 256;  // Note [8-bit state] (cpu/quant8.h)
+
 bool is_supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf ||
          t == at::kComplexFloat || t == at::kComplexDouble;
@@ -73,10 +79,7 @@ ParamStorage param_storage(const char* op, int64_t param_mode,
   TORCH_CHECK(param_mode >= 0 && param_mode <= 3, op, ": param_mode must be 0 (round to nearest), "
               "1 (kahan_summation), 2 (stochastic_rounding) or 3 (master_weights), got ",
               param_mode);
-  ParamStorage storage{static_cast<ParamMode>(param_mode), param_aux.value_or(at::TensorList())};
-  TORCH_CHECK(storage.mode != ParamMode::kNearest || storage.aux.empty(), op,
-              ": param_aux must be empty without a param_mode");
-  return storage;
+  return {static_cast<ParamMode>(param_mode), param_aux.value_or(at::TensorList())};
 }
 
 MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::TensorList grads,
@@ -86,19 +89,30 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
       num_states_(static_cast<int>(rule_states.size())),
       param_mode_(storage.mode) {
   TORCH_CHECK(num_states_ <= kMaxRuleStates, op, ": too many state lists");
-  // Note [param storage]: the storage's buffer is the last state list.
+  // Note [param storage]: the storage's buffer is the last state list. param_aux: the
+  // mode's entries, then the 8-bit states' scales (Note [state storage]).
   std::vector<at::TensorList> states = rule_states;
+  const size_t n_params = params.size();
+  const size_t mode_entries =
+      param_mode_ == ParamMode::kNearest ? 0 : std::min(storage.aux.size(), n_params);
+  const at::TensorList mode_aux = storage.aux.slice(0, mode_entries);
+  const at::TensorList scales = storage.aux.slice(mode_entries);
+  TORCH_CHECK(scales.empty() || scales.size() == rule_states.size() * n_params, op,
+              ": param_aux must hold ", param_mode_ == ParamMode::kNearest ? "" : "the mode's "
+              "entries (one per param), then ", "nothing or one scale tensor per rule state and "
+              "param (", rule_states.size() * n_params, "), got ", storage.aux.size(),
+              " tensors for ", n_params, " params");
   const char* storage_name = nullptr;
   std::optional<at::ScalarType> storage_dtype;  // kMaster: float32; kKahan: the param's
   if (param_mode_ != ParamMode::kNearest) {
     const char* option = param_mode_option(param_mode_);
     TORCH_CHECK(device_type == c10::DeviceType::CPU, op, ": ", option,
                 " runs on CPU params only (no CUDA kernel has it yet)");
-    TORCH_CHECK(storage.aux.size() == params.size(), op, ": ", option, " needs one ",
+    TORCH_CHECK(mode_aux.size() == params.size(), op, ": ", option, " needs one ",
                 param_mode_ == ParamMode::kKahan        ? "kahan_comp"
                 : param_mode_ == ParamMode::kStochastic ? "rounding_state"
                                                         : "master_param",
-                " per param in param_aux, got ", storage.aux.size(), " for ", params.size(),
+                " per param in param_aux, got ", mode_aux.size(), " for ", params.size(),
                 " params");
     for (size_t i = 0; i < params.size(); ++i) {
       const at::ScalarType dt = params[i].defined() ? params[i].scalar_type() : at::kFloat;
@@ -106,16 +120,16 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
                   " applies to bfloat16 and float16 params; params[", i, "] has dtype ", dt);
     }
     if (param_mode_ == ParamMode::kStochastic) {
-      for (size_t i = 0; i < storage.aux.size(); ++i) {
-        const at::Tensor& r = storage.aux[i];
+      for (size_t i = 0; i < mode_aux.size(); ++i) {
+        const at::Tensor& r = mode_aux[i];
         TORCH_CHECK(r.defined() && r.device().is_cpu() && r.scalar_type() == at::kLong &&
                         r.numel() == 2 && r.is_contiguous(),
                     op, ": param_aux[", i, "] (rounding_state) must be a contiguous int64 CPU "
                     "tensor of 2 elements: [seed, counter]");
       }
-      rounding_states_ = storage.aux;
+      rounding_states_ = mode_aux;
     } else {
-      states.push_back(storage.aux);
+      states.push_back(mode_aux);
       ++num_states_;
       storage_name = param_mode_ == ParamMode::kKahan ? "kahan_comp" : "master_param";
       if (param_mode_ == ParamMode::kMaster) storage_dtype = at::kFloat;
@@ -175,8 +189,29 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
     check_companion(op, "grads", i, param, grads[i]);
     for (int k = 0; k < num_states_; ++k) {
       const bool buffer = storage_name != nullptr && k == num_states_ - 1;
-      check_companion(op, buffer ? storage_name : state_names[k], i, param, states[k][i],
-                      buffer ? storage_dtype : std::nullopt);
+      const at::Tensor& st = states[k][i];
+      if (!buffer && device_type == c10::DeviceType::CPU && st.defined() &&
+          st.scalar_type() != param.scalar_type() && is_storable(param.scalar_type()) &&
+          (is_storable(st.scalar_type()) || st.scalar_type() == at::kByte)) {
+        // Note [state storage]
+        check_companion(op, state_names[k], i, param, st, st.scalar_type());
+        if (st.scalar_type() == at::kByte) {
+          TORCH_CHECK(param.is_contiguous() && st.is_contiguous(), op, ": ", state_names[k],
+                      "[", i, "] is an 8-bit state (uint8): it and its param must be contiguous");
+          TORCH_CHECK(!scales.empty(), op, ": ", state_names[k], "[", i,
+                      "] is an 8-bit state (uint8), but param_aux has no block scales");
+          const at::Tensor& sc = scales[static_cast<size_t>(k) * n_params + i];
+          const int64_t blocks = (param.numel() + kQuantBlockSize - 1) / kQuantBlockSize;
+          TORCH_CHECK(sc.defined() && sc.device().is_cpu() && sc.scalar_type() == at::kFloat &&
+                          sc.is_contiguous() && sc.numel() == blocks,
+                      op, ": the block scales of ", state_names[k], "[", i,
+                      "] (8-bit) must be a contiguous float32 CPU tensor of ", blocks,
+                      " elements (one per 256 elements)");
+        }
+      } else {
+        check_companion(op, buffer ? storage_name : state_names[k], i, param, st,
+                        buffer ? storage_dtype : std::nullopt);
+      }
     }
     const bool complex = param.is_complex();
     is_complex_[i] = complex;
@@ -226,6 +261,20 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
     const int64_t numel = params[i].numel() * (is_complex_[i] ? 2 : 1);
     if (numel == 0) continue;
     if (!is_direct[i]) direct[i] = unusual_layout(i, params, grads, states, grad_mutable);
+    // Note [state storage]: the dtypes the storage loops read, and the 8-bit scales.
+    TensorPtrs& tp = direct[i];
+    tp.param_dtype = real_dtypes_[i];
+    for (int k = 0; k < num_states_; ++k) {
+      const at::ScalarType dt = states[k][i].scalar_type();
+      tp.state_dtype[k] = c10::isComplexType(dt) ? c10::toRealValueType(dt) : dt;
+      tp.state_scale[k] = nullptr;
+      const bool rule_state = storage_name == nullptr || k < num_states_ - 1;
+      if (rule_state && dt != params[i].scalar_type()) mixed_ = true;
+      if (rule_state && dt == at::kByte) {
+        quantized_ = true;
+        tp.state_scale[k] = scales[static_cast<size_t>(k) * n_params + i].data_ptr<float>();
+      }
+    }
     ptrs_.push_back(direct[i]);
     index_.push_back(i);
     offsets_.push_back(offsets_.back() + numel);

@@ -36,6 +36,11 @@ struct TensorPtrs {
   // element count, for prefetching across the boundary (Note [software prefetch]).
   const TensorPtrs* next;
   int64_t numel;
+  // CPU storage loops (Note [state storage]): the param's real dtype, each state's dtype
+  // and, for an 8-bit state, its block scales.
+  at::ScalarType param_dtype;
+  at::ScalarType state_dtype[kMaxStates];
+  float* state_scale[kMaxStates];
 };
 
 // Note [param storage]
@@ -59,13 +64,25 @@ enum class ParamMode : int64_t { kNearest = 0, kKahan = 1, kStochastic = 2, kMas
 // The option of a mode, for messages.
 const char* param_mode_option(ParamMode mode);
 
+// Note [state storage]
+// state_dtype (an optimizer option, CPU only): the rule's states of a float32, bfloat16 or
+// float16 param may have another of those dtypes, or be uint8: 8-bit block-quantized
+// (Note [8-bit state] in cpu/quant8.h), each with a float32 tensor of block scales. The
+// math is float whatever the storage. The op's param_aux then goes on after the mode's
+// entries with the scales: for each of the plan's rule states in order, one tensor per
+// param (one of ceil(numel / 256) elements where that state is uint8, ignored otherwise),
+// or nothing where no state of the call is uint8. A call with any such state runs the
+// storage loops (cpu/multi_tensor.h), as a param storage mode does.
+
 struct ParamStorage {
   ParamMode mode = ParamMode::kNearest;
-  at::TensorList aux;  // kahan_comp, rounding_state or master_param, one per param
+  // kahan_comp, rounding_state or master_param, one per param (where a mode is on), then
+  // the 8-bit states' scales (Note [state storage])
+  at::TensorList aux;
 };
 
-// An op's param_mode and param_aux arguments, checked: a known mode, and an aux list
-// exactly where the mode needs one.
+// An op's param_mode and param_aux arguments, checked: a known mode (the plan checks the
+// list).
 ParamStorage param_storage(const char* op, int64_t param_mode,
                            std::optional<at::TensorList> param_aux);
 
@@ -91,6 +108,11 @@ class MultiTensorPlan {
   // The rule's state lists (the storage's buffer, where there is one, comes after them).
   int num_states() const { return num_states_ - (has_storage_buffer() ? 1 : 0); }
   ParamMode param_mode() const { return param_mode_; }
+  // Whether the CPU loops are the storage loops: a param storage mode, or a state whose
+  // dtype is not its param's (Note [state storage]).
+  bool mixed_storage() const { return mixed_ || param_mode_ != ParamMode::kNearest; }
+  // Whether a state is 8-bit (its blocks must each be one thread's).
+  bool has_quantized_states() const { return quantized_; }
   bool has_storage_buffer() const {
     return param_mode_ == ParamMode::kKahan || param_mode_ == ParamMode::kMaster;
   }
@@ -118,6 +140,8 @@ class MultiTensorPlan {
   int64_t num_tensors_ = 0;
   int num_states_ = 0;  // the rule's, and the storage's buffer
   ParamMode param_mode_ = ParamMode::kNearest;
+  bool mixed_ = false;
+  bool quantized_ = false;
   at::TensorList rounding_states_;  // kStochastic
   std::vector<at::ScalarType> real_dtypes_;
   std::vector<char> is_complex_;  // not vector<bool>: written from several threads

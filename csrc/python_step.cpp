@@ -356,11 +356,12 @@ PyObject* py_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs)
     TORCH_CHECK_TYPE(PyList_Check(PyList_GET_ITEM(groups, g)) && PyTuple_Check(group_keys) &&
                          PyTuple_Check(PyList_GET_ITEM(rest, g)) &&
                          static_cast<size_t>(2 + PyTuple_GET_SIZE(group_keys)) >= kernel->num_lists &&
-                         static_cast<size_t>(2 + PyTuple_GET_SIZE(group_keys)) <=
-                             kernel->num_lists + kernel->num_optional_lists,
+                         (static_cast<size_t>(2 + PyTuple_GET_SIZE(group_keys)) <=
+                              kernel->num_lists + kernel->num_optional_lists ||
+                          kernel->num_optional_lists > 0),
                      "_step expects each group's params as a list, and a tuple of ",
-                     kernel->num_lists - 2, " keys (", kernel->num_optional_lists,
-                     " more optional) and a tuple of args for ", name);
+                     kernel->num_lists - 2, " keys (then the optional list's, if any) and a "
+                     "tuple of args for ", name);
   }
 
   // Note [borrowing safely]: first what may run Python code, for every group.
@@ -409,12 +410,29 @@ PyObject* py_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs)
   std::vector<std::vector<BorrowedTensors>> lists;
   lists.reserve(static_cast<size_t>(num_groups));
   for (Py_ssize_t g = 0; g < num_groups; ++g) {
-    lists.emplace_back(static_cast<size_t>(2 + PyTuple_GET_SIZE(PyList_GET_ITEM(keys, g))));
+    // The keys after the required lists' are the optional list's (param_aux): where there
+    // are several (the mode's buffers, the 8-bit scales: Note [state storage] in plan.h),
+    // one more list holds them all, in order.
+    const size_t num_key_lists = static_cast<size_t>(2 + PyTuple_GET_SIZE(PyList_GET_ITEM(keys, g)));
+    const bool merge = num_key_lists > kernel->num_lists + 1;
+    lists.emplace_back(num_key_lists + (merge ? 1 : 0));
     if (gather_group(snaps[static_cast<size_t>(g)], PyList_GET_ITEM(keys, g), lists.back()) !=
         Gathered::kOk) {
       Py_RETURN_FALSE;
     }
-    for (const auto& l : lists.back()) calls[static_cast<size_t>(g)].lists.push_back(l.list());
+    std::vector<BorrowedTensors>& group_lists = lists.back();
+    if (merge) {
+      BorrowedTensors& aux = group_lists.back();
+      for (size_t k = kernel->num_lists; k < num_key_lists; ++k) {
+        for (const at::Tensor& t : group_lists[k].list()) aux.push(t);
+      }
+      for (size_t k = 0; k < kernel->num_lists; ++k) {
+        calls[static_cast<size_t>(g)].lists.push_back(group_lists[k].list());
+      }
+      calls[static_cast<size_t>(g)].lists.push_back(aux.list());
+    } else {
+      for (const auto& l : group_lists) calls[static_cast<size_t>(g)].lists.push_back(l.list());
+    }
   }
   std::vector<const DirectKernel*> kernels(static_cast<size_t>(num_groups));
   for (Py_ssize_t g = 0; g < num_groups; ++g) {

@@ -36,6 +36,7 @@ if hasattr(torch.optim, "Muon"):  # torch 2.9 and later
     from .muon import Muon  # noqa: E402,F401
 
 from .backward import step_in_backward  # noqa: E402
+from .quantization import to_torch_state_dict  # noqa: E402
 
 # Note [the whole namespace]
 # `import fused_optim as optim` works for any torch.optim script: every name of the
@@ -66,6 +67,7 @@ def _reexport_torch_names():
 
 # Beyond torch.optim's names: torch.nn.utils' clipping functions, fused (clip.py), and
 # the step run inside backward (backward.py).
-EXTRAS = ("clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "step_in_backward")
+EXTRAS = ("clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "step_in_backward",
+          "to_torch_state_dict")
 __all__ = list(FUSED) + _reexport_torch_names() + list(EXTRAS)
 __version__ = "0.1.0"

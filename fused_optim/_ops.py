@@ -99,14 +99,22 @@ def call(op: str, params: List[Tensor], grads: List[Tensor], state_lists: Sequen
     n = _NUM_LISTS[op]  # lists after the required ones: param_aux, after the scalars
     device = params[0].device if params else None
     if all(p.device == device for p in params):
-        kernel(*lists[:n], *_scalars_on(device, args), *lists[n:])
+        kernel(*lists[:n], *_scalars_on(device, args), *_aux(lists[n:]))
         return
     buckets: Dict[torch.device, List[int]] = {}
     for i, p in enumerate(params):
         buckets.setdefault(p.device, []).append(i)
     for dev, indices in buckets.items():
         split = [[ts[i] for i in indices] if ts else ts for ts in lists]
-        kernel(*split[:n], *_scalars_on(dev, args), *split[n:])
+        kernel(*split[:n], *_scalars_on(dev, args), *_aux(split[n:]))
+
+
+def _aux(lists: Sequence[List[Tensor]]) -> Tuple[List[Tensor], ...]:
+    """The op's param_aux, one list: the mode's buffers, then the 8-bit states' scales
+    (Note [state storage] in csrc/plan.h), each given as a list of its own."""
+    if len(lists) <= 1:
+        return tuple(lists)
+    return ([t for ts in lists for t in ts],)
 
 
 def _scalars_on(device: Optional[torch.device], args: Tuple[Any, ...]) -> Tuple[Any, ...]:

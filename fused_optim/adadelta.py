@@ -30,6 +30,7 @@ class Adadelta(FusedOptimizer, torch.optim.Adadelta):
         master_weights=False,
         kahan_summation=False,
         stochastic_rounding=False,
+        state_dtype=None,
     ):
         super().__init__(
             params,
@@ -44,9 +45,11 @@ class Adadelta(FusedOptimizer, torch.optim.Adadelta):
         )
         self._fused_setup(max_grad_norm, grad_norm_type, master_weights=master_weights,
                           kahan_summation=kahan_summation,
-                          stochastic_rounding=stochastic_rounding)
+                          stochastic_rounding=stochastic_rounding,
+                          state_dtype=state_dtype)
 
     _op = "adadelta_"
+    _moment_keys = ("square_avg", "acc_delta")  # Note [state storage]
 
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         return ("square_avg", "acc_delta", "step")

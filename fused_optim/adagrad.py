@@ -32,6 +32,7 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
         master_weights=False,
         kahan_summation=False,
         stochastic_rounding=False,
+        state_dtype=None,
     ):
         # torch.optim.Adagrad creates every param's state (`step`, `sum`) right here.
         super().__init__(
@@ -48,7 +49,8 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
         )
         self._fused_setup(max_grad_norm, grad_norm_type, master_weights=master_weights,
                           kahan_summation=kahan_summation,
-                          stochastic_rounding=stochastic_rounding)
+                          stochastic_rounding=stochastic_rounding,
+                          state_dtype=state_dtype)
 
     def _torch_grads_reason(self) -> Optional[str]:
         reason = super()._torch_grads_reason()
@@ -59,6 +61,7 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
         return reason
 
     _op = "adagrad_"
+    _moment_keys = ("sum",)  # Note [state storage]
 
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         return ("sum", "step")

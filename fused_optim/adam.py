@@ -12,6 +12,7 @@ __all__ = ["Adam", "AdamW"]
 
 class _AdamStep(FusedOptimizer):
     _op = "adam_"
+    _moment_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # Note [state storage]
 
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if group["amsgrad"] else None, "step")
@@ -72,6 +73,7 @@ class Adam(_AdamStep, torch.optim.Adam):
         master_weights=False,
         kahan_summation=False,
         stochastic_rounding=False,
+        state_dtype=None,
     ):
         super().__init__(
             params,
@@ -89,7 +91,8 @@ class Adam(_AdamStep, torch.optim.Adam):
         )
         self._fused_setup(max_grad_norm, grad_norm_type, master_weights=master_weights,
                           kahan_summation=kahan_summation,
-                          stochastic_rounding=stochastic_rounding)
+                          stochastic_rounding=stochastic_rounding,
+                          state_dtype=state_dtype)
 
 
 class AdamW(_AdamStep, torch.optim.AdamW):
@@ -115,6 +118,7 @@ class AdamW(_AdamStep, torch.optim.AdamW):
         master_weights=False,
         kahan_summation=False,
         stochastic_rounding=False,
+        state_dtype=None,
     ):
         super().__init__(
             params,
@@ -131,4 +135,5 @@ class AdamW(_AdamStep, torch.optim.AdamW):
         )
         self._fused_setup(max_grad_norm, grad_norm_type, master_weights=master_weights,
                           kahan_summation=kahan_summation,
-                          stochastic_rounding=stochastic_rounding)
+                          stochastic_rounding=stochastic_rounding,
+                          state_dtype=state_dtype)

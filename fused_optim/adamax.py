@@ -30,6 +30,7 @@ class Adamax(FusedOptimizer, torch.optim.Adamax):
         master_weights=False,
         kahan_summation=False,
         stochastic_rounding=False,
+        state_dtype=None,
     ):
         super().__init__(
             params,
@@ -44,9 +45,11 @@ class Adamax(FusedOptimizer, torch.optim.Adamax):
         )
         self._fused_setup(max_grad_norm, grad_norm_type, master_weights=master_weights,
                           kahan_summation=kahan_summation,
-                          stochastic_rounding=stochastic_rounding)
+                          stochastic_rounding=stochastic_rounding,
+                          state_dtype=state_dtype)
 
     _op = "adamax_"
+    _moment_keys = ("exp_avg", "exp_inf")  # Note [state storage]
 
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         return ("exp_avg", "exp_inf", "step")

@@ -32,6 +32,7 @@ class ASGD(FusedOptimizer, torch.optim.ASGD):
         master_weights=False,
         kahan_summation=False,
         stochastic_rounding=False,
+        state_dtype=None,
     ):
         super().__init__(
             params,
@@ -47,7 +48,8 @@ class ASGD(FusedOptimizer, torch.optim.ASGD):
         )
         self._fused_setup(max_grad_norm, grad_norm_type, master_weights=master_weights,
                           kahan_summation=kahan_summation,
-                          stochastic_rounding=stochastic_rounding)
+                          stochastic_rounding=stochastic_rounding,
+                          state_dtype=state_dtype)
 
     _op = "asgd_"
 

@@ -32,6 +32,7 @@ class NAdam(FusedOptimizer, torch.optim.NAdam):
         master_weights=False,
         kahan_summation=False,
         stochastic_rounding=False,
+        state_dtype=None,
     ):
         super().__init__(
             params,
@@ -48,9 +49,11 @@ class NAdam(FusedOptimizer, torch.optim.NAdam):
         )
         self._fused_setup(max_grad_norm, grad_norm_type, master_weights=master_weights,
                           kahan_summation=kahan_summation,
-                          stochastic_rounding=stochastic_rounding)
+                          stochastic_rounding=stochastic_rounding,
+                          state_dtype=state_dtype)
 
     _op = "nadam_"
+    _moment_keys = ("exp_avg", "exp_avg_sq")  # Note [state storage]
 
     def _capturable_on_cuda(self, group: Dict[str, Any]) -> bool:
         # Note [scalar states] (csrc/plan.h): the kernels update mu_product on the host, so

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from . import _C, _ops
+from . import _C, _ops, quantization
 from .clip import clip_in_step
 from ._loader import built_with_cuda, why_no_cuda
 
@@ -31,6 +31,10 @@ _STORAGE = {
     "master_weights": (3, "master_param"),
 }
 _STORAGE_OPTION = {key: option for option, (_, key) in _STORAGE.items()}
+# Note [state storage] (csrc/plan.h): the dtypes state_dtype takes; uint8 is 8-bit
+# block-quantized (Note [8-bit state] in csrc/cpu/quant8.h, fused_optim/quantization.py).
+_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8)
+_ABSMAX = "_absmax"  # an 8-bit moment's block scales: state[key + _ABSMAX]
 _MASK64 = (1 << 64) - 1
 
 
@@ -57,10 +61,28 @@ class FusedOptimizer(torch.optim.Optimizer):
     _torch_only_options = ("differentiable", "capturable")
     _warned: set = set()
 
+    # The state entries state_dtype applies to (Note [state storage]): the moments, the
+    # elementwise states the rule reads and writes, in the kernel's order. Empty where an
+    # algorithm has none that can be kept in fewer bits (ASGD's average of the params,
+    # Rprop's step sizes).
+    _moment_keys: Tuple[str, ...] = ()
+
     def _fused_setup(self, max_grad_norm: Optional[float] = None, grad_norm_type: float = 2.0,
                      *, master_weights: bool = False, kahan_summation: bool = False,
-                     stochastic_rounding: bool = False) -> None:
+                     stochastic_rounding: bool = False, state_dtype: Optional[torch.dtype] = None
+                     ) -> None:
         """Called at the end of each algorithm's __init__, with its fused_optim options."""
+        # Note [state storage]: the moments' dtype, checked before anything else is set.
+        if state_dtype is not None and state_dtype not in _STATE_DTYPES:
+            raise ValueError(
+                "state_dtype must be None (the param's dtype, as torch.optim), torch.float32, "
+                "torch.bfloat16, torch.float16 or torch.uint8 (8-bit block-quantized moments), "
+                f"got {state_dtype!r}")
+        if state_dtype is not None and not self._moment_keys:
+            raise ValueError(
+                f"state_dtype does not apply to {type(self).__name__}: its state holds no "
+                "moments that can be kept in fewer bits")
+        self._state_dtype: Optional[torch.dtype] = state_dtype
         # Note [param storage]: at most one way to keep 16-bit params, for every group.
         chosen = [name for name, on in (("kahan_summation", kahan_summation),
                                         ("stochastic_rounding", stochastic_rounding),
@@ -70,9 +92,16 @@ class FusedOptimizer(torch.optim.Optimizer):
                              "16-bit params between steps; choose one")
         self._storage_option: Optional[str] = chosen[0] if chosen else None
         self._param_mode, self._storage_key = _STORAGE[chosen[0]] if chosen else (0, None)
-        if chosen:
+        if chosen or state_dtype is not None:
             for index in range(len(self.param_groups)):
                 self._check_storage(index)
+        if state_dtype is not None:
+            # State torch's constructor made (Adagrad's sum), in state_dtype's form.
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p in self.state:
+                        self._convert_moments(p, self.state[p])
+        if chosen:
             # Stochastic rounding's seeds: one drawn from torch's generator now, each
             # param's derived from it and the param's position (Note [stochastic rounding]).
             self._rounding_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
@@ -95,7 +124,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     # and would step without them (torch's __setstate__ restores whatever is given).
     _FUSED_ATTRIBUTES = ("_step_supports_amp_scaling", "max_grad_norm", "grad_norm_type",
                          "_last_grad_norm", "_storage_option", "_param_mode", "_storage_key",
-                         "_rounding_seed")
+                         "_rounding_seed", "_state_dtype")
 
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()
@@ -110,9 +139,29 @@ class FusedOptimizer(torch.optim.Optimizer):
         return norms[0] if norms else None
 
     def _check_storage(self, index: int) -> None:
-        """A mode of Note [param storage] applies to 16-bit CPU params: param group `index`
-        has only those, or the error names the option and the param."""
+        """A mode of Note [param storage] applies to 16-bit CPU params, and state_dtype (Note
+        [state storage]) to float32 and 16-bit CPU params: param group `index` has only
+        those, or the error names the option and the param."""
+        state_dtype = getattr(self, "_state_dtype", None)
+        if state_dtype is not None:
+            for i, p in enumerate(self.param_groups[index]["params"]):
+                if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                    raise ValueError(
+                        f"state_dtype applies to float32, bfloat16 and float16 params; param {i} "
+                        f"of param group {index} has dtype {p.dtype} (put it in an optimizer "
+                        "without state_dtype)")
+                if p.device.type != "cpu":
+                    raise RuntimeError(
+                        "state_dtype runs on CPU params only so far (the CUDA kernels do not "
+                        f"have it yet); param {i} of param group {index} is on {p.device}")
+                if state_dtype is torch.uint8 and type(p) not in (torch.Tensor, torch.nn.Parameter):
+                    raise RuntimeError(
+                        "state_dtype=torch.uint8 takes plain tensors only so far (not DTensors "
+                        f"or other subclasses); param {i} of param group {index} is a "
+                        f"{type(p).__name__}")
         option = self._storage_option
+        if option is None:
+            return
         for i, p in enumerate(self.param_groups[index]["params"]):
             if p.dtype not in (torch.bfloat16, torch.float16):
                 raise ValueError(
@@ -126,7 +175,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        if getattr(self, "_param_mode", 0):
+        if getattr(self, "_param_mode", 0) or getattr(self, "_state_dtype", None) is not None:
             try:
                 self._check_storage(len(self.param_groups) - 1)
             except (ValueError, RuntimeError):
@@ -167,10 +216,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _step_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
-        """_state_keys, then the param storage's buffer where a mode is on (the op's
-        param_aux: Note [param storage])."""
+        """_state_keys, then the op's param_aux: the param storage's buffer where a mode is
+        on (Note [param storage]), then the 8-bit moments' scales (Note [state storage])."""
         keys = self._state_keys(group)
-        return keys + (self._storage_key,) if getattr(self, "_param_mode", 0) else keys
+        aux = (self._storage_key,) if getattr(self, "_param_mode", 0) else ()
+        if getattr(self, "_state_dtype", None) is torch.uint8:
+            aux += tuple(k + _ABSMAX for k in keys if k in self._moment_keys)
+        return keys + aux
 
     def _step_kwargs(self, group: Dict[str, Any], **extra: Any) -> Dict[str, Any]:
         """_kernel_args, and the param storage's mode where one is on."""
@@ -205,24 +257,77 @@ class FusedOptimizer(torch.optim.Optimizer):
             state[key] = buf
         return buf
 
+    def _moment_dtype(self, p: Tensor) -> torch.dtype:
+        """The dtype of p's moments under state_dtype (Note [state storage]): 8-bit only
+        for contiguous tensors of 4,096 elements or more (quantization.quantizes), float32
+        for the others."""
+        dtype = self._state_dtype
+        if dtype is torch.uint8 and not quantization.quantizes(p):
+            return torch.float32
+        return dtype
+
+    def _convert_moments(self, p: Tensor, state: Dict[str, Any]) -> None:
+        """p's moments in state_dtype's form: new state, a torch.optim checkpoint or one of
+        another state_dtype are converted (cast, quantized); 8-bit ones get their scales
+        (an empty tensor where p keeps float32 moments)."""
+        dtype = self._moment_dtype(p)
+        for key in self._moment_keys:
+            v = state.get(key)
+            if not isinstance(v, Tensor):
+                continue
+            scales = state.get(key + _ABSMAX)
+            if v.dtype == torch.uint8:
+                if dtype is torch.uint8 and scales is not None:
+                    continue
+                if scales is None:
+                    raise ValueError(
+                        f"{type(self).__name__}: state '{key}' is 8-bit (uint8) but has no "
+                        f"'{key}{_ABSMAX}' scales")
+                v = quantization.dequantize(v, scales)
+            if dtype is torch.uint8:
+                state[key], state[key + _ABSMAX] = quantization.quantize(v)
+                continue
+            if v.dtype != dtype:
+                state[key] = v.to(dtype)
+            if self._state_dtype is torch.uint8:
+                if scales is None or scales.numel() != 0:
+                    state[key + _ABSMAX] = torch.zeros(0, dtype=torch.float32)
+            elif scales is not None:
+                del state[key + _ABSMAX]
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """torch's load_state_dict, keeping the param storage's buffers as they were saved
         (torch would cast them to the param's dtype) and refusing a checkpoint of another
         mode (Note [param storage]) before anything is loaded."""
         mode_key = getattr(self, "_storage_key", None)
+        state_dtype = getattr(self, "_state_dtype", None)
         kept: Dict[Any, Dict[str, Tensor]] = {}
         stripped: Dict[Any, Dict[str, Any]] = {}
         for pid, s in state_dict["state"].items():
-            ours = {k: v for k, v in s.items() if k in _STORAGE_OPTION}
+            quantized = [k for k in self._moment_keys if isinstance(s.get(k), Tensor)
+                         and s[k].dtype == torch.uint8 and k + _ABSMAX in s]
+            if quantized and state_dtype is not torch.uint8:
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: the state of param {pid} has 8-bit "
+                    f"moments ('{quantized[0]}', state_dtype=torch.uint8), but this optimizer "
+                    f"has state_dtype={state_dtype}: make it with state_dtype=torch.uint8, or "
+                    "convert the checkpoint with fused_optim.to_torch_state_dict")
+            # Note [state storage]: moments keep their saved dtype (torch's load would cast
+            # them to the param's), converted after loading.
+            keep = set(_STORAGE_OPTION)
+            if state_dtype is not None:
+                keep.update(self._moment_keys)
+                keep.update(k + _ABSMAX for k in self._moment_keys)
+            ours = {k: v for k, v in s.items() if k in keep}
             for k in ours:
-                if k != mode_key:
+                if k in _STORAGE_OPTION and k != mode_key:
                     now = f"{self._storage_option}=True" if mode_key else (
                         "none of kahan_summation, stochastic_rounding, master_weights")
                     raise ValueError(
                         f"{type(self).__name__}.load_state_dict: the state of param {pid} has "
                         f"'{k}' ({_STORAGE_OPTION[k]}=True), but this optimizer has {now}: make "
                         f"it with {_STORAGE_OPTION[k]}=True to resume this checkpoint")
-            stripped[pid] = {k: v for k, v in s.items() if k not in _STORAGE_OPTION}
+            stripped[pid] = {k: v for k, v in s.items() if k not in keep}
             if ours:
                 kept[pid] = ours
         if not kept:
@@ -237,6 +342,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             for k, v in ours.items():
                 device = "cpu" if k == "rounding_state" else p.device
                 self.state[p][k] = v.to(device=device, copy=True)
+            if state_dtype is not None:
+                self._convert_moments(p, self.state[p])
 
     def _init_state(self, group: Dict[str, Any], p: Tensor, grad: Tensor, state: Dict[str, Any]) -> None:
         """Creates p's state where it is missing, as torch's _init_group does, and raises
@@ -370,11 +477,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         state = self.state
         lists: Tuple[List[Tensor], ...] = tuple([] for _ in keys)
         storage = getattr(self, "_param_mode", 0)
+        moments = getattr(self, "_state_dtype", None) is not None
         for p, g in zip(params, grads):
             s = state[p]
             self._init_state(group, p, g, s)
             if storage:
                 self._init_storage(p, s)
+            if moments:
+                self._convert_moments(p, s)
             for tensors, key in zip(lists, keys):
                 if key is not None:
                     tensors.append(s[key])

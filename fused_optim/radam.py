@@ -31,6 +31,7 @@ class RAdam(FusedOptimizer, torch.optim.RAdam):
         master_weights=False,
         kahan_summation=False,
         stochastic_rounding=False,
+        state_dtype=None,
     ):
         super().__init__(
             params,
@@ -46,9 +47,11 @@ class RAdam(FusedOptimizer, torch.optim.RAdam):
         )
         self._fused_setup(max_grad_norm, grad_norm_type, master_weights=master_weights,
                           kahan_summation=kahan_summation,
-                          stochastic_rounding=stochastic_rounding)
+                          stochastic_rounding=stochastic_rounding,
+                          state_dtype=state_dtype)
 
     _op = "radam_"
+    _moment_keys = ("exp_avg", "exp_avg_sq")  # Note [state storage]
 
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         return ("exp_avg", "exp_avg_sq", "step")

@@ -33,6 +33,7 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
         master_weights=False,
         kahan_summation=False,
         stochastic_rounding=False,
+        state_dtype=None,
     ):
         super().__init__(
             params,
@@ -49,9 +50,11 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
         )
         self._fused_setup(max_grad_norm, grad_norm_type, master_weights=master_weights,
                           kahan_summation=kahan_summation,
-                          stochastic_rounding=stochastic_rounding)
+                          stochastic_rounding=stochastic_rounding,
+                          state_dtype=state_dtype)
 
     _op = "rmsprop_"
+    _moment_keys = ("square_avg", "grad_avg", "momentum_buffer")  # Note [state storage]
 
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         return (

@@ -30,6 +30,7 @@ class Rprop(FusedOptimizer, torch.optim.Rprop):
         master_weights=False,
         kahan_summation=False,
         stochastic_rounding=False,
+        state_dtype=None,
     ):
         super().__init__(
             params,
@@ -43,7 +44,8 @@ class Rprop(FusedOptimizer, torch.optim.Rprop):
         )
         self._fused_setup(max_grad_norm, grad_norm_type, master_weights=master_weights,
                           kahan_summation=kahan_summation,
-                          stochastic_rounding=stochastic_rounding)
+                          stochastic_rounding=stochastic_rounding,
+                          state_dtype=state_dtype)
 
     _op = "rprop_"
 

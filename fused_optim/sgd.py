@@ -4,7 +4,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import _ops, quantization
 from .optimizer import FusedOptimizer, hyper_float, lr_args
 
 __all__ = ["SGD"]
@@ -32,6 +32,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         master_weights=False,
         kahan_summation=False,
         stochastic_rounding=False,
+        state_dtype=None,
     ):
         super().__init__(
             params,
@@ -47,7 +48,8 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         )
         self._fused_setup(max_grad_norm, grad_norm_type, master_weights=master_weights,
                           kahan_summation=kahan_summation,
-                          stochastic_rounding=stochastic_rounding)
+                          stochastic_rounding=stochastic_rounding,
+                          state_dtype=state_dtype)
 
     def _torch_grads_reason(self) -> Optional[str]:
         reason = super()._torch_grads_reason()
@@ -59,6 +61,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         return reason
 
     _op = "sgd_"
+    _moment_keys = ("momentum_buffer",)  # Note [state storage]
 
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         return ("momentum_buffer" if group["momentum"] != 0 else None,)
@@ -83,35 +86,59 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         args: Tuple[Any, ...],
     ) -> None:
         state = self.state
-        # Note [param storage]: the mode's buffers (made where missing), after the lists.
+        # Note [param storage]: the mode's buffers (made where missing), after the lists;
+        # then, with 8-bit momentum, its scales (Note [state storage]).
         storage = getattr(self, "_param_mode", 0)
-        aux = [self._init_storage(p, state[p]) for p in params] if storage else None
+        aux = [self._init_storage(p, state[p]) for p in params] if storage else []
         if group["momentum"] == 0:
             _ops.call(self._op, params, grads, [[]] + ([aux] if storage else []), args)
             return
+        state_dtype = getattr(self, "_state_dtype", None)
+        quantized = state_dtype is torch.uint8
         # torch creates momentum_buffer on a param's first step as a copy of its grad
         # (after weight decay); the kernel does that copy when is_first_step is set.
-        old, new = ([], [], [], []), ([], [], [], [])
+        # Each: params, grads, buffers, the mode's buffers, the buffers' scales.
+        old, new = ([], [], [], [], []), ([], [], [], [], [])
         for i, (p, g) in enumerate(zip(params, grads)):
-            buf = state[p].get("momentum_buffer")
+            s = state[p]
+            if state_dtype is not None:
+                self._convert_moments(p, s)
+            buf = s.get("momentum_buffer")
             if buf is None:
-                buf = torch.zeros_like(g, memory_format=torch.preserve_format)
+                buf, scales = self._new_buffer(p, g)
                 lists = new
             else:
+                scales = s.get("momentum_buffer_absmax")
                 lists = old
             lists[0].append(p)
             lists[1].append(g)
             lists[2].append(buf)
-            if storage:
-                lists[3].append(aux[i])
-        extra = (lambda lists: [lists[3]]) if storage else (lambda lists: [])
+            lists[3].append(aux[i] if storage else None)
+            lists[4].append(scales)
+
+        def tail(lists):
+            return ([lists[3]] if storage else []) + ([lists[4]] if quantized else [])
+
         if old[0]:
-            _ops.call(self._op, old[0], old[1], [old[2]] + extra(old), args)
+            _ops.call(self._op, old[0], old[1], [old[2]] + tail(old), args)
         if new[0]:
             grad_scale, found_inf = _ops.scaler_args(self._op, args)
             first = _ops.schema_args(self._op, self._step_kwargs(group, is_first_step=True),
                                      grad_scale, found_inf)
-            _ops.call(self._op, new[0], new[1], [new[2]] + extra(new), first)
+            _ops.call(self._op, new[0], new[1], [new[2]] + tail(new), first)
             if found_inf is None or found_inf.item() == 0:
-                for p, buf in zip(new[0], new[2]):
+                for p, buf, scales in zip(new[0], new[2], new[4]):
                     state[p]["momentum_buffer"] = buf
+                    if quantized:
+                        state[p]["momentum_buffer_absmax"] = scales
+
+    def _new_buffer(self, p: Tensor, g: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """A momentum_buffer for the kernel's first step to fill: like the grad, or in
+        state_dtype's form (Note [state storage]), with its scales where 8-bit."""
+        dtype = self._moment_dtype(p) if getattr(self, "_state_dtype", None) else None
+        if dtype is torch.uint8:
+            blocks = (p.numel() + quantization.BLOCK - 1) // quantization.BLOCK
+            return (torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.contiguous_format),
+                    torch.zeros(blocks, dtype=torch.float32))
+        buf = torch.zeros_like(g, dtype=dtype, memory_format=torch.preserve_format)
+        return buf, (torch.zeros(0) if self._state_dtype is torch.uint8 else None)

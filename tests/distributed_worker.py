@@ -229,7 +229,100 @@ def dcp(rank):
     assert_params_equal(restored, model, exact=True, what="DCP training continued")
 
 
-SCENARIOS = {"ddp": ddp, "zero": zero, "fsdp2": fsdp2, "fsdp2_clip": fsdp2_clip, "dcp": dcp}
+def _low_precision_model(dtype):
+    torch.manual_seed(0)
+    # 64x128 weights: 8,192 elements, so 8-bit moments (under 4,096 they stay float32)
+    return torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 128),
+                               torch.nn.ReLU(), torch.nn.Linear(128, 7)).to(dtype)
+
+
+def _low_precision_train(model, opt, rank, steps, first=0, average=False):
+    for step in range(first, first + steps):
+        x, y = batch(rank, step)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x.to(torch.bfloat16)).float(), y).backward()
+        if average:  # as DDP does: the mean of the ranks' grads
+            for p in model.parameters():
+                g = p.grad.float()
+                dist.all_reduce(g)
+                p.grad.copy_(g / WORLD)
+        opt.step()
+
+
+def ddp_low_precision(rank):
+    """bfloat16 params with Kahan summation and 8-bit moments under DDP: the same bits as
+    the same optimizer fed the all-reduced grads by hand, on every rank; and a checkpoint of
+    rank 0 resumes on both ranks bit for bit."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    options = dict(lr=0.01, kahan_summation=True, state_dtype=torch.uint8)
+    ddp_model = DDP(_low_precision_model(torch.bfloat16))
+    plain = _low_precision_model(torch.bfloat16)
+    ours = fused_optim.AdamW(ddp_model.parameters(), **options)
+    by_hand = fused_optim.AdamW(plain.parameters(), **options)
+    _low_precision_train(ddp_model, ours, rank, STEPS)
+    _low_precision_train(plain, by_hand, rank, STEPS, average=True)
+    # DDP all-reduces bfloat16 grads in bfloat16; the hand-made mean is taken in float32:
+    # the two differ in the grads' last bits, so compare each against its own kind below
+    # and the ranks against each other bitwise.
+    flat = torch.cat([p.detach().float().flatten() for p in ddp_model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(WORLD)]
+    dist.all_gather(gathered, flat)
+    assert torch.equal(gathered[0], gathered[1]), "DDP replicas differ"
+    weight = ddp_model.module[2].weight
+    s = ours.state[weight]
+    assert s["exp_avg"].dtype == torch.uint8 and s["exp_avg_absmax"].numel() == 32
+    assert s["kahan_comp"].dtype == torch.bfloat16
+    # (the hand-averaged run is close: float32 vs bfloat16 all-reduce of the same grads)
+    for a, b in zip(ddp_model.parameters(), plain.parameters()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02)
+    # A checkpoint of rank 0 resumes on every rank, bit for bit with the run that goes on.
+    sd = [copy.deepcopy(ours.state_dict()) if rank == 0 else None]
+    params = [copy.deepcopy(ddp_model.module.state_dict()) if rank == 0 else None]
+    dist.broadcast_object_list(sd, src=0)
+    dist.broadcast_object_list(params, src=0)
+    resumed_model = _low_precision_model(torch.bfloat16)
+    resumed_model.load_state_dict(params[0])
+    resumed_ddp = DDP(resumed_model)
+    resumed = fused_optim.AdamW(resumed_ddp.parameters(), **options)
+    resumed.load_state_dict(sd[0])
+    _low_precision_train(ddp_model, ours, rank, 3, first=STEPS)
+    _low_precision_train(resumed_ddp, resumed, rank, 3, first=STEPS)
+    assert_params_equal(resumed_ddp, ddp_model, exact=True, what="DDP 8-bit + Kahan resumed")
+
+
+def fsdp2_state_dtype(rank):
+    """FSDP2 with bfloat16 moments: the update works on each rank's local shards (not one
+    collective), the moments are DTensors of bfloat16 placed as their params, and the params
+    follow the same optimizer under DDP closely (reduce-scatter and all-reduce sum the
+    grads in different orders: bfloat16 moments round those differences up to 2^-8)."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.debug import CommDebugMode
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    sharded, replicated = _fsdp2_model(), DDP(model_fn())
+    ours = fused_optim.AdamW(sharded.parameters(), lr=0.01, state_dtype=torch.bfloat16)
+    ref = fused_optim.AdamW(replicated.parameters(), lr=0.01, state_dtype=torch.bfloat16)
+    for step in range(STEPS):
+        for model, opt in ((sharded, ours), (replicated, ref)):
+            x, y = batch(rank, step)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            if opt is ours:
+                with CommDebugMode() as comm:
+                    opt.step()
+                assert comm.get_total_counts() == 0, comm.get_comm_counts()
+            else:
+                opt.step()
+    for p, q in zip(sharded.parameters(), replicated.parameters()):
+        s = ours.state[p]
+        assert isinstance(s["exp_avg"], DTensor) and s["exp_avg"].placements == p.placements
+        assert s["exp_avg"].dtype == torch.bfloat16 and s["exp_avg_sq"].dtype == torch.bfloat16
+        torch.testing.assert_close(p.full_tensor(), q.detach(), rtol=1e-3, atol=1e-3)
+
+
+SCENARIOS = {"ddp": ddp, "zero": zero, "fsdp2": fsdp2, "fsdp2_clip": fsdp2_clip, "dcp": dcp,
+             "ddp_low_precision": ddp_low_precision, "fsdp2_state_dtype": fsdp2_state_dtype}
 
 
 def _worker(rank, scenario, port, errors):

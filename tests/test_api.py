@@ -21,7 +21,7 @@ def params(n=3):
 # fused_optim's options beyond torch's (Note [clipping in the step] in clip.py).
 # Note [param storage] in csrc/plan.h: the 16-bit param modes.
 FUSED_OPTIONS = {"max_grad_norm": None, "grad_norm_type": 2.0, "master_weights": False,
-                 "kahan_summation": False, "stochastic_rounding": False}
+                 "kahan_summation": False, "stochastic_rounding": False, "state_dtype": None}
 
 
 @pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)

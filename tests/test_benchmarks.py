@@ -110,12 +110,29 @@ def test_parity_report_quick():
         assert int(ieee) == 0, line
 
 
-def test_param_storage_benchmark_quick_runs():
-    out = _run([os.path.join(ROOT, "benchmarks", "param_storage.py"), "--quick"])
+@pytest.mark.parametrize("dtype,modes", [
+    ("bfloat16", ["round to nearest", "kahan_summation", "stochastic_rounding", "master_weights",
+                  "state_dtype=torch.uint8"]),
+    ("float32", ["float32 moments (torch's)", "state_dtype=torch.bfloat16", "state_dtype=torch.uint8"]),
+])
+def test_param_storage_benchmark_quick_runs(dtype, modes):
+    out = _run([os.path.join(ROOT, "benchmarks", "param_storage.py"), "--quick", "--dtype", dtype])
     lines = out.stdout.splitlines()
     assert lines[0].startswith("Machine: ")
     rows = [line for line in lines if line.startswith("| ") and "---" not in line][1:]
-    assert [r.split("|")[1].strip() for r in rows] == [
-        "round to nearest", "kahan_summation", "stochastic_rounding", "master_weights"]
+    assert [r.split("|")[1].strip() for r in rows] == modes
     for r in rows:  # ms, bytes, GB/s, % of limit, ratio: positive numbers
         assert all(float(c) > 0 for c in r.strip("|").split("|")[1:])
+
+
+def test_quality_benchmark_quick_runs(tmp_path):
+    """benchmarks/quality.py's smoke run: every run trains, the table and files are made."""
+    out = _run([os.path.join(ROOT, "benchmarks", "quality.py"), "--quick", "--steps", "4",
+                "--out", str(tmp_path)])
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "fp32", "bf16", "bf16+kahan", "bf16+sr", "bf16+master", "fp32+8bit"]
+    for r in rows:
+        loss = float(r.split("|")[2])
+        assert 0 < loss < 6.0  # ln(256) = 5.55 is a uniform guess
+    assert (tmp_path / "quality.json").exists() and (tmp_path / "quality.md").exists()

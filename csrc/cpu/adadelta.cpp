@@ -28,7 +28,7 @@ void adadelta_cpu(at::TensorList params, at::TensorList grads, at::TensorList sq
   increment_steps(state_steps);  // counted, as torch does; Adadelta's math never reads it
   run_shared(plan, adadelta_coeffs(maximize, weight_decay, rho, eps), lr, inv_scale,
              [&](at::ScalarType dt, bool cplx) {
-               return select_adadelta(dt, cplx, weight_decay != 0.0, PickSegment{unscale, plan.param_mode()});
+               return select_adadelta(dt, cplx, weight_decay != 0.0, PickSegment{unscale, plan.mixed_storage()});
              });
 }
 

@@ -28,7 +28,7 @@ void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
   const AdagradCoeffs base = adagrad_coeffs(maximize, weight_decay, eps, lr_decay);
   run_per_step(plan, state_steps, base, lr, lr_is_f32, inv_scale,
                [&](at::ScalarType dt, bool cplx) {
-                 return select_adagrad(dt, cplx, weight_decay != 0.0, PickSegment{unscale, plan.param_mode()});
+                 return select_adagrad(dt, cplx, weight_decay != 0.0, PickSegment{unscale, plan.mixed_storage()});
                });
 }
 

@@ -34,7 +34,7 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
   const AdamCoeffs base = adam_coeffs(maximize, weight_decay, beta1, beta2, eps);
   run_per_step(plan, state_steps, base, lr, lr_is_f32, inv_scale,
                [&](at::ScalarType dt, bool cplx) {
-                 return select_adam(dt, cplx, wd, amsgrad, PickSegment{unscale, plan.param_mode()});
+                 return select_adam(dt, cplx, wd, amsgrad, PickSegment{unscale, plan.mixed_storage()});
                });
 }
 

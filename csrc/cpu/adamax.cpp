@@ -28,7 +28,7 @@ void adamax_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_
 
   run_per_step(plan, state_steps, adamax_coeffs(maximize, weight_decay, beta1, beta2, eps), lr,
                lr_is_f32, inv_scale, [&](at::ScalarType dt, bool cplx) {
-                 return select_adamax(dt, cplx, weight_decay != 0.0, PickSegment{unscale, plan.param_mode()});
+                 return select_adamax(dt, cplx, weight_decay != 0.0, PickSegment{unscale, plan.mixed_storage()});
                });
 }
 

@@ -8,6 +8,7 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <cpuid.h>
+#include <immintrin.h>
 #endif
 
 namespace fused_optim::cpu {
@@ -142,6 +143,86 @@ const CpuTuning& cpu_tuning() {
   return tuning;
 }
 
+// Note [8-bit state]: one copy of the block quantization per ISA; the compiler vectorizes the
+// search of the thresholds with gathers where the ISA has them.
+void q8_quantize_baseline(const float* src, uint8_t* codes, float* scale, int64_t m) {
+  q8_quantize(src, codes, scale, m);
+}
+void q8_dequantize_baseline(const uint8_t* codes, float scale, float* dst, int64_t m) {
+  q8_dequantize(codes, scale, dst, m);
+}
+#if FO_X86_CLONES
+FO_AVX2_TARGET void q8_quantize_avx2(const float* src, uint8_t* codes, float* scale, int64_t m) {
+  q8_quantize(src, codes, scale, m);
+}
+FO_AVX2_TARGET void q8_dequantize_avx2(const uint8_t* codes, float scale, float* dst, int64_t m) {
+  q8_dequantize(codes, scale, dst, m);
+}
+// AVX-512: 16 elements at a time, the table's lookups as gathers (Note [quantization by
+// table] in quant8.h); the same operations as q8_quantize, so the same bits.
+FO_AVX512_TARGET void q8_quantize_avx512(const float* src, uint8_t* codes, float* scale,
+                                         int64_t m) {
+  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 vmax = zero;
+  __mmask16 negative = 0, nan = 0;
+  int64_t i = 0;
+  for (; i + 16 <= m; i += 16) {
+    const __m512 v = _mm512_loadu_ps(src + i);
+    vmax = _mm512_max_ps(vmax, _mm512_and_ps(v, abs_mask));
+    negative |= _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  float amax = _mm512_reduce_max_ps(vmax);
+  bool any_negative = negative != 0, any_nan = nan != 0;
+  for (int64_t k = i; k < m; ++k) {
+    const float a = std::fabs(src[k]);
+    amax = a > amax ? a : amax;
+    any_negative |= src[k] < 0.0f;
+    any_nan |= src[k] != src[k];
+  }
+  if (any_nan) amax = NAN;
+  const int u = (any_negative || any_nan) ? 0 : 1;
+  *scale = u ? -amax : amax;
+  const uint32_t* entry = quant8_maps().entry[u];
+  if (!(amax > 0.0f)) {
+    std::memset(codes, q8_code(0.0f, entry), static_cast<size_t>(m));
+    return;
+  }
+  const __m512 va = _mm512_set1_ps(amax);
+  const __m512i one = _mm512_set1_epi32(1);
+  const __m512i low14 = _mm512_set1_epi32(0x3FFF), sign = _mm512_set1_epi32(0x4000);
+  const __m512i byte = _mm512_set1_epi32(0xFF), low16 = _mm512_set1_epi32(0xFFFF);
+  for (i = 0; i + 16 <= m; i += 16) {
+    const __m512 x = _mm512_div_ps(_mm512_loadu_ps(src + i), va);
+    const __m512i bits = _mm512_castps_si512(x);
+    const __m512i bucket = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(bits, 16), low14),
+                                           _mm512_and_si512(_mm512_srli_epi32(bits, 17), sign));
+    const __m512i e = _mm512_i32gather_epi32(bucket, entry, 4);
+    const __m512i y = _mm512_xor_si512(_mm512_and_si512(bits, low16),
+                                       _mm512_and_si512(_mm512_srai_epi32(bits, 31), low16));
+    const __m512i c0 = _mm512_and_si512(e, byte);
+    const __m512i c = _mm512_mask_add_epi32(
+        c0, _mm512_cmpgt_epu32_mask(y, _mm512_srli_epi32(e, 8)), c0, one);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(c));
+  }
+  for (; i < m; ++i) codes[i] = static_cast<uint8_t>(q8_code(src[i] / amax, entry));
+}
+FO_AVX512_TARGET void q8_dequantize_avx512(const uint8_t* codes, float scale, float* dst,
+                                           int64_t m) {
+  const float* value = quant8_maps().value[std::signbit(scale) ? 1 : 0];
+  const float a = std::fabs(scale);
+  const __m512 va = _mm512_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 16 <= m; i += 16) {
+    const __m512i c =
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)));
+    _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_i32gather_ps(c, value, 4), va));
+  }
+  for (; i < m; ++i) dst[i] = value[codes[i]] * a;
+}
+#endif
+
 void run(MultiTensorPlan& plan, const std::vector<SegmentFn>& fns,
          const std::vector<const void*>& coeffs, double inv_grad_scale) {
   TORCH_INTERNAL_ASSERT(static_cast<int64_t>(fns.size()) == plan.size());
@@ -153,7 +234,7 @@ void run(MultiTensorPlan& plan, const std::vector<SegmentFn>& fns,
   // StorageCoeffs, with the tensor's stream of this step (counted now, the update running).
   std::vector<StorageCoeffs> storage;
   const ParamMode mode = plan.param_mode();
-  if (mode != ParamMode::kNearest) {
+  if (plan.mixed_storage()) {
     std::vector<uint64_t> streams = mode == ParamMode::kStochastic
                                         ? plan.next_rounding_streams()
                                         : std::vector<uint64_t>(plan.size(), 0);
@@ -170,6 +251,28 @@ void run(MultiTensorPlan& plan, const std::vector<SegmentFn>& fns,
     ptrs[j] = &tp;
   }
   const std::vector<int64_t>& offsets_ = plan.offsets();
+  if (plan.has_quantized_states()) {
+    // Note [8-bit state]: a quantization block is one thread's, whole: the range split
+    // across threads is one of blocks (each tensor's last one may be short).
+    std::vector<int64_t> units(static_cast<size_t>(entries) + 1, 0);
+    for (int64_t j = 0; j < entries; ++j) {
+      units[j + 1] = units[j] + (plan.entry_numel(j) + kQuantBlock - 1) / kQuantBlock;
+    }
+    at::parallel_for(0, units.back(), kGrainSize / kQuantBlock, [&](int64_t begin, int64_t end) {
+      auto it = std::upper_bound(units.begin(), units.end(), begin);
+      size_t j = static_cast<size_t>(it - units.begin()) - 1;
+      while (begin < end) {
+        const int64_t hi = std::min(end, units[j + 1]);
+        const int64_t numel = offsets_[j + 1] - offsets_[j];
+        seg_fns[j](*ptrs[j], (begin - units[j]) * kQuantBlock,
+                   std::min(numel, (hi - units[j]) * kQuantBlock));
+        begin = hi;
+        ++j;
+      }
+    });
+    plan.finish();
+    return;
+  }
   const int64_t total = plan.total_numel();
   // Note [one parallel region]
   // The elements of all tensors form one range, split evenly across threads whatever the

@@ -19,6 +19,7 @@
 
 #include "plan.h"
 #include "rounding.h"
+#include "cpu/quant8.h"
 #include "cpu/simd.h"
 #include "cpu/tuning.h"
 #include "rule_select.h"
@@ -333,52 +334,118 @@ struct StorageCoeffs {
   ParamMode mode;
 };
 
-// The loop over one segment of a 16-bit param kept in one of the storage modes (Note
-// [param storage]): kBlock elements at a time, widened to float (the param from its
-// master copy, or plus its compensation), updated by the rule, and stored as the mode says.
-// The rule's math and every rounding of the states are those of the other loops, so a
-// mode changes the param's storage and nothing else. Each step is its own loop over the
-// block, so that the compiler vectorizes it; whether the grads are unscaled is decided at
-// run time (a scale of 1 would change no value), which halves the copies compiled.
-template <typename T, typename Rule, Isa kIsa>
+// Note [8-bit state] (quant8.h): a block quantized or dequantized, one copy per ISA (not
+// per rule: they are out of line, in multi_tensor.cpp).
+void q8_quantize_baseline(const float* src, uint8_t* codes, float* scale, int64_t m);
+void q8_dequantize_baseline(const uint8_t* codes, float scale, float* dst, int64_t m);
+#if FO_X86_CLONES
+void q8_quantize_avx2(const float* src, uint8_t* codes, float* scale, int64_t m);
+void q8_dequantize_avx2(const uint8_t* codes, float scale, float* dst, int64_t m);
+void q8_quantize_avx512(const float* src, uint8_t* codes, float* scale, int64_t m);
+void q8_dequantize_avx512(const uint8_t* codes, float scale, float* dst, int64_t m);
+#endif
+
+// Elements [at, at + m) of a tensor of dtype `dt` (float32, bfloat16, float16, or uint8: an
+// 8-bit state with its block scales) as floats, and stored back from floats (rounded to
+// nearest, or quantized). An 8-bit block starts at a multiple of kQuantBlock.
+template <Isa kIsa>
+FO_INLINE void load_block(at::ScalarType dt, const void* base, int64_t at, float* dst,
+                          int64_t m, const float* scales) {
+  switch (dt) {
+    case at::kBFloat16:
+      widen_block_isa<c10::BFloat16, kIsa>(static_cast<const c10::BFloat16*>(base) + at, dst, m);
+      return;
+    case at::kHalf:
+      widen_block_isa<c10::Half, kIsa>(static_cast<const c10::Half*>(base) + at, dst, m);
+      return;
+    case at::kByte: {
+      const uint8_t* codes = static_cast<const uint8_t*>(base) + at;
+      const float scale = scales[at / kQuantBlock];
+#if FO_X86_CLONES
+      if constexpr (kIsa >= Isa::kAvx512) return q8_dequantize_avx512(codes, scale, dst, m);
+      if constexpr (kIsa == Isa::kAvx2) return q8_dequantize_avx2(codes, scale, dst, m);
+#endif
+      return q8_dequantize_baseline(codes, scale, dst, m);
+    }
+    default: std::memcpy(dst, static_cast<const float*>(base) + at, static_cast<size_t>(m) * 4);
+  }
+}
+template <Isa kIsa>
+FO_INLINE void store_block(at::ScalarType dt, const float* src, void* base, int64_t at,
+                           int64_t m, float* scales) {
+  switch (dt) {
+    case at::kBFloat16:
+      narrow_block_isa<c10::BFloat16, kIsa>(src, static_cast<c10::BFloat16*>(base) + at, m);
+      return;
+    case at::kHalf:
+      narrow_block_isa<c10::Half, kIsa>(src, static_cast<c10::Half*>(base) + at, m);
+      return;
+    case at::kByte: {
+      uint8_t* codes = static_cast<uint8_t*>(base) + at;
+      float* scale = scales + at / kQuantBlock;
+#if FO_X86_CLONES
+      if constexpr (kIsa >= Isa::kAvx512) return q8_quantize_avx512(src, codes, scale, m);
+      if constexpr (kIsa == Isa::kAvx2) return q8_quantize_avx2(src, codes, scale, m);
+#endif
+      return q8_quantize_baseline(src, codes, scale, m);
+    }
+    default: std::memcpy(static_cast<float*>(base) + at, src, static_cast<size_t>(m) * 4);
+  }
+}
+
+// The loop over one segment of a tensor whose lists do not all share the param's dtype
+// (Note [state storage] in plan.h: state_dtype) or whose 16-bit param is kept in one of
+// the storage modes (Note [param storage]): kBlock elements at a time, each list widened
+// to float as its dtype says (the param from its master copy, or plus its compensation),
+// updated by the rule, and stored as its dtype and the mode say. The rule's math is that
+// of the other loops, so only the storage of what it reads and writes changes. Each step
+// is its own loop over the block, so that the compiler vectorizes it; whether the grads
+// are unscaled is decided at run time (a scale of 1 would change no value), and the dtypes
+// are read at run time, so that one copy per rule and ISA serves every combination.
+template <typename Rule, Isa kIsa>
 FO_INLINE void storage_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
   using M = float;
-  static_assert(std::is_same_v<at::opmath_type<T>, float>);
-  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
   constexpr int NS = Rule::kStates;
   const StorageCoeffs& sc = *static_cast<const StorageCoeffs*>(t.coeffs);
   const Rule rule(*static_cast<const typename Rule::Coeffs*>(sc.rule_coeffs));
   const M inv_scale = static_cast<M>(t.inv_grad_scale);
   const bool unscale = t.inv_grad_scale != 1.0;
-  T* p = static_cast<T*>(t.param) + begin;
-  T* g = static_cast<T*>(t.grad) + begin;
-  T* s[NS > 0 ? NS : 1];
-  for (int k = 0; k < NS; ++k) s[k] = static_cast<T*>(t.state[k]) + begin;
+  const at::ScalarType pt = t.param_dtype;
   const ParamMode mode = sc.mode;
-  T* comp = mode == ParamMode::kKahan ? static_cast<T*>(t.state[NS]) + begin : nullptr;
-  float* master = mode == ParamMode::kMaster ? static_cast<float*>(t.state[NS]) + begin : nullptr;
-  const int64_t n = end - begin;
-  alignas(64) M pb[kBlock];
-  alignas(64) M gb[kBlock];
-  alignas(64) M sb[NS > 0 ? NS : 1][kBlock];
+  void* comp = mode == ParamMode::kKahan ? t.state[NS] : nullptr;
+  float* master = mode == ParamMode::kMaster ? static_cast<float*>(t.state[NS]) : nullptr;
+  // float32 lists are updated in place; the others go through these buffers.
+  alignas(64) M pbuf[kBlock];
+  alignas(64) M gbuf[kBlock];
+  alignas(64) M sbuf[NS > 0 ? NS : 1][kBlock];
   alignas(64) M hb[kBlock];  // Kahan: the param as stored, widened
-  for (int64_t b = 0; b < n; b += kBlock) {
-    const int64_t m = std::min(kBlock, n - b);
+  const bool p_direct = pt == at::kFloat && mode == ParamMode::kNearest;
+  bool s_direct[NS > 0 ? NS : 1];
+  for (int k = 0; k < NS; ++k) s_direct[k] = t.state_dtype[k] == at::kFloat;
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int64_t m = std::min(kBlock, end - b);
+    M* pb = p_direct ? static_cast<float*>(t.param) + b : pbuf;
+    M* gb = pt == at::kFloat ? static_cast<float*>(t.grad) + b : gbuf;
+    M* sb[NS > 0 ? NS : 1];
+    for (int k = 0; k < NS; ++k) sb[k] = s_direct[k] ? static_cast<float*>(t.state[k]) + b : sbuf[k];
     if (mode == ParamMode::kMaster) {
       std::memcpy(pb, master + b, static_cast<size_t>(m) * sizeof(float));
-    } else if (mode == ParamMode::kKahan) {
-      widen_block_isa<T, kIsa>(p + b, pb, m);
-      widen_block_isa<T, kIsa>(comp + b, hb, m);
-      for (int64_t i = 0; i < m; ++i) pb[i] = pb[i] + hb[i];
-    } else {
-      widen_block_isa<T, kIsa>(p + b, pb, m);
+    } else if (!p_direct) {
+      load_block<kIsa>(pt, t.param, b, pb, m, nullptr);
+      if (mode == ParamMode::kKahan) {
+        load_block<kIsa>(pt, comp, b, hb, m, nullptr);
+        for (int64_t i = 0; i < m; ++i) pb[i] = pb[i] + hb[i];
+      }
     }
-    widen_block_isa<T, kIsa>(g + b, gb, m);
+    if (pt != at::kFloat) load_block<kIsa>(pt, t.grad, b, gb, m, nullptr);
     if (unscale) {
       for (int64_t i = 0; i < m; ++i) gb[i] = gb[i] * inv_scale;
-      narrow_block_isa<T, kIsa>(gb, g + b, m);  // the unscaled grad, stored back
+      // the unscaled grad, stored back
+      if (pt != at::kFloat) store_block<kIsa>(pt, gb, t.grad, b, m, nullptr);
     }
-    for (int k = 0; k < NS; ++k) widen_block_isa<T, kIsa>(s[k] + b, sb[k], m);
+    for (int k = 0; k < NS; ++k) {
+      if (!s_direct[k]) load_block<kIsa>(t.state_dtype[k], t.state[k], b, sb[k], m, t.state_scale[k]);
+    }
     for (int64_t i = 0; i < m; ++i) {
       M pv = pb[i];
       M sv[NS > 0 ? NS : 1];
@@ -387,58 +454,67 @@ FO_INLINE void storage_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
       pb[i] = pv;
       for (int k = 0; k < NS; ++k) sb[k][i] = sv[k];
     }
-    for (int k = 0; k < NS; ++k) narrow_block_isa<T, kIsa>(sb[k], s[k] + b, m);
-    if (mode == ParamMode::kMaster) {
-      std::memcpy(master + b, pb, static_cast<size_t>(m) * sizeof(float));
-      narrow_block_isa<T, kIsa>(pb, p + b, m);
-    } else if (mode == ParamMode::kKahan) {
-      narrow_block_isa<T, kIsa>(pb, p + b, m);
-      widen_block_isa<T, kIsa>(p + b, hb, m);
-      for (int64_t i = 0; i < m; ++i) hb[i] = pb[i] - hb[i];  // exact: what rounding lost
-      narrow_block_isa<T, kIsa>(hb, comp + b, m);
-    } else {  // kStochastic (Note [stochastic rounding] in rounding.h)
-      const uint64_t first = static_cast<uint64_t>(begin + b);
-      const uint64_t stream = sc.rounding_stream;
-      if constexpr (kBf16) {
-        for (int64_t i = 0; i < m; ++i) {
-          p[b + i].x = bf16_stochastic_bits(pb[i], rounding_bits(stream, first + i));
+    for (int k = 0; k < NS; ++k) {
+      if (!s_direct[k]) store_block<kIsa>(t.state_dtype[k], sb[k], t.state[k], b, m, t.state_scale[k]);
+    }
+    switch (mode) {
+      case ParamMode::kMaster:
+        std::memcpy(master + b, pb, static_cast<size_t>(m) * sizeof(float));
+        store_block<kIsa>(pt, pb, t.param, b, m, nullptr);
+        break;
+      case ParamMode::kKahan:
+        store_block<kIsa>(pt, pb, t.param, b, m, nullptr);
+        load_block<kIsa>(pt, t.param, b, hb, m, nullptr);
+        for (int64_t i = 0; i < m; ++i) hb[i] = pb[i] - hb[i];  // exact: what rounding lost
+        store_block<kIsa>(pt, hb, comp, b, m, nullptr);
+        break;
+      case ParamMode::kStochastic: {  // Note [stochastic rounding] in rounding.h
+        const uint64_t stream = sc.rounding_stream;
+        if (pt == at::kBFloat16) {
+          c10::BFloat16* p = static_cast<c10::BFloat16*>(t.param) + b;
+          for (int64_t i = 0; i < m; ++i) {
+            p[i].x = bf16_stochastic_bits(pb[i], rounding_bits(stream, static_cast<uint64_t>(b + i)));
+          }
+        } else {
+          for (int64_t i = 0; i < m; ++i) {
+            hb[i] = f16_stochastic_float(pb[i], rounding_bits(stream, static_cast<uint64_t>(b + i)));
+          }
+          store_block<kIsa>(pt, hb, t.param, b, m, nullptr);
         }
-      } else {
-        for (int64_t i = 0; i < m; ++i) {
-          hb[i] = f16_stochastic_float(pb[i], rounding_bits(stream, first + i));
-        }
-        narrow_block_isa<T, kIsa>(hb, p + b, m);
+        break;
       }
+      default:
+        if (!p_direct) store_block<kIsa>(pt, pb, t.param, b, m, nullptr);
     }
   }
 }
 
-template <typename T, typename Rule>
+template <typename Rule>
 void storage_baseline(const TensorPtrs& t, int64_t begin, int64_t end) {
-  storage_loop<T, Rule, Isa::kBaseline>(t, begin, end);
+  storage_loop<Rule, Isa::kBaseline>(t, begin, end);
 }
 #if FO_X86_CLONES
-template <typename T, typename Rule>
+template <typename Rule>
 FO_AVX2_TARGET void storage_avx2(const TensorPtrs& t, int64_t begin, int64_t end) {
-  storage_loop<T, Rule, Isa::kAvx2>(t, begin, end);
+  storage_loop<Rule, Isa::kAvx2>(t, begin, end);
 }
-template <typename T, typename Rule>
+template <typename Rule>
 FO_AVX512_TARGET void storage_avx512(const TensorPtrs& t, int64_t begin, int64_t end) {
-  storage_loop<T, Rule, Isa::kAvx512>(t, begin, end);
+  storage_loop<Rule, Isa::kAvx512>(t, begin, end);
 }
 #endif
 
-template <typename T, typename Rule>
+template <typename Rule>
 SegmentFn pick_storage_fn() {
 #if FO_X86_CLONES
   switch (cpu_isa()) {
     case Isa::kAvx512Bf16:
-    case Isa::kAvx512: return &storage_avx512<T, Rule>;
-    case Isa::kAvx2: return &storage_avx2<T, Rule>;
+    case Isa::kAvx512: return &storage_avx512<Rule>;
+    case Isa::kAvx2: return &storage_avx2<Rule>;
     case Isa::kBaseline: break;
   }
 #endif
-  return &storage_baseline<T, Rule>;
+  return &storage_baseline<Rule>;
 }
 
 template <typename T, bool kUnscale, typename Rule>
@@ -480,16 +556,18 @@ SegmentFn pick_segment_fn() {
 // The CPU loop of (T, Rule) for the select_* functions of rule_select.h.
 struct PickSegment {
   bool unscale;  // a GradScaler's grads: unscaled (and stored back) first
-  ParamMode mode = ParamMode::kNearest;  // Note [param storage] (plan.h)
+  // The plan's storage_loop cases (MultiTensorPlan::mixed_storage: Note [param storage],
+  // Note [state storage]).
+  bool mixed = false;
   template <typename T, typename Rule>
   SegmentFn operator()() const {
-    if (mode != ParamMode::kNearest) {
+    if (mixed) {
       // (The plan refused every other dtype.)
-      if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
-        return pick_storage_fn<T, Rule>();  // (unscales at run time)
+      if constexpr (std::is_same_v<at::opmath_type<T>, float>) {
+        return pick_storage_fn<Rule>();  // (unscales at run time)
       } else {
-        TORCH_CHECK(false, "fused_optim: ", param_mode_option(mode),
-                    " applies to bfloat16 and float16 params only");
+        TORCH_CHECK(false, "fused_optim: a param storage mode or state_dtype applies to "
+                    "float32, bfloat16 and float16 params only");
       }
     }
     return unscale ? pick_segment_fn<T, true, Rule>() : pick_segment_fn<T, false, Rule>();

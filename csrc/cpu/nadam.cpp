@@ -35,7 +35,7 @@ void nadam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_a
       nadam_step_coeffs(nadam_coeffs(maximize, weight_decay, beta1, beta2, eps, momentum_decay),
                         lr, lr_is_f32, increment_steps(state_steps), mu_products);
   run_each(plan, coeffs, inv_scale, [&](at::ScalarType dt, bool cplx) {
-    return select_nadam(dt, cplx, wd, PickSegment{unscale, plan.param_mode()});
+    return select_nadam(dt, cplx, wd, PickSegment{unscale, plan.mixed_storage()});
   });
 }
 

@@ -29,7 +29,7 @@ void radam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   const WeightDecay wd = adam_weight_decay(weight_decay, decoupled_weight_decay);
   run_per_step(plan, state_steps, radam_coeffs(maximize, weight_decay, beta1, beta2, eps), lr,
                lr_is_f32, inv_scale, [&](at::ScalarType dt, bool cplx) {
-                 return select_radam(dt, cplx, wd, PickSegment{unscale, plan.param_mode()});
+                 return select_radam(dt, cplx, wd, PickSegment{unscale, plan.mixed_storage()});
                });
 }
 

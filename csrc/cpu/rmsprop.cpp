@@ -34,7 +34,7 @@ void rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList squ
   run_shared(plan, rmsprop_coeffs(maximize, weight_decay, alpha, eps, momentum), lr, inv_scale,
              [&](at::ScalarType dt, bool cplx) {
                return select_rmsprop(dt, cplx, weight_decay != 0.0, centered, use_momentum,
-                                     PickSegment{unscale, plan.param_mode()});
+                                     PickSegment{unscale, plan.mixed_storage()});
              });
 }
 

@@ -25,7 +25,7 @@ void rprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList prevs
   increment_steps(state_steps);  // counted, as torch does; Rprop's math never reads it
   run_shared(plan, rprop_coeffs(maximize, etaminus, etaplus, step_size_min, step_size_max),
              /*lr=*/0.0, inv_scale, [&](at::ScalarType dt, bool cplx) {
-               return select_rprop(dt, cplx, PickSegment{unscale, plan.param_mode()});
+               return select_rprop(dt, cplx, PickSegment{unscale, plan.mixed_storage()});
              });
 }
 

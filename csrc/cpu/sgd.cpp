@@ -28,7 +28,7 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
   const Momentum mode = sgd_momentum(momentum, nesterov, is_first_step);
   run_shared(plan, sgd_coeffs(maximize, weight_decay, momentum, dampening), lr, inv_scale,
              [&](at::ScalarType dt, bool cplx) {
-               return select_sgd(dt, cplx, weight_decay != 0.0, mode, PickSegment{unscale, plan.param_mode()});
+               return select_sgd(dt, cplx, weight_decay != 0.0, mode, PickSegment{unscale, plan.mixed_storage()});
              });
 }
 

@@ -1,0 +1,426 @@
+"""The moments' dtype (state_dtype, Note [state storage] in csrc/plan.h): float32, bfloat16
+or float16 moments beside float32 / 16-bit params, and 8-bit block-quantized moments
+(torch.uint8, Note [8-bit state] in csrc/cpu/quant8.h), on every algorithm with moments.
+
+Each is compared bit for bit with a reference built from torch.optim's for-loop: the update
+computed in float32 on float32 copies (with the IEEE sqrt, as in test_parity.py), the param
+then rounded to its dtype and each moment stored as state_dtype says. The 8-bit
+quantization of the reference is written here, in numpy, from the paper's definition of
+the maps; fused_optim/quantization.py is not used to check the kernels."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import fused_optim
+from fused_optim import quantization
+from parity_utils import correctly_rounded_sqrt
+
+# Every algorithm with moments, with options that give it all its states.
+CASES = [
+    ("SGD", dict(lr=0.1, momentum=0.9, weight_decay=0.01)),
+    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True)),
+    ("Adam", dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
+    ("AdamW", dict(lr=0.01, betas=(0.8, 0.9))),
+    ("RMSprop", dict(lr=0.01, momentum=0.5, centered=True)),
+    ("Adagrad", dict(lr=0.05, lr_decay=0.01)),
+    ("Adamax", dict(lr=0.01, weight_decay=0.1)),
+    ("Adadelta", dict(lr=0.5)),
+    ("NAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
+    ("RAdam", dict(lr=0.01, weight_decay=0.1)),
+]
+IDS = [f"{n}-{i}" for i, (n, _) in enumerate(CASES)]
+MOMENTS = {"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg",
+           "grad_avg", "sum", "exp_inf", "acc_delta"}
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8)
+# Two 8-bit params (5,000 elements: 19 whole blocks and a short one; a 2-D one of 4,550),
+# one small enough to keep float32 moments, and a 0-dim one.
+SHAPES = [(5000,), (70, 65), (10,), ()]
+
+
+# ---- the reference quantization (Dettmers et al., 2022) --------------------------------
+def reference_map(signed):
+    """The dynamic tree map: sign, a decade 10^(i-6) for i = 0..6, and a linear fraction
+    in [0.1, 1] with 2^i (signed) or 2^(i+1) (unsigned) bins, each value the bin's middle;
+    then 0 and 1. As float32, ascending."""
+    values = [0.0, 1.0]
+    decades = np.array([1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0])
+    for i in range(7):
+        bins = 2 ** i if signed else 2 ** (i + 1)
+        middles = (0.1 + ((np.arange(bins) + 0.5) * 0.9) / bins) * decades[i]
+        values += list(middles) + (list(-middles) if signed else [])
+    out = np.sort(np.array(values, dtype=np.float64).astype(np.float32))
+    assert out.size == 256 and np.unique(out).size == 256
+    return out
+
+
+MAPS = {True: reference_map(True), False: reference_map(False)}
+
+
+def reference_quantize(x):
+    """float32 array (flat) -> (uint8 codes, float32 scales): per block of 256, the
+    unsigned map where no value is negative (its scale negated), codes of the nearest
+    value (midpoints in float64 rounded to float32; a tie goes down)."""
+    codes = np.zeros(x.size, dtype=np.uint8)
+    scales = np.zeros((x.size + 255) // 256, dtype=np.float32)
+    for b in range(scales.size):
+        v = x[b * 256:(b + 1) * 256]
+        nan = bool(np.isnan(v).any())
+        amax = np.float32(np.nan) if nan else np.abs(v).max()
+        signed = nan or bool((v < 0).any())
+        scales[b] = amax if signed else -amax
+        m = MAPS[signed]
+        mids = ((m[:-1].astype(np.float64) + m[1:].astype(np.float64)) / 2).astype(np.float32)
+        with np.errstate(invalid="ignore"):
+            normed = (v / amax).astype(np.float32) if amax > 0 else np.zeros_like(v)
+        codes[b * 256:(b + 1) * 256] = (normed[:, None] > mids[None, :]).sum(1)
+    return codes, scales
+
+
+def reference_dequantize(codes, scales):
+    out = np.empty(codes.size, dtype=np.float32)
+    for b in range(scales.size):
+        m = MAPS[not np.signbit(scales[b])]
+        out[b * 256:(b + 1) * 256] = m[codes[b * 256:(b + 1) * 256]] * np.abs(scales[b])
+    return out
+
+
+def quantized(p):
+    return p.numel() >= 4096 and p.is_contiguous()
+
+
+# ---- runs --------------------------------------------------------------------------------
+def make_params(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in SHAPES]
+
+
+def grads_at(step, dtype):
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(s, generator=g).to(dtype) for s in SHAPES]
+
+
+def run_ours(name, kwargs, pdtype, sdtype, steps, params=None, opt=None, start=0):
+    params = make_params(pdtype) if params is None else params
+    opt = getattr(fused_optim, name)(params, **kwargs, state_dtype=sdtype) if opt is None else opt
+    for step in range(start, start + steps):
+        for p, g in zip(params, grads_at(step, pdtype)):
+            p.grad = g
+        opt.step()
+    return params, opt
+
+
+def store_moment(v, sdtype, like):
+    """A float32 moment as state_dtype keeps it, read back as float32."""
+    if sdtype is torch.uint8:
+        if not quantized(like):
+            return v
+        codes, scales = reference_quantize(v.detach().reshape(-1).numpy())
+        return torch.from_numpy(reference_dequantize(codes, scales)).view(v.shape)
+    return v.to(sdtype).float()
+
+
+def run_reference(name, kwargs, pdtype, sdtype, steps):
+    low = [p.detach().clone() for p in make_params(pdtype)]
+    work = [p.float().requires_grad_() for p in low]
+    opt = getattr(torch.optim, name)(work, foreach=False, **kwargs)
+    for step in range(steps):
+        with torch.no_grad():
+            for w, p in zip(work, low):
+                w.copy_(p.float())
+        for w, g in zip(work, grads_at(step, pdtype)):
+            w.grad = g.float()
+        with correctly_rounded_sqrt():
+            opt.step()
+        with torch.no_grad():
+            for w, p in zip(work, low):
+                p.copy_(w.to(pdtype))
+                for k, v in opt.state[w].items():
+                    if k in MOMENTS and isinstance(v, torch.Tensor):
+                        v.copy_(store_moment(v, sdtype, w))
+    return low, opt, work
+
+
+def moment_as_float(state, key):
+    v = state[key]
+    if v.dtype == torch.uint8:
+        return torch.from_numpy(reference_dequantize(
+            v.reshape(-1).numpy(), state[key + "_absmax"].numpy())).view(v.shape)
+    return v.float()
+
+
+def assert_bitwise(a, b, what):
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0, equal_nan=True, msg=what)
+
+
+def expected_dtype(p, sdtype):
+    if sdtype is torch.uint8 and not quantized(p):
+        return torch.float32
+    return sdtype
+
+
+# ---- tests --------------------------------------------------------------------------------
+def test_maps_are_the_papers():
+    """quantization.py's maps (the kernels' are the same construction in C++, checked
+    through every kernel test below) equal the reference's."""
+    ours = quantization._VALUES.numpy()
+    np.testing.assert_array_equal(ours[0], MAPS[True])
+    np.testing.assert_array_equal(ours[1], MAPS[False])
+    assert MAPS[True][0] > -1 and MAPS[True][-1] == 1 and MAPS[False][0] == 0
+
+
+@pytest.mark.parametrize("sdtype", STATE_DTYPES, ids=str)
+@pytest.mark.parametrize("pdtype", PARAM_DTYPES, ids=str)
+@pytest.mark.parametrize("name,kwargs", CASES, ids=IDS)
+def test_state_dtype_matches_the_float32_reference_bitwise(name, kwargs, pdtype, sdtype):
+    """Five steps (the first on the general path, which makes the state, then the eager
+    fast path): params and every moment, bit for bit; the moments in their dtype. (An
+    8-bit moment is compared as the floats its codes and scale stand for: the reference
+    keeps those; test_edge_blocks_through_the_kernel compares codes and scales.)"""
+    params, opt = run_ours(name, kwargs, pdtype, sdtype, 5)
+    low, ref, work = run_reference(name, kwargs, pdtype, sdtype, 5)
+    for i, (p, r) in enumerate(zip(params, low)):
+        assert p.dtype == pdtype
+        assert_bitwise(p, r, f"param {i}")
+        ours, theirs = opt.state[p], ref.state[work[i]]
+        for k, v in theirs.items():
+            if k in MOMENTS and isinstance(v, torch.Tensor):
+                assert ours[k].dtype == expected_dtype(p, sdtype), f"{k} of param {i}"
+                assert_bitwise(moment_as_float(ours, k), v, f"{k} of param {i}")
+                if sdtype is torch.uint8 and not quantized(p):
+                    assert ours[k + "_absmax"].numel() == 0  # (float32 moments)
+            elif k == "step":
+                assert float(ours[k]) == float(v)
+
+
+def test_quantization_module_matches_the_reference():
+    """fused_optim.quantization (checkpoint conversion) quantizes as the kernels do."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5000, generator=g) * torch.logspace(-8, 1, 5000)
+    x[:300] = x[:300].abs()  # a block with no negative value: the unsigned map
+    x[600:856] = 0.0         # an all-zero block
+    x[1200] = float("nan")   # a NaN block
+    codes, scales = quantization.quantize(x)
+    rc, rs = reference_quantize(x.numpy())
+    assert_bitwise(codes, torch.from_numpy(rc), "codes")
+    assert_bitwise(scales, torch.from_numpy(rs), "scales")
+    assert_bitwise(quantization.dequantize(codes, scales), torch.from_numpy(reference_dequantize(rc, rs)),
+                   "dequantized")
+    assert torch.isnan(quantization.dequantize(codes, scales)[1024:1280]).all()
+
+
+def test_edge_blocks_through_the_kernel():
+    """Blocks of zeros, of non-negative values, with a NaN, and huge/tiny magnitudes go
+    through the kernel's quantization as through the reference's (SGD's momentum is the
+    grad on its first step, so the buffer is exactly the quantized grad)."""
+    p = torch.zeros(4096, requires_grad=True)
+    g = torch.randn(4096, generator=torch.Generator().manual_seed(1)) * torch.logspace(-30, 30, 4096)
+    g[:256] = 0.0
+    g[256:512] = g[256:512].abs()
+    g[700] = float("nan")
+    g[1024:1280] = 1e-38
+    p.grad = g.clone()
+    opt = fused_optim.SGD([p], lr=0.1, momentum=0.9, state_dtype=torch.uint8)
+    opt.step()
+    rc, rs = reference_quantize(g.numpy())
+    s = opt.state[p]
+    assert_bitwise(s["momentum_buffer"], torch.from_numpy(rc), "codes")
+    assert_bitwise(s["momentum_buffer_absmax"], torch.from_numpy(rs), "scales")
+    assert torch.signbit(s["momentum_buffer_absmax"][:2]).all()  # unsigned map
+    assert torch.isnan(s["momentum_buffer_absmax"][2])
+
+
+def run_big(threads):
+    """AdamW with 8-bit moments on three params of 70,001 elements, at `threads`."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        big = [torch.randn(70001, generator=torch.Generator().manual_seed(i)).requires_grad_()
+               for i in range(3)]
+        opt = fused_optim.AdamW(big, lr=0.01, state_dtype=torch.uint8)
+        for step in range(3):
+            for i, p in enumerate(big):
+                p.grad = torch.randn(70001, generator=torch.Generator().manual_seed(10 * step + i))
+            opt.step()
+    finally:
+        torch.set_num_threads(old)
+    return [p.detach() for p in big] + [opt.state[p][k] for p in big
+                                        for k in ("exp_avg", "exp_avg_absmax", "exp_avg_sq")]
+
+
+def test_threads_do_not_change_a_bit():
+    """A block is one thread's: 1 and 2 threads give the same bits (the threads' ranges
+    start inside tensors)."""
+    for a, b in zip(run_big(1), run_big(2)):
+        assert_bitwise(a, b, "1 vs 2 threads")
+
+
+def test_fast_path_takes_8_bit_groups():
+    """After the first step every param has its moments and scales: the eager fast path
+    (csrc/python_step.cpp) takes the group, the mode's and the scales' lists merged into
+    the op's param_aux."""
+    params, opt = run_ours("Adam", dict(lr=0.01, amsgrad=True), torch.bfloat16, torch.uint8, 1,)
+    opt.param_groups[0]["params"] = params
+    for p, g in zip(params, grads_at(1, torch.bfloat16)):
+        p.grad = g
+    group = opt.param_groups[0]
+    keys = opt._step_keys(group)
+    assert keys[-3:] == ("exp_avg_absmax", "exp_avg_sq_absmax", "max_exp_avg_sq_absmax")
+    args = fused_optim._ops.schema_args(opt._op, opt._step_kwargs(group), None, None)
+    with torch.no_grad():
+        assert fused_optim._C._step(opt._op, [group["params"]], opt.state, [keys], [args])
+
+
+def test_memory_per_param():
+    """Optimizer state bytes per param as the theory says: Adam's two moments in 8 bits
+    are 2 bytes plus 2 scales of 4 bytes per 256 elements; in bf16, 4 bytes."""
+    p = torch.zeros(2 ** 16, requires_grad=True)
+    for sdtype, want in ((torch.uint8, 2 + 8 / 256), (torch.bfloat16, 4.0), (torch.float32, 8.0)):
+        opt = fused_optim.Adam([p], lr=0.01, state_dtype=sdtype)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        nbytes = sum(v.numel() * v.element_size() for k, v in opt.state[p].items() if k != "step")
+        assert nbytes / p.numel() == want, sdtype
+
+
+# ---- checkpoints -----------------------------------------------------------------------
+@pytest.mark.parametrize("sdtype", STATE_DTYPES, ids=str)
+def test_checkpoint_resumes_bit_for_bit(sdtype):
+    """A state_dict of any state_dtype loads back into the same and continues bit for bit
+    (moments keep their dtype: torch's load_state_dict would cast them to the param's)."""
+    name, kwargs = "Adam", dict(lr=0.01, amsgrad=True)
+    want, opt_want = run_ours(name, kwargs, torch.float32, sdtype, 4)
+    params, opt = run_ours(name, kwargs, torch.float32, sdtype, 2)
+    saved = copy.deepcopy(opt.state_dict())
+    fresh = [p.detach().clone().requires_grad_() for p in params]
+    opt2 = fused_optim.Adam(fresh, **kwargs, state_dtype=sdtype)
+    opt2.load_state_dict(saved)
+    run_ours(name, kwargs, torch.float32, sdtype, 2, params=fresh, opt=opt2, start=2)
+    for i, (a, b) in enumerate(zip(want, fresh)):
+        assert_bitwise(a, b, f"param {i}")
+        for k, v in opt_want.state[a].items():
+            assert v.dtype == opt2.state[b][k].dtype, k
+            assert_bitwise(v, opt2.state[b][k], f"{k} of param {i}")
+
+
+def test_torch_checkpoint_loads_into_8_bit_and_back():
+    """A torch.optim checkpoint loads into state_dtype=torch.uint8 (quantized as it loads);
+    fused_optim.to_torch_state_dict turns an 8-bit checkpoint into one torch.optim loads,
+    with the dequantized moments."""
+    params = make_params(torch.float32)
+    topt = torch.optim.AdamW(params, lr=0.01)
+    for p, g in zip(params, grads_at(0, torch.float32)):
+        p.grad = g
+    topt.step()
+    ours = fused_optim.AdamW(params, lr=0.01, state_dtype=torch.uint8)
+    ours.load_state_dict(topt.state_dict())
+    for p in params:
+        s, t = ours.state[p], topt.state[p]
+        for k in ("exp_avg", "exp_avg_sq"):
+            if quantized(p):
+                codes, scales = reference_quantize(t[k].reshape(-1).numpy())
+                assert_bitwise(s[k].view(-1), torch.from_numpy(codes), k)
+                assert_bitwise(s[k + "_absmax"], torch.from_numpy(scales), k)
+            else:
+                assert_bitwise(s[k], t[k], k)
+    ours.step()
+    back = torch.optim.AdamW(params, lr=0.01)
+    back.load_state_dict(fused_optim.to_torch_state_dict(ours.state_dict()))
+    for p in params:
+        assert set(back.state[p]) == {"step", "exp_avg", "exp_avg_sq"}
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert back.state[p][k].dtype == p.dtype
+            assert_bitwise(back.state[p][k], moment_as_float(ours.state[p], k), k)
+
+
+def test_8_bit_checkpoint_into_another_state_dtype_is_refused():
+    params, opt = run_ours("Adam", dict(lr=0.01), torch.float32, torch.uint8, 1)
+    other = fused_optim.Adam(params, lr=0.01)
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match=r"8-bit moments .*state_dtype=torch.uint8"):
+        other.load_state_dict(opt.state_dict())
+    assert other.state_dict() == before
+
+
+def test_float_state_dtype_checkpoint_converts_between_dtypes():
+    """A bfloat16-moment checkpoint loads into a float32-moment optimizer (widened), and a
+    torch one into state_dtype=torch.bfloat16 (rounded)."""
+    params, opt = run_ours("RMSprop", dict(lr=0.01, centered=True), torch.float32, torch.bfloat16, 1)
+    wide = fused_optim.RMSprop(params, lr=0.01, centered=True, state_dtype=torch.float32)
+    wide.load_state_dict(opt.state_dict())
+    for p in params:
+        assert wide.state[p]["square_avg"].dtype == torch.float32
+        assert_bitwise(wide.state[p]["square_avg"], opt.state[p]["square_avg"].float(), "widened")
+    topt = torch.optim.RMSprop(params, lr=0.01, centered=True)
+    for p, g in zip(params, grads_at(0, torch.float32)):
+        p.grad = g
+    topt.step()
+    narrow = fused_optim.RMSprop(params, lr=0.01, centered=True, state_dtype=torch.bfloat16)
+    narrow.load_state_dict(topt.state_dict())
+    for p in params:
+        assert_bitwise(narrow.state[p]["grad_avg"], topt.state[p]["grad_avg"].bfloat16(), "rounded")
+
+
+# ---- errors --------------------------------------------------------------------------------
+def test_bad_state_dtype_is_refused():
+    p = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="state_dtype must be None"):
+        fused_optim.Adam([p], state_dtype=torch.int32)
+    with pytest.raises(ValueError, match="state_dtype must be None"):
+        fused_optim.Adam([p], state_dtype="bfloat16")
+    for name in ("Rprop", "ASGD"):
+        with pytest.raises(ValueError, match=f"state_dtype does not apply to {name}"):
+            getattr(fused_optim, name)([p], state_dtype=torch.bfloat16)
+    q = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="param 1 of param group 0 has dtype torch.float64"):
+        fused_optim.Adam([p, q], state_dtype=torch.bfloat16)
+    opt = fused_optim.Adam([p], state_dtype=torch.uint8)
+    with pytest.raises(ValueError, match="param 0 of param group 1 has dtype torch.float64"):
+        opt.add_param_group({"params": [q]})
+    assert len(opt.param_groups) == 1
+
+
+def test_op_checks_8_bit_arguments():
+    """The op's own checks, before anything changes: a uint8 state needs contiguous
+    tensors and its scales."""
+    p = torch.randn(64, 80).t()  # not contiguous; its 8-bit states share its strides
+    g = torch.randn(80, 64)
+    m = torch.zeros(64, 80, dtype=torch.uint8).t()
+    v = torch.zeros(64, 80, dtype=torch.uint8).t()
+    step = torch.tensor(0.0)
+    sc = [torch.zeros(20), torch.zeros(20)]
+    op = torch.ops.fused_optim.adam_
+    args = dict(lr=0.01, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False,
+                maximize=False, decoupled_weight_decay=False)
+    before = p.clone()
+    with pytest.raises(RuntimeError, match=r"8-bit state \(uint8\): it and its param must be contiguous"):
+        op([p], [g], [m], [v], [], [step], **args, param_aux=sc)
+    p, m, v = p.contiguous(), m.contiguous(), v.contiguous()
+    with pytest.raises(RuntimeError, match="no block scales"):
+        op([p], [g], [m], [v], [], [step], **args)
+    with pytest.raises(RuntimeError, match="of 20 elements"):
+        op([p], [g], [m], [v], [], [step], **args, param_aux=[torch.zeros(19), torch.zeros(20)])
+    with pytest.raises(RuntimeError, match="one scale tensor per rule state and param"):
+        op([p], [g], [m], [v], [], [step], **args, param_aux=sc[:1])
+    assert float(step) == 0.0
+    assert_bitwise(p, before.contiguous(), "unchanged")
+
+
+def test_grad_scaler_inf_step_changes_nothing():
+    params, opt = run_ours("Adam", dict(lr=0.01), torch.float32, torch.uint8, 1)
+    before = copy.deepcopy(opt.state_dict())
+    snapshot = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.full_like(p, float("inf"))
+    opt.grad_scale = torch.tensor(1.0)
+    opt.found_inf = torch.tensor(1.0)
+    opt.step()
+    del opt.grad_scale, opt.found_inf
+    for p, s in zip(params, snapshot):
+        assert_bitwise(p, s, "param")
+    after = opt.state_dict()
+    for pid, s in before["state"].items():
+        for k, v in s.items():
+            assert_bitwise(after["state"][pid][k], v, k)
