@@ -424,3 +424,71 @@ def test_grad_scaler_inf_step_changes_nothing():
     for pid, s in before["state"].items():
         for k, v in s.items():
             assert_bitwise(after["state"][pid][k], v, k)
+
+
+# ---- with a param storage mode -----------------------------------------------------------
+@pytest.mark.parametrize("mode", ["kahan_summation", "stochastic_rounding", "master_weights"])
+@pytest.mark.parametrize("sdtype", [torch.float32, torch.uint8], ids=str)
+def test_state_dtype_with_a_param_storage_mode(mode, sdtype):
+    """bfloat16 params kept by a mode (Note [param storage]) with moments in state_dtype:
+    bit for bit the float32 reference doing both (the mode's storage as in
+    test_param_storage.py, the moments as above)."""
+    from test_param_storage import stochastic_round
+
+    name, kwargs, dtype, steps = "AdamW", dict(lr=0.01, betas=(0.8, 0.9)), torch.bfloat16, 5
+    params = make_params(dtype)
+    opt = fused_optim.AdamW(params, **kwargs, state_dtype=sdtype, **{mode: True})
+    seeds = None
+    for step in range(steps):
+        for p, g in zip(params, grads_at(step, dtype)):
+            p.grad = g
+        opt.step()
+        if seeds is None and mode == "stochastic_rounding":
+            seeds = [int(opt.state[p]["rounding_state"][0]) for p in params]
+    low = [p.detach().clone() for p in make_params(dtype)]
+    work = [p.float().requires_grad_() for p in low]
+    ref = torch.optim.AdamW(work, foreach=False, **kwargs)
+    comp = [torch.zeros_like(p) for p in low]
+    master = [p.float() for p in low]
+    for step in range(steps):
+        with torch.no_grad():
+            for i, w in enumerate(work):
+                w.copy_({"kahan_summation": lambda: low[i].float() + comp[i].float(),
+                         "master_weights": lambda: master[i]}.get(mode, lambda: low[i].float())())
+        for w, g in zip(work, grads_at(step, dtype)):
+            w.grad = g.float()
+        with correctly_rounded_sqrt():
+            ref.step()
+        with torch.no_grad():
+            for i, w in enumerate(work):
+                if mode == "kahan_summation":
+                    low[i].copy_(w.to(dtype))
+                    comp[i].copy_((w - low[i].float()).to(dtype))
+                elif mode == "master_weights":
+                    master[i].copy_(w)
+                    low[i].copy_(w.to(dtype))
+                else:
+                    low[i].copy_(stochastic_round(w, dtype, seeds[i], step + 1))
+                for k, v in ref.state[w].items():
+                    if k in MOMENTS:
+                        v.copy_(store_moment(v, sdtype, w))
+    for i, (p, r) in enumerate(zip(params, low)):
+        assert_bitwise(p, r, f"param {i}")
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert opt.state[p][k].dtype == expected_dtype(p, sdtype)
+            assert_bitwise(moment_as_float(opt.state[p], k), ref.state[work[i]][k], f"{k} of param {i}")
+        if mode == "master_weights":
+            assert_bitwise(opt.state[p]["master_param"], master[i], f"master of param {i}")
+        if mode == "kahan_summation":
+            assert_bitwise(opt.state[p]["kahan_comp"], comp[i], f"comp of param {i}")
+
+
+def test_subclass_params_are_refused_for_8_bit_state():
+    """8-bit moments take plain tensors (an FSDP2 DTensor's blocks would need its local
+    shard's layout): a subclass is refused when the optimizer is made."""
+    class Sub(torch.Tensor):
+        pass
+
+    p = torch.zeros(5000).as_subclass(Sub).requires_grad_()
+    with pytest.raises(RuntimeError, match="plain tensors only .* param 0 of param group 0 is a Sub"):
+        fused_optim.Adam([p], state_dtype=torch.uint8)

@@ -158,6 +158,11 @@ FO_AVX2_TARGET void q8_quantize_avx2(const float* src, uint8_t* codes, float* sc
 FO_AVX2_TARGET void q8_dequantize_avx2(const uint8_t* codes, float scale, float* dst, int64_t m) {
   q8_dequantize(codes, scale, dst, m);
 }
+// (GCC 12 warns of "uninitialized" values inside its own AVX-512 intrinsics, which start
+// from _mm512_undefined_*: not ours to mend.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // AVX-512: 16 elements at a time, the table's lookups as gathers (Note [quantization by
 // table] in quant8.h); the same operations as q8_quantize, so the same bits.
 FO_AVX512_TARGET void q8_quantize_avx512(const float* src, uint8_t* codes, float* scale,
@@ -221,6 +226,7 @@ FO_AVX512_TARGET void q8_dequantize_avx512(const uint8_t* codes, float scale, fl
   }
   for (; i < m; ++i) dst[i] = value[codes[i]] * a;
 }
+#pragma GCC diagnostic pop
 #endif
 
 void run(MultiTensorPlan& plan, const std::vector<SegmentFn>& fns,

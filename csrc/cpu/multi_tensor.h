@@ -393,6 +393,29 @@ FO_INLINE void store_block(at::ScalarType dt, const float* src, void* base, int6
   }
 }
 
+// The rule over a block of m floats: the param, grad and states (up to 3) each in a
+// buffer of the storage loop or, for float32 lists, in the tensor itself. They never
+// overlap: __restrict lets the compiler vectorize without checking.
+template <typename Rule>
+FO_INLINE void rule_block(const Rule& rule, float* __restrict p, const float* __restrict g,
+                          float* __restrict s0, float* __restrict s1, float* __restrict s2,
+                          int64_t m) {
+  constexpr int NS = Rule::kStates;
+  static_assert(NS <= 3);
+  for (int64_t i = 0; i < m; ++i) {
+    float pv = p[i];
+    float sv[NS > 0 ? NS : 1];
+    if constexpr (NS > 0) sv[0] = s0[i];
+    if constexpr (NS > 1) sv[1] = s1[i];
+    if constexpr (NS > 2) sv[2] = s2[i];
+    rule(pv, g[i], sv);
+    p[i] = pv;
+    if constexpr (NS > 0) s0[i] = sv[0];
+    if constexpr (NS > 1) s1[i] = sv[1];
+    if constexpr (NS > 2) s2[i] = sv[2];
+  }
+}
+
 // The loop over one segment of a tensor whose lists do not all share the param's dtype
 // (Note [state storage] in plan.h: state_dtype) or whose 16-bit param is kept in one of
 // the storage modes (Note [param storage]): kBlock elements at a time, each list widened
@@ -426,10 +449,10 @@ FO_INLINE void storage_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
     const int64_t m = std::min(kBlock, end - b);
     M* pb = p_direct ? static_cast<float*>(t.param) + b : pbuf;
     M* gb = pt == at::kFloat ? static_cast<float*>(t.grad) + b : gbuf;
-    M* sb[NS > 0 ? NS : 1];
+    M* sb[NS > 0 ? NS : 1] = {};
     for (int k = 0; k < NS; ++k) sb[k] = s_direct[k] ? static_cast<float*>(t.state[k]) + b : sbuf[k];
     if (mode == ParamMode::kMaster) {
-      std::memcpy(pb, master + b, static_cast<size_t>(m) * sizeof(float));
+      pb = master + b;  // (updated in place)
     } else if (!p_direct) {
       load_block<kIsa>(pt, t.param, b, pb, m, nullptr);
       if (mode == ParamMode::kKahan) {
@@ -446,20 +469,16 @@ FO_INLINE void storage_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
     for (int k = 0; k < NS; ++k) {
       if (!s_direct[k]) load_block<kIsa>(t.state_dtype[k], t.state[k], b, sb[k], m, t.state_scale[k]);
     }
-    for (int64_t i = 0; i < m; ++i) {
-      M pv = pb[i];
-      M sv[NS > 0 ? NS : 1];
-      for (int k = 0; k < NS; ++k) sv[k] = sb[k][i];
-      rule(pv, gb[i], sv);
-      pb[i] = pv;
-      for (int k = 0; k < NS; ++k) sb[k][i] = sv[k];
-    }
+    M* s1 = nullptr;  // (the states a rule does not have)
+    M* s2 = nullptr;
+    if constexpr (NS > 1) s1 = sb[1];
+    if constexpr (NS > 2) s2 = sb[2];
+    rule_block(rule, pb, gb, sb[0], s1, s2, m);
     for (int k = 0; k < NS; ++k) {
       if (!s_direct[k]) store_block<kIsa>(t.state_dtype[k], sb[k], t.state[k], b, m, t.state_scale[k]);
     }
     switch (mode) {
       case ParamMode::kMaster:
-        std::memcpy(master + b, pb, static_cast<size_t>(m) * sizeof(float));
         store_block<kIsa>(pt, pb, t.param, b, m, nullptr);
         break;
       case ParamMode::kKahan:
