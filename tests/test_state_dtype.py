@@ -492,3 +492,39 @@ def test_subclass_params_are_refused_for_8_bit_state():
     p = torch.zeros(5000).as_subclass(Sub).requires_grad_()
     with pytest.raises(RuntimeError, match="plain tensors only .* param 0 of param group 0 is a Sub"):
         fused_optim.Adam([p], state_dtype=torch.uint8)
+
+
+ISA_SCRIPT = r"""
+import hashlib, torch, fused_optim
+h = hashlib.sha256()
+for dtype, sdtype, mode in ((torch.float32, torch.uint8, {}), (torch.bfloat16, torch.uint8, {"kahan_summation": True}),
+                            (torch.float16, torch.float32, {"master_weights": True}), (torch.float32, torch.bfloat16, {})):
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in ((5000,), (70, 65), (10,))]
+    opt = fused_optim.AdamW(params, lr=0.01, state_dtype=sdtype, **mode)
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(dtype)
+        opt.step()
+    for p in params:
+        for t in [p.detach()] + [v for v in opt.state[p].values()]:
+            h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_every_isa_copy_gives_the_same_bits():
+    """The storage loop and the 8-bit quantization of each ISA copy (Note [ISA dispatch];
+    FUSED_OPTIM_ISA caps the copy) store the same bits: params and every state hashed."""
+    import os
+    import subprocess
+    import sys
+
+    digests = {}
+    for isa in ("baseline", "avx2", "avx512", "avx512bf16"):
+        env = dict(os.environ, FUSED_OPTIM_ISA=isa)
+        out = subprocess.run([sys.executable, "-c", ISA_SCRIPT], capture_output=True, text=True,
+                             env=env, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        digests[isa] = out.stdout.strip()
+    assert len(set(digests.values())) == 1, digests
