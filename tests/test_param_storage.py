@@ -92,22 +92,23 @@ def stochastic_round(x, dtype, seed, counter):
     return torch.from_numpy(r).to(torch.float16).view(x.shape)
 
 
-def make_params(dtype, seed=0):
+def make_params(dtype, seed=0, shapes=SHAPES):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in SHAPES]
+    return [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]
 
 
-def grads_at(step, dtype):
+def grads_at(step, dtype, shapes=SHAPES):
     g = torch.Generator().manual_seed(100 + step)
-    return [torch.randn(s, generator=g).to(dtype) for s in SHAPES]
+    return [torch.randn(s, generator=g).to(dtype) for s in shapes]
 
 
-def run_ours(name, kwargs, mode, dtype, steps, threads=None):
-    params = make_params(dtype)
-    opt = getattr(fused_optim, name)(params, **kwargs, **{mode: True})
+def run_ours(name, kwargs, mode, dtype, steps, threads=None, shapes=SHAPES, **options):
+    """`options`: more of the optimizer's (test_state_dtype.py adds state_dtype)."""
+    params = make_params(dtype, shapes=shapes)
+    opt = getattr(fused_optim, name)(params, **kwargs, **{mode: True}, **options)
     seeds = None
     for step in range(steps):
-        for p, g in zip(params, grads_at(step, dtype)):
+        for p, g in zip(params, grads_at(step, dtype, shapes)):
             p.grad = g
         opt.step()
         if seeds is None and mode == "stochastic_rounding":
@@ -115,10 +116,11 @@ def run_ours(name, kwargs, mode, dtype, steps, threads=None):
     return params, opt, seeds
 
 
-def run_reference(name, kwargs, mode, dtype, steps, seeds):
+def run_reference(name, kwargs, mode, dtype, steps, seeds, shapes=SHAPES, store_state=None):
     """torch's for-loop in float32 on float32 copies, each step's param stored as `mode`
-    says and its states rounded to `dtype` (as run_rounded_reference in parity_utils)."""
-    low = [p.detach().clone() for p in make_params(dtype)]
+    says and its states rounded to `dtype` (as run_rounded_reference in parity_utils), or
+    stored as `store_state(state, float32 param)` returns them (test_state_dtype.py)."""
+    low = [p.detach().clone() for p in make_params(dtype, shapes=shapes)]
     work = [p.float().requires_grad_() for p in low]
     opt = getattr(torch.optim, name)(work, foreach=False, **kwargs)
     comp = [torch.zeros_like(p) for p in low]
@@ -132,7 +134,7 @@ def run_reference(name, kwargs, mode, dtype, steps, seeds):
                     w.copy_(master[i])
                 else:
                     w.copy_(low[i].float())
-        for w, g in zip(work, grads_at(step, dtype)):
+        for w, g in zip(work, grads_at(step, dtype, shapes)):
             w.grad = g.float()
         with correctly_rounded_sqrt():
             opt.step()
@@ -146,10 +148,10 @@ def run_reference(name, kwargs, mode, dtype, steps, seeds):
                     low[i].copy_(w.to(dtype))
                 else:
                     low[i].copy_(stochastic_round(w, dtype, seeds[i], step + 1))
-            for s in opt.state.values():
+            for w, s in opt.state.items():
                 for k, v in s.items():
                     if k not in SCALARS:
-                        v.copy_(v.to(dtype))
+                        v.copy_(v.to(dtype) if store_state is None else store_state(v, w))
     aux = {"kahan_summation": comp, "master_weights": master}.get(mode)
     return low, opt, work, aux
 

@@ -431,56 +431,25 @@ def test_grad_scaler_inf_step_changes_nothing():
 @pytest.mark.parametrize("sdtype", [torch.float32, torch.uint8], ids=str)
 def test_state_dtype_with_a_param_storage_mode(mode, sdtype):
     """bfloat16 params kept by a mode (Note [param storage]) with moments in state_dtype:
-    bit for bit the float32 reference doing both (the mode's storage as in
-    test_param_storage.py, the moments as above)."""
-    from test_param_storage import stochastic_round
+    bit for bit the float32 reference doing both (test_param_storage.py's run, its
+    reference storing the moments as above)."""
+    import test_param_storage
 
     name, kwargs, dtype, steps = "AdamW", dict(lr=0.01, betas=(0.8, 0.9)), torch.bfloat16, 5
-    params = make_params(dtype)
-    opt = fused_optim.AdamW(params, **kwargs, state_dtype=sdtype, **{mode: True})
-    seeds = None
-    for step in range(steps):
-        for p, g in zip(params, grads_at(step, dtype)):
-            p.grad = g
-        opt.step()
-        if seeds is None and mode == "stochastic_rounding":
-            seeds = [int(opt.state[p]["rounding_state"][0]) for p in params]
-    low = [p.detach().clone() for p in make_params(dtype)]
-    work = [p.float().requires_grad_() for p in low]
-    ref = torch.optim.AdamW(work, foreach=False, **kwargs)
-    comp = [torch.zeros_like(p) for p in low]
-    master = [p.float() for p in low]
-    for step in range(steps):
-        with torch.no_grad():
-            for i, w in enumerate(work):
-                w.copy_({"kahan_summation": lambda: low[i].float() + comp[i].float(),
-                         "master_weights": lambda: master[i]}.get(mode, lambda: low[i].float())())
-        for w, g in zip(work, grads_at(step, dtype)):
-            w.grad = g.float()
-        with correctly_rounded_sqrt():
-            ref.step()
-        with torch.no_grad():
-            for i, w in enumerate(work):
-                if mode == "kahan_summation":
-                    low[i].copy_(w.to(dtype))
-                    comp[i].copy_((w - low[i].float()).to(dtype))
-                elif mode == "master_weights":
-                    master[i].copy_(w)
-                    low[i].copy_(w.to(dtype))
-                else:
-                    low[i].copy_(stochastic_round(w, dtype, seeds[i], step + 1))
-                for k, v in ref.state[w].items():
-                    if k in MOMENTS:
-                        v.copy_(store_moment(v, sdtype, w))
+    params, opt, seeds = test_param_storage.run_ours(name, kwargs, mode, dtype, steps,
+                                                     shapes=SHAPES, state_dtype=sdtype)
+    low, ref, work, aux = test_param_storage.run_reference(
+        name, kwargs, mode, dtype, steps, seeds, shapes=SHAPES,
+        store_state=lambda v, w: store_moment(v, sdtype, w))
     for i, (p, r) in enumerate(zip(params, low)):
         assert_bitwise(p, r, f"param {i}")
         for k in ("exp_avg", "exp_avg_sq"):
             assert opt.state[p][k].dtype == expected_dtype(p, sdtype)
             assert_bitwise(moment_as_float(opt.state[p], k), ref.state[work[i]][k], f"{k} of param {i}")
         if mode == "master_weights":
-            assert_bitwise(opt.state[p]["master_param"], master[i], f"master of param {i}")
+            assert_bitwise(opt.state[p]["master_param"], aux[i], f"master of param {i}")
         if mode == "kahan_summation":
-            assert_bitwise(opt.state[p]["kahan_comp"], comp[i], f"comp of param {i}")
+            assert_bitwise(opt.state[p]["kahan_comp"], aux[i], f"comp of param {i}")
 
 
 def test_subclass_params_are_refused_for_8_bit_state():
