@@ -17,14 +17,7 @@ if ! "$VENV/bin/python" -c 'import torch, sys; sys.exit(torch.version.cuda is No
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q "$TORCH_CUDA" numpy ninja setuptools wheel
 fi
-# The toolkit's root: the nvcc on PATH may be a wrapper from which torch would guess a root
-# without libcudart. Headers such as cusparse.h come with the CUDA torch's nvidia wheels.
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-export PATH="$CUDA_HOME/bin:$PATH"
-CPATH="$("$VENV/bin/python" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "include"))')${CPATH:+:$CPATH}"
-export CPATH
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-export MAX_JOBS=${MAX_JOBS:-2}
+source tools/cuda_build_env.sh "$VENV/bin/python"
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT

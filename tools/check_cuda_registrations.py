@@ -1,10 +1,12 @@
 """Exits nonzero unless the fused_optim built in this checkout (in place) has its CUDA
 kernels: a CUDA kernel registered for every optimizer op. No GPU needed. Used by
-tools/check_cuda_build.sh and tools/gpu_check.sh."""
+tools/check_cuda_build.sh and tools/gpu_check.sh; with --installed, checks the fused_optim
+that the interpreter imports instead (CI's newest lane, which installs a wheel)."""
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if "--installed" not in sys.argv[1:]:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
