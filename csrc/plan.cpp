@@ -428,6 +428,48 @@ double inverse_grad_scale(const char* op, const std::optional<at::Tensor>& grad_
   return static_cast<double>(static_cast<float>(1.0 / grad_scale->item<double>()));
 }
 
+void check_sparse_adam_inputs(const char* op, at::TensorList params, at::TensorList grads,
+                              at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                              size_t num_step_sizes, c10::DeviceType device, int64_t max_dims) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
+                  num_step_sizes == n,
+              op, ": expects lists of equal length");
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK(g.layout() == at::kSparse,
+                "SparseAdam does not support dense gradients, please consider Adam instead");
+    TORCH_CHECK(p.layout() == at::kStrided && !p.is_complex(), op,
+                ": expects dense real params, got ", p.layout(), " ", p.scalar_type());
+    TORCH_CHECK(p.dim() <= max_dims, op, ": expects params of at most ", max_dims,
+                " dims, got ", p.dim());
+    TORCH_CHECK(p.device().type() == device && g.device() == p.device(), op, ": expects a ",
+                c10::DeviceTypeName(device), " param and its grad on its device");
+    TORCH_CHECK(g.sizes() == p.sizes() && g.scalar_type() == p.scalar_type(), op,
+                ": a grad must have its param's shape and dtype, got ", g.sizes(), " ",
+                g.scalar_type(), " for ", p.sizes(), " ", p.scalar_type());
+    for (const at::Tensor& s : {exp_avgs[i], exp_avg_sqs[i]}) {
+      TORCH_CHECK(s.layout() == at::kStrided && s.device() == p.device() &&
+                      s.sizes() == p.sizes() && s.scalar_type() == p.scalar_type(),
+                  op, ": the state must have its param's shape, dtype and device");
+    }
+    const at::Tensor ind = g._indices();
+    for (int64_t d = 0; d < g.sparse_dim() && ind.size(1) > 0; ++d) {
+      const at::Tensor row = ind.select(0, d);
+      TORCH_CHECK(row.min().item<int64_t>() >= 0 && row.max().item<int64_t>() < p.size(d), op,
+                  ": a sparse grad's index is out of bounds for dimension ", d, " of size ",
+                  p.size(d));
+    }
+  }
+}
+
+at::Tensor sparse_adam_grad(const at::Tensor& grad, bool maximize,
+                            const std::optional<at::Tensor>& grad_scale, double inv_scale) {
+  if (has_tensor(grad_scale)) grad._values().mul_(inv_scale);
+  return (maximize ? grad.neg() : grad).coalesce();
+}
+
 double lr_value(const char* op, double lr, const std::optional<at::Tensor>& lr_tensor) {
   if (!lr_tensor.has_value() || !lr_tensor->defined()) return lr;
   TORCH_CHECK(lr_tensor->numel() == 1, op, ": Tensor lr must be 1-element");

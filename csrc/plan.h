@@ -232,4 +232,18 @@ inline bool has_tensor(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined();
 }
 
+// SparseAdam's inputs (Note [sparse adam]), checked for both devices before anything
+// changes: lists of equal length, sparse grads (torch's error for a dense one), dense real
+// params of at most max_dims dims on `device` with their grads' shape, dtype and device,
+// states like their params, and every index of a grad within its param's bounds (on CUDA
+// a host synchronisation: an index out of bounds would write outside the tensors).
+void check_sparse_adam_inputs(const char* op, at::TensorList params, at::TensorList grads,
+                              at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                              size_t num_step_sizes, c10::DeviceType device, int64_t max_dims);
+// A sparse grad as SparseAdam reads it: unscaled in place first where a GradScaler's
+// grad_scale is given (as GradScaler.unscale_ leaves it), then as torch's SparseAdam takes
+// it, -grad under maximize, coalesced (duplicates summed in torch's order).
+at::Tensor sparse_adam_grad(const at::Tensor& grad, bool maximize,
+                            const std::optional<at::Tensor>& grad_scale, double inv_scale);
+
 }  // namespace fused_optim

@@ -4,7 +4,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .optimizer import FusedOptimizer, hyper_float, lr_args, scalar_state
+from .optimizer import FusedOptimizer, hyper_float, lr_args, scalar_state, zeros_states
 
 __all__ = ["Adadelta"]
 
@@ -69,5 +69,4 @@ class Adadelta(FusedOptimizer, torch.optim.Adadelta):
         if len(state) == 0:
             # As torch.optim.Adadelta._init_group creates it (Note [state]).
             state["step"] = scalar_state(0.0, p, group["capturable"])
-            state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["acc_delta"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            zeros_states(state, p, "square_avg", "acc_delta")

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from .optimizer import FusedOptimizer, hyper_float, lr_args
+from .optimizer import FusedOptimizer, betas_args, hyper_float, lr_args, zeros_states
 
 __all__ = ["Adam", "AdamW"]
 
@@ -18,11 +18,9 @@ class _AdamStep(FusedOptimizer):
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if group["amsgrad"] else None, "step")
 
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
-        beta1, beta2 = group["betas"]
         return dict(
             **lr_args(group["lr"]),
-            beta1=hyper_float(beta1),
-            beta2=hyper_float(beta2),
+            **betas_args(group),
             weight_decay=hyper_float(group["weight_decay"]),
             eps=group["eps"],
             amsgrad=group["amsgrad"],
@@ -43,10 +41,9 @@ class _AdamStep(FusedOptimizer):
             if group["capturable"] or group["fused"]
             else torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
         )
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        zeros_states(state, p, "exp_avg", "exp_avg_sq")
         if group["amsgrad"]:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            zeros_states(state, p, "max_exp_avg_sq")
 
 
 class Adam(_AdamStep, torch.optim.Adam):

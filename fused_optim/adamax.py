@@ -4,7 +4,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .optimizer import FusedOptimizer, hyper_float, lr_args, scalar_state
+from .optimizer import FusedOptimizer, betas_args, hyper_float, lr_args, scalar_state, zeros_states
 
 __all__ = ["Adamax"]
 
@@ -55,11 +55,9 @@ class Adamax(FusedOptimizer, torch.optim.Adamax):
         return ("exp_avg", "exp_inf", "step")
 
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
-        beta1, beta2 = group["betas"]
         return dict(
             **lr_args(group["lr"]),
-            beta1=hyper_float(beta1),
-            beta2=hyper_float(beta2),
+            **betas_args(group),
             weight_decay=hyper_float(group["weight_decay"]),
             eps=group["eps"],
             maximize=group["maximize"],
@@ -71,5 +69,4 @@ class Adamax(FusedOptimizer, torch.optim.Adamax):
         if len(state) == 0:
             # As torch.optim.Adamax._init_group creates it (Note [state]).
             state["step"] = scalar_state(0.0, p, group["capturable"])
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_inf"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            zeros_states(state, p, "exp_avg", "exp_inf")

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype, _to_scalar
 
-from .optimizer import FusedOptimizer, hyper_float, lr_args
+from .optimizer import FusedOptimizer, hyper_float, lr_args, zeros_states
 
 __all__ = ["ASGD"]
 
@@ -87,4 +87,4 @@ class ASGD(FusedOptimizer, torch.optim.ASGD):
                 .detach()
             )
             state["mu"] = torch.ones((), device=p.device, dtype=_get_scalar_dtype())
-            state["ax"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            zeros_states(state, p, "ax")

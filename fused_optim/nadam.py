@@ -4,7 +4,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .optimizer import FusedOptimizer, hyper_float, lr_args, scalar_state
+from .optimizer import FusedOptimizer, betas_args, hyper_float, lr_args, scalar_state, zeros_states
 
 __all__ = ["NAdam"]
 
@@ -64,11 +64,9 @@ class NAdam(FusedOptimizer, torch.optim.NAdam):
         return ("exp_avg", "exp_avg_sq", "mu_product", "step")
 
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
-        beta1, beta2 = group["betas"]
         return dict(
             **lr_args(group["lr"]),
-            beta1=hyper_float(beta1),
-            beta2=hyper_float(beta2),
+            **betas_args(group),
             weight_decay=hyper_float(group["weight_decay"]),
             eps=group["eps"],
             momentum_decay=group["momentum_decay"],
@@ -83,5 +81,4 @@ class NAdam(FusedOptimizer, torch.optim.NAdam):
             # As torch.optim.NAdam._init_group creates it (Note [state]).
             state["step"] = scalar_state(0.0, p, group["capturable"])
             state["mu_product"] = scalar_state(1.0, p, group["capturable"])
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            zeros_states(state, p, "exp_avg", "exp_avg_sq")

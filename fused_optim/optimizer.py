@@ -544,6 +544,19 @@ def hyper_float(value) -> float:
     return value.item() if isinstance(value, Tensor) else float(value)
 
 
+def betas_args(group: Dict[str, Any]) -> Dict[str, float]:
+    """The kernels' beta1 and beta2 from a group's `betas` (floats or 1-element tensors)."""
+    beta1, beta2 = group["betas"]
+    return {"beta1": hyper_float(beta1), "beta2": hyper_float(beta2)}
+
+
+def zeros_states(state: Dict[str, Any], p: Tensor, *keys: str) -> None:
+    """state[key] = zeros like p (its dtype, device and strides) for each key, as torch's
+    _init_group makes the moments."""
+    for key in keys:
+        state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
 def scalar_state(value: float, p: Tensor, capturable: bool) -> Tensor:
     """A 0-dim float32 state entry (`step`, NAdam's `mu_product`, ...), as the _init_group
     of torch's newer optimizers makes it: on the CPU (the for-loop reads it on the host),

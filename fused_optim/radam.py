@@ -4,7 +4,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .optimizer import FusedOptimizer, hyper_float, lr_args, scalar_state
+from .optimizer import FusedOptimizer, betas_args, hyper_float, lr_args, scalar_state, zeros_states
 
 __all__ = ["RAdam"]
 
@@ -57,11 +57,9 @@ class RAdam(FusedOptimizer, torch.optim.RAdam):
         return ("exp_avg", "exp_avg_sq", "step")
 
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
-        beta1, beta2 = group["betas"]
         return dict(
             **lr_args(group["lr"]),
-            beta1=hyper_float(beta1),
-            beta2=hyper_float(beta2),
+            **betas_args(group),
             weight_decay=hyper_float(group["weight_decay"]),
             eps=group["eps"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
@@ -74,5 +72,4 @@ class RAdam(FusedOptimizer, torch.optim.RAdam):
         if len(state) == 0:
             # As torch.optim.RAdam._init_group creates it (Note [state]).
             state["step"] = scalar_state(0.0, p, group["capturable"])
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            zeros_states(state, p, "exp_avg", "exp_avg_sq")

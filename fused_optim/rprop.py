@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _to_scalar
 
-from .optimizer import FusedOptimizer, scalar_state
+from .optimizer import FusedOptimizer, scalar_state, zeros_states
 
 __all__ = ["Rprop"]
 
@@ -71,7 +71,7 @@ class Rprop(FusedOptimizer, torch.optim.Rprop):
             # As torch.optim.Rprop._init_group creates it (Note [state]): step_size like
             # the grad, not the param.
             state["step"] = scalar_state(0.0, p, group["capturable"])
-            state["prev"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            zeros_states(state, p, "prev")
             if p.dtype.is_complex:
                 state["step_size"] = torch.full_like(grad, complex(group["lr"], group["lr"]))
             else:

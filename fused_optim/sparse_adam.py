@@ -9,7 +9,7 @@ from torch import Tensor
 
 from torch.optim.optimizer import _to_scalar
 
-from .optimizer import FusedOptimizer, hyper_float
+from .optimizer import FusedOptimizer, betas_args, zeros_states
 
 __all__ = ["SparseAdam"]
 
@@ -44,9 +44,7 @@ class SparseAdam(FusedOptimizer, torch.optim.SparseAdam):
         return ("exp_avg", "exp_avg_sq")
 
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
-        beta1, beta2 = group["betas"]
-        return dict(beta1=hyper_float(beta1), beta2=hyper_float(beta2), eps=group["eps"],
-                    maximize=group.get("maximize", False))
+        return dict(**betas_args(group), eps=group["eps"], maximize=group.get("maximize", False))
 
     def _torch_grads_reason(self) -> Optional[str]:
         # torch raises this at the first dense grad, after the params before it were
@@ -73,8 +71,7 @@ class SparseAdam(FusedOptimizer, torch.optim.SparseAdam):
             s = state[p]
             if len(s) == 0:  # as torch's step creates it: `step` is a Python int
                 s["step"] = 0
-                s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                zeros_states(s, p, "exp_avg", "exp_avg_sq")
             exp_avgs.append(s["exp_avg"])
             exp_avg_sqs.append(s["exp_avg_sq"])
             s["step"] += 1

@@ -232,6 +232,53 @@ def test_edge_blocks_through_the_kernel():
     assert torch.isnan(s["momentum_buffer_absmax"][2])
 
 
+def blocks_around_thresholds(amax, signed):
+    """Blocks of 256 whose absmax is `amax` (their first value), the rest the values at
+    and within 2 ulps of every threshold of the map times amax: where a quotient v / amax
+    off by one ulp would change a code."""
+    m = MAPS[signed]
+    mids = ((m[:-1].astype(np.float64) + m[1:].astype(np.float64)) / 2).astype(np.float32)
+    centre = (mids.astype(np.float64) * float(amax)).astype(np.float32)
+    values = [centre]
+    up, down = centre, centre
+    for _ in range(2):
+        up = np.nextafter(up, np.float32(np.inf))
+        down = np.nextafter(down, np.float32(-np.inf))
+        values += [up, down]
+    v = np.concatenate(values)
+    v = v[np.abs(v) <= amax]
+    if not signed:
+        v = v[v >= 0]
+    per = 255
+    blocks = []
+    for start in range(0, v.size, per):
+        chunk = v[start:start + per]
+        blocks.append(np.concatenate([[np.float32(amax)], chunk,
+                                      np.zeros(per - chunk.size, np.float32)]))
+    return np.concatenate(blocks).astype(np.float32)
+
+
+def test_codes_at_every_threshold_for_many_scales():
+    """The kernel's codes equal the reference's (x = v / absmax, correctly rounded) for
+    values at and around every threshold, with absmax from 2^-70 to 2^126, both maps: the
+    AVX-512 copies find x without a division (Note [8-bit without division] in
+    csrc/cpu/multi_tensor.cpp), which must not change a code anywhere."""
+    rng = np.random.default_rng(3)
+    scales = [2.0**e for e in (-70, -61, -60, -59, -30, -1, 0, 1, 30, 99, 100, 101, 126)]
+    scales += list((2.0 ** rng.uniform(-70, 126, 40)).astype(np.float32))
+    scales += [np.nextafter(np.float32(2.0**-60), np.float32(0)), np.float32(3.0e38)]
+    data = np.concatenate([blocks_around_thresholds(np.float32(a), signed)
+                           for a in scales for signed in (True, False)])
+    p = torch.zeros(data.size, requires_grad=True)
+    p.grad = torch.from_numpy(data.copy())
+    opt = fused_optim.SGD([p], lr=0.1, momentum=0.9, state_dtype=torch.uint8)
+    opt.step()  # the momentum buffer is the grad on the first step: quantized as it is
+    rc, rs = reference_quantize(data)
+    s = opt.state[p]
+    assert_bitwise(s["momentum_buffer_absmax"], torch.from_numpy(rs), "scales")
+    assert_bitwise(s["momentum_buffer"], torch.from_numpy(rc), "codes")
+
+
 def run_big(threads):
     """AdamW with 8-bit moments on three params of 70,001 elements, at `threads`."""
     old = torch.get_num_threads()

@@ -163,8 +163,25 @@ FO_AVX2_TARGET void q8_dequantize_avx2(const uint8_t* codes, float scale, float*
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// Note [8-bit without division]
+// x = v / absmax, correctly rounded, without a division per element (a vector division
+// is the slowest instruction of the loop): r = RN(1/absmax) once per block, q0 = RN(v * r),
+// then two corrections q' = RN(q + r * (v - q * absmax)), the remainder an fma. After the
+// first, q is faithful (within an ulp of v / absmax); then, r being correctly rounded,
+// Markstein's theorem makes the second's result RN(v / absmax), provided nothing
+// underflows or overflows (Markstein, "Computation of elementary functions on the IBM
+// RISC System/6000 processor", 1990; Muller et al., Handbook of Floating-Point Arithmetic,
+// the theorem on division by an fma). So the block takes this path only where absmax is
+// in [2^-60, 2^100]: r is then normal, and where x is within reach of a threshold
+// (|x| > 2^-26, the thresholds' smallest magnitude being above 5e-8), v and the remainder
+// are normal numbers. A smaller |x| may come out inexact, but with its sign, and every
+// such x has the code of 0. Elsewhere (absmax NaN, infinite, huge or tiny, or 0) the
+// block divides. The codes are those of q8_quantize; tests/test_state_dtype.py checks
+// values at and around every threshold, for many absmax, against the reference.
+constexpr float kFastDivMin = 0x1p-60f, kFastDivMax = 0x1p100f;
+
 // AVX-512: 16 elements at a time, the table's lookups as gathers (Note [quantization by
-// table] in quant8.h); the same operations as q8_quantize, so the same bits.
+// table] in quant8.h); the same codes as q8_quantize.
 FO_AVX512_TARGET void q8_quantize_avx512(const float* src, uint8_t* codes, float* scale,
                                          int64_t m) {
   const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
@@ -186,20 +203,27 @@ FO_AVX512_TARGET void q8_quantize_avx512(const float* src, uint8_t* codes, float
     any_negative |= src[k] < 0.0f;
     any_nan |= src[k] != src[k];
   }
-  if (any_nan) amax = NAN;
-  const int u = (any_negative || any_nan) ? 0 : 1;
-  *scale = u ? -amax : amax;
-  const uint32_t* entry = quant8_maps().entry[u];
+  const uint32_t* entry = q8_block_map(amax, any_negative, any_nan, scale);
   if (!(amax > 0.0f)) {
     std::memset(codes, q8_code(0.0f, entry), static_cast<size_t>(m));
     return;
   }
+  const bool fast = amax >= kFastDivMin && amax <= kFastDivMax;  // Note [8-bit without division]
   const __m512 va = _mm512_set1_ps(amax);
+  const __m512 vr = _mm512_set1_ps(1.0f / amax);
   const __m512i one = _mm512_set1_epi32(1);
   const __m512i low14 = _mm512_set1_epi32(0x3FFF), sign = _mm512_set1_epi32(0x4000);
   const __m512i byte = _mm512_set1_epi32(0xFF), low16 = _mm512_set1_epi32(0xFFFF);
   for (i = 0; i + 16 <= m; i += 16) {
-    const __m512 x = _mm512_div_ps(_mm512_loadu_ps(src + i), va);
+    const __m512 v = _mm512_loadu_ps(src + i);
+    __m512 x;
+    if (fast) {
+      x = _mm512_mul_ps(v, vr);
+      x = _mm512_fmadd_ps(_mm512_fnmadd_ps(x, va, v), vr, x);
+      x = _mm512_fmadd_ps(_mm512_fnmadd_ps(x, va, v), vr, x);
+    } else {
+      x = _mm512_div_ps(v, va);
+    }
     const __m512i bits = _mm512_castps_si512(x);
     const __m512i bucket = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(bits, 16), low14),
                                            _mm512_and_si512(_mm512_srli_epi32(bits, 17), sign));
@@ -213,8 +237,87 @@ FO_AVX512_TARGET void q8_quantize_avx512(const float* src, uint8_t* codes, float
   }
   for (; i < m; ++i) codes[i] = static_cast<uint8_t>(q8_code(src[i] / amax, entry));
 }
+
+namespace {
+
+// Note [8-bit dequantization by byte permutes]
+// With AVX512-VBMI, 64 codes at a time without a gather: each map value's four bytes are
+// four 256-byte tables (four registers each); a vpermt2b looks up 128 entries by the low 7
+// bits of each code, two of them and a blend on the top bit give one byte of 64 values,
+// and byte and word unpacks make the floats. The unpacks interleave within 128-bit lanes,
+// so the codes are first permuted (one vpermb) into the order that makes the floats come
+// out in memory order. The floats are the map's own values, multiplied by |scale| as in
+// q8_dequantize: the same bits.
+struct DequantPlanes {
+  alignas(64) uint8_t byte[2][4][256];  // [map][byte of the float][code]
+  alignas(64) uint8_t order[64];        // the codes' permutation
+};
+
+const DequantPlanes& dequant_planes() {
+  static const DequantPlanes planes = [] {
+    DequantPlanes d{};
+    for (int u = 0; u < 2; ++u) {
+      for (int c = 0; c < 256; ++c) {
+        uint32_t bits;
+        std::memcpy(&bits, &quant8_maps().value[u][c], 4);
+        for (int k = 0; k < 4; ++k) d.byte[u][k][c] = static_cast<uint8_t>(bits >> (8 * k));
+      }
+    }
+    // Byte 16L + 4q + j of a lane L of the permuted codes becomes float 16q + 4L + j.
+    for (int lane = 0; lane < 4; ++lane) {
+      for (int q = 0; q < 4; ++q) {
+        for (int j = 0; j < 4; ++j) d.order[16 * lane + 4 * q + j] = static_cast<uint8_t>(16 * q + 4 * lane + j);
+      }
+    }
+    return d;
+  }();
+  return planes;
+}
+
+// Whether q8_dequantize_avx512 uses the byte permutes: the CPU has AVX512-VBMI and the ISA
+// is not capped below avx512bf16 (so FUSED_OPTIM_ISA=avx512 tests the gathers).
+bool dequant_by_permutes() {
+  static const bool on = cpu_isa() >= Isa::kAvx512Bf16 && __builtin_cpu_supports("avx512vbmi");
+  return on;
+}
+
+__attribute__((target(FO_AVX512_ISA ",avx512vbmi"))) void q8_dequantize_vbmi(
+    const uint8_t* codes, float scale, float* dst, int64_t m) {
+  const DequantPlanes& d = dequant_planes();
+  const uint8_t(*planes)[256] = d.byte[std::signbit(scale) ? 1 : 0];
+  const __m512 va = _mm512_set1_ps(std::fabs(scale));
+  const __m512i order = _mm512_load_si512(d.order);
+  __m512i t[4][4];
+  for (int k = 0; k < 4; ++k) {
+    for (int h = 0; h < 4; ++h) t[k][h] = _mm512_load_si512(planes[k] + 64 * h);
+  }
+  int64_t i = 0;
+  for (; i + 64 <= m; i += 64) {
+    const __m512i c = _mm512_permutexvar_epi8(order, _mm512_loadu_si512(codes + i));
+    const __mmask64 high = _mm512_movepi8_mask(c);  // codes 128-255
+    __m512i b[4];
+    for (int k = 0; k < 4; ++k) {
+      b[k] = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(t[k][0], c, t[k][1]),
+                                    _mm512_permutex2var_epi8(t[k][2], c, t[k][3]));
+    }
+    const __m512i lo01 = _mm512_unpacklo_epi8(b[0], b[1]), hi01 = _mm512_unpackhi_epi8(b[0], b[1]);
+    const __m512i lo23 = _mm512_unpacklo_epi8(b[2], b[3]), hi23 = _mm512_unpackhi_epi8(b[2], b[3]);
+    const __m512i f[4] = {_mm512_unpacklo_epi16(lo01, lo23), _mm512_unpackhi_epi16(lo01, lo23),
+                          _mm512_unpacklo_epi16(hi01, hi23), _mm512_unpackhi_epi16(hi01, hi23)};
+    for (int q = 0; q < 4; ++q) {
+      _mm512_storeu_ps(dst + i + 16 * q, _mm512_mul_ps(_mm512_castsi512_ps(f[q]), va));
+    }
+  }
+  const float* value = quant8_maps().value[std::signbit(scale) ? 1 : 0];
+  const float a = std::fabs(scale);
+  for (; i < m; ++i) dst[i] = value[codes[i]] * a;
+}
+
+}  // namespace
+
 FO_AVX512_TARGET void q8_dequantize_avx512(const uint8_t* codes, float scale, float* dst,
                                            int64_t m) {
+  if (dequant_by_permutes()) return q8_dequantize_vbmi(codes, scale, dst, m);
   const float* value = quant8_maps().value[std::signbit(scale) ? 1 : 0];
   const float a = std::fabs(scale);
   const __m512 va = _mm512_set1_ps(a);

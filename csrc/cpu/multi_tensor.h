@@ -38,7 +38,9 @@ namespace fused_optim::cpu {
 // the library, and nothing it shares with torch's headers, changes ISA). The 16-bit loops
 // of the vector copies run the rules on vectors (Note [vector rules] in simd.h). The
 // widest copy the CPU supports is chosen at run time;
-// FUSED_OPTIM_ISA=baseline|avx2|avx512|avx512bf16 caps it (tests compare all four).
+// FUSED_OPTIM_ISA=baseline|avx2|avx512|avx512bf16 caps it (tests compare all four); the
+// avx512bf16 level also lets the 8-bit dequantization use AVX512-VBMI's byte permutes
+// where the CPU has them (Note [8-bit dequantization by byte permutes]).
 // Every fma is explicit and the build has -ffp-contract=off, so all copies produce the
 // same bits: sqrt, division and fma are exactly rounded at any vector width (and on a CPU
 // without FMA, std::fma is libm's correctly rounded fma).
@@ -309,7 +311,7 @@ FO_INLINE void widen_block_isa(const T* src, float* dst, int64_t m) {
       std::memcpy(dst + i, &v.v, sizeof(V));
     }
   }
-  for (; i < m; ++i) dst[i] = widen(src[i]);
+  widen_block(src + i, dst + i, m - i);
 }
 template <typename T, Isa kIsa>
 FO_INLINE void narrow_block_isa(const float* src, T* dst, int64_t m) {
@@ -323,7 +325,7 @@ FO_INLINE void narrow_block_isa(const float* src, T* dst, int64_t m) {
       v.store(dst + i);
     }
   }
-  for (; i < m; ++i) narrow(src[i], dst + i);
+  narrow_block(src + i, dst + i, m - i);
 }
 
 // The coefficients a storage loop sees for a tensor (Note [param storage] in plan.h): the

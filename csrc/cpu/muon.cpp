@@ -139,6 +139,26 @@ void check_ns(int64_t ns_steps) {
                     "Number of steps must be less than 100 for computational efficiency");
 }
 
+// What both kernels (muon_aten, muon_cpu) take from their arguments, every check first.
+struct StepInputs {
+  bool unscale;      // a GradScaler's grad_scale is given
+  double inv_scale;  // 1/scale as GradScaler rounds it
+  double lr;         // lr's value (a float or a Tensor lr)
+  bool lr_f32;       // a float32 Tensor lr (Note [Tensor lr])
+  bool skip;         // found_inf says the step is skipped
+};
+
+StepInputs step_inputs(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                       c10::Device device, int64_t ns_steps, double lr,
+                       const std::optional<at::Tensor>& lr_tensor,
+                       const std::optional<at::Tensor>& grad_scale,
+                       const std::optional<at::Tensor>& found_inf) {
+  check_inputs(params, grads, bufs, device);
+  check_ns(ns_steps);
+  return {has_tensor(grad_scale), inverse_grad_scale(kOp, grad_scale),
+          lr_value(kOp, lr, lr_tensor), lr_is_float32(lr_tensor), skip_step(found_inf)};
+}
+
 // The params of one shape, in list order, and their stacked bfloat16 updates.
 struct ShapeGroup {
   int64_t rows = 0, cols = 0;
@@ -207,13 +227,12 @@ void muon_aten(at::TensorList params, at::TensorList grads, at::TensorList momen
                const std::optional<at::Tensor>& grad_scale,
                const std::optional<at::Tensor>& found_inf) {
   if (params.empty()) return;
-  check_inputs(params, grads, momentum_buffers, params[0].device());
-  check_ns(ns_steps);
-  const bool unscale = has_tensor(grad_scale);
-  const double inv_scale = inverse_grad_scale(kOp, grad_scale);
-  lr = lr_value(kOp, lr, lr_tensor);
-  const bool lr_f32 = lr_is_float32(lr_tensor);
-  if (skip_step(found_inf)) return;
+  const StepInputs in = step_inputs(params, grads, momentum_buffers, params[0].device(),
+                                    ns_steps, lr, lr_tensor, grad_scale, found_inf);
+  if (in.skip) return;
+  const bool unscale = in.unscale, lr_f32 = in.lr_f32;
+  const double inv_scale = in.inv_scale;
+  lr = in.lr;
 
   // (Numbers as Python passes them: wrapped().)
   if (unscale) {
@@ -432,8 +451,8 @@ void muon_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
               const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf) {
   if (params.empty()) return;
-  check_inputs(params, grads, momentum_buffers, c10::Device(c10::kCPU));
-  check_ns(ns_steps);
+  const StepInputs in = step_inputs(params, grads, momentum_buffers, c10::Device(c10::kCPU),
+                                    ns_steps, lr, lr_tensor, grad_scale, found_inf);
   const at::ScalarType dtype = params[0].scalar_type();
   for (const at::Tensor& p : params) {
     if (p.scalar_type() != dtype) {  // a group of several dtypes (rare): ATen's ops
@@ -442,11 +461,10 @@ void muon_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
       return;
     }
   }
-  const bool unscale = has_tensor(grad_scale);
-  const double inv_scale = inverse_grad_scale(kOp, grad_scale);
-  lr = lr_value(kOp, lr, lr_tensor);
-  const bool lr_f32 = lr_is_float32(lr_tensor);
-  if (skip_step(found_inf)) return;
+  if (in.skip) return;
+  const bool unscale = in.unscale, lr_f32 = in.lr_f32;
+  const double inv_scale = in.inv_scale;
+  lr = in.lr;
 
   std::vector<ShapeGroup> groups = group_by_shape(params, params[0].options());
   std::vector<Slot> slots(params.size());

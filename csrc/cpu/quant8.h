@@ -21,7 +21,9 @@
 // block NaN (its scale is NaN), as a NaN moment poisons that element's updates in torch.
 // The update itself is computed in float from the dequantized moments; what it stores is
 // the quantization of its results. fused_optim/quantization.py is the same in Python (for
-// checkpoint conversion), and tests/test_state_dtype.py has its own reference.
+// checkpoint conversion), and tests/test_state_dtype.py has its own reference. The AVX-512
+// copies compute the same codes faster: Note [8-bit without division] and Note [8-bit
+// dequantization by byte permutes] in multi_tensor.cpp.
 
 #include <algorithm>
 #include <cmath>
@@ -120,6 +122,17 @@ inline const Quant8Maps& quant8_maps() {
   return maps;
 }
 
+// A block's map and scale from what its values hold (Note [8-bit state]): the signed map
+// where one is negative or NaN, else the unsigned one, recorded in the scale's sign; a NaN
+// makes amax, and so the scale, NaN. Returns the map's lookup table (Note [quantization by
+// table]).
+inline const uint32_t* q8_block_map(float& amax, bool negative, bool nan, float* scale) {
+  if (nan) amax = NAN;
+  const int u = (negative || nan) ? 0 : 1;
+  *scale = u ? -amax : amax;
+  return quant8_maps().entry[u];
+}
+
 // A block of m <= kQuantBlock codes with its scale, as floats.
 inline __attribute__((always_inline)) void q8_dequantize(const uint8_t* codes, float scale,
                                                          float* dst, int64_t m) {
@@ -140,11 +153,7 @@ inline __attribute__((always_inline)) void q8_quantize(const float* src, uint8_t
     negative |= src[i] < 0.0f;
     nan |= src[i] != src[i];
   }
-  if (nan) amax = NAN;
-  const int u = (negative || nan) ? 0 : 1;
-  *scale = u ? -amax : amax;
-  const Quant8Maps& maps = quant8_maps();
-  const uint32_t* entry = maps.entry[u];
+  const uint32_t* entry = q8_block_map(amax, negative, nan, scale);
   const bool divide = amax > 0.0f;
   for (int64_t i = 0; i < m; ++i) {
     codes[i] = static_cast<uint8_t>(q8_code(divide ? src[i] / amax : 0.0f, entry));

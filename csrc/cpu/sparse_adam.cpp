@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "cpu/multi_tensor.h"
@@ -127,46 +128,16 @@ void sparse_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList
                      const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "fused_optim::sparse_adam_";
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
-                  step_sizes.size() == n,
-              op, ": expects lists of equal length");
   // Every check first: a bad input changes nothing.
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    const at::Tensor& g = grads[i];
-    TORCH_CHECK(g.layout() == at::kSparse,
-                "SparseAdam does not support dense gradients, please consider Adam instead");
-    TORCH_CHECK(p.layout() == at::kStrided && !p.is_complex(), op,
-                ": expects dense real params, got ", p.layout(), " ", p.scalar_type());
-    TORCH_CHECK(p.device().is_cpu() && g.device().is_cpu(), op, ": expects CPU tensors");
-    TORCH_CHECK(g.sizes() == p.sizes() && g.scalar_type() == p.scalar_type(), op,
-                ": a grad must have its param's shape and dtype, got ", g.sizes(), " ",
-                g.scalar_type(), " for ", p.sizes(), " ", p.scalar_type());
-    for (const at::Tensor& s : {exp_avgs[i], exp_avg_sqs[i]}) {
-      TORCH_CHECK(s.layout() == at::kStrided && s.device().is_cpu() && s.sizes() == p.sizes() &&
-                      s.scalar_type() == p.scalar_type(),
-                  op, ": the state must have its param's shape, dtype and device");
-    }
-    const at::Tensor ind = g._indices();
-    for (int64_t d = 0; d < g.sparse_dim(); ++d) {
-      if (ind.size(1) == 0) break;
-      const at::Tensor row = ind.select(0, d);
-      TORCH_CHECK(row.min().item<int64_t>() >= 0 && row.max().item<int64_t>() < p.size(d), op,
-                  ": a sparse grad's index is out of bounds for dimension ", d, " of size ",
-                  p.size(d));
-    }
-  }
+  check_sparse_adam_inputs(op, params, grads, exp_avgs, exp_avg_sqs, step_sizes.size(),
+                           c10::DeviceType::CPU, std::numeric_limits<int64_t>::max());
   const double inv_scale = inverse_grad_scale(op, grad_scale);
   if (skip_step(found_inf)) return;
 
   std::vector<Work> work;
   work.reserve(n);
   for (size_t i = 0; i < n; ++i) {
-    at::Tensor g = grads[i];
-    // As GradScaler.unscale_ leaves the grad: its values times 1/scale, in place.
-    if (has_tensor(grad_scale)) g._values().mul_(inv_scale);
-    // torch: grad = -grad under maximize, then grad.coalesce() (duplicates summed).
-    const at::Tensor coalesced = (maximize ? g.neg() : g).coalesce();
+    const at::Tensor coalesced = sparse_adam_grad(grads[i], maximize, grad_scale, inv_scale);
     Work w;
     w.values = coalesced._values().contiguous();
     if (w.values.numel() == 0) continue;  // torch skips an empty grad (its step still counts)

@@ -71,41 +71,13 @@ void sparse_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
                       const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "fused_optim::sparse_adam_";
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
-                  step_sizes.size() == n,
-              op, ": expects lists of equal length");
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    const at::Tensor& g = grads[i];
-    TORCH_CHECK(g.layout() == at::kSparse,
-                "SparseAdam does not support dense gradients, please consider Adam instead");
-    TORCH_CHECK(p.layout() == at::kStrided && !p.is_complex() && p.dim() <= kMaxDims, op,
-                ": expects dense real params of at most ", kMaxDims, " dims");
-    TORCH_CHECK(p.is_cuda() && g.device() == p.device(), op,
-                ": expects a CUDA param and its grad on its device");
-    TORCH_CHECK(g.sizes() == p.sizes() && g.scalar_type() == p.scalar_type(), op,
-                ": a grad must have its param's shape and dtype");
-    for (const at::Tensor& s : {exp_avgs[i], exp_avg_sqs[i]}) {
-      TORCH_CHECK(s.layout() == at::kStrided && s.device() == p.device() &&
-                      s.sizes() == p.sizes() && s.scalar_type() == p.scalar_type(),
-                  op, ": the state must have its param's shape, dtype and device");
-    }
-    // (A host synchronisation: an index out of bounds would write outside the tensors.)
-    const at::Tensor ind = g._indices();
-    for (int64_t d = 0; d < g.sparse_dim() && ind.size(1) > 0; ++d) {
-      const at::Tensor row = ind.select(0, d);
-      TORCH_CHECK(row.min().item<int64_t>() >= 0 && row.max().item<int64_t>() < p.size(d), op,
-                  ": a sparse grad's index is out of bounds for dimension ", d, " of size ",
-                  p.size(d));
-    }
-  }
+  check_sparse_adam_inputs(op, params, grads, exp_avgs, exp_avg_sqs, step_sizes.size(),
+                           c10::DeviceType::CUDA, kMaxDims);
   const double inv_scale = inverse_grad_scale(op, grad_scale);
   if (skip_step(found_inf)) return;
   for (size_t i = 0; i < n; ++i) {
     const c10::cuda::CUDAGuard guard(params[i].device());
-    at::Tensor g = grads[i];
-    if (has_tensor(grad_scale)) g._values().mul_(inv_scale);
-    const at::Tensor coalesced = (maximize ? g.neg() : g).coalesce();
+    const at::Tensor coalesced = sparse_adam_grad(grads[i], maximize, grad_scale, inv_scale);
     const at::Tensor values = coalesced._values().contiguous();
     if (values.numel() == 0) continue;
     const at::Tensor indices = coalesced._indices().contiguous();
