@@ -95,7 +95,8 @@ CpuTuning tuning_from_table() {
 #if FO_X86_CLONES
   if (id.vendor == "GenuineIntel" && __builtin_cpu_supports("avx512bf16")) {
     // The project's 2-core Xeon (Cooper Lake or newer server cores): fp32 Adam 87% -> 95%
-    // of the limit, W3 Adam ~12% faster at 2 threads (sessions 5-7).
+    // of the limit, W3 Adam ~12% faster at 2 threads (sessions 5-7); on family 6 model 167
+    // (AVX512-FP16, AMX) W1/W2 Adam 1.0x -> 1.1x torch fused=True (session 13).
     t = {384, true, "Intel Xeon with AVX512-BF16", "table"};
   } else if (id.vendor == "AuthenticAMD" && id.family == 0x19 &&
              ((id.model >= 0x10 && id.model <= 0x1F) || (id.model >= 0x60 && id.model <= 0xAF))) {
