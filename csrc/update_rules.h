@@ -75,6 +75,13 @@ FO_HOST_DEVICE FO_INLINE M maximum_(M a, M b) {
   return (a > b) | (a != a) ? a : b;
 }
 
+// x < y ? a : b (a comparison: a NaN x or y takes b). Lane by lane on the vector types of
+// cpu/simd.h, so the rules that choose per element vectorize (Note [Rprop's selects]).
+template <typename M>
+FO_HOST_DEVICE FO_INLINE M if_less_(M x, M y, M a, M b) {
+  return x < y ? a : b;
+}
+
 // |a| (torch.abs): the sign bit cleared, NaN included.
 template <typename M>
 FO_HOST_DEVICE FO_INLINE M abs_(M a) {
@@ -710,19 +717,18 @@ inline RpropCoeffs rprop_coeffs(bool maximize, double etaminus, double etaplus,
 }
 
 // Note [Rprop's selects]
-// The rule chooses per element (by the sign of grad * prev), which the vector types of
-// cpu/simd.h do not offer: kScalarOnly makes the CPU loops run it on scalars for every
-// dtype (float16/bfloat16 too, where the compiler vectorizes what it can). Every choice
-// is a comparison, so NaN goes where torch sends it: torch.sign(NaN) is 0, so a NaN
-// product takes the factor 1, and a NaN grad moves nothing but stays in `prev`.
-// torch's complex Rprop works on real views: real arithmetic throughout.
+// The rule chooses per element (by the sign of grad * prev): each choice is if_less_, a
+// comparison and a select, so the vector loops run it too (16-bit params with AVX2 or
+// AVX-512), with the scalar loop's bits. Every choice being a comparison, NaN goes where
+// torch sends it: torch.sign(NaN) is 0, so a NaN product takes the factor 1, and a NaN grad
+// moves nothing but stays in `prev`. torch's complex Rprop works on real views: real
+// arithmetic throughout.
 template <typename M, bool kFma = true>
 struct RpropRule {
   using Coeffs = RpropCoeffs;
   template <typename V>
   using WithMath = RpropRule<V, kFma>;
   static constexpr int kStates = 2;
-  static constexpr bool kScalarOnly = true;
   M grad_sign, etaminus, etaplus, step_size_min, step_size_max;
 
   FO_HOST_DEVICE explicit RpropRule(const RpropCoeffs& c)
@@ -733,7 +739,9 @@ struct RpropRule {
         step_size_max(static_cast<M>(c.step_size_max)) {}
 
   // torch.sign: 1, -1, or +0 (for +-0 and NaN).
-  static FO_HOST_DEVICE FO_INLINE M sign(M x) { return x > M(0) ? M(1) : x < M(0) ? M(-1) : M(0); }
+  static FO_HOST_DEVICE FO_INLINE M sign(M x) {
+    return if_less_(M(0.0), x, M(1.0), if_less_(x, M(0.0), M(-1.0), M(0.0)));
+  }
 
   // state[0]: prev, state[1]: step_size
   FO_HOST_DEVICE FO_INLINE void operator()(M& p, M g, M* state) const {
@@ -743,14 +751,14 @@ struct RpropRule {
     // sign = grad.mul(prev).sign(); sign[sign > 0] = etaplus; sign[sign < 0] = etaminus;
     // sign[sign == 0] = 1
     const M s = sign(g * prev);
-    const M factor = s > M(0) ? etaplus : s < M(0) ? etaminus : M(1);
+    const M factor = if_less_(M(0.0), s, etaplus, if_less_(s, M(0.0), etaminus, M(1.0)));
     // step_size.mul_(sign).clamp_(step_size_min, step_size_max): min(max(x, lo), hi)
     M size = step_size * factor;
-    size = size < step_size_min ? step_size_min : size;
-    step_size = step_size_max < size ? step_size_max : size;
-    if (s < M(0)) g = M(0);          // grad[sign.eq(etaminus)] = 0
-    p = fma_(-sign(g), step_size, p);  // param.addcmul_(grad.sign(), step_size, value=-1)
-    prev = g;                        // prev.copy_(grad)
+    size = if_less_(size, step_size_min, step_size_min, size);
+    step_size = if_less_(step_size_max, size, step_size_max, size);
+    g = if_less_(s, M(0.0), M(0.0), g);  // grad[sign.eq(etaminus)] = 0
+    p = fma_(-sign(g), step_size, p);    // param.addcmul_(grad.sign(), step_size, value=-1)
+    prev = g;                            // prev.copy_(grad)
   }
 };
 

@@ -88,10 +88,6 @@ struct VectorMathOf<c10::BFloat16, kIsa> {
 #endif
 template <typename T, Isa kIsa>
 using VectorMath = typename VectorMathOf<T, kIsa>::type;
-// A rule that chooses per element (kScalarOnly: Note [Rprop's selects] in update_rules.h)
-// runs on scalars, as on the baseline.
-template <typename Rule>
-constexpr bool kScalarOnly = requires { requires Rule::kScalarOnly; };
 
 // Elements converted at a time for float16 params in the baseline loops: the float copies
 // stay in L1.
@@ -213,7 +209,7 @@ FO_INLINE void segment_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
   // 16-bit params with AVX2 or AVX-512: the rule on a vector of floats at a time,
   // converted in registers (Note [vector rules]); the scalar loop below does the tail.
   // (Without a vector, V is M, never used.)
-  using V = std::conditional_t<kScalarOnly<Rule>, M, VectorMath<T, kIsa>>;
+  using V = VectorMath<T, kIsa>;
   constexpr bool kVectorRule = !std::is_same_v<V, M>;
   if constexpr (std::is_same_v<T, M> || std::is_same_v<T, c10::BFloat16> || kVectorRule) {
     // float/double: update memory in place; bfloat16: widening is a shift and rounding a
