@@ -11,7 +11,7 @@
 # tracked files, so the working tree's own (CPU) build is left alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${1:-../cuda-venv}
+VENV=$(realpath -m "${1:-../cuda-venv}")  # (absolute: the build below runs elsewhere)
 TORCH_CUDA=${FUSED_OPTIM_CUDA_TORCH:-torch==2.14.1}
 if ! "$VENV/bin/python" -c 'import torch, sys; sys.exit(torch.version.cuda is None)' 2>/dev/null; then
   python3 -m venv "$VENV"

@@ -174,9 +174,10 @@ FO_AVX2_TARGET void q8_dequantize_avx2(const uint8_t* codes, float scale, float*
 // RISC System/6000 processor", 1990; Muller et al., Handbook of Floating-Point Arithmetic,
 // the theorem on division by an fma). So the block takes this path only where absmax is
 // in [2^-60, 2^100]: r is then normal, and where x is within reach of a threshold
-// (|x| > 2^-26, the thresholds' smallest magnitude being above 5e-8), v and the remainder
-// are normal numbers. A smaller |x| may come out inexact, but with its sign, and every
-// such x has the code of 0. Elsewhere (absmax NaN, infinite, huge or tiny, or 0) the
+// (|x| > 2^-26, the thresholds' smallest magnitude being above 5e-8), v is normal and the
+// remainder exactly representable (where it is subnormal or 0, q is already correctly
+// rounded). A smaller |x| may come out inexact, but with its sign (a -0 comes out +0),
+// and every such x has the code of 0. Elsewhere (absmax NaN, infinite, huge or tiny, or 0) the
 // block divides. The codes are those of q8_quantize; tests/test_state_dtype.py checks
 // values at and around every threshold, for many absmax, against the reference.
 constexpr float kFastDivMin = 0x1p-60f, kFastDivMax = 0x1p100f;
