@@ -310,9 +310,7 @@ __attribute__((target(FO_AVX512_ISA ",avx512vbmi"))) void q8_dequantize_vbmi(
       _mm512_storeu_ps(dst + i + 16 * q, _mm512_mul_ps(_mm512_castsi512_ps(f[q]), va));
     }
   }
-  const float* value = quant8_maps().value[std::signbit(scale) ? 1 : 0];
-  const float a = std::fabs(scale);
-  for (; i < m; ++i) dst[i] = value[codes[i]] * a;
+  q8_dequantize(codes + i, scale, dst + i, m - i);
 }
 
 }  // namespace
