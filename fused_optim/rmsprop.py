@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from .optimizer import FusedOptimizer, hyper_float, lr_args
+from .optimizer import FusedOptimizer, hyper_float, lr_args, zeros_states
 
 __all__ = ["RMSprop"]
 
@@ -83,11 +83,11 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             # As torch.optim.RMSprop._init_group creates it (Note [state]).
             state["step"] = torch.zeros(
                 (), dtype=_get_scalar_dtype(), device=p.device if group["capturable"] else None)
-            state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            zeros_states(state, p, "square_avg")
             if momentum > 0:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                zeros_states(state, p, "momentum_buffer")
             if centered:
-                state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                zeros_states(state, p, "grad_avg")
         elif momentum > 0 and centered and "momentum_buffer" not in state:
             # Both options switched on after the state was made: torch looks momentum_buffer
             # up first, so its KeyError names that key.
