@@ -100,6 +100,14 @@ FO_HOST_DEVICE FO_INLINE M div_by_(M a, M b, M /*inv_b*/) {
   return a / b;
 }
 
+// The same for any a, where b (the same for a whole tensor) is in [2^-53, 1], as a bias
+// correction 1 - beta^step is: AVX-512 vectors check a's range and divide where it is
+// outside the one div_by_ is exact in (Note [division by a bias correction] in cpu/simd.h).
+template <typename M>
+FO_HOST_DEVICE FO_INLINE M div_by_bias_correction_(M a, M b, M /*inv_b*/) {
+  return a / b;
+}
+
 // The element type of a math type: M itself, or float for the CPU's vectors of floats
 // (Note [vector rules] in cpu/simd.h), where a rule runs on eight or sixteen elements at
 // once.
@@ -576,7 +584,7 @@ struct NadamRule {
   using WithMath = NadamRule<V, kWeightDecay, kFma>;
   static constexpr int kStates = 2;
   M grad_sign, weight_decay, decay_factor, beta2, one_minus_beta2, eps;
-  M bias_correction2, grad_step, exp_avg_step;
+  M bias_correction2, inv_bias_correction2, grad_step, exp_avg_step;
   LerpWeight<M> lerp;
 
   FO_HOST_DEVICE explicit NadamRule(const NadamCoeffs& c)
@@ -587,6 +595,7 @@ struct NadamRule {
         one_minus_beta2(static_cast<M>(c.one_minus_beta2)),
         eps(static_cast<M>(c.eps)),
         bias_correction2(static_cast<M>(c.bias_correction2)),
+        inv_bias_correction2(M(1.0f) / bias_correction2),
         grad_step(static_cast<M>(c.grad_step)),
         exp_avg_step(static_cast<M>(c.exp_avg_step)),
         lerp(c.one_minus_beta1) {}
@@ -604,7 +613,8 @@ struct NadamRule {
     exp_avg = lerp(exp_avg, g);             // exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq = fma_(one_minus_beta2 * g, g, exp_avg_sq * beta2);  // .mul_(b2).addcmul_
     // exp_avg_sq.div(bias_correction2).sqrt(), then .add_(eps)
-    const M denom = sqrt_(exp_avg_sq / bias_correction2) + eps;
+    const M denom =
+        sqrt_(div_by_bias_correction_(exp_avg_sq, bias_correction2, inv_bias_correction2)) + eps;
     p = p + (grad_step * g) / denom;        // param.addcdiv_(grad, denom, value=...)
     p = p + (exp_avg_step * exp_avg) / denom;  // param.addcdiv_(exp_avg, denom, value=...)
   }

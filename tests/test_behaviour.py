@@ -354,6 +354,53 @@ def test_16bit_rounding_identical_across_isas_on_every_bit_pattern(tmp_path, dty
     assert ((stored != 0) & (stored.abs() < torch.finfo(getattr(torch, dtype)).tiny)).any()
 
 
+# Note [division by a bias correction] (cpu/simd.h): NAdam's 16-bit vector loops divide
+# exp_avg_sq by bias_correction2 with a multiply and a correction where exp_avg_sq is in
+# the domain that makes it exact, and divide elsewhere. Every non-negative 16-bit pattern
+# as exp_avg_sq, in ascending order (so that most vectors are wholly inside the domain and
+# take the multiply, and a few straddle its ends), for bias corrections from 1 down to
+# 2^-23 (beta2 up to 1 - 2^-23, steps 1 to 9).
+NADAM_DIVISION_SCRIPT = r"""
+import sys, torch, fused_optim
+dt = getattr(torch, sys.argv[2])
+every = torch.arange(0, 32768, dtype=torch.int32).to(torch.int16).view(dt)  # +0 .. +NaN
+gen = torch.Generator().manual_seed(0)
+out = {"isa": torch.ops.fused_optim._cpu_isa()}
+for beta2 in (0.0, 0.5, 0.999, 1 - 2.0 ** -23):
+    for step in range(1, 10, 2):
+        p = torch.randn(every.numel(), generator=gen).to(dt).requires_grad_()
+        p.grad = (torch.randn(every.numel(), generator=gen) * 1e-3).to(dt)
+        opt = fused_optim.NAdam([p], lr=0.01, betas=(0.9, beta2))
+        opt.step()  # makes the state; then this step's inputs
+        with torch.no_grad():
+            p.copy_(torch.randn(every.numel(), generator=gen).to(dt))
+        st = opt.state[p]
+        st["exp_avg_sq"].copy_(every)
+        st["exp_avg"].copy_(torch.randn(every.numel(), generator=gen).to(dt))
+        st["step"].fill_(step - 1)
+        opt.step()
+        out[(beta2, step)] = [p.detach().clone(), st["exp_avg"].clone(), st["exp_avg_sq"].clone()]
+torch.save(out, sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_nadam_division_by_bias_correction_identical_across_isas(tmp_path, dtype):
+    """NAdam's exp_avg_sq / bias_correction2 without a divider (Note [division by a bias
+    correction]) stores the division's bits: every ISA's loops the same as the baseline's,
+    whose division is IEEE's, on every non-negative exp_avg_sq pattern."""
+    results = _run_isas(NADAM_DIVISION_SCRIPT, tmp_path, dtype)
+    assert len(results["baseline"]) == 20
+    for isa in ISAS[1:]:
+        for case, tensors in results["baseline"].items():
+            for a, b in zip(tensors, results[isa][case]):
+                # bitwise, NaN payloads included (the param of an exp_avg_sq NaN is NaN)
+                assert torch.equal(a.view(torch.int16), b.view(torch.int16)), f"{case}: {isa}"
+    # The results moved: the update is not zero where exp_avg_sq is in the domain.
+    a, _, _ = results["baseline"][(0.999, 1)]
+    assert a.isfinite().sum() > 20000
+
+
 def test_avx512bf16_loops_run_where_the_cpu_has_them():
     """Guards the test above: on a CPU with AVX512-BF16 its copy of the loops is the default."""
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
