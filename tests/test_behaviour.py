@@ -216,6 +216,17 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             opt.step()
         out[(name, str(dtype))] = [p.detach().clone() for p in ps] + [
             v for p in ps for v in opt.state[p].values()]
+    # Adafactor's passes prefetch too (Note [Adafactor's prefetch]): matrices of widths
+    # that are not multiples of a chunk, a batch of them, one of several row blocks, vectors.
+    ps = [torch.randn(s, generator=g).to(dtype).requires_grad_()
+          for s in [(7, 1000), (300, 129), (2, 3, 257), (4100, 1030), (5000,), (33,)]]
+    opt = fused_optim.Adafactor(ps, lr=0.01, weight_decay=0.01)
+    for step in range(3):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g).to(dtype)
+        opt.step()
+    out[("Adafactor", str(dtype))] = [p.detach().clone() for p in ps] + [
+        v for p in ps for v in opt.state[p].values()]
 torch.save(out, sys.argv[1])""")
 TUNINGS = {
     "plain": dict(FUSED_OPTIM_PREFETCH="off", FUSED_OPTIM_GATHER_PREFETCH="off"),
