@@ -53,8 +53,9 @@ constexpr const char* kOp = "fused_optim::muon_";
 // passes below bitwise as torch's kernels do (lerp's two forms, the fma of add with
 // alpha, bfloat16 rounding, the norm: Note [global norm] in grad_norm.cpp), the products
 // with the same ATen calls on a stacked batch of all params of one shape (bmm and baddbmm
-// instead of mm and addmm). A batched product gives the same bits as the single products
-// wherever BLAS computes each matrix of the batch the way it computes one matrix; on
+// instead of mm and addmm; a param alone in its shape takes mm and addmm). A batched
+// product gives the same bits as the single products wherever BLAS computes each matrix
+// of the batch the way it computes one matrix; on
 // oneDNN's bfloat16 kernels (AVX512-BF16, torch 2.13) it does, at every thread count we
 // tried (1 to 16) and for every shape in tests/test_muon.py. BLAS promises neither, and
 // the iterations are sensitive to a product rounded the other way, so the tests allow a
