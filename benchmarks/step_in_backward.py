@@ -4,6 +4,7 @@ backward-then-step, on GPT-2 small's shapes (a real forward and backward, fp32, 
     python benchmarks/step_in_backward.py                 # GPT-2 small, batch 2 x 128 tokens
     python benchmarks/step_in_backward.py --iters 3 --batch 1 --seq 64
     python benchmarks/step_in_backward.py --quick         # a tiny model, a few seconds
+    python benchmarks/step_in_backward.py --untied        # its own LM head weight
 
 The model is GPT-2 small built from torch.nn (vocab 50257, 12 layers, d_model 768, 12 heads,
 1024 positions, tied embedding and LM head: 124M params), trained with fused_optim.AdamW:
@@ -24,7 +25,8 @@ Reading the result against issue 20's target (peak lower by at least 80% of the 
 size): the tied embedding's grad gets its last contribution from the embedding's backward,
 the last node of the graph, so its grad (31% of GPT-2 small's grads) lives through the whole
 backward in both modes, with the dense grad of the embedding's backward next to it at the
-end. What step in backward can save is the other grads.
+end. What step in backward can save is the other grads. --untied gives the LM head a weight
+of its own (163M params): then every grad can be freed as soon as its step has run.
 
 At the end the two processes' params are compared by hash: they must be bitwise equal.
 """
@@ -93,7 +95,7 @@ class PeakRSS:
         self.bytes = (peak - self.base) * 1024
 
 
-def build_model(vocab, layers, d_model, heads, positions):
+def build_model(vocab, layers, d_model, heads, positions, tied=True):
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -124,7 +126,8 @@ def build_model(vocab, layers, d_model, heads, positions):
             self.blocks = nn.ModuleList(Block() for _ in range(layers))
             self.ln_f = nn.LayerNorm(d_model)
             self.lm_head = nn.Linear(d_model, vocab, bias=False)
-            self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
+            if tied:
+                self.lm_head.weight = self.wte.weight  # as in GPT-2
 
         def forward(self, idx, targets):
             x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
@@ -146,7 +149,7 @@ def worker(args):
         torch.set_num_threads(args.threads)
     shape = QUICK if args.quick else GPT2_SMALL
     torch.manual_seed(0)
-    model = build_model(**shape)
+    model = build_model(**shape, tied=not args.untied)
     params = list(model.parameters())
     grad_bytes = sum(p.numel() * p.element_size() for p in params)
     decay = [p for p in params if p.dim() >= 2]
@@ -199,6 +202,8 @@ def main():
     parser.add_argument("--bucket-mb", type=float, default=25.0, help="step_in_backward's cap")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
     parser.add_argument("--quick", action="store_true", help="a tiny model: a few seconds")
+    parser.add_argument("--untied", action="store_true",
+                        help="the LM head with a weight of its own (not GPT-2's tying)")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # the worker's
     args = parser.parse_args()
     if args.quick:
@@ -212,7 +217,8 @@ def main():
         cmd = [sys.executable, os.path.abspath(__file__), "--mode", mode, "--iters",
                str(args.iters), "--warmup", str(args.warmup), "--batch", str(args.batch),
                "--seq", str(args.seq), "--bucket-mb", str(args.bucket_mb), "--threads",
-               str(args.threads)] + (["--quick"] if args.quick else [])
+               str(args.threads)] + (["--quick"] if args.quick else []) + (
+                   ["--untied"] if args.untied else [])
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode != 0:
             sys.exit(f"{mode}: the worker failed:\n{out.stderr[-4000:]}")
@@ -222,7 +228,8 @@ def main():
     shape = QUICK if args.quick else GPT2_SMALL
     print(a["machine"])
     print()
-    print(f"Model: {'tiny (--quick)' if args.quick else 'GPT-2 small'} {shape}, "
+    print(f"Model: {'tiny (--quick)' if args.quick else 'GPT-2 small'} {shape}"
+          f"{', untied LM head' if args.untied else ''}, "
           f"{a['n_params'] / 1e6:.1f}M params, fp32, batch {args.batch} x {args.seq} tokens, "
           f"fused_optim.AdamW; bucket_cap_mb={args.bucket_mb:g}; median of {args.iters} "
           f"iterations after {args.warmup}; peak memory: {a['method']}, over the resident set "
