@@ -412,6 +412,70 @@ def test_nadam_division_by_bias_correction_identical_across_isas(tmp_path, dtype
     assert a.isfinite().sum() > 20000
 
 
+# The storage loops (Note [param storage] and Note [state storage] in plan.h) run the rules
+# on vectors too and round bfloat16 blocks with vcvtneps2bf16 where the CPU has it: every
+# algorithm with each mode, on every bit pattern of the param's dtype, as params, grads
+# and every state (the master copy, the compensation, the moments), every ISA's bits the
+# baseline's; also with denormals flushed.
+STORAGE_SCRIPT = r"""
+import sys, torch, fused_optim
+torch.manual_seed(0)  # (stochastic rounding's stream is seeded from torch's generator)
+dt = getattr(torch, sys.argv[2])
+every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dt)
+gen = torch.Generator().manual_seed(0)
+def shuffled():
+    return every[torch.randperm(every.numel(), generator=gen)]
+if len(sys.argv) > 3:
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+cases = [("SGD", dict(lr=0.3, momentum=0.9)), ("Adam", dict(lr=0.01, amsgrad=True)),
+         ("AdamW", dict(lr=0.01, betas=(0.3, 0.5))), ("RMSprop", dict(lr=0.01, centered=True)),
+         ("Adagrad", dict(lr=0.05)), ("Adamax", dict(lr=0.01)), ("Adadelta", dict(lr=0.5)),
+         ("NAdam", dict(lr=0.01)), ("RAdam", dict(lr=0.01)), ("Rprop", dict(lr=0.01)),
+         ("ASGD", dict(lr=0.01))]
+modes = [dict(kahan_summation=True), dict(stochastic_rounding=True), dict(master_weights=True)]
+out = {"isa": torch.ops.fused_optim._cpu_isa()}
+for name, kwargs in cases:
+    for m, mode in enumerate(modes):
+        ps = [shuffled().requires_grad_(), shuffled()[:53].clone().requires_grad_()]
+        opt = getattr(fused_optim, name)(ps, **kwargs, **mode)
+        for step in range(3):
+            for p in ps:
+                p.grad = shuffled()[:p.numel()].clone()
+            opt.step()
+            if step == 0:
+                for p in ps:
+                    for k, v in opt.state[p].items():
+                        if k != "step" and v.numel() == p.numel():
+                            v.copy_(shuffled()[:v.numel()].view(v.shape))
+        out[(name, m)] = [p.detach() for p in ps] + [
+            v for p in ps for v in opt.state[p].values() if torch.is_tensor(v)]
+torch.save(out, sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("flush", ["", "daz"], ids=["ieee", "flush_denormal"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_storage_modes_identical_across_isas_on_every_bit_pattern(tmp_path, dtype, flush):
+    """Kahan summation, stochastic rounding and master weights: the vector loops of every
+    ISA store the baseline's bits on every 16-bit input, for every algorithm."""
+    results = _run_isas(STORAGE_SCRIPT, tmp_path, dtype, *([flush] if flush else []))
+    assert len(results["baseline"]) == 33
+    for isa in ISAS[1:]:
+        for case, tensors in results["baseline"].items():
+            for a, b in zip(tensors, results[isa][case]):
+                if a.dtype in (torch.bfloat16, torch.float16, torch.float32):
+                    # raw bits, NaNs included; where two NaNs meet, which sign survives is
+                    # the compiler's choice (Note [vector rules]): compared without it
+                    ai = a.view(torch.int16 if a.element_size() == 2 else torch.int32)
+                    bi = b.view(ai.dtype)
+                    nan = a.isnan()
+                    assert torch.equal(nan, b.isnan()), f"{case}: {isa}"
+                    assert torch.equal(ai[~nan], bi[~nan]), f"{case}: {isa}"
+                else:
+                    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
 def test_avx512bf16_loops_run_where_the_cpu_has_them():
     """Guards the test above: on a CPU with AVX512-BF16 its copy of the loops is the default."""
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""

@@ -300,7 +300,7 @@ template <typename T, Isa kIsa>
 FO_INLINE void widen_block_isa(const T* src, float* dst, int64_t m) {
   using V = VectorMath<T, kIsa>;
   int64_t i = 0;
-  if constexpr (std::is_same_v<T, c10::Half> && !std::is_same_v<V, float>) {
+  if constexpr (!std::is_same_v<V, float>) {  // (float16, or bfloat16 with AVX512-BF16)
     constexpr int64_t kWidth = sizeof(V) / sizeof(float);
     for (; i + kWidth <= m; i += kWidth) {
       const V v = V::load(src + i);
@@ -313,9 +313,12 @@ template <typename T, Isa kIsa>
 FO_INLINE void narrow_block_isa(const float* src, T* dst, int64_t m) {
   using V = VectorMath<T, kIsa>;
   int64_t i = 0;
-  if constexpr (std::is_same_v<T, c10::Half> && !std::is_same_v<V, float>) {
+  if constexpr (!std::is_same_v<V, float>) {  // (float16, or bfloat16 with AVX512-BF16)
+    // Under MXCSR.DAZ the vector bfloat16 stores cannot see subnormals (Note [vector
+    // rules] in simd.h): the scalar rounding does those blocks.
     constexpr int64_t kWidth = sizeof(V) / sizeof(float);
-    for (; i + kWidth <= m; i += kWidth) {
+    const int64_t vector_end = std::is_same_v<T, c10::BFloat16> && daz_is_set() ? 0 : m;
+    for (; i + kWidth <= vector_end; i += kWidth) {
       V v;
       std::memcpy(&v.v, src + i, sizeof(V));
       v.store(dst + i);
@@ -394,13 +397,39 @@ FO_INLINE void store_block(at::ScalarType dt, const float* src, void* base, int6
 // The rule over a block of m floats: the param, grad and states (up to 3) each in a
 // buffer of the storage loop or, for float32 lists, in the tensor itself. They never
 // overlap: __restrict lets the compiler vectorize without checking.
-template <typename Rule>
-FO_INLINE void rule_block(const Rule& rule, float* __restrict p, const float* __restrict g,
+// With AVX2 or AVX-512 the rule runs on vectors of floats (Note [vector rules] in simd.h:
+// the same bits, and the rules' vector forms, such as Adam's division by a constant, are
+// faster than what the compiler makes of the scalar rule), the tail on floats.
+template <typename Rule, Isa kIsa>
+FO_INLINE void rule_block(const typename Rule::Coeffs& c, float* __restrict p,
+                          const float* __restrict g,
                           float* __restrict s0, float* __restrict s1, float* __restrict s2,
                           int64_t m) {
   constexpr int NS = Rule::kStates;
   static_assert(NS <= 3);
-  for (int64_t i = 0; i < m; ++i) {
+  int64_t i = 0;
+#if FO_VECTOR_RULES
+  using V = std::conditional_t<kIsa >= Isa::kAvx512, F32x16,
+                               std::conditional_t<kIsa == Isa::kAvx2, F32x8, float>>;
+  if constexpr (!std::is_same_v<V, float>) {
+    constexpr int64_t kWidth = sizeof(V) / sizeof(float);
+    const typename Rule::template WithMath<V> vrule(c);
+    for (; i + kWidth <= m; i += kWidth) {
+      V pv = V::load(p + i);
+      V sv[NS > 0 ? NS : 1];
+      if constexpr (NS > 0) sv[0] = V::load(s0 + i);
+      if constexpr (NS > 1) sv[1] = V::load(s1 + i);
+      if constexpr (NS > 2) sv[2] = V::load(s2 + i);
+      vrule(pv, V::load(g + i), sv);
+      pv.store(p + i);
+      if constexpr (NS > 0) sv[0].store(s0 + i);
+      if constexpr (NS > 1) sv[1].store(s1 + i);
+      if constexpr (NS > 2) sv[2].store(s2 + i);
+    }
+  }
+#endif
+  const Rule rule(c);
+  for (; i < m; ++i) {
     float pv = p[i];
     float sv[NS > 0 ? NS : 1];
     if constexpr (NS > 0) sv[0] = s0[i];
@@ -423,12 +452,20 @@ FO_INLINE void rule_block(const Rule& rule, float* __restrict p, const float* __
 // is its own loop over the block, so that the compiler vectorizes it; whether the grads
 // are unscaled is decided at run time (a scale of 1 would change no value), and the dtypes
 // are read at run time, so that one copy per rule and ISA serves every combination.
+// Elements [from, to) of a tensor of `elem`-byte elements asked for (Note [software
+// prefetch]).
+template <int kWrite>
+FO_INLINE void prefetch_elements(const void* base, int64_t elem, int64_t from, int64_t to) {
+  const char* c = static_cast<const char*>(base);
+  for (int64_t o = from * elem; o < to * elem; o += 64) __builtin_prefetch(c + o, kWrite);
+}
+
 template <typename Rule, Isa kIsa>
 FO_INLINE void storage_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
   using M = float;
   constexpr int NS = Rule::kStates;
   const StorageCoeffs& sc = *static_cast<const StorageCoeffs*>(t.coeffs);
-  const Rule rule(*static_cast<const typename Rule::Coeffs*>(sc.rule_coeffs));
+  const auto& coeffs = *static_cast<const typename Rule::Coeffs*>(sc.rule_coeffs);
   const M inv_scale = static_cast<M>(t.inv_grad_scale);
   const bool unscale = t.inv_grad_scale != 1.0;
   const at::ScalarType pt = t.param_dtype;
@@ -443,8 +480,22 @@ FO_INLINE void storage_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
   const bool p_direct = pt == at::kFloat && mode == ParamMode::kNearest;
   bool s_direct[NS > 0 ? NS : 1];
   for (int k = 0; k < NS; ++k) s_direct[k] = t.state_dtype[k] == at::kFloat;
+  // Note [software prefetch]: where the CPU gains from it, every stream a block reads or
+  // writes, as many bytes of the param ahead as the segment loops ask for.
+  const int64_t psize = static_cast<int64_t>(c10::elementSize(pt));
+  const int64_t ahead = cpu_tuning().prefetch_ahead * 4 / psize;
+  int64_t ssize[NS > 0 ? NS : 1];
+  for (int k = 0; k < NS; ++k) ssize[k] = static_cast<int64_t>(c10::elementSize(t.state_dtype[k]));
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t m = std::min(kBlock, end - b);
+    if (ahead > 0 && b + m + ahead < t.numel) {
+      const int64_t from = b + m + ahead, to = std::min(t.numel, from + kBlock);
+      prefetch_elements<1>(t.param, psize, from, to);
+      prefetch_elements<0>(t.grad, psize, from, to);
+      for (int k = 0; k < NS; ++k) prefetch_elements<1>(t.state[k], ssize[k], from, to);
+      if (comp != nullptr) prefetch_elements<1>(comp, psize, from, to);
+      if (master != nullptr) prefetch_elements<1>(master, 4, from, to);
+    }
     M* pb = p_direct ? static_cast<float*>(t.param) + b : pbuf;
     M* gb = pt == at::kFloat ? static_cast<float*>(t.grad) + b : gbuf;
     M* sb[NS > 0 ? NS : 1] = {};
@@ -471,7 +522,7 @@ FO_INLINE void storage_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
     M* s2 = nullptr;
     if constexpr (NS > 1) s1 = sb[1];
     if constexpr (NS > 2) s2 = sb[2];
-    rule_block(rule, pb, gb, sb[0], s1, s2, m);
+    rule_block<Rule, kIsa>(coeffs, pb, gb, sb[0], s1, s2, m);
     for (int k = 0; k < NS; ++k) {
       if (!s_direct[k]) store_block<kIsa>(t.state_dtype[k], sb[k], t.state[k], b, m, t.state_scale[k]);
     }
@@ -519,13 +570,24 @@ template <typename Rule>
 FO_AVX512_TARGET void storage_avx512(const TensorPtrs& t, int64_t begin, int64_t end) {
   storage_loop<Rule, Isa::kAvx512>(t, begin, end);
 }
+// (bfloat16 blocks widened and rounded in vectors: widen_block_isa, narrow_block_isa)
+template <typename Rule>
+FO_AVX512BF16_TARGET void storage_avx512bf16(const TensorPtrs& t, int64_t begin, int64_t end) {
+  storage_loop<Rule, Isa::kAvx512Bf16>(t, begin, end);
+}
 #endif
 
+// Under MXCSR.DAZ (torch.set_flush_denormal(True) on the calling thread) the baseline copy:
+// there a comparison sees a subnormal as 0, and where an amsgrad maximum meets a
+// subnormal and a zero, which of the two it keeps is the instruction's choice (the
+// vector blend and the compiled scalar code chose differently: the every-bit-pattern test
+// of the storage modes in tests/test_behaviour.py).
 template <typename Rule>
 SegmentFn pick_storage_fn() {
 #if FO_X86_CLONES
+  if (daz_is_set()) return &storage_baseline<Rule>;
   switch (cpu_isa()) {
-    case Isa::kAvx512Bf16:
+    case Isa::kAvx512Bf16: return &storage_avx512bf16<Rule>;
     case Isa::kAvx512: return &storage_avx512<Rule>;
     case Isa::kAvx2: return &storage_avx2<Rule>;
     case Isa::kBaseline: break;

@@ -117,6 +117,8 @@ struct F32x8 {
   FO_AVX2_INLINE explicit F32x8(double d) : v(_mm256_set1_ps(static_cast<float>(d))) {}
   FO_AVX2_INLINE explicit F32x8(float f) : v(_mm256_set1_ps(f)) {}
 
+  static FO_AVX2_INLINE F32x8 load(const float* p) { return F32x8(_mm256_loadu_ps(p)); }
+  FO_AVX2_INLINE void store(float* p) const { _mm256_storeu_ps(p, v); }
   // float16: F16C both ways (exact widening; rounding to nearest even), c10's NaNs.
   static FO_AVX2_INLINE F32x8 load(const c10::Half* p) {
     return F32x8(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
@@ -166,6 +168,9 @@ struct F32x16 {
   FO_AVX512_INLINE explicit F32x16(float f) : v(_mm512_set1_ps(f)) {}
 
   static constexpr int kQuietNan = 0x01, kSubnormal = 0x20, kSignalingNan = 0x80;  // vfpclassps
+
+  static FO_AVX512_INLINE F32x16 load(const float* p) { return F32x16(_mm512_loadu_ps(p)); }
+  FO_AVX512_INLINE void store(float* p) const { _mm512_storeu_ps(p, v); }
 
   static FO_AVX512_INLINE F32x16 load(const c10::BFloat16* p) {
     // (__builtin_convertvector splits this one in two halves here.)
