@@ -105,24 +105,12 @@ struct MultiBlockSlice {  // pass 1: a slice whose column sums are in the buffer
 // Note [Adafactor's prefetch]
 // Each task streams its rows (or elements) as the elementwise loops stream their segments,
 // and where the CPU gains from software prefetch (Note [software prefetch] in
-// multi_tensor.h: cpu_tuning().prefetch_ahead elements of float, 0 on the CPUs where it
-// was measured to cost) each pass asks for its streams' memory that far ahead of the chunk
-// it is about to read, as they do (on the project's Intel Xeon pass 1, which only reads
-// the grads, went at about a third of the bandwidth without it). Near a task's end the
+// multi_tensor.h; prefetch_distance is 0 on the CPUs where it was measured to cost) each
+// pass asks for its streams' memory that far ahead of the chunk it is about to read, with
+// the loops' prefetch_elements (on the project's Intel Xeon pass 1, which only reads the
+// grads, went at about a third of the bandwidth without it). Near a task's end the
 // prefetches run on past it, into the next rows or tensor, or past the end of an
 // allocation, where a prefetch does nothing. A prefetch changes no result.
-template <typename T>
-FO_INLINE int64_t prefetch_distance() {  // in elements of T: the same bytes as float's
-  return cpu_tuning().prefetch_ahead * static_cast<int64_t>(sizeof(float)) /
-         static_cast<int64_t>(sizeof(T));
-}
-template <int kWrite, typename T>
-FO_INLINE void prefetch_lines(const T* x, int64_t count) {
-  for (int64_t b = 0; b < count; b += 64 / static_cast<int64_t>(sizeof(T))) {
-    __builtin_prefetch(x + b, kWrite);
-  }
-}
-
 template <typename T, bool kUnscale>
 FO_INLINE at::opmath_type<T> grad_value(T* g, at::opmath_type<T> inv_scale) {
   at::opmath_type<T> v = cpu::load(g);
@@ -193,14 +181,16 @@ struct Passes {
       col = partials + t.partial;
       std::fill(col, col + n, 0.0);
     }
-    const int64_t ahead = prefetch_distance<T>();
+    const int64_t ahead = prefetch_distance(sizeof(T));
     for (int64_t r = t.begin; r < t.end; ++r, g += n) {
       double lanes[kLanes] = {};
       // (in chunks of kPrefetchChunk, a multiple of kLanes: the same sums in the same order)
       const int64_t full = n - n % kLanes;
       for (int64_t c = 0; c < full; c += kPrefetchChunk) {
         const int64_t chunk_end = std::min(full, c + kPrefetchChunk);
-        if (ahead > 0) prefetch_lines<kUnscale ? 1 : 0>(g + c + ahead, chunk_end - c);
+        if (ahead > 0) {
+          prefetch_elements<kUnscale ? 1 : 0>(g + c + ahead, sizeof(T), 0, chunk_end - c);
+        }
         for (int64_t j = c; j < chunk_end; j += kLanes) {
           for (int l = 0; l < kLanes; ++l) {
             const double v = static_cast<double>(grad_value<T, kUnscale>(g + j + l, inv));
@@ -277,17 +267,19 @@ struct Passes {
       const M* row = row_factors(e) + t.slice * m;
       const M* col = col_factors(e) + t.slice * n;
       const M inv_row_mean = M(1) / static_cast<M>(e.row_means[t.slice]);
-      const int64_t ahead = prefetch_distance<T>();
+      const int64_t ahead = prefetch_distance(sizeof(T));
       for (int64_t r = t.begin; r < t.end; ++r, g += n, p += n) {
         const M rv = row[r] * inv_row_mean;
         for (int64_t j0 = 0; j0 < n; j0 += kBuffer) {
           const int64_t len = std::min(kBuffer, n - j0);
           if (ahead > 0) {
-            prefetch_lines<0>(g + j0 + ahead, len);
-            prefetch_lines<1>(p + j0 + ahead, len);  // pass 3 writes it
+            prefetch_elements<0>(g + j0 + ahead, sizeof(T), 0, len);
+            prefetch_elements<1>(p + j0 + ahead, sizeof(T), 0, len);  // pass 3 writes it
           }
 #pragma GCC ivdep
-          for (int64_t j = 0; j < len; ++j) u2[j] = update_squared(rule, rv * col[j0 + j], cpu::load(g + j0 + j));
+          for (int64_t j = 0; j < len; ++j) {
+            u2[j] = update_squared(rule, rv * col[j0 + j], cpu::load(g + j0 + j));
+          }
           add_terms(u2, len, ul);
           add_squares(p + j0, len, pl);
         }
@@ -299,13 +291,13 @@ struct Passes {
       T* g = static_cast<T*>(e.g);
       const T* var = static_cast<const T*>(e.var);
       const T* p = static_cast<const T*>(e.p);
-      const int64_t ahead = prefetch_distance<T>();
+      const int64_t ahead = prefetch_distance(sizeof(T));
       for (int64_t i0 = t.begin; i0 < t.end; i0 += kBuffer) {
         const int64_t len = std::min(kBuffer, t.end - i0);
         if (ahead > 0) {
-          prefetch_lines<kUnscale ? 1 : 0>(g + i0 + ahead, len);
-          prefetch_lines<0>(var + i0 + ahead, len);
-          prefetch_lines<0>(p + i0 + ahead, len);
+          prefetch_elements<kUnscale ? 1 : 0>(g + i0 + ahead, sizeof(T), 0, len);
+          prefetch_elements<0>(var + i0 + ahead, sizeof(T), 0, len);
+          prefetch_elements<0>(p + i0 + ahead, sizeof(T), 0, len);
         }
 #pragma GCC ivdep
         for (int64_t j = 0; j < len; ++j) {
@@ -335,18 +327,19 @@ struct Passes {
       const M* row = row_factors(e) + t.slice * m;
       const M* col = col_factors(e) + t.slice * n;
       const M row_mean = static_cast<M>(e.row_means[t.slice]);
-      const int64_t ahead = prefetch_distance<T>();
+      const int64_t ahead = prefetch_distance(sizeof(T));
       for (int64_t r = t.begin; r < t.end; ++r, g += n, p += n) {
         const M rv = row[r];
         for (int64_t c = 0; c < n; c += kPrefetchChunk) {
           const int64_t chunk_end = std::min(n, c + kPrefetchChunk);
           if (ahead > 0) {
-            prefetch_lines<0>(g + c + ahead, chunk_end - c);
-            prefetch_lines<1>(p + c + ahead, chunk_end - c);
+            prefetch_elements<0>(g + c + ahead, sizeof(T), 0, chunk_end - c);
+            prefetch_elements<1>(p + c + ahead, sizeof(T), 0, chunk_end - c);
           }
 #pragma GCC ivdep
           for (int64_t j = c; j < chunk_end; ++j) {
-            const M u = rule.update(Rule::factored_estimate(rv, col[j], row_mean), cpu::load(g + j));
+            const M u =
+                rule.update(Rule::factored_estimate(rv, col[j], row_mean), cpu::load(g + j));
             store(rule.template apply<kDecay>(cpu::load(p + j), u), p + j);
           }
         }
@@ -355,13 +348,13 @@ struct Passes {
       const T* g = static_cast<const T*>(e.g);
       T* var = static_cast<T*>(e.var);
       T* p = static_cast<T*>(e.p);
-      const int64_t ahead = prefetch_distance<T>();
+      const int64_t ahead = prefetch_distance(sizeof(T));
       for (int64_t c = t.begin; c < t.end; c += kPrefetchChunk) {
         const int64_t chunk_end = std::min(t.end, c + kPrefetchChunk);
         if (ahead > 0) {
-          prefetch_lines<0>(g + c + ahead, chunk_end - c);
-          prefetch_lines<1>(var + c + ahead, chunk_end - c);
-          prefetch_lines<1>(p + c + ahead, chunk_end - c);
+          prefetch_elements<0>(g + c + ahead, sizeof(T), 0, chunk_end - c);
+          prefetch_elements<1>(var + c + ahead, sizeof(T), 0, chunk_end - c);
+          prefetch_elements<1>(p + c + ahead, sizeof(T), 0, chunk_end - c);
         }
 #pragma GCC ivdep
         for (int64_t i = c; i < chunk_end; ++i) {

@@ -315,7 +315,9 @@ FO_INLINE void narrow_block_isa(const float* src, T* dst, int64_t m) {
   int64_t i = 0;
   if constexpr (!std::is_same_v<V, float>) {  // (float16, or bfloat16 with AVX512-BF16)
     // Under MXCSR.DAZ the vector bfloat16 stores cannot see subnormals (Note [vector
-    // rules] in simd.h): the scalar rounding does those blocks.
+    // rules] in simd.h): the scalar rounding does those blocks. Checked here, on the
+    // thread that runs the block, as well as in pick_storage_fn, which reads the calling
+    // thread's MXCSR: a worker thread's flag is its own.
     constexpr int64_t kWidth = sizeof(V) / sizeof(float);
     const int64_t vector_end = std::is_same_v<T, c10::BFloat16> && daz_is_set() ? 0 : m;
     for (; i + kWidth <= vector_end; i += kWidth) {
@@ -459,6 +461,11 @@ FO_INLINE void prefetch_elements(const void* base, int64_t elem, int64_t from, i
   const char* c = static_cast<const char*>(base);
   for (int64_t o = from * elem; o < to * elem; o += 64) __builtin_prefetch(c + o, kWrite);
 }
+// How far ahead the streams are asked for, in elements of `elem` bytes: the bytes of
+// cpu_tuning().prefetch_ahead floats (0 on the CPUs where prefetch was measured to cost).
+FO_INLINE int64_t prefetch_distance(int64_t elem) {
+  return cpu_tuning().prefetch_ahead * static_cast<int64_t>(sizeof(float)) / elem;
+}
 
 template <typename Rule, Isa kIsa>
 FO_INLINE void storage_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
@@ -483,7 +490,7 @@ FO_INLINE void storage_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
   // Note [software prefetch]: where the CPU gains from it, every stream a block reads or
   // writes, as many bytes of the param ahead as the segment loops ask for.
   const int64_t psize = static_cast<int64_t>(c10::elementSize(pt));
-  const int64_t ahead = cpu_tuning().prefetch_ahead * 4 / psize;
+  const int64_t ahead = prefetch_distance(psize);
   int64_t ssize[NS > 0 ? NS : 1];
   for (int k = 0; k < NS; ++k) ssize[k] = static_cast<int64_t>(c10::elementSize(t.state_dtype[k]));
   for (int64_t b = begin; b < end; b += kBlock) {

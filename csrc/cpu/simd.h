@@ -4,10 +4,10 @@
 // AVX512-BF16) run the update rules of update_rules.h on F32x8 or F32x16, eight or
 // sixteen floats in one register, instead of on float: the rules are templates over their
 // math type, and these types have the operations the rules use (+ - * /, unary minus, and
-// the fma_, sqrt_, abs_, maximum_, if_less_, div_by_ and div_by_bias_correction_ overloads below), each one exactly rounded IEEE
-// operation, lane by lane, as the scalar float version does (div_by_ in two steps: Note
-// [division by a constant]). So the bits are the same;
-// tests/test_behaviour.py checks it against the baseline loops on every 16-bit input.
+// the fma_, sqrt_, abs_, maximum_, if_less_, div_by_ and div_by_bias_correction_ overloads
+// below), each one exactly rounded IEEE operation, lane by lane, as the scalar float
+// version does (div_by_ in two steps: Note [division by a constant]). So the bits are the
+// same; tests/test_behaviour.py checks it against the baseline loops on every 16-bit input.
 //
 // Why: compiled from scalar code, the bfloat16 loops round each stored value with c10's
 // integer round-to-nearest-even (about eight vector instructions a value), and bf16 Adam
