@@ -13,6 +13,11 @@ written (2 bytes each: 14), plus Kahan's compensation read and written (+4), or 
 master read and written instead of the param read (+6); with 8-bit moments, 1 byte each
 (10; their block scales add 1/16). float32 params: 28 with float32 moments, 20 with
 bfloat16 ones, 16 with 8-bit ones.
+
+With --dtype float32, the 8-bit AdamW of bitsandbytes (bnb.optim.AdamW8bit) and of torchao
+(torchao.optim.AdamW8bit), where they are installed (`pip install bitsandbytes torchao`;
+--no-peers leaves them out), are timed in the same rounds on the same shape, and a second
+table gives each one's time against ours with state_dtype=torch.uint8.
 """
 import argparse
 import os
@@ -39,6 +44,26 @@ FLOAT32_MODES = {
 }
 
 
+OURS_8BIT = "state_dtype=torch.uint8"
+
+
+def peers_8bit():
+    """The installed peers' 8-bit AdamW classes, and a note of those not installed."""
+    found, missing = {}, []
+    try:
+        import bitsandbytes as bnb
+        found[f"bitsandbytes {bnb.__version__} AdamW8bit"] = bnb.optim.AdamW8bit
+    except Exception as e:  # (not installed, or it fails to load on this machine)
+        missing.append(f"bitsandbytes ({type(e).__name__})")
+    try:
+        import torchao
+        from torchao.optim import AdamW8bit
+        found[f"torchao {torchao.__version__} AdamW8bit"] = AdamW8bit
+    except Exception as e:
+        missing.append(f"torchao ({type(e).__name__})")
+    return found, missing
+
+
 def machine_line(threads):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench import machine_line as bench_machine_line
@@ -51,6 +76,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per mode per round")
     ap.add_argument("--quick", action="store_true", help="2**16 elements, 3 rounds")
+    ap.add_argument("--no-peers", action="store_true",
+                    help="leave out bitsandbytes's and torchao's 8-bit AdamW (--dtype float32)")
     args = ap.parse_args(argv)
     n = 1 << (16 if args.quick else 25)
     rounds = 3 if args.quick else args.rounds
@@ -63,10 +90,17 @@ def main(argv=None):
         p.grad = torch.randn(n).to(dtype)
         opts[name] = fused_optim.AdamW([p], lr=1e-3, **options)
         opts[name].step()  # the state made, its pages written
+    peers, missing = ({}, []) if dtype != torch.float32 or args.no_peers else peers_8bit()
+    for name, cls in peers.items():
+        p = torch.randn(n).requires_grad_()
+        p.grad = torch.randn(n)
+        opts[name] = cls([p], lr=1e-3)
+        for _ in range(2):  # the state made; torchao's step compiled
+            opts[name].step()
     # The probe: float32 streams of the first mode's bytes (two read and written, one read).
     m = n * base_bytes // 20
     inout, read = [torch.randn(m) for _ in range(2)], [torch.randn(m)]
-    times = {name: [] for name in list(modes) + ["limit"]}
+    times = {name: [] for name in list(opts) + ["limit"]}
     for _ in range(rounds):
         for name, opt in opts.items():
             opt.step()  # untimed, as bench.py's --warmup
@@ -91,6 +125,17 @@ def main(argv=None):
         gbs = nbytes * n / ms / 1e9
         print(f"| {name} | {ms * 1e3:.2f} | {nbytes} | {gbs:.1f} | {100 * gbs / limit:.0f} | "
               f"{ms / base:.2f} |")
+    if peers:
+        ours = statistics.median(times[OURS_8BIT])
+        print()
+        print(f"| peer's 8-bit AdamW | ms/step | time / ours ({OURS_8BIT}) |")
+        print("|---|---:|---:|")
+        for name in peers:
+            ms = statistics.median(times[name])
+            print(f"| {name} | {ms * 1e3:.2f} | {ms / ours:.1f} |")
+    if missing:
+        print()
+        print("8-bit peers not timed (not installed or not loadable): " + ", ".join(missing))
 
 
 if __name__ == "__main__":

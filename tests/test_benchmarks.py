@@ -119,10 +119,25 @@ def test_param_storage_benchmark_quick_runs(dtype, modes):
     out = _run([os.path.join(ROOT, "benchmarks", "param_storage.py"), "--quick", "--dtype", dtype])
     lines = out.stdout.splitlines()
     assert lines[0].startswith("Machine: ")
-    rows = [line for line in lines if line.startswith("| ") and "---" not in line][1:]
+    tables = "\n".join(lines).split("\n\n")
+    first = next(t for t in tables if t.startswith("| mode |"))
+    rows = [line for line in first.splitlines() if "---" not in line][1:]
     assert [r.split("|")[1].strip() for r in rows] == modes
     for r in rows:  # ms, bytes, GB/s, % of limit, ratio: positive numbers
         assert all(float(c) > 0 for c in r.strip("|").split("|")[1:])
+    # bitsandbytes's and torchao's 8-bit AdamW: each installed one timed against ours (a
+    # row each), each other one named as not timed; none of it with bfloat16 params.
+    peers = [t for t in tables if t.startswith("| peer's 8-bit AdamW |")]
+    named = " ".join(t for t in tables if t.startswith("8-bit peers not timed"))
+    if dtype != "float32":
+        assert not peers and not named
+        return
+    timed = [line for t in peers for line in t.splitlines()[2:]]
+    for peer in ("bitsandbytes", "torchao"):
+        rows = [r for r in timed if r.startswith(f"| {peer} ")]
+        assert len(rows) + (f"{peer} (" in named) == 1, (peer, out.stdout)
+        for r in rows:
+            assert all(float(c) > 0 for c in r.strip("|").split("|")[1:])
 
 
 def test_quality_benchmark_quick_runs(tmp_path):

@@ -183,22 +183,27 @@ FO_AVX2_TARGET void q8_dequantize_avx2(const uint8_t* codes, float scale, float*
 constexpr float kFastDivMin = 0x1p-60f, kFastDivMax = 0x1p100f;
 
 // AVX-512: 16 elements at a time, the table's lookups as gathers (Note [quantization by
-// table] in quant8.h); the same codes as q8_quantize.
+// table] in quant8.h); the same codes as q8_quantize. The block's absolute maximum comes
+// from vrangeps (the larger magnitude, its sign cleared: one instruction for the fabs and
+// the max; it passes over a NaN, as maxNum does), whether any value is negative from the
+// running minimum (-0.0 is not < 0), and whether any is NaN from a running sum of v * 0,
+// which only a NaN or an infinity makes NaN (those rare blocks are then looked at again).
 FO_AVX512_TARGET void q8_quantize_avx512(const float* src, uint8_t* codes, float* scale,
                                          int64_t m) {
-  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
   const __m512 zero = _mm512_setzero_ps();
-  __m512 vmax = zero;
-  __mmask16 negative = 0, nan = 0;
+  __m512 vmax = zero, vmin = zero, vnan = zero;
   int64_t i = 0;
   for (; i + 16 <= m; i += 16) {
     const __m512 v = _mm512_loadu_ps(src + i);
-    vmax = _mm512_max_ps(vmax, _mm512_and_ps(v, abs_mask));
-    negative |= _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ);
-    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    vmax = _mm512_range_ps(vmax, v, 0x0B);  // max |.|, sign cleared
+    vmin = _mm512_min_ps(vmin, v);
+    vnan = _mm512_fmadd_ps(v, zero, vnan);
   }
   float amax = _mm512_reduce_max_ps(vmax);
-  bool any_negative = negative != 0, any_nan = nan != 0;
+  bool any_negative = _mm512_reduce_min_ps(vmin) < 0.0f, any_nan = false;
+  if (_mm512_cmp_ps_mask(vnan, vnan, _CMP_UNORD_Q) != 0) {
+    for (int64_t k = 0; k < i; ++k) any_nan |= src[k] != src[k];
+  }
   for (int64_t k = i; k < m; ++k) {
     const float a = std::fabs(src[k]);
     amax = a > amax ? a : amax;
@@ -213,9 +218,7 @@ FO_AVX512_TARGET void q8_quantize_avx512(const float* src, uint8_t* codes, float
   const bool fast = amax >= kFastDivMin && amax <= kFastDivMax;  // Note [8-bit without division]
   const __m512 va = _mm512_set1_ps(amax);
   const __m512 vr = _mm512_set1_ps(1.0f / amax);
-  const __m512i one = _mm512_set1_epi32(1);
-  const __m512i low14 = _mm512_set1_epi32(0x3FFF), sign = _mm512_set1_epi32(0x4000);
-  const __m512i byte = _mm512_set1_epi32(0xFF), low16 = _mm512_set1_epi32(0xFFFF);
+  const __m512i one = _mm512_set1_epi32(1), low16 = _mm512_set1_epi32(0xFFFF);
   for (i = 0; i + 16 <= m; i += 16) {
     const __m512 v = _mm512_loadu_ps(src + i);
     __m512 x;
@@ -227,14 +230,11 @@ FO_AVX512_TARGET void q8_quantize_avx512(const float* src, uint8_t* codes, float
       x = _mm512_div_ps(v, va);
     }
     const __m512i bits = _mm512_castps_si512(x);
-    const __m512i bucket = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(bits, 16), low14),
-                                           _mm512_and_si512(_mm512_srli_epi32(bits, 17), sign));
-    const __m512i e = _mm512_i32gather_epi32(bucket, entry, 4);
-    const __m512i y = _mm512_xor_si512(_mm512_and_si512(bits, low16),
-                                       _mm512_and_si512(_mm512_srai_epi32(bits, 31), low16));
-    const __m512i c0 = _mm512_and_si512(e, byte);
+    const __m512i e = _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), entry, 4);
+    // y: the low 16 bits, inverted where the sign is set ((bits ^ sign) & 0xFFFF)
+    const __m512i y = _mm512_ternarylogic_epi32(bits, _mm512_srai_epi32(bits, 31), low16, 0x28);
     const __m512i c = _mm512_mask_add_epi32(
-        c0, _mm512_cmpgt_epu32_mask(y, _mm512_srli_epi32(e, 8)), c0, one);
+        e, _mm512_cmpgt_epu32_mask(y, _mm512_srli_epi32(e, 8)), e, one);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(c));
   }
   for (; i < m; ++i) codes[i] = static_cast<uint8_t>(q8_code(src[i] / amax, entry));

@@ -39,19 +39,21 @@ struct Quant8Maps {
   float value[2][256];      // [0]: signed, [1]: unsigned; ascending
   float threshold[2][256];  // 255 midpoints each (the last entry unused)
   // Note [quantization by table]: the code of x in [-1, 1] from one lookup. x's bucket is
-  // its sign and the 14 bits after (q8_bucket: the float's top 16 bits, bit 30 being 0);
-  // no bucket holds more than one threshold (checked as the table is made). entry[u][b]:
-  // bits 0-7, c0, the number of thresholds below the bucket's smallest float; bits 8-24,
-  // L, where the code is c0 + (y > L) with y x's low 16 bits, inverted for a negative x
-  // (within a bucket, x > t compares the low bits, in reverse below zero); L = 0xFFFF
-  // where no threshold can be below x.
-  uint32_t entry[2][32768];
+  // the float's top 16 bits (q8_bucket; one shift): its sign, exponent and 7 bits of
+  // significand. For |x| <= 1 bit 30 is 0, so the bucket's bit 14 is too; the buckets with
+  // it set (|x| >= 2, infinities and NaN, which a block's x never is but where its
+  // absmax is infinite) hold what the same bits with bit 14 clear hold, as they did when
+  // the bucket dropped bit 30. No bucket holds more than one threshold (checked as the
+  // table is made). entry[u][b]: bits 0-7, c0, the number of thresholds below the
+  // bucket's smallest float; bits 8-24, L, where the code is c0 + (y > L) with y x's low
+  // 16 bits, inverted for a negative x (within a bucket, x > t compares the low bits, in
+  // reverse below zero); L = 0xFFFF where no threshold can be below x. A code is at most
+  // 255 (there are 255 thresholds), so it is also the low byte of entry + (y > L).
+  uint32_t entry[2][65536];
 };
 
-// x's bucket: its sign bit and bits 16..29 (|x| <= 1 has bit 30 clear).
-inline __attribute__((always_inline)) uint32_t q8_bucket(uint32_t bits) {
-  return ((bits >> 16) & 0x3FFF) | ((bits >> 17) & 0x4000);
-}
+// x's bucket: its top 16 bits.
+inline __attribute__((always_inline)) uint32_t q8_bucket(uint32_t bits) { return bits >> 16; }
 
 inline Quant8Maps make_quant8_maps() {
   Quant8Maps maps{};
@@ -84,9 +86,9 @@ inline Quant8Maps make_quant8_maps() {
           static_cast<float>((static_cast<double>(f[k]) + static_cast<double>(f[k + 1])) / 2.0);
     }
     maps.threshold[u][255] = INFINITY;
-    for (uint32_t b = 0; b < 32768; ++b) {
-      const bool negative = (b & 0x4000) != 0;
-      const uint32_t lo = (b & 0x3FFF) << 16, hi = lo | 0xFFFF;
+    for (uint32_t b = 0; b < 65536; ++b) {
+      const bool negative = (b & 0x8000) != 0;
+      const uint32_t lo = (b & 0x3FFF) << 16, hi = lo | 0xFFFF;  // (bit 30 as 0)
       float flo, fhi;
       std::memcpy(&flo, &lo, 4);
       std::memcpy(&fhi, &hi, 4);
