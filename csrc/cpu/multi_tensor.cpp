@@ -164,80 +164,15 @@ FO_AVX2_TARGET void q8_dequantize_avx2(const uint8_t* codes, float scale, float*
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-// Note [8-bit without division]
-// x = v / absmax, correctly rounded, without a division per element (a vector division
-// is the slowest instruction of the loop): r = RN(1/absmax) once per block, q0 = RN(v * r),
-// then two corrections q' = RN(q + r * (v - q * absmax)), the remainder an fma. After the
-// first, q is faithful (within an ulp of v / absmax); then, r being correctly rounded,
-// Markstein's theorem makes the second's result RN(v / absmax), provided nothing
-// underflows or overflows (Markstein, "Computation of elementary functions on the IBM
-// RISC System/6000 processor", 1990; Muller et al., Handbook of Floating-Point Arithmetic,
-// the theorem on division by an fma). So the block takes this path only where absmax is
-// in [2^-60, 2^100]: r is then normal, and where x is within reach of a threshold
-// (|x| > 2^-26, the thresholds' smallest magnitude being above 5e-8), v is normal and the
-// remainder exactly representable (where it is subnormal or 0, q is already correctly
-// rounded). A smaller |x| may come out inexact, but with its sign (a -0 comes out +0),
-// and every such x has the code of 0. Elsewhere (absmax NaN, infinite, huge or tiny, or 0) the
-// block divides. The codes are those of q8_quantize; tests/test_state_dtype.py checks
-// values at and around every threshold, for many absmax, against the reference.
-constexpr float kFastDivMin = 0x1p-60f, kFastDivMax = 0x1p100f;
-
-// AVX-512: 16 elements at a time, the table's lookups as gathers (Note [quantization by
-// table] in quant8.h); the same codes as q8_quantize. The block's absolute maximum comes
-// from vrangeps (the larger magnitude, its sign cleared: one instruction for the fabs and
-// the max; it passes over a NaN, as maxNum does), whether any value is negative from the
-// running minimum (-0.0 is not < 0), and whether any is NaN from a running sum of v * 0,
-// which only a NaN or an infinity makes NaN (those rare blocks are then looked at again).
+// AVX-512: Note [8-bit quantization on AVX-512] (multi_tensor.h); the same codes as
+// q8_quantize.
 FO_AVX512_TARGET void q8_quantize_avx512(const float* src, uint8_t* codes, float* scale,
                                          int64_t m) {
-  const __m512 zero = _mm512_setzero_ps();
-  __m512 vmax = zero, vmin = zero, vnan = zero;
+  Q8Block q;
+  if (!q8_begin_avx512(src, codes, scale, m, &q)) return;
   int64_t i = 0;
-  for (; i + 16 <= m; i += 16) {
-    const __m512 v = _mm512_loadu_ps(src + i);
-    vmax = _mm512_range_ps(vmax, v, 0x0B);  // max |.|, sign cleared
-    vmin = _mm512_min_ps(vmin, v);
-    vnan = _mm512_fmadd_ps(v, zero, vnan);
-  }
-  float amax = _mm512_reduce_max_ps(vmax);
-  bool any_negative = _mm512_reduce_min_ps(vmin) < 0.0f, any_nan = false;
-  if (_mm512_cmp_ps_mask(vnan, vnan, _CMP_UNORD_Q) != 0) {
-    for (int64_t k = 0; k < i; ++k) any_nan |= src[k] != src[k];
-  }
-  for (int64_t k = i; k < m; ++k) {
-    const float a = std::fabs(src[k]);
-    amax = a > amax ? a : amax;
-    any_negative |= src[k] < 0.0f;
-    any_nan |= src[k] != src[k];
-  }
-  const uint32_t* entry = q8_block_map(amax, any_negative, any_nan, scale);
-  if (!(amax > 0.0f)) {
-    std::memset(codes, q8_code(0.0f, entry), static_cast<size_t>(m));
-    return;
-  }
-  const bool fast = amax >= kFastDivMin && amax <= kFastDivMax;  // Note [8-bit without division]
-  const __m512 va = _mm512_set1_ps(amax);
-  const __m512 vr = _mm512_set1_ps(1.0f / amax);
-  const __m512i one = _mm512_set1_epi32(1), low16 = _mm512_set1_epi32(0xFFFF);
-  for (i = 0; i + 16 <= m; i += 16) {
-    const __m512 v = _mm512_loadu_ps(src + i);
-    __m512 x;
-    if (fast) {
-      x = _mm512_mul_ps(v, vr);
-      x = _mm512_fmadd_ps(_mm512_fnmadd_ps(x, va, v), vr, x);
-      x = _mm512_fmadd_ps(_mm512_fnmadd_ps(x, va, v), vr, x);
-    } else {
-      x = _mm512_div_ps(v, va);
-    }
-    const __m512i bits = _mm512_castps_si512(x);
-    const __m512i e = _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), entry, 4);
-    // y: the low 16 bits, inverted where the sign is set ((bits ^ sign) & 0xFFFF)
-    const __m512i y = _mm512_ternarylogic_epi32(bits, _mm512_srai_epi32(bits, 31), low16, 0x28);
-    const __m512i c = _mm512_mask_add_epi32(
-        e, _mm512_cmpgt_epu32_mask(y, _mm512_srli_epi32(e, 8)), e, one);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(c));
-  }
-  for (; i < m; ++i) codes[i] = static_cast<uint8_t>(q8_code(src[i] / amax, entry));
+  for (; i + 16 <= m; i += 16) q8_codes16_avx512(q, i);
+  for (; i < m; ++i) codes[i] = static_cast<uint8_t>(q8_code(src[i] / q.amax, q.entry));
 }
 
 namespace {

@@ -348,6 +348,111 @@ void q8_quantize_avx512(const float* src, uint8_t* codes, float* scale, int64_t 
 void q8_dequantize_avx512(const uint8_t* codes, float scale, float* dst, int64_t m);
 #endif
 
+#if FO_X86_CLONES
+// Note [8-bit quantization on AVX-512]
+// A block's codes 16 at a time, the table's lookups as gathers (Note [quantization by
+// table] in quant8.h); the same codes as q8_quantize. In two steps, so that the storage
+// loop can run the second in step with the rule of the next block (Note [8-bit state a
+// block behind]): q8_begin_avx512 looks at the whole block and writes its scale,
+// q8_codes16_avx512 then makes 16 codes at a time. The block's absolute maximum comes from
+// vrangeps (the larger magnitude, its sign cleared: one instruction for the fabs and the
+// max; it passes over a NaN, as maxNum does), whether any value is negative from the
+// running minimum (-0.0 is not < 0), and whether any is NaN from a running sum of v * 0,
+// which only a NaN or an infinity makes NaN (those rare blocks are then looked at again).
+//
+// Note [8-bit without division]
+// x = v / absmax, correctly rounded, without a division per element (a vector division
+// is the slowest instruction of the loop): r = RN(1/absmax) once per block, q0 = RN(v * r),
+// then two corrections q' = RN(q + r * (v - q * absmax)), the remainder an fma. After the
+// first, q is faithful (within an ulp of v / absmax); then, r being correctly rounded,
+// Markstein's theorem makes the second's result RN(v / absmax), provided nothing
+// underflows or overflows (Markstein, "Computation of elementary functions on the IBM
+// RISC System/6000 processor", 1990; Muller et al., Handbook of Floating-Point Arithmetic,
+// the theorem on division by an fma). So the block takes this path only where absmax is
+// in [2^-60, 2^100]: r is then normal, and where x is within reach of a threshold
+// (|x| > 2^-26, the thresholds' smallest magnitude being above 5e-8), v is normal and the
+// remainder exactly representable (where it is subnormal or 0, q is already correctly
+// rounded). A smaller |x| may come out inexact, but with its sign (a -0 comes out +0),
+// and every such x has the code of 0. Elsewhere (absmax NaN, infinite, huge or tiny, or
+// 0) the block divides. tests/test_state_dtype.py checks values at and around every
+// threshold, for many absmax, against the reference.
+constexpr float kFastDivMin = 0x1p-60f, kFastDivMax = 0x1p100f;
+
+// (GCC 12 warns of "uninitialized" values inside its own AVX-512 intrinsics, which start
+// from _mm512_undefined_*, wherever these are inlined: not ours to mend.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// A block whose scale is written and whose codes are still to make.
+struct Q8Block {
+  const float* src;
+  uint8_t* codes;
+  const uint32_t* entry;  // the map's table
+  float amax;
+  bool fast;  // Note [8-bit without division]
+};
+
+// The block's scale written, and q made; false where nothing is left to do (no value
+// above 0, or a NaN: every code is that of 0, written here).
+FO_AVX512_INLINE bool q8_begin_avx512(const float* src, uint8_t* codes, float* scale,
+                                      int64_t m, Q8Block* q) {
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 vmax = zero, vmin = zero, vnan = zero;
+  int64_t i = 0;
+  for (; i + 16 <= m; i += 16) {
+    const __m512 v = _mm512_loadu_ps(src + i);
+    vmax = _mm512_range_ps(vmax, v, 0x0B);  // max |.|, sign cleared
+    vmin = _mm512_min_ps(vmin, v);
+    vnan = _mm512_fmadd_ps(v, zero, vnan);
+  }
+  float amax = _mm512_reduce_max_ps(vmax);
+  bool any_negative = _mm512_reduce_min_ps(vmin) < 0.0f, any_nan = false;
+  if (_mm512_cmp_ps_mask(vnan, vnan, _CMP_UNORD_Q) != 0) {
+    for (int64_t k = 0; k < i; ++k) any_nan |= src[k] != src[k];
+  }
+  for (int64_t k = i; k < m; ++k) {
+    const float a = std::fabs(src[k]);
+    amax = a > amax ? a : amax;
+    any_negative |= src[k] < 0.0f;
+    any_nan |= src[k] != src[k];
+  }
+  const uint32_t* entry = q8_block_map(amax, any_negative, any_nan, scale);
+  if (!(amax > 0.0f)) {
+    std::memset(codes, q8_code(0.0f, entry), static_cast<size_t>(m));
+    return false;
+  }
+  *q = Q8Block{src, codes, entry, amax, amax >= kFastDivMin && amax <= kFastDivMax};
+  return true;
+}
+
+// The codes of elements [i, i + 16) of q's block.
+FO_AVX512_INLINE void q8_codes16_avx512(const Q8Block& q, int64_t i) {
+  const __m512 v = _mm512_loadu_ps(q.src + i);
+  const __m512 va = _mm512_set1_ps(q.amax);
+  __m512 x;
+  if (q.fast) {
+    const __m512 vr = _mm512_set1_ps(1.0f / q.amax);
+    x = _mm512_mul_ps(v, vr);
+    x = _mm512_fmadd_ps(_mm512_fnmadd_ps(x, va, v), vr, x);
+    x = _mm512_fmadd_ps(_mm512_fnmadd_ps(x, va, v), vr, x);
+  } else {
+    x = _mm512_div_ps(v, va);
+  }
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i all = _mm512_set1_epi32(-1);
+  const __m512i e = _mm512_mask_i32gather_epi32(all, 0xFFFF, _mm512_srli_epi32(bits, 16),
+                                                q.entry, 4);
+  // y: the low 16 bits, inverted where the sign is set ((bits ^ sign) & 0xFFFF)
+  const __m512i y = _mm512_ternarylogic_epi32(bits, _mm512_srai_epi32(bits, 31),
+                                              _mm512_set1_epi32(0xFFFF), 0x28);
+  const __m512i c = _mm512_mask_add_epi32(
+      e, _mm512_cmpgt_epu32_mask(y, _mm512_srli_epi32(e, 8)), e, _mm512_set1_epi32(1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q.codes + i), _mm512_maskz_cvtepi32_epi8(0xFFFF, c));
+}
+#pragma GCC diagnostic pop
+#endif
+
 // Elements [at, at + m) of a tensor of dtype `dt` (float32, bfloat16, float16, or uint8: an
 // 8-bit state with its block scales) as floats, and stored back from floats (rounded to
 // nearest, or quantized). An 8-bit block starts at a multiple of kQuantBlock.
@@ -402,11 +507,16 @@ FO_INLINE void store_block(at::ScalarType dt, const float* src, void* base, int6
 // With AVX2 or AVX-512 the rule runs on vectors of floats (Note [vector rules] in simd.h:
 // the same bits, and the rules' vector forms, such as Adam's division by a constant, are
 // faster than what the compiler makes of the scalar rule), the tail on floats.
-template <typename Rule, Isa kIsa>
-FO_INLINE void rule_block(const typename Rule::Coeffs& c, float* __restrict p,
-                          const float* __restrict g,
-                          float* __restrict s0, float* __restrict s1, float* __restrict s2,
-                          int64_t m) {
+// side(i), where given, runs in each vector iteration (the storage loop's quantization of
+// the block before: Note [8-bit state a block behind]); returns where the vectors ended.
+struct NoSide {
+  FO_INLINE void operator()(int64_t) const {}
+};
+template <typename Rule, Isa kIsa, typename Side = NoSide>
+FO_INLINE int64_t rule_block(const typename Rule::Coeffs& c, float* __restrict p,
+                             const float* __restrict g,
+                             float* __restrict s0, float* __restrict s1, float* __restrict s2,
+                             int64_t m, const Side& side = Side{}) {
   constexpr int NS = Rule::kStates;
   static_assert(NS <= 3);
   int64_t i = 0;
@@ -417,6 +527,7 @@ FO_INLINE void rule_block(const typename Rule::Coeffs& c, float* __restrict p,
     constexpr int64_t kWidth = sizeof(V) / sizeof(float);
     const typename Rule::template WithMath<V> vrule(c);
     for (; i + kWidth <= m; i += kWidth) {
+      side(i);
       V pv = V::load(p + i);
       V sv[NS > 0 ? NS : 1];
       if constexpr (NS > 0) sv[0] = V::load(s0 + i);
@@ -430,6 +541,7 @@ FO_INLINE void rule_block(const typename Rule::Coeffs& c, float* __restrict p,
     }
   }
 #endif
+  const int64_t vector_end = i;
   const Rule rule(c);
   for (; i < m; ++i) {
     float pv = p[i];
@@ -443,6 +555,7 @@ FO_INLINE void rule_block(const typename Rule::Coeffs& c, float* __restrict p,
     if constexpr (NS > 1) s1[i] = sv[1];
     if constexpr (NS > 2) s2[i] = sv[2];
   }
+  return vector_end;
 }
 
 // The loop over one segment of a tensor whose lists do not all share the param's dtype
@@ -493,6 +606,25 @@ FO_INLINE void storage_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
   const int64_t ahead = prefetch_distance(psize);
   int64_t ssize[NS > 0 ? NS : 1];
   for (int k = 0; k < NS; ++k) ssize[k] = static_cast<int64_t>(c10::elementSize(t.state_dtype[k]));
+#if FO_X86_CLONES
+  // Note [8-bit state a block behind]
+  // Where every state is 8-bit, with AVX-512, a block's states are quantized while the
+  // rule runs on the next block: the rule's vector loop makes 16 codes of each state of
+  // the block before in each of its iterations. The rule is bound by its divisions and
+  // square roots, the quantization by its gathers and integer work, and apart each waited
+  // for the other (AdamW, float32 params, one thread: about as long in each). The states'
+  // buffers alternate between two halves, so a block's floats stay until their codes are
+  // made; the tensor's last block, which may be short, is quantized at once, and what
+  // waits at the end of the segment is quantized then. A block's codes and scale are
+  // those of store_block's q8_quantize_avx512: only when they are made changes.
+  constexpr bool kBehind = kIsa >= Isa::kAvx512 && NS > 0;
+  bool behind = kBehind;
+  for (int k = 0; k < NS; ++k) behind = behind && t.state_dtype[k] == at::kByte;
+  alignas(64) M sbuf_other[kBehind ? NS : 1][kBehind ? kBlock : 1];
+  Q8Block waiting[NS > 0 ? NS : 1] = {};
+  bool waits[NS > 0 ? NS : 1] = {};
+  bool other_half = false;
+#endif
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t m = std::min(kBlock, end - b);
     if (ahead > 0 && b + m + ahead < t.numel) {
@@ -507,6 +639,13 @@ FO_INLINE void storage_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
     M* gb = pt == at::kFloat ? static_cast<float*>(t.grad) + b : gbuf;
     M* sb[NS > 0 ? NS : 1] = {};
     for (int k = 0; k < NS; ++k) sb[k] = s_direct[k] ? static_cast<float*>(t.state[k]) + b : sbuf[k];
+#if FO_X86_CLONES
+    if constexpr (kBehind) {
+      if (behind && other_half) {
+        for (int k = 0; k < NS; ++k) sb[k] = sbuf_other[k];
+      }
+    }
+#endif
     if (mode == ParamMode::kMaster) {
       pb = master + b;  // (updated in place)
     } else if (!p_direct) {
@@ -529,9 +668,46 @@ FO_INLINE void storage_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
     M* s2 = nullptr;
     if constexpr (NS > 1) s1 = sb[1];
     if constexpr (NS > 2) s2 = sb[2];
-    rule_block<Rule, kIsa>(coeffs, pb, gb, sb[0], s1, s2, m);
-    for (int k = 0; k < NS; ++k) {
-      if (!s_direct[k]) store_block<kIsa>(t.state_dtype[k], sb[k], t.state[k], b, m, t.state_scale[k]);
+    bool stored = false;
+#if FO_X86_CLONES
+    if constexpr (kBehind) {
+      if (behind) {  // Note [8-bit state a block behind]
+        Q8Block w[NS];
+        bool on[NS];
+        for (int k = 0; k < NS; ++k) {
+          w[k] = waiting[k];
+          on[k] = waits[k];
+        }
+        const auto codes_before = [&](int64_t i) {
+          for (int k = 0; k < NS; ++k) {
+            if (on[k]) q8_codes16_avx512(w[k], i);
+          }
+        };
+        const int64_t done = rule_block<Rule, kIsa>(coeffs, pb, gb, sb[0], s1, s2, m, codes_before);
+        for (int64_t i = done; i < kBlock; i += 16) codes_before(i);  // (a waiting block is whole)
+        for (int k = 0; k < NS; ++k) {
+          uint8_t* codes = static_cast<uint8_t*>(t.state[k]) + b;
+          float* scale = t.state_scale[k] + b / kQuantBlock;
+          waits[k] = q8_begin_avx512(sb[k], codes, scale, m, &waiting[k]);
+          if (waits[k] && m < kBlock) {  // the tensor's last block: at once
+            int64_t i = 0;
+            for (; i + 16 <= m; i += 16) q8_codes16_avx512(waiting[k], i);
+            for (; i < m; ++i) {
+              codes[i] = static_cast<uint8_t>(q8_code(sb[k][i] / waiting[k].amax, waiting[k].entry));
+            }
+            waits[k] = false;
+          }
+        }
+        other_half = !other_half;
+        stored = true;
+      }
+    }
+#endif
+    if (!stored) {
+      rule_block<Rule, kIsa>(coeffs, pb, gb, sb[0], s1, s2, m);
+      for (int k = 0; k < NS; ++k) {
+        if (!s_direct[k]) store_block<kIsa>(t.state_dtype[k], sb[k], t.state[k], b, m, t.state_scale[k]);
+      }
     }
     switch (mode) {
       case ParamMode::kMaster:
@@ -562,6 +738,15 @@ FO_INLINE void storage_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
         if (!p_direct) store_block<kIsa>(pt, pb, t.param, b, m, nullptr);
     }
   }
+#if FO_X86_CLONES
+  if constexpr (kBehind) {
+    static_assert(kBlock == kQuantBlock);
+    for (int k = 0; k < NS; ++k) {
+      if (!waits[k]) continue;
+      for (int64_t i = 0; i < kBlock; i += 16) q8_codes16_avx512(waiting[k], i);
+    }
+  }
+#endif
 }
 
 template <typename Rule>

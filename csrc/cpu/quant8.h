@@ -22,8 +22,10 @@
 // The update itself is computed in float from the dequantized moments; what it stores is
 // the quantization of its results. fused_optim/quantization.py is the same in Python (for
 // checkpoint conversion), and tests/test_state_dtype.py has its own reference. The AVX-512
-// copies compute the same codes faster: Note [8-bit without division] and Note [8-bit
-// dequantization by byte permutes] in multi_tensor.cpp.
+// copies compute the same codes faster, and quantize a block while the rule runs on the
+// next: Notes [8-bit quantization on AVX-512], [8-bit without division] and [8-bit state a
+// block behind] in multi_tensor.h, [8-bit dequantization by byte permutes] in
+// multi_tensor.cpp.
 
 #include <algorithm>
 #include <cmath>
