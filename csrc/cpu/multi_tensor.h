@@ -450,6 +450,34 @@ FO_AVX512_INLINE void q8_codes16_avx512(const Q8Block& q, int64_t i) {
       e, _mm512_cmpgt_epu32_mask(y, _mm512_srli_epi32(e, 8)), e, _mm512_set1_epi32(1));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(q.codes + i), _mm512_maskz_cvtepi32_epi8(0xFFFF, c));
 }
+
+// hash32 (rounding.h) on 16 lanes.
+FO_AVX512_INLINE __m512i hash32_avx512(__m512i x) {
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7FEB352D));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(0x846CA68Bu)));
+  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+
+// bf16_stochastic_bits(x[j], rounding_bits(stream, first + j)) for j < 16, stored to dst.
+FO_AVX512_INLINE void bf16_stochastic16_avx512(const float* x, uint16_t* dst, uint64_t stream,
+                                               int64_t first) {
+  const uint32_t lo = static_cast<uint32_t>(stream), hi = static_cast<uint32_t>(stream >> 32);
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i i = _mm512_add_epi32(
+      _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first) + hi)), iota);
+  const __m512i bits = hash32_avx512(
+      _mm512_xor_si512(_mm512_set1_epi32(static_cast<int>(lo)), hash32_avx512(i)));
+  const __m512i u = _mm512_castps_si512(_mm512_loadu_ps(x));
+  const __m512i magnitude = _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
+  const __m512i inf = _mm512_set1_epi32(0x7F800000);
+  __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(u, _mm512_and_si512(bits, _mm512_set1_epi32(0xFFFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmpeq_epi32_mask(magnitude, inf), _mm512_srli_epi32(u, 16));
+  r = _mm512_mask_mov_epi32(r, _mm512_cmpgt_epu32_mask(magnitude, inf), _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_maskz_cvtepi32_epi16(0xFFFF, r));
+}
 #pragma GCC diagnostic pop
 #endif
 
@@ -507,10 +535,13 @@ FO_INLINE void store_block(at::ScalarType dt, const float* src, void* base, int6
 // With AVX2 or AVX-512 the rule runs on vectors of floats (Note [vector rules] in simd.h:
 // the same bits, and the rules' vector forms, such as Adam's division by a constant, are
 // faster than what the compiler makes of the scalar rule), the tail on floats.
-// side(i), where given, runs in each vector iteration (the storage loop's quantization of
-// the block before: Note [8-bit state a block behind]); returns where the vectors ended.
+// side(i, p), where given, runs at the start of each vector iteration, i its first element
+// (the storage loop's quantization of the block before, Note [8-bit state a block behind],
+// or its stochastic rounding of the vector before, Note [stochastic rounding in step]; p
+// is passed so that what side reads of it is read through p); returns where the vectors
+// ended.
 struct NoSide {
-  FO_INLINE void operator()(int64_t) const {}
+  FO_INLINE void operator()(int64_t, const float*) const {}
 };
 template <typename Rule, Isa kIsa, typename Side = NoSide>
 FO_INLINE int64_t rule_block(const typename Rule::Coeffs& c, float* __restrict p,
@@ -527,7 +558,7 @@ FO_INLINE int64_t rule_block(const typename Rule::Coeffs& c, float* __restrict p
     constexpr int64_t kWidth = sizeof(V) / sizeof(float);
     const typename Rule::template WithMath<V> vrule(c);
     for (; i + kWidth <= m; i += kWidth) {
-      side(i);
+      side(i, p);
       V pv = V::load(p + i);
       V sv[NS > 0 ? NS : 1];
       if constexpr (NS > 0) sv[0] = V::load(s0 + i);
@@ -678,13 +709,13 @@ FO_INLINE void storage_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
           w[k] = waiting[k];
           on[k] = waits[k];
         }
-        const auto codes_before = [&](int64_t i) {
+        const auto codes_before = [&](int64_t i, const float*) {
           for (int k = 0; k < NS; ++k) {
             if (on[k]) q8_codes16_avx512(w[k], i);
           }
         };
         const int64_t done = rule_block<Rule, kIsa>(coeffs, pb, gb, sb[0], s1, s2, m, codes_before);
-        for (int64_t i = done; i < kBlock; i += 16) codes_before(i);  // (a waiting block is whole)
+        for (int64_t i = done; i < kBlock; i += 16) codes_before(i, nullptr);  // (whole blocks wait)
         for (int k = 0; k < NS; ++k) {
           uint8_t* codes = static_cast<uint8_t*>(t.state[k]) + b;
           float* scale = t.state_scale[k] + b / kQuantBlock;
@@ -700,6 +731,32 @@ FO_INLINE void storage_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
         }
         other_half = !other_half;
         stored = true;
+      }
+    }
+#endif
+    bool rounded = false;
+#if FO_X86_CLONES
+    if constexpr (kIsa >= Isa::kAvx512) {
+      if (!stored && mode == ParamMode::kStochastic && pt == at::kBFloat16) {
+        // Note [stochastic rounding in step]
+        // bfloat16 params rounded stochastically, with AVX-512: each vector of the rule's
+        // results is rounded in the rule's next iteration (the hash's integer multiplies
+        // beside the rule's divisions, where one loop after the other waited for each),
+        // the last vector and the tail after the loop; the same bits as the loop in the
+        // switch below (bf16_stochastic16_avx512).
+        uint16_t* pp = reinterpret_cast<uint16_t*>(static_cast<c10::BFloat16*>(t.param) + b);
+        const uint64_t stream = sc.rounding_stream;
+        const auto round_before = [&](int64_t i, const float* p) {
+          if (i > 0) bf16_stochastic16_avx512(p + i - 16, pp + i - 16, stream, b + i - 16);
+        };
+        const int64_t done = rule_block<Rule, kIsa>(coeffs, pb, gb, sb[0], s1, s2, m, round_before);
+        for (int64_t j = std::max<int64_t>(done - 16, 0); j < m; ++j) {
+          pp[j] = bf16_stochastic_bits(pb[j], rounding_bits(stream, static_cast<uint64_t>(b + j)));
+        }
+        for (int k = 0; k < NS; ++k) {
+          if (!s_direct[k]) store_block<kIsa>(t.state_dtype[k], sb[k], t.state[k], b, m, t.state_scale[k]);
+        }
+        rounded = stored = true;
       }
     }
 #endif
@@ -720,6 +777,7 @@ FO_INLINE void storage_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
         store_block<kIsa>(pt, hb, comp, b, m, nullptr);
         break;
       case ParamMode::kStochastic: {  // Note [stochastic rounding] in rounding.h
+        if (rounded) break;  // (Note [stochastic rounding in step])
         const uint64_t stream = sc.rounding_stream;
         if (pt == at::kBFloat16) {
           c10::BFloat16* p = static_cast<c10::BFloat16*>(t.param) + b;
