@@ -15,8 +15,8 @@ master read and written instead of the param read (+6); with 8-bit moments, 1 by
 bfloat16 ones, 16 with 8-bit ones.
 
 With --dtype float32, the 8-bit AdamW of bitsandbytes (bnb.optim.AdamW8bit) and of torchao
-(torchao.optim.AdamW8bit), where they are installed (`pip install bitsandbytes torchao`;
---no-peers leaves them out), are timed in the same rounds on the same shape, and a second
+(torchao.optim.AdamW8bit), where they are installed (`pip install --no-deps bitsandbytes
+torchao`, so that pip leaves the installed torch alone; --no-peers leaves them out), are timed in the same rounds on the same shape, and a second
 table gives each one's time against ours with state_dtype=torch.uint8.
 """
 import argparse
