@@ -59,8 +59,10 @@ FO_RND_HD inline uint64_t rounding_stream(uint64_t seed, uint64_t counter) {
 
 // A 32-bit integer hash with low bias (Wellons' "lowbias32"): a bijection, two
 // multiplies, and vectorizable (32-bit lanes), where SplitMix64's 64-bit multiplies are not
-// on most CPUs.
-FO_RND_HD inline uint32_t hash32(uint32_t x) {
+// on most CPUs. A template so that the AVX-512 stochastic rounding runs the same code on
+// a GNU vector of 16 lanes (multi_tensor.h's bf16_stochastic16_avx512).
+template <typename U32>
+FO_RND_HD inline U32 hash32(U32 x) {
   x ^= x >> 16;
   x *= 0x7FEB352Du;
   x ^= x >> 15;

@@ -169,10 +169,7 @@ FO_AVX2_TARGET void q8_dequantize_avx2(const uint8_t* codes, float scale, float*
 FO_AVX512_TARGET void q8_quantize_avx512(const float* src, uint8_t* codes, float* scale,
                                          int64_t m) {
   Q8Block q;
-  if (!q8_begin_avx512(src, codes, scale, m, &q)) return;
-  int64_t i = 0;
-  for (; i + 16 <= m; i += 16) q8_codes16_avx512(q, i);
-  for (; i < m; ++i) codes[i] = static_cast<uint8_t>(q8_code(src[i] / q.amax, q.entry));
+  if (q8_begin_avx512(src, codes, scale, m, &q)) q8_codes_avx512(q, 0, m);
 }
 
 namespace {

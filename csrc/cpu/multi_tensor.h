@@ -384,7 +384,7 @@ constexpr float kFastDivMin = 0x1p-60f, kFastDivMax = 0x1p100f;
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-// A block whose scale is written and whose codes are still to make.
+// A block whose scale is written and whose codes are still to make (none: codes null).
 struct Q8Block {
   const float* src;
   uint8_t* codes;
@@ -393,8 +393,8 @@ struct Q8Block {
   bool fast;  // Note [8-bit without division]
 };
 
-// The block's scale written, and q made; false where nothing is left to do (no value
-// above 0, or a NaN: every code is that of 0, written here).
+// The block's scale written, and q made; false, and q left with no codes, where nothing
+// is left to do (no value above 0, or a NaN: every code is that of 0, written here).
 FO_AVX512_INLINE bool q8_begin_avx512(const float* src, uint8_t* codes, float* scale,
                                       int64_t m, Q8Block* q) {
   const __m512 zero = _mm512_setzero_ps();
@@ -420,6 +420,7 @@ FO_AVX512_INLINE bool q8_begin_avx512(const float* src, uint8_t* codes, float* s
   const uint32_t* entry = q8_block_map(amax, any_negative, any_nan, scale);
   if (!(amax > 0.0f)) {
     std::memset(codes, q8_code(0.0f, entry), static_cast<size_t>(m));
+    *q = Q8Block{};
     return false;
   }
   *q = Q8Block{src, codes, entry, amax, amax >= kFastDivMin && amax <= kFastDivMax};
@@ -451,13 +452,11 @@ FO_AVX512_INLINE void q8_codes16_avx512(const Q8Block& q, int64_t i) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(q.codes + i), _mm512_maskz_cvtepi32_epi8(0xFFFF, c));
 }
 
-// hash32 (rounding.h) on 16 lanes.
-FO_AVX512_INLINE __m512i hash32_avx512(__m512i x) {
-  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7FEB352D));
-  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(0x846CA68Bu)));
-  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+// The codes of elements [from, to) of q's block, from a multiple of 16.
+FO_AVX512_INLINE void q8_codes_avx512(const Q8Block& q, int64_t from, int64_t to) {
+  int64_t i = from;
+  for (; i + 16 <= to; i += 16) q8_codes16_avx512(q, i);
+  for (; i < to; ++i) q.codes[i] = static_cast<uint8_t>(q8_code(q.src[i] / q.amax, q.entry));
 }
 
 // bf16_stochastic_bits(x[j], rounding_bits(stream, first + j)) for j < 16, stored to dst.
@@ -467,8 +466,8 @@ FO_AVX512_INLINE void bf16_stochastic16_avx512(const float* x, uint16_t* dst, ui
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i i = _mm512_add_epi32(
       _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first) + hi)), iota);
-  const __m512i bits = hash32_avx512(
-      _mm512_xor_si512(_mm512_set1_epi32(static_cast<int>(lo)), hash32_avx512(i)));
+  const __m512i bits = reinterpret_cast<__m512i>(
+      hash32(lo ^ hash32(reinterpret_cast<U32x16>(i))));  // (rounding_bits, on 16 lanes)
   const __m512i u = _mm512_castps_si512(_mm512_loadu_ps(x));
   const __m512i magnitude = _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
   const __m512i inf = _mm512_set1_epi32(0x7F800000);
@@ -652,8 +651,7 @@ FO_INLINE void storage_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
   bool behind = kBehind;
   for (int k = 0; k < NS; ++k) behind = behind && t.state_dtype[k] == at::kByte;
   alignas(64) M sbuf_other[kBehind ? NS : 1][kBehind ? kBlock : 1];
-  Q8Block waiting[NS > 0 ? NS : 1] = {};
-  bool waits[NS > 0 ? NS : 1] = {};
+  Q8Block waiting[NS > 0 ? NS : 1] = {};  // (codes null: none)
   bool other_half = false;
 #endif
   for (int64_t b = begin; b < end; b += kBlock) {
@@ -703,30 +701,22 @@ FO_INLINE void storage_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
 #if FO_X86_CLONES
     if constexpr (kBehind) {
       if (behind) {  // Note [8-bit state a block behind]
+        // (a copy, so that the compiler need not reload it after each store of codes)
         Q8Block w[NS];
-        bool on[NS];
-        for (int k = 0; k < NS; ++k) {
-          w[k] = waiting[k];
-          on[k] = waits[k];
-        }
+        for (int k = 0; k < NS; ++k) w[k] = waiting[k];
         const auto codes_before = [&](int64_t i, const float*) {
           for (int k = 0; k < NS; ++k) {
-            if (on[k]) q8_codes16_avx512(w[k], i);
+            if (w[k].codes != nullptr) q8_codes16_avx512(w[k], i);
           }
         };
         const int64_t done = rule_block<Rule, kIsa>(coeffs, pb, gb, sb[0], s1, s2, m, codes_before);
-        for (int64_t i = done; i < kBlock; i += 16) codes_before(i, nullptr);  // (whole blocks wait)
         for (int k = 0; k < NS; ++k) {
+          if (w[k].codes != nullptr) q8_codes_avx512(w[k], done, kBlock);  // (whole blocks wait)
           uint8_t* codes = static_cast<uint8_t*>(t.state[k]) + b;
           float* scale = t.state_scale[k] + b / kQuantBlock;
-          waits[k] = q8_begin_avx512(sb[k], codes, scale, m, &waiting[k]);
-          if (waits[k] && m < kBlock) {  // the tensor's last block: at once
-            int64_t i = 0;
-            for (; i + 16 <= m; i += 16) q8_codes16_avx512(waiting[k], i);
-            for (; i < m; ++i) {
-              codes[i] = static_cast<uint8_t>(q8_code(sb[k][i] / waiting[k].amax, waiting[k].entry));
-            }
-            waits[k] = false;
+          if (q8_begin_avx512(sb[k], codes, scale, m, &waiting[k]) && m < kBlock) {
+            q8_codes_avx512(waiting[k], 0, m);  // the tensor's last block: at once
+            waiting[k] = Q8Block{};
           }
         }
         other_half = !other_half;
@@ -735,33 +725,37 @@ FO_INLINE void storage_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
     }
 #endif
     bool rounded = false;
-#if FO_X86_CLONES
-    if constexpr (kIsa >= Isa::kAvx512) {
-      if (!stored && mode == ParamMode::kStochastic && pt == at::kBFloat16) {
-        // Note [stochastic rounding in step]
-        // bfloat16 params rounded stochastically, with AVX-512: each vector of the rule's
-        // results is rounded in the rule's next iteration (the hash's integer multiplies
-        // beside the rule's divisions, where one loop after the other waited for each),
-        // the last vector and the tail after the loop; the same bits as the loop in the
-        // switch below (bf16_stochastic16_avx512).
-        uint16_t* pp = reinterpret_cast<uint16_t*>(static_cast<c10::BFloat16*>(t.param) + b);
-        const uint64_t stream = sc.rounding_stream;
-        const auto round_before = [&](int64_t i, const float* p) {
-          if (i > 0) bf16_stochastic16_avx512(p + i - 16, pp + i - 16, stream, b + i - 16);
-        };
-        const int64_t done = rule_block<Rule, kIsa>(coeffs, pb, gb, sb[0], s1, s2, m, round_before);
-        for (int64_t j = std::max<int64_t>(done - 16, 0); j < m; ++j) {
-          pp[j] = bf16_stochastic_bits(pb[j], rounding_bits(stream, static_cast<uint64_t>(b + j)));
-        }
-        for (int k = 0; k < NS; ++k) {
-          if (!s_direct[k]) store_block<kIsa>(t.state_dtype[k], sb[k], t.state[k], b, m, t.state_scale[k]);
-        }
-        rounded = stored = true;
-      }
-    }
-#endif
     if (!stored) {
-      rule_block<Rule, kIsa>(coeffs, pb, gb, sb[0], s1, s2, m);
+#if FO_X86_CLONES
+      if constexpr (kIsa >= Isa::kAvx512) {
+        rounded = mode == ParamMode::kStochastic && pt == at::kBFloat16;
+      }
+#endif
+      if (rounded) {
+#if FO_X86_CLONES
+        if constexpr (kIsa >= Isa::kAvx512) {  // (as `rounded` says)
+          // Note [stochastic rounding in step]
+          // bfloat16 params rounded stochastically, with AVX-512: each vector of the rule's
+          // results is rounded in the rule's next iteration (the hash's integer multiplies
+          // beside the rule's divisions, where one loop after the other waited for each),
+          // the last vector and the tail after the loop; the same bits as the loop in the
+          // switch below (bf16_stochastic16_avx512).
+          uint16_t* pp = reinterpret_cast<uint16_t*>(static_cast<c10::BFloat16*>(t.param) + b);
+          const uint64_t stream = sc.rounding_stream;
+          const auto round_before = [&](int64_t i, const float* p) {
+            if (i > 0) bf16_stochastic16_avx512(p + i - 16, pp + i - 16, stream, b + i - 16);
+          };
+          const int64_t done =
+              rule_block<Rule, kIsa>(coeffs, pb, gb, sb[0], s1, s2, m, round_before);
+          for (int64_t j = std::max<int64_t>(done - 16, 0); j < m; ++j) {
+            const uint32_t bits = rounding_bits(stream, static_cast<uint64_t>(b + j));
+            pp[j] = bf16_stochastic_bits(pb[j], bits);
+          }
+        }
+#endif
+      } else {
+        rule_block<Rule, kIsa>(coeffs, pb, gb, sb[0], s1, s2, m);
+      }
       for (int k = 0; k < NS; ++k) {
         if (!s_direct[k]) store_block<kIsa>(t.state_dtype[k], sb[k], t.state[k], b, m, t.state_scale[k]);
       }
@@ -800,8 +794,7 @@ FO_INLINE void storage_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
   if constexpr (kBehind) {
     static_assert(kBlock == kQuantBlock);
     for (int k = 0; k < NS; ++k) {
-      if (!waits[k]) continue;
-      for (int64_t i = 0; i < kBlock; i += 16) q8_codes16_avx512(waiting[k], i);
+      if (waiting[k].codes != nullptr) q8_codes_avx512(waiting[k], 0, kBlock);
     }
   }
 #endif
