@@ -123,9 +123,9 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
       for (size_t i = 0; i < mode_aux.size(); ++i) {
         const at::Tensor& r = mode_aux[i];
         TORCH_CHECK(r.defined() && r.device().is_cpu() && r.scalar_type() == at::kLong &&
-                        r.numel() == 2 && r.is_contiguous(),
+                        (r.numel() == 2 || r.numel() == 3) && r.is_contiguous(),
                     op, ": param_aux[", i, "] (rounding_state) must be a contiguous int64 CPU "
-                    "tensor of 2 elements: [seed, counter]");
+                    "tensor of 2 elements, [seed, counter], or 3, [seed, counter, offset]");
       }
       rounding_states_ = mode_aux;
     } else {
@@ -327,6 +327,8 @@ std::vector<uint64_t> MultiTensorPlan::next_rounding_streams() const {
     int64_t* r = rounding_states_[i].data_ptr<int64_t>();
     r[1] += 1;  // this step's counter
     streams[i] = rounding_stream(static_cast<uint64_t>(r[0]), static_cast<uint64_t>(r[1]));
+    // a shard's offset in its whole param (Note [stochastic rounding]: a shard's bits)
+    if (rounding_states_[i].numel() == 3) streams[i] = shard_stream(streams[i], r[2]);
   }
   return streams;
 }

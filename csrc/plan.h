@@ -53,7 +53,8 @@ struct TensorPtrs {
 //     about 16 bits of mantissa in two 16-bit tensors: 2 bytes per param.
 //   kStochastic (stochastic_rounding=True): the float result is rounded stochastically
 //     (Note [stochastic rounding] in rounding.h), with the param's seed and counter
-//     (state["rounding_state"], an int64 [seed, counter] CPU tensor the kernel counts).
+//     (state["rounding_state"], an int64 [seed, counter] CPU tensor the kernel counts;
+//     for a DTensor's shard the optimizer passes [seed, counter, the shard's offset]).
 //   kMaster (master_weights=True): a float32 copy of the param (state["master_param"]) is
 //     what the rule updates; the param is its rounding to nearest. 4 bytes per param.
 // The states of the rule keep the param's dtype (math in float, as always). The storage's

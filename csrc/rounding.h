@@ -16,7 +16,11 @@
 // and k its counter (state["rounding_state"][1], counted by the kernel). i is the
 // element's position in the param's memory. So a step's rounding depends only on the
 // state, never on the thread count or on how the work is split, and a checkpoint resumes
-// the same sequence.
+// the same sequence. A shard of a param (FSDP2's DTensors) is rounded with the bits of the
+// elements it holds: the optimizer passes [seed, counter, offset], offset the position of
+// the shard's first element in the whole param, and the stream's high half is moved by
+// it (shard_stream), since i enters the hash only as i + hi(stream). So a sharded run rounds
+// as the unsharded one would, and no two shards of a param share their random numbers.
 //   bfloat16: float's low 16 bits are exactly the part below a bfloat16 ulp, so adding 16
 //     random bits to x's bit pattern and truncating rounds up with probability exactly
 //     (x - lo) / ulp (the carry moves to the next magnitude: away from zero for either
@@ -55,6 +59,12 @@ FO_RND_HD inline uint64_t mix64(uint64_t z) {
 // A tensor's stream at a step: its seed and the step's counter.
 FO_RND_HD inline uint64_t rounding_stream(uint64_t seed, uint64_t counter) {
   return mix64(seed + counter * kGolden);
+}
+
+// The stream of a shard whose first element is element `offset` of the whole param: the
+// whole param's stream, its high half moved by the offset (mod 2^32, as rounding_bits adds).
+FO_RND_HD inline uint64_t shard_stream(uint64_t stream, int64_t offset) {
+  return stream + (static_cast<uint64_t>(static_cast<uint32_t>(offset)) << 32);
 }
 
 // A 32-bit integer hash with low bias (Wellons' "lowbias32"): a bijection, two

@@ -154,11 +154,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(
                         "state_dtype runs on CPU params only so far (the CUDA kernels do not "
                         f"have it yet); param {i} of param group {index} is on {p.device}")
-                if state_dtype is torch.uint8 and type(p) not in (torch.Tensor, torch.nn.Parameter):
+                if (state_dtype is torch.uint8 and type(p) not in (torch.Tensor, torch.nn.Parameter)
+                        and not quantization.is_dtensor(p)):
                     raise RuntimeError(
-                        "state_dtype=torch.uint8 takes plain tensors only so far (not DTensors "
-                        f"or other subclasses); param {i} of param group {index} is a "
-                        f"{type(p).__name__}")
+                        "state_dtype=torch.uint8 takes plain tensors and DTensors only (Note "
+                        f"[8-bit DTensors] in quantization.py); param {i} of param group "
+                        f"{index} is a {type(p).__name__}")
         option = self._storage_option
         if option is None:
             return
@@ -256,6 +257,29 @@ class FusedOptimizer(torch.optim.Optimizer):
                                    dtype=torch.int64)
             state[key] = buf
         return buf
+
+    def _kernel_storage(self, p: Tensor, buf: Tensor, pending: List[Tuple[Tensor, Tensor]]) -> Tensor:
+        """The param storage's buffer as the kernel takes it: `buf`, except a DTensor's
+        rounding state (stochastic rounding), which the kernel gets as [seed, counter,
+        offset], offset the position of the local shard's first element in the whole param
+        (Note [stochastic rounding] in csrc/rounding.h: the shard is rounded with its
+        elements' own random bits); (buf, that copy) goes to `pending`, and
+        _storage_done counts the step in buf after the call."""
+        if self._storage_key != "rounding_state" or not quantization.is_dtensor(p):
+            return buf
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        _, corner = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        offset = sum(i * stride for i, stride in zip(corner, p.stride()))
+        passed = torch.cat([buf, buf.new_tensor([offset])])
+        pending.append((buf, passed))
+        return passed
+
+    @staticmethod
+    def _storage_done(pending: List[Tuple[Tensor, Tensor]]) -> None:
+        """After a kernel call: the counters it counted in _kernel_storage's copies, kept."""
+        for buf, passed in pending:
+            buf.copy_(passed[:2])
 
     def _moment_dtype(self, p: Tensor) -> torch.dtype:
         """The dtype of p's moments under state_dtype (Note [state storage]): 8-bit only
@@ -478,6 +502,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         lists: Tuple[List[Tensor], ...] = tuple([] for _ in keys)
         storage = getattr(self, "_param_mode", 0)
         moments = getattr(self, "_state_dtype", None) is not None
+        pending: List[Tuple[Tensor, Tensor]] = []
         for p, g in zip(params, grads):
             s = state[p]
             self._init_state(group, p, g, s)
@@ -487,8 +512,17 @@ class FusedOptimizer(torch.optim.Optimizer):
                 self._convert_moments(p, s)
             for tensors, key in zip(lists, keys):
                 if key is not None:
-                    tensors.append(s[key])
+                    t = s[key]
+                    if type(p) is not Tensor and type(p) is not torch.nn.Parameter:
+                        # a DTensor's scales and rounding state as the kernel takes them:
+                        # Note [8-bit DTensors], Note [stochastic rounding]
+                        if key.endswith(_ABSMAX):
+                            t = quantization.kernel_scales(t, s[key[: -len(_ABSMAX)]])
+                        elif key == self._storage_key:
+                            t = self._kernel_storage(p, t, pending)
+                    tensors.append(t)
         _ops.call(self._op, params, grads, lists, args)
+        self._storage_done(pending)
 
     def _torch_step(self, reason: str, grad_scale: Optional[Tensor]) -> None:
         """torch.optim's own step (the closure has run), for what the kernels do not do.

@@ -5,13 +5,28 @@ module is the same quantization with torch ops, for what happens outside a step:
 checkpoint of full-precision moments (torch.optim's, or another state_dtype's) loaded into
 an 8-bit optimizer, and an 8-bit checkpoint turned back into one torch.optim loads
 (`to_torch_state_dict`).
+
+Note [8-bit DTensors]
+A DTensor param (FSDP2's sharded params) is quantized shard by shard: each rank's blocks
+start at its local shard's first element, so no block straddles two shards and a step
+needs no communication. Its codes are a uint8 DTensor laid out as the param. Its scales
+are a float32 DTensor too, so that torch.distributed.checkpoint saves every rank's: every
+shard gets the same number of scales (the largest shard's block count; a smaller shard's
+last entries are padding, left at zero), so that the scales' global length divides
+evenly and every rank's offset follows from its coordinate as DCP expects. The kernel is
+given the local shard's own blocks (`kernel_scales`). The blocks follow the shards, so an
+8-bit checkpoint of a sharded optimizer resumes on the same mesh; `to_torch_state_dict`
+(dequantized moments, DTensors laid out as their params) is the form to reshard.
 """
-from typing import Any, Dict, Tuple
+import math
+import sys
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["BLOCK", "MIN_NUMEL", "quantize", "dequantize", "quantizes", "to_torch_state_dict"]
+__all__ = ["BLOCK", "MIN_NUMEL", "quantize", "dequantize", "quantizes", "kernel_scales",
+           "to_torch_state_dict"]
 
 # Elements per block (one float32 scale each), and the smallest tensor kept in 8 bits:
 # smaller ones keep float32 moments (the scales would cost more than they save).
@@ -44,13 +59,68 @@ _VALUES, _THRESHOLDS = _maps()
 
 
 def quantizes(p: Tensor) -> bool:
-    """Whether an 8-bit optimizer keeps p's moments in 8 bits (else in float32)."""
+    """Whether an 8-bit optimizer keeps p's moments in 8 bits (else in float32). For a
+    DTensor, by its global size and layout, so that every rank decides the same."""
     return p.numel() >= MIN_NUMEL and p.is_contiguous()
+
+
+def _dtensor_class() -> Optional[type]:
+    """torch's DTensor class where torch.distributed.tensor is imported (else no tensor
+    can be one)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module.DTensor if module is not None else None
+
+
+def is_dtensor(t: Tensor) -> bool:
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
+
+
+def _scale_layout(x: Tensor) -> Tuple[list, int, int]:
+    """For a DTensor x, its scales' placements, global length and entries per shard (Note
+    [8-bit DTensors]): sharded where x is sharded, replicated where x is; as many entries
+    per shard as the largest shard of x has blocks."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    largest = list(x.shape)
+    shards, placements = 1, []
+    for mesh_dim, placement in enumerate(x.placements):
+        if placement.is_shard():
+            size = x.device_mesh.size(mesh_dim)
+            # (torch.chunk's split, nested in mesh order: the first chunk is the largest)
+            largest[placement.dim] = -(-largest[placement.dim] // size)
+            shards *= size
+            placements.append(Shard(0))
+        elif placement.is_replicate():
+            placements.append(Replicate())
+        else:
+            raise ValueError(
+                f"state_dtype=torch.uint8 quantizes DTensors that are sharded or replicated on "
+                f"each mesh dimension; this one is {placement} on mesh dimension {mesh_dim}")
+    per_shard = -(-math.prod(largest) // BLOCK)
+    return placements, per_shard * shards, per_shard
 
 
 def quantize(x: Tensor) -> Tuple[Tensor, Tensor]:
     """A contiguous tensor quantized: (uint8 codes of x's shape, float32 scales of
-    ceil(numel / 256)), as the kernels store a moment."""
+    ceil(numel / 256)), as the kernels store a moment. A DTensor is quantized shard by
+    shard (Note [8-bit DTensors]): codes and scales are DTensors."""
+    if is_dtensor(x):
+        from torch.distributed.tensor import DTensor
+
+        placements, length, per_shard = _scale_layout(x)
+        codes, scales = quantize(x.to_local())
+        if scales.numel() > per_shard:
+            raise RuntimeError(
+                f"fused_optim: a shard of {x.to_local().numel()} elements of a DTensor of shape "
+                f"{tuple(x.shape)} with placements {x.placements} has more blocks than its "
+                f"largest shard should ({per_shard}): an uneven sharding this does not know")
+        padded = scales.new_zeros(per_shard)
+        padded[: scales.numel()] = scales
+        mesh = x.device_mesh
+        return (DTensor.from_local(codes, mesh, x.placements, shape=x.shape, stride=x.stride()),
+                DTensor.from_local(padded, mesh, placements, shape=torch.Size([length]),
+                                   stride=(1,)))
     flat = x.detach().reshape(-1).float()
     n = flat.numel()
     nb = (n + BLOCK - 1) // BLOCK
@@ -75,8 +145,24 @@ def quantize(x: Tensor) -> Tuple[Tensor, Tensor]:
     return codes.view(-1)[:n].view(x.shape).clone(), scale
 
 
+def kernel_scales(scales: Tensor, codes: Tensor) -> Tensor:
+    """The scales the kernels take for `codes`: `scales` itself, or for DTensors the
+    local shard's blocks (the first ceil(local numel / 256) local entries, a view the
+    kernel updates in place: Note [8-bit DTensors])."""
+    if not is_dtensor(scales):
+        return scales
+    return scales.to_local()[: -(-codes.to_local().numel() // BLOCK)]
+
+
 def dequantize(codes: Tensor, scales: Tensor) -> Tensor:
-    """The float32 values of quantize's (codes, scales)."""
+    """The float32 values of quantize's (codes, scales); DTensors laid out as the codes
+    for DTensor codes."""
+    if is_dtensor(codes):
+        from torch.distributed.tensor import DTensor
+
+        values = dequantize(codes.to_local(), kernel_scales(scales, codes))
+        return DTensor.from_local(values, codes.device_mesh, codes.placements,
+                                  shape=codes.shape, stride=codes.stride())
     n = codes.numel()
     nb = scales.numel()
     padded = torch.zeros(nb * BLOCK, dtype=torch.long, device=codes.device)

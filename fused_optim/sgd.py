@@ -89,9 +89,12 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         # Note [param storage]: the mode's buffers (made where missing), after the lists;
         # then, with 8-bit momentum, its scales (Note [state storage]).
         storage = getattr(self, "_param_mode", 0)
-        aux = [self._init_storage(p, state[p]) for p in params] if storage else []
+        pending: List[Tuple[Tensor, Tensor]] = []
+        aux = [self._kernel_storage(p, self._init_storage(p, state[p]), pending)
+               for p in params] if storage else []
         if group["momentum"] == 0:
             _ops.call(self._op, params, grads, [[]] + ([aux] if storage else []), args)
+            self._storage_done(pending)
             return
         state_dtype = getattr(self, "_state_dtype", None)
         quantized = state_dtype is torch.uint8
@@ -117,7 +120,10 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             lists[4].append(scales)
 
         def tail(lists):
-            return ([lists[3]] if storage else []) + ([lists[4]] if quantized else [])
+            # (a DTensor's scales as the kernel takes them: Note [8-bit DTensors])
+            scales = [quantization.kernel_scales(sc, buf) if sc is not None else sc
+                      for sc, buf in zip(lists[4], lists[2])] if quantized else None
+            return ([lists[3]] if storage else []) + ([scales] if quantized else [])
 
         if old[0]:
             _ops.call(self._op, old[0], old[1], [old[2]] + tail(old), args)
@@ -131,12 +137,15 @@ class SGD(FusedOptimizer, torch.optim.SGD):
                     state[p]["momentum_buffer"] = buf
                     if quantized:
                         state[p]["momentum_buffer_absmax"] = scales
+        self._storage_done(pending)
 
     def _new_buffer(self, p: Tensor, g: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """A momentum_buffer for the kernel's first step to fill: like the grad, or in
         state_dtype's form (Note [state storage]), with its scales where 8-bit."""
         dtype = self._moment_dtype(p) if getattr(self, "_state_dtype", None) else None
         if dtype is torch.uint8:
+            if quantization.is_dtensor(p):  # laid out shard by shard (Note [8-bit DTensors])
+                return quantization.quantize(torch.zeros_like(p, dtype=torch.float32))
             blocks = (p.numel() + quantization.BLOCK - 1) // quantization.BLOCK
             return (torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.contiguous_format),
                     torch.zeros(blocks, dtype=torch.float32))

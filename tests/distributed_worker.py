@@ -321,8 +321,186 @@ def fsdp2_state_dtype(rank):
         torch.testing.assert_close(p.full_tensor(), q.detach(), rtol=1e-3, atol=1e-3)
 
 
+def _fsdp2_8bit_model():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    # Weights of 129x64 and 65x129: rank 0's shards hold 4,160 and 4,257 elements, rank 1's
+    # 4,096 and 4,128, so blocks of 256 end inside a shard and the shards' block counts
+    # differ (17 and 16, 17 and 17); all are 4,096 or more, so the plain optimizer of the
+    # local shards keeps them in 8 bits too. The others stay float32.
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 129),
+                                torch.nn.ReLU(), torch.nn.Linear(129, 65), torch.nn.ReLU(),
+                                torch.nn.Linear(65, 7))
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _local_8bit_state(opt, p, key):
+    """(codes, the kernel's scales, the padding after them) of an 8-bit DTensor state."""
+    codes, scales = opt.state[p][key], opt.state[p][key + "_absmax"]
+    local = scales.to_local()
+    blocks = -(-codes.to_local().numel() // 256)
+    return codes.to_local(), local[:blocks], local[blocks:]
+
+
+def fsdp2_8bit(rank):
+    """8-bit moments of FSDP2's sharded params (Note [8-bit DTensors]): each rank quantizes
+    its own shards, with no collective, bit for bit as the same optimizer on plain copies of
+    the local shards fed the local grads; codes and scales are DTensors; a DCP checkpoint
+    restores every bit and training continues bit for bit; to_torch_state_dict gives
+    torch.optim the dequantized moments laid out as the params."""
+    import torch.distributed.checkpoint as dcp_
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from fused_optim import quantization
+
+    def train_8bit(model, opt, steps, first=0, shadow=None):
+        for step in range(first, first + steps):
+            x, y = batch(rank, step)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            with CommDebugMode() as comm:
+                opt.step()
+            assert comm.get_total_counts() == 0, comm.get_comm_counts()
+            if shadow is not None:
+                local_params, local_opt = shadow
+                for p, q in zip(model.parameters(), local_params):
+                    q.grad = p.grad.to_local().clone()
+                local_opt.step()
+
+    for name, make in (("AdamW", lambda ps: fused_optim.AdamW(ps, lr=0.01, state_dtype=torch.uint8)),
+                       ("SGD", lambda ps: fused_optim.SGD(ps, lr=0.05, momentum=0.9,
+                                                          state_dtype=torch.uint8))):
+        keys = ("exp_avg", "exp_avg_sq") if name == "AdamW" else ("momentum_buffer",)
+        model = _fsdp2_8bit_model()
+        opt = make(model.parameters())
+        local_params = [p.to_local().detach().clone().requires_grad_() for p in model.parameters()]
+        local_opt = make(local_params)
+        train_8bit(model, opt, 3, shadow=(local_params, local_opt))
+        quantized = 0
+        for i, (p, q) in enumerate(zip(model.parameters(), local_params)):
+            assert torch.equal(p.to_local(), q.detach()), f"{name}: param {i} differs from local"
+            for key in keys:
+                state, ref = opt.state[p], local_opt.state[q]
+                if state[key].dtype != torch.uint8:
+                    assert ref[key].dtype == torch.float32
+                    assert torch.equal(state[key].to_local(), ref[key]), f"{name}: {key} of {i}"
+                    continue
+                quantized += 1
+                assert isinstance(state[key], DTensor) and state[key].placements == p.placements
+                scales = state[key + "_absmax"]
+                assert isinstance(scales, DTensor) and scales.placements == (Shard(0),)
+                codes, kernel, padding = _local_8bit_state(opt, p, key)
+                assert torch.equal(codes, ref[key]), f"{name}: codes of {key} of param {i}"
+                assert torch.equal(kernel, ref[key + "_absmax"]), f"{name}: scales of {key} of {i}"
+                assert torch.equal(padding, torch.zeros_like(padding))
+        assert quantized == 2 * len(keys), quantized  # the two big weights' moments
+
+        # a DCP checkpoint restores every bit, and training continues bit for bit
+        path = [tempfile.mkdtemp() if rank == 0 else None]
+        dist.broadcast_object_list(path, src=0)
+        dcp_.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                  checkpoint_id=path[0])
+        restored = _fsdp2_8bit_model()
+        restored_opt = make(restored.parameters())
+        sd = {"model": get_model_state_dict(restored),
+              "optim": get_optimizer_state_dict(restored, restored_opt)}
+        dcp_.load(sd, checkpoint_id=path[0])
+        set_model_state_dict(restored, sd["model"])
+        set_optimizer_state_dict(restored, restored_opt, sd["optim"])
+        for p, q in zip(model.parameters(), restored.parameters()):
+            assert set(opt.state[p]) == set(restored_opt.state[q])
+            for key, value in opt.state[p].items():
+                other = restored_opt.state[q][key]
+                a = value.to_local() if hasattr(value, "to_local") else value
+                b = other.to_local() if hasattr(other, "to_local") else other
+                assert a.dtype == b.dtype and torch.equal(a, b), f"{name}: DCP restored {key}"
+        train_8bit(model, opt, 3, first=3)
+        train_8bit(restored, restored_opt, 3, first=3)
+        assert_params_equal(restored, model, exact=True, what=f"{name} 8-bit DCP training continued")
+
+        # torch.optim takes the dequantized moments, laid out as the params
+        torch_class = torch.optim.AdamW if name == "AdamW" else torch.optim.SGD
+        torch_opt = torch_class(model.parameters(), lr=0.01, **({} if name == "AdamW" else {"momentum": 0.9}))
+        torch_opt.load_state_dict(fused_optim.to_torch_state_dict(opt.state_dict()))
+        for p in model.parameters():
+            for key in keys:
+                moment = torch_opt.state[p][key]
+                assert isinstance(moment, DTensor) and moment.placements == p.placements
+                assert moment.dtype == torch.float32 and key + "_absmax" not in torch_opt.state[p]
+                if opt.state[p][key].dtype == torch.uint8:
+                    codes, kernel, _ = _local_8bit_state(opt, p, key)
+                    expect = quantization.dequantize(codes, kernel)
+                else:
+                    expect = opt.state[p][key].to_local()
+                assert torch.equal(moment.to_local(), expect), f"{name}: torch's {key}"
+        # and torch.optim's checkpoint of sharded moments loads into the 8-bit optimizer,
+        # each shard quantized as the plain quantization quantizes it
+        back = make(model.parameters())
+        back.load_state_dict(torch_opt.state_dict())
+        for p in model.parameters():
+            for key in keys:
+                if opt.state[p][key].dtype == torch.uint8:
+                    codes, kernel, _ = _local_8bit_state(back, p, key)
+                    expect = quantization.quantize(torch_opt.state[p][key].to_local())
+                    assert torch.equal(codes, expect[0]) and torch.equal(kernel, expect[1])
+
+
+def fsdp2_modes(rank):
+    """The param storage modes with FSDP2's sharded bfloat16 params: Kahan summation,
+    master weights and stochastic rounding give, on every rank, the bits of the same
+    optimizer on the whole params fed the whole grads (stochastic rounding draws each
+    shard's bits at its elements' positions in the whole param: Note [stochastic rounding]
+    in csrc/rounding.h), the rounding state staying [seed, counter]; Kahan with 8-bit
+    moments gives the bits of the same optimizer on plain copies of the local shards."""
+    cases = (("AdamW", {"kahan_summation": True}), ("AdamW", {"master_weights": True}),
+             ("AdamW", {"stochastic_rounding": True}), ("SGD", {"stochastic_rounding": True}),
+             ("AdamW", {"kahan_summation": True, "state_dtype": torch.uint8}))
+    for name, options in cases:
+        make = getattr(fused_optim, name)
+        hyper = dict(lr=0.01) if name == "AdamW" else dict(lr=0.05, momentum=0.9)
+        model = _fsdp2_8bit_model().to(torch.bfloat16)
+        torch.manual_seed(5)  # (the rounding seed is drawn from torch's generator)
+        opt = make(model.parameters(), **hyper, **options)
+        whole = "state_dtype" not in options  # else the blocks follow the shards
+        copies = [(p.full_tensor() if whole else p.to_local()).detach().clone().requires_grad_()
+                  for p in model.parameters()]
+        torch.manual_seed(5)
+        ref = make(copies, **hyper, **options)
+        for step in range(3):
+            x, y = batch(rank, step)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x.to(torch.bfloat16)).float(), y).backward()
+            opt.step()
+            for p, q in zip(model.parameters(), copies):
+                q.grad = (p.grad.full_tensor() if whole else p.grad.to_local()).clone()
+            ref.step()
+        for i, (p, q) in enumerate(zip(model.parameters(), copies)):
+            mine = p.full_tensor() if whole else p.to_local()
+            assert torch.equal(mine, q.detach()), f"{name} {options}: param {i}"
+            for key, value in opt.state[p].items():
+                if key.endswith("_absmax") and hasattr(value, "to_local"):
+                    value = _local_8bit_state(opt, p, key[: -len("_absmax")])[1]
+                elif hasattr(value, "full_tensor"):
+                    value = value.full_tensor() if whole else value.to_local()
+                assert torch.equal(value, ref.state[q][key]), f"{name} {options}: {key} of {i}"
+            if "stochastic_rounding" in options:
+                assert opt.state[p]["rounding_state"].shape == (2,)
+                assert opt.state[p]["rounding_state"][1].item() == 3
+
+
 SCENARIOS = {"ddp": ddp, "zero": zero, "fsdp2": fsdp2, "fsdp2_clip": fsdp2_clip, "dcp": dcp,
-             "ddp_low_precision": ddp_low_precision, "fsdp2_state_dtype": fsdp2_state_dtype}
+             "ddp_low_precision": ddp_low_precision, "fsdp2_state_dtype": fsdp2_state_dtype,
+             "fsdp2_8bit": fsdp2_8bit, "fsdp2_modes": fsdp2_modes}
 
 
 def _worker(rank, scenario, port, errors):

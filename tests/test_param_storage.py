@@ -251,6 +251,37 @@ def test_stochastic_rounding_is_reproducible_at_any_thread_count():
     assert not torch.equal(one.view(torch.int16), run(2, seed=6).view(torch.int16))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_rounding_of_a_shard_draws_its_elements_bits(dtype):
+    """A shard given [seed, counter, offset] (how the optimizers pass a DTensor's local
+    shard: Note [stochastic rounding] in csrc/rounding.h) is rounded with the random bits
+    of its elements in the whole param: the shards updated one by one give the whole
+    param's bits (cut at offsets that are not multiples of a vector), and each call counts
+    the step. Given [seed, counter] only, a shard would draw the bits of the param's start."""
+    n = 5000
+    start = (torch.arange(n, dtype=torch.float32) / 7e3 + 0.5).to(dtype)
+    grad = torch.sin(torch.arange(n, dtype=torch.float32)).to(dtype)
+    sgd = torch.ops.fused_optim.sgd_
+    # lr * grad is below half an ulp of the params (2^-9 for bfloat16 near 1): each result
+    # is decided by its random bits
+    common = dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                  maximize=False, is_first_step=False, param_mode=2)
+    whole = start.clone()
+    sgd([whole], [grad], [], **common, param_aux=[torch.tensor([12345, 7])])
+    assert not torch.equal(whole, start)
+    cuts = (0, 1000, 2345, 2346, 5000)
+    shards = []
+    for a, b in zip(cuts, cuts[1:]):
+        shard, state = start[a:b].clone(), torch.tensor([12345, 7, a])
+        sgd([shard], [grad[a:b].clone()], [], **common, param_aux=[state])
+        assert state.tolist() == [12345, 8, a]
+        shards.append(shard)
+    assert torch.equal(torch.cat(shards).view(torch.int16), whole.view(torch.int16))
+    alone = start[2346:].clone()
+    sgd([alone], [grad[2346:].clone()], [], **common, param_aux=[torch.tensor([12345, 7])])
+    assert not torch.equal(alone.view(torch.int16), whole[2346:].view(torch.int16))
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_checkpoint_resumes_bit_for_bit(mode):
     """A state_dict of a mode, loaded into a new optimizer of the same mode, continues
@@ -383,7 +414,7 @@ def test_the_op_checks_its_storage_arguments():
     with pytest.raises(RuntimeError, match=r"master_param\[0\] has dtype BFloat16 but must be Float"):
         sgd([p], [g], [], **common, param_mode=3, param_aux=[torch.zeros(4, dtype=torch.bfloat16)])
     with pytest.raises(RuntimeError, match=r"rounding_state\) must be a contiguous int64 CPU tensor"):
-        sgd([p], [g], [], **common, param_mode=2, param_aux=[torch.zeros(3, dtype=torch.int64)])
+        sgd([p], [g], [], **common, param_mode=2, param_aux=[torch.zeros(4, dtype=torch.int64)])
     with pytest.raises(RuntimeError, match="stochastic_rounding applies to bfloat16 and float16 params"):
         sgd([p.float()], [g.float()], [], **common, param_mode=2, param_aux=[torch.zeros(2, dtype=torch.int64)])
     assert torch.equal(p, torch.zeros(4, dtype=torch.bfloat16))

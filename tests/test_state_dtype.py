@@ -500,13 +500,13 @@ def test_state_dtype_with_a_param_storage_mode(mode, sdtype):
 
 
 def test_subclass_params_are_refused_for_8_bit_state():
-    """8-bit moments take plain tensors (an FSDP2 DTensor's blocks would need its local
-    shard's layout): a subclass is refused when the optimizer is made."""
+    """8-bit moments take plain tensors and DTensors (quantized shard by shard: Note
+    [8-bit DTensors]); another subclass is refused when the optimizer is made."""
     class Sub(torch.Tensor):
         pass
 
     p = torch.zeros(5000).as_subclass(Sub).requires_grad_()
-    with pytest.raises(RuntimeError, match="plain tensors only .* param 0 of param group 0 is a Sub"):
+    with pytest.raises(RuntimeError, match="plain tensors and DTensors only .* param 0 of param group 0 is a Sub"):
         fused_optim.Adam([p], state_dtype=torch.uint8)
 
 
