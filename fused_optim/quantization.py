@@ -72,6 +72,7 @@ def _dtensor_class() -> Optional[type]:
 
 
 def is_dtensor(t: Tensor) -> bool:
+    """Whether t is a DTensor (checked without importing torch.distributed)."""
     cls = _dtensor_class()
     return cls is not None and isinstance(t, cls)
 
