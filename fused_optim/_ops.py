@@ -13,16 +13,22 @@ from torch import Tensor
 _lib = torch.ops.fused_optim
 
 
+def dtensor_class() -> Optional[type]:
+    """torch's DTensor class where torch.distributed.tensor is imported; None where it is
+    not (then no tensor can be one), so that nothing here imports torch.distributed."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module.DTensor if module is not None else None
+
+
 def _local(*lists: List[Tensor]):
     """The tensors the kernels update: a DTensor (FSDP2's sharded params, their grads and
     states) is replaced by its local shard, which the kernel updates in place, with no
     gather. Costs nothing where torch.distributed.tensor was never imported, and little
     where it was (torch.optim.Optimizer's constructor imports it): one C-speed scan of the
     types of params and grads."""
-    dtensor = sys.modules.get("torch.distributed.tensor")
-    if dtensor is None:
+    cls = dtensor_class()
+    if cls is None:
         return lists
-    cls = dtensor.DTensor
     params, grads = lists[0], lists[1]
     kinds = set(map(type, params))
     kinds.update(map(type, grads))

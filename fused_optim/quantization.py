@@ -19,11 +19,12 @@ given the local shard's own blocks (`kernel_scales`). The blocks follow the shar
 (dequantized moments, DTensors laid out as their params) is the form to reshard.
 """
 import math
-import sys
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 from torch import Tensor
+
+from . import _ops
 
 __all__ = ["BLOCK", "MIN_NUMEL", "quantize", "dequantize", "quantizes", "kernel_scales",
            "to_torch_state_dict"]
@@ -64,16 +65,9 @@ def quantizes(p: Tensor) -> bool:
     return p.numel() >= MIN_NUMEL and p.is_contiguous()
 
 
-def _dtensor_class() -> Optional[type]:
-    """torch's DTensor class where torch.distributed.tensor is imported (else no tensor
-    can be one)."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module.DTensor if module is not None else None
-
-
 def is_dtensor(t: Tensor) -> bool:
     """Whether t is a DTensor (checked without importing torch.distributed)."""
-    cls = _dtensor_class()
+    cls = _ops.dtensor_class()
     return cls is not None and isinstance(t, cls)
 
 

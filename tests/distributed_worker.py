@@ -117,12 +117,13 @@ def zero(rank):
         assert_params_equal(resumed_model, ref_model, exact=True, what="ZeRO Adam after reload")
 
 
-def _fsdp2_model():
+def _fsdp2_model(model=None):
+    """`model` (model_fn()'s by default) with each layer and the whole sharded by FSDP2."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (WORLD,))
-    model = model_fn()
+    model = model_fn() if model is None else model
     for layer in model:
         if any(True for _ in layer.parameters()):
             fully_shard(layer, mesh=mesh)
@@ -322,9 +323,6 @@ def fsdp2_state_dtype(rank):
 
 
 def _fsdp2_8bit_model():
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     torch.manual_seed(0)
     # Weights of 129x64 and 65x129: rank 0's shards hold 4,160 and 4,257 elements, rank 1's
     # 4,096 and 4,128, so blocks of 256 end inside a shard and the shards' block counts
@@ -333,12 +331,7 @@ def _fsdp2_8bit_model():
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 129),
                                 torch.nn.ReLU(), torch.nn.Linear(129, 65), torch.nn.ReLU(),
                                 torch.nn.Linear(65, 7))
-    mesh = init_device_mesh("cpu", (WORLD,))
-    for layer in model:
-        if any(True for _ in layer.parameters()):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
+    return _fsdp2_model(model)
 
 
 def _local_8bit_state(opt, p, key):
