@@ -106,8 +106,6 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
   std::optional<at::ScalarType> storage_dtype;  // kMaster: float32; kKahan: the param's
   if (param_mode_ != ParamMode::kNearest) {
     const char* option = param_mode_option(param_mode_);
-    TORCH_CHECK(device_type == c10::DeviceType::CPU, op, ": ", option,
-                " runs on CPU params only (no CUDA kernel has it yet)");
     TORCH_CHECK(mode_aux.size() == params.size(), op, ": ", option, " needs one ",
                 param_mode_ == ParamMode::kKahan        ? "kahan_comp"
                 : param_mode_ == ParamMode::kStochastic ? "rounding_state"
@@ -190,7 +188,7 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
     for (int k = 0; k < num_states_; ++k) {
       const bool buffer = storage_name != nullptr && k == num_states_ - 1;
       const at::Tensor& st = states[k][i];
-      if (!buffer && device_type == c10::DeviceType::CPU && st.defined() &&
+      if (!buffer && st.defined() &&
           st.scalar_type() != param.scalar_type() && is_storable(param.scalar_type()) &&
           (is_storable(st.scalar_type()) || st.scalar_type() == at::kByte)) {
         // Note [state storage]
@@ -202,11 +200,12 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
                       "] is an 8-bit state (uint8), but param_aux has no block scales");
           const at::Tensor& sc = scales[static_cast<size_t>(k) * n_params + i];
           const int64_t blocks = (param.numel() + kQuantBlockSize - 1) / kQuantBlockSize;
-          TORCH_CHECK(sc.defined() && sc.device().is_cpu() && sc.scalar_type() == at::kFloat &&
-                          sc.is_contiguous() && sc.numel() == blocks,
+          TORCH_CHECK(sc.defined() && sc.device() == param.device() &&
+                          sc.scalar_type() == at::kFloat && sc.is_contiguous() &&
+                          sc.numel() == blocks,
                       op, ": the block scales of ", state_names[k], "[", i,
-                      "] (8-bit) must be a contiguous float32 CPU tensor of ", blocks,
-                      " elements (one per 256 elements)");
+                      "] (8-bit) must be a contiguous float32 tensor of ", blocks,
+                      " elements (one per 256 elements) on the param's device");
         }
       } else {
         check_companion(op, buffer ? storage_name : state_names[k], i, param, st,

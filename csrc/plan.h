@@ -59,21 +59,24 @@ struct TensorPtrs {
 //     what the rule updates; the param is its rounding to nearest. 4 bytes per param.
 // The states of the rule keep the param's dtype (math in float, as always). The storage's
 // elementwise buffer (kahan_comp, master_param) is the plan's last state list, so layouts
-// and checks treat it as any state; its loops are cpu/multi_tensor.h's storage_loop.
+// and checks treat it as any state; its loops are cpu/multi_tensor.h's storage_loop and
+// cuda/multi_tensor.cuh's storage_kernel (Note [storage on CUDA]). rounding_state is a CPU
+// tensor on every device: its counter is counted on the host.
 enum class ParamMode : int64_t { kNearest = 0, kKahan = 1, kStochastic = 2, kMaster = 3 };
 
 // The option of a mode, for messages.
 const char* param_mode_option(ParamMode mode);
 
 // Note [state storage]
-// state_dtype (an optimizer option, CPU only): the rule's states of a float32, bfloat16 or
+// state_dtype (an optimizer option): the rule's states of a float32, bfloat16 or
 // float16 param may have another of those dtypes, or be uint8: 8-bit block-quantized
 // (Note [8-bit state] in cpu/quant8.h), each with a float32 tensor of block scales. The
 // math is float whatever the storage. The op's param_aux then goes on after the mode's
 // entries with the scales: for each of the plan's rule states in order, one tensor per
 // param (one of ceil(numel / 256) elements where that state is uint8, ignored otherwise),
-// or nothing where no state of the call is uint8. A call with any such state runs the
-// storage loops (cpu/multi_tensor.h), as a param storage mode does.
+// or nothing where no state of the call is uint8 (the scales on the param's device). A call
+// with any such state runs the storage loops (cpu/multi_tensor.h; on CUDA the storage
+// kernel), as a param storage mode does.
 
 struct ParamStorage {
   ParamMode mode = ParamMode::kNearest;

@@ -169,6 +169,7 @@ struct SgdRule {
   using Coeffs = SgdCoeffs;
   template <typename V>  // the same rule on another math type (Note [vector rules])
   using WithMath = SgdRule<V, kWeightDecay, kMomentum, kFma>;
+  static constexpr bool kFmaVariant = kFma;  // (false: complex params' variant)
   static constexpr int kStates = kMomentum == Momentum::kNone ? 0 : 1;
   M grad_sign, weight_decay, momentum, one_minus_dampening, neg_lr;
 
@@ -249,6 +250,7 @@ struct AdamRule {
   using Coeffs = AdamCoeffs;
   template <typename V>
   using WithMath = AdamRule<V, kWeightDecay, kAmsgrad, kFma>;
+  static constexpr bool kFmaVariant = kFma;  // (false: complex params' variant)
   static constexpr int kStates = kAmsgrad ? 3 : 2;
   M grad_sign, weight_decay, decay_factor, beta2, one_minus_beta2, eps;
   M bias_correction2_sqrt, inv_bias_correction2_sqrt, neg_step_size;
@@ -310,6 +312,7 @@ struct RmspropRule {
   using Coeffs = RmspropCoeffs;
   template <typename V>
   using WithMath = RmspropRule<V, kWeightDecay, kCentered, kMomentum, kFma>;
+  static constexpr bool kFmaVariant = kFma;  // (false: complex params' variant)
   static constexpr int kStates = 1 + int(kCentered) + int(kMomentum);
   M grad_sign, weight_decay, alpha, one_minus_alpha, eps, momentum, neg_lr;
   LerpWeight<M> lerp;
@@ -380,6 +383,7 @@ struct AdagradRule {
   using Coeffs = AdagradCoeffs;
   template <typename V>
   using WithMath = AdagradRule<V, kWeightDecay, kFma>;
+  static constexpr bool kFmaVariant = kFma;  // (false: complex params' variant)
   static constexpr int kStates = 1;
   M grad_sign, weight_decay, eps, neg_clr;
 
@@ -432,6 +436,7 @@ struct AdamaxRule {
   using Coeffs = AdamaxCoeffs;
   template <typename V>
   using WithMath = AdamaxRule<V, kWeightDecay, kFma>;
+  static constexpr bool kFmaVariant = kFma;  // (false: complex params' variant)
   static constexpr int kStates = 2;
   M grad_sign, weight_decay, beta2, eps, neg_clr;
   LerpWeight<M> lerp;
@@ -481,6 +486,7 @@ struct AdadeltaRule {
   using Coeffs = AdadeltaCoeffs;
   template <typename V>
   using WithMath = AdadeltaRule<V, kWeightDecay, kFma>;
+  static constexpr bool kFmaVariant = kFma;  // (false: complex params' variant)
   static constexpr int kStates = 2;
   M grad_sign, weight_decay, rho, one_minus_rho, eps, neg_lr;
 
@@ -582,6 +588,7 @@ struct NadamRule {
   using Coeffs = NadamCoeffs;
   template <typename V>
   using WithMath = NadamRule<V, kWeightDecay, kFma>;
+  static constexpr bool kFmaVariant = kFma;  // (false: complex params' variant)
   static constexpr int kStates = 2;
   M grad_sign, weight_decay, decay_factor, beta2, one_minus_beta2, eps;
   M bias_correction2, inv_bias_correction2, grad_step, exp_avg_step;
@@ -668,6 +675,7 @@ struct RadamRule {
   using Coeffs = RadamCoeffs;
   template <typename V>
   using WithMath = RadamRule<V, kWeightDecay, kFma>;
+  static constexpr bool kFmaVariant = kFma;  // (false: complex params' variant)
   static constexpr int kStates = 2;
   M grad_sign, weight_decay, decay_factor, beta2, one_minus_beta2, eps, lr;
   M bias_correction1, bias_correction2_sqrt, rect;
@@ -738,6 +746,7 @@ struct RpropRule {
   using Coeffs = RpropCoeffs;
   template <typename V>
   using WithMath = RpropRule<V, kFma>;
+  static constexpr bool kFmaVariant = kFma;  // (false: complex params' variant)
   static constexpr int kStates = 2;
   M grad_sign, etaminus, etaplus, step_size_min, step_size_max;
 
@@ -830,6 +839,7 @@ struct AsgdRule {
   using Coeffs = AsgdCoeffs;
   template <typename V>
   using WithMath = AsgdRule<V, kWeightDecay, kFma>;
+  static constexpr bool kFmaVariant = kFma;  // (false: complex params' variant)
   static constexpr int kStates = 1;
   M grad_sign, weight_decay, decay, neg_eta, mu;
   bool average;

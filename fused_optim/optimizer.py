@@ -139,9 +139,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         return norms[0] if norms else None
 
     def _check_storage(self, index: int) -> None:
-        """A mode of Note [param storage] applies to 16-bit CPU params, and state_dtype (Note
-        [state storage]) to float32 and 16-bit CPU params: param group `index` has only
-        those, or the error names the option and the param."""
+        """A mode of Note [param storage] applies to 16-bit params, and state_dtype (Note
+        [state storage]) to float32 and 16-bit params (CPU or CUDA): param group `index` has
+        only those, or the error names the option and the param."""
         state_dtype = getattr(self, "_state_dtype", None)
         if state_dtype is not None:
             for i, p in enumerate(self.param_groups[index]["params"]):
@@ -150,10 +150,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                         f"state_dtype applies to float32, bfloat16 and float16 params; param {i} "
                         f"of param group {index} has dtype {p.dtype} (put it in an optimizer "
                         "without state_dtype)")
-                if p.device.type != "cpu":
-                    raise RuntimeError(
-                        "state_dtype runs on CPU params only so far (the CUDA kernels do not "
-                        f"have it yet); param {i} of param group {index} is on {p.device}")
                 if (state_dtype is torch.uint8 and type(p) not in (torch.Tensor, torch.nn.Parameter)
                         and not quantization.is_dtensor(p)):
                     raise RuntimeError(
@@ -169,10 +165,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                     f"{option}=True applies to bfloat16 and float16 params; param {i} of param "
                     f"group {index} has dtype {p.dtype} (put it in an optimizer without "
                     f"{option})")
-            if p.device.type != "cpu":
-                raise RuntimeError(
-                    f"{option}=True runs on CPU params only so far (the CUDA kernels do not "
-                    f"have it yet); param {i} of param group {index} is on {p.device}")
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -430,12 +422,18 @@ class FusedOptimizer(torch.optim.Optimizer):
         # Decided after the closure: the grads it makes (sparse ones, say) are the ones the
         # step sees.
         reason = self._torch_step_reason()
-        if reason is None and getattr(self, "_param_mode", 0):
+        storage = getattr(self, "_param_mode", 0)
+        state_dtype = getattr(self, "_state_dtype", None)
+        if reason is None and (storage or state_dtype is not None):
             reason = self._torch_grads_reason()  # (looked at later otherwise)
-        if reason is not None and getattr(self, "_param_mode", 0):
+        if reason is not None and storage:
             raise RuntimeError(
                 f"fused_optim.{type(self).__name__}: {reason} runs torch.optim's own step, which "
                 f"cannot keep params with {self._storage_option}=True (Note [param storage])")
+        if reason is not None and state_dtype is not None:
+            raise RuntimeError(
+                f"fused_optim.{type(self).__name__}: {reason} runs torch.optim's own step, which "
+                f"cannot keep moments with state_dtype={state_dtype} (Note [state storage])")
         # Set by GradScaler.step() for optimizers with _step_supports_amp_scaling.
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)

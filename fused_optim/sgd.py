@@ -148,6 +148,6 @@ class SGD(FusedOptimizer, torch.optim.SGD):
                 return quantization.quantize(torch.zeros_like(p, dtype=torch.float32))
             blocks = (p.numel() + quantization.BLOCK - 1) // quantization.BLOCK
             return (torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.contiguous_format),
-                    torch.zeros(blocks, dtype=torch.float32))
+                    torch.zeros(blocks, dtype=torch.float32, device=p.device))
         buf = torch.zeros_like(g, dtype=dtype, memory_format=torch.preserve_format)
         return buf, (torch.zeros(0) if self._state_dtype is torch.uint8 else None)

@@ -448,3 +448,191 @@ def test_params_on_two_gpus():
             o.zero_grad()
     for p, r in zip(ps, ref):
         assert torch.equal(p.detach().cpu(), r.detach())
+
+
+# -- the param storage modes and state_dtype on CUDA (Note [storage on CUDA]) ------------
+# The CPU kernels are compared with their references in test_param_storage.py and
+# test_state_dtype.py; here the CUDA kernels give the CPU kernels' bits, element for
+# element, params, every state, the mode's buffers, the 8-bit codes and their scales.
+STORAGE_CASES = [
+    ("SGD", dict(lr=0.1, momentum=0.9, weight_decay=0.01)),
+    ("Adam", dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
+    ("AdamW", dict(lr=0.01, betas=(0.8, 0.9))),
+    ("RMSprop", dict(lr=0.01, momentum=0.5, centered=True)),
+    ("Adagrad", dict(lr=0.05, lr_decay=0.01)),
+    ("Adamax", dict(lr=0.01, weight_decay=0.1)),
+    ("Adadelta", dict(lr=0.5)),
+    ("NAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
+    ("RAdam", dict(lr=0.01, weight_decay=0.1)),
+    ("Rprop", dict(lr=2.0 ** -7)),
+    # (ASGD runs torch's own step for CUDA params, which refuses the modes: tested below)
+]
+STORAGE_IDS = [c[0] for c in STORAGE_CASES]
+MODES = ("kahan_summation", "stochastic_rounding", "master_weights")
+# Several 256-element blocks and a tail, a 2-D param, a scalar; for 8-bit state, params of
+# 4,096 elements and more (quantized) with a short last block, one of three launch chunks
+# (16,384 elements each), and a small one (kept in float32).
+MODE_SHAPES = [(1000,), (37, 29), ()]
+Q8_SHAPES = [(5000,), (40000,), (70, 80), (100,)]
+
+
+def storage_run(name, kwargs, dtype, device, shapes, steps=5, grad_hook=None, **options):
+    """`steps` steps of fused_optim.<name> on `device` from the same params and grads (made
+    on the CPU); the generator reseeded first, so stochastic rounding draws the same seeds."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=g).to(dtype).to(device).requires_grad_() for s in shapes]
+    torch.manual_seed(1)
+    opt = getattr(fused_optim, name)(params, **kwargs, **options)
+    for step in range(steps):
+        gg = torch.Generator().manual_seed(100 + step)
+        for p, s in zip(params, shapes):
+            grad = torch.randn(s, generator=gg)
+            if grad_hook is not None:
+                grad = grad_hook(step, grad)
+            p.grad = grad.to(dtype).to(device)
+        opt.step()
+    return params, opt
+
+
+def assert_same_run(cuda_run, cpu_run, what):
+    (params, opt), (ref_params, ref_opt) = cuda_run, cpu_run
+    for i, (p, r) in enumerate(zip(params, ref_params)):
+        torch.testing.assert_close(p.detach().cpu(), r.detach(), rtol=0, atol=0, equal_nan=True,
+                                   msg=f"{what}: param {i}")
+        ours, theirs = opt.state[p], ref_opt.state[r]
+        assert ours.keys() == theirs.keys(), f"{what}: state keys of param {i}"
+        for key, value in theirs.items():
+            mine = ours[key]
+            if not torch.is_tensor(value):
+                assert mine == value, f"{what}: state {key} of param {i}"
+                continue
+            # rounding_state is a CPU tensor on every device (counted on the host)
+            want_device = "cpu" if key == "rounding_state" else p.device
+            if key != "step" or value.device.type != "cpu":
+                assert mine.device.type == torch.device(want_device).type, f"{what}: {key}"
+            assert mine.dtype == value.dtype, f"{what}: dtype of state {key} of param {i}"
+            torch.testing.assert_close(mine.cpu(), value, rtol=0, atol=0, equal_nan=True,
+                                       msg=f"{what}: state {key} of param {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name,kwargs", STORAGE_CASES, ids=STORAGE_IDS)
+def test_storage_modes_bitwise_equal_to_cpu(name, kwargs, mode, dtype):
+    """Kahan summation, stochastic rounding and master weights on CUDA, five steps: the CPU
+    kernels' bits (stochastic rounding: the same random bits, Note [stochastic rounding])."""
+    cuda_run = storage_run(name, kwargs, dtype, "cuda", MODE_SHAPES, **{mode: True})
+    cpu_run = storage_run(name, kwargs, dtype, "cpu", MODE_SHAPES, **{mode: True})
+    assert_same_run(cuda_run, cpu_run, f"{name} {mode} {dtype}")
+
+
+@pytest.mark.parametrize("pdtype,state_dtype", [
+    (torch.float32, torch.uint8), (torch.bfloat16, torch.uint8), (torch.float16, torch.uint8),
+    (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+    (torch.bfloat16, torch.float32)], ids=str)
+@pytest.mark.parametrize("name,kwargs", STORAGE_CASES[:-1], ids=STORAGE_IDS[:-1])
+def test_state_dtype_bitwise_equal_to_cpu(name, kwargs, pdtype, state_dtype):
+    """state_dtype on CUDA, five steps: the CPU kernels' bits; 8-bit moments the same codes
+    and block scales (Note [8-bit state on CUDA]). (Rprop has no moments.)"""
+    cuda_run = storage_run(name, kwargs, pdtype, "cuda", Q8_SHAPES, state_dtype=state_dtype)
+    cpu_run = storage_run(name, kwargs, pdtype, "cpu", Q8_SHAPES, state_dtype=state_dtype)
+    assert_same_run(cuda_run, cpu_run, f"{name} {pdtype} state {state_dtype}")
+
+
+def test_8bit_blocks_with_inf_and_nan_equal_to_cpu():
+    """A block whose values reach inf or NaN (a grad of inf at step 2, one of NaN at step 3,
+    in different blocks of the first param): the CUDA codes and scales are the CPU's, NaN
+    scales included."""
+    def hook(step, grad):
+        if grad.shape == Q8_SHAPES[0] and step == 2:
+            grad[300] = float("inf")
+        if grad.shape == Q8_SHAPES[0] and step == 3:
+            grad[4100] = float("nan")
+        return grad
+    cuda_run = storage_run("Adam", dict(lr=0.01), torch.float32, "cuda", Q8_SHAPES,
+                           grad_hook=hook, state_dtype=torch.uint8)
+    cpu_run = storage_run("Adam", dict(lr=0.01), torch.float32, "cpu", Q8_SHAPES,
+                          grad_hook=hook, state_dtype=torch.uint8)
+    assert torch.isnan(cpu_run[1].state[cpu_run[0][0]]["exp_avg_absmax"]).any()
+    assert_same_run(cuda_run, cpu_run, "Adam 8-bit with inf and NaN")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_storage_with_8bit_state_and_grad_scaler_equal_to_cpu(mode):
+    """A mode and 8-bit moments at once, under a GradScaler (the grads unscaled in the
+    kernel, a step with an inf grad skipped): the CPU's bits."""
+    def train(device):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(80, 64).to(torch.bfloat16)
+        model = model.to(device)
+        torch.manual_seed(1)
+        opt = fused_optim.AdamW(model.parameters(), lr=0.01, state_dtype=torch.uint8,
+                                **{mode: True})
+        scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 10)
+        for step in range(4):
+            g = torch.Generator().manual_seed(step)
+            x = torch.randn(16, 80, generator=g).to(torch.bfloat16)
+            if step == 2:
+                x[0, 0] = float("inf")
+            loss = model(x.to(device)).float().square().mean()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        return list(model.parameters()), opt
+    assert_same_run(train("cuda"), train("cpu"), f"AdamW 8-bit {mode} scaler")
+
+
+def test_storage_modes_refused_where_torch_steps():
+    """ASGD runs torch's own step for CUDA params (Note [scalar states]): with a mode it
+    refuses to step, before anything changes, rather than drop the mode."""
+    p = torch.randn(10, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    opt = fused_optim.ASGD([p], lr=0.01, kahan_summation=True)
+    p.grad = torch.randn_like(p)
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match="cannot keep params with kahan_summation=True"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+def test_stochastic_rounding_refuses_graph_capture_and_8bit_replays():
+    """A captured step would replay one step's random bits: stochastic rounding refuses
+    capture with a clear error. 8-bit state (capturable Adam, after a warm-up step made the
+    device maps) captures and replays as eager steps run."""
+    p = torch.randn(5000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    opt = fused_optim.Adam([p], lr=torch.tensor(0.01, device="cuda"), capturable=True,
+                           stochastic_rounding=True)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="stochastic_rounding cannot be captured"):
+        with torch.cuda.graph(graph):
+            opt.step()
+
+    torch.manual_seed(0)
+    params = [torch.randn(5000, device="cuda", requires_grad=True)]
+    eager = [params[0].detach().clone().requires_grad_()]
+    opt = fused_optim.Adam(params, lr=torch.tensor(0.01, device="cuda"), capturable=True,
+                           state_dtype=torch.uint8)
+    ref = fused_optim.Adam(eager, lr=torch.tensor(0.01, device="cuda"), capturable=True,
+                           state_dtype=torch.uint8)
+    grads = [torch.randn(5000, device="cuda") for _ in range(4)]
+    params[0].grad, eager[0].grad = grads[0].clone(), grads[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    ref.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for g in grads[1:]:
+        params[0].grad.copy_(g)
+        eager[0].grad = g.clone()
+        graph.replay()
+        ref.step()
+    torch.cuda.synchronize()
+    assert torch.equal(params[0].detach(), eager[0].detach())
+    for key in ("exp_avg", "exp_avg_absmax", "exp_avg_sq", "exp_avg_sq_absmax", "step"):
+        assert torch.equal(opt.state[params[0]][key], ref.state[eager[0]][key]), key

@@ -427,6 +427,14 @@ def test_bad_state_dtype_is_refused():
     with pytest.raises(ValueError, match="param 0 of param group 1 has dtype torch.float64"):
         opt.add_param_group({"params": [q]})
     assert len(opt.param_groups) == 1
+    # torch's own step cannot keep the moments in state_dtype: refused, not ignored
+    for sdtype in (torch.bfloat16, torch.uint8):
+        opt = fused_optim.Adam([p], lr=0.1, differentiable=True, state_dtype=sdtype)
+        p.grad = torch.ones_like(p)
+        with torch.no_grad(), pytest.raises(
+                RuntimeError, match=rf"differentiable=True .* state_dtype={sdtype}"):
+            opt.step()
+        assert torch.equal(p.detach(), torch.zeros(3)) and not opt.state
 
 
 def test_op_checks_8_bit_arguments():
@@ -449,6 +457,11 @@ def test_op_checks_8_bit_arguments():
         op([p], [g], [m], [v], [], [step], **args)
     with pytest.raises(RuntimeError, match="of 20 elements"):
         op([p], [g], [m], [v], [], [step], **args, param_aux=[torch.zeros(19), torch.zeros(20)])
+    with pytest.raises(RuntimeError, match="of 20 elements .* on the param's device"):
+        op([p], [g], [m], [v], [], [step], **args,
+           param_aux=[torch.zeros(20, dtype=torch.float64), torch.zeros(20)])
+    with pytest.raises(RuntimeError, match="of 20 elements .* on the param's device"):
+        op([p], [g], [m], [v], [], [step], **args, param_aux=[torch.zeros(20, device="meta"), torch.zeros(20)])
     with pytest.raises(RuntimeError, match="one scale tensor per rule state and param"):
         op([p], [g], [m], [v], [], [step], **args, param_aux=sc[:1])
     assert float(step) == 0.0

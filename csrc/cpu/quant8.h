@@ -33,6 +33,14 @@
 #include <cstdint>
 #include <cstring>
 
+// q8_bucket and q8_code are also the CUDA kernels' (cuda/multi_tensor.cuh: Note [8-bit
+// state on CUDA]), on a device copy of the maps: one copy of how a code is found.
+#if defined(__CUDACC__)
+#define FO_Q8_HD __host__ __device__
+#else
+#define FO_Q8_HD
+#endif
+
 namespace fused_optim::cpu {
 
 constexpr int64_t kQuantBlock = 256;
@@ -55,7 +63,7 @@ struct Quant8Maps {
 };
 
 // x's bucket: its top 16 bits.
-inline __attribute__((always_inline)) uint32_t q8_bucket(uint32_t bits) { return bits >> 16; }
+FO_Q8_HD inline __attribute__((always_inline)) uint32_t q8_bucket(uint32_t bits) { return bits >> 16; }
 
 inline Quant8Maps make_quant8_maps() {
   Quant8Maps maps{};
@@ -113,7 +121,7 @@ inline Quant8Maps make_quant8_maps() {
 }
 
 // The code of x (Note [quantization by table]): the number of thresholds t_c < x.
-inline __attribute__((always_inline)) int q8_code(float x, const uint32_t* entry) {
+FO_Q8_HD inline __attribute__((always_inline)) int q8_code(float x, const uint32_t* entry) {
   uint32_t bits;
   std::memcpy(&bits, &x, 4);
   const uint32_t e = entry[q8_bucket(bits)];

@@ -16,10 +16,10 @@ void adadelta_cuda(at::TensorList params, at::TensorList grads, at::TensorList s
                    const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf, int64_t param_mode,
     std::optional<at::TensorList> param_aux) {
-  no_param_storage(param_mode, param_aux);
   constexpr const char* op = "fused_optim::adadelta_";
   CudaCall call(op, params, grads, {square_avgs, acc_deltas}, state_steps, lr, lr_tensor,
-                grad_scale, found_inf);
+                grad_scale, found_inf,
+                param_storage(op, param_mode, param_aux));
   if (!call.updates()) return;  // after all checks; nothing has changed yet
   // The step is only counted; the coefficients depend on lr alone.
   const auto coeffs = call.count_step(adadelta_coeffs(maximize, weight_decay, rho, eps),

@@ -15,10 +15,10 @@ void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList st
                   const std::optional<at::Tensor>& grad_scale,
                   const std::optional<at::Tensor>& found_inf, int64_t param_mode,
     std::optional<at::TensorList> param_aux) {
-  no_param_storage(param_mode, param_aux);
   constexpr const char* op = "fused_optim::adagrad_";
   CudaCall call(op, params, grads, {state_sums}, state_steps, lr, lr_tensor, grad_scale,
-                found_inf);
+                found_inf,
+                param_storage(op, param_mode, param_aux));
   if (!call.updates()) return;  // after all checks; nothing has changed yet
   const auto coeffs = call.count_step(adagrad_coeffs(maximize, weight_decay, eps, lr_decay),
                                       /*per_step=*/true);

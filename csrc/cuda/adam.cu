@@ -18,10 +18,10 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                const std::optional<at::Tensor>& grad_scale,
                const std::optional<at::Tensor>& found_inf, int64_t param_mode,
     std::optional<at::TensorList> param_aux) {
-  no_param_storage(param_mode, param_aux);
   constexpr const char* op = "fused_optim::adam_";
   const auto states = adam_state_lists(op, amsgrad, exp_avgs, exp_avg_sqs, max_exp_avg_sqs);
-  CudaCall call(op, params, grads, states, state_steps, lr, lr_tensor, grad_scale, found_inf);
+  CudaCall call(op, params, grads, states, state_steps, lr, lr_tensor, grad_scale, found_inf,
+                param_storage(op, param_mode, param_aux));
   if (!call.updates()) return;  // after all checks; nothing has changed yet
   const auto coeffs = call.count_step(adam_coeffs(maximize, weight_decay, beta1, beta2, eps),
                                       /*per_step=*/true);

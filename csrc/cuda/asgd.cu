@@ -17,9 +17,9 @@ void asgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList axs,
                const std::optional<at::Tensor>& grad_scale,
                const std::optional<at::Tensor>& found_inf, int64_t param_mode,
     std::optional<at::TensorList> param_aux) {
-  no_param_storage(param_mode, param_aux);
   constexpr const char* op = "fused_optim::asgd_";
-  CudaCall call(op, params, grads, {axs}, state_steps, lr, lr_tensor, grad_scale, found_inf);
+  CudaCall call(op, params, grads, {axs}, state_steps, lr, lr_tensor, grad_scale, found_inf,
+                param_storage(op, param_mode, param_aux));
   // Note [scalar states] (plan.h): eta and mu are read and updated on the host, so the
   // steps must be there too. torch keeps all three on the param's device, so
   // fused_optim.ASGD runs torch's own step for CUDA params; this kernel takes CPU ones.

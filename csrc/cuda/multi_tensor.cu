@@ -1,9 +1,12 @@
 // The non-template part of the CUDA machinery (cuda/multi_tensor.cuh).
 #include "cuda/multi_tensor.cuh"
 
+#include <ATen/ops/from_blob.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <array>
+#include <mutex>
 
 namespace fused_optim::cuda {
 
@@ -93,6 +96,41 @@ CallScalars call_scalars(const char* op, c10::Device device, double lr,
   }
   sc.device_coeffs = steps_on_device || lr_on_device;
   return sc;
+}
+
+uint8_t storage_dtype(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return kStoreF32;
+    case at::kBFloat16: return kStoreBF16;
+    case at::kHalf: return kStoreF16;
+    case at::kByte: return kStoreU8;
+    default:
+      TORCH_CHECK(false, "fused_optim: a param storage mode or state_dtype applies to float32, "
+                  "bfloat16 and float16 params only, got a tensor of ", dtype);
+  }
+}
+
+const cpu::Quant8Maps* device_quant8_maps(c10::Device device) {
+  // (never destroyed: a CUDA tensor freed after the CUDA context has gone, at exit, crashes)
+  static std::mutex mutex;
+  static auto* maps = new std::array<at::Tensor, 64>();
+  const int index = device.index();
+  TORCH_CHECK(index >= 0 && index < static_cast<int>(maps->size()), "fused_optim: CUDA device ",
+              index, " is beyond the 8-bit state's table of devices");
+  std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& t = (*maps)[static_cast<size_t>(index)];
+  if (!t.defined()) {
+    TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+                "fused_optim: the first step with 8-bit state (state_dtype=torch.uint8) on ", device,
+                " copies the quantization maps to the GPU, which cannot happen while a CUDA graph "
+                "is captured: run one step before capturing");
+    const cpu::Quant8Maps& host = cpu::quant8_maps();
+    const at::Tensor bytes = at::from_blob(const_cast<cpu::Quant8Maps*>(&host),
+                                           {static_cast<int64_t>(sizeof(host))},
+                                           at::TensorOptions().dtype(at::kByte));
+    t = bytes.to(device);  // (a copy from pageable memory: complete when it returns)
+  }
+  return reinterpret_cast<const cpu::Quant8Maps*>(t.const_data_ptr());
 }
 
 void increment_device_steps(at::TensorList steps, const Scalar& found_inf) {

@@ -16,6 +16,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
@@ -29,7 +30,9 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/quant8.h"
 #include "plan.h"
+#include "rounding.h"
 #include "rule_select.h"
 #include "update_rules.h"
 
@@ -66,7 +69,13 @@ constexpr size_t kMaxArgBytes = 4096;
 constexpr int kThreads = 256;
 constexpr int64_t kChunk = 16384;
 constexpr int kCoeffSets = 4;
-constexpr int kPtrs = 2 + kMaxRuleStates;  // param, grad, states (no param storage on CUDA yet)
+constexpr int kPtrs = 2 + kMaxRuleStates;  // param, grad, the rule's states
+// The storage kernels' launches (Note [storage on CUDA]): fewer tensors, each with more.
+#if defined(FUSED_OPTIM_CUDA_BIG_ARGS) && defined(CUDART_VERSION) && CUDART_VERSION >= 12010
+constexpr int kStorageTensors = 160;
+#else
+constexpr int kStorageTensors = 16;
+#endif
 
 // A float32 or float64 scalar (lr, grad_scale, found_inf, a step) in device memory.
 __device__ __forceinline__ double read_scalar(const void* ptr, bool is_double) {
@@ -85,14 +94,16 @@ struct Scalar {
   }
 };
 
-template <typename Coeffs>
+// N tensors, P pointers each (param, grad, states).
+template <typename Coeffs, int N = kTensors, int P = kPtrs>
 struct LaunchArgs {
-  void* ptr[kPtrs][kTensors];
-  int64_t numel[kTensors];
-  const void* step[kTensors];  // device steps (capturable / fused groups), else null
-  uint8_t step_is_double[kTensors];
-  uint8_t coeff_set[kTensors];
-  int32_t block_start[kTensors];  // the first block of each tensor's chunks, ascending
+  static constexpr int kN = N;
+  void* ptr[P][N];
+  int64_t numel[N];
+  const void* step[N];  // device steps (capturable / fused groups), else null
+  uint8_t step_is_double[N];
+  uint8_t coeff_set[N];
+  int32_t block_start[N];  // the first block of each tensor's chunks, ascending
   int32_t tensors;
   Coeffs coeffs[kCoeffSets];
   Scalar lr, grad_scale, found_inf;
@@ -107,6 +118,20 @@ struct alignas(16) Pack {
   T v[kSize];
 };
 
+// The tensor of a launch's block: the last whose first block is <= block.
+__device__ __forceinline__ int block_tensor(const int32_t* block_start, int tensors, int32_t block) {
+  int t = 0, hi = tensors - 1;
+  while (t < hi) {
+    const int mid = (t + hi + 1) / 2;
+    if (block_start[mid] <= block) {
+      t = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return t;
+}
+
 template <typename T, typename Rule>
 __global__ void __launch_bounds__(kThreads) update_kernel(const LaunchArgs<typename Rule::Coeffs> a) {
   using M = at::opmath_type<T>;
@@ -114,15 +139,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const LaunchArgs<typen
   constexpr int kS = NS > 0 ? NS : 1;
   if (a.found_inf.get() != 0.0) return;  // GradScaler found inf/NaN: skip the step
   const int32_t block = static_cast<int32_t>(blockIdx.x);
-  int t = 0, hi = a.tensors - 1;  // the last tensor whose first block is <= block
-  while (t < hi) {
-    const int mid = (t + hi + 1) / 2;
-    if (a.block_start[mid] <= block) {
-      t = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
+  const int t = block_tensor(a.block_start, a.tensors, block);
   const int64_t numel = a.numel[t];
   const int64_t begin = static_cast<int64_t>(block - a.block_start[t]) * kChunk;
   const int64_t end = numel < begin + kChunk ? numel : begin + kChunk;
@@ -186,20 +203,236 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const LaunchArgs<typen
   }
 }
 
+// Note [storage on CUDA]
+// The param storage modes (Note [param storage] in plan.h) and state_dtype (Note [state
+// storage]) on CUDA: one kernel per rule, storage_kernel, whose tensors' dtypes and mode
+// are read at run time (as the CPU's storage_loop), so that one copy serves float32,
+// bfloat16 and float16 params and every state dtype. Each element is computed as the CPU
+// loops compute it: widened to float as its dtype says (the param from its master copy, or
+// plus its compensation), updated by the rule in float (Note [CUDA bits]), stored as its
+// dtype and the mode say: rounded to nearest, the Kahan pair, stochastically rounded with
+// the bits of rounding.h (the stream counted on the host, plan.next_rounding_streams), or
+// quantized. So a step on CUDA gives the CPU kernels' bits.
+// Note [8-bit state on CUDA]
+// A launch's block walks its chunk kThreads = kQuantBlock elements at a time, one element
+// a thread, so each 256-element quantization block (Note [8-bit state] in cpu/quant8.h) is
+// one pass of one thread block: its absolute maximum, whether a value is negative and
+// whether one is NaN are reduced across the block (warp shuffles, then shared memory), and
+// each thread finds its code with cpu/quant8.h's q8_code, on a device copy of the CPU's
+// maps (device_quant8_maps: the same table, so the same code for every float, NaN and
+// infinities included).
+enum StorageDtype : uint8_t { kStoreF32 = 0, kStoreBF16 = 1, kStoreF16 = 2, kStoreU8 = 3 };
+
+template <typename Coeffs>
+struct StorageLaunchArgs {
+  // ptr[2 + the rule's states]: the mode's buffer (kahan_comp, master_param), where it has one
+  LaunchArgs<Coeffs, kStorageTensors, 2 + kMaxStates> base;
+  uint64_t stream[kStorageTensors];  // stochastic rounding's stream of this step
+  float* scale[kMaxRuleStates][kStorageTensors];  // an 8-bit state's block scales
+  uint8_t param_dtype[kStorageTensors];           // StorageDtype (float32, bfloat16, float16)
+  uint8_t state_dtype[kMaxRuleStates][kStorageTensors];  // StorageDtype
+  uint8_t mode;                                          // ParamMode
+  const cpu::Quant8Maps* maps;                           // device_quant8_maps, where needed
+};
+
+__device__ __forceinline__ float load_as_float(const void* base, uint8_t dtype, int64_t i) {
+  switch (dtype) {
+    case kStoreBF16: return static_cast<float>(static_cast<const c10::BFloat16*>(base)[i]);
+    case kStoreF16: return static_cast<float>(static_cast<const c10::Half*>(base)[i]);
+    default: return static_cast<const float*>(base)[i];
+  }
+}
+
+// x rounded to nearest in `dtype` (as the update kernel stores T).
+__device__ __forceinline__ void store_float(void* base, uint8_t dtype, int64_t i, float x) {
+  switch (dtype) {
+    case kStoreBF16: static_cast<c10::BFloat16*>(base)[i] = static_cast<c10::BFloat16>(x); break;
+    case kStoreF16: static_cast<c10::Half*>(base)[i] = static_cast<c10::Half>(x); break;
+    default: static_cast<float*>(base)[i] = x;
+  }
+}
+
+__device__ __forceinline__ float bits_float(uint32_t u) { return __uint_as_float(u); }
+
+// Note [8-bit state on CUDA]: the block's values v (one a thread; `valid` false for the
+// threads past a tensor's end, which take no part) quantized as cpu/quant8.h's q8_quantize
+// does: codes[i] for the valid ones, and the block's scale (by thread 0). Every thread of
+// the block calls it.
+__device__ __forceinline__ void quantize_block(float v, bool valid, int64_t i, uint8_t* codes,
+                                               float* scale, const cpu::Quant8Maps* maps) {
+  constexpr int kWarps = kThreads / 32;
+  __shared__ uint32_t warp_magnitude[kWarps];
+  __shared__ uint32_t warp_negative[kWarps];
+  // The largest |v| as bits: ordered as the floats for everything but NaN, whose bits are
+  // above every number's (and whose block takes NaN as its scale, below).
+  uint32_t magnitude = valid ? (float_bits(v) & 0x7FFFFFFFu) : 0u;
+  uint32_t negative = valid && v < 0.0f ? 1u : 0u;
+  for (int lane_mask = 16; lane_mask > 0; lane_mask >>= 1) {
+    const uint32_t m = __shfl_xor_sync(0xFFFFFFFFu, magnitude, lane_mask);
+    magnitude = m > magnitude ? m : magnitude;
+    negative |= __shfl_xor_sync(0xFFFFFFFFu, negative, lane_mask);
+  }
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  if (threadIdx.x % 32 == 0) {
+    warp_magnitude[warp] = magnitude;
+    warp_negative[warp] = negative;
+  }
+  __syncthreads();
+  for (int w = 0; w < kWarps; ++w) {
+    magnitude = warp_magnitude[w] > magnitude ? warp_magnitude[w] : magnitude;
+    negative |= warp_negative[w];
+  }
+  __syncthreads();  // (the next block's reduction reuses the shared words)
+  const bool nan = magnitude > 0x7F800000u;
+  const float amax = nan ? bits_float(0x7FC00000u) : bits_float(magnitude);  // (NAN, as the CPU)
+  const int u = (negative != 0 || nan) ? 0 : 1;  // the signed map, or the unsigned one
+  if (threadIdx.x == 0) *scale = u ? -amax : amax;
+  if (valid) {
+    const float x = amax > 0.0f ? v / amax : 0.0f;
+    codes[i] = static_cast<uint8_t>(cpu::q8_code(x, maps->entry[u]));
+  }
+}
+
+template <typename Rule>
+__global__ void __launch_bounds__(kThreads) storage_kernel(
+    const StorageLaunchArgs<typename Rule::Coeffs> sa) {
+  static_assert(kThreads == cpu::kQuantBlock, "Note [8-bit state on CUDA]: a pass is a block");
+  const auto& a = sa.base;
+  using M = float;
+  constexpr int NS = Rule::kStates;
+  constexpr int kS = NS > 0 ? NS : 1;
+  if (a.found_inf.get() != 0.0) return;  // GradScaler found inf/NaN: skip the step
+  const int32_t block = static_cast<int32_t>(blockIdx.x);
+  const int t = block_tensor(a.block_start, a.tensors, block);
+  const int64_t numel = a.numel[t];
+  const int64_t begin = static_cast<int64_t>(block - a.block_start[t]) * kChunk;
+  const int64_t end = numel < begin + kChunk ? numel : begin + kChunk;
+
+  typename Rule::Coeffs c = a.coeffs[a.coeff_set[t]];
+  if (a.device_coeffs) {  // Note [per-step coefficients]
+    const double step = a.step[t] == nullptr ? 0.0 : read_scalar(a.step[t], a.step_is_double[t]);
+    c.at(a.lr.get(), a.lr_is_f32, step);
+  }
+  const Rule rule(c);
+  const M inv_scale =
+      a.unscale ? static_cast<M>(static_cast<float>(1.0 / a.grad_scale.get())) : M(1);
+  const ParamMode mode = static_cast<ParamMode>(sa.mode);
+  const uint8_t pt = sa.param_dtype[t];
+  void* p = a.ptr[0][t];
+  void* g = a.ptr[1][t];
+  void* buffer = a.ptr[2 + NS][t];  // kahan_comp or master_param
+  void* s[kS];
+  uint8_t st[kS];
+  float* scale[kS];
+  for (int k = 0; k < NS; ++k) {
+    s[k] = a.ptr[2 + k][t];
+    st[k] = sa.state_dtype[k][t];
+    scale[k] = sa.scale[k][t];
+  }
+  const uint64_t stream = sa.stream[t];
+
+  // (every thread runs every pass: a pass's quantization is the whole block's)
+  for (int64_t at = begin; at < end; at += kThreads) {
+    const int64_t i = at + static_cast<int64_t>(threadIdx.x);
+    const bool valid = i < end;
+    M pv = 0.0f;
+    M sv[kS] = {};
+    if (valid) {
+      if (mode == ParamMode::kMaster) {
+        pv = static_cast<const float*>(buffer)[i];
+      } else {
+        pv = load_as_float(p, pt, i);
+        if (mode == ParamMode::kKahan) pv = pv + load_as_float(buffer, pt, i);
+      }
+      M gv = load_as_float(g, pt, i);
+      if (a.unscale) {
+        gv = gv * inv_scale;
+        store_float(g, pt, i, gv);  // the unscaled grad, stored back
+      }
+      for (int k = 0; k < NS; ++k) {
+        if (st[k] == kStoreU8) {
+          const float sk = scale[k][i / cpu::kQuantBlock];
+          const float* value = sa.maps->value[float_bits(sk) >> 31];  // (its sign: the map)
+          sv[k] = value[static_cast<const uint8_t*>(s[k])[i]] * fabsf(sk);
+        } else {
+          sv[k] = load_as_float(s[k], st[k], i);
+        }
+      }
+      rule(pv, gv, sv);
+    }
+    for (int k = 0; k < NS; ++k) {
+      if (st[k] == kStoreU8) {  // (the same for every thread of the block)
+        quantize_block(sv[k], valid, i, static_cast<uint8_t*>(s[k]),
+                       scale[k] + at / cpu::kQuantBlock, sa.maps);
+      } else if (valid) {
+        store_float(s[k], st[k], i, sv[k]);
+      }
+    }
+    if (!valid) continue;
+    switch (mode) {
+      case ParamMode::kMaster:
+        static_cast<float*>(buffer)[i] = pv;
+        store_float(p, pt, i, pv);
+        break;
+      case ParamMode::kKahan: {
+        store_float(p, pt, i, pv);
+        store_float(buffer, pt, i, pv - load_as_float(p, pt, i));  // exact: what rounding lost
+        break;
+      }
+      case ParamMode::kStochastic: {  // Note [stochastic rounding] in rounding.h
+        const uint32_t bits = rounding_bits(stream, static_cast<uint64_t>(i));
+        if (pt == kStoreBF16) {
+          static_cast<c10::BFloat16*>(p)[i].x = bf16_stochastic_bits(pv, bits);
+        } else {
+          store_float(p, pt, i, f16_stochastic_float(pv, bits));
+        }
+        break;
+      }
+      default:
+        store_float(p, pt, i, pv);
+    }
+  }
+}
+
 template <typename Coeffs>
 using Kernel = void (*)(LaunchArgs<Coeffs>);
+template <typename Coeffs>
+using StorageKernel = void (*)(StorageLaunchArgs<Coeffs>);
 
-// The CUDA kernel of (T, Rule) for the select_* functions of rule_select.h.
+// A (T, Rule)'s kernels: the update kernel, and where T's math is float (float32 and
+// 16-bit params) the storage kernel (Note [storage on CUDA]), null otherwise.
+template <typename Coeffs>
+struct CudaKernel {
+  Kernel<Coeffs> update = nullptr;
+  StorageKernel<Coeffs> storage = nullptr;
+  bool operator==(const CudaKernel& o) const { return update == o.update && storage == o.storage; }
+  bool operator!=(const CudaKernel& o) const { return !(*this == o); }
+};
+
+// The CUDA kernels of (T, Rule) for the select_* functions of rule_select.h.
 template <typename Coeffs>
 struct PickKernel {
   template <typename T, typename Rule>
-  Kernel<Coeffs> operator()() const {
+  CudaKernel<Coeffs> operator()() const {
     static_assert(std::is_same_v<typename Rule::Coeffs, Coeffs>);
     static_assert(sizeof(LaunchArgs<Coeffs>) <= kMaxArgBytes,
                   "a launch's argument must fit in the kernel argument limit");
-    return &update_kernel<T, Rule>;
+    static_assert(sizeof(StorageLaunchArgs<Coeffs>) <= kMaxArgBytes,
+                  "a storage launch's argument must fit in the kernel argument limit");
+    CudaKernel<Coeffs> k;
+    k.update = &update_kernel<T, Rule>;
+    // (not for the rules of complex params, kFmaVariant false: the modes and state_dtype
+    // take float32 and 16-bit real params only, and the plan refuses the others)
+    if constexpr (std::is_same_v<at::opmath_type<T>, float> && Rule::kFmaVariant) {
+      k.storage = &storage_kernel<Rule>;
+    }
+    return k;
   }
 };
+
+// The device copy of cpu/quant8.h's maps on `device` (Note [8-bit state on CUDA]): made at
+// the first 8-bit step there, kept for the process.
+const cpu::Quant8Maps* device_quant8_maps(c10::Device device);
 
 // How one call's scalar arguments reach its kernels (Note [CUDA scalars] in multi_tensor.cu).
 struct CallScalars {
@@ -226,13 +459,26 @@ void increment_device_steps(at::TensorList steps, const Scalar& found_inf);
 // call; otherwise MultiTensorPlan raises the error).
 std::optional<c10::Device> call_device(at::TensorList params);
 
+// A launch's common part.
+template <typename C, int N, int P>
+LaunchArgs<C, N, P>& launch_base(LaunchArgs<C, N, P>& a) { return a; }
+template <typename C>
+auto& launch_base(StorageLaunchArgs<C>& a) { return a.base; }
+
+// A tensor's dtype as the storage kernel reads it (Note [storage on CUDA]).
+uint8_t storage_dtype(at::ScalarType dtype);
+
 // Runs the plan's tensors through the kernels `select(real dtype, is complex)` returns, in
 // as few launches as Note [CUDA launches] allows, on the current stream, then writes back
 // the plan's layout temporaries. `coeffs` holds one struct per tensor of the call, or a
 // single one for all; `device_steps` is the call's steps where they live on the device.
-template <typename Coeffs, typename Select>
-void launch_update(MultiTensorPlan& plan, const std::vector<Coeffs>& coeffs,
-                   at::TensorList device_steps, const CallScalars& sc, Select&& select) {
+// Args: LaunchArgs (the update kernels) or StorageLaunchArgs (the storage kernels, for a
+// plan with mixed storage: Note [storage on CUDA]).
+template <typename Args, typename Coeffs, typename Select>
+void launch_with(MultiTensorPlan& plan, const std::vector<Coeffs>& coeffs,
+                 at::TensorList device_steps, const CallScalars& sc, Select&& select) {
+  constexpr bool kStorage = std::is_same_v<Args, StorageLaunchArgs<Coeffs>>;
+  using KernelPtr = void (*)(Args);
   constexpr int64_t kMaxGrid = INT32_MAX;  // blocks in one launch (gridDim.x's limit)
   const int64_t entries = plan.num_entries();
   if (entries == 0) {
@@ -240,21 +486,38 @@ void launch_update(MultiTensorPlan& plan, const std::vector<Coeffs>& coeffs,
     return;
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  LaunchArgs<Coeffs> args{};
+  Args full{};
+  auto& args = launch_base(full);
+  constexpr int kN = std::remove_reference_t<decltype(args)>::kN;
   args.lr = sc.lr;
   args.grad_scale = sc.grad_scale;
   args.found_inf = sc.found_inf;
   args.lr_is_f32 = sc.lr_is_f32;
   args.device_coeffs = sc.device_coeffs;
   args.unscale = sc.unscale;
+  std::vector<uint64_t> streams;  // (stochastic rounding: this step's, counted now)
+  if constexpr (kStorage) {
+    full.mode = static_cast<uint8_t>(plan.param_mode());
+    if (plan.has_quantized_states()) {
+      full.maps = device_quant8_maps(c10::Device(c10::kCUDA, c10::cuda::current_device()));
+    }
+    if (plan.param_mode() == ParamMode::kStochastic) {
+      TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() ==
+                      c10::cuda::CaptureStatus::None,
+                  "fused_optim: stochastic_rounding cannot be captured in a CUDA graph: its "
+                  "counter is counted on the host at each step, so every replay would round "
+                  "with one step's random bits");
+      streams = plan.next_rounding_streams();
+    }
+  }
 
-  Kernel<Coeffs> kernel = nullptr;
+  KernelPtr kernel = nullptr;
   int tensors = 0, sets = 0;
   int64_t blocks = 0;
   auto flush = [&] {
     if (blocks > 0) {
       args.tensors = tensors;
-      kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
+      kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(full);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     tensors = sets = 0;
@@ -262,7 +525,7 @@ void launch_update(MultiTensorPlan& plan, const std::vector<Coeffs>& coeffs,
   };
   // Puts entry j, `chunks` blocks, in the launch being built.
   auto add_tensor = [&](int64_t j, int64_t chunks) {
-    if (tensors == kTensors || blocks + chunks > kMaxGrid) flush();
+    if (tensors == kN || blocks + chunks > kMaxGrid) flush();
     const int64_t i = plan.entry_index(j);
     const Coeffs& c = coeffs[coeffs.size() == 1 ? 0 : i];
     int set = -1;
@@ -285,16 +548,36 @@ void launch_update(MultiTensorPlan& plan, const std::vector<Coeffs>& coeffs,
         !device_steps.empty() && device_steps[i].scalar_type() == at::kDouble;
     args.coeff_set[slot] = static_cast<uint8_t>(set);
     args.block_start[slot] = static_cast<int32_t>(blocks);
+    if constexpr (kStorage) {
+      const int ns = plan.num_states();
+      // the mode's buffer: the plan's last state list (Note [param storage])
+      args.ptr[2 + ns][slot] = plan.has_storage_buffer() ? tp.state[ns] : nullptr;
+      full.param_dtype[slot] = storage_dtype(tp.param_dtype);
+      for (int k = 0; k < ns; ++k) {
+        full.state_dtype[k][slot] = storage_dtype(tp.state_dtype[k]);
+        full.scale[k][slot] = tp.state_scale[k];
+      }
+      full.stream[slot] = streams.empty() ? 0 : streams[static_cast<size_t>(i)];
+    }
     blocks += chunks;
   };
   for (int64_t j = 0; j < entries; ++j) {
     const int64_t i = plan.entry_index(j);
     const bool same_kind = j > 0 && plan.real_dtype(i) == plan.real_dtype(plan.entry_index(j - 1)) &&
                            plan.is_complex(i) == plan.is_complex(plan.entry_index(j - 1));
-    const Kernel<Coeffs> k = same_kind ? kernel : select(plan.real_dtype(i), plan.is_complex(i));
-    if (k != kernel) {
-      flush();
-      kernel = k;
+    if (!same_kind) {
+      KernelPtr k;
+      if constexpr (kStorage) {
+        k = select(plan.real_dtype(i), plan.is_complex(i)).storage;
+        TORCH_CHECK(k != nullptr, "fused_optim: a param storage mode or state_dtype applies to "
+                    "float32, bfloat16 and float16 params only");
+      } else {
+        k = select(plan.real_dtype(i), plan.is_complex(i)).update;
+      }
+      if (k != kernel) {
+        flush();
+        kernel = k;
+      }
     }
     const int64_t chunks = (plan.entry_numel(j) + kChunk - 1) / kChunk;
     TORCH_CHECK(chunks <= kMaxGrid, "fused_optim: a tensor of ", plan.entry_numel(j),
@@ -305,27 +588,31 @@ void launch_update(MultiTensorPlan& plan, const std::vector<Coeffs>& coeffs,
   plan.finish();
 }
 
-// Note [param storage] (plan.h): the CUDA kernels keep 16-bit params rounded to nearest
-// only, so far; the optimizers refuse the other modes for CUDA params when they are made.
-inline void no_param_storage(int64_t param_mode, const std::optional<at::TensorList>& param_aux) {
-  TORCH_CHECK(param_mode == 0 && (!param_aux.has_value() || param_aux->empty()),
-              "fused_optim: kahan_summation, stochastic_rounding and master_weights run on CPU "
-              "params only (the CUDA kernels do not have them yet)");
+template <typename Coeffs, typename Select>
+void launch_update(MultiTensorPlan& plan, const std::vector<Coeffs>& coeffs,
+                   at::TensorList device_steps, const CallScalars& sc, Select&& select) {
+  if (plan.mixed_storage()) {
+    launch_with<StorageLaunchArgs<Coeffs>>(plan, coeffs, device_steps, sc, select);
+  } else {
+    launch_with<LaunchArgs<Coeffs>>(plan, coeffs, device_steps, sc, select);
+  }
 }
 
 // What every CUDA op call does around its own coefficients: the device guard, the plan
 // (every check, before anything changes), where the steps live, the scalar arguments
-// (Note [CUDA scalars]), counting the step, and the launches.
+// (Note [CUDA scalars]), counting the step, and the launches. `storage`: the op's
+// param_mode and param_aux (Note [param storage], Note [state storage]).
 class CudaCall {
  public:
   // `steps`: the call's step tensors, or nullopt for an op without them (SGD).
   CudaCall(const char* op, at::TensorList params, at::TensorList grads,
            const std::vector<at::TensorList>& states, std::optional<at::TensorList> steps,
            double lr, const std::optional<at::Tensor>& lr_tensor,
-           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf)
+           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+           const ParamStorage& storage = {})
       : device_(call_device(params)),
         guard_(device_),
-        plan_(op, params, grads, states, has_tensor(grad_scale), c10::DeviceType::CUDA),
+        plan_(op, params, grads, states, has_tensor(grad_scale), c10::DeviceType::CUDA, storage),
         steps_(steps.value_or(at::TensorList())),
         has_steps_(steps.has_value()),
         device_steps_(has_steps_ && check_steps(op, steps_, plan_.size(), device_)) {

@@ -19,10 +19,10 @@ void nadam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf, int64_t param_mode,
     std::optional<at::TensorList> param_aux) {
-  no_param_storage(param_mode, param_aux);
   constexpr const char* op = "fused_optim::nadam_";
   CudaCall call(op, params, grads, {exp_avgs, exp_avg_sqs}, state_steps, lr, lr_tensor,
-                grad_scale, found_inf);
+                grad_scale, found_inf,
+                param_storage(op, param_mode, param_aux));
   // Note [scalar states] (plan.h): mu_product is updated and read on the host, so the
   // steps must be there too (torch's for-loop keeps both on the CPU unless capturable;
   // fused_optim.NAdam runs torch's own step for capturable CUDA groups).

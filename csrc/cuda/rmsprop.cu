@@ -18,12 +18,12 @@ void rmsprop_cuda(at::TensorList params, at::TensorList grads, at::TensorList sq
                   const std::optional<at::Tensor>& grad_scale,
                   const std::optional<at::Tensor>& found_inf, int64_t param_mode,
     std::optional<at::TensorList> param_aux) {
-  no_param_storage(param_mode, param_aux);
   constexpr const char* op = "fused_optim::rmsprop_";
   const bool use_momentum = momentum > 0.0;  // as torch: `if momentum > 0`
   const auto states = rmsprop_state_lists(op, centered, use_momentum, square_avgs, grad_avgs,
                                           momentum_buffers);
-  CudaCall call(op, params, grads, states, state_steps, lr, lr_tensor, grad_scale, found_inf);
+  CudaCall call(op, params, grads, states, state_steps, lr, lr_tensor, grad_scale, found_inf,
+                param_storage(op, param_mode, param_aux));
   if (!call.updates()) return;  // after all checks; nothing has changed yet
   // The step is counted, as torch does; RMSprop's math never reads it.
   const auto coeffs = call.count_step(

@@ -15,11 +15,11 @@ void rprop_cuda(at::TensorList params, at::TensorList grads, at::TensorList prev
                 const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf, int64_t param_mode,
     std::optional<at::TensorList> param_aux) {
-  no_param_storage(param_mode, param_aux);
   constexpr const char* op = "fused_optim::rprop_";
   // lr is only Rprop's initial step size: the kernel has none.
   CudaCall call(op, params, grads, {prevs, step_sizes}, state_steps, /*lr=*/0.0,
-                /*lr_tensor=*/std::nullopt, grad_scale, found_inf);
+                /*lr_tensor=*/std::nullopt, grad_scale, found_inf,
+                param_storage(op, param_mode, param_aux));
   if (!call.updates()) return;  // after all checks; nothing has changed yet
   // The step is only counted; the coefficients are the options'.
   const auto coeffs = call.count_step(

@@ -16,11 +16,11 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
               const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf, int64_t param_mode,
     std::optional<at::TensorList> param_aux) {
-  no_param_storage(param_mode, param_aux);
   constexpr const char* op = "fused_optim::sgd_";
   const auto states = sgd_state_lists(op, momentum, momentum_buffers);
   // No steps: nothing is read on the host unless it lives there (Note [CUDA scalars]).
-  CudaCall call(op, params, grads, states, std::nullopt, lr, lr_tensor, grad_scale, found_inf);
+  CudaCall call(op, params, grads, states, std::nullopt, lr, lr_tensor, grad_scale, found_inf,
+                param_storage(op, param_mode, param_aux));
   if (!call.updates()) return;  // no params
   const auto coeffs =
       call.count_step(sgd_coeffs(maximize, weight_decay, momentum, dampening), /*per_step=*/false);
