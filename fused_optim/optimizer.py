@@ -307,7 +307,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 state[key] = v.to(dtype)
             if self._state_dtype is torch.uint8:
                 if scales is None or scales.numel() != 0:
-                    state[key + _ABSMAX] = torch.zeros(0, dtype=torch.float32)
+                    state[key + _ABSMAX] = torch.zeros(0, dtype=torch.float32, device=p.device)
             elif scales is not None:
                 del state[key + _ABSMAX]
 

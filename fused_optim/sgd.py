@@ -150,4 +150,4 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             return (torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.contiguous_format),
                     torch.zeros(blocks, dtype=torch.float32, device=p.device))
         buf = torch.zeros_like(g, dtype=dtype, memory_format=torch.preserve_format)
-        return buf, (torch.zeros(0) if self._state_dtype is torch.uint8 else None)
+        return buf, (torch.zeros(0, device=p.device) if self._state_dtype is torch.uint8 else None)

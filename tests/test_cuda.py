@@ -506,10 +506,11 @@ def assert_same_run(cuda_run, cpu_run, what):
             if not torch.is_tensor(value):
                 assert mine == value, f"{what}: state {key} of param {i}"
                 continue
-            # rounding_state is a CPU tensor on every device (counted on the host)
-            want_device = "cpu" if key == "rounding_state" else p.device
-            if key != "step" or value.device.type != "cpu":
-                assert mine.device.type == torch.device(want_device).type, f"{what}: {key}"
+            # The host's scalars stay CPU tensors on every device: rounding_state (counted
+            # on the host), and the steps and NAdam's mu_product (not capturable); the rest
+            # lives on the param's device.
+            host = key in ("rounding_state", "step", "mu_product")
+            assert mine.device.type == ("cpu" if host else "cuda"), f"{what}: device of {key}"
             assert mine.dtype == value.dtype, f"{what}: dtype of state {key} of param {i}"
             torch.testing.assert_close(mine.cpu(), value, rtol=0, atol=0, equal_nan=True,
                                        msg=f"{what}: state {key} of param {i}")
@@ -560,27 +561,32 @@ def test_8bit_blocks_with_inf_and_nan_equal_to_cpu():
 @pytest.mark.parametrize("mode", MODES)
 def test_storage_with_8bit_state_and_grad_scaler_equal_to_cpu(mode):
     """A mode and 8-bit moments at once, under a GradScaler (the grads unscaled in the
-    kernel, a step with an inf grad skipped): the CPU's bits."""
+    kernel, a step with an inf grad skipped, which stochastic rounding does not count): the
+    CPU's bits. The loss is sum(p * w) with w made on the CPU, so both devices' grads are w
+    times the scale, exactly (a matmul would round differently on the GPU)."""
+    shapes = [(5000,), (64,)]  # 8-bit moments, and float32 ones (under 4,096 elements)
+
     def train(device):
-        torch.manual_seed(0)
-        model = torch.nn.Linear(80, 64).to(torch.bfloat16)
-        model = model.to(device)
+        g = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, generator=g).to(torch.bfloat16).to(device).requires_grad_()
+                  for s in shapes]
         torch.manual_seed(1)
-        opt = fused_optim.AdamW(model.parameters(), lr=0.01, state_dtype=torch.uint8,
-                                **{mode: True})
+        opt = fused_optim.AdamW(params, lr=0.01, state_dtype=torch.uint8, **{mode: True})
         scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 10)
         for step in range(4):
-            g = torch.Generator().manual_seed(step)
-            x = torch.randn(16, 80, generator=g).to(torch.bfloat16)
+            gg = torch.Generator().manual_seed(10 + step)
+            ws = [torch.randn(s, generator=gg).to(torch.bfloat16).float() for s in shapes]
             if step == 2:
-                x[0, 0] = float("inf")
-            loss = model(x.to(device)).float().square().mean()
+                ws[0][7] = float("inf")
+            loss = sum((p.float() * w.to(device)).sum() for p, w in zip(params, ws))
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             opt.zero_grad()
-        return list(model.parameters()), opt
-    assert_same_run(train("cuda"), train("cpu"), f"AdamW 8-bit {mode} scaler")
+        return params, opt
+    cuda_run, cpu_run = train("cuda"), train("cpu")
+    assert cpu_run[1].state[cpu_run[0][0]]["step"].item() == 3  # (the inf step skipped)
+    assert_same_run(cuda_run, cpu_run, f"AdamW 8-bit {mode} scaler")
 
 
 def test_storage_modes_refused_where_torch_steps():

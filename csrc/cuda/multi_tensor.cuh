@@ -212,7 +212,8 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const LaunchArgs<typen
 // plus its compensation), updated by the rule in float (Note [CUDA bits]), stored as its
 // dtype and the mode say: rounded to nearest, the Kahan pair, stochastically rounded with
 // the bits of rounding.h (the stream counted on the host, plan.next_rounding_streams), or
-// quantized. So a step on CUDA gives the CPU kernels' bits.
+// quantized. So a step on CUDA gives the CPU kernels' bits, but for NaNs' payloads (the
+// GPU's conversions and arithmetic make other NaNs than x86's).
 // Note [8-bit state on CUDA]
 // A launch's block walks its chunk kThreads = kQuantBlock elements at a time, one element
 // a thread, so each 256-element quantization block (Note [8-bit state] in cpu/quant8.h) is
@@ -288,7 +289,10 @@ __device__ __forceinline__ void quantize_block(float v, bool valid, int64_t i, u
   const int u = (negative != 0 || nan) ? 0 : 1;  // the signed map, or the unsigned one
   if (threadIdx.x == 0) *scale = u ? -amax : amax;
   if (valid) {
-    const float x = amax > 0.0f ? v / amax : 0.0f;
+    float x = amax > 0.0f ? v / amax : 0.0f;
+    // An infinite amax divides an infinite v into NaN, whose bits pick q8_code's bucket:
+    // x86's division gives its default NaN (sign set), the GPU's 0x7FFFFFFF. The CPU's.
+    if (x != x) x = bits_float(0xFFC00000u);
     codes[i] = static_cast<uint8_t>(cpu::q8_code(x, maps->entry[u]));
   }
 }
@@ -481,6 +485,36 @@ void launch_with(MultiTensorPlan& plan, const std::vector<Coeffs>& coeffs,
   using KernelPtr = void (*)(Args);
   constexpr int64_t kMaxGrid = INT32_MAX;  // blocks in one launch (gridDim.x's limit)
   const int64_t entries = plan.num_entries();
+  // Stochastic rounding's streams of this step, counted now (as the CPU's run counts them,
+  // whether or not a param has elements).
+  std::vector<uint64_t> streams;
+  if (kStorage && plan.param_mode() == ParamMode::kStochastic) {
+    TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() ==
+                    c10::cuda::CaptureStatus::None,
+                "fused_optim: stochastic_rounding cannot be captured in a CUDA graph: its "
+                "counter is counted on the host at each step, so every replay would round "
+                "with one step's random bits");
+  }
+  // Every entry's kernel, before anything runs (a plan's params of a dtype the storage
+  // kernels do not take: refused here, not after some launches).
+  std::vector<KernelPtr> kernels(static_cast<size_t>(entries));
+  for (int64_t j = 0; j < entries; ++j) {
+    const int64_t i = plan.entry_index(j);
+    const bool same_kind = j > 0 && plan.real_dtype(i) == plan.real_dtype(plan.entry_index(j - 1)) &&
+                           plan.is_complex(i) == plan.is_complex(plan.entry_index(j - 1));
+    if (same_kind) {
+      kernels[j] = kernels[j - 1];
+    } else if constexpr (kStorage) {
+      kernels[j] = select(plan.real_dtype(i), plan.is_complex(i)).storage;
+      TORCH_CHECK(kernels[j] != nullptr, "fused_optim: a param storage mode or state_dtype "
+                  "applies to float32, bfloat16 and float16 real params only");
+    } else {
+      kernels[j] = select(plan.real_dtype(i), plan.is_complex(i)).update;
+    }
+  }
+  if (kStorage && plan.param_mode() == ParamMode::kStochastic) {
+    streams = plan.next_rounding_streams();
+  }
   if (entries == 0) {
     plan.finish();
     return;
@@ -495,19 +529,10 @@ void launch_with(MultiTensorPlan& plan, const std::vector<Coeffs>& coeffs,
   args.lr_is_f32 = sc.lr_is_f32;
   args.device_coeffs = sc.device_coeffs;
   args.unscale = sc.unscale;
-  std::vector<uint64_t> streams;  // (stochastic rounding: this step's, counted now)
   if constexpr (kStorage) {
     full.mode = static_cast<uint8_t>(plan.param_mode());
     if (plan.has_quantized_states()) {
       full.maps = device_quant8_maps(c10::Device(c10::kCUDA, c10::cuda::current_device()));
-    }
-    if (plan.param_mode() == ParamMode::kStochastic) {
-      TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() ==
-                      c10::cuda::CaptureStatus::None,
-                  "fused_optim: stochastic_rounding cannot be captured in a CUDA graph: its "
-                  "counter is counted on the host at each step, so every replay would round "
-                  "with one step's random bits");
-      streams = plan.next_rounding_streams();
     }
   }
 
@@ -562,22 +587,9 @@ void launch_with(MultiTensorPlan& plan, const std::vector<Coeffs>& coeffs,
     blocks += chunks;
   };
   for (int64_t j = 0; j < entries; ++j) {
-    const int64_t i = plan.entry_index(j);
-    const bool same_kind = j > 0 && plan.real_dtype(i) == plan.real_dtype(plan.entry_index(j - 1)) &&
-                           plan.is_complex(i) == plan.is_complex(plan.entry_index(j - 1));
-    if (!same_kind) {
-      KernelPtr k;
-      if constexpr (kStorage) {
-        k = select(plan.real_dtype(i), plan.is_complex(i)).storage;
-        TORCH_CHECK(k != nullptr, "fused_optim: a param storage mode or state_dtype applies to "
-                    "float32, bfloat16 and float16 params only");
-      } else {
-        k = select(plan.real_dtype(i), plan.is_complex(i)).update;
-      }
-      if (k != kernel) {
-        flush();
-        kernel = k;
-      }
+    if (kernels[j] != kernel) {
+      flush();
+      kernel = kernels[j];
     }
     const int64_t chunks = (plan.entry_numel(j) + kChunk - 1) / kChunk;
     TORCH_CHECK(chunks <= kMaxGrid, "fused_optim: a tensor of ", plan.entry_numel(j),
@@ -619,6 +631,9 @@ class CudaCall {
     if (device_.has_value()) {
       sc_ = call_scalars(op, *device_, lr, lr_tensor, grad_scale, found_inf,
                          /*host_steps=*/has_steps_ && !device_steps_, device_steps_);
+      // Stochastic rounding counts its step on the host (Note [storage on CUDA]): a step
+      // that found_inf skips must not count there either, so found_inf is read here too.
+      if (storage.mode == ParamMode::kStochastic && !sc_.skip) sc_.skip = skip_step(found_inf);
     }
   }
 
