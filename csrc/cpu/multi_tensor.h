@@ -459,8 +459,9 @@ FO_AVX512_INLINE void q8_codes_avx512(const Q8Block& q, int64_t from, int64_t to
   for (; i < to; ++i) q.codes[i] = static_cast<uint8_t>(q8_code(q.src[i] / q.amax, q.entry));
 }
 
-// bf16_stochastic_bits(x[j], rounding_bits(stream, first + j)) for j < 16, stored to dst.
-FO_AVX512_INLINE void bf16_stochastic16_avx512(const float* x, uint16_t* dst, uint64_t stream,
+// bf16_stochastic_bits(x[j], rounding_bits(stream, first + j)) for the 16 lanes j of x,
+// stored to dst.
+FO_AVX512_INLINE void bf16_stochastic16_avx512(__m512 x, uint16_t* dst, uint64_t stream,
                                                int64_t first) {
   const uint32_t lo = static_cast<uint32_t>(stream), hi = static_cast<uint32_t>(stream >> 32);
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -468,7 +469,7 @@ FO_AVX512_INLINE void bf16_stochastic16_avx512(const float* x, uint16_t* dst, ui
       _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first) + hi)), iota);
   const __m512i bits = reinterpret_cast<__m512i>(
       hash32(lo ^ hash32(reinterpret_cast<U32x16>(i))));  // (rounding_bits, on 16 lanes)
-  const __m512i u = _mm512_castps_si512(_mm512_loadu_ps(x));
+  const __m512i u = _mm512_castps_si512(x);
   const __m512i magnitude = _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
   const __m512i inf = _mm512_set1_epi32(0x7F800000);
   __m512i r = _mm512_srli_epi32(
@@ -476,6 +477,41 @@ FO_AVX512_INLINE void bf16_stochastic16_avx512(const float* x, uint16_t* dst, ui
   r = _mm512_mask_mov_epi32(r, _mm512_cmpeq_epi32_mask(magnitude, inf), _mm512_srli_epi32(u, 16));
   r = _mm512_mask_mov_epi32(r, _mm512_cmpgt_epu32_mask(magnitude, inf), _mm512_set1_epi32(0x7FC0));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_maskz_cvtepi32_epi16(0xFFFF, r));
+}
+// f16_stochastic_float(x[j], rounding_bits(stream, first + j)) for the 16 lanes j of x
+// (rounding.h), the same operations lane by lane.
+FO_AVX512_INLINE __m512 f16_stochastic16_avx512(__m512 x, uint64_t stream, int64_t first) {
+  const uint32_t lo = static_cast<uint32_t>(stream), hi = static_cast<uint32_t>(stream >> 32);
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i i = _mm512_add_epi32(
+      _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first) + hi)), iota);
+  const __m512i bits = reinterpret_cast<__m512i>(
+      hash32(lo ^ hash32(reinterpret_cast<U32x16>(i))));  // (rounding_bits, on 16 lanes)
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i sign = _mm512_and_si512(u, _mm512_set1_epi32(static_cast<int>(0x80000000u)));
+  const __m512i magnitude = _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
+  const __m512 a = _mm512_castsi512_ps(magnitude);
+  // float16's normal range
+  const __m512 normal = _mm512_castsi512_ps(_mm512_and_si512(
+      _mm512_add_epi32(magnitude, _mm512_srli_epi32(bits, 19)), _mm512_set1_epi32(~0x1FFF)));
+  // subnormals (min(scaled, 1024) is 1024 for a NaN, as the scalar comparison makes it)
+  const __m512 s = _mm512_min_ps(_mm512_mul_ps(a, _mm512_set1_ps(0x1p24f)), _mm512_set1_ps(1024.0f));
+  const __m512 low = _mm512_cvtepi32_ps(_mm512_cvttps_epi32(s));
+  const __m512 u24 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bits, 8)),
+                                   _mm512_set1_ps(0x1p-24f));
+  const __mmask16 up = _mm512_cmp_ps_mask(u24, _mm512_sub_ps(s, low), _CMP_LT_OQ);
+  const __m512 sub = _mm512_mul_ps(_mm512_mask_add_ps(low, up, low, _mm512_set1_ps(1.0f)),
+                                   _mm512_set1_ps(0x1p-24f));
+  const __mmask16 is_normal = _mm512_cmp_ps_mask(a, _mm512_set1_ps(0x1p-14f), _CMP_GE_OQ);
+  const __m512 r = _mm512_mask_mov_ps(sub, is_normal, normal);
+  const __m512 signed_r = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(r), sign));
+  const __mmask16 finite = _mm512_cmp_ps_mask(a, _mm512_set1_ps(65504.0f), _CMP_LT_OQ);
+  return _mm512_mask_mov_ps(x, finite, signed_r);  // overflow, infinities, NaN: to nearest
+}
+// The same for x[j], j < 16.
+FO_AVX512_INLINE void bf16_stochastic16_avx512(const float* x, uint16_t* dst, uint64_t stream,
+                                               int64_t first) {
+  bf16_stochastic16_avx512(_mm512_loadu_ps(x), dst, stream, first);
 }
 #pragma GCC diagnostic pop
 #endif
@@ -610,6 +646,93 @@ FO_INLINE int64_t prefetch_distance(int64_t elem) {
   return cpu_tuning().prefetch_ahead * static_cast<int64_t>(sizeof(float)) / elem;
 }
 
+#if FO_X86_CLONES
+// Note [storage modes in registers]
+// Kahan summation and master weights of 16-bit params whose grads and states all have the
+// param's dtype (the usual case: no state_dtype), in the copies with a vector math type for
+// that dtype (Note [vector rules]: bfloat16 with AVX512-BF16, float16 with AVX2 or
+// AVX-512), and their stochastic rounding with AVX-512 (bfloat16: AVX512-BF16): each vector
+// of elements widened, updated and stored in registers, as the 16-bit segment loop does,
+// instead of through the storage loop's float buffers (whose extra passes over each block
+// made Kahan 73%, master weights 78% and stochastic rounding 56% of the limit on the Xeon,
+// W4-like). The same operations in the same order as the storage loop below, lane by
+// lane (stochastic rounding: bf16_stochastic16_avx512 and f16_stochastic16_avx512, element
+// i with its own bits; the storage loop's float16 rounding is left to the compiler, which
+// did not vectorize it: 14% of the limit, W4-like, on the Xeon): the
+// same bits. Returns where its vectors ended (begin where it does not apply); the storage
+// loop does the rest.
+template <typename Rule, Isa kIsa, typename T>
+FO_INLINE int64_t mode_vectors(const TensorPtrs& t, int64_t begin, int64_t end, ParamMode mode,
+                               float inv_scale, bool unscale) {
+  using V = VectorMath<T, kIsa>;
+  if constexpr (std::is_same_v<V, float>) {
+    return begin;
+  } else {
+    constexpr int NS = Rule::kStates;
+    constexpr int64_t kWidth = sizeof(V) / sizeof(float);
+    // Under MXCSR.DAZ the vector bfloat16 stores cannot see subnormals (simd.h).
+    if (std::is_same_v<T, c10::BFloat16> && daz_is_set()) return begin;
+    const StorageCoeffs& sc = *static_cast<const StorageCoeffs*>(t.coeffs);
+    const typename Rule::template WithMath<V> vrule(
+        *static_cast<const typename Rule::Coeffs*>(sc.rule_coeffs));
+    const V vinv_scale(inv_scale);
+    T* p = static_cast<T*>(t.param);
+    T* g = static_cast<T*>(t.grad);
+    T* st[NS > 0 ? NS : 1];
+    for (int k = 0; k < NS; ++k) st[k] = static_cast<T*>(t.state[k]);
+    T* comp = mode == ParamMode::kKahan ? static_cast<T*>(t.state[NS]) : nullptr;
+    float* master = mode == ParamMode::kMaster ? static_cast<float*>(t.state[NS]) : nullptr;
+    constexpr bool kStochastic = std::is_same_v<T, c10::BFloat16> ? kIsa >= Isa::kAvx512Bf16
+                                                                  : kIsa >= Isa::kAvx512;
+    if (!kStochastic && mode == ParamMode::kStochastic) return begin;
+    const uint64_t stream = sc.rounding_stream;
+    const int64_t vend = begin + (end - begin) / kWidth * kWidth;
+    const int64_t ahead = prefetch_distance(sizeof(T));
+    for (int64_t b = begin; b < vend; b += kBlock) {
+      const int64_t bend = std::min(vend, b + kBlock);
+      if (ahead > 0 && bend + ahead < t.numel) {  // (as the storage loop asks for them)
+        const int64_t from = bend + ahead, to = std::min(t.numel, from + kBlock);
+        prefetch_elements<1>(p, sizeof(T), from, to);
+        prefetch_elements<0>(g, sizeof(T), from, to);
+        for (int k = 0; k < NS; ++k) prefetch_elements<1>(st[k], sizeof(T), from, to);
+        if (comp != nullptr) prefetch_elements<1>(comp, sizeof(T), from, to);
+        if (master != nullptr) prefetch_elements<1>(master, 4, from, to);
+      }
+      for (int64_t i = b; i < bend; i += kWidth) {
+        V pv = master != nullptr ? V::load(master + i) : V::load(p + i);
+        if (comp != nullptr) pv = pv + V::load(comp + i);
+        V gv = V::load(g + i);
+        if (unscale) {
+          gv = gv * vinv_scale;
+          gv.store(g + i);  // the unscaled grad, stored back
+        }
+        V sv[NS > 0 ? NS : 1];
+        for (int k = 0; k < NS; ++k) sv[k] = V::load(st[k] + i);
+        vrule(pv, gv, sv);
+        for (int k = 0; k < NS; ++k) sv[k].store(st[k] + i);
+        if constexpr (kStochastic) {
+          if (mode == ParamMode::kStochastic) {  // Note [stochastic rounding] in rounding.h
+            if constexpr (std::is_same_v<T, c10::BFloat16>) {
+              bf16_stochastic16_avx512(pv.v, reinterpret_cast<uint16_t*>(p + i), stream, i);
+            } else {  // (a float16 value, which the store keeps)
+              V(f16_stochastic16_avx512(pv.v, stream, i)).store(p + i);
+            }
+            continue;
+          }
+        }
+        pv.store(p + i);
+        if (master != nullptr) {
+          pv.store(master + i);
+        } else {
+          (pv - V::load(p + i)).store(comp + i);  // exact: what rounding lost
+        }
+      }
+    }
+    return vend;
+  }
+}
+#endif
+
 template <typename Rule, Isa kIsa>
 FO_INLINE void storage_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
   using M = float;
@@ -627,6 +750,18 @@ FO_INLINE void storage_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
   alignas(64) M gbuf[kBlock];
   alignas(64) M sbuf[NS > 0 ? NS : 1][kBlock];
   alignas(64) M hb[kBlock];  // Kahan: the param as stored, widened
+#if FO_X86_CLONES
+  // Note [storage modes in registers]
+  if constexpr (kIsa >= Isa::kAvx2) {
+    bool same = mode != ParamMode::kNearest;
+    for (int k = 0; k < NS; ++k) same = same && t.state_dtype[k] == pt;
+    if (same && pt == at::kBFloat16) {
+      begin = mode_vectors<Rule, kIsa, c10::BFloat16>(t, begin, end, mode, inv_scale, unscale);
+    } else if (same && pt == at::kHalf) {
+      begin = mode_vectors<Rule, kIsa, c10::Half>(t, begin, end, mode, inv_scale, unscale);
+    }
+  }
+#endif
   const bool p_direct = pt == at::kFloat && mode == ParamMode::kNearest;
   bool s_direct[NS > 0 ? NS : 1];
   for (int k = 0; k < NS; ++k) s_direct[k] = t.state_dtype[k] == at::kFloat;
