@@ -720,11 +720,11 @@ FO_INLINE int64_t mode_vectors(const TensorPtrs& t, int64_t begin, int64_t end, 
             continue;
           }
         }
-        pv.store(p + i);
         if (master != nullptr) {
+          pv.store(p + i);
           pv.store(master + i);
         } else {
-          (pv - V::load(p + i)).store(comp + i);  // exact: what rounding lost
+          (pv - pv.store_widened(p + i)).store(comp + i);  // exact: what rounding lost
         }
       }
     }

@@ -123,12 +123,15 @@ struct F32x8 {
   static FO_AVX2_INLINE F32x8 load(const c10::Half* p) {
     return F32x8(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
-  FO_AVX2_INLINE void store(c10::Half* p) const {
+  FO_AVX2_INLINE void store(c10::Half* p) const { (void)store_widened(p); }
+  // The same store, returning what was stored, widened (as load(p) would read it back).
+  FO_AVX2_INLINE F32x8 store_widened(c10::Half* p) const {
     U16x8 r = reinterpret_cast<U16x8>(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
     if (__builtin_expect(_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0, 0)) {
       r = c10_nans_f16(r);
     }
     std::memcpy(p, &r, sizeof(r));
+    return F32x8(_mm256_cvtph_ps(reinterpret_cast<__m128i>(r)));
   }
 };
 
@@ -180,7 +183,9 @@ struct F32x16 {
   }
   // vcvtneps2bf16, or where a lane is NaN or subnormal, c10's rounding on the integer
   // lanes: to nearest even, and 0x7FC0 for NaN.
-  FO_AVX512BF16_INLINE void store(c10::BFloat16* p) const {
+  FO_AVX512BF16_INLINE void store(c10::BFloat16* p) const { (void)store_widened(p); }
+  // The same store, returning what was stored, widened (as load(p) would read it back).
+  FO_AVX512BF16_INLINE F32x16 store_widened(c10::BFloat16* p) const {
     U16x16 r = reinterpret_cast<U16x16>(_mm512_cvtneps_pbh(v));
     if (__builtin_expect(_mm512_fpclass_ps_mask(v, kQuietNan | kSubnormal | kSignalingNan) != 0, 0)) {
       const U32x16 bits = reinterpret_cast<U32x16>(v);
@@ -190,17 +195,23 @@ struct F32x16 {
       r = __builtin_convertvector((rounded & ~nan) | (nan & 0x7FC0u), U16x16);
     }
     std::memcpy(p, &r, sizeof(r));
+    const U32x16 w = reinterpret_cast<U32x16>(
+        _mm512_maskz_cvtepu16_epi32(0xFFFF, reinterpret_cast<__m256i>(r)));
+    return F32x16(reinterpret_cast<__m512>(w << 16));
   }
   static FO_AVX512_INLINE F32x16 load(const c10::Half* p) {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return F32x16(_mm512_maskz_cvtph_ps(0xFFFF, h));
   }
-  FO_AVX512_INLINE void store(c10::Half* p) const {
+  FO_AVX512_INLINE void store(c10::Half* p) const { (void)store_widened(p); }
+  // The same store, returning what was stored, widened (as load(p) would read it back).
+  FO_AVX512_INLINE F32x16 store_widened(c10::Half* p) const {
     U16x16 r = reinterpret_cast<U16x16>(_mm512_maskz_cvtps_ph(0xFFFF, v, _MM_FROUND_TO_NEAREST_INT));
     if (__builtin_expect(_mm512_fpclass_ps_mask(v, kQuietNan | kSignalingNan) != 0, 0)) {
       r = c10_nans_f16(r);
     }
     std::memcpy(p, &r, sizeof(r));
+    return F32x16(_mm512_maskz_cvtph_ps(0xFFFF, reinterpret_cast<__m256i>(r)));
   }
 };
 
