@@ -17,6 +17,8 @@ import torch
 
 import fused_optim
 import parity_utils as pu
+import test_param_storage
+import test_state_dtype
 
 pytestmark = pu.needs_cuda
 
@@ -454,21 +456,11 @@ def test_params_on_two_gpus():
 # The CPU kernels are compared with their references in test_param_storage.py and
 # test_state_dtype.py; here the CUDA kernels give the CPU kernels' bits, element for
 # element, params, every state, the mode's buffers, the 8-bit codes and their scales.
-STORAGE_CASES = [
-    ("SGD", dict(lr=0.1, momentum=0.9, weight_decay=0.01)),
-    ("Adam", dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
-    ("AdamW", dict(lr=0.01, betas=(0.8, 0.9))),
-    ("RMSprop", dict(lr=0.01, momentum=0.5, centered=True)),
-    ("Adagrad", dict(lr=0.05, lr_decay=0.01)),
-    ("Adamax", dict(lr=0.01, weight_decay=0.1)),
-    ("Adadelta", dict(lr=0.5)),
-    ("NAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
-    ("RAdam", dict(lr=0.01, weight_decay=0.1)),
-    ("Rprop", dict(lr=2.0 ** -7)),
-    # (ASGD runs torch's own step for CUDA params, which refuses the modes: tested below)
-]
+# (test_param_storage.py's and test_state_dtype.py's cases; ASGD runs torch's own step for
+# CUDA params, which refuses the modes: tested below)
+STORAGE_CASES = [c for c in test_param_storage.CASES if c[0] != "ASGD"]
 STORAGE_IDS = [c[0] for c in STORAGE_CASES]
-MODES = ("kahan_summation", "stochastic_rounding", "master_weights")
+MODES = test_param_storage.MODES
 # Several 256-element blocks and a tail, a 2-D param, a scalar; for 8-bit state, params of
 # 4,096 elements and more (quantized) with a short last block, one of three launch chunks
 # (16,384 elements each), and a small one (kept in float32).
@@ -531,10 +523,10 @@ def test_storage_modes_bitwise_equal_to_cpu(name, kwargs, mode, dtype):
     (torch.float32, torch.uint8), (torch.bfloat16, torch.uint8), (torch.float16, torch.uint8),
     (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
     (torch.bfloat16, torch.float32)], ids=str)
-@pytest.mark.parametrize("name,kwargs", STORAGE_CASES[:-1], ids=STORAGE_IDS[:-1])
+@pytest.mark.parametrize("name,kwargs", test_state_dtype.CASES, ids=test_state_dtype.IDS)
 def test_state_dtype_bitwise_equal_to_cpu(name, kwargs, pdtype, state_dtype):
-    """state_dtype on CUDA, five steps: the CPU kernels' bits; 8-bit moments the same codes
-    and block scales (Note [8-bit state on CUDA]). (Rprop has no moments.)"""
+    """state_dtype on CUDA, five steps, every algorithm with moments: the CPU kernels' bits;
+    8-bit moments the same codes and block scales (Note [8-bit state on CUDA])."""
     cuda_run = storage_run(name, kwargs, pdtype, "cuda", Q8_SHAPES, state_dtype=state_dtype)
     cpu_run = storage_run(name, kwargs, pdtype, "cpu", Q8_SHAPES, state_dtype=state_dtype)
     assert_same_run(cuda_run, cpu_run, f"{name} {pdtype} state {state_dtype}")

@@ -459,16 +459,22 @@ FO_AVX512_INLINE void q8_codes_avx512(const Q8Block& q, int64_t from, int64_t to
   for (; i < to; ++i) q.codes[i] = static_cast<uint8_t>(q8_code(q.src[i] / q.amax, q.entry));
 }
 
-// bf16_stochastic_bits(x[j], rounding_bits(stream, first + j)) for the 16 lanes j of x,
-// stored to dst.
-FO_AVX512_INLINE void bf16_stochastic16_avx512(__m512 x, uint16_t* dst, uint64_t stream,
-                                               int64_t first) {
+// rounding_bits(stream, first + j) (rounding.h) for the 16 lanes j.
+FO_AVX512_INLINE __m512i rounding_bits16_avx512(uint64_t stream, int64_t first) {
   const uint32_t lo = static_cast<uint32_t>(stream), hi = static_cast<uint32_t>(stream >> 32);
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i i = _mm512_add_epi32(
       _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first) + hi)), iota);
   const __m512i bits = reinterpret_cast<__m512i>(
       hash32(lo ^ hash32(reinterpret_cast<U32x16>(i))));  // (rounding_bits, on 16 lanes)
+  return bits;
+}
+
+// bf16_stochastic_bits(x[j], rounding_bits(stream, first + j)) for the 16 lanes j of x,
+// stored to dst.
+FO_AVX512_INLINE void bf16_stochastic16_avx512(__m512 x, uint16_t* dst, uint64_t stream,
+                                               int64_t first) {
+  const __m512i bits = rounding_bits16_avx512(stream, first);
   const __m512i u = _mm512_castps_si512(x);
   const __m512i magnitude = _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
   const __m512i inf = _mm512_set1_epi32(0x7F800000);
@@ -481,12 +487,7 @@ FO_AVX512_INLINE void bf16_stochastic16_avx512(__m512 x, uint16_t* dst, uint64_t
 // f16_stochastic_float(x[j], rounding_bits(stream, first + j)) for the 16 lanes j of x
 // (rounding.h), the same operations lane by lane.
 FO_AVX512_INLINE __m512 f16_stochastic16_avx512(__m512 x, uint64_t stream, int64_t first) {
-  const uint32_t lo = static_cast<uint32_t>(stream), hi = static_cast<uint32_t>(stream >> 32);
-  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i i = _mm512_add_epi32(
-      _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first) + hi)), iota);
-  const __m512i bits = reinterpret_cast<__m512i>(
-      hash32(lo ^ hash32(reinterpret_cast<U32x16>(i))));  // (rounding_bits, on 16 lanes)
+  const __m512i bits = rounding_bits16_avx512(stream, first);
   const __m512i u = _mm512_castps_si512(x);
   const __m512i sign = _mm512_and_si512(u, _mm512_set1_epi32(static_cast<int>(0x80000000u)));
   const __m512i magnitude = _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
@@ -646,6 +647,23 @@ FO_INLINE int64_t prefetch_distance(int64_t elem) {
   return cpu_tuning().prefetch_ahead * static_cast<int64_t>(sizeof(float)) / elem;
 }
 
+// Note [software prefetch] for the storage loops: the kBlock elements `ahead` past element
+// `done` of every stream of a block (param and grad of psize bytes an element, the rule's
+// states of ssize[k], the mode's compensation or float32 master), where ahead > 0 and they
+// are in the tensor.
+template <int NS>
+FO_INLINE void prefetch_storage_ahead(const TensorPtrs& t, const void* comp, const float* master,
+                                      int64_t psize, const int64_t* ssize, int64_t done,
+                                      int64_t ahead) {
+  if (ahead <= 0 || done + ahead >= t.numel) return;
+  const int64_t from = done + ahead, to = std::min(t.numel, from + kBlock);
+  prefetch_elements<1>(t.param, psize, from, to);
+  prefetch_elements<0>(t.grad, psize, from, to);
+  for (int k = 0; k < NS; ++k) prefetch_elements<1>(t.state[k], ssize[k], from, to);
+  if (comp != nullptr) prefetch_elements<1>(comp, psize, from, to);
+  if (master != nullptr) prefetch_elements<1>(master, 4, from, to);
+}
+
 #if FO_X86_CLONES
 // Note [storage modes in registers]
 // Kahan summation and master weights of 16-bit params whose grads and states all have the
@@ -688,16 +706,11 @@ FO_INLINE int64_t mode_vectors(const TensorPtrs& t, int64_t begin, int64_t end, 
     const uint64_t stream = sc.rounding_stream;
     const int64_t vend = begin + (end - begin) / kWidth * kWidth;
     const int64_t ahead = prefetch_distance(sizeof(T));
+    int64_t ssize[NS > 0 ? NS : 1];
+    for (int k = 0; k < NS; ++k) ssize[k] = sizeof(T);
     for (int64_t b = begin; b < vend; b += kBlock) {
       const int64_t bend = std::min(vend, b + kBlock);
-      if (ahead > 0 && bend + ahead < t.numel) {  // (as the storage loop asks for them)
-        const int64_t from = bend + ahead, to = std::min(t.numel, from + kBlock);
-        prefetch_elements<1>(p, sizeof(T), from, to);
-        prefetch_elements<0>(g, sizeof(T), from, to);
-        for (int k = 0; k < NS; ++k) prefetch_elements<1>(st[k], sizeof(T), from, to);
-        if (comp != nullptr) prefetch_elements<1>(comp, sizeof(T), from, to);
-        if (master != nullptr) prefetch_elements<1>(master, 4, from, to);
-      }
+      prefetch_storage_ahead<NS>(t, comp, master, sizeof(T), ssize, bend, ahead);
       for (int64_t i = b; i < bend; i += kWidth) {
         V pv = master != nullptr ? V::load(master + i) : V::load(p + i);
         if (comp != nullptr) pv = pv + V::load(comp + i);
@@ -791,14 +804,7 @@ FO_INLINE void storage_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
 #endif
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t m = std::min(kBlock, end - b);
-    if (ahead > 0 && b + m + ahead < t.numel) {
-      const int64_t from = b + m + ahead, to = std::min(t.numel, from + kBlock);
-      prefetch_elements<1>(t.param, psize, from, to);
-      prefetch_elements<0>(t.grad, psize, from, to);
-      for (int k = 0; k < NS; ++k) prefetch_elements<1>(t.state[k], ssize[k], from, to);
-      if (comp != nullptr) prefetch_elements<1>(comp, psize, from, to);
-      if (master != nullptr) prefetch_elements<1>(master, 4, from, to);
-    }
+    prefetch_storage_ahead<NS>(t, comp, master, psize, ssize, b + m, ahead);
     M* pb = p_direct ? static_cast<float*>(t.param) + b : pbuf;
     M* gb = pt == at::kFloat ? static_cast<float*>(t.grad) + b : gbuf;
     M* sb[NS > 0 ? NS : 1] = {};

@@ -132,27 +132,44 @@ __device__ __forceinline__ int block_tensor(const int32_t* block_start, int tens
   return t;
 }
 
+// What a launch's thread block works on: its tensor t, elements [begin, end) of it, the
+// coefficients (recomputed on the GPU where the call says: Note [per-step coefficients]),
+// and the grads' unscaling factor (GradScaler.unscale_ multiplies by
+// scale.double().reciprocal().float(); 1 without a scaler).
+template <typename Coeffs>
+struct BlockWork {
+  int t;
+  int64_t begin, end;
+  Coeffs coeffs;
+  float inv_scale;
+
+  template <int N, int P>
+  __device__ __forceinline__ explicit BlockWork(const LaunchArgs<Coeffs, N, P>& a) {
+    const int32_t block = static_cast<int32_t>(blockIdx.x);
+    t = block_tensor(a.block_start, a.tensors, block);
+    const int64_t numel = a.numel[t];
+    begin = static_cast<int64_t>(block - a.block_start[t]) * kChunk;
+    end = numel < begin + kChunk ? numel : begin + kChunk;
+    coeffs = a.coeffs[a.coeff_set[t]];
+    if (a.device_coeffs) {
+      const double step = a.step[t] == nullptr ? 0.0 : read_scalar(a.step[t], a.step_is_double[t]);
+      coeffs.at(a.lr.get(), a.lr_is_f32, step);
+    }
+    inv_scale = a.unscale ? static_cast<float>(1.0 / a.grad_scale.get()) : 1.0f;
+  }
+};
+
 template <typename T, typename Rule>
 __global__ void __launch_bounds__(kThreads) update_kernel(const LaunchArgs<typename Rule::Coeffs> a) {
   using M = at::opmath_type<T>;
   constexpr int NS = Rule::kStates;
   constexpr int kS = NS > 0 ? NS : 1;
   if (a.found_inf.get() != 0.0) return;  // GradScaler found inf/NaN: skip the step
-  const int32_t block = static_cast<int32_t>(blockIdx.x);
-  const int t = block_tensor(a.block_start, a.tensors, block);
-  const int64_t numel = a.numel[t];
-  const int64_t begin = static_cast<int64_t>(block - a.block_start[t]) * kChunk;
-  const int64_t end = numel < begin + kChunk ? numel : begin + kChunk;
-
-  typename Rule::Coeffs c = a.coeffs[a.coeff_set[t]];
-  if (a.device_coeffs) {  // Note [per-step coefficients]
-    const double step = a.step[t] == nullptr ? 0.0 : read_scalar(a.step[t], a.step_is_double[t]);
-    c.at(a.lr.get(), a.lr_is_f32, step);
-  }
-  const Rule rule(c);
-  // GradScaler.unscale_ multiplies by scale.double().reciprocal().float().
-  const M inv_scale =
-      a.unscale ? static_cast<M>(static_cast<float>(1.0 / a.grad_scale.get())) : M(1);
+  const BlockWork<typename Rule::Coeffs> w(a);
+  const int t = w.t;
+  const int64_t begin = w.begin, end = w.end;
+  const Rule rule(w.coeffs);
+  const M inv_scale = static_cast<M>(w.inv_scale);
 
   T* p = static_cast<T*>(a.ptr[0][t]);
   T* g = static_cast<T*>(a.ptr[1][t]);
@@ -306,20 +323,11 @@ __global__ void __launch_bounds__(kThreads) storage_kernel(
   constexpr int NS = Rule::kStates;
   constexpr int kS = NS > 0 ? NS : 1;
   if (a.found_inf.get() != 0.0) return;  // GradScaler found inf/NaN: skip the step
-  const int32_t block = static_cast<int32_t>(blockIdx.x);
-  const int t = block_tensor(a.block_start, a.tensors, block);
-  const int64_t numel = a.numel[t];
-  const int64_t begin = static_cast<int64_t>(block - a.block_start[t]) * kChunk;
-  const int64_t end = numel < begin + kChunk ? numel : begin + kChunk;
-
-  typename Rule::Coeffs c = a.coeffs[a.coeff_set[t]];
-  if (a.device_coeffs) {  // Note [per-step coefficients]
-    const double step = a.step[t] == nullptr ? 0.0 : read_scalar(a.step[t], a.step_is_double[t]);
-    c.at(a.lr.get(), a.lr_is_f32, step);
-  }
-  const Rule rule(c);
-  const M inv_scale =
-      a.unscale ? static_cast<M>(static_cast<float>(1.0 / a.grad_scale.get())) : M(1);
+  const BlockWork<typename Rule::Coeffs> w(a);
+  const int t = w.t;
+  const int64_t begin = w.begin, end = w.end;
+  const Rule rule(w.coeffs);
+  const M inv_scale = static_cast<M>(w.inv_scale);
   const ParamMode mode = static_cast<ParamMode>(sa.mode);
   const uint8_t pt = sa.param_dtype[t];
   void* p = a.ptr[0][t];
