@@ -66,7 +66,7 @@ def stochastic_round(x, dtype, seed, counter):
     lo, hi = np.uint32(stream & 0xFFFFFFFF), np.uint32(stream >> 32)
     n = x.numel()
     with np.errstate(over="ignore"):
-        bits = hash32(lo ^ hash32(np.arange(n, dtype=np.uint32) + hi))
+        bits = hash32((np.arange(n, dtype=np.uint32) + hi) ^ lo)
     xs = x.detach().contiguous().view(-1).numpy().astype(np.float32)
     if dtype == torch.bfloat16:
         u = xs.view(np.uint32)

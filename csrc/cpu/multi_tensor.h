@@ -466,7 +466,7 @@ FO_AVX512_INLINE __m512i rounding_bits16_avx512(uint64_t stream, int64_t first) 
   const __m512i i = _mm512_add_epi32(
       _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first) + hi)), iota);
   const __m512i bits = reinterpret_cast<__m512i>(
-      hash32(lo ^ hash32(reinterpret_cast<U32x16>(i))));  // (rounding_bits, on 16 lanes)
+      hash32(reinterpret_cast<U32x16>(i) ^ lo));  // (rounding_bits, on 16 lanes)
   return bits;
 }
 
