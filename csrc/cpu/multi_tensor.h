@@ -391,6 +391,10 @@ struct Q8Block {
   const uint32_t* entry;  // the map's table
   float amax;
   bool fast;  // Note [8-bit without division]
+  // amax and RN(1 / amax) on 16 lanes, made once per block, not for each 16 codes (where
+  // the scalar division took the divider from the rule's, and the broadcasts a vector
+  // port: the loops reload a block's fields after each store of codes, which may alias them)
+  __m512 va, vr;
 };
 
 // The block's scale written, and q made; false, and q left with no codes, where nothing
@@ -423,17 +427,18 @@ FO_AVX512_INLINE bool q8_begin_avx512(const float* src, uint8_t* codes, float* s
     *q = Q8Block{};
     return false;
   }
-  *q = Q8Block{src, codes, entry, amax, amax >= kFastDivMin && amax <= kFastDivMax};
+  *q = Q8Block{src, codes, entry, amax, amax >= kFastDivMin && amax <= kFastDivMax,
+               _mm512_set1_ps(amax), _mm512_set1_ps(1.0f / amax)};
   return true;
 }
 
 // The codes of elements [i, i + 16) of q's block.
 FO_AVX512_INLINE void q8_codes16_avx512(const Q8Block& q, int64_t i) {
   const __m512 v = _mm512_loadu_ps(q.src + i);
-  const __m512 va = _mm512_set1_ps(q.amax);
+  const __m512 va = q.va;
   __m512 x;
   if (q.fast) {
-    const __m512 vr = _mm512_set1_ps(1.0f / q.amax);
+    const __m512 vr = q.vr;
     x = _mm512_mul_ps(v, vr);
     x = _mm512_fmadd_ps(_mm512_fnmadd_ps(x, va, v), vr, x);
     x = _mm512_fmadd_ps(_mm512_fnmadd_ps(x, va, v), vr, x);
