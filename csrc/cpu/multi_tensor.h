@@ -481,13 +481,22 @@ FO_AVX512_INLINE void bf16_stochastic16_avx512(__m512 x, uint16_t* dst, uint64_t
                                                int64_t first) {
   const __m512i bits = rounding_bits16_avx512(stream, first);
   const __m512i u = _mm512_castps_si512(x);
-  const __m512i magnitude = _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
-  const __m512i inf = _mm512_set1_epi32(0x7F800000);
-  __m512i r = _mm512_srli_epi32(
-      _mm512_add_epi32(u, _mm512_and_si512(bits, _mm512_set1_epi32(0xFFFF))), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmpeq_epi32_mask(magnitude, inf), _mm512_srli_epi32(u, 16));
-  r = _mm512_mask_mov_epi32(r, _mm512_cmpgt_epu32_mask(magnitude, inf), _mm512_set1_epi32(0x7FC0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_maskz_cvtepi32_epi16(0xFFFF, r));
+  __m512i sum = _mm512_add_epi32(u, _mm512_and_si512(bits, _mm512_set1_epi32(0xFFFF)));
+  // Infinities and NaN (rare: one vfpclassps finds them) keep their own rounding.
+  if (__builtin_expect(_mm512_fpclass_ps_mask(x, 0x99) != 0, 0)) {  // QNaN, SNaN, +-inf
+    const __m512i magnitude = _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
+    const __m512i inf = _mm512_set1_epi32(0x7F800000);
+    sum = _mm512_mask_mov_epi32(sum, _mm512_cmpeq_epi32_mask(magnitude, inf), u);
+    sum = _mm512_mask_mov_epi32(sum, _mm512_cmpgt_epu32_mask(magnitude, inf),
+                                _mm512_set1_epi32(0x7FC00000));
+  }
+  // The high halves of the 16 sums (their odd 16-bit words) in one permute: the stored
+  // bfloat16 bits.
+  const __m512i odd_words = _mm512_setr_epi32(0x00030001, 0x00070005, 0x000B0009, 0x000F000D,
+                                              0x00130011, 0x00170015, 0x001B0019, 0x001F001D,
+                                              0, 0, 0, 0, 0, 0, 0, 0);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                      _mm512_castsi512_si256(_mm512_permutexvar_epi16(odd_words, sum)));
 }
 // f16_stochastic_float(x[j], rounding_bits(stream, first + j)) for the 16 lanes j of x
 // (rounding.h), the same operations lane by lane.
