@@ -503,8 +503,18 @@ FO_AVX512_INLINE void bf16_stochastic16_avx512(__m512 x, uint16_t* dst, uint64_t
 FO_AVX512_INLINE __m512 f16_stochastic16_avx512(__m512 x, uint64_t stream, int64_t first) {
   const __m512i bits = rounding_bits16_avx512(stream, first);
   const __m512i u = _mm512_castps_si512(x);
-  const __m512i sign = _mm512_and_si512(u, _mm512_set1_epi32(static_cast<int>(0x80000000u)));
   const __m512i magnitude = _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
+  // Every lane in float16's normal range, [2^-14, 65504) (the usual vector): the normal
+  // case alone, on the signed bits (the magnitude plus 13 random bits stays below the
+  // sign bit).
+  const __mmask16 all_normal = _mm512_cmplt_epu32_mask(
+      _mm512_sub_epi32(magnitude, _mm512_set1_epi32(0x38800000)),  // 2^-14
+      _mm512_set1_epi32(0x477FE000 - 0x38800000));                  // 65504
+  if (__builtin_expect(all_normal == 0xFFFF, 1)) {
+    return _mm512_castsi512_ps(_mm512_and_si512(
+        _mm512_add_epi32(u, _mm512_srli_epi32(bits, 19)), _mm512_set1_epi32(~0x1FFF)));
+  }
+  const __m512i sign = _mm512_and_si512(u, _mm512_set1_epi32(static_cast<int>(0x80000000u)));
   const __m512 a = _mm512_castsi512_ps(magnitude);
   // float16's normal range
   const __m512 normal = _mm512_castsi512_ps(_mm512_and_si512(
