@@ -400,6 +400,15 @@ void set_scalar_state(const at::Tensor& t, double value) {
   }
 }
 
+double round_to_dtype(double value, at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return static_cast<float>(value);
+    case at::kBFloat16: return static_cast<float>(c10::BFloat16(static_cast<float>(value)));
+    case at::kHalf: return static_cast<float>(c10::Half(static_cast<float>(value)));
+    default: return value;
+  }
+}
+
 std::vector<double> increment_steps(at::TensorList steps) {
   std::vector<double> values(steps.size());
   for (size_t i = 0; i < steps.size(); ++i) {

@@ -177,6 +177,8 @@ bool check_scalar_states(const char* op, const char* name, at::TensorList states
 // rounded to the tensor's dtype).
 double scalar_state_value(const at::Tensor& t);
 void set_scalar_state(const at::Tensor& t, double value);
+// `value` rounded to a floating dtype (as a tensor of that dtype made from it holds it).
+double round_to_dtype(double value, at::ScalarType dtype);
 // Adds 1 to each (CPU) step tensor and returns the new values.
 std::vector<double> increment_steps(at::TensorList steps);
 

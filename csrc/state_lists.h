@@ -4,6 +4,7 @@
 // CPU and CUDA kernels.
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/DefaultDtype.h>
 #include <c10/util/Exception.h>
 
 #include <vector>
@@ -68,15 +69,21 @@ inline std::vector<NadamCoeffs> nadam_step_coeffs(const NadamCoeffs& base, doubl
 }
 
 // ASGD's coefficients for each tensor, from its eta and mu, which are then updated for the
-// next step (Note [scalar states] in plan.h).
+// next step (Note [scalar states] in plan.h). torch's for-loop computes the new values as
+// Python floats (a Tensor lr: a tensor in its dtype) and copies torch.as_tensor(value),
+// a tensor of the default dtype, into eta and mu: rounded to that dtype first, then to
+// theirs (float64 after load_state_dict with float64 params).
 inline std::vector<AsgdCoeffs> asgd_step_coeffs(const AsgdCoeffs& base, double lr,
-                                                bool lr_is_f32, const std::vector<double>& steps,
+                                                bool lr_is_f32, bool lr_is_tensor,
+                                                const std::vector<double>& steps,
                                                 at::TensorList etas, at::TensorList mus) {
+  const at::ScalarType python_float = c10::get_default_dtype_as_scalartype();
   return per_tensor_coeffs(base, lr, lr_is_f32, steps, [&](size_t i, AsgdCoeffs& c) {
     c.eta = scalar_state_value(etas[i]);
     c.mu = scalar_state_value(mus[i]);
-    set_scalar_state(etas[i], c.next_eta(lr, lr_is_f32, steps[i]));
-    set_scalar_state(mus[i], c.next_mu(steps[i]));
+    const double eta = c.next_eta(lr, lr_is_f32, steps[i]);
+    set_scalar_state(etas[i], lr_is_tensor ? eta : round_to_dtype(eta, python_float));
+    set_scalar_state(mus[i], round_to_dtype(c.next_mu(steps[i]), python_float));
   });
 }
 

@@ -130,8 +130,10 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
         devices: Dict[torch.device, None] = {}
         empty = False
         for p, g in zip(params, grads):
-            s = state[p]
+            s = state[p] if p in state else {}  # (made once its checks pass, as torch's)
             init(group, p, g, s)
+            if p not in state:
+                state[p] = s
             if p.dim() > 1:
                 rows.append(s["row_var"])
                 cols.append(s["col_var"])

@@ -29,12 +29,12 @@ class _AdamStep(FusedOptimizer):
         )
 
     def _init_state(self, group: Dict[str, Any], p: Tensor, grad: Tensor, state: Dict[str, Any]) -> None:
-        if len(state) != 0:
-            return
-        if grad.is_sparse:  # checked where torch checks it, with torch's message
+        if grad.is_sparse:  # checked where torch checks it (every step), with its message
             raise RuntimeError(
                 "Adam does not support sparse gradients, please consider SparseAdam instead"
             )
+        if len(state) != 0:
+            return
         # As torch.optim.Adam._init_group creates it (Note [state]).
         state["step"] = (
             torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"]), device=p.device)

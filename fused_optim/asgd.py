@@ -52,6 +52,7 @@ class ASGD(FusedOptimizer, torch.optim.ASGD):
                           state_dtype=state_dtype)
 
     _op = "asgd_"
+    _scalar_state_keys = ("eta", "mu")
 
     def _torch_step_reason(self) -> Optional[str]:
         reason = super()._torch_step_reason()

@@ -9,6 +9,7 @@ DTensors and other subclasses, complex grads, norm types other than 2 and inf, a
 being compiled) runs torch's own implementation: under torch.compile silently (torch's
 code is what gets traced), otherwise with a one-time warning.
 """
+import math
 import types
 import warnings
 from typing import Dict, Iterable, List, Optional, Tuple, Union
@@ -100,10 +101,24 @@ def get_total_norm(
         return torch.nn.utils.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
     if len(tensors) == 0:
         return torch.tensor(0.0)
+    _per_tensor_errors(tensors, norm_type, foreach)
     total_norm = torch.linalg.vector_norm(_norms_by_group(tensors, norm_type), norm_type)
     if error_if_nonfinite:
         _nonfinite_error(total_norm, norm_type)
     return total_norm
+
+
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _per_tensor_errors(tensors: List[Tensor], norm_type: float, foreach: Optional[bool]) -> None:
+    """With foreach=False torch takes each tensor's norm with torch.linalg.vector_norm (on
+    the CPU foreach=None and True take torch._foreach_norm, as our kernel does): the infinity
+    norm of an empty tensor then raises linalg.vector_norm's error, not _foreach_norm's."""
+    if foreach is False and norm_type == math.inf:
+        for t in tensors:
+            if t.numel() == 0:
+                torch.linalg.vector_norm(t, norm_type)  # raises torch's error
 
 
 def _clip_coef(max_norm: float, total_norm: Tensor) -> Tensor:
@@ -190,6 +205,8 @@ def clip_grad_norm_(
                 stacklevel=3,
             )
     norm_type = float(norm_type)
+    if foreach is False:
+        _per_tensor_errors([p.grad for p in parameters if p.grad is not None], norm_type, foreach)
     if _kernel_norm(norm_type):
         # The fast path (Note [clipping's fast path] in csrc/python_step.cpp).
         norms = _C._grad_norms([parameters], norm_type, 1.0)
@@ -255,10 +272,19 @@ def clip_in_step(optimizer, grad_scale: Optional[Tensor], found_inf: Optional[Te
             total = torch.linalg.vector_norm(norms, norm_type)
             coef = _clip_coef(max_norm, total)
             c = coef.item()
-            if c == 1.0 or (found_inf is not None and found_inf.item() != 0):
+            if found_inf is not None and found_inf.item() != 0:
                 return [grad_scale] * len(groups), total
-            if fold and norms.dtype == torch.float32 and (inv is None or _power_of_two(inv)):
-                return [_folded_scale(c, inv_value)] * len(groups), total
+            if c == 1.0:
+                if inv is not None and norms.dtype in _HALF_DTYPES and not _power_of_two(inv):
+                    # unscale_ rounds each grad to 16 bits, which the kernel's unscaling
+                    # does not; exact anyway for a power-of-two scale
+                    _C._mul_grads_(param_lists, inv)
+                    return [None] * len(groups), total
+                return [grad_scale] * len(groups), total
+            folded = (_folded_scale(c, inv_value) if fold and norms.dtype == torch.float32
+                      and (inv is None or _power_of_two(inv)) else None)
+            if folded is not None:
+                return [folded] * len(groups), total
             if inv is not None:
                 _C._mul_grads_(param_lists, inv)
             _C._mul_grads_(param_lists, coef)
@@ -284,17 +310,31 @@ def clip_in_step(optimizer, grad_scale: Optional[Tensor], found_inf: Optional[Te
     total = torch.linalg.vector_norm(_norms_by_group(grads, norm_type, inv_value), norm_type)
     coef = _clip_coef(max_norm, total)
     c = coef.item()
-    if c == 1.0:
-        return unchanged, total
     if found_inf is not None and found_inf.item() != 0:
         return unchanged, total  # the kernel skips the step and writes nothing
     power_of_two = inv is None or _power_of_two(inv)
+    if c == 1.0:
+        if power_of_two:
+            return unchanged, total
+        # unscale_ rounds 16-bit grads to their dtype, which the kernel's unscaling does not
+        scales = []
+        for gs in group_grads:
+            if any(g.dtype in _HALF_DTYPES for g in gs):
+                _mul_grads_(gs, inv)
+                scales.append(None)
+            else:
+                scales.append(grad_scale)
+        return scales, total
+    folded = _folded_scale(c, inv_value) if fold and power_of_two else None
     scales: List[Optional[Tensor]] = []
     for gs in group_grads:
         if not gs:
             scales.append(grad_scale)
-        elif fold and power_of_two and all(g.dtype is torch.float32 for g in gs):
-            scales.append(_folded_scale(c, inv_value))
+        elif folded is not None and all(g.dtype is torch.float32 for g in gs) and (
+                coef.dtype is torch.float32 or all(g.dim() > 0 for g in gs)):
+            # (a float64 coefficient times a 0-dim float32 grad is a float64 product in
+            # torch's recipe: such a group is multiplied in place below)
+            scales.append(folded)
         else:
             if inv is not None:
                 _mul_grads_(gs, inv)
@@ -307,13 +347,20 @@ def _power_of_two(x: Tensor) -> bool:
     return torch.frexp(x)[0].item() == 0.5
 
 
-def _folded_scale(coef: float, inv_scale: float) -> Tensor:
+def _folded_scale(coef: float, inv_scale: float) -> Optional[Tensor]:
     """The grad_scale that makes the kernel multiply each grad by the clip coefficient
     (rounded to float32, as torch multiplies float32 grads by it) times 1/scale: exact for a
     power-of-two scale. The kernel's factor is 1 / grad_scale, computed in float64 and
-    rounded to float32, so a float64 scale gives the float32 factor back exactly."""
-    factor = torch.tensor(coef, dtype=torch.float32) * torch.tensor(inv_scale, dtype=torch.float32)
-    return torch.tensor(1.0 / factor.item(), dtype=torch.float64)
+    rounded to float32, so a float64 scale gives the float32 factor back exactly.
+
+    None where no scale gives that factor: it is 0 (an infinite norm makes the coefficient
+    0, as does one that underflows float32) or NaN (a NaN norm). The caller then multiplies
+    the grads in place, as torch's recipe does (0 * inf is NaN there too)."""
+    factor = (torch.tensor(coef, dtype=torch.float32)
+              * torch.tensor(inv_scale, dtype=torch.float32)).item()
+    if factor == 0.0 or not math.isfinite(factor):
+        return None
+    return torch.tensor(1.0 / factor, dtype=torch.float64)
 
 
 def grads_params(groups: List[Dict]) -> List[Tensor]:

@@ -7,7 +7,7 @@ bmm/baddbmm on a stack, so oneDNN or cuBLAS does the work), then the weight deca
 step in one more pass. torch's for-loop does each param on its own, 3 * ns_steps products
 and about ten elementwise ops each (Note [Muon as torch computes it] in muon.cpp).
 """
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -89,6 +89,25 @@ class Muon(FusedOptimizer, torch.optim.Muon):
             ns_steps=int(ns_steps),
             adjust_lr=_ADJUST_LR.get(group["adjust_lr_fn"], 2),
         )
+
+    def _update_group(self, group: Dict[str, Any], params: List[Tensor], grads: List[Tensor],
+                      keys: Tuple[Optional[str], ...], args: Tuple[Any, ...]) -> None:
+        # torch's checks in torch's order: its _init_group's, param by param, each param's
+        # state made once its own pass (_init_state); then its step's, param by param: the
+        # grad's dims, and the lr adjustment's A / B, which raises for a param of no
+        # columns. All before any param changes (torch's earlier params are updated by then).
+        state = self.state
+        for p, g in zip(params, grads):
+            s = state[p] if p in state else {}
+            self._init_state(group, p, g, s)
+            if p not in state:
+                state[p] = s
+        for p, g in zip(params, grads):
+            if g.ndim != 2:
+                raise ValueError("Param gradient must be a 2D matrix")
+            if _ADJUST_LR.get(group["adjust_lr_fn"], 2) == 0 and p.shape[1] == 0:
+                raise ZeroDivisionError("division by zero")
+        super()._update_group(group, params, grads, keys, args)
 
     def _init_state(self, group: Dict[str, Any], p: Tensor, grad: Tensor, state: Dict[str, Any]) -> None:
         # torch's checks (its _init_group runs them every step, param by param).

@@ -54,6 +54,7 @@ class NAdam(FusedOptimizer, torch.optim.NAdam):
 
     _op = "nadam_"
     _moment_keys = ("exp_avg", "exp_avg_sq")  # Note [state storage]
+    _scalar_state_keys = ("mu_product",)
 
     def _capturable_on_cuda(self, group: Dict[str, Any]) -> bool:
         # Note [scalar states] (csrc/plan.h): the kernels update mu_product on the host, so

@@ -66,6 +66,11 @@ class FusedOptimizer(torch.optim.Optimizer):
     # algorithm has none that can be kept in fewer bits (ASGD's average of the params,
     # Rprop's step sizes).
     _moment_keys: Tuple[str, ...] = ()
+    # The 0-dim float states the update reads besides `step` (Note [scalar states] in
+    # csrc/plan.h): NAdam's mu_product, ASGD's eta and mu. torch's load_state_dict casts
+    # them to the param's dtype; with a mode or a state_dtype they keep their saved dtype, so
+    # that a checkpoint resumes bit for bit (load_state_dict).
+    _scalar_state_keys: Tuple[str, ...] = ()
 
     def _fused_setup(self, max_grad_norm: Optional[float] = None, grad_norm_type: float = 2.0,
                      *, master_weights: bool = False, kahan_summation: bool = False,
@@ -101,17 +106,19 @@ class FusedOptimizer(torch.optim.Optimizer):
                 for p in group["params"]:
                     if p in self.state:
                         self._convert_moments(p, self.state[p])
-        if chosen:
-            # Stochastic rounding's seeds: one drawn from torch's generator now, each
-            # param's derived from it and the param's position (Note [stochastic rounding]).
-            self._rounding_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-        # GradScaler then hands us grad_scale/found_inf instead of unscaling the grads
-        # itself; the kernel unscales and skips inf/NaN steps (see step()).
-        self._step_supports_amp_scaling = True
         # Clipping by global norm inside step() (Note [clipping in the step], clip.py):
         # optimizer-wide, like the norm it clips by, so not a param-group option.
         if max_grad_norm is not None and not float(max_grad_norm) > 0.0:
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
+        if stochastic_rounding:
+            # Stochastic rounding's seeds: one drawn from torch's generator now, each
+            # param's derived from it and the param's position (Note [stochastic rounding]).
+            # Only this option draws (after every check): with any other, the generator's
+            # stream is the one torch.optim leaves, so a script's later random numbers too.
+            self._rounding_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        # GradScaler then hands us grad_scale/found_inf instead of unscaling the grads
+        # itself; the kernel unscales and skips inf/NaN steps (see step()).
+        self._step_supports_amp_scaling = True
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.grad_norm_type = float(grad_norm_type)
         # The total norm of the last step's grads (unscaled), when max_grad_norm is set: in a
@@ -156,6 +163,15 @@ class FusedOptimizer(torch.optim.Optimizer):
                         "state_dtype=torch.uint8 takes plain tensors and DTensors only (Note "
                         f"[8-bit DTensors] in quantization.py); param {i} of param group "
                         f"{index} is a {type(p).__name__}")
+            if self.param_groups[index].get("centered") and state_dtype in (torch.float16,
+                                                                             torch.uint8):
+                # centered RMSprop takes sqrt(square_avg - grad_avg**2): with the two moments
+                # rounded apart (and float16's square_avg underflowing) that can be negative
+                warnings.warn(
+                    f"{type(self).__name__}: centered=True with state_dtype={state_dtype} can "
+                    "make square_avg - grad_avg**2 negative, and the params NaN (float16's "
+                    "square_avg underflows; 8-bit moments are rounded apart): float32 or "
+                    "bfloat16 moments keep it right", stacklevel=3)
         option = self._storage_option
         if option is None:
             return
@@ -166,7 +182,19 @@ class FusedOptimizer(torch.optim.Optimizer):
                     f"group {index} has dtype {p.dtype} (put it in an optimizer without "
                     f"{option})")
 
+    # fused_optim's constructor options: optimizer-wide (one way of keeping the params and
+    # state, one norm to clip by), so a param group that names one is refused, where torch
+    # would keep the key and nothing would apply it.
+    _OPTIMIZER_OPTIONS = ("master_weights", "kahan_summation", "stochastic_rounding",
+                          "state_dtype", "max_grad_norm", "grad_norm_type")
+
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        if isinstance(param_group, dict):
+            for key in self._OPTIMIZER_OPTIONS:
+                if key in param_group:
+                    raise ValueError(
+                        f"{type(self).__name__}: '{key}' is an option of the optimizer, not of "
+                        f"a param group: pass {key}= to the constructor")
         super().add_param_group(param_group)
         if getattr(self, "_param_mode", 0) or getattr(self, "_state_dtype", None) is not None:
             try:
@@ -186,6 +214,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     if p.device.type == "cuda"
                     else ""
                 )
+                self.param_groups.pop()  # refused: the optimizer is as it was
                 raise RuntimeError(
                     f"{type(self).__name__}: a param is on device {p.device}, but fused_optim "
                     f"has kernels for {', '.join(supported)} only.{hint}"
@@ -314,7 +343,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """torch's load_state_dict, keeping the param storage's buffers as they were saved
         (torch would cast them to the param's dtype) and refusing a checkpoint of another
-        mode (Note [param storage]) before anything is loaded."""
+        mode (Note [param storage]) before anything is loaded. With a mode or a state_dtype,
+        the scalar states (_scalar_state_keys) keep their saved dtype too: torch's cast of
+        NAdam's mu_product to bfloat16, say, would change every later step. Without either,
+        they are cast as torch.optim casts them, and the steps continue as torch's do."""
         mode_key = getattr(self, "_storage_key", None)
         state_dtype = getattr(self, "_state_dtype", None)
         kept: Dict[Any, Dict[str, Tensor]] = {}
@@ -335,6 +367,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 keep.update(self._moment_keys)
                 keep.update(k + _ABSMAX for k in self._moment_keys)
             ours = {k: v for k, v in s.items() if k in keep}
+            # (the scalar states go through torch's load too, whose hooks read them, and are
+            # put back as saved after it)
+            scalars = ({k: v for k, v in s.items() if k in self._scalar_state_keys
+                        and isinstance(v, Tensor)}
+                       if mode_key is not None or state_dtype is not None else {})
             for k in ours:
                 if k in _STORAGE_OPTION and k != mode_key:
                     now = f"{self._storage_option}=True" if mode_key else (
@@ -344,8 +381,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                         f"'{k}' ({_STORAGE_OPTION[k]}=True), but this optimizer has {now}: make "
                         f"it with {_STORAGE_OPTION[k]}=True to resume this checkpoint")
             stripped[pid] = {k: v for k, v in s.items() if k not in keep}
-            if ours:
-                kept[pid] = ours
+            if ours or scalars:
+                kept[pid] = {**ours, **scalars}
         if not kept:
             super().load_state_dict(state_dict)
             return
@@ -502,8 +539,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         moments = getattr(self, "_state_dtype", None) is not None
         pending: List[Tuple[Tensor, Tensor]] = []
         for p, g in zip(params, grads):
-            s = state[p]
+            # A param's state entry is made only once its checks pass (torch checks a grad
+            # before it touches the param's state: a failed step leaves no empty entry).
+            s = state[p] if p in state else {}
             self._init_state(group, p, g, s)
+            if p not in state:
+                state[p] = s
             if storage:
                 self._init_storage(p, s)
             if moments:

@@ -269,21 +269,40 @@ def test_sparse_grads_made_by_the_closure_use_torchs_for_loop(name):
             assert torch.equal(emb_ours.weight, emb_ref.weight)
 
 
+@pytest.mark.parametrize("later_step", [False, True], ids=["first_step", "later_step"])
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "Adamax", "Adadelta", "NAdam",
-                                  "RAdam", "Rprop", "ASGD"])
-def test_sparse_grads_raise_torchs_error(name):
-    torch_cls, ours_cls = pu.ALGOS[name]
-    messages = []
+                                  "RAdam", "Rprop", "ASGD", "Adafactor", "Muon"])
+def test_sparse_grads_raise_torchs_error(name, later_step):
+    # torch checks every step, before it touches the param's state: after a dense step
+    # too, and a failed first step leaves no state entry for the sparse-grad param (the
+    # param before it, which passed, has its state in both).
+    torch_cls, ours_cls = {**pu.ALGOS, "Adafactor": (torch.optim.Adafactor, fused_optim.Adafactor),
+                           "Muon": (torch.optim.Muon, fused_optim.Muon)}[name]
+    messages, states = [], []
     for cls in (torch_cls, ours_cls):
-        emb = torch.nn.Embedding(10, 3, sparse=True)
-        before = emb.weight.detach().clone()
-        opt = cls(emb.parameters())
+        torch.manual_seed(0)
+        first = torch.randn(3, 4, requires_grad=True)
+        emb = torch.nn.Embedding(10, 4, sparse=True)
+        opt = cls([first, emb.weight])
+        if later_step:
+            first.grad, emb.weight.grad = torch.randn(3, 4), torch.randn(10, 4)
+            opt.step()
+        first.grad = torch.randn(3, 4)
+        emb.weight.grad = None
         emb(torch.tensor([1])).sum().backward()
+        before = emb.weight.detach().clone()
+        state_before = {k: v.clone() if torch.is_tensor(v) else v
+                        for k, v in opt.state.get(emb.weight, {}).items()}
         with pytest.raises(RuntimeError, match="does not support sparse gradients") as info:
             opt.step()
         messages.append(str(info.value))
         assert torch.equal(emb.weight, before)
+        states.append(sorted((i, sorted(s)) for i, s in opt.state_dict()["state"].items()))
+        for k, v in opt.state.get(emb.weight, {}).items():
+            assert (torch.equal(v, state_before[k]) if torch.is_tensor(v)
+                    else v == state_before[k]), k
     assert messages[0] == messages[1]
+    assert states[0] == states[1]
 
 
 def test_adagrad_sparse_grads_use_torchs_for_loop_with_warning():

@@ -78,10 +78,12 @@ def test_clip_grad_norm_bitwise_torch(dtype, norm_type, max_norm, threads):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_norm_bitwise_on_every_length_and_scale(dtype):
-    # Lengths around the 8- and 16-element steps of torch's accumulator and long ones,
-    # values over many magnitudes (the sum's rounding shows in the last bit).
+    # Lengths around the 4-, 8- and 16-element steps of torch's accumulator and leftover
+    # loop, 40 tensors of each short length (a wrong order shows in the last bit of about
+    # one norm in ten: one tensor per length missed it), and long ones; values over many
+    # magnitudes.
     g = torch.Generator().manual_seed(5)
-    lengths = list(range(1, 40)) + [255, 256, 257, 4099, 65537, 300001]
+    lengths = [n for n in range(1, 40) for _ in range(40)] + [255, 256, 257, 4099, 65537, 300001]
     tensors = [(torch.randn(n, generator=g, dtype=torch.float64)
                 * 10.0 ** torch.randint(-3, 4, (n,), generator=g)).to(dtype) for n in lengths]
     norms = torch.ops.fused_optim._norms(tensors, 2.0)
@@ -310,3 +312,117 @@ def test_max_grad_norm_under_torch_compile():
         torch.testing.assert_close(comp.last_grad_norm, eager.last_grad_norm)
         for p, q in zip(comp_ps, eager_ps):
             torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize("case", ["inf_grad", "nan_grad", "coefficient_underflows"])
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_max_grad_norm_when_the_coefficient_is_zero_or_nan(name, case):
+    # No scaler: an infinite norm makes the coefficient 0 (and 0 * inf NaN in the grads), a
+    # NaN norm makes it NaN, and a tiny max norm can make the float32 factor 0. No factor
+    # folds into the kernel there: the step multiplies the grads as torch's recipe does
+    # (clip_grad_norm_, then the step), and the params come out as torch's, NaNs included.
+    torch_cls, ours_cls = ALGOS[name]
+    max_norm = 1e-30 if case == "coefficient_underflows" else 1.0
+    results = []
+    for inside in (True, False):
+        torch.manual_seed(0)
+        p = torch.randn(40, requires_grad=True)
+        grad = torch.randn(40) * (1e19 if case == "coefficient_underflows" else 1.0)
+        if case != "coefficient_underflows":
+            grad[3] = float("inf") if case == "inf_grad" else float("nan")
+        p.grad = grad
+        if inside:
+            opt = ours_cls([p], lr=0.1, max_grad_norm=max_norm)
+            opt.step()
+        else:
+            opt = torch_cls([p], lr=0.1, foreach=False)
+            torch.nn.utils.clip_grad_norm_([p], max_norm)
+            opt.step()
+        results.append((p.detach().clone(), p.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # (unscale_ refuses float16)
+@pytest.mark.parametrize("name", ["SGD", "Adam", "Adagrad"])
+def test_max_grad_norm_that_does_not_clip_with_a_scale_not_a_power_of_two(name, dtype):
+    # The coefficient is 1 and the scale 1000: torch's recipe (unscale_, clip_grad_norm_,
+    # step) rounds each unscaled 16-bit grad to its dtype before the step reads it, which
+    # a kernel unscaling in float would not: such grads are unscaled in place first.
+    ours, ref = _pair(name, dtype, max_norm=1e6)
+    s1 = torch.amp.GradScaler("cpu", init_scale=1000.0)
+    s2 = torch.amp.GradScaler("cpu", init_scale=1000.0)
+    for step in range(3):
+        for (params, _), scaler in ((ours, s1), (ref, s2)):
+            scaler.scale(torch.ones(()))
+            _grads(params, dtype, step, scale=scaler.get_scale())
+        s1.step(ours[1])
+        s1.update()
+        s2.unscale_(ref[1])
+        norm = fused_optim.clip_grad_norm_(ref[0].values(), 1e6)
+        s2.step(ref[1])
+        s2.update()
+        assert torch.equal(ours[1].last_grad_norm, norm)
+        _assert_same(ours, ref)
+
+
+def test_zero_dim_float32_grads_beside_float64_ones_are_clipped_as_torch():
+    # With a float64 grad among them the norm and the coefficient are float64; torch's
+    # mul_ of a 0-dim float32 grad by that 0-dim coefficient computes in float64, then
+    # rounds (a grad of any other shape is multiplied in float32).
+    g = torch.Generator().manual_seed(3)
+
+    def params():
+        torch.manual_seed(1)
+        a = torch.zeros((), requires_grad=True)
+        b = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+        c = torch.zeros(5, requires_grad=True)
+        return [a, b, c]
+
+    for trial in range(50):
+        grads = [torch.randn((), generator=g), torch.randn(3, generator=g, dtype=torch.float64) * 10,
+                 torch.randn(5, generator=g)]
+        ours, ref = params(), params()
+        for ps in (ours, ref):
+            for p, gr in zip(ps, grads):
+                p.grad = gr.clone()
+        n1 = fused_optim.clip_grad_norm_(ours, 1.0)
+        n2 = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        assert torch.equal(n1, n2)
+        for p, q in zip(ours, ref):
+            assert torch.equal(p.grad, q.grad), trial
+    # in the step: the same products, then Adagrad's update of each
+    ours, ref = params(), params()
+    opt1 = fused_optim.Adagrad(ours, lr=0.1, max_grad_norm=1.0)
+    opt2 = fused_optim.Adagrad(ref, lr=0.1)
+    for step in range(3):
+        grads = [torch.randn((), generator=g), torch.randn(3, generator=g, dtype=torch.float64) * 10,
+                 torch.randn(5, generator=g)]
+        for ps in (ours, ref):
+            for p, gr in zip(ps, grads):
+                p.grad = gr.clone()
+        opt1.step()
+        torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        opt2.step()
+        for p, q in zip(ours, ref):
+            assert torch.equal(p, q) and torch.equal(opt1.state[p]["sum"], opt2.state[q]["sum"])
+
+
+def test_empty_grad_infinity_norm_error_follows_foreach():
+    # foreach=False: torch takes each grad's norm with linalg.vector_norm, whose error for
+    # an empty tensor differs from _foreach_norm's (None and True on the CPU).
+    for foreach in (False, None, True):
+        messages = []
+        for clip in (torch.nn.utils.clip_grad_norm_, fused_optim.clip_grad_norm_):
+            p = torch.zeros(0, requires_grad=True)
+            p.grad = torch.zeros(0)
+            with pytest.raises(RuntimeError) as info:
+                clip([p], 1.0, norm_type=float("inf"), foreach=foreach)
+            messages.append(str(info.value))
+        assert messages[0] == messages[1], foreach
+        messages = []
+        for total in (torch.nn.utils.get_total_norm, fused_optim.get_total_norm):
+            with pytest.raises(RuntimeError) as info:
+                total([torch.zeros(0), torch.ones(2)], float("inf"), foreach=foreach)
+            messages.append(str(info.value))
+        assert messages[0] == messages[1], foreach

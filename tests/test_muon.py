@@ -468,6 +468,36 @@ def test_step_errors_are_torchs_and_change_nothing(case, exc, message, later_ste
                 assert all(torch.equal(opt.state[p]["momentum_buffer"], b) for p, b in zip(ps, bufs))
 
 
+@pytest.mark.parametrize("shape,adjust_lr_fn,exc,message", [
+    ((4,), None, ValueError, "Param gradient must be a 2D matrix"),
+    ((2, 3, 4), None, ValueError, "Param gradient must be a 2D matrix"),
+    ((3, 0), None, ZeroDivisionError, "division by zero"),      # _adjust_lr's A / B
+    ((3, 0), "original", ZeroDivisionError, "division by zero"),
+], ids=str)
+def test_step_errors_of_params_torchs_constructor_lets_in(shape, adjust_lr_fn, exc, message):
+    # torch's constructor checks only the params it is given, so a param of other dims
+    # comes in through add_param_group, and one of no columns through either: its step
+    # raises (after updating the params before it); ours raises the same, changing nothing
+    # in the param's group.
+    for cls in (torch.optim.Muon, fused_optim.Muon):
+        ps = make_params(torch.float32, shapes=[(4, 6), (5, 3)])
+        bad = torch.zeros(shape, requires_grad=True)
+        if len(shape) == 2:
+            opt = cls(ps + [bad], adjust_lr_fn=adjust_lr_fn)
+        else:
+            opt = cls(ps, adjust_lr_fn=adjust_lr_fn)
+            opt.add_param_group({"params": [bad]})
+        set_grads([ps], 0)
+        bad.grad = torch.ones_like(bad)
+        before = [p.detach().clone() for p in ps]
+        with pytest.raises(exc, match=re.escape(message)):
+            opt.step()
+        if cls is fused_optim.Muon and len(shape) == 2:
+            assert all(torch.equal(p, q) for p, q in zip(ps, before))
+            # torch's _init_group made every momentum buffer before the error: zeros
+            assert all(not opt.state[p]["momentum_buffer"].any() for p in ps)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_aten_path_matches_torch(dtype, nesterov):

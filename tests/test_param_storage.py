@@ -282,12 +282,21 @@ def test_stochastic_rounding_of_a_shard_draws_its_elements_bits(dtype):
     assert not torch.equal(alone.view(torch.int16), whole[2346:].view(torch.int16))
 
 
+RESUME_CASES = [
+    ("AdamW", dict(lr=0.01, weight_decay=0.1)),
+    # 0-dim float states (mu_product; eta and mu): torch's load would cast them to the
+    # param's dtype, and every later step would change
+    ("NAdam", dict(lr=0.01, momentum_decay=4e-3)),
+    ("ASGD", dict(lr=0.01, t0=1.0)),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", RESUME_CASES, ids=[c[0] for c in RESUME_CASES])
 @pytest.mark.parametrize("mode", MODES)
-def test_checkpoint_resumes_bit_for_bit(mode):
+def test_checkpoint_resumes_bit_for_bit(mode, name, kwargs):
     """A state_dict of a mode, loaded into a new optimizer of the same mode, continues
     exactly as the run that was not interrupted (the buffer keeps its dtype: torch's
-    load_state_dict would cast it to the param's)."""
-    name, kwargs = "AdamW", dict(lr=0.01, weight_decay=0.1)
+    load_state_dict would cast it to the param's; so do the scalar states)."""
     dtype = torch.bfloat16
     params, opt, _ = run_ours(name, kwargs, mode, dtype, steps=3)
     saved_params = [p.detach().clone() for p in params]
@@ -301,6 +310,8 @@ def test_checkpoint_resumes_bit_for_bit(mode):
     opt2.load_state_dict(saved)
     key = KEYS[mode]
     assert opt2.state[resumed[0]][key].dtype == opt.state[params[0]][key].dtype
+    for k in opt2._scalar_state_keys:
+        assert opt2.state[resumed[0]][k].dtype == opt.state[params[0]][k].dtype == torch.float32
     for step in range(3, 6):
         for p, g in zip(resumed, grads_at(step, dtype)):
             p.grad = g
@@ -399,6 +410,68 @@ def test_bad_options_are_refused_before_anything_changes():
     with pytest.raises(RuntimeError, match="differentiable=True .* kahan_summation=True"):
         opt.step()
     assert torch.equal(p16.detach(), torch.zeros(3, dtype=torch.bfloat16)) and not opt.state
+
+
+def test_state_dtype_checkpoint_keeps_scalar_states():
+    # state_dtype alone (no mode): NAdam's mu_product keeps its float32 too, so a resumed
+    # run is the uninterrupted one.
+    kwargs = dict(lr=0.01, state_dtype=torch.float32)
+    params = make_params(torch.bfloat16)
+    opt = fused_optim.NAdam(params, **kwargs)
+    for step in range(2):
+        for p, g in zip(params, grads_at(step, torch.bfloat16)):
+            p.grad = g
+        opt.step()
+    resumed = [p.detach().clone().requires_grad_() for p in params]
+    opt2 = fused_optim.NAdam(resumed, **kwargs)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert opt2.state[resumed[0]]["mu_product"].dtype == torch.float32
+    for step in range(2, 4):
+        for ps, o in ((params, opt), (resumed, opt2)):
+            for p, g in zip(ps, grads_at(step, torch.bfloat16)):
+                p.grad = g
+            o.step()
+    for a, b in zip(params, resumed):
+        assert_bitwise(a, b, "param")
+
+
+@pytest.mark.parametrize("options", [{}, dict(kahan_summation=True), dict(master_weights=True),
+                                     dict(state_dtype=torch.bfloat16)], ids=str)
+def test_only_stochastic_rounding_draws_from_torchs_generator(options):
+    # Its seed comes from torch's generator; no other option takes a number from it, so a
+    # script's later random numbers are those it gets with torch.optim.
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    fused_optim.Adam([torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)], **options)
+    assert torch.equal(torch.rand(3), expected)
+    torch.manual_seed(0)
+    fused_optim.Adam([torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)],
+                     stochastic_rounding=True)
+    assert not torch.equal(torch.rand(3), expected)
+    # a construction refused by a later check draws nothing either
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        fused_optim.Adam([torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)],
+                         stochastic_rounding=True, max_grad_norm=-1.0)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("key,value", [("kahan_summation", True), ("master_weights", True),
+                                       ("stochastic_rounding", True),
+                                       ("state_dtype", torch.uint8), ("max_grad_norm", 1.0),
+                                       ("grad_norm_type", 1.0)])
+def test_optimizer_options_in_a_param_group_are_refused(key, value):
+    # Optimizer-wide options: a group that names one is refused (torch would keep the key
+    # and nothing would apply it), in the constructor and in add_param_group.
+    p16 = torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)
+    q16 = torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(ValueError, match=f"'{key}' is an option of the optimizer, not of a param group"):
+        fused_optim.Adam([{"params": [p16], key: value}])
+    opt = fused_optim.Adam([p16])
+    with pytest.raises(ValueError, match=f"'{key}' is an option of the optimizer"):
+        opt.add_param_group({"params": [q16], key: value})
+    assert len(opt.param_groups) == 1
 
 
 def test_the_op_checks_its_storage_arguments():

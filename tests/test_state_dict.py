@@ -17,7 +17,10 @@ OPTS = {"SGD": dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
         "NAdam": dict(lr=torch.tensor(0.01), weight_decay=0.1, decoupled_weight_decay=True),
         "RAdam": dict(lr=0.01, weight_decay=0.1),
         "Rprop": dict(lr=torch.tensor(0.01), etas=(0.4, 1.3)),
-        "ASGD": dict(lr=torch.tensor(0.01), lambd=0.1, t0=2.0, weight_decay=0.01)}
+        "ASGD": dict(lr=torch.tensor(0.01), lambd=0.1, t0=2.0, weight_decay=0.01),
+        # A Python float lr: torch's for-loop writes eta and mu from torch.as_tensor(a
+        # Python float), float32, into the float64 tensors a float64 param's load leaves
+        "ASGD/float lr": dict(lr=0.01, lambd=0.1, t0=1.0)}
 
 
 def model_params(dtype):
@@ -67,7 +70,7 @@ def assert_same_state_dict(a, b):
 @pytest.mark.parametrize("name", list(OPTS))
 @pytest.mark.parametrize("direction", ["torch_to_ours", "ours_to_torch"])
 def test_checkpoint_interchange_continues_identically(name, direction, dtype):
-    torch_cls, ours_cls = pu.ALGOS[name]
+    torch_cls, ours_cls = pu.ALGOS[name.split("/")[0]]
     first, second = (torch_cls, ours_cls) if direction == "torch_to_ours" else (ours_cls, torch_cls)
     kw = lambda cls: dict(OPTS[name], foreach=False) if cls is torch_cls else dict(OPTS[name])  # noqa: E731
     with pu.correctly_rounded_sqrt():  # torch's for-loop made exact (see parity_utils)
@@ -106,9 +109,33 @@ def test_checkpoint_interchange_continues_identically(name, direction, dtype):
     assert_same_state_dict(opt2.state_dict(), ref.state_dict())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", list(OPTS))
+def test_after_loading_the_same_checkpoint_ours_continues_as_torchs(name, dtype):
+    # One torch.optim checkpoint, loaded into torch.optim and into fused_optim: both go on
+    # with the state as the load left it (cast to the param's dtype), step for step alike.
+    torch_cls, ours_cls = pu.ALGOS[name.split("/")[0]]
+    with pu.correctly_rounded_sqrt():
+        ps = model_params(dtype)
+        src = torch_cls(ps, **dict(OPTS[name], foreach=False))
+        train(src, ps, 2, 0)
+        sd = roundtrip(src.state_dict())
+        runs = []
+        for cls, kw in ((torch_cls, dict(OPTS[name], foreach=False)), (ours_cls, OPTS[name])):
+            qs = [p.detach().clone().requires_grad_() for p in ps]
+            opt = cls(qs, **kw)
+            opt.load_state_dict(roundtrip(sd))  # (a load may keep the checkpoint's tensors)
+            train(opt, qs, 3, 2)
+            runs.append((qs, opt))
+    (tq, topt), (oq, oopt) = runs
+    for p, q in zip(tq, oq):
+        assert torch.equal(p, q)
+    assert_same_state_dict(oopt.state_dict(), topt.state_dict())
+
+
 @pytest.mark.parametrize("name", list(OPTS))
 def test_fresh_state_matches_torch_keys_dtypes_layouts(name):
-    torch_cls, ours_cls = pu.ALGOS[name]
+    torch_cls, ours_cls = pu.ALGOS[name.split("/")[0]]
     # torch.optim.RMSprop has no fused implementation (nor the argument)
     for fused in (None, True) if "fused" in inspect.signature(torch_cls).parameters else (None,):
         for default in (torch.float32, torch.float64):
@@ -139,7 +166,7 @@ def test_fresh_state_matches_torch_keys_dtypes_layouts(name):
                                   "Adadelta", "NAdam", "RAdam", "Rprop", "ASGD"])  # SGD keeps no step
 def test_old_checkpoint_with_python_number_step_loads(name):
     """Old checkpoints stored `step` as a number; torch's __setstate__ converts it."""
-    torch_cls, ours_cls = pu.ALGOS[name]
+    torch_cls, ours_cls = pu.ALGOS[name.split("/")[0]]
     ps = model_params(torch.float32)
     opt = ours_cls(ps, **OPTS[name])
     train(opt, ps, 2, 0)

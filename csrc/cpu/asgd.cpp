@@ -31,7 +31,7 @@ void asgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList axs,
 
   const std::vector<AsgdCoeffs> coeffs =
       asgd_step_coeffs(asgd_coeffs(maximize, weight_decay, lambd, alpha, t0), lr, lr_is_f32,
-                       increment_steps(state_steps), etas, mus);
+                       has_tensor(lr_tensor), increment_steps(state_steps), etas, mus);
   run_each(plan, coeffs, inv_scale, [&](at::ScalarType dt, bool cplx) {
     return select_asgd(dt, cplx, weight_decay != 0.0, PickSegment{unscale, plan.mixed_storage()});
   });

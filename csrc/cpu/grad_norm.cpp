@@ -27,7 +27,9 @@ namespace {
 // (bfloat16 values widened to float, 16 per step: the first 8, then the next 8) or 4
 // double lanes, each lane a chain of `acc + x * x` without fma; then the lanes are added
 // in order, then the leftover elements one by one, each with an fma (the compiler
-// contracted that scalar loop), and the square root of that, rounded to the tensor's
+// contracted that scalar loop; for float it also vectorized the loop's products four at a
+// time: a group of four leftover elements is four rounded products added in order, and
+// only the last 1-3 are fmas), and the square root of that, rounded to the tensor's
 // dtype. That pass runs on one thread, one tensor after another. A float16 tensor takes
 // torch's generic reduction instead: one chain of `acc + x * x` in float, split into one
 // contiguous run per thread when it has 32,768 elements or more (at::parallel_for's
@@ -69,7 +71,17 @@ at::opmath_type<T> sum_squares(const T* x, int64_t n, at::opmath_type<T> inv_sca
   }
   M sum = acc[0];
   for (int j = 1; j < kLanes; ++j) sum = sum + acc[j];
-  for (int64_t d = body; d < n; ++d) {
+  int64_t d = body;
+  if constexpr (std::is_same_v<T, float>) {
+    // float: the compiler vectorized the products of torch's leftover loop four at a
+    // time, each rounded, added in order; the last 1-3 elements are fmas.
+    for (; d + 4 <= n; d += 4) {
+      M v[4];
+      for (int j = 0; j < 4; ++j) v[j] = unscaled(x + d + j, inv_scale, kUnscale);
+      for (int j = 0; j < 4; ++j) sum = sum + v[j] * v[j];
+    }
+  }
+  for (; d < n; ++d) {
     const M v = unscaled(x + d, inv_scale, kUnscale);
     sum = std::fma(v, v, sum);
   }
@@ -216,7 +228,10 @@ void mul_cpu(at::TensorList tensors, const at::Tensor& scalar) {
   std::vector<void*> ptrs;
   std::vector<int64_t> offsets{0};
   for (const at::Tensor& t : tensors) {
-    if (t.is_non_overlapping_and_dense() && !t.is_neg() && !t.is_conj() && !t.is_complex()) {
+    // (A 0-dim tensor times a 0-dim scalar of a wider dtype computes in the wider one, then
+    // rounds: torch's own mul_ does those, as clip_grads_with_norm_ does.)
+    if (t.dim() > 0 && t.is_non_overlapping_and_dense() && !t.is_neg() && !t.is_conj() &&
+        !t.is_complex()) {
       ptrs.push_back(t.data_ptr());  // (asks for copy-on-write storage to materialize)
       offsets.push_back(offsets.back() + t.numel());
     } else {

@@ -104,10 +104,8 @@ void check_inputs(at::TensorList params, at::TensorList grads, at::TensorList bu
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
     TORCH_CHECK(p.defined(), kOp, ": params[", i, "] is undefined");
-    // torch's errors (its constructor's and step's), with its exception types.
-    TORCH_CHECK_VALUE(p.dim() == 2,
-                      "Muon only supports 2D parameters whereas we found a parameter with size: ",
-                      p.sizes());
+    // torch's errors (its step's), with its exception types.
+    TORCH_CHECK_VALUE(p.dim() == 2, "Param gradient must be a 2D matrix");
     TORCH_CHECK(!p.is_complex(), "Muon does not support complex parameters");
     TORCH_CHECK(!p.is_sparse() && p.layout() == at::kStrided, kOp,
                 ": params must be dense tensors");

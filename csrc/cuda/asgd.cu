@@ -30,7 +30,7 @@ void asgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList axs,
   const auto coeffs = call.count_step_on_host([&](const std::vector<double>& steps,
                                                   double lr_value, bool lr_is_f32) {
     return asgd_step_coeffs(asgd_coeffs(maximize, weight_decay, lambd, alpha, t0), lr_value,
-                            lr_is_f32, steps, etas, mus);
+                            lr_is_f32, has_tensor(lr_tensor), steps, etas, mus);
   });
   call.launch(coeffs, [&](at::ScalarType dt, bool cplx) {
     return select_asgd(dt, cplx, weight_decay != 0.0, PickKernel<AsgdCoeffs>{});
