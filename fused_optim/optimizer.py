@@ -59,6 +59,25 @@ class FusedOptimizer(torch.optim.Optimizer):
     # runs torch's own step, which refuses CPU params with torch's own error.
     _torch_class: type = torch.optim.Optimizer
     _torch_only_options = ("differentiable", "capturable")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # The constructor's annotations are torch's for torch's parameters (what
+        # inspect.signature, type checkers and IDEs show), as its names and defaults are.
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        torch_init = getattr(cls.__dict__.get("_torch_class"), "__init__", None)
+        theirs = getattr(torch_init, "__annotations__", None)
+        if init is None or not theirs:
+            return
+        names = init.__code__.co_varnames[:init.__code__.co_argcount
+                                          + init.__code__.co_kwonlyargcount]
+        ours = {"max_grad_norm": Optional[float], "grad_norm_type": float,
+                "master_weights": bool, "kahan_summation": bool, "stochastic_rounding": bool,
+                "state_dtype": Optional[torch.dtype]}
+        init.__annotations__ = {**{k: v for k, v in theirs.items()
+                                   if k in names or k == "return"},
+                                **{k: v for k, v in ours.items() if k in names},
+                                **init.__annotations__}
     _warned: set = set()
 
     # The state entries state_dtype applies to (Note [state storage]): the moments, the

@@ -38,6 +38,9 @@ def test_signature_and_defaults_match_torch(name, torch_cls, ours_cls):
     for key, p in ref.items():
         assert ours[key].kind == p.kind, key
         assert ours[key].default == p.default, key
+        assert ours[key].annotation == p.annotation, key
+    assert (inspect.signature(ours_cls.__init__).return_annotation
+            == inspect.signature(torch_cls.__init__).return_annotation)
     ps = params()
     assert ours_cls(ps).defaults == torch_cls(ps).defaults
     assert issubclass(ours_cls, torch_cls) and issubclass(ours_cls, torch.optim.Optimizer)
