@@ -3,7 +3,9 @@
 
 #include "rounding.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_strided.h>
 #include <ATen/ops/view_as_real.h>
@@ -259,6 +261,9 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
   for (int64_t i = 0; i < n; ++i) {
     const int64_t numel = params[i].numel() * (is_complex_[i] ? 2 : 1);
     if (numel == 0) continue;
+    if (!is_direct[i] && !params[i].is_non_overlapping_and_dense()) {
+      check_no_overlap(op, i, params);
+    }
     if (!is_direct[i]) direct[i] = unusual_layout(i, params, grads, states, grad_mutable);
     // Note [state storage]: the dtypes the storage loops read, and the 8-bit scales.
     TensorPtrs& tp = direct[i];
@@ -277,6 +282,43 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
     ptrs_.push_back(direct[i]);
     index_.push_back(i);
     offsets_.push_back(offsets_.back() + numel);
+  }
+}
+
+namespace {
+// Whether two views of one storage share an element: decided by ATen where it can, else by
+// marking a's elements in a mask of the storage and looking under b's.
+bool views_overlap(const at::Tensor& a, const at::Tensor& b) {
+  switch (at::get_overlap_status(a, b)) {
+    case at::MemOverlapStatus::No: return false;
+    case at::MemOverlapStatus::Full:
+    case at::MemOverlapStatus::Partial: return true;
+    case at::MemOverlapStatus::TooHard: break;
+  }
+  const int64_t span = static_cast<int64_t>(a.storage().nbytes() / a.element_size());
+  at::Tensor mask = at::zeros({span}, a.options().dtype(at::kBool).device(at::kCPU));
+  mask.as_strided(a.sizes(), a.strides(), a.storage_offset()).fill_(true);
+  return mask.as_strided(b.sizes(), b.strides(), b.storage_offset()).any().item<bool>();
+}
+}  // namespace
+
+// Note [overlapping params]
+// A param that is neither contiguous nor dense is updated through a contiguous copy, which
+// is written back whole after the update (Note [layouts]). Where it shares memory with
+// another param of the call, that write-back would undo the other's update of the shared
+// elements (torch's for-loop updates them twice, one param after the other): refused.
+void MultiTensorPlan::check_no_overlap(const char* op, int64_t i, at::TensorList params) {
+  const at::Tensor& p = params[static_cast<size_t>(i)];
+  for (size_t j = 0; j < params.size(); ++j) {
+    const at::Tensor& q = params[j];
+    if (static_cast<int64_t>(j) == i || q.numel() == 0 || !q.storage().is_alias_of(p.storage()) ||
+        q.element_size() != p.element_size()) {
+      continue;
+    }
+    TORCH_CHECK(!views_overlap(p, q), op, ": params[", i, "] is a non-contiguous view that shares "
+                "elements with params[", j, "]; fused_optim updates such a param through a copy, "
+                "which would undo the other's update of the shared elements: make them separate "
+                "tensors (or give them to separate optimizers)");
   }
 }
 

@@ -140,6 +140,9 @@ class MultiTensorPlan {
   // The pointers of param i whose tensors need real views or layout temporaries.
   TensorPtrs unusual_layout(int64_t i, at::TensorList params, at::TensorList grads,
                             const std::vector<at::TensorList>& states, bool grad_mutable);
+  // Raises where param i, updated through a copy, shares elements with another param
+  // (Note [overlapping params] in plan.cpp).
+  static void check_no_overlap(const char* op, int64_t i, at::TensorList params);
 
   int64_t num_tensors_ = 0;
   int num_states_ = 0;  // the rule's, and the storage's buffer

@@ -271,7 +271,11 @@ Gathered gather_group(const GroupSnapshot& snap, PyObject* keys,
   for (Py_ssize_t i = 0; i < n; ++i) {
     const at::Tensor& g = *grad_tensors[static_cast<size_t>(i)];
     if (!g.defined()) continue;
-    if (!is_plain(g)) return Gathered::kDecline;
+    // (a grad of another dtype than its param's, which torch >= 2.9 allows: the general
+    // path runs torch's step for it)
+    if (!is_plain(g) || g.scalar_type() != param_tensors[static_cast<size_t>(i)]->scalar_type()) {
+      return Gathered::kDecline;
+    }
     PyObject* param_state = snap.states[static_cast<size_t>(i)];
     if (snap.any_key) {
       if (param_state == nullptr || !PyDict_Check(param_state)) return Gathered::kDecline;

@@ -181,7 +181,9 @@ class StepInBackward:
                         "optimizer.step() ended the iteration, but a param is updated with the "
                         "grad of one backward, during it. Call optimizer.step() after each "
                         "backward, or pass accumulation_steps=N to accumulate the grads of N "
-                        "backwards (the update then runs during the N-th)")
+                        "backwards (the update then runs during the N-th). (Reentrant "
+                        "activation checkpointing, use_reentrant=True, also runs a second "
+                        "backward, inside the first: use use_reentrant=False.)")
                 raise RuntimeError(
                     f"fused_optim.step_in_backward: backward number {n} reached a param since "
                     f"the last optimizer.step(), with accumulation_steps="

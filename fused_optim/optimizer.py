@@ -438,6 +438,13 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _torch_grads_reason(self) -> Optional[str]:
         """Why the grads of this step make it run torch's own implementation (sparse grads
         for some algorithms), or None. Asked only when the fast path declined."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                g = p.grad
+                if g is not None and g.dtype != p.dtype and not g.is_sparse:
+                    # (torch >= 2.9 allows it, with p.grad_dtype = None: torch's for-loop
+                    # takes such grads in some algorithms, and raises its own error in others)
+                    return "a grad whose dtype is not its param's"
         return None
 
     def _torch_step_reason(self) -> Optional[str]:

@@ -358,3 +358,54 @@ def test_namespace_offers_every_torch_optim_name():
     sched.step()
     swa = optim.swa_utils.AveragedModel(torch.nn.Linear(2, 2))
     assert isinstance(swa, torch.optim.swa_utils.AveragedModel)
+
+
+def test_params_that_overlap_through_a_copy_are_refused_and_disjoint_views_work():
+    # Note [overlapping params] in csrc/plan.cpp: a non-contiguous view is updated through a
+    # copy written back whole, which would undo another param's update of shared elements.
+    big = torch.zeros(12, dtype=torch.float64)
+    a, b = big[0:6].requires_grad_(), big[::3].requires_grad_()  # share elements 0 and 3
+    opt = fused_optim.SGD([a, b], lr=0.1)
+    a.grad, b.grad = torch.ones(6, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"params\[1\] is a non-contiguous view that shares "
+                                           r"elements with params\[0\]"):
+        opt.step()
+    assert not big.any()  # nothing changed
+    # interleaved views share a storage but no element: updated as torch's for-loop does
+    results = []
+    for cls, kw in ((torch.optim.SGD, dict(foreach=False)), (fused_optim.SGD, {})):
+        store = torch.zeros(12, dtype=torch.float64)
+        c, d = store[0::2].requires_grad_(), store[1::2].requires_grad_()
+        o = cls([c, d], lr=0.1, momentum=0.9, **kw)
+        for step in range(2):
+            c.grad = torch.full((6,), 1.0 + step, dtype=torch.float64)
+            d.grad = torch.full((6,), -2.0, dtype=torch.float64)
+            o.step()
+        results.append(store)
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.skipif(not hasattr(torch.Tensor, "grad_dtype"), reason="torch < 2.9: no grad_dtype")
+@pytest.mark.parametrize("name", ["SGD", "RMSprop", "Adagrad", "Adam"])
+def test_a_grad_of_another_dtype_runs_torchs_step(name):
+    # torch >= 2.9 lets a grad have another dtype (p.grad_dtype = None); torch's for-loop
+    # takes it in some algorithms and raises its own error in others: ours does the same,
+    # through torch's step, with the one-time warning.
+    torch_cls, ours_cls = pu.ALGOS[name]
+    outcomes = []
+    for cls, kw in ((torch_cls, dict(foreach=False)), (ours_cls, {})):
+        p = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+        p.grad_dtype = None
+        p.grad = torch.ones(3, dtype=torch.float32)
+        opt = cls([p], lr=0.1, **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                opt.step()
+                outcomes.append(p.detach().clone())
+            except RuntimeError as e:
+                outcomes.append(str(e))
+    if isinstance(outcomes[0], str):
+        assert outcomes[0] == outcomes[1]
+    else:
+        assert torch.equal(outcomes[0], outcomes[1])

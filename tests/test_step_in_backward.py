@@ -516,3 +516,30 @@ def test_memory_benchmark_quick_runs():
         assert all(re.fullmatch(r"-?[\d.]+", c) for c in cells), r
     assert re.search(r"grads: [\d.]+ MiB", out.stdout)
     assert re.search(r"saved: -?[\d.]+ MiB = -?[\d.]+% of the grads .*(met|not met)", out.stdout)
+
+
+@pytest.mark.parametrize("bucket_cap_mb", [0, 25])
+def test_non_reentrant_activation_checkpointing_is_backward_then_step(bucket_cap_mb):
+    # torch.utils.checkpoint(use_reentrant=False) recomputes inside the one backward: a
+    # param used inside and outside the segment still gets its whole grad once.
+    from torch.utils.checkpoint import checkpoint
+
+    def run(in_backward):
+        torch.manual_seed(0)
+        lin, head = torch.nn.Linear(6, 6), torch.nn.Linear(6, 1)
+        params = list(lin.parameters()) + list(head.parameters())
+        opt = fused_optim.AdamW(params, lr=0.1)
+        handle = fused_optim.step_in_backward(opt, bucket_cap_mb=bucket_cap_mb) if in_backward else None
+        for step in range(3):
+            x = torch.randn(4, 6, generator=torch.Generator().manual_seed(step))
+            y = lin(torch.tanh(checkpoint(lin, x, use_reentrant=False)))  # lin twice
+            head(y).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+        if handle is not None:
+            handle.remove()
+        return [p.detach().clone() for p in params], opt
+
+    (a, oa), (b, ob) = run(False), run(True)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
