@@ -121,8 +121,6 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
         one pass over the params: row_vars and col_vars of the params of 2+ dims, variances of
         the others, every param's step. Also whether a param is empty, and the devices in
         order of first appearance."""
-        state = self.state
-        init = self._init_state
         rows: List[Tensor] = []
         cols: List[Tensor] = []
         variances: List[Tensor] = []
@@ -130,10 +128,7 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
         devices: Dict[torch.device, None] = {}
         empty = False
         for p, g in zip(params, grads):
-            s = state[p] if p in state else {}  # (made once its checks pass, as torch's)
-            init(group, p, g, s)
-            if p not in state:
-                state[p] = s
+            s = self._checked_state(group, p, g)
             if p.dim() > 1:
                 rows.append(s["row_var"])
                 cols.append(s["col_var"])

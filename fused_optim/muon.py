@@ -96,12 +96,8 @@ class Muon(FusedOptimizer, torch.optim.Muon):
         # state made once its own pass (_init_state); then its step's, param by param: the
         # grad's dims, and the lr adjustment's A / B, which raises for a param of no
         # columns. All before any param changes (torch's earlier params are updated by then).
-        state = self.state
         for p, g in zip(params, grads):
-            s = state[p] if p in state else {}
-            self._init_state(group, p, g, s)
-            if p not in state:
-                state[p] = s
+            self._checked_state(group, p, g)
         for p, g in zip(params, grads):
             if g.ndim != 2:
                 raise ValueError("Param gradient must be a 2D matrix")

@@ -46,6 +46,12 @@ def _mix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
+# fused_optim's constructor options beyond torch's, with their annotations.
+_FUSED_OPTIONS = {"max_grad_norm": Optional[float], "grad_norm_type": float,
+                  "master_weights": bool, "kahan_summation": bool, "stochastic_rounding": bool,
+                  "state_dtype": Optional[torch.dtype]}
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     # Set per algorithm: the torch.optim class it replaces, and the group options that
     # make us run that class's own step instead of the kernel.
@@ -60,6 +66,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     _torch_class: type = torch.optim.Optimizer
     _torch_only_options = ("differentiable", "capturable")
 
+    _warned: set = set()
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # The constructor's annotations are torch's for torch's parameters (what
         # inspect.signature, type checkers and IDEs show), as its names and defaults are.
@@ -71,14 +79,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             return
         names = init.__code__.co_varnames[:init.__code__.co_argcount
                                           + init.__code__.co_kwonlyargcount]
-        ours = {"max_grad_norm": Optional[float], "grad_norm_type": float,
-                "master_weights": bool, "kahan_summation": bool, "stochastic_rounding": bool,
-                "state_dtype": Optional[torch.dtype]}
         init.__annotations__ = {**{k: v for k, v in theirs.items()
                                    if k in names or k == "return"},
-                                **{k: v for k, v in ours.items() if k in names},
+                                **{k: v for k, v in _FUSED_OPTIONS.items() if k in names},
                                 **init.__annotations__}
-    _warned: set = set()
+
 
     # The state entries state_dtype applies to (Note [state storage]): the moments, the
     # elementwise states the rule reads and writes, in the kernel's order. Empty where an
@@ -201,15 +206,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                     f"group {index} has dtype {p.dtype} (put it in an optimizer without "
                     f"{option})")
 
-    # fused_optim's constructor options: optimizer-wide (one way of keeping the params and
-    # state, one norm to clip by), so a param group that names one is refused, where torch
-    # would keep the key and nothing would apply it.
-    _OPTIMIZER_OPTIONS = ("master_weights", "kahan_summation", "stochastic_rounding",
-                          "state_dtype", "max_grad_norm", "grad_norm_type")
-
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        # fused_optim's options are optimizer-wide (one way of keeping the params and state,
+        # one norm to clip by): a param group that names one is refused, where torch would
+        # keep the key and nothing would apply it.
         if isinstance(param_group, dict):
-            for key in self._OPTIMIZER_OPTIONS:
+            for key in _FUSED_OPTIONS:
                 if key in param_group:
                     raise ValueError(
                         f"{type(self).__name__}: '{key}' is an option of the optimizer, not of "
@@ -417,6 +419,17 @@ class FusedOptimizer(torch.optim.Optimizer):
             if state_dtype is not None:
                 self._convert_moments(p, self.state[p])
 
+    def _checked_state(self, group: Dict[str, Any], p: Tensor, grad: Tensor) -> Dict[str, Any]:
+        """p's state, through _init_state; a new param's entry is made only once its
+        checks pass (torch checks a grad before it touches the param's state: a failed step
+        leaves no empty entry)."""
+        state = self.state
+        s = state[p] if p in state else {}
+        self._init_state(group, p, grad, s)
+        if p not in state:
+            state[p] = s
+        return s
+
     def _init_state(self, group: Dict[str, Any], p: Tensor, grad: Tensor, state: Dict[str, Any]) -> None:
         """Creates p's state where it is missing, as torch's _init_group does, and raises
         torch's errors for grads it refuses. Runs on the general path only: the fast path
@@ -565,12 +578,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         moments = getattr(self, "_state_dtype", None) is not None
         pending: List[Tuple[Tensor, Tensor]] = []
         for p, g in zip(params, grads):
-            # A param's state entry is made only once its checks pass (torch checks a grad
-            # before it touches the param's state: a failed step leaves no empty entry).
-            s = state[p] if p in state else {}
-            self._init_state(group, p, g, s)
-            if p not in state:
-                state[p] = s
+            s = self._checked_state(group, p, g)
             if storage:
                 self._init_storage(p, s)
             if moments:

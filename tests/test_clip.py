@@ -211,13 +211,17 @@ def test_max_grad_norm_is_clip_then_step(name, dtype):
         _assert_same(ours, ref)
 
 
+@pytest.mark.parametrize("max_norm", [2.0, 1e6])  # clips, and does not (coefficient 1)
 @pytest.mark.parametrize("init_scale", [2.0**16, 3000.0])  # a power of two, and not
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # (unscale_ refuses float16)
 @pytest.mark.parametrize("name", ["Adam", "SGD", "Adagrad"])
-def test_max_grad_norm_with_grad_scaler(name, dtype, init_scale):
+def test_max_grad_norm_with_grad_scaler(name, dtype, init_scale, max_norm):
     # ours: scaler.step(opt) with max_grad_norm; reference: torch's recipe, unscale_,
-    # clip_grad_norm_, scaler.step. Step 2 has an inf grad: skipped whole by both.
-    ours, ref = _pair(name, dtype, max_norm=2.0)
+    # clip_grad_norm_, scaler.step. Step 2 has an inf grad: skipped whole by both. Where
+    # nothing is clipped and the scale is not a power of two, torch's recipe still rounds
+    # each unscaled 16-bit grad to its dtype before the step reads it (unscale_), which a
+    # kernel unscaling in float would not: such grads are unscaled in place first.
+    ours, ref = _pair(name, dtype, max_norm=max_norm)
     s1 = torch.amp.GradScaler("cpu", init_scale=init_scale)
     s2 = torch.amp.GradScaler("cpu", init_scale=init_scale)
     for step in range(4):
@@ -229,11 +233,13 @@ def test_max_grad_norm_with_grad_scaler(name, dtype, init_scale):
         s1.step(ours[1])
         s1.update()
         s2.unscale_(ref[1])
-        norm = fused_optim.clip_grad_norm_(ref[0].values(), 2.0)
+        norm = fused_optim.clip_grad_norm_(ref[0].values(), max_norm)
         s2.step(ref[1])
         s2.update()
         assert torch.equal(ours[1].last_grad_norm, norm)
         assert s1.get_scale() == s2.get_scale()
+        if step != 2:  # (the skipped step: unscale_ wrote the ref's grads, ours are as scaled)
+            _assert_grads_equal(ours[0], ref[0])
         (pa, oa), (pb, ob) = ours, ref
         for n in pa:
             assert torch.equal(pa[n].detach(), pb[n].detach()), f"step {step} param {n}"
@@ -341,29 +347,6 @@ def test_max_grad_norm_when_the_coefficient_is_zero_or_nan(name, case):
         results.append((p.detach().clone(), p.grad.clone()))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # (unscale_ refuses float16)
-@pytest.mark.parametrize("name", ["SGD", "Adam", "Adagrad"])
-def test_max_grad_norm_that_does_not_clip_with_a_scale_not_a_power_of_two(name, dtype):
-    # The coefficient is 1 and the scale 1000: torch's recipe (unscale_, clip_grad_norm_,
-    # step) rounds each unscaled 16-bit grad to its dtype before the step reads it, which
-    # a kernel unscaling in float would not: such grads are unscaled in place first.
-    ours, ref = _pair(name, dtype, max_norm=1e6)
-    s1 = torch.amp.GradScaler("cpu", init_scale=1000.0)
-    s2 = torch.amp.GradScaler("cpu", init_scale=1000.0)
-    for step in range(3):
-        for (params, _), scaler in ((ours, s1), (ref, s2)):
-            scaler.scale(torch.ones(()))
-            _grads(params, dtype, step, scale=scaler.get_scale())
-        s1.step(ours[1])
-        s1.update()
-        s2.unscale_(ref[1])
-        norm = fused_optim.clip_grad_norm_(ref[0].values(), 1e6)
-        s2.step(ref[1])
-        s2.update()
-        assert torch.equal(ours[1].last_grad_norm, norm)
-        _assert_same(ours, ref)
 
 
 def test_zero_dim_float32_grads_beside_float64_ones_are_clipped_as_torch():
