@@ -3,7 +3,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _get_scalar_dtype
+from torch.optim.optimizer import _device_dtype_check_for_fused, _get_scalar_dtype
 
 from .optimizer import FusedOptimizer, betas_args, hyper_float, lr_args, zeros_states
 
@@ -35,6 +35,8 @@ class _AdamStep(FusedOptimizer):
             )
         if len(state) != 0:
             return
+        if group["fused"]:  # (a complex param: torch's RuntimeError, as its state is made)
+            _device_dtype_check_for_fused(p)
         # As torch.optim.Adam._init_group creates it (Note [state]).
         state["step"] = (
             torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"]), device=p.device)

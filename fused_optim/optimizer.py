@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _get_scalar_dtype
+from torch.optim.optimizer import _device_dtype_check_for_fused, _get_scalar_dtype
 
 from . import _C, _ops, quantization
 from .clip import clip_in_step
@@ -435,6 +435,23 @@ class FusedOptimizer(torch.optim.Optimizer):
         torch's errors for grads it refuses. Runs on the general path only: the fast path
         takes a group only when all its state exists."""
 
+    def _fused_dtype_check_once(self) -> None:
+        """torch's SGD and Adagrad with fused=True check the first param with a grad of
+        the first fused group at their first step (a complex param raises torch's
+        RuntimeError), once per optimizer; so do these, before anything changes."""
+        for group in self.param_groups:
+            if not group["fused"]:
+                continue
+            for p in group["params"]:
+                if p.grad is not None:
+                    _device_dtype_check_for_fused(p)
+                    self._need_device_dtype_check_for_fused = False
+                    return
+
+    def _check_fused_group(self, group: Dict[str, Any]) -> None:
+        """Raises the error torch's fused=True step raises for this group's params (a
+        complex one, say), before anything changes. Asked each step, for fused groups only."""
+
     def _sparse_grad_group(self) -> Optional[Dict[str, Any]]:
         """The first param group with a param whose grad is sparse, or None."""
         compiling = torch.compiler.is_compiling()
@@ -495,6 +512,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if getattr(self, "_need_device_dtype_check_for_fused", False):
+            self._fused_dtype_check_once()
+        for group in self.param_groups:
+            if group.get("fused"):
+                self._check_fused_group(group)
         # Decided after the closure: the grads it makes (sparse ones, say) are the ones the
         # step sees.
         reason = self._torch_step_reason()

@@ -10,6 +10,11 @@ from .optimizer import FusedOptimizer, hyper_float, lr_args
 __all__ = ["SGD"]
 
 
+# c10's names of the complex dtypes, as its dispatch errors print them.
+_C10_NAMES = {torch.complex32: "ComplexHalf", torch.complex64: "ComplexFloat",
+              torch.complex128: "ComplexDouble"}
+
+
 class SGD(FusedOptimizer, torch.optim.SGD):
     __doc__ = torch.optim.SGD.__doc__
     _torch_class = torch.optim.SGD
@@ -59,6 +64,13 @@ class SGD(FusedOptimizer, torch.optim.SGD):
                 # torch's for-loop handles sparse grads (its fused SGD refuses them).
                 return "sparse gradients"
         return reason
+
+    def _check_fused_group(self, group: Dict[str, Any]) -> None:
+        # torch's fused SGD kernel has no complex dtypes: its dispatcher's error.
+        for p in group["params"]:
+            if p.grad is not None and p.is_complex():
+                raise NotImplementedError(
+                    f'"fused_sgd_kernel" not implemented for \'{_C10_NAMES[p.dtype]}\'')
 
     _op = "sgd_"
     _moment_keys = ("momentum_buffer",)  # Note [state storage]

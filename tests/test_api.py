@@ -233,6 +233,33 @@ def test_capturable_on_cpu_raises_torchs_error(name):
     assert errors[0] == errors[1]
 
 
+@pytest.mark.parametrize("complex_first", [True, False], ids=["complex_first", "real_first"])
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "Adam", "AdamW"])
+def test_fused_true_with_complex_params_raises_torchs_error(name, complex_first):
+    """fused=True refuses complex params at step as torch does, with its error: the
+    first param's device and dtype check (all four), SGD's fused kernel's dispatch error
+    and Adagrad's own check (when a real param comes first); nothing changes."""
+    torch_cls, ours_cls = pu.ALGOS[name]
+    errors = []
+    for cls in (torch_cls, ours_cls):
+        real = torch.randn(3, requires_grad=True)
+        cplx = torch.randn(3, dtype=torch.complex64, requires_grad=True)
+        ps = [cplx, real] if complex_first else [real, cplx]
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        before = [p.detach().clone() for p in ps]
+        opt = cls(ps, lr=0.1, fused=True)
+        with pytest.raises(Exception) as info:
+            opt.step()
+        errors.append((type(info.value), str(info.value)))
+        assert all(torch.equal(p, b) for p, b in zip(ps, before))
+    assert errors[0] == errors[1]
+    # (and a real-only fused group still steps: the checks pass)
+    p = torch.randn(3, requires_grad=True)
+    p.grad = torch.ones_like(p)
+    ours_cls([p], lr=0.1, fused=True).step()
+
+
 def test_sgd_sparse_grads_use_torchs_for_loop_with_warning():
     fused_optim.optimizer.FusedOptimizer._warned.clear()
     emb_ours = torch.nn.Embedding(10, 3, sparse=True)
