@@ -74,6 +74,14 @@ _NUM_LISTS: Dict[str, int] = {
     for op in OPTIMIZER_OPS + ("_muon_aten_",)
 }
 
+# The op's bool arguments: a group's flag may be any truthy or falsy value, as torch's
+# for-loop takes it (amsgrad="yes", maximize=None), where the schema wants a bool.
+_BOOL_ARGS: Dict[str, Tuple[str, ...]] = {
+    op: tuple(a.name for a in getattr(_lib, op).default._schema.arguments
+              if isinstance(a.type, torch.BoolType))
+    for op in OPTIMIZER_OPS + ("_muon_aten_",)
+}
+
 
 def schema_args(op: str, kwargs: Dict[str, Any], grad_scale: Optional[Tensor],
                 found_inf: Optional[Tensor]) -> Tuple[Any, ...]:
@@ -85,6 +93,10 @@ def schema_args(op: str, kwargs: Dict[str, Any], grad_scale: Optional[Tensor],
         kwargs["param_mode"] = 0  # round to nearest (Note [param storage])
     if len(kwargs) != len(names):
         raise TypeError(f"fused_optim::{op} takes {names}, got {tuple(kwargs)}")
+    for name in _BOOL_ARGS[op]:
+        flag = kwargs[name]
+        if flag is not True and flag is not False:
+            kwargs[name] = bool(flag)
     return tuple(kwargs[name] for name in names)
 
 

@@ -260,6 +260,29 @@ def test_fused_true_with_complex_params_raises_torchs_error(name, complex_first)
     ours_cls([p], lr=0.1, fused=True).step()
 
 
+@pytest.mark.parametrize("name,flags", [
+    ("Adam", dict(amsgrad="yes")), ("AdamW", dict(amsgrad=None, maximize=1)),
+    ("SGD", dict(momentum=0.9, nesterov="yes")), ("RMSprop", dict(centered="yes")),
+    ("NAdam", dict(decoupled_weight_decay="yes", weight_decay=0.1)),
+])
+def test_flags_of_any_truthiness_step_as_torchs(name, flags):
+    """A flag given as any truthy or falsy value (a string, None, 1) works as in torch's
+    for-loop, which only tests its truth (the op's schema wants a bool): params bitwise
+    torch's, with the IEEE sqrt, after 3 steps."""
+    torch_cls, ours_cls = pu.ALGOS[name]
+    out = []
+    for cls in (torch_cls, ours_cls):
+        torch.manual_seed(0)
+        p = torch.randn(20, requires_grad=True)
+        opt = cls([p], lr=0.01, **flags)
+        for i in range(3):
+            p.grad = torch.randn(20, generator=torch.Generator().manual_seed(i))
+            with pu.correctly_rounded_sqrt():
+                opt.step()
+        out.append(p.detach().clone())
+    assert torch.equal(out[0], out[1])
+
+
 def test_sgd_sparse_grads_use_torchs_for_loop_with_warning():
     fused_optim.optimizer.FusedOptimizer._warned.clear()
     emb_ours = torch.nn.Embedding(10, 3, sparse=True)
