@@ -518,7 +518,17 @@ void check_sparse_adam_inputs(const char* op, at::TensorList params, at::TensorL
 
 at::Tensor sparse_adam_grad(const at::Tensor& grad, bool maximize,
                             const std::optional<at::Tensor>& grad_scale, double inv_scale) {
-  if (has_tensor(grad_scale)) grad._values().mul_(inv_scale);
+  if (has_tensor(grad_scale)) {
+    // As GradScaler's unscale: each value times the float32 1/scale in float (opmath), then
+    // rounded to the grad's dtype. (mul_ with a double Scalar would round the scalar to a
+    // bfloat16/float16 grad's dtype first: an ulp off where the scale is not a power of two.)
+    at::Tensor values = grad._values();
+    if (at::isReducedFloatingType(values.scalar_type())) {
+      values.copy_(values.to(at::kFloat).mul_(inv_scale));
+    } else {
+      values.mul_(inv_scale);
+    }
+  }
   return (maximize ? grad.neg() : grad).coalesce();
 }
 

@@ -118,19 +118,22 @@ def test_checkpoints_both_ways(direction):
     assert_same(cont, both)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("init_scale", [2.0**10, 1000.0])
-def test_grad_scaler(init_scale):
+def test_grad_scaler(init_scale, dtype):
     # GradScaler hands our step grad_scale/found_inf; torch's SparseAdam gets grads it
-    # unscaled itself. Step 2 has an inf: skipped whole (no step counted) by both.
+    # unscaled itself. Step 2 has an inf: skipped whole (no step counted) by both. A scale
+    # that is not a power of two rounds the unscaled grads: bfloat16 ones are unscaled in
+    # float, as GradScaler does (not by a scalar rounded to bfloat16 first).
     runs = []
     for cls in (fused_optim.SparseAdam, torch.optim.SparseAdam):
-        params = make_params(torch.float32)
+        params = make_params(dtype)
         opt = build(cls, params, OPTIONS[0])
         scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
         with correctly_rounded_sqrt():
             for step in range(4):
                 scaler.scale(torch.ones(()))
-                set_grads(params, torch.float32, step)
+                set_grads(params, dtype, step)
                 for p in params.values():
                     p.grad = p.grad * scaler.get_scale()
                     if step == 2 and p.grad._values().numel() > 0:
