@@ -448,6 +448,13 @@ PyObject* py_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs)
     if (call.lists[0].empty()) continue;  // no grads in this group
     RECORD_FUNCTION("fused_optim::" + name, std::vector<c10::IValue>());
     kernels[static_cast<size_t>(g)]->fn(call);
+    // Note [version counters]: the params were written in place, as torch's in-place ops
+    // write them, so their version counters count it (autograd then refuses a graph that
+    // saved a param's old value, as it does after torch's step). A complex param's real
+    // view shares its counter.
+    for (const at::Tensor& t : call.lists[0]) {
+      if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+    }
   }
   Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS

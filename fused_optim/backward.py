@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from . import _C, _ops
-from .optimizer import FusedOptimizer
+from .optimizer import FusedOptimizer, bump_versions
 
 __all__ = ["step_in_backward", "StepInBackward"]
 
@@ -222,6 +222,7 @@ class StepInBackward:
                         "run torch.optim's own step, which step in backward cannot do")
                 opt._update_group(group, group_params, [p.grad for p in group_params], keys,
                                   args)
+                bump_versions(group_params)  # Note [version counters]
         for p in params:
             p.grad = None
 

@@ -46,6 +46,28 @@ def _mix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
+def bump_versions(params: List[Tensor]) -> None:
+    """Note [version counters]: the kernels write params in place behind autograd's back;
+    their version counters are bumped as torch's in-place ops bump them, so that autograd
+    refuses a graph that saved a param's old value (a retained graph after a step, a param
+    read later in the backward that step_in_backward updated it in), as it does after
+    torch.optim's step. (_C._step bumps its own in C++. Under torch.compile the op's
+    declared mutations are functionalized instead.)"""
+    if not torch.compiler.is_compiling():
+        torch.autograd.graph.increment_version(params)
+
+
+def _unmix64(z: int) -> int:
+    """_mix64's inverse (each of its steps is a bijection of 64-bit words)."""
+    z &= _MASK64
+    z ^= (z >> 31) ^ (z >> 62)
+    z = (z * pow(0x94D049BB133111EB, -1, 1 << 64)) & _MASK64
+    z ^= (z >> 27) ^ (z >> 54)
+    z = (z * pow(0xBF58476D1CE4E5B9, -1, 1 << 64)) & _MASK64
+    z ^= (z >> 30) ^ (z >> 60)
+    return z
+
+
 # fused_optim's constructor options beyond torch's, with their annotations.
 _FUSED_OPTIONS = {"max_grad_norm": Optional[float], "grad_norm_type": float,
                   "master_weights": bool, "kahan_summation": bool, "stochastic_rounding": bool,
@@ -415,9 +437,21 @@ class FusedOptimizer(torch.optim.Optimizer):
             p = by_id[pid]
             for k, v in ours.items():
                 device = "cpu" if k == "rounding_state" else p.device
-                self.state[p][k] = v.to(device=device, copy=True)
+                # (Kahan's compensation is in its param's dtype: a checkpoint of bfloat16
+                # params loaded onto float16 ones, say, has it converted, as the moments are)
+                dtype = p.dtype if k == "kahan_comp" else None
+                self.state[p][k] = v.to(device=device, dtype=dtype, copy=True)
             if state_dtype is not None:
                 self._convert_moments(p, self.state[p])
+        if mode_key == "rounding_state":
+            # The seed the saving optimizer drew, from a saved param's own (p's seed is
+            # _mix64(seed + p's position), a bijection): so a param that had not stepped
+            # when the checkpoint was made starts the sequence it would have had.
+            for position, p in enumerate(params):
+                buf = self.state[p].get("rounding_state") if p in self.state else None
+                if buf is not None:
+                    self._rounding_seed = (_unmix64(int(buf[0])) - position) & _MASK64
+                    break
 
     def _checked_state(self, group: Dict[str, Any], p: Tensor, grad: Tensor) -> Dict[str, Any]:
         """p's state, through _init_state; a new param's entry is made only once its
@@ -582,6 +616,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                         grads.append(g)
                 if params:
                     self._update_group(group, params, grads, group_keys, group_args)
+                    bump_versions(params)
         return loss
 
     def _update_group(

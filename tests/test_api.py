@@ -283,6 +283,27 @@ def test_flags_of_any_truthiness_step_as_torchs(name, flags):
     assert torch.equal(out[0], out[1])
 
 
+@pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
+def test_a_step_bumps_the_params_version_counters(name, torch_cls, ours_cls):
+    """Note [version counters]: after a step (the first, on the general path, and the
+    next, on the fast path), a graph that saved a param's old value is refused by autograd
+    as after torch's step."""
+    for cls in (torch_cls, ours_cls):
+        kwargs = {"lr": 0.1}
+        if name == "SparseAdam":
+            continue  # (sparse grads: no graph through the param's value here)
+        p = torch.nn.Parameter(torch.randn(4, 3))
+        opt = cls([p], **kwargs)
+        for _ in range(2):
+            before = p._version
+            loss = (p * p).sum()
+            loss.backward(retain_graph=True)
+            opt.step()
+            assert p._version > before, cls
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                loss.backward()
+
+
 def test_sgd_sparse_grads_use_torchs_for_loop_with_warning():
     fused_optim.optimizer.FusedOptimizer._warned.clear()
     emb_ours = torch.nn.Embedding(10, 3, sparse=True)

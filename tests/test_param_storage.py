@@ -251,6 +251,68 @@ def test_stochastic_rounding_is_reproducible_at_any_thread_count():
     assert not torch.equal(one.view(torch.int16), run(2, seed=6).view(torch.int16))
 
 
+def test_kahan_checkpoint_loads_onto_params_of_the_other_16bit_dtype():
+    """A Kahan checkpoint of bfloat16 params loaded onto float16 ones: the compensation
+    is converted to the param's dtype as the moments are (it stayed bfloat16, and every
+    step then failed), and the optimizer steps; onto the same dtype it loads bit for bit."""
+    torch.manual_seed(0)
+    p = torch.randn(64, dtype=torch.bfloat16, requires_grad=True)
+    opt = fused_optim.Adam([p], lr=0.01, kahan_summation=True)
+    for _ in range(2):
+        p.grad = torch.randn(64).bfloat16()
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    q = p.detach().half().requires_grad_()
+    other = fused_optim.Adam([q], lr=0.01, kahan_summation=True)
+    other.load_state_dict(saved)
+    comp = other.state[q]["kahan_comp"]
+    assert comp.dtype == torch.float16
+    assert torch.equal(comp, saved["state"][0]["kahan_comp"].half())
+    q.grad = torch.randn(64).half()
+    other.step()
+    assert q.isfinite().all()
+    r = p.detach().clone().requires_grad_()
+    same = fused_optim.Adam([r], lr=0.01, kahan_summation=True)
+    same.load_state_dict(saved)
+    for k, v in saved["state"][0].items():
+        assert torch.equal(same.state[r][k], v) and same.state[r][k].dtype == v.dtype
+
+
+def test_stochastic_rounding_checkpoint_covers_params_that_had_not_stepped():
+    """A param with no grad before the checkpoint gets, after a resume in an optimizer
+    made under another generator state, the seed it would have had: the saving optimizer's
+    seed comes back from a saved param's (Note [stochastic rounding]). Params bitwise the
+    uninterrupted run's."""
+    def grad(i):
+        return torch.full((300,), 1e-3 * (i + 1), dtype=torch.bfloat16)
+
+    def run(resume):
+        torch.manual_seed(0)
+        a = torch.ones(300, dtype=torch.bfloat16, requires_grad=True)
+        b = a.detach().clone().requires_grad_()
+        opt = fused_optim.SGD([a, b], lr=1.0, stochastic_rounding=True)
+        for i in range(2):
+            a.grad, b.grad = grad(i), None  # b: no grad, so no state, before the checkpoint
+            opt.step()
+        if resume:
+            saved = copy.deepcopy(opt.state_dict())
+            assert len(saved["state"]) == 1
+            torch.manual_seed(1)  # (another seed drawn as the new optimizer is made)
+            a, b = (t.detach().clone().requires_grad_() for t in (a, b))
+            opt = fused_optim.SGD([a, b], lr=1.0, stochastic_rounding=True)
+            opt.load_state_dict(saved)
+        for i in range(2, 5):
+            a.grad, b.grad = grad(i), grad(i)
+            opt.step()
+        return a.detach(), b.detach(), opt.state[b]["rounding_state"].clone()
+
+    uninterrupted, resumed = run(False), run(True)
+    for x, y in zip(uninterrupted, resumed):
+        assert torch.equal(x, y)
+    # (the rounding did draw: updates of 1e-3 on 1.0 are below half a bfloat16 ulp)
+    assert not torch.equal(resumed[1], torch.ones(300, dtype=torch.bfloat16))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_stochastic_rounding_of_a_shard_draws_its_elements_bits(dtype):
     """A shard given [seed, counter, offset] (how the optimizers pass a DTensor's local

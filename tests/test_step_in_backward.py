@@ -159,6 +159,36 @@ def test_bitwise_equal_to_backward_then_step(name, bucket, threads):
     handle.remove()
 
 
+def test_a_param_read_later_in_the_backward_raises_autograds_error():
+    """A param updated in the backward (its grad complete) whose value a later part of the
+    same backward still needs: autograd's "modified by an inplace operation" error, as with
+    torch's own per-param hook recipe, not a silently different grad (Note [version
+    counters]: the kernels bump the params' version counters)."""
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.u = torch.nn.Parameter(torch.randn(4))
+            self.w = torch.nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, x):
+            h = (x * self.u) @ self.w.detach()  # w's value saved for u's grad
+            return (h @ self.w).square().sum()  # w's grad is complete first
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    for recipe in ("torch", "ours"):
+        model = Model()
+        if recipe == "torch":
+            for p in model.parameters():
+                p.register_post_accumulate_grad_hook(
+                    lambda p: torch.optim.SGD([p], lr=0.1).step())
+        else:
+            fused_optim.step_in_backward(fused_optim.SGD(model.parameters(), lr=0.1),
+                                         bucket_cap_mb=0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            model(x).backward()
+
+
 def test_grads_are_freed_and_params_updated_during_backward():
     model = make_model()
     opt = fused_optim.AdamW(model.parameters(), lr=0.01)
