@@ -60,12 +60,10 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
             return "sparse gradients"
         return reason
 
-    def _check_fused_group(self, group: Dict[str, Any]) -> None:
-        # torch.optim.adagrad's own check, for the params with grads (the sparse ones run
-        # torch's step, which raises it too)
-        for p in group["params"]:
-            if p.grad is not None and p.is_complex():
-                raise RuntimeError("`fused` does not support sparse grad or complex param")
+    @staticmethod
+    def _fused_complex_error(p: Tensor) -> Exception:
+        # torch.optim.adagrad's own check (sparse grads run torch's step, which raises it)
+        return RuntimeError("`fused` does not support sparse grad or complex param")
 
     _op = "adagrad_"
     _moment_keys = ("sum",)  # Note [state storage]

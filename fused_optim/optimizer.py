@@ -482,9 +482,21 @@ class FusedOptimizer(torch.optim.Optimizer):
                     self._need_device_dtype_check_for_fused = False
                     return
 
-    def _check_fused_group(self, group: Dict[str, Any]) -> None:
-        """Raises the error torch's fused=True step raises for this group's params (a
-        complex one, say), before anything changes. Asked each step, for fused groups only."""
+    # The error torch's fused=True step raises for a complex param with a grad (beyond the
+    # first param's check above), made from that param; None where torch raises none.
+    _fused_complex_error: Optional[Callable[[Tensor], Exception]] = None
+
+    def _check_fused_groups(self) -> None:
+        """Raises _fused_complex_error for the first complex param with a grad of a fused
+        group, before anything changes. Asked each step."""
+        error = self._fused_complex_error
+        if error is None:
+            return
+        for group in self.param_groups:
+            if group.get("fused"):
+                for p in group["params"]:
+                    if p.grad is not None and p.is_complex():
+                        raise error(p)
 
     def _sparse_grad_group(self) -> Optional[Dict[str, Any]]:
         """The first param group with a param whose grad is sparse, or None."""
@@ -548,9 +560,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if getattr(self, "_need_device_dtype_check_for_fused", False):
             self._fused_dtype_check_once()
-        for group in self.param_groups:
-            if group.get("fused"):
-                self._check_fused_group(group)
+        self._check_fused_groups()
         # Decided after the closure: the grads it makes (sparse ones, say) are the ones the
         # step sees.
         reason = self._torch_step_reason()

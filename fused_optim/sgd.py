@@ -65,12 +65,11 @@ class SGD(FusedOptimizer, torch.optim.SGD):
                 return "sparse gradients"
         return reason
 
-    def _check_fused_group(self, group: Dict[str, Any]) -> None:
+    @staticmethod
+    def _fused_complex_error(p: Tensor) -> Exception:
         # torch's fused SGD kernel has no complex dtypes: its dispatcher's error.
-        for p in group["params"]:
-            if p.grad is not None and p.is_complex():
-                raise NotImplementedError(
-                    f'"fused_sgd_kernel" not implemented for \'{_C10_NAMES[p.dtype]}\'')
+        return NotImplementedError(
+            f'"fused_sgd_kernel" not implemented for \'{_C10_NAMES[p.dtype]}\'')
 
     _op = "sgd_"
     _moment_keys = ("momentum_buffer",)  # Note [state storage]
