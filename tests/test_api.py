@@ -283,21 +283,26 @@ def test_flags_of_any_truthiness_step_as_torchs(name, flags):
     assert torch.equal(out[0], out[1])
 
 
-@pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
+STRUCTURED = ("Adafactor", "SparseAdam", "Muon")
+
+
+@pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS + [
+    (name, getattr(torch.optim, name), getattr(fused_optim, name)) for name in STRUCTURED],
+    ids=PAIR_IDS + list(STRUCTURED))
 def test_a_step_bumps_the_params_version_counters(name, torch_cls, ours_cls):
     """Note [version counters]: after a step (the first, on the general path, and the
-    next, on the fast path), a graph that saved a param's old value is refused by autograd
-    as after torch's step."""
+    next, on the fast path where the algorithm has one), a graph that saved a param's old
+    value is refused by autograd as after torch's step. (SparseAdam's grad is made sparse
+    after the backward.)"""
     for cls in (torch_cls, ours_cls):
-        kwargs = {"lr": 0.1}
-        if name == "SparseAdam":
-            continue  # (sparse grads: no graph through the param's value here)
         p = torch.nn.Parameter(torch.randn(4, 3))
-        opt = cls([p], **kwargs)
+        opt = cls([p], lr=0.1)
         for _ in range(2):
             before = p._version
             loss = (p * p).sum()
             loss.backward(retain_graph=True)
+            if name == "SparseAdam":
+                p.grad = p.grad.to_sparse()
             opt.step()
             assert p._version > before, cls
             with pytest.raises(RuntimeError, match="modified by an inplace operation"):
