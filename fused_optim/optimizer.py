@@ -394,6 +394,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         state_dtype = getattr(self, "_state_dtype", None)
         kept: Dict[Any, Dict[str, Tensor]] = {}
         stripped: Dict[Any, Dict[str, Any]] = {}
+        dropped_scales = False
         for pid, s in state_dict["state"].items():
             quantized = [k for k in self._moment_keys if isinstance(s.get(k), Tensor)
                          and s[k].dtype == torch.uint8 and k + _ABSMAX in s]
@@ -423,10 +424,16 @@ class FusedOptimizer(torch.optim.Optimizer):
                         f"{type(self).__name__}.load_state_dict: the state of param {pid} has "
                         f"'{k}' ({_STORAGE_OPTION[k]}=True), but this optimizer has {now}: make "
                         f"it with {_STORAGE_OPTION[k]}=True to resume this checkpoint")
-            stripped[pid] = {k: v for k, v in s.items() if k not in keep}
+            # (an 8-bit checkpoint's moments kept in full precision, a small param's, load
+            # into an optimizer without state_dtype as a float checkpoint's: their empty
+            # scales, only a mark of the mode, are not put in its state)
+            drop = keep if state_dtype is not None else keep | {
+                k + _ABSMAX for k in self._moment_keys}
+            stripped[pid] = {k: v for k, v in s.items() if k not in drop}
+            dropped_scales |= len(stripped[pid]) + len(ours) < len(s)
             if ours or scalars:
                 kept[pid] = {**ours, **scalars}
-        if not kept:
+        if not kept and not dropped_scales:
             super().load_state_dict(state_dict)
             return
         super().load_state_dict(dict(state_dict, state=stripped))

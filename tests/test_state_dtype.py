@@ -391,6 +391,42 @@ def test_8_bit_checkpoint_into_another_state_dtype_is_refused():
     assert other.state_dict() == before
 
 
+def test_8_bit_checkpoint_of_small_params_loads_into_torchs_state():
+    """An 8-bit checkpoint whose params are all under 4,096 elements has no quantized
+    moment (each keeps float32 ones and empty scales): it loads into an optimizer without
+    state_dtype as a float checkpoint does, with torch's keys, and steps as one loaded from
+    to_torch_state_dict's checkpoint (bitwise: the same kernel on the same values)."""
+    shapes = [(70, 50), (10,), ()]
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(2)]
+
+    def step(opt, params, gs):
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+
+    params = [t.clone().requires_grad_() for t in start]
+    opt = fused_optim.AdamW(params, lr=0.01, state_dtype=torch.uint8)
+    step(opt, params, grads[0])
+    saved = copy.deepcopy(opt.state_dict())
+    assert all(v["exp_avg_absmax"].numel() == 0 for v in saved["state"].values())
+    runs = []
+    # (deep copies: a loaded state shares the checkpoint's step tensors, as torch's does)
+    for sd in (copy.deepcopy(saved), fused_optim.to_torch_state_dict(copy.deepcopy(saved))):
+        ps = [p.detach().clone().requires_grad_() for p in params]
+        o = fused_optim.AdamW(ps, lr=0.01)
+        o.load_state_dict(sd)
+        assert [set(o.state[p]) for p in ps] == [{"step", "exp_avg", "exp_avg_sq"}] * len(ps)
+        step(o, ps, grads[1])
+        runs.append((o, ps))
+    (plain, a_params), (want, b_params) = runs
+    for i, (a, b) in enumerate(zip(a_params, b_params)):
+        assert_bitwise(a, b, f"param {i}")
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert_bitwise(plain.state[a][k], want.state[b][k], f"{k} of param {i}")
+
+
 def test_float_state_dtype_checkpoint_converts_between_dtypes():
     """A bfloat16-moment checkpoint loads into a float32-moment optimizer (widened), and a
     torch one into state_dtype=torch.bfloat16 (rounded)."""
