@@ -288,7 +288,7 @@ STRUCTURED = ("Adafactor", "SparseAdam", "Muon")
 
 @pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS + [
     # (torch.optim.Muon is new in torch 2.9: the oldest lane's torch lacks it)
-    pytest.param(name, getattr(torch.optim, name, None), getattr(fused_optim, name),
+    pytest.param(name, getattr(torch.optim, name, None), getattr(fused_optim, name, None),
                  marks=pytest.mark.skipif(not hasattr(torch.optim, name),
                                           reason=f"torch {torch.__version__} has no {name}"))
     for name in STRUCTURED],
