@@ -133,6 +133,10 @@ class MultiTensorPlan {
   TensorPtrs& entry(int64_t j) { return ptrs_[j]; }
   const std::vector<int64_t>& offsets() const { return offsets_; }
 
+  // Whether entries share memory that the loops write (Note [aliased params] in
+  // plan.cpp): then they run on one thread, in list order.
+  bool serial() const { return serial_; }
+
   // Copies the layout temporaries of written tensors back (on CUDA: stream-ordered).
   void finish();
 
@@ -143,12 +147,15 @@ class MultiTensorPlan {
   // Raises where param i, updated through a copy, shares elements with another param
   // (Note [overlapping params] in plan.cpp).
   static void check_no_overlap(const char* op, int64_t i, at::TensorList params);
+  // Whether two entries' params (or grads) share memory.
+  bool entries_share_memory(bool grads) const;
 
   int64_t num_tensors_ = 0;
   int num_states_ = 0;  // the rule's, and the storage's buffer
   ParamMode param_mode_ = ParamMode::kNearest;
   bool mixed_ = false;
   bool quantized_ = false;
+  bool serial_ = false;  // Note [aliased params]
   at::TensorList rounding_states_;  // kStochastic
   std::vector<at::ScalarType> real_dtypes_;
   std::vector<char> is_complex_;  // not vector<bool>: written from several threads

@@ -465,6 +465,94 @@ def test_params_that_overlap_through_a_copy_are_refused_and_disjoint_views_work(
     assert torch.equal(results[0], results[1])
 
 
+def _aliased(case, n):
+    """Two params sharing memory, as users make them: the same param twice in a group
+    (torch warns), or two overlapping views of one flat buffer."""
+    if case == "duplicate":
+        p = torch.randn(n, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        return [p, p]
+    flat = torch.randn(n + n // 2, generator=torch.Generator().manual_seed(0))
+    return [flat[:n].requires_grad_(), flat[n // 2:].requires_grad_()]
+
+
+@pytest.mark.parametrize("case", ["duplicate", "overlapping_views"])
+@pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
+def test_params_sharing_memory_step_as_torchs_for_loop_at_two_threads(name, torch_cls,
+                                                                        ours_cls, case):
+    """Note [aliased params] in csrc/plan.cpp: torch's for-loop updates shared elements
+    twice, param after param. Split across two threads (each param more than a thread's
+    share of the range) the two updates raced: results changed from run to run. Params
+    bitwise torch's (IEEE sqrt), 3 steps."""
+    n = 3 * 32768  # (above the loops' grain: the range is split across threads)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = []
+        for cls, kw in ((torch_cls, dict(foreach=False)), (ours_cls, {})):
+            params = _aliased(case, n)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (torch's duplicate-params warning)
+                opt = cls(params, **kw)
+            for step in range(3):
+                for i, p in enumerate(params):
+                    p.grad = torch.randn(n, generator=torch.Generator().manual_seed(10 * step + i))
+                with pu.correctly_rounded_sqrt():
+                    opt.step()
+            out.append(torch.cat([p.detach().reshape(-1) for p in params]))
+        assert torch.equal(out[0], out[1])
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_shared_grads_unscaled_by_the_step_are_the_same_at_every_thread_count(name):
+    """Note [aliased params]: with a GradScaler the step writes the unscaled grads (as
+    torch's fused=True does, once per entry); two params sharing one grad tensor then take
+    it in list order, so the bits do not depend on the threads."""
+    _, ours_cls = pu.ALGOS[name]
+    n = 3 * 32768
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            params = [torch.zeros(n, requires_grad=True) for _ in range(2)]
+            opt = ours_cls(params, lr=0.1)
+            scaler = torch.amp.GradScaler("cpu", init_scale=3.0)
+            for step in range(2):
+                scaler.scale(torch.ones(()))  # (the scaler's scale, as a loss would make it)
+                params[0].grad = params[1].grad = torch.randn(
+                    n, generator=torch.Generator().manual_seed(step)) * 3.0
+                scaler.step(opt)
+                scaler.update()
+            out.append(torch.cat([p.detach() for p in params] + [params[0].grad]))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out[0], out[1])
+
+
+@pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
+def test_an_expanded_param_raises_torchs_error_before_anything_changes(name, torch_cls,
+                                                                       ours_cls):
+    """A param whose elements share memory (an expand): torch's in-place ops refuse to
+    write it; ours raises the same error before the update, leaving the state as made."""
+    errors = []
+    for cls in (torch_cls, ours_cls):
+        p = torch.randn(6, 1).expand(6, 4).requires_grad_()
+        before = p.detach().clone()
+        opt = cls([p], lr=0.01)
+        p.grad = torch.randn(6, 4)
+        with pytest.raises(RuntimeError) as e:
+            opt.step()
+        errors.append(str(e.value))
+    assert errors[0] == errors[1]
+    assert torch.equal(p.detach(), before)
+    for v in opt.state[p].values():
+        if isinstance(v, torch.Tensor) and v.numel() > 1:
+            # as made (zeros, or Rprop's lr): one value; an update by random grads makes many
+            assert v.unique().numel() == 1
+
+
 @pytest.mark.skipif(not hasattr(torch.Tensor, "grad_dtype"), reason="torch < 2.9: no grad_dtype")
 @pytest.mark.parametrize("name", ["SGD", "RMSprop", "Adagrad", "Adam"])
 def test_a_grad_of_another_dtype_runs_torchs_step(name):

@@ -292,6 +292,11 @@ void run(MultiTensorPlan& plan, const std::vector<SegmentFn>& fns,
     ptrs[j] = &tp;
   }
   const std::vector<int64_t>& offsets_ = plan.offsets();
+  if (plan.serial()) {  // Note [aliased params] (plan.cpp): one thread, in list order
+    for (int64_t j = 0; j < entries; ++j) seg_fns[j](*ptrs[j], 0, offsets_[j + 1] - offsets_[j]);
+    plan.finish();
+    return;
+  }
   if (plan.has_quantized_states()) {
     // Note [8-bit state]: a quantization block is one thread's, whole: the range split
     // across threads is one of blocks (each tensor's last one may be short).
