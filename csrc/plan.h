@@ -140,13 +140,15 @@ class MultiTensorPlan {
   // Copies the layout temporaries of written tensors back (on CUDA: stream-ordered).
   void finish();
 
+  // Raises where param i, updated through a copy, shares elements with another param
+  // (Note [overlapping params] in plan.cpp; also Adafactor's and Muon's kernels, which
+  // update such params through copies too).
+  static void check_no_overlap(const char* op, int64_t i, at::TensorList params);
+
  private:
   // The pointers of param i whose tensors need real views or layout temporaries.
   TensorPtrs unusual_layout(int64_t i, at::TensorList params, at::TensorList grads,
                             const std::vector<at::TensorList>& states, bool grad_mutable);
-  // Raises where param i, updated through a copy, shares elements with another param
-  // (Note [overlapping params] in plan.cpp).
-  static void check_no_overlap(const char* op, int64_t i, at::TensorList params);
   // Whether two entries' params (or grads) share memory.
   bool entries_share_memory(bool grads) const;
 

@@ -165,3 +165,11 @@ for _op in OPTIMIZER_OPS + ("_muon_aten_", "_stream_", "_mul_"):
 @torch.library.register_fake("fused_optim::_norms")
 def _norms_fake(tensors: List[Tensor], ord: float, inv_scale: float = 1.0) -> Tensor:
     return tensors[0].new_empty((len(tensors),))
+
+
+def param_list(group: dict) -> list:
+    """A group's params as the list that the C++ functions (_C._step, the clipping's and
+    the sparse-grad scan) take: torch's add_param_group makes it a list, but a user may
+    have set a tuple since, which torch's step iterates as well."""
+    params = group["params"]
+    return params if type(params) is list else list(params)

@@ -60,6 +60,8 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
             return "sparse gradients"
         return reason
 
+    _checks_fused_once = True
+
     @staticmethod
     def _fused_complex_error(p: Tensor) -> Exception:
         # torch.optim.adagrad's own check (sparse grads run torch's step, which raises it)

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from . import _C
+from ._ops import param_list
 
 __all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_"]
 
@@ -264,7 +265,7 @@ def clip_in_step(optimizer, grad_scale: Optional[Tensor], found_inf: Optional[Te
     if _kernel_norm(norm_type) and (inv is None or inv.device.type == "cpu"):
         # The fast path (Note [clipping's fast path] in csrc/python_step.cpp): every grad of
         # one dtype, dense, on the CPU.
-        param_lists = [group["params"] for group in groups]
+        param_lists = [param_list(group) for group in groups]
         norms = _C._grad_norms(param_lists, norm_type, inv_value)
         if norms is not None:
             if norms.numel() == 0:

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.optim.optimizer import _device_dtype_check_for_fused, _get_scalar_dtype
 
 from . import _C, _ops, quantization
+from ._ops import param_list
 from .clip import clip_in_step
 from ._loader import built_with_cuda, why_no_cuda
 
@@ -489,6 +490,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                     self._need_device_dtype_check_for_fused = False
                     return
 
+    # Whether torch's step makes _fused_dtype_check_once's check (SGD, Adagrad).
+    _checks_fused_once = False
+
     # The error torch's fused=True step raises for a complex param with a grad (beyond the
     # first param's check above), made from that param; None where torch raises none.
     _fused_complex_error: Optional[Callable[[Tensor], Exception]] = None
@@ -513,7 +517,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if compiling:
                 sparse = any(p.grad is not None and p.grad.is_sparse for p in params)
             else:
-                sparse = _C._has_sparse_grad(params)  # the same scan at C speed
+                sparse = _C._has_sparse_grad(param_list(group))  # the same scan at C speed
             if sparse:
                 return group
         return None
@@ -565,7 +569,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if getattr(self, "_need_device_dtype_check_for_fused", False):
+        # (torch's SGD and Adagrad take a missing flag as set: a deepcopy or an unpickled
+        # optimizer checks again, and so does one made before `fused` was set on a group)
+        if getattr(self, "_need_device_dtype_check_for_fused", self._checks_fused_once):
             self._fused_dtype_check_once()
         self._check_fused_groups()
         # Decided after the closure: the grads it makes (sparse ones, say) are the ones the
@@ -607,7 +613,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         # one below, through the op.
         fast = self._fast_path and not torch.compiler.is_compiling()
         with torch.no_grad():
-            done = fast and _C._step(self._op, [g["params"] for g in groups], self.state, keys,
+            done = fast and _C._step(self._op, [param_list(g) for g in groups], self.state, keys,
                                      args)
         if done:
             return loss
@@ -621,7 +627,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         retry = fast and len(groups) > 1
         with torch.no_grad():
             for group, group_keys, group_args in zip(groups, keys, args):
-                if retry and _C._step(self._op, [group["params"]], self.state, [group_keys],
+                if retry and _C._step(self._op, [param_list(group)], self.state, [group_keys],
                                       [group_args]):
                     continue
                 params: List[Tensor] = []

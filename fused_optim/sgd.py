@@ -65,6 +65,8 @@ class SGD(FusedOptimizer, torch.optim.SGD):
                 return "sparse gradients"
         return reason
 
+    _checks_fused_once = True
+
     @staticmethod
     def _fused_complex_error(p: Tensor) -> Exception:
         # torch's fused SGD kernel has no complex dtypes: its dispatcher's error.

@@ -67,6 +67,10 @@ class SparseAdam(FusedOptimizer, torch.optim.SparseAdam):
         state = self.state
         exp_avgs, exp_avg_sqs, step_sizes = [], [], []
         sizes: Dict[int, float] = {}  # step -> step size (a group's params share a step)
+        # Each param's count after this step, stored once the kernel has run: a step that
+        # fails (in the arithmetic below or in the kernel's checks) changes no count. (A
+        # param listed twice counts twice, as in torch's loop.)
+        steps: Dict[int, int] = {}
         for p in params:
             s = state[p]
             if len(s) == 0:  # as torch's step creates it: `step` is a Python int
@@ -74,8 +78,7 @@ class SparseAdam(FusedOptimizer, torch.optim.SparseAdam):
                 zeros_states(s, p, "exp_avg", "exp_avg_sq")
             exp_avgs.append(s["exp_avg"])
             exp_avg_sqs.append(s["exp_avg_sq"])
-            s["step"] += 1
-            step = s["step"]
+            step = steps[id(p)] = steps.get(id(p), s["step"]) + 1
             if step not in sizes:
                 # torch's arithmetic, in Python (F.sparse_adam).
                 bias_correction1 = 1 - beta1**step
@@ -89,3 +92,5 @@ class SparseAdam(FusedOptimizer, torch.optim.SparseAdam):
                     else size.item()
             step_sizes.append(size)
         torch.ops.fused_optim.sparse_adam_(params, grads, exp_avgs, exp_avg_sqs, step_sizes, *args)
+        for p in params:
+            state[p]["step"] = steps[id(p)]

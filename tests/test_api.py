@@ -260,6 +260,48 @@ def test_fused_true_with_complex_params_raises_torchs_error(name, complex_first)
     ours_cls([p], lr=0.1, fused=True).step()
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "fused_set_later"])
+@pytest.mark.parametrize("name", ["SGD", "Adagrad"])
+def test_fused_check_of_sgd_and_adagrad_runs_where_torchs_does(name, how):
+    """torch's SGD and Adagrad take a missing check flag as set: a deepcopy (the flag is
+    not copied) or a group whose `fused` is set after construction checks its complex
+    param at step, with torch's error."""
+    torch_cls, ours_cls = pu.ALGOS[name]
+    errors = []
+    for cls in (torch_cls, ours_cls):
+        cplx = torch.randn(3, dtype=torch.complex64, requires_grad=True)
+        cplx.grad = torch.ones_like(cplx)
+        if how == "deepcopy":
+            opt = copy.deepcopy(cls([torch.randn(3, requires_grad=True)], lr=0.1, fused=True))
+            opt.param_groups[0]["params"] = [cplx]
+        else:
+            opt = cls([cplx], lr=0.1)
+            opt.param_groups[0]["fused"] = True
+        with pytest.raises(Exception) as info:
+            opt.step()
+        errors.append((type(info.value), str(info.value)))
+    assert errors[0] == errors[1]
+
+
+@pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
+def test_a_groups_params_as_a_tuple_step_as_torchs(name, torch_cls, ours_cls):
+    """A group's params set to a tuple after construction (torch's step iterates it):
+    every step, the first and the fast path's, bitwise torch's (IEEE sqrt)."""
+    out = []
+    for cls, kw in ((torch_cls, dict(foreach=False)), (ours_cls, {})):
+        ps = [torch.randn(5, generator=torch.Generator().manual_seed(i)).requires_grad_()
+              for i in range(2)]
+        opt = cls(ps, lr=0.01, **kw)
+        opt.param_groups[0]["params"] = tuple(opt.param_groups[0]["params"])
+        for step in range(3):
+            for i, p in enumerate(ps):
+                p.grad = torch.randn(5, generator=torch.Generator().manual_seed(10 * step + i))
+            with pu.correctly_rounded_sqrt():
+                opt.step()
+        out.append(torch.cat([p.detach() for p in ps]))
+    assert torch.equal(out[0], out[1])
+
+
 @pytest.mark.parametrize("name,flags", [
     ("Adam", dict(amsgrad="yes")), ("AdamW", dict(amsgrad=None, maximize=1)),
     ("SGD", dict(momentum=0.9, nesterov="yes")), ("RMSprop", dict(centered="yes")),
@@ -463,6 +505,24 @@ def test_params_that_overlap_through_a_copy_are_refused_and_disjoint_views_work(
             o.step()
         results.append(store)
     assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("name", ["Muon", "Adafactor"])
+def test_muon_and_adafactor_refuse_params_that_overlap_through_a_copy(name):
+    """Their kernels too update a non-contiguous param through a copy written back whole:
+    where it shares elements with another param, the write-back undid the other's update
+    of them (silently). Refused as the elementwise kernels refuse it, before anything
+    changes."""
+    base = torch.randn(6, 8)
+    a, b = base[:, ::2].requires_grad_(), base[:, 0:4].requires_grad_()  # column 0 shared
+    opt = getattr(fused_optim, name)([a, b], lr=0.02)
+    a.grad, b.grad = torch.randn(6, 4), torch.randn(6, 4)
+    before = base.clone()
+    with pytest.raises(RuntimeError, match=r"params\[0\] is a non-contiguous view that shares "
+                                           r"elements with params\[1\]"):
+        opt.step()
+    assert torch.equal(base, before)
+    assert all(float(s.get("step", 0)) == 0 for s in opt.state.values())
 
 
 def _aliased(case, n):

@@ -190,6 +190,48 @@ def test_out_of_bounds_index_is_an_error_before_any_change():
     assert torch.equal(q.detach(), torch.zeros(4))
 
 
+def test_a_failing_step_counts_no_step():
+    """The kernel's checks fail (an index out of bounds, second param): no param, moment or
+    count changes (the counts were incremented before the kernel ran)."""
+    p = torch.zeros(5, 3, requires_grad=True)
+    q = torch.zeros(4, requires_grad=True)
+    opt = fused_optim.SparseAdam([q, p])
+
+    def grads(row):
+        q.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1), (4,))
+        p.grad = torch.sparse_coo_tensor(torch.tensor([[row]]), torch.ones(1, 3), (5, 3),
+                                         check_invariants=False)
+    grads(2)
+    opt.step()
+    before = copy.deepcopy(opt.state_dict())
+    values = [q.detach().clone(), p.detach().clone()]
+    grads(7)
+    with pytest.raises(RuntimeError, match="out of bounds for dimension 0 of size 5"):
+        opt.step()
+    after = opt.state_dict()
+    for k, s in before["state"].items():
+        assert after["state"][k]["step"] == s["step"] == 1
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(after["state"][k][key], s[key])
+    assert torch.equal(q.detach(), values[0]) and torch.equal(p.detach(), values[1])
+
+
+def test_a_param_listed_twice_counts_twice_as_torchs():
+    """torch's loop counts a param listed twice twice (the second entry's step size from
+    the second count): the same bits and count."""
+    out = []
+    for cls in (torch.optim.SparseAdam, fused_optim.SparseAdam):
+        p = torch.zeros(6, 2, requires_grad=True)
+        with pytest.warns(UserWarning, match="duplicate parameters"):
+            opt = cls([p, p], lr=0.1)
+        for step in range(3):
+            p.grad = torch.sparse_coo_tensor(torch.tensor([[step, 4]]),
+                                             torch.full((2, 2), 1.0 + step), (6, 2))
+            opt.step()
+        out.append((p.detach().clone(), opt.state[p]["step"]))
+    assert torch.equal(out[0][0], out[1][0]) and out[0][1] == out[1][1] == 6
+
+
 def test_embedding_training_matches_torch():
     # nn.Embedding(sparse=True) in a real forward/backward, two tables in two groups.
     def train(cls):

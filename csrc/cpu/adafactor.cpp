@@ -590,6 +590,13 @@ void adafactor_cpu(at::TensorList params, at::TensorList grads, at::TensorList r
   // eps1=None: torch.finfo(param.dtype).eps of the first param, kept for the group's others
   // (the for-loop assigns the variable once).
   const double e1 = eps1.has_value() ? *eps1 : finfo_eps(params[0].scalar_type());
+  // (a param updated through a copy must share no element with another: Note
+  // [overlapping params] in plan.cpp; checked before anything is counted or written)
+  for (int64_t i = 0; i < n; ++i) {
+    if (!Layouts::usual(params[i]) && params[i].numel() != 0) {
+      MultiTensorPlan::check_no_overlap(kOp, i, params);
+    }
+  }
   const std::vector<double> steps = increment_steps(state_steps);
   const bool decay = weight_decay != 0.0;
   // 1 - lr * weight_decay; with a float32 Tensor lr a float32 tensor op (Note [Tensor lr]).

@@ -498,6 +498,9 @@ void muon_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
         out = temp ? t.contiguous().resolve_neg() : t;
       };
       take(params[i], s.p, s.p_temp);
+      // (a param updated through a copy must share no element with another: Note
+      // [overlapping params] in plan.cpp)
+      if (s.p_temp && params[i].numel() != 0) MultiTensorPlan::check_no_overlap(kOp, i, params);
       take(grads[i], s.g, s.g_temp);
       take(momentum_buffers[i], s.buf, s.buf_temp);
     }
