@@ -302,7 +302,7 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
 // by two params where the step writes them (the unscaled grads of a GradScaler step, as
 // torch's fused=True writes them, once per entry). Split across threads, the two updates
 // would race. So a call whose entries' memory overlaps runs on one thread, in list order,
-// which gives the for-loop's bits. Each entry's loop writes one dense span of memory, from
+// which gives the for-loop's bits (on CUDA: one launch per entry, in list order). Each entry's loop writes one dense span of memory, from
 // its pointer (or that of its layout temporary, its own memory). The check is one pass
 // where the spans come in address order (ascending, or descending as mmap hands out big
 // allocations); else the spans are sorted (~35 us for 5,000), and a call whose spans were

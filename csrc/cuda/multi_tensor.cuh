@@ -595,7 +595,9 @@ void launch_with(MultiTensorPlan& plan, const std::vector<Coeffs>& coeffs,
     blocks += chunks;
   };
   for (int64_t j = 0; j < entries; ++j) {
-    if (kernels[j] != kernel) {
+    // (entries that share memory: one launch each, in list order, which the stream runs
+    // one after the other: Note [aliased params] in plan.cpp)
+    if (kernels[j] != kernel || plan.serial()) {
       flush();
       kernel = kernels[j];
     }
