@@ -302,8 +302,9 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
 // by two params where the step writes them (the unscaled grads of a GradScaler step, as
 // torch's fused=True writes them, once per entry). Split across threads, the two updates
 // would race. So a call whose entries' memory overlaps runs on one thread, in list order,
-// which gives the for-loop's bits (on CUDA: one launch per entry, in list order). Each entry's loop writes one dense span of memory, from
-// its pointer (or that of its layout temporary, its own memory). The check is one pass
+// which gives the for-loop's bits (on CUDA: one launch per entry, in list order). Each
+// entry's loop writes one dense span of memory, from its pointer (or that of its layout
+// temporary, its own memory). The check is one pass
 // where the spans come in address order (ascending, or descending as mmap hands out big
 // allocations); else the spans are sorted (~35 us for 5,000), and a call whose spans were
 // found disjoint is remembered by a hash of them: a training loop's params are the same
@@ -318,15 +319,16 @@ bool MultiTensorPlan::entries_share_memory(bool grads) const {
   };
   bool ascending = true, descending = true;
   uint64_t hash = static_cast<uint64_t>(m);
+  std::pair<const char*, const char*> before{};
   for (int64_t j = 0; j < m; ++j) {
     const auto a = span(j);
     hash = mix64(hash ^ reinterpret_cast<uintptr_t>(a.first)) +
            static_cast<uint64_t>(a.second - a.first);
-    if (j + 1 < m) {
-      const auto b = span(j + 1);
-      ascending = ascending && a.second <= b.first;
-      descending = descending && b.second <= a.first;
+    if (j > 0) {
+      ascending = ascending && before.second <= a.first;
+      descending = descending && a.second <= before.first;
     }
+    before = a;
   }
   if (ascending || descending) return false;
   // (a few calls' hashes: a training loop's groups, params and grads)
