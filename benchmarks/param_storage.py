@@ -10,7 +10,8 @@ compares the same minutes of a noisy machine); the median of the rounds.
 
 Bytes per element and step: param read and written, grad read, two moments read and
 written (2 bytes each: 14), plus Kahan's compensation read and written (+4), or the float32
-master read and written instead of the param read (+6); with 8-bit moments, 1 byte each
+master read and written (+8: the param is read too, Note [master follows the param] in
+csrc/plan.h; 20 bytes were counted before 2026-12-04, when it was not); with 8-bit moments, 1 byte each
 (10; their block scales add 1/16). float32 params: 28 with float32 moments, 20 with
 bfloat16 ones, 16 with 8-bit ones.
 
@@ -34,7 +35,7 @@ MODES = {
     "round to nearest": ({}, 14),
     "kahan_summation": ({"kahan_summation": True}, 18),
     "stochastic_rounding": ({"stochastic_rounding": True}, 14),
-    "master_weights": ({"master_weights": True}, 20),
+    "master_weights": ({"master_weights": True}, 22),
     "state_dtype=torch.uint8": ({"state_dtype": torch.uint8}, 10),
 }
 FLOAT32_MODES = {

@@ -57,6 +57,15 @@ struct TensorPtrs {
 //     for a DTensor's shard the optimizer passes [seed, counter, the shard's offset]).
 //   kMaster (master_weights=True): a float32 copy of the param (state["master_param"]) is
 //     what the rule updates; the param is its rounding to nearest. 4 bytes per param.
+//     Note [master follows the param]: the param stays the truth, the master only its
+//     extra bits. Before the update, each element whose master does not round to the
+//     param's bits takes the param's value (widened); the others keep their master. The
+//     param was then changed outside the optimizer since its last step (a clamp, a pruning
+//     mask, an edit through .data, model.load_state_dict, a master from a checkpoint that
+//     does not match the model), and the change stands, as with torch.optim; unchanged
+//     elements lose nothing. A step leaves each param its master's rounding, so without
+//     such a change no element is taken and the step is as before. The check reads the
+//     param, whose cache lines the step's stores of it read anyway.
 // The states of the rule keep the param's dtype (math in float, as always). The storage's
 // elementwise buffer (kahan_comp, master_param) is the plan's last state list, so layouts
 // and checks treat it as any state; its loops are cpu/multi_tensor.h's storage_loop and
@@ -169,9 +178,10 @@ class MultiTensorPlan {
   std::vector<at::Tensor> keep_alive_;                          // read-only temporaries
 };
 
-// Checks a list of n step tensors: one-element float32 or float64 tensors, all on the CPU
-// (the for-loop's steps) or, where `device` is given, all on that device (the steps of
-// capturable and fused groups). Returns true when they are on `device`.
+// Checks a list of n step tensors: one-element tensors, all on the CPU (the for-loop's
+// steps: any real dtype, as torch's for-loop takes) or, where `device` is given, all on
+// that device (the steps of capturable and fused groups: float32 or float64). Returns
+// true when they are on `device`.
 bool check_steps(const char* op, at::TensorList steps, int64_t n,
                  std::optional<c10::Device> device = std::nullopt);
 
@@ -191,7 +201,7 @@ double scalar_state_value(const at::Tensor& t);
 void set_scalar_state(const at::Tensor& t, double value);
 // `value` rounded to a floating dtype (as a tensor of that dtype made from it holds it).
 double round_to_dtype(double value, at::ScalarType dtype);
-// Adds 1 to each (CPU) step tensor and returns the new values.
+// Adds 1 to each (CPU) step tensor, in its dtype, and returns the new values.
 std::vector<double> increment_steps(at::TensorList steps);
 
 // True when `found_inf` says this step must be skipped (a GradScaler saw inf/NaN).

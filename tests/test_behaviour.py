@@ -476,6 +476,34 @@ def test_storage_modes_identical_across_isas_on_every_bit_pattern(tmp_path, dtyp
                     torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
+# Note [master follows the param]: a master that rounds to its float16 param's NaN (c10
+# stores every NaN as sign | 0x7E00) is kept, NaN payload and all, by every ISA's loop and
+# in every position (vectors and tail), as the baseline's scalar check keeps it.
+NAN_MASTER_SCRIPT = r"""
+import sys, torch, fused_optim
+p = torch.zeros(37, dtype=torch.float16, requires_grad=True)
+opt = fused_optim.SGD([p], lr=0.1, master_weights=True)
+g = torch.ones(37, dtype=torch.float16)
+g.view(torch.int16)[::2] = 0x7F00  # NaNs with a payload: the masters' NaNs keep it
+g.view(torch.int16)[1::4] = -0x0100  # (0xFF00: with the sign too)
+p.grad = g
+opt.step()
+p.grad = torch.ones(37, dtype=torch.float16)
+opt.step()
+torch.save({"isa": torch.ops.fused_optim._cpu_isa(), "param": p.detach().view(torch.int16),
+            "master": opt.state[p]["master_param"].view(torch.int32)}, sys.argv[1])
+"""
+
+
+def test_nan_masters_keep_their_bits_in_every_isa(tmp_path):
+    results = _run_isas(NAN_MASTER_SCRIPT, tmp_path)
+    base = results["baseline"]
+    assert base["master"].view(torch.float32).isnan().sum() == 28  # (the test's premise)
+    for isa in ISAS[1:]:
+        for key in ("param", "master"):
+            assert torch.equal(results[isa][key], base[key]), f"{key}: {isa}"
+
+
 def test_avx512bf16_loops_run_where_the_cpu_has_them():
     """Guards the test above: on a CPU with AVX512-BF16 its copy of the loops is the default."""
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""

@@ -403,6 +403,96 @@ def test_torch_checkpoint_loads_into_a_mode(mode):
         assert KEYS[mode] in opt.state[p] and opt.state[p]["step"].item() == 2.0
 
 
+def edit_params(params):
+    """Changes made to 16-bit params outside the optimizer, each leaving some elements as
+    they were: a clamp under no_grad (bounds that the 16-bit dtypes hold exactly), a pruning
+    mask written through .data (whose version counter is not the param's), and a copy over
+    the whole of the 0-dim param (as model.load_state_dict does)."""
+    with torch.no_grad():
+        params[0].clamp_(-0.5, 0.5)
+    params[1].data[::3] = 0
+    with torch.no_grad():
+        params[2].copy_(torch.tensor(0.25))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,kwargs", CASES, ids=[c[0] for c in CASES])
+def test_master_weights_keep_an_edit_of_the_params(name, kwargs, dtype):
+    """Note [master follows the param] (csrc/plan.h): params changed in place between steps
+    keep the change, as with torch.optim. The elements the edit changed continue from the
+    edited value; those it left keep their float32 master's extra bits. Reference: the
+    float32 for-loop of run_reference, whose master takes the edited param's value exactly
+    where the edit changed the 16-bit param. Three steps, the edit, two more (the step
+    after it on the eager fast path); params, states and masters bit for bit."""
+    mode = "master_weights"
+    params = make_params(dtype)
+    opt = getattr(fused_optim, name)(params, **kwargs, master_weights=True)
+    low = [p.detach().clone() for p in params]
+    work = [p.float().requires_grad_() for p in low]
+    ref = getattr(torch.optim, name)(work, foreach=False, **kwargs)
+    master = [p.float() for p in low]
+    for step in range(5):
+        if step == 3:
+            edit_params(params)
+            before = [p.clone() for p in low]
+            edit_params(low)
+            for m, b, a in zip(master, before, low):
+                changed = b.view(torch.int16) != a.view(torch.int16)
+                m.copy_(torch.where(changed, a.float(), m))
+            assert any(not torch.equal(b, a) for b, a in zip(before, low))
+            assert all(torch.equal(p.detach(), a) for p, a in zip(params, low))
+        for p, w, g in zip(params, work, grads_at(step, dtype)):
+            p.grad, w.grad = g, g.float()
+        opt.step()
+        with torch.no_grad():
+            for w, m in zip(work, master):
+                w.copy_(m)
+        with correctly_rounded_sqrt():
+            ref.step()
+        with torch.no_grad():
+            for i, w in enumerate(work):
+                master[i].copy_(w)
+                low[i].copy_(w.to(dtype))
+            for s in ref.state.values():
+                for k, v in s.items():
+                    if k not in SCALARS:
+                        v.copy_(v.to(dtype))
+    for i, (p, w) in enumerate(zip(params, work)):
+        assert_bitwise(p, low[i], f"param {i}")
+        assert_bitwise(opt.state[p][KEYS[mode]], master[i], f"master of param {i}")
+        for k, v in ref.state[w].items():
+            want = v if k in SCALARS else v.to(dtype)
+            assert_bitwise(opt.state[p][k], want, f"state {k} of param {i}")
+
+
+def test_master_weights_take_the_params_over_a_checkpoint_of_other_params():
+    """A checkpoint's masters loaded beside params that are not the ones they were the
+    masters of (the optimizer's checkpoint without the model's): the params stand, as with
+    torch.optim, whose step starts from them. The next step is bit for bit that of the same
+    checkpoint without its masters (made from the params: test_torch_checkpoint_loads_into_a_mode)."""
+    params, opt, _ = run_ours("AdamW", dict(lr=0.01), "master_weights", torch.bfloat16, steps=3)
+    sd = opt.state_dict()
+    bare = copy.deepcopy(sd)
+    for s in bare["state"].values():
+        del s["master_param"]
+    # (every element other than the checkpoint's param, so every master is the param's)
+    others = [(p.detach().float() + 1).to(torch.bfloat16) for p in params]
+    assert all((a != p).all() for a, p in zip(others, params))
+    runs = []
+    for checkpoint in (sd, bare):
+        ps = [p.detach().clone().requires_grad_() for p in others]
+        o = fused_optim.AdamW(ps, lr=0.01, master_weights=True)
+        o.load_state_dict(checkpoint)
+        for p, g in zip(ps, grads_at(3, torch.bfloat16)):
+            p.grad = g
+        o.step()
+        runs.append((ps, o))
+    (ps, o), (qs, q) = runs
+    for i, (p, r) in enumerate(zip(ps, qs)):
+        assert_bitwise(p, r, f"param {i}")
+        assert_bitwise(o.state[p]["master_param"], q.state[r]["master_param"], f"master {i}")
+
+
 def test_checkpoint_of_another_mode_is_refused():
     params, opt, _ = run_ours("Adam", dict(lr=0.01), "master_weights", torch.bfloat16, steps=1)
     sd = opt.state_dict()

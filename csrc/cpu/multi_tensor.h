@@ -688,6 +688,24 @@ FO_INLINE void prefetch_storage_ahead(const TensorPtrs& t, const void* comp, con
   if (master != nullptr) prefetch_elements<1>(master, 4, from, to);
 }
 
+// Note [master follows the param] (plan.h) for the storage loop's block of m masters, from
+// element b of the 16-bit param: each master that does not round to the param's bits takes
+// the param's value (scratch: m floats).
+template <Isa kIsa>
+FO_INLINE void master_follows_param(at::ScalarType pt, const void* param, int64_t b,
+                                    float* master, int64_t m, float* scratch) {
+  alignas(64) uint16_t rounded[kBlock];
+  store_block<kIsa>(pt, master, rounded, 0, m, nullptr);
+  const uint16_t* bits = static_cast<const uint16_t*>(param) + b;
+  bool edited = false;
+  for (int64_t i = 0; i < m; ++i) edited |= rounded[i] != bits[i];
+  if (!edited) return;
+  load_block<kIsa>(pt, param, b, scratch, m, nullptr);
+  for (int64_t i = 0; i < m; ++i) {
+    if (rounded[i] != bits[i]) master[i] = scratch[i];
+  }
+}
+
 #if FO_X86_CLONES
 // Note [storage modes in registers]
 // Kahan summation and master weights of 16-bit params whose grads and states all have the
@@ -736,7 +754,8 @@ FO_INLINE int64_t mode_vectors(const TensorPtrs& t, int64_t begin, int64_t end, 
       const int64_t bend = std::min(vend, b + kBlock);
       prefetch_storage_ahead<NS>(t, comp, master, sizeof(T), ssize, bend, ahead);
       for (int64_t i = b; i < bend; i += kWidth) {
-        V pv = master != nullptr ? V::load(master + i) : V::load(p + i);
+        // (Note [master follows the param] in plan.h)
+        V pv = master != nullptr ? V::load(master + i).following(p + i) : V::load(p + i);
         if (comp != nullptr) pv = pv + V::load(comp + i);
         V gv = V::load(g + i);
         if (unscale) {
@@ -842,6 +861,7 @@ FO_INLINE void storage_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
 #endif
     if (mode == ParamMode::kMaster) {
       pb = master + b;  // (updated in place)
+      master_follows_param<kIsa>(pt, t.param, b, pb, m, hb);
     } else if (!p_direct) {
       load_block<kIsa>(pt, t.param, b, pb, m, nullptr);
       if (mode == ParamMode::kKahan) {

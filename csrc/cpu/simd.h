@@ -133,6 +133,18 @@ struct F32x8 {
     std::memcpy(p, &r, sizeof(r));
     return F32x8(_mm256_cvtph_ps(reinterpret_cast<__m128i>(r)));
   }
+  // Note [master follows the param] (plan.h): this vector of masters, except the lanes
+  // that do not round to the float16 param's bits at p (as store() rounds, c10's NaNs
+  // included), which take the param's value (a rare branch: only after an edit).
+  FO_AVX2_INLINE F32x8 following(const c10::Half* p) const {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m128i r = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+    __m128i same = _mm_cmpeq_epi16(r, h);
+    if (__builtin_expect(_mm_movemask_epi8(same) == 0xFFFF, 1)) return *this;
+    same = _mm_cmpeq_epi16(reinterpret_cast<__m128i>(c10_nans_f16(reinterpret_cast<U16x8>(r))), h);
+    return F32x8(_mm256_blendv_ps(_mm256_cvtph_ps(h), v,
+                                  _mm256_castsi256_ps(_mm256_cvtepi16_epi32(same))));
+  }
 };
 
 FO_AVX2_INLINE F32x8 operator+(F32x8 a, F32x8 b) { return F32x8(_mm256_add_ps(a.v, b.v)); }
@@ -176,16 +188,19 @@ struct F32x16 {
   FO_AVX512_INLINE void store(float* p) const { _mm512_storeu_ps(p, v); }
 
   static FO_AVX512_INLINE F32x16 load(const c10::BFloat16* p) {
-    // (__builtin_convertvector splits this one in two halves here.)
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    const U32x16 w = reinterpret_cast<U32x16>(_mm512_maskz_cvtepu16_epi32(0xFFFF, h));
-    return F32x16(reinterpret_cast<__m512>(w << 16));
+    return widened(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
   // vcvtneps2bf16, or where a lane is NaN or subnormal, c10's rounding on the integer
   // lanes: to nearest even, and 0x7FC0 for NaN.
   FO_AVX512BF16_INLINE void store(c10::BFloat16* p) const { (void)store_widened(p); }
   // The same store, returning what was stored, widened (as load(p) would read it back).
   FO_AVX512BF16_INLINE F32x16 store_widened(c10::BFloat16* p) const {
+    const U16x16 r = bf16_bits();
+    std::memcpy(p, &r, sizeof(r));
+    return widened(reinterpret_cast<__m256i>(r));
+  }
+  // The bfloat16 bits that store() writes.
+  FO_AVX512BF16_INLINE U16x16 bf16_bits() const {
     U16x16 r = reinterpret_cast<U16x16>(_mm512_cvtneps_pbh(v));
     if (__builtin_expect(_mm512_fpclass_ps_mask(v, kQuietNan | kSubnormal | kSignalingNan) != 0, 0)) {
       const U32x16 bits = reinterpret_cast<U32x16>(v);
@@ -194,10 +209,31 @@ struct F32x16 {
       const U32x16 rounded = round_bf16_bits(bits);
       r = __builtin_convertvector((rounded & ~nan) | (nan & 0x7FC0u), U16x16);
     }
-    std::memcpy(p, &r, sizeof(r));
-    const U32x16 w = reinterpret_cast<U32x16>(
-        _mm512_maskz_cvtepu16_epi32(0xFFFF, reinterpret_cast<__m256i>(r)));
+    return r;
+  }
+  // Sixteen bfloat16 values (their bits), widened exactly. (__builtin_convertvector
+  // splits this one in two halves here.)
+  static FO_AVX512_INLINE F32x16 widened(__m256i h) {
+    const U32x16 w = reinterpret_cast<U32x16>(_mm512_maskz_cvtepu16_epi32(0xFFFF, h));
     return F32x16(reinterpret_cast<__m512>(w << 16));
+  }
+  // Note [master follows the param] (plan.h): this vector of masters, except the lanes
+  // that do not round to the param's bits at p (as store() rounds, c10's NaNs included),
+  // which take the param's value (a rare branch: only after an edit).
+  FO_AVX512BF16_INLINE F32x16 following(const c10::BFloat16* p) const {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __mmask16 differ = _mm256_cmpneq_epi16_mask(reinterpret_cast<__m256i>(bf16_bits()), h);
+    if (__builtin_expect(differ == 0, 1)) return *this;
+    return F32x16(_mm512_mask_blend_ps(differ, v, widened(h).v));
+  }
+  FO_AVX512_INLINE F32x16 following(const c10::Half* p) const {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i r = _mm512_maskz_cvtps_ph(0xFFFF, v, _MM_FROUND_TO_NEAREST_INT);
+    __mmask16 differ = _mm256_cmpneq_epi16_mask(r, h);
+    if (__builtin_expect(differ == 0, 1)) return *this;
+    differ = _mm256_cmpneq_epi16_mask(
+        reinterpret_cast<__m256i>(c10_nans_f16(reinterpret_cast<U16x16>(r))), h);
+    return F32x16(_mm512_mask_blend_ps(differ, v, _mm512_maskz_cvtph_ps(0xFFFF, h)));
   }
   static FO_AVX512_INLINE F32x16 load(const c10::Half* p) {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));

@@ -272,6 +272,15 @@ __device__ __forceinline__ void store_float(void* base, uint8_t dtype, int64_t i
 
 __device__ __forceinline__ float bits_float(uint32_t u) { return __uint_as_float(u); }
 
+// x rounded to nearest in `dtype` (as store_float stores it), widened back to float.
+__device__ __forceinline__ float rounded_as(float x, uint8_t dtype) {
+  switch (dtype) {
+    case kStoreBF16: return static_cast<float>(static_cast<c10::BFloat16>(x));
+    case kStoreF16: return static_cast<float>(static_cast<c10::Half>(x));
+    default: return x;
+  }
+}
+
 // Note [8-bit state on CUDA]: the block's values v (one a thread; `valid` false for the
 // threads past a tensor's end, which take no part) quantized as cpu/quant8.h's q8_quantize
 // does: codes[i] for the valid ones, and the block's scale (by thread 0). Every thread of
@@ -351,7 +360,11 @@ __global__ void __launch_bounds__(kThreads) storage_kernel(
     M sv[kS] = {};
     if (valid) {
       if (mode == ParamMode::kMaster) {
+        // Note [master follows the param] (plan.h): a master that does not round to the
+        // param's bits takes the param's value.
         pv = static_cast<const float*>(buffer)[i];
+        const float param = load_as_float(p, pt, i);
+        if (float_bits(rounded_as(pv, pt)) != float_bits(param)) pv = param;
       } else {
         pv = load_as_float(p, pt, i);
         if (mode == ParamMode::kKahan) pv = pv + load_as_float(buffer, pt, i);
