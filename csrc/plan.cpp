@@ -3,6 +3,7 @@
 
 #include "rounding.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
@@ -463,10 +464,21 @@ bool check_scalar_list(const char* op, const char* name, at::TensorList list, in
     const at::Tensor& s = list[i];
     const bool where = s.defined() && (on_device ? s.device() == *device : s.device().is_cpu());
     const at::ScalarType t = where ? s.scalar_type() : at::kFloat;
-    const bool dtype = t == at::kFloat || t == at::kDouble ||
-                       (any_float && (t == at::kBFloat16 || t == at::kHalf));
+    // Steps on the CPU: any real dtype, as torch's `step_t += 1` takes (increment_steps);
+    // on a device (capturable groups) float32 or float64. Scalar states: floating point.
+    bool dtype = t == at::kFloat || t == at::kDouble;
+    if (!dtype && !on_device) {
+      if (any_float) {
+        dtype = t == at::kBFloat16 || t == at::kHalf;
+      } else {
+        // (torch's own error, from `step_t += 1`)
+        TORCH_CHECK(t != at::kBool, "result type Long can't be cast to the desired output type Bool");
+        dtype = t == at::kBFloat16 || t == at::kHalf || at::isIntegralType(t, /*includeBool=*/false);
+      }
+    }
     TORCH_CHECK(where && s.numel() == 1 && dtype, op, ": ", name, "[", i,
-                "] must be a one-element ", any_float ? "floating point" : "float32 or float64",
+                "] must be a one-element ",
+                on_device ? "float32 or float64" : any_float ? "floating point" : "real",
                 " ", on_device ? c10::str(*device) : std::string("CPU"), " tensor",
                 on_device ? c10::str(" (as ", name, "[0] is)") : std::string());
   }
@@ -524,9 +536,13 @@ std::vector<double> increment_steps(at::TensorList steps) {
       *v += 1.0f;  // step_t += 1
       values[i] = *v;
     } else {
-      double* v = s.data_ptr<double>();
-      *v += 1.0;
-      values[i] = *v;
+      // step_t += 1 in the step's own dtype (an integer one wraps, a 16-bit one rounds, as
+      // torch's add does), then its value as the for-loop's .item() reads it
+      AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "increment_steps", [&] {
+        scalar_t* v = s.data_ptr<scalar_t>();
+        *v = static_cast<scalar_t>(*v + static_cast<scalar_t>(1));
+        values[i] = static_cast<double>(*v);
+      });
     }
   }
   return values;

@@ -325,6 +325,50 @@ def test_flags_of_any_truthiness_step_as_torchs(name, flags):
     assert torch.equal(out[0], out[1])
 
 
+# A `step` set to another real dtype, and where it starts: each is counted 3 times in its
+# own dtype (uint8 up to 255; bfloat16 past 256, where it holds even numbers only: 301
+# rounds to 300, and the count stops there, as torch's does).
+STEP_STARTS = {torch.int64: 1000, torch.int32: 1000, torch.int16: 1000, torch.uint8: 252,
+               torch.bfloat16: 298, torch.float16: 1000, torch.float64: 1000}
+
+
+@pytest.mark.parametrize("dtype", list(STEP_STARTS), ids=str)
+@pytest.mark.parametrize("name,torch_cls,ours_cls", [p for p in PAIRS if p[0] != "SGD"],
+                         ids=[n for n in PAIR_IDS if n != "SGD"])
+def test_a_step_of_another_real_dtype_steps_as_torchs(name, torch_cls, ours_cls, dtype):
+    """A `step` state of another real dtype (a state set by hand, another library's
+    checkpoint): torch's for-loop counts it with `step_t += 1` in that dtype and reads it
+    with .item(); so do we (a float32 or float64 one was all we took before). Three steps
+    after it is set (the fast path's): the step's dtype and value, params and every state
+    bitwise torch's (IEEE sqrt). A bool step raises torch's error."""
+    out = []
+    for cls, kw in ((torch_cls, dict(foreach=False)), (ours_cls, {})):
+        p = torch.randn(37, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        opt = cls([p], **kw)
+        p.grad = torch.randn(37, generator=torch.Generator().manual_seed(1))
+        with pu.correctly_rounded_sqrt():
+            opt.step()
+        opt.state[p]["step"] = torch.tensor(STEP_STARTS[dtype]).to(dtype)
+        for i in range(3):
+            p.grad = torch.randn(37, generator=torch.Generator().manual_seed(2 + i))
+            with pu.correctly_rounded_sqrt():
+                opt.step()
+        out.append((p.detach().clone(), opt.state[p]))
+    (p, theirs), (q, ours) = out
+    assert ours["step"].dtype == theirs["step"].dtype == dtype
+    assert ours["step"].item() == theirs["step"].item()
+    torch.testing.assert_close(q, p, rtol=0, atol=0)
+    assert set(ours) == set(theirs)
+    for k, v in theirs.items():
+        torch.testing.assert_close(ours[k], v, rtol=0, atol=0, msg=k)
+    for opt in (torch_cls([q.requires_grad_()]), ours_cls([q])):
+        q.grad = torch.ones_like(q)
+        opt.step()
+        opt.state[q]["step"] = torch.tensor(True)
+        with pytest.raises(RuntimeError, match="result type Long can't be cast to the desired output type Bool"):
+            opt.step()
+
+
 STRUCTURED = ("Adafactor", "SparseAdam", "Muon")
 
 
