@@ -330,6 +330,35 @@ def test_state_dict_both_ways(direction):
                {key: (v.dtype, v.shape) for key, v in our_sd["state"][k].items()}
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bfloat16, torch.float64], ids=str)
+def test_a_step_of_another_real_dtype_steps_as_torchs(dtype):
+    """A `step` state of another real dtype (test_api.py has the elementwise algorithms):
+    counted in its dtype, as torch's `step_t += 1` counts it (bfloat16 from 298: 299 ->
+    300, 301 -> 300, then 300 again), its value the step's in the update. Params within
+    the suite's float32 tolerance of torch's for-loop, every state's dtype and steps equal."""
+    options = dict(lr=0.01, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0,
+                   maximize=False)
+    out = []
+    for cls, kw in ((torch.optim.Adafactor, dict(foreach=False)), (fused_optim.Adafactor, {})):
+        params, opt = run(cls, options, torch.float32, steps=1, **kw)
+        for p in list(opt.state):  # (the params with grads)
+            opt.state[p]["step"] = torch.tensor(298).to(dtype)
+        for step in range(1, 4):
+            set_grads(params, torch.float32, step)
+            opt.step()
+        out.append((params, opt))
+    (theirs, topt), (ours, oopt) = out
+    assert len(topt.state) == len(oopt.state) > 0
+    for n in theirs:
+        torch.testing.assert_close(ours[n], theirs[n], **TOL[torch.float32])
+        if theirs[n] not in topt.state:
+            continue
+        t, o = topt.state[theirs[n]], oopt.state[ours[n]]
+        assert o["step"].dtype == t["step"].dtype == dtype
+        assert o["step"].item() == t["step"].item()
+        assert {k: v.dtype for k, v in o.items()} == {k: v.dtype for k, v in t.items()}
+
+
 def test_grad_scaler_unscales_and_skips_inf_steps():
     options = dict(lr=0.01, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0,
                    maximize=False)
