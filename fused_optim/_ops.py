@@ -50,9 +50,10 @@ def _local(*lists: List[Tensor]):
 # The optimizer ops (csrc/ops.cpp), each the kernel of one algorithm class's `_op`.
 OPTIMIZER_OPS = ("sgd_", "adam_", "rmsprop_", "adagrad_", "adamax_", "adadelta_", "nadam_",
                  "radam_", "rprop_", "asgd_", "sparse_adam_", "adafactor_", "muon_")
-# Ops with no CUDA kernel yet: their classes run torch's own step for CUDA params, with a
-# one-time warning (tools/check_cuda_registrations.py does not ask for them).
-CPU_ONLY_OPS = ("adafactor_",)
+# Ops with no CUDA kernel (none now; Adafactor's came on 2026-12-04): their classes would run
+# torch's own step for CUDA params, with a one-time warning, and
+# tools/check_cuda_registrations.py would not ask for them.
+CPU_ONLY_OPS: tuple = ()
 
 
 def _is_list(t) -> bool:

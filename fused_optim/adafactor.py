@@ -6,7 +6,6 @@ from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
 from . import _ops
-from ._loader import built_with_cuda
 from .optimizer import FusedOptimizer, lr_args
 
 __all__ = ["Adafactor"]
@@ -65,14 +64,6 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
             weight_decay=group["weight_decay"],
             maximize=group["maximize"],
         )
-
-    def _torch_step_reason(self) -> Optional[str]:
-        reason = super()._torch_step_reason()
-        if reason is None and built_with_cuda() and any(
-                p.is_cuda for g in self.param_groups for p in g["params"]):
-            # No CUDA kernel yet (_ops.CPU_ONLY_OPS): torch's own step, with a one-time warning.
-            return "a CUDA param"
-        return reason
 
     def _init_state(self, group: Dict[str, Any], p: Tensor, grad: Tensor, state: Dict[str, Any]) -> None:
         # torch's _init_group checks these for every param with a grad, in this order.

@@ -11,6 +11,7 @@ All state lives in ``self.state`` as plain tensors with torch's keys, dtypes and
 (the C++ kernels hold none), so a checkpoint moves between torch.optim and fused_optim in
 both directions, and schedulers, GradScaler and torch.distributed see what they expect.
 """
+import inspect
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -694,9 +695,18 @@ class FusedOptimizer(torch.optim.Optimizer):
             )
         saved_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        # torch's step, unwrapped: our own step already ran the step hooks once.
-        torch_step = self._torch_class.step
-        torch_step = getattr(torch_step, "__wrapped__", torch_step)
+        # torch's step, unwrapped: our own step already ran the step hooks once (the
+        # wrapper that runs them is on torch's class once a torch optimizer of that class
+        # exists, under the one that sets the grad mode).
+        raw_step = inspect.unwrap(self._torch_class.step)
+
+        def torch_step(opt: "FusedOptimizer") -> None:
+            # As torch's own decorators run it (_use_grad_for_differentiable, or no_grad
+            # where the class has no `differentiable`): the in-place updates of leaf
+            # params need grad mode off, unless differentiable=True.
+            with torch.set_grad_enabled(bool(opt.defaults.get("differentiable", False))):
+                raw_step(opt)
+
         if saved_scale is None and found_inf is None:
             torch_step(self)
             return

@@ -62,10 +62,11 @@ def materialize(options, group_index=0):
     return o
 
 
-def layouts(dtype):
-    """name -> (factory(generator), grad layout): every layout torch's Adafactor takes."""
+def layouts(dtype, device="cpu"):
+    """name -> (factory(generator), grad layout): every layout torch's Adafactor takes (the
+    views made on `device`, from the same values on every device)."""
     def randn(g, *shape):
-        return torch.randn(shape, generator=g, dtype=dtype)
+        return torch.randn(shape, generator=g, dtype=dtype).to(device)
 
     ls = {}
     for n in (1, 3, 7, 8, 9, 17, 257, 2**16 + 3):  # around the 8 lanes and the 2^16 chunks
@@ -88,10 +89,10 @@ def layouts(dtype):
     return ls
 
 
-def make_model(dtype, ref_dtype=None):
+def make_model(dtype, ref_dtype=None, device="cpu"):
     g = torch.Generator().manual_seed(0)
     params = {}
-    for name, (factory, _) in layouts(dtype).items():
+    for name, (factory, _) in layouts(dtype, device).items():
         p = factory(g)
         if ref_dtype is not None:
             p = p.to(ref_dtype)
@@ -109,7 +110,7 @@ def set_grads(params, dtype, step):
         if name == "vec9":
             values[3] = 0.0  # a zero grad: the eps1 clamps
         grad = (torch.empty_like(p, memory_format=torch.preserve_format) if grad_layout == "same"
-                else torch.empty(p.shape, dtype=p.dtype))
+                else torch.empty(p.shape, dtype=p.dtype, device=p.device))
         grad.copy_(values)
         p.grad = grad
 
@@ -121,8 +122,8 @@ def build(cls, params, options, **extra):
                 {"params": [params[n] for n in names[half:]], **materialize(options, 1)}], **extra)
 
 
-def run(cls, options, dtype, steps=10, ref_dtype=None, **extra):
-    params = make_model(dtype, ref_dtype)
+def run(cls, options, dtype, steps=10, ref_dtype=None, device="cpu", **extra):
+    params = make_model(dtype, ref_dtype, device)
     opt = build(cls, params, options, **extra)
     for step in range(steps):
         set_grads(params, dtype, step)

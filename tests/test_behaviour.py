@@ -534,3 +534,42 @@ def test_bad_input_changes_nothing():
                                    [torch.zeros(3, dtype=torch.int64)], [], lr=0.1, momentum=0.0,
                                    dampening=0.0, weight_decay=0.0, nesterov=False,
                                    maximize=False, is_first_step=False)
+
+
+# The fallback to torch's own step (for what the kernels do not do: CUDA ASGD params, a
+# capturable NAdam group, ...), in a fresh process: there torch's class has not been
+# patched by an instance of its own (Optimizer._patch_step_function), so its step is one
+# decorator over the raw function, the one that turns grad mode off. Found on a GPU, where
+# every CUDA ASGD step raised "a leaf Variable that requires grad is being used in an
+# in-place operation" unless a torch.optim.ASGD had been made before in the process.
+_FALLBACK_SCRIPT = r"""
+import sys, warnings
+import torch, fused_optim
+name = sys.argv[1]
+warnings.simplefilter("ignore")
+kwargs = {"lr": 0.1} if name != "Muon" else {"lr": 0.02}
+def run(cls, fallback):
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(6, 5, generator=g))
+    opt = cls([p], **kwargs)
+    if fallback:
+        opt._torch_step_reason = lambda: "a reason for the test"
+    for step in range(3):
+        p.grad = torch.randn(6, 5, generator=g)
+        opt.step()
+    assert torch.is_grad_enabled()  # (restored after the step)
+    return p.detach()
+ours = run(getattr(fused_optim, name), True)   # torch's step, before any torch instance
+ref = run(getattr(torch.optim, name), False)
+assert torch.equal(ours, ref), (ours - ref).abs().max()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("name", ["SGD", "ASGD", "NAdam", "Adafactor", "Rprop"])
+def test_torchs_step_runs_in_a_fresh_process(name):
+    """The one-time-warning fallback runs torch's step as torch's decorators would (grad
+    mode off), bitwise torch's own optimizer, with no torch optimizer made before it."""
+    out = subprocess.run([sys.executable, "-c", _FALLBACK_SCRIPT, name], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

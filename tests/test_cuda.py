@@ -11,13 +11,17 @@ in the last bit. Against torch.optim on CUDA, whose kernels round some ops diffe
 a few ulps.
 """
 import copy
+import warnings
 
 import pytest
 import torch
 
 import fused_optim
 import parity_utils as pu
+import test_adafactor as ta
+import test_muon as tm
 import test_param_storage
+import test_sparse_adam as tsa
 import test_state_dtype
 
 pytestmark = pu.needs_cuda
@@ -555,19 +559,21 @@ def test_storage_with_8bit_state_and_grad_scaler_equal_to_cpu(mode):
     """A mode and 8-bit moments at once, under a GradScaler (the grads unscaled in the
     kernel, a step with an inf grad skipped, which stochastic rounding does not count): the
     CPU's bits. The loss is sum(p * w) with w made on the CPU, so both devices' grads are w
-    times the scale, exactly (a matmul would round differently on the GPU)."""
+    times the scale, exactly (a matmul would round differently on the GPU). float16 params:
+    torch's CUDA GradScaler cannot unscale bfloat16 grads (its
+    _amp_foreach_non_finite_check_and_unscale_ has no bfloat16 kernel in torch 2.11)."""
     shapes = [(5000,), (64,)]  # 8-bit moments, and float32 ones (under 4,096 elements)
 
     def train(device):
         g = torch.Generator().manual_seed(0)
-        params = [torch.randn(s, generator=g).to(torch.bfloat16).to(device).requires_grad_()
+        params = [torch.randn(s, generator=g).to(torch.float16).to(device).requires_grad_()
                   for s in shapes]
         torch.manual_seed(1)
         opt = fused_optim.AdamW(params, lr=0.01, state_dtype=torch.uint8, **{mode: True})
         scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 10)
         for step in range(4):
             gg = torch.Generator().manual_seed(10 + step)
-            ws = [torch.randn(s, generator=gg).to(torch.bfloat16).float() for s in shapes]
+            ws = [torch.randn(s, generator=gg).to(torch.float16).float() for s in shapes]
             if step == 2:
                 ws[0][7] = float("inf")
             loss = sum((p.float() * w.to(device)).sum() for p, w in zip(params, ws))
@@ -634,3 +640,152 @@ def test_stochastic_rounding_refuses_graph_capture_and_8bit_replays():
     assert torch.equal(params[0].detach(), eager[0].detach())
     for key in ("exp_avg", "exp_avg_absmax", "exp_avg_sq", "exp_avg_sq_absmax", "step"):
         assert torch.equal(opt.state[params[0]][key], ref.state[eager[0]][key]), key
+
+
+# -- Adafactor (Note [Adafactor on CUDA] in csrc/cuda/adafactor.cu) ----------------------
+def assert_adafactor_equal(cuda_run, cpu_run, msg=""):
+    """Every param and state tensor of a CUDA run bitwise the CPU run's; the steps stay on
+    the CPU (as torch.optim.Adafactor keeps them), the rest on the param's device."""
+    (pc, oc), (pr, orf) = cuda_run, cpu_run
+    for name, ref in pr.items():
+        ours = pc[name]
+        assert torch.equal(ours.detach().cpu(), ref.detach()), f"{msg} param {name}"
+        sc, sr = oc.state.get(ours, {}), orf.state.get(ref, {})
+        assert sc.keys() == sr.keys(), f"{msg} state keys of {name}"
+        for key, v in sr.items():
+            w = sc[key]
+            if key == "step":
+                assert w.device.type == "cpu" and torch.equal(w, v), f"{msg} {name}.step"
+            else:
+                assert w.device == ours.device and w.dtype == v.dtype, f"{msg} {name}.{key}"
+                assert torch.equal(w.cpu(), v), f"{msg} {name}.{key}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("options", ta.OPTIONS, ids=ta.IDS)
+def test_adafactor_bitwise_equal_to_cpu(options, dtype):
+    """Every option and layout of the CPU suite (tests/test_adafactor.py: vectors around the
+    lanes and chunks, matrices, one row, one column, wide rows, many rows, batches,
+    transposed, channels_last and sliced views, a param without a grad), two groups, 10
+    steps: the CUDA kernels give the CPU kernel's bits (the same tasks, every sum in the
+    same order, the same roundings)."""
+    cuda = ta.run(fused_optim.Adafactor, options, dtype, device="cuda")
+    cpu = ta.run(fused_optim.Adafactor, options, dtype)
+    assert_adafactor_equal(cuda, cpu, f"{dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("options", ta.OPTIONS[::3], ids=ta.IDS[::3])
+def test_adafactor_matches_torch_on_cuda(options, dtype):
+    """Against torch's for-loop on CUDA, within the CPU suite's tolerances (its reductions
+    add in other orders: Note [Adafactor's sums])."""
+    ours = ta.run(fused_optim.Adafactor, options, dtype, device="cuda")
+    ref = ta.run(torch.optim.Adafactor, options, dtype, device="cuda", foreach=False)
+    ta.assert_close_trajectory(ours, ref, ta.TOL[dtype], f"{dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_adafactor_big_and_many_slices_equal_to_cpu(dtype):
+    """Slices of more than 2^22 elements (several row blocks in pass 1, their column sums
+    added in block order), a batch of many slices, a long vector; 3 steps, bitwise."""
+    shapes = [(2100, 2050), (64, 9, 7), (4100, 1100), (3 * 2**16 + 11,)]
+
+    def train(device):
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.randn(s, generator=g).to(dtype).to(device).requires_grad_() for s in shapes]
+        opt = fused_optim.Adafactor(ps, lr=0.5, weight_decay=0.1)
+        for step in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g).to(dtype).to(device)
+            opt.step()
+        return {str(i): p for i, p in enumerate(ps)}, opt
+    assert_adafactor_equal(train("cuda"), train("cpu"), f"{dtype}")
+
+
+def test_adafactor_grad_scaler_on_cuda_equal_to_cpu():
+    """Under GradScaler("cuda"): the grads unscaled in the kernels (and stored so), a step
+    with an inf grad skipped; bitwise the CPU run under GradScaler("cpu")."""
+    options = ta.OPTIONS[1]
+
+    def train(device):
+        params = ta.make_model(torch.float32, device=device)
+        opt = ta.build(fused_optim.Adafactor, params, options)
+        scaler = torch.amp.GradScaler(device, init_scale=2.0**10, growth_interval=1)
+        scaler.scale(torch.ones((), device=device))  # (its scale is made by the first call)
+        for step in range(6):
+            ta.set_grads(params, torch.float32, step)
+            for p in params.values():
+                if p.grad is not None:
+                    p.grad.mul_(scaler.get_scale())
+            if step == 3:
+                params["matrix"].grad[2, 5] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+        assert opt._step_supports_amp_scaling
+        return params, opt
+    cuda, cpu = train("cuda"), train("cpu")
+    assert cpu[1].state[cpu[0]["matrix"]]["step"].item() == 5  # (the inf step skipped)
+    assert_adafactor_equal(cuda, cpu, "GradScaler")
+    for name, p in cpu[0].items():  # the unscaled grads, stored as GradScaler.unscale_ does
+        if p.grad is not None:
+            assert torch.equal(cuda[0][name].grad.cpu(), p.grad), name
+
+
+def test_adafactor_mixed_devices_in_one_group():
+    """Groups holding CPU and CUDA params: one kernel call per device, no fallback to
+    torch's step (no warning), bitwise the all-CPU run."""
+    cpu_model = ta.make_model(torch.float32)
+    cuda_model = ta.make_model(torch.float32, device="cuda")
+    mixed = {n: (cuda_model[n] if i % 2 else cpu_model[n]) for i, n in enumerate(cpu_model)}
+    opt = ta.build(fused_optim.Adafactor, mixed, ta.OPTIONS[2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(5):
+            ta.set_grads(mixed, torch.float32, step)
+            opt.step()
+    ref = ta.run(fused_optim.Adafactor, ta.OPTIONS[2], torch.float32, steps=5)
+    assert_adafactor_equal((mixed, opt), ref, "mixed")
+
+
+# -- SparseAdam and Muon on CUDA (written on 2026-12-04 after the H200 run, not yet run on
+# a GPU: docs/cuda.md) -------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("options", tsa.OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_sparse_adam_bitwise_torch_on_cuda(options, dtype):
+    """The CPU suite's layouts and uncoalesced grads (tests/test_sparse_adam.py), 5 steps on
+    CUDA: bitwise torch.optim.SparseAdam on CUDA. Both coalesce with torch's CUDA coalesce,
+    and torch's CUDA square root and divisions are IEEE, as the kernel's (Note [CUDA bits])."""
+    def run(cls):
+        params = {n: p.detach().to("cuda").requires_grad_()  # (strides kept: dense layouts)
+                  for n, p in tsa.make_params(dtype).items()}
+        opt = tsa.build(cls, params, options)
+        for step in range(5):
+            for k, (name, p) in enumerate(params.items()):
+                shape, sparse_dim, _ = tsa.LAYOUTS[name]
+                p.grad = tsa.sparse_grad(shape, sparse_dim, dtype, step, k,
+                                         empty=(step == 2 and k == 1)).to("cuda")
+            opt.step()
+        return params, opt
+    tsa.assert_same(run(fused_optim.SparseAdam), run(torch.optim.SparseAdam))
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch 2.9 or later")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("options", tm.OPTIONS, ids=str)
+def test_muon_matches_torch_on_cuda(options, dtype):
+    """Muon's CUDA step (ATen ops: batched Newton-Schulz products) against torch.optim.Muon
+    on CUDA, 3 steps, with the CPU suite's tolerance (Note [Muon's tolerance] in
+    tests/test_muon.py: the products' order differs; momentum buffers exact)."""
+    kwargs = tm._opts(options)
+    ref = [p.detach().to("cuda").requires_grad_() for p in tm.make_params(dtype)]
+    ours = [p.detach().to("cuda").requires_grad_() for p in tm.make_params(dtype)]
+    opt_ref = torch.optim.Muon(ref, **kwargs)
+    opt_ours = fused_optim.Muon(ours, **kwargs)
+    for step in range(3):
+        gen = torch.Generator().manual_seed(1000 + step)
+        for p, q in zip(ref, ours):
+            g = torch.randn(p.shape, generator=gen).to(dtype).to("cuda")
+            p.grad, q.grad = g.clone(), g.clone()
+        opt_ref.step()
+        opt_ours.step()
+        tm.assert_matches(ours, ref, opt_ours, opt_ref, kwargs, step + 1)

@@ -7,24 +7,27 @@
 #include <torch/library.h>
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <optional>
 #include <type_traits>
-#include <utility>
 #include <vector>
 
+#include "adafactor_plan.h"
 #include "cpu/multi_tensor.h"
 #include "plan.h"
 
 namespace fused_optim::cpu {
 namespace {
 
-constexpr const char* kOp = "fused_optim::adafactor_";
+using adafactor::Entry;
+using adafactor::kBuffer;
+using adafactor::kLanes;
+using adafactor::kOp;
+using adafactor::kSumLanes;
+using adafactor::Task;
 
 // Note [Adafactor's passes]
 // torch's for-loop computes, for each param in turn: alpha from the param's RMS; for a
@@ -67,41 +70,6 @@ constexpr const char* kOp = "fused_optim::adafactor_";
 // torch's for-loop within a tolerance it justifies, and bitwise across thread counts.
 // Each sum is rounded to the param's math type where torch's result has that dtype (the
 // norms, the means), and the rest follows torch's ops and roundings (update_rules.h).
-constexpr int64_t kChunk = int64_t{1} << 16;              // passes 2-3: elements per task
-constexpr int64_t kRowBlock = int64_t{1} << 22;           // pass 1: elements per row block
-constexpr int64_t kMaxColumnPartials = int64_t{1} << 16;  // pass 1: buffer per slice
-constexpr int kLanes = 8;
-constexpr int kSumLanes = 16;     // pass 2's sums of squares
-constexpr int64_t kBuffer = 256;  // pass 2: updates computed at a time (a multiple of kSumLanes)
-
-struct Entry {  // one param with a grad, after layout handling
-  void* p;
-  void* g;
-  void* row;  // row_var (2+ dims)
-  void* col;  // col_var (2+ dims)
-  void* var;  // variance (fewer dims)
-  bool factored;
-  int64_t rows, cols;       // of each slice (factored); vectors: 1 x numel
-  int64_t numel;
-  double* row_means;        // factored: the clamped row_var mean of each slice
-  // factored 16-bit params: row_var and col_var as computed, before their rounding to 16
-  // bits, for passes 2 and 3 (Note [Adafactor's 16-bit factors]); null otherwise.
-  float* row_f;
-  float* col_f;
-  double inv_grad_scale;
-  AdafactorCoeffs c;
-};
-
-struct Task {
-  int64_t entry, slice;  // slice of the entry (0 for vectors)
-  int64_t begin, end;    // rows of the slice (factored) or elements (vectors)
-  int64_t partial;       // pass 1: offset of its column sums in the buffer; -1: own slice
-};
-
-struct MultiBlockSlice {  // pass 1: a slice whose column sums are in the buffer
-  int64_t entry, slice, partial, blocks;
-};
-
 // Note [Adafactor's prefetch]
 // Each task streams its rows (or elements) as the elementwise loops stream their segments,
 // and where the CPU gains from software prefetch (Note [software prefetch] in
@@ -428,67 +396,6 @@ PassFns select_fns(at::ScalarType dtype, bool unscale, bool decay) {
   });
 }
 
-// Tensors of unusual layouts (not contiguous, or a negated or conjugated view) are
-// updated in contiguous temporaries, copied back after the passes.
-struct Layouts {
-  std::vector<std::pair<at::Tensor, at::Tensor>> writebacks;  // (original, temporary)
-  std::vector<at::Tensor> keep_alive;
-
-  static bool usual(const at::Tensor& t) {
-    return t.is_contiguous() && !t.is_neg() && !t.is_conj();
-  }
-  void* written(const at::Tensor& t) {
-    if (usual(t)) return t.mutable_data_ptr();  // (materializes copy-on-write storage)
-    at::Tensor tmp = at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
-    tmp.copy_(t);
-    writebacks.emplace_back(t, tmp);
-    return tmp.mutable_data_ptr();
-  }
-  void* read(const at::Tensor& t) {
-    if (usual(t)) return const_cast<void*>(t.const_data_ptr());
-    at::Tensor tmp = t.contiguous().resolve_neg().resolve_conj();
-    if (!usual(tmp)) tmp = tmp.clone(at::MemoryFormat::Contiguous);
-    keep_alive.push_back(tmp);
-    return const_cast<void*>(tmp.const_data_ptr());
-  }
-  void finish() {
-    for (auto& [original, tmp] : writebacks) original.copy_(tmp);
-  }
-};
-
-std::vector<int64_t> with_last_dims(at::IntArrayRef sizes, int64_t dim) {
-  std::vector<int64_t> s(sizes.begin(), sizes.end());
-  s[s.size() - dim] = 1;
-  return s;
-}
-
-void check_state(const char* list, int64_t k, const at::Tensor& t, const at::Tensor& param,
-                 at::IntArrayRef shape) {
-  TORCH_CHECK(t.defined() && t.layout() == at::kStrided, kOp, ": ", list, "[", k,
-              "] must be a dense tensor");
-  TORCH_CHECK(t.device() == param.device(), kOp, ": ", list, "[", k, "] is on ", t.device(),
-              " but its param is on ", param.device());
-  TORCH_CHECK(t.scalar_type() == param.scalar_type(), kOp, ": ", list, "[", k, "] has dtype ",
-              t.scalar_type(), " but its param has dtype ", param.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, kOp, ": ", list, "[", k, "] has shape ", t.sizes(),
-              " but must have shape ", shape, " for a param of shape ", param.sizes());
-}
-
-double finfo_eps(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kDouble: return std::numeric_limits<double>::epsilon();
-    case at::kBFloat16: return 0.0078125;      // torch.finfo(torch.bfloat16).eps
-    case at::kHalf: return 0.0009765625;       // torch.finfo(torch.float16).eps
-    default: return std::numeric_limits<float>::epsilon();
-  }
-}
-
-// A value rounded to the opmath type of `dtype`, as torch's norm of such a tensor is
-// rounded (Note [Adafactor's sums]; 16-bit params: their math runs in float).
-double round_to_math_type(at::ScalarType dtype, double x) {
-  return dtype == at::kDouble ? x : static_cast<double>(static_cast<float>(x));
-}
-
 // Runs fn(k) for every task k in one parallel region, the tasks split into one run of
 // consecutive tasks per thread of about equal cost (rows * cols elements plus a fixed cost
 // per task): tasks differ in size (a 4M-element block of pass 1, a short vector), and an
@@ -532,186 +439,36 @@ void adafactor_cpu(at::TensorList params, at::TensorList grads, at::TensorList r
                    bool maximize, const std::optional<at::Tensor>& lr_tensor,
                    const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf) {
-  const int64_t n = static_cast<int64_t>(params.size());
-  const bool unscale = has_tensor(grad_scale);
-  // -- every check first: a bad input changes nothing ----------------------------------
-  TORCH_CHECK(static_cast<int64_t>(grads.size()) == n, kOp,
-              ": expected as many grads as params, got ", grads.size(), " and ", n);
-  int64_t factored = 0;
+  // Every check, the steps, the entries and the tasks (adafactor_plan.h).
+  adafactor::Plan plan;
+  if (!adafactor::make_plan(plan, c10::Device(c10::kCPU), params, grads, row_vars, col_vars,
+                            variances, state_steps, lr, beta2_decay, eps1, eps2, d,
+                            weight_decay, maximize, lr_tensor, grad_scale, found_inf)) {
+    return;
+  }
+  std::vector<Entry>& entries = plan.entries;
+  const int64_t n = static_cast<int64_t>(entries.size());
+  std::vector<double> row_means(static_cast<size_t>(plan.num_slices));
+  std::vector<float> factors(static_cast<size_t>(plan.num_factors));
+  plan.set_buffers(row_means.data(), factors.data());
+  std::vector<PassFns> fns(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    const at::Tensor& g = grads[i];
-    TORCH_CHECK(p.defined() && p.layout() == at::kStrided && p.device().is_cpu(), kOp,
-                ": params[", i, "] must be a dense CPU tensor");
-    // torch.optim.Adafactor's own errors
-    TORCH_CHECK(!p.is_complex(), "Adafactor does not support complex parameters");
-    TORCH_CHECK(g.defined() && !g.is_sparse(), "Adafactor does not support sparse gradients");
-    const at::ScalarType dt = p.scalar_type();
-    TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
-                kOp, ": unsupported dtype ", dt);
-    TORCH_CHECK(g.layout() == at::kStrided && g.device() == p.device() &&
-                    g.scalar_type() == dt && g.sizes() == p.sizes(),
-                kOp, ": grads[", i, "] must be a dense tensor of its param's device, dtype and "
-                "shape, got ", g.device(), ", ", g.scalar_type(), ", ", g.sizes(), " for ",
-                p.device(), ", ", dt, ", ", p.sizes());
-    // torch's for-loop divides the param's norm by sqrt(numel): a ZeroDivisionError.
-    TORCH_CHECK(p.numel() > 0, kOp, ": params[", i, "] has no elements (torch.optim."
-                "Adafactor divides by its size)");
-    if (p.dim() > 1) ++factored;
-  }
-  TORCH_CHECK(static_cast<int64_t>(row_vars.size()) == factored &&
-                  static_cast<int64_t>(col_vars.size()) == factored &&
-                  static_cast<int64_t>(variances.size()) == n - factored,
-              kOp, ": expected a row_var and a col_var for each of the ", factored,
-              " params of 2+ dims and a variance for each of the ", n - factored,
-              " others, got ", row_vars.size(), ", ", col_vars.size(), " and ",
-              variances.size());
-  {
-    int64_t k = 0, v = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      const at::Tensor& p = params[i];
-      if (p.dim() > 1) {
-        check_state("row_vars", k, row_vars[k], p, with_last_dims(p.sizes(), 1));
-        check_state("col_vars", k, col_vars[k], p, with_last_dims(p.sizes(), 2));
-        ++k;
-      } else {
-        check_state("variances", v, variances[v], p, p.sizes());
-        ++v;
-      }
-    }
-  }
-  check_steps(kOp, state_steps, n);
-  const double inv_scale = inverse_grad_scale(kOp, grad_scale);
-  lr = lr_value(kOp, lr, lr_tensor);
-  const bool lr_is_f32 = lr_is_float32(lr_tensor);
-  if (n == 0 || skip_step(found_inf)) return;  // after all checks; nothing has changed yet
-
-  // -- scalars: torch's for-loop computes them on the host, in double -------------------
-  // eps1=None: torch.finfo(param.dtype).eps of the first param, kept for the group's others
-  // (the for-loop assigns the variable once).
-  const double e1 = eps1.has_value() ? *eps1 : finfo_eps(params[0].scalar_type());
-  // (a param updated through a copy must share no element with another: Note
-  // [overlapping params] in plan.cpp; checked before anything is counted or written)
-  for (int64_t i = 0; i < n; ++i) {
-    if (!Layouts::usual(params[i]) && params[i].numel() != 0) {
-      MultiTensorPlan::check_no_overlap(kOp, i, params);
-    }
-  }
-  const std::vector<double> steps = increment_steps(state_steps);
-  const bool decay = weight_decay != 0.0;
-  // 1 - lr * weight_decay; with a float32 Tensor lr a float32 tensor op (Note [Tensor lr]).
-  const double decay_factor =
-      lr_is_f32 ? static_cast<double>(1.0f - static_cast<float>(lr) * static_cast<float>(weight_decay))
-                : 1.0 - lr * weight_decay;
-
-  // -- layouts, entries, tasks ----------------------------------------------------------
-  Layouts layouts;
-  std::vector<Entry> entries(n);
-  std::vector<PassFns> fns(n);
-  int64_t num_slices = 0;
-  {
-    int64_t k = 0, v = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      const at::Tensor& p = params[i];
-      Entry& e = entries[i];
-      e.p = layouts.written(p);
-      e.g = unscale ? layouts.written(grads[i]) : layouts.read(grads[i]);
-      e.factored = p.dim() > 1;
-      e.numel = p.numel();
-      e.inv_grad_scale = inv_scale;
-      if (e.factored) {
-        e.row = layouts.written(row_vars[k]);
-        e.col = layouts.written(col_vars[k]);
-        e.var = nullptr;
-        ++k;
-        e.rows = p.size(-2);
-        e.cols = p.size(-1);
-        num_slices += e.numel / (e.rows * e.cols);
-      } else {
-        e.var = layouts.written(variances[v]);
-        e.row = e.col = nullptr;
-        ++v;
-        e.rows = 1;
-        e.cols = e.numel;
-      }
-      AdafactorCoeffs& c = e.c;
-      c.grad_sign = maximize ? -1.0 : 1.0;
-      c.one_minus_beta2 = std::pow(steps[i], beta2_decay);  // step_float ** beta2_decay
-      c.eps1 = e1;
-      c.eps1_sq = e1 * e1;
-      c.decay = decay_factor;
-      c.step_scale = 0.0;  // after pass 2
-      const bool same = i > 0 && p.scalar_type() == params[i - 1].scalar_type();
-      fns[i] = same ? fns[i - 1] : select_fns(p.scalar_type(), unscale, decay);
-    }
-  }
-  std::vector<double> row_means(static_cast<size_t>(num_slices));
-  int64_t low_factors = 0;  // Note [Adafactor's 16-bit factors]
-  for (int64_t i = 0; i < n; ++i) {
-    const Entry& e = entries[i];
-    if (e.factored && params[i].element_size() == 2) {
-      low_factors += e.numel / (e.rows * e.cols) * (e.rows + e.cols);
-    }
-  }
-  std::vector<float> factors(static_cast<size_t>(low_factors));
-  for (int64_t i = 0, offset = 0; i < n; ++i) {
-    Entry& e = entries[i];
-    e.row_f = e.col_f = nullptr;
-    if (e.factored && params[i].element_size() == 2) {
-      const int64_t slices = e.numel / (e.rows * e.cols);
-      e.row_f = factors.data() + offset;
-      e.col_f = e.row_f + slices * e.rows;
-      offset += slices * (e.rows + e.cols);
-    }
-  }
-  std::vector<Task> tasks1, tasks2;
-  std::vector<MultiBlockSlice> multi;
-  int64_t partials_size = 0;
-  {
-    int64_t first_slice = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      Entry& e = entries[i];
-      const int64_t m = e.rows, cols = e.cols;
-      if (!e.factored) {
-        for (int64_t b = 0; b < e.numel; b += kChunk) {
-          tasks2.push_back(Task{i, 0, b, std::min(e.numel, b + kChunk), -1});
-        }
-        continue;
-      }
-      e.row_means = row_means.data() + first_slice;
-      const int64_t slices = e.numel / (m * cols);
-      first_slice += slices;
-      // Pass 1: blocks of about kRowBlock elements, at most kMaxColumnPartials column sums
-      // in the buffer per slice.
-      int64_t blocks = std::max<int64_t>(1, (m * cols + kRowBlock - 1) / kRowBlock);
-      blocks = std::min(blocks, std::max<int64_t>(1, kMaxColumnPartials / cols));
-      const int64_t rows1 = (m + blocks - 1) / blocks;
-      blocks = (m + rows1 - 1) / rows1;
-      // Passes 2 and 3: whole rows, about kChunk elements.
-      const int64_t rows2 = std::max<int64_t>(1, kChunk / cols);
-      for (int64_t s = 0; s < slices; ++s) {
-        if (blocks > 1) multi.push_back(MultiBlockSlice{i, s, partials_size, blocks});
-        for (int64_t r = 0; r < m; r += rows1) {
-          tasks1.push_back(Task{i, s, r, std::min(m, r + rows1), blocks > 1 ? partials_size : -1});
-          if (blocks > 1) partials_size += cols;
-        }
-        for (int64_t r = 0; r < m; r += rows2) {
-          tasks2.push_back(Task{i, s, r, std::min(m, r + rows2), -1});
-        }
-      }
-    }
+    const bool same = i > 0 && params[i].scalar_type() == params[i - 1].scalar_type();
+    fns[i] = same ? fns[i - 1] : select_fns(params[i].scalar_type(), plan.unscale, plan.decay);
   }
 
   // -- pass 1 (Note [Adafactor's passes]) -----------------------------------------------
-  std::vector<double> partials(static_cast<size_t>(partials_size));
+  const std::vector<Task>& tasks1 = plan.tasks1;
+  std::vector<double> partials(static_cast<size_t>(plan.partials_size));
   run_tasks(tasks1, entries, [&](int64_t k) {
     const Task& t = tasks1[k];
     const Entry& e = entries[t.entry];
     fns[t.entry].pass1(e, t, partials.data(), e.row_means);
   });
+  const auto& multi = plan.multi;
   at::parallel_for(0, static_cast<int64_t>(multi.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
-      const MultiBlockSlice& s = multi[k];
+      const adafactor::MultiBlockSlice& s = multi[k];
       const Entry& e = entries[s.entry];
       double* sums = partials.data() + s.partial;
       for (int64_t b = 1; b < s.blocks; ++b) {
@@ -723,6 +480,7 @@ void adafactor_cpu(at::TensorList params, at::TensorList grads, at::TensorList r
   });
 
   // -- pass 2 ---------------------------------------------------------------------------
+  const std::vector<Task>& tasks2 = plan.tasks2;
   const int64_t num_tasks2 = static_cast<int64_t>(tasks2.size());
   std::vector<double> sums(static_cast<size_t>(2 * num_tasks2));
   run_tasks(tasks2, entries, [&](int64_t k) {
@@ -731,34 +489,13 @@ void adafactor_cpu(at::TensorList params, at::TensorList grads, at::TensorList r
   });
 
   // alpha and denom of each param, from its tasks' sums in task order.
-  for (int64_t k = 0; k < num_tasks2;) {
-    const int64_t i = tasks2[k].entry;
+  for (Entry& e : entries) {
     double usum = 0.0, psum = 0.0;
-    for (; k < num_tasks2 && tasks2[k].entry == i; ++k) {
+    for (int64_t k = e.tasks2_begin; k < e.tasks2_end; ++k) {
       usum += sums[2 * k];
       psum += sums[2 * k + 1];
     }
-    Entry& e = entries[i];
-    const at::ScalarType dt = params[i].scalar_type();
-    const double count_sqrt = std::pow(static_cast<double>(e.numel), 0.5);  // numel ** 0.5
-    // max(eps2, param.norm(2).item() / numel ** 0.5): Python's max keeps eps2 unless the
-    // RMS is greater (a NaN RMS gives eps2), and min(lr, 1 / step ** 0.5) keeps lr unless
-    // the other is smaller.
-    const double rms = round_to_math_type(dt, std::sqrt(psum)) / count_sqrt;
-    const double scale = rms > eps2 ? rms : eps2;
-    const double r = 1.0 / std::pow(steps[i], 0.5);
-    // denom = max(1.0, update.norm(2).item() / (numel ** 0.5 * d))
-    const double q = round_to_math_type(dt, std::sqrt(usum)) / (count_sqrt * d);
-    const double denom = q > 1.0 ? q : 1.0;
-    if (lr_is_f32 && !(static_cast<float>(lr) > static_cast<float>(r))) {
-      // rho_t is the float32 Tensor lr itself (the comparison too is a float32 tensor op):
-      // alpha = scale * rho_t and -alpha / denom are float32 tensor ops.
-      const float alpha = static_cast<float>(scale) * static_cast<float>(lr);
-      e.c.step_scale = static_cast<double>(-alpha / static_cast<float>(denom));
-    } else {
-      const double rho = r < lr ? r : lr;
-      e.c.step_scale = -(scale * rho) / denom;
-    }
+    e.c.step_scale = adafactor::step_scale(e, plan.finish, usum, psum);
   }
 
   // -- pass 3 ---------------------------------------------------------------------------
@@ -766,7 +503,7 @@ void adafactor_cpu(at::TensorList params, at::TensorList grads, at::TensorList r
     const Task& t = tasks2[k];
     fns[t.entry].pass3(entries[t.entry], t);
   });
-  layouts.finish();
+  plan.layouts.finish();
 }
 
 }  // namespace
