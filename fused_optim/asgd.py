@@ -54,13 +54,11 @@ class ASGD(FusedOptimizer, torch.optim.ASGD):
     _op = "asgd_"
     _scalar_state_keys = ("eta", "mu")
 
-    def _torch_step_reason(self) -> Optional[str]:
-        reason = super()._torch_step_reason()
-        if reason is None and any(p.is_cuda for g in self.param_groups for p in g["params"]):
-            # Note [scalar states] (csrc/plan.h): torch keeps step, eta and mu on the
-            # param's device, and the kernels read and update eta and mu on the host.
-            return "CUDA params"
-        return reason
+    def _capturable_on_cuda(self, group: Dict[str, Any]) -> bool:
+        # Note [ASGD's scalar states on CUDA] (csrc/cuda/asgd.cu): the kernels compute eta
+        # and mu on the host, from one copy of the call's steps, etas and mus (a
+        # synchronisation), which a capturable group promises not to make: torch's step.
+        return False
 
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         return ("ax", "mu", "eta", "step")

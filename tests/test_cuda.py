@@ -28,9 +28,9 @@ pytestmark = pu.needs_cuda
 
 CASES = [(algo, o) for algo, opts in pu.OPTIONS.items() for o in opts]
 IDS = [f"{algo}[{pu.option_id(o)}]" for algo, o in CASES]
-# fused_optim.ASGD runs torch's own step for CUDA params (Note [scalar states] in
-# csrc/plan.h): its CUDA trajectory is torch's, not the CPU kernels'.
-KERNEL_CASES = [(a, o) for a, o in CASES if a != "ASGD"]
+# (ASGD's steps, etas and mus stay on the GPU, as torch keeps them; the kernels work on a
+# CPU copy of them: Note [ASGD's scalar states on CUDA] in csrc/cuda/asgd.cu)
+KERNEL_CASES = CASES
 KERNEL_IDS = [f"{a}[{pu.option_id(o)}]" for a, o in KERNEL_CASES]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "fp64", "bf16", "fp16"]
@@ -460,9 +460,8 @@ def test_params_on_two_gpus():
 # The CPU kernels are compared with their references in test_param_storage.py and
 # test_state_dtype.py; here the CUDA kernels give the CPU kernels' bits, element for
 # element, params, every state, the mode's buffers, the 8-bit codes and their scales.
-# (test_param_storage.py's and test_state_dtype.py's cases; ASGD runs torch's own step for
-# CUDA params, which refuses the modes: tested below)
-STORAGE_CASES = [c for c in test_param_storage.CASES if c[0] != "ASGD"]
+# (test_param_storage.py's and test_state_dtype.py's cases)
+STORAGE_CASES = list(test_param_storage.CASES)
 STORAGE_IDS = [c[0] for c in STORAGE_CASES]
 MODES = test_param_storage.MODES
 # Several 256-element blocks and a tail, a 2-D param, a scalar; for 8-bit state, params of
@@ -588,10 +587,11 @@ def test_storage_with_8bit_state_and_grad_scaler_equal_to_cpu(mode):
 
 
 def test_storage_modes_refused_where_torch_steps():
-    """ASGD runs torch's own step for CUDA params (Note [scalar states]): with a mode it
-    refuses to step, before anything changes, rather than drop the mode."""
+    """A capturable ASGD group on CUDA runs torch's own step (Note [ASGD's scalar states on
+    CUDA]: the kernels would synchronise): with a mode it refuses to step, before anything
+    changes, rather than drop the mode."""
     p = torch.randn(10, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    opt = fused_optim.ASGD([p], lr=0.01, kahan_summation=True)
+    opt = fused_optim.ASGD([p], lr=0.01, kahan_summation=True, capturable=True)
     p.grad = torch.randn_like(p)
     before = p.detach().clone()
     with pytest.raises(RuntimeError, match="cannot keep params with kahan_summation=True"):
@@ -789,3 +789,47 @@ def test_muon_matches_torch_on_cuda(options, dtype):
         opt_ref.step()
         opt_ours.step()
         tm.assert_matches(ours, ref, opt_ours, opt_ref, kwargs, step + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_asgd_scalar_states_stay_on_the_gpu(dtype):
+    """Note [ASGD's scalar states on CUDA]: step, eta and mu stay float32 tensors on the
+    param's GPU (as torch keeps them), with the CPU run's values, step after step; a
+    GradScaler's inf step changes none of them."""
+    def train(device):
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.randn(s, generator=g).to(dtype).to(device).requires_grad_()
+              for s in [(300,), (7, 9)]]
+        opt = fused_optim.ASGD(ps, lr=0.05, lambd=0.1, alpha=0.6, t0=2.0, weight_decay=0.1)
+        for step in range(5):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g).to(dtype).to(device)
+            opt.step()
+        return ps, opt
+    (pc, oc), (pr, orf) = train("cuda"), train("cpu")
+    for p, q in zip(pc, pr):
+        assert torch.equal(p.detach().cpu(), q.detach())
+        for key in ("step", "eta", "mu"):
+            v = oc.state[p][key]
+            assert v.device == p.device and v.dtype == torch.float32 and v.dim() == 0, key
+            assert torch.equal(v.cpu(), orf.state[q][key]), key
+        assert torch.equal(oc.state[p]["ax"].cpu(), orf.state[q]["ax"])
+
+
+def test_asgd_capturable_runs_torchs_step():
+    """A capturable ASGD group on CUDA runs torch's own (capturable) step, with the
+    one-time warning: torch's bits."""
+    def train(cls):
+        g = torch.Generator().manual_seed(0)
+        p = torch.randn(50, generator=g).to("cuda").requires_grad_()
+        opt = cls([p], lr=0.05, lambd=0.1, t0=2.0, capturable=True)
+        for _ in range(4):
+            p.grad = torch.randn(50, generator=g).to("cuda")
+            opt.step()
+        return p, opt
+    with pytest.warns(UserWarning, match="capturable=True is not supported by the fused kernels"):
+        ours = train(fused_optim.ASGD)
+    ref = train(torch.optim.ASGD)
+    assert torch.equal(ours[0], ref[0])
+    for key in ("step", "eta", "mu", "ax"):
+        assert torch.equal(ours[1].state[ours[0]][key], ref[1].state[ref[0]][key]), key

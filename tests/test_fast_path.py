@@ -77,11 +77,7 @@ def check_fast_path_is_bitwise_the_dispatcher_path(device, algo, monkeypatch):
         slow.step()
         # The first step creates the state on the general path (except Adagrad's, made at
         # construction); every later step is one call of the fast path, for all groups.
-        # ASGD's CUDA params run torch's own step (Note [scalar states] in csrc/plan.h):
-        # the fast path is never asked.
-        if device == "cuda" and algo == "ASGD":
-            assert taken == []
-        elif step > 0 or algo == "Adagrad":
+        if step > 0 or algo == "Adagrad":
             assert taken == [True]
         else:
             assert taken[0] is False
@@ -92,7 +88,7 @@ def check_fast_path_is_bitwise_the_dispatcher_path(device, algo, monkeypatch):
 
 
 @needs_cuda
-@pytest.mark.parametrize("algo", [a for a in ALGOS if a != "ASGD"])  # (ASGD: torch's step on CUDA)
+@pytest.mark.parametrize("algo", list(ALGOS))
 def test_fast_path_declines_cuda_groups_it_cannot_take(algo):
     """A CUDA group with grad_scale / found_inf on the GPU (a kernel may read them on the
     host, and the fast path holds the GIL), and a group with params on two devices (the
