@@ -55,6 +55,13 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
 
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
         eps1, eps2 = group["eps"]  # torch's step unpacks it first: its ValueError
+        if eps1 is None:
+            # torch.finfo(param.dtype).eps of the group's first param with a grad, for all
+            # its params (torch's for-loop assigns it once), whichever device each is on:
+            # a group on several devices makes one kernel call per device.
+            first = next((p for p in group["params"] if p.grad is not None), None)
+            if first is not None and first.is_floating_point():
+                eps1 = torch.finfo(first.dtype).eps
         return dict(
             **lr_args(group["lr"]),
             beta2_decay=group["beta2_decay"],

@@ -794,8 +794,7 @@ def test_muon_matches_torch_on_cuda(options, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_asgd_scalar_states_stay_on_the_gpu(dtype):
     """Note [ASGD's scalar states on CUDA]: step, eta and mu stay float32 tensors on the
-    param's GPU (as torch keeps them), with the CPU run's values, step after step; a
-    GradScaler's inf step changes none of them."""
+    param's GPU (as torch keeps them), with the CPU run's values, step after step."""
     def train(device):
         g = torch.Generator().manual_seed(0)
         ps = [torch.randn(s, generator=g).to(dtype).to(device).requires_grad_()
@@ -833,3 +832,41 @@ def test_asgd_capturable_runs_torchs_step():
     assert torch.equal(ours[0], ref[0])
     for key in ("step", "eta", "mu", "ax"):
         assert torch.equal(ours[1].state[ours[0]][key], ref[1].state[ref[0]][key]), key
+
+
+def test_asgd_checkpoint_loaded_on_the_cpu_resumes_on_the_gpu():
+    """A checkpoint saved on the GPU and loaded with map_location="cpu" (torch's
+    load_state_dict then leaves `step` on the CPU and moves eta and mu to the GPU) resumes
+    bit for bit as the uninterrupted run (Note [ASGD's scalar states on CUDA]: each list
+    is read where it lives)."""
+    import io
+
+    def fresh():
+        g = torch.Generator().manual_seed(0)
+        p = torch.randn(40, generator=g).to("cuda").requires_grad_()
+        return p, fused_optim.ASGD([p], lr=0.05, lambd=0.1, t0=2.0)
+
+    def grad(step):
+        return torch.randn(40, generator=torch.Generator().manual_seed(100 + step)).to("cuda")
+
+    p, opt = fresh()
+    q, other = fresh()
+    for step in range(5):
+        if step == 2:
+            buf = io.BytesIO()
+            torch.save(other.state_dict(), buf)
+            buf.seek(0)
+            q2, other = fresh()
+            with torch.no_grad():
+                q2.copy_(q)
+            q = q2
+            other.load_state_dict(torch.load(buf, map_location="cpu"))
+            s = other.state[q]
+            assert s["step"].device.type == "cpu" and s["eta"].device == q.device
+        p.grad, q.grad = grad(step), grad(step)
+        opt.step()
+        other.step()
+    assert torch.equal(p, q)
+    for key in ("eta", "mu", "ax"):
+        assert torch.equal(opt.state[p][key], other.state[q][key]), key
+    assert opt.state[p]["step"].item() == other.state[q]["step"].item() == 5

@@ -19,8 +19,12 @@
 //               order; vectors' grads unscaled here.
 //   5. finish:  each param's tasks' sums in task order, and its step size.
 //   6. update:  pass 3, one element a thread: the new variance of vectors, the update.
-// The tasks, the entries, the column sums and the other buffers (O(rows + cols) per
-// param, as on the CPU) live in one device allocation of the call, filled by one copy.
+// The tasks, the entries, the column sums and the other buffers live in one device
+// allocation of the call, filled by one copy. Its column sums are one double per column of
+// each row block (the CPU keeps them only for slices of several blocks): O(rows + cols) for
+// a matrix, but 8 bytes per element for a batch of one-row slices (shape (N, 1, C)), and
+// 6 MB beside the 9 MB of a float32 conv weight of shape (512, 512, 3, 3) (a batch of
+// 3 x 3 slices). Computing one-block slices' col_var in kernel 2 would drop most of it.
 // Reads: g three times (rows, columns, sums) and a fourth in the update, the param twice;
 // the CPU reads g three times (its pass 1 sums rows and columns together).
 #include <torch/library.h>
@@ -30,6 +34,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
@@ -450,6 +455,10 @@ void adafactor_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     return;
   }
   const c10::cuda::CUDAGuard guard(device);
+  // (torch's Adafactor reads its norms on the host and cannot be captured either)
+  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+              adafactor::kOp, ": Adafactor's step copies its tasks to the GPU and reads lr, "
+              "grad_scale and found_inf on the host, which cannot be captured in a CUDA graph");
 
   // Pass 1's tasks, each with its own column sums, and its slices (Note [Adafactor on
   // CUDA]: a slice's tasks are consecutive, so are their column sums).

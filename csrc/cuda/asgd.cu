@@ -18,57 +18,75 @@ namespace fused_optim::cuda {
 namespace {
 
 // Note [ASGD's scalar states on CUDA]
-// torch keeps an ASGD param's step, eta and mu on the param's device, and its for-loop
-// (not capturable) reads them with .item(), computing the next eta and mu on the host in
-// Python floats. The kernels compute them on the host too (Note [scalar states] in plan.h:
-// asgd_step_coeffs), so for a call whose steps are on the GPU they take the whole call's
-// steps, etas and mus to the host at once (one copy, one synchronisation: the for-loop
-// makes three a param), count the step and compute the coefficients there exactly as for
-// CPU params, so a CUDA step gives the CPU kernels' bits, and put the new values back with
-// one copy and a copy kernel a tensor. fused_optim.ASGD leaves capturable CUDA groups to
-// torch's own step (no synchronisation there).
+// torch keeps an ASGD param's step, eta and mu on the param's device (a checkpoint loaded
+// with map_location="cpu" leaves its steps on the CPU and moves eta and mu to the GPU), and
+// its for-loop (not capturable) reads them with .item(), computing the next eta and mu on
+// the host in Python floats. The kernels compute them on the host too (Note [scalar
+// states] in plan.h: asgd_step_coeffs), so a call takes those of its lists that live on
+// the GPU to the host at once (one device-to-host copy of them all: one synchronisation,
+// where the for-loop makes three a param), counts the step and computes the coefficients
+// there exactly as for CPU params, so a CUDA step gives the CPU kernels' bits, and puts the
+// new values back (one host-to-device copy, then a copy kernel a tensor). fused_optim.ASGD
+// leaves capturable CUDA groups to torch's own step, and a call refuses graph capture.
+struct HostMirror {
+  std::vector<at::TensorList> lists;            // the device lists, in order
+  std::vector<std::vector<at::Tensor>> copies;  // their CPU copies (same dtype and shape)
 
-// CPU copies (same dtype and shape) of one-element tensors on `device`, read with one
-// device-to-host copy. Each must be defined, of one element and on `device` (the dtypes
-// are checked on the copies, with the CPU's checks and messages).
-std::vector<at::Tensor> host_copies(const char* op, const char* name, at::TensorList ts,
-                                    c10::Device device) {
-  std::vector<at::Tensor> wide;
-  wide.reserve(ts.size());
-  for (size_t i = 0; i < ts.size(); ++i) {
-    const at::Tensor& t = ts[i];
-    TORCH_CHECK(t.defined() && t.numel() == 1 && t.device() == device, op, ": ", name, "[", i,
-                "] must be a one-element tensor on ", device, " (as state_steps[0] is)");
-    TORCH_CHECK(!t.is_complex(), op, ": ", name, "[", i, "] must be real");
-    wide.push_back(t.reshape({1}).to(at::kDouble));  // (exact: a float or a step count)
+  // `ts` itself where it is not on `device` (its first entry decides), else its CPU copy,
+  // made by read().
+  at::TensorList add(const char* op, const char* name, at::TensorList ts,
+                     std::optional<c10::Device> device) {
+    if (!device.has_value() || ts.empty() || !ts[0].defined() || ts[0].device() != *device) {
+      return ts;
+    }
+    for (size_t i = 0; i < ts.size(); ++i) {
+      const at::Tensor& t = ts[i];
+      TORCH_CHECK(t.defined() && t.numel() == 1 && t.device() == *device && !t.is_complex(), op,
+                  ": ", name, "[", i, "] must be a one-element real tensor on ", *device, " (as ",
+                  name, "[0] is)");
+    }
+    lists.push_back(ts);
+    copies.emplace_back();
+    return at::TensorList();  // (replaced by copy(k) after read())
   }
-  std::vector<at::Tensor> out;
-  if (ts.empty()) return out;
-  const at::Tensor values = at::cat(wide).cpu();  // the synchronisation
-  const double* v = values.const_data_ptr<double>();
-  out.reserve(ts.size());
-  for (size_t i = 0; i < ts.size(); ++i) {
-    at::Tensor h = at::empty(ts[i].sizes(), ts[i].options().device(at::kCPU));
-    h.fill_(v[i]);
-    out.push_back(std::move(h));
-  }
-  return out;
-}
 
-// The host copies' values put back into the device tensors (each value is one of its
-// dtype's, so the conversions through double are exact).
-void copy_back(at::TensorList device_tensors, const std::vector<at::Tensor>& host) {
-  if (host.empty()) return;
-  std::vector<double> values(host.size());
-  for (size_t i = 0; i < host.size(); ++i) values[i] = host[i].item<double>();
-  const at::Tensor on_device =
-      at::from_blob(values.data(), {static_cast<int64_t>(values.size())},
-                    at::TensorOptions().dtype(at::kDouble))
-          .to(device_tensors[0].device());  // (from pageable memory: done when it returns)
-  for (size_t i = 0; i < host.size(); ++i) {
-    device_tensors[i].copy_(on_device[static_cast<int64_t>(i)].reshape(device_tensors[i].sizes()));
+  // Reads every added list's values with one device-to-host copy (exact through double: a
+  // float of any width, or a step count), into CPU tensors of their dtypes and shapes.
+  void read() {
+    std::vector<at::Tensor> wide;
+    for (at::TensorList ts : lists) {
+      for (const at::Tensor& t : ts) wide.push_back(t.reshape({1}).to(at::kDouble));
+    }
+    if (wide.empty()) return;
+    const at::Tensor values = at::cat(wide).cpu();  // the synchronisation
+    const double* v = values.const_data_ptr<double>();
+    for (size_t k = 0; k < lists.size(); ++k) {
+      for (const at::Tensor& t : lists[k]) {
+        at::Tensor h = at::empty(t.sizes(), t.options().device(at::kCPU));
+        h.fill_(*v++);
+        copies[k].push_back(std::move(h));
+      }
+    }
   }
-}
+
+  // Writes the CPU copies' values back (each one of its dtype's values: exact through
+  // double), with one host-to-device copy.
+  void write_back() const {
+    std::vector<double> values;
+    for (const auto& hs : copies) {
+      for (const at::Tensor& h : hs) values.push_back(h.item<double>());
+    }
+    if (values.empty()) return;
+    const at::Tensor on_device =
+        at::from_blob(values.data(), {static_cast<int64_t>(values.size())},
+                      at::TensorOptions().dtype(at::kDouble))
+            .to(lists[0][0].device());  // (from pageable memory: done when it returns)
+    int64_t j = 0;
+    for (at::TensorList ts : lists) {
+      for (const at::Tensor& t : ts) t.copy_(on_device[j++].reshape(t.sizes()));
+    }
+  }
+};
 
 void asgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList axs,
                at::TensorList mus, at::TensorList etas, at::TensorList state_steps, double lr,
@@ -79,24 +97,25 @@ void asgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList axs,
     std::optional<at::TensorList> param_aux) {
   constexpr const char* op = "fused_optim::asgd_";
   const int64_t n = static_cast<int64_t>(params.size());
-  // Note [ASGD's scalar states on CUDA]: steps, etas and mus on the params' GPU (as torch
-  // keeps them) are worked on in CPU copies.
+  // Note [ASGD's scalar states on CUDA]: the lists on the params' GPU (as torch keeps them)
+  // are worked on in CPU copies.
+  // (the lists' lengths are checked below, with the CPU's messages: a copy changes nothing)
   const std::optional<c10::Device> device = call_device(params);
-  const bool on_device = device.has_value() && !state_steps.empty() &&
-                         state_steps[0].defined() && state_steps[0].device() == *device;
-  std::vector<at::Tensor> host_steps, host_etas, host_mus;
-  if (on_device) {
-    TORCH_CHECK(static_cast<int64_t>(state_steps.size()) == n &&
-                    static_cast<int64_t>(etas.size()) == n && static_cast<int64_t>(mus.size()) == n,
-                op, ": expected one state_steps, etas and mus entry per param, got ",
-                state_steps.size(), ", ", etas.size(), " and ", mus.size(), " for ", n, " params");
-    host_steps = host_copies(op, "state_steps", state_steps, *device);
-    host_etas = host_copies(op, "etas", etas, *device);
-    host_mus = host_copies(op, "mus", mus, *device);
+  HostMirror mirror;
+  at::TensorList steps_in = mirror.add(op, "state_steps", state_steps, device);
+  at::TensorList etas_in = mirror.add(op, "etas", etas, device);
+  at::TensorList mus_in = mirror.add(op, "mus", mus, device);
+  if (!mirror.lists.empty()) {
+    TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+                op, ": ASGD's steps, etas and mus on the GPU are read on the host (as torch's "
+                "for-loop reads them), which cannot be captured in a CUDA graph");
+    mirror.read();
+    // (in the order they were added; a list that add() took came back empty)
+    size_t k = 0;
+    if (steps_in.empty() && !state_steps.empty()) steps_in = mirror.copies[k++];
+    if (etas_in.empty() && !etas.empty()) etas_in = mirror.copies[k++];
+    if (mus_in.empty() && !mus.empty()) mus_in = mirror.copies[k++];
   }
-  const at::TensorList steps_in = on_device ? at::TensorList(host_steps) : state_steps;
-  const at::TensorList etas_in = on_device ? at::TensorList(host_etas) : etas;
-  const at::TensorList mus_in = on_device ? at::TensorList(host_mus) : mus;
   CudaCall call(op, params, grads, {axs}, steps_in, lr, lr_tensor, grad_scale, found_inf,
                 param_storage(op, param_mode, param_aux));
   // Note [scalar states] (plan.h): eta and mu are read and updated on the host, with the
@@ -113,11 +132,7 @@ void asgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList axs,
   call.launch(coeffs, [&](at::ScalarType dt, bool cplx) {
     return select_asgd(dt, cplx, weight_decay != 0.0, PickKernel<AsgdCoeffs>{});
   });
-  if (on_device) {
-    copy_back(state_steps, host_steps);
-    copy_back(etas, host_etas);
-    copy_back(mus, host_mus);
-  }
+  mirror.write_back();
 }
 
 }  // namespace
