@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -69,6 +70,26 @@ struct Task {
 struct MultiBlockSlice {  // pass 1: a slice whose column sums are in the buffer
   int64_t entry, slice, partial, blocks;
 };
+
+// row_var and col_var of a factored entry with params of type T, in their math type M, as
+// this step computed them (Note [Adafactor's 16-bit factors] in cpu/adafactor.cpp): the
+// state itself, or for 16-bit params the floats kept before its rounding.
+template <typename T, typename M>
+FO_HOST_DEVICE FO_INLINE const M* row_factors(const Entry& e) {
+  if constexpr (std::is_same_v<T, M>) {
+    return static_cast<const M*>(e.row);
+  } else {
+    return e.row_f;
+  }
+}
+template <typename T, typename M>
+FO_HOST_DEVICE FO_INLINE const M* col_factors(const Entry& e) {
+  if constexpr (std::is_same_v<T, M>) {
+    return static_cast<const M*>(e.col);
+  } else {
+    return e.col_f;
+  }
+}
 
 // The group's scalars that the step size needs.
 struct Finish {

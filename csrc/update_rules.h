@@ -953,6 +953,11 @@ struct AdafactorRule {
     const M v = maximum_(var_estimate, eps1_sq);
     return (M(1) / sqrt_(v)) * (g * grad_sign);
   }
+  // The unclipped update's square, g^2 / max(estimate, eps1^2), for its RMS (Note
+  // [Adafactor's update RMS] in cpu/adafactor.cpp): no square root.
+  FO_HOST_DEVICE FO_INLINE M update_squared(M var_estimate, M g) const {
+    return (g * g) / maximum_(var_estimate, eps1_sq);
+  }
   // The factored variance estimate of one element: (row_var @ col_var) / clamped row mean.
   FO_HOST_DEVICE FO_INLINE static M factored_estimate(M row, M col, M row_mean) {
     return (row * col) / row_mean;

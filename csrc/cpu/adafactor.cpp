@@ -100,22 +100,6 @@ struct Passes {
   using Rule = AdafactorRule<M>;
   static constexpr bool kLow = !std::is_same_v<T, M>;
 
-  // row_var and col_var of the entry in M, as this step computed them.
-  static FO_INLINE const M* row_factors(const Entry& e) {
-    if constexpr (kLow) {
-      return e.row_f;
-    } else {
-      return static_cast<const M*>(e.row);
-    }
-  }
-  static FO_INLINE const M* col_factors(const Entry& e) {
-    if constexpr (kLow) {
-      return e.col_f;
-    } else {
-      return static_cast<const M*>(e.col);
-    }
-  }
-
   // col_var of one slice from its column sums, and the clamped mean of its row_var.
   static FO_INLINE void finish_slice(const Entry& e, int64_t slice, const double* col_sums,
                                      double* row_means) {
@@ -127,7 +111,7 @@ struct Passes {
       store(v, col + j);
       if constexpr (kLow) e.col_f[slice * n + j] = v;
     }
-    const M* row = row_factors(e) + slice * m;
+    const M* row = adafactor::row_factors<T, M>(e) + slice * m;
     double sum = 0.0;
     for (int64_t r = 0; r < m; ++r) sum += static_cast<double>(row[r]);
     const M mean = static_cast<M>(sum) / static_cast<M>(m);  // row_var.mean(dim=-2)
@@ -215,10 +199,7 @@ struct Passes {
   // whole param before any element is updated. Pass 2 sums u^2 as g^2 / max(estimate,
   // eps1^2), the estimate as row * (col * (1 / row_mean)): a square root and two divisions
   // fewer per element than pass 3's exact u, and within a few float ulps of its square
-  // (the sum is already not torch's: Note [Adafactor's sums]).
-  static FO_INLINE M update_squared(const Rule& rule, M estimate, M g) {
-    return (g * g) / fused_optim::maximum_<M>(estimate, rule.eps1_sq);
-  }
+  // (the sum is already not torch's: Note [Adafactor's sums]). AdafactorRule::update_squared.
 
   // sums[0]: the update's sum of squares over the task, sums[1]: the param's. The squares
   // are computed kBuffer elements at a time into a buffer (a loop that vectorizes), then
@@ -232,8 +213,8 @@ struct Passes {
       const int64_t m = e.rows, n = e.cols;
       const T* g = static_cast<const T*>(e.g) + (t.slice * m + t.begin) * n;
       const T* p = static_cast<const T*>(e.p) + (t.slice * m + t.begin) * n;
-      const M* row = row_factors(e) + t.slice * m;
-      const M* col = col_factors(e) + t.slice * n;
+      const M* row = adafactor::row_factors<T, M>(e) + t.slice * m;
+      const M* col = adafactor::col_factors<T, M>(e) + t.slice * n;
       const M inv_row_mean = M(1) / static_cast<M>(e.row_means[t.slice]);
       const int64_t ahead = prefetch_distance(sizeof(T));
       for (int64_t r = t.begin; r < t.end; ++r, g += n, p += n) {
@@ -246,7 +227,7 @@ struct Passes {
           }
 #pragma GCC ivdep
           for (int64_t j = 0; j < len; ++j) {
-            u2[j] = update_squared(rule, rv * col[j0 + j], cpu::load(g + j0 + j));
+            u2[j] = rule.update_squared(rv * col[j0 + j], cpu::load(g + j0 + j));
           }
           add_terms(u2, len, ul);
           add_squares(p + j0, len, pl);
@@ -270,7 +251,7 @@ struct Passes {
 #pragma GCC ivdep
         for (int64_t j = 0; j < len; ++j) {
           const M gv = grad_value<T, kUnscale>(g + i0 + j, inv);
-          u2[j] = update_squared(rule, rule.variance(cpu::load(var + i0 + j), gv), gv);
+          u2[j] = rule.update_squared(rule.variance(cpu::load(var + i0 + j), gv), gv);
         }
         add_terms(u2, len, ul);
         add_squares(p + i0, len, pl);
@@ -292,8 +273,8 @@ struct Passes {
       const int64_t m = e.rows, n = e.cols;
       const T* g = static_cast<const T*>(e.g) + (t.slice * m + t.begin) * n;
       T* p = static_cast<T*>(e.p) + (t.slice * m + t.begin) * n;
-      const M* row = row_factors(e) + t.slice * m;
-      const M* col = col_factors(e) + t.slice * n;
+      const M* row = adafactor::row_factors<T, M>(e) + t.slice * m;
+      const M* col = adafactor::col_factors<T, M>(e) + t.slice * n;
       const M row_mean = static_cast<M>(e.row_means[t.slice]);
       const int64_t ahead = prefetch_distance(sizeof(T));
       for (int64_t r = t.begin; r < t.end; ++r, g += n, p += n) {

@@ -94,25 +94,6 @@ __device__ __forceinline__ M grad_value(T x, T* g, M inv_scale, bool unscale) {
 // plain loop, so the same bits.
 constexpr int kUnroll = 8;
 
-// row_var and col_var of a factored entry in M, as this step computed them (Note
-// [Adafactor's 16-bit factors]).
-template <typename T, typename M>
-__device__ __forceinline__ const M* row_factors(const Entry& e) {
-  if constexpr (std::is_same_v<T, M>) {
-    return static_cast<const M*>(e.row);
-  } else {
-    return e.row_f;
-  }
-}
-template <typename T, typename M>
-__device__ __forceinline__ const M* col_factors(const Entry& e) {
-  if constexpr (std::is_same_v<T, M>) {
-    return static_cast<const M*>(e.col);
-  } else {
-    return e.col_f;
-  }
-}
-
 // 1. Row sums: kRowsPerBlock rows of a task per block row (blockIdx.y, striding by
 // gridDim.y), kLanes threads a row.
 __global__ void __launch_bounds__(kBlock) rows_kernel(const Entry* entries, const Task* tasks,
@@ -226,7 +207,7 @@ __global__ void __launch_bounds__(kBlock) slices_kernel(const Entry* entries,
         col[j] = static_cast<T>(v);
         if constexpr (!std::is_same_v<T, M>) e.col_f[s.slice * n + j] = v;
       } else {
-        const M* row = row_factors<T, M>(e) + s.slice * m;
+        const M* row = adafactor::row_factors<T, M>(e) + s.slice * m;
         double sum = 0.0;
         int64_t r = 0;
         for (; r + kUnroll <= m; r += kUnroll) {  // Note [unrolled sums]
@@ -242,12 +223,6 @@ __global__ void __launch_bounds__(kBlock) slices_kernel(const Entry* entries,
       }
     }
   });
-}
-
-// Note [Adafactor's update RMS] (cpu/adafactor.cpp): u^2 without the square root.
-template <typename M>
-__device__ __forceinline__ M update_squared(const AdafactorRule<M>& rule, M estimate, M g) {
-  return (g * g) / maximum_<M>(estimate, rule.eps1_sq);
 }
 
 // 4. Pass 2's sums: kSumLanes threads a task, kTasksPerBlock tasks a block.
@@ -270,8 +245,8 @@ __global__ void __launch_bounds__(kBlock) sums_kernel(const Entry* entries, cons
         const int64_t m = e.rows, n = e.cols;
         const T* g = static_cast<const T*>(e.g) + (t.slice * m + t.begin) * n;
         const T* p = static_cast<const T*>(e.p) + (t.slice * m + t.begin) * n;
-        const M* row = row_factors<T, M>(e) + t.slice * m;
-        const M* col = col_factors<T, M>(e) + t.slice * n;
+        const M* row = adafactor::row_factors<T, M>(e) + t.slice * m;
+        const M* col = adafactor::col_factors<T, M>(e) + t.slice * n;
         const M inv_row_mean = M(1) / static_cast<M>(e.row_means[t.slice]);
         constexpr int kU = kUnroll / 2;  // (three loads a term)
         for (int64_t r = t.begin; r < t.end; ++r, g += n, p += n) {
@@ -288,13 +263,13 @@ __global__ void __launch_bounds__(kBlock) sums_kernel(const Entry* entries, cons
             }
 #pragma unroll
             for (int u = 0; u < kU; ++u) {
-              us += static_cast<double>(update_squared(rule, rv * cx[u], static_cast<M>(gx[u])));
+              us += static_cast<double>(rule.update_squared(rv * cx[u], static_cast<M>(gx[u])));
               const double pv = static_cast<double>(static_cast<M>(px[u]));
               ps += pv * pv;
             }
           }
           for (; c < n; c += kSumLanes) {
-            us += static_cast<double>(update_squared(rule, rv * col[c], static_cast<M>(g[c])));
+            us += static_cast<double>(rule.update_squared(rv * col[c], static_cast<M>(g[c])));
             const double pv = static_cast<double>(static_cast<M>(p[c]));
             ps += pv * pv;
           }
@@ -319,7 +294,7 @@ __global__ void __launch_bounds__(kBlock) sums_kernel(const Entry* entries, cons
           for (int u = 0; u < kU; ++u) {
             const M gv = grad_value(gx[u], g + i + u * kSumLanes, inv, unscale);
             us += static_cast<double>(
-                update_squared(rule, rule.variance(static_cast<M>(vx[u]), gv), gv));
+                rule.update_squared(rule.variance(static_cast<M>(vx[u]), gv), gv));
             const double pv = static_cast<double>(static_cast<M>(px[u]));
             ps += pv * pv;
           }
@@ -327,7 +302,7 @@ __global__ void __launch_bounds__(kBlock) sums_kernel(const Entry* entries, cons
         for (; i < t.end; i += kSumLanes) {
           const M gv = grad_value(g[i], g + i, inv, unscale);
           us += static_cast<double>(
-              update_squared(rule, rule.variance(static_cast<M>(var[i]), gv), gv));
+              rule.update_squared(rule.variance(static_cast<M>(var[i]), gv), gv));
           const double pv = static_cast<double>(static_cast<M>(p[i]));
           ps += pv * pv;
         }
@@ -379,8 +354,8 @@ __global__ void __launch_bounds__(kBlock) update_kernel(const Entry* entries, co
       const int64_t count = (t.end - t.begin) * n;
       const T* g = static_cast<const T*>(e.g) + base;
       T* p = static_cast<T*>(e.p) + base;
-      const M* row = row_factors<T, M>(e) + t.slice * m + t.begin;
-      const M* col = col_factors<T, M>(e) + t.slice * n;
+      const M* row = adafactor::row_factors<T, M>(e) + t.slice * m + t.begin;
+      const M* col = adafactor::col_factors<T, M>(e) + t.slice * n;
       const M row_mean = static_cast<M>(e.row_means[t.slice]);
       // (element x is in row r, column c; r and c follow x without a division where a
       // row holds at least a block's stride)
