@@ -86,9 +86,12 @@ class SparseAdam(FusedOptimizer, torch.optim.SparseAdam):
                 sizes[step] = lr * math.sqrt(bias_correction2) / bias_correction1
             size = sizes[step]
             if isinstance(size, Tensor):
-                # torch's `-step_size * values` with a 0-dim tensor first: a tensor op of
-                # the values' dtype, which rounds the step size to it (a 16-bit one, too).
-                size = size.to(p.dtype).item() if p.dtype in (torch.bfloat16, torch.float16) \
+                # torch's `-step_size * values` with a 0-dim CPU tensor first. On the CPU a
+                # tensor op of the values' dtype, which rounds the step size to it (a 16-bit
+                # one, too); on CUDA the 0-dim CPU tensor is a scalar the kernel reads as
+                # float (its original value, unrounded: found on an H200).
+                size = size.to(p.dtype).item() \
+                    if p.dtype in (torch.bfloat16, torch.float16) and p.device.type == "cpu" \
                     else size.item()
             step_sizes.append(size)
         torch.ops.fused_optim.sparse_adam_(params, grads, exp_avgs, exp_avg_sqs, step_sizes, *args)

@@ -503,8 +503,10 @@ def assert_same_run(cuda_run, cpu_run, what):
                 continue
             # The host's scalars stay CPU tensors on every device: rounding_state (counted
             # on the host), and the steps and NAdam's mu_product (not capturable); the rest
-            # lives on the param's device.
-            host = key in ("rounding_state", "step", "mu_product")
+            # lives on the param's device, ASGD's steps too (torch keeps them there: Note
+            # [ASGD's scalar states on CUDA]).
+            host = key in ("rounding_state", "mu_product") or (
+                key == "step" and type(opt).__name__ != "ASGD")
             assert mine.device.type == ("cpu" if host else "cuda"), f"{what}: device of {key}"
             assert mine.dtype == value.dtype, f"{what}: dtype of state {key} of param {i}"
             torch.testing.assert_close(mine.cpu(), value, rtol=0, atol=0, equal_nan=True,
@@ -747,8 +749,7 @@ def test_adafactor_mixed_devices_in_one_group():
     assert_adafactor_equal((mixed, opt), ref, "mixed")
 
 
-# -- SparseAdam and Muon on CUDA (written on 2026-12-04 after the H200 run, not yet run on
-# a GPU: docs/cuda.md) -------------------------------------------------------------------
+# -- SparseAdam and Muon on CUDA (first run on an H200 on 2026-12-04: docs/cuda.md) ------
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("options", tsa.OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_sparse_adam_bitwise_torch_on_cuda(options, dtype):
@@ -813,6 +814,33 @@ def test_asgd_scalar_states_stay_on_the_gpu(dtype):
             assert v.device == p.device and v.dtype == torch.float32 and v.dim() == 0, key
             assert torch.equal(v.cpu(), orf.state[q][key]), key
         assert torch.equal(oc.state[p]["ax"].cpu(), orf.state[q]["ax"])
+
+
+def test_asgd_scalar_states_of_mixed_dtypes_and_shapes():
+    """The same, where a list of the scalar states mixes dtypes (one param's eta float64, as a
+    hand-made state may have it) and shapes (one mu of shape (1,)): every state keeps its
+    dtype and shape, with the CPU run's values (Note [ASGD's scalar states on CUDA]: a list
+    of one dtype is gathered and written back in one kernel each, a mixed one per tensor)."""
+    def train(device):
+        g = torch.Generator().manual_seed(1)
+        ps = [torch.randn(s, generator=g).to(device).requires_grad_() for s in [(30,), (4, 5), (6,)]]
+        opt = fused_optim.ASGD(ps, lr=0.05, lambd=0.1, alpha=0.6, t0=1.0)
+        for step in range(6):
+            if step == 2:
+                opt.state[ps[1]]["eta"] = opt.state[ps[1]]["eta"].double()
+                opt.state[ps[0]]["mu"] = opt.state[ps[0]]["mu"].reshape(1)
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g).to(device)
+            opt.step()
+        return ps, opt
+    (pc, oc), (pr, orf) = train("cuda"), train("cpu")
+    for p, q in zip(pc, pr):
+        assert torch.equal(p.detach().cpu(), q.detach())
+        for key in ("step", "eta", "mu", "ax"):
+            v, w = oc.state[p][key], orf.state[q][key]
+            assert v.device == p.device and v.dtype == w.dtype and v.shape == w.shape, key
+            assert torch.equal(v.cpu(), w), key
+    assert oc.state[pc[1]]["eta"].dtype == torch.float64 and oc.state[pc[0]]["mu"].shape == (1,)
 
 
 def test_asgd_capturable_runs_torchs_step():
