@@ -768,14 +768,17 @@ struct RpropRule {
     M& step_size = state[1];
     g = g * grad_sign;
     // sign = grad.mul(prev).sign(); sign[sign > 0] = etaplus; sign[sign < 0] = etaminus;
-    // sign[sign == 0] = 1
-    const M s = sign(g * prev);
-    const M factor = if_less_(M(0.0), s, etaplus, if_less_(s, M(0.0), etaminus, M(1.0)));
+    // sign[sign == 0] = 1. sign(x) > 0 exactly where x > 0, and < 0 where x < 0 (NaN: 0),
+    // so each choice compares x itself: a select of a select made GCC's vectorized loop
+    // rebuild the masks bit by bit with scalar code (Rprop at 68% of the limit on an AMD
+    // EPYC, Zen 4).
+    const M x = g * prev;
+    const M factor = if_less_(M(0.0), x, etaplus, if_less_(x, M(0.0), etaminus, M(1.0)));
     // step_size.mul_(sign).clamp_(step_size_min, step_size_max): min(max(x, lo), hi)
     M size = step_size * factor;
     size = if_less_(size, step_size_min, step_size_min, size);
     step_size = if_less_(step_size_max, size, step_size_max, size);
-    g = if_less_(s, M(0.0), M(0.0), g);  // grad[sign.eq(etaminus)] = 0
+    g = if_less_(x, M(0.0), M(0.0), g);  // grad[sign.eq(etaminus)] = 0
     p = fma_(-sign(g), step_size, p);    // param.addcmul_(grad.sign(), step_size, value=-1)
     prev = g;                            // prev.copy_(grad)
   }
