@@ -203,8 +203,9 @@ def extensions():
         if cuda_big_kernel_args():
             kwargs["define_macros"].append(("FUSED_OPTIM_CUDA_BIG_ARGS", "1"))
     # FUSED_OPTIM_ISA_COPIES=baseline compiles the CPU loops for the x86-64 baseline only
-    # (Note [ISA dispatch] in csrc/cpu/multi_tensor.h): a build in less than half the time,
-    # with slower CPU steps. For tools/check_cuda_build.sh, which checks the CUDA sources.
+    # (Note [ISA dispatch] in csrc/cpu/multi_tensor.h): one copy to compile instead of four,
+    # with slower CPU steps. For tools/check_cuda_build.sh and CI's smoke lanes, which check
+    # the CUDA sources and a torch release, not the loops' ISA copies.
     if os.environ.get("FUSED_OPTIM_ISA_COPIES", "all") == "baseline":
         kwargs.setdefault("define_macros", []).append(("FUSED_OPTIM_BASELINE_ONLY", "1"))
     omp_compile, omp_link = openmp_flags()

@@ -144,6 +144,31 @@ const CpuTuning& cpu_tuning() {
   return tuning;
 }
 
+// Note [storage blocks out of line] (multi_tensor.h): one copy of each per ISA.
+void load_block_baseline(at::ScalarType dt, const void* base, int64_t at, float* dst, int64_t m,
+                         const float* scales) {
+  load_block_impl<Isa::kBaseline>(dt, base, at, dst, m, scales);
+}
+void store_block_baseline(at::ScalarType dt, const float* src, void* base, int64_t at, int64_t m,
+                          float* scales) {
+  store_block_impl<Isa::kBaseline>(dt, src, base, at, m, scales);
+}
+#if FO_X86_CLONES
+#define FO_DEFINE_BLOCK_FNS(isa, target, level)                                                  \
+  target void load_block_##isa(at::ScalarType dt, const void* base, int64_t at, float* dst,      \
+                               int64_t m, const float* scales) {                                  \
+    load_block_impl<level>(dt, base, at, dst, m, scales);                                         \
+  }                                                                                               \
+  target void store_block_##isa(at::ScalarType dt, const float* src, void* base, int64_t at,     \
+                                int64_t m, float* scales) {                                       \
+    store_block_impl<level>(dt, src, base, at, m, scales);                                        \
+  }
+FO_DEFINE_BLOCK_FNS(avx2, FO_AVX2_TARGET, Isa::kAvx2)
+FO_DEFINE_BLOCK_FNS(avx512, FO_AVX512_TARGET, Isa::kAvx512)
+FO_DEFINE_BLOCK_FNS(avx512bf16, FO_AVX512BF16_TARGET, Isa::kAvx512Bf16)
+#undef FO_DEFINE_BLOCK_FNS
+#endif
+
 // Note [8-bit state]: one copy of the block quantization per ISA; the compiler vectorizes the
 // search of the thresholds with gathers where the ISA has them.
 void q8_quantize_baseline(const float* src, uint8_t* codes, float* scale, int64_t m) {
