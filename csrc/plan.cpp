@@ -292,6 +292,19 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
     index_.push_back(i);
     offsets_.push_back(offsets_.back() + numel);
   }
+  // The storage loops (mixed_storage(): a state of another dtype than its param, or a param
+  // mode) update float32, bfloat16 and float16 params only; a call that has them takes no
+  // other param (refused here, before a step is counted or anything written; the optimizers
+  // never make such a call: state_dtype and the modes refuse other params).
+  if (mixed_storage()) {
+    for (int64_t i = 0; i < n; ++i) {
+      const at::ScalarType dt = params[i].scalar_type();
+      TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
+                  ": a param storage mode or state_dtype applies to float32, bfloat16 and "
+                  "float16 params only; params[", i, "] has dtype ", dt, " in a call with a "
+                  "state of another dtype than its param");
+    }
+  }
   serial_ = entries_share_memory(/*grads=*/false) ||
             (grad_mutable && entries_share_memory(/*grads=*/true));
 }

@@ -504,6 +504,28 @@ def test_op_checks_8_bit_arguments():
     assert_bitwise(p, before.contiguous(), "unchanged")
 
 
+@pytest.mark.parametrize("other", [torch.complex64, torch.float64])
+def test_op_refuses_other_params_beside_a_state_of_another_dtype(other):
+    """A call whose float32 param has a bfloat16 state runs the storage loops, which take
+    float32, bfloat16 and float16 params only: a complex64 or float64 param in the same
+    call is refused before a step is counted or anything written. (The optimizers never
+    make such a call: state_dtype refuses those params.)"""
+    p = [torch.randn(300), torch.randn(70, dtype=other)]
+    g = [torch.randn(300), torch.randn(70, dtype=other)]
+    m = [torch.randn(300).bfloat16(), torch.randn(70, dtype=other)]
+    v = [torch.rand(300).bfloat16(), torch.rand(70, dtype=other)]
+    steps = [torch.tensor(3.0), torch.tensor(3.0)]
+    before = [t.clone() for t in p + m + v]
+    with pytest.raises(RuntimeError, match=r"applies to float32, bfloat16 and float16 params "
+                                           r"only; params\[1\] has dtype"):
+        torch.ops.fused_optim.adam_(p, g, m, v, [], steps, lr=0.01, beta1=0.9, beta2=0.999,
+                                    weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False,
+                                    decoupled_weight_decay=False)
+    assert [float(s) for s in steps] == [3.0, 3.0]
+    for a, b in zip(p + m + v, before):
+        assert_bitwise(a, b, "unchanged")
+
+
 def test_grad_scaler_inf_step_changes_nothing():
     params, opt = run_ours("Adam", dict(lr=0.01), torch.float32, torch.uint8, 1)
     before = copy.deepcopy(opt.state_dict())
