@@ -57,4 +57,6 @@ def test_ci_runs_the_readme_test_command():
     assert commands[1].endswith("python -m pytest tests -q")
     with open(os.path.join(ROOT, ".ci", "run")) as f:
         ci = [line.strip() for line in f]
-    assert commands[1] in ci
+    # Exactly the README's command, and a failure anywhere in its && chain stops CI (set -e
+    # only acts on the chain's last command).
+    assert commands[1] + " || exit 1" in ci
