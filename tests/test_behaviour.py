@@ -277,6 +277,10 @@ def test_default_tuning_names_the_cpu_and_how_it_was_chosen():
     info = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     if "AuthenticAMD" in info and re.search(r"cpu family\s*: 25\n", info) and " avx512f" in info:
         assert tuning == "prefetch off (AMD Zen 4, table)"  # measured: Note [CPU tuning]
+    model = re.search(r"^model\s*: (\d+)$", info, flags=re.M)
+    if "AuthenticAMD" in info and re.search(r"cpu family\s*: 26\n", info) and model \
+            and int(model.group(1)) <= 0x7F:
+        assert tuning == "prefetch off (AMD Zen 5, table)"  # measured: Note [CPU tuning]
 
 
 # Every bit pattern of a 16-bit dtype (NaNs of each sign and payload, infinities,

@@ -103,6 +103,12 @@ CpuTuning tuning_from_table() {
     // A 2-core AMD EPYC (Zen 4, family 19h model 11h): with the Xeon's prefetch, fp32 Adam
     // was 0.7-0.98x torch fused=True; without, 1.03-1.25x (session 9: Note [CPU tuning]).
     t = {0, true, "AMD Zen 4", "table"};
+  } else if (id.vendor == "AuthenticAMD" && id.family == 0x1A && id.model <= 0x7F) {
+    // A 2-core AMD EPYC (Zen 5, family 1Ah model 02h), 2026-12-04: the Xeon's distance
+    // (384) against none, alternating processes, twice each, torch fused=True in the same
+    // rounds: W1/W2 fp32 at 91-104% of the limit either way, W4 bf16 86-102%; W3 Adam
+    // 4.55-4.85x with it, 4.81-5.19x without (three more pairs of W3 runs). No gain: none.
+    t = {0, true, "AMD Zen 5", "table"};
   } else if (!id.vendor.empty()) {
     t.cpu = id.vendor + " family " + std::to_string(id.family) + " model " +
             std::to_string(id.model) + " (not in the table)";
