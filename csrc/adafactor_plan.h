@@ -28,7 +28,9 @@ namespace fused_optim::adafactor {
 constexpr const char* kOp = "fused_optim::adafactor_";
 
 constexpr int64_t kChunk = int64_t{1} << 16;              // passes 2-3: elements per task
-constexpr int64_t kRowBlock = int64_t{1} << 22;           // pass 1: elements per row block
+// pass 1: elements per row block (small enough that a wave of one param still splits
+// between threads: Note [Adafactor's waves] in cpu/adafactor.cpp)
+constexpr int64_t kRowBlock = int64_t{1} << 18;
 constexpr int64_t kMaxColumnPartials = int64_t{1} << 16;  // pass 1: buffer per slice
 constexpr int kLanes = 8;         // pass 1's row sums: element j of a row in lane j % 8
 constexpr int kSumLanes = 16;     // pass 2's sums: element j of a row (or task) in lane j % 16

@@ -167,7 +167,7 @@ def test_matches_for_loop(options, dtype):
 
 
 def test_big_slices_and_many_slices():
-    """A slice of more than 2^22 elements takes several row blocks in pass 1 (their column
+    """A slice of more than 2^18 elements takes several row blocks in pass 1 (their column
     sums combined after it), and a batch of many slices; 3 steps. On slices this big
     torch's float32 for-loop is itself off by up to ~1e-4 relative to the exact result
     (its float32 column sums, means and norms over thousands of elements), so float32 is
@@ -512,3 +512,33 @@ def test_benchmark_probe_takes_adafactors_pattern():
     reads = [torch.full((100,), float(k)) for k in range(4)]
     fused_optim._ops.stream_([x], reads, 0.5)
     assert torch.equal(x, torch.full((100,), 0.5 + 6.0))
+
+
+@pytest.mark.parametrize("value", ["many", "-5", "1e6"])
+def test_a_bad_wave_variable_is_a_clear_error_before_anything_changes(value):
+    """FUSED_OPTIM_ADAFACTOR_WAVE (Note [Adafactor's waves]) is read once, at the first
+    step: a value it cannot use raises torch's RuntimeError naming the variable and the
+    value, before the step is counted or any param or state element changes."""
+    import os
+    import subprocess
+    import sys
+    script = (
+        "import torch, fused_optim\n"
+        "p = torch.randn(40, 30, requires_grad=True); p.grad = torch.randn(40, 30)\n"
+        "before = p.detach().clone()\n"
+        "opt = fused_optim.Adafactor([p])\n"
+        "try:\n"
+        "    opt.step()\n"
+        "except RuntimeError as e:\n"
+        "    st = opt.state[p]\n"
+        "    print('ERROR', str(e).splitlines()[0])\n"
+        "    print('UNCHANGED', torch.equal(p.detach(), before)\n"
+        "          and all(float(st[k].abs().sum()) == 0 for k in st if k != 'step')\n"
+        "          and float(st['step']) == 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, FUSED_OPTIM_ADAFACTOR_WAVE=value))
+    assert out.returncode == 0, out.stderr
+    assert f"FUSED_OPTIM_ADAFACTOR_WAVE must be auto, off or a number of elements" in out.stdout
+    assert f"not {value}" in out.stdout
+    assert "UNCHANGED True" in out.stdout, out.stdout

@@ -228,11 +228,17 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
     out[("Adafactor", str(dtype))] = [p.detach().clone() for p in ps] + [
         v for p in ps for v in opt.state[p].values()]
 torch.save(out, sys.argv[1])""")
+# (Adafactor's waves too, Note [Adafactor's waves]: one wave for the group, the default,
+# one param a wave, and waves that put the small params together but the big one alone.)
 TUNINGS = {
-    "plain": dict(FUSED_OPTIM_PREFETCH="off", FUSED_OPTIM_GATHER_PREFETCH="off"),
-    "xeon": dict(FUSED_OPTIM_PREFETCH="384", FUSED_OPTIM_GATHER_PREFETCH="on"),
-    "near": dict(FUSED_OPTIM_PREFETCH="5", FUSED_OPTIM_GATHER_PREFETCH="on"),
-    "far": dict(FUSED_OPTIM_PREFETCH="100000", FUSED_OPTIM_GATHER_PREFETCH="off"),
+    "plain": dict(FUSED_OPTIM_PREFETCH="off", FUSED_OPTIM_GATHER_PREFETCH="off",
+                  FUSED_OPTIM_ADAFACTOR_WAVE="off"),
+    "xeon": dict(FUSED_OPTIM_PREFETCH="384", FUSED_OPTIM_GATHER_PREFETCH="on",
+                 FUSED_OPTIM_ADAFACTOR_WAVE="auto"),
+    "near": dict(FUSED_OPTIM_PREFETCH="5", FUSED_OPTIM_GATHER_PREFETCH="on",
+                 FUSED_OPTIM_ADAFACTOR_WAVE="1"),
+    "far": dict(FUSED_OPTIM_PREFETCH="100000", FUSED_OPTIM_GATHER_PREFETCH="off",
+                FUSED_OPTIM_ADAFACTOR_WAVE="300000"),
 }
 
 

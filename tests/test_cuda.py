@@ -688,7 +688,7 @@ def test_adafactor_matches_torch_on_cuda(options, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_adafactor_big_and_many_slices_equal_to_cpu(dtype):
-    """Slices of more than 2^22 elements (several row blocks in pass 1, their column sums
+    """Slices of more than 2^18 elements (several row blocks in pass 1, their column sums
     added in block order), a batch of many slices, a long vector; 3 steps, bitwise."""
     shapes = [(2100, 2050), (64, 9, 7), (4100, 1100), (3 * 2**16 + 11,)]
 
