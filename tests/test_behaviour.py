@@ -227,6 +227,19 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         opt.step()
     out[("Adafactor", str(dtype))] = [p.detach().clone() for p in ps] + [
         v for p in ps for v in opt.state[p].values()]
+# Adafactor with float32 and bfloat16 params in one group (16-bit params make waves of
+# their own: Note [Adafactor's waves]).
+ps = [torch.randn(s, generator=g).to(dt).requires_grad_()
+      for s, dt in [((300, 129), torch.float32), ((7, 1000), torch.bfloat16),
+                    ((4100, 1030), torch.float32), ((5000,), torch.bfloat16),
+                    ((2, 3, 257), torch.bfloat16), ((600, 700), torch.float32)]]
+opt = fused_optim.Adafactor(ps, lr=0.01, weight_decay=0.01)
+for step in range(3):
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+    opt.step()
+out[("Adafactor", "mixed")] = [p.detach().clone() for p in ps] + [
+    v for p in ps for v in opt.state[p].values()]
 torch.save(out, sys.argv[1])""")
 # (Adafactor's waves too, Note [Adafactor's waves]: one wave for the group, the default,
 # one param a wave, and waves that put the small params together but the big one alone.)

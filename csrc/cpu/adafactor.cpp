@@ -430,7 +430,10 @@ void run_tasks(const std::vector<Task>& all_tasks, int64_t first, int64_t last,
 // interleaved in one process): one wave for the whole group 53.6-54.9 ms a step (median),
 // waves of 2^20 elements 48.2-49.0 ms (1.09-1.15x), of 2^19 or 2^21 about the same, and
 // row blocks of 2^18 without waves 1.02-1.03x; at 1 thread 1.08x. The embedding (a third
-// of W2's elements, 150 MB of grads) is a wave alone, and gains nothing.
+// of W2's elements, 150 MB of grads) is a wave alone, and gains nothing. 16-bit params
+// are bound by their arithmetic, not by memory (W4, bf16: 59% of the limit), and there
+// waves cost 2-10% (their parallel regions: four a wave): consecutive 16-bit params are
+// one wave.
 // FUSED_OPTIM_ADAFACTOR_WAVE=auto|off|N forces it (N elements; off: one wave), for
 // experiments: the tests run with several forced and compare every bit.
 constexpr int64_t kWaveElements = int64_t{1} << 20;
@@ -485,9 +488,19 @@ void adafactor_cpu(at::TensorList params, at::TensorList grads, at::TensorList r
   std::vector<double> sums(static_cast<size_t>(2 * tasks2.size()));
   int64_t k1 = 0, km = 0;  // the next pass-1 task and multi-block slice
   for (int64_t e0 = 0; e0 < n;) {
+    const auto half = [&](int64_t i) {
+      return entries[i].dtype == adafactor::kBF16 || entries[i].dtype == adafactor::kF16;
+    };
     int64_t e1 = e0 + 1, elements = entries[e0].numel;
-    while (e1 < n && wave > 0 && elements + entries[e1].numel <= wave) elements += entries[e1++].numel;
-    if (wave <= 0) e1 = n;
+    if (wave <= 0) {
+      e1 = n;
+    } else if (half(e0)) {  // 16-bit params: one wave of all in a row (Note [Adafactor's waves])
+      while (e1 < n && half(e1)) ++e1;
+    } else {
+      while (e1 < n && !half(e1) && elements + entries[e1].numel <= wave) {
+        elements += entries[e1++].numel;
+      }
+    }
     int64_t k1_end = k1, km_end = km;
     while (k1_end < static_cast<int64_t>(tasks1.size()) && tasks1[k1_end].entry < e1) ++k1_end;
     while (km_end < static_cast<int64_t>(multi.size()) && multi[km_end].entry < e1) ++km_end;
