@@ -12,8 +12,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <cstring>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -379,9 +379,9 @@ PassFns select_fns(at::ScalarType dtype, bool unscale, bool decay) {
   });
 }
 
-// Runs fn(k) for every task k in [first, last) in one parallel region, the tasks split into one run of
-// consecutive tasks per thread of about equal cost (rows * cols elements plus a fixed cost
-// per task): tasks differ in size (a 256K-element block of pass 1, a short vector), and an
+// Runs fn(k) for every task k in [first, last) in one parallel region, the tasks split
+// into one run of consecutive tasks per thread of about equal cost (rows * cols elements
+// plus a fixed cost per task): tasks differ in size (a 256K-element block of pass 1, a short vector), and an
 // even split by count would leave threads waiting at the end of each pass. Which thread
 // runs a task changes no result: each task's sums are its own (Note [Adafactor's sums]).
 template <typename Fn>
@@ -440,14 +440,15 @@ constexpr int64_t kWaveElements = int64_t{1} << 20;
 
 int64_t adafactor_wave_elements() {
   static const int64_t wave = [] {
-    const char* env = std::getenv("FUSED_OPTIM_ADAFACTOR_WAVE");
-    if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return kWaveElements;
-    if (std::strcmp(env, "off") == 0 || std::strcmp(env, "0") == 0) return int64_t{0};
+    const auto env = env_choice("FUSED_OPTIM_ADAFACTOR_WAVE");
+    if (!env) return kWaveElements;
+    const std::string& v = *env;
+    if (v == "off" || v == "0") return int64_t{0};
     char* end = nullptr;
-    const long long n = std::strtoll(env, &end, 10);
-    TORCH_CHECK(end != env && *end == '\0' && n > 0,
+    const long long n = std::strtoll(v.c_str(), &end, 10);
+    TORCH_CHECK(end != v.c_str() && *end == '\0' && n > 0,
                 "FUSED_OPTIM_ADAFACTOR_WAVE must be auto, off or a number of elements (a "
-                "positive integer), not ", env);
+                "positive integer), not ", v);
     return static_cast<int64_t>(n);
   }();
   return wave;
@@ -487,10 +488,10 @@ void adafactor_cpu(at::TensorList params, at::TensorList grads, at::TensorList r
   std::vector<double> partials(static_cast<size_t>(plan.partials_size));
   std::vector<double> sums(static_cast<size_t>(2 * tasks2.size()));
   int64_t k1 = 0, km = 0;  // the next pass-1 task and multi-block slice
+  const auto half = [&](int64_t i) {
+    return entries[i].dtype == adafactor::kBF16 || entries[i].dtype == adafactor::kF16;
+  };
   for (int64_t e0 = 0; e0 < n;) {
-    const auto half = [&](int64_t i) {
-      return entries[i].dtype == adafactor::kBF16 || entries[i].dtype == adafactor::kF16;
-    };
     int64_t e1 = e0 + 1, elements = entries[e0].numel;
     if (wave <= 0) {
       e1 = n;

@@ -12,17 +12,12 @@
 #endif
 
 namespace fused_optim::cpu {
-namespace {
 
-// The value of an environment variable that overrides a choice made per machine, or
-// nullopt where it is unset, empty or "auto" (the machine's own choice stands).
 std::optional<std::string> env_choice(const char* name) {
   const char* value = std::getenv(name);
   if (value == nullptr || *value == '\0' || std::string(value) == "auto") return std::nullopt;
   return std::string(value);
 }
-
-}  // namespace
 
 Isa cpu_isa() {
   static const Isa isa = [] {

@@ -546,7 +546,7 @@ FO_AVX512_INLINE void bf16_stochastic16_avx512(const float* x, uint16_t* dst, ui
 // nearest, or quantized). An 8-bit block starts at a multiple of kQuantBlock.
 template <Isa kIsa>
 FO_INLINE void load_block_impl(at::ScalarType dt, const void* base, int64_t at, float* dst,
-                          int64_t m, const float* scales) {
+                               int64_t m, const float* scales) {
   switch (dt) {
     case at::kBFloat16:
       widen_block_isa<c10::BFloat16, kIsa>(static_cast<const c10::BFloat16*>(base) + at, dst, m);
@@ -568,7 +568,7 @@ FO_INLINE void load_block_impl(at::ScalarType dt, const void* base, int64_t at, 
 }
 template <Isa kIsa>
 FO_INLINE void store_block_impl(at::ScalarType dt, const float* src, void* base, int64_t at,
-                           int64_t m, float* scales) {
+                                int64_t m, float* scales) {
   switch (dt) {
     case at::kBFloat16:
       narrow_block_isa<c10::BFloat16, kIsa>(src, static_cast<c10::BFloat16*>(base) + at, m);

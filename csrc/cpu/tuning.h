@@ -3,6 +3,7 @@
 // outside the CPU loops (python_step.cpp) can ask too.
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
 namespace fused_optim::cpu {
@@ -23,5 +24,9 @@ struct CpuTuning {
   std::string source;      // "table", "default", or the FUSED_OPTIM_* variable(s) that forced it
 };
 const CpuTuning& cpu_tuning();
+
+// The value of an environment variable that overrides a choice made per machine, or
+// nullopt where it is unset, empty or "auto" (the machine's own choice stands).
+std::optional<std::string> env_choice(const char* name);
 
 }  // namespace fused_optim::cpu
