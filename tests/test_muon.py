@@ -237,6 +237,77 @@ def test_bitwise_for_params_alone_in_their_shape(dtype, options):
         assert torch.equal(opt_ours.state[p]["momentum_buffer"], opt_ref.state[q]["momentum_buffer"])
 
 
+# Several params of each shape, at and above the size from which a group's matrices take
+# the 2-D products one by one (kMatrixByMatrix, Note [Muon's products] in muon.cpp), wide
+# and tall, with smaller ones that stay batched and run side by side on the threads (Note
+# [Muon's small groups]).
+BIG_SHAPES = [(256, 512), (512, 256), (256, 512), (512, 256), (24, 24), (24, 24), (12, 40),
+              (12, 40), (40, 12)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_bitwise_for_big_matrices_of_one_shape(dtype, nesterov):
+    """A group's matrices of 2**17 elements or more take torch's own 2-D calls one by one:
+    bitwise torch's on any BLAS; the small ones beside them as the tests above."""
+    if not _blas_batches_like_torch(BIG_SHAPES):
+        pytest.skip("this BLAS computes a batched product with other bits than single ones")
+    kwargs = _opts(dict(nesterov=nesterov, weight_decay=0.1))
+    ref = make_params(dtype, shapes=BIG_SHAPES)
+    ours = clone_params(ref)
+    opt_ref, opt_ours = torch.optim.Muon(ref, **kwargs), fused_optim.Muon(ours, **kwargs)
+    threads = torch.get_num_threads()
+    # (16-bit params: one thread, as in the test above: Note [torch's bfloat16 add])
+    torch.set_num_threads(1 if dtype == torch.bfloat16 else threads)
+    try:
+        for step in range(3):
+            set_grads([ref, ours], step)
+            opt_ref.step()
+            opt_ours.step()
+    finally:
+        torch.set_num_threads(threads)
+    for p, q in zip(ours, ref):
+        assert torch.equal(p, q)
+        assert torch.equal(opt_ours.state[p]["momentum_buffer"], opt_ref.state[q]["momentum_buffer"])
+
+
+CALLER_STATE_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import torch, fused_optim
+import test_muon as tm
+torch.set_num_threads(2)
+ref = tm.make_params(torch.float32, "strided")
+ours = tm.clone_params(ref)
+opt_ref = torch.optim.Muon(ref, lr=0.02)
+opt_ours = fused_optim.Muon(ours, lr=0.02)
+with torch.autocast("cpu", dtype=torch.bfloat16), \\
+        torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+    for step in range(3):
+        tm.set_grads([ref, ours], step)
+        opt_ref.step()
+        opt_ours.step()
+for p, q in zip(ours, ref):
+    assert torch.equal(p, q)
+    assert torch.equal(opt_ours.state[p]["momentum_buffer"], opt_ref.state[q]["momentum_buffer"])
+print("ok")
+"""
+
+
+def test_small_groups_on_threads_see_the_callers_state():
+    """Note [Muon's small groups]: the groups that run side by side on the threads see the
+    caller's autocast (bitwise torch's here: bfloat16 autocast leaves bfloat16 products
+    alone), and a step inside saved-tensor hooks (Python objects in thread-local state) with
+    strided params (copied back on the calling thread) neither hangs nor differs. In a
+    subprocess with a timeout: a worker that waits for the GIL hangs the process."""
+    if not _blas_batches_like_torch(SHAPES):
+        pytest.skip("this BLAS computes a batched product with other bits than single ones")
+    out = subprocess.run([sys.executable, "-c",
+                          CALLER_STATE_SCRIPT.format(tests=os.path.dirname(__file__))],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
 ISA_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})

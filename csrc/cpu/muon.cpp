@@ -19,8 +19,12 @@
 #include <ATen/ops/stack.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
+#include <ATen/autocast_mode.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <functional>
 #include <map>
@@ -198,6 +202,19 @@ void make_stack(ShapeGroup& g, const at::TensorOptions& opts) {
 // product of one matrix is no faster, and oneDNN's was slower for some shapes (GPT-2's
 // 50257 x 768 embedding on an Intel Xeon with AMX, torch 2.13: 765-818 ms against 562-586
 // ms for the five iterations, the same bits); and BLAS promises mm's bits only for mm.
+//
+// Note [Muon's products]
+// A group's matrices go through one batched product per iteration only while they are
+// small: from kMatrixByMatrix elements up, each matrix takes the 2-D products on its own.
+// Measured on this project's AMD EPYC (Zen 5), oneDNN, torch 2.13, five iterations: at 1
+// thread, 3 matrices of 64 x 64 batched 0.29 ms against 0.81 one by one, 128 x 128 0.66
+// against 1.15, 256 x 256 3.39 against 3.79, but 512 x 512 28.3 against 25.5; at 2 threads
+// GPT-2's 12 matrices of 768 x 768 228 ms batched against 183, 768 x 2304 548 against 490,
+// 768 x 3072 691 against 626 (W2-2d was 0.92x torch's for-loop, which makes the 2-D calls).
+// Either way each matrix gets the bits of its own product on oneDNN (Note [Muon as torch
+// computes it]); the 2-D calls are torch's own, so the bigger matrices are bitwise torch's
+// on any BLAS.
+constexpr int64_t kMatrixByMatrix = int64_t{1} << 17;
 at::Tensor newton_schulz(const at::Tensor& stack, int64_t rows, int64_t cols, double a,
                          double b, double c, int64_t ns_steps) {
   const bool tall = rows > cols;
@@ -457,6 +474,80 @@ void for_pieces(const std::vector<Piece>& pieces, const std::function<void(const
   });
 }
 
+// Note [Muon's small groups]
+// The products of matrices under kSmallMatrix elements gain little from the threads of one
+// product (oneDNN's bfloat16 Newton-Schulz chain on this project's Zen 5, 2 threads against
+// 1: 1.11x at 128 x 128, 1.54x at 256, 1.56x at 512, 2.06x at 768), and most shape groups of
+// a model with many small matrices hold one to three of them (W5: 500 matrices, 170
+// shapes). So those groups run side by side, each whole on one thread (its elementwise
+// passes, its products, with oneDNN single-threaded inside the parallel region), the
+// costliest first, each thread taking the next group when it is done; the groups of larger
+// matrices then run one at a time with all the threads. BLAS gives a product the same bits
+// at every thread count on oneDNN (Note [Muon as torch computes it]; tests/test_muon.py
+// compares at 1 and 2 threads), and every param's computation is its own, so this changes
+// no bit. The worker threads take the caller's dispatch keys, grad mode and autocast dtype
+// for the ATen ops of a group (CallerState), and touch no tensor that Python holds:
+// a step called from Python's thread with the GIL held (Note [direct calls]) would wait
+// forever in a worker that copies such a tensor (an at::Tensor copy increfs its PyObject,
+// which takes the GIL). So a group's kernels write the user's tensors through raw
+// pointers only, and what went through a contiguous copy (a strided param, grad or
+// buffer) is copied back on the calling thread after the parallel region. At most one
+// small group per thread is alive at once (Note [Muon's memory]).
+constexpr int64_t kSmallMatrix = int64_t{1} << 19;
+
+// What of the caller's thread-local state the ATen ops of a group see on a worker: the
+// dispatch keys (autocast, and any the caller excludes), grad mode and the CPU autocast
+// dtype. Not the whole at::ThreadLocalState: copying its Python objects (saved-tensor
+// hooks, for one) would take the GIL.
+struct CallerState {
+  c10::impl::LocalDispatchKeySet keys = c10::impl::tls_local_dispatch_key_set();
+  bool grad = c10::GradMode::is_enabled();
+  at::ScalarType autocast_dtype = at::autocast::get_autocast_dtype(at::kCPU);
+};
+struct CallerStateGuard {
+  explicit CallerStateGuard(const CallerState& s)
+      : keys(s.keys), grad(s.grad), autocast_dtype(at::autocast::get_autocast_dtype(at::kCPU)) {
+    at::autocast::set_autocast_dtype(at::kCPU, s.autocast_dtype);
+  }
+  ~CallerStateGuard() { at::autocast::set_autocast_dtype(at::kCPU, autocast_dtype); }
+  CallerStateGuard(const CallerStateGuard&) = delete;
+  CallerStateGuard& operator=(const CallerStateGuard&) = delete;
+  c10::impl::ForceDispatchKeyGuard keys;
+  c10::AutoGradMode grad;
+  at::ScalarType autocast_dtype;  // the worker's own, restored
+};
+
+void for_groups(const std::vector<ShapeGroup>& groups, const std::function<void(size_t)>& run,
+                const std::function<void(size_t)>& copy_back) {
+  std::vector<size_t> small, large;
+  for (size_t gi = 0; gi < groups.size(); ++gi) {
+    (groups[gi].rows * groups[gi].cols < kSmallMatrix ? small : large).push_back(gi);
+  }
+  const int threads = at::get_num_threads();
+  if (small.size() > 1 && threads > 1 && !at::in_parallel_region()) {
+    auto cost = [&](size_t gi) {
+      const ShapeGroup& g = groups[gi];
+      return static_cast<double>(g.members.size()) * static_cast<double>(g.rows) *
+             static_cast<double>(g.cols) * static_cast<double>(std::min(g.rows, g.cols));
+    };
+    std::stable_sort(small.begin(), small.end(),
+                     [&](size_t a, size_t b) { return cost(a) > cost(b); });
+    std::atomic<size_t> next{0};
+    const CallerState caller;
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+      const CallerStateGuard guard(caller);
+      for (size_t k = next++; k < small.size(); k = next++) run(small[k]);
+    });
+    for (size_t gi : small) copy_back(gi);
+  } else {
+    large.insert(large.begin(), small.begin(), small.end());
+  }
+  for (size_t gi : large) {
+    run(gi);
+    copy_back(gi);
+  }
+}
+
 FO_INLINE c10::BFloat16 to_bf16(float v) {
   c10::BFloat16 out;
   narrow(v, &out);
@@ -525,9 +616,10 @@ void muon_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
     // One shape group at a time, from its momentum to its params' update: the bfloat16
     // stack of the group's updates and the products' results are the only temporaries of
     // the params' size, and only one group's are alive at once (a W2-2d step: 536 MiB more
-    // at its peak with every group's stack made first, torch's for-loop 294 MiB). Every
-    // param's computation is its own, so the order of the groups changes no bit.
-    for (size_t gi = 0; gi < groups.size(); ++gi) {
+    // at its peak with every group's stack made first, torch's for-loop 294 MiB); one per
+    // thread for the small groups (Note [Muon's small groups]). Every param's computation
+    // is its own, so the order of the groups changes no bit.
+    auto run_group = [&](size_t gi) {
       ShapeGroup& g = groups[gi];
       const std::vector<Piece>& pieces = group_pieces[gi];
       make_stack(g, params[0].options());
@@ -557,17 +649,9 @@ void muon_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
         }
         loops.normalize(stacked(s), buf, divisors[s.index], pc.begin, pc.end);
       });
-      for (int64_t i : g.members) {
-        if (slots[i].buf_temp) at::Tensor(momentum_buffers[i]).copy_(slots[i].buf);
-        if (unscale && slots[i].g_temp) at::Tensor(grads[i]).copy_(slots[i].g);
-      }
 
-      // The products (one batch for the group); the result made row-major for the last pass.
-      const at::Tensor update =
-          newton_schulz(g.x, g.rows, g.cols, ns_a, ns_b, ns_c, ns_steps).contiguous();
       const FinalScalars sc =
           final_scalars(lr, lr_f32, weight_decay, lr_ratio(adjust_lr, g.rows, g.cols));
-
       // Weight decay, then the step: param.mul_(decay); param.add_(update, alpha).
       const int64_t n = g.rows * g.cols;
       const M decay = static_cast<M>(sc.decay);
@@ -579,16 +663,40 @@ void muon_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
         const bool strided_update = g.rows > g.cols && g.cols > 1 && ns_steps > 0;
         fused_end = strided_update ? 0 : n - n % bf16_lanes;
       }
-      for_pieces(pieces, [&](const Piece& pc) {
-        const Slot& s = slots[pc.slot];
-        const c10::BFloat16* u = update.const_data_ptr<c10::BFloat16>() + s.index * n;
-        loops.step(s.p.data_ptr<T>(), u, decay, alpha, fused_end, pc.begin, pc.end);
-      });
-      for (int64_t i : g.members) {
-        if (slots[i].p_temp) at::Tensor(params[i]).copy_(slots[i].p);
+      // The step of the group's members from `first` on, from their updates, row-major.
+      auto step = [&](const at::Tensor& updates, int64_t first) {
+        const c10::BFloat16* u = updates.const_data_ptr<c10::BFloat16>();
+        for_pieces(pieces, [&](const Piece& pc) {
+          const Slot& s = slots[pc.slot];
+          if (s.index < first || s.index >= first + updates.size(0)) return;
+          loops.step(s.p.data_ptr<T>(), u + (s.index - first) * n, decay, alpha, fused_end,
+                     pc.begin, pc.end);
+        });
+      };
+      // The products (Note [Muon's products]), each result made row-major for the step:
+      // the whole stack at once, or matrix by matrix, each stepped as soon as it is made.
+      if (n >= kMatrixByMatrix) {
+        for (int64_t j = 0; j < static_cast<int64_t>(g.members.size()); ++j) {
+          step(newton_schulz(g.x.narrow(0, j, 1), g.rows, g.cols, ns_a, ns_b, ns_c, ns_steps)
+                   .contiguous(),
+               j);
+        }
+      } else {
+        step(newton_schulz(g.x, g.rows, g.cols, ns_a, ns_b, ns_c, ns_steps).contiguous(), 0);
       }
       g.x.reset();
-    }
+    };
+    // What went through contiguous copies goes back (on the calling thread: Note [Muon's
+    // small groups]).
+    auto copy_back = [&](size_t gi) {
+      for (int64_t i : groups[gi].members) {
+        const Slot& s = slots[i];
+        if (s.buf_temp) momentum_buffers[i].copy_(s.buf);
+        if (unscale && s.g_temp) grads[i].copy_(s.g);
+        if (s.p_temp) params[i].copy_(s.p);
+      }
+    };
+    for_groups(groups, run_group, copy_back);
     return nullptr;
   });
 }
