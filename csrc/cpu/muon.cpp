@@ -22,6 +22,7 @@
 #include <ATen/autocast_mode.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 
 #include <algorithm>
 #include <atomic>
@@ -213,7 +214,7 @@ void make_stack(ShapeGroup& g, const at::TensorOptions& opts) {
 // 768 x 3072 691 against 626 (W2-2d was 0.92x torch's for-loop, which makes the 2-D calls).
 // Either way each matrix gets the bits of its own product on oneDNN (Note [Muon as torch
 // computes it]); the 2-D calls are torch's own, so the bigger matrices are bitwise torch's
-// on any BLAS.
+// on any BLAS whose bits do not follow the thread count (Note [Muon's small groups]).
 constexpr int64_t kMatrixByMatrix = int64_t{1} << 17;
 at::Tensor newton_schulz(const at::Tensor& stack, int64_t rows, int64_t cols, double a,
                          double b, double c, int64_t ns_steps) {
@@ -482,10 +483,13 @@ void for_pieces(const std::vector<Piece>& pieces, const std::function<void(const
 // shapes). So those groups run side by side, each whole on one thread (its elementwise
 // passes, its products, with oneDNN single-threaded inside the parallel region), the
 // costliest first, each thread taking the next group when it is done; the groups of larger
-// matrices then run one at a time with all the threads. BLAS gives a product the same bits
+// matrices then run one at a time with all the threads, as does a small group that costs
+// more than a thread's share of them all, and every group where the caller's thread-local
+// state holds more than dispatch keys (plain_caller). BLAS gives a product the same bits
 // at every thread count on oneDNN (Note [Muon as torch computes it]; tests/test_muon.py
 // compares at 1 and 2 threads), and every param's computation is its own, so this changes
-// no bit. The worker threads take the caller's dispatch keys, grad mode and autocast dtype
+// no bit there; on a BLAS whose bits follow the thread count, the products of a small
+// group are one thread's. The worker threads take the caller's dispatch keys, grad mode and autocast dtype
 // for the ATen ops of a group (CallerState), and touch no tensor that Python holds:
 // a step called from Python's thread with the GIL held (Note [direct calls]) would wait
 // forever in a worker that copies such a tensor (an at::Tensor copy increfs its PyObject,
@@ -517,28 +521,61 @@ struct CallerStateGuard {
   at::ScalarType autocast_dtype;  // the worker's own, restored
 };
 
+// Whether the ATen ops of a group may run on a worker: not where the caller's thread-local
+// state is more than dispatch keys (a dispatch mode, functorch's or Python's keys, whose
+// state a worker would lack): there every group runs on the calling thread.
+bool plain_caller() {
+  return c10::impl::tls_local_dispatch_key_set().included_ == c10::default_included_set &&
+         !c10::impl::TorchDispatchModeTLS::any_modes_set();
+}
+
 void for_groups(const std::vector<ShapeGroup>& groups, const std::function<void(size_t)>& run,
                 const std::function<void(size_t)>& copy_back) {
+  auto cost = [&](size_t gi) {
+    const ShapeGroup& g = groups[gi];
+    return static_cast<double>(g.members.size()) * static_cast<double>(g.rows) *
+           static_cast<double>(g.cols) * static_cast<double>(std::min(g.rows, g.cols));
+  };
   std::vector<size_t> small, large;
+  double small_cost = 0.0;
   for (size_t gi = 0; gi < groups.size(); ++gi) {
-    (groups[gi].rows * groups[gi].cols < kSmallMatrix ? small : large).push_back(gi);
+    const bool is_small = groups[gi].rows * groups[gi].cols < kSmallMatrix;
+    (is_small ? small : large).push_back(gi);
+    if (is_small) small_cost += cost(gi);
   }
   const int threads = at::get_num_threads();
-  if (small.size() > 1 && threads > 1 && !at::in_parallel_region()) {
-    auto cost = [&](size_t gi) {
-      const ShapeGroup& g = groups[gi];
-      return static_cast<double>(g.members.size()) * static_cast<double>(g.rows) *
-             static_cast<double>(g.cols) * static_cast<double>(std::min(g.rows, g.cols));
-    };
-    std::stable_sort(small.begin(), small.end(),
+  if (small.size() > 1 && threads > 1 && !at::in_parallel_region() && plain_caller()) {
+    // A group costing more than a thread's share of them all keeps every thread (a
+    // model whose few small shapes are most of its step would otherwise run them on one).
+    std::vector<size_t> side_by_side;
+    for (size_t gi : small) (cost(gi) > small_cost / threads ? large : side_by_side).push_back(gi);
+    std::stable_sort(side_by_side.begin(), side_by_side.end(),
                      [&](size_t a, size_t b) { return cost(a) > cost(b); });
     std::atomic<size_t> next{0};
+    std::vector<char> done(side_by_side.size(), 0);
     const CallerState caller;
-    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-      const CallerStateGuard guard(caller);
-      for (size_t k = next++; k < small.size(); k = next++) run(small[k]);
-    });
-    for (size_t gi : small) copy_back(gi);
+    try {
+      at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+        const CallerStateGuard guard(caller);
+        for (size_t k = next++; k < side_by_side.size(); k = next++) {
+          try {
+            run(side_by_side[k]);
+          } catch (...) {
+            next = side_by_side.size();  // (the other threads stop at their next group)
+            throw;
+          }
+          done[k] = 1;
+        }
+      });
+    } catch (...) {
+      // What the finished groups changed in place stays, as on the calling thread: their
+      // copies go back too, so no param is left without its strided update.
+      for (size_t k = 0; k < side_by_side.size(); ++k) {
+        if (done[k]) copy_back(side_by_side[k]);
+      }
+      throw;
+    }
+    for (size_t gi : side_by_side) copy_back(gi);
   } else {
     large.insert(large.begin(), small.begin(), small.end());
   }
@@ -577,6 +614,7 @@ void muon_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
   lr = in.lr;
 
   std::vector<ShapeGroup> groups = group_by_shape(params);
+  const at::TensorOptions options = params[0].options();
   std::vector<Slot> slots(params.size());
   for (size_t gi = 0; gi < groups.size(); ++gi) {
     for (size_t j = 0; j < groups[gi].members.size(); ++j) {
@@ -622,7 +660,7 @@ void muon_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
     auto run_group = [&](size_t gi) {
       ShapeGroup& g = groups[gi];
       const std::vector<Piece>& pieces = group_pieces[gi];
-      make_stack(g, params[0].options());
+      make_stack(g, options);
       for_pieces(pieces, [&](const Piece& pc) {
         const Slot& s = slots[pc.slot];
         loops.momentum(margs, s.g.data_ptr<T>(), s.buf.data_ptr<T>(), stacked(s), pc.begin,
