@@ -205,6 +205,28 @@ def test_bitwise_where_blas_batches_like_torch(dtype, options):
         assert torch.equal(opt_ours.state[p]["momentum_buffer"], opt_ref.state[q]["momentum_buffer"])
 
 
+def assert_bitwise_torchs(dtype, kwargs, shapes, steps=3):
+    """`steps` steps of ours and torch.optim.Muon's on params of `shapes`: every param and
+    buffer bitwise equal."""
+    ref = make_params(dtype, shapes=shapes)
+    ours = clone_params(ref)
+    opt_ref, opt_ours = torch.optim.Muon(ref, **kwargs), fused_optim.Muon(ours, **kwargs)
+    threads = torch.get_num_threads()
+    # torch's 16-bit add splits a param of 32,768 elements or more into one run per thread,
+    # each with its own scalar tail (Note [torch's bfloat16 add]): one thread, one run.
+    torch.set_num_threads(1 if dtype in (torch.bfloat16, torch.float16) else threads)
+    try:
+        for step in range(steps):
+            set_grads([ref, ours], step)
+            opt_ref.step()
+            opt_ours.step()
+    finally:
+        torch.set_num_threads(threads)
+    for p, q in zip(ours, ref):
+        assert torch.equal(p, q)
+        assert torch.equal(opt_ours.state[p]["momentum_buffer"], opt_ref.state[q]["momentum_buffer"])
+
+
 # Each shape once, a tall one above 32,768 elements among them.
 LONE_SHAPES = [(24, 24), (12, 40), (40, 12), (9, 5), (1, 6), (6, 1), (70, 70), (130, 66),
                (1024, 768)]
@@ -217,24 +239,7 @@ def test_bitwise_for_params_alone_in_their_shape(dtype, options):
     """A param with no other of its shape in the group takes the 2-D products, torch's own
     calls (newton_schulz in muon.cpp): its step is torch's bit for bit on any BLAS, also
     where batched products round otherwise (the test above then skips)."""
-    kwargs = _opts(options)
-    ref = make_params(dtype, shapes=LONE_SHAPES)
-    ours = clone_params(ref)
-    opt_ref, opt_ours = torch.optim.Muon(ref, **kwargs), fused_optim.Muon(ours, **kwargs)
-    threads = torch.get_num_threads()
-    # torch's 16-bit add splits a param of 32,768 elements or more into one run per thread,
-    # each with its own scalar tail (Note [torch's bfloat16 add]): one thread, one run.
-    torch.set_num_threads(1 if dtype in (torch.bfloat16, torch.float16) else threads)
-    try:
-        for step in range(3):
-            set_grads([ref, ours], step)
-            opt_ref.step()
-            opt_ours.step()
-    finally:
-        torch.set_num_threads(threads)
-    for p, q in zip(ours, ref):
-        assert torch.equal(p, q)
-        assert torch.equal(opt_ours.state[p]["momentum_buffer"], opt_ref.state[q]["momentum_buffer"])
+    assert_bitwise_torchs(dtype, _opts(options), LONE_SHAPES)
 
 
 # Several params of each shape, at and above the size from which a group's matrices take
@@ -254,23 +259,7 @@ def test_bitwise_for_big_matrices_of_one_shape(dtype, options):
     the thread count; the small ones beside them as the tests above."""
     if not _blas_batches_like_torch([s for s in BIG_SHAPES if s[0] * s[1] < 2**17]):
         pytest.skip("this BLAS computes a batched product with other bits than single ones")
-    kwargs = _opts(options)
-    ref = make_params(dtype, shapes=BIG_SHAPES)
-    ours = clone_params(ref)
-    opt_ref, opt_ours = torch.optim.Muon(ref, **kwargs), fused_optim.Muon(ours, **kwargs)
-    threads = torch.get_num_threads()
-    # (16-bit params: one thread, as in the test above: Note [torch's bfloat16 add])
-    torch.set_num_threads(1 if dtype == torch.bfloat16 else threads)
-    try:
-        for step in range(3):
-            set_grads([ref, ours], step)
-            opt_ref.step()
-            opt_ours.step()
-    finally:
-        torch.set_num_threads(threads)
-    for p, q in zip(ours, ref):
-        assert torch.equal(p, q)
-        assert torch.equal(opt_ours.state[p]["momentum_buffer"], opt_ref.state[q]["momentum_buffer"])
+    assert_bitwise_torchs(dtype, _opts(options), BIG_SHAPES)
 
 
 CALLER_STATE_SCRIPT = """

@@ -11,9 +11,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
+#include <limits>
 #include <optional>
-#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -381,8 +380,9 @@ PassFns select_fns(at::ScalarType dtype, bool unscale, bool decay) {
 
 // Runs fn(k) for every task k in [first, last) in one parallel region, the tasks split
 // into one run of consecutive tasks per thread of about equal cost (rows * cols elements
-// plus a fixed cost per task): tasks differ in size (a 256K-element block of pass 1, a short vector), and an
-// even split by count would leave threads waiting at the end of each pass. Which thread
+// plus a fixed cost per task): tasks differ in size (a 256K-element block of pass 1, a
+// short vector), and an even split by count would leave threads waiting at the end of
+// each pass. Which thread
 // runs a task changes no result: each task's sums are its own (Note [Adafactor's sums]).
 template <typename Fn>
 void run_tasks(const std::vector<Task>& all_tasks, int64_t first, int64_t last,
@@ -439,18 +439,10 @@ void run_tasks(const std::vector<Task>& all_tasks, int64_t first, int64_t last,
 constexpr int64_t kWaveElements = int64_t{1} << 20;
 
 int64_t adafactor_wave_elements() {
-  static const int64_t wave = [] {
-    const auto env = env_choice("FUSED_OPTIM_ADAFACTOR_WAVE");
-    if (!env) return kWaveElements;
-    const std::string& v = *env;
-    if (v == "off" || v == "0") return int64_t{0};
-    char* end = nullptr;
-    const long long n = std::strtoll(v.c_str(), &end, 10);
-    TORCH_CHECK(end != v.c_str() && *end == '\0' && n > 0,
-                "FUSED_OPTIM_ADAFACTOR_WAVE must be auto, off or a number of elements (a "
-                "positive integer), not ", v);
-    return static_cast<int64_t>(n);
-  }();
+  static const int64_t wave =
+      env_count("FUSED_OPTIM_ADAFACTOR_WAVE", std::numeric_limits<int64_t>::max(),
+                "a number of elements (a positive integer)")
+          .value_or(kWaveElements);
   return wave;
 }
 

@@ -19,6 +19,18 @@ std::optional<std::string> env_choice(const char* name) {
   return std::string(value);
 }
 
+std::optional<int64_t> env_count(const char* name, int64_t max, const char* what) {
+  const auto env = env_choice(name);
+  if (!env) return std::nullopt;
+  const std::string& v = *env;
+  if (v == "off" || v == "0") return int64_t{0};
+  char* end = nullptr;
+  const long long n = std::strtoll(v.c_str(), &end, 10);
+  TORCH_CHECK(end != v.c_str() && *end == '\0' && n > 0 && n <= max, name,
+              " must be auto, off or ", what, ", not ", v);
+  return static_cast<int64_t>(n);
+}
+
 Isa cpu_isa() {
   static const Isa isa = [] {
     Isa best = Isa::kBaseline;
@@ -117,18 +129,9 @@ CpuTuning tuning_from_table() {
 const CpuTuning& cpu_tuning() {
   static const CpuTuning tuning = [] {
     CpuTuning t = tuning_from_table();
-    if (const auto env = env_choice("FUSED_OPTIM_PREFETCH")) {
-      const std::string& v = *env;
-      if (v == "off" || v == "0") {
-        t.prefetch_ahead = 0;
-      } else {
-        char* end = nullptr;
-        const long long n = std::strtoll(v.c_str(), &end, 10);
-        TORCH_CHECK(end != v.c_str() && *end == '\0' && n > 0 && n <= (1 << 20),
-                    "FUSED_OPTIM_PREFETCH must be auto, off or a distance in elements "
-                    "(1 to 1048576), not ", v);
-        t.prefetch_ahead = n;
-      }
+    if (const auto ahead = env_count("FUSED_OPTIM_PREFETCH", int64_t{1} << 20,
+                                     "a distance in elements (1 to 1048576)")) {
+      t.prefetch_ahead = *ahead;
       t.source = "FUSED_OPTIM_PREFETCH";
     }
     if (const auto gather = env_choice("FUSED_OPTIM_GATHER_PREFETCH")) {

@@ -489,11 +489,11 @@ void for_pieces(const std::vector<Piece>& pieces, const std::function<void(const
 // at every thread count on oneDNN (Note [Muon as torch computes it]; tests/test_muon.py
 // compares at 1 and 2 threads), and every param's computation is its own, so this changes
 // no bit there; on a BLAS whose bits follow the thread count, the products of a small
-// group are one thread's. The worker threads take the caller's dispatch keys, grad mode and autocast dtype
-// for the ATen ops of a group (CallerState), and touch no tensor that Python holds:
-// a step called from Python's thread with the GIL held (Note [direct calls]) would wait
-// forever in a worker that copies such a tensor (an at::Tensor copy increfs its PyObject,
-// which takes the GIL). So a group's kernels write the user's tensors through raw
+// group are one thread's. The worker threads take the caller's dispatch keys, grad mode
+// and autocast dtype for the ATen ops of a group (CallerState), and touch no tensor that
+// Python holds: a step called from Python's thread with the GIL held (Note [direct
+// calls]) would wait forever in a worker that copies such a tensor (an at::Tensor copy
+// increfs its PyObject, which takes the GIL). So a group's kernels write the user's tensors through raw
 // pointers only, and what went through a contiguous copy (a strided param, grad or
 // buffer) is copied back on the calling thread after the parallel region. At most one
 // small group per thread is alive at once (Note [Muon's memory]).

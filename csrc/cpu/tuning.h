@@ -29,4 +29,9 @@ const CpuTuning& cpu_tuning();
 // nullopt where it is unset, empty or "auto" (the machine's own choice stands).
 std::optional<std::string> env_choice(const char* name);
 
+// A count that an environment variable overrides: nullopt as env_choice, 0 for "off" or
+// "0", else an integer from 1 to `max`; anything else raises "<name> must be auto, off or
+// <what>, not <value>".
+std::optional<int64_t> env_count(const char* name, int64_t max, const char* what);
+
 }  // namespace fused_optim::cpu
