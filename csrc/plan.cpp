@@ -245,6 +245,10 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
     tp.param = param.data_ptr();
     tp.grad = grads[i].data_ptr();
     for (int k = 0; k < num_states_; ++k) tp.state[k] = states[k][i].data_ptr();
+    // What pass 2 needs of a direct param, read here while its tensors are in this thread's
+    // cache: pass 2 runs on one thread and would otherwise miss on each again.
+    tp.numel = param.numel();
+    for (int k = 0; k < num_states_; ++k) tp.state_dtype[k] = states[k][i].scalar_type();
     is_direct[i] = 1;
   };
   bool checked = false;
@@ -268,21 +272,26 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
   // Pass 2, in list order: the loop's index and offsets, and for the unusual params the
   // real views of complex tensors and the layout temporaries.
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t numel = params[i].numel() * (is_complex_[i] ? 2 : 1);
+    // (a direct param's numel and state dtypes are pass 1's; it is real and not empty)
+    const int64_t numel =
+        is_direct[i] ? direct[i].numel : params[i].numel() * (is_complex_[i] ? 2 : 1);
     if (numel == 0) continue;
-    if (!is_direct[i] && !params[i].is_non_overlapping_and_dense()) {
-      check_no_overlap(op, i, params);
+    if (!is_direct[i]) {
+      if (!params[i].is_non_overlapping_and_dense()) check_no_overlap(op, i, params);
+      direct[i] = unusual_layout(i, params, grads, states, grad_mutable);
+      for (int k = 0; k < num_states_; ++k) direct[i].state_dtype[k] = states[k][i].scalar_type();
     }
-    if (!is_direct[i]) direct[i] = unusual_layout(i, params, grads, states, grad_mutable);
     // Note [state storage]: the dtypes the storage loops read, and the 8-bit scales.
     TensorPtrs& tp = direct[i];
     tp.param_dtype = real_dtypes_[i];
+    const at::ScalarType param_dtype = is_complex_[i] ? c10::toComplexType(real_dtypes_[i])
+                                                      : real_dtypes_[i];
     for (int k = 0; k < num_states_; ++k) {
-      const at::ScalarType dt = states[k][i].scalar_type();
+      const at::ScalarType dt = tp.state_dtype[k];
       tp.state_dtype[k] = c10::isComplexType(dt) ? c10::toRealValueType(dt) : dt;
       tp.state_scale[k] = nullptr;
       const bool rule_state = storage_name == nullptr || k < num_states_ - 1;
-      if (rule_state && dt != params[i].scalar_type()) mixed_ = true;
+      if (rule_state && dt != param_dtype) mixed_ = true;
       if (rule_state && dt == at::kByte) {
         quantized_ = true;
         tp.state_scale[k] = scales[static_cast<size_t>(k) * n_params + i].data_ptr<float>();
@@ -540,21 +549,49 @@ double round_to_dtype(double value, at::ScalarType dtype) {
 }
 
 std::vector<double> increment_steps(at::TensorList steps) {
-  std::vector<double> values(steps.size());
-  for (size_t i = 0; i < steps.size(); ++i) {
-    if (i + 8 < steps.size()) __builtin_prefetch(steps[i + 8].const_data_ptr(), 1);
-    const at::Tensor& s = steps[i];
-    if (s.scalar_type() == at::kFloat) {
-      float* v = s.data_ptr<float>();
+  const int64_t n = static_cast<int64_t>(steps.size());
+  std::vector<double> values(static_cast<size_t>(n));
+  // Pass 1 reads only: where each step's value is. On 5,000 steps, chasing each TensorImpl,
+  // StorageImpl and value one after the other cost 0.2 ms a step (Note [prefetch] in
+  // python_step.cpp); this pass runs on torch's threads for big calls, and pass 2 then
+  // walks an array of pointers, asking for the values ahead. A copy-on-write step (null
+  // here) is materialized by pass 2's data_ptr(), on one thread.
+  std::vector<void*> data(static_cast<size_t>(n));
+  std::vector<at::ScalarType> dtypes(static_cast<size_t>(n));
+  auto locate = [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (i + 8 < end) {
+        __builtin_prefetch(steps[i + 8].unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
+      }
+      const at::Tensor& s = steps[i];
+      dtypes[static_cast<size_t>(i)] = s.scalar_type();
+      data[static_cast<size_t>(i)] = is_cow(s) ? nullptr : const_cast<void*>(s.const_data_ptr());
+    }
+  };
+  if (n >= kParallelChecks && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+    at::parallel_for(0, n, kParallelChecks / 2, locate);
+  } else {
+    locate(0, n);
+  }
+  // Pass 2, in list order (a step listed twice is counted twice, as torch's would be).
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + 16 < n && data[static_cast<size_t>(i + 16)] != nullptr) {
+      __builtin_prefetch(data[static_cast<size_t>(i + 16)], 1);
+    }
+    void* ptr = data[static_cast<size_t>(i)];
+    if (ptr == nullptr) ptr = steps[i].data_ptr();
+    const at::ScalarType dtype = dtypes[static_cast<size_t>(i)];
+    if (dtype == at::kFloat) {
+      float* v = static_cast<float*>(ptr);
       *v += 1.0f;  // step_t += 1
-      values[i] = *v;
+      values[static_cast<size_t>(i)] = *v;
     } else {
       // step_t += 1 in the step's own dtype (an integer one wraps, a 16-bit one rounds, as
       // torch's add does), then its value as the for-loop's .item() reads it
-      AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "increment_steps", [&] {
-        scalar_t* v = s.data_ptr<scalar_t>();
+      AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "increment_steps", [&] {
+        scalar_t* v = static_cast<scalar_t*>(ptr);
         *v = static_cast<scalar_t>(*v + static_cast<scalar_t>(1));
-        values[i] = static_cast<double>(*v);
+        values[static_cast<size_t>(i)] = static_cast<double>(*v);
       });
     }
   }

@@ -106,6 +106,11 @@ inline void prefetch(const void* p) {
   if (on) __builtin_prefetch(p, 0, 3);
 }
 
+inline void prefetch_for_write(const void* p) {
+  static const bool on = cpu::cpu_tuning().gather_prefetch;  // Note [CPU tuning]
+  if (on) __builtin_prefetch(p, 1, 3);
+}
+
 // The first cache lines of a TensorImpl: key set, sizes, strides, dtype, storage.
 inline void prefetch_lines(const at::TensorImpl* impl) {
   const char* base = reinterpret_cast<const char*>(impl);
@@ -215,6 +220,8 @@ Gathered snapshot_group(PyObject* params, PyObject* state, PyObject* keys, Owned
   }
   // The size is read again each time: a lookup can run Python code that changes the list.
   for (Py_ssize_t i = 0; i < PyList_GET_SIZE(params); ++i) {
+    // (the object kAhead places later, whose reference count is written: Note [prefetch])
+    if (i + kAhead < PyList_GET_SIZE(params)) prefetch_for_write(PyList_GET_ITEM(params, i + kAhead));
     PyObject* obj = owned.own(PyList_GET_ITEM(params, i));
     if (!THPVariable_CheckExact(obj)) return Gathered::kDecline;
     snap.params.push_back(obj);
@@ -259,23 +266,30 @@ Gathered gather_group(const GroupSnapshot& snap, PyObject* keys,
   if (decline.load()) return Gathered::kDecline;
   // Pass 2: the grads (TensorImpl::grad: torch.optim refuses non-leaf params, so the
   // non-leaf warning of Tensor::grad has nothing to say here).
+  // A grad the fast path takes is plain, of its param's dtype (a grad of another dtype,
+  // which torch >= 2.9 allows, goes to the general path, which runs torch's step for it);
+  // checked here, on torch's threads, so that the serial loop below reads no TensorImpl.
   std::vector<const at::Tensor*> grad_tensors(static_cast<size_t>(n));
-  tensor_pass(n, [&](Py_ssize_t i, Py_ssize_t /*end*/) {
-    const at::Tensor& g = param_tensors[static_cast<size_t>(i)]->unsafeGetTensorImpl()->grad();
-    if (g.defined()) prefetch_lines(g.unsafeGetTensorImpl());
+  tensor_pass(n, [&](Py_ssize_t i, Py_ssize_t end) {
+    if (i + kAhead < end) {
+      const at::Tensor& later =
+          param_tensors[static_cast<size_t>(i + kAhead)]->unsafeGetTensorImpl()->grad();
+      if (later.defined()) prefetch_lines(later.unsafeGetTensorImpl());
+    }
+    const at::Tensor& p = *param_tensors[static_cast<size_t>(i)];
+    const at::Tensor& g = p.unsafeGetTensorImpl()->grad();
+    if (g.defined() && (!is_plain(g) || g.scalar_type() != p.scalar_type())) {
+      decline.store(true, std::memory_order_relaxed);
+    }
     grad_tensors[static_cast<size_t>(i)] = &g;
   });
+  if (decline.load()) return Gathered::kDecline;
   for (auto& l : lists) l.reserve(static_cast<size_t>(n));
   std::vector<PyObject*> param_states;  // of the params with a grad
   param_states.reserve(static_cast<size_t>(n));
   for (Py_ssize_t i = 0; i < n; ++i) {
     const at::Tensor& g = *grad_tensors[static_cast<size_t>(i)];
     if (!g.defined()) continue;
-    // (a grad of another dtype than its param's, which torch >= 2.9 allows: the general
-    // path runs torch's step for it)
-    if (!is_plain(g) || g.scalar_type() != param_tensors[static_cast<size_t>(i)]->scalar_type()) {
-      return Gathered::kDecline;
-    }
     PyObject* param_state = snap.states[static_cast<size_t>(i)];
     if (snap.any_key) {
       if (param_state == nullptr || !PyDict_Check(param_state)) return Gathered::kDecline;

@@ -269,3 +269,57 @@ def test_fast_path_finds_state_by_the_real_hash(algo, monkeypatch):
     decline the group) and compute what the dispatcher path computes."""
     monkeypatch.setattr(torch.Tensor, "__hash__", lambda self: id(self) ^ 0x5A5A5)
     check_fast_path_is_bitwise_the_dispatcher_path("cpu", algo, monkeypatch)
+
+
+def test_copy_on_write_tensors_are_updated_as_torch_updates_them():
+    """Params, grads, states and steps whose storage is copy-on-write (a lazy clone shares
+    it) are copied when first written, as torch's in-place ops copy them: the step equals
+    torch's for-loop bit for bit, and the tensors they shared storage with keep their
+    values. 1,500 params: more than the plan's and increment_steps' parallel passes start at
+    (kParallelChecks, 1,024), where a copy-on-write tensor is left for the serial pass."""
+    from parity_utils import correctly_rounded_sqrt
+
+    g = torch.Generator().manual_seed(0)
+    n = 1500
+    ours = [torch.randn(5 + i % 7, generator=g).requires_grad_() for i in range(n)]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    kwargs = dict(lr=0.01, weight_decay=0.1, amsgrad=True)
+    opt = fused_optim.Adam(ours, **kwargs)
+    ref_opt = torch.optim.Adam(ref, foreach=False, **kwargs)
+
+    def set_grads(step):
+        g = torch.Generator().manual_seed(100 + step)
+        for p, q in zip(ours, ref):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+
+    set_grads(0)
+    with correctly_rounded_sqrt():
+        opt.step()
+        ref_opt.step()
+    # Every fifth step, exp_avg and param, and later grad, copy-on-write; `originals` are
+    # the other halves of those lazy clones, which must keep their values.
+    originals = []
+    for i, p in enumerate(ours):
+        if i % 5 == 0:
+            originals.append(torch._lazy_clone(opt.state[p]["step"]))
+        elif i % 5 == 1:
+            originals.append(torch._lazy_clone(opt.state[p]["exp_avg"]))
+        elif i % 5 == 2:
+            originals.append(torch._lazy_clone(p.detach()))
+    before = [t.clone() for t in originals]
+    for step in range(1, 4):
+        set_grads(step)
+        if step == 1:  # grads that share their storage too
+            for i, p in enumerate(ours):
+                if i % 5 == 3:
+                    p.grad = torch._lazy_clone(p.grad)
+        with correctly_rounded_sqrt():
+            opt.step()
+            ref_opt.step()
+    for i, (p, q) in enumerate(zip(ours, ref)):
+        assert torch.equal(p, q), f"param {i}"
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][key], ref_opt.state[q][key]), f"{key} of param {i}"
+    for i, (t, b) in enumerate(zip(originals, before)):
+        assert torch.equal(t, b), f"a tensor that shared storage with a state or param changed ({i})"
