@@ -553,19 +553,32 @@ std::vector<double> increment_steps(at::TensorList steps) {
   std::vector<double> values(static_cast<size_t>(n));
   // Pass 1 reads only: where each step's value is. On 5,000 steps, chasing each TensorImpl,
   // StorageImpl and value one after the other cost 0.2 ms a step (Note [prefetch] in
-  // python_step.cpp); this pass runs on torch's threads for big calls, and pass 2 then
-  // walks an array of pointers, asking for the values ahead. A copy-on-write step (null
-  // here) is materialized by pass 2's data_ptr(), on one thread.
+  // python_step.cpp); this pass runs on torch's threads for big calls, and pass 3 then
+  // walks an array of pointers, asking for the values ahead. Nothing is written before
+  // every step has its pointer: an error leaves every step as it was.
   std::vector<void*> data(static_cast<size_t>(n));
   std::vector<at::ScalarType> dtypes(static_cast<size_t>(n));
+  std::vector<char> cow(static_cast<size_t>(n), 0);
   auto locate = [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       if (i + 8 < end) {
         __builtin_prefetch(steps[i + 8].unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
       }
       const at::Tensor& s = steps[i];
-      dtypes[static_cast<size_t>(i)] = s.scalar_type();
-      data[static_cast<size_t>(i)] = is_cow(s) ? nullptr : const_cast<void*>(s.const_data_ptr());
+      const at::ScalarType dtype = s.scalar_type();
+      dtypes[static_cast<size_t>(i)] = dtype;
+      if (is_cow(s)) {
+        cow[static_cast<size_t>(i)] = 1;
+        continue;
+      }
+      // The typed accessor, for torch's own error where the step's storage was freed.
+      if (dtype == at::kFloat) {
+        data[static_cast<size_t>(i)] = const_cast<float*>(s.const_data_ptr<float>());
+      } else {
+        AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "increment_steps", [&] {
+          data[static_cast<size_t>(i)] = const_cast<scalar_t*>(s.const_data_ptr<scalar_t>());
+        });
+      }
     }
   };
   if (n >= kParallelChecks && at::get_num_threads() > 1 && !at::in_parallel_region()) {
@@ -573,13 +586,15 @@ std::vector<double> increment_steps(at::TensorList steps) {
   } else {
     locate(0, n);
   }
-  // Pass 2, in list order (a step listed twice is counted twice, as torch's would be).
+  // Pass 2, on this thread: a copy-on-write step gets its own copy now (torch materializes
+  // one on the first write, and not on several threads), so that pass 3 cannot fail.
   for (int64_t i = 0; i < n; ++i) {
-    if (i + 16 < n && data[static_cast<size_t>(i + 16)] != nullptr) {
-      __builtin_prefetch(data[static_cast<size_t>(i + 16)], 1);
-    }
+    if (cow[static_cast<size_t>(i)]) data[static_cast<size_t>(i)] = steps[i].data_ptr();
+  }
+  // Pass 3, in list order (a step listed twice is counted twice, as torch's would be).
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + 16 < n) __builtin_prefetch(data[static_cast<size_t>(i + 16)], 1);
     void* ptr = data[static_cast<size_t>(i)];
-    if (ptr == nullptr) ptr = steps[i].data_ptr();
     const at::ScalarType dtype = dtypes[static_cast<size_t>(i)];
     if (dtype == at::kFloat) {
       float* v = static_cast<float*>(ptr);

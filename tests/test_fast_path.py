@@ -275,10 +275,20 @@ def test_copy_on_write_tensors_are_updated_as_torch_updates_them():
     """Params, grads, states and steps whose storage is copy-on-write (a lazy clone shares
     it) are copied when first written, as torch's in-place ops copy them: the step equals
     torch's for-loop bit for bit, and the tensors they shared storage with keep their
-    values. 1,500 params: more than the plan's and increment_steps' parallel passes start at
-    (kParallelChecks, 1,024), where a copy-on-write tensor is left for the serial pass."""
+    values. 1,500 params at 2 threads: more than the plan's and increment_steps' parallel
+    passes start at (kParallelChecks, 1,024), where a copy-on-write tensor is left for a
+    serial pass."""
     from parity_utils import correctly_rounded_sqrt
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        check_copy_on_write(correctly_rounded_sqrt)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_copy_on_write(correctly_rounded_sqrt):
     g = torch.Generator().manual_seed(0)
     n = 1500
     ours = [torch.randn(5 + i % 7, generator=g).requires_grad_() for i in range(n)]
@@ -297,8 +307,10 @@ def test_copy_on_write_tensors_are_updated_as_torch_updates_them():
     with correctly_rounded_sqrt():
         opt.step()
         ref_opt.step()
-    # Every fifth step, exp_avg and param, and later grad, copy-on-write; `originals` are
-    # the other halves of those lazy clones, which must keep their values.
+    # Of every five params: the first's step, the second's exp_avg, the third itself and the
+    # fourth's grad copy-on-write; `originals` are the other halves of those lazy clones,
+    # which must keep their values. Param 5 takes a lazy clone of param 0's step: two steps
+    # that share one copy-on-write buffer, each counted once.
     originals = []
     for i, p in enumerate(ours):
         if i % 5 == 0:
@@ -307,13 +319,16 @@ def test_copy_on_write_tensors_are_updated_as_torch_updates_them():
             originals.append(torch._lazy_clone(opt.state[p]["exp_avg"]))
         elif i % 5 == 2:
             originals.append(torch._lazy_clone(p.detach()))
-    before = [t.clone() for t in originals]
+    opt.state[ours[5]]["step"] = torch._lazy_clone(opt.state[ours[0]]["step"])
     for step in range(1, 4):
         set_grads(step)
-        if step == 1:  # grads that share their storage too
+        if step == 1:
             for i, p in enumerate(ours):
                 if i % 5 == 3:
+                    originals.append(p.grad)
                     p.grad = torch._lazy_clone(p.grad)
+        if step == 1:
+            before = [t.clone() for t in originals]
         with correctly_rounded_sqrt():
             opt.step()
             ref_opt.step()
@@ -323,3 +338,62 @@ def test_copy_on_write_tensors_are_updated_as_torch_updates_them():
             assert torch.equal(opt.state[p][key], ref_opt.state[q][key]), f"{key} of param {i}"
     for i, (t, b) in enumerate(zip(originals, before)):
         assert torch.equal(t, b), f"a tensor that shared storage with a state or param changed ({i})"
+
+
+def test_a_step_whose_storage_was_freed_raises_before_any_step_is_counted():
+    """A step whose storage was freed (resize_(0)) gets torch's own error from the kernel,
+    before any step is counted or param written (increment_steps finds every step's value
+    before it writes one): over the parallel threshold too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        params = [torch.randn(3, requires_grad=True) for _ in range(1500)]
+        for p in params:
+            p.grad = torch.randn(3)
+        opt = fused_optim.Adam(params, lr=0.1)
+        opt.step()
+        before = [p.detach().clone() for p in params]
+        steps = [opt.state[p]["step"] for p in params]
+        steps[1200].untyped_storage().resize_(0)
+        with pytest.raises(RuntimeError, match="data is not allocated"):
+            opt.step()
+        assert all(torch.equal(p, b) for p, b in zip(params, before))
+        assert all(float(s) == 1.0 for i, s in enumerate(steps) if i != 1200)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not hasattr(torch.Tensor, "grad_dtype"), reason="torch < 2.9: no grad_dtype")
+def test_a_grad_of_another_dtype_in_a_big_group_runs_torchs_step():
+    """The fast path's check of each grad (plain, its param's dtype) runs on torch's
+    threads for a big group: a grad of another dtype late in 1,500 params still sends the
+    group to torch's step (with the one-time warning), which gives torch's result."""
+    import warnings
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        results = []
+        for cls, kw in ((torch.optim.SGD, dict(foreach=False)), (fused_optim.SGD, {})):
+            g = torch.Generator().manual_seed(0)
+            params = [torch.randn(4, generator=g, dtype=torch.float64).requires_grad_()
+                      for _ in range(1500)]
+            for p in params:
+                p.grad = torch.randn(4, generator=g, dtype=torch.float64)
+            params[1400].grad_dtype = None
+            params[1400].grad = torch.ones(4, dtype=torch.float32)
+            opt = cls(params, lr=0.1, momentum=0.9, **kw)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    opt.step()
+                    opt.step()
+                    results.append([p.detach().clone() for p in params])
+                except RuntimeError as e:
+                    results.append(str(e))
+        if isinstance(results[0], str):
+            assert results[0] == results[1]
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(*results))
+    finally:
+        torch.set_num_threads(threads)
