@@ -197,6 +197,7 @@ def worker(args):
                 run["peaks"].append(meter.bytes)
                 run["times"].append(elapsed)
     out = []
+    machine = machine_line(torch.get_num_threads())
     for run in runs:
         digest = hashlib.blake2b(digest_size=16)
         for p in run["params"]:
@@ -208,7 +209,7 @@ def worker(args):
                         grad_bytes=sum(p.numel() * p.element_size() for p in run["params"]),
                         n_params=sum(p.numel() for p in run["params"]), method=meter.method,
                         params_hash=digest.hexdigest(), losses=run["losses"],
-                        machine=machine_line(torch.get_num_threads())))
+                        machine=machine))
     print(json.dumps(out))
 
 

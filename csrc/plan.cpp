@@ -45,6 +45,13 @@ bool same_layout(const at::Tensor& a, const at::Tensor& b) {
   return true;
 }
 
+// Whether a pass that reads n tensors' metadata runs on torch's threads (Note [prefetch] in
+// python_step.cpp: after a step's stream, each tensor's metadata is a cache miss, and two
+// cores have twice as many in flight), in chunks of kParallelChecks / 2.
+bool metadata_pass_on_threads(int64_t n) {
+  return n >= kParallelChecks && at::get_num_threads() > 1 && !at::in_parallel_region();
+}
+
 bool is_cow(const at::Tensor& t) {
   return c10::impl::cow::is_cow_data_ptr(t.unsafeGetTensorImpl()->unsafe_storage().data_ptr());
 }
@@ -252,7 +259,7 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
     is_direct[i] = 1;
   };
   bool checked = false;
-  if (n >= kParallelChecks && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+  if (metadata_pass_on_threads(n)) {
     std::atomic<bool> failed{false};
     at::parallel_for(0, n, kParallelChecks / 2, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end && !failed.load(std::memory_order_relaxed); ++i) {
@@ -572,16 +579,12 @@ std::vector<double> increment_steps(at::TensorList steps) {
         continue;
       }
       // The typed accessor, for torch's own error where the step's storage was freed.
-      if (dtype == at::kFloat) {
-        data[static_cast<size_t>(i)] = const_cast<float*>(s.const_data_ptr<float>());
-      } else {
-        AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "increment_steps", [&] {
-          data[static_cast<size_t>(i)] = const_cast<scalar_t*>(s.const_data_ptr<scalar_t>());
-        });
-      }
+      AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "increment_steps", [&] {
+        data[static_cast<size_t>(i)] = const_cast<scalar_t*>(s.const_data_ptr<scalar_t>());
+      });
     }
   };
-  if (n >= kParallelChecks && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+  if (metadata_pass_on_threads(n)) {
     at::parallel_for(0, n, kParallelChecks / 2, locate);
   } else {
     locate(0, n);

@@ -101,14 +101,11 @@ const DirectKernel* group_kernel(const std::string& name, const DirectKernel* cp
 // in flight at once.
 constexpr Py_ssize_t kAhead = 8;
 
+// kWrite: the memory will be written (a reference count), so it is asked for as such.
+template <int kWrite = 0>
 inline void prefetch(const void* p) {
   static const bool on = cpu::cpu_tuning().gather_prefetch;  // Note [CPU tuning]
-  if (on) __builtin_prefetch(p, 0, 3);
-}
-
-inline void prefetch_for_write(const void* p) {
-  static const bool on = cpu::cpu_tuning().gather_prefetch;  // Note [CPU tuning]
-  if (on) __builtin_prefetch(p, 1, 3);
+  if (on) __builtin_prefetch(p, kWrite, 3);
 }
 
 // The first cache lines of a TensorImpl: key set, sizes, strides, dtype, storage.
@@ -221,7 +218,7 @@ Gathered snapshot_group(PyObject* params, PyObject* state, PyObject* keys, Owned
   // The size is read again each time: a lookup can run Python code that changes the list.
   for (Py_ssize_t i = 0; i < PyList_GET_SIZE(params); ++i) {
     // (the object kAhead places later, whose reference count is written: Note [prefetch])
-    if (i + kAhead < PyList_GET_SIZE(params)) prefetch_for_write(PyList_GET_ITEM(params, i + kAhead));
+    if (i + kAhead < PyList_GET_SIZE(params)) prefetch</*kWrite=*/1>(PyList_GET_ITEM(params, i + kAhead));
     PyObject* obj = owned.own(PyList_GET_ITEM(params, i));
     if (!THPVariable_CheckExact(obj)) return Gathered::kDecline;
     snap.params.push_back(obj);

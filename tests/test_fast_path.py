@@ -271,7 +271,17 @@ def test_fast_path_finds_state_by_the_real_hash(algo, monkeypatch):
     check_fast_path_is_bitwise_the_dispatcher_path("cpu", algo, monkeypatch)
 
 
-def test_copy_on_write_tensors_are_updated_as_torch_updates_them():
+@pytest.fixture
+def two_threads():
+    """At least two threads: the parallel passes over tensors' metadata (the plan's checks,
+    increment_steps, the gather) run only then, from kParallelChecks (1,024) tensors."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(2, old))
+    yield
+    torch.set_num_threads(old)
+
+
+def test_copy_on_write_tensors_are_updated_as_torch_updates_them(two_threads):
     """Params, grads, states and steps whose storage is copy-on-write (a lazy clone shares
     it) are copied when first written, as torch's in-place ops copy them: the step equals
     torch's for-loop bit for bit, and the tensors they shared storage with keep their
@@ -280,15 +290,6 @@ def test_copy_on_write_tensors_are_updated_as_torch_updates_them():
     serial pass."""
     from parity_utils import correctly_rounded_sqrt
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(2, threads))
-    try:
-        check_copy_on_write(correctly_rounded_sqrt)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def check_copy_on_write(correctly_rounded_sqrt):
     g = torch.Generator().manual_seed(0)
     n = 1500
     ours = [torch.randn(5 + i % 7, generator=g).requires_grad_() for i in range(n)]
@@ -327,7 +328,6 @@ def check_copy_on_write(correctly_rounded_sqrt):
                 if i % 5 == 3:
                     originals.append(p.grad)
                     p.grad = torch._lazy_clone(p.grad)
-        if step == 1:
             before = [t.clone() for t in originals]
         with correctly_rounded_sqrt():
             opt.step()
@@ -340,60 +340,50 @@ def check_copy_on_write(correctly_rounded_sqrt):
         assert torch.equal(t, b), f"a tensor that shared storage with a state or param changed ({i})"
 
 
-def test_a_step_whose_storage_was_freed_raises_before_any_step_is_counted():
+def test_a_step_whose_storage_was_freed_raises_before_any_step_is_counted(two_threads):
     """A step whose storage was freed (resize_(0)) gets torch's own error from the kernel,
     before any step is counted or param written (increment_steps finds every step's value
     before it writes one): over the parallel threshold too."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(2, threads))
-    try:
-        params = [torch.randn(3, requires_grad=True) for _ in range(1500)]
-        for p in params:
-            p.grad = torch.randn(3)
-        opt = fused_optim.Adam(params, lr=0.1)
+    params = [torch.randn(3, requires_grad=True) for _ in range(1500)]
+    for p in params:
+        p.grad = torch.randn(3)
+    opt = fused_optim.Adam(params, lr=0.1)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    steps = [opt.state[p]["step"] for p in params]
+    steps[1200].untyped_storage().resize_(0)
+    with pytest.raises(RuntimeError, match="data is not allocated"):
         opt.step()
-        before = [p.detach().clone() for p in params]
-        steps = [opt.state[p]["step"] for p in params]
-        steps[1200].untyped_storage().resize_(0)
-        with pytest.raises(RuntimeError, match="data is not allocated"):
-            opt.step()
-        assert all(torch.equal(p, b) for p, b in zip(params, before))
-        assert all(float(s) == 1.0 for i, s in enumerate(steps) if i != 1200)
-    finally:
-        torch.set_num_threads(threads)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(float(s) == 1.0 for i, s in enumerate(steps) if i != 1200)
 
 
 @pytest.mark.skipif(not hasattr(torch.Tensor, "grad_dtype"), reason="torch < 2.9: no grad_dtype")
-def test_a_grad_of_another_dtype_in_a_big_group_runs_torchs_step():
+def test_a_grad_of_another_dtype_in_a_big_group_runs_torchs_step(two_threads):
     """The fast path's check of each grad (plain, its param's dtype) runs on torch's
     threads for a big group: a grad of another dtype late in 1,500 params still sends the
     group to torch's step (with the one-time warning), which gives torch's result."""
     import warnings
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(2, threads))
-    try:
-        results = []
-        for cls, kw in ((torch.optim.SGD, dict(foreach=False)), (fused_optim.SGD, {})):
-            g = torch.Generator().manual_seed(0)
-            params = [torch.randn(4, generator=g, dtype=torch.float64).requires_grad_()
-                      for _ in range(1500)]
-            for p in params:
-                p.grad = torch.randn(4, generator=g, dtype=torch.float64)
-            params[1400].grad_dtype = None
-            params[1400].grad = torch.ones(4, dtype=torch.float32)
-            opt = cls(params, lr=0.1, momentum=0.9, **kw)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                try:
-                    opt.step()
-                    opt.step()
-                    results.append([p.detach().clone() for p in params])
-                except RuntimeError as e:
-                    results.append(str(e))
-        if isinstance(results[0], str):
-            assert results[0] == results[1]
-        else:
-            assert all(torch.equal(a, b) for a, b in zip(*results))
-    finally:
-        torch.set_num_threads(threads)
+    results = []
+    for cls, kw in ((torch.optim.SGD, dict(foreach=False)), (fused_optim.SGD, {})):
+        g = torch.Generator().manual_seed(0)
+        params = [torch.randn(4, generator=g, dtype=torch.float64).requires_grad_()
+                  for _ in range(1500)]
+        for p in params:
+            p.grad = torch.randn(4, generator=g, dtype=torch.float64)
+        params[1400].grad_dtype = None
+        params[1400].grad = torch.ones(4, dtype=torch.float32)
+        opt = cls(params, lr=0.1, momentum=0.9, **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                opt.step()
+                opt.step()
+                results.append([p.detach().clone() for p in params])
+            except RuntimeError as e:
+                results.append(str(e))
+    if isinstance(results[0], str):
+        assert results[0] == results[1]
+    else:
+        assert all(torch.equal(a, b) for a, b in zip(*results))

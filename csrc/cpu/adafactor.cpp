@@ -382,8 +382,8 @@ PassFns select_fns(at::ScalarType dtype, bool unscale, bool decay) {
 // into one run of consecutive tasks per thread of about equal cost (rows * cols elements
 // plus a fixed cost per task): tasks differ in size (a 256K-element block of pass 1, a
 // short vector), and an even split by count would leave threads waiting at the end of
-// each pass. Which thread
-// runs a task changes no result: each task's sums are its own (Note [Adafactor's sums]).
+// each pass. Which thread runs a task changes no result: each task's sums are its own
+// (Note [Adafactor's sums]).
 template <typename Fn>
 void run_tasks(const std::vector<Task>& all_tasks, int64_t first, int64_t last,
                const std::vector<Entry>& entries, Fn&& fn) {

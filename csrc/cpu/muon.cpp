@@ -493,10 +493,10 @@ void for_pieces(const std::vector<Piece>& pieces, const std::function<void(const
 // and autocast dtype for the ATen ops of a group (CallerState), and touch no tensor that
 // Python holds: a step called from Python's thread with the GIL held (Note [direct
 // calls]) would wait forever in a worker that copies such a tensor (an at::Tensor copy
-// increfs its PyObject, which takes the GIL). So a group's kernels write the user's tensors through raw
-// pointers only, and what went through a contiguous copy (a strided param, grad or
-// buffer) is copied back on the calling thread after the parallel region. At most one
-// small group per thread is alive at once (Note [Muon's memory]).
+// increfs its PyObject, which takes the GIL). So a group's kernels write the user's
+// tensors through raw pointers only, and what went through a contiguous copy (a strided
+// param, grad or buffer) is copied back on the calling thread after the parallel region.
+// At most one small group per thread is alive at once (Note [Muon's memory]).
 constexpr int64_t kSmallMatrix = int64_t{1} << 19;
 
 // What of the caller's thread-local state the ATen ops of a group see on a worker: the
