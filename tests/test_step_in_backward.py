@@ -546,6 +546,10 @@ def test_memory_benchmark_quick_runs():
         assert all(re.fullmatch(r"-?[\d.]+", c) for c in cells), r
     assert re.search(r"grads: [\d.]+ MiB", out.stdout)
     assert re.search(r"saved: -?[\d.]+ MiB = -?[\d.]+% of the grads .*(met|not met)", out.stdout)
+    # the time ratio from the worker with the default allocator, the memory worker's beside it
+    assert re.search(r"time: step in backward / backward then step = [\d.]+ .*"
+                     r"(met|not met)\); in the memory worker [\d.]+", out.stdout)
+    assert "params and losses after the run: bitwise equal" in out.stdout
 
 
 @pytest.mark.parametrize("bucket_cap_mb", [0, 25])
