@@ -552,6 +552,52 @@ def test_memory_benchmark_quick_runs():
     assert "params and losses after the run: bitwise equal" in out.stdout
 
 
+def _train_checkpointed_blocks(in_backward, bucket_cap_mb, head_reuses_first_block=False):
+    # Two blocks, each recomputed by torch.utils.checkpoint(use_reentrant=True) (as Hugging
+    # Face's gradient_checkpointing_enable() does by default), between layers that are not.
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    inp, b1, b2, head = (torch.nn.Linear(6, 6) for _ in range(4))
+    params = [p for m in (inp, b1, b2, head) for p in m.parameters()]
+    opt = fused_optim.AdamW(params, lr=0.1)
+    handle = fused_optim.step_in_backward(opt, bucket_cap_mb=bucket_cap_mb) if in_backward else None
+    for step in range(3):
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(step))
+        y = checkpoint(lambda t: torch.tanh(b1(t)), inp(x), use_reentrant=True)
+        y = checkpoint(lambda t: torch.tanh(b2(t)), y, use_reentrant=True)
+        if head_reuses_first_block:
+            y = b1(y)  # b1 used inside a checkpointed segment and outside
+        before = b1.weight.detach().clone()
+        head(y).square().sum().backward()
+        if in_backward and bucket_cap_mb == 0:
+            # updated inside the segment's inner backward, its grad freed there
+            assert b1.weight.grad is None and not torch.equal(b1.weight, before)
+        opt.step()
+        opt.zero_grad()
+    if handle is not None:
+        handle.remove()
+    return [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("bucket_cap_mb", [0, 25])
+def test_reentrant_checkpointing_of_whole_blocks_is_backward_then_step(bucket_cap_mb):
+    # Each param used only inside its segment gets its whole grad in the segment's inner
+    # backward, once: its update there is the one backward-then-step makes, bit for bit.
+    expected = _train_checkpointed_blocks(False, bucket_cap_mb)
+    got = _train_checkpointed_blocks(True, bucket_cap_mb)
+    for p, q in zip(expected, got):
+        assert torch.equal(p, q)
+
+
+def test_reentrant_checkpointing_of_a_param_also_used_outside_raises():
+    # The documented limit (docs/integrations.md): b1's grad arrives in two parts, one per
+    # backward; the second part is refused as a second backward (after b1 was updated with
+    # the first, which is why the docs say to use use_reentrant=False there).
+    with pytest.raises(RuntimeError, match="a second backward reached a param"):
+        _train_checkpointed_blocks(True, 0, head_reuses_first_block=True)
+
+
 @pytest.mark.parametrize("bucket_cap_mb", [0, 25])
 def test_non_reentrant_activation_checkpointing_is_backward_then_step(bucket_cap_mb):
     # torch.utils.checkpoint(use_reentrant=False) recomputes inside the one backward: a
