@@ -136,7 +136,9 @@ TORCH_LIBRARY(fused_optim, m) {
     const auto& t = fused_optim::cpu::cpu_tuning();
     return std::string("prefetch ") +
            (t.prefetch_ahead > 0 ? std::to_string(t.prefetch_ahead) : std::string("off")) +
-           (t.gather_prefetch ? "" : ", gather prefetch off") + " (" + t.cpu + ", " + t.source + ")";
+           (t.gather_prefetch ? "" : ", gather prefetch off") +
+           (t.q8_arithmetic ? ", 8-bit codes by arithmetic" : "") + " (" + t.cpu + ", " +
+           t.source + ")";
   });
   // Which copy of the CPU loops runs here (Note [ISA dispatch]): for benchmark reports.
   m.def("_cpu_isa() -> str", [] {

@@ -240,18 +240,30 @@ for step in range(3):
     opt.step()
 out[("Adafactor", "mixed")] = [p.detach().clone() for p in ps] + [
     v for p in ps for v in opt.state[p].values()]
+# 8-bit moments (Note [8-bit codes by arithmetic]: by the table's gather or by arithmetic),
+# float32 and bfloat16 params, values spread over many binades.
+for dtype in (torch.float32, torch.bfloat16):
+    ps = [(torch.randn(n, generator=g) * torch.logspace(-6, 2, n)).to(dtype).requires_grad_()
+          for n in (70001, 5000, 4100)]
+    opt = fused_optim.AdamW(ps, lr=0.01, state_dtype=torch.uint8)
+    for step in range(3):
+        for p in ps:
+            p.grad = (torch.randn(p.shape, generator=g) * torch.logspace(-8, 1, p.numel())).to(dtype)
+        opt.step()
+    out[("AdamW 8-bit", str(dtype))] = [p.detach().clone() for p in ps] + [
+        v for p in ps for v in opt.state[p].values()]
 torch.save(out, sys.argv[1])""")
 # (Adafactor's waves too, Note [Adafactor's waves]: one wave for the group, the default,
 # one param a wave, and waves that put the small params together but the big one alone.)
 TUNINGS = {
     "plain": dict(FUSED_OPTIM_PREFETCH="off", FUSED_OPTIM_GATHER_PREFETCH="off",
-                  FUSED_OPTIM_ADAFACTOR_WAVE="off"),
+                  FUSED_OPTIM_ADAFACTOR_WAVE="off", FUSED_OPTIM_Q8_CODES="gather"),
     "xeon": dict(FUSED_OPTIM_PREFETCH="384", FUSED_OPTIM_GATHER_PREFETCH="on",
-                 FUSED_OPTIM_ADAFACTOR_WAVE="auto"),
+                 FUSED_OPTIM_ADAFACTOR_WAVE="auto", FUSED_OPTIM_Q8_CODES="arithmetic"),
     "near": dict(FUSED_OPTIM_PREFETCH="5", FUSED_OPTIM_GATHER_PREFETCH="on",
-                 FUSED_OPTIM_ADAFACTOR_WAVE="1"),
+                 FUSED_OPTIM_ADAFACTOR_WAVE="1", FUSED_OPTIM_Q8_CODES="gather"),
     "far": dict(FUSED_OPTIM_PREFETCH="100000", FUSED_OPTIM_GATHER_PREFETCH="off",
-                FUSED_OPTIM_ADAFACTOR_WAVE="300000"),
+                FUSED_OPTIM_ADAFACTOR_WAVE="300000", FUSED_OPTIM_Q8_CODES="arithmetic"),
 }
 
 
@@ -268,6 +280,7 @@ def test_bitwise_identical_across_cpu_tunings(tmp_path):
         distance = env["FUSED_OPTIM_PREFETCH"]
         assert re.match(f"prefetch {distance}[ ,]", tuning), tuning  # the forced choice ran
         assert ("gather prefetch off" in tuning) == (env["FUSED_OPTIM_GATHER_PREFETCH"] == "off")
+        assert ("8-bit codes by arithmetic" in tuning) == (env["FUSED_OPTIM_Q8_CODES"] == "arithmetic")
     for name in list(TUNINGS)[1:]:
         for case, tensors in results["plain"].items():
             for a, b in zip(tensors, results[name][case]):
@@ -276,7 +289,8 @@ def test_bitwise_identical_across_cpu_tunings(tmp_path):
 
 @pytest.mark.parametrize("var,value", [("FUSED_OPTIM_PREFETCH", "far"),
                                        ("FUSED_OPTIM_PREFETCH", "-3"),
-                                       ("FUSED_OPTIM_GATHER_PREFETCH", "yes")])
+                                       ("FUSED_OPTIM_GATHER_PREFETCH", "yes"),
+                                       ("FUSED_OPTIM_Q8_CODES", "table")])
 def test_a_bad_tuning_variable_is_a_clear_error(var, value):
     out = subprocess.run([sys.executable, "-c", "import torch, fused_optim; "
                           "print(torch.ops.fused_optim._cpu_tuning())"],
@@ -286,20 +300,22 @@ def test_a_bad_tuning_variable_is_a_clear_error(var, value):
 
 
 def test_default_tuning_names_the_cpu_and_how_it_was_chosen():
-    if os.environ.get("FUSED_OPTIM_PREFETCH") or os.environ.get("FUSED_OPTIM_GATHER_PREFETCH"):
+    if any(os.environ.get(v) for v in ("FUSED_OPTIM_PREFETCH", "FUSED_OPTIM_GATHER_PREFETCH",
+                                       "FUSED_OPTIM_Q8_CODES")):
         pytest.skip("a tuning variable is set")
     tuning = torch.ops.fused_optim._cpu_tuning()
     # e.g. "prefetch off (AMD Zen 4, table)", "prefetch 384 (Intel Xeon with AVX512-BF16,
     # table)", "prefetch off (GenuineIntel family 6 model 85 (not in the table), default)"
-    assert re.fullmatch(r"prefetch (off|\d+)(, gather prefetch off)? \(.+, (table|default)\)",
-                        tuning), tuning
+    assert re.fullmatch(r"prefetch (off|\d+)(, gather prefetch off)?(, 8-bit codes by arithmetic)?"
+                        r" \(.+, (table|default)\)", tuning), tuning
     info = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     if "AuthenticAMD" in info and re.search(r"cpu family\s*: 25\n", info) and " avx512f" in info:
         assert tuning == "prefetch off (AMD Zen 4, table)"  # measured: Note [CPU tuning]
     model = re.search(r"^model\s*: (\d+)$", info, flags=re.M)
     if "AuthenticAMD" in info and re.search(r"cpu family\s*: 26\n", info) and model \
             and int(model.group(1)) <= 0x7F:
-        assert tuning == "prefetch off (AMD Zen 5, table)"  # measured: Note [CPU tuning]
+        # measured: Note [CPU tuning]
+        assert tuning == "prefetch off, 8-bit codes by arithmetic (AMD Zen 5, table)"
 
 
 # Every bit pattern of a 16-bit dtype (NaNs of each sign and payload, infinities,

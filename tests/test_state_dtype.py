@@ -279,6 +279,50 @@ def test_codes_at_every_threshold_for_many_scales():
     assert_bitwise(s["momentum_buffer"], torch.from_numpy(rc), "codes")
 
 
+def test_codes_of_values_over_many_binades():
+    """Random values over 60 binades, both signs and both maps (blocks with and without a
+    negative value), through the kernel's quantization as through the reference's: the
+    codes found by arithmetic (Note [8-bit codes by arithmetic] in csrc/cpu/multi_tensor.h)
+    fall in every decade of the maps and next to every threshold between decades."""
+    g = torch.Generator().manual_seed(5)
+    n = 256 * 400
+    x = torch.rand(n, generator=g) * torch.pow(2.0, -torch.randint(0, 60, (n,), generator=g).float())
+    x = torch.where(torch.rand(n, generator=g) < 0.5, -x, x)
+    x[: n // 2] = x[: n // 2].abs()  # blocks of the unsigned map
+    x[::256] = torch.rand(n // 256, generator=g) + 0.5  # each block's absmax in [0.5, 1.5)
+    p = torch.zeros(n, requires_grad=True)
+    p.grad = x.clone()
+    opt = fused_optim.SGD([p], lr=0.1, momentum=0.9, state_dtype=torch.uint8)
+    opt.step()
+    rc, rs = reference_quantize(x.numpy())
+    s = opt.state[p]
+    assert_bitwise(s["momentum_buffer_absmax"], torch.from_numpy(rs), "scales")
+    assert_bitwise(s["momentum_buffer"], torch.from_numpy(rc), "codes")
+
+
+CODE_TESTS = ("test_codes_at_every_threshold_for_many_scales",
+              "test_codes_of_values_over_many_binades", "test_edge_blocks_through_the_kernel",
+              "test_threads_do_not_change_a_bit")
+
+
+@pytest.mark.parametrize("codes", ["gather", "arithmetic"])
+def test_code_tests_with_each_way_of_finding_codes(codes):
+    """The code tests above with each of the AVX-512 copies' ways of finding a code forced
+    (FUSED_OPTIM_Q8_CODES; the choice is made once per process, so in a process of its
+    own): the table's gather and the arithmetic give the reference's codes. (On a CPU
+    without AVX-512 both run the same code.)"""
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          *[f"{__file__}::{t}" for t in CODE_TESTS]],
+                         env=dict(os.environ, FUSED_OPTIM_Q8_CODES=codes), capture_output=True,
+                         text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"{len(CODE_TESTS)} passed" in out.stdout, out.stdout[-3000:]
+
+
 def run_big(threads):
     """AdamW with 8-bit moments on three params of 70,001 elements, at `threads`."""
     old = torch.get_num_threads()

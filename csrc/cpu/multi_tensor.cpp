@@ -1,6 +1,8 @@
 #include "cpu/multi_tensor.h"
 
 #include <algorithm>
+#include <array>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -98,24 +100,26 @@ CpuId read_cpuid() {
 // Note [CPU tuning]'s table: what was measured where. Distances are in elements of float.
 CpuTuning tuning_from_table() {
   const CpuId id = read_cpuid();
-  CpuTuning t{0, true, "unknown CPU", "default"};
+  CpuTuning t{0, true, false, "unknown CPU", "default"};
 #if FO_X86_CLONES
   if (id.vendor == "GenuineIntel" && __builtin_cpu_supports("avx512bf16")) {
     // The project's 2-core Xeon (Cooper Lake or newer server cores): fp32 Adam 87% -> 95%
     // of the limit, W3 Adam ~12% faster at 2 threads (sessions 5-7); on family 6 model 167
     // (AVX512-FP16, AMX) W1/W2 Adam 1.0x -> 1.1x torch fused=True (session 13).
-    t = {384, true, "Intel Xeon with AVX512-BF16", "table"};
+    t = {384, true, false, "Intel Xeon with AVX512-BF16", "table"};
   } else if (id.vendor == "AuthenticAMD" && id.family == 0x19 &&
              ((id.model >= 0x10 && id.model <= 0x1F) || (id.model >= 0x60 && id.model <= 0xAF))) {
     // A 2-core AMD EPYC (Zen 4, family 19h model 11h): with the Xeon's prefetch, fp32 Adam
     // was 0.7-0.98x torch fused=True; without, 1.03-1.25x (session 9: Note [CPU tuning]).
-    t = {0, true, "AMD Zen 4", "table"};
+    t = {0, true, false, "AMD Zen 4", "table"};
   } else if (id.vendor == "AuthenticAMD" && id.family == 0x1A && id.model <= 0x7F) {
     // A 2-core AMD EPYC (Zen 5, family 1Ah model 02h), 2026-12-04: the Xeon's distance
     // (384) against none, alternating processes, twice each, torch fused=True in the same
     // rounds: W1/W2 fp32 at 91-104% of the limit either way, W4 bf16 86-102%; W3 Adam
     // 4.55-4.85x with it, 4.81-5.19x without (three more pairs of W3 runs). No gain: none.
-    t = {0, true, "AMD Zen 5", "table"};
+    // 8-bit codes (2026-12-05, one thread): the table's 16-lane gather and compare took
+    // 6.8 ns per 16 codes, the arithmetic 2.5 ns (Note [8-bit codes by arithmetic]).
+    t = {0, true, true, "AMD Zen 5", "table"};
   } else if (!id.vendor.empty()) {
     t.cpu = id.vendor + " family " + std::to_string(id.family) + " model " +
             std::to_string(id.model) + " (not in the table)";
@@ -134,14 +138,23 @@ const CpuTuning& cpu_tuning() {
       t.prefetch_ahead = *ahead;
       t.source = "FUSED_OPTIM_PREFETCH";
     }
+    const auto forced = [&t](const char* name) {
+      t.source = t.source == "table" || t.source == "default" ? std::string(name)
+                                                               : t.source + ", " + name;
+    };
     if (const auto gather = env_choice("FUSED_OPTIM_GATHER_PREFETCH")) {
       const std::string& v = *gather;
       TORCH_CHECK(v == "on" || v == "off",
                   "FUSED_OPTIM_GATHER_PREFETCH must be auto, on or off, not ", v);
       t.gather_prefetch = v == "on";
-      t.source = t.source == "FUSED_OPTIM_PREFETCH"
-                     ? "FUSED_OPTIM_PREFETCH, FUSED_OPTIM_GATHER_PREFETCH"
-                     : "FUSED_OPTIM_GATHER_PREFETCH";
+      forced("FUSED_OPTIM_GATHER_PREFETCH");
+    }
+    if (const auto codes = env_choice("FUSED_OPTIM_Q8_CODES")) {
+      const std::string& v = *codes;
+      TORCH_CHECK(v == "gather" || v == "arithmetic",
+                  "FUSED_OPTIM_Q8_CODES must be auto, gather or arithmetic, not ", v);
+      t.q8_arithmetic = v == "arithmetic";
+      forced("FUSED_OPTIM_Q8_CODES");
     }
     return t;
   }();
@@ -193,6 +206,58 @@ FO_AVX2_TARGET void q8_dequantize_avx2(const uint8_t* codes, float scale, float*
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// Note [8-bit codes by arithmetic] (multi_tensor.h): the tables, from the maps' own
+// thresholds; made once per process.
+const Q8Arith& q8_arith(int u) {
+  static const std::array<Q8Arith, 2> tables = [] {
+    std::array<Q8Arith, 2> out{};
+    for (int m = 0; m < 2; ++m) {
+      Q8Arith& t = out[m];
+      const float* threshold = quant8_maps().threshold[m];
+      const int zero = m == 0 ? 127 : 0;  // the code of 0: the thresholds below it
+      t.is_signed = m == 0;
+      int n[7], first[7], count = 1;  // first[i]: the positive thresholds below decade i
+      for (int i = 0; i < 7; ++i) {
+        n[i] = m == 0 ? 1 << i : 2 << i;
+        first[i] = count;
+        count += n[i];
+      }
+      float b[8];  // b[i]: the threshold below decade i; b[7] that below 1
+      for (int i = 0; i < 7; ++i) b[i] = threshold[zero + first[i] - 1];
+      b[7] = threshold[zero + count - 1];
+      for (int e = 0; e < 32; ++e) {  // the binade [2^(e-31), 2^(e-30)), 0 from 0 up
+        const float lo = e == 0 ? 0.0f : std::ldexp(1.0f, e - 31), hi = std::ldexp(1.0f, e - 30);
+        int below = 0, inside = 0;
+        t.bnext[e] = INFINITY;
+        for (int i = 0; i < 8; ++i) {
+          below += b[i] < lo;
+          if (b[i] >= lo && b[i] < hi) {
+            ++inside;
+            t.bnext[e] = b[i];
+          }
+        }
+        if (inside > 1) std::abort();  // (the maps' spacing rules it out)
+        t.base[e] = below;
+      }
+      for (int k = 0; k < 16; ++k) {  // k = i + 1; k = 0 and 8: u = -0.5, count 0
+        t.a[k] = 0.0f;
+        t.d[k] = 0.5f;
+        t.first[k] = k == 0 ? 0 : count;
+        t.nm1[k] = 0;
+      }
+      for (int i = 0; i < 7; ++i) {
+        const double step = 0.9 / n[i];
+        t.a[i + 1] = static_cast<float>(std::pow(10.0, 6 - i) / step);
+        t.d[i + 1] = static_cast<float>(0.1 / step + 1.0);
+        t.first[i + 1] = first[i];
+        t.nm1[i + 1] = n[i] - 1;
+      }
+    }
+    return out;
+  }();
+  return tables[u];
+}
+
 // AVX-512: Note [8-bit quantization on AVX-512] (multi_tensor.h); the same codes as
 // q8_quantize.
 FO_AVX512_TARGET void q8_quantize_avx512(const float* src, uint8_t* codes, float* scale,

@@ -16,10 +16,13 @@ namespace fused_optim::cpu {
 // forces the loops' distance (N: in elements; 16-bit types ask for the same bytes ahead as
 // float, 2N elements), for experiments. No choice changes a result bit: the tests run
 // the bitwise comparisons with each one forced.
-// FUSED_OPTIM_GATHER_PREFETCH=auto|on|off does the same for the eager step's gather.
+// FUSED_OPTIM_GATHER_PREFETCH=auto|on|off does the same for the eager step's gather, and
+// FUSED_OPTIM_Q8_CODES=auto|gather|arithmetic for how the AVX-512 copies find 8-bit codes
+// (Note [8-bit codes by arithmetic] in multi_tensor.h).
 struct CpuTuning {
   int64_t prefetch_ahead;  // elements ahead of the current chunk; 0: no software prefetch
   bool gather_prefetch;    // python_step.cpp's Note [prefetch] for Python objects
+  bool q8_arithmetic;      // 8-bit codes by arithmetic, else by the table's gather
   std::string cpu;         // the CPU as the table knows it
   std::string source;      // "table", "default", or the FUSED_OPTIM_* variable(s) that forced it
 };
