@@ -28,7 +28,7 @@ tensors, instead of keeping glibc's freed heap chunks.
 How time is measured: in a second worker process with glibc's default allocator settings
 (what a training script runs with; MALLOC_MMAP_THRESHOLD_ is removed from its environment),
 without the memory meter. Under the memory worker's setting every large tensor is mapped,
-page-faulted in and unmapped again, which made an iteration about 25% slower on a Zen 5 and
+page-faulted in and unmapped again, which made an iteration 16-40% slower on a Zen 5 and
 moved the modes' time ratio by a few percent; the table shows both workers' times. The table
 gives the median over the measured iterations of the peak and of the iteration time
 (forward, backward, step); the time ratio is the median of the time worker's iterations'

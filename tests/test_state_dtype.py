@@ -211,23 +211,31 @@ def test_quantization_module_matches_the_reference():
     assert torch.isnan(quantization.dequantize(codes, scales)[1024:1280]).all()
 
 
+def assert_kernel_quantizes_as_reference(x):
+    """x (float32, flat numpy) through the kernel's quantization: SGD's momentum buffer is
+    the grad on its first step, so the 8-bit buffer is x quantized as it is. Its codes and
+    scales must be the reference's; returns the param's state for further checks."""
+    p = torch.zeros(x.size, requires_grad=True)
+    p.grad = torch.from_numpy(x.copy())
+    opt = fused_optim.SGD([p], lr=0.1, momentum=0.9, state_dtype=torch.uint8)
+    opt.step()
+    rc, rs = reference_quantize(x)
+    s = opt.state[p]
+    assert_bitwise(s["momentum_buffer_absmax"], torch.from_numpy(rs), "scales")
+    assert_bitwise(s["momentum_buffer"], torch.from_numpy(rc), "codes")
+    return s
+
+
 def test_edge_blocks_through_the_kernel():
     """Blocks of zeros, of non-negative values, with a NaN, and huge/tiny magnitudes go
     through the kernel's quantization as through the reference's (SGD's momentum is the
     grad on its first step, so the buffer is exactly the quantized grad)."""
-    p = torch.zeros(4096, requires_grad=True)
     g = torch.randn(4096, generator=torch.Generator().manual_seed(1)) * torch.logspace(-30, 30, 4096)
     g[:256] = 0.0
     g[256:512] = g[256:512].abs()
     g[700] = float("nan")
     g[1024:1280] = 1e-38
-    p.grad = g.clone()
-    opt = fused_optim.SGD([p], lr=0.1, momentum=0.9, state_dtype=torch.uint8)
-    opt.step()
-    rc, rs = reference_quantize(g.numpy())
-    s = opt.state[p]
-    assert_bitwise(s["momentum_buffer"], torch.from_numpy(rc), "codes")
-    assert_bitwise(s["momentum_buffer_absmax"], torch.from_numpy(rs), "scales")
+    s = assert_kernel_quantizes_as_reference(g.numpy())
     assert torch.signbit(s["momentum_buffer_absmax"][:2]).all()  # unsigned map
     assert torch.isnan(s["momentum_buffer_absmax"][2])
 
@@ -269,14 +277,7 @@ def test_codes_at_every_threshold_for_many_scales():
     scales += [np.nextafter(np.float32(2.0**-60), np.float32(0)), np.float32(3.0e38)]
     data = np.concatenate([blocks_around_thresholds(np.float32(a), signed)
                            for a in scales for signed in (True, False)])
-    p = torch.zeros(data.size, requires_grad=True)
-    p.grad = torch.from_numpy(data.copy())
-    opt = fused_optim.SGD([p], lr=0.1, momentum=0.9, state_dtype=torch.uint8)
-    opt.step()  # the momentum buffer is the grad on the first step: quantized as it is
-    rc, rs = reference_quantize(data)
-    s = opt.state[p]
-    assert_bitwise(s["momentum_buffer_absmax"], torch.from_numpy(rs), "scales")
-    assert_bitwise(s["momentum_buffer"], torch.from_numpy(rc), "codes")
+    assert_kernel_quantizes_as_reference(data)
 
 
 def test_codes_of_values_over_many_binades():
@@ -290,14 +291,7 @@ def test_codes_of_values_over_many_binades():
     x = torch.where(torch.rand(n, generator=g) < 0.5, -x, x)
     x[: n // 2] = x[: n // 2].abs()  # blocks of the unsigned map
     x[::256] = torch.rand(n // 256, generator=g) + 0.5  # each block's absmax in [0.5, 1.5)
-    p = torch.zeros(n, requires_grad=True)
-    p.grad = x.clone()
-    opt = fused_optim.SGD([p], lr=0.1, momentum=0.9, state_dtype=torch.uint8)
-    opt.step()
-    rc, rs = reference_quantize(x.numpy())
-    s = opt.state[p]
-    assert_bitwise(s["momentum_buffer_absmax"], torch.from_numpy(rs), "scales")
-    assert_bitwise(s["momentum_buffer"], torch.from_numpy(rc), "codes")
+    assert_kernel_quantizes_as_reference(x.numpy())
 
 
 CODE_TESTS = ("test_codes_at_every_threshold_for_many_scales",

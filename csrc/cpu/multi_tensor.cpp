@@ -33,6 +33,14 @@ std::optional<int64_t> env_count(const char* name, int64_t max, const char* what
   return static_cast<int64_t>(n);
 }
 
+std::optional<std::string> env_one_of(const char* name, const char* a, const char* b) {
+  auto env = env_choice(name);
+  if (env) {
+    TORCH_CHECK(*env == a || *env == b, name, " must be auto, ", a, " or ", b, ", not ", *env);
+  }
+  return env;
+}
+
 Isa cpu_isa() {
   static const Isa isa = [] {
     Isa best = Isa::kBaseline;
@@ -142,18 +150,12 @@ const CpuTuning& cpu_tuning() {
       t.source = t.source == "table" || t.source == "default" ? std::string(name)
                                                                : t.source + ", " + name;
     };
-    if (const auto gather = env_choice("FUSED_OPTIM_GATHER_PREFETCH")) {
-      const std::string& v = *gather;
-      TORCH_CHECK(v == "on" || v == "off",
-                  "FUSED_OPTIM_GATHER_PREFETCH must be auto, on or off, not ", v);
-      t.gather_prefetch = v == "on";
+    if (const auto gather = env_one_of("FUSED_OPTIM_GATHER_PREFETCH", "on", "off")) {
+      t.gather_prefetch = *gather == "on";
       forced("FUSED_OPTIM_GATHER_PREFETCH");
     }
-    if (const auto codes = env_choice("FUSED_OPTIM_Q8_CODES")) {
-      const std::string& v = *codes;
-      TORCH_CHECK(v == "gather" || v == "arithmetic",
-                  "FUSED_OPTIM_Q8_CODES must be auto, gather or arithmetic, not ", v);
-      t.q8_arithmetic = v == "arithmetic";
+    if (const auto codes = env_one_of("FUSED_OPTIM_Q8_CODES", "gather", "arithmetic")) {
+      t.q8_arithmetic = *codes == "arithmetic";
       forced("FUSED_OPTIM_Q8_CODES");
     }
     return t;
