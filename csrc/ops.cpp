@@ -137,7 +137,8 @@ TORCH_LIBRARY(fused_optim, m) {
     return std::string("prefetch ") +
            (t.prefetch_ahead > 0 ? std::to_string(t.prefetch_ahead) : std::string("off")) +
            (t.gather_prefetch ? "" : ", gather prefetch off") +
-           (t.q8_arithmetic ? ", 8-bit codes by arithmetic" : "") + " (" + t.cpu + ", " +
+           (t.q8_arithmetic ? ", 8-bit codes by arithmetic" : "") +
+           (t.float_loops_avx2 ? ", float loops in AVX2" : "") + " (" + t.cpu + ", " +
            t.source + ")";
   });
   // Which copy of the CPU loops runs here (Note [ISA dispatch]): for benchmark reports.

@@ -180,7 +180,9 @@ def _run_isas(script, tmp_path, *args):
     results = {}
     for isa in ISAS:
         out = tmp_path / f"{isa}.pt"
-        env = dict(os.environ, FUSED_OPTIM_ISA=isa)
+        # (each copy of the float32 loops too, where the tuning table would run the AVX2
+        # copy's: Note [float loops in AVX2])
+        env = dict(os.environ, FUSED_OPTIM_ISA=isa, FUSED_OPTIM_FLOAT_LOOPS="avx512")
         subprocess.run([sys.executable, "-c", script, str(out), *args], env=env, check=True,
                        timeout=300)
         results[isa] = torch.load(out)
@@ -257,13 +259,17 @@ torch.save(out, sys.argv[1])""")
 # one param a wave, and waves that put the small params together but the big one alone.)
 TUNINGS = {
     "plain": dict(FUSED_OPTIM_PREFETCH="off", FUSED_OPTIM_GATHER_PREFETCH="off",
-                  FUSED_OPTIM_ADAFACTOR_WAVE="off", FUSED_OPTIM_Q8_CODES="gather"),
+                  FUSED_OPTIM_ADAFACTOR_WAVE="off", FUSED_OPTIM_Q8_CODES="gather",
+                  FUSED_OPTIM_FLOAT_LOOPS="avx512"),
     "xeon": dict(FUSED_OPTIM_PREFETCH="384", FUSED_OPTIM_GATHER_PREFETCH="on",
-                 FUSED_OPTIM_ADAFACTOR_WAVE="auto", FUSED_OPTIM_Q8_CODES="arithmetic"),
+                 FUSED_OPTIM_ADAFACTOR_WAVE="auto", FUSED_OPTIM_Q8_CODES="arithmetic",
+                 FUSED_OPTIM_FLOAT_LOOPS="avx2"),
     "near": dict(FUSED_OPTIM_PREFETCH="5", FUSED_OPTIM_GATHER_PREFETCH="on",
-                 FUSED_OPTIM_ADAFACTOR_WAVE="1", FUSED_OPTIM_Q8_CODES="gather"),
+                 FUSED_OPTIM_ADAFACTOR_WAVE="1", FUSED_OPTIM_Q8_CODES="gather",
+                 FUSED_OPTIM_FLOAT_LOOPS="avx2"),
     "far": dict(FUSED_OPTIM_PREFETCH="100000", FUSED_OPTIM_GATHER_PREFETCH="off",
-                FUSED_OPTIM_ADAFACTOR_WAVE="300000", FUSED_OPTIM_Q8_CODES="arithmetic"),
+                FUSED_OPTIM_ADAFACTOR_WAVE="300000", FUSED_OPTIM_Q8_CODES="arithmetic",
+                FUSED_OPTIM_FLOAT_LOOPS="avx512"),
 }
 
 
@@ -281,6 +287,7 @@ def test_bitwise_identical_across_cpu_tunings(tmp_path):
         assert re.match(f"prefetch {distance}[ ,]", tuning), tuning  # the forced choice ran
         assert ("gather prefetch off" in tuning) == (env["FUSED_OPTIM_GATHER_PREFETCH"] == "off")
         assert ("8-bit codes by arithmetic" in tuning) == (env["FUSED_OPTIM_Q8_CODES"] == "arithmetic")
+        assert ("float loops in AVX2" in tuning) == (env["FUSED_OPTIM_FLOAT_LOOPS"] == "avx2")
     for name in list(TUNINGS)[1:]:
         for case, tensors in results["plain"].items():
             for a, b in zip(tensors, results[name][case]):
@@ -290,7 +297,8 @@ def test_bitwise_identical_across_cpu_tunings(tmp_path):
 @pytest.mark.parametrize("var,value", [("FUSED_OPTIM_PREFETCH", "far"),
                                        ("FUSED_OPTIM_PREFETCH", "-3"),
                                        ("FUSED_OPTIM_GATHER_PREFETCH", "yes"),
-                                       ("FUSED_OPTIM_Q8_CODES", "table")])
+                                       ("FUSED_OPTIM_Q8_CODES", "table"),
+                                       ("FUSED_OPTIM_FLOAT_LOOPS", "256")])
 def test_a_bad_tuning_variable_is_a_clear_error(var, value):
     out = subprocess.run([sys.executable, "-c", "import torch, fused_optim; "
                           "print(torch.ops.fused_optim._cpu_tuning())"],
@@ -301,13 +309,13 @@ def test_a_bad_tuning_variable_is_a_clear_error(var, value):
 
 def test_default_tuning_names_the_cpu_and_how_it_was_chosen():
     if any(os.environ.get(v) for v in ("FUSED_OPTIM_PREFETCH", "FUSED_OPTIM_GATHER_PREFETCH",
-                                       "FUSED_OPTIM_Q8_CODES")):
+                                       "FUSED_OPTIM_Q8_CODES", "FUSED_OPTIM_FLOAT_LOOPS")):
         pytest.skip("a tuning variable is set")
     tuning = torch.ops.fused_optim._cpu_tuning()
     # e.g. "prefetch off (AMD Zen 4, table)", "prefetch 384 (Intel Xeon with AVX512-BF16,
     # table)", "prefetch off (GenuineIntel family 6 model 85 (not in the table), default)"
     assert re.fullmatch(r"prefetch (off|\d+)(, gather prefetch off)?(, 8-bit codes by arithmetic)?"
-                        r" \(.+, (table|default)\)", tuning), tuning
+                        r"(, float loops in AVX2)? \(.+, (table|default)\)", tuning), tuning
     info = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     if "AuthenticAMD" in info and re.search(r"cpu family\s*: 25\n", info) and " avx512f" in info:
         assert tuning == "prefetch off (AMD Zen 4, table)"  # measured: Note [CPU tuning]
@@ -315,7 +323,8 @@ def test_default_tuning_names_the_cpu_and_how_it_was_chosen():
     if "AuthenticAMD" in info and re.search(r"cpu family\s*: 26\n", info) and model \
             and int(model.group(1)) <= 0x7F:
         # measured: Note [CPU tuning]
-        assert tuning == "prefetch off, 8-bit codes by arithmetic (AMD Zen 5, table)"
+        assert tuning == ("prefetch off, 8-bit codes by arithmetic, float loops in AVX2 "
+                          "(AMD Zen 5, table)")
 
 
 # Every bit pattern of a 16-bit dtype (NaNs of each sign and payload, infinities,

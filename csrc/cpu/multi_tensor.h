@@ -66,6 +66,24 @@ enum class Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 // The ISA of the loops: the best the CPU has, capped by FUSED_OPTIM_ISA. Decided once.
 Isa cpu_isa();
 
+// Note [float loops in AVX2]
+// The loops of float32 and float64 params (the segment loops whose elements are their own
+// math type, and the bandwidth probe's stream of them) run the AVX2 copy on a CPU with
+// AVX-512 where the tuning table says so (Note [CPU tuning]; FUSED_OPTIM_FLOAT_LOOPS=
+// avx2|avx512 forces it). On the Zen 5 one core streamed fewer bytes a second through
+// 512-bit loads than through 256-bit ones: SGD with momentum on 2^26 floats, one thread,
+// 22.2 ms a step in the AVX2 copy against 25.5 in the AVX-512 one (torch's fused=True,
+// whose CPU kernels there are 256-bit, 23.0); the AVX-512 loop with each load made of two
+// 256-bit halves was as fast as the AVX2 copy, so the loads are the cost. The other side:
+// on 5,000 small tensors at one thread, Adam's 512-bit divisions made the AVX-512 copy
+// ~8% faster. At two threads the memory is the limit either way (measured in
+// docs/benchmarks.md). The 16-bit and storage loops keep the widest copy (their 16 lanes
+// of 16-bit values are 256-bit loads, and their conversions and 8-bit codes gain from
+// AVX-512's instructions); Adafactor's and Muon's passes keep it too (not measured). Same
+// bits (Note [ISA dispatch]; the tests run each copy with FUSED_OPTIM_FLOAT_LOOPS=avx512,
+// and compare the two choices).
+Isa float_loop_isa();
+
 // The math type of the vector loop of T's params in kIsa's copy (Note [vector rules]), or
 // opmath (M) where the loop is scalar code, left to the compiler to vectorize: float and
 // double everywhere, anything on the baseline, and bfloat16 without AVX512-BF16, where
@@ -1173,7 +1191,8 @@ FO_AVX512BF16_TARGET void segment_avx512bf16(const TensorPtrs& t, int64_t begin,
 template <typename T, bool kUnscale, typename Rule>
 SegmentFn pick_segment_fn() {
 #if FO_X86_CLONES
-  switch (cpu_isa()) {
+  // (Note [float loops in AVX2]: float32 and float64 params)
+  switch (std::is_same_v<T, at::opmath_type<T>> ? float_loop_isa() : cpu_isa()) {
     case Isa::kAvx512Bf16:
       // Only bfloat16 loops differ from the AVX-512 ones: one copy fewer of the rest.
       if constexpr (std::is_same_v<T, c10::BFloat16>) return &segment_avx512bf16<T, kUnscale, Rule>;

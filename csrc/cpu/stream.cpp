@@ -53,8 +53,10 @@ template <typename T, int NI, int NR>
 void run_stream(const StreamArgs<T>& a, int64_t n) {
   auto fn = &stream_baseline<T, NI, NR>;
 #if FO_X86_CLONES
-  if (cpu_isa() == Isa::kAvx2) fn = &stream_avx2<T, NI, NR>;
-  if (cpu_isa() >= Isa::kAvx512) fn = &stream_avx512<T, NI, NR>;
+  // (float32 and float64 as their params' loops: Note [float loops in AVX2])
+  const Isa isa = std::is_same_v<T, at::opmath_type<T>> ? float_loop_isa() : cpu_isa();
+  if (isa == Isa::kAvx2) fn = &stream_avx2<T, NI, NR>;
+  if (isa >= Isa::kAvx512) fn = &stream_avx512<T, NI, NR>;
 #endif
   at::parallel_for(0, n, kGrainSize, [&](int64_t b, int64_t e) { fn(a, b, e); });
 }
