@@ -134,11 +134,11 @@ CpuTuning tuning_from_table() {
     // 4.55-4.85x with it, 4.81-5.19x without (three more pairs of W3 runs). No gain: none.
     // 8-bit codes (2026-12-05, one thread): the table's 16-lane gather and compare took
     // 6.8 ns per 16 codes, the arithmetic 2.5 ns (Note [8-bit codes by arithmetic]).
-    // float32 loops (2026-12-05, Note [float loops in AVX2]): at one thread the AVX2 copy
-    // 1.01-1.08x torch fused=True on W1/W2 SGD, Adagrad, Adam and AdamW, the AVX-512 copy
-    // 0.90-1.02x (W1 SGD 22.2 against 25.5 ms), W3 Adam ~8% slower; at two threads both
-    // at the limit (96-99%).
-    t = {0, true, true, true, "AMD Zen 5", "table"};
+    // float32 loops (2026-12-05, Note [float loops in AVX2]): the AVX-512 copy. The AVX2
+    // copy streams SGD faster from one core (W1 22.2 against 25.5 ms), but made every
+    // other rule 2-7% slower on W3 at two threads (9-16% at one), and Adam slower on
+    // tensors of up to 64K elements.
+    t = {0, true, true, false, "AMD Zen 5", "table"};
   } else if (!id.vendor.empty()) {
     t.cpu = id.vendor + " family " + std::to_string(id.family) + " model " +
             std::to_string(id.model) + " (not in the table)";

@@ -67,21 +67,19 @@ enum class Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 Isa cpu_isa();
 
 // Note [float loops in AVX2]
-// The loops of float32 and float64 params (the segment loops whose elements are their own
-// math type, and the bandwidth probe's stream of them) run the AVX2 copy on a CPU with
-// AVX-512 where the tuning table says so (Note [CPU tuning]; FUSED_OPTIM_FLOAT_LOOPS=
-// avx2|avx512 forces it). On the Zen 5 one core streamed fewer bytes a second through
-// 512-bit loads than through 256-bit ones: SGD with momentum on 2^26 floats, one thread,
-// 22.2 ms a step in the AVX2 copy against 25.5 in the AVX-512 one (torch's fused=True,
-// whose CPU kernels there are 256-bit, 23.0); the AVX-512 loop with each load made of two
-// 256-bit halves was as fast as the AVX2 copy, so the loads are the cost. The other side:
-// on 5,000 small tensors at one thread, Adam's 512-bit divisions made the AVX-512 copy
-// ~8% faster. At two threads the memory is the limit either way (measured in
-// docs/benchmarks.md). The 16-bit and storage loops keep the widest copy (their 16 lanes
-// of 16-bit values are 256-bit loads, and their conversions and 8-bit codes gain from
-// AVX-512's instructions); Adafactor's and Muon's passes keep it too (not measured). Same
-// bits (Note [ISA dispatch]; the tests run each copy with FUSED_OPTIM_FLOAT_LOOPS=avx512,
-// and compare the two choices).
+// On a CPU with AVX-512, the loops of float32 and float64 params (the segment loops whose
+// elements are their own math type, and the bandwidth probe's stream of them) can run the
+// AVX2 copy instead: a per-CPU choice of the tuning table (Note [CPU tuning]), which no
+// row makes yet; FUSED_OPTIM_FLOAT_LOOPS=avx2|avx512 forces it, for experiments. Measured
+// on the Zen 5 (2026-12-05, docs/benchmarks.md, CPU tuning): one core there streams fewer
+// bytes a second through 512-bit loads (SGD with momentum on 2^26 floats, one thread,
+// 25.5 ms a step in the AVX-512 copy, 22.2 in the AVX2 one, torch's 256-bit fused=True
+// 23.0; the AVX-512 loop with each load made of two 256-bit halves was as fast as the
+// AVX2 copy), but the 512-bit vectors' fewer instructions won elsewhere: on 5,000 small
+// tensors every rule but SGD's was 2-7% faster in AVX-512 at two threads (9-16% at one),
+// and Adam on tensors of up to 64K elements. So the table keeps the AVX-512 copy there.
+// Same bits either way (Note [ISA dispatch]; the tests run each copy with
+// FUSED_OPTIM_FLOAT_LOOPS=avx512, and compare the two choices).
 Isa float_loop_isa();
 
 // The math type of the vector loop of T's params in kIsa's copy (Note [vector rules]), or
