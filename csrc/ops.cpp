@@ -134,11 +134,15 @@ TORCH_LIBRARY(fused_optim, m) {
   // The CPU tuning in force (Note [CPU tuning]): for benchmark reports and tests.
   m.def("_cpu_tuning() -> str", [] {
     const auto& t = fused_optim::cpu::cpu_tuning();
+    using FloatLoops = fused_optim::cpu::CpuTuning::FloatLoops;
     return std::string("prefetch ") +
            (t.prefetch_ahead > 0 ? std::to_string(t.prefetch_ahead) : std::string("off")) +
            (t.gather_prefetch ? "" : ", gather prefetch off") +
            (t.q8_arithmetic ? ", 8-bit codes by arithmetic" : "") +
-           (t.float_loops_avx2 ? ", float loops in AVX2" : "") + " (" + t.cpu + ", " +
+           (t.float_loops == FloatLoops::kAvx2            ? ", float loops in AVX2"
+            : t.float_loops == FloatLoops::kAvx2LoadBound ? ", load-bound float loops in AVX2"
+                                                          : "") +
+           " (" + t.cpu + ", " +
            t.source + ")";
   });
   // Which copy of the CPU loops runs here (Note [ISA dispatch]): for benchmark reports.

@@ -171,6 +171,8 @@ struct SgdRule {
   using WithMath = SgdRule<V, kWeightDecay, kMomentum, kFma>;
   static constexpr bool kFmaVariant = kFma;  // (false: complex params' variant)
   static constexpr int kStates = kMomentum == Momentum::kNone ? 0 : 1;
+  // Two fmas an element: the loop waits on its loads (Note [float loops in AVX2]).
+  static constexpr bool kLoadBound = true;
   M grad_sign, weight_decay, momentum, one_minus_dampening, neg_lr;
 
   FO_HOST_DEVICE explicit SgdRule(const SgdCoeffs& c)

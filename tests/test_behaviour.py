@@ -263,7 +263,7 @@ TUNINGS = {
                   FUSED_OPTIM_FLOAT_LOOPS="avx512"),
     "xeon": dict(FUSED_OPTIM_PREFETCH="384", FUSED_OPTIM_GATHER_PREFETCH="on",
                  FUSED_OPTIM_ADAFACTOR_WAVE="auto", FUSED_OPTIM_Q8_CODES="arithmetic",
-                 FUSED_OPTIM_FLOAT_LOOPS="avx2"),
+                 FUSED_OPTIM_FLOAT_LOOPS="avx2-load-bound"),
     "near": dict(FUSED_OPTIM_PREFETCH="5", FUSED_OPTIM_GATHER_PREFETCH="on",
                  FUSED_OPTIM_ADAFACTOR_WAVE="1", FUSED_OPTIM_Q8_CODES="gather",
                  FUSED_OPTIM_FLOAT_LOOPS="avx2"),
@@ -287,7 +287,10 @@ def test_bitwise_identical_across_cpu_tunings(tmp_path):
         assert re.match(f"prefetch {distance}[ ,]", tuning), tuning  # the forced choice ran
         assert ("gather prefetch off" in tuning) == (env["FUSED_OPTIM_GATHER_PREFETCH"] == "off")
         assert ("8-bit codes by arithmetic" in tuning) == (env["FUSED_OPTIM_Q8_CODES"] == "arithmetic")
-        assert ("float loops in AVX2" in tuning) == (env["FUSED_OPTIM_FLOAT_LOOPS"] == "avx2")
+        loops = {"avx512": "", "avx2": ", float loops in AVX2",
+                 "avx2-load-bound": ", load-bound float loops in AVX2"}
+        assert ("float loops in AVX2" in tuning) == (env["FUSED_OPTIM_FLOAT_LOOPS"] != "avx512")
+        assert loops[env["FUSED_OPTIM_FLOAT_LOOPS"]] + " (" in tuning
     for name in list(TUNINGS)[1:]:
         for case, tensors in results["plain"].items():
             for a, b in zip(tensors, results[name][case]):
@@ -298,7 +301,7 @@ def test_bitwise_identical_across_cpu_tunings(tmp_path):
                                        ("FUSED_OPTIM_PREFETCH", "-3"),
                                        ("FUSED_OPTIM_GATHER_PREFETCH", "yes"),
                                        ("FUSED_OPTIM_Q8_CODES", "table"),
-                                       ("FUSED_OPTIM_FLOAT_LOOPS", "256")])
+                                       ("FUSED_OPTIM_FLOAT_LOOPS", "avx2-all")])
 def test_a_bad_tuning_variable_is_a_clear_error(var, value):
     out = subprocess.run([sys.executable, "-c", "import torch, fused_optim; "
                           "print(torch.ops.fused_optim._cpu_tuning())"],
@@ -315,7 +318,7 @@ def test_default_tuning_names_the_cpu_and_how_it_was_chosen():
     # e.g. "prefetch off (AMD Zen 4, table)", "prefetch 384 (Intel Xeon with AVX512-BF16,
     # table)", "prefetch off (GenuineIntel family 6 model 85 (not in the table), default)"
     assert re.fullmatch(r"prefetch (off|\d+)(, gather prefetch off)?(, 8-bit codes by arithmetic)?"
-                        r"(, float loops in AVX2)? \(.+, (table|default)\)", tuning), tuning
+                        r"(, (load-bound )?float loops in AVX2)? \(.+, (table|default)\)", tuning), tuning
     info = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     if "AuthenticAMD" in info and re.search(r"cpu family\s*: 25\n", info) and " avx512f" in info:
         assert tuning == "prefetch off (AMD Zen 4, table)"  # measured: Note [CPU tuning]
@@ -323,7 +326,8 @@ def test_default_tuning_names_the_cpu_and_how_it_was_chosen():
     if "AuthenticAMD" in info and re.search(r"cpu family\s*: 26\n", info) and model \
             and int(model.group(1)) <= 0x7F:
         # measured: Note [CPU tuning]
-        assert tuning == "prefetch off, 8-bit codes by arithmetic (AMD Zen 5, table)"
+        assert tuning == ("prefetch off, 8-bit codes by arithmetic, load-bound float loops in AVX2 "
+                          "(AMD Zen 5, table)")
 
 
 # Every bit pattern of a 16-bit dtype (NaNs of each sign and payload, infinities,

@@ -75,11 +75,11 @@ Isa cpu_isa() {
   return isa;
 }
 
-Isa float_loop_isa() {
-  static const Isa isa = cpu_isa() >= Isa::kAvx512 && cpu_tuning().float_loops_avx2
-                             ? Isa::kAvx2
-                             : cpu_isa();
-  return isa;
+Isa float_loop_isa(bool load_bound) {
+  using FloatLoops = CpuTuning::FloatLoops;
+  const FloatLoops loops = cpu_tuning().float_loops;
+  const bool avx2 = loops == FloatLoops::kAvx2 || (loops == FloatLoops::kAvx2LoadBound && load_bound);
+  return avx2 && cpu_isa() >= Isa::kAvx512 ? Isa::kAvx2 : cpu_isa();
 }
 
 namespace {
@@ -115,18 +115,18 @@ CpuId read_cpuid() {
 // Note [CPU tuning]'s table: what was measured where. Distances are in elements of float.
 CpuTuning tuning_from_table() {
   const CpuId id = read_cpuid();
-  CpuTuning t{0, true, false, false, "unknown CPU", "default"};
+  CpuTuning t{0, true, false, CpuTuning::FloatLoops::kAvx512, "unknown CPU", "default"};
 #if FO_X86_CLONES
   if (id.vendor == "GenuineIntel" && __builtin_cpu_supports("avx512bf16")) {
     // The project's 2-core Xeon (Cooper Lake or newer server cores): fp32 Adam 87% -> 95%
     // of the limit, W3 Adam ~12% faster at 2 threads (sessions 5-7); on family 6 model 167
     // (AVX512-FP16, AMX) W1/W2 Adam 1.0x -> 1.1x torch fused=True (session 13).
-    t = {384, true, false, false, "Intel Xeon with AVX512-BF16", "table"};
+    t = {384, true, false, CpuTuning::FloatLoops::kAvx512, "Intel Xeon with AVX512-BF16", "table"};
   } else if (id.vendor == "AuthenticAMD" && id.family == 0x19 &&
              ((id.model >= 0x10 && id.model <= 0x1F) || (id.model >= 0x60 && id.model <= 0xAF))) {
     // A 2-core AMD EPYC (Zen 4, family 19h model 11h): with the Xeon's prefetch, fp32 Adam
     // was 0.7-0.98x torch fused=True; without, 1.03-1.25x (session 9: Note [CPU tuning]).
-    t = {0, true, false, false, "AMD Zen 4", "table"};
+    t = {0, true, false, CpuTuning::FloatLoops::kAvx512, "AMD Zen 4", "table"};
   } else if (id.vendor == "AuthenticAMD" && id.family == 0x1A && id.model <= 0x7F) {
     // A 2-core AMD EPYC (Zen 5, family 1Ah model 02h), 2026-12-04: the Xeon's distance
     // (384) against none, alternating processes, twice each, torch fused=True in the same
@@ -134,11 +134,12 @@ CpuTuning tuning_from_table() {
     // 4.55-4.85x with it, 4.81-5.19x without (three more pairs of W3 runs). No gain: none.
     // 8-bit codes (2026-12-05, one thread): the table's 16-lane gather and compare took
     // 6.8 ns per 16 codes, the arithmetic 2.5 ns (Note [8-bit codes by arithmetic]).
-    // float32 loops (2026-12-05, Note [float loops in AVX2]): the AVX-512 copy. The AVX2
-    // copy streams SGD faster from one core (W1 22.2 against 25.5 ms), but made every
-    // other rule 2-7% slower on W3 at two threads (9-16% at one), and Adam slower on
-    // tensors of up to 64K elements.
-    t = {0, true, true, false, "AMD Zen 5", "table"};
+    // float32 loops (2026-12-05, Note [float loops in AVX2]): the AVX2 copy for SGD's
+    // (load-bound), the AVX-512 copy for the rest. The AVX2 copy streams SGD faster from
+    // one core (W1 22.2 against 25.5 ms, two threads 0.99x against 0.96x torch
+    // fused=True), but made every other rule 2-7% slower on W3 at two threads (9-16% at
+    // one), and Adam slower on tensors of up to 64K elements.
+    t = {0, true, true, CpuTuning::FloatLoops::kAvx2LoadBound, "AMD Zen 5", "table"};
   } else if (!id.vendor.empty()) {
     t.cpu = id.vendor + " family " + std::to_string(id.family) + " model " +
             std::to_string(id.model) + " (not in the table)";
@@ -169,8 +170,15 @@ const CpuTuning& cpu_tuning() {
       t.q8_arithmetic = *codes == "arithmetic";
       forced("FUSED_OPTIM_Q8_CODES");
     }
-    if (const auto loops = env_one_of("FUSED_OPTIM_FLOAT_LOOPS", "avx2", "avx512")) {
-      t.float_loops_avx2 = *loops == "avx2";
+    if (const auto loops = env_choice("FUSED_OPTIM_FLOAT_LOOPS")) {
+      using FloatLoops = CpuTuning::FloatLoops;
+      const std::string& v = *loops;
+      TORCH_CHECK(v == "avx512" || v == "avx2-load-bound" || v == "avx2",
+                  "FUSED_OPTIM_FLOAT_LOOPS must be auto, avx512, avx2-load-bound or avx2, not ",
+                  v);
+      t.float_loops = v == "avx512" ? FloatLoops::kAvx512
+                      : v == "avx2" ? FloatLoops::kAvx2
+                                    : FloatLoops::kAvx2LoadBound;
       forced("FUSED_OPTIM_FLOAT_LOOPS");
     }
     return t;

@@ -68,19 +68,22 @@ Isa cpu_isa();
 
 // Note [float loops in AVX2]
 // On a CPU with AVX-512, the loops of float32 and float64 params (the segment loops whose
-// elements are their own math type, and the bandwidth probe's stream of them) can run the
-// AVX2 copy instead: a per-CPU choice of the tuning table (Note [CPU tuning]), which no
-// row makes yet; FUSED_OPTIM_FLOAT_LOOPS=avx2|avx512 forces it, for experiments. Measured
-// on the Zen 5 (2026-12-05, docs/benchmarks.md, CPU tuning): one core there streams fewer
-// bytes a second through 512-bit loads (SGD with momentum on 2^26 floats, one thread,
-// 25.5 ms a step in the AVX-512 copy, 22.2 in the AVX2 one, torch's 256-bit fused=True
-// 23.0; the AVX-512 loop with each load made of two 256-bit halves was as fast as the
-// AVX2 copy), but the 512-bit vectors' fewer instructions won elsewhere: on 5,000 small
-// tensors every rule but SGD's was 2-7% faster in AVX-512 at two threads (9-16% at one),
-// and Adam on tensors of up to 64K elements. So the table keeps the AVX-512 copy there.
-// Same bits either way (Note [ISA dispatch]; the tests run each copy with
-// FUSED_OPTIM_FLOAT_LOOPS=avx512, and compare the two choices).
-Isa float_loop_isa();
+// elements are their own math type) can run the AVX2 copy instead, per the tuning table
+// (Note [CPU tuning]): for the rules whose loops wait on their loads (Rule::kLoadBound:
+// SGD's two fmas an element), or for all; FUSED_OPTIM_FLOAT_LOOPS=avx512|avx2-load-bound|
+// avx2 forces it, for experiments. The bandwidth probe's float stream counts as
+// load-bound. Measured on the Zen 5 (2026-12-05, docs/benchmarks.md, CPU tuning): one core
+// there streams fewer bytes a second through 512-bit loads (SGD with momentum on 2^26
+// floats, one thread, 25.5 ms a step in the AVX-512 copy, 22.2 in the AVX2 one, torch's
+// 256-bit fused=True 23.0; the AVX-512 loop with each load made of two 256-bit halves was
+// as fast as the AVX2 copy), but where a rule computes more, the 512-bit vectors' fewer
+// instructions win: on 5,000 small tensors every rule but SGD's was 2-7% faster in
+// AVX-512 at two threads (9-16% at one), and Adam on tensors of up to 64K elements. So
+// the Zen 5's row runs SGD's float loops in AVX2 and the rest in AVX-512. Same bits either
+// way (Note [ISA dispatch]; the tests run each copy with FUSED_OPTIM_FLOAT_LOOPS=avx512,
+// and compare the choices).
+// The ISA of a float32/float64 loop, of a load-bound rule or not.
+Isa float_loop_isa(bool load_bound);
 
 // The math type of the vector loop of T's params in kIsa's copy (Note [vector rules]), or
 // opmath (M) where the loop is scalar code, left to the compiler to vectorize: float and
@@ -1190,7 +1193,11 @@ template <typename T, bool kUnscale, typename Rule>
 SegmentFn pick_segment_fn() {
 #if FO_X86_CLONES
   // (Note [float loops in AVX2]: float32 and float64 params)
-  switch (std::is_same_v<T, at::opmath_type<T>> ? float_loop_isa() : cpu_isa()) {
+  constexpr bool kLoadBound = [] {
+    if constexpr (requires { Rule::kLoadBound; }) return Rule::kLoadBound;
+    return false;
+  }();
+  switch (std::is_same_v<T, at::opmath_type<T>> ? float_loop_isa(kLoadBound) : cpu_isa()) {
     case Isa::kAvx512Bf16:
       // Only bfloat16 loops differ from the AVX-512 ones: one copy fewer of the rest.
       if constexpr (std::is_same_v<T, c10::BFloat16>) return &segment_avx512bf16<T, kUnscale, Rule>;

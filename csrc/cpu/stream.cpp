@@ -53,8 +53,8 @@ template <typename T, int NI, int NR>
 void run_stream(const StreamArgs<T>& a, int64_t n) {
   auto fn = &stream_baseline<T, NI, NR>;
 #if FO_X86_CLONES
-  // (float32 and float64 as their params' loops: Note [float loops in AVX2])
-  const Isa isa = std::is_same_v<T, at::opmath_type<T>> ? float_loop_isa() : cpu_isa();
+  // (float32 and float64 as the loops of load-bound rules: Note [float loops in AVX2])
+  const Isa isa = std::is_same_v<T, at::opmath_type<T>> ? float_loop_isa(true) : cpu_isa();
   if (isa == Isa::kAvx2) fn = &stream_avx2<T, NI, NR>;
   if (isa >= Isa::kAvx512) fn = &stream_avx512<T, NI, NR>;
 #endif

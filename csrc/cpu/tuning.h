@@ -19,13 +19,16 @@ namespace fused_optim::cpu {
 // FUSED_OPTIM_GATHER_PREFETCH=auto|on|off does the same for the eager step's gather, and
 // FUSED_OPTIM_Q8_CODES=auto|gather|arithmetic for how the AVX-512 copies find 8-bit codes
 // (Note [8-bit codes by arithmetic] in multi_tensor.h), and
-// FUSED_OPTIM_FLOAT_LOOPS=auto|avx2|avx512 for the copy that float32 and float64 params'
-// loops run on a CPU with AVX-512 (Note [float loops in AVX2] in multi_tensor.h).
+// FUSED_OPTIM_FLOAT_LOOPS=auto|avx512|avx2-load-bound|avx2 for the copy that float32 and
+// float64 params' loops run on a CPU with AVX-512 (Note [float loops in AVX2] in
+// multi_tensor.h).
 struct CpuTuning {
   int64_t prefetch_ahead;  // elements ahead of the current chunk; 0: no software prefetch
   bool gather_prefetch;    // python_step.cpp's Note [prefetch] for Python objects
   bool q8_arithmetic;      // 8-bit codes by arithmetic, else by the table's gather
-  bool float_loops_avx2;   // float32/float64 loops: the AVX2 copy, even with AVX-512
+  // float32/float64 loops in the AVX2 copy on a CPU with AVX-512 (Note [float loops in
+  // AVX2] in multi_tensor.h): none, the load-bound rules' (Rule::kLoadBound), or all
+  enum class FloatLoops { kAvx512, kAvx2LoadBound, kAvx2 } float_loops;
   std::string cpu;         // the CPU as the table knows it
   std::string source;      // "table", "default", or the FUSED_OPTIM_* variable(s) that forced it
 };
