@@ -137,8 +137,8 @@ CpuTuning tuning_from_table() {
     // float32 loops (2026-12-05, Note [float loops in AVX2]): the AVX2 copy for SGD's
     // (load-bound), the AVX-512 copy for the rest. The AVX2 copy streams SGD faster from
     // one core (W1 22.2 against 25.5 ms, two threads 0.99x against 0.96x torch
-    // fused=True), but made every other rule 2-7% slower on W3 at two threads (9-16% at
-    // one), and Adam slower on tensors of up to 64K elements.
+    // fused=True), but made the other rules measured up to 7% slower on W3 at two threads
+    // (9-28% at one), and Adam slower on tensors of up to 64K elements.
     t = {0, true, true, CpuTuning::FloatLoops::kAvx2LoadBound, "AMD Zen 5", "table"};
   } else if (!id.vendor.empty()) {
     t.cpu = id.vendor + " family " + std::to_string(id.family) + " model " +
