@@ -33,10 +33,15 @@ std::optional<int64_t> env_count(const char* name, int64_t max, const char* what
   return static_cast<int64_t>(n);
 }
 
-std::optional<std::string> env_one_of(const char* name, const char* a, const char* b) {
+std::optional<std::string> env_one_of(const char* name,
+                                      std::initializer_list<const char*> values) {
   auto env = env_choice(name);
-  if (env) {
-    TORCH_CHECK(*env == a || *env == b, name, " must be auto, ", a, " or ", b, ", not ", *env);
+  if (env && std::none_of(values.begin(), values.end(),
+                          [&](const char* v) { return *env == v; })) {
+    std::string listed = "auto";
+    size_t i = 0;
+    for (const char* v : values) listed += (++i == values.size() ? " or " : ", ") + std::string(v);
+    TORCH_CHECK(false, name, " must be ", listed, ", not ", *env);
   }
   return env;
 }
@@ -162,20 +167,18 @@ const CpuTuning& cpu_tuning() {
       t.source = t.source == "table" || t.source == "default" ? std::string(name)
                                                                : t.source + ", " + name;
     };
-    if (const auto gather = env_one_of("FUSED_OPTIM_GATHER_PREFETCH", "on", "off")) {
+    if (const auto gather = env_one_of("FUSED_OPTIM_GATHER_PREFETCH", {"on", "off"})) {
       t.gather_prefetch = *gather == "on";
       forced("FUSED_OPTIM_GATHER_PREFETCH");
     }
-    if (const auto codes = env_one_of("FUSED_OPTIM_Q8_CODES", "gather", "arithmetic")) {
+    if (const auto codes = env_one_of("FUSED_OPTIM_Q8_CODES", {"gather", "arithmetic"})) {
       t.q8_arithmetic = *codes == "arithmetic";
       forced("FUSED_OPTIM_Q8_CODES");
     }
-    if (const auto loops = env_choice("FUSED_OPTIM_FLOAT_LOOPS")) {
+    if (const auto loops = env_one_of("FUSED_OPTIM_FLOAT_LOOPS",
+                                      {"avx512", "avx2-load-bound", "avx2"})) {
       using FloatLoops = CpuTuning::FloatLoops;
       const std::string& v = *loops;
-      TORCH_CHECK(v == "avx512" || v == "avx2-load-bound" || v == "avx2",
-                  "FUSED_OPTIM_FLOAT_LOOPS must be auto, avx512, avx2-load-bound or avx2, not ",
-                  v);
       t.float_loops = v == "avx512" ? FloatLoops::kAvx512
                       : v == "avx2" ? FloatLoops::kAvx2
                                     : FloatLoops::kAvx2LoadBound;

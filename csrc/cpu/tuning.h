@@ -3,6 +3,7 @@
 // outside the CPU loops (python_step.cpp) can ask too.
 
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <string>
 
@@ -43,9 +44,9 @@ std::optional<std::string> env_choice(const char* name);
 // <what>, not <value>".
 std::optional<int64_t> env_count(const char* name, int64_t max, const char* what);
 
-// One of two values that an environment variable chooses between: nullopt as env_choice,
-// else the value, which must be `a` or `b` (anything else raises "<name> must be auto, <a>
-// or <b>, not <value>").
-std::optional<std::string> env_one_of(const char* name, const char* a, const char* b);
+// One of the values that an environment variable chooses between: nullopt as env_choice,
+// else the value, which must be one of `values` (anything else raises "<name> must be auto,
+// <a>, <b> or <c>, not <value>").
+std::optional<std::string> env_one_of(const char* name, std::initializer_list<const char*> values);
 
 }  // namespace fused_optim::cpu
