@@ -163,6 +163,11 @@ for _op in OPTIMIZER_OPS + ("_muon_aten_", "_stream_", "_mul_"):
     torch.library.register_fake(f"fused_optim::{_op}")(_nothing_to_compute)
 
 
+@torch.library.register_fake("fused_optim::_adjacent_copies")
+def _adjacent_copies_fake(tensors: List[Tensor]) -> List[Tensor]:
+    return [torch.empty_like(t) for t in tensors]
+
+
 @torch.library.register_fake("fused_optim::_norms")
 def _norms_fake(tensors: List[Tensor], ord: float, inv_scale: float = 1.0) -> Tensor:
     return tensors[0].new_empty((len(tensors),))

@@ -51,6 +51,8 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
                           kahan_summation=kahan_summation,
                           stochastic_rounding=stochastic_rounding,
                           state_dtype=state_dtype)
+        # (torch's __init__ made the sums, one at a time: Note [small states side by side])
+        self._side_by_side([p for group in self.param_groups for p in group["params"]])
 
     def _torch_grads_reason(self) -> Optional[str]:
         reason = super()._torch_grads_reason()

@@ -1,0 +1,205 @@
+"""Note [small states side by side] (fused_optim/optimizer.py): the state tensors of small
+CPU params are copied into one allocation per key, each with a storage of its own, and
+nothing a user can see changes but the addresses."""
+import io
+import random
+
+import pytest
+import torch
+
+import fused_optim
+import parity_utils as pu
+from fused_optim.optimizer import _SIDE_BY_SIDE_MAX
+
+# The options that make the most state entries shaped like the param.
+OPTIONS = {
+    "SGD": dict(lr=0.1, momentum=0.9),
+    "Adam": dict(lr=0.01, amsgrad=True),
+    "AdamW": dict(lr=0.01, weight_decay=0.1),
+    "RMSprop": dict(lr=0.01, momentum=0.9, centered=True),
+    "Adagrad": dict(lr=0.1, initial_accumulator_value=0.1),
+    "Adamax": dict(lr=0.01),
+    "Adadelta": dict(lr=0.5),
+    "NAdam": dict(lr=0.01),
+    "RAdam": dict(lr=0.01),
+    "Rprop": dict(lr=0.01),
+    "ASGD": dict(lr=0.01, t0=1),
+}
+
+
+def small_params(count=40, dtype=torch.float32, seed=0):
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    ps = [torch.nn.Parameter(torch.randn(rng.randint(1, 3000), generator=gen).to(dtype))
+          for _ in range(count)]
+    ps.append(torch.nn.Parameter(torch.randn(7, 5, generator=gen).to(dtype)))  # 2-D
+    return ps
+
+
+def set_grads(ps, step):
+    gen = torch.Generator().manual_seed(1000 + step)
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+
+
+def side_by_side_keys(opt, ps):
+    """The state keys whose tensors lie one after the other, in the params' order, each
+    starting on a 64-byte line at most 72 bytes after the one before (Note [copies side
+    by side] in csrc/cpu/adjacent.cpp), each with its own storage."""
+    keys = []
+    for key, v in opt.state[ps[0]].items():
+        if not isinstance(v, torch.Tensor) or v.shape != ps[0].shape:
+            continue
+        ts = [opt.state[p][key] for p in ps]
+        for t in ts:
+            # (a storage of its own: torch.save writes the tensor's bytes, not a region's)
+            assert t.untyped_storage().nbytes() == t.nbytes, key
+            assert t.untyped_storage().data_ptr() == t.data_ptr(), key
+            assert t.is_contiguous(), key
+        ends = [(t.data_ptr() + t.nbytes + 8 + 63) // 64 * 64 for t in ts]
+        if all(ts[i + 1].data_ptr() == ends[i] for i in range(len(ts) - 1)):
+            keys.append(key)
+    return keys
+
+
+def without_side_by_side(cls):
+    """An optimizer class whose states stay where torch's code makes them."""
+    return type(cls.__name__, (cls,), {"_side_by_side": lambda self, params: None})
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_new_state_lies_side_by_side_and_changes_no_bit(name):
+    cls = pu.ALGOS[name][1]
+    ps, qs = small_params(), small_params()
+    ours = cls(ps, **OPTIONS[name])
+    plain = without_side_by_side(cls)(qs, **OPTIONS[name])
+    for step in range(4):
+        set_grads(ps, step)
+        set_grads(qs, step)
+        ours.step()
+        plain.step()
+    # Every state entry shaped like the param, and no other, was moved.
+    shaped = sorted(k for k, v in plain.state[qs[0]].items() if v.shape == qs[0].shape)
+    assert shaped and sorted(side_by_side_keys(ours, ps)) == shaped
+    assert side_by_side_keys(plain, qs) == []
+    # The same bits in every param and state element, the same keys, dtypes and strides.
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)
+        assert ours.state[p].keys() == plain.state[q].keys()
+        for k, v in plain.state[q].items():
+            w = ours.state[p][k]
+            assert (w.dtype, w.shape, w.stride()) == (v.dtype, v.shape, v.stride()), k
+            assert torch.equal(w, v), k
+
+
+def test_parity_with_torch_for_loop_side_by_side():
+    """The moved states train as torch's for-loop does (IEEE sqrt), bit for bit."""
+    ps = small_params()
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    ours = fused_optim.Adam(ps, lr=0.01)
+    ref = torch.optim.Adam(qs, lr=0.01, foreach=False)
+    with pu.correctly_rounded_sqrt():  # torch's for-loop made exact (see parity_utils)
+        for step in range(5):
+            set_grads(ps, step)
+            set_grads(qs, step)
+            ours.step()
+            ref.step()
+    assert side_by_side_keys(ours, ps) == ["exp_avg", "exp_avg_sq"]
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(ours.state[p][k], ref.state[q][k]), k
+
+
+def test_storage_modes_and_state_dtype_buffers_side_by_side():
+    """Master weights (float32, shaped like the bfloat16 param) and bfloat16 moments move
+    too, and the training is the same bits as with them where they were made."""
+    for kw in (dict(master_weights=True), dict(kahan_summation=True),
+               dict(state_dtype=torch.bfloat16)):
+        ps, qs = small_params(dtype=torch.bfloat16), small_params(dtype=torch.bfloat16)
+        ours = fused_optim.AdamW(ps, lr=0.01, **kw)
+        plain = without_side_by_side(fused_optim.AdamW)(qs, lr=0.01, **kw)
+        for step in range(3):
+            set_grads(ps, step)
+            set_grads(qs, step)
+            ours.step()
+            plain.step()
+        shaped = sorted(k for k, v in plain.state[qs[0]].items() if v.shape == qs[0].shape)
+        assert len(shaped) >= 2 and sorted(side_by_side_keys(ours, ps)) == shaped, kw
+        for p, q in zip(ps, qs):
+            assert torch.equal(p, q), kw
+            for k, v in plain.state[q].items():
+                assert torch.equal(ours.state[p][k], v), (kw, k)
+
+
+def test_what_stays_where_it_was_made():
+    """A param over the size limit, a non-contiguous one (its state has its strides) and
+    a group of one keep the state torch's code makes."""
+    big = torch.nn.Parameter(torch.randn(_SIDE_BY_SIDE_MAX + 1))
+    transposed = torch.nn.Parameter(torch.randn(30, 20).t())
+    ps = small_params(10)
+    opt = fused_optim.Adam(ps[:5] + [big, transposed] + ps[5:], lr=0.01)
+    set_grads(ps + [big, transposed], 0)
+    opt.step()
+    assert side_by_side_keys(opt, ps) == ["exp_avg", "exp_avg_sq"]
+    region = [opt.state[p]["exp_avg"] for p in ps]
+    lo, hi = region[0].data_ptr(), region[-1].data_ptr() + region[-1].nbytes
+    for p in (big, transposed):
+        t = opt.state[p]["exp_avg"]
+        assert t.stride() == p.stride()
+        assert not lo <= t.data_ptr() < hi
+    one = torch.nn.Parameter(torch.randn(100))
+    single = fused_optim.Adam([one], lr=0.01)
+    one.grad = torch.randn(100)
+    single.step()
+    assert single.state[one]["exp_avg"].untyped_storage().nbytes() == 400
+
+
+def test_saving_one_state_tensor_saves_its_bytes_only():
+    ps = small_params()
+    opt = fused_optim.Adam(ps, lr=0.01)
+    set_grads(ps, 0)
+    opt.step()
+    t = opt.state[ps[3]]["exp_avg"]
+    buf = io.BytesIO()
+    torch.save(t, buf)
+    assert buf.tell() < t.nbytes + 2048  # (the zip container's own bytes, under 2 KB)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf), t)
+
+
+def test_after_load_state_dict_states_side_by_side_and_training_continues():
+    """A checkpoint of torch.optim (its states one by one, as torch.load makes them) is
+    laid side by side when loaded, and continues bit for bit as torch's own optimizer."""
+    ps = small_params()
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    ref = torch.optim.RMSprop(qs, lr=0.01, momentum=0.9, centered=True, foreach=False)
+    with pu.correctly_rounded_sqrt():
+        set_grads(qs, 0)
+        ref.step()
+        with torch.no_grad():
+            for p, q in zip(ps, qs):
+                p.copy_(q)
+        buf = io.BytesIO()
+        torch.save(ref.state_dict(), buf)
+        buf.seek(0)
+        ours = fused_optim.RMSprop(ps, lr=0.01, momentum=0.9, centered=True)
+        ours.load_state_dict(torch.load(buf))
+        assert sorted(side_by_side_keys(ours, ps)) == ["grad_avg", "momentum_buffer", "square_avg"]
+        for step in range(1, 4):
+            set_grads(ps, step)
+            set_grads(qs, step)
+            ours.step()
+            ref.step()
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)
+        for k, v in ref.state[q].items():
+            assert torch.equal(ours.state[p][k], v), k
+
+
+def test_adagrad_sums_made_at_construction_side_by_side():
+    ps = small_params()
+    opt = fused_optim.Adagrad(ps, lr=0.1, initial_accumulator_value=0.25)
+    assert side_by_side_keys(opt, ps) == ["sum"]
+    for p in ps:
+        assert torch.equal(opt.state[p]["sum"], torch.full_like(p, 0.25))
