@@ -121,9 +121,10 @@ TORCH_LIBRARY(fused_optim, m) {
   // Benchmark helper: streams memory with a given read/write pattern, to measure the
   // bandwidth limit an optimizer step can reach (see benchmarks/).
   m.def("_stream_(Tensor(a!)[] inout, Tensor[] read_only, float scale) -> ()");
-  // Copies of CPU tensors side by side in one allocation, each with a storage of its own
-  // (csrc/cpu/adjacent.cpp; Note [small states side by side] in fused_optim/optimizer.py).
-  m.def("_adjacent_copies(Tensor[] tensors) -> Tensor[]");
+  // Tensors like the given CPU tensors (their copies, or zeros) side by side in one
+  // allocation, each with a storage of its own (csrc/cpu/adjacent.cpp; Note [small states
+  // side by side] in fused_optim/optimizer.py).
+  m.def("_side_by_side(Tensor[] like, bool copy) -> Tensor[]");
   // How many threads one of our parallel regions really uses over n elements (a build
   // check: at::parallel_for silently runs serially in code compiled without OpenMP).
   m.def("_parallel_workers(int n) -> int", [](int64_t n) {

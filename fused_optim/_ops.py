@@ -163,9 +163,9 @@ for _op in OPTIMIZER_OPS + ("_muon_aten_", "_stream_", "_mul_"):
     torch.library.register_fake(f"fused_optim::{_op}")(_nothing_to_compute)
 
 
-@torch.library.register_fake("fused_optim::_adjacent_copies")
-def _adjacent_copies_fake(tensors: List[Tensor]) -> List[Tensor]:
-    return [torch.empty_like(t) for t in tensors]
+@torch.library.register_fake("fused_optim::_side_by_side")
+def _side_by_side_fake(like: List[Tensor], copy: bool) -> List[Tensor]:
+    return [torch.empty_like(t) for t in like]
 
 
 @torch.library.register_fake("fused_optim::_norms")

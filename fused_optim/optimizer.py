@@ -12,6 +12,7 @@ All state lives in ``self.state`` as plain tensors with torch's keys, dtypes and
 both directions, and schedulers, GradScaler and torch.distributed see what they expect.
 """
 import inspect
+import threading
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -46,18 +47,20 @@ _ABSMAX = "_absmax"  # an 8-bit moment's block scales: state[key + _ABSMAX]
 # gap of a few lines only: on an AMD EPYC (Zen 5), one thread summing 5,000 tensors of
 # 64..4,096 floats took 0.9 ms where they lay end to end, the same with gaps of up to 6
 # lines, and 1.7-2.9 ms with gaps of 8 lines or more (each tensor started its stream
-# over, with cache misses). So after a step that made new state, and after
-# load_state_dict, the state tensors of small CPU params that are shaped like their param
-# (the moments, momentum buffers, master weights and the like) are copied side by side
-# into one allocation per state key, in the group's order (fused_optim::_adjacent_copies).
-# Each copy keeps a storage of its own, its dtype, shape and strides and its values:
-# state_dict, torch.save, checkpoints and torch.optim see what they would see, and every
-# update gives the same bits. W3 (5,000 tensors, 2 threads, same process): SGD 5-8%,
-# Adam 11-15%, AdamW 12-20% faster. Only for plain CPU tensors (not DTensors or other
-# subclasses; a GPU has no such prefetchers) of at most _SIDE_BY_SIDE_MAX elements (a
-# longer tensor's stream is long enough that its start costs under 1%), and not under
-# torch.compile. The allocation is freed with the last of its tensors: a state entry that
-# a user deletes keeps its bytes until its neighbours go too.
+# over, with cache misses). So the state tensors of small CPU params that are shaped like
+# their param (the moments, momentum buffers, master weights and the like) lie side by
+# side, one allocation per state key, in the group's order (fused_optim::_side_by_side):
+# a step that makes state makes the zero ones there (_StateArena, through zeros_states
+# and SGD's buffers), and copies the others there after the update (Rprop's step sizes,
+# the storage modes' buffers, state_dtype's moments); load_state_dict and Adagrad's
+# constructor copy theirs. Each tensor keeps a storage of its own, its dtype, shape,
+# strides and values: state_dict, torch.save, checkpoints and torch.optim see what they
+# would see, and every update gives the same bits. W3 (5,000 tensors, 2 threads, same
+# process): SGD 2-6%, Adam 5-8%, AdamW 5-9% faster. Only for plain contiguous CPU
+# tensors (not DTensors or other subclasses; a GPU has no such prefetchers) of at most
+# _SIDE_BY_SIDE_MAX elements (a longer tensor's stream is long enough that its start
+# costs little), and not under torch.compile. The allocation is freed with the last of its
+# tensors: a state entry that a user deletes keeps its bytes until its neighbours go too.
 _SIDE_BY_SIDE_MAX = 1 << 16
 _MASK64 = (1 << 64) - 1
 
@@ -665,33 +668,39 @@ class FusedOptimizer(torch.optim.Optimizer):
                         grads.append(g)
                 if params:
                     fresh = [p for p in params if not state.get(p)]
-                    self._update_group(group, params, grads, group_keys, group_args)
+                    with self._state_arena(fresh if state_dtype is None else []) as arena:
+                        self._update_group(group, params, grads, group_keys, group_args)
                     bump_versions(params)
                     if fresh:
-                        self._side_by_side(fresh)
+                        self._side_by_side(fresh, skip=arena.served())
         return loss
 
-    def _side_by_side(self, params: List[Tensor]) -> None:
+    def _state_arena(self, params: List[Tensor]) -> "_StateArena":
+        """Note [small states side by side]: where the zero states of `params` are made
+        while a step makes them."""
+        return _StateArena(params)
+
+    def _side_by_side(self, params: List[Tensor], skip: Tuple[str, ...] = ()) -> None:
         """Note [small states side by side]: the state tensors of `params` that qualify,
-        copied into one allocation per key, in the order of `params`."""
+        but for the keys in `skip` (made side by side already), copied into one allocation
+        per key, in the order of `params`."""
         if torch.compiler.is_compiling():
             return
         state = self.state
         by_key: Dict[str, List[Tuple[Dict[str, Any], Tensor]]] = {}
         for p in params:
-            if ((type(p) is not Tensor and type(p) is not torch.nn.Parameter)
-                    or p.device.type != "cpu" or p.numel() > _SIDE_BY_SIDE_MAX):
+            if not _side_by_side_eligible(p):
                 continue
             s = state.get(p)
             for key, v in (s.items() if s else ()):
-                if (type(v) is Tensor and v.device.type == "cpu" and v.dim() > 0
-                        and v.shape == p.shape and v.layout == torch.strided
-                        and v.is_contiguous() and not v.requires_grad):
+                if (key not in skip and _side_by_side_eligible(v) and v.shape == p.shape
+                        and not v.requires_grad):
                     by_key.setdefault(key, []).append((s, v))
-        picks = [(s, key, v) for key, entries in by_key.items() for s, v in entries]
-        if len(picks) < 2:
+        picks = [(s, key, v) for key, entries in by_key.items() if len(entries) > 1
+                 for s, v in entries]
+        if not picks:
             return
-        copies = torch.ops.fused_optim._adjacent_copies([v for _, _, v in picks])
+        copies = torch.ops.fused_optim._side_by_side([v for _, _, v in picks], True)
         for (s, key, _), copy in zip(picks, copies):
             s[key] = copy
 
@@ -799,11 +808,60 @@ def betas_args(group: Dict[str, Any]) -> Dict[str, float]:
     return {"beta1": hyper_float(beta1), "beta2": hyper_float(beta2)}
 
 
+def _side_by_side_eligible(t: Tensor) -> bool:
+    """Whether a param, or a state tensor, is one Note [small states side by side] lays
+    side by side: a plain contiguous CPU tensor of 1 to _SIDE_BY_SIDE_MAX elements."""
+    return ((type(t) is Tensor or type(t) is torch.nn.Parameter) and t.device.type == "cpu"
+            and t.layout == torch.strided and t.dim() > 0 and 0 < t.numel() <= _SIDE_BY_SIDE_MAX
+            and t.is_contiguous())
+
+
+class _StateArena:
+    """Note [small states side by side]: while a step makes new params' state (the
+    context), the zero state tensors of the params that qualify, made side by side, one
+    allocation per key the first time a key is asked for."""
+
+    _current = threading.local()
+
+    def __init__(self, params: List[Tensor]):
+        self._params = ([p for p in params if _side_by_side_eligible(p)]
+                        if not torch.compiler.is_compiling() else [])
+        self._ids = {id(p) for p in self._params} if len(self._params) > 1 else set()
+        self._made: Dict[str, Dict[int, Tensor]] = {}
+
+    def __enter__(self) -> "_StateArena":
+        self._outer = getattr(_StateArena._current, "arena", None)
+        _StateArena._current.arena = self if self._ids else None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _StateArena._current.arena = self._outer
+
+    @staticmethod
+    def zeros_like(p: Tensor, key: str) -> Optional[Tensor]:
+        """p's zero `key` tensor from the arena in force, or None (none, or p not in it)."""
+        arena = getattr(_StateArena._current, "arena", None)
+        if arena is None or id(p) not in arena._ids:
+            return None
+        made = arena._made.get(key)
+        if made is None:
+            zeros = torch.ops.fused_optim._side_by_side(arena._params, False)
+            made = arena._made[key] = {id(q): t for q, t in zip(arena._params, zeros)}
+        return made.pop(id(p), None)
+
+    def served(self) -> Tuple[str, ...]:
+        """The keys whose every tensor went to a param."""
+        return tuple(key for key, left in self._made.items() if not left)
+
+
 def zeros_states(state: Dict[str, Any], p: Tensor, *keys: str) -> None:
     """state[key] = zeros like p (its dtype, device and strides) for each key, as torch's
-    _init_group makes the moments."""
+    _init_group makes the moments; side by side with the other new params' where a step
+    makes them (Note [small states side by side])."""
     for key in keys:
-        state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        t = _StateArena.zeros_like(p, key)
+        state[key] = t if t is not None else torch.zeros_like(
+            p, memory_format=torch.preserve_format)
 
 
 def scalar_state(value: float, p: Tensor, capturable: bool) -> Tensor:

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from . import _ops, quantization
-from .optimizer import FusedOptimizer, hyper_float, lr_args
+from .optimizer import FusedOptimizer, _StateArena, hyper_float, lr_args
 
 __all__ = ["SGD"]
 
@@ -162,5 +162,10 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             blocks = (p.numel() + quantization.BLOCK - 1) // quantization.BLOCK
             return (torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.contiguous_format),
                     torch.zeros(blocks, dtype=torch.float32, device=p.device))
-        buf = torch.zeros_like(g, dtype=dtype, memory_format=torch.preserve_format)
+        # (side by side with the other new buffers where the grad is laid out as its param,
+        # as the buffer must be: Note [small states side by side])
+        buf = _StateArena.zeros_like(p, "momentum_buffer") if (
+            dtype is None and g.is_contiguous() and g.shape == p.shape) else None
+        if buf is None:
+            buf = torch.zeros_like(g, dtype=dtype, memory_format=torch.preserve_format)
         return buf, (torch.zeros(0, device=p.device) if self._state_dtype is torch.uint8 else None)

@@ -130,18 +130,23 @@ def test_opcheck_stream():
     torch.library.opcheck(torch.ops.fused_optim._stream_.default, (a[:3], a[3:], 0.5))
 
 
-def test_opcheck_adjacent_copies():
+def test_opcheck_side_by_side():
     """Note [small states side by side]: schema, fake kernel and dispatch agree; the
-    copies equal their sources, one dtype or several, each with its own storage."""
+    copies equal their sources and the zeros are zeros, one dtype or several, each with its
+    own storage."""
     ts = [torch.randn(3), torch.randn(40, 5), torch.randn(17).bfloat16(), torch.arange(9)]
-    torch.library.opcheck(torch.ops.fused_optim._adjacent_copies.default, (ts,))
-    copies = torch.ops.fused_optim._adjacent_copies(ts)
-    for t, c in zip(ts, copies):
-        assert (c.dtype, c.shape, c.stride()) == (t.dtype, t.shape, t.stride())
+    for copy in (True, False):
+        torch.library.opcheck(torch.ops.fused_optim._side_by_side.default, (ts, copy))
+    zeros = torch.ops.fused_optim._side_by_side(ts, False)
+    copies = torch.ops.fused_optim._side_by_side(ts, True)
+    for t, c, z in zip(ts, copies, zeros):
+        for u in (c, z):
+            assert (u.dtype, u.shape, u.stride()) == (t.dtype, t.shape, t.stride())
+            assert u.untyped_storage().nbytes() == u.nbytes and u.data_ptr() % 64 == 0
         assert torch.equal(c, t) and c.data_ptr() != t.data_ptr()
-        assert c.untyped_storage().nbytes() == c.nbytes and c.data_ptr() % 64 == 0
+        assert torch.equal(z, torch.zeros_like(t))
     with pytest.raises(RuntimeError, match=r"tensors\[1\] is not a contiguous strided CPU tensor"):
-        torch.ops.fused_optim._adjacent_copies([torch.randn(3), torch.randn(4, 3).t()])
+        torch.ops.fused_optim._side_by_side([torch.randn(3), torch.randn(4, 3).t()], True)
     # Each storage as a torch CPU tensor's: resizable, and copy-on-write clones work.
     lazy = torch._lazy_clone(copies[1])
     copies[1].add_(1)
@@ -150,7 +155,7 @@ def test_opcheck_adjacent_copies():
     assert torch.equal(copies[0][:3], ts[0])
 
 
-def test_adjacent_copies_free_their_allocation_with_the_last_copy():
+def test_side_by_side_tensors_free_their_allocation_with_the_last():
     """Note [copies side by side]: the allocation lives while any copy does. Seen in the
     resident set: 256 MB of copies (an allocation the C library maps, and unmaps when it is
     freed)."""
@@ -162,7 +167,7 @@ def test_adjacent_copies_free_their_allocation_with_the_last_copy():
 
     src = [torch.ones(2**25), torch.ones(2**25)]
     before = resident_mib()
-    copies = torch.ops.fused_optim._adjacent_copies(src)
+    copies = torch.ops.fused_optim._side_by_side(src, True)
     assert resident_mib() - before > 200
     first = copies.pop(0)
     del copies

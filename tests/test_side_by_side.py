@@ -64,7 +64,9 @@ def side_by_side_keys(opt, ps):
 
 def without_side_by_side(cls):
     """An optimizer class whose states stay where torch's code makes them."""
-    return type(cls.__name__, (cls,), {"_side_by_side": lambda self, params: None})
+    from fused_optim.optimizer import _StateArena
+    return type(cls.__name__, (cls,), {"_side_by_side": lambda self, params, skip=(): None,
+                                       "_state_arena": lambda self, params: _StateArena([])})
 
 
 @pytest.mark.parametrize("name", list(OPTIONS))
@@ -130,6 +132,28 @@ def test_storage_modes_and_state_dtype_buffers_side_by_side():
             assert torch.equal(p, q), kw
             for k, v in plain.state[q].items():
                 assert torch.equal(ours.state[p][k], v), (kw, k)
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD", "RMSprop"])
+def test_zero_states_are_made_side_by_side_not_copied(name, monkeypatch):
+    """The zero states of a step's new params are made side by side (one allocation per
+    key, no copy, so no second set of them even for a moment): the copy after the update
+    has nothing left to do."""
+    calls = []
+    real = torch.ops.fused_optim._side_by_side
+
+    class Spy:
+        def __call__(self, like, copy):
+            calls.append((len(like), copy))
+            return real(like, copy)
+
+    monkeypatch.setattr(torch.ops.fused_optim, "_side_by_side", Spy())
+    ps = small_params()
+    opt = pu.ALGOS[name][1](ps, **OPTIONS[name])
+    set_grads(ps, 0)
+    opt.step()
+    keys = side_by_side_keys(opt, ps)
+    assert keys and calls == [(len(ps), False)] * len(keys)
 
 
 def test_what_stays_where_it_was_made():

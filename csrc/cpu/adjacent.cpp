@@ -1,6 +1,7 @@
-// fused_optim::_adjacent_copies: copies of CPU tensors laid out one after the other in a
-// single allocation, each with a storage of its own (Note [small states side by side] in
-// fused_optim/optimizer.py says why and when the optimizers ask for it).
+// fused_optim::_side_by_side: tensors like the given CPU tensors (their copies, or zeros)
+// laid out one after the other in a single allocation, each with a storage of its own
+// (Note [small states side by side] in fused_optim/optimizer.py says why and when the
+// optimizers ask for it).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/CPUAllocator.h>
@@ -36,8 +37,8 @@ void release_copy(void* data) {
   if (region->copies.fetch_sub(1, std::memory_order_acq_rel) == 1) delete region;
 }
 
-std::vector<at::Tensor> adjacent_copies(const std::vector<at::Tensor>& tensors) {
-  const char* op = "fused_optim::_adjacent_copies";
+std::vector<at::Tensor> side_by_side(const std::vector<at::Tensor>& tensors, bool copy) {
+  const char* op = "fused_optim::_side_by_side";
   std::vector<int64_t> offsets;
   offsets.reserve(tensors.size());
   int64_t end = 0;
@@ -67,7 +68,13 @@ std::vector<at::Tensor> adjacent_copies(const std::vector<at::Tensor>& tensors) 
   at::parallel_for(0, static_cast<int64_t>(tensors.size()), 64, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const at::Tensor& t = tensors[static_cast<size_t>(i)];
-      if (t.nbytes() > 0) std::memcpy(base + offsets[static_cast<size_t>(i)], t.data_ptr(), t.nbytes());
+      char* data = base + offsets[static_cast<size_t>(i)];
+      if (t.nbytes() == 0) continue;
+      if (copy) {
+        std::memcpy(data, t.data_ptr(), t.nbytes());
+      } else {
+        std::memset(data, 0, t.nbytes());  // (zero bits: 0 in every dtype)
+      }
     }
   });
   return out;
@@ -75,6 +82,6 @@ std::vector<at::Tensor> adjacent_copies(const std::vector<at::Tensor>& tensors) 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fused_optim, CPU, m) { m.impl("_adjacent_copies", &adjacent_copies); }
+TORCH_LIBRARY_IMPL(fused_optim, CPU, m) { m.impl("_side_by_side", &side_by_side); }
 
 }  // namespace fused_optim::cpu
