@@ -220,8 +220,8 @@ class StepInBackward:
                     raise RuntimeError(
                         f"fused_optim.step_in_backward: these grads ({reason}) make fused_optim "
                         "run torch.optim's own step, which step in backward cannot do")
-                opt._update_group(group, group_params, [p.grad for p in group_params], keys,
-                                  args)
+                opt._update_placing_state(group, group_params,
+                                          [p.grad for p in group_params], keys, args)
                 bump_versions(group_params)  # Note [version counters]
         for p in params:
             p.grad = None

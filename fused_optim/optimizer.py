@@ -46,20 +46,20 @@ _ABSMAX = "_absmax"  # an 8-bit moment's block scales: state[key + _ABSMAX]
 # lines, between tensors of a few KB). The hardware prefetchers follow a stream across a
 # gap of a few lines only: on an AMD EPYC (Zen 5), one thread summing 5,000 tensors of
 # 64..4,096 floats took 0.9 ms where they lay end to end, the same with gaps of up to 6
-# lines, and 1.7-2.9 ms with gaps of 8 lines or more (each tensor started its stream
-# over, with cache misses). So the state tensors of small CPU params that are shaped like
-# their param (the moments, momentum buffers, master weights and the like) lie side by
-# side, one allocation per state key, in the group's order (fused_optim::_side_by_side):
-# a step that makes state makes the zero ones there (_StateArena, through zeros_states
-# and SGD's buffers), and copies the others there after the update (Rprop's step sizes,
-# the storage modes' buffers, state_dtype's moments); load_state_dict and Adagrad's
-# constructor copy theirs. Each tensor keeps a storage of its own, its dtype, shape,
-# strides and values: state_dict, torch.save, checkpoints and torch.optim see what they
-# would see, and every update gives the same bits. W3 (5,000 tensors, 2 threads, same
-# process): SGD 2-6%, Adam 5-8%, AdamW 5-9% faster. Only for plain contiguous CPU
-# tensors (not DTensors or other subclasses; a GPU has no such prefetchers) of at most
-# _SIDE_BY_SIDE_MAX elements (a longer tensor's stream is long enough that its start
-# costs little), and not under torch.compile. The allocation is freed with the last of its
+# lines, and 1.7-2.9 ms with gaps of 8 lines or more (each tensor started its stream over,
+# with cache misses). So the state tensors of small CPU params that are shaped like their
+# param (the moments, momentum buffers, master weights and the like) lie side by side, one
+# allocation per state key, in the group's order (fused_optim::_side_by_side): a step that
+# makes state (step(), or a bucket of step in backward: _update_placing_state) makes the
+# zero ones there (_StateArena, through zeros_states and SGD's buffers), and copies the
+# others there after the update (Rprop's step sizes, the storage modes' buffers,
+# state_dtype's moments); load_state_dict and Adagrad's constructor copy theirs. Each tensor keeps a storage of its own, its dtype, shape, strides and values:
+# state_dict, torch.save, checkpoints and torch.optim see what they would see, and every
+# update gives the same bits. W3 (5,000 tensors, 2 threads, same process): 3-12% faster
+# (docs/benchmarks.md, "Many small tensors"). Only for plain contiguous CPU tensors (not
+# DTensors or other subclasses; a GPU has no such prefetchers) of at most
+# _SIDE_BY_SIDE_MAX elements (a longer tensor's stream is long enough that its start costs
+# little), and not under torch.compile. The allocation is freed with the last of its
 # tensors: a state entry that a user deletes keeps its bytes until its neighbours go too.
 _SIDE_BY_SIDE_MAX = 1 << 16
 _MASK64 = (1 << 64) - 1
@@ -653,7 +653,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             return loss
         # Group by group only where there are several: a single group was just declined.
         retry = fast and len(groups) > 1
-        state = self.state
         with torch.no_grad():
             for group, group_keys, group_args in zip(groups, keys, args):
                 if retry and _C._step(self._op, [param_list(group)], self.state, [group_keys],
@@ -667,13 +666,22 @@ class FusedOptimizer(torch.optim.Optimizer):
                         params.append(p)
                         grads.append(g)
                 if params:
-                    fresh = [p for p in params if not state.get(p)]
-                    with self._state_arena(fresh if state_dtype is None else []) as arena:
-                        self._update_group(group, params, grads, group_keys, group_args)
+                    self._update_placing_state(group, params, grads, group_keys, group_args)
                     bump_versions(params)
-                    if fresh:
-                        self._side_by_side(fresh, skip=arena.served())
         return loss
+
+    def _update_placing_state(self, group: Dict[str, Any], params: List[Tensor],
+                              grads: List[Tensor], keys: Tuple[Optional[str], ...],
+                              args: Tuple[Any, ...]) -> None:
+        """_update_group, with the state it makes side by side (Note [small states side by
+        side]): the zero tensors as they are made, the others copied after the update."""
+        state = self.state
+        fresh = [p for p in params if not state.get(p)]
+        plain = getattr(self, "_state_dtype", None) is None  # (else converted once made)
+        with self._state_arena(fresh if plain else []) as arena:
+            self._update_group(group, params, grads, keys, args)
+        if fresh:
+            self._side_by_side(fresh, skip=arena.served())
 
     def _state_arena(self, params: List[Tensor]) -> "_StateArena":
         """Note [small states side by side]: where the zero states of `params` are made

@@ -62,6 +62,19 @@ def side_by_side_keys(opt, ps):
     return keys
 
 
+def spy_side_by_side(monkeypatch):
+    """The calls of fused_optim::_side_by_side from now on: (number of tensors, copy)."""
+    calls = []
+    real = torch.ops.fused_optim._side_by_side
+
+    def spy(like, copy):
+        calls.append((len(like), copy))
+        return real(like, copy)
+
+    monkeypatch.setattr(torch.ops.fused_optim, "_side_by_side", spy)
+    return calls
+
+
 def without_side_by_side(cls):
     """An optimizer class whose states stay where torch's code makes them."""
     from fused_optim.optimizer import _StateArena
@@ -69,22 +82,22 @@ def without_side_by_side(cls):
                                        "_state_arena": lambda self, params: _StateArena([])})
 
 
-@pytest.mark.parametrize("name", list(OPTIONS))
-def test_new_state_lies_side_by_side_and_changes_no_bit(name):
-    cls = pu.ALGOS[name][1]
-    ps, qs = small_params(), small_params()
-    ours = cls(ps, **OPTIONS[name])
-    plain = without_side_by_side(cls)(qs, **OPTIONS[name])
-    for step in range(4):
+def assert_placed_and_same_bits(cls, dtype=torch.float32, steps=4, **kwargs):
+    """Trains `cls` twice on the same params and grads, with its states side by side and
+    with them where torch's code makes them: every state entry shaped like the param, and
+    no other, lies side by side; every param and state element, key, dtype and stride is
+    the same."""
+    ps, qs = small_params(dtype=dtype), small_params(dtype=dtype)
+    ours = cls(ps, **kwargs)
+    plain = without_side_by_side(cls)(qs, **kwargs)
+    for step in range(steps):
         set_grads(ps, step)
         set_grads(qs, step)
         ours.step()
         plain.step()
-    # Every state entry shaped like the param, and no other, was moved.
     shaped = sorted(k for k, v in plain.state[qs[0]].items() if v.shape == qs[0].shape)
     assert shaped and sorted(side_by_side_keys(ours, ps)) == shaped
     assert side_by_side_keys(plain, qs) == []
-    # The same bits in every param and state element, the same keys, dtypes and strides.
     for p, q in zip(ps, qs):
         assert torch.equal(p, q)
         assert ours.state[p].keys() == plain.state[q].keys()
@@ -92,6 +105,12 @@ def test_new_state_lies_side_by_side_and_changes_no_bit(name):
             w = ours.state[p][k]
             assert (w.dtype, w.shape, w.stride()) == (v.dtype, v.shape, v.stride()), k
             assert torch.equal(w, v), k
+    return shaped
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_new_state_lies_side_by_side_and_changes_no_bit(name):
+    assert_placed_and_same_bits(pu.ALGOS[name][1], **OPTIONS[name])
 
 
 def test_parity_with_torch_for_loop_side_by_side():
@@ -113,25 +132,15 @@ def test_parity_with_torch_for_loop_side_by_side():
             assert torch.equal(ours.state[p][k], ref.state[q][k]), k
 
 
-def test_storage_modes_and_state_dtype_buffers_side_by_side():
-    """Master weights (float32, shaped like the bfloat16 param) and bfloat16 moments move
-    too, and the training is the same bits as with them where they were made."""
-    for kw in (dict(master_weights=True), dict(kahan_summation=True),
-               dict(state_dtype=torch.bfloat16)):
-        ps, qs = small_params(dtype=torch.bfloat16), small_params(dtype=torch.bfloat16)
-        ours = fused_optim.AdamW(ps, lr=0.01, **kw)
-        plain = without_side_by_side(fused_optim.AdamW)(qs, lr=0.01, **kw)
-        for step in range(3):
-            set_grads(ps, step)
-            set_grads(qs, step)
-            ours.step()
-            plain.step()
-        shaped = sorted(k for k, v in plain.state[qs[0]].items() if v.shape == qs[0].shape)
-        assert len(shaped) >= 2 and sorted(side_by_side_keys(ours, ps)) == shaped, kw
-        for p, q in zip(ps, qs):
-            assert torch.equal(p, q), kw
-            for k, v in plain.state[q].items():
-                assert torch.equal(ours.state[p][k], v), (kw, k)
+@pytest.mark.parametrize("kw", [dict(master_weights=True), dict(kahan_summation=True),
+                                dict(state_dtype=torch.bfloat16)],
+                         ids=["master_weights", "kahan_summation", "state_dtype"])
+def test_storage_modes_and_state_dtype_buffers_side_by_side(kw):
+    """Master weights (float32, shaped like the bfloat16 param), Kahan's compensations and
+    bfloat16 moments move too (copied after the first update), and the training is the same
+    bits as with them where they were made."""
+    shaped = assert_placed_and_same_bits(fused_optim.AdamW, torch.bfloat16, 3, lr=0.01, **kw)
+    assert len(shaped) >= 2
 
 
 @pytest.mark.parametrize("name", ["Adam", "SGD", "RMSprop"])
@@ -139,15 +148,7 @@ def test_zero_states_are_made_side_by_side_not_copied(name, monkeypatch):
     """The zero states of a step's new params are made side by side (one allocation per
     key, no copy, so no second set of them even for a moment): the copy after the update
     has nothing left to do."""
-    calls = []
-    real = torch.ops.fused_optim._side_by_side
-
-    class Spy:
-        def __call__(self, like, copy):
-            calls.append((len(like), copy))
-            return real(like, copy)
-
-    monkeypatch.setattr(torch.ops.fused_optim, "_side_by_side", Spy())
+    calls = spy_side_by_side(monkeypatch)
     ps = small_params()
     opt = pu.ALGOS[name][1](ps, **OPTIONS[name])
     set_grads(ps, 0)
@@ -227,3 +228,36 @@ def test_adagrad_sums_made_at_construction_side_by_side():
     assert side_by_side_keys(opt, ps) == ["sum"]
     for p in ps:
         assert torch.equal(opt.state[p]["sum"], torch.full_like(p, 0.25))
+
+
+def test_step_in_backward_places_each_buckets_new_state_side_by_side(monkeypatch):
+    """Step in backward makes state a bucket at a time, during backward: each bucket's new
+    zero states are made side by side, and the training is the same bits as
+    backward-then-step."""
+    calls = spy_side_by_side(monkeypatch)
+
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(12)])
+
+    ours, ref = make(), make()
+    opt = fused_optim.Adam(ours.parameters(), lr=0.01)
+    ref_opt = fused_optim.Adam(ref.parameters(), lr=0.01)
+    x = torch.randn(4, 64)
+    # (buckets of about three layers' grads: 16.6 KB a layer)
+    with fused_optim.step_in_backward(opt, bucket_cap_mb=0.045):
+        for it in range(3):
+            ours(x).square().sum().backward()
+            if it == 0:
+                # the buckets' calls during backward, two keys each, none a copy
+                assert len(calls) >= 6 and not any(copy for _, copy in calls)
+                assert sum(n for n, _ in calls) >= len(list(ours.parameters()))
+            opt.step()
+            opt.zero_grad()
+            ref(x).square().sum().backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][k], ref_opt.state[q][k]), k
