@@ -53,9 +53,10 @@ _ABSMAX = "_absmax"  # an 8-bit moment's block scales: state[key + _ABSMAX]
 # makes state (step(), or a bucket of step in backward: _update_placing_state) makes the
 # zero ones there (_StateArena, through zeros_states and SGD's buffers), and copies the
 # others there after the update (Rprop's step sizes, the storage modes' buffers,
-# state_dtype's moments); load_state_dict and Adagrad's constructor copy theirs. Each tensor keeps a storage of its own, its dtype, shape, strides and values:
-# state_dict, torch.save, checkpoints and torch.optim see what they would see, and every
-# update gives the same bits. W3 (5,000 tensors, 2 threads, same process): 3-12% faster
+# state_dtype's moments); load_state_dict and Adagrad's constructor copy theirs. Each
+# tensor keeps a storage of its own, its dtype, shape, strides and values: state_dict,
+# torch.save, checkpoints and torch.optim see what they would see, and every update gives
+# the same bits. W3 (5,000 tensors, 2 threads, same process): 3-12% faster
 # (docs/benchmarks.md, "Many small tensors"). Only for plain contiguous CPU tensors (not
 # DTensors or other subclasses; a GPU has no such prefetchers) of at most
 # _SIDE_BY_SIDE_MAX elements (a longer tensor's stream is long enough that its start costs
@@ -820,8 +821,8 @@ def _side_by_side_eligible(t: Tensor) -> bool:
     """Whether a param, or a state tensor, is one Note [small states side by side] lays
     side by side: a plain contiguous CPU tensor of 1 to _SIDE_BY_SIDE_MAX elements."""
     return ((type(t) is Tensor or type(t) is torch.nn.Parameter) and t.device.type == "cpu"
-            and t.layout == torch.strided and t.dim() > 0 and 0 < t.numel() <= _SIDE_BY_SIDE_MAX
-            and t.is_contiguous())
+            and t.layout == torch.strided and t.dim() > 0
+            and 0 < t.numel() <= _SIDE_BY_SIDE_MAX and t.is_contiguous())
 
 
 class _StateArena:
