@@ -165,7 +165,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         # (side by side with the other new buffers where the grad is laid out as its param,
         # as the buffer must be: Note [small states side by side])
         buf = _StateArena.zeros_like(p, "momentum_buffer") if (
-            dtype is None and g.is_contiguous() and g.shape == p.shape) else None
+            dtype is None and g.shape == p.shape and g.stride() == p.stride()) else None
         if buf is None:
             buf = torch.zeros_like(g, dtype=dtype, memory_format=torch.preserve_format)
         return buf, (torch.zeros(0, device=p.device) if self._state_dtype is torch.uint8 else None)

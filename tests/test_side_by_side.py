@@ -193,9 +193,10 @@ def test_saving_one_state_tensor_saves_its_bytes_only():
     assert torch.equal(torch.load(buf), t)
 
 
-def test_after_load_state_dict_states_side_by_side_and_training_continues():
-    """A checkpoint of torch.optim (its states one by one, as torch.load makes them) is
-    laid side by side when loaded, and continues bit for bit as torch's own optimizer."""
+def test_load_state_dict_keeps_the_state_dicts_own_tensors_as_torch_does():
+    """torch.optim's state after load_state_dict is the state_dict's own tensors (where no
+    cast is needed): shared memory stays shared, and load hooks see the final tensors.
+    Ours too: nothing is moved on load. Training continues bit for bit as torch's own."""
     ps = small_params()
     qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
     ref = torch.optim.RMSprop(qs, lr=0.01, momentum=0.9, centered=True, foreach=False)
@@ -208,9 +209,15 @@ def test_after_load_state_dict_states_side_by_side_and_training_continues():
         buf = io.BytesIO()
         torch.save(ref.state_dict(), buf)
         buf.seek(0)
+        loaded = torch.load(buf)
+        for s in loaded["state"].values():
+            s["square_avg"].share_memory_()
         ours = fused_optim.RMSprop(ps, lr=0.01, momentum=0.9, centered=True)
-        ours.load_state_dict(torch.load(buf))
-        assert sorted(side_by_side_keys(ours, ps)) == ["grad_avg", "momentum_buffer", "square_avg"]
+        ours.load_state_dict(loaded)
+        for i, p in enumerate(ps):
+            for k in ("square_avg", "grad_avg", "momentum_buffer"):
+                assert ours.state[p][k] is loaded["state"][i][k], k
+            assert ours.state[p]["square_avg"].is_shared()
         for step in range(1, 4):
             set_grads(ps, step)
             set_grads(qs, step)
@@ -261,3 +268,26 @@ def test_step_in_backward_places_each_buckets_new_state_side_by_side(monkeypatch
         assert torch.equal(p, q)
         for k in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(opt.state[p][k], ref_opt.state[q][k]), k
+
+
+def test_sgd_buffer_of_a_grad_laid_out_unlike_its_param_has_torchs_strides():
+    """torch's SGD makes momentum_buffer as a clone of the grad, with the grad's strides,
+    also on a size-1 dimension where a contiguous param's differ: that buffer is made as
+    torch makes it, the others side by side."""
+    ps = small_params(10) + [torch.nn.Parameter(torch.randn(1, 5))]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    ours = fused_optim.SGD(ps, lr=0.1, momentum=0.9)
+    ref = torch.optim.SGD(qs, lr=0.1, momentum=0.9, foreach=False)
+    set_grads(ps, 0)
+    odd = torch.randn(5, 1).t()  # shape (1, 5), strides (1, 1): contiguous, unlike (5, 1)
+    ps[-1].grad = odd.clone().t().contiguous().t()  # the same layout, its own memory
+    for p, q in zip(ps, qs):
+        q.grad = p.grad.clone()
+    assert ps[-1].grad.stride() == (1, 1) != ps[-1].stride()
+    ours.step()
+    ref.step()
+    assert side_by_side_keys(ours, ps[:-1]) == ["momentum_buffer"]
+    for p, q in zip(ps, qs):
+        v, w = ref.state[q]["momentum_buffer"], ours.state[p]["momentum_buffer"]
+        assert w.stride() == v.stride() and torch.equal(w, v)
+        assert torch.equal(p, q)

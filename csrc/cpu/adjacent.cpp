@@ -31,10 +31,14 @@ struct Region {
 constexpr int64_t kAlign = 64;
 constexpr int64_t kHeader = static_cast<int64_t>(sizeof(Region*));
 
+void release_copy_of(Region* region) {
+  if (region->copies.fetch_sub(1, std::memory_order_acq_rel) == 1) delete region;
+}
+
 void release_copy(void* data) {
   Region* region;
   std::memcpy(&region, static_cast<char*>(data) - kHeader, sizeof(region));
-  if (region->copies.fetch_sub(1, std::memory_order_acq_rel) == 1) delete region;
+  release_copy_of(region);
 }
 
 std::vector<at::Tensor> side_by_side(const std::vector<at::Tensor>& tensors, bool copy) {
@@ -52,16 +56,22 @@ std::vector<at::Tensor> side_by_side(const std::vector<at::Tensor>& tensors, boo
   }
   std::vector<at::Tensor> out;
   if (tensors.empty()) return out;
-  auto* region = new Region{{static_cast<int64_t>(tensors.size())},
-                            c10::GetCPUAllocator()->allocate(end)};
+  // (counted as each copy's DataPtr is made, one more held here: an error part way
+  // leaves no region behind)
+  auto* region = new Region{{1}, c10::GetCPUAllocator()->allocate(end)};
   char* base = static_cast<char*>(region->bytes.get());
+  struct Hold {
+    Region* region;
+    ~Hold() { release_copy_of(region); }
+  } hold{region};
   out.reserve(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
     char* data = base + offsets[i];
     std::memcpy(data - kHeader, &region, sizeof(region));
-    c10::Storage storage(c10::Storage::use_byte_size_t(), t.nbytes(),
-                         c10::DataPtr(data, data, &release_copy, c10::Device(c10::kCPU)),
+    region->copies.fetch_add(1, std::memory_order_relaxed);
+    c10::DataPtr bytes(data, data, &release_copy, c10::Device(c10::kCPU));
+    c10::Storage storage(c10::Storage::use_byte_size_t(), t.nbytes(), std::move(bytes),
                          c10::GetCPUAllocator(), /*resizable=*/true);
     out.push_back(at::empty({0}, t.options()).set_(storage, 0, t.sizes(), t.strides()));
   }
@@ -71,7 +81,7 @@ std::vector<at::Tensor> side_by_side(const std::vector<at::Tensor>& tensors, boo
       char* data = base + offsets[static_cast<size_t>(i)];
       if (t.nbytes() == 0) continue;
       if (copy) {
-        std::memcpy(data, t.data_ptr(), t.nbytes());
+        std::memcpy(data, t.const_data_ptr(), t.nbytes());  // (a copy-on-write source stays one)
       } else {
         std::memset(data, 0, t.nbytes());  // (zero bits: 0 in every dtype)
       }
