@@ -55,15 +55,15 @@ _ABSMAX = "_absmax"  # an 8-bit moment's block scales: state[key + _ABSMAX]
 # others there after the update (Rprop's step sizes, the storage modes' buffers,
 # state_dtype's moments); Adagrad's constructor copies the sums torch's made. Not
 # load_state_dict: torch.optim's state after it is the state_dict's own tensors (shared
-# memory, pinned, memory-mapped, seen by load hooks), and so is ours. Each
-# tensor keeps a storage of its own, its dtype, shape, strides and values: state_dict,
-# torch.save, checkpoints and torch.optim see what they would see, and every update gives
-# the same bits. W3 (5,000 tensors, 2 threads, same process): 3-12% faster
-# (docs/benchmarks.md, "Many small tensors"). Only for plain contiguous CPU tensors (not
-# DTensors or other subclasses; a GPU has no such prefetchers) of at most
-# _SIDE_BY_SIDE_MAX elements (a longer tensor's stream is long enough that its start costs
-# little), and not under torch.compile. The allocation is freed with the last of its
-# tensors: a state entry that a user deletes keeps its bytes until its neighbours go too.
+# memory, pinned, memory-mapped, seen by load hooks), and so is ours. Each tensor keeps a
+# storage of its own, its dtype, shape, strides and values: state_dict, torch.save,
+# checkpoints and torch.optim see what they would see, and every update gives the same
+# bits. W3 (5,000 tensors, 2 threads, same process): 3-12% faster (docs/benchmarks.md,
+# "Many small tensors"). Only for plain contiguous CPU tensors (not DTensors or other
+# subclasses; a GPU has no such prefetchers) of at most _SIDE_BY_SIDE_MAX elements (a
+# longer tensor's stream is long enough that its start costs little), and not under
+# torch.compile. The allocation is freed with the last of its tensors: a state entry that
+# a user deletes keeps its bytes until its neighbours go too.
 _SIDE_BY_SIDE_MAX = 1 << 16
 _MASK64 = (1 << 64) - 1
 

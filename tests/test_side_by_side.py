@@ -1,6 +1,7 @@
 """Note [small states side by side] (fused_optim/optimizer.py): the state tensors of small
-CPU params are copied into one allocation per key, each with a storage of its own, and
-nothing a user can see changes but the addresses."""
+CPU params lie side by side, one allocation per key (the zero ones made there, the others
+copied there), each with a storage of its own, and nothing a user can see changes but the
+addresses."""
 import io
 import random
 
