@@ -56,14 +56,19 @@ inline std::vector<at::TensorList> rmsprop_state_lists(const char* op, bool cent
 }
 
 // NAdam's coefficients for each tensor, after `mu_product *= mu` on each tensor's
-// mu_product (Note [scalar states] in plan.h).
+// mu_product (Note [scalar states] in plan.h). The coefficients take the product as the
+// state keeps it: a load into 16-bit params leaves mu_product in their dtype (torch casts
+// every floating state but `step`), where torch's for-loop multiplies and rounds it, then
+// reads it back.
 inline std::vector<NadamCoeffs> nadam_step_coeffs(const NadamCoeffs& base, double lr,
                                                   bool lr_is_f32, const std::vector<double>& steps,
                                                   at::TensorList mu_products) {
   return per_tensor_coeffs(base, lr, lr_is_f32, steps, [&](size_t i, NadamCoeffs& c) {
     const at::Tensor& mu_product = mu_products[i];
-    c.mu_product = c.next_mu_product(scalar_state_value(mu_product),
-                                     mu_product.scalar_type() != at::kDouble, steps[i]);
+    c.mu_product = round_to_dtype(
+        c.next_mu_product(scalar_state_value(mu_product),
+                          mu_product.scalar_type() != at::kDouble, steps[i]),
+        mu_product.scalar_type());
     set_scalar_state(mu_product, c.mu_product);
   });
 }

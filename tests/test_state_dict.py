@@ -133,6 +133,56 @@ def test_after_loading_the_same_checkpoint_ours_continues_as_torchs(name, dtype)
     assert_same_state_dict(oopt.state_dict(), topt.state_dict())
 
 
+# Steps big enough that one ulp of a 16-bit 0-dim state's coefficient shows in the params.
+SCALAR_STATE_OPTS = {"NAdam/lr 1": dict(lr=1.0), "ASGD/lr 1": dict(lr=1.0, lambd=0.5, t0=1.0)}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(OPTS) + list(SCALAR_STATE_OPTS))
+def test_torch_checkpoint_loaded_into_16_bit_params_continues_as_the_rounded_reference(name, dtype):
+    """A float32 torch.optim checkpoint loaded into 16-bit params: load_state_dict casts every
+    floating state but `step` to the params' dtype (NAdam's mu_product and ASGD's eta and mu
+    too, 0-dim tensors that torch's for-loop then updates in that dtype). The steps after it
+    are the 16-bit reference's (parity_utils.run_rounded_reference: torch's for-loop in
+    float32 on float32 copies, params and moments rounded to 16 bits after each step) started
+    from the loaded state, with the 0-dim states left in 16 bits as torch leaves them: the
+    same bits, params and state."""
+    torch_cls, ours_cls = pu.ALGOS[name.split("/")[0]]
+    opts = {**OPTS, **SCALAR_STATE_OPTS}[name]
+    with pu.correctly_rounded_sqrt():
+        src_ps = model_params(torch.float32)
+        src = torch_cls(src_ps, **dict(opts, foreach=False))
+        train(src, src_ps, 2, 0)
+        sd = roundtrip(src.state_dict())
+        low = [p.detach().to(dtype).requires_grad_() for p in src_ps]
+        ours = ours_cls(low, **opts)
+        ours.load_state_dict(roundtrip(sd))
+        train(ours, low, 3, 2)
+        # The reference, from the state as the load into 16-bit params left it.
+        work = [p.detach().to(dtype).float().requires_grad_() for p in src_ps]
+        ref = torch_cls(work, **dict(opts, foreach=False))
+        ref.load_state_dict(roundtrip(sd))
+        for p, s in zip(work, as_loaded(sd, dtype)["state"].values()):
+            ref.state[p] = {k: v if k in pu.SCALAR_STATES else v.float() for k, v in s.items()}
+        for step in range(2, 5):
+            g = torch.Generator().manual_seed(step)
+            for p in work:  # train()'s grads, rounded to 16 bits as ours get them
+                p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype).float()
+            ref.step()
+            with torch.no_grad():
+                for p in work:
+                    p.copy_(p.to(dtype))
+                    for k, v in ref.state[p].items():
+                        if k not in pu.SCALAR_STATES:
+                            v.copy_(v.to(dtype))
+    for p, q in zip(low, work):
+        assert torch.equal(p, q.to(dtype))
+        assert ours.state[p].keys() == ref.state[q].keys()
+        for k, v in ref.state[q].items():
+            want = v if k in pu.SCALAR_STATES else v.to(dtype)
+            assert ours.state[p][k].dtype == want.dtype and torch.equal(ours.state[p][k], want), k
+
+
 @pytest.mark.parametrize("name", list(OPTS))
 def test_fresh_state_matches_torch_keys_dtypes_layouts(name):
     torch_cls, ours_cls = pu.ALGOS[name.split("/")[0]]
