@@ -881,7 +881,8 @@ struct AsgdRule {
 // operation below rounds to it (`r`: the identity for float and double, a rounding for
 // bfloat16 and float16, whose ops torch computes in float). Its scalars are Python floats,
 // converted as a tensor op converts them: to float for float and 16-bit tensors, kept as
-// double for double ones (M). The step size is computed per param on the host, in double,
+// double for double ones (M); torch's CPU add, though, rounds its Python-float operand to a
+// 16-bit tensor's dtype first, so eps is that rounding there (cpu/sparse_adam.cpp). The step size is computed per param on the host, in double,
 // as torch does (lr * sqrt(1 - beta2**step) / (1 - beta1**step)). No fma anywhere: torch
 // runs separate ops.
 template <typename M>

@@ -174,8 +174,10 @@ void sparse_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList
       const int64_t stop = std::min(end, first[t + 1]);
       dispatch_dtype(w.dtype, [&]<typename T>() -> SegmentFn {
         using M = at::opmath_type<T>;
+        // `sqrt(...).add_(eps)`: torch's CPU add rounds a Python-float operand to the
+        // tensor's dtype first, 16-bit ones included (its mul keeps it in float).
         const SparseAdamCoeffs<M> c{static_cast<M>(1.0 - beta1), static_cast<M>(1.0 - beta2),
-                                    static_cast<M>(eps), M(0)};
+                                    static_cast<M>(static_cast<T>(eps)), M(0)};
         update_entries<T>(w, c, e - first[t], stop - first[t]);
         return nullptr;
       });
