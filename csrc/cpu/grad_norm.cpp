@@ -37,7 +37,8 @@ namespace {
 // same orders, so each norm is bitwise torch's (tests/test_clip.py, also in the smoke
 // suite: float32 and float64 measured the same on torch 2.8, 2.13 and 2.14); what runs
 // in parallel here is tensors, spread over the threads by size. The infinity norm (the
-// largest |x|, NaN if any is NaN) does not depend on the order. Anything else (a tensor
+// largest |x|, NaN if any is NaN) does not depend on the order. torch's norm of a tensor
+// of one element is that element's |x| (no square to over- or underflow): so here too. Anything else (a tensor
 // that is not dense, a norm type other than 2 and inf) gets torch's own norm, on the
 // calling thread; the norm of the norms is always computed by torch (clip.py).
 // `inv_scale` != 1: the norm of the tensors multiplied by it and rounded to their dtype,
@@ -131,7 +132,7 @@ T dense_norm(const at::Tensor& t, bool inf, double inv_scale, int64_t threads) {
   const M inv = static_cast<M>(inv_scale);
   const bool unscale = inv_scale != 1.0;
   M r;
-  if (inf) {
+  if (inf || n == 1) {  // (torch's norm of one element is its |x|, for every ord but 0)
     r = unscale ? abs_max<T, true>(x, n, inv) : abs_max<T, false>(x, n, inv);
   } else if constexpr (std::is_same_v<T, c10::Half>) {
     r = std::sqrt(unscale ? sum_squares_f16<true>(x, n, inv, threads)
