@@ -561,13 +561,20 @@ PyObject* py_grad_norms(PyObject* /*module*/, PyObject* const* args, Py_ssize_t 
 
 // _mul_grads_(groups, scalar) -> bool: every grad of the params of `groups` times the
 // 0-dim CPU tensor `scalar` (mul_cpu); False, having changed nothing, where it declines.
+// A product by exactly 1 changes no bit and is skipped (torch multiplies anyway); either
+// way the grads count a write, as torch's in-place multiply counts it (Note [version
+// counters]: a graph that saved a grad made with create_graph=True refuses to run then).
 PyObject* py_mul_grads(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   TORCH_CHECK_TYPE(nargs == 2 && THPVariable_Check(args[1]), "_mul_grads_ expects (list, Tensor)");
   const at::Tensor& scalar = THPVariable_Unpack(args[1]);
   BorrowedTensors grads;
   if (gather_grads(args[0], grads) == Grads::kDecline) Py_RETURN_FALSE;
-  if (!grads.empty()) cpu::mul_cpu(grads.list(), scalar);
+  if (grads.empty()) Py_RETURN_TRUE;
+  if (scalar.numel() != 1 || scalar.item<double>() != 1.0) cpu::mul_cpu(grads.list(), scalar);
+  for (const at::Tensor& t : grads.list()) {
+    if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+  }
   Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS
 }

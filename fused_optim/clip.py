@@ -154,6 +154,9 @@ def clip_grads_with_norm_(
     reason = _why_torch(grads) if grads else None
     if reason is None and (type(total_norm) is not Tensor or total_norm.device.type != "cpu"):
         reason = "total norms off the CPU"
+    elif reason is None and total_norm.dim() != 0:
+        # (torch's multiply by a coefficient of that shape raises, or broadcasts: its own)
+        reason = f"a total_norm of {total_norm.dim()} dims"
     if reason is not None:
         _warn_once("clip_grads_with_norm_", reason)
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
@@ -163,9 +166,18 @@ def clip_grads_with_norm_(
         return
     coef = _clip_coef(max_norm, total_norm)
     # A product by 1.0 changes nothing: torch multiplies anyway (on an accelerator, asking
-    # would synchronise); on the CPU asking is free.
+    # would synchronise); on the CPU asking is free. The grads count a write either way.
     if coef.item() != 1.0:
         _mul_grads_(grads, coef)
+    _count_write(grads)
+
+
+def _count_write(grads: List[Tensor]) -> None:
+    """Note [version counters] (optimizer.py): the grads were multiplied in place behind
+    autograd's back; their version counters count it as torch's in-place multiply does (a
+    graph that saved a grad, made with create_graph=True, then refuses to run backward)."""
+    if not torch.compiler.is_compiling():
+        torch.autograd.graph.increment_version(grads)
 
 
 @torch.no_grad()
@@ -218,8 +230,8 @@ def clip_grad_norm_(
             if error_if_nonfinite:
                 _nonfinite_error(total_norm, norm_type)
             coef = _clip_coef(float(max_norm), total_norm)
-            if coef.item() != 1.0:  # (see clip_grads_with_norm_)
-                _C._mul_grads_([parameters], coef)
+            # (skips a product by exactly 1, as clip_grads_with_norm_ does; counts the write)
+            _C._mul_grads_([parameters], coef)
             return total_norm
     grads = [p.grad for p in parameters if p.grad is not None]
     reason = _why_torch(grads, norm_type) if grads else None

@@ -92,6 +92,69 @@ def test_norm_bitwise_on_every_length_and_scale(dtype):
     assert torch.equal(fused_optim.get_total_norm(tensors), torch.nn.utils.get_total_norm(tensors))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_of_one_element_is_its_magnitude_as_torchs(dtype):
+    # torch's norm of a one-element tensor is |x|, where squaring it would over- or underflow
+    # (1e20 in float32, 1e-30) or round (1e-20): the norms, and the clipping of a lone
+    # scalar grad by them, as torch's (NaN where torch's is NaN).
+    def same(a, b):
+        return a.dtype == b.dtype and a.shape == b.shape and bool(
+            ((a == b) | (a.isnan() & b.isnan())).all())
+
+    big, small, tiny = (6e4, 1e-7, 3e-5) if dtype == torch.float16 else (1e20, 1e-30, 1e-20)
+    for shape in ((), (1,), (1, 1)):
+        for v in (big, -big, small, tiny, -3.0, float("nan"), 0.0):
+            t = torch.full(shape, v, dtype=dtype)
+            assert same(torch.ops.fused_optim._norms([t], 2.0)[0],
+                        torch.linalg.vector_norm(t)), (shape, v)
+            p = torch.zeros(shape, dtype=dtype).requires_grad_()
+            p.grad = t.clone()
+            q = torch.zeros(shape, dtype=dtype).requires_grad_()
+            q.grad = t.clone()
+            n_ours = fused_optim.clip_grad_norm_([p], 1.0)
+            n_ref = torch.nn.utils.clip_grad_norm_([q], 1.0)
+            assert same(n_ours, n_ref) and same(p.grad, q.grad), (shape, v)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])  # clips, and does not (multiplies by 1)
+@pytest.mark.parametrize("dtypes", ["one", "mixed"])  # the fast path, the grouped one
+@pytest.mark.parametrize("fn", ["clip_grad_norm_", "clip_grads_with_norm_"])
+def test_clipping_counts_a_write_to_each_grad_as_torchs(fn, dtypes, max_norm):
+    # torch multiplies the grads in place, by 1 too: each grad's version counter moves, so a
+    # graph that saved a grad (create_graph=True, a gradient penalty) refuses to run after.
+    def run(module):
+        dts = [torch.float32] * 3 if dtypes == "one" else [torch.float32, torch.bfloat16,
+                                                            torch.float64]
+        ps = [torch.ones(5, dtype=dt, requires_grad=True) for dt in dts]
+        loss = sum((p.double() ** 3).sum() for p in ps)
+        grads = torch.autograd.grad(loss, ps, create_graph=True)
+        for p, g in zip(ps, grads):
+            p.grad = g
+        penalty = sum((g ** 2).sum().double() for g in grads)  # (pow saves g itself)
+        before = [g._version for g in grads]
+        if fn == "clip_grad_norm_":
+            module.clip_grad_norm_(ps, max_norm)
+        else:
+            module.clip_grads_with_norm_(ps, max_norm, module.get_total_norm(grads))
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            penalty.backward()
+        return [g._version - b for g, b in zip(grads, before)]
+
+    assert run(fused_optim) == run(torch.nn.utils)
+
+
+def test_a_total_norm_not_0_dim_is_torchs_business():
+    # torch's foreach multiply refuses a coefficient of shape [1]; ours hands it over.
+    for cls_fn in (fused_optim.clip_grads_with_norm_, torch.nn.utils.clip_grads_with_norm_):
+        p = torch.ones(3, requires_grad=True)
+        p.grad = torch.full((3,), 2.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(RuntimeError, match="scalar tensor expected to be 0 dim"):
+                cls_fn([p], 1.0, torch.tensor([4.0]))
+        assert torch.equal(p.grad, torch.full((3,), 2.0))
+
+
 def test_non_dense_and_mixed_dtype_grads():
     # A strided grad that is not dense (torch's own norm, on the calling thread) and
     # grads of several dtypes (grouped and stacked in torch's order).
