@@ -100,6 +100,9 @@ const DirectKernel* group_kernel(const std::string& name, const DirectKernel* cp
 // need, and the passes that call no Python API run on torch's threads: many misses are
 // in flight at once.
 constexpr Py_ssize_t kAhead = 8;
+// The fewest elements of a param whose moments an 8-bit optimizer keeps in 8 bits
+// (quantization.MIN_NUMEL; tests/test_state_dtype.py checks the two agree).
+constexpr int64_t kQuantMinNumel = 4096;
 
 // kWrite: the memory will be written (a reference count), so it is asked for as such.
 template <int kWrite = 0>
@@ -312,15 +315,29 @@ Gathered gather_group(const GroupSnapshot& snap, PyObject* keys,
     }
   }
   // Pass 4: the state tensors, list by list.
+  static PyObject* const scales_suffix = PyUnicode_InternFromString("_absmax");
+  const at::TensorList params = lists[0].list();
   std::vector<const at::Tensor*> state_tensors(static_cast<size_t>(m));
   for (Py_ssize_t k = 0; k < num_keys; ++k) {
-    if (PyTuple_GET_ITEM(keys, k) == Py_None) continue;
+    PyObject* key = PyTuple_GET_ITEM(keys, k);
+    if (key == Py_None) continue;
+    // An 8-bit optimizer's block scales ("<moment>_absmax"): a param's moments are 8-bit
+    // (scales) where it quantizes, float32 (no scales) elsewhere. A param whose layout
+    // changed since (model.to(memory_format=...)) has the other kind: the general path
+    // converts them (FusedOptimizer._convert_moments, quantization.quantizes).
+    const bool scales = scales_suffix != nullptr && PyUnicode_Check(key) &&
+                        PyUnicode_Tailmatch(key, scales_suffix, 0, PY_SSIZE_T_MAX, 1) == 1;
     auto value = [&](Py_ssize_t i) { return values[static_cast<size_t>(i * num_keys + k)]; };
     tensor_pass(m, [&](Py_ssize_t i, Py_ssize_t end) {
       if (i + kAhead < end) prefetch_tensor_impl(value(i + kAhead));
       const at::Tensor* s = plain_tensor(value(i));
       if (s == nullptr) decline.store(true, std::memory_order_relaxed);
       state_tensors[static_cast<size_t>(i)] = s;
+      if (scales && s != nullptr) {
+        const at::Tensor& p = params[static_cast<size_t>(i)];
+        const bool quantizes = p.numel() >= kQuantMinNumel && p.is_contiguous();
+        if ((s->numel() != 0) != quantizes) decline.store(true, std::memory_order_relaxed);
+      }
     });
     if (decline.load()) return Gathered::kDecline;
     for (Py_ssize_t i = 0; i < m; ++i) {

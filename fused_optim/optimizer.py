@@ -14,6 +14,7 @@ both directions, and schedulers, GradScaler and torch.distributed see what they 
 import inspect
 import threading
 import warnings
+from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -394,6 +395,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if not isinstance(v, Tensor):
                 continue
             scales = state.get(key + _ABSMAX)
+            dequantized = False
             if v.dtype == torch.uint8:
                 if dtype is torch.uint8 and scales is not None:
                     continue
@@ -401,11 +403,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise ValueError(
                         f"{type(self).__name__}: state '{key}' is 8-bit (uint8) but has no "
                         f"'{key}{_ABSMAX}' scales")
-                v = quantization.dequantize(v, scales)
+                v, dequantized = quantization.dequantize(v, scales), True
             if dtype is torch.uint8:
                 state[key], state[key + _ABSMAX] = quantization.quantize(v)
                 continue
-            if v.dtype != dtype:
+            if v.dtype != dtype or dequantized:  # (a param that no longer quantizes: float32)
                 state[key] = v.to(dtype)
             if self._state_dtype is torch.uint8:
                 if scales is None or scales.numel() != 0:
@@ -419,7 +421,32 @@ class FusedOptimizer(torch.optim.Optimizer):
         mode (Note [param storage]) before anything is loaded. With a mode or a state_dtype,
         the scalar states (_scalar_state_keys) keep their saved dtype too: torch's cast of
         NAdam's mu_product to bfloat16, say, would change every later step. Without either,
-        they are cast as torch.optim casts them, and the steps continue as torch's do."""
+        they are cast as torch.optim casts them, and the steps continue as torch's do.
+
+        The load hooks run where torch's run them: the pre-hooks first, on the checkpoint as
+        given (one may convert it, with to_torch_state_dict say), the post-hooks last, on the
+        state as loaded, buffers and moments included."""
+        # (torch's load would run the hooks on the stripped checkpoint below: it runs
+        # without them, and they run here, as torch's own code runs them)
+        state_dict = state_dict.copy()
+        pre_hooks = self._optimizer_load_state_dict_pre_hooks
+        post_hooks = self._optimizer_load_state_dict_post_hooks
+        for pre_hook in pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:
+            self._load_state_dict_kept(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._optimizer_load_state_dict_post_hooks = post_hooks
+        for post_hook in post_hooks.values():
+            post_hook(self)
+
+    def _load_state_dict_kept(self, state_dict: Dict[str, Any]) -> None:
+        """load_state_dict's loading, without its hooks."""
         mode_key = getattr(self, "_storage_key", None)
         state_dtype = getattr(self, "_state_dtype", None)
         kept: Dict[Any, Dict[str, Tensor]] = {}
@@ -440,7 +467,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             if state_dtype is not None:
                 keep.update(self._moment_keys)
                 keep.update(k + _ABSMAX for k in self._moment_keys)
-            ours = {k: v for k, v in s.items() if k in keep}
+                for k in self._moment_keys:  # (before anything is loaded: _convert_moments')
+                    v = s.get(k)
+                    if isinstance(v, Tensor) and v.dtype == torch.uint8 and k + _ABSMAX not in s:
+                        raise ValueError(
+                            f"{type(self).__name__}.load_state_dict: state '{k}' of param {pid} "
+                            f"is 8-bit (uint8) but has no '{k}{_ABSMAX}' scales")
+            # (what is not a tensor, an old SGD checkpoint's `momentum_buffer: None` say, goes
+            # through torch's load as it is)
+            ours = {k: v for k, v in s.items() if k in keep and isinstance(v, Tensor)}
             # (the scalar states go through torch's load too, whose hooks read them, and are
             # put back as saved after it)
             scalars = ({k: v for k, v in s.items() if k in self._scalar_state_keys
@@ -453,13 +488,15 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise ValueError(
                         f"{type(self).__name__}.load_state_dict: the state of param {pid} has "
                         f"'{k}' ({_STORAGE_OPTION[k]}=True), but this optimizer has {now}: make "
-                        f"it with {_STORAGE_OPTION[k]}=True to resume this checkpoint")
+                        f"it with {_STORAGE_OPTION[k]}=True to resume this checkpoint, or convert "
+                        "the checkpoint with fused_optim.to_torch_state_dict")
             # (an 8-bit checkpoint's moments kept in full precision, a small param's, load
             # into an optimizer without state_dtype as a float checkpoint's: their empty
             # scales, only a mark of the mode, are not put in its state)
             drop = keep if state_dtype is not None else keep | {
                 k + _ABSMAX for k in self._moment_keys}
-            stripped[pid] = {k: v for k, v in s.items() if k not in drop}
+            stripped[pid] = {k: v for k, v in s.items()
+                             if k not in drop or not isinstance(v, Tensor)}
             dropped_scales |= len(stripped[pid]) + len(ours) < len(s)
             if ours or scalars:
                 kept[pid] = {**ours, **scalars}

@@ -535,6 +535,71 @@ def test_checkpoint_of_another_mode_is_refused():
                              kahan_summation=True)
     with pytest.raises(ValueError, match="master_weights=True"):
         kahan.load_state_dict(sd)
+    # (the message names the way to a checkpoint without the mode: float32 params, say,
+    # cannot have master weights)
+    with pytest.raises(ValueError, match="fused_optim.to_torch_state_dict"):
+        plain.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("options", [dict(master_weights=True), dict(state_dtype=torch.float32),
+                                     dict(state_dtype=torch.uint8), {}], ids=str)
+def test_load_hooks_see_the_checkpoint_and_the_state_as_torchs_do(options):
+    # torch runs the load pre-hooks on the checkpoint as given and the post-hooks on the
+    # state as loaded: with a mode or a state_dtype too, whose buffers and moments the load
+    # keeps apart from torch's (a hook that edits them, or converts the checkpoint, counts).
+    dtype = torch.bfloat16 if "master_weights" in options else torch.float32
+    params, opt, _ = run_ours("Adam", dict(lr=0.01), "master_weights", dtype, steps=1) if (
+        "master_weights" in options) else (None, None, None)
+    if opt is None:
+        params = make_params(dtype)
+        opt = fused_optim.Adam(params, lr=0.01, **options)
+        for p, g in zip(params, grads_at(0, dtype)):
+            p.grad = g
+        opt.step()
+    sd = opt.state_dict()
+    seen = {}
+    target = fused_optim.Adam([p.detach().clone().requires_grad_() for p in params], lr=0.01,
+                              **options)
+
+    def pre_hook(o, state_dict):
+        seen["pre"] = sorted(state_dict["state"][0])
+        new = copy.deepcopy(state_dict)
+        for s in new["state"].values():
+            s["step"] = s["step"] + 5  # an edit of the checkpoint stands
+        return new
+
+    def post_hook(o):
+        seen["post"] = sorted(o.state[o.param_groups[0]["params"][0]])
+
+    target.register_load_state_dict_pre_hook(pre_hook)
+    target.register_load_state_dict_post_hook(post_hook)
+    target.load_state_dict(sd)
+    assert seen["pre"] == sorted(sd["state"][0]) == seen["post"]
+    assert all(s["step"].item() == 6.0 for s in target.state.values())
+    if "state_dtype" in options or not options:
+        # A pre-hook that turns an 8-bit checkpoint into torch's: a plain optimizer loads it.
+        plain = fused_optim.Adam([p.detach().clone().requires_grad_() for p in params], lr=0.01)
+        plain.register_load_state_dict_pre_hook(
+            lambda o, state_dict: fused_optim.to_torch_state_dict(state_dict))
+        plain.load_state_dict(sd)
+        assert all(v.dtype == torch.float32 for s in plain.state.values() for v in s.values())
+
+
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.uint8], ids=str)
+def test_old_sgd_checkpoint_with_a_none_momentum_buffer_loads(state_dtype):
+    # torch.optim.SGD without momentum saved `momentum_buffer: None` in torch 2.2 and
+    # before; torch's load keeps it, and so do we, with a state_dtype too.
+    p = torch.ones(10, requires_grad=True)
+    old = {"state": {0: {"momentum_buffer": None}},
+           "param_groups": [{"lr": 0.1, "momentum": 0.9, "dampening": 0, "weight_decay": 0,
+                             "nesterov": False, "maximize": False, "foreach": None,
+                             "differentiable": False, "fused": None, "params": [0]}]}
+    opt = fused_optim.SGD([p], lr=0.05, momentum=0.9, state_dtype=state_dtype)
+    opt.load_state_dict(copy.deepcopy(old))
+    assert opt.state[p] == {"momentum_buffer": None} and opt.param_groups[0]["lr"] == 0.1
+    p.grad = torch.full((10,), 2.0)
+    opt.step()  # the first step with momentum: the buffer is the grad, as torch makes it
+    assert torch.equal(p.detach(), torch.full((10,), 1.0 - 0.1 * 2.0))
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -358,6 +358,41 @@ def test_fast_path_takes_8_bit_groups():
         assert fused_optim._C._step(opt._op, [group["params"]], opt.state, [keys], [args])
 
 
+def test_fast_path_takes_8_bit_moments_where_the_layout_says_so():
+    # The fast path's test of which moments are 8-bit (csrc/python_step.cpp: kQuantMinNumel,
+    # contiguity) agrees with quantization.quantizes at its boundary; and it declines,
+    # changing nothing, a param whose layout no longer fits its moments.
+    n = quantization.MIN_NUMEL
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(n, generator=g).requires_grad_(),
+              torch.randn(n - 1, generator=g).requires_grad_(),
+              torch.randn(65, 64, generator=g).t().requires_grad_()]
+    opt = fused_optim.Adam(params, lr=0.01, state_dtype=torch.uint8)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+    assert [opt.state[p]["exp_avg"].dtype for p in params] == [
+        torch.uint8, torch.float32, torch.float32]
+    group = opt.param_groups[0]
+    keys = opt._step_keys(group)
+    args = fused_optim._ops.schema_args(opt._op, opt._step_kwargs(group), None, None)
+    with torch.no_grad():
+        assert fused_optim._C._step(opt._op, [group["params"]], opt.state, [keys], [args])
+        # The other layout, the same Parameter: the 8-bit one strided, the transposed one
+        # contiguous (each alone).
+        for p, other in ((params[0], lambda t: torch.empty(2 * n)[::2].copy_(t)),
+                         (params[2], lambda t: t.contiguous())):
+            old = p.data
+            p.data = other(p.detach())
+            kept = p.detach().clone()
+            states = {k: v.clone() for k, v in opt.state[p].items()}
+            assert not fused_optim._C._step(opt._op, [group["params"]], opt.state, [keys], [args])
+            assert torch.equal(p, kept)
+            assert all(torch.equal(opt.state[p][k], v) for k, v in states.items())
+            p.data = old
+        assert fused_optim._C._step(opt._op, [group["params"]], opt.state, [keys], [args])
+
+
 def test_memory_per_param():
     """Optimizer state bytes per param as the theory says: Adam's two moments in 8 bits
     are 2 bytes plus 2 scales of 4 bytes per 256 elements; in bf16, 4 bytes."""
@@ -427,6 +462,72 @@ def test_8_bit_checkpoint_into_another_state_dtype_is_refused():
     with pytest.raises(ValueError, match=r"8-bit moments .*state_dtype=torch.uint8"):
         other.load_state_dict(opt.state_dict())
     assert other.state_dict() == before
+
+
+def test_8_bit_moments_without_scales_are_refused_before_anything_loads():
+    params, opt = run_ours("Adam", dict(lr=0.01), torch.float32, torch.uint8, 1)
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["state"][1]["exp_avg_sq_absmax"]
+    sd["param_groups"][0]["lr"] = 0.5
+    target = fused_optim.Adam(params, lr=0.01, state_dtype=torch.uint8)
+    run_ours("Adam", dict(lr=0.01), torch.float32, torch.uint8, 1, params=params, opt=target)
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(ValueError, match=r"state 'exp_avg_sq' of param 1 is 8-bit \(uint8\) "
+                                         r"but has no 'exp_avg_sq_absmax' scales"):
+        target.load_state_dict(sd)
+    after = target.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for i, s in before["state"].items():
+        assert all(torch.equal(after["state"][i][k], v) for k, v in s.items())
+
+
+def test_8_bit_moments_follow_a_param_whose_layout_changes():
+    # model.to(memory_format=...) keeps the Parameter objects and changes their layout. A
+    # param's moments are 8-bit where it quantizes (contiguous, 4,096 elements or more),
+    # float32 elsewhere: a step after the change converts them (dequantized, or quantized),
+    # on the fast path as on the general one, and a checkpoint then resumes bit for bit.
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Conv2d(32, 64, 3)  # a weight of 18,432 elements, a bias of 64
+
+    def step(conv, opt, i, channels_last):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        conv.to(memory_format=fmt)
+        g = torch.Generator().manual_seed(i)
+        conv(torch.randn(2, 32, 8, 8, generator=g).to(memory_format=fmt)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    layouts = [False, True, True, False, False, True]  # each step's: channels_last or not
+    runs = []
+    for fast in (True, False):
+        conv = model()
+        opt = fused_optim.AdamW(conv.parameters(), lr=1e-2, state_dtype=torch.uint8)
+        opt._fast_path = fast
+        dtypes = []
+        for i, cl in enumerate(layouts):
+            step(conv, opt, i, cl)
+            dtypes.append(opt.state[conv.weight]["exp_avg"].dtype)
+        runs.append((conv, opt, dtypes))
+    (conv, opt, dtypes), (ref, ref_opt, ref_dtypes) = runs
+    assert dtypes == ref_dtypes == [torch.uint8 if not cl else torch.float32 for cl in layouts]
+    for p, q in zip(conv.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+        for k, v in ref_opt.state[q].items():
+            assert torch.equal(opt.state[p][k], v), k
+    # A checkpoint after steps 0-2 (float32 moments) resumes as the run that went on.
+    conv = model()
+    opt = fused_optim.AdamW(conv.parameters(), lr=1e-2, state_dtype=torch.uint8)
+    for i, cl in enumerate(layouts[:3]):
+        step(conv, opt, i, cl)
+    resumed = fused_optim.AdamW(conv.parameters(), lr=1e-2, state_dtype=torch.uint8)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for i, cl in enumerate(layouts[3:], start=3):
+        step(conv, resumed, i, cl)
+    for p, q in zip(conv.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+        for k, v in ref_opt.state[q].items():
+            assert torch.equal(resumed.state[p][k], v), k
 
 
 def test_8_bit_checkpoint_of_small_params_loads_into_torchs_state():
