@@ -7,6 +7,7 @@ bmm/baddbmm on a stack, so oneDNN or cuBLAS does the work), then the weight deca
 step in one more pass. torch's for-loop does each param on its own, 3 * ns_steps products
 and about ten elementwise ops each (Note [Muon as torch computes it] in muon.cpp).
 """
+import operator
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -68,14 +69,18 @@ class Muon(FusedOptimizer, torch.optim.Muon):
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
         coefficients = group["ns_coefficients"]
         ns_steps = group["ns_steps"]
-        if (len(coefficients) != 3 or ns_steps >= 100) and any(
+        if (len(coefficients) != 3 or ns_steps >= 100 or type(ns_steps) is not int) and any(
                 p.grad is not None for p in group["params"]):
             # torch's checks, raised where torch raises them (a step with grads), but
             # before anything changes (torch's first param has its momentum by then).
             if ns_steps >= 100:
                 raise ValueError(
                     "Number of steps must be less than 100 for computational efficiency")
-            raise ValueError("Coefficients must be a tuple of exactly 3 values")
+            if len(coefficients) != 3:
+                raise ValueError("Coefficients must be a tuple of exactly 3 values")
+            # torch's step runs range(ns_steps): a float is its TypeError ("'float' object
+            # cannot be interpreted as an integer"), a numpy or 0-dim tensor integer counts.
+            ns_steps = operator.index(ns_steps)
         a, b, c = coefficients if len(coefficients) == 3 else (0.0, 0.0, 0.0)
         return dict(
             **lr_args(group["lr"]),

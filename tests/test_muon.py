@@ -372,6 +372,29 @@ def test_params_without_grad_and_several_groups():
     assert_matches(ours, ref, opt_ours, opt_ref, dict(kwargs, lr=0.05), 3)
 
 
+def test_integer_like_ns_steps_count_as_torchs_range_counts_them():
+    # torch's step runs range(ns_steps), which takes anything with __index__ (a numpy
+    # integer, a 0-dim integer tensor): the same iterations as the int, bit for bit, and
+    # torch's result within the suite's tolerance.
+    import numpy as np
+    runs = []
+    for ns_steps in (3, np.int64(3), torch.tensor(3)):
+        ps = make_params(torch.float32, shapes=[(4, 6), (5, 3)])
+        opt = fused_optim.Muon(ps, ns_steps=ns_steps, **_opts({}))
+        for step in range(2):
+            set_grads([ps], step)
+            opt.step()
+        runs.append((ps, opt))
+    ref = make_params(torch.float32, shapes=[(4, 6), (5, 3)])
+    opt_ref = torch.optim.Muon(ref, ns_steps=np.int64(3), **_opts({}))
+    for step in range(2):
+        set_grads([ref], step)
+        opt_ref.step()
+    for ps, _ in runs:
+        assert all(torch.equal(p, q) for p, q in zip(ps, runs[0][0]))
+    assert_matches(runs[0][0], ref, runs[0][1], opt_ref, _opts({}), 2)
+
+
 @pytest.mark.parametrize("direction", ["torch_to_ours", "ours_to_torch"])
 def test_checkpoints_both_ways(direction):
     kwargs = _opts({})
@@ -497,6 +520,8 @@ STEP_ERRORS = [
     ("sparse", RuntimeError, "Muon does not support sparse gradients"),
     ("ns_steps", ValueError, "Number of steps must be less than 100 for computational efficiency"),
     ("coefficients", ValueError, "Coefficients must be a tuple of exactly 3 values"),
+    # (a float from a config file: torch's constructor takes it, its range() does not)
+    ("float_ns_steps", TypeError, "'float' object cannot be interpreted as an integer"),
 ]
 
 
@@ -520,6 +545,8 @@ def test_step_errors_are_torchs_and_change_nothing(case, exc, message, later_ste
             opt.param_groups[0]["ns_steps"] = 100
         elif case == "coefficients":
             opt.param_groups[0]["ns_coefficients"] = (1.0, 2.0)
+        elif case == "float_ns_steps":
+            opt.param_groups[0]["ns_steps"] = 5.0
         before = [p.detach().clone() for p in ps]
         bufs = [opt.state[p]["momentum_buffer"].clone() for p in ps] if later_step else None
         with pytest.raises(exc, match=re.escape(message)):
