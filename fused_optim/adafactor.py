@@ -53,6 +53,18 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         return ("row_var", "col_var", "variance", "step")
 
+    def _whole_group_reason(self) -> Optional[str]:
+        # eps1=None is the eps of the dtype of the group's first param with a grad (below)
+        for i, group in enumerate(self.param_groups):
+            eps = group["eps"]
+            if isinstance(eps, (tuple, list)) and eps and eps[0] is None \
+                    and len({p.dtype for p in group["params"]}) > 1:
+                return (f"Adafactor with eps=(None, ...) in param group {i}, whose params have "
+                        "several dtypes, takes eps1 from the dtype of the group's first param "
+                        "with a grad (give eps1, or put the params of each dtype in a group of "
+                        "their own)")
+        return None
+
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
         eps1, eps2 = group["eps"]  # torch's step unpacks it first: its ValueError
         if eps1 is None:

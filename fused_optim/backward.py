@@ -136,6 +136,11 @@ class StepInBackward:
                 f"fused_optim.step_in_backward: {reason} makes fused_optim.{type(opt).__name__} "
                 "run torch.optim's own step, which updates every param at once; step in "
                 "backward needs the fused kernels")
+        reason = opt._whole_group_reason()
+        if reason is not None:
+            raise RuntimeError(
+                f"fused_optim.step_in_backward: {reason}, which a bucket of the group's params "
+                "cannot know during backward")
 
     # -- the params and their hooks ------------------------------------------------------
     def _track_params(self) -> None:
@@ -183,7 +188,9 @@ class StepInBackward:
                         "backward, or pass accumulation_steps=N to accumulate the grads of N "
                         "backwards (the update then runs during the N-th). (Reentrant "
                         "activation checkpointing, use_reentrant=True, also runs a second "
-                        "backward, inside the first: use use_reentrant=False.)")
+                        "backward, inside the first: use use_reentrant=False. After a "
+                        "backward that raised part way, optimizer.zero_grad() starts the next "
+                        "iteration.)")
                 raise RuntimeError(
                     f"fused_optim.step_in_backward: backward number {n} reached a param since "
                     f"the last optimizer.step(), with accumulation_steps="
@@ -248,36 +255,70 @@ class StepInBackward:
         # A bound method, as LRScheduler's wrapper expects of optimizer.step (__func__).
         self._step = types.MethodType(step, opt)
         opt.step = self._step
+        self._previous_zero_grad_attr = opt.__dict__.get("zero_grad", _MISSING)
+        previous_zero_grad = opt.zero_grad
+
+        def zero_grad(opt_self, set_to_none: bool = True) -> None:
+            if not handle._active:
+                return previous_zero_grad(set_to_none)
+            return handle._zero_grad(previous_zero_grad, set_to_none)
+
+        zero_grad.__doc__ = type(opt).zero_grad.__doc__
+        self._zero_grad_method = types.MethodType(zero_grad, opt)
+        opt.zero_grad = self._zero_grad_method
 
     def _end_iteration(self, previous_step, closure):
         opt = self.optimizer
-        if closure is not None:
-            raise RuntimeError(
-                "fused_optim.step_in_backward: optimizer.step(closure) is not supported: the "
-                "closure's backward would update the params itself. Call the closure (or "
-                "loss.backward()) first, then optimizer.step()")
-        if getattr(opt, "grad_scale", None) is not None \
-                or getattr(opt, "found_inf", None) is not None:
-            raise RuntimeError(
-                "fused_optim.step_in_backward cannot be combined with a GradScaler: the updates "
-                "during backward ran on scaled grads, before the scaler could unscale them or "
-                "skip a step with inf/NaN grads (this iteration's updates already happened). "
-                "Remove the GradScaler (bfloat16 autocast needs none) or remove() the handle")
         with self._lock:
-            if getattr(opt, "max_grad_norm", None) is not None:
-                raise RuntimeError(
-                    "fused_optim.step_in_backward cannot clip by the global grad norm "
-                    f"(max_grad_norm={opt.max_grad_norm}, set since this iteration began: its "
-                    "updates in backward ran unclipped). Set max_grad_norm=None, or remove() "
-                    "the handle to clip")
+            refusal = self._refusal(closure)
+            if refusal is not None:
+                # A refused step() ends the iteration (its pending params keep their grads,
+                # not updated), so that the next one starts clean; a GradScaler's scale and
+                # inf flag go, as its step() removes them once ours returns.
+                self._reset_iteration()
+                for attr in ("grad_scale", "found_inf"):
+                    opt.__dict__.pop(attr, None)
+                raise RuntimeError(refusal)
             # The pending params are the only ones with grads among those updated in backward.
             out = previous_step()
             for p in self._counts:
                 p.grad = None
-            self._counts.clear()
-            self._pending, self._pending_bytes = [], 0
+            self._reset_iteration()
             self._track_params()
         return out
+
+    def _refusal(self, closure) -> Optional[str]:
+        """Why step() cannot end this iteration, or None."""
+        opt = self.optimizer
+        if closure is not None:
+            return ("fused_optim.step_in_backward: optimizer.step(closure) is not supported: the "
+                    "closure's backward would update the params itself. Call the closure (or "
+                    "loss.backward()) first, then optimizer.step()")
+        if getattr(opt, "grad_scale", None) is not None \
+                or getattr(opt, "found_inf", None) is not None:
+            return ("fused_optim.step_in_backward cannot be combined with a GradScaler: the "
+                    "updates during backward ran on scaled grads, before the scaler could unscale "
+                    "them or skip a step with inf/NaN grads (this iteration's updates already "
+                    "happened). Remove the GradScaler (bfloat16 autocast needs none) or remove() "
+                    "the handle")
+        if getattr(opt, "max_grad_norm", None) is not None:
+            return ("fused_optim.step_in_backward cannot clip by the global grad norm "
+                    f"(max_grad_norm={opt.max_grad_norm}, set since this iteration began: its "
+                    "updates in backward ran unclipped). Set max_grad_norm=None, or remove() "
+                    "the handle to clip")
+        return None
+
+    def _reset_iteration(self) -> None:
+        """Forgets the iteration's backwards: the next grad starts a new one."""
+        self._counts.clear()
+        self._pending, self._pending_bytes = [], 0
+
+    def _zero_grad(self, previous_zero_grad, set_to_none: bool) -> None:
+        """zero_grad() ends the iteration too: after a backward that raised part way (some
+        params updated, others pending), the next backward starts a new iteration."""
+        with self._lock:
+            self._reset_iteration()
+        previous_zero_grad(set_to_none)
 
     # -- the handle ----------------------------------------------------------------------
     def remove(self) -> None:
@@ -297,6 +338,11 @@ class StepInBackward:
                 else:
                     opt.step = self._previous_attr
             # else a scheduler made after us wraps our step, which now passes calls through.
+            if opt.__dict__.get("zero_grad") is self._zero_grad_method:
+                if self._previous_zero_grad_attr is _MISSING:
+                    del opt.zero_grad
+                else:
+                    opt.zero_grad = self._previous_zero_grad_attr
             if getattr(opt, "_fused_step_in_backward", None) is self:
                 del opt._fused_step_in_backward
 

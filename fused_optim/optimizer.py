@@ -610,6 +610,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                     return f"{option}=True"
         return None
 
+    def _whole_group_reason(self) -> Optional[str]:
+        """Why an update of some of a group's params would depend on which others have
+        grads (step in backward updates a bucket of them: backward.py), or None."""
+        return None
+
     def _capturable_on_cuda(self, group: Dict[str, Any]) -> bool:
         """A capturable group our CUDA kernels can honour: CUDA params whose steps (where
         they exist) are on the GPU too. Otherwise torch's step runs and raises its own
@@ -713,6 +718,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                               args: Tuple[Any, ...]) -> None:
         """_update_group, with the state it makes side by side (Note [small states side by
         side]): the zero tensors as they are made, the others copied after the update."""
+        # A grad that is a lazy conjugate (autograd leaves one for a complex param used
+        # through p.conj()) or negative view: its values, which torch's ops read (the op's
+        # mutable grad lists cannot take such views).
+        grads = [g.resolve_conj().resolve_neg() if g.is_conj() or g.is_neg() else g
+                 for g in grads]
         state = self.state
         fresh = [p for p in params if not state.get(p)]
         plain = getattr(self, "_state_dtype", None) is None  # (else converted once made)

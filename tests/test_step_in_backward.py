@@ -500,14 +500,87 @@ def test_refuses_a_closure():
         opt.step(closure)
 
 
-def test_refuses_a_grad_scaler():
+@pytest.mark.parametrize("then", ["keep_the_handle", "remove_the_handle"])
+def test_refuses_a_grad_scaler_and_what_the_error_advises_then_works(then):
+    # The refused step() ends the iteration and takes the scaler's scale and inf flag off
+    # the optimizer (its step() would have, had ours returned): training on without the
+    # scaler, with the handle or without it, is the plain loop's from the same point.
     model = make_model()
-    opt = fused_optim.Adam(model.parameters(), lr=0.01)
-    fused_optim.step_in_backward(opt)
+    opt = fused_optim.Adam(param_groups(model), lr=0.01)
+    handle = fused_optim.step_in_backward(opt, bucket_cap_mb=0)
     scaler = torch.amp.GradScaler("cpu")
     scaler.scale(loss_of(model, 0)).backward()
     with pytest.raises(RuntimeError, match="cannot be combined with a GradScaler"):
         scaler.step(opt)
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    opt.zero_grad()
+    if then == "remove_the_handle":
+        handle.remove()
+    ref = copy.deepcopy(model)
+    ref_opt = fused_optim.Adam(param_groups(ref), lr=0.01)
+    ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    train(model, opt, 3, start=1)
+    train(ref, ref_opt, 3, start=1)
+    assert_same(model, opt, ref, ref_opt)
+
+
+def test_a_backward_that_raises_part_way_then_zero_grad_starts_a_new_iteration():
+    # Some params were updated before the error, others wait: zero_grad() ends that
+    # iteration, and the next ones are the plain loop's from there (before, every later
+    # backward raised the second-backward error).
+    class Boom(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise ValueError("boom in backward")
+
+    model = make_model()
+    opt = fused_optim.AdamW(param_groups(model), lr=0.01)
+    fused_optim.step_in_backward(opt, bucket_cap_mb=0)
+    early = Boom.apply(model.pos).sum() * 0.0  # made first: autograd runs it last
+    loss = loss_of(model, 0) + early
+    with pytest.raises(ValueError, match="boom in backward"):
+        loss.backward()
+    assert opt.state  # some params were updated before it
+    opt.zero_grad()
+    ref = copy.deepcopy(model)
+    ref_opt = fused_optim.AdamW(param_groups(ref), lr=0.01)
+    ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    train(model, opt, 3, start=1)
+    train(ref, ref_opt, 3, start=1)
+    assert_same(model, opt, ref, ref_opt)
+
+
+def test_refuses_adafactor_taking_eps1_from_a_group_of_several_dtypes():
+    # eps=(None, ...) is the eps of the dtype of the group's first param with a grad, which
+    # a bucket cannot know; an explicit eps1, or one dtype per group, is bitwise the plain loop.
+    def model16():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(),
+                                   torch.nn.Linear(16, 4).to(torch.bfloat16))
+
+    model = model16()
+    opt = fused_optim.Adafactor(model.parameters(), lr=0.01)
+    with pytest.raises(RuntimeError, match=r"eps=\(None, \.\.\.\) in param group 0, whose "
+                                           r"params have several dtypes"):
+        fused_optim.step_in_backward(opt, bucket_cap_mb=0)
+    eps = (torch.finfo(torch.float32).eps, 1e-3)
+    runs = []
+    for in_backward in (True, False):
+        model = model16()
+        opt = fused_optim.Adafactor(model.parameters(), lr=0.01, eps=eps)
+        if in_backward:
+            fused_optim.step_in_backward(opt, bucket_cap_mb=0)
+        for it in range(3):
+            x = torch.randn(5, 8, generator=torch.Generator().manual_seed(it))
+            model[2](model[1](model[0](x)).to(torch.bfloat16)).float().square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        runs.append((model, opt))
+    assert_same(*runs[0], *runs[1])
 
 
 def test_refuses_sparse_grads():
