@@ -60,8 +60,11 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         reason = super()._torch_grads_reason()
         if reason is None:
             group = self._sparse_grad_group()
-            if group is not None and not group["fused"]:
-                # torch's for-loop handles sparse grads (its fused SGD refuses them).
+            if group is not None:
+                if group["fused"]:
+                    # torch's fused SGD refuses them (before any param changes)
+                    raise RuntimeError("`_fused_sgd` does not support sparse gradients")
+                # torch's for-loop handles sparse grads.
                 return "sparse gradients"
         return reason
 

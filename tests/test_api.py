@@ -474,6 +474,51 @@ def test_sparse_grads_raise_torchs_error(name, later_step):
     assert states[0] == states[1]
 
 
+@pytest.mark.parametrize("name", ["SGD", "Adagrad"])
+def test_fused_true_with_sparse_grads_raises_torchs_error(name):
+    messages = []
+    for cls in pu.ALGOS[name]:
+        emb = torch.nn.Embedding(10, 3, sparse=True)
+        opt = cls(emb.parameters(), lr=0.1, fused=True)
+        emb(torch.tensor([1, 2])).sum().backward()
+        before = emb.weight.detach().clone()
+        with pytest.raises(RuntimeError) as info:
+            opt.step()
+        messages.append(str(info.value))
+        assert torch.equal(emb.weight, before)
+    assert messages[0] == messages[1]
+
+
+@pytest.mark.parametrize("kwargs", [dict(lr=0.1), dict(lr=0.1, momentum=0.9)], ids=str)
+def test_conjugate_view_grads_step_with_their_values(kwargs):
+    # A complex param used through p.conj() gets a lazily conjugated grad from autograd
+    # (p.grad.is_conj()): torch's SGD steps with its values, and so do ours, every
+    # algorithm (torch's Adam-family for-loops raise on it in view_as_real: ours step as
+    # they do with the grad's values materialized).
+    c = torch.tensor([1 + 2j, 3 - 1j, -0.5 + 0.25j], dtype=torch.complex64)
+
+    def run(cls, resolve, **kw):
+        p = torch.nn.Parameter(torch.tensor([0.5 + 0.5j, -1 + 0.25j, 2 - 1j],
+                                            dtype=torch.complex64))
+        opt = cls([p], **kw)
+        for _ in range(3):
+            opt.zero_grad()
+            (p.conj() * c).real.sum().backward()
+            assert p.grad.is_conj()
+            if resolve:
+                p.grad = p.grad.resolve_conj()
+            opt.step()
+        return p.detach()
+
+    assert torch.equal(run(fused_optim.SGD, False, **kwargs), run(torch.optim.SGD, False, **kwargs))
+    for name in ("Adam", "AdamW", "RMSprop", "Adagrad", "NAdam", "RAdam", "Adamax", "Adadelta",
+                 "ASGD", "Rprop"):
+        torch_cls, ours_cls = pu.ALGOS[name]
+        with pu.correctly_rounded_sqrt():
+            ref = run(torch_cls, True, lr=0.1, foreach=False)
+        assert torch.equal(run(ours_cls, False, lr=0.1), ref), name
+
+
 def test_adagrad_sparse_grads_use_torchs_for_loop_with_warning():
     """torch's Adagrad has a sparse update in its for-loop: run it, warned once."""
     fused_optim.optimizer.FusedOptimizer._warned.clear()
