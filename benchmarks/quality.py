@@ -5,7 +5,7 @@ The corpus is Python's own help text (the `pydoc_data.topics` module of the stan
 library: ~465 KB of English prose and code, on every machine with Python), read as bytes
 (a 256-symbol vocabulary, no tokenizer); the last tenth is held out. The model is a
 decoder-only transformer (pre-LayerNorm, causal attention, a GELU MLP, tied embeddings:
-about 2.4 million params by default), trained with AdamW, warmup then cosine decay. Every
+about 2.3 million params by default), trained with AdamW, warmup then cosine decay. Every
 run starts from the same initial weights and sees the same batches:
 
   fp32                 float32 params and moments (the reference)

@@ -720,9 +720,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         side]): the zero tensors as they are made, the others copied after the update."""
         # A grad that is a lazy conjugate (autograd leaves one for a complex param used
         # through p.conj()) or negative view: its values, which torch's ops read (the op's
-        # mutable grad lists cannot take such views).
-        grads = [g.resolve_conj().resolve_neg() if g.is_conj() or g.is_neg() else g
-                 for g in grads]
+        # mutable grad lists cannot take such views). (Under torch.compile the graph has
+        # no such views, and is_conj() would break it.)
+        if not torch.compiler.is_compiling():
+            grads = [g.resolve_conj().resolve_neg() if g.is_conj() or g.is_neg() else g
+                     for g in grads]
         state = self.state
         fresh = [p for p in params if not state.get(p)]
         plain = getattr(self, "_state_dtype", None) is None  # (else converted once made)
