@@ -389,10 +389,11 @@ def test_grad_scaler_on_cuda(algo):
         assert cuda_opt.state[cuda_w]["step"].item() == 3  # the skipped step is not counted
 
 
-@pytest.mark.parametrize("algo", ["SGD", "Adam", "AdamW"])
+@pytest.mark.parametrize("algo", ["SGD", "Adam", "AdamW", "NAdam", "ASGD"])
 def test_state_dict_interchange_on_cuda(algo):
     """A checkpoint moves between torch.optim and fused_optim on CUDA in both directions,
-    with torch's state keys, dtypes and devices."""
+    with torch's state keys, dtypes and devices (the load puts NAdam's mu_product and ASGD's
+    eta and mu on the GPU, where the kernels read them: host_mirror.cuh)."""
     torch_cls, ours_cls = pu.ALGOS[algo]
     options = dict(lr=0.01, momentum=0.9) if algo == "SGD" else dict(lr=0.01)
     for first, second in ((torch_cls, ours_cls), (ours_cls, torch_cls)):

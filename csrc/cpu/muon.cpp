@@ -289,7 +289,10 @@ void muon_aten(at::TensorList params, at::TensorList grads, at::TensorList momen
     }
     const int64_t n = static_cast<int64_t>(members.size());
     g.x.copy_(at::stack(members));
-    const at::Tensor norms = at::stack(at::_foreach_norm(g.x.unbind(0), 2)).view({n, 1, 1});
+    // (torch's X.norm() of a 1x1 matrix is its |x|; CUDA's _foreach_norm squares it)
+    const at::Tensor norms =
+        g.rows * g.cols == 1 ? g.x.abs()
+                             : at::stack(at::_foreach_norm(g.x.unbind(0), 2)).view({n, 1, 1});
     g.x.div_(norms.clamp_min(eps));
     for (int64_t j = 0; j < n && !nesterov; ++j) {  // Note [Muon's bfloat16 buffer]
       if (bufs[j].scalar_type() == at::kBFloat16) bufs[j].copy_(g.x[j]);

@@ -209,8 +209,10 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const LaunchArgs<typen
       for (int j = 0; j < kV; ++j) {
         update(pp.v[j], gp.v[j], [&](int k) -> T& { return sp[k].v[j]; });
       }
-      *reinterpret_cast<Pack<T>*>(p + at) = pp;
+      // (the grad first, the param last, as the scalar tail and the CPU loops store them:
+      // a grad that is its param's memory holds the updated param after the step)
       if (a.unscale) *reinterpret_cast<Pack<T>*>(g + at) = gp;
+      *reinterpret_cast<Pack<T>*>(p + at) = pp;
       for (int k = 0; k < NS; ++k) *reinterpret_cast<Pack<T>*>(s[k] + at) = sp[k];
     }
     i = begin + packs * kV;

@@ -3,6 +3,7 @@
 // cuda/multi_tensor.cuh.
 #include <torch/library.h>
 
+#include "cuda/host_mirror.cuh"
 #include "cuda/multi_tensor.cuh"
 #include "direct_call.h"
 #include "state_lists.h"
@@ -28,18 +29,31 @@ void nadam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
   // fused_optim.NAdam runs torch's own step for capturable CUDA groups).
   TORCH_CHECK(!call.device_steps(), op,
               ": steps and mu_products on the GPU (capturable) are not supported");
-  check_scalar_states(op, "mu_products", mu_products, static_cast<int64_t>(params.size()));
+  // torch's load_state_dict moves every state but `step` to its param's device, so a
+  // loaded checkpoint's mu_products are on the GPU, where torch's for-loop reads them
+  // with .item(): worked on in one CPU copy of them all (host_mirror.cuh), as ASGD's are.
+  HostMirror mirror;
+  at::TensorList mu_in = mirror.add(op, "mu_products", mu_products, call_device(params));
+  if (!mirror.lists.empty()) {
+    TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+                op, ": mu_products on the GPU are read on the host (as torch's for-loop reads "
+                "them), which cannot be captured in a CUDA graph");
+    mirror.read();
+    mu_in = mirror.copies[0];
+  }
+  check_scalar_states(op, "mu_products", mu_in, static_cast<int64_t>(params.size()));
   if (!call.updates()) return;  // after all checks; nothing has changed yet
   const WeightDecay wd = adam_weight_decay(weight_decay, decoupled_weight_decay);
   const auto coeffs = call.count_step_on_host([&](const std::vector<double>& steps,
                                                   double lr_value, bool lr_is_f32) {
     return nadam_step_coeffs(
         nadam_coeffs(maximize, weight_decay, beta1, beta2, eps, momentum_decay), lr_value,
-        lr_is_f32, steps, mu_products);
+        lr_is_f32, steps, mu_in);
   });
   call.launch(coeffs, [&](at::ScalarType dt, bool cplx) {
     return select_nadam(dt, cplx, wd, PickKernel<NadamCoeffs>{});
   });
+  mirror.write_back();
 }
 
 }  // namespace
