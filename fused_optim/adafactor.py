@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from . import _ops
+from . import _ops, quantization
 from .optimizer import FusedOptimizer, lr_args
 
 __all__ = ["Adafactor"]
@@ -52,6 +52,20 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
 
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         return ("row_var", "col_var", "variance", "step")
+
+    def _torch_grads_reason(self) -> Optional[str]:
+        # (asked before every general-path step, before anything changes) A sharded param's
+        # update needs its RMS and its row and column means over the whole param, which a
+        # rank's shard (what the kernel sees of a DTensor) does not have.
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None and quantization.is_dtensor(p):
+                    raise RuntimeError(
+                        "fused_optim.Adafactor does not support sharded (DTensor) params "
+                        f"(FSDP2; param {i} of its group is one): the update scales by each "
+                        "param's RMS and factors its row and column means, over the whole "
+                        "param (torch.optim.Adafactor does not take DTensors either)")
+        return super()._torch_grads_reason()
 
     def _whole_group_reason(self) -> Optional[str]:
         # eps1=None is the eps of the dtype of the group's first param with a grad (below)

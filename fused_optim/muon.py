@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import quantization
 from .optimizer import FusedOptimizer, hyper_float, lr_args
 
 __all__ = ["Muon"]
@@ -65,6 +66,16 @@ class Muon(FusedOptimizer, torch.optim.Muon):
 
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         return ("momentum_buffer",)
+
+    def _torch_grads_reason(self) -> Optional[str]:
+        # (asked where the fast path declined: DTensors among them) The Newton-Schulz
+        # iterations need each whole matrix, and the kernel sees a rank's shard of a sharded
+        # param (FSDP2): torch's own Muon computes on the DTensors, with collectives.
+        reason = super()._torch_grads_reason()
+        if reason is None and any(quantization.is_dtensor(p) for group in self.param_groups
+                                  for p in group["params"] if p.grad is not None):
+            return "sharded (DTensor) params"
+        return reason
 
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
         coefficients = group["ns_coefficients"]

@@ -268,7 +268,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if key in param_group:
                     raise ValueError(
                         f"{type(self).__name__}: '{key}' is an option of the optimizer, not of "
-                        f"a param group: pass {key}= to the constructor")
+                        f"a param group: pass {key}= to the constructor (torch's "
+                        "ZeroRedundancyOptimizer puts its optimizer's options in every param "
+                        f"group: give it optimizer_class=functools.partial("
+                        f"fused_optim.{type(self).__name__}, {key}=...) instead)")
         super().add_param_group(param_group)
         if getattr(self, "_param_mode", 0) or getattr(self, "_state_dtype", None) is not None:
             try:

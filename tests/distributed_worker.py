@@ -491,9 +491,57 @@ def fsdp2_modes(rank):
                 assert opt.state[p]["rounding_state"][1].item() == 3
 
 
+def fsdp2_whole_params(rank):
+    """The algorithms whose update needs each whole param, on FSDP2's shards: Muon (Newton-
+    Schulz on whole matrices) runs torch's own Muon, which computes on the DTensors, with a
+    one-time warning; Adafactor (RMS, row and column means) is refused with a clear error
+    before anything changes. And ZeroRedundancyOptimizer, which puts its optimizer's options
+    in every param group, gets an error that says how to pass fused_optim's."""
+    import warnings
+
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    def model():
+        torch.manual_seed(0)
+        return _fsdp2_model(torch.nn.Sequential(torch.nn.Linear(16, 32, bias=False),
+                                                torch.nn.ReLU(), torch.nn.Linear(32, 7, bias=False)))
+
+    ours_model, ref_model = model(), model()
+    ours = fused_optim.Muon(ours_model.parameters(), lr=0.02)
+    ref = torch.optim.Muon(ref_model.parameters(), lr=0.02)
+    fused_optim.optimizer.FusedOptimizer._warned.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(ours_model, ours, rank, 3)
+    assert any("sharded (DTensor) params" in str(w.message) for w in caught), caught
+    train(ref_model, ref, rank, 3)
+    assert_params_equal(ours_model, ref_model, exact=True, what="FSDP2 Muon")
+
+    ada_model = model()
+    ada = fused_optim.Adafactor(ada_model.parameters(), lr=0.01)
+    before = [p.detach().to_local().clone() for p in ada_model.parameters()]
+    x, y = batch(rank, 0)
+    torch.nn.functional.mse_loss(ada_model(x), y).backward()
+    try:
+        ada.step()
+        raise AssertionError("Adafactor stepped on DTensor params")
+    except RuntimeError as e:
+        assert "does not support sharded (DTensor) params" in str(e), e
+    assert all(torch.equal(p.detach().to_local(), b) for p, b in zip(ada_model.parameters(), before))
+    assert not ada.state
+
+    try:
+        ZeroRedundancyOptimizer(model_fn().parameters(), optimizer_class=fused_optim.AdamW,
+                                lr=0.01, state_dtype=torch.bfloat16)
+        raise AssertionError("ZeRO passed state_dtype through its param groups")
+    except ValueError as e:
+        assert "functools.partial(fused_optim.AdamW, state_dtype=...)" in str(e), e
+
+
 SCENARIOS = {"ddp": ddp, "zero": zero, "fsdp2": fsdp2, "fsdp2_clip": fsdp2_clip, "dcp": dcp,
              "ddp_low_precision": ddp_low_precision, "fsdp2_state_dtype": fsdp2_state_dtype,
-             "fsdp2_8bit": fsdp2_8bit, "fsdp2_modes": fsdp2_modes}
+             "fsdp2_8bit": fsdp2_8bit, "fsdp2_modes": fsdp2_modes,
+             "fsdp2_whole_params": fsdp2_whole_params}
 
 
 def _worker(rank, scenario, port, errors):

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 
 
 @pytest.mark.parametrize("scenario", ["ddp", "zero", "fsdp2", "fsdp2_clip", "dcp", "ddp_low_precision",
-                                      "fsdp2_state_dtype", "fsdp2_8bit", "fsdp2_modes"])
+                                      "fsdp2_state_dtype", "fsdp2_8bit", "fsdp2_modes",
+                                      "fsdp2_whole_params"])
 def test_distributed(scenario):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([*filter(None, sys.path), ROOT]))
     out = subprocess.run([sys.executable, os.path.join(HERE, "distributed_worker.py"), scenario],
