@@ -100,6 +100,17 @@ def test_build_without_a_compiler_says_so(tmp_path):
     assert "building needs a C++20 compiler" in out.stderr and "no-such-c++" in out.stderr
 
 
+def test_a_setup_command_that_builds_nothing_leaves_the_build_record(tmp_path):
+    # fused_optim/_build_info.py records the torch (and CUDA) the library there was built
+    # with, for the import's "rebuild" check: only a finished build writes it (setup.py's
+    # BuildExt), not `setup.py --name` with other options, nor a failed build.
+    info = os.path.join(ROOT, "fused_optim", "_build_info.py")
+    before = open(info).read() if os.path.exists(info) else None
+    out = _setup_py(tmp_path, {"FUSED_OPTIM_CUDA": "0"})
+    assert out.returncode == 0, out.stderr
+    assert (open(info).read() if os.path.exists(info) else None) == before
+
+
 @pytest.fixture
 def setup_module(monkeypatch):
     """setup.py imported as a module (its setup() call runs only as __main__)."""
@@ -152,3 +163,12 @@ def test_cuda_auto_on_a_cpu_torch_is_a_quiet_cpu_build(setup_module, monkeypatch
     monkeypatch.setenv("FUSED_OPTIM_CUDA", "1")
     with pytest.raises(SystemExit, match="not a CUDA build"):
         setup_module.want_cuda()
+
+
+def test_every_build_compiles(setup_module):
+    # Without ninja, distutils skips an extension whose library looks newer than its
+    # sources: a rebuild after a torch upgrade would keep the old library (BuildExt).
+    from setuptools import Distribution
+    cmd = setup_module.BuildExt(Distribution({"ext_modules": []}))
+    cmd.ensure_finalized()
+    assert cmd.force
