@@ -500,6 +500,17 @@ def test_refuses_a_closure():
         opt.step(closure)
 
 
+def assert_trains_on_as_the_plain_loop(model, opt):
+    """Three more iterations of `opt` on `model` are those of a plain backward-then-step
+    loop (a fresh optimizer of its class, loaded with its state) on a copy of it."""
+    ref = copy.deepcopy(model)
+    ref_opt = type(opt)(param_groups(ref), lr=0.01)
+    ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    train(model, opt, 3, start=1)
+    train(ref, ref_opt, 3, start=1)
+    assert_same(model, opt, ref, ref_opt)
+
+
 @pytest.mark.parametrize("then", ["keep_the_handle", "remove_the_handle"])
 def test_refuses_a_grad_scaler_and_what_the_error_advises_then_works(then):
     # The refused step() ends the iteration and takes the scaler's scale and inf flag off
@@ -516,12 +527,7 @@ def test_refuses_a_grad_scaler_and_what_the_error_advises_then_works(then):
     opt.zero_grad()
     if then == "remove_the_handle":
         handle.remove()
-    ref = copy.deepcopy(model)
-    ref_opt = fused_optim.Adam(param_groups(ref), lr=0.01)
-    ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
-    train(model, opt, 3, start=1)
-    train(ref, ref_opt, 3, start=1)
-    assert_same(model, opt, ref, ref_opt)
+    assert_trains_on_as_the_plain_loop(model, opt)
 
 
 def test_a_backward_that_raises_part_way_then_zero_grad_starts_a_new_iteration():
@@ -546,12 +552,7 @@ def test_a_backward_that_raises_part_way_then_zero_grad_starts_a_new_iteration()
         loss.backward()
     assert opt.state  # some params were updated before it
     opt.zero_grad()
-    ref = copy.deepcopy(model)
-    ref_opt = fused_optim.AdamW(param_groups(ref), lr=0.01)
-    ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
-    train(model, opt, 3, start=1)
-    train(ref, ref_opt, 3, start=1)
-    assert_same(model, opt, ref, ref_opt)
+    assert_trains_on_as_the_plain_loop(model, opt)
 
 
 def test_refuses_adafactor_taking_eps1_from_a_group_of_several_dtypes():
