@@ -104,6 +104,14 @@ constexpr Py_ssize_t kAhead = 8;
 // (quantization.MIN_NUMEL; tests/test_state_dtype.py checks the two agree).
 constexpr int64_t kQuantMinNumel = 4096;
 
+// Note [version counters] (fused_optim/_ops.py, bump_versions): tensors written in place
+// behind autograd's back count the write, as torch's in-place ops count it.
+void count_writes(at::TensorList tensors) {
+  for (const at::Tensor& t : tensors) {
+    if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+  }
+}
+
 // kWrite: the memory will be written (a reference count), so it is asked for as such.
 template <int kWrite = 0>
 inline void prefetch(const void* p) {
@@ -480,9 +488,7 @@ PyObject* py_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs)
     // write them, so their version counters count it (autograd then refuses a graph that
     // saved a param's old value, as it does after torch's step). A complex param's real
     // view shares its counter.
-    for (const at::Tensor& t : call.lists[0]) {
-      if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
-    }
+    count_writes(call.lists[0]);
   }
   Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS
@@ -589,9 +595,7 @@ PyObject* py_mul_grads(PyObject* /*module*/, PyObject* const* args, Py_ssize_t n
   if (gather_grads(args[0], grads) == Grads::kDecline) Py_RETURN_FALSE;
   if (grads.empty()) Py_RETURN_TRUE;
   if (scalar.numel() != 1 || scalar.item<double>() != 1.0) cpu::mul_cpu(grads.list(), scalar);
-  for (const at::Tensor& t : grads.list()) {
-    if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
-  }
+  count_writes(grads.list());
   Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS
 }

@@ -13,6 +13,18 @@ from torch import Tensor
 _lib = torch.ops.fused_optim
 
 
+def bump_versions(tensors: List[Tensor]) -> None:
+    """Note [version counters]: the kernels write params in place behind autograd's back
+    (and clipping its grads); their version counters are bumped as torch's in-place ops
+    bump them, so that autograd refuses a graph that saved an old value (a retained graph
+    after a step, a param read later in the backward that step_in_backward updated it in,
+    a grad made with create_graph=True), as it does after torch's own ops. (_C._step and
+    _C._mul_grads_ bump their own in C++. Under torch.compile the op's declared mutations
+    are functionalized instead.)"""
+    if not torch.compiler.is_compiling():
+        torch.autograd.graph.increment_version(tensors)
+
+
 def dtensor_class() -> Optional[type]:
     """torch's DTensor class where torch.distributed.tensor is imported; None where it is
     not (then no tensor can be one), so that nothing here imports torch.distributed."""

@@ -73,6 +73,16 @@ def step_in_backward(optimizer: FusedOptimizer, *, bucket_cap_mb: float = 25.0,
                           accumulation_steps=accumulation_steps)
 
 
+def _restore(opt: Any, name: str, ours: Any, previous: Any) -> None:
+    """Puts back the instance attribute `name` that `ours` replaced (none, if there was
+    none), where `ours` is still the one there."""
+    if opt.__dict__.get(name) is ours:
+        if previous is _MISSING:
+            delattr(opt, name)
+        else:
+            setattr(opt, name, previous)
+
+
 class StepInBackward:
     """The handle of step_in_backward: remove() takes the hooks off and restores step()."""
 
@@ -332,17 +342,9 @@ class StepInBackward:
                 hook.remove()
             self._hooks.clear()
             opt = self.optimizer
-            if opt.__dict__.get("step") is self._step:
-                if self._previous_attr is _MISSING:
-                    del opt.step
-                else:
-                    opt.step = self._previous_attr
-            # else a scheduler made after us wraps our step, which now passes calls through.
-            if opt.__dict__.get("zero_grad") is self._zero_grad_method:
-                if self._previous_zero_grad_attr is _MISSING:
-                    del opt.zero_grad
-                else:
-                    opt.zero_grad = self._previous_zero_grad_attr
+            # (else a scheduler made after us wraps our step, which now passes calls through)
+            _restore(opt, "step", self._step, self._previous_attr)
+            _restore(opt, "zero_grad", self._zero_grad_method, self._previous_zero_grad_attr)
             if getattr(opt, "_fused_step_in_backward", None) is self:
                 del opt._fused_step_in_backward
 

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from . import _C
-from ._ops import param_list
+from ._ops import bump_versions, param_list
 
 __all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_"]
 
@@ -169,15 +169,7 @@ def clip_grads_with_norm_(
     # would synchronise); on the CPU asking is free. The grads count a write either way.
     if coef.item() != 1.0:
         _mul_grads_(grads, coef)
-    _count_write(grads)
-
-
-def _count_write(grads: List[Tensor]) -> None:
-    """Note [version counters] (optimizer.py): the grads were multiplied in place behind
-    autograd's back; their version counters count it as torch's in-place multiply does (a
-    graph that saved a grad, made with create_graph=True, then refuses to run backward)."""
-    if not torch.compiler.is_compiling():
-        torch.autograd.graph.increment_version(grads)
+    bump_versions(grads)
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.optim.optimizer import _device_dtype_check_for_fused, _get_scalar_dtype
 
 from . import _C, _ops, quantization
-from ._ops import param_list
+from ._ops import bump_versions, param_list
 from .clip import clip_in_step
 from ._loader import built_with_cuda, why_no_cuda
 
@@ -75,17 +75,6 @@ def _mix64(z: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return z ^ (z >> 31)
-
-
-def bump_versions(params: List[Tensor]) -> None:
-    """Note [version counters]: the kernels write params in place behind autograd's back;
-    their version counters are bumped as torch's in-place ops bump them, so that autograd
-    refuses a graph that saved a param's old value (a retained graph after a step, a param
-    read later in the backward that step_in_backward updated it in), as it does after
-    torch.optim's step. (_C._step bumps its own in C++. Under torch.compile the op's
-    declared mutations are functionalized instead.)"""
-    if not torch.compiler.is_compiling():
-        torch.autograd.graph.increment_version(params)
 
 
 def _unmix64(z: int) -> int:

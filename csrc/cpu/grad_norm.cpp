@@ -38,9 +38,10 @@ namespace {
 // suite: float32 and float64 measured the same on torch 2.8, 2.13 and 2.14); what runs
 // in parallel here is tensors, spread over the threads by size. The infinity norm (the
 // largest |x|, NaN if any is NaN) does not depend on the order. torch's norm of a tensor
-// of one element is that element's |x| (no square to over- or underflow): so here too. Anything else (a tensor
-// that is not dense, a norm type other than 2 and inf) gets torch's own norm, on the
-// calling thread; the norm of the norms is always computed by torch (clip.py).
+// of one element is that element's |x| (no square to over- or underflow): so here too.
+// Anything else (a tensor that is not dense, a norm type other than 2 and inf) gets
+// torch's own norm, on the calling thread; the norm of the norms is always computed by
+// torch (clip.py).
 // `inv_scale` != 1: the norm of the tensors multiplied by it and rounded to their dtype,
 // as a GradScaler's unscale_ leaves grads before clip_grad_norm_ reads them.
 
