@@ -105,6 +105,16 @@ FO_HOST_DEVICE FO_INLINE double round_to_math_type(bool double_math, double x) {
   return double_math ? x : static_cast<double>(static_cast<float>(x));
 }
 
+// The 2-norm of a param or update from its sum of squares (added in double), as torch's
+// norm computes it: in float for float32 and 16-bit tensors, whose squares and sum overflow
+// to inf past float's largest value (a float32 param of 1e20 has an infinite norm there,
+// and so an infinite step), rounded to float otherwise.
+FO_HOST_DEVICE FO_INLINE double norm_from_squares(bool double_math, double sum) {
+  constexpr double kFloatMax = 3.4028234663852886e38;
+  if (!double_math && sum > kFloatMax) return static_cast<double>(INFINITY);
+  return round_to_math_type(double_math, sqrt_(sum));
+}
+
 // -alpha / denom of a param from the sums of squares of its update (usum) and of the param
 // (psum), as torch's for-loop computes them (Python floats; IEEE operations only, so the
 // host and the GPU give the same bits).
@@ -114,11 +124,11 @@ FO_HOST_DEVICE FO_INLINE double step_scale(const Entry& e, const Finish& f, doub
   // max(eps2, param.norm(2).item() / numel ** 0.5): Python's max keeps eps2 unless the
   // RMS is greater (a NaN RMS gives eps2), and min(lr, 1 / step ** 0.5) keeps lr unless
   // the other is smaller.
-  const double rms = round_to_math_type(double_math, sqrt_(psum)) / e.count_sqrt;
+  const double rms = norm_from_squares(double_math, psum) / e.count_sqrt;
   const double scale = rms > f.eps2 ? rms : f.eps2;
   const double r = e.inv_sqrt_step;
   // denom = max(1.0, update.norm(2).item() / (numel ** 0.5 * d))
-  const double q = round_to_math_type(double_math, sqrt_(usum)) / (e.count_sqrt * f.d);
+  const double q = norm_from_squares(double_math, usum) / (e.count_sqrt * f.d);
   const double denom = q > 1.0 ? q : 1.0;
   if (f.lr_is_f32 && !(static_cast<float>(f.lr) > static_cast<float>(r))) {
     // rho_t is the float32 Tensor lr itself (the comparison too is a float32 tensor op):

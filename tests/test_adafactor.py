@@ -542,3 +542,21 @@ def test_a_bad_wave_variable_is_a_clear_error_before_anything_changes(value):
     assert "FUSED_OPTIM_ADAFACTOR_WAVE must be auto, off or a number of elements" in out.stdout
     assert f"not {value}" in out.stdout
     assert "UNCHANGED True" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("shape", [(4,), (2, 2)], ids=["1d", "2d"])
+def test_a_param_whose_norm_overflows_float_steps_to_torchs_infinities(shape):
+    """torch's param.norm(2) of a float32 param sums its squares in float: a param of 1e20
+    has an infinite RMS, so an infinite step size. The kernel added the squares in double
+    and stepped to finite values (found by a review, 2026-12-05); it now takes a sum past
+    float's largest value as torch's inf (Note [Adafactor's sums]). Same infinities and
+    NaNs, same finite values."""
+    out = []
+    for cls, kw in ((torch.optim.Adafactor, dict(foreach=False)), (fused_optim.Adafactor, {})):
+        p = torch.tensor([1e20, 1.0, 2.0, 3.0]).reshape(shape).requires_grad_()
+        opt = cls([p], lr=0.01, **kw)
+        p.grad = torch.tensor([0.5, 0.1, -0.2, 0.3]).reshape(shape)
+        opt.step()
+        out.append(p.detach().clone())
+    assert not out[0].isfinite().any()
+    torch.testing.assert_close(out[1], out[0], equal_nan=True, rtol=0, atol=0)

@@ -649,3 +649,45 @@ def test_compiled_step_matches_eager():
         opt_ref.step()
         step()
     assert_matches(ours, ref, opt_ours, opt_ref, kwargs, 2)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_params_overlapping_across_shapes_step_in_list_order_as_torch(threads):
+    """Note [Muon's overlapping params]: views of one flat buffer that overlap, of different
+    shapes. torch's for-loop updates them in list order (the second's weight decay reads
+    the first's result); the shape groups ran in another order, and side by side on two
+    threads (171 of 200 runs differed from the first; found by a review, 2026-12-05). Now
+    one group per param, in list order: bitwise torch's (2-D products, torch's own calls),
+    5 steps, at 1 and 2 threads."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = []
+        for cls in (torch.optim.Muon, fused_optim.Muon):
+            flat = torch.randn(24 + 16 + 48 * 64, generator=torch.Generator().manual_seed(0))
+            ps = [flat[0:12].view(3, 4), flat[6:18].view(4, 3), flat[12:24].view(3, 4),
+                  flat[24:24 + 64 * 48].view(64, 48), flat[24 + 16:24 + 16 + 48 * 64].view(48, 64)]
+            ps = [p.requires_grad_() for p in ps]
+            opt = cls(ps, lr=0.1, weight_decay=0.1)
+            for step in range(5):
+                g = torch.Generator().manual_seed(step + 1)
+                for p in ps:
+                    p.grad = torch.randn(p.shape, generator=g)
+                opt.step()
+            out.append(flat.clone())
+        assert torch.equal(out[0], out[1])
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_a_nan_eps_makes_every_param_nan_as_torchs_clamp():
+    """torch's update.norm().clamp(min=eps) with eps NaN is NaN; ours kept the norm (found
+    by a review, 2026-12-05)."""
+    out = []
+    for cls in (torch.optim.Muon, fused_optim.Muon):
+        p = torch.nn.Parameter(torch.ones(3, 4))
+        opt = cls([p], lr=0.02, eps=float("nan"))
+        p.grad = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+        opt.step()
+        out.append(p.detach().clone())
+    assert out[0].isnan().all() and out[1].isnan().all()

@@ -172,14 +172,42 @@ struct ShapeGroup {
   at::Tensor x;  // (members, rows, cols), bfloat16, contiguous: make_stack
 };
 
-std::vector<ShapeGroup> group_by_shape(at::TensorList params) {
+// Note [Muon's overlapping params]
+// torch's for-loop updates a group's params one after the other, so where two share
+// memory (views of one flat buffer) the second's update (its weight decay reads the param)
+// starts from the first's result. The shape groups run in another order, and the small
+// ones side by side on threads; so a call whose params' memory overlaps makes one group per
+// param, in list order, run on the calling thread (for_groups): the for-loop's bits. The
+// check takes each param's span of bytes, from its first element to its last: a strided
+// param's span may hold elements of another that it does not share, which only costs the
+// batching.
+bool params_overlap(at::TensorList params) {
+  std::vector<std::pair<const char*, const char*>> spans;
+  spans.reserve(params.size());
+  for (const at::Tensor& p : params) {
+    if (p.numel() == 0) continue;
+    int64_t last = 0;  // the offset of the last element, in elements
+    for (int64_t d = 0; d < p.dim(); ++d) last += (p.size(d) - 1) * std::abs(p.stride(d));
+    const auto* lo = static_cast<const char*>(p.const_data_ptr());
+    spans.emplace_back(lo, lo + (last + 1) * static_cast<int64_t>(p.element_size()));
+  }
+  std::sort(spans.begin(), spans.end());
+  for (size_t j = 0; j + 1 < spans.size(); ++j) {
+    if (spans[j].second > spans[j + 1].first) return true;
+  }
+  return false;
+}
+
+// The params' shape groups, each group's members in list order; with `one_per_param`
+// (Note [Muon's overlapping params]), one group per param, in list order.
+std::vector<ShapeGroup> group_by_shape(at::TensorList params, bool one_per_param) {
   std::map<std::pair<int64_t, int64_t>, size_t> where;
   std::vector<ShapeGroup> groups;
   for (size_t i = 0; i < params.size(); ++i) {
     const auto key = std::make_pair(params[i].size(0), params[i].size(1));
     auto it = where.find(key);
-    if (it == where.end()) {
-      it = where.emplace(key, groups.size()).first;
+    if (one_per_param || it == where.end()) {
+      it = where.insert_or_assign(key, groups.size()).first;
       groups.emplace_back();
       groups.back().rows = key.first;
       groups.back().cols = key.second;
@@ -278,7 +306,7 @@ void muon_aten(at::TensorList params, at::TensorList grads, at::TensorList momen
   std::vector<at::Tensor> updates =
       nesterov ? at::_foreach_lerp(grads, momentum_buffers, at::Scalar(momentum))
                : momentum_buffers.vec();
-  std::vector<ShapeGroup> groups = group_by_shape(params);
+  std::vector<ShapeGroup> groups = group_by_shape(params, params_overlap(params));
   for (ShapeGroup& g : groups) {
     make_stack(g, params[0].options());
     std::vector<at::Tensor> members, bufs, ps;
@@ -533,7 +561,14 @@ bool plain_caller() {
 }
 
 void for_groups(const std::vector<ShapeGroup>& groups, const std::function<void(size_t)>& run,
-                const std::function<void(size_t)>& copy_back) {
+                const std::function<void(size_t)>& copy_back, bool in_list_order) {
+  if (in_list_order) {  // Note [Muon's overlapping params]
+    for (size_t gi = 0; gi < groups.size(); ++gi) {
+      run(gi);
+      copy_back(gi);
+    }
+    return;
+  }
   auto cost = [&](size_t gi) {
     const ShapeGroup& g = groups[gi];
     return static_cast<double>(g.members.size()) * static_cast<double>(g.rows) *
@@ -616,7 +651,8 @@ void muon_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
   const double inv_scale = in.inv_scale;
   lr = in.lr;
 
-  std::vector<ShapeGroup> groups = group_by_shape(params);
+  const bool overlap = params_overlap(params);
+  std::vector<ShapeGroup> groups = group_by_shape(params, overlap);
   const at::TensorOptions options = params[0].options();
   std::vector<Slot> slots(params.size());
   for (size_t gi = 0; gi < groups.size(); ++gi) {
@@ -680,7 +716,9 @@ void muon_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
       std::vector<float> divisors(g.members.size());
       for (size_t j = 0; j < g.members.size(); ++j) {
         const float n = static_cast<float>(nv[j]);
-        divisors[j] = n < eps_bf16 ? eps_bf16 : n;  // clamp(min=eps): a NaN stays
+        // clamp(min=eps): a NaN norm stays; a NaN eps makes every divisor NaN, as
+        // torch's clamp with a NaN bound does
+        divisors[j] = n < eps_bf16 || eps_bf16 != eps_bf16 ? eps_bf16 : n;
       }
       for_pieces(pieces, [&](const Piece& pc) {
         const Slot& s = slots[pc.slot];
@@ -737,7 +775,7 @@ void muon_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
         if (s.p_temp) params[i].copy_(s.p);
       }
     };
-    for_groups(groups, run_group, copy_back);
+    for_groups(groups, run_group, copy_back, overlap);
     return nullptr;
   });
 }
