@@ -28,11 +28,6 @@ bool is_storable(at::ScalarType t) {
 }
 constexpr int64_t kQuantBlockSize = 256;  // Note [8-bit state] (cpu/quant8.h)
 
-bool is_supported_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf ||
-         t == at::kComplexFloat || t == at::kComplexDouble;
-}
-
 // Same layout as far as elementwise work goes: equal strides on every dimension of
 // size > 1 (a size-1 dimension's stride is never used).
 bool same_layout(const at::Tensor& a, const at::Tensor& b) {

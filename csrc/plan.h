@@ -25,6 +25,13 @@ constexpr int kMaxStates = kMaxRuleStates + 1;
 // Below this many params in a call, a plan checks its tensors on one thread.
 constexpr int64_t kParallelChecks = 1024;
 
+// The param dtypes the elementwise kernels take (the fast path of python_step.cpp leaves
+// a step with others to torch's own: fused_optim/optimizer.py, _torch_grads_reason).
+inline bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf ||
+         t == at::kComplexFloat || t == at::kComplexDouble;
+}
+
 // Pointers of one tensor's data (after layout handling), as seen by a loop.
 struct TensorPtrs {
   void* param;

@@ -19,6 +19,7 @@
 #include "cpu/grad_norm.h"
 #include "cpu/tuning.h"
 #include "direct_call.h"
+#include "plan.h"
 
 namespace fused_optim {
 namespace {
@@ -49,6 +50,8 @@ class BorrowedTensors {
 // A dense CPU or CUDA tensor with nothing in between it and its memory: no tensor
 // subclass, no functorch or functionalization wrapper, no conjugate or negative bit, no
 // sparse layout. Anything else takes the dispatcher path, which handles it as before.
+// A tensor a kernel takes: a dense tensor of the CPU or CUDA backends, nothing else in its
+// key set (no subclass, no functorch or Python keys).
 bool is_plain(const at::Tensor& t) {
   static const c10::DispatchKeySet plain_cpu{
       c10::DispatchKey::CPU, c10::DispatchKey::ADInplaceOrView, c10::DispatchKey::AutogradCPU,
@@ -61,12 +64,20 @@ bool is_plain(const at::Tensor& t) {
          t.layout() == at::kStrided;
 }
 
+// A plain tensor the step may write: not an inference tensor (made under
+// torch.inference_mode(), which leaves out the ADInplaceOrView key). torch refuses to
+// update those in place outside inference mode; the general path raises its error there
+// (FusedOptimizer._update_group), and steps them inside it.
+bool is_plain_writable(const at::Tensor& t) {
+  return is_plain(t) && t.key_set().has(c10::DispatchKey::ADInplaceOrView);
+}
+
 // The tensor a Python object holds if it is a plain Tensor or Parameter (not a subclass)
-// holding a plain tensor; nullptr otherwise.
-const at::Tensor* plain_tensor(PyObject* obj) {
+// holding a plain tensor (one the step may write, with `written`); nullptr otherwise.
+const at::Tensor* plain_tensor(PyObject* obj, bool written) {
   if (!THPVariable_CheckExact(obj)) return nullptr;
   const at::Tensor& t = THPVariable_Unpack(obj);
-  return is_plain(t) ? &t : nullptr;
+  return (written ? is_plain_writable(t) : is_plain(t)) ? &t : nullptr;
 }
 
 // The kernel a group's call goes to: the CPU kernel registered as `name`, or for a group
@@ -259,7 +270,7 @@ Gathered gather_group(const GroupSnapshot& snap, PyObject* keys,
   tensor_pass(n, [&](Py_ssize_t i, Py_ssize_t end) {
     if (i + 2 * kAhead < end) prefetch(snap.params[static_cast<size_t>(i + 2 * kAhead)]);
     if (i + kAhead < end) prefetch_tensor_impl(snap.params[static_cast<size_t>(i + kAhead)]);
-    const at::Tensor* p = plain_tensor(snap.params[static_cast<size_t>(i)]);
+    const at::Tensor* p = plain_tensor(snap.params[static_cast<size_t>(i)], /*written=*/true);
     if (p == nullptr) {
       decline.store(true, std::memory_order_relaxed);
       return;
@@ -275,7 +286,8 @@ Gathered gather_group(const GroupSnapshot& snap, PyObject* keys,
   // Pass 2: the grads (TensorImpl::grad: torch.optim refuses non-leaf params, so the
   // non-leaf warning of Tensor::grad has nothing to say here).
   // A grad the fast path takes is plain, of its param's dtype (a grad of another dtype,
-  // which torch >= 2.9 allows, goes to the general path, which runs torch's step for it);
+  // which torch >= 2.9 allows, goes to the general path, which runs torch's step for it,
+  // as does a param of a dtype the kernels do not take: complex32, say);
   // checked here, on torch's threads, so that the serial loop below reads no TensorImpl.
   std::vector<const at::Tensor*> grad_tensors(static_cast<size_t>(n));
   tensor_pass(n, [&](Py_ssize_t i, Py_ssize_t end) {
@@ -286,7 +298,8 @@ Gathered gather_group(const GroupSnapshot& snap, PyObject* keys,
     }
     const at::Tensor& p = *param_tensors[static_cast<size_t>(i)];
     const at::Tensor& g = p.unsafeGetTensorImpl()->grad();
-    if (g.defined() && (!is_plain(g) || g.scalar_type() != p.scalar_type())) {
+    if (g.defined() && (!is_plain(g) || g.scalar_type() != p.scalar_type() ||
+                        !is_supported_dtype(p.scalar_type()))) {
       decline.store(true, std::memory_order_relaxed);
     }
     grad_tensors[static_cast<size_t>(i)] = &g;
@@ -338,7 +351,7 @@ Gathered gather_group(const GroupSnapshot& snap, PyObject* keys,
     auto value = [&](Py_ssize_t i) { return values[static_cast<size_t>(i * num_keys + k)]; };
     tensor_pass(m, [&](Py_ssize_t i, Py_ssize_t end) {
       if (i + kAhead < end) prefetch_tensor_impl(value(i + kAhead));
-      const at::Tensor* s = plain_tensor(value(i));
+      const at::Tensor* s = plain_tensor(value(i), /*written=*/true);
       if (s == nullptr) decline.store(true, std::memory_order_relaxed);
       state_tensors[static_cast<size_t>(i)] = s;
       if (scales && s != nullptr) {
@@ -390,6 +403,11 @@ PyObject* py_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs)
   if (c10::impl::TorchDispatchModeTLS::any_modes_set() || at::impl::torch_function_mode_enabled()) {
     Py_RETURN_FALSE;
   }
+  // The CPU loops' choices (Note [CPU tuning]: FUSED_OPTIM_ISA and the others), made once
+  // per process: a bad value raises here, before a step is counted (Adagrad's first step,
+  // whose state its constructor made, comes here; the others' first steps through
+  // FusedOptimizer._update_group, which asks the same).
+  cpu::make_cpu_choices();
   const Py_ssize_t num_groups = PyList_GET_SIZE(groups);
   for (Py_ssize_t g = 0; g < num_groups; ++g) {
     PyObject* group_keys = PyList_GET_ITEM(keys, g);
@@ -546,11 +564,11 @@ Grads gather_grads(PyObject* groups, BorrowedTensors& grads) {
     PyObject* params = PyList_GET_ITEM(groups, g);
     TORCH_CHECK_TYPE(PyList_Check(params), "expects a list of lists of params");
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(params); ++i) {
-      const at::Tensor* p = plain_tensor(PyList_GET_ITEM(params, i));
+      const at::Tensor* p = plain_tensor(PyList_GET_ITEM(params, i), /*written=*/false);
       if (p == nullptr) return Grads::kDecline;
       const at::Tensor& grad = p->unsafeGetTensorImpl()->grad();
       if (!grad.defined()) continue;
-      if (!is_plain(grad) || !grad.device().is_cpu()) return Grads::kDecline;
+      if (!is_plain_writable(grad) || !grad.device().is_cpu()) return Grads::kDecline;
       const at::ScalarType dt = grad.scalar_type();
       if (dt != at::kFloat && dt != at::kDouble && dt != at::kBFloat16 && dt != at::kHalf) {
         return Grads::kDecline;

@@ -5,12 +5,31 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _device_dtype_check_for_fused, _get_scalar_dtype
 
-from .optimizer import FusedOptimizer, betas_args, hyper_float, lr_args, zeros_states
+from .optimizer import (C10_NAMES, FusedOptimizer, betas_args, check_host_division, hyper_float,
+                        lr_args, zeros_states)
 
 __all__ = ["Adam", "AdamW"]
 
 
 class _AdamStep(FusedOptimizer):
+    @staticmethod
+    def _fused_complex_error(p: Tensor) -> Exception:
+        # torch's fused Adam kernel has no complex dtypes (a group made fused=True after
+        # its complex params' state exists): its dispatcher's error.
+        return NotImplementedError(
+            f'"fused_adam_kernel" not implemented for \'{C10_NAMES[p.dtype]}\'')
+
+    def _check_fused_groups(self) -> None:
+        # torch's _init_group raises its device and dtype check for a complex param whose
+        # state it makes (_init_state does the same); the kernel's error only where every
+        # complex param with a grad has its state already.
+        for group in self.param_groups:
+            if group.get("fused"):
+                complex_params = [p for p in group["params"]
+                                  if p.grad is not None and p.is_complex()]
+                if complex_params and all(self.state.get(p) for p in complex_params):
+                    raise self._fused_complex_error(complex_params[0])
+
     _op = "adam_"
     _moment_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # Note [state storage]
 
@@ -18,6 +37,14 @@ class _AdamStep(FusedOptimizer):
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if group["amsgrad"] else None, "step")
 
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        lr, beta1 = group["lr"], group["betas"][0]
+        if isinstance(lr, Tensor) and group["foreach"] and not group["capturable"]:
+            # (torch's foreach step checks it each step; its constructor too)
+            raise RuntimeError("lr as a Tensor is not supported for capturable=False and "
+                               "foreach=True")
+        # (torch: step_size = lr / (1 - beta1 ** step), with a float lr)
+        check_host_division(group, None if isinstance(lr, Tensor) or group["capturable"]
+                            or isinstance(beta1, Tensor) else 1 - beta1)
         return dict(
             **lr_args(group["lr"]),
             **betas_args(group),
@@ -94,7 +121,10 @@ class Adam(_AdamStep, torch.optim.Adam):
                           state_dtype=state_dtype)
 
 
-class AdamW(_AdamStep, torch.optim.AdamW):
+# A subclass of our Adam as torch's AdamW is of its Adam (isinstance(opt, optim.Adam) holds
+# for an AdamW after `import fused_optim as optim`, as with torch.optim), and of torch's
+# AdamW, whose constructor it calls.
+class AdamW(Adam, torch.optim.AdamW):
     __doc__ = torch.optim.AdamW.__doc__
     _torch_class = torch.optim.AdamW
 
@@ -119,7 +149,8 @@ class AdamW(_AdamStep, torch.optim.AdamW):
         stochastic_rounding=False,
         state_dtype=None,
     ):
-        super().__init__(
+        torch.optim.AdamW.__init__(
+            self,
             params,
             lr=lr,
             betas=betas,

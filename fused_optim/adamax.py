@@ -4,7 +4,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .optimizer import FusedOptimizer, betas_args, hyper_float, lr_args, scalar_state, zeros_states
+from .optimizer import (FusedOptimizer, betas_args, check_host_division, hyper_float, lr_args,
+                        scalar_state, zeros_states)
 
 __all__ = ["Adamax"]
 
@@ -55,6 +56,10 @@ class Adamax(FusedOptimizer, torch.optim.Adamax):
         return ("exp_avg", "exp_inf", "step")
 
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        lr, beta1 = group["lr"], group["betas"][0]
+        # (torch: clr = lr / (1 - beta1 ** step), with a float lr)
+        check_host_division(group, None if isinstance(lr, Tensor) or group["capturable"]
+                            or isinstance(beta1, Tensor) else 1 - beta1)
         return dict(
             **lr_args(group["lr"]),
             **betas_args(group),

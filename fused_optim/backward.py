@@ -31,8 +31,10 @@ options that run torch's own step (differentiable=True, ...), sparse grads, a cl
 torch.distributed with several processes (DDP all-reduces a grad after its hook has run).
 A GradScaler is seen only by step(), after the iteration's updates ran: step() raises then.
 """
+import contextlib
 import threading
 import types
+import warnings
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -71,6 +73,63 @@ def step_in_backward(optimizer: FusedOptimizer, *, bucket_cap_mb: float = 25.0,
     """
     return StepInBackward(optimizer, bucket_cap_mb=bucket_cap_mb,
                           accumulation_steps=accumulation_steps)
+
+
+def _hyper_parameters(group: Dict[str, Any]) -> Dict[str, Any]:
+    """A param group's entries but its params, Tensors copied (a scheduler updates a Tensor
+    lr in place): Note [hyper-parameters in step in backward]."""
+    return {k: _copied(v) for k, v in group.items() if k not in ("params", "param_names")}
+
+
+def _copied(v: Any) -> Any:
+    if isinstance(v, Tensor):
+        return v.detach().clone()
+    if isinstance(v, (tuple, list)):
+        return type(v)(_copied(x) for x in v)
+    return v
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b)))
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        return (type(a) is type(b) and len(a) == len(b)
+                and all(_same_value(x, y) for x, y in zip(a, b)))
+    try:
+        return bool(a == b) or (a != a and b != b)  # (a NaN is the NaN it was)
+    except Exception:  # (values whose comparison raises: compared by identity)
+        return a is b
+
+
+def _refuse_shared_version_counters(params: List[Tensor]) -> None:
+    """Params that are views of one tensor (`nn.Parameter(flat[a:b].view(shape))`, one
+    flat buffer) share its autograd version counter: a param updated during backward
+    bumps it, and autograd then refuses what it saved of the others ("modified by an
+    inplace operation") part way through the backward. Refused before anything is written.
+    Which params share a counter is seen by bumping one of each storage's and reading the
+    others' (a bump, as a step makes, is all this changes)."""
+    by_storage: Dict[int, List[Tensor]] = {}
+    for p in params:
+        if p.numel() == 0 or p.device.type == "meta" or type(p) not in (Tensor,
+                                                                       torch.nn.Parameter):
+            continue  # (a subclass's storage, a DTensor's say, is not its own to read)
+        by_storage.setdefault(p.untyped_storage().data_ptr(), []).append(p)
+    for shared in by_storage.values():
+        if len(shared) < 2:
+            continue
+        before = [q._version for q in shared]
+        torch.autograd.graph.increment_version(shared[0])
+        for q, v in zip(shared[1:], before[1:]):
+            if q._version != v:
+                raise RuntimeError(
+                    "fused_optim.step_in_backward: two params (of shapes "
+                    f"{tuple(shared[0].shape)} and {tuple(q.shape)}) are views of one tensor "
+                    "(one flat buffer, say) and share its autograd version counter: updating "
+                    "one during backward would make autograd refuse what it saved of the other "
+                    "('modified by an inplace operation'), part way through the backward. Give "
+                    "each param its own tensor (nn.Parameter(t.clone())), or train these params "
+                    "without step_in_backward")
 
 
 def _restore(opt: Any, name: str, ours: Any, previous: Any) -> None:
@@ -124,6 +183,9 @@ class StepInBackward:
         self._group_of: Dict[Tensor, int] = {}
         self._layout: Optional[tuple] = None
         self._no_grad_params: List[Tensor] = []
+        # The groups' hyper-parameters as this iteration's first update used them (Note
+        # [hyper-parameters in step in backward])
+        self._hyper: Optional[List[Dict[str, Any]]] = None
         self._track_params()
         self._install_step()
         optimizer._fused_step_in_backward = self
@@ -160,6 +222,7 @@ class StepInBackward:
         groups = self.optimizer.param_groups
         layout = tuple(len(g["params"]) for g in groups)
         if layout != self._layout:  # at install, or a group was added
+            _refuse_shared_version_counters(list({p: None for g in groups for p in g["params"]}))
             self._layout = layout
             self._group_of = {p: i for i, g in enumerate(groups) for p in g["params"]}
             candidates = list(self._group_of)
@@ -221,6 +284,8 @@ class StepInBackward:
         params, self._pending, self._pending_bytes = self._pending, [], 0
         opt = self.optimizer
         groups = opt.param_groups
+        if self._hyper is None:
+            self._hyper = [_hyper_parameters(g) for g in groups]
         by_group: Dict[int, List[Tensor]] = {}
         for p in params:
             by_group.setdefault(self._group_of[p], []).append(p)
@@ -290,7 +355,8 @@ class StepInBackward:
                     opt.__dict__.pop(attr, None)
                 raise RuntimeError(refusal)
             # The pending params are the only ones with grads among those updated in backward.
-            out = previous_step()
+            with self._hyper_parameters_of_the_iteration():
+                out = previous_step()
             for p in self._counts:
                 p.grad = None
             self._reset_iteration()
@@ -322,6 +388,44 @@ class StepInBackward:
         """Forgets the iteration's backwards: the next grad starts a new one."""
         self._counts.clear()
         self._pending, self._pending_bytes = [], 0
+        self._hyper = None
+
+    @contextlib.contextmanager
+    def _hyper_parameters_of_the_iteration(self):
+        """Note [hyper-parameters in step in backward]
+        A loop may set hyper-parameters between backward() and step() (`g["lr"] = f(it)`),
+        which backward-then-step applies to the whole iteration. Step in backward updated
+        most params during backward, with the values then: so step() updates the pending
+        ones with those values too (each group's changed entries put back for the call, the
+        new ones restored after it), the change takes effect from the next iteration, and a
+        warning says so. Every param of the iteration is updated with the same values."""
+        old = self._hyper
+        groups = self.optimizer.param_groups
+        changed = []
+        for index, (group, before) in enumerate(zip(groups, old or ())):
+            keys = [k for k, v in before.items() if not _same_value(group.get(k, _MISSING), v)]
+            if keys:
+                changed.append((index, {k: group.get(k, _MISSING) for k in keys}))
+        if changed:
+            warnings.warn(
+                "fused_optim.step_in_backward: " + ", ".join(
+                    f"param_groups[{i}]['{k}']" for i, now in changed for k in now)
+                + " changed between backward() and step(). Step in backward updated most "
+                "params during backward, with the values then: the rest are updated with them "
+                "too, and the new values take effect from the next iteration. Change "
+                "hyper-parameters before backward() (or after step()) to apply them to an "
+                "iteration", stacklevel=4)
+            for index, now in changed:
+                groups[index].update({k: old[index][k] for k in now})
+        try:
+            yield
+        finally:
+            for index, now in changed:
+                for k, v in now.items():
+                    if v is _MISSING:
+                        groups[index].pop(k, None)
+                    else:
+                        groups[index][k] = v
 
     def _zero_grad(self, previous_zero_grad, set_to_none: bool) -> None:
         """zero_grad() ends the iteration too: after a backward that raised part way (some

@@ -12,6 +12,7 @@ All state lives in ``self.state`` as plain tensors with torch's keys, dtypes and
 both directions, and schedulers, GradScaler and torch.distributed see what they expect.
 """
 import inspect
+import itertools
 import threading
 import warnings
 from collections import OrderedDict
@@ -94,6 +95,19 @@ _FUSED_OPTIONS = {"max_grad_norm": Optional[float], "grad_norm_type": float,
                   "state_dtype": Optional[torch.dtype]}
 
 
+# Whether the CPU loops' choices were made (FusedOptimizer._update_group).
+_cpu_choices_made = False
+
+# c10's names of the complex dtypes, as its dispatch errors print them.
+C10_NAMES = {torch.complex32: "ComplexHalf", torch.complex64: "ComplexFloat",
+             torch.complex128: "ComplexDouble"}
+
+# The param dtypes the kernels take (is_supported_dtype in csrc/plan.h); a step with others
+# runs torch's own (_torch_grads_reason).
+_KERNEL_DTYPES = frozenset((torch.float32, torch.float64, torch.bfloat16, torch.float16,
+                            torch.complex64, torch.complex128))
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     # Set per algorithm: the torch.optim class it replaces, and the group options that
     # make us run that class's own step instead of the kernel.
@@ -110,10 +124,23 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     _warned: set = set()
 
+    # The name of the method of torch's Optimizer that torch's step of this algorithm calls
+    # first, to refuse a CUDA graph capture of groups that are not capturable, or None where
+    # it calls none (SGD, Adagrad, SparseAdam, Muon): read from its code.
+    _capture_check: Optional[str] = None
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        torch_step = getattr(cls.__dict__.get("_torch_class"), "step", None)
+        while hasattr(torch_step, "__wrapped__"):  # (torch's decorators)
+            torch_step = torch_step.__wrapped__
+        if torch_step is not None:
+            names = getattr(getattr(torch_step, "__code__", None), "co_names", ())
+            cls._capture_check = next((n for n in ("_accelerator_graph_capture_health_check",
+                                                   "_cuda_graph_capture_health_check")
+                                       if n in names), None)
         # The constructor's annotations are torch's for torch's parameters (what
         # inspect.signature, type checkers and IDEs show), as its names and defaults are.
-        super().__init_subclass__(**kwargs)
         init = cls.__dict__.get("__init__")
         torch_init = getattr(cls.__dict__.get("_torch_class"), "__init__", None)
         theirs = getattr(torch_init, "__annotations__", None)
@@ -248,19 +275,25 @@ class FusedOptimizer(torch.optim.Optimizer):
                     f"group {index} has dtype {p.dtype} (put it in an optimizer without "
                     f"{option})")
 
+    def _refuse_group_options(self, group: Dict[str, Any]) -> None:
+        """A param group that names one of fused_optim's options, which are optimizer-wide,
+        is refused (by add_param_group, and by step() where a group was given one later):
+        torch would keep the key, and nothing would apply it."""
+        for key in _FUSED_OPTIONS:
+            if key in group:
+                raise ValueError(
+                    f"{type(self).__name__}: '{key}' is an option of the optimizer, not of "
+                    f"a param group: pass {key}= to the constructor (torch's "
+                    "ZeroRedundancyOptimizer puts its optimizer's options in every param "
+                    f"group: give it optimizer_class=functools.partial("
+                    f"fused_optim.{type(self).__name__}, {key}=...) instead)")
+
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         # fused_optim's options are optimizer-wide (one way of keeping the params and state,
         # one norm to clip by): a param group that names one is refused, where torch would
         # keep the key and nothing would apply it.
         if isinstance(param_group, dict):
-            for key in _FUSED_OPTIONS:
-                if key in param_group:
-                    raise ValueError(
-                        f"{type(self).__name__}: '{key}' is an option of the optimizer, not of "
-                        f"a param group: pass {key}= to the constructor (torch's "
-                        "ZeroRedundancyOptimizer puts its optimizer's options in every param "
-                        f"group: give it optimizer_class=functools.partial("
-                        f"fused_optim.{type(self).__name__}, {key}=...) instead)")
+            self._refuse_group_options(param_group)
         super().add_param_group(param_group)
         if getattr(self, "_param_mode", 0) or getattr(self, "_state_dtype", None) is not None:
             try:
@@ -444,7 +477,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         kept: Dict[Any, Dict[str, Tensor]] = {}
         stripped: Dict[Any, Dict[str, Any]] = {}
         dropped_scales = False
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        known = set(saved_ids)
         for pid, s in state_dict["state"].items():
+            if pid not in known:
+                # (the state of an id in no param group: torch's load keeps it as it is)
+                stripped[pid] = s
+                continue
             quantized = [k for k in self._moment_keys if isinstance(s.get(k), Tensor)
                          and s[k].dtype == torch.uint8 and k + _ABSMAX in s]
             if quantized and state_dtype is not torch.uint8:
@@ -496,7 +535,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             super().load_state_dict(state_dict)
             return
         super().load_state_dict(dict(state_dict, state=stripped))
-        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         by_id = dict(zip(saved_ids, params))
         for pid, ours in kept.items():
@@ -586,10 +624,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 g = p.grad
-                if g is not None and g.dtype != p.dtype and not g.is_sparse:
+                if g is None:
+                    continue
+                if g.dtype != p.dtype and not g.is_sparse:
                     # (torch >= 2.9 allows it, with p.grad_dtype = None: torch's for-loop
                     # takes such grads in some algorithms, and raises its own error in others)
                     return "a grad whose dtype is not its param's"
+                if p.dtype not in _KERNEL_DTYPES:
+                    # (torch's for-loop steps complex32 params; for float8 or integer ones it
+                    # raises its own error)
+                    return f"a param of dtype {p.dtype}"
         return None
 
     def _torch_step_reason(self) -> Optional[str]:
@@ -600,6 +644,15 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if group.get(option) and not (option == "capturable" and (
                         compiling or self._capturable_on_cuda(group))):
                     return f"{option}=True"
+            if compiling and any(isinstance(b, Tensor) for b in group.get("betas", ())) and \
+                    torch._dynamo.config.capture_scalar_outputs:
+                # (the kernels take betas as floats: a traced .item() is a symbolic float
+                # there, which the op's schema refuses; torch's step computes with them)
+                return "Tensor betas under torch.compile with capture_scalar_outputs=True"
+            if compiling and any(p.is_complex() for p in group["params"]):
+                # (Inductor fails on the op's in-place update of complex tensors, "
+                # auto_functionalized_v2 was not removed"; torch's step compiles)
+                return "complex params under torch.compile"
         return None
 
     def _whole_group_reason(self) -> Optional[str]:
@@ -628,6 +681,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             closure (Callable, optional): A closure that reevaluates the model
                 and returns the loss.
         """
+        if self._capture_check is not None:
+            # (as torch's step: a CUDA graph capture of a group that is not capturable is
+            # refused)
+            getattr(self, self._capture_check)()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -637,6 +694,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if getattr(self, "_need_device_dtype_check_for_fused", self._checks_fused_once):
             self._fused_dtype_check_once()
         self._check_fused_groups()
+        for group in self.param_groups:
+            self._refuse_group_options(group)
         # Decided after the closure: the grads it makes (sparse ones, say) are the ones the
         # step sees.
         reason = self._torch_step_reason()
@@ -658,6 +717,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         groups = self.param_groups
         scales = [grad_scale] * len(groups)
         if getattr(self, "max_grad_norm", None) is not None:
+            if reason is not None:
+                self._warn_torch_step(reason, stacklevel=3)
             scales, self._last_grad_norm[0] = clip_in_step(self, grad_scale, found_inf,
                                                            fold=reason is None)
         if reason is not None:
@@ -714,10 +775,26 @@ class FusedOptimizer(torch.optim.Optimizer):
         # through p.conj()) or negative view: its values, which torch's ops read (the op's
         # mutable grad lists cannot take such views). (Under torch.compile the graph has
         # no such views, and is_conj() would break it.)
+        global _cpu_choices_made
+        state = self.state
         if not torch.compiler.is_compiling():
             grads = [g.resolve_conj().resolve_neg() if g.is_conj() or g.is_neg() else g
                      for g in grads]
-        state = self.state
+            if not _cpu_choices_made:
+                # The CPU loops' choices (Note [CPU tuning]), once per process, before a
+                # kernel counts a step: a bad FUSED_OPTIM_* value raises here.
+                torch.ops.fused_optim._cpu_isa()
+                torch.ops.fused_optim._cpu_tuning()
+                _cpu_choices_made = True
+            if not torch.is_inference_mode_enabled():
+                # A param or state made under torch.inference_mode(): torch refuses to update
+                # it in place outside inference mode (its error comes after its update; ours
+                # before: a no-op update of the first such tensor raises it). The fast path
+                # leaves such tensors here (is_plain_writable in csrc/python_step.cpp).
+                for t in itertools.chain(params, *(s.values() for p in params
+                                                   if (s := state.get(p)))):
+                    if isinstance(t, Tensor) and t.is_inference():
+                        t.add_(0)
         fresh = [p for p in params if not state.get(p)]
         plain = getattr(self, "_state_dtype", None) is None  # (else converted once made)
         with self._state_arena(fresh if plain else []) as arena:
@@ -789,21 +866,28 @@ class FusedOptimizer(torch.optim.Optimizer):
         _ops.call(self._op, params, grads, lists, args)
         self._storage_done(pending)
 
+    def _warn_torch_step(self, reason: str, stacklevel: int) -> None:
+        """The one-time warning that torch's own step runs, for `reason`. Given before
+        anything changes (clipping writes the grads): where warnings are errors, the step
+        raises it with nothing done, and again at the next step."""
+        key = (type(self).__name__, reason)
+        if key in FusedOptimizer._warned:
+            return
+        if reason == "capturable=True" and all(
+                p.device.type == "cpu" for g in self.param_groups for p in g["params"]):
+            return  # torch's step raises its error for CPU params: nothing to warn about
+        warnings.warn(
+            f"fused_optim.{type(self).__name__}: {reason} is not supported by the fused "
+            f"kernels; running torch.optim.{type(self).__name__}'s implementation instead.",
+            stacklevel=stacklevel,
+        )
+        FusedOptimizer._warned.add(key)
+
     def _torch_step(self, reason: str, grad_scale: Optional[Tensor]) -> None:
         """torch.optim's own step (the closure has run), for what the kernels do not do.
         `grad_scale`: the scaler's scale, or None where the grads are unscaled already (by
         clipping: Note [clipping in the step])."""
-        key = (type(self).__name__, reason)
-        cpu_only = all(p.device.type == "cpu" for g in self.param_groups for p in g["params"])
-        if reason == "capturable=True" and cpu_only:
-            pass  # torch's step raises its error for CPU params: nothing to warn about
-        elif key not in FusedOptimizer._warned:
-            FusedOptimizer._warned.add(key)
-            warnings.warn(
-                f"fused_optim.{type(self).__name__}: {reason} is not supported by the fused "
-                f"kernels; running torch.optim.{type(self).__name__}'s implementation instead.",
-                stacklevel=3,
-            )
+        self._warn_torch_step(reason, stacklevel=4)
         saved_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         # torch's step, unwrapped: our own step already ran the step hooks once (the
@@ -856,6 +940,17 @@ def betas_args(group: Dict[str, Any]) -> Dict[str, float]:
     """The kernels' beta1 and beta2 from a group's `betas` (floats or 1-element tensors)."""
     beta1, beta2 = group["betas"]
     return {"beta1": hyper_float(beta1), "beta2": hyper_float(beta2)}
+
+
+def check_host_division(group: Dict[str, Any], divisor: Any) -> None:
+    """torch's for-loop divides by some hyper-parameter terms as Python floats (Adam's and
+    Adamax's float lr by 1 - beta1 ** step, RAdam's 2 by 1 - beta2): where a param group
+    was given a beta of 1 (the constructors refuse it), its step raises ZeroDivisionError.
+    So does ours, before anything changes (torch's, part way through the group's update).
+    `divisor`: the term, or None where torch's division is a tensor's (no error)."""
+    if divisor is not None and not isinstance(divisor, Tensor) and divisor == 0 and any(
+            p.grad is not None for p in group["params"]):
+        raise ZeroDivisionError("float division by zero")
 
 
 def _side_by_side_eligible(t: Tensor) -> bool:

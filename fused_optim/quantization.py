@@ -132,11 +132,11 @@ def quantize(x: Tensor) -> Tuple[Tensor, Tensor]:
     divide = (amax > 0).unsqueeze(1)
     normed = torch.where(divide, blocks / torch.where(divide, amax.unsqueeze(1), 1.0),
                          torch.zeros_like(blocks))
-    codes = torch.empty_like(blocks, dtype=torch.uint8)
-    for u in (0, 1):
-        rows = unsigned if u else ~unsigned
-        t = _THRESHOLDS[u].to(x.device)
-        codes[rows] = torch.searchsorted(t, normed[rows].contiguous()).to(torch.uint8)
+    # (each block's codes by its map: both maps' codes of every block, then a where, not a
+    # masked assignment, which would break a compiled step's graph for good)
+    codes = torch.where(unsigned.unsqueeze(1),
+                        torch.searchsorted(_THRESHOLDS[1].to(x.device), normed).to(torch.uint8),
+                        torch.searchsorted(_THRESHOLDS[0].to(x.device), normed).to(torch.uint8))
     return codes.view(-1)[:n].view(x.shape).clone(), scale
 
 

@@ -4,7 +4,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .optimizer import FusedOptimizer, betas_args, hyper_float, lr_args, scalar_state, zeros_states
+from .optimizer import (FusedOptimizer, betas_args, check_host_division, hyper_float, lr_args,
+                        scalar_state, zeros_states)
 
 __all__ = ["RAdam"]
 
@@ -57,6 +58,9 @@ class RAdam(FusedOptimizer, torch.optim.RAdam):
         return ("exp_avg", "exp_avg_sq", "step")
 
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        beta2 = group["betas"][1]
+        # (torch: rho_inf = 2 / (1 - beta2) - 1)
+        check_host_division(group, None if isinstance(beta2, Tensor) else 1 - beta2)
         return dict(
             **lr_args(group["lr"]),
             **betas_args(group),

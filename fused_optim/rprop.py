@@ -74,5 +74,8 @@ class Rprop(FusedOptimizer, torch.optim.Rprop):
             zeros_states(state, p, "prev")
             if p.dtype.is_complex:
                 state["step_size"] = torch.full_like(grad, complex(group["lr"], group["lr"]))
+            elif isinstance(group["lr"], Tensor) and torch.compiler.is_compiling():
+                # (the same values: a compiled step cannot fill with a tensor's .item())
+                state["step_size"] = torch.empty_like(grad).copy_(group["lr"].detach())
             else:
                 state["step_size"] = torch.full_like(grad, _to_scalar(group["lr"]))

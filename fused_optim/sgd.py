@@ -5,14 +5,10 @@ import torch
 from torch import Tensor
 
 from . import _ops, quantization
-from .optimizer import FusedOptimizer, _StateArena, hyper_float, lr_args
+from .optimizer import C10_NAMES, FusedOptimizer, _StateArena, hyper_float, lr_args
 
 __all__ = ["SGD"]
 
-
-# c10's names of the complex dtypes, as its dispatch errors print them.
-_C10_NAMES = {torch.complex32: "ComplexHalf", torch.complex64: "ComplexFloat",
-              torch.complex128: "ComplexDouble"}
 
 
 class SGD(FusedOptimizer, torch.optim.SGD):
@@ -74,7 +70,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     def _fused_complex_error(p: Tensor) -> Exception:
         # torch's fused SGD kernel has no complex dtypes: its dispatcher's error.
         return NotImplementedError(
-            f'"fused_sgd_kernel" not implemented for \'{_C10_NAMES[p.dtype]}\'')
+            f'"fused_sgd_kernel" not implemented for \'{C10_NAMES[p.dtype]}\'')
 
     _op = "sgd_"
     _moment_keys = ("momentum_buffer",)  # Note [state storage]
@@ -171,4 +167,4 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             dtype is None and g.shape == p.shape and g.stride() == p.stride()) else None
         if buf is None:
             buf = torch.zeros_like(g, dtype=dtype, memory_format=torch.preserve_format)
-        return buf, (torch.zeros(0, device=p.device) if self._state_dtype is torch.uint8 else None)
+        return buf, (torch.zeros(0, dtype=torch.float32, device=p.device) if self._state_dtype is torch.uint8 else None)

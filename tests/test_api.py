@@ -726,3 +726,268 @@ def test_a_grad_of_another_dtype_runs_torchs_step(name):
         assert outcomes[0] == outcomes[1]
     else:
         assert torch.equal(outcomes[0], outcomes[1])
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop", "Rprop", "ASGD"])
+def test_complex32_params_step_as_torchs_for_loop_with_a_warning(name):
+    """complex32 (ComplexHalf) params, which torch's for-loop steps and the kernels do not
+    take: torch's own step, with the one-time warning (a refusal before; found by a review,
+    2026-12-05). Bitwise torch's, two steps (the second through the fast path's gather)."""
+    torch_cls, ours_cls = pu.ALGOS[name]
+    out = []
+    for cls, kw in ((torch_cls, dict(foreach=False)), (ours_cls, {})):
+        g = torch.Generator().manual_seed(0)
+        p = torch.randn(8, dtype=torch.complex64, generator=g).to(torch.complex32).requires_grad_()
+        opt = cls([p], lr=0.1, **kw)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                p.grad = torch.randn(8, dtype=torch.complex64, generator=g).to(torch.complex32)
+                opt.step()
+        if cls is ours_cls:
+            assert any("torch.complex32" in str(w.message) for w in caught)
+        out.append(p.detach().view(torch.int32).clone())
+    assert torch.equal(out[0], out[1])
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "Muon"])
+def test_params_of_dtypes_no_kernel_takes_raise_torchs_own_error(name):
+    """float8 params: torch's step raises its dispatcher's NotImplementedError; ours runs
+    torch's step, so the same error (ours raised a RuntimeError of its own)."""
+    torch_cls, ours_cls = getattr(torch.optim, name), getattr(fused_optim, name)
+    errors = []
+    for cls in (torch_cls, ours_cls):
+        p = torch.zeros(4, 4).to(torch.float8_e4m3fn).requires_grad_()
+        p.grad = torch.ones(4, 4).to(torch.float8_e4m3fn)
+        opt = cls([p], lr=0.1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(Exception) as e:
+                opt.step()
+        errors.append((type(e.value), str(e.value)))
+    assert errors[0] == errors[1]
+
+
+@pytest.mark.parametrize("key,value", [(k, v) for k, v in
+                                       (("max_grad_norm", 1e-6), ("grad_norm_type", 1.0),
+                                        ("master_weights", True), ("kahan_summation", True),
+                                        ("stochastic_rounding", True),
+                                        ("state_dtype", torch.bfloat16))])
+def test_a_fused_option_set_on_a_param_group_later_is_refused_at_step(key, value):
+    """add_param_group refuses a group naming one of our optimizer-wide options; one set on
+    a group afterwards was silently ignored (found by a review, 2026-12-05). step() refuses
+    it with the same message, before anything changes."""
+    p = torch.nn.Parameter(torch.ones(10))
+    opt = fused_optim.Adam([p], lr=0.1)
+    opt.param_groups[0][key] = value
+    p.grad = torch.full((10,), 100.0)
+    with pytest.raises(ValueError, match=f"'{key}' is an option of the optimizer, not of a "
+                                         "param group"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(10)) and not opt.state
+
+
+def test_a_tensor_lr_set_later_on_a_foreach_adam_group_raises_torchs_error():
+    """torch's foreach Adam checks a Tensor lr at each step, not only in its constructor."""
+    for cls_name in ("Adam", "AdamW"):
+        torch_cls, ours_cls = pu.ALGOS[cls_name]
+        errors = []
+        for cls in (torch_cls, ours_cls):
+            p = torch.nn.Parameter(torch.ones(4))
+            opt = cls([p], lr=0.01, foreach=True)
+            p.grad = torch.ones(4)
+            opt.step()
+            opt.param_groups[0]["lr"] = torch.tensor(0.01)
+            before = p.detach().clone()
+            with pytest.raises(RuntimeError) as e:
+                opt.step()
+            errors.append(str(e.value))
+        assert errors[0] == errors[1]
+        assert torch.equal(p.detach(), before)
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_fused_true_set_later_on_complex_adam_params_raises_torchs_error(name):
+    """A group made fused=True after its complex params' state exists: torch's fused kernel
+    raises its dispatcher's error; ours stepped (found by a review, 2026-12-05)."""
+    torch_cls, ours_cls = pu.ALGOS[name]
+    errors = []
+    for cls in (torch_cls, ours_cls):
+        p = torch.randn(3, dtype=torch.complex64, requires_grad=True)
+        opt = cls([p], lr=0.1)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        opt.param_groups[0]["fused"] = True
+        before = p.detach().clone()
+        with pytest.raises(NotImplementedError) as e:
+            opt.step()
+        errors.append(str(e.value))
+        assert torch.equal(p.detach(), before)
+    assert errors[0] == errors[1]
+
+
+@pytest.mark.parametrize("name,edit", [("Adam", ("betas", (1.0, 0.999))),
+                                       ("AdamW", ("betas", (1.0, 0.999))),
+                                       ("Adamax", ("betas", (1.0, 0.999))),
+                                       ("RAdam", ("betas", (0.9, 1.0)))])
+def test_a_beta_of_one_set_in_a_group_raises_torchs_zero_division(name, edit):
+    """torch's constructors refuse a beta of 1; set in a group later, torch's for-loop
+    divides a Python float by zero (Adam's lr / (1 - beta1 ** step), RAdam's 2 / (1 -
+    beta2)) and raises ZeroDivisionError; ours wrote infinities into the params (found by
+    a review, 2026-12-05). Now the same error, before anything changes; with a Tensor lr
+    torch's division is a tensor's, and both step."""
+    torch_cls, ours_cls = pu.ALGOS[name]
+    for lr in (0.1, torch.tensor(0.1)):
+        if name == "RAdam" and isinstance(lr, torch.Tensor):
+            continue  # (RAdam's division is by 1 - beta2 whatever the lr)
+        out = []
+        for cls in (torch_cls, ours_cls):
+            p = torch.nn.Parameter(torch.ones(4))
+            opt = cls([p], lr=lr, foreach=False)
+            p.grad = torch.full((4,), 0.5)
+            opt.step()
+            opt.param_groups[0][edit[0]] = edit[1]
+            if isinstance(lr, torch.Tensor):
+                with pu.correctly_rounded_sqrt():
+                    opt.step()
+                out.append(p.detach().clone())
+                continue
+            before = p.detach().clone()
+            with pytest.raises(ZeroDivisionError, match="float division by zero"):
+                opt.step()
+            if cls is ours_cls:
+                assert torch.equal(p.detach(), before)
+                assert float(opt.state[p]["step"]) == 1
+        if out:
+            assert torch.equal(out[0], out[1])
+
+
+@pytest.mark.parametrize("name", PAIR_IDS + ["Adafactor", "SparseAdam", "Muon"])
+def test_a_cuda_graph_capture_of_a_step_that_is_not_capturable_is_refused_as_torch(
+        name, monkeypatch):
+    """torch's step of most algorithms starts by refusing a CUDA graph capture of groups that
+    are not capturable (the captured step would replay with its host-side coefficients
+    frozen); ours never asked (found by a review, 2026-12-05). With torch made to believe a
+    capture is running: the same outcome (its error, or a step for SGD, Adagrad, SparseAdam
+    and Muon, which do not ask)."""
+    import types
+    torch_cls, ours_cls = getattr(torch.optim, name), getattr(fused_optim, name)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator",
+                        lambda check_available=False: torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "current_stream",
+                        lambda *a, **k: types.SimpleNamespace(is_capturing=lambda: True))
+    outcomes = []
+    for cls in (torch_cls, ours_cls):
+        p = torch.nn.Parameter(torch.ones(4, 4))
+        opt = cls([p], lr=0.01)
+        p.grad = torch.ones(4, 4).to_sparse() if name == "SparseAdam" else torch.ones(4, 4)
+        try:
+            opt.step()
+            outcomes.append(None)
+        except (RuntimeError, KeyError) as e:
+            outcomes.append((type(e), str(e)))
+    assert outcomes[0] == outcomes[1]
+    assert (outcomes[1] is None) == (name in ("SGD", "Adagrad", "SparseAdam", "Muon"))
+
+
+def test_adamw_is_an_adam_as_in_torch_optim():
+    """torch.optim.AdamW subclasses torch.optim.Adam: `isinstance(opt, optim.Adam)` holds for
+    an AdamW. So it does with `import fused_optim as optim` (found by a review, 2026-12-05),
+    and each still steps as its own class, with its hooks firing once per step."""
+    assert issubclass(torch.optim.AdamW, torch.optim.Adam)
+    assert issubclass(fused_optim.AdamW, fused_optim.Adam)
+    assert issubclass(fused_optim.AdamW, torch.optim.AdamW)
+    for first in ("Adam", "AdamW"):
+        for name in (first, "AdamW" if first == "Adam" else "Adam"):
+            torch_cls, ours_cls = pu.ALGOS[name]
+            out, calls = [], []
+            for cls in (torch_cls, ours_cls):
+                p = torch.nn.Parameter(torch.ones(4))
+                opt = cls([p], lr=0.1)
+                opt.register_step_post_hook(lambda *_: calls.append(cls))
+                for _ in range(2):
+                    p.grad = torch.full((4,), 0.5)
+                    with pu.correctly_rounded_sqrt():
+                        opt.step()
+                out.append(p.detach().clone())
+            assert torch.equal(out[0], out[1]), name
+            assert calls.count(torch_cls) == calls.count(ours_cls) == 2, name
+
+
+@pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
+def test_inference_tensors_raise_torchs_error_outside_inference_mode(name, torch_cls, ours_cls):
+    """A param made under torch.inference_mode(), or state made by a step under it, then
+    stepped outside: torch refuses the in-place update; ours stepped (found by a review,
+    2026-12-05). The same error now, raised before the update (torch's comes after it).
+    Inside inference mode both step alike."""
+    def run(cls, case):
+        if case == "param":
+            with torch.inference_mode():
+                p = torch.randn(10, generator=torch.Generator().manual_seed(0))
+            p.grad = torch.ones(10)
+            opt = cls([p], lr=0.1)
+        else:
+            p = torch.randn(10, generator=torch.Generator().manual_seed(0)).requires_grad_()
+            p.grad = torch.ones(10)
+            opt = cls([p], lr=0.1)
+            with torch.inference_mode():
+                opt.step()
+        before = p.detach().clone()
+        try:
+            opt.step()
+        except RuntimeError as e:
+            # (torch's error comes after its update of the param; ours before)
+            assert cls is torch_cls or torch.equal(p.detach(), before)
+            return str(e)
+        return p.detach().clone()
+
+    for case in ("param", "state"):
+        with pu.correctly_rounded_sqrt():
+            ref, ours = run(torch_cls, case), run(ours_cls, case)
+        if isinstance(ref, str):
+            assert ours == ref, case
+        else:  # (Adagrad's state is made by its constructor, outside inference mode)
+            assert torch.equal(ours, ref), case
+    out = []
+    for cls in (torch_cls, ours_cls):
+        with torch.inference_mode():
+            p = torch.randn(10, generator=torch.Generator().manual_seed(0))
+            p.grad = torch.ones(10)
+            opt = cls([p], lr=0.1)
+            for _ in range(2):
+                with pu.correctly_rounded_sqrt():
+                    opt.step()
+        out.append(p.clone())
+    assert torch.equal(out[0], out[1])
+
+
+def test_a_fallback_warning_raised_as_an_error_leaves_the_grads_unclipped():
+    """With warnings as errors, the one-time warning that torch's step runs came after
+    max_grad_norm had clipped the grads in place (found by a review, 2026-12-05): now
+    before anything changes, and again at the next step."""
+    p = torch.nn.Parameter(torch.randn(10))
+    opt = fused_optim.SGD([p], lr=0.1, differentiable=True, max_grad_norm=1.0)
+    p.grad = torch.full((10,), 10.0)
+    fused_optim.optimizer.FusedOptimizer._warned.discard(("SGD", "differentiable=True"))
+    for _ in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(UserWarning, match="differentiable=True"):
+                opt.step()
+        assert torch.equal(p.grad, torch.full((10,), 10.0))
+
+
+def test_sgds_empty_8bit_scales_are_float32_whatever_the_default_dtype():
+    """An SGD param too small to quantize keeps a float32 momentum buffer and an empty
+    float32 `momentum_buffer_absmax`, as the other algorithms' empty scales; under
+    torch.set_default_dtype(torch.float64) it was float64 (found by a review, 2026-12-05)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        p = torch.nn.Parameter(torch.ones(10, dtype=torch.float32))
+        opt = fused_optim.SGD([p], lr=0.1, momentum=0.9, state_dtype=torch.uint8)
+        p.grad = torch.ones(10, dtype=torch.float32)
+        opt.step()
+    finally:
+        torch.set_default_dtype(old)
+    assert opt.state[p]["momentum_buffer_absmax"].dtype == torch.float32

@@ -310,6 +310,39 @@ def test_a_bad_tuning_variable_is_a_clear_error(var, value):
     assert out.returncode != 0 and f"{var} must be auto" in out.stderr and value in out.stderr
 
 
+_BAD_VARIABLE_SCRIPT = """
+import os, sys, torch, fused_optim
+p = torch.nn.Parameter(torch.zeros(1000)); q = torch.nn.Parameter(torch.zeros(1000))
+opts = [fused_optim.Adam([p], lr=0.1), fused_optim.Adagrad([q], lr=0.1)]
+os.environ[sys.argv[1]] = sys.argv[2]  # (set after import and construction)
+for opt, x in zip(opts, (p, q)):
+    x.grad = torch.ones(1000)
+    try:
+        opt.step()
+    except RuntimeError as e:
+        assert sys.argv[1] in str(e), e
+    else:
+        raise AssertionError("stepped")
+    state = opt.state.get(x, {})
+    assert float(state.get("step", 0)) == 0 and not any(
+        v.any() for k, v in state.items() if k != "step" and k != "sum"), state
+    assert not x.detach().any()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("var,value", [("FUSED_OPTIM_ISA", "sse"),
+                                       ("FUSED_OPTIM_PREFETCH", "far")])
+def test_a_bad_tuning_variable_raises_before_a_step_is_counted(var, value):
+    """A bad FUSED_OPTIM_ISA raised after the kernel had counted the step (Adam's first
+    step, Adagrad's fast path: found by a review, 2026-12-05): a program that caught the
+    error and went on had its bias corrections a step ahead. Now the choices are made
+    before anything changes."""
+    out = subprocess.run([sys.executable, "-c", _BAD_VARIABLE_SCRIPT, var, value],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
 def test_default_tuning_names_the_cpu_and_how_it_was_chosen():
     if any(os.environ.get(v) for v in ("FUSED_OPTIM_PREFETCH", "FUSED_OPTIM_GATHER_PREFETCH",
                                        "FUSED_OPTIM_Q8_CODES", "FUSED_OPTIM_FLOAT_LOOPS")):

@@ -202,10 +202,12 @@ def test_compiled_training_step_has_no_graph_break_from_fused_optim(algo):
         torch.testing.assert_close(p, q)
 
 
-@pytest.mark.parametrize("algo", ["SGD", "Adam", "RMSprop", "Adagrad"])
+@pytest.mark.parametrize("algo", ["SGD", "Adam", "RMSprop", "Adagrad", "Rprop"])
 def test_compiled_step_with_tensor_lr_scheduler_does_not_recompile(algo):
     """torch's recipe for compiled optimizers with a scheduler: a tensor lr, and the step and
-    the scheduler in one compiled function. The lr changing every step must not recompile."""
+    the scheduler in one compiled function. The lr changing every step must not recompile.
+    (Rprop's step sizes, made from the lr at the first step, broke the compiled frame for
+    good: every later step ran eagerly; found by a review, 2026-12-05.)"""
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
     from torch._dynamo.utils import counters
@@ -251,3 +253,102 @@ def test_compiled_step_with_tensor_lr_scheduler_does_not_recompile(algo):
         assert torch.equal(p, q)
         for key, value in eager_opt.state[q].items():
             assert torch.equal(compiled_opt.state[p][key], value), key
+
+
+def _compiled_runs_of_the_op(make_opt, steps=4, dtype=torch.float32, n=5000):
+    """Steps of make_opt([p]) compiled from the first (the state made inside the compiled
+    region), and the number of those whose optimizer op ran inside a compiled graph; the
+    params after them."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    ran = [0]
+
+    def backend(gm, example_inputs):
+        has_op = any(node.op == "call_function" and "fused_optim" in str(node.target)
+                     for node in gm.graph.nodes)
+        compiled = torch._inductor.compile_fx.compile_fx(gm, example_inputs)
+
+        def run(*args):
+            if has_op:
+                ran[0] += 1
+            return compiled(*args)
+
+        return run
+
+    p = torch.randn(n, generator=torch.Generator().manual_seed(0), dtype=dtype).requires_grad_()
+    opt = make_opt([p])
+    step = torch.compile(opt.step, backend=backend)
+    for i in range(steps):
+        p.grad = torch.randn(n, generator=torch.Generator().manual_seed(i + 1), dtype=dtype)
+        step()
+    return ran[0], p.detach().clone(), opt
+
+
+@pytest.mark.parametrize("case", ["Rprop, tensor lr", "Adam, state_dtype=torch.uint8"])
+def test_a_compiled_step_that_makes_the_state_stays_compiled(case):
+    """Making the state inside the first compiled step broke the frame for good (a masked
+    assignment in the 8-bit quantization, a fill from Rprop's tensor lr): every later step
+    ran eagerly, silently (found by a review, 2026-12-05). Now every step runs the op inside
+    a compiled graph, with eager's bits."""
+    make = {"Rprop, tensor lr": lambda ps: fused_optim.Rprop(ps, lr=torch.tensor(0.01)),
+            "Adam, state_dtype=torch.uint8":
+                lambda ps: fused_optim.Adam(ps, lr=0.01, state_dtype=torch.uint8)}[case]
+    ran, compiled, _ = _compiled_runs_of_the_op(make)
+    assert ran == 4
+    p = torch.randn(5000, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    opt = make([p])
+    for i in range(4):
+        p.grad = torch.randn(5000, generator=torch.Generator().manual_seed(i + 1))
+        opt.step()
+    assert torch.equal(compiled, p.detach())
+
+
+def test_tensor_betas_under_capture_scalar_outputs_run_torchs_step():
+    """With torch._dynamo.config.capture_scalar_outputs = True, a traced .item() of a
+    Tensor beta is a symbolic float, which the op's float argument refused (an error where
+    torch's compiled step works; found by a review, 2026-12-05). That step runs torch's own
+    implementation, with the one-time warning: the same values as torch's compiled step."""
+    import torch._dynamo
+
+    out = []
+    for cls in (torch.optim.Adam, fused_optim.Adam):
+        torch._dynamo.reset()
+        p = torch.nn.Parameter(torch.ones(10))
+        opt = cls([p], lr=0.01, betas=(torch.tensor(0.9), torch.tensor(0.999)))
+        with torch._dynamo.config.patch(capture_scalar_outputs=True), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            step = torch.compile(opt.step)
+            for i in range(3):
+                p.grad = torch.randn(10, generator=torch.Generator().manual_seed(i))
+                step()
+        out.append(p.detach().clone())
+    torch.testing.assert_close(out[1], out[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("algo", ["SGD", "Adam", "Rprop"])
+def test_complex_params_under_torch_compile_run_torchs_compiled_step(algo):
+    """Inductor fails on the op's in-place update of complex tensors ("auto_functionalized_v2
+    was not removed": an error where torch's compiled step works; found by a review,
+    2026-12-05). A compiled step of complex params runs torch's own, with the one-time
+    warning: torch's compiled step's values, bit for bit."""
+    import torch._dynamo
+
+    torch_cls, ours_cls, kwargs = ALGOS[algo]
+    out = []
+    for cls in (torch_cls, ours_cls):
+        torch._dynamo.reset()
+        p = torch.randn(4, 3, dtype=torch.complex64, generator=torch.Generator().manual_seed(0),
+                        requires_grad=True)
+        opt = cls([p], **kwargs)
+        step = torch.compile(opt.step)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i in range(3):
+                p.grad = torch.randn(4, 3, dtype=torch.complex64,
+                                     generator=torch.Generator().manual_seed(i + 1))
+                step()
+        out.append(p.detach().clone())
+    assert any("complex params under torch.compile" in str(w.message) for w in caught)
+    assert torch.equal(out[0], out[1])

@@ -227,3 +227,27 @@ def test_old_checkpoint_with_python_number_step_loads(name):
     opt2.load_state_dict(sd)
     train(opt2, ps, 1, 2)
     assert all(opt2.state[p]["step"].item() == 3.0 for p in ps)
+
+
+@pytest.mark.parametrize("extra", [dict(state_dtype=torch.bfloat16), dict(state_dtype=torch.uint8),
+                                   dict(kahan_summation=True)], ids=str)
+def test_state_of_an_id_in_no_group_loads_as_torchs_keeps_it(extra):
+    """torch's load keeps the state of an id that no param group names, as it is; with a
+    state_dtype or a storage mode ours raised KeyError half way through the load (found by a
+    review, 2026-12-05)."""
+    import fused_optim
+    dtype = torch.bfloat16 if "kahan_summation" in extra else torch.float32
+    p = torch.nn.Parameter(torch.ones(8, dtype=dtype))
+    opt = fused_optim.Adam([p], lr=0.1, **extra)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    sd = opt.state_dict()
+    orphan = {"step": torch.tensor(1.0), "exp_avg": torch.ones(2), "exp_avg_sq": torch.ones(2)}
+    sd["state"][7] = orphan
+    sd["param_groups"][0]["lr"] = 0.5
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["lr"] == 0.5
+    assert opt.state[7] is orphan
+    p.grad = torch.ones_like(p)
+    opt.step()  # (the orphan is not a param: the step leaves it)
+    assert opt.state[7] is orphan and torch.equal(orphan["exp_avg"], torch.ones(2))

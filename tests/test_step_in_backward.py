@@ -697,3 +697,96 @@ def test_non_reentrant_activation_checkpointing_is_backward_then_step(bucket_cap
     (a, oa), (b, ob) = run(False), run(True)
     for p, q in zip(a, b):
         assert torch.equal(p, q)
+
+
+def test_refuses_params_that_are_views_of_one_tensor_before_anything_changes():
+    """Params made views of one flat buffer share its version counter: an update during
+    backward made autograd refuse what it saved of the others, part way through the
+    backward (found by a review, 2026-12-05). Refused when the handle is made."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    offset = 0
+    for mod in (model[0], model[2]):
+        for name in ("weight", "bias"):
+            p = getattr(mod, name)
+            setattr(mod, name, torch.nn.Parameter(flat[offset:offset + p.numel()].view(p.shape)))
+            offset += p.numel()
+    opt = fused_optim.SGD(model.parameters(), lr=0.1)
+    before = flat.clone()
+    with pytest.raises(RuntimeError, match="are views of one tensor"):
+        fused_optim.step_in_backward(opt, bucket_cap_mb=0)
+    assert not hasattr(opt, "_fused_step_in_backward")
+    assert torch.equal(flat, before)
+    model(torch.randn(4, 8)).square().mean().backward()  # (no hooks were left behind)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_params_sharing_a_buffer_through_data_train_as_the_plain_loop():
+    """Params whose `.data` are slices of one buffer have a version counter each: step in
+    backward takes them, bitwise backward-then-step."""
+    runs = []
+    for use_handle in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(),
+                                    torch.nn.Linear(16, 2))
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        offset = 0
+        for p in model.parameters():
+            p.data = flat[offset:offset + p.numel()].view(p.shape)
+            offset += p.numel()
+        opt = fused_optim.AdamW(model.parameters(), lr=0.01)
+        if use_handle:
+            fused_optim.step_in_backward(opt, bucket_cap_mb=0)
+        for it in range(3):
+            x = torch.randn(4, 8, generator=torch.Generator().manual_seed(it))
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        runs.append(flat.clone())
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("bucket", [0.0, 25.0])
+def test_hyper_parameters_set_between_backward_and_step_apply_from_the_next_iteration(bucket):
+    """Note [hyper-parameters in step in backward]: `g["lr"] = ...` between backward() and
+    step() (found by a review, 2026-12-05): the params updated during backward used the old
+    value, the pending ones the new (silently mixed). Now the whole iteration uses the old
+    values, with a warning, and the new ones apply from the next: bitwise the plain loop
+    with each edit made after its step() instead. (With one bucket, this small model's
+    default, nothing is updated before step(): the edit applies to the iteration, as in the
+    plain loop, without a warning.)"""
+    updated_in_backward = bucket == 0.0
+    lrs = [0.01, 0.02, 0.005, 0.03]
+
+    def run(handle):
+        model = make_model()
+        opt = make_opt("AdamW", model)
+        if handle:
+            fused_optim.step_in_backward(opt, bucket_cap_mb=bucket)
+        caught = []
+        for it in range(len(lrs)):
+            loss_of(model, it).backward()
+            if handle:
+                with warnings.catch_warnings(record=True) as w:
+                    warnings.simplefilter("always")
+                    for g in opt.param_groups:
+                        g["lr"] = lrs[it]
+                    opt.step()
+                caught += [str(x.message) for x in w]
+            else:
+                if not updated_in_backward:
+                    for g in opt.param_groups:
+                        g["lr"] = lrs[it]
+                opt.step()
+                for g in opt.param_groups:
+                    g["lr"] = lrs[it]
+            opt.zero_grad()
+        return model, opt, caught
+
+    model_a, opt_a, _ = run(False)
+    model_b, opt_b, caught = run(True)
+    assert_same(model_a, opt_a, model_b, opt_b)
+    warned = any("param_groups[0]['lr']" in m and "changed between backward() and step()" in m
+                 for m in caught)
+    assert warned == updated_in_backward

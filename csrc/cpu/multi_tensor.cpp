@@ -189,6 +189,11 @@ const CpuTuning& cpu_tuning() {
   return tuning;
 }
 
+void make_cpu_choices() {
+  (void)cpu_isa();
+  (void)cpu_tuning();
+}
+
 // Note [storage blocks out of line] (multi_tensor.h): one copy of each per ISA.
 void load_block_baseline(at::ScalarType dt, const void* base, int64_t at, float* dst, int64_t m,
                          const float* scales) {

@@ -35,6 +35,10 @@ struct CpuTuning {
 };
 const CpuTuning& cpu_tuning();
 
+// Makes the CPU loops' choices (the ISA, FUSED_OPTIM_ISA, and cpu_tuning()) if they are not
+// made yet: a bad FUSED_OPTIM_* value raises here.
+void make_cpu_choices();
+
 // The value of an environment variable that overrides a choice made per machine, or
 // nullopt where it is unset, empty or "auto" (the machine's own choice stands).
 std::optional<std::string> env_choice(const char* name);
