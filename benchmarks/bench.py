@@ -36,6 +36,7 @@ import datetime
 import gc
 import inspect
 import json
+import math
 import os
 import platform
 import statistics
@@ -224,8 +225,20 @@ def run(args):
         wname = wl.name
         kwargs, pattern = ALGORITHMS[algo]
         label = f"{wname} {algo} {t} thr"
-        bytes_per_step = wl.numel * torch.finfo(wl.dtype).bits // 8 * (2 * pattern[0] + pattern[1]
-                                                                      + (1 if args.clip else 0))
+        elem = torch.finfo(wl.dtype).bits // 8
+        clip_reads = 1 if args.clip else 0  # --clip: one more read of the grads, for the norm
+        if algo == "Adafactor":
+            # Note [Adafactor's passes] in csrc/cpu/adafactor.cpp: a param of 2 or more dims
+            # reads the param twice and writes it once and reads the grad three times (6
+            # streams; its factored state is O(rows + cols)); one of fewer dims reads and
+            # writes its full-size variance too, and reads the grad twice (8 streams). The
+            # probe streams the pattern of the most elements.
+            streams = sum(math.prod(s) * (6 if len(s) >= 2 else 8) for s in wl.shapes)
+            one_dim = sum(math.prod(s) for s in wl.shapes if len(s) < 2)
+            pattern = (2, 4) if 2 * one_dim > wl.numel else (1, 4)
+        else:
+            streams = wl.numel * (2 * pattern[0] + pattern[1])
+        bytes_per_step = (streams + clip_reads * wl.numel) * elem
         gen = torch.Generator().manual_seed(0)
         params = [torch.empty(s, dtype=wl.dtype).uniform_(-1, 1, generator=gen).to(device).requires_grad_()
                   for s in wl.shapes]
@@ -281,8 +294,11 @@ def run(args):
             probe_bytes = 2 * n * 4
             runners[LIMIT] = lambda: dst.copy_(src)
         else:
-            bufs = [torch.rand(wl.numel, dtype=torch.float32).to(wl.dtype) for _ in range(sum(pattern))]
-            probe_bytes = bytes_per_step
+            # the step's pattern of streams (with --clip, the norm's read of the grads too)
+            reads = pattern[1] + clip_reads
+            bufs = [torch.rand(wl.numel, dtype=torch.float32).to(wl.dtype)
+                    for _ in range(pattern[0] + reads)]
+            probe_bytes = wl.numel * elem * (2 * pattern[0] + reads)
             runners[LIMIT] = lambda: fused_optim._ops.stream_(bufs[:pattern[0]], bufs[pattern[0]:], 0.5)
         times = _rounds(runners, args.rounds, args.steps, args.warmup, args.max_seconds, device,
                         progress, label)
@@ -405,15 +421,20 @@ def main(argv=None):
                     help="comma-separated param dtypes to run each workload in, of: "
                          + ", ".join(str(d).replace("torch.", "") for d in SHORT_DTYPES)
                          + " (default: each workload's own: W1-W3 float32, W4 bfloat16)")
-    ap.add_argument("--impls", default="", help="comma-separated subset of: " + ", ".join(IMPLS))
+    ap.add_argument("--impls", default="", help="comma-separated subset of: " + ", ".join(IMPLS)
+                    + f" (and '{CLIP_IMPL}' with --clip)")
     ap.add_argument("--threads", default="", help="comma-separated thread counts (default: torch's)")
-    ap.add_argument("--rounds", type=int, default=7,
-                    help="rounds: in each, every implementation and the limit probe in turn")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per implementation per round")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps before each round's")
-    ap.add_argument("--max-seconds", type=float, default=30.0,
-                    help="time cap per row group (at least 3 rounds run)")
-    ap.add_argument("--quick", action="store_true", help="small workloads and few steps")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="rounds: in each, every implementation and the limit probe in turn "
+                         "(default 7; --quick 3)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="timed steps per implementation per round (default 3; --quick 2)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed steps before each round's (default 1)")
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="time cap per row group (at least 3 rounds run; default 30, --quick 5)")
+    ap.add_argument("--quick", action="store_true",
+                    help="small workloads and few steps (what is given explicitly stands)")
     ap.add_argument("--clip", action="store_true",
                     help="each row clips the grads by global norm, then steps (see above)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
@@ -423,10 +444,25 @@ def main(argv=None):
     bad = [d for d in args.dtypes.split(",") if d and getattr(torch, d, None) not in SHORT_DTYPES]
     if bad:
         ap.error(f"--dtypes: unsupported {', '.join(bad)}")
+    # (names checked before anything is measured: a bad one stopped a run at its row)
+    for flag, given, known in (
+            ("--algos", args.algos, list(ALGORITHMS)),
+            ("--workloads", args.workloads, list(workloads(quick=args.quick))),
+            ("--impls", args.impls, IMPLS + ([CLIP_IMPL] if args.clip else []))):
+        bad = [n for n in given.split(",") if n.strip() and n.strip() not in known]
+        if bad:
+            ap.error(f"{flag}: unknown {', '.join(repr(n) for n in bad)}; known: {', '.join(known)}"
+                     + (f" ('{CLIP_IMPL}' with --clip)" if flag == "--impls" and not args.clip else ""))
+    args.impls = ",".join(n.strip() for n in args.impls.split(",") if n.strip())
+    if args.threads and not all(t.strip().isdigit() and int(t) > 0 for t in args.threads.split(",")):
+        ap.error(f"--threads: positive integers, got {args.threads!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no GPU here")
-    if args.quick:
-        args.rounds, args.steps, args.warmup, args.max_seconds = 3, 2, 1, 5.0
+    # (--quick's defaults; a value given explicitly stands)
+    defaults = (3, 2, 1, 5.0) if args.quick else (7, 3, 1, 30.0)
+    for name, value in zip(("rounds", "steps", "warmup", "max_seconds"), defaults):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     rows, machine = run(args)
     table = markdown(rows, machine)
     short = summary(rows, machine)

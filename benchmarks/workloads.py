@@ -109,8 +109,9 @@ ALGORITHMS = {
     "RAdam": (dict(lr=1e-3), (3, 1)),
     "Rprop": (dict(lr=1e-3), (3, 1)),
     "ASGD": (dict(lr=1e-3), (2, 1)),
-    # Three passes (Note [Adafactor's passes] in csrc/cpu/adafactor.cpp): the param read
-    # twice and written once, the grad read three times; its factored state is O(rows + cols).
+    # Three passes (Note [Adafactor's passes] in csrc/cpu/adafactor.cpp): for a param of 2
+    # or more dims the param read twice and written once, the grad read three times (its
+    # factored state is O(rows + cols)); bench.py counts a 1-D param's variance too.
     "Adafactor": (dict(lr=1e-2), (1, 4)),
     # 2-D params only (workloads W2-2d, W5). Its cost is the Newton-Schulz products, not
     # memory: the pattern (momentum buffer and param written, grad read) sizes the

@@ -97,6 +97,52 @@ def test_bench_dtypes_option_runs_workloads_in_other_dtypes(tmp_path):
     assert "--dtypes: unsupported int8" in out.stderr
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--algos", "Adam,Foo"], "--algos: unknown 'Foo'"),
+    (["--workloads", "W9"], "--workloads: unknown 'W9'"),
+    (["--impls", "foo"], "--impls: unknown 'foo'"),
+    (["--impls", "fused_optim max_grad_norm"], "with --clip"),
+    (["--threads", "0"], "--threads: positive integers")])
+def test_bench_refuses_unknown_names_before_measuring(args, message):
+    """An unknown name stopped a run with a traceback at its row, minutes of measurements
+    lost, or was dropped silently (found by a review, 2026-12-05): refused first."""
+    out = _run([BENCH, "--quick", *args], returncode=2, timeout=120)
+    assert message in out.stderr
+
+
+def test_bench_limit_probe_moves_the_bytes_it_is_credited_with(tmp_path):
+    """The limit's GB/s is the probe's own bytes over its time: with --clip the probe was
+    credited with the norm's read of the grads, which it did not stream (the limit 8/7 too
+    high for Adam, the % of limit as much too low; found by a review, 2026-12-05). And
+    Adafactor's 1-D params read and write their full-size variance: 8 streams, not the 6
+    of a 2-D param."""
+    script = f"""
+import sys; sys.path.insert(0, {os.path.join(ROOT, 'benchmarks')!r})
+import torch, fused_optim, bench
+moved = []
+real = fused_optim._ops.stream_
+def counting(inout, read, a):
+    moved.append(sum(2 * t.numel() * t.element_size() for t in inout)
+                 + sum(t.numel() * t.element_size() for t in read))
+    return real(inout, read, a)
+fused_optim._ops.stream_ = counting
+for algo, clip in (("Adam", []), ("Adam", ["--clip"]), ("Adafactor", [])):
+    moved.clear()
+    row = bench.main(["--quick", "--workloads", "W1", "--algos", algo, "--impls", "fused_optim",
+                      "--threads", "1", "--out", {str(tmp_path)!r}] + clip)[0]
+    step_bytes = row["gbs"] * row["ms"] * 1e6
+    print("BYTES", algo, bool(clip), moved[0], round(step_bytes))
+"""
+    script = "import statistics\n" + script
+    out = _run(["-c", script], timeout=300)
+    lines = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("BYTES ")]
+    n = 2 ** 20 * 4  # W1 quick: 2^20 float32 elements
+    (_, _, adam_probe, adam_step), (_, _, clip_probe, clip_step), (_, _, af_probe, af_step) = lines
+    assert int(adam_probe) == int(adam_step) == 7 * n
+    assert int(clip_probe) == int(clip_step) == 8 * n
+    assert int(af_probe) == int(af_step) == 8 * n
+
+
 def test_parity_report_quick():
     out = _run([REPORT, "--quick", "--steps", "3"])
     lines = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]

@@ -192,12 +192,21 @@ def test_opcheck_param_storage(mode):
                            False, None, None, None, mode, aux))
 
 
-def test_stream_computes_its_pattern():
-    io_, rd = [torch.randn(1000) for _ in range(3)], [torch.randn(1000)]
-    expected = [t * 0.5 + rd[0] for t in io_]
+@pytest.mark.parametrize("inout,reads", [(1, 1), (3, 1), (4, 1), (1, 2), (3, 2), (4, 2), (1, 4),
+                                         (1, 5), (2, 4), (2, 5)])
+def test_stream_computes_its_pattern(inout, reads):
+    """The bandwidth probe of each optimizer's pattern (benchmarks/bench.py), with one read
+    more where the step clips by the grads' norm: inout = inout * 0.5 + the sum of reads."""
+    io_, rd = [torch.randn(1000) for _ in range(inout)], [torch.randn(1000) for _ in range(reads)]
+    total = rd[0].clone()
+    for r in rd[1:]:
+        total += r
+    expected = [t * 0.5 + total for t in io_]
     _ops.stream_(io_, rd, 0.5)
     for a, b in zip(io_, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"got \(3, 4\)"):
+        _ops.stream_(io_[:1] * 3, rd[:1] * 4, 0.5)
 
 
 def test_schemas_annotate_every_mutated_list():

@@ -67,9 +67,12 @@ tail -25 "$OUT/tests.txt"
 
 if [ "${GPU_CHECK_BENCH:-1}" != "0" ]; then
   # W1/W2 are the bandwidth targets (90% of the copy bandwidth), W3 its launch
-  # target (faster than torch's fused CUDA path); stderr is the progress bar.
+  # target (faster than torch's fused CUDA path). stderr is the progress bar, and the
+  # errors and notes (a row left out, a refusal): kept in a file, its end shown on failure.
   phase "benchmark --device cuda" timeout -k 30 "${GPU_CHECK_BENCH_TIMEOUT:-240}" \
     "$PY" benchmarks/bench.py --device cuda --workloads W1,W2,W3,W4 --algos Adam,AdamW,SGD \
-    --impls "fused_optim,torch foreach=True,torch fused=True" --steps 30 --out "$OUT/bench" 2> /dev/null
+    --impls "fused_optim,torch foreach=True,torch fused=True" --steps 30 --out "$OUT/bench" \
+    2> "$OUT/bench-stderr.txt" \
+    || { tr '\r' '\n' < "$OUT/bench-stderr.txt" | grep -v '^\[#*\.*\]' | tail -20; status=1; }
 fi
 exit "$status"

@@ -63,17 +63,28 @@ void run_stream(const StreamArgs<T>& a, int64_t n) {
 
 // The optimizer patterns: (inout, read_only) = SGD (1,1), SGD+momentum (2,1),
 // Adam (3,1), Adam+amsgrad (4,1); Adafactor's three passes (1,4): the param read twice and
-// written once, the grad read three times (Note [Adafactor's passes]).
+// written once, the grad read three times, and for a 1-D param (2,4), its variance read
+// twice and written once too, the grad read twice (Note [Adafactor's passes]); each with
+// one read more where the step clips by the grads' norm (benchmarks/bench.py --clip).
 template <typename T>
 void stream_dispatch(const StreamArgs<T>& a, int64_t n) {
-  if (a.num_inout == 1 && a.num_read == 4) return run_stream<T, 1, 4>(a, n);
-  TORCH_CHECK(a.num_read == 1, "fused_optim::_stream_: expects one read-only tensor, or 1 inout and 4");
-  switch (a.num_inout) {
-    case 1: return run_stream<T, 1, 1>(a, n);
-    case 2: return run_stream<T, 2, 1>(a, n);
-    case 3: return run_stream<T, 3, 1>(a, n);
-    case 4: return run_stream<T, 4, 1>(a, n);
-    default: TORCH_CHECK(false, "fused_optim::_stream_: expects 1 to 4 inout tensors");
+  switch (a.num_inout * 8 + a.num_read) {
+    case 1 * 8 + 1: return run_stream<T, 1, 1>(a, n);
+    case 2 * 8 + 1: return run_stream<T, 2, 1>(a, n);
+    case 3 * 8 + 1: return run_stream<T, 3, 1>(a, n);
+    case 4 * 8 + 1: return run_stream<T, 4, 1>(a, n);
+    case 1 * 8 + 2: return run_stream<T, 1, 2>(a, n);
+    case 2 * 8 + 2: return run_stream<T, 2, 2>(a, n);
+    case 3 * 8 + 2: return run_stream<T, 3, 2>(a, n);
+    case 4 * 8 + 2: return run_stream<T, 4, 2>(a, n);
+    case 1 * 8 + 4: return run_stream<T, 1, 4>(a, n);
+    case 1 * 8 + 5: return run_stream<T, 1, 5>(a, n);
+    case 2 * 8 + 4: return run_stream<T, 2, 4>(a, n);
+    case 2 * 8 + 5: return run_stream<T, 2, 5>(a, n);
+    default:
+      TORCH_CHECK(false, "fused_optim::_stream_: expects (inout, read-only) tensors of an "
+                  "optimizer's pattern: (1 to 4, 1 or 2), (1 or 2, 4 or 5); got (",
+                  a.num_inout, ", ", a.num_read, ")");
   }
 }
 
