@@ -5,8 +5,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _device_dtype_check_for_fused, _get_scalar_dtype
 
-from .optimizer import (C10_NAMES, FusedOptimizer, betas_args, check_host_division, hyper_float,
-                        lr_args, zeros_states)
+from .optimizer import (C10_NAMES, FusedOptimizer, betas_args, hyper_float, lr_args,
+                        raise_as_torchs_host_division, zeros_states)
 
 __all__ = ["Adam", "AdamW"]
 
@@ -38,13 +38,16 @@ class _AdamStep(FusedOptimizer):
 
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
         lr, beta1 = group["lr"], group["betas"][0]
-        if isinstance(lr, Tensor) and group["foreach"] and not group["capturable"]:
-            # (torch's foreach step checks it each step; its constructor too)
+        if isinstance(lr, Tensor) and group["foreach"] and not group["capturable"] and any(
+                p.grad is not None for p in group["params"]):
+            # (torch's foreach step checks it each step, for a group with grads; its
+            # constructor too)
             raise RuntimeError("lr as a Tensor is not supported for capturable=False and "
                                "foreach=True")
-        # (torch: step_size = lr / (1 - beta1 ** step), with a float lr)
-        check_host_division(group, None if isinstance(lr, Tensor) or group["capturable"]
-                            or isinstance(beta1, Tensor) else 1 - beta1)
+        if not group["capturable"] and not group["fused"]:
+            # (torch's for-loop and foreach step: step_size = lr / (1 - beta1 ** step))
+            raise_as_torchs_host_division(group, self.state, beta1,
+                                          lambda step: lr / (1 - beta1 ** step))
         return dict(
             **lr_args(group["lr"]),
             **betas_args(group),

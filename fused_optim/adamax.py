@@ -4,8 +4,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .optimizer import (FusedOptimizer, betas_args, check_host_division, hyper_float, lr_args,
-                        scalar_state, zeros_states)
+from .optimizer import (FusedOptimizer, betas_args, hyper_float, lr_args,
+                        raise_as_torchs_host_division, scalar_state, zeros_states)
 
 __all__ = ["Adamax"]
 
@@ -57,9 +57,10 @@ class Adamax(FusedOptimizer, torch.optim.Adamax):
 
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
         lr, beta1 = group["lr"], group["betas"][0]
-        # (torch: clr = lr / (1 - beta1 ** step), with a float lr)
-        check_host_division(group, None if isinstance(lr, Tensor) or group["capturable"]
-                            or isinstance(beta1, Tensor) else 1 - beta1)
+        if not group["capturable"]:
+            # (torch's for-loop and foreach step: clr = lr / (1 - beta1 ** step))
+            raise_as_torchs_host_division(group, self.state, beta1,
+                                          lambda step: lr / (1 - beta1 ** step))
         return dict(
             **lr_args(group["lr"]),
             **betas_args(group),

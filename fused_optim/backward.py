@@ -35,7 +35,8 @@ import contextlib
 import threading
 import types
 import warnings
-from typing import Any, Dict, List, Optional
+import weakref
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -102,34 +103,18 @@ def _same_value(a: Any, b: Any) -> bool:
         return a is b
 
 
-def _refuse_shared_version_counters(params: List[Tensor]) -> None:
-    """Params that are views of one tensor (`nn.Parameter(flat[a:b].view(shape))`, one
-    flat buffer) share its autograd version counter: a param updated during backward
-    bumps it, and autograd then refuses what it saved of the others ("modified by an
-    inplace operation") part way through the backward. Refused before anything is written.
-    Which params share a counter is seen by bumping one of each storage's and reading the
-    others' (a bump, as a step makes, is all this changes)."""
+def _shared_storage(params: List[Tensor]) -> Dict[Tensor, Tuple[Tensor, ...]]:
+    """Note [params sharing memory in step in backward]: each param that shares its storage
+    with another param (views of one flat buffer, `nn.Parameter(flat[a:b].view(shape))`),
+    mapped to all the params of that storage."""
     by_storage: Dict[int, List[Tensor]] = {}
     for p in params:
         if p.numel() == 0 or p.device.type == "meta" or type(p) not in (Tensor,
                                                                        torch.nn.Parameter):
             continue  # (a subclass's storage, a DTensor's say, is not its own to read)
         by_storage.setdefault(p.untyped_storage().data_ptr(), []).append(p)
-    for shared in by_storage.values():
-        if len(shared) < 2:
-            continue
-        before = [q._version for q in shared]
-        torch.autograd.graph.increment_version(shared[0])
-        for q, v in zip(shared[1:], before[1:]):
-            if q._version != v:
-                raise RuntimeError(
-                    "fused_optim.step_in_backward: two params (of shapes "
-                    f"{tuple(shared[0].shape)} and {tuple(q.shape)}) are views of one tensor "
-                    "(one flat buffer, say) and share its autograd version counter: updating "
-                    "one during backward would make autograd refuse what it saved of the other "
-                    "('modified by an inplace operation'), part way through the backward. Give "
-                    "each param its own tensor (nn.Parameter(t.clone())), or train these params "
-                    "without step_in_backward")
+    return {p: tuple(members) for members in by_storage.values() if len(members) > 1
+            for p in members}
 
 
 def _restore(opt: Any, name: str, ours: Any, previous: Any) -> None:
@@ -183,9 +168,24 @@ class StepInBackward:
         self._group_of: Dict[Tensor, int] = {}
         self._layout: Optional[tuple] = None
         self._no_grad_params: List[Tensor] = []
+        # Note [params sharing memory in step in backward]
+        self._shared: Dict[Tensor, Tuple[Tensor, ...]] = {}
         # The groups' hyper-parameters as this iteration's first update used them (Note
         # [hyper-parameters in step in backward])
         self._hyper: Optional[List[Dict[str, Any]]] = None
+        # The params' hook reaches the handle through a weak reference: a strong one would
+        # make a cycle through the hooks torch keeps in C++ (param -> hook -> handle ->
+        # optimizer -> param), which its collector cannot free, so a handle never removed
+        # kept the model and the optimizer's state alive for good. (The optimizer holds
+        # the handle: _fused_step_in_backward.)
+        handle = weakref.ref(self)
+
+        def hook(p: Tensor) -> None:
+            h = handle()
+            if h is not None:
+                h._on_grad(p)
+
+        self._hook = hook
         self._track_params()
         self._install_step()
         optimizer._fused_step_in_backward = self
@@ -196,6 +196,8 @@ class StepInBackward:
         fused_optim run torch's own step. Asked at the start of every iteration, before
         anything is written."""
         opt = self.optimizer
+        for group in opt.param_groups:  # (step() would refuse them after the updates)
+            opt._refuse_group_options(group)
         if getattr(opt, "max_grad_norm", None) is not None:
             raise RuntimeError(
                 "fused_optim.step_in_backward cannot clip by the global grad norm "
@@ -222,7 +224,7 @@ class StepInBackward:
         groups = self.optimizer.param_groups
         layout = tuple(len(g["params"]) for g in groups)
         if layout != self._layout:  # at install, or a group was added
-            _refuse_shared_version_counters(list({p: None for g in groups for p in g["params"]}))
+            self._shared = _shared_storage(list({p: None for g in groups for p in g["params"]}))
             self._layout = layout
             self._group_of = {p: i for i, g in enumerate(groups) for p in g["params"]}
             candidates = list(self._group_of)
@@ -233,7 +235,7 @@ class StepInBackward:
             if p in self._hooks:
                 continue
             if p.requires_grad:
-                self._hooks[p] = p.register_post_accumulate_grad_hook(self._on_grad)
+                self._hooks[p] = p.register_post_accumulate_grad_hook(self._hook)
             else:  # a frozen param (torch cannot hook it): looked at again at each step()
                 self._no_grad_params.append(p)
 
@@ -275,13 +277,39 @@ class StepInBackward:
                 return
             self._pending.append(p)
             self._pending_bytes += grad.numel() * grad.element_size()
-            if self._pending_bytes >= self._cap_bytes:
-                self._flush()
+            if self._pending_bytes >= self._cap_bytes or (
+                    p in self._shared and self._all_done(self._shared[p])):
+                self._flush(in_backward=True)
 
-    def _flush(self) -> None:
+    def _all_done(self, params: Tuple[Tensor, ...]) -> bool:
+        """Whether each of `params` has all its grads of this iteration."""
+        return all(self._counts.get(q, 0) >= self._accumulation_steps for q in params)
+
+    def _flush(self, in_backward: bool = False) -> None:
         """Updates the pending params, as FusedOptimizer.step updates a group (the fast path,
-        else the general one), and frees their grads."""
+        else the general one), and frees their grads.
+
+        Note [params sharing memory in step in backward]
+        Params that are views of one tensor (one flat buffer) share its autograd version
+        counter: an update of one during backward bumps it, and autograd then refuses what
+        it saved of the others for the rest of the backward ("modified by an inplace
+        operation"). So during backward such a param waits, pending, until every param of
+        its storage has its grad (their nodes have run); then they are updated together, or
+        at step() if one gets no grad. Params whose `.data` are slices of one buffer have a
+        counter each and could go at once; they wait too (the storage says which params
+        may share a counter, not whether they do), which only holds their grads longer."""
         params, self._pending, self._pending_bytes = self._pending, [], 0
+        if in_backward and self._shared:
+            waiting = [p for p in params if p in self._shared
+                       and not self._all_done(self._shared[p])]
+            if waiting:
+                self._pending = waiting
+                self._pending_bytes = sum(p.grad.numel() * p.grad.element_size()
+                                          for p in waiting)
+                wait = set(waiting)
+                params = [p for p in params if p not in wait]
+                if not params:
+                    return
         opt = self.optimizer
         groups = opt.param_groups
         if self._hyper is None:
@@ -355,8 +383,14 @@ class StepInBackward:
                     opt.__dict__.pop(attr, None)
                 raise RuntimeError(refusal)
             # The pending params are the only ones with grads among those updated in backward.
-            with self._hyper_parameters_of_the_iteration():
-                out = previous_step()
+            try:
+                with self._hyper_parameters_of_the_iteration():
+                    out = previous_step()
+            except BaseException:
+                # (the iteration ends with the error, as with a refused step(): the next
+                # backward starts a new one)
+                self._reset_iteration()
+                raise
             for p in self._counts:
                 p.grad = None
             self._reset_iteration()
@@ -451,6 +485,12 @@ class StepInBackward:
             _restore(opt, "zero_grad", self._zero_grad_method, self._previous_zero_grad_attr)
             if getattr(opt, "_fused_step_in_backward", None) is self:
                 del opt._fused_step_in_backward
+            # (the wrappers refer to the handle and to the optimizer's methods: dropped, so
+            # that the optimizer is freed when its last reference goes, not at the next
+            # collection; a scheduler that wrapped ours keeps it working, as pass-through)
+            self._step = self._zero_grad_method = None
+            self._previous_attr = self._previous_zero_grad_attr = None
+            self._pending, self._counts, self._group_of, self._no_grad_params = [], {}, {}, []
 
     def __enter__(self) -> "StepInBackward":
         return self

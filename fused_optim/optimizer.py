@@ -454,6 +454,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         # (torch's load would run the hooks on the stripped checkpoint below: it runs
         # without them, and they run here, as torch's own code runs them)
         state_dict = state_dict.copy()
+        self._inference_states_possible = True  # (_refuse_inference_tensors)
         pre_hooks = self._optimizer_load_state_dict_pre_hooks
         post_hooks = self._optimizer_load_state_dict_post_hooks
         for pre_hook in pre_hooks.values():
@@ -685,6 +686,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             # (as torch's step: a CUDA graph capture of a group that is not capturable is
             # refused)
             getattr(self, self._capture_check)()
+        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
+            self._inference_states_possible = True  # (_refuse_inference_tensors)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -787,20 +790,31 @@ class FusedOptimizer(torch.optim.Optimizer):
                 torch.ops.fused_optim._cpu_tuning()
                 _cpu_choices_made = True
             if not torch.is_inference_mode_enabled():
-                # A param or state made under torch.inference_mode(): torch refuses to update
-                # it in place outside inference mode (its error comes after its update; ours
-                # before: a no-op update of the first such tensor raises it). The fast path
-                # leaves such tensors here (is_plain_writable in csrc/python_step.cpp).
-                for t in itertools.chain(params, *(s.values() for p in params
-                                                   if (s := state.get(p)))):
-                    if isinstance(t, Tensor) and t.is_inference():
-                        t.add_(0)
+                self._refuse_inference_tensors(params)
         fresh = [p for p in params if not state.get(p)]
         plain = getattr(self, "_state_dtype", None) is None  # (else converted once made)
         with self._state_arena(fresh if plain else []) as arena:
             self._update_group(group, params, grads, keys, args)
         if fresh:
             self._side_by_side(fresh, skip=arena.served())
+
+    def _refuse_inference_tensors(self, params: List[Tensor]) -> None:
+        """A param or state made under torch.inference_mode(): torch refuses to update it
+        in place outside inference mode (its error comes after its update; ours before: a
+        no-op update of the first such tensor raises it). The fast path leaves such tensors
+        to the general path (is_plain_writable in csrc/python_step.cpp). The params are
+        looked at each time; the states only where a step ran in inference mode or a
+        checkpoint was loaded since the last look (a look costs about 0.5 us a param)."""
+        if any(map(Tensor.is_inference, params)):
+            next(p for p in params if p.is_inference()).add_(0)
+        if not self.__dict__.get("_inference_states_possible", False):
+            return
+        state = self.state
+        for p in params:
+            for t in (state.get(p) or {}).values():
+                if isinstance(t, Tensor) and t.is_inference():
+                    t.add_(0)
+        self._inference_states_possible = False
 
     def _state_arena(self, params: List[Tensor]) -> "_StateArena":
         """Note [small states side by side]: where the zero states of `params` are made
@@ -846,8 +860,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         storage = getattr(self, "_param_mode", 0)
         moments = getattr(self, "_state_dtype", None) is not None
         pending: List[Tuple[Tensor, Tensor]] = []
-        for p, g in zip(params, grads):
-            s = self._checked_state(group, p, g)
+        if moments:
+            _moment_form.form = (self._state_dtype, self._moment_keys)
+        try:
+            states = [self._checked_state(group, p, g) for p, g in zip(params, grads)]
+        finally:
+            _moment_form.form = None
+        for p, s in zip(params, states):
             if storage:
                 self._init_storage(p, s)
             if moments:
@@ -942,15 +961,23 @@ def betas_args(group: Dict[str, Any]) -> Dict[str, float]:
     return {"beta1": hyper_float(beta1), "beta2": hyper_float(beta2)}
 
 
-def check_host_division(group: Dict[str, Any], divisor: Any) -> None:
-    """torch's for-loop divides by some hyper-parameter terms as Python floats (Adam's and
-    Adamax's float lr by 1 - beta1 ** step, RAdam's 2 by 1 - beta2): where a param group
-    was given a beta of 1 (the constructors refuse it), its step raises ZeroDivisionError.
-    So does ours, before anything changes (torch's, part way through the group's update).
-    `divisor`: the term, or None where torch's division is a tensor's (no error)."""
-    if divisor is not None and not isinstance(divisor, Tensor) and divisor == 0 and any(
-            p.grad is not None for p in group["params"]):
-        raise ZeroDivisionError("float division by zero")
+def raise_as_torchs_host_division(group: Dict[str, Any], state: Dict[Tensor, Any],
+                                  beta: Any, term: Callable[[Any], Any]) -> None:
+    """torch's for-loop computes some coefficients from the hyper-parameters as Python
+    numbers (Adam's and Adamax's lr / (1 - beta1 ** step), RAdam's 2 / (1 - beta2) - 1),
+    and a beta set to 1 (or -1) in a param group, which the constructors refuse, makes it
+    raise ZeroDivisionError there. So does ours, before anything changes (torch's part way
+    through the group), by evaluating the same expression: `term(step)` for each step the
+    group's params with a grad take now, only where `beta` is 1 or -1 (the betas whose
+    powers can be exactly 1). NumPy numbers or tensors divide without raising, as in
+    torch."""
+    if not (beta == 1 or beta == -1) or isinstance(beta, Tensor):
+        return
+    for p in group["params"]:
+        if p.grad is not None:
+            s = state.get(p)
+            step = s.get("step") if s else None
+            term((float(step) if step is not None else 0.0) + 1.0)
 
 
 def _side_by_side_eligible(t: Tensor) -> bool:
@@ -999,11 +1026,26 @@ class _StateArena:
         return tuple(key for key, left in self._made.items() if not left)
 
 
+# While FusedOptimizer._update_group makes state with a state_dtype: (state_dtype, the
+# moment keys), so that zeros_states makes new moments in that form at once.
+_moment_form = threading.local()
+
+
 def zeros_states(state: Dict[str, Any], p: Tensor, *keys: str) -> None:
     """state[key] = zeros like p (its dtype, device and strides) for each key, as torch's
     _init_group makes the moments; side by side with the other new params' where a step
-    makes them (Note [small states side by side])."""
+    makes them (Note [small states side by side]). Under a state_dtype (Note [state
+    storage]), the moments are made in its form directly (8-bit codes and scales of zeros,
+    as quantizing float32 zeros gives them, without the temporaries)."""
+    form = getattr(_moment_form, "form", None)
     for key in keys:
+        if form is not None and key in form[1] and type(p) in (Tensor, torch.nn.Parameter):
+            if form[0] is torch.uint8 and quantization.quantizes(p):
+                state[key], state[key + _ABSMAX] = quantization.zeros(p)
+            else:  # (8-bit state keeps a small or strided param's moments in float32)
+                dtype = torch.float32 if form[0] is torch.uint8 else form[0]
+                state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            continue
         t = _StateArena.zeros_like(p, key)
         state[key] = t if t is not None else torch.zeros_like(
             p, memory_format=torch.preserve_format)

@@ -4,8 +4,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .optimizer import (FusedOptimizer, betas_args, check_host_division, hyper_float, lr_args,
-                        scalar_state, zeros_states)
+from .optimizer import (FusedOptimizer, betas_args, hyper_float, lr_args,
+                        raise_as_torchs_host_division, scalar_state, zeros_states)
 
 __all__ = ["RAdam"]
 
@@ -60,7 +60,7 @@ class RAdam(FusedOptimizer, torch.optim.RAdam):
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
         beta2 = group["betas"][1]
         # (torch: rho_inf = 2 / (1 - beta2) - 1)
-        check_host_division(group, None if isinstance(beta2, Tensor) else 1 - beta2)
+        raise_as_torchs_host_division(group, self.state, beta2, lambda step: 2 / (1 - beta2) - 1)
         return dict(
             **lr_args(group["lr"]),
             **betas_args(group),

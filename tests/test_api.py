@@ -991,3 +991,53 @@ def test_sgds_empty_8bit_scales_are_float32_whatever_the_default_dtype():
     finally:
         torch.set_default_dtype(old)
     assert opt.state[p]["momentum_buffer_absmax"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["Adam", "Adamax"])
+def test_a_beta_of_one_raises_only_where_torchs_division_does(name):
+    """Where torch's division is not a Python float's it does not raise (found by a review
+    of the fix, 2026-12-05): fused=True (a C++ division), NumPy betas (NumPy warns), and
+    each step's own power: beta1 = -1 divides by zero at even steps only."""
+    import numpy as np
+
+    torch_cls, ours_cls = pu.ALGOS[name]
+    cases = [dict(beta1=np.float64(1.0))] + ([dict(beta1=1.0, fused=True)] if name == "Adam" else [])
+    for case in cases:
+        for cls in (torch_cls, ours_cls):
+            p = torch.nn.Parameter(torch.ones(4))
+            kw = dict(fused=True) if case.get("fused") else dict(foreach=False)
+            opt = cls([p], lr=0.1, **kw)
+            p.grad = torch.full((4,), 0.5)
+            opt.step()
+            opt.param_groups[0]["betas"] = (case["beta1"], 0.999)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (NumPy's division warning)
+                opt.step()  # no ZeroDivisionError, in either
+    outcomes = []
+    for cls in (torch_cls, ours_cls):
+        p = torch.nn.Parameter(torch.ones(4))
+        opt = cls([p], lr=0.1, foreach=False)
+        opt.param_groups[0]["betas"] = (-1.0, 0.999)
+        p.grad = torch.full((4,), 0.5)
+        with pu.correctly_rounded_sqrt():
+            opt.step()  # step 1: 1 - (-1) ** 1 = 2
+        before = p.detach().clone()
+        with pytest.raises(ZeroDivisionError):
+            opt.step()  # step 2: 1 - (-1) ** 2 = 0
+        outcomes.append(before)
+    assert torch.equal(outcomes[0], outcomes[1])
+
+
+def test_a_tensor_lr_on_a_foreach_adam_group_without_grads_steps_as_torch():
+    """torch checks a Tensor lr with foreach=True for the groups it steps (with grads): a
+    frozen group with one does not stop the step (found by a review of the fix)."""
+    out = []
+    for cls in pu.ALGOS["Adam"]:
+        p, q = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+        opt = cls([{"params": [p]}, {"params": [q]}], lr=0.1, foreach=False)
+        opt.param_groups[1].update(lr=torch.tensor(0.01), foreach=True)
+        p.grad = torch.full((4,), 0.5)
+        with pu.correctly_rounded_sqrt():
+            opt.step()
+        out.append(p.detach().clone())
+    assert torch.equal(out[0], out[1])

@@ -260,6 +260,7 @@ def _compiled_runs_of_the_op(make_opt, steps=4, dtype=torch.float32, n=5000):
     region), and the number of those whose optimizer op ran inside a compiled graph; the
     params after them."""
     import torch._dynamo
+    from torch._inductor.compile_fx import compile_fx
 
     torch._dynamo.reset()
     ran = [0]
@@ -267,7 +268,7 @@ def _compiled_runs_of_the_op(make_opt, steps=4, dtype=torch.float32, n=5000):
     def backend(gm, example_inputs):
         has_op = any(node.op == "call_function" and "fused_optim" in str(node.target)
                      for node in gm.graph.nodes)
-        compiled = torch._inductor.compile_fx.compile_fx(gm, example_inputs)
+        compiled = compile_fx(gm, example_inputs)
 
         def run(*args):
             if has_op:

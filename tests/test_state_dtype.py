@@ -759,3 +759,43 @@ def test_every_isa_copy_gives_the_same_bits():
         assert out.returncode == 0, out.stderr[-3000:]
         digests[isa] = out.stdout.strip()
     assert len(set(digests.values())) == 1, digests
+
+
+@pytest.mark.parametrize("name", ["Adam", "RMSprop", "NAdam"])
+def test_new_8_bit_moments_are_made_without_quantizing_float32_zeros(name, monkeypatch):
+    """A new moment was made as float32 zeros and quantized: about 28 bytes of temporaries
+    an element, so the first step of an 8-bit optimizer peaked at several times the float32
+    state's memory (found by a review, 2026-12-05: 55 MiB for 4 MiB of 8-bit Adam state).
+    Now made as codes and scales of zeros directly (quantization.zeros: quantize's bits,
+    checked here for sizes around the blocks), and the first steps are bitwise the same as
+    through quantize."""
+    for n in (4096, 4097, 4351, 65539):
+        codes, scales = quantization.zeros(torch.empty(n))
+        ref_codes, ref_scales = quantization.quantize(torch.zeros(n))
+        assert torch.equal(codes, ref_codes)
+        assert torch.equal(scales.view(torch.int32), ref_scales.view(torch.int32))
+
+    def run(direct):
+        if not direct:  # (the previous way: float32 zeros, then quantized)
+            monkeypatch.setattr(quantization, "zeros",
+                                lambda p: quantization.quantize(torch.zeros_like(p, dtype=torch.float32)))
+        calls = []
+        real = quantization.quantize
+        monkeypatch.setattr(quantization, "quantize", lambda x: calls.append(1) or real(x))
+        ps = [torch.randn(8192, generator=torch.Generator().manual_seed(0)).requires_grad_(),
+              torch.randn(100, generator=torch.Generator().manual_seed(1)).requires_grad_()]
+        opt = getattr(fused_optim, name)(ps, lr=0.01, state_dtype=torch.uint8)
+        for step in range(3):
+            for i, p in enumerate(ps):
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * step + i))
+            opt.step()
+        monkeypatch.undo()
+        return calls, [p.detach().clone() for p in ps], {
+            (i, k): v.clone() for i, p in enumerate(ps) for k, v in opt.state[p].items()}
+
+    calls, params, state = run(direct=True)
+    ref_calls, ref_params, ref_state = run(direct=False)
+    assert not calls and ref_calls
+    assert all(torch.equal(a, b) for a, b in zip(params, ref_params))
+    assert state.keys() == ref_state.keys()
+    assert all(torch.equal(state[k], ref_state[k]) for k in state)

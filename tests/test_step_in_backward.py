@@ -699,52 +699,50 @@ def test_non_reentrant_activation_checkpointing_is_backward_then_step(bucket_cap
         assert torch.equal(p, q)
 
 
-def test_refuses_params_that_are_views_of_one_tensor_before_anything_changes():
-    """Params made views of one flat buffer share its version counter: an update during
-    backward made autograd refuse what it saved of the others, part way through the
-    backward (found by a review, 2026-12-05). Refused when the handle is made."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    offset = 0
-    for mod in (model[0], model[2]):
-        for name in ("weight", "bias"):
-            p = getattr(mod, name)
-            setattr(mod, name, torch.nn.Parameter(flat[offset:offset + p.numel()].view(p.shape)))
-            offset += p.numel()
-    opt = fused_optim.SGD(model.parameters(), lr=0.1)
-    before = flat.clone()
-    with pytest.raises(RuntimeError, match="are views of one tensor"):
-        fused_optim.step_in_backward(opt, bucket_cap_mb=0)
-    assert not hasattr(opt, "_fused_step_in_backward")
-    assert torch.equal(flat, before)
-    model(torch.randn(4, 8)).square().mean().backward()  # (no hooks were left behind)
-    assert all(p.grad is not None for p in model.parameters())
-
-
-def test_params_sharing_a_buffer_through_data_train_as_the_plain_loop():
-    """Params whose `.data` are slices of one buffer have a version counter each: step in
-    backward takes them, bitwise backward-then-step."""
+@pytest.mark.parametrize("bucket", [0.0, 25.0])
+@pytest.mark.parametrize("how", ["views", "data"])
+def test_params_sharing_one_buffer_train_as_the_plain_loop(how, bucket):
+    """Note [params sharing memory in step in backward]: params made views of one flat
+    buffer share its version counter, and an update during backward made autograd refuse
+    what it saved of the others, part way through the backward (found by a review,
+    2026-12-05). They now wait until every param of the buffer has its grad: bitwise
+    backward-then-step, for views and for params whose `.data` are slices of one buffer,
+    with each param its own bucket and with one bucket."""
     runs = []
     for use_handle in (False, True):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(),
+                                    torch.nn.Linear(16, 16), torch.nn.Tanh(),
                                     torch.nn.Linear(16, 2))
-        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        shared = [model[0], model[2]]  # (the last layer keeps its own memory)
+        flat = torch.cat([p.detach().reshape(-1) for m in shared for p in m.parameters()])
         offset = 0
-        for p in model.parameters():
-            p.data = flat[offset:offset + p.numel()].view(p.shape)
-            offset += p.numel()
+        for mod in shared:
+            for name in ("weight", "bias"):
+                p = getattr(mod, name)
+                view = flat[offset:offset + p.numel()].view(p.shape)
+                if how == "views":
+                    setattr(mod, name, torch.nn.Parameter(view))
+                else:
+                    p.data = view
+                offset += p.numel()
         opt = fused_optim.AdamW(model.parameters(), lr=0.01)
+        updated_in_backward = []
         if use_handle:
-            fused_optim.step_in_backward(opt, bucket_cap_mb=0)
+            fused_optim.step_in_backward(opt, bucket_cap_mb=bucket)
         for it in range(3):
             x = torch.randn(4, 8, generator=torch.Generator().manual_seed(it))
             model(x).square().mean().backward()
+            updated_in_backward.append(model[4].weight.grad is None)
             opt.step()
             opt.zero_grad()
-        runs.append(flat.clone())
-    assert torch.equal(runs[0], runs[1])
+        runs.append((flat.clone(), [p.detach().clone() for p in model.parameters()],
+                     updated_in_backward))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    # (the last layer, its own memory, updated during backward: with one bucket too, the
+    # pending ones go once the shared buffer's params all have their grads)
+    assert all(runs[1][2])
 
 
 @pytest.mark.parametrize("bucket", [0.0, 25.0])
@@ -790,3 +788,57 @@ def test_hyper_parameters_set_between_backward_and_step_apply_from_the_next_iter
     warned = any("param_groups[0]['lr']" in m and "changed between backward() and step()" in m
                  for m in caught)
     assert warned == updated_in_backward
+
+
+def test_a_handle_never_removed_does_not_keep_the_model_alive():
+    """The params' hooks held the handle, which holds the optimizer, whose groups hold the
+    params: a cycle through hooks torch keeps in C++, which its collector cannot free, so
+    a model trained with a handle never removed stayed in memory for good (found by a
+    review, 2026-12-05). After the last reference goes (and a collection), the optimizer,
+    its state and the params are freed; with remove(), without waiting for a collection."""
+    import gc
+    import weakref
+
+    def run(remove):
+        model = torch.nn.Linear(16, 16)
+        opt = fused_optim.AdamW(model.parameters())
+        handle = fused_optim.step_in_backward(opt)
+        model(torch.randn(2, 16)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        if remove:
+            handle.remove()
+        return weakref.ref(opt), weakref.ref(model.weight), weakref.ref(opt.state[model.weight]["exp_avg"])
+
+    refs = run(remove=False)
+    gc.collect()
+    assert all(r() is None for r in refs)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        refs = run(remove=True)
+        assert all(r() is None for r in refs)  # (no collection ran)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def test_a_fused_option_set_on_a_group_is_refused_before_the_iterations_updates():
+    """An option of the optimizer set on a param group is refused by step(); with step in
+    backward that came after the iteration's updates had run without it, and the next
+    backward was then refused as a second one (found by a review, 2026-12-05). Refused at
+    the iteration's first grad now, before anything changes; after the key goes, training
+    goes on."""
+    model = make_model()
+    opt = make_opt("AdamW", model)
+    fused_optim.step_in_backward(opt, bucket_cap_mb=0)
+    opt.param_groups[0]["max_grad_norm"] = 1.0
+    snap = snapshot(model, opt)
+    with pytest.raises(ValueError, match="'max_grad_norm' is an option of the optimizer"):
+        loss_of(model, 0).backward()
+    assert_unchanged(model, opt, snap)
+    del opt.param_groups[0]["max_grad_norm"]
+    opt.zero_grad()
+    loss_of(model, 0).backward()
+    opt.step()
+    opt.zero_grad()
