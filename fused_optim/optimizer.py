@@ -12,7 +12,6 @@ All state lives in ``self.state`` as plain tensors with torch's keys, dtypes and
 both directions, and schedulers, GradScaler and torch.distributed see what they expect.
 """
 import inspect
-import itertools
 import threading
 import warnings
 from collections import OrderedDict
@@ -95,7 +94,7 @@ _FUSED_OPTIONS = {"max_grad_norm": Optional[float], "grad_norm_type": float,
                   "state_dtype": Optional[torch.dtype]}
 
 
-# Whether the CPU loops' choices were made (FusedOptimizer._update_group).
+# Whether the CPU loops' choices were made (FusedOptimizer._update_placing_state).
 _cpu_choices_made = False
 
 # c10's names of the complex dtypes, as its dispatch errors print them.
@@ -805,8 +804,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         to the general path (is_plain_writable in csrc/python_step.cpp). The params are
         looked at each time; the states only where a step ran in inference mode or a
         checkpoint was loaded since the last look (a look costs about 0.5 us a param)."""
-        if any(map(Tensor.is_inference, params)):
-            next(p for p in params if p.is_inference()).add_(0)
+        inference = next(filter(Tensor.is_inference, params), None)
+        if inference is not None:
+            inference.add_(0)
         if not self.__dict__.get("_inference_states_possible", False):
             return
         state = self.state
@@ -971,7 +971,7 @@ def raise_as_torchs_host_division(group: Dict[str, Any], state: Dict[Tensor, Any
     group's params with a grad take now, only where `beta` is 1 or -1 (the betas whose
     powers can be exactly 1). NumPy numbers or tensors divide without raising, as in
     torch."""
-    if not (beta == 1 or beta == -1) or isinstance(beta, Tensor):
+    if isinstance(beta, Tensor) or not (beta == 1 or beta == -1):
         return
     for p in group["params"]:
         if p.grad is not None:

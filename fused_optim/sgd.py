@@ -158,9 +158,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         if dtype is torch.uint8:
             if quantization.is_dtensor(p):  # laid out shard by shard (Note [8-bit DTensors])
                 return quantization.quantize(torch.zeros_like(p, dtype=torch.float32))
-            blocks = (p.numel() + quantization.BLOCK - 1) // quantization.BLOCK
-            return (torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.contiguous_format),
-                    torch.zeros(blocks, dtype=torch.float32, device=p.device))
+            return quantization.zeros(p)
         # (side by side with the other new buffers where the grad is laid out as its param,
         # as the buffer must be: Note [small states side by side])
         buf = _StateArena.zeros_like(p, "momentum_buffer") if (
