@@ -94,8 +94,20 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="a few option combinations only")
     args = ap.parse_args(argv)
-    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
-    rows = report(args.algos.split(","), dtypes, args.quick, args.steps)
+    algos, dtype_names = args.algos.split(","), args.dtypes.split(",")
+    # Refused before anything runs (not a KeyError at its turn): the ULP counts are defined
+    # for float32 and float64 (and their complex forms, which the suite's model holds).
+    unknown = [a for a in algos if a not in pu.ALGOS]
+    if unknown:
+        ap.error(f"unknown --algos {', '.join(unknown)}; choose from {', '.join(pu.ALGOS)}")
+    bad = [d for d in dtype_names if d not in ("float32", "float64")]
+    if bad:
+        ap.error(f"--dtypes must be float32 and/or float64 (ULPs are counted for those), not "
+                 f"{', '.join(bad)}")
+    if args.steps < 1:
+        ap.error(f"--steps must be at least 1, not {args.steps}")
+    dtypes = [getattr(torch, d) for d in dtype_names]
+    rows = report(algos, dtypes, args.quick, args.steps)
     print(markdown(rows, args.steps))
     return rows
 

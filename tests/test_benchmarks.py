@@ -156,6 +156,21 @@ def test_parity_report_quick():
         assert int(ieee) == 0, line
 
 
+@pytest.mark.parametrize("script,args,message", [
+    ("parity_report.py", ["--algos", "Adam,Foo"], "unknown --algos Foo"),
+    ("parity_report.py", ["--dtypes", "bfloat16"], "--dtypes must be float32 and/or float64"),
+    ("parity_report.py", ["--steps", "0"], "--steps must be at least 1"),
+    ("quality.py", ["--runs", "fp32,bogus"], "unknown --runs bogus")])
+def test_report_scripts_refuse_bad_arguments_before_running(script, args, message):
+    """Found by a review (2026-12-05): parity_report.py --algos Foo and quality.py --runs
+    fp32,bogus failed with a KeyError at the bad name's turn (after minutes of the good
+    ones), and parity_report.py --dtypes bfloat16 printed inf as a ULP count. Refused
+    first, with argparse's exit status 2."""
+    out = _run([os.path.join(ROOT, "benchmarks", script), *args], returncode=2, timeout=120)
+    assert message in out.stderr
+    assert not out.stdout  # (nothing ran)
+
+
 @pytest.mark.parametrize("dtype,modes", [
     ("bfloat16", ["round to nearest", "kahan_summation", "stochastic_rounding", "master_weights",
                   "state_dtype=torch.uint8"]),
@@ -193,7 +208,20 @@ def test_quality_benchmark_quick_runs(tmp_path):
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [r.split("|")[1].strip() for r in rows] == [
         "fp32", "bf16", "bf16+kahan", "bf16+sr", "bf16+master", "fp32+8bit"]
+    data = json.loads((tmp_path / "quality.json").read_text())
     for r in rows:
-        loss = float(r.split("|")[2])
-        assert 0 < loss < 6.0  # ln(256) = 5.55 is a uniform guess
+        name, final, vs, last3, vs3, state_bytes, minutes = [c.strip() for c in r.strip("|").split("|")]
+        assert 0 < float(final) < 6.0  # ln(256) = 5.55 is a uniform guess
+        curve = data["results"][name]["curve"]
+        assert float(final) == pytest.approx(curve[-1][1], abs=5e-5)  # (printed to 4 places)
+        # the mean of the last 3 evaluations (--quick --steps 4 evaluates at steps 2 and 4)
+        held = [c[1] for c in curve[-3:]]
+        assert float(last3) == pytest.approx(sum(held) / len(held), abs=5e-5)
+        assert vs.endswith("%") and vs3.endswith("%")
+        assert float(state_bytes) > 0 and float(minutes) >= 0
+    # the machine line names the CPU model, as bench.py's does
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), None) if os.path.exists("/proc/cpuinfo") else None
+    if cpu:
+        assert data["machine"].startswith(cpu)
     assert (tmp_path / "quality.json").exists() and (tmp_path / "quality.md").exists()
