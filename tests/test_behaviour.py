@@ -517,15 +517,22 @@ cases = [("SGD", dict(lr=0.3, momentum=0.9)), ("Adam", dict(lr=0.01, amsgrad=Tru
          ("Adagrad", dict(lr=0.05)), ("Adamax", dict(lr=0.01)), ("Adadelta", dict(lr=0.5)),
          ("NAdam", dict(lr=0.01)), ("RAdam", dict(lr=0.01)), ("Rprop", dict(lr=0.01)),
          ("ASGD", dict(lr=0.01))]
-modes = [dict(kahan_summation=True), dict(stochastic_rounding=True), dict(master_weights=True)]
+# (and float32 moments beside the 16-bit params; then float32 params, holding every value of
+# the 16-bit dtype, with moments of that dtype: Note [storage modes in registers] too)
+modes = [dict(kahan_summation=True), dict(stochastic_rounding=True), dict(master_weights=True),
+         dict(state_dtype=torch.float32), dict(state_dtype=dt, float32_params=True)]
 out = {"isa": torch.ops.fused_optim._cpu_isa()}
 for name, kwargs in cases:
     for m, mode in enumerate(modes):
-        ps = [shuffled().requires_grad_(), shuffled()[:53].clone().requires_grad_()]
+        mode = dict(mode)
+        if "state_dtype" in mode and name in ("Rprop", "ASGD"):
+            continue  # (no moments: state_dtype does not apply)
+        pdt = torch.float32 if mode.pop("float32_params", False) else dt
+        ps = [shuffled().to(pdt).requires_grad_(), shuffled()[:53].to(pdt).requires_grad_()]
         opt = getattr(fused_optim, name)(ps, **kwargs, **mode)
         for step in range(3):
             for p in ps:
-                p.grad = shuffled()[:p.numel()].clone()
+                p.grad = shuffled()[:p.numel()].to(pdt)
             opt.step()
             if step == 0:
                 for p in ps:
@@ -541,10 +548,12 @@ torch.save(out, sys.argv[1])
 @pytest.mark.parametrize("flush", ["", "daz"], ids=["ieee", "flush_denormal"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_storage_modes_identical_across_isas_on_every_bit_pattern(tmp_path, dtype, flush):
-    """Kahan summation, stochastic rounding and master weights: the vector loops of every
-    ISA store the baseline's bits on every 16-bit input, for every algorithm."""
+    """Kahan summation, stochastic rounding and master weights, and moments of another
+    dtype than the param's (float32 beside 16-bit params, 16-bit beside float32 ones): the
+    vector loops of every ISA store the baseline's bits on every 16-bit input, for every
+    algorithm."""
     results = _run_isas(STORAGE_SCRIPT, tmp_path, dtype, *([flush] if flush else []))
-    assert len(results["baseline"]) == 33
+    assert len(results["baseline"]) == 11 * 3 + 9 * 2  # (Rprop and ASGD have no moments)
     for isa in ISAS[1:]:
         for case, tensors in results["baseline"].items():
             for a, b in zip(tensors, results[isa][case]):

@@ -722,10 +722,16 @@ def test_subclass_params_are_refused_for_8_bit_state():
 
 ISA_SCRIPT = r"""
 import hashlib, torch, fused_optim
+torch.manual_seed(0)  # (stochastic rounding's seeds are drawn from torch's generator)
 h = hashlib.sha256()
+# (the float states beside params of another dtype go through Note [storage modes in
+# registers] in the vector copies, through the storage loop's buffers in the baseline)
 for dtype, sdtype, mode in ((torch.float32, torch.uint8, {}), (torch.bfloat16, torch.uint8, {"kahan_summation": True}),
                             (torch.float16, torch.float32, {"master_weights": True}), (torch.float32, torch.bfloat16, {}),
-                            (torch.float32, torch.uint8, {"amsgrad": True})):
+                            (torch.float32, torch.uint8, {"amsgrad": True}), (torch.float32, torch.float16, {}),
+                            (torch.bfloat16, torch.float32, {}), (torch.float16, torch.float32, {"kahan_summation": True}),
+                            (torch.bfloat16, torch.float32, {"stochastic_rounding": True}),
+                            (torch.float16, torch.float32, {"stochastic_rounding": True})):
     g = torch.Generator().manual_seed(0)
     # (last blocks of 136, 5 and 48 elements after whole ones: Note [8-bit state a block behind])
     params = [torch.randn(s, generator=g).to(dtype).requires_grad_()

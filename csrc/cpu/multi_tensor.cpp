@@ -125,7 +125,11 @@ CpuTuning tuning_from_table() {
   if (id.vendor == "GenuineIntel" && __builtin_cpu_supports("avx512bf16")) {
     // The project's 2-core Xeon (Cooper Lake or newer server cores): fp32 Adam 87% -> 95%
     // of the limit, W3 Adam ~12% faster at 2 threads (sessions 5-7); on family 6 model 167
-    // (AVX512-FP16, AMX) W1/W2 Adam 1.0x -> 1.1x torch fused=True (session 13).
+    // (AVX512-FP16, AMX) W1/W2 Adam 1.0x -> 1.1x torch fused=True (session 13). Again on
+    // 2026-12-06 (docs/benchmarks.md): the prefetch kept (W4 bf16 57-68% of the limit
+    // without it, 83-93% with); the 8-bit codes by the gather (AdamW with 8-bit moments
+    // 22.1-22.4 ms a step, by arithmetic 26.2-26.8); SGD's float loops in AVX-512 (its AVX2
+    // copy level within the noise).
     t = {384, true, false, CpuTuning::FloatLoops::kAvx512, "Intel Xeon with AVX512-BF16", "table"};
   } else if (id.vendor == "AuthenticAMD" && id.family == 0x19 &&
              ((id.model >= 0x10 && id.model <= 0x1F) || (id.model >= 0x60 && id.model <= 0xAF))) {

@@ -854,55 +854,77 @@ FO_INLINE void master_follows_param(at::ScalarType pt, const void* param, int64_
 
 #if FO_X86_CLONES
 // Note [storage modes in registers]
-// Kahan summation and master weights of 16-bit params whose grads and states all have the
-// param's dtype (the usual case: no state_dtype), in the copies with a vector math type for
-// that dtype (Note [vector rules]: bfloat16 with AVX512-BF16, float16 with AVX2 or
-// AVX-512), and their stochastic rounding with AVX-512 (bfloat16: AVX512-BF16): each vector
-// of elements widened, updated and stored in registers, as the 16-bit segment loop does,
-// instead of through the storage loop's float buffers (whose extra passes over each block
-// made Kahan 73%, master weights 78% and stochastic rounding 56% of the limit on the Xeon,
-// W4-like). The same operations in the same order as the storage loop below, lane by
-// lane (stochastic rounding: bf16_stochastic16_avx512 and f16_stochastic16_avx512, element
-// i with its own bits; the storage loop's float16 rounding is left to the compiler, which
-// did not vectorize it: 14% of the limit, W4-like, on the Xeon): the
-// same bits. Returns where its vectors ended (begin where it does not apply); the storage
-// loop does the rest.
-template <typename Rule, Isa kIsa, typename T>
+// Kahan summation and master weights of 16-bit params, in the copies with a vector math
+// type for that dtype (Note [vector rules]: bfloat16 with AVX512-BF16, float16 with AVX2
+// or AVX-512), and their stochastic rounding with AVX-512 (bfloat16: AVX512-BF16): each
+// vector of elements widened, updated and stored in registers, as the 16-bit segment loop
+// does, instead of through the storage loop's float buffers (whose extra passes over each
+// block made Kahan 73%, master weights 78% and stochastic rounding 56% of the limit on the
+// Xeon, W4-like). The same for states of another float dtype than the param's
+// (state_dtype: float32 params with bfloat16 or float16 moments, 16-bit params with float32
+// ones, in any mode; Note [state storage] in plan.h): the buffers' passes made float32
+// AdamW with bfloat16 moments 82% of the limit on the Xeon (2026-12-06). The same
+// operations in the same order as the storage loop below, lane by lane (stochastic
+// rounding: bf16_stochastic16_avx512 and f16_stochastic16_avx512, element i with its own
+// bits; the storage loop's float16 rounding is left to the compiler, which did not
+// vectorize it: 14% of the limit, W4-like, on the Xeon): the same bits. T is the param's
+// (and grad's) type, S the states'; the vector type is the one of the copy that converts
+// both (none: the storage loop does it all). Returns where its vectors ended (begin where
+// it does not apply); the storage loop does the rest.
+template <typename T, typename S, Isa kIsa>
+struct StorageMathOf {
+  using PV = VectorMath<T, kIsa>;
+  using SV = VectorMath<S, kIsa>;
+  using type = std::conditional_t<
+      std::is_same_v<T, float>, SV,
+      std::conditional_t<std::is_same_v<S, float> || std::is_same_v<PV, SV>, PV, float>>;
+};
+
+template <typename Rule, Isa kIsa, typename T, typename S>
 FO_INLINE int64_t mode_vectors(const TensorPtrs& t, int64_t begin, int64_t end, ParamMode mode,
                                float inv_scale, bool unscale) {
-  using V = VectorMath<T, kIsa>;
-  if constexpr (std::is_same_v<V, float>) {
+  using V = typename StorageMathOf<T, S, kIsa>::type;
+  if constexpr (!std::is_class_v<V>) {
     return begin;
   } else {
     constexpr int NS = Rule::kStates;
     constexpr int64_t kWidth = sizeof(V) / sizeof(float);
+    constexpr bool kFloatParam = std::is_same_v<T, float>;
     // Under MXCSR.DAZ the vector bfloat16 stores cannot see subnormals (simd.h).
-    if (std::is_same_v<T, c10::BFloat16> && daz_is_set()) return begin;
+    if ((std::is_same_v<T, c10::BFloat16> || std::is_same_v<S, c10::BFloat16>) && daz_is_set()) {
+      return begin;
+    }
     const StorageCoeffs& sc = *static_cast<const StorageCoeffs*>(t.coeffs);
     const typename Rule::template WithMath<V> vrule(
         *static_cast<const typename Rule::Coeffs*>(sc.rule_coeffs));
     const V vinv_scale(inv_scale);
     T* p = static_cast<T*>(t.param);
     T* g = static_cast<T*>(t.grad);
-    T* st[NS > 0 ? NS : 1];
-    for (int k = 0; k < NS; ++k) st[k] = static_cast<T*>(t.state[k]);
+    S* st[NS > 0 ? NS : 1];
+    for (int k = 0; k < NS; ++k) st[k] = static_cast<S*>(t.state[k]);
     T* comp = mode == ParamMode::kKahan ? static_cast<T*>(t.state[NS]) : nullptr;
     float* master = mode == ParamMode::kMaster ? static_cast<float*>(t.state[NS]) : nullptr;
     constexpr bool kStochastic = std::is_same_v<T, c10::BFloat16> ? kIsa >= Isa::kAvx512Bf16
-                                                                  : kIsa >= Isa::kAvx512;
+                                 : std::is_same_v<T, c10::Half>   ? kIsa >= Isa::kAvx512
+                                                                  : false;
     if (!kStochastic && mode == ParamMode::kStochastic) return begin;
     const uint64_t stream = sc.rounding_stream;
     const int64_t vend = begin + (end - begin) / kWidth * kWidth;
     const int64_t ahead = prefetch_distance(sizeof(T));
     int64_t ssize[NS > 0 ? NS : 1];
-    for (int k = 0; k < NS; ++k) ssize[k] = sizeof(T);
+    for (int k = 0; k < NS; ++k) ssize[k] = sizeof(S);
     for (int64_t b = begin; b < vend; b += kBlock) {
       const int64_t bend = std::min(vend, b + kBlock);
       prefetch_storage_ahead<NS>(t, comp, master, sizeof(T), ssize, bend, ahead);
       for (int64_t i = b; i < bend; i += kWidth) {
-        // (Note [master follows the param] in plan.h)
-        V pv = master != nullptr ? V::load(master + i).following(p + i) : V::load(p + i);
-        if (comp != nullptr) pv = pv + V::load(comp + i);
+        V pv;
+        if constexpr (kFloatParam) {
+          pv = V::load(p + i);
+        } else {
+          // (Note [master follows the param] in plan.h)
+          pv = master != nullptr ? V::load(master + i).following(p + i) : V::load(p + i);
+          if (comp != nullptr) pv = pv + V::load(comp + i);
+        }
         V gv = V::load(g + i);
         if (unscale) {
           gv = gv * vinv_scale;
@@ -922,16 +944,46 @@ FO_INLINE int64_t mode_vectors(const TensorPtrs& t, int64_t begin, int64_t end, 
             continue;
           }
         }
-        if (master != nullptr) {
+        if constexpr (kFloatParam) {
+          pv.store(p + i);  // (a float32 param has no mode)
+        } else if (master != nullptr) {
           pv.store(p + i);
           pv.store(master + i);
-        } else {
+        } else if (comp != nullptr) {
           (pv - pv.store_widened(p + i)).store(comp + i);  // exact: what rounding lost
+        } else {
+          pv.store(p + i);  // rounded to nearest
         }
       }
     }
     return vend;
   }
+}
+
+// Note [storage modes in registers]: the copy of mode_vectors for the param's dtype and
+// the states' (all of one float dtype, or no states), where there is one.
+template <typename Rule, Isa kIsa>
+FO_INLINE int64_t storage_vectors(const TensorPtrs& t, int64_t begin, int64_t end,
+                                  ParamMode mode, float inv_scale, bool unscale) {
+  constexpr int NS = Rule::kStates;
+  const at::ScalarType pt = t.param_dtype;
+  const at::ScalarType sdt = NS > 0 ? t.state_dtype[0] : pt;
+  for (int k = 1; k < NS; ++k) {
+    if (t.state_dtype[k] != sdt) return begin;
+  }
+  using BF = c10::BFloat16;
+  using H = c10::Half;
+  if (pt == at::kBFloat16) {
+    if (sdt == at::kBFloat16) return mode_vectors<Rule, kIsa, BF, BF>(t, begin, end, mode, inv_scale, unscale);
+    if (sdt == at::kFloat) return mode_vectors<Rule, kIsa, BF, float>(t, begin, end, mode, inv_scale, unscale);
+  } else if (pt == at::kHalf) {
+    if (sdt == at::kHalf) return mode_vectors<Rule, kIsa, H, H>(t, begin, end, mode, inv_scale, unscale);
+    if (sdt == at::kFloat) return mode_vectors<Rule, kIsa, H, float>(t, begin, end, mode, inv_scale, unscale);
+  } else if (pt == at::kFloat && mode == ParamMode::kNearest) {
+    if (sdt == at::kBFloat16) return mode_vectors<Rule, kIsa, float, BF>(t, begin, end, mode, inv_scale, unscale);
+    if (sdt == at::kHalf) return mode_vectors<Rule, kIsa, float, H>(t, begin, end, mode, inv_scale, unscale);
+  }
+  return begin;
 }
 #endif
 
@@ -955,13 +1007,7 @@ FO_INLINE void storage_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
 #if FO_X86_CLONES
   // Note [storage modes in registers]
   if constexpr (kIsa >= Isa::kAvx2) {
-    bool same = mode != ParamMode::kNearest;
-    for (int k = 0; k < NS; ++k) same = same && t.state_dtype[k] == pt;
-    if (same && pt == at::kBFloat16) {
-      begin = mode_vectors<Rule, kIsa, c10::BFloat16>(t, begin, end, mode, inv_scale, unscale);
-    } else if (same && pt == at::kHalf) {
-      begin = mode_vectors<Rule, kIsa, c10::Half>(t, begin, end, mode, inv_scale, unscale);
-    }
+    begin = storage_vectors<Rule, kIsa>(t, begin, end, mode, inv_scale, unscale);
   }
 #endif
   const bool p_direct = pt == at::kFloat && mode == ParamMode::kNearest;
