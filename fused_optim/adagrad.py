@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from .optimizer import FusedOptimizer, hyper_float, lr_args
+from .optimizer import FusedOptimizer, evaluate_host_term, hyper_float, lr_args
 
 __all__ = ["Adagrad"]
 
@@ -76,6 +76,15 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
         return ("sum", "step")
 
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        lr, lr_decay = group["lr"], group["lr_decay"]
+        if (not group["fused"] and not isinstance(lr, Tensor) and not isinstance(lr_decay, Tensor)
+                and lr_decay < 0):
+            # torch's for-loop and foreach step compute clr = lr / (1 + (step - 1) * lr_decay)
+            # as Python numbers: a negative lr_decay set in a group (its constructor refuses
+            # one) can make that 0, and it raises ZeroDivisionError (with its step counted);
+            # ours raises it before anything changes. (torch's fused kernel divides in C++,
+            # and does not raise.)
+            evaluate_host_term(group, self.state, lambda step: lr / (1 + (step - 1) * lr_decay))
         return dict(
             **lr_args(group["lr"]),
             lr_decay=group["lr_decay"],

@@ -5,7 +5,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype, _to_scalar
 
-from .optimizer import FusedOptimizer, hyper_float, lr_args, zeros_states
+from .optimizer import (FusedOptimizer, evaluate_host_term, hyper_float, lr_args,
+                        zeros_states)
 
 __all__ = ["ASGD"]
 
@@ -64,6 +65,18 @@ class ASGD(FusedOptimizer, torch.optim.ASGD):
         return ("ax", "mu", "eta", "step")
 
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        lr, lambd, alpha = group["lr"], group["lambd"], group["alpha"]
+        if (not group["capturable"] and not group["foreach"]
+                and not any(isinstance(v, Tensor) for v in (lr, lambd, alpha)) and lambd * lr < 0
+                and all(p.device.type == "cpu" for p in group["params"])):
+            # torch's for-loop (on the CPU, where foreach=None means it) computes eta = lr /
+            # ((1 + lambd * lr * step) ** alpha) as Python numbers: a negative lambd (which
+            # its constructor accepts) can make the base 0, and it raises ZeroDivisionError
+            # (with the param updated, its step counted); ours raises it before anything
+            # changes. (A lambd * lr >= 0 keeps the base at 1 or more: nothing to evaluate;
+            # torch's foreach step computes on tensors, and does not raise.)
+            evaluate_host_term(group, self.state,
+                               lambda step: lr / ((1 + lambd * lr * step) ** alpha))
         return dict(
             **lr_args(group["lr"]),
             lambd=group["lambd"],

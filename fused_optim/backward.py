@@ -34,7 +34,6 @@ A GradScaler is seen only by step(), after the iteration's updates ran: step() r
 import contextlib
 import threading
 import types
-import warnings
 import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -42,6 +41,7 @@ import torch
 from torch import Tensor
 
 from . import _C, _ops
+from ._warnings import warn
 from .optimizer import FusedOptimizer, bump_versions
 
 __all__ = ["step_in_backward", "StepInBackward"]
@@ -441,14 +441,14 @@ class StepInBackward:
             if keys:
                 changed.append((index, {k: group.get(k, _MISSING) for k in keys}))
         if changed:
-            warnings.warn(
+            warn(
                 "fused_optim.step_in_backward: " + ", ".join(
                     f"param_groups[{i}]['{k}']" for i, now in changed for k in now)
                 + " changed between backward() and step(). Step in backward updated most "
                 "params during backward, with the values then: the rest are updated with them "
                 "too, and the new values take effect from the next iteration. Change "
                 "hyper-parameters before backward() (or after step()) to apply them to an "
-                "iteration", stacklevel=4)
+                "iteration")
             for index, now in changed:
                 groups[index].update({k: old[index][k] for k in now})
         try:

@@ -11,7 +11,6 @@ code is what gets traced), otherwise with a one-time warning.
 """
 import math
 import types
-import warnings
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -20,6 +19,7 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from . import _C
 from ._ops import bump_versions, param_list
+from ._warnings import warn
 
 __all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_"]
 
@@ -28,12 +28,14 @@ _KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _warned: set = set()
 
 
-def _why_torch(tensors: List[Tensor], norm_type: Optional[float] = None) -> Optional[str]:
-    """Why these tensors (and this norm type) go to torch's own implementation, or None."""
+def _why_torch(tensors: List[Tensor], norm_type: Optional[float] = None,
+               norm_name: str = "norm_type") -> Optional[str]:
+    """Why these tensors (and this norm type, the argument `norm_name`) go to torch's own
+    implementation, or None."""
     if torch.compiler.is_compiling():
         return ""  # torch's code is traced: nothing to warn about
     if norm_type is not None and norm_type != 2.0 and norm_type != float("inf"):
-        return f"norm_type={norm_type} (the kernels compute the 2-norm and the inf-norm)"
+        return f"{norm_name}={norm_type} (the kernels compute the 2-norm and the inf-norm)"
     for t in tensors:
         if type(t) is not Tensor and type(t) is not torch.nn.Parameter:
             return f"{type(t).__name__} grads"
@@ -51,14 +53,16 @@ def _kernel_norm(norm_type: float) -> bool:
     return (norm_type == 2.0 or norm_type == float("inf")) and not torch.compiler.is_compiling()
 
 
-def _warn_once(function: str, reason: str) -> None:
-    if reason and reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(
-            f"fused_optim.{function}: {reason} are not supported by the fused kernels; running "
-            f"torch.nn.utils.{function}'s implementation instead.",
-            stacklevel=4,
-        )
+def _warn_once(function: str, reason: str, torch_function: Optional[str] = None) -> None:
+    """The one-time warning that torch's implementation runs, for `function` (what the user
+    called) and `reason`. Recorded once given (where warnings are errors, the call raises
+    it with nothing done, and again at the next call: never silent)."""
+    key = (function, reason)
+    if reason and key not in _warned:
+        warn(f"{function}: the fused kernels do not support {reason}; running "
+             f"{torch_function or 'torch.nn.utils.' + function.rsplit('.', 1)[-1]}'s "
+             "implementation instead.")
+        _warned.add(key)
 
 
 def _norms_by_group(tensors: List[Tensor], norm_type: float, inv_scale: float = 1.0) -> Tensor:
@@ -98,7 +102,7 @@ def get_total_norm(
     norm_type = float(norm_type)
     reason = _why_torch(tensors, norm_type) if tensors else None
     if reason is not None:
-        _warn_once("get_total_norm", reason)
+        _warn_once("fused_optim.get_total_norm", reason)
         return torch.nn.utils.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
     if len(tensors) == 0:
         return torch.tensor(0.0)
@@ -158,7 +162,7 @@ def clip_grads_with_norm_(
         # (torch's multiply by a coefficient of that shape raises, or broadcasts: its own)
         reason = f"a total_norm of {total_norm.dim()} dims"
     if reason is not None:
-        _warn_once("clip_grads_with_norm_", reason)
+        _warn_once("fused_optim.clip_grads_with_norm_", reason)
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
         return
     max_norm = float(max_norm)
@@ -205,10 +209,7 @@ def clip_grad_norm_(
         is_generator = isinstance(parameters, types.GeneratorType)
         parameters = list(parameters)
         if is_generator and len(parameters) == 0:
-            warnings.warn(
-                "`parameters` is an empty generator, no gradient clipping will occur.",
-                stacklevel=3,
-            )
+            warn("`parameters` is an empty generator, no gradient clipping will occur.")
     norm_type = float(norm_type)
     if foreach is False:
         _per_tensor_errors([p.grad for p in parameters if p.grad is not None], norm_type, foreach)
@@ -228,7 +229,7 @@ def clip_grad_norm_(
     grads = [p.grad for p in parameters if p.grad is not None]
     reason = _why_torch(grads, norm_type) if grads else None
     if reason is not None:
-        _warn_once("clip_grad_norm_", reason)
+        _warn_once("fused_optim.clip_grad_norm_", reason)
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type,
                                               error_if_nonfinite, foreach)
     total_norm = get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
@@ -300,11 +301,13 @@ def clip_in_step(optimizer, grad_scale: Optional[Tensor], found_inf: Optional[Te
     unchanged = [grad_scale] * len(groups)
     if not grads:
         return unchanged, torch.tensor(0.0)
-    reason = _why_torch(grads, norm_type)
+    reason = _why_torch(grads, norm_type, "grad_norm_type")
     if reason is not None or (inv is not None and inv.device.type != "cpu"):
         # torch's recipe itself: unscale_ (GradScaler's op), clip_grad_norm_, a step
         # without the scale.
-        _warn_once("clip_grad_norm_", "GradScalers off the CPU" if reason is None else reason)
+        _warn_once(f"fused_optim.{type(optimizer).__name__}(max_grad_norm=...)",
+                   "GradScalers off the CPU" if reason is None else reason,
+                   "torch.nn.utils.get_total_norm and clip_grads_with_norm_")
         if inv is not None:
             for (device, _), ([group], _) in _group_tensors_by_device_and_dtype([grads]).items():
                 torch._amp_foreach_non_finite_check_and_unscale_(

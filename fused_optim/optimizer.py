@@ -12,8 +12,8 @@ All state lives in ``self.state`` as plain tensors with torch's keys, dtypes and
 both directions, and schedulers, GradScaler and torch.distributed see what they expect.
 """
 import inspect
+import numbers
 import threading
-import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -25,6 +25,7 @@ from . import _C, _ops, quantization
 from ._ops import bump_versions, param_list
 from .clip import clip_in_step
 from ._loader import built_with_cuda, why_no_cuda
+from ._warnings import warn
 
 
 # Note [param storage] (csrc/plan.h): how 16-bit params are kept between steps. Each option
@@ -169,6 +170,21 @@ class FusedOptimizer(torch.optim.Optimizer):
                      stochastic_rounding: bool = False, state_dtype: Optional[torch.dtype] = None
                      ) -> None:
         """Called at the end of each algorithm's __init__, with its fused_optim options."""
+        # The options' types first (a string or None taken for a flag, True for a norm, a
+        # tensor of many elements: found by a review, 2026-12-06).
+        for name, value in (("master_weights", master_weights),
+                            ("kahan_summation", kahan_summation),
+                            ("stochastic_rounding", stochastic_rounding)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
+        for name, value, allowed in (("max_grad_norm", max_grad_norm, "a positive number or None"),
+                                     ("grad_norm_type", grad_norm_type, "a number")):
+            if value is None and name == "max_grad_norm":
+                continue
+            if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be {allowed}, got {value!r}")
         # Note [state storage]: the moments' dtype, checked before anything else is set.
         if state_dtype is not None and state_dtype not in _STATE_DTYPES:
             raise ValueError(
@@ -187,6 +203,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         if len(chosen) > 1:
             raise ValueError(f"{' and '.join(chosen)} cannot be combined: each is a way to keep "
                              "16-bit params between steps; choose one")
+        differentiable = [i for i, g in enumerate(self.param_groups) if g.get("differentiable")]
+        if differentiable and (chosen or state_dtype is not None):
+            # (torch's own step runs for differentiable=True, every step: refused here, as the
+            # step would refuse it)
+            what = (f"params with {chosen[0]}=True" if chosen
+                    else f"moments with state_dtype={state_dtype}")
+            raise RuntimeError(
+                f"fused_optim.{type(self).__name__}: differentiable=True (param group "
+                f"{differentiable[0]}) runs torch.optim's own step, which cannot keep {what}")
         self._storage_option: Optional[str] = chosen[0] if chosen else None
         self._param_mode, self._storage_key = _STORAGE[chosen[0]] if chosen else (0, None)
         if chosen or state_dtype is not None:
@@ -259,11 +284,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                                                                              torch.uint8):
                 # centered RMSprop takes sqrt(square_avg - grad_avg**2): with the two moments
                 # rounded apart (and float16's square_avg underflowing) that can be negative
-                warnings.warn(
+                warn(
                     f"{type(self).__name__}: centered=True with state_dtype={state_dtype} can "
                     "make square_avg - grad_avg**2 negative, and the params NaN (float16's "
                     "square_avg underflows; 8-bit moments are rounded apart): float32 or "
-                    "bfloat16 moments keep it right", stacklevel=3)
+                    "bfloat16 moments keep it right")
         option = self._storage_option
         if option is None:
             return
@@ -720,7 +745,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         scales = [grad_scale] * len(groups)
         if getattr(self, "max_grad_norm", None) is not None:
             if reason is not None:
-                self._warn_torch_step(reason, stacklevel=3)
+                self._warn_torch_step(reason)
             scales, self._last_grad_norm[0] = clip_in_step(self, grad_scale, found_inf,
                                                            fold=reason is None)
         if reason is not None:
@@ -885,7 +910,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         _ops.call(self._op, params, grads, lists, args)
         self._storage_done(pending)
 
-    def _warn_torch_step(self, reason: str, stacklevel: int) -> None:
+    def _warn_torch_step(self, reason: str) -> None:
         """The one-time warning that torch's own step runs, for `reason`. Given before
         anything changes (clipping writes the grads): where warnings are errors, the step
         raises it with nothing done, and again at the next step."""
@@ -895,18 +920,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         if reason == "capturable=True" and all(
                 p.device.type == "cpu" for g in self.param_groups for p in g["params"]):
             return  # torch's step raises its error for CPU params: nothing to warn about
-        warnings.warn(
-            f"fused_optim.{type(self).__name__}: {reason} is not supported by the fused "
-            f"kernels; running torch.optim.{type(self).__name__}'s implementation instead.",
-            stacklevel=stacklevel,
-        )
+        warn(f"fused_optim.{type(self).__name__}: the fused kernels do not support {reason}; "
+             f"running torch.optim.{self._torch_class.__name__}'s implementation instead.")
         FusedOptimizer._warned.add(key)
 
     def _torch_step(self, reason: str, grad_scale: Optional[Tensor]) -> None:
         """torch.optim's own step (the closure has run), for what the kernels do not do.
         `grad_scale`: the scaler's scale, or None where the grads are unscaled already (by
         clipping: Note [clipping in the step])."""
-        self._warn_torch_step(reason, stacklevel=4)
+        self._warn_torch_step(reason)
         saved_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         # torch's step, unwrapped: our own step already ran the step hooks once (the
@@ -973,6 +995,14 @@ def raise_as_torchs_host_division(group: Dict[str, Any], state: Dict[Tensor, Any
     torch."""
     if isinstance(beta, Tensor) or not (beta == 1 or beta == -1):
         return
+    evaluate_host_term(group, state, term)
+
+
+def evaluate_host_term(group: Dict[str, Any], state: Dict[Tensor, Any],
+                       term: Callable[[Any], Any]) -> None:
+    """`term(step)` for the step each param of the group with a grad takes now, as torch's
+    for-loop evaluates it (raising where it raises), before anything changes. The callers
+    ask only where the hyper-parameters can make it raise."""
     for p in group["params"]:
         if p.grad is not None:
             s = state.get(p)

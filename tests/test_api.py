@@ -2,6 +2,7 @@
 import copy
 import inspect
 import pickle
+import os
 import warnings
 
 import pytest
@@ -1041,3 +1042,121 @@ def test_a_tensor_lr_on_a_foreach_adam_group_without_grads_steps_as_torch():
             opt.step()
         out.append(p.detach().clone())
     assert torch.equal(out[0], out[1])
+
+
+def _recorded(fn):
+    """The warnings `fn` gives, every one recorded."""
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        fn()
+    return [x for x in w if issubclass(x.category, UserWarning)]
+
+
+def test_warnings_point_at_the_users_line():
+    """Found by a review (2026-12-06): the one-time warnings had fixed stacklevels, which
+    pointed inside torch (torch's Optimizer wraps each class's step in its profiling hook,
+    a frame more) or inside fused_optim (a constructor's warning, step_in_backward's).
+    Now each is attributed to the first frame outside fused_optim, torch.optim and the
+    context-manager decorators: this file, whatever lies between."""
+    here = os.path.abspath(__file__)
+
+    def at_this_file(records, text):
+        mine = [x for x in records if text in str(x.message)]
+        assert mine, [str(x.message) for x in records]
+        for x in mine:
+            assert os.path.abspath(x.filename) == here, (x.filename, x.lineno, str(x.message))
+
+    # torch's step runs (differentiable=True): through opt.step(), and through a scheduler
+    # and a closure
+    fused_optim.optimizer.FusedOptimizer._warned.discard(("Adam", "differentiable=True"))
+    p = torch.randn(5)
+    p.grad = torch.ones(5)
+    opt = fused_optim.Adam([p], differentiable=True)
+    at_this_file(_recorded(opt.step), "differentiable=True")
+    fused_optim.optimizer.FusedOptimizer._warned.discard(("Adam", "differentiable=True"))
+    at_this_file(_recorded(lambda: opt.step(lambda: None)), "differentiable=True")
+    # a constructor's warning
+    q = torch.nn.Parameter(torch.randn(5))
+    at_this_file(_recorded(lambda: fused_optim.RMSprop([q], centered=True,
+                                                      state_dtype=torch.float16)),
+                 "centered=True")
+    # clipping in the step with a norm the kernels do not compute
+    fused_optim.clip._warned.clear()
+    r = torch.nn.Parameter(torch.randn(5))
+    r.grad = torch.ones(5)
+    sgd = fused_optim.SGD([r], lr=0.1, max_grad_norm=0.5, grad_norm_type=1.0)
+    records = _recorded(sgd.step)
+    at_this_file(records, "grad_norm_type=1.0")
+    # (named as the user wrote it: the optimizer's option, not clip_grad_norm_'s argument)
+    msg = [str(x.message) for x in records if "grad_norm_type" in str(x.message)][0]
+    assert msg.startswith("fused_optim.SGD(max_grad_norm=...): the fused kernels do not support "
+                          "grad_norm_type=1.0"), msg
+    # step_in_backward: a hyper-parameter changed between backward() and step()
+    model = torch.nn.Linear(3, 2)
+    opt2 = fused_optim.SGD(model.parameters(), lr=0.1)
+    handle = fused_optim.step_in_backward(opt2, bucket_cap_mb=0.0)  # (each param in backward)
+    try:
+        model(torch.randn(4, 3)).sum().backward()
+        opt2.param_groups[0]["lr"] = 0.2
+        at_this_file(_recorded(opt2.step), "changed between backward() and step()")
+    finally:
+        handle.remove()
+
+
+def test_fallback_warning_of_a_subclass_names_torchs_class():
+    """A subclass's warning named torch.optim.<the subclass>, which does not exist (found by
+    a review, 2026-12-06)."""
+    class MyAdam(fused_optim.Adam):
+        pass
+
+    fused_optim.optimizer.FusedOptimizer._warned.discard(("MyAdam", "differentiable=True"))
+    p = torch.randn(5)
+    p.grad = torch.ones(5)
+    records = _recorded(MyAdam([p], differentiable=True).step)
+    assert [str(x.message) for x in records] == [
+        "fused_optim.MyAdam: the fused kernels do not support differentiable=True; running "
+        "torch.optim.Adam's implementation instead."]
+
+
+@pytest.mark.parametrize("name,make,edit", [
+    # (ASGD's constructor takes a negative lambd: 1 + lambd * lr * step is 0 at step 1)
+    ("ASGD", lambda cls, p, kw: cls([p], lr=0.01, lambd=-100.0, **kw), None),
+    # (Adagrad's refuses a negative lr_decay; set in a group, 1 + (step - 1) * lr_decay is
+    # 0 at step 2)
+    ("Adagrad", lambda cls, p, kw: cls([p], lr=0.1, **kw),
+     lambda opt: opt.param_groups[0].__setitem__("lr_decay", -1.0))])
+def test_a_host_division_by_zero_raises_as_torchs_for_loop(name, make, edit):
+    """torch's for-loop computes ASGD's eta = lr / ((1 + lambd * lr * step) ** alpha) and
+    Adagrad's clr = lr / (1 + (step - 1) * lr_decay) as Python numbers, and raises
+    ZeroDivisionError where the denominator is 0; ours stepped on, writing infinities or
+    NaNs (found by a review, 2026-12-06). Now the same error, before anything changes
+    (torch's with the param updated or the step counted). torch's fused Adagrad and foreach
+    ASGD compute on tensors and do not raise: nor does ours there."""
+    torch_cls, ours_cls = pu.ALGOS[name]
+    for cls in (torch_cls, ours_cls):
+        p = torch.nn.Parameter(torch.ones(4))
+        opt = make(cls, p, dict(foreach=False))
+        for step in range(2):
+            if step == 1 and edit is not None:
+                edit(opt)
+            p.grad = torch.full((4,), 0.5)
+            before = p.detach().clone()
+            steps_before = float(opt.state[p]["step"]) if "step" in opt.state[p] else 0.0
+            if step == (0 if edit is None else 1):
+                with pytest.raises(ZeroDivisionError, match="division by zero"):
+                    opt.step()
+                if cls is ours_cls:
+                    assert torch.equal(p.detach(), before)
+                    now = float(opt.state[p]["step"]) if "step" in opt.state[p] else 0.0
+                    assert now == steps_before
+                break
+            opt.step()
+    # where torch's step does not raise, ours does not either
+    kw = dict(foreach=True) if name == "ASGD" else dict(fused=True)
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = make(ours_cls, p, kw)
+    for step in range(2):
+        if step == 1 and edit is not None:
+            edit(opt)
+        p.grad = torch.full((4,), 0.5)
+        opt.step()

@@ -472,3 +472,32 @@ def test_empty_grad_infinity_norm_error_follows_foreach():
                 total([torch.zeros(0), torch.ones(2)], float("inf"), foreach=foreach)
             messages.append(str(info.value))
         assert messages[0] == messages[1], foreach
+
+
+def test_a_clipping_fallback_warning_is_never_silent():
+    """Found by a review (2026-12-06): the one-time warning that torch's implementation runs
+    was keyed by its reason alone and recorded before it was given. So in-step clipping's
+    warning silenced clip_grad_norm_'s and get_total_norm's for the same norm type, and
+    with warnings as errors the first call raised and every later one ran torch's code
+    silently. Now keyed by the function and the reason, and recorded once given."""
+    fclip._warned.clear()
+    p = torch.nn.Parameter(torch.randn(20))
+    for _ in range(2):  # raised each time: never a silent fallback
+        p.grad = torch.randn(20)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(UserWarning, match="norm_type=3.0"):
+                fused_optim.get_total_norm([p.grad], norm_type=3.0)
+    p.grad = torch.randn(20)
+    with pytest.warns(UserWarning, match=r"^fused_optim.SGD\(max_grad_norm=\.\.\.\): the fused "
+                      r"kernels do not support grad_norm_type=1.0 .*running torch.nn.utils."
+                      r"get_total_norm and clip_grads_with_norm_'s implementation instead"):
+        fused_optim.SGD([p], lr=0.1, max_grad_norm=0.5, grad_norm_type=1.0).step()
+    # each function warns of its own use of the same norm type (in-step clipping's warning
+    # silenced these)
+    with pytest.warns(UserWarning, match=r"^fused_optim.clip_grad_norm_: the fused kernels do not "
+                      r"support norm_type=1.0"):
+        fused_optim.clip_grad_norm_([p], 0.5, norm_type=1.0)
+    with pytest.warns(UserWarning, match=r"^fused_optim.get_total_norm: the fused kernels do not "
+                      r"support norm_type=1.0"):
+        fused_optim.get_total_norm([p.grad], norm_type=1.0)

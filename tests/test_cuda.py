@@ -855,7 +855,7 @@ def test_asgd_capturable_runs_torchs_step():
             p.grad = torch.randn(50, generator=g).to("cuda")
             opt.step()
         return p, opt
-    with pytest.warns(UserWarning, match="capturable=True is not supported by the fused kernels"):
+    with pytest.warns(UserWarning, match="the fused kernels do not support capturable=True"):
         ours = train(fused_optim.ASGD)
     ref = train(torch.optim.ASGD)
     assert torch.equal(ours[0], ref[0])

@@ -652,12 +652,33 @@ def test_bad_options_are_refused_before_anything_changes():
     with pytest.raises(ValueError, match=r"master_weights=True applies .* param 0 of param group 1 has dtype torch.float32"):
         opt.add_param_group({"params": [p32]})
     assert len(opt.param_groups) == 1
-    # torch's own step cannot keep a mode: refused, not ignored
-    opt = fused_optim.Adam([p16], lr=0.1, differentiable=True, kahan_summation=True)
+    # torch's own step cannot keep a mode: refused, not ignored; by the constructor where it
+    # sees differentiable=True (it was accepted, and refused at the first step: found by a
+    # review, 2026-12-06), else by the step
+    with pytest.raises(RuntimeError, match=r"differentiable=True \(param group 0\) .* "
+                                           "kahan_summation=True"):
+        fused_optim.Adam([p16], lr=0.1, differentiable=True, kahan_summation=True)
+    opt = fused_optim.Adam([p16], lr=0.1, kahan_summation=True)
+    opt.param_groups[0]["differentiable"] = True
     p16.grad = torch.ones_like(p16)
     with pytest.raises(RuntimeError, match="differentiable=True .* kahan_summation=True"):
         opt.step()
     assert torch.equal(p16.detach(), torch.zeros(3, dtype=torch.bfloat16)) and not opt.state
+    # the options' types (a string or None taken for a flag, True or a string for a norm,
+    # a tensor of several elements: accepted before; found by a review, 2026-12-06)
+    for kwargs, message in ((dict(kahan_summation="yes"), "kahan_summation must be True or False, got 'yes'"),
+                            (dict(master_weights=None), "master_weights must be True or False, got None"),
+                            (dict(stochastic_rounding=1), "stochastic_rounding must be True or False, got 1"),
+                            (dict(max_grad_norm=True), "max_grad_norm must be a positive number or None, got True"),
+                            (dict(max_grad_norm="1.0"), "max_grad_norm must be a positive number or None, got '1.0'"),
+                            (dict(max_grad_norm=torch.ones(2)), "max_grad_norm must be a positive number or None"),
+                            (dict(max_grad_norm=1.0, grad_norm_type="inf"), "grad_norm_type must be a number, got 'inf'")):
+        with pytest.raises(TypeError, match=message):
+            fused_optim.Adam([p16], lr=0.1, **kwargs)
+    # numbers of every kind are taken as before
+    for norm in (1, 0.5, torch.tensor(0.5)):
+        assert fused_optim.Adam([p16], lr=0.1, max_grad_norm=norm,
+                                grad_norm_type=float("inf")).max_grad_norm == float(norm)
 
 
 def test_state_dtype_checkpoint_keeps_scalar_states():

@@ -604,7 +604,11 @@ def test_bad_state_dtype_is_refused():
     assert len(opt.param_groups) == 1
     # torch's own step cannot keep the moments in state_dtype: refused, not ignored
     for sdtype in (torch.bfloat16, torch.uint8):
-        opt = fused_optim.Adam([p], lr=0.1, differentiable=True, state_dtype=sdtype)
+        with pytest.raises(RuntimeError, match=rf"differentiable=True \(param group 0\) .* "
+                                               rf"state_dtype={sdtype}"):
+            fused_optim.Adam([p], lr=0.1, differentiable=True, state_dtype=sdtype)
+        opt = fused_optim.Adam([p], lr=0.1, state_dtype=sdtype)
+        opt.param_groups[0]["differentiable"] = True
         p.grad = torch.ones_like(p)
         with torch.no_grad(), pytest.raises(
                 RuntimeError, match=rf"differentiable=True .* state_dtype={sdtype}"):
@@ -731,7 +735,9 @@ for dtype, sdtype, mode in ((torch.float32, torch.uint8, {}), (torch.bfloat16, t
                             (torch.float32, torch.uint8, {"amsgrad": True}), (torch.float32, torch.float16, {}),
                             (torch.bfloat16, torch.float32, {}), (torch.float16, torch.float32, {"kahan_summation": True}),
                             (torch.bfloat16, torch.float32, {"stochastic_rounding": True}),
-                            (torch.float16, torch.float32, {"stochastic_rounding": True})):
+                            (torch.float16, torch.float32, {"stochastic_rounding": True}),
+                            (torch.bfloat16, torch.float32, {"kahan_summation": True}),
+                            (torch.bfloat16, torch.float32, {"master_weights": True})):
     g = torch.Generator().manual_seed(0)
     # (last blocks of 136, 5 and 48 elements after whole ones: Note [8-bit state a block behind])
     params = [torch.randn(s, generator=g).to(dtype).requires_grad_()
