@@ -732,12 +732,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             reason = self._torch_grads_reason()  # (looked at later otherwise)
         if reason is not None and storage:
             raise RuntimeError(
-                f"fused_optim.{type(self).__name__}: {reason} runs torch.optim's own step, which "
-                f"cannot keep params with {self._storage_option}=True (Note [param storage])")
+                f"fused_optim.{type(self).__name__}: with {reason}, torch.optim's own step "
+                f"would run, which cannot keep params with {self._storage_option}=True")
         if reason is not None and state_dtype is not None:
             raise RuntimeError(
-                f"fused_optim.{type(self).__name__}: {reason} runs torch.optim's own step, which "
-                f"cannot keep moments with state_dtype={state_dtype} (Note [state storage])")
+                f"fused_optim.{type(self).__name__}: with {reason}, torch.optim's own step "
+                f"would run, which cannot keep moments with state_dtype={state_dtype}")
         # Set by GradScaler.step() for optimizers with _step_supports_amp_scaling.
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
@@ -749,7 +749,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             scales, self._last_grad_norm[0] = clip_in_step(self, grad_scale, found_inf,
                                                            fold=reason is None)
         if reason is not None:
-            self._torch_step(reason, scales[0] if scales else grad_scale)
+            self._torch_step(reason, scales)
             return loss
         keys = [self._step_keys(group) for group in groups]
         args = [_ops.schema_args(self._op, self._step_kwargs(group), scale, found_inf)
@@ -770,9 +770,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             return loss
         reason = self._torch_grads_reason()
         if reason is not None:
-            # (Clipping folded nothing into `scales` here: it folds only where every grad
-            # is a dense float32 CPU tensor, and this reason is about sparse grads.)
-            self._torch_step(reason, scales[0] if scales else grad_scale)
+            # (Clipping may have folded its coefficient into a group's scale: float32 grads
+            # of 16-bit params, p.grad_dtype = torch.float32, are folded, and this reason
+            # is theirs. _torch_step applies each group's scale before torch's step: until
+            # 2026-12-06 it took the first group's, and only under a GradScaler, so such a
+            # step went unclipped.)
+            self._torch_step(reason, scales)
             return loss
         # Group by group only where there are several: a single group was just declined.
         retry = fast and len(groups) > 1
@@ -924,10 +927,12 @@ class FusedOptimizer(torch.optim.Optimizer):
              f"running torch.optim.{self._torch_class.__name__}'s implementation instead.")
         FusedOptimizer._warned.add(key)
 
-    def _torch_step(self, reason: str, grad_scale: Optional[Tensor]) -> None:
+    def _torch_step(self, reason: str, scales: List[Optional[Tensor]]) -> None:
         """torch.optim's own step (the closure has run), for what the kernels do not do.
-        `grad_scale`: the scaler's scale, or None where the grads are unscaled already (by
-        clipping: Note [clipping in the step])."""
+        `scales`: each group's grad_scale as the kernel would take it (Note [clipping in the
+        step]): the scaler's scale, clipping's folded one (1 / scale is the factor the
+        grads are multiplied by), or None where the grads are unscaled and clipped already
+        or there is nothing to do."""
         self._warn_torch_step(reason)
         saved_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
@@ -943,22 +948,24 @@ class FusedOptimizer(torch.optim.Optimizer):
             with torch.set_grad_enabled(bool(opt.defaults.get("differentiable", False))):
                 raw_step(opt)
 
-        if saved_scale is None and found_inf is None:
+        if saved_scale is None and found_inf is None and all(s is None for s in scales):
             torch_step(self)
             return
-        # A GradScaler gave us the scale (we claim amp support); torch's non-fused path
-        # expects unscaled grads and no scaler attributes, as GradScaler would leave them.
+        # A GradScaler gave us the scale (we claim amp support), or clipping folded its
+        # coefficient into one; torch's non-fused path expects unscaled, clipped grads and
+        # no scaler attributes, as GradScaler.unscale_ and clip_grad_norm_ would leave them.
         if found_inf is not None and found_inf.item() != 0:
             return
         try:
             self.grad_scale = self.found_inf = None
-            if grad_scale is not None:
-                inv_scale = grad_scale.double().reciprocal().float()
-                with torch.no_grad():
-                    for group in self.param_groups:
-                        for p in group["params"]:
-                            if p.grad is not None:
-                                p.grad.mul_(inv_scale.to(p.grad.device))
+            with torch.no_grad():
+                for group, scale in zip(self.param_groups, scales):
+                    if scale is None:
+                        continue
+                    factor = scale.double().reciprocal().float()
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            p.grad.mul_(factor.to(p.grad.device))
             torch_step(self)
         finally:
             self.grad_scale, self.found_inf = saved_scale, found_inf

@@ -501,3 +501,61 @@ def test_a_clipping_fallback_warning_is_never_silent():
     with pytest.warns(UserWarning, match=r"^fused_optim.get_total_norm: the fused kernels do not "
                       r"support norm_type=1.0"):
         fused_optim.get_total_norm([p.grad], norm_type=1.0)
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 1e9])  # (clipping, and a coefficient of 1)
+@pytest.mark.parametrize("scale", [None, 1024.0, 1000.0])
+def test_clipping_holds_where_grads_of_another_dtype_run_torchs_step(scale, max_norm):
+    """Found by a review (2026-12-06): float32 grads of bfloat16 params (torch's
+    p.grad_dtype = torch.float32) run torch's own step, and in-step clipping had folded its
+    coefficient into a scale that only a GradScaler's step applied, and only the first
+    group's: without a scaler the step went unclipped, with one a second group's grads
+    stayed scaled (or were unscaled twice). Now each group's scale is applied: bitwise
+    torch's recipe, GradScaler.unscale_, clip_grad_norm_, step."""
+    if not hasattr(torch.Tensor, "grad_dtype"):
+        pytest.skip("torch without Tensor.grad_dtype")
+
+    def make():
+        g = torch.Generator().manual_seed(0)
+        a = torch.nn.Parameter(torch.randn(64, generator=g).bfloat16())
+        b = torch.nn.Parameter(torch.randn(48, generator=g).bfloat16())
+        a.grad_dtype = torch.float32  # (float32 grads for a bfloat16 param)
+        return a, b
+
+    def grads(step):
+        g = torch.Generator().manual_seed(10 + step)
+        s = 1.0 if scale is None else scale
+        return (torch.randn(64, generator=g) * 50 * s,
+                (torch.randn(48, generator=g) * 50 * s).bfloat16())
+
+    # ours: the float32-grad param in the second group too (a group order that unscaled
+    # twice), and in the first
+    for order in ((0, 1), (1, 0)):
+        a, b = make()
+        ra, rb = make()
+        ps, rps = [(a, b)[i] for i in order], [(ra, rb)[i] for i in order]
+        ours = fused_optim.SGD([{"params": [ps[0]]}, {"params": [ps[1]]}], lr=0.1,
+                               momentum=0.9, max_grad_norm=max_norm)
+        ref = torch.optim.SGD([{"params": [rps[0]]}, {"params": [rps[1]]}], lr=0.1,
+                              momentum=0.9, foreach=False)
+        for step in range(3):
+            ga, gb = grads(step)
+            a.grad, b.grad, ra.grad, rb.grad = ga.clone(), gb.clone(), ga.clone(), gb.clone()
+            if scale is None:
+                ours.step()
+            else:  # (as GradScaler.step hands a scale to an optimizer that takes one)
+                ours.grad_scale = torch.tensor(scale)
+                ours.found_inf = torch.tensor(0.0)
+                try:
+                    ours.step()
+                finally:
+                    ours.grad_scale = ours.found_inf = None
+                inv = torch.tensor(scale).double().reciprocal().float()
+                for g_ in (ra.grad, rb.grad):
+                    g_.mul_(inv)  # (GradScaler.unscale_'s product)
+            norm = torch.nn.utils.clip_grad_norm_([rps[0], rps[1]], max_norm)
+            ref.step()
+            assert torch.equal(ours.last_grad_norm, norm)
+            for p, q in ((a, ra), (b, rb)):
+                assert torch.equal(p.grad, q.grad), (order, step)
+                assert torch.equal(p.detach(), q.detach()), (order, step)
