@@ -200,6 +200,8 @@ def main():
     unknown = [r for r in runs if r not in RUNS]
     if unknown:  # (refused before anything trains, not as a KeyError at its turn)
         ap.error(f"unknown --runs {', '.join(unknown)}; choose from {', '.join(RUNS)}")
+    if args.steps < 1 or args.eval_every < 1 or args.eval_batches < 1:
+        ap.error("--steps, --eval-every and --eval-batches must be at least 1")
     if args.quick:
         args.d, args.layers, args.eval_every, args.eval_batches = 32, 1, max(1, args.steps // 2), 2
     torch.set_num_threads(args.threads)

@@ -177,6 +177,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                             ("stochastic_rounding", stochastic_rounding)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be True or False, got {value!r}")
+        if isinstance(grad_norm_type, str):  # ('inf', as torch's clip_grad_norm_ takes it)
+            try:
+                grad_norm_type = float(grad_norm_type)
+            except ValueError:
+                raise TypeError(f"grad_norm_type must be a number, got {grad_norm_type!r}") from None
         for name, value, allowed in (("max_grad_norm", max_grad_norm, "a positive number or None"),
                                      ("grad_norm_type", grad_norm_type, "a number")):
             if value is None and name == "max_grad_norm":

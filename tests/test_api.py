@@ -1091,6 +1091,16 @@ def test_warnings_point_at_the_users_line():
     msg = [str(x.message) for x in records if "grad_norm_type" in str(x.message)][0]
     assert msg.startswith("fused_optim.SGD(max_grad_norm=...): the fused kernels do not support "
                           "grad_norm_type=1.0"), msg
+    # through GradScaler.step (a float32 grad of a bfloat16 param runs torch's step)
+    if hasattr(torch.Tensor, "grad_dtype"):
+        a = torch.nn.Parameter(torch.randn(4).bfloat16())
+        a.grad_dtype = torch.float32
+        fused_optim.optimizer.FusedOptimizer._warned.discard(
+            ("SGD", "a grad whose dtype is not its param's"))
+        opt3 = fused_optim.SGD([a], lr=0.1)
+        scaler = torch.amp.GradScaler("cpu")
+        scaler.scale((a.float() * 2).sum()).backward()
+        at_this_file(_recorded(lambda: scaler.step(opt3)), "a grad whose dtype is not its param's")
     # step_in_backward: a hyper-parameter changed between backward() and step()
     model = torch.nn.Linear(3, 2)
     opt2 = fused_optim.SGD(model.parameters(), lr=0.1)
@@ -1160,3 +1170,20 @@ def test_a_host_division_by_zero_raises_as_torchs_for_loop(name, make, edit):
             edit(opt)
         p.grad = torch.full((4,), 0.5)
         opt.step()
+
+
+def test_a_warning_under_torch_compile_does_not_trace_the_stack():
+    """The stack walk that finds the user's line (fused_optim/_warnings.py) is not traceable:
+    under torch.compile it made Dynamo warn of sys._getframe (found by a review,
+    2026-12-06). Now a compiled step warns plainly, and the warning is still given."""
+    fused_optim.optimizer.FusedOptimizer._warned.discard(
+        ("Adam", "complex params under torch.compile"))
+    torch._dynamo.reset()
+    p = torch.randn(4, dtype=torch.complex64)
+    p.grad = torch.ones_like(p)
+    opt = fused_optim.Adam([p], lr=0.1)
+    opt.step()  # (the state, eagerly)
+    records = _recorded(lambda: torch.compile(opt.step, backend="eager")())
+    messages = [str(x.message) for x in records]
+    assert any("complex params under torch.compile" in m for m in messages), messages
+    assert not any("_getframe" in m for m in messages), messages

@@ -160,7 +160,8 @@ def test_parity_report_quick():
     ("parity_report.py", ["--algos", "Adam,Foo"], "unknown --algos Foo"),
     ("parity_report.py", ["--dtypes", "bfloat16"], "--dtypes must be float32 and/or float64"),
     ("parity_report.py", ["--steps", "0"], "--steps must be at least 1"),
-    ("quality.py", ["--runs", "fp32,bogus"], "unknown --runs bogus")])
+    ("quality.py", ["--runs", "fp32,bogus"], "unknown --runs bogus"),
+    ("quality.py", ["--steps", "0"], "--steps, --eval-every and --eval-batches must be at least 1")])
 def test_report_scripts_refuse_bad_arguments_before_running(script, args, message):
     """Found by a review (2026-12-05): parity_report.py --algos Foo and quality.py --runs
     fp32,bogus failed with a KeyError at the bad name's turn (after minutes of the good

@@ -672,13 +672,15 @@ def test_bad_options_are_refused_before_anything_changes():
                             (dict(max_grad_norm=True), "max_grad_norm must be a positive number or None, got True"),
                             (dict(max_grad_norm="1.0"), "max_grad_norm must be a positive number or None, got '1.0'"),
                             (dict(max_grad_norm=torch.ones(2)), "max_grad_norm must be a positive number or None"),
-                            (dict(max_grad_norm=1.0, grad_norm_type="inf"), "grad_norm_type must be a number, got 'inf'")):
+                            (dict(max_grad_norm=1.0, grad_norm_type="two"), "grad_norm_type must be a number, got 'two'")):
         with pytest.raises(TypeError, match=message):
             fused_optim.Adam([p16], lr=0.1, **kwargs)
-    # numbers of every kind are taken as before
+    # numbers of every kind are taken as before, and 'inf' as torch's clip_grad_norm_ takes it
     for norm in (1, 0.5, torch.tensor(0.5)):
         assert fused_optim.Adam([p16], lr=0.1, max_grad_norm=norm,
                                 grad_norm_type=float("inf")).max_grad_norm == float(norm)
+    assert fused_optim.Adam([p16], lr=0.1, max_grad_norm=1.0,
+                            grad_norm_type="inf").grad_norm_type == float("inf")
 
 
 def test_state_dtype_checkpoint_keeps_scalar_states():
