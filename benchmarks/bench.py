@@ -157,22 +157,25 @@ class Progress:
         sys.stderr.write("\n")
 
 
+def cpu_name():
+    """The CPU's model name (/proc/cpuinfo), else what platform knows of it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_line(threads, device="cpu"):
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         return (f"{props.name} ({props.total_memory / 2**30:.0f} GiB); torch {torch.__version__} "
                 f"(CUDA {torch.version.cuda}); fused_optim {fused_optim.__version__}; "
                 f"Python {platform.python_version()}; {datetime.date.today().isoformat()}")
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, threads {','.join(map(str, threads))}; "
+    return (f"{cpu_name()}, {os.cpu_count()} cores, threads {','.join(map(str, threads))}; "
             f"torch {torch.__version__}; fused_optim {fused_optim.__version__} "
             f"({torch.ops.fused_optim._cpu_isa()} loops, {torch.ops.fused_optim._cpu_tuning()}); "
             f"Python {platform.python_version()}; "

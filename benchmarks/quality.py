@@ -159,18 +159,6 @@ def train(name, args, data_train, val, init):
             "seconds": time.perf_counter() - start}
 
 
-def cpu_name():
-    """The CPU's model name (/proc/cpuinfo), as bench.py's machine line gives it."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def last_mean(result):
     """The mean held-out loss of a run's last 3 evaluations (less noisy than the last one)."""
     held = [c[1] for c in result["curve"][-3:]]
@@ -212,6 +200,8 @@ def main():
     torch.manual_seed(args.seed)
     init = LM(args.d, args.layers, args.heads, args.context).state_dict()
     n_params = sum(v.numel() for v in init.values())
+    from bench import cpu_name  # (bench.py's, as its machine line names the CPU)
+
     machine = (f"{cpu_name()}, {os.cpu_count()} cores, threads {args.threads}; torch "
                f"{torch.__version__}; Python {platform.python_version()}; "
                f"{datetime.date.today().isoformat()}")
