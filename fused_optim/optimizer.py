@@ -208,16 +208,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         if len(chosen) > 1:
             raise ValueError(f"{' and '.join(chosen)} cannot be combined: each is a way to keep "
                              "16-bit params between steps; choose one")
+        self._storage_option: Optional[str] = chosen[0] if chosen else None
         differentiable = [i for i, g in enumerate(self.param_groups) if g.get("differentiable")]
         if differentiable and (chosen or state_dtype is not None):
             # (torch's own step runs for differentiable=True, every step: refused here, as the
             # step would refuse it)
-            what = (f"params with {chosen[0]}=True" if chosen
-                    else f"moments with state_dtype={state_dtype}")
-            raise RuntimeError(
-                f"fused_optim.{type(self).__name__}: differentiable=True (param group "
-                f"{differentiable[0]}) runs torch.optim's own step, which cannot keep {what}")
-        self._storage_option: Optional[str] = chosen[0] if chosen else None
+            self._refuse_torch_step(f"differentiable=True (param group {differentiable[0]})")
         self._param_mode, self._storage_key = _STORAGE[chosen[0]] if chosen else (0, None)
         if chosen or state_dtype is not None:
             for index in range(len(self.param_groups)):
@@ -666,6 +662,15 @@ class FusedOptimizer(torch.optim.Optimizer):
                     return f"a param of dtype {p.dtype}"
         return None
 
+    def _refuse_torch_step(self, reason: str) -> None:
+        """Raises: torch's own step, which would run `reason` (as the step's reason), keeps
+        neither a param storage mode nor moments in state_dtype."""
+        option = getattr(self, "_storage_option", None)
+        what = (f"params with {option}=True" if option
+                else f"moments with state_dtype={self._state_dtype}")
+        raise RuntimeError(f"fused_optim.{type(self).__name__}: with {reason}, torch.optim's "
+                           f"own step would run, which cannot keep {what}")
+
     def _torch_step_reason(self) -> Optional[str]:
         """Why the options make this step run torch's own implementation, or None."""
         compiling = torch.compiler.is_compiling()
@@ -735,14 +740,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         state_dtype = getattr(self, "_state_dtype", None)
         if reason is None and (storage or state_dtype is not None):
             reason = self._torch_grads_reason()  # (looked at later otherwise)
-        if reason is not None and storage:
-            raise RuntimeError(
-                f"fused_optim.{type(self).__name__}: with {reason}, torch.optim's own step "
-                f"would run, which cannot keep params with {self._storage_option}=True")
-        if reason is not None and state_dtype is not None:
-            raise RuntimeError(
-                f"fused_optim.{type(self).__name__}: with {reason}, torch.optim's own step "
-                f"would run, which cannot keep moments with state_dtype={state_dtype}")
+        if reason is not None and (storage or state_dtype is not None):
+            self._refuse_torch_step(reason)
         # Set by GradScaler.step() for optimizers with _step_supports_amp_scaling.
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)

@@ -655,7 +655,7 @@ def test_bad_options_are_refused_before_anything_changes():
     # torch's own step cannot keep a mode: refused, not ignored; by the constructor where it
     # sees differentiable=True (it was accepted, and refused at the first step: found by a
     # review, 2026-12-06), else by the step
-    with pytest.raises(RuntimeError, match=r"differentiable=True \(param group 0\) .* "
+    with pytest.raises(RuntimeError, match=r"differentiable=True \(param group 0\), .* "
                                            "kahan_summation=True"):
         fused_optim.Adam([p16], lr=0.1, differentiable=True, kahan_summation=True)
     opt = fused_optim.Adam([p16], lr=0.1, kahan_summation=True)

@@ -604,7 +604,7 @@ def test_bad_state_dtype_is_refused():
     assert len(opt.param_groups) == 1
     # torch's own step cannot keep the moments in state_dtype: refused, not ignored
     for sdtype in (torch.bfloat16, torch.uint8):
-        with pytest.raises(RuntimeError, match=rf"differentiable=True \(param group 0\) .* "
+        with pytest.raises(RuntimeError, match=rf"differentiable=True \(param group 0\), .* "
                                                rf"state_dtype={sdtype}"):
             fused_optim.Adam([p], lr=0.1, differentiable=True, state_dtype=sdtype)
         opt = fused_optim.Adam([p], lr=0.1, state_dtype=sdtype)

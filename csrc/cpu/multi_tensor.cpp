@@ -60,19 +60,13 @@ Isa cpu_isa() {
       }
     }
 #endif
-    if (const auto cap = env_choice("FUSED_OPTIM_ISA")) {
+    if (const auto cap = env_one_of("FUSED_OPTIM_ISA",
+                                    {"baseline", "avx2", "avx512", "avx512bf16"})) {
       const std::string& c = *cap;
-      Isa limit = Isa::kAvx512Bf16;
-      if (c == "baseline") {
-        limit = Isa::kBaseline;
-      } else if (c == "avx2") {
-        limit = Isa::kAvx2;
-      } else if (c == "avx512") {
-        limit = Isa::kAvx512;
-      } else {
-        TORCH_CHECK(c == "avx512bf16",
-                    "FUSED_OPTIM_ISA must be baseline, avx2, avx512 or avx512bf16, not ", c);
-      }
+      const Isa limit = c == "baseline" ? Isa::kBaseline
+                        : c == "avx2"   ? Isa::kAvx2
+                        : c == "avx512" ? Isa::kAvx512
+                                        : Isa::kAvx512Bf16;
       best = std::min(best, limit);
     }
     return best;

@@ -891,6 +891,8 @@ FO_INLINE int64_t mode_vectors(const TensorPtrs& t, int64_t begin, int64_t end, 
     constexpr int64_t kWidth = sizeof(V) / sizeof(float);
     constexpr bool kFloatParam = std::is_same_v<T, float>;
     // Under MXCSR.DAZ the vector bfloat16 stores cannot see subnormals (simd.h).
+    // (pick_storage_fn takes the baseline copy where the calling thread has DAZ set; this
+    // is for a worker thread of torch's pool whose MXCSR says otherwise.)
     if ((std::is_same_v<T, c10::BFloat16> || std::is_same_v<S, c10::BFloat16>) && daz_is_set()) {
       return begin;
     }
