@@ -69,6 +69,38 @@ void check_companion(const char* op, const char* list, int64_t i, const at::Tens
               " but its param has shape ", param.sizes());
 }
 
+// A tensor the step writes whose elements share memory (an expanded state, or an expanded
+// grad that a GradScaler step unscales in place): torch's in-place ops refuse to write it,
+// with this error. Refused in pass 1, before anything is written (a layout temporary's
+// write-back raised it after the update: found by a review, 2026-12-06).
+void refuse_internal_overlap(const at::Tensor& t) {
+  TORCH_CHECK(t.is_non_overlapping_and_dense() || at::has_internal_overlap(t) != at::MemOverlap::Yes,
+              "unsupported operation: more than one element of the written-to tensor refers "
+              "to a single memory location. Please clone() the tensor before performing the "
+              "operation.");
+}
+
+// A tensor whose storage is smaller than its sizes, strides and offset reach (a storage
+// resized by hand: FSDP frees params with untyped_storage().resize_(0)): the loops would
+// read and write past the allocation, as torch's for-loop does (a crash, or a corrupted
+// heap). Refused instead (found by a review, 2026-12-06). Strides are not negative.
+inline __attribute__((always_inline)) void check_storage_holds(const char* op, const char* list,
+                                                                int64_t i, const at::Tensor& t) {
+  if (t.numel() == 0 || !t.has_storage()) return;
+  int64_t extent = 1;  // elements, from the storage offset to the last one reached
+  if (t.is_contiguous()) {
+    extent = t.numel();
+  } else {
+    for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
+  }
+  const uint64_t needed = static_cast<uint64_t>(t.storage_offset() + extent) *
+                          static_cast<uint64_t>(t.element_size());
+  const uint64_t holds = t.unsafeGetTensorImpl()->unsafe_storage().nbytes();
+  TORCH_CHECK(C10_LIKELY(holds >= needed), op, ": ", list, "[", i, "] reaches ", needed, " bytes into its "
+              "storage, which holds ", holds, " (was the storage resized, or freed with "
+              "untyped_storage().resize_(0)?)");
+}
+
 }  // namespace
 
 const char* param_mode_option(ParamMode mode) {
@@ -167,8 +199,12 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
     // python_step.cpp).
     constexpr int64_t kAhead = 8;
     if (i + kAhead < end) {
+      // (two lines: the data pointer and, check_storage_holds', the size)
       auto prefetch_storage = [](const at::Tensor& t) {
-        __builtin_prefetch(t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
+        const char* impl = reinterpret_cast<const char*>(
+            t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
+        __builtin_prefetch(impl);
+        __builtin_prefetch(impl + 64);
       };
       prefetch_storage(params[i + kAhead]);
       prefetch_storage(grads[i + kAhead]);
@@ -218,6 +254,16 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
                         buffer ? storage_dtype : std::nullopt);
       }
     }
+    if (param.numel() != 0) {
+      check_storage_holds(op, "params", i, param);
+      check_storage_holds(op, "grads", i, grads[i]);
+      if (grad_mutable) refuse_internal_overlap(grads[i]);
+      for (int k = 0; k < num_states_; ++k) {
+        const bool buffer = storage_name != nullptr && k == num_states_ - 1;
+        check_storage_holds(op, buffer ? storage_name : state_names[k], i, states[k][i]);
+        refuse_internal_overlap(states[k][i]);
+      }
+    }
     const bool complex = param.is_complex();
     is_complex_[i] = complex;
     // Complex params are updated as real views, as torch.optim does (pass 2 makes them).
@@ -225,11 +271,7 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
     if (complex || param.numel() == 0) return;
     // (an expanded param, whose elements share memory: torch's in-place ops refuse to
     // write it, with this error; here before anything is written)
-    TORCH_CHECK(param.is_non_overlapping_and_dense() ||
-                    at::has_internal_overlap(param) != at::MemOverlap::Yes,
-                "unsupported operation: more than one element of the written-to tensor refers "
-                "to a single memory location. Please clone() the tensor before performing the "
-                "operation.");
+    refuse_internal_overlap(param);
     // Note [layouts]
     // The loops walk memory linearly, so every tensor of a param must share one dense
     // layout. The usual case (contiguous, transposed, channels_last params whose grad and
@@ -316,8 +358,8 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
                   "state of another dtype than its param");
     }
   }
-  serial_ = entries_share_memory(/*grads=*/false) ||
-            (grad_mutable && entries_share_memory(/*grads=*/true));
+  serial_ = entries_share_memory(kParams) || (grad_mutable && entries_share_memory(kGrads));
+  for (int k = 0; k < num_states_ && !serial_; ++k) serial_ = entries_share_memory(k);
 }
 
 // Note [aliased params]
@@ -327,20 +369,25 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
 // by two params where the step writes them (the unscaled grads of a GradScaler step, as
 // torch's fused=True writes them, once per entry). Split across threads, the two updates
 // would race. So a call whose entries' memory overlaps runs on one thread, in list order,
-// which gives the for-loop's bits (on CUDA: one launch per entry, in list order). Each
-// entry's loop writes one dense span of memory, from its pointer (or that of its layout
-// temporary, its own memory). The check is one pass
+// which gives the for-loop's bits (on CUDA: one launch per entry, in list order). The same
+// holds for the entries of a state list (a state tensor shared by two params, made by
+// hand: two threads raced on it until 2026-12-06). Each entry's loop writes one dense span
+// of memory per list, from its pointer (or that of its layout temporary, its own memory).
+// The check is one pass per list
 // where the spans come in address order (ascending, or descending as mmap hands out big
 // allocations); else the spans are sorted (~35 us for 5,000), and a call whose spans were
 // found disjoint is remembered by a hash of them: a training loop's params are the same
 // tensors step after step (its grads too, where they are kept), so the sort runs once.
-bool MultiTensorPlan::entries_share_memory(bool grads) const {
+bool MultiTensorPlan::entries_share_memory(int list) const {
   const int64_t m = num_entries();
   if (m < 2) return false;
   auto span = [&](int64_t j) {
-    const auto* lo = static_cast<const char*>(grads ? ptrs_[j].grad : ptrs_[j].param);
-    return std::make_pair(lo, lo + entry_numel(j) * static_cast<int64_t>(
-                                       c10::elementSize(real_dtypes_[index_[j]])));
+    const TensorPtrs& tp = ptrs_[j];
+    const auto* lo = static_cast<const char*>(list == kParams  ? tp.param
+                                              : list == kGrads ? tp.grad
+                                                               : tp.state[list]);
+    const at::ScalarType dt = list >= 0 ? tp.state_dtype[list] : real_dtypes_[index_[j]];
+    return std::make_pair(lo, lo + entry_numel(j) * static_cast<int64_t>(c10::elementSize(dt)));
   };
   bool ascending = true, descending = true;
   uint64_t hash = static_cast<uint64_t>(m);

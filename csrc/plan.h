@@ -165,8 +165,11 @@ class MultiTensorPlan {
   // The pointers of param i whose tensors need real views or layout temporaries.
   TensorPtrs unusual_layout(int64_t i, at::TensorList params, at::TensorList grads,
                             const std::vector<at::TensorList>& states, bool grad_mutable);
-  // Whether two entries' params (or grads) share memory.
-  bool entries_share_memory(bool grads) const;
+  // Whether two entries' params (kParams), grads (kGrads) or states of list k (k >= 0)
+  // share memory (Note [aliased params] in plan.cpp).
+  static constexpr int kParams = -1;
+  static constexpr int kGrads = -2;
+  bool entries_share_memory(int list) const;
 
   int64_t num_tensors_ = 0;
   int num_states_ = 0;  // the rule's, and the storage's buffer

@@ -4,8 +4,9 @@ The schemas are in csrc/ops.cpp. The ops mutate their tensor-list arguments in p
 return nothing, so a fake kernel has nothing to compute: registering it is what lets
 torch.compile trace through an optimizer step without a graph break.
 """
+import itertools
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -171,7 +172,31 @@ def _nothing_to_compute(*args, **kwargs):
     return None
 
 
-for _op in OPTIMIZER_OPS + ("_muon_aten_", "_stream_", "_mul_"):
+def _fake_optimizer_op(op: str) -> Callable[..., None]:
+    """An optimizer op's fake kernel, which is its Meta kernel too: the dispatcher picks it
+    for a call where any tensor is on the meta device. A call on meta params computes
+    nothing (there is no data). A meta tensor beside CPU or CUDA params (a state replaced
+    by one) made the step a silent no-op (found by a review, 2026-12-06): refused, as the
+    CPU kernel refuses a state on another device. (FakeTensors are on their fake device.)"""
+    def fake(*args: Any, **kwargs: Any) -> None:
+        params = args[0] if args else kwargs.get("params", [])
+        if not params or params[0].device.type == "meta":
+            return None
+        names = [a.name for a in getattr(_lib, op).default._schema.arguments]
+        for name, value in itertools.chain(zip(names, args), kwargs.items()):
+            tensors = value if isinstance(value, (list, tuple)) else [value]
+            for i, t in enumerate(tensors):
+                if isinstance(t, Tensor) and t.device.type == "meta":
+                    where = f"{name}[{i}]" if isinstance(value, (list, tuple)) else name
+                    raise RuntimeError(f"fused_optim::{op}: {where} is on meta but params[0] "
+                                       f"is on {params[0].device}")
+        return None
+    return fake
+
+
+for _op in OPTIMIZER_OPS:
+    torch.library.register_fake(f"fused_optim::{_op}")(_fake_optimizer_op(_op))
+for _op in ("_muon_aten_", "_stream_", "_mul_"):
     torch.library.register_fake(f"fused_optim::{_op}")(_nothing_to_compute)
 
 

@@ -6,7 +6,7 @@ from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
 from . import _ops, quantization
-from .optimizer import FusedOptimizer, lr_args
+from .optimizer import FusedOptimizer, evaluate_host_term, lr_args
 
 __all__ = ["Adafactor"]
 
@@ -53,6 +53,8 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         return ("row_var", "col_var", "variance", "step")
 
+    _refuses_complex = True  # (_init_state)
+
     def _torch_grads_reason(self) -> Optional[str]:
         # (asked before every general-path step, before anything changes) A sharded param's
         # update needs its RMS and its row and column means over the whole param, which a
@@ -88,12 +90,24 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
             first = next((p for p in group["params"] if p.grad is not None), None)
             if first is not None and first.is_floating_point():
                 eps1 = torch.finfo(first.dtype).eps
+        beta2_decay, d = group["beta2_decay"], group["d"]
+        # torch's for-loop computes step ** beta2_decay, and divides the update's norm by
+        # numel ** 0.5 * d, as Python floats: a beta2_decay > 0 or a d of 0 (the constructor
+        # refuses both; a group added or changed since can have them) can make it raise
+        # OverflowError or ZeroDivisionError, after updating the params before. Ours raises
+        # the same before anything changes (the kernel's pow and division gave inf: NaN
+        # params, or params that never moved; found by a review, 2026-12-06). NumPy numbers
+        # and tensors compute without raising, in torch's step and here.
+        if not isinstance(beta2_decay, Tensor) and beta2_decay > 0:
+            evaluate_host_term(group, self.state, lambda step: step ** beta2_decay)
+        if not isinstance(d, Tensor) and d == 0:
+            evaluate_host_term(group, self.state, lambda step: 0.0 / (1.0 * d))
         return dict(
             **lr_args(group["lr"]),
-            beta2_decay=group["beta2_decay"],
+            beta2_decay=beta2_decay,
             eps1=eps1,
             eps2=eps2,
-            d=group["d"],
+            d=d,
             weight_decay=group["weight_decay"],
             maximize=group["maximize"],
         )

@@ -67,6 +67,8 @@ class Muon(FusedOptimizer, torch.optim.Muon):
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         return ("momentum_buffer",)
 
+    _refuses_complex = True  # (_init_state)
+
     def _torch_grads_reason(self) -> Optional[str]:
         # (asked where the fast path declined: DTensors among them) The Newton-Schulz
         # iterations need each whole matrix, and the kernel sees a rank's shard of a sharded

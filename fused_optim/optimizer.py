@@ -547,6 +547,21 @@ class FusedOptimizer(torch.optim.Optimizer):
                         f"'{k}' ({_STORAGE_OPTION[k]}=True), but this optimizer has {now}: make "
                         f"it with {_STORAGE_OPTION[k]}=True to resume this checkpoint, or convert "
                         "the checkpoint with fused_optim.to_torch_state_dict")
+                # (torch.optim's load casts the keys it does not know to the param's dtype:
+                # a checkpoint loaded there without to_torch_state_dict and saved again has
+                # bfloat16 master weights, a rounding state whose seed is lost; it loaded,
+                # and the first step raised: found by a review, 2026-12-06)
+                v = ours[k]
+                if (k == "master_param" and v.dtype != torch.float32) or (
+                        k == "rounding_state" and (v.dtype != torch.int64 or v.numel() not in (2, 3))):
+                    raise ValueError(
+                        f"{type(self).__name__}.load_state_dict: state '{k}' of param {pid} "
+                        f"has dtype {v.dtype} and {v.numel()} elements, but "
+                        f"{_STORAGE_OPTION[k]}=True keeps "
+                        + ("float32 master weights" if k == "master_param" else
+                           "an int64 [seed, counter] (or [seed, counter, offset])")
+                        + ": was the checkpoint loaded into torch.optim, which casts it to its "
+                        "param's dtype, without fused_optim.to_torch_state_dict?")
             # (an 8-bit checkpoint's moments kept in full precision, a small param's, load
             # into an optimizer without state_dtype as a float checkpoint's: their empty
             # scales, only a mark of the mode, are not put in its state)
@@ -618,6 +633,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     # The error torch's fused=True step raises for a complex param with a grad (beyond the
     # first param's check above), made from that param; None where torch raises none.
     _fused_complex_error: Optional[Callable[[Tensor], Exception]] = None
+    # Whether torch's step refuses complex params (its _init_group raises; ours, _init_state).
+    _refuses_complex = False
 
     def _check_fused_groups(self) -> None:
         """Raises _fused_complex_error for the first complex param with a grad of a fused
@@ -657,6 +674,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                     # takes such grads in some algorithms, and raises its own error in others)
                     return "a grad whose dtype is not its param's"
                 if p.dtype not in _KERNEL_DTYPES:
+                    if p.is_complex() and self._refuses_complex:
+                        # (torch's step would raise its "does not support complex
+                        # parameters": _init_state raises it, without a warning that torch's
+                        # step runs; found by a review, 2026-12-06)
+                        continue
                     # (torch's for-loop steps complex32 params; for float8 or integer ones it
                     # raises its own error)
                     return f"a param of dtype {p.dtype}"
@@ -765,7 +787,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         # a group on several devices, a CUDA group with lr / grad_scale / found_inf on the
         # GPU, active torch function or dispatch modes); then the grads are looked at for
         # a reason to run torch's step, and each group takes the fast path or the general
-        # one below, through the op.
+        # one below, through the op. (Of grads it declines the subclasses the dispatcher
+        # sees, __torch_dispatch__ ones: a grad subclass that overrides only
+        # __torch_function__ is read as a plain tensor, docs/parity.md.)
         fast = self._fast_path and not torch.compiler.is_compiling()
         with torch.no_grad():
             done = fast and _C._step(self._op, [param_list(g) for g in groups], self.state, keys,

@@ -482,6 +482,44 @@ def test_bad_input_raises_torchs_error_and_changes_nothing(case):
     assert ref is not None and ours == ref
 
 
+@pytest.mark.parametrize("option,value,error", [("d", 0.0, ZeroDivisionError),
+                                                 ("d", 0, ZeroDivisionError),
+                                                 ("beta2_decay", 1100.0, OverflowError)])
+def test_host_arithmetic_of_a_group_raises_torchs_error_and_changes_nothing(option, value, error):
+    """torch's for-loop divides by numel ** 0.5 * d and raises step ** beta2_decay as Python
+    floats: a group added with d=0 or beta2_decay > 0 (the constructor refuses them) made it
+    raise ZeroDivisionError or OverflowError (at the second step: 1 ** x is 1). Ours ran the
+    kernel, whose division and pow gave inf: params that never moved, or NaN params, without
+    an error (found by a review, 2026-12-06). Now the same error, before anything changes
+    (torch's, after updating the params before)."""
+    outcomes = []
+    for cls in (torch.optim.Adafactor, fused_optim.Adafactor):
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(4, 6, generator=g).requires_grad_()
+        b = torch.randn(5, generator=g).requires_grad_()
+        opt = cls([a], lr=0.1)
+        opt.add_param_group({"params": [b], option: value})
+        for step in range(2):
+            for p in (a, b):
+                p.grad = torch.randn(p.shape, generator=g)
+            if cls is fused_optim.Adafactor:
+                before = [t.clone() for t in (a.detach(), b.detach())] + [
+                    t.clone() for s in opt.state.values() for t in s.values()]
+            try:
+                opt.step()
+            except Exception as e:  # noqa: BLE001 (the error is compared below)
+                outcomes.append((step, type(e), str(e)))
+                if cls is fused_optim.Adafactor:
+                    after = [a.detach(), b.detach()] + [t for s in opt.state.values() for t in s.values()]
+                    assert len(after) == len(before)
+                    assert all(torch.equal(x, y) for x, y in zip(before, after)), "changed"
+                break
+        else:
+            outcomes.append(None)
+    assert outcomes[0] is not None and outcomes[0][1] is error
+    assert outcomes[0] == outcomes[1]
+
+
 def test_op_refuses_bad_lists_before_changing_anything():
     p, g = torch.randn(4, 3), torch.randn(4, 3)
     row, col, step = torch.zeros(4, 1), torch.zeros(1, 3), torch.tensor(0.0)

@@ -751,6 +751,26 @@ def test_complex32_params_step_as_torchs_for_loop_with_a_warning(name):
     assert torch.equal(out[0], out[1])
 
 
+@pytest.mark.parametrize("name", ["Muon", "Adafactor"])
+def test_complex32_params_of_an_algorithm_that_refuses_complex_raise_without_a_warning(name):
+    """Muon and Adafactor refuse complex params in torch's step. complex32 ones (which the
+    kernels do not take) were given the warning that torch's step would run, then torch's
+    error: with warnings as errors, a UserWarning instead of torch's RuntimeError (found by
+    a review, 2026-12-06). Now torch's error, no warning, nothing changed."""
+    errors = []
+    for cls in (getattr(torch.optim, name), getattr(fused_optim, name)):
+        p = torch.zeros(4, 4, dtype=torch.complex32, requires_grad=True)
+        p.grad = torch.ones(4, 4, dtype=torch.complex32)
+        opt = cls([p], lr=0.1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(RuntimeError) as e:
+                opt.step()
+        errors.append(str(e.value))
+        assert not p.detach().view(torch.int16).any() and not opt.state.get(p)
+    assert errors[0] == errors[1] == f"{name} does not support complex parameters"
+
+
 @pytest.mark.parametrize("name", ["SGD", "Adam", "Muon"])
 def test_params_of_dtypes_no_kernel_takes_raise_torchs_own_error(name):
     """float8 params: torch's step raises its dispatcher's NotImplementedError; ours runs

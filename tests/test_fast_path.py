@@ -387,3 +387,115 @@ def test_a_grad_of_another_dtype_in_a_big_group_runs_torchs_step(two_threads):
         assert results[0] == results[1]
     else:
         assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+# -- tensors a user put in the state by hand (found by a review, 2026-12-06) ----------------
+_STATE_KEY = {"SGD": "momentum_buffer", "Adam": "exp_avg", "Adagrad": "sum"}
+
+
+def _stepped_twice_setup(name, n=5):
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.randn(4, 3, generator=g).requires_grad_(), torch.randn(n, generator=g).requires_grad_()]
+    kw = dict(momentum=0.9) if name == "SGD" else {}
+    opt = getattr(fused_optim, name)(ps, lr=0.1, **kw)
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g)
+    return ps, opt
+
+
+def _snapshot(ps, opt):
+    return [p.detach().clone() for p in ps] + [
+        v.clone() for p in ps for v in opt.state[p].values() if isinstance(v, torch.Tensor)
+        and v.device.type != "meta" and v.untyped_storage().nbytes() >= v.numel() * v.element_size()]
+
+
+def _assert_unchanged(before, ps, opt):
+    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(ps, opt))), "changed"
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "Adagrad"])
+@pytest.mark.parametrize("what", ["state", "grad under a GradScaler"])
+def test_an_expanded_written_tensor_is_refused_before_anything_changes(name, what):
+    """An expanded state (or an expanded grad that a GradScaler step unscales in place) went
+    through a layout temporary, whose write-back raised torch's overlap error after both
+    params and their steps were updated: a retry updated them twice. Now the same error,
+    before anything changes."""
+    ps, opt = _stepped_twice_setup(name)
+    if what == "state":
+        s = opt.state[ps[1]][_STATE_KEY[name]]
+        opt.state[ps[1]][_STATE_KEY[name]] = s[:1].expand(5)
+    else:
+        ps[1].grad = ps[1].grad[:1].expand(5)
+        opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(0.0)
+    before = _snapshot(ps, opt)
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+        opt.step()
+    _assert_unchanged(before, ps, opt)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "Adagrad"])
+@pytest.mark.parametrize("key", ["moment", "step"])
+def test_a_state_on_the_meta_device_is_refused(name, key):
+    """A state replaced by a meta tensor sent the call to the op's Meta kernel (its fake
+    kernel), which computes nothing: the step did nothing, silently. torch's for-loop raises
+    a device error; ours a clear one, before anything changes."""
+    if name == "SGD" and key == "step":
+        pytest.skip("SGD keeps no step")
+    ps, opt = _stepped_twice_setup(name)
+    k = _STATE_KEY[name] if key == "moment" else "step"
+    opt.state[ps[1]][k] = opt.state[ps[1]][k].to("meta")
+    before = _snapshot(ps, opt)
+    with pytest.raises(RuntimeError, match=r"\[1\] is on meta but params\[0\] is on cpu"):
+        opt.step()
+    _assert_unchanged(before, ps, opt)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "Adagrad"])
+@pytest.mark.parametrize("what", ["param", "grad", "state", "state shrunk"])
+def test_a_tensor_whose_storage_no_longer_holds_it_is_a_clear_error(name, what):
+    """A storage resized by hand (FSDP frees params with untyped_storage().resize_(0)): the
+    loops read and wrote past the allocation, a crash or a corrupted heap (torch's for-loop
+    crashes too). Now a clear error, before anything changes."""
+    ps, opt = _stepped_twice_setup(name, n=64)
+    t = {"param": ps[1], "grad": ps[1].grad}.get(what, opt.state[ps[1]][_STATE_KEY[name]])
+    before = _snapshot(ps[:1], opt)  # (the first param: updated first; the other's memory is gone)
+    t.untyped_storage().resize_(8 if what == "state shrunk" else 0)
+    with pytest.raises(RuntimeError, match=r"\[1\] reaches 256 bytes into its storage, which "
+                                           rf"holds {8 if what == 'state shrunk' else 0} "):
+        opt.step()
+    _assert_unchanged(before, ps[:1], opt)
+    if name != "SGD":
+        assert float(opt.state[ps[1]]["step"]) == 1  # (not counted)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad"])
+def test_a_state_shared_by_two_params_steps_as_the_for_loop_at_two_threads(name):
+    """Two params given one state tensor by hand: torch's for-loop updates it twice, param
+    after param. Split across threads, our two updates raced on it (results differed from
+    run to run); a call whose state entries share memory now runs on one thread, in list
+    order (Note [aliased params] in csrc/plan.cpp), bitwise the for-loop."""
+    from parity_utils import correctly_rounded_sqrt
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = []
+        for cls in (getattr(torch.optim, name), getattr(fused_optim, name)):
+            g = torch.Generator().manual_seed(0)
+            ps = [torch.randn(2**17, generator=g).requires_grad_() for _ in range(2)]
+            kw = dict(momentum=0.9) if name == "SGD" else {}
+            opt = cls(ps, lr=0.1, **kw, **({"foreach": False} if cls.__module__.startswith("torch") else {}))
+            for step in range(3):
+                for p in ps:
+                    p.grad = torch.randn(p.shape, generator=g)
+                with correctly_rounded_sqrt():
+                    opt.step()
+                if step == 0:  # from the second step on, one state for both
+                    opt.state[ps[1]][_STATE_KEY[name]] = opt.state[ps[0]][_STATE_KEY[name]]
+            results.append([p.detach().clone() for p in ps] + [opt.state[ps[0]][_STATE_KEY[name]].clone()])
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(threads)

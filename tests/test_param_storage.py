@@ -813,3 +813,29 @@ def test_copies_keep_the_mode(copy_of):
     for p, q in zip(params, [p for g in twin.param_groups for p in g["params"]]):
         assert_bitwise(q, p, "param")
         assert_bitwise(twin.state[q]["kahan_comp"], opt.state[p]["kahan_comp"], "kahan_comp")
+
+
+@pytest.mark.parametrize("option", ["master_weights", "stochastic_rounding"])
+def test_a_mode_checkpoint_cast_by_torchs_load_is_refused_when_loaded(option):
+    """A mode's checkpoint loaded into torch.optim without to_torch_state_dict has its
+    master weights and rounding state cast to the params' dtype (bfloat16): loaded back,
+    it was taken, and the first step raised (the seed already lost). Now load_state_dict
+    refuses it, naming what happened, before anything is loaded (found by a review,
+    2026-12-06)."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(8, generator=g).to(torch.bfloat16).requires_grad_()
+    opt = fused_optim.AdamW([p], lr=0.1, **{option: True})
+    p.grad = torch.randn(8, generator=g).to(torch.bfloat16)
+    opt.step()
+    torch_opt = torch.optim.AdamW([p], lr=0.1)
+    torch_opt.load_state_dict(opt.state_dict())
+    key = "master_param" if option == "master_weights" else "rounding_state"
+    assert torch_opt.state[p][key].dtype == torch.bfloat16  # (what torch's load does)
+    fresh = fused_optim.AdamW([p], lr=0.1, **{option: True})
+    with pytest.raises(ValueError, match=rf"state '{key}' of param 0 has dtype torch.bfloat16 .*"
+                                         rf"{option}=True keeps .* without "
+                                         "fused_optim.to_torch_state_dict"):
+        fresh.load_state_dict(torch_opt.state_dict())
+    assert not fresh.state
+    fresh.load_state_dict(opt.state_dict())  # (the checkpoint itself loads)
+    assert torch.equal(fresh.state[p][key], opt.state[p][key])
