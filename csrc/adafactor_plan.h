@@ -216,6 +216,8 @@ inline void check_state(const char* list, int64_t k, const at::Tensor& t, const 
               t.scalar_type(), " but its param has dtype ", param.scalar_type());
   TORCH_CHECK(t.sizes() == shape, kOp, ": ", list, "[", k, "] has shape ", t.sizes(),
               " but must have shape ", shape, " for a param of shape ", param.sizes());
+  check_storage_holds(kOp, list, k, t);  // (plan.h)
+  refuse_internal_overlap(t);
 }
 
 inline double finfo_eps(at::ScalarType dtype) {
@@ -273,6 +275,10 @@ inline bool make_plan(Plan& plan, c10::Device device, at::TensorList params,
     // torch's for-loop divides the param's norm by sqrt(numel): a ZeroDivisionError.
     TORCH_CHECK(p.numel() > 0, kOp, ": params[", i, "] has no elements (torch.optim."
                 "Adafactor divides by its size)");
+    check_storage_holds(kOp, "params", i, p);  // (plan.h)
+    check_storage_holds(kOp, "grads", i, g);
+    refuse_internal_overlap(p);
+    if (unscale) refuse_internal_overlap(g);
     if (p.dim() > 1) ++factored;
   }
   TORCH_CHECK(static_cast<int64_t>(row_vars.size()) == factored &&

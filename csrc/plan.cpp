@@ -69,38 +69,6 @@ void check_companion(const char* op, const char* list, int64_t i, const at::Tens
               " but its param has shape ", param.sizes());
 }
 
-// A tensor the step writes whose elements share memory (an expanded state, or an expanded
-// grad that a GradScaler step unscales in place): torch's in-place ops refuse to write it,
-// with this error. Refused in pass 1, before anything is written (a layout temporary's
-// write-back raised it after the update: found by a review, 2026-12-06).
-void refuse_internal_overlap(const at::Tensor& t) {
-  TORCH_CHECK(t.is_non_overlapping_and_dense() || at::has_internal_overlap(t) != at::MemOverlap::Yes,
-              "unsupported operation: more than one element of the written-to tensor refers "
-              "to a single memory location. Please clone() the tensor before performing the "
-              "operation.");
-}
-
-// A tensor whose storage is smaller than its sizes, strides and offset reach (a storage
-// resized by hand: FSDP frees params with untyped_storage().resize_(0)): the loops would
-// read and write past the allocation, as torch's for-loop does (a crash, or a corrupted
-// heap). Refused instead (found by a review, 2026-12-06). Strides are not negative.
-inline __attribute__((always_inline)) void check_storage_holds(const char* op, const char* list,
-                                                                int64_t i, const at::Tensor& t) {
-  if (t.numel() == 0 || !t.has_storage()) return;
-  int64_t extent = 1;  // elements, from the storage offset to the last one reached
-  if (t.is_contiguous()) {
-    extent = t.numel();
-  } else {
-    for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
-  }
-  const uint64_t needed = static_cast<uint64_t>(t.storage_offset() + extent) *
-                          static_cast<uint64_t>(t.element_size());
-  const uint64_t holds = t.unsafeGetTensorImpl()->unsafe_storage().nbytes();
-  TORCH_CHECK(C10_LIKELY(holds >= needed), op, ": ", list, "[", i, "] reaches ", needed, " bytes into its "
-              "storage, which holds ", holds, " (was the storage resized, or freed with "
-              "untyped_storage().resize_(0)?)");
-}
-
 }  // namespace
 
 const char* param_mode_option(ParamMode mode) {
@@ -162,6 +130,7 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
                         (r.numel() == 2 || r.numel() == 3) && r.is_contiguous(),
                     op, ": param_aux[", i, "] (rounding_state) must be a contiguous int64 CPU "
                     "tensor of 2 elements, [seed, counter], or 3, [seed, counter, offset]");
+        check_storage_holds(op, "param_aux", static_cast<int64_t>(i), r);
       }
       rounding_states_ = mode_aux;
     } else {
@@ -248,6 +217,7 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
                       op, ": the block scales of ", state_names[k], "[", i,
                       "] (8-bit) must be a contiguous float32 tensor of ", blocks,
                       " elements (one per 256 elements) on the param's device");
+          check_storage_holds(op, "param_aux (block scales)", i, sc);
         }
       } else {
         check_companion(op, buffer ? storage_name : state_names[k], i, param, st,
@@ -403,8 +373,8 @@ bool MultiTensorPlan::entries_share_memory(int list) const {
     before = a;
   }
   if (ascending || descending) return false;
-  // (a few calls' hashes: a training loop's groups, params and grads)
-  static std::array<std::atomic<uint64_t>, 8> disjoint{};
+  // (a few calls' hashes: a training loop's groups, params, grads and state lists)
+  static std::array<std::atomic<uint64_t>, 32> disjoint{};
   for (const auto& h : disjoint) {
     if (h.load(std::memory_order_relaxed) == hash) return false;
   }
@@ -690,12 +660,20 @@ void check_sparse_adam_inputs(const char* op, at::TensorList params, at::TensorL
     TORCH_CHECK(g.sizes() == p.sizes() && g.scalar_type() == p.scalar_type(), op,
                 ": a grad must have its param's shape and dtype, got ", g.sizes(), " ",
                 g.scalar_type(), " for ", p.sizes(), " ", p.scalar_type());
-    for (const at::Tensor& s : {exp_avgs[i], exp_avg_sqs[i]}) {
+    check_storage_holds(op, "params", static_cast<int64_t>(i), p);
+    refuse_internal_overlap(p);
+    const char* names[2] = {"exp_avgs", "exp_avg_sqs"};
+    for (int k = 0; k < 2; ++k) {
+      const at::Tensor& s = k == 0 ? exp_avgs[i] : exp_avg_sqs[i];
       TORCH_CHECK(s.layout() == at::kStrided && s.device() == p.device() &&
                       s.sizes() == p.sizes() && s.scalar_type() == p.scalar_type(),
                   op, ": the state must have its param's shape, dtype and device");
+      check_storage_holds(op, names[k], static_cast<int64_t>(i), s);
+      refuse_internal_overlap(s);
     }
     const at::Tensor ind = g._indices();
+    check_storage_holds(op, "grads (indices)", static_cast<int64_t>(i), ind);
+    check_storage_holds(op, "grads (values)", static_cast<int64_t>(i), g._values());
     for (int64_t d = 0; d < g.sparse_dim() && ind.size(1) > 0; ++d) {
       const at::Tensor row = ind.select(0, d);
       TORCH_CHECK(row.min().item<int64_t>() >= 0 && row.max().item<int64_t>() < p.size(d), op,

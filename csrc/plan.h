@@ -8,6 +8,7 @@
 // This header is compiled by the host compiler and by nvcc: it names no ISA and no CUDA
 // API.
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/core/DeviceType.h>
 
@@ -268,6 +269,39 @@ std::vector<Coeffs> per_tensor_coeffs(const Coeffs& base, double lr, bool lr_is_
 
 inline bool has_tensor(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined();
+}
+
+// A tensor the step writes whose elements share memory (an expanded state, or an expanded
+// grad that a GradScaler step unscales in place): torch's in-place ops refuse to write it,
+// with this error. Refused in pass 1, before anything is written (a layout temporary's
+// write-back raised it after the update: found by a review, 2026-12-06).
+inline void refuse_internal_overlap(const at::Tensor& t) {
+  TORCH_CHECK(t.is_non_overlapping_and_dense() || at::has_internal_overlap(t) != at::MemOverlap::Yes,
+              "unsupported operation: more than one element of the written-to tensor refers "
+              "to a single memory location. Please clone() the tensor before performing the "
+              "operation.");
+}
+
+// A tensor whose storage is smaller than its sizes, strides and offset reach (a storage
+// resized by hand: FSDP frees params with untyped_storage().resize_(0)): the loops would
+// read and write past the allocation, as torch's for-loop does (a crash, or a corrupted
+// heap). Refused instead (found by a review, 2026-12-06; the plans of
+// MultiTensorPlan, Adafactor, Muon and SparseAdam check every tensor they take). Strides are not negative.
+inline __attribute__((always_inline)) void check_storage_holds(const char* op, const char* list,
+                                                                int64_t i, const at::Tensor& t) {
+  if (t.numel() == 0 || !t.has_storage()) return;
+  int64_t extent = 1;  // elements, from the storage offset to the last one reached
+  if (t.is_contiguous()) {
+    extent = t.numel();
+  } else {
+    for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
+  }
+  const uint64_t needed = static_cast<uint64_t>(t.storage_offset() + extent) *
+                          static_cast<uint64_t>(t.element_size());
+  const uint64_t holds = t.unsafeGetTensorImpl()->unsafe_storage().nbytes();
+  TORCH_CHECK(C10_LIKELY(holds >= needed), op, ": ", list, "[", i, "] reaches ", needed, " bytes into its "
+              "storage, which holds ", holds, " (was the storage resized, or freed with "
+              "untyped_storage().resize_(0)?)");
 }
 
 // SparseAdam's inputs (Note [sparse adam]), checked for both devices before anything

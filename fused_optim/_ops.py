@@ -180,16 +180,17 @@ def _fake_optimizer_op(op: str) -> Callable[..., None]:
     CPU kernel refuses a state on another device. (FakeTensors are on their fake device.)"""
     def fake(*args: Any, **kwargs: Any) -> None:
         params = args[0] if args else kwargs.get("params", [])
-        if not params or params[0].device.type == "meta":
-            return None
+        real = next((p for p in params if p.device.type != "meta"), None)
+        if real is None:
+            return None  # (meta params only: no data, nothing to compute)
         names = [a.name for a in getattr(_lib, op).default._schema.arguments]
         for name, value in itertools.chain(zip(names, args), kwargs.items()):
             tensors = value if isinstance(value, (list, tuple)) else [value]
             for i, t in enumerate(tensors):
                 if isinstance(t, Tensor) and t.device.type == "meta":
                     where = f"{name}[{i}]" if isinstance(value, (list, tuple)) else name
-                    raise RuntimeError(f"fused_optim::{op}: {where} is on meta but params[0] "
-                                       f"is on {params[0].device}")
+                    raise RuntimeError(f"fused_optim::{op}: {where} is on meta but a param "
+                                       f"is on {real.device}")
         return None
     return fake
 

@@ -98,9 +98,20 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
         # the same before anything changes (the kernel's pow and division gave inf: NaN
         # params, or params that never moved; found by a review, 2026-12-06). NumPy numbers
         # and tensors compute without raising, in torch's step and here.
-        if not isinstance(beta2_decay, Tensor) and beta2_decay > 0:
+        overflow = not isinstance(beta2_decay, Tensor) and beta2_decay > 0
+        zero_d = not isinstance(d, Tensor) and d == 0
+        if overflow or zero_d:
+            # (torch's _init_group checks of this group's params and of the groups before
+            # come first in its step: their errors first)
+            for earlier in self.param_groups:
+                for p in earlier["params"]:
+                    if p.grad is not None:
+                        self._init_checks(p, p.grad)
+                if earlier is group:
+                    break
+        if overflow:
             evaluate_host_term(group, self.state, lambda step: step ** beta2_decay)
-        if not isinstance(d, Tensor) and d == 0:
+        if zero_d:
             evaluate_host_term(group, self.state, lambda step: 0.0 / (1.0 * d))
         return dict(
             **lr_args(group["lr"]),
@@ -112,12 +123,16 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
             maximize=group["maximize"],
         )
 
-    def _init_state(self, group: Dict[str, Any], p: Tensor, grad: Tensor, state: Dict[str, Any]) -> None:
+    @staticmethod
+    def _init_checks(p: Tensor, grad: Tensor) -> None:
         # torch's _init_group checks these for every param with a grad, in this order.
         if torch.is_complex(p):
             raise RuntimeError("Adafactor does not support complex parameters")
         if grad.is_sparse:
             raise RuntimeError("Adafactor does not support sparse gradients")
+
+    def _init_state(self, group: Dict[str, Any], p: Tensor, grad: Tensor, state: Dict[str, Any]) -> None:
+        self._init_checks(p, grad)
         if len(state) == 0:
             # As torch.optim.Adafactor._init_group creates it (Note [state]): from the grad.
             state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())

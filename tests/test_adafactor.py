@@ -520,6 +520,35 @@ def test_host_arithmetic_of_a_group_raises_torchs_error_and_changes_nothing(opti
     assert outcomes[0] == outcomes[1]
 
 
+@pytest.mark.parametrize("case", ["complex in the group", "complex in an earlier group",
+                                  "sparse in the group"])
+def test_torchs_param_checks_come_before_the_host_arithmetic(case):
+    """torch's step checks each group's params (complex, sparse) before it computes with
+    d or beta2_decay: a complex param with d=0 set in a group is its complex error, not a
+    ZeroDivisionError (the host arithmetic's check came first, found by a review of it)."""
+    outcomes = []
+    for cls in (torch.optim.Adafactor, fused_optim.Adafactor):
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(4, 6, generator=g).requires_grad_()
+        b = torch.randn(5, generator=g).requires_grad_()
+        odd = torch.randn(3, dtype=torch.complex64, generator=g).requires_grad_()
+        first = [a, odd] if case == "complex in an earlier group" else [a]
+        second = [b, odd] if case == "complex in the group" else [b]
+        opt = cls(first, lr=0.1)
+        opt.add_param_group({"params": second, "d": 0.0})
+        for p in (a, b, odd):
+            p.grad = torch.randn(p.shape, dtype=p.dtype, generator=g)
+        if case == "sparse in the group":
+            b.grad = b.grad.to_sparse()
+        before = [t.detach().clone() for t in (a, b)]
+        with pytest.raises(RuntimeError) as e:
+            opt.step()
+        outcomes.append(str(e.value))
+        if cls is fused_optim.Adafactor:
+            assert all(torch.equal(x, y.detach()) for x, y in zip(before, (a, b)))
+    assert outcomes[0] == outcomes[1] and "does not support" in outcomes[0]
+
+
 def test_op_refuses_bad_lists_before_changing_anything():
     p, g = torch.randn(4, 3), torch.randn(4, 3)
     row, col, step = torch.zeros(4, 1), torch.zeros(1, 3), torch.tensor(0.0)

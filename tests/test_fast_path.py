@@ -448,9 +448,15 @@ def test_a_state_on_the_meta_device_is_refused(name, key):
     k = _STATE_KEY[name] if key == "moment" else "step"
     opt.state[ps[1]][k] = opt.state[ps[1]][k].to("meta")
     before = _snapshot(ps, opt)
-    with pytest.raises(RuntimeError, match=r"\[1\] is on meta but params\[0\] is on cpu"):
+    with pytest.raises(RuntimeError, match=r"\[1\] is on meta but a param is on cpu"):
         opt.step()
     _assert_unchanged(before, ps, opt)
+    # (a direct call whose first param is on meta and the second not: refused too)
+    m, c = torch.zeros(3, device="meta"), torch.ones(3)
+    with pytest.raises(RuntimeError, match=r"params\[0\] is on meta but a param is on cpu"):
+        torch.ops.fused_optim.sgd_([m, c], [m.clone(), c.clone()], [], 0.1, 0.0, 0.0, 0.0,
+                                   False, False, True)
+    assert torch.equal(c, torch.ones(3))
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam", "Adagrad"])
@@ -499,3 +505,65 @@ def test_a_state_shared_by_two_params_steps_as_the_for_loop_at_two_threads(name)
             assert torch.equal(a, b)
     finally:
         torch.set_num_threads(threads)
+
+
+_STRUCTURED_KEY = {"Adafactor": "row_var", "Muon": "momentum_buffer", "SparseAdam": "exp_avg"}
+
+
+@pytest.mark.parametrize("name", ["Adafactor", "Muon", "SparseAdam"])
+@pytest.mark.parametrize("what", ["expanded state", "freed param", "freed state", "freed grad"])
+def test_the_structured_optimizers_refuse_such_tensors_before_anything_changes(name, what):
+    """Adafactor's, Muon's and SparseAdam's own plans, checked as the elementwise plan is
+    (above): a freed or shrunk storage crashed them (SIGSEGV, or glibc's abort), an
+    expanded state raised after the first param's update (or, SparseAdam, stepped)."""
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.randn(8, 8, generator=g).requires_grad_() for _ in range(2)]
+    opt = getattr(fused_optim, name)(ps, lr=0.1)
+
+    def grads():
+        for p in ps:
+            grad = torch.randn(p.shape, generator=g)
+            p.grad = grad.to_sparse() if name == "SparseAdam" else grad
+
+    grads()
+    opt.step()
+    grads()
+    key = _STRUCTURED_KEY[name]
+    before = _snapshot(ps[:1], opt)
+    if what == "expanded state":
+        s = opt.state[ps[1]][key]
+        opt.state[ps[1]][key] = s.reshape(-1)[:1].expand(s.shape)
+        error = "more than one element of the written-to tensor"
+    else:
+        t = {"freed param": ps[1], "freed state": opt.state[ps[1]][key],
+             "freed grad": ps[1].grad._values() if name == "SparseAdam" else ps[1].grad}[what]
+        t.untyped_storage().resize_(0)
+        error = r"\[1\] reaches \d+ bytes into its storage, which holds 0 "
+    with pytest.raises(RuntimeError, match=error):
+        opt.step()
+    _assert_unchanged(before, ps[:1], opt)
+
+
+@pytest.mark.parametrize("what", ["8-bit scales", "rounding state"])
+def test_a_mode_tensor_whose_storage_no_longer_holds_it_is_a_clear_error(what):
+    """param_aux's tensors (8-bit moments' block scales, stochastic rounding's state) are
+    read and written too: a shrunk scale tensor crashed the step, a shrunk rounding state
+    was read past its end."""
+    g = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if what == "rounding state" else torch.float32
+    kw = dict(stochastic_rounding=True) if what == "rounding state" else dict(state_dtype=torch.uint8)
+    ps = [torch.randn(64, 64, generator=g).to(dtype).requires_grad_() for _ in range(3)]
+    opt = fused_optim.Adam(ps, lr=0.1, **kw)
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g).to(dtype)
+        if opt.state:
+            break
+        opt.step()
+    before = _snapshot(ps[:1], opt)
+    key = "rounding_state" if what == "rounding state" else "exp_avg_absmax"
+    opt.state[ps[2]][key].untyped_storage().resize_(4)
+    with pytest.raises(RuntimeError, match=r"param_aux.*\[2\] reaches \d+ bytes into its "
+                                           "storage, which holds 4 "):
+        opt.step()
+    _assert_unchanged(before, ps[:1], opt)

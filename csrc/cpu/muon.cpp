@@ -135,7 +135,11 @@ void check_inputs(at::TensorList params, at::TensorList grads, at::TensorList bu
                   t.scalar_type(), " but its param has dtype ", dt);
       TORCH_CHECK(t.sizes() == p.sizes(), kOp, ": ", names[k], "[", i, "] has shape ",
                   t.sizes(), " but its param has shape ", p.sizes());
+      check_storage_holds(kOp, names[k], static_cast<int64_t>(i), t);  // (plan.h)
+      if (k == 1) refuse_internal_overlap(t);
     }
+    check_storage_holds(kOp, "params", static_cast<int64_t>(i), p);
+    refuse_internal_overlap(p);
   }
 }
 
