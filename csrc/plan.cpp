@@ -196,6 +196,12 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
     TORCH_CHECK(is_supported_dtype(param.scalar_type()), op, ": params[", i, "] has dtype ",
                 param.scalar_type(), "; supported: float64, float32, bfloat16, float16 and complex");
     check_companion(op, "grads", i, param, grads[i]);
+    // Every tensor the step reads must lie within its storage, and every one it writes
+    // must not overlap itself (plan.h); an empty param's tensors have nothing to check.
+    const bool empty = param.numel() == 0;
+    check_storage_holds(op, "params", i, param);
+    check_storage_holds(op, "grads", i, grads[i]);
+    if (grad_mutable && !empty) refuse_internal_overlap(grads[i]);
     for (int k = 0; k < num_states_; ++k) {
       const bool buffer = storage_name != nullptr && k == num_states_ - 1;
       const at::Tensor& st = states[k][i];
@@ -223,16 +229,8 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
         check_companion(op, buffer ? storage_name : state_names[k], i, param, st,
                         buffer ? storage_dtype : std::nullopt);
       }
-    }
-    if (param.numel() != 0) {
-      check_storage_holds(op, "params", i, param);
-      check_storage_holds(op, "grads", i, grads[i]);
-      if (grad_mutable) refuse_internal_overlap(grads[i]);
-      for (int k = 0; k < num_states_; ++k) {
-        const bool buffer = storage_name != nullptr && k == num_states_ - 1;
-        check_storage_holds(op, buffer ? storage_name : state_names[k], i, states[k][i]);
-        refuse_internal_overlap(states[k][i]);
-      }
+      check_storage_holds(op, buffer ? storage_name : state_names[k], i, st);
+      if (!empty) refuse_internal_overlap(st);
     }
     const bool complex = param.is_complex();
     is_complex_[i] = complex;

@@ -8,6 +8,7 @@
 // This header is compiled by the host compiler and by nvcc: it names no ISA and no CUDA
 // API.
 
+#include <ATen/EmptyTensor.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/core/DeviceType.h>
@@ -285,23 +286,22 @@ inline void refuse_internal_overlap(const at::Tensor& t) {
 // A tensor whose storage is smaller than its sizes, strides and offset reach (a storage
 // resized by hand: FSDP frees params with untyped_storage().resize_(0)): the loops would
 // read and write past the allocation, as torch's for-loop does (a crash, or a corrupted
-// heap). Refused instead (found by a review, 2026-12-06; the plans of
-// MultiTensorPlan, Adafactor, Muon and SparseAdam check every tensor they take). Strides are not negative.
+// heap). Refused instead (found by a review, 2026-12-06; the plans of MultiTensorPlan,
+// Adafactor, Muon and SparseAdam check every tensor they take). The bytes a contiguous
+// tensor reaches are computed inline (the hot path: every tensor of every step), the
+// others' by ATen's computeStorageNbytes.
 inline __attribute__((always_inline)) void check_storage_holds(const char* op, const char* list,
                                                                 int64_t i, const at::Tensor& t) {
   if (t.numel() == 0 || !t.has_storage()) return;
-  int64_t extent = 1;  // elements, from the storage offset to the last one reached
-  if (t.is_contiguous()) {
-    extent = t.numel();
-  } else {
-    for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
-  }
-  const uint64_t needed = static_cast<uint64_t>(t.storage_offset() + extent) *
-                          static_cast<uint64_t>(t.element_size());
-  const uint64_t holds = t.unsafeGetTensorImpl()->unsafe_storage().nbytes();
-  TORCH_CHECK(C10_LIKELY(holds >= needed), op, ": ", list, "[", i, "] reaches ", needed, " bytes into its "
-              "storage, which holds ", holds, " (was the storage resized, or freed with "
-              "untyped_storage().resize_(0)?)");
+  const size_t itemsize = t.element_size();
+  const size_t offset = static_cast<size_t>(t.storage_offset());
+  const size_t needed = t.is_contiguous()
+                            ? (offset + static_cast<size_t>(t.numel())) * itemsize
+                            : at::detail::computeStorageNbytes(t.sizes(), t.strides(), itemsize, offset);
+  const size_t holds = t.unsafeGetTensorImpl()->unsafe_storage().nbytes();
+  TORCH_CHECK(C10_LIKELY(holds >= needed), op, ": ", list, "[", i, "] reaches ", needed,
+              " bytes into its storage, which holds ", holds, " (was the storage resized, or "
+              "freed with untyped_storage().resize_(0)?)");
 }
 
 // SparseAdam's inputs (Note [sparse adam]), checked for both devices before anything
