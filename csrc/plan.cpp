@@ -347,16 +347,18 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
 // found disjoint is remembered by a hash of them: a training loop's params are the same
 // tensors step after step (its grads too, where they are kept), so the sort runs once.
 bool MultiTensorPlan::entries_share_memory(int list) const {
-  const int64_t m = num_entries();
-  if (m < 2) return false;
-  auto span = [&](int64_t j) {
+  return spans_overlap(num_entries(), [&](int64_t j) {
     const TensorPtrs& tp = ptrs_[j];
     const auto* lo = static_cast<const char*>(list == kParams  ? tp.param
                                               : list == kGrads ? tp.grad
                                                                : tp.state[list]);
     const at::ScalarType dt = list >= 0 ? tp.state_dtype[list] : real_dtypes_[index_[j]];
     return std::make_pair(lo, lo + entry_numel(j) * static_cast<int64_t>(c10::elementSize(dt)));
-  };
+  });
+}
+
+bool spans_overlap(int64_t m, c10::function_ref<std::pair<const char*, const char*>(int64_t)> span) {
+  if (m < 2) return false;
   bool ascending = true, descending = true;
   uint64_t hash = static_cast<uint64_t>(m);
   std::pair<const char*, const char*> before{};

@@ -12,6 +12,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/core/DeviceType.h>
+#include <c10/util/FunctionRef.h>
 
 #include <cstdint>
 #include <cstring>
@@ -271,6 +272,11 @@ std::vector<Coeffs> per_tensor_coeffs(const Coeffs& base, double lr, bool lr_is_
 inline bool has_tensor(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined();
 }
+
+// Whether any two of the m byte spans [span(j).first, span(j).second) overlap (Note
+// [aliased params] in plan.cpp): one pass where they come in address order; else they
+// are sorted, and a set found disjoint is remembered by a hash of the spans.
+bool spans_overlap(int64_t m, c10::function_ref<std::pair<const char*, const char*>(int64_t)> span);
 
 // A tensor the step writes whose elements share memory (an expanded state, or an expanded
 // grad that a GradScaler step unscales in place): torch's in-place ops refuse to write it,

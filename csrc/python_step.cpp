@@ -390,7 +390,10 @@ PyObject* py_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs)
   PyObject* state = args[2];
   PyObject* keys = args[3];
   PyObject* rest = args[4];
-  TORCH_CHECK_TYPE(PyUnicode_Check(op) && PyList_Check(groups) && PyDict_Check(state) &&
+  // A state that is another mapping than a dict (a UserDict a user swapped in, which
+  // torch's step takes) is the general path's: only a dict's entries are read here.
+  if (!PyDict_Check(state)) Py_RETURN_FALSE;
+  TORCH_CHECK_TYPE(PyUnicode_Check(op) && PyList_Check(groups) &&
                        PyList_Check(keys) && PyList_Check(rest) &&
                        PyList_GET_SIZE(keys) == PyList_GET_SIZE(groups) &&
                        PyList_GET_SIZE(rest) == PyList_GET_SIZE(groups),
@@ -601,9 +604,9 @@ PyObject* py_grad_norms(PyObject* /*module*/, PyObject* const* args, Py_ssize_t 
 }
 
 // _mul_grads_(groups, scalar) -> bool: every grad of the params of `groups` times the
-// 0-dim CPU tensor `scalar` (mul_cpu); False, having changed nothing, where it declines.
-// A product by exactly 1 changes no bit and is skipped (torch multiplies anyway); either
-// way the grads count a write, as torch's in-place multiply counts it (Note [version
+// 0-dim CPU tensor `scalar` (mul_cpu: Note [clipping's multiply] in grad_norm.cpp); False,
+// having changed nothing, where it declines. The grads count a write even where the
+// product, by exactly 1, was skipped, as torch's in-place multiply counts it (Note [version
 // counters]: a graph that saved a grad made with create_graph=True refuses to run then).
 PyObject* py_mul_grads(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
@@ -612,7 +615,7 @@ PyObject* py_mul_grads(PyObject* /*module*/, PyObject* const* args, Py_ssize_t n
   BorrowedTensors grads;
   if (gather_grads(args[0], grads) == Grads::kDecline) Py_RETURN_FALSE;
   if (grads.empty()) Py_RETURN_TRUE;
-  if (scalar.numel() != 1 || scalar.item<double>() != 1.0) cpu::mul_cpu(grads.list(), scalar);
+  cpu::mul_cpu(grads.list(), scalar);
   count_writes(grads.list());
   Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS

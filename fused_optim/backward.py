@@ -157,7 +157,11 @@ class StepInBackward:
                 "fused_optim.step_in_backward does not support torch.distributed with several "
                 "processes: DistributedDataParallel all-reduces a grad after the hook that would "
                 "update its param has run, so each rank would update with its own grads")
-        self._lock = threading.Lock()
+        # (reentrant: a step hook may call zero_grad() or remove(), which take it too; a
+        # backward inside step() is refused in _on_grad: with a plain lock it hung, found by
+        # a review, 2026-12-06)
+        self._lock = threading.RLock()
+        self._stepping = False  # step() is running the iteration's last updates
         self._active = True
         # The params whose grads arrived since the last step(), with how many backwards
         # reached each; the ones waiting for an update call, and their grads' bytes.
@@ -244,6 +248,12 @@ class StepInBackward:
         with self._lock:
             if not self._active:
                 return
+            if self._stepping:  # (only step()'s own thread gets the lock meanwhile)
+                raise RuntimeError(
+                    "fused_optim.step_in_backward: a backward ran inside optimizer.step() (in a "
+                    "step hook): its grads would reach params whose update already ran in this "
+                    "iteration's backward. Run that backward before optimizer.step(), or "
+                    "remove() the handle")
             if not self._counts:  # the first grad of an iteration
                 self._check_combinable()
             grad = p.grad
@@ -383,6 +393,7 @@ class StepInBackward:
                     opt.__dict__.pop(attr, None)
                 raise RuntimeError(refusal)
             # The pending params are the only ones with grads among those updated in backward.
+            self._stepping = True
             try:
                 with self._hyper_parameters_of_the_iteration():
                     out = previous_step()
@@ -391,10 +402,13 @@ class StepInBackward:
                 # backward starts a new one)
                 self._reset_iteration()
                 raise
+            finally:
+                self._stepping = False
             for p in self._counts:
                 p.grad = None
             self._reset_iteration()
-            self._track_params()
+            if self._active:  # (a step hook may have called remove())
+                self._track_params()
         return out
 
     def _refusal(self, closure) -> Optional[str]:

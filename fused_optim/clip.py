@@ -10,6 +10,7 @@ being compiled) runs torch's own implementation: under torch.compile silently (t
 code is what gets traced), otherwise with a one-time warning.
 """
 import math
+import numbers
 import types
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
@@ -168,11 +169,9 @@ def clip_grads_with_norm_(
     max_norm = float(max_norm)
     if len(grads) == 0:
         return
-    coef = _clip_coef(max_norm, total_norm)
-    # A product by 1.0 changes nothing: torch multiplies anyway (on an accelerator, asking
-    # would synchronise); on the CPU asking is free. The grads count a write either way.
-    if coef.item() != 1.0:
-        _mul_grads_(grads, coef)
+    # (a product by exactly 1 is skipped, after its checks: Note [clipping's multiply] in
+    # csrc/cpu/grad_norm.cpp; the grads count a write either way)
+    _mul_grads_(grads, _clip_coef(max_norm, total_norm))
     bump_versions(grads)
 
 
@@ -218,12 +217,13 @@ def clip_grad_norm_(
         norms = _C._grad_norms([parameters], norm_type, 1.0)
         if norms is not None:
             if norms.numel() == 0:
+                float(max_norm)  # (torch's clip_grads_with_norm_ converts it first: its error)
                 return torch.tensor(0.0)
             total_norm = torch.linalg.vector_norm(norms, norm_type)
             if error_if_nonfinite:
                 _nonfinite_error(total_norm, norm_type)
             coef = _clip_coef(float(max_norm), total_norm)
-            # (skips a product by exactly 1, as clip_grads_with_norm_ does; counts the write)
+            # (skips a product by exactly 1 after its checks, as clip_grads_with_norm_ does)
             _C._mul_grads_([parameters], coef)
             return total_norm
     grads = [p.grad for p in parameters if p.grad is not None]
@@ -235,6 +235,29 @@ def clip_grad_norm_(
     total_norm = get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
     clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
     return total_norm
+
+
+def clip_options(max_grad_norm: object, grad_norm_type: object) -> Tuple[Optional[float], float]:
+    """The optimizer's clipping options checked and as floats: at construction, and at each
+    step that clips, since they are attributes a user may set between steps (a max norm set
+    to 0, a negative or NaN one zeroed, flipped or poisoned the grads: found by a review,
+    2026-12-06). Raises before anything changes."""
+    if isinstance(grad_norm_type, str):  # ('inf', as torch's clip_grad_norm_ takes it)
+        try:
+            grad_norm_type = float(grad_norm_type)
+        except ValueError:
+            raise TypeError(f"grad_norm_type must be a number, got {grad_norm_type!r}") from None
+    for name, value, allowed in (("max_grad_norm", max_grad_norm, "a positive number or None"),
+                                 ("grad_norm_type", grad_norm_type, "a number")):
+        if value is None and name == "max_grad_norm":
+            continue
+        if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be {allowed}, got {value!r}")
+    if max_grad_norm is not None and not float(max_grad_norm) > 0.0:  # (NaN too)
+        raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
+    return (None if max_grad_norm is None else float(max_grad_norm)), float(grad_norm_type)
 
 
 def clip_in_step(optimizer, grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
@@ -262,8 +285,7 @@ def clip_in_step(optimizer, grad_scale: Optional[Tensor], found_inf: Optional[Te
     Returns each group's grad_scale for the kernel (None: the grads are already unscaled,
     or there is no scaler), and the total norm."""
     groups = optimizer.param_groups
-    max_norm = float(optimizer.max_grad_norm)
-    norm_type = float(optimizer.grad_norm_type)
+    max_norm, norm_type = clip_options(optimizer.max_grad_norm, optimizer.grad_norm_type)
     # 1/scale as GradScaler.unscale_ computes it.
     inv = None if grad_scale is None else grad_scale.double().reciprocal().float()
     inv_value = 1.0 if inv is None or inv.device.type != "cpu" else inv.item()

@@ -12,7 +12,6 @@ All state lives in ``self.state`` as plain tensors with torch's keys, dtypes and
 both directions, and schedulers, GradScaler and torch.distributed see what they expect.
 """
 import inspect
-import numbers
 import threading
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -23,7 +22,7 @@ from torch.optim.optimizer import _device_dtype_check_for_fused, _get_scalar_dty
 
 from . import _C, _ops, quantization
 from ._ops import bump_versions, param_list
-from .clip import clip_in_step
+from .clip import clip_in_step, clip_options
 from ._loader import built_with_cuda, why_no_cuda
 from ._warnings import warn
 
@@ -177,19 +176,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                             ("stochastic_rounding", stochastic_rounding)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be True or False, got {value!r}")
-        if isinstance(grad_norm_type, str):  # ('inf', as torch's clip_grad_norm_ takes it)
-            try:
-                grad_norm_type = float(grad_norm_type)
-            except ValueError:
-                raise TypeError(f"grad_norm_type must be a number, got {grad_norm_type!r}") from None
-        for name, value, allowed in (("max_grad_norm", max_grad_norm, "a positive number or None"),
-                                     ("grad_norm_type", grad_norm_type, "a number")):
-            if value is None and name == "max_grad_norm":
-                continue
-            if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
-                continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise TypeError(f"{name} must be {allowed}, got {value!r}")
+        max_grad_norm, grad_norm_type = clip_options(max_grad_norm, grad_norm_type)
         # Note [state storage]: the moments' dtype, checked before anything else is set.
         if state_dtype is not None and state_dtype not in _STATE_DTYPES:
             raise ValueError(
@@ -224,10 +211,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                 for p in group["params"]:
                     if p in self.state:
                         self._convert_moments(p, self.state[p])
-        # Clipping by global norm inside step() (Note [clipping in the step], clip.py):
-        # optimizer-wide, like the norm it clips by, so not a param-group option.
-        if max_grad_norm is not None and not float(max_grad_norm) > 0.0:
-            raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
         if stochastic_rounding:
             # Stochastic rounding's seeds: one drawn from torch's generator now, each
             # param's derived from it and the param's position (Note [stochastic rounding]).
@@ -237,7 +220,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         # GradScaler then hands us grad_scale/found_inf instead of unscaling the grads
         # itself; the kernel unscales and skips inf/NaN steps (see step()).
         self._step_supports_amp_scaling = True
-        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        # Clipping by global norm inside step() (Note [clipping in the step], clip.py):
+        # optimizer-wide, like the norm it clips by, so not a param-group option.
+        self.max_grad_norm = max_grad_norm
         self.grad_norm_type = float(grad_norm_type)
         # The total norm of the last step's grads (unscaled), when max_grad_norm is set: in a
         # list, whose mutation a compiled step replays (an attribute set on an optimizer

@@ -1212,3 +1212,37 @@ def test_a_warning_under_torch_compile_does_not_trace_the_stack():
     messages = [str(x.message) for x in records]
     assert any("complex params under torch.compile" in m for m in messages), messages
     assert not any("_getframe" in m for m in messages), messages
+
+
+class _MappingState(__import__("collections").UserDict):
+    """A state that is a mapping but not a dict, as a user may swap in: torch's step
+    takes it (its missing entries made as defaultdict's are)."""
+
+    def __missing__(self, key):
+        self.data[key] = {}
+        return self.data[key]
+
+
+@pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
+def test_a_state_that_is_a_mapping_but_not_a_dict_steps_as_torchs(name, torch_cls, ours_cls):
+    # The fast path reads a dict's entries in C++; another mapping is the general path's
+    # (it raised "_step expects (str, list, dict, list, list)" until 2026-12-06).
+    results = []
+    for cls, extra in ((torch_cls, {"foreach": False}), (ours_cls, {})):
+        torch.manual_seed(0)
+        ps = params()
+        opt = cls(ps, lr=0.01, **extra)
+        for step in range(3):
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            if step == 1:  # after a first step
+                opt.state = _MappingState(dict(opt.state))
+            with pu.correctly_rounded_sqrt():
+                opt.step()
+        results.append((ps, opt))
+    (ref, ref_opt), (ours, opt) = results
+    assert type(opt.state) is _MappingState
+    for p, q in zip(ref, ours):
+        assert torch.equal(p, q), name  # bitwise: the same for-loop arithmetic
+        for key, value in ref_opt.state[p].items():
+            assert torch.equal(opt.state[q][key], value), (name, key)

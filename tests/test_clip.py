@@ -345,6 +345,21 @@ def test_max_grad_norm_validation_and_keyword_only():
     expected = torch.full((3,), 4.0) * torch.clamp(1.0 / (torch.linalg.vector_norm(torch.full((3,), 4.0)) + 1e-6), max=1.0)
     assert torch.equal(p[0].grad, expected)
     assert torch.equal(p[0].detach(), -0.1 * expected)
+    # A value set between steps is checked as the constructor checks it, before anything
+    # changes (until 2026-12-06 0 zeroed the grads, -1 flipped them, NaN made NaN params).
+    before = (p[0].detach().clone(), p[0].grad.clone())
+    for bad, error in ((0.0, ValueError), (-1.0, ValueError), (float("nan"), ValueError),
+                       ("abc", TypeError), (True, TypeError)):
+        opt.max_grad_norm = bad
+        with pytest.raises(error, match="max_grad_norm"):
+            opt.step()
+        assert torch.equal(p[0].detach(), before[0]) and torch.equal(p[0].grad, before[1])
+    opt.grad_norm_type = "abc"
+    opt.max_grad_norm = 1.0
+    with pytest.raises(TypeError, match="grad_norm_type must be a number"):
+        opt.step()
+    assert torch.equal(p[0].detach(), before[0]) and torch.equal(p[0].grad, before[1])
+    opt.grad_norm_type = 2.0
     # Checkpoints are torch's: the option is not in them.
     sd = opt.state_dict()
     assert set(sd) == {"state", "param_groups"}
@@ -559,3 +574,76 @@ def test_clipping_holds_where_grads_of_another_dtype_run_torchs_step(scale, max_
             for p, q in ((a, ra), (b, rb)):
                 assert torch.equal(p.grad, q.grad), (order, step)
                 assert torch.equal(p.detach(), q.detach()), (order, step)
+
+
+@pytest.mark.parametrize("how", ["one param twice", "two params, one grad tensor",
+                                 "overlapping views", "a non-dense view beside its base"])
+@pytest.mark.parametrize("fn", ["clip_grad_norm_", "clip_grads_with_norm_"])
+def test_grads_sharing_memory_are_scaled_once_per_entry_in_list_order(how, fn):
+    # torch multiplies each entry of the list in turn, so a shared element is scaled once per
+    # entry that holds it. In one parallel region two threads raced on such elements: an
+    # element came out scaled once or twice, run to run (found by a review, 2026-12-06).
+    # Elements past 2 * kGrainSize so that the multiply is split across threads.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for trial in range(3):
+            results = []
+            for mod in (torch.nn.utils, fused_optim):
+                torch.manual_seed(trial)
+                base = torch.randn(70_000)
+                p = torch.zeros(70_000, requires_grad=True)
+                if how == "one param twice":
+                    p.grad = base.clone()
+                    params, grads = [p, p], [p.grad]
+                elif how == "two params, one grad tensor":
+                    q = torch.zeros(70_000, requires_grad=True)
+                    p.grad = base.clone()
+                    q.grad = p.grad
+                    params, grads = [p, q], [p.grad]
+                elif how == "overlapping views":
+                    buffer = base.clone()
+                    q = torch.zeros(50_000, requires_grad=True)
+                    p = torch.zeros(50_000, requires_grad=True)
+                    p.grad, q.grad = buffer[:50_000], buffer[20_000:]
+                    params, grads = [p, q], [buffer]
+                else:
+                    buffer = base.clone().view(350, 200)
+                    q = torch.zeros(200, 350, requires_grad=True)
+                    p = torch.zeros(350, 200, requires_grad=True)
+                    p.grad, q.grad = buffer, buffer.t()[:, :]
+                    params, grads = [p, q], [buffer]
+                if fn == "clip_grad_norm_":
+                    norm = getattr(mod, fn)(params, 0.5)
+                else:
+                    norm = torch.tensor(1234.5)
+                    getattr(mod, fn)(params, 0.5, norm)
+                results.append((norm, [g.clone() for g in grads]))
+            (ref_norm, ref), (norm, ours) = results
+            assert torch.equal(norm, ref_norm)
+            for a, b in zip(ours, ref):
+                assert torch.equal(a, b), (how, trial)  # bitwise: the same products, in order
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])  # clipping or not (a product by exactly 1)
+def test_an_expanded_grad_is_refused_as_torchs_multiply_refuses_it(max_norm):
+    msg = "more than one element of the written-to tensor refers to a single memory location"
+    for fn in (torch.nn.utils.clip_grad_norm_, fused_optim.clip_grad_norm_):
+        p = torch.zeros(4, 3, requires_grad=True)
+        q = torch.zeros(5, requires_grad=True)
+        q.grad = torch.full((5,), 2.0)
+        p.grad = torch.randn(3).expand(4, 3)
+        with pytest.raises(RuntimeError, match=msg):
+            fn([q, p], max_norm)
+        if fn is fused_optim.clip_grad_norm_:
+            # before anything is written (torch has scaled q's grad by then)
+            assert torch.equal(q.grad, torch.full((5,), 2.0))
+
+
+def test_a_bad_max_norm_raises_torchs_error_even_without_grads():
+    for fn in (torch.nn.utils.clip_grad_norm_, fused_optim.clip_grad_norm_):
+        p = torch.zeros(3, requires_grad=True)
+        with pytest.raises(ValueError, match="could not convert string to float: 'abc'"):
+            fn([p], "abc")

@@ -500,6 +500,39 @@ def test_refuses_a_closure():
         opt.step(closure)
 
 
+def test_a_backward_inside_step_is_refused_and_hooks_may_call_zero_grad_or_remove():
+    # A step hook's backward reaches params whose update ran in this iteration's backward:
+    # refused (with the handle's lock not reentrant, it hung: found by a review, 2026-12-06).
+    # zero_grad() and remove() from a step hook take the same lock: they run.
+    model = make_model()
+    opt = fused_optim.SGD(param_groups(model), lr=0.1)
+    fused_optim.step_in_backward(opt, bucket_cap_mb=0)
+    hook = opt.register_step_pre_hook(lambda o, args, kwargs: loss_of(model, 5).backward())
+    loss_of(model, 0).backward()
+    with pytest.raises(RuntimeError, match=r"a backward ran inside optimizer\.step\(\)"):
+        opt.step()
+    hook.remove()
+    opt.zero_grad()
+    assert_trains_on_as_the_plain_loop(model, opt)
+    for call in ("zero_grad", "remove"):
+        model = make_model()
+        opt = fused_optim.SGD(param_groups(model), lr=0.1)
+        handle = fused_optim.step_in_backward(opt, bucket_cap_mb=0)
+        target = opt if call == "zero_grad" else handle
+        opt.register_step_post_hook(lambda o, args, kwargs, t=target, c=call: getattr(t, c)())
+        loss_of(model, 0).backward()
+        opt.step()  # returns
+        assert all(p.grad is None for p in model.parameters())
+        if call == "remove":  # the hooks stay off: the plain loop from here
+            assert not handle._hooks and "step" not in opt.__dict__
+            plain = make_model()
+            for m in (model, plain):
+                loss_of(m, 1).backward()
+            assert [p.grad is None for p in model.parameters()] == \
+                [p.grad is None for p in plain.parameters()]
+            assert any(p.grad is not None for p in model.parameters())
+
+
 def assert_trains_on_as_the_plain_loop(model, opt):
     """Three more iterations of `opt` on `model` are those of a plain backward-then-step
     loop (a fresh optimizer of its class, loaded with its state) on a copy of it."""

@@ -216,6 +216,16 @@ at::Tensor norms_cpu(at::TensorList tensors, double ord, double inv_scale) {
   return out;
 }
 
+// Note [clipping's multiply]
+// Every tensor times one scalar, as torch._foreach_mul_ multiplies each in list order. A
+// tensor whose elements share memory (an expanded grad) is refused, as torch's in-place
+// multiply refuses it, before anything is written (torch raises at that tensor, having
+// multiplied those before it), and so even where the product is by exactly 1, which
+// changes no bit and is skipped (torch multiplies anyway: on an accelerator asking would
+// synchronise, on the CPU it is free). Where two entries share memory (one param twice in
+// the list, two params with one grad tensor: torch multiplies the shared elements twice),
+// the entries are multiplied one after the other in list order, on one thread; in one
+// parallel region two threads raced on them (found by a review, 2026-12-06).
 void mul_cpu(at::TensorList tensors, const at::Tensor& scalar) {
   constexpr const char* op = "fused_optim::_mul_";
   TORCH_CHECK(scalar.numel() == 1 && scalar.device().is_cpu(), op,
@@ -225,38 +235,67 @@ void mul_cpu(at::TensorList tensors, const at::Tensor& scalar) {
   for (const at::Tensor& t : tensors) {
     TORCH_CHECK(t.device().is_cpu() && t.layout() == at::kStrided && t.scalar_type() == dtype,
                 op, ": expects dense CPU tensors of one dtype");
+    if (t.numel() > 1) refuse_internal_overlap(t);
   }
   const double c = scalar.item<double>();
+  if (c == 1.0) return;
+  // (A 0-dim tensor times a 0-dim scalar of a wider dtype computes in the wider one, then
+  // rounds: torch's own mul_ does those, as clip_grads_with_norm_ does.)
+  auto in_loops = [](const at::Tensor& t) {
+    return t.dim() > 0 && t.is_non_overlapping_and_dense() && !t.is_neg() && !t.is_conj() &&
+           !t.is_complex();
+  };
+  // The bytes each tensor reaches (from its lowest element to past its highest).
+  const bool shared = spans_overlap(static_cast<int64_t>(tensors.size()), [&](int64_t j) {
+    const at::Tensor& t = tensors[j];
+    const auto* base = static_cast<const char*>(t.const_data_ptr());
+    int64_t lo = 0, hi = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      if (t.size(d) == 0) return std::make_pair(base, base);
+      const int64_t reach = (t.size(d) - 1) * t.stride(d);
+      (reach < 0 ? lo : hi) += reach;
+    }
+    const int64_t size = static_cast<int64_t>(t.element_size());
+    return std::make_pair(base + lo * size, base + (hi + 1) * size);
+  });
   std::vector<void*> ptrs;
   std::vector<int64_t> offsets{0};
+  auto run = [&] {
+    if (ptrs.empty()) return;
+    dispatch_dtype(dtype, [&]<typename T>() -> SegmentFn {
+      using M = at::opmath_type<T>;
+      const M cm = static_cast<M>(c);
+      auto body = [&](int64_t begin, int64_t end) {
+        // The first tensor of the range, then on through the following ones.
+        int64_t k = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
+        for (int64_t i = begin; i < end; ++k) {
+          T* x = static_cast<T*>(ptrs[k]) - offsets[k];
+          const int64_t stop = std::min(end, offsets[k + 1]);
+#pragma GCC ivdep
+          for (int64_t j = i; j < stop; ++j) store(load(x + j) * cm, x + j);
+          i = stop;
+        }
+      };
+      if (shared) {
+        body(0, offsets.back());  // one thread, in list order
+      } else {
+        at::parallel_for(0, offsets.back(), kGrainSize, body);
+      }
+      return nullptr;
+    });
+    ptrs.clear();
+    offsets.assign(1, 0);
+  };
   for (const at::Tensor& t : tensors) {
-    // (A 0-dim tensor times a 0-dim scalar of a wider dtype computes in the wider one, then
-    // rounds: torch's own mul_ does those, as clip_grads_with_norm_ does.)
-    if (t.dim() > 0 && t.is_non_overlapping_and_dense() && !t.is_neg() && !t.is_conj() &&
-        !t.is_complex()) {
+    if (in_loops(t)) {
       ptrs.push_back(t.data_ptr());  // (asks for copy-on-write storage to materialize)
       offsets.push_back(offsets.back() + t.numel());
     } else {
+      if (shared) run();  // (what comes before it in the list first)
       at::Tensor(t).mul_(scalar);
     }
   }
-  if (ptrs.empty()) return;
-  dispatch_dtype(dtype, [&]<typename T>() -> SegmentFn {
-    using M = at::opmath_type<T>;
-    const M cm = static_cast<M>(c);
-    at::parallel_for(0, offsets.back(), kGrainSize, [&](int64_t begin, int64_t end) {
-      // The first tensor of the range, then on through the following ones.
-      int64_t k = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
-      for (int64_t i = begin; i < end; ++k) {
-        T* x = static_cast<T*>(ptrs[k]) - offsets[k];
-        const int64_t stop = std::min(end, offsets[k + 1]);
-#pragma GCC ivdep
-        for (int64_t j = i; j < stop; ++j) store(load(x + j) * cm, x + j);
-        i = stop;
-      }
-    });
-    return nullptr;
-  });
+  run();
 }
 
 TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
