@@ -67,14 +67,17 @@ class ASGD(FusedOptimizer, torch.optim.ASGD):
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
         lr, lambd, alpha = group["lr"], group["lambd"], group["alpha"]
         if (not group["capturable"] and not group["foreach"]
-                and not any(isinstance(v, Tensor) for v in (lr, lambd, alpha)) and lambd * lr < 0
+                and not any(isinstance(v, Tensor) for v in (lr, lambd, alpha))
+                and (lambd * lr < 0 or alpha < 0)
                 and all(p.device.type == "cpu" for p in group["params"])):
             # torch's for-loop (on the CPU, where foreach=None means it) computes eta = lr /
             # ((1 + lambd * lr * step) ** alpha) as Python numbers: a negative lambd (which
-            # its constructor accepts) can make the base 0, and it raises ZeroDivisionError
-            # (with the param updated, its step counted); ours raises it before anything
-            # changes. (A lambd * lr >= 0 keeps the base at 1 or more: nothing to evaluate;
-            # torch's foreach step computes on tensors, and does not raise.)
+            # its constructor accepts) can make the base 0, a large negative alpha (which it
+            # does not check) the power 0, and it raises ZeroDivisionError (with the param
+            # updated, its step counted); ours raises it before anything changes (the
+            # second since 2026-12-06: a review found infinities written). (A lambd * lr >= 0
+            # with alpha >= 0 keeps the power at 1 or more: nothing to evaluate; torch's
+            # foreach step computes on tensors, and does not raise.)
             evaluate_host_term(group, self.state,
                                lambda step: lr / ((1 + lambd * lr * step) ** alpha))
         return dict(

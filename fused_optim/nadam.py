@@ -3,6 +3,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import _get_scalar_dtype
 
 from .optimizer import FusedOptimizer, betas_args, hyper_float, lr_args, scalar_state, zeros_states
 
@@ -65,6 +66,7 @@ class NAdam(FusedOptimizer, torch.optim.NAdam):
         return ("exp_avg", "exp_avg_sq", "mu_product", "step")
 
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        self._raise_as_torchs_host_division(group)
         return dict(
             **lr_args(group["lr"]),
             **betas_args(group),
@@ -74,6 +76,36 @@ class NAdam(FusedOptimizer, torch.optim.NAdam):
             decoupled_weight_decay=group["decoupled_weight_decay"],
             maximize=group["maximize"],
         )
+
+    def _raise_as_torchs_host_division(self, group: Dict[str, Any]) -> None:
+        """torch's NAdam divides by 1 - mu_product and by 1 - mu_product * mu_next as Python
+        numbers (its for-loop and its foreach step alike): where the product is exactly 1,
+        it raises ZeroDivisionError (with the group's earlier params updated); ours raised
+        nothing and wrote infinities and NaN into the params (found by a review,
+        2026-12-06). The product stays 1 only where mu, rounded to mu_product's dtype, is 1:
+        beta1 within half an ulp of 1 (at least 0.998 for bfloat16 states, which a load
+        into bfloat16 params makes), or hyper-parameters set outside the constructor's
+        range in a group (beta1 >= 1, a negative momentum_decay). There the same
+        expressions are evaluated, with torch's arithmetic for the product, before anything
+        changes."""
+        beta1, decay = group["betas"][0], group["momentum_decay"]
+        if (type(beta1) in (float, int) and 0 <= beta1 < 0.998
+                and type(decay) in (float, int) and decay >= 0):
+            return
+        lr = group["lr"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state.get(p)
+            step = (float(state["step"]) if state and "step" in state else 0.0) + 1.0
+            mu_product = (state.get("mu_product") if state else None)
+            if mu_product is None:
+                mu_product = torch.tensor(1.0, dtype=_get_scalar_dtype())
+            mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * decay)))
+            mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * decay)))
+            product = (mu_product * mu).item()  # (torch: mu_product *= mu, then its value)
+            -lr * (1.0 - mu) / (1.0 - product)
+            (-lr * mu_next) / (1.0 - product * mu_next)
 
     def _init_state(self, group: Dict[str, Any], p: Tensor, grad: Tensor, state: Dict[str, Any]) -> None:
         if grad.is_sparse:  # checked where torch checks it, with torch's message

@@ -13,6 +13,7 @@ both directions, and schedulers, GradScaler and torch.distributed see what they 
 """
 import inspect
 import threading
+import types
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -130,6 +131,19 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        torch_class = cls.__dict__.get("_torch_class")
+        if "step" not in cls.__dict__ and "step" in getattr(torch_class, "__dict__", {}):
+            # Each algorithm its own step function (the same code), named <Class>.step where
+            # torch's class has its own (AdamW's is Adam's): torch's step hooks wrap and
+            # print it (a pre hook's bad return named FusedOptimizer.step, found by a
+            # review, 2026-12-06).
+            f = FusedOptimizer.step
+            step = types.FunctionType(f.__code__, f.__globals__, "step", f.__defaults__,
+                                      f.__closure__)
+            step.__kwdefaults__, step.__doc__ = f.__kwdefaults__, f.__doc__
+            step.__annotations__ = dict(f.__annotations__)
+            step.__qualname__, step.__module__ = f"{cls.__qualname__}.step", cls.__module__
+            cls.step = step
         torch_step = getattr(cls.__dict__.get("_torch_class"), "step", None)
         while hasattr(torch_step, "__wrapped__"):  # (torch's decorators)
             torch_step = torch_step.__wrapped__

@@ -59,8 +59,12 @@ class RAdam(FusedOptimizer, torch.optim.RAdam):
 
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
         beta2 = group["betas"][1]
-        # (torch: rho_inf = 2 / (1 - beta2) - 1)
-        raise_as_torchs_host_division(group, self.state, beta2, lambda step: 2 / (1 - beta2) - 1)
+        # (torch: rho_inf = 2 / (1 - beta2) - 1, then rho_t = rho_inf - 2 * step * beta2 **
+        # step / (1 - beta2 ** step), whose divisor is 0 at even steps for a beta2 of -1:
+        # until 2026-12-06 only rho_inf was evaluated, found by a review)
+        raise_as_torchs_host_division(
+            group, self.state, beta2,
+            lambda step: 2 / (1 - beta2) - 1 - 2 * step * (beta2 ** step) / (1 - beta2 ** step))
         return dict(
             **lr_args(group["lr"]),
             **betas_args(group),

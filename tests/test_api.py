@@ -1148,20 +1148,34 @@ def test_fallback_warning_of_a_subclass_names_torchs_class():
         "torch.optim.Adam's implementation instead."]
 
 
-@pytest.mark.parametrize("name,make,edit", [
+@pytest.mark.parametrize("name,make,edit,quiet", [
     # (ASGD's constructor takes a negative lambd: 1 + lambd * lr * step is 0 at step 1)
-    ("ASGD", lambda cls, p, kw: cls([p], lr=0.01, lambd=-100.0, **kw), None),
+    pytest.param("ASGD", lambda cls, p, kw: cls([p], **{"lr": 0.01, "lambd": -100.0, **kw}),
+                 None, dict(foreach=True), id="ASGD-lambd"),
+    # (and a large negative alpha, which it does not check: the power underflows to 0)
+    pytest.param("ASGD", lambda cls, p, kw: cls([p], **{"lr": 0.01, "alpha": -1e10, **kw}),
+                 None, dict(foreach=True), id="ASGD-alpha"),
     # (Adagrad's refuses a negative lr_decay; set in a group, 1 + (step - 1) * lr_decay is
     # 0 at step 2)
-    ("Adagrad", lambda cls, p, kw: cls([p], lr=0.1, **kw),
-     lambda opt: opt.param_groups[0].__setitem__("lr_decay", -1.0))])
-def test_a_host_division_by_zero_raises_as_torchs_for_loop(name, make, edit):
-    """torch's for-loop computes ASGD's eta = lr / ((1 + lambd * lr * step) ** alpha) and
-    Adagrad's clr = lr / (1 + (step - 1) * lr_decay) as Python numbers, and raises
-    ZeroDivisionError where the denominator is 0; ours stepped on, writing infinities or
-    NaNs (found by a review, 2026-12-06). Now the same error, before anything changes
-    (torch's with the param updated or the step counted). torch's fused Adagrad and foreach
-    ASGD compute on tensors and do not raise: nor does ours there."""
+    pytest.param("Adagrad", lambda cls, p, kw: cls([p], **{"lr": 0.1, **kw}),
+                 lambda opt: opt.param_groups[0].__setitem__("lr_decay", -1.0),
+                 dict(fused=True), id="Adagrad-lr_decay"),
+    # (NAdam's takes a beta1 whose mu rounds to 1 in float32: 1 - mu_product is 0)
+    pytest.param("NAdam", lambda cls, p, kw: cls(
+        [p], **{"lr": 0.01, "betas": (0.99999999, 0.999), "momentum_decay": 1e4, **kw}),
+        None, dict(lr=torch.tensor(0.01)), id="NAdam-beta1"),
+    # (RAdam's refuses a beta2 of -1; set in a group, 1 - beta2 ** step is 0 at step 2)
+    pytest.param("RAdam", lambda cls, p, kw: cls([p], **{"lr": 0.01, **kw}),
+                 lambda opt: opt.param_groups[0].__setitem__("betas", (0.9, -1.0)),
+                 None, id="RAdam-beta2")])
+def test_a_host_division_by_zero_raises_as_torchs_for_loop(name, make, edit, quiet):
+    """torch's for-loop computes ASGD's eta = lr / ((1 + lambd * lr * step) ** alpha),
+    Adagrad's clr = lr / (1 + (step - 1) * lr_decay), NAdam's lr * (1 - mu) / (1 -
+    mu_product) and RAdam's rho_t as Python numbers, and raises ZeroDivisionError where the
+    denominator is 0; ours stepped on, writing infinities or NaNs (found by reviews,
+    2026-12-06). Now the same error, before anything changes (torch's with the param
+    updated or the step counted). torch's fused Adagrad and foreach ASGD compute on tensors
+    and do not raise, nor NAdam with a Tensor lr: nor does ours there."""
     torch_cls, ours_cls = pu.ALGOS[name]
     for cls in (torch_cls, ours_cls):
         p = torch.nn.Parameter(torch.ones(4))
@@ -1181,10 +1195,11 @@ def test_a_host_division_by_zero_raises_as_torchs_for_loop(name, make, edit):
                     assert now == steps_before
                 break
             opt.step()
+    if quiet is None:
+        return
     # where torch's step does not raise, ours does not either
-    kw = dict(foreach=True) if name == "ASGD" else dict(fused=True)
     p = torch.nn.Parameter(torch.ones(4))
-    opt = make(ours_cls, p, kw)
+    opt = make(ours_cls, p, quiet)
     for step in range(2):
         if step == 1 and edit is not None:
             edit(opt)
@@ -1246,3 +1261,21 @@ def test_a_state_that_is_a_mapping_but_not_a_dict_steps_as_torchs(name, torch_cl
         assert torch.equal(p, q), name  # bitwise: the same for-loop arithmetic
         for key, value in ref_opt.state[p].items():
             assert torch.equal(opt.state[q][key], value), (name, key)
+
+
+@pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
+def test_a_pre_hooks_bad_return_names_the_classs_step_as_torchs(name, torch_cls, ours_cls):
+    # torch's hook wrapper prints the step function: each of ours is named <Class>.step
+    # (every class shared FusedOptimizer.step until 2026-12-06, found by a review).
+    messages = []
+    for cls in (torch_cls, ours_cls):
+        p = torch.nn.Parameter(torch.ones(3))
+        p.grad = torch.ones(3)
+        opt = cls([p], lr=0.01)
+        opt.register_step_pre_hook(lambda o, args, kwargs: 5)
+        with pytest.raises(RuntimeError) as info:
+            opt.step()
+        messages.append(str(info.value).split(" at 0x")[0])
+        assert torch.equal(p.detach(), torch.ones(3))
+    assert ours_cls.step.__qualname__ == torch_cls.step.__qualname__  # (AdamW's: Adam.step)
+    assert messages[0] == messages[1] == f"<function {torch_cls.step.__qualname__}"
