@@ -89,14 +89,15 @@ ParamStorage param_storage(const char* op, int64_t param_mode,
 }
 
 MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::TensorList grads,
-                                 const std::vector<at::TensorList>& rule_states, bool grad_mutable,
+                                 const StateLists& named_states, bool grad_mutable,
                                  c10::DeviceType device_type, const ParamStorage& storage)
     : num_tensors_(static_cast<int64_t>(params.size())),
-      num_states_(static_cast<int>(rule_states.size())),
+      num_states_(static_cast<int>(named_states.lists.size())),
       param_mode_(storage.mode) {
   TORCH_CHECK(num_states_ <= kMaxRuleStates, op, ": too many state lists");
   // Note [param storage]: the storage's buffer is the last state list. param_aux: the
   // mode's entries, then the 8-bit states' scales (Note [state storage]).
+  const std::vector<at::TensorList>& rule_states = named_states.lists;
   std::vector<at::TensorList> states = rule_states;
   const size_t n_params = params.size();
   const size_t mode_entries =
@@ -163,6 +164,9 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
   std::vector<TensorPtrs> direct(n);
   std::vector<char> is_direct(n, 0);
   const char* state_names[kMaxStates] = {"state[0]", "state[1]", "state[2]", "state[3]"};
+  for (size_t k = 0; k < named_states.names.size() && k < kMaxStates; ++k) {
+    state_names[k] = named_states.names[k];
+  }
   auto check = [&](int64_t i, int64_t end) {
     // The storages of the tensor kAhead places later, asked for now (Note [prefetch] in
     // python_step.cpp).

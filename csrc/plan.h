@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -109,6 +110,22 @@ struct ParamStorage {
 ParamStorage param_storage(const char* op, int64_t param_mode,
                            std::optional<at::TensorList> param_aux);
 
+// A call's state lists in the rule's order, each with the op's name for it: the plan's
+// errors name a state as `exp_avg_sqs[1]` (entry 1 of the call's list; they said
+// `state[1][1]` until 2026-12-06, which two reviews found unclear).
+struct StateLists {
+  std::vector<at::TensorList> lists;
+  std::vector<const char*> names;
+  StateLists() = default;
+  StateLists(std::initializer_list<std::pair<const char*, at::TensorList>> named) {
+    for (const auto& [name, list] : named) add(name, list);
+  }
+  void add(const char* name, at::TensorList list) {
+    names.push_back(name);
+    lists.push_back(list);
+  }
+};
+
 // One call's lists, checked and laid out for flat elementwise loops. Building a plan
 // changes nothing; all errors are raised while building, so a bad input never leaves a
 // half-applied update. The device's loops then walk its entries, and finish() writes back
@@ -119,7 +136,7 @@ class MultiTensorPlan {
   // params[0]; every tensor must be there.
   // `grad_mutable`: grads are written (the unscaled grad, when a GradScaler is active).
   MultiTensorPlan(const char* op, at::TensorList params, at::TensorList grads,
-                  const std::vector<at::TensorList>& states, bool grad_mutable,
+                  const StateLists& states, bool grad_mutable,
                   c10::DeviceType device_type = c10::DeviceType::CPU,
                   const ParamStorage& storage = {});
 

@@ -14,20 +14,19 @@
 
 namespace fused_optim {
 
-inline std::vector<at::TensorList> sgd_state_lists(const char* op, double momentum,
-                                                   at::TensorList momentum_buffers) {
-  if (momentum != 0.0) return {momentum_buffers};
+inline StateLists sgd_state_lists(const char* op, double momentum,
+                                  at::TensorList momentum_buffers) {
+  if (momentum != 0.0) return {{"momentum_buffers", momentum_buffers}};
   TORCH_CHECK(momentum_buffers.empty(), op, ": momentum_buffers must be empty when momentum is 0");
   return {};
 }
 
-inline std::vector<at::TensorList> adam_state_lists(const char* op, bool amsgrad,
-                                                    at::TensorList exp_avgs,
-                                                    at::TensorList exp_avg_sqs,
-                                                    at::TensorList max_exp_avg_sqs) {
-  std::vector<at::TensorList> states{exp_avgs, exp_avg_sqs};
+inline StateLists adam_state_lists(const char* op, bool amsgrad, at::TensorList exp_avgs,
+                                   at::TensorList exp_avg_sqs,
+                                   at::TensorList max_exp_avg_sqs) {
+  StateLists states{{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
   if (amsgrad) {
-    states.push_back(max_exp_avg_sqs);
+    states.add("max_exp_avg_sqs", max_exp_avg_sqs);
   } else {
     TORCH_CHECK(max_exp_avg_sqs.empty(), op, ": max_exp_avg_sqs must be empty without amsgrad");
   }
@@ -35,19 +34,17 @@ inline std::vector<at::TensorList> adam_state_lists(const char* op, bool amsgrad
 }
 
 // `use_momentum`: momentum > 0, as torch tests it.
-inline std::vector<at::TensorList> rmsprop_state_lists(const char* op, bool centered,
-                                                       bool use_momentum,
-                                                       at::TensorList square_avgs,
-                                                       at::TensorList grad_avgs,
-                                                       at::TensorList momentum_buffers) {
-  std::vector<at::TensorList> states{square_avgs};
+inline StateLists rmsprop_state_lists(const char* op, bool centered, bool use_momentum,
+                                      at::TensorList square_avgs, at::TensorList grad_avgs,
+                                      at::TensorList momentum_buffers) {
+  StateLists states{{"square_avgs", square_avgs}};
   if (centered) {
-    states.push_back(grad_avgs);
+    states.add("grad_avgs", grad_avgs);
   } else {
     TORCH_CHECK(grad_avgs.empty(), op, ": grad_avgs must be empty unless centered");
   }
   if (use_momentum) {
-    states.push_back(momentum_buffers);
+    states.add("momentum_buffers", momentum_buffers);
   } else {
     TORCH_CHECK(momentum_buffers.empty(), op,
                 ": momentum_buffers must be empty unless momentum > 0");

@@ -428,7 +428,7 @@ def test_errors_before_any_update():
     opt.step()
     opt.state[q]["exp_avg"] = opt.state[q]["exp_avg"].cpu()
     before = copy.deepcopy((p.detach(), q.detach(), opt.state[p], opt.state[q]))
-    with pytest.raises(RuntimeError, match=r"state\[0\]\[1\] is on cpu but its param is on cuda"):
+    with pytest.raises(RuntimeError, match=r"exp_avgs\[1\] is on cpu but its param is on cuda"):
         opt.step()
     assert torch.equal(p.detach(), before[0]) and torch.equal(q.detach(), before[1])
     for state, old in ((opt.state[p], before[2]), (opt.state[q], before[3])):

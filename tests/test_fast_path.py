@@ -165,7 +165,7 @@ def test_fast_path_raises_the_kernels_errors_with_nothing_changed():
     before = [p.detach().clone() for p in params]
     steps = [opt.state[p]["step"].clone() for p in params if p.grad is not None]
     opt.state[params[4]]["exp_avg_sq"] = torch.zeros(3)  # a wrong shape
-    with pytest.raises(RuntimeError, match=r"state\[1\]\[3\] has shape \[3\] but its param has shape \[3, 4, 5\]"):
+    with pytest.raises(RuntimeError, match=r"exp_avg_sqs\[3\] has shape \[3\] but its param has shape \[3, 4, 5\]"):
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(params, before))
     assert all(torch.equal(opt.state[p]["step"], s)
@@ -567,3 +567,27 @@ def test_a_mode_tensor_whose_storage_no_longer_holds_it_is_a_clear_error(what):
                                            "storage, which holds 4 "):
         opt.step()
     _assert_unchanged(before, ps[:1], opt)
+
+
+@pytest.mark.parametrize("name,key,listed", [
+    ("Adam", "exp_avg_sq", "exp_avg_sqs"), ("SGD", "momentum_buffer", "momentum_buffers"),
+    ("RMSprop", "square_avg", "square_avgs"), ("Adagrad", "sum", "state_sums"),
+    ("Adadelta", "acc_delta", "acc_deltas"), ("Adamax", "exp_inf", "exp_infs"),
+    ("NAdam", "exp_avg", "exp_avgs"), ("RAdam", "exp_avg_sq", "exp_avg_sqs"),
+    ("Rprop", "step_size", "step_sizes"), ("ASGD", "ax", "axs")])
+def test_the_kernels_errors_name_a_state_by_the_ops_list(name, key, listed):
+    # (they said state[k][i] until 2026-12-06: two reviews found it unclear). The position
+    # is among the params with a grad: param 0 has none here, so param 2 is entry 1.
+    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(3)]
+    kw = dict(momentum=0.9) if name == "SGD" else {}
+    opt = getattr(fused_optim, name)(params, lr=0.01, **kw)
+    for p in params:
+        p.grad = torch.randn(3)
+    opt.step()
+    opt.state[params[2]][key] = opt.state[params[2]][key].double()
+    params[0].grad = None
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match=rf"{listed}\[1\] has dtype Double but its param has "
+                                           r"dtype Float"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))

@@ -17,7 +17,8 @@ void adadelta_cpu(at::TensorList params, at::TensorList grads, at::TensorList sq
     std::optional<at::TensorList> param_aux) {
   constexpr const char* op = "fused_optim::adadelta_";
   const bool unscale = has_tensor(grad_scale);
-  MultiTensorPlan plan(op, params, grads, {square_avgs, acc_deltas}, /*grad_mutable=*/unscale,
+  const StateLists states{{"square_avgs", square_avgs}, {"acc_deltas", acc_deltas}};
+  MultiTensorPlan plan(op, params, grads, states, /*grad_mutable=*/unscale,
                        c10::DeviceType::CPU, param_storage(op, param_mode, param_aux));
   check_steps(op, state_steps, plan.size());
   const double inv_scale = inverse_grad_scale(op, grad_scale);

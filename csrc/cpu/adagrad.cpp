@@ -16,7 +16,8 @@ void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
     std::optional<at::TensorList> param_aux) {
   constexpr const char* op = "fused_optim::adagrad_";
   const bool unscale = grad_scale.has_value() && grad_scale->defined();
-  MultiTensorPlan plan(op, params, grads, {state_sums}, /*grad_mutable=*/unscale,
+  const StateLists states{{"state_sums", state_sums}};
+  MultiTensorPlan plan(op, params, grads, states, /*grad_mutable=*/unscale,
                        c10::DeviceType::CPU, param_storage(op, param_mode, param_aux));
   check_steps(op, state_steps, plan.size());
   const double inv_scale = inverse_grad_scale(op, grad_scale);

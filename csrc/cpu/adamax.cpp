@@ -17,7 +17,8 @@ void adamax_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_
     std::optional<at::TensorList> param_aux) {
   constexpr const char* op = "fused_optim::adamax_";
   const bool unscale = has_tensor(grad_scale);
-  MultiTensorPlan plan(op, params, grads, {exp_avgs, exp_infs}, /*grad_mutable=*/unscale,
+  const StateLists states{{"exp_avgs", exp_avgs}, {"exp_infs", exp_infs}};
+  MultiTensorPlan plan(op, params, grads, states, /*grad_mutable=*/unscale,
                        c10::DeviceType::CPU, param_storage(op, param_mode, param_aux));
   check_steps(op, state_steps, plan.size());
   const double inv_scale = inverse_grad_scale(op, grad_scale);

@@ -18,7 +18,8 @@ void asgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList axs,
     std::optional<at::TensorList> param_aux) {
   constexpr const char* op = "fused_optim::asgd_";
   const bool unscale = has_tensor(grad_scale);
-  MultiTensorPlan plan(op, params, grads, {axs}, /*grad_mutable=*/unscale,
+  const StateLists states{{"axs", axs}};
+  MultiTensorPlan plan(op, params, grads, states, /*grad_mutable=*/unscale,
                        c10::DeviceType::CPU, param_storage(op, param_mode, param_aux));
   check_steps(op, state_steps, plan.size());
   check_scalar_states(op, "mus", mus, plan.size());

@@ -20,7 +20,8 @@ void nadam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_a
     std::optional<at::TensorList> param_aux) {
   constexpr const char* op = "fused_optim::nadam_";
   const bool unscale = has_tensor(grad_scale);
-  MultiTensorPlan plan(op, params, grads, {exp_avgs, exp_avg_sqs}, /*grad_mutable=*/unscale,
+  const StateLists states{{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
+  MultiTensorPlan plan(op, params, grads, states, /*grad_mutable=*/unscale,
                        c10::DeviceType::CPU, param_storage(op, param_mode, param_aux));
   check_steps(op, state_steps, plan.size());
   check_scalar_states(op, "mu_products", mu_products, plan.size());

@@ -17,7 +17,8 @@ void radam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_a
     std::optional<at::TensorList> param_aux) {
   constexpr const char* op = "fused_optim::radam_";
   const bool unscale = has_tensor(grad_scale);
-  MultiTensorPlan plan(op, params, grads, {exp_avgs, exp_avg_sqs}, /*grad_mutable=*/unscale,
+  const StateLists states{{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
+  MultiTensorPlan plan(op, params, grads, states, /*grad_mutable=*/unscale,
                        c10::DeviceType::CPU, param_storage(op, param_mode, param_aux));
   check_steps(op, state_steps, plan.size());
   const double inv_scale = inverse_grad_scale(op, grad_scale);

@@ -16,7 +16,8 @@ void rprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList prevs
     std::optional<at::TensorList> param_aux) {
   constexpr const char* op = "fused_optim::rprop_";
   const bool unscale = has_tensor(grad_scale);
-  MultiTensorPlan plan(op, params, grads, {prevs, step_sizes}, /*grad_mutable=*/unscale,
+  const StateLists states{{"prevs", prevs}, {"step_sizes", step_sizes}};
+  MultiTensorPlan plan(op, params, grads, states, /*grad_mutable=*/unscale,
                        c10::DeviceType::CPU, param_storage(op, param_mode, param_aux));
   check_steps(op, state_steps, plan.size());
   const double inv_scale = inverse_grad_scale(op, grad_scale);

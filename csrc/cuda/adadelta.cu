@@ -17,7 +17,8 @@ void adadelta_cuda(at::TensorList params, at::TensorList grads, at::TensorList s
                    const std::optional<at::Tensor>& found_inf, int64_t param_mode,
     std::optional<at::TensorList> param_aux) {
   constexpr const char* op = "fused_optim::adadelta_";
-  CudaCall call(op, params, grads, {square_avgs, acc_deltas}, state_steps, lr, lr_tensor,
+  const StateLists states{{"square_avgs", square_avgs}, {"acc_deltas", acc_deltas}};
+  CudaCall call(op, params, grads, states, state_steps, lr, lr_tensor,
                 grad_scale, found_inf,
                 param_storage(op, param_mode, param_aux));
   if (!call.updates()) return;  // after all checks; nothing has changed yet

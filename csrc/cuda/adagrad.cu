@@ -16,7 +16,8 @@ void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList st
                   const std::optional<at::Tensor>& found_inf, int64_t param_mode,
     std::optional<at::TensorList> param_aux) {
   constexpr const char* op = "fused_optim::adagrad_";
-  CudaCall call(op, params, grads, {state_sums}, state_steps, lr, lr_tensor, grad_scale,
+  const StateLists states{{"state_sums", state_sums}};
+  CudaCall call(op, params, grads, states, state_steps, lr, lr_tensor, grad_scale,
                 found_inf,
                 param_storage(op, param_mode, param_aux));
   if (!call.updates()) return;  // after all checks; nothing has changed yet

@@ -17,7 +17,8 @@ void adamax_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp
                  const std::optional<at::Tensor>& found_inf, int64_t param_mode,
     std::optional<at::TensorList> param_aux) {
   constexpr const char* op = "fused_optim::adamax_";
-  CudaCall call(op, params, grads, {exp_avgs, exp_infs}, state_steps, lr, lr_tensor, grad_scale,
+  const StateLists states{{"exp_avgs", exp_avgs}, {"exp_infs", exp_infs}};
+  CudaCall call(op, params, grads, states, state_steps, lr, lr_tensor, grad_scale,
                 found_inf,
                 param_storage(op, param_mode, param_aux));
   if (!call.updates()) return;  // after all checks; nothing has changed yet

@@ -42,7 +42,8 @@ void asgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList axs,
     if (etas_in.empty() && !etas.empty()) etas_in = mirror.copies[k++];
     if (mus_in.empty() && !mus.empty()) mus_in = mirror.copies[k++];
   }
-  CudaCall call(op, params, grads, {axs}, steps_in, lr, lr_tensor, grad_scale, found_inf,
+  const StateLists states{{"axs", axs}};
+  CudaCall call(op, params, grads, states, steps_in, lr, lr_tensor, grad_scale, found_inf,
                 param_storage(op, param_mode, param_aux));
   // Note [scalar states] (plan.h): eta and mu are read and updated on the host, with the
   // steps (on the CPU, or their copies).

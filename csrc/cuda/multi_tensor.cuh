@@ -643,7 +643,7 @@ class CudaCall {
  public:
   // `steps`: the call's step tensors, or nullopt for an op without them (SGD).
   CudaCall(const char* op, at::TensorList params, at::TensorList grads,
-           const std::vector<at::TensorList>& states, std::optional<at::TensorList> steps,
+           const StateLists& states, std::optional<at::TensorList> steps,
            double lr, const std::optional<at::Tensor>& lr_tensor,
            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
            const ParamStorage& storage = {})

@@ -21,7 +21,8 @@ void nadam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 const std::optional<at::Tensor>& found_inf, int64_t param_mode,
     std::optional<at::TensorList> param_aux) {
   constexpr const char* op = "fused_optim::nadam_";
-  CudaCall call(op, params, grads, {exp_avgs, exp_avg_sqs}, state_steps, lr, lr_tensor,
+  const StateLists states{{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
+  CudaCall call(op, params, grads, states, state_steps, lr, lr_tensor,
                 grad_scale, found_inf,
                 param_storage(op, param_mode, param_aux));
   // Note [scalar states] (plan.h): mu_product is updated and read on the host, so the

@@ -17,7 +17,8 @@ void rprop_cuda(at::TensorList params, at::TensorList grads, at::TensorList prev
     std::optional<at::TensorList> param_aux) {
   constexpr const char* op = "fused_optim::rprop_";
   // lr is only Rprop's initial step size: the kernel has none.
-  CudaCall call(op, params, grads, {prevs, step_sizes}, state_steps, /*lr=*/0.0,
+  const StateLists states{{"prevs", prevs}, {"step_sizes", step_sizes}};
+  CudaCall call(op, params, grads, states, state_steps, /*lr=*/0.0,
                 /*lr_tensor=*/std::nullopt, grad_scale, found_inf,
                 param_storage(op, param_mode, param_aux));
   if (!call.updates()) return;  // after all checks; nothing has changed yet
