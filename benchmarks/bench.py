@@ -14,7 +14,10 @@ row fused_optim.clip_grad_norm_ then its step (as they would write it with fused
 "fused_optim max_grad_norm" the clipping inside the step (Note [clipping in the step]). The
 max norm shrinks by 0.1% every step, shared by all rows, so every step really scales the
 grads (the norm after a clip is the max norm: a fixed one would clip once, then never).
-The bytes a row must move then include one read of the grads, for the norm.
+The bytes a row must move then include one read of the grads, for the norm, and one write
+of them, clipped (torch's recipe leaves the grads clipped: our step in the kernel stores them
+back as it reads them; a separate multiply reads and writes them again, which is its own cost,
+not counted); the probe streams the grads as a read for the norm and as a read and a write.
 
 Interleaved: within each (workload, algorithm, threads), every implementation and the
 bandwidth probe are timed in turn in every round (--rounds, --steps steps each, the order
@@ -229,7 +232,8 @@ def run(args):
         kwargs, pattern = ALGORITHMS[algo]
         label = f"{wname} {algo} {t} thr"
         elem = torch.finfo(wl.dtype).bits // 8
-        clip_reads = 1 if args.clip else 0  # --clip: one more read of the grads, for the norm
+        # --clip: one more read of the grads (the norm) and their write (clipped)
+        clip_streams = 2 if args.clip else 0
         if algo == "Adafactor":
             # Note [Adafactor's passes] in csrc/cpu/adafactor.cpp: a param of 2 or more dims
             # reads the param twice and writes it once and reads the grad three times (6
@@ -241,7 +245,7 @@ def run(args):
             pattern = (2, 4) if 2 * one_dim > wl.numel else (1, 4)
         else:
             streams = wl.numel * (2 * pattern[0] + pattern[1])
-        bytes_per_step = (streams + clip_reads * wl.numel) * elem
+        bytes_per_step = (streams + clip_streams * wl.numel) * elem
         gen = torch.Generator().manual_seed(0)
         params = [torch.empty(s, dtype=wl.dtype).uniform_(-1, 1, generator=gen).to(device).requires_grad_()
                   for s in wl.shapes]
@@ -297,12 +301,14 @@ def run(args):
             probe_bytes = 2 * n * 4
             runners[LIMIT] = lambda: dst.copy_(src)
         else:
-            # the step's pattern of streams (with --clip, the norm's read of the grads too)
-            reads = pattern[1] + clip_reads
+            # the step's pattern of streams (with --clip, the grads read and written instead of
+            # read, and read once more for the norm)
+            inout = pattern[0] + (1 if args.clip else 0)
+            reads = pattern[1]
             bufs = [torch.rand(wl.numel, dtype=torch.float32).to(wl.dtype)
-                    for _ in range(pattern[0] + reads)]
-            probe_bytes = wl.numel * elem * (2 * pattern[0] + reads)
-            runners[LIMIT] = lambda: fused_optim._ops.stream_(bufs[:pattern[0]], bufs[pattern[0]:], 0.5)
+                    for _ in range(inout + reads)]
+            probe_bytes = wl.numel * elem * (2 * inout + reads)
+            runners[LIMIT] = lambda: fused_optim._ops.stream_(bufs[:inout], bufs[inout:], 0.5)
         times = _rounds(runners, args.rounds, args.steps, args.warmup, args.max_seconds, device,
                         progress, label)
         limit_rounds = [probe_bytes / x / 1e9 for x in times.pop(LIMIT)]

@@ -139,7 +139,9 @@ for algo, clip in (("Adam", []), ("Adam", ["--clip"]), ("Adafactor", [])):
     n = 2 ** 20 * 4  # W1 quick: 2^20 float32 elements
     (_, _, adam_probe, adam_step), (_, _, clip_probe, clip_step), (_, _, af_probe, af_step) = lines
     assert int(adam_probe) == int(adam_step) == 7 * n
-    assert int(clip_probe) == int(clip_step) == 8 * n
+    # (--clip: the norm's read and the clipped grads' write, 9 streams: until 2026-12-06 the
+    # write was not counted, the % of limit 1/9 too low; found by a review)
+    assert int(clip_probe) == int(clip_step) == 9 * n
     assert int(af_probe) == int(af_step) == 8 * n
 
 
