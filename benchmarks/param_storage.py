@@ -104,7 +104,7 @@ def main(argv=None):
     # round is the median of its steps, and a mode's % of limit the median over rounds of
     # its GB/s over the probe's in the same round. (Until 2026-12-06 the probe was float32
     # streams of two read and written and one read, timed last in every round, its median
-    # set against each mode's: on the Xeon that pattern read 2-4% below the step's, so the
+    # set against each mode's: on the Xeon that pattern read 6-10% below the step's, so the
     # % of limit read as much too high; found by a review.)
     probe = [torch.randn(n).to(dtype) for _ in range(4)]
     probe_bytes = 7 * n * probe[0].element_size()

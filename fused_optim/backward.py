@@ -245,51 +245,67 @@ class StepInBackward:
 
     def _on_grad(self, p: Tensor) -> None:
         """The post-accumulate-grad hook: p's grad of this backward is complete."""
-        with self._lock:
-            if not self._active:
-                return
-            if self._stepping:  # (only step()'s own thread gets the lock meanwhile)
+        # A backward while step() runs (in a step hook) is refused, whichever thread runs
+        # the hook: the step's own (the lock is reentrant) or another, as CUDA's autograd
+        # runs a CUDA param's hook on its device thread, which would wait for the lock while
+        # step()'s thread waits in backward() for it (a review found that hang, 2026-12-06).
+        if not self._lock.acquire(blocking=False):
+            if self._stepping:
+                self._refuse_backward_in_step()
+            self._lock.acquire()
+        try:
+            self._on_grad_locked(p)
+        finally:
+            self._lock.release()
+
+    def _refuse_backward_in_step(self) -> None:
+        raise RuntimeError(
+            "fused_optim.step_in_backward: a backward ran inside optimizer.step() (in a step "
+            "hook): its grads would reach params whose update already ran in this "
+            "iteration's backward. Run that backward before optimizer.step(), or remove() "
+            "the handle")
+
+    def _on_grad_locked(self, p: Tensor) -> None:
+        if not self._active:
+            return
+        if self._stepping:
+            self._refuse_backward_in_step()
+        if not self._counts:  # the first grad of an iteration
+            self._check_combinable()
+        grad = p.grad
+        if grad is None:
+            return
+        if grad.is_sparse:
+            raise RuntimeError(
+                "fused_optim.step_in_backward does not support sparse grads (a param of "
+                f"shape {tuple(p.shape)} has one): remove() the handle for this model")
+        n = self._counts.get(p, 0) + 1
+        if n > self._accumulation_steps:
+            if self._accumulation_steps == 1:
                 raise RuntimeError(
-                    "fused_optim.step_in_backward: a backward ran inside optimizer.step() (in a "
-                    "step hook): its grads would reach params whose update already ran in this "
-                    "iteration's backward. Run that backward before optimizer.step(), or "
-                    "remove() the handle")
-            if not self._counts:  # the first grad of an iteration
-                self._check_combinable()
-            grad = p.grad
-            if grad is None:
-                return
-            if grad.is_sparse:
-                raise RuntimeError(
-                    "fused_optim.step_in_backward does not support sparse grads (a param of "
-                    f"shape {tuple(p.shape)} has one): remove() the handle for this model")
-            n = self._counts.get(p, 0) + 1
-            if n > self._accumulation_steps:
-                if self._accumulation_steps == 1:
-                    raise RuntimeError(
-                        "fused_optim.step_in_backward: a second backward reached a param before "
-                        "optimizer.step() ended the iteration, but a param is updated with the "
-                        "grad of one backward, during it. Call optimizer.step() after each "
-                        "backward, or pass accumulation_steps=N to accumulate the grads of N "
-                        "backwards (the update then runs during the N-th). (Reentrant "
-                        "activation checkpointing, use_reentrant=True, also runs a second "
-                        "backward, inside the first: use use_reentrant=False. After a "
-                        "backward that raised part way, optimizer.zero_grad() starts the next "
-                        "iteration.)")
-                raise RuntimeError(
-                    f"fused_optim.step_in_backward: backward number {n} reached a param since "
-                    f"the last optimizer.step(), with accumulation_steps="
-                    f"{self._accumulation_steps}: its update runs during backward number "
-                    f"{self._accumulation_steps}. Call optimizer.step() after every "
-                    f"{self._accumulation_steps} backwards")
-            self._counts[p] = n
-            if n < self._accumulation_steps:
-                return
-            self._pending.append(p)
-            self._pending_bytes += grad.numel() * grad.element_size()
-            if self._pending_bytes >= self._cap_bytes or (
-                    p in self._shared and self._all_done(self._shared[p])):
-                self._flush(in_backward=True)
+                    "fused_optim.step_in_backward: a second backward reached a param before "
+                    "optimizer.step() ended the iteration, but a param is updated with the "
+                    "grad of one backward, during it. Call optimizer.step() after each "
+                    "backward, or pass accumulation_steps=N to accumulate the grads of N "
+                    "backwards (the update then runs during the N-th). (Reentrant "
+                    "activation checkpointing, use_reentrant=True, also runs a second "
+                    "backward, inside the first: use use_reentrant=False. After a "
+                    "backward that raised part way, optimizer.zero_grad() starts the next "
+                    "iteration.)")
+            raise RuntimeError(
+                f"fused_optim.step_in_backward: backward number {n} reached a param since "
+                f"the last optimizer.step(), with accumulation_steps="
+                f"{self._accumulation_steps}: its update runs during backward number "
+                f"{self._accumulation_steps}. Call optimizer.step() after every "
+                f"{self._accumulation_steps} backwards")
+        self._counts[p] = n
+        if n < self._accumulation_steps:
+            return
+        self._pending.append(p)
+        self._pending_bytes += grad.numel() * grad.element_size()
+        if self._pending_bytes >= self._cap_bytes or (
+                p in self._shared and self._all_done(self._shared[p])):
+            self._flush(in_backward=True)
 
     def _all_done(self, params: Tuple[Tensor, ...]) -> bool:
         """Whether each of `params` has all its grads of this iteration."""

@@ -83,16 +83,27 @@ class NAdam(FusedOptimizer, torch.optim.NAdam):
         it raises ZeroDivisionError (with the group's earlier params updated); ours raised
         nothing and wrote infinities and NaN into the params (found by a review,
         2026-12-06). The product stays 1 only where mu, rounded to mu_product's dtype, is 1:
-        beta1 within half an ulp of 1 (at least 0.998 for bfloat16 states, which a load
-        into bfloat16 params makes), or hyper-parameters set outside the constructor's
-        range in a group (beta1 >= 1, a negative momentum_decay). There the same
-        expressions are evaluated, with torch's arithmetic for the product, before anything
-        changes."""
+        beta1 within half an ulp of 1 in that dtype (from 1 - 2^-25 for float32 states,
+        1 - 2^-9 for the bfloat16 ones that a load into bfloat16 params makes), or
+        hyper-parameters set outside the constructor's range in a group (beta1 >= 1, a
+        negative momentum_decay). There the same expressions are evaluated, with torch's
+        arithmetic for the product, before anything changes; elsewhere nothing is (a
+        Tensor beta1 or momentum_decay makes tensors of them, which divide without
+        raising; torch.compile traces none of this)."""
         beta1, decay = group["betas"][0], group["momentum_decay"]
-        if (type(beta1) in (float, int) and 0 <= beta1 < 0.998
-                and type(decay) in (float, int) and decay >= 0):
+        if (isinstance(beta1, Tensor) or isinstance(decay, Tensor)
+                or torch.compiler.is_compiling()):
             return
+        if isinstance(beta1, (int, float)) and isinstance(decay, (int, float)) and decay >= 0:
+            if 0 <= beta1 < 0.998:
+                return
+            if 0 <= beta1 < 1 - 2 ** -25 and not any(
+                    p.dtype in (torch.bfloat16, torch.float16) for p in group["params"]):
+                return  # (float32 and float64 products: mu rounds below 1)
         lr = group["lr"]
+        if isinstance(lr, Tensor) and (group["foreach"] or (
+                group["foreach"] is None and all(p.device.type == "cuda" for p in group["params"]))):
+            lr = lr.item()  # (torch's foreach step takes lr's value: _get_value(lr))
         for p in group["params"]:
             if p.grad is None:
                 continue

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import warnings
 
 import pytest
@@ -512,6 +513,27 @@ def test_a_backward_inside_step_is_refused_and_hooks_may_call_zero_grad_or_remov
     with pytest.raises(RuntimeError, match=r"a backward ran inside optimizer\.step\(\)"):
         opt.step()
     hook.remove()
+    opt.zero_grad()
+    # The same from another thread, as CUDA's autograd runs a CUDA param's hooks on its
+    # device thread (that thread waited for the handle's lock while step() waited for it).
+    errors = []
+
+    def backward_on_another_thread(o, args, kwargs):
+        def run():
+            try:
+                loss_of(model, 6).backward()
+            except RuntimeError as e:
+                errors.append(str(e))
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "the backward's hook waited for step()"
+
+    hook = opt.register_step_pre_hook(backward_on_another_thread)
+    loss_of(model, 0).backward()
+    opt.step()
+    hook.remove()
+    assert len(errors) == 1 and "a backward ran inside optimizer.step()" in errors[0]
     opt.zero_grad()
     assert_trains_on_as_the_plain_loop(model, opt)
     for call in ("zero_grad", "remove"):
