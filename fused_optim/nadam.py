@@ -5,7 +5,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from .optimizer import FusedOptimizer, betas_args, hyper_float, lr_args, scalar_state, zeros_states
+from .optimizer import (FusedOptimizer, betas_args, host_steps, hyper_float, lr_args, scalar_state,
+                        zeros_states)
 
 __all__ = ["NAdam"]
 
@@ -104,12 +105,8 @@ class NAdam(FusedOptimizer, torch.optim.NAdam):
         if isinstance(lr, Tensor) and (group["foreach"] or (
                 group["foreach"] is None and all(p.device.type == "cuda" for p in group["params"]))):
             lr = lr.item()  # (torch's foreach step takes lr's value: _get_value(lr))
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state.get(p)
-            step = (float(state["step"]) if state and "step" in state else 0.0) + 1.0
-            mu_product = (state.get("mu_product") if state else None)
+        for state, step in host_steps(group, self.state):
+            mu_product = state.get("mu_product") if state else None
             if mu_product is None:
                 mu_product = torch.tensor(1.0, dtype=_get_scalar_dtype())
             mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * decay)))

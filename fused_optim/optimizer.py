@@ -237,7 +237,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         # Clipping by global norm inside step() (Note [clipping in the step], clip.py):
         # optimizer-wide, like the norm it clips by, so not a param-group option.
         self.max_grad_norm = max_grad_norm
-        self.grad_norm_type = float(grad_norm_type)
+        self.grad_norm_type = grad_norm_type  # (a float: clip_options)
         # The total norm of the last step's grads (unscaled), when max_grad_norm is set: in a
         # list, whose mutation a compiled step replays (an attribute set on an optimizer
         # inside a compiled step is not).
@@ -1032,16 +1032,23 @@ def raise_as_torchs_host_division(group: Dict[str, Any], state: Dict[Tensor, Any
     evaluate_host_term(group, state, term)
 
 
+def host_steps(group: Dict[str, Any], state: Dict[Tensor, Any]):
+    """(the param's state or None, the step it takes now as a float) for each param of the
+    group with a grad: what torch's for-loop computes its host terms from."""
+    for p in group["params"]:
+        if p.grad is not None:
+            s = state.get(p)
+            step = s.get("step") if s else None
+            yield s, (float(step) if step is not None else 0.0) + 1.0
+
+
 def evaluate_host_term(group: Dict[str, Any], state: Dict[Tensor, Any],
                        term: Callable[[Any], Any]) -> None:
     """`term(step)` for the step each param of the group with a grad takes now, as torch's
     for-loop evaluates it (raising where it raises), before anything changes. The callers
     ask only where the hyper-parameters can make it raise."""
-    for p in group["params"]:
-        if p.grad is not None:
-            s = state.get(p)
-            step = s.get("step") if s else None
-            term((float(step) if step is not None else 0.0) + 1.0)
+    for _, step in host_steps(group, state):
+        term(step)
 
 
 def _side_by_side_eligible(t: Tensor) -> bool:
