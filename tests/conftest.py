@@ -4,8 +4,9 @@ every algorithm's parity on one option set, checkpoints both ways with torch.opt
 fast path, torch.compile, and the build and version checks. The tests are the whole suite's
 own; this only marks some of them."""
 
-# Tests marked whole (every parametrization): cheap, and about the install itself.
-_WHOLE_FILES = ("test_build.py", "test_install.py")
+# Tests marked whole (every parametrization): cheap, and about the install itself or the
+# installed torch (test_torch_optim_db.py runs torch's own optimizer test database).
+_WHOLE_FILES = ("test_build.py", "test_install.py", "test_torch_optim_db.py")
 # Tests of which every CPU parametrization at fp32 is marked (their dtype axis lists
 # torch.float32 first: pytest names it dtype0).
 _FP32_CASES = (
