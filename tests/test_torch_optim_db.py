@@ -107,8 +107,15 @@ def _shapes(info):
     return [(5, 7), (13,), (3, 4, 2), ()]
 
 
+def _randn(shape, gen, dtype):
+    if dtype.is_complex:  # (real and imaginary parts from the generator, as in float64)
+        real = torch.randn((*shape, 2), generator=gen, dtype=torch.float64).to(dtype.to_real())
+        return torch.view_as_complex(real)
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
 def _grad(shape, dtype, gen, sparse):
-    g = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    g = _randn(shape, gen, dtype)
     if sparse:  # SparseAdam: rows 1 and 3 of the first dim untouched, an index repeated
         keep = [i for i in range(shape[0]) if i not in (1, 3)]
         idx = torch.tensor([keep + keep[:1]])
@@ -117,17 +124,23 @@ def _grad(shape, dtype, gen, sparse):
     return g
 
 
-def _trajectory(cls, kwargs, shapes, dtype, sparse):
+def _trajectory(cls, kwargs, shapes, dtype, sparse, schedulers=(), steps=_STEPS):
     gen = torch.Generator().manual_seed(7)
-    params = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).requires_grad_() for s in shapes]
+    params = [_randn(s, gen, dtype).requires_grad_() for s in shapes]
     if kwargs.get("differentiable"):  # (torch's own tests of it step non-leaf params)
         params = [p.clone() for p in params]
     optimizer = cls(params, **copy.deepcopy(kwargs))
-    for step in range(_STEPS):
+    schedulers = [make(optimizer) for make in schedulers]
+    for step in range(steps):
         grad_gen = torch.Generator().manual_seed(100 + step)
         for p in params:
             p.grad = _grad(p.shape, dtype, grad_gen, sparse)
         optimizer.step()
+        for scheduler in schedulers:
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(1.0)  # (a loss that never improves: it cuts the lr at step 11)
+            else:
+                scheduler.step()
     return params, optimizer
 
 
@@ -137,12 +150,20 @@ def _configs(info):
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("info", INFOS, ids=lambda info: info.name)
+@pytest.mark.parametrize(
+    "info, dtype",
+    [
+        pytest.param(info, dtype, id=f"{info.name}-{dtype}")
+        for info in INFOS
+        for dtype in (torch.float64, torch.float32, torch.complex64)
+        if info.supports_complex or not dtype.is_complex
+    ],
+)
 def test_torch_configurations(info, dtype):
     """Every configuration torch's database runs its class with (foreach and differentiable
-    included, each on and off), five steps on params of several shapes: every element of
-    every param and state tensor as torch's for-loop leaves it."""
+    included, each on and off), five steps on params of several shapes (complex ones where
+    the database says the class supports them): every element of every param and state
+    tensor as torch's for-loop leaves it."""
     ours = _ours(info)
     sparse = info.only_supports_sparse_grads
     shapes = [s for s in _shapes(info) if not sparse or len(s) >= 1]
@@ -158,9 +179,14 @@ def test_torch_configurations(info, dtype):
         what = f"{info.name} {config.desc!r} {dtype}"
         with correctly_rounded_sqrt(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (fused_optim's one-time notes of torch's paths)
-            p_ref, o_ref = _trajectory(info.optim_cls, reference_kwargs, shapes, dtype, sparse)
-            p_ours, o_ours = _trajectory(ours, config.kwargs, shapes, dtype, sparse)
-        for i, (a, b) in enumerate(zip(p_ours, p_ref)):
+            ref = _trajectory(info.optim_cls, reference_kwargs, shapes, dtype, sparse)
+            got = _trajectory(ours, config.kwargs, shapes, dtype, sparse)
+        _assert_same(info, config, got, ref, what, _STEPS, dtype)
+
+
+def _assert_same(info, config, got, ref, what, steps, dtype):
+    (p_ours, o_ours), (p_ref, o_ref) = got, ref
+    for i, (a, b) in enumerate(zip(p_ours, p_ref)):
             s_ours, s_ref = o_ours.state.get(a, {}), o_ref.state.get(b, {})
             pairs = [(f"param {i}", a.detach(), b.detach())]
             assert s_ours.keys() == s_ref.keys(), f"{what}: state keys of param {i}"
@@ -173,9 +199,32 @@ def test_torch_configurations(info, dtype):
                     torch.testing.assert_close(x, y, msg=msg, **_ADAFACTOR_TOL[dtype])
                 elif info.name == "Muon" and name == f"param {i}":
                     lr = float(config.kwargs.get("lr", 1e-3))
-                    atol = _STEPS * lr * max(1.0, (a.shape[0] / a.shape[1]) ** 0.5) * 2**-4
+                    atol = steps * lr * max(1.0, (a.shape[0] / a.shape[1]) ** 0.5) * 2**-4
                     torch.testing.assert_close(x, y, rtol=0, atol=atol, msg=msg)
                 elif torch.is_tensor(y):
                     assert torch.equal(x, y), f"{msg}: not bitwise equal, max diff {(x.double() - y.double()).abs().max()}"
                 else:
                     assert x == y, msg
+
+
+@pytest.mark.parametrize("info", INFOS, ids=lambda info: info.name)
+def test_torch_scheduler_inputs(info):
+    """The LR schedulers torch's database runs each class with, on each of its
+    configurations (float32; twelve steps, so that StepLR's and ReduceLROnPlateau's cuts
+    happen): every param and state element as torch's for-loop under the same schedulers.
+    A Tensor lr is changed in place by the schedulers: the step must read the new value."""
+    ours = _ours(info)
+    sparse = info.only_supports_sparse_grads
+    shapes = [s for s in _shapes(info) if not sparse or len(s) >= 1]
+    steps = 12
+    for schedulers in info.scheduler_inputs:
+        for config in info.optim_inputs_func("cpu"):
+            names = "+".join(type(make(torch.optim.SGD([torch.zeros(1)]))).__name__ for make in schedulers)
+            what = f"{info.name} {config.desc!r} under {names}"
+            with correctly_rounded_sqrt(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ref = _trajectory(info.optim_cls, config.kwargs, shapes, torch.float32, sparse, schedulers, steps)
+                got = _trajectory(ours, config.kwargs, shapes, torch.float32, sparse, schedulers, steps)
+            lrs = [(g["lr"], h["lr"]) for g, h in zip(got[1].param_groups, ref[1].param_groups)]
+            assert all(float(a) == float(b) for a, b in lrs), f"{what}: lrs {lrs}"
+            _assert_same(info, config, got, ref, what, steps, torch.float32)
