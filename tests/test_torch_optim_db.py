@@ -228,3 +228,43 @@ def test_torch_scheduler_inputs(info):
             lrs = [(g["lr"], h["lr"]) for g, h in zip(got[1].param_groups, ref[1].param_groups)]
             assert all(float(a) == float(b) for a, b in lrs), f"{what}: lrs {lrs}"
             _assert_same(info, config, got, ref, what, steps, torch.float32)
+
+
+@pytest.mark.parametrize("info", INFOS, ids=lambda info: info.name)
+def test_older_and_nontensor_step_state_dicts(info):
+    """As torch's own tests load them: a state_dict whose param_groups lack the flags added
+    after the class's first release (`not_og_supported_flags`: foreach, maximize,
+    differentiable, capturable...), and one whose `step` entries are Python numbers, load
+    into fused_optim's class as into torch's, and the next steps leave every param and state
+    element as torch's do from the same dict."""
+    ours = _ours(info)
+    sparse = info.only_supports_sparse_grads
+    shapes = [s for s in _shapes(info) if not sparse or len(s) >= 1]
+    for config in info.optim_inputs_func("cpu"):
+        for edit in ("older flags", "nontensor step"):
+            what = f"{info.name} {config.desc!r}, {edit}"
+            with correctly_rounded_sqrt(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _, first = _trajectory(info.optim_cls, config.kwargs, shapes, torch.float32, sparse)
+                saved = copy.deepcopy(first.state_dict())
+                if edit == "older flags":
+                    for group in saved["param_groups"]:
+                        for flag in info.not_og_supported_flags:
+                            group.pop(flag, None)
+                else:
+                    for state in saved["state"].values():
+                        if torch.is_tensor(state.get("step")):
+                            state["step"] = state["step"].item()
+                runs = []
+                for cls in (ours, info.optim_cls):
+                    params, optimizer = _trajectory(cls, config.kwargs, shapes, torch.float32, sparse, steps=0)
+                    optimizer.load_state_dict(copy.deepcopy(saved))
+                    for step in range(3):
+                        grad_gen = torch.Generator().manual_seed(500 + step)
+                        for p in params:
+                            p.grad = _grad(p.shape, torch.float32, grad_gen, sparse)
+                        optimizer.step()
+                    runs.append((params, optimizer))
+            # (both runs' params start from the same fresh values: the dict's state is what
+            # they continue from)
+            _assert_same(info, config, runs[0], runs[1], what, 3, torch.float32)
