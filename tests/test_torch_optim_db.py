@@ -12,6 +12,7 @@ same exception type and message (or the same warning), and for the configuration
 same params and state, elementwise, after a few steps.
 """
 import copy
+import pickle
 import warnings
 
 import pytest
@@ -268,3 +269,33 @@ def test_older_and_nontensor_step_state_dicts(info):
             # (both runs' params start from the same fresh values: the dict's state is what
             # they continue from)
             _assert_same(info, config, runs[0], runs[1], what, 3, torch.float32)
+
+
+@pytest.mark.parametrize("info", INFOS, ids=lambda info: info.name)
+def test_printing_pickling_and_steps_without_grads(info):
+    """On each configuration of torch's database, as torch's class: the printed optimizer
+    (the class name aside), a pickle round trip after two steps (the same param_groups and
+    state), a step where no param has a grad (nothing changes, no state made), then a step
+    with zero grads (the same state keys and dtypes)."""
+    ours = _ours(info)
+    sparse = info.only_supports_sparse_grads
+    shapes = [s for s in _shapes(info) if not sparse or len(s) >= 1]
+    for config in info.optim_inputs_func("cpu"):
+        seen = []
+        for cls in (ours, info.optim_cls):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                params, optimizer = _trajectory(cls, config.kwargs, shapes, torch.float32, sparse, steps=2)
+                copied = pickle.loads(pickle.dumps(optimizer))
+                assert type(copied) is cls
+                assert repr(copied.state_dict()) == repr(optimizer.state_dict())
+                params, fresh = _trajectory(cls, config.kwargs, shapes, torch.float32, sparse, steps=0)
+                before = [p.detach().clone() for p in params]
+                fresh.step()
+                unchanged = all(torch.equal(a, b) for a, b in zip(before, params)) and not fresh.state
+                for p in params:
+                    p.grad = torch.zeros_like(p).to_sparse() if sparse else torch.zeros_like(p)
+                fresh.step()
+            keys = sorted((k, v.dtype if torch.is_tensor(v) else type(v)) for s in fresh.state.values() for k, v in s.items())
+            seen.append((repr(optimizer).replace(cls.__name__, "<class>", 1), unchanged, keys))
+        assert seen[0] == seen[1], f"{info.name} {config.desc!r}: fused_optim {seen[0]}, torch {seen[1]}"
