@@ -1,13 +1,29 @@
 """Adagrad: torch.optim.Adagrad with the step computed by fused_optim::adagrad_."""
+import functools
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _get_scalar_dtype
+from torch.optim.optimizer import _device_dtype_check_for_fused, _get_scalar_dtype
 
 from .optimizer import FusedOptimizer, evaluate_host_term, hyper_float, lr_args
 
 __all__ = ["Adagrad"]
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_refuses_fused_cuda() -> bool:
+    """Whether the installed torch's Adagrad refuses fused=True for CUDA params (torch
+    2.8's did: its check of a fused group's first param leaves "cuda" out of the supported
+    devices, which its error lists). Asked of torch itself, once: its step on a complex
+    param, which that check refuses before anything changes."""
+    p = torch.zeros(1, dtype=torch.complex64, requires_grad=True)
+    p.grad = torch.zeros_like(p)
+    try:
+        torch.optim.Adagrad([p], fused=True).step()
+    except RuntimeError as e:
+        return "'cuda'" not in str(e)
+    return False
 
 
 class Adagrad(FusedOptimizer, torch.optim.Adagrad):
@@ -63,6 +79,10 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
         return reason
 
     _checks_fused_once = True
+
+    @staticmethod
+    def _fused_device_check(p: Tensor) -> None:
+        _device_dtype_check_for_fused(p, cuda_unsupported=_torch_refuses_fused_cuda())
 
     @staticmethod
     def _fused_complex_error(p: Tensor) -> Exception:

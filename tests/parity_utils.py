@@ -37,6 +37,16 @@ needs_cuda = pytest.mark.skipif(
 
 TENSOR_LR = "tensor"  # marker in the option tables: lr given as a 0-dim tensor
 
+# torch.optim.Muon is new in torch 2.9 (fused_optim.Muon is there where torch's is): on the
+# oldest supported torch (2.8) its cases are skipped, with this reason.
+needs_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"),
+                                reason=f"torch {torch.__version__} has no torch.optim.Muon (2.9+)")
+
+
+def algos(*names):
+    """`names` for a parametrization, Muon's case marked needs_muon."""
+    return [pytest.param(n, marks=needs_muon) if n == "Muon" else n for n in names]
+
 
 def _combos(**axes):
     keys = list(axes)

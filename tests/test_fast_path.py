@@ -7,7 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_optim
 from fused_optim import _C, _ops
-from parity_utils import ALGOS, needs_cuda
+from parity_utils import ALGOS, algos, needs_cuda
 
 KWARGS = {
     "SGD": dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
@@ -510,7 +510,7 @@ def test_a_state_shared_by_two_params_steps_as_the_for_loop_at_two_threads(name)
 _STRUCTURED_KEY = {"Adafactor": "row_var", "Muon": "momentum_buffer", "SparseAdam": "exp_avg"}
 
 
-@pytest.mark.parametrize("name", ["Adafactor", "Muon", "SparseAdam"])
+@pytest.mark.parametrize("name", algos("Adafactor", "Muon", "SparseAdam"))
 @pytest.mark.parametrize("what", ["expanded state", "freed param", "freed state", "freed grad"])
 def test_the_structured_optimizers_refuse_such_tensors_before_anything_changes(name, what):
     """Adafactor's, Muon's and SparseAdam's own plans, checked as the elementwise plan is

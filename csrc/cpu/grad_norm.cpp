@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_foreach_norm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/Parallel.h>
@@ -186,9 +187,14 @@ at::Tensor norms_cpu(at::TensorList tensors, double ord, double inv_scale) {
   std::vector<char> ours(n);
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& t = tensors[i];
-    // torch.nn.utils' clipping calls _foreach_norm on the CPU, with this error.
-    TORCH_CHECK(!inf || t.numel() > 0, "_foreach_norm cannot compute the infinity norm on an "
-                "empty tensor because the operation does not have an identity");
+    // torch.nn.utils' clipping calls _foreach_norm on the CPU: its error, from torch's own
+    // op (its message changed between releases: torch 2.8's CPU _foreach_norm raised
+    // linalg.vector_norm's), which raises for an empty tensor and an infinite order.
+    if (inf && t.numel() == 0) {
+      (void)at::_foreach_norm({t}, ord);
+      TORCH_CHECK(false, "_foreach_norm cannot compute the infinity norm on an empty tensor "
+                  "because the operation does not have an identity");  // (if it did not)
+    }
     ours[i] = t.is_non_overlapping_and_dense() && !t.is_neg() && !t.is_conj();
     cost[i] = ours[i] ? t.numel() + kTensorCost : 0;
   }
