@@ -234,8 +234,37 @@ double round_to_dtype(double value, at::ScalarType dtype);
 // Adds 1 to each (CPU) step tensor, in its dtype, and returns the new values.
 std::vector<double> increment_steps(at::TensorList steps);
 
-// True when `found_inf` says this step must be skipped (a GradScaler saw inf/NaN).
+// True when `found_inf` says this step must be skipped (a GradScaler saw inf/NaN), and
+// while a CheckingOnly is alive on this thread. Every kernel calls it once, after all its
+// checks and before it changes anything.
 bool skip_step(const std::optional<at::Tensor>& found_inf);
+
+// Note [every group checked first]
+// An optimizer step over several param groups is one kernel call per group. A group's
+// call checks everything before it writes anything, but a later group's error used to
+// come after the earlier groups were updated (their steps counted): a retry, once the
+// cause was mended, stepped them twice. The eager fast path (csrc/python_step.cpp) now
+// calls every group but the first with a CheckingOnly alive first: each call runs its
+// checks and returns at skip_step, having written nothing; then the groups run. The checks
+// run twice for those groups: on 5,000 fp32 tensors of 64 to 4,096 elements in two groups of
+// 2,500 (Intel Xeon, 2 threads), SGD's step took 2.56-2.61 ms against 2.31-2.38 without,
+// about 90 ns per tensor of the later groups; one group, the usual call, pays nothing. The
+// general path (FusedOptimizer.step in fused_optim/optimizer.py: first steps that make state, Adafactor,
+// SparseAdam, subclasses) runs group by group through the op and checks there only what
+// the storage modes add (a param's dtype), for every group first: docs/parity.md.
+// Whether a CheckingOnly is alive on this thread (skip_step says so too; CUDA calls whose
+// found_inf stays on the device ask CudaCall::updates(), which asks this).
+bool checking_only_now();
+class CheckingOnly {
+ public:
+  CheckingOnly();
+  ~CheckingOnly();
+  CheckingOnly(const CheckingOnly&) = delete;
+  CheckingOnly& operator=(const CheckingOnly&) = delete;
+
+ private:
+  bool before_;
+};
 // 1/scale rounded to float, as GradScaler.unscale_ computes it; 1 without a scaler.
 double inverse_grad_scale(const char* op, const std::optional<at::Tensor>& grad_scale);
 // The value of lr: a Python float, or a 1-element tensor.

@@ -500,6 +500,15 @@ PyObject* py_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs)
     kernels[static_cast<size_t>(g)] = group_kernel(name, kernel, calls[static_cast<size_t>(g)]);
     if (kernels[static_cast<size_t>(g)] == nullptr) Py_RETURN_FALSE;
   }
+  // Note [every group checked first] (plan.h): the later groups' checks before the first
+  // group's update, so that an error in any group leaves every group as it was.
+  if (num_groups > 1) {
+    CheckingOnly checking;
+    for (Py_ssize_t g = 1; g < num_groups; ++g) {
+      const DirectCall& call = calls[static_cast<size_t>(g)];
+      if (!call.lists[0].empty()) kernels[static_cast<size_t>(g)]->fn(call);
+    }
+  }
   for (Py_ssize_t g = 0; g < num_groups; ++g) {
     const DirectCall& call = calls[static_cast<size_t>(g)];
     if (call.lists[0].empty()) continue;  // no grads in this group

@@ -36,6 +36,8 @@ _STORAGE = {
     "master_weights": (3, "master_param"),
 }
 _STORAGE_OPTION = {key: option for option, (_, key) in _STORAGE.items()}
+# The moments that hold squared grads (a float16 state_dtype loses their small values).
+_SQUARED_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "acc_delta", "sum")
 # Note [state storage] (csrc/plan.h): the dtypes state_dtype takes; uint8 is 8-bit
 # block-quantized (Note [8-bit state] in csrc/cpu/quant8.h, fused_optim/quantization.py).
 _STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8)
@@ -202,6 +204,16 @@ class FusedOptimizer(torch.optim.Optimizer):
                 f"state_dtype does not apply to {type(self).__name__}: its state holds no "
                 "moments that can be kept in fewer bits")
         self._state_dtype: Optional[torch.dtype] = state_dtype
+        squared = [k for k in self._moment_keys if k in _SQUARED_MOMENTS]
+        if state_dtype is torch.float16 and squared:
+            # (the update matches its reference bit for bit; the reference itself loses the
+            # moment: found by a review, 2026-12-06, Adam with grads of 1e-4 stepping 18x as
+            # far as torch's over 1,000 steps)
+            warn(
+                f"{type(self).__name__}: state_dtype=torch.float16 keeps {', '.join(squared)} "
+                "(sums of squared grads) in float16, whose smallest value is 6e-8: squared "
+                "grads below that (grads under about 2e-4, or 8e-3 once scaled by 1 - beta2 = "
+                "0.001) are lost, and the steps grow. torch.bfloat16 keeps float32's range")
         # Note [param storage]: at most one way to keep 16-bit params, for every group.
         chosen = [name for name, on in (("kahan_summation", kahan_summation),
                                         ("stochastic_rounding", stochastic_rounding),
@@ -266,6 +278,24 @@ class FusedOptimizer(torch.optim.Optimizer):
         """A mode of Note [param storage] applies to 16-bit params, and state_dtype (Note
         [state storage]) to float32 and 16-bit params (CPU or CUDA): param group `index` has
         only those, or the error names the option and the param."""
+        self._check_storage_dtypes(index)
+        state_dtype = getattr(self, "_state_dtype", None)
+        if state_dtype is not None:
+            if self.param_groups[index].get("centered") and state_dtype in (torch.float16,
+                                                                             torch.uint8):
+                # centered RMSprop takes sqrt(square_avg - grad_avg**2): with the two moments
+                # rounded apart (and float16's square_avg underflowing) that can be negative
+                warn(
+                    f"{type(self).__name__}: centered=True with state_dtype={state_dtype} can "
+                    "make square_avg - grad_avg**2 negative, and the params NaN (float16's "
+                    "square_avg underflows; 8-bit moments are rounded apart): float32 or "
+                    "bfloat16 moments keep it right")
+
+    def _check_storage_dtypes(self, index: int) -> None:
+        """_check_storage's errors (not its warning): checked when a group is added, and
+        again by a step where a param's dtype may have changed since (`module.float()`
+        keeps the Parameter and swaps its data): on the general path before any group is
+        updated, and where a fast-path step raised, for the error's names."""
         state_dtype = getattr(self, "_state_dtype", None)
         if state_dtype is not None:
             for i, p in enumerate(self.param_groups[index]["params"]):
@@ -280,15 +310,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                         "state_dtype=torch.uint8 takes plain tensors and DTensors only (Note "
                         f"[8-bit DTensors] in quantization.py); param {i} of param group "
                         f"{index} is a {type(p).__name__}")
-            if self.param_groups[index].get("centered") and state_dtype in (torch.float16,
-                                                                             torch.uint8):
-                # centered RMSprop takes sqrt(square_avg - grad_avg**2): with the two moments
-                # rounded apart (and float16's square_avg underflowing) that can be negative
-                warn(
-                    f"{type(self).__name__}: centered=True with state_dtype={state_dtype} can "
-                    "make square_avg - grad_avg**2 negative, and the params NaN (float16's "
-                    "square_avg underflows; 8-bit moments are rounded apart): float32 or "
-                    "bfloat16 moments keep it right")
         option = self._storage_option
         if option is None:
             return
@@ -509,8 +530,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 # (the state of an id in no param group: torch's load keeps it as it is)
                 stripped[pid] = s
                 continue
+            # (a uint8 moment is 8-bit, its scales there or not: torch.optim never keeps one)
             quantized = [k for k in self._moment_keys if isinstance(s.get(k), Tensor)
-                         and s[k].dtype == torch.uint8 and k + _ABSMAX in s]
+                         and s[k].dtype == torch.uint8]
             if quantized and state_dtype is not torch.uint8:
                 raise ValueError(
                     f"{type(self).__name__}.load_state_dict: the state of param {pid} has 8-bit "
@@ -622,9 +644,15 @@ class FusedOptimizer(torch.optim.Optimizer):
                 continue
             for p in group["params"]:
                 if p.grad is not None:
-                    _device_dtype_check_for_fused(p)
+                    self._fused_device_check(p)
                     self._need_device_dtype_check_for_fused = False
                     return
+
+    @staticmethod
+    def _fused_device_check(p: Tensor) -> None:
+        """torch's check of a fused group's first param (its device and dtype), as the
+        installed torch's class makes it."""
+        _device_dtype_check_for_fused(p)
 
     # Whether torch's step makes _fused_dtype_check_once's check (SGD, Adagrad).
     _checks_fused_once = False
@@ -790,9 +818,19 @@ class FusedOptimizer(torch.optim.Optimizer):
         # sees, __torch_dispatch__ ones: a grad subclass that overrides only
         # __torch_function__ is read as a plain tensor, docs/parity.md.)
         fast = self._fast_path and not torch.compiler.is_compiling()
-        with torch.no_grad():
-            done = fast and _C._step(self._op, [param_list(g) for g in groups], self.state, keys,
-                                     args)
+        modes = bool(storage) or state_dtype is not None
+        try:
+            with torch.no_grad():
+                done = fast and _C._step(self._op, [param_list(g) for g in groups], self.state,
+                                         keys, args)
+        except (RuntimeError, ValueError, TypeError):
+            # (every group checked before any changed: Note [every group checked first] in
+            # csrc/plan.h; a param whose dtype a mode does not take gets the error that
+            # names its group and index)
+            if modes:
+                for index in range(len(groups)):
+                    self._check_storage_dtypes(index)
+            raise
         if done:
             return loss
         reason = self._torch_grads_reason()
@@ -806,6 +844,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             return loss
         # Group by group only where there are several: a single group was just declined.
         retry = fast and len(groups) > 1
+        if modes:  # (before any group is updated: a param's dtype may have changed)
+            for index in range(len(groups)):
+                self._check_storage_dtypes(index)
         with torch.no_grad():
             for group, group_keys, group_args in zip(groups, keys, args):
                 if retry and _C._step(self._op, [param_list(group)], self.state, [group_keys],

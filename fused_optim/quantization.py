@@ -135,7 +135,7 @@ def quantize(x: Tensor) -> Tuple[Tensor, Tensor]:
     blocks = blocks.view(nb, BLOCK)
     if nb == 0:
         return torch.zeros(x.shape, dtype=torch.uint8, device=x.device), blocks.new_zeros(0)
-    nan = blocks.isnan().any(1)
+    nan = (~blocks.isfinite()).any(1)  # (a NaN or an infinity: the block is NaN)
     amax = blocks.abs().amax(1)
     amax = torch.where(nan, torch.full_like(amax, float("nan")), amax)
     unsigned = ~((blocks < 0).any(1) | nan)

@@ -8,6 +8,7 @@ then rounded to its dtype and each moment stored as state_dtype says. The 8-bit
 quantization of the reference is written here, in numpy, from the paper's definition of
 the maps; fused_optim/quantization.py is not used to check the kernels."""
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -67,7 +68,7 @@ def reference_quantize(x):
     scales = np.zeros((x.size + 255) // 256, dtype=np.float32)
     for b in range(scales.size):
         v = x[b * 256:(b + 1) * 256]
-        nan = bool(np.isnan(v).any())
+        nan = not bool(np.isfinite(v).all())  # (a NaN or an infinity: the block is NaN)
         amax = np.float32(np.nan) if nan else np.abs(v).max()
         signed = nan or bool((v < 0).any())
         scales[b] = amax if signed else -amax
@@ -202,13 +203,16 @@ def test_quantization_module_matches_the_reference():
     x[:300] = x[:300].abs()  # a block with no negative value: the unsigned map
     x[600:856] = 0.0         # an all-zero block
     x[1200] = float("nan")   # a NaN block
+    x[1300] = float("inf")   # blocks with an infinity (NaN blocks too)
+    x[1600] = -float("inf")
     codes, scales = quantization.quantize(x)
     rc, rs = reference_quantize(x.numpy())
     assert_bitwise(codes, torch.from_numpy(rc), "codes")
     assert_bitwise(scales, torch.from_numpy(rs), "scales")
     assert_bitwise(quantization.dequantize(codes, scales), torch.from_numpy(reference_dequantize(rc, rs)),
                    "dequantized")
-    assert torch.isnan(quantization.dequantize(codes, scales)[1024:1280]).all()
+    assert torch.isnan(quantization.dequantize(codes, scales)[1024:1792]).all()
+    assert not torch.isnan(quantization.dequantize(codes, scales)[1792:]).any()
 
 
 def assert_kernel_quantizes_as_reference(x):
@@ -235,9 +239,14 @@ def test_edge_blocks_through_the_kernel():
     g[256:512] = g[256:512].abs()
     g[700] = float("nan")
     g[1024:1280] = 1e-38
+    g[1300] = float("inf")   # an infinity: a NaN block (Note [8-bit state])
+    g[1600:1856] = g[1600:1856].abs()
+    g[1700] = float("inf")   # in a block that would take the unsigned map
+    g[2000] = -float("inf")
     s = assert_kernel_quantizes_as_reference(g.numpy())
-    assert torch.signbit(s["momentum_buffer_absmax"][:2]).all()  # unsigned map
-    assert torch.isnan(s["momentum_buffer_absmax"][2])
+    scales = s["momentum_buffer_absmax"]
+    assert torch.signbit(scales[:2]).all()  # unsigned map
+    assert torch.isnan(scales[[2, 5, 6, 7]]).all() and not torch.isnan(scales[[3, 4, 8]]).any()
 
 
 def blocks_around_thresholds(amax, signed):
@@ -479,6 +488,38 @@ def test_8_bit_moments_without_scales_are_refused_before_anything_loads():
     assert after["param_groups"] == before["param_groups"]
     for i, s in before["state"].items():
         assert all(torch.equal(after["state"][i][k], v) for k, v in s.items())
+
+
+def test_8_bit_moments_without_scales_are_refused_without_state_dtype_too():
+    """An 8-bit checkpoint whose scales were stripped, loaded into an optimizer without
+    state_dtype: refused as with its scales (the codes loaded as moment values before,
+    found by a review), nothing loaded."""
+    params, opt = run_ours("Adam", dict(lr=0.01), torch.float32, torch.uint8, 1)
+    sd = copy.deepcopy(opt.state_dict())
+    for s in sd["state"].values():
+        for k in [k for k in s if k.endswith("_absmax")]:
+            del s[k]
+    target = fused_optim.Adam(params, lr=0.01)
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(ValueError, match=r"8-bit moments .*state_dtype=torch.uint8"):
+        target.load_state_dict(sd)
+    assert target.state_dict() == before
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "NAdam",
+                                  "RAdam", "SGD", "Adamax"])
+def test_float16_state_of_squared_grads_warns(name):
+    """state_dtype=torch.float16 on an algorithm that keeps squared grads warns at
+    construction that their small values underflow (a review: Adam with grads of 1e-4 lost
+    exp_avg_sq entirely and stepped 18x as far as torch's); SGD and Adamax keep none."""
+    p = torch.zeros(3, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        getattr(fused_optim, name)([p], lr=0.01, state_dtype=torch.float16)
+        getattr(fused_optim, name)([p], lr=0.01, state_dtype=torch.bfloat16)
+    messages = [str(w.message) for w in caught if "state_dtype=torch.float16" in str(w.message)]
+    assert len(messages) == (0 if name in ("SGD", "Adamax") else 1), messages
+    assert all("torch.bfloat16 keeps float32's range" in m for m in messages)
 
 
 def test_8_bit_moments_follow_a_param_whose_layout_changes():

@@ -17,8 +17,14 @@
 // temporary): absmax = max |v| (NaN if any v is NaN); x = v / absmax (IEEE division; 0 where
 // absmax is not > 0); code = the number of thresholds t_c < x, where t_c is the midpoint
 // of map values c and c + 1, computed in double and rounded to float (so ties go to the
-// lower value). Dequantizing: v = map[code] * |scale|. A NaN in a block makes the whole
-// block NaN (its scale is NaN), as a NaN moment poisons that element's updates in torch.
+// lower value). Dequantizing: v = map[code] * |scale|. A NaN or an infinity in a block
+// makes the whole block NaN (its scale is NaN, its codes those of 0), as a NaN moment
+// poisons that element's updates in torch (an infinite moment does too, within a step or
+// two: inf / inf in Adam's update, inf - inf in the param). An infinite absmax has no
+// scale that keeps the block's finite values (0 * inf is NaN), and x = v / inf is NaN for
+// the infinite v, whose code would depend on the NaN's sign bits (x86's division and the
+// GPU's give different ones): until 2026-12-06 the CPU stored +inf as -inf or NaN and
+// fused_optim/quantization.py as +inf.
 // The update itself is computed in float from the dequantized moments; what it stores is
 // the quantization of its results. fused_optim/quantization.py is the same in Python (for
 // checkpoint conversion), and tests/test_state_dtype.py has its own reference. The AVX-512
@@ -135,10 +141,11 @@ inline const Quant8Maps& quant8_maps() {
 }
 
 // A block's map and scale from what its values hold (Note [8-bit state]): the signed map
-// where one is negative or NaN, else the unsigned one, recorded in the scale's sign; a NaN
-// makes amax, and so the scale, NaN. Returns the map's lookup table (Note [quantization by
-// table]).
+// where one is negative, NaN or infinite, else the unsigned one, recorded in the scale's
+// sign; a NaN or an infinity makes amax, and so the scale, NaN. Returns the map's lookup
+// table (Note [quantization by table]).
 inline const uint32_t* q8_block_map(float& amax, bool negative, bool nan, float* scale) {
+  nan |= std::isinf(amax);  // (amax is the largest |v|: infinite where a v is)
   if (nan) amax = NAN;
   const int u = (negative || nan) ? 0 : 1;
   *scale = u ? -amax : amax;

@@ -312,15 +312,13 @@ __device__ __forceinline__ void quantize_block(float v, bool valid, int64_t i, u
     negative |= warp_negative[w];
   }
   __syncthreads();  // (the next block's reduction reuses the shared words)
-  const bool nan = magnitude > 0x7F800000u;
+  // (a NaN or an infinity: the block is NaN, Note [8-bit state] in quant8.h)
+  const bool nan = magnitude >= 0x7F800000u;
   const float amax = nan ? bits_float(0x7FC00000u) : bits_float(magnitude);  // (NAN, as the CPU)
   const int u = (negative != 0 || nan) ? 0 : 1;  // the signed map, or the unsigned one
   if (threadIdx.x == 0) *scale = u ? -amax : amax;
   if (valid) {
-    float x = amax > 0.0f ? v / amax : 0.0f;
-    // An infinite amax divides an infinite v into NaN, whose bits pick q8_code's bucket:
-    // x86's division gives its default NaN (sign set), the GPU's 0x7FFFFFFF. The CPU's.
-    if (x != x) x = bits_float(0xFFC00000u);
+    const float x = amax > 0.0f ? v / amax : 0.0f;
     codes[i] = static_cast<uint8_t>(cpu::q8_code(x, maps->entry[u]));
   }
 }
@@ -662,8 +660,9 @@ class CudaCall {
     }
   }
 
-  // False: nothing to update (no params, or found_inf, read on the host, says skip).
-  bool updates() const { return device_.has_value() && !sc_.skip; }
+  // False: nothing to update (no params, or found_inf, read on the host, says skip, or
+  // only the checks were asked for: Note [every group checked first] in plan.h).
+  bool updates() const { return device_.has_value() && !sc_.skip && !checking_only_now(); }
 
   // Counts this step (a kernel for steps on the device, the host otherwise), then returns
   // the coefficients for the kernels: `base` at lr, and at each tensor's new step where
