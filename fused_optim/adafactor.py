@@ -69,6 +69,23 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
                         "param (torch.optim.Adafactor does not take DTensors either)")
         return super()._torch_grads_reason()
 
+    def _torch_step_reason(self) -> Optional[str]:
+        reason = super()._torch_step_reason()
+        if reason is not None or torch.compiler.is_compiling():
+            return reason
+        # torch's for-loop computes row_var @ col_var (the factored variance) with a matmul,
+        # which autocast runs in its lower dtype (and the update after it follows); the
+        # kernel computes it in float32. Found by a review, 2026-12-06: a step inside
+        # `torch.autocast("cpu")` differed from torch's by 2e-4.
+        for device in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device) and any(
+                    p.device.type == device for g in self.param_groups for p in g["params"]
+                    if p.grad is not None and p.dim() > 1):
+                return (f"step() inside torch.autocast('{device}') (torch's Adafactor computes "
+                        f"its factored variance with a matmul, which autocast runs in "
+                        f"{torch.get_autocast_dtype(device)})")
+        return None
+
     def _whole_group_reason(self) -> Optional[str]:
         # eps1=None is the eps of the dtype of the group's first param with a grad (below)
         for i, group in enumerate(self.param_groups):

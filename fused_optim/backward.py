@@ -119,12 +119,45 @@ def _shared_storage(params: List[Tensor]) -> Dict[Tensor, Tuple[Tensor, ...]]:
 
 def _restore(opt: Any, name: str, ours: Any, previous: Any) -> None:
     """Puts back the instance attribute `name` that `ours` replaced (none, if there was
-    none), where `ours` is still the one there."""
+    none; `previous` as _unbind keeps it), where `ours` is still the one there."""
     if opt.__dict__.get(name) is ours:
         if previous is _MISSING:
             delattr(opt, name)
         else:
-            setattr(opt, name, previous)
+            setattr(opt, name, _rebind(previous, opt))
+
+
+# Note [what step in backward holds]
+# The optimizer holds its handle (_fused_step_in_backward: a handle nobody keeps, as in
+# `step_in_backward(opt)`, works as long as the optimizer does); nothing holds the optimizer
+# back: the handle reaches it through a weak reference, the params' hooks reach the handle
+# through one, and the step() and zero_grad() put on the optimizer keep its previous methods
+# unbound. So an optimizer dropped without remove() is freed when its last reference goes,
+# with its handle, whose finalizer takes the hooks off the params; until 2026-12-06 the
+# references made cycles, and the dropped optimizer went on updating the model during
+# backward (and taking its grads) until Python's cycle collector ran, then left a dead hook
+# on each param for good (found by a review). And a handle kept after remove() keeps
+# nothing alive.
+def _unbind(f: Any, opt: Any) -> Any:
+    """f, without a strong reference to opt where it is a method bound to opt."""
+    if isinstance(f, types.MethodType) and f.__self__ is opt:
+        return (_BOUND, f.__func__)
+    return f
+
+
+def _rebind(f: Any, opt: Any) -> Any:
+    if isinstance(f, tuple) and len(f) == 2 and f[0] is _BOUND:
+        return types.MethodType(f[1], opt)
+    return f
+
+
+_BOUND = object()
+
+
+def _remove_hooks(hooks: Dict[Tensor, Any]) -> None:
+    for hook in hooks.values():
+        hook.remove()
+    hooks.clear()
 
 
 class StepInBackward:
@@ -147,7 +180,7 @@ class StepInBackward:
             raise RuntimeError(
                 "fused_optim.step_in_backward: this optimizer already runs its step in backward; "
                 "remove() the first handle before making another")
-        self.optimizer = optimizer
+        self._optimizer = weakref.ref(optimizer)  # Note [what step in backward holds]
         self._cap_bytes = bucket_cap_mb * 2**20
         self._accumulation_steps = accumulation_steps
         self._check_combinable()
@@ -169,6 +202,8 @@ class StepInBackward:
         self._pending: List[Tensor] = []
         self._pending_bytes = 0
         self._hooks: Dict[Tensor, Any] = {}
+        # (the handle freed without remove(), with its optimizer: the hooks taken off)
+        self._finalizer = weakref.finalize(self, _remove_hooks, self._hooks)
         self._group_of: Dict[Tensor, int] = {}
         self._layout: Optional[tuple] = None
         self._no_grad_params: List[Tensor] = []
@@ -193,6 +228,11 @@ class StepInBackward:
         self._track_params()
         self._install_step()
         optimizer._fused_step_in_backward = self
+
+    @property
+    def optimizer(self) -> Optional[FusedOptimizer]:
+        """The optimizer (None once it has been freed: the handle does not keep it)."""
+        return self._optimizer()
 
     # -- what cannot be combined ---------------------------------------------------------
     def _check_combinable(self) -> None:
@@ -266,7 +306,7 @@ class StepInBackward:
             "the handle")
 
     def _on_grad_locked(self, p: Tensor) -> None:
-        if not self._active:
+        if not self._active or self.optimizer is None:
             return
         if self._stepping:
             self._refuse_backward_in_step()
@@ -366,34 +406,44 @@ class StepInBackward:
     def _install_step(self) -> None:
         opt = self.optimizer
         # The step to run at the end of an iteration: the instance's (an LR scheduler's
-        # wrapper that records the call) or the class's (torch's hooks around ours).
-        self._previous_attr = opt.__dict__.get("step", _MISSING)
-        previous_step = opt.step
-        handle = self
+        # wrapper that records the call) or the class's (torch's hooks around ours). Held
+        # unbound, as the handle and the optimizer are held weakly (Note [what step in
+        # backward holds]).
+        self._previous_attr = _unbind(opt.__dict__.get("step", _MISSING), opt)
+        previous_step = _unbind(opt.step, opt)
+        optimizer_ref = self._optimizer
+        handle_ref = weakref.ref(self)
 
         def step(opt_self, closure=None):
-            if not handle._active:
-                return previous_step() if closure is None else previous_step(closure)
-            return handle._end_iteration(previous_step, closure)
+            previous = _rebind(previous_step, optimizer_ref())
+            handle = handle_ref()
+            if handle is None or not handle._active:
+                return previous() if closure is None else previous(closure)
+            return handle._end_iteration(previous, closure)
 
         step.__doc__ = type(opt).step.__doc__
         if hasattr(previous_step, "_wrapped_by_lr_sched"):
             # A scheduler already wraps the step we call: schedulers made later must not
             # warn that step() was replaced after them.
             step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
-        # A bound method, as LRScheduler's wrapper expects of optimizer.step (__func__).
-        self._step = types.MethodType(step, opt)
+        # A bound method, as LRScheduler's wrapper expects of optimizer.step (it calls
+        # __func__ on the optimizer it holds); bound to a weak proxy of the optimizer, which
+        # it does not use (a method bound to the optimizer, kept by the optimizer, would be
+        # a cycle).
+        self._step = types.MethodType(step, weakref.proxy(opt))
         opt.step = self._step
-        self._previous_zero_grad_attr = opt.__dict__.get("zero_grad", _MISSING)
-        previous_zero_grad = opt.zero_grad
+        self._previous_zero_grad_attr = _unbind(opt.__dict__.get("zero_grad", _MISSING), opt)
+        previous_zero_grad = _unbind(opt.zero_grad, opt)
 
         def zero_grad(opt_self, set_to_none: bool = True) -> None:
-            if not handle._active:
-                return previous_zero_grad(set_to_none)
-            return handle._zero_grad(previous_zero_grad, set_to_none)
+            previous = _rebind(previous_zero_grad, optimizer_ref())
+            handle = handle_ref()
+            if handle is None or not handle._active:
+                return previous(set_to_none)
+            return handle._zero_grad(previous, set_to_none)
 
         zero_grad.__doc__ = type(opt).zero_grad.__doc__
-        self._zero_grad_method = types.MethodType(zero_grad, opt)
+        self._zero_grad_method = types.MethodType(zero_grad, weakref.proxy(opt))
         opt.zero_grad = self._zero_grad_method
 
     def _end_iteration(self, previous_step, closure):
@@ -506,15 +556,15 @@ class StepInBackward:
             if not self._active:
                 return
             self._active = False
-            for hook in self._hooks.values():
-                hook.remove()
-            self._hooks.clear()
+            _remove_hooks(self._hooks)
             opt = self.optimizer
-            # (else a scheduler made after us wraps our step, which now passes calls through)
-            _restore(opt, "step", self._step, self._previous_attr)
-            _restore(opt, "zero_grad", self._zero_grad_method, self._previous_zero_grad_attr)
-            if getattr(opt, "_fused_step_in_backward", None) is self:
-                del opt._fused_step_in_backward
+            if opt is not None:
+                # (else a scheduler made after us wraps our step, which now passes calls
+                # through)
+                _restore(opt, "step", self._step, self._previous_attr)
+                _restore(opt, "zero_grad", self._zero_grad_method, self._previous_zero_grad_attr)
+                if getattr(opt, "_fused_step_in_backward", None) is self:
+                    del opt._fused_step_in_backward
             # (the wrappers refer to the handle and to the optimizer's methods: dropped, so
             # that the optimizer is freed when its last reference goes, not at the next
             # collection; a scheduler that wrapped ours keeps it working, as pass-through)

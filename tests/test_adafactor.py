@@ -627,3 +627,31 @@ def test_a_param_whose_norm_overflows_float_steps_to_torchs_infinities(shape):
         out.append(p.detach().clone())
     assert not out[0].isfinite().any()
     torch.testing.assert_close(out[1], out[0], equal_nan=True, rtol=0, atol=0)
+
+
+def test_a_step_inside_autocast_runs_torchs_step():
+    """torch's Adafactor computes row_var @ col_var with a matmul, which autocast runs in
+    bfloat16; inside `torch.autocast("cpu")` fused_optim runs torch's step, with a warning,
+    and its params and state are torch's bit for bit (the kernel's float32 product was 2e-4
+    off them, found by a review). Outside autocast the kernel runs again."""
+    import warnings
+
+    runs = []
+    for cls in (torch.optim.Adafactor, fused_optim.Adafactor):
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.randn(16, 32, generator=g).requires_grad_(), torch.randn(5, generator=g).requires_grad_()]
+        opt = cls(ps, lr=0.01)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(3):
+                for p in ps:
+                    p.grad = torch.randn(p.shape, generator=g)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    opt.step()
+        runs.append((ps, opt, [str(w.message) for w in caught]))
+    (ref, ref_opt, _), (ours, ours_opt, messages) = runs
+    for p, q in zip(ours, ref):
+        assert torch.equal(p, q)
+        for k, v in ref_opt.state[q].items():
+            assert torch.equal(ours_opt.state[p][k], v), k
+    assert any("inside torch.autocast('cpu')" in m for m in messages), messages

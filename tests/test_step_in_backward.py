@@ -184,8 +184,9 @@ def test_a_param_read_later_in_the_backward_raises_autograds_error():
                 p.register_post_accumulate_grad_hook(
                     lambda p: torch.optim.SGD([p], lr=0.1).step())
         else:
-            fused_optim.step_in_backward(fused_optim.SGD(model.parameters(), lr=0.1),
-                                         bucket_cap_mb=0)
+            # (the optimizer kept: a dropped one is freed, its hooks with it)
+            opt = fused_optim.SGD(model.parameters(), lr=0.1)
+            fused_optim.step_in_backward(opt, bucket_cap_mb=0)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             model(x).backward()
 
@@ -897,3 +898,41 @@ def test_a_fused_option_set_on_a_group_is_refused_before_the_iterations_updates(
     loss_of(model, 0).backward()
     opt.step()
     opt.zero_grad()
+
+
+def test_a_dropped_optimizer_stops_at_once_and_takes_its_hooks_off():
+    """Note [what step in backward holds]: an optimizer dropped without remove() is freed
+    with its last reference (no cycle waits for the collector, disabled here), its hooks
+    come off the params, and a backward after it leaves the grads to whoever steps next
+    (found by a review: the dropped optimizer went on updating the model and taking its
+    grads until the collector ran, then left a dead hook per param for good). A handle kept
+    after remove() keeps nothing alive."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 2)
+    x = torch.randn(4, 8)
+    gc.disable()
+    try:
+        opt = fused_optim.AdamW(model.parameters(), lr=0.1)
+        handle = fused_optim.step_in_backward(opt, bucket_cap_mb=0)
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        gone = weakref.ref(opt)
+        del opt, handle
+        assert gone() is None
+        assert not model.weight._post_accumulate_grad_hooks  # (torch's dict of them)
+        before = model.weight.detach().clone()
+        model(x).square().mean().backward()
+        assert model.weight.grad is not None and torch.equal(model.weight.detach(), before)
+
+        opt = fused_optim.SGD(model.parameters(), lr=0.1)
+        handle = fused_optim.step_in_backward(opt)
+        handle.remove()
+        gone = weakref.ref(opt)
+        del opt
+        assert gone() is None and handle.optimizer is None
+    finally:
+        gc.enable()
