@@ -591,3 +591,46 @@ def test_the_kernels_errors_name_a_state_by_the_ops_list(name, key, listed):
                                            r"dtype Float"):
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_a_big_step_lets_other_python_threads_run():
+    """Note [the GIL during a step] (csrc/python_step.cpp): a step of big tensors runs its
+    kernels without the GIL, as torch's ops do, so another Python thread runs meanwhile (a
+    review found a heartbeat thread frozen for a whole step). Counted, not timed: the other
+    thread's ticks that fall inside the steps, with Python's switch interval made long, so
+    that only a release of the GIL lets the other thread run."""
+    import sys
+    import threading
+    import time
+
+    p = torch.zeros(1 << 24, requires_grad=True)  # (16M elements: tens of ms a step)
+    p.grad = torch.ones_like(p)
+    opt = fused_optim.Adam([p], lr=0.1)
+    opt.step()  # (the first step makes the state, on the general path)
+    ticks, stop = [], threading.Event()
+
+    def ticker():
+        while not stop.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.0002)
+
+    thread = threading.Thread(target=ticker)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)
+    thread.start()
+    try:
+        time.sleep(0.01)
+        inside = 0
+        for _ in range(3):
+            start = time.perf_counter()
+            opt.step()
+            end = time.perf_counter()
+            inside += sum(start < t < end for t in list(ticks))
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+    # (with the GIL held, 0 to 3 fell inside: in the step's own Python, torch's ops let the
+    # thread in for a moment; without it, over a hundred here)
+    assert inside >= 10, inside
+    assert float(opt.state[p]["step"]) == 4
