@@ -101,7 +101,8 @@ TORCH_LIBRARY(fused_optim, m) {
       "float beta2_decay, float? eps1, float eps2, float d, float weight_decay, bool maximize, "
       "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   // Muon (csrc/cpu/muon.cpp): not elementwise; the Newton-Schulz coefficients are a, b, c;
-  // adjust_lr 0 is torch's None or "original", 1 "match_rms_adamw" (fused_optim/muon.py).
+  // adjust_lr 0 is torch's None or "original", 1 "match_rms_adamw", 2 no adjustment, 3
+  // "spectral_unclamped" (fused_optim/muon.py).
   // _muon_aten_: the same step through ATen ops only (CUDA's kernel), on any device.
   m.def(
       "muon_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, "

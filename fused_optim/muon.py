@@ -7,6 +7,7 @@ bmm/baddbmm on a stack, so oneDNN or cuBLAS does the work), then the weight deca
 step in one more pass. torch's for-loop does each param on its own, 3 * ns_steps products
 and about ten elementwise ops each (Note [Muon as torch computes it] in muon.cpp).
 """
+import math
 import operator
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -24,10 +25,34 @@ _TORCH_DEFAULTS = {
     for k, v in __import__("inspect").signature(torch.optim.Muon.__init__).parameters.items()
 }
 
-# adjust_lr_fn as the kernel's `adjust_lr` (csrc/ops.cpp): torch's _adjust_lr treats None
-# as "original", and any other name (one set in a param group after construction) as no
-# adjustment.
-_ADJUST_LR = {None: 0, "original": 0, "match_rms_adamw": 1}
+# adjust_lr_fn as the kernel's `adjust_lr` (csrc/ops.cpp: 0 sqrt(max(1, A / B)), 1
+# 0.2 sqrt(max(A, B)), 2 none, 3 sqrt(A / B)), by what the installed torch's _adjust_lr
+# computes for the name on two shapes: its names differ between releases (torch 2.14 added
+# "spectral_unclamped"; before it, that name, set in a group after construction, adjusted
+# nothing), and any name it does not know adjusts nothing. None: a formula the kernel does
+# not have (torch's step runs).
+_ADJUST_BY_RATIOS = {(2.0, 1.0): 0, (0.4, 0.4): 1, (1.0, 1.0): 2, (2.0, 0.5): 3}
+_adjust_codes: Dict[Any, Optional[int]] = {}
+
+
+def _adjust_lr_code(name: Any) -> Optional[int]:
+    try:
+        return _adjust_codes[name]
+    except KeyError:
+        pass
+    except TypeError:  # (an unhashable value: asked each time)
+        return _probe_adjust_lr(name)
+    code = _adjust_codes[name] = _probe_adjust_lr(name)
+    return code
+
+
+def _probe_adjust_lr(name: Any) -> Optional[int]:
+    adjust = torch.optim._muon._adjust_lr
+    ratios = (adjust(1.0, name, torch.Size([4, 1])), adjust(1.0, name, torch.Size([1, 4])))
+    for known, code in _ADJUST_BY_RATIOS.items():
+        if all(math.isclose(r, k, rel_tol=1e-15) for r, k in zip(ratios, known)):
+            return code
+    return None
 
 
 class Muon(FusedOptimizer, torch.optim.Muon):
@@ -69,6 +94,15 @@ class Muon(FusedOptimizer, torch.optim.Muon):
 
     _refuses_complex = True  # (_init_state)
 
+    def _torch_step_reason(self) -> Optional[str]:
+        reason = super()._torch_step_reason()
+        if reason is None:
+            for i, group in enumerate(self.param_groups):
+                if _adjust_lr_code(group["adjust_lr_fn"]) is None:
+                    return (f"adjust_lr_fn={group['adjust_lr_fn']!r} in param group {i} (an lr "
+                            "adjustment the kernel does not have)")
+        return reason
+
     def _torch_grads_reason(self) -> Optional[str]:
         # (asked where the fast path declined: DTensors among them) The Newton-Schulz
         # iterations need each whole matrix, and the kernel sees a rank's shard of a sharded
@@ -105,7 +139,7 @@ class Muon(FusedOptimizer, torch.optim.Muon):
             ns_c=float(c),
             eps=float(group["eps"]),
             ns_steps=int(ns_steps),
-            adjust_lr=_ADJUST_LR.get(group["adjust_lr_fn"], 2),
+            adjust_lr=_adjust_lr_code(group["adjust_lr_fn"]),
         )
 
     def _update_group(self, group: Dict[str, Any], params: List[Tensor], grads: List[Tensor],
@@ -119,7 +153,7 @@ class Muon(FusedOptimizer, torch.optim.Muon):
         for p, g in zip(params, grads):
             if g.ndim != 2:
                 raise ValueError("Param gradient must be a 2D matrix")
-            if _ADJUST_LR.get(group["adjust_lr_fn"], 2) == 0 and p.shape[1] == 0:
+            if _adjust_lr_code(group["adjust_lr_fn"]) in (0, 3) and p.shape[1] == 0:
                 raise ZeroDivisionError("division by zero")
         super()._update_group(group, params, grads, keys, args)
 

@@ -74,12 +74,14 @@ constexpr const char* kOp = "fused_optim::muon_";
 // optimizer mid-training).
 
 // The update's scaling by shape, as torch's _adjust_lr: 0 is None or "original", 1 is
-// "match_rms_adamw", anything else no adjustment (fused_optim/muon.py maps the names).
+// "match_rms_adamw", 3 is "spectral_unclamped" (torch 2.14), 2 no adjustment
+// (fused_optim/muon.py maps the names by what the installed torch's _adjust_lr computes).
 double lr_ratio(int64_t adjust, int64_t rows, int64_t cols) {
   if (adjust == 0) {
     return std::sqrt(std::max(1.0, static_cast<double>(rows) / static_cast<double>(cols)));
   }
   if (adjust == 1) return 0.2 * std::sqrt(static_cast<double>(std::max(rows, cols)));
+  if (adjust == 3) return std::sqrt(static_cast<double>(rows) / static_cast<double>(cols));
   return 1.0;
 }
 
