@@ -691,3 +691,29 @@ def test_a_nan_eps_makes_every_param_nan_as_torchs_clamp():
         opt.step()
         out.append(p.detach().clone())
     assert out[0].isnan().all() and out[1].isnan().all()
+
+
+@pytest.mark.parametrize("name", ["original", "match_rms_adamw", "spectral_unclamped", "no such"])
+def test_every_adjust_lr_fn_as_the_installed_torch_computes_it(name):
+    """adjust_lr_fn, set in a group (past the constructor's check of the names this torch
+    knows): each step scaled as the installed torch's _adjust_lr scales it ("spectral_unclamped"
+    is torch 2.14's sqrt(A / B): on older torch, as any name it does not know, no adjustment;
+    found by test_torch_optim_db on torch 2.14.1), on a tall and a wide matrix."""
+    steps, lr = 3, 0.02
+    runs = []
+    for cls in (torch.optim.Muon, fused_optim.Muon):
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.randn(6, 3, generator=g).requires_grad_(), torch.randn(3, 6, generator=g).requires_grad_()]
+        opt = cls(ps, lr=lr)
+        opt.param_groups[0]["adjust_lr_fn"] = name
+        for _ in range(steps):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        runs.append(ps)
+    for p, q in zip(*reversed(runs)):
+        # Note [Muon's tolerance]: 2^-4 of a step's size a step
+        ratio = torch.optim._muon._adjust_lr(1.0, name, p.shape)
+        # (a wrong adjustment, 1 for sqrt(2) say, moves a step ~lr * 0.4 * |update|:
+        # several times this)
+        torch.testing.assert_close(p, q, rtol=0, atol=steps * lr * ratio * 2**-4)
