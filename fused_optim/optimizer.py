@@ -291,6 +291,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                     "square_avg underflows; 8-bit moments are rounded apart): float32 or "
                     "bfloat16 moments keep it right")
 
+    def _check_storage_dtypes_of_every_group(self) -> None:
+        for index in range(len(self.param_groups)):
+            self._check_storage_dtypes(index)
+
     def _check_storage_dtypes(self, index: int) -> None:
         """_check_storage's errors (not its warning): checked when a group is added, and
         again by a step where a param's dtype may have changed since (`module.float()`
@@ -828,8 +832,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             # csrc/plan.h; a param whose dtype a mode does not take gets the error that
             # names its group and index)
             if modes:
-                for index in range(len(groups)):
-                    self._check_storage_dtypes(index)
+                self._check_storage_dtypes_of_every_group()
             raise
         if done:
             return loss
@@ -845,8 +848,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         # Group by group only where there are several: a single group was just declined.
         retry = fast and len(groups) > 1
         if modes:  # (before any group is updated: a param's dtype may have changed)
-            for index in range(len(groups)):
-                self._check_storage_dtypes(index)
+            self._check_storage_dtypes_of_every_group()
         with torch.no_grad():
             for group, group_keys, group_args in zip(groups, keys, args):
                 if retry and _C._step(self._op, [param_list(group)], self.state, [group_keys],
