@@ -293,7 +293,6 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
         is_direct[i] ? direct[i].numel : params[i].numel() * (is_complex_[i] ? 2 : 1);
     if (numel == 0) continue;
     if (!is_direct[i]) {
-      if (!params[i].is_non_overlapping_and_dense()) check_no_overlap(op, i, params);
       direct[i] = unusual_layout(i, params, grads, states, grad_mutable);
       for (int k = 0; k < num_states_; ++k) direct[i].state_dtype[k] = states[k][i].scalar_type();
     }
@@ -344,14 +343,35 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
 // which gives the for-loop's bits (on CUDA: one launch per entry, in list order). The same
 // holds for the entries of a state list (a state tensor shared by two params, made by
 // hand: two threads raced on it until 2026-12-06). Each entry's loop writes one dense span
-// of memory per list, from its pointer (or that of its layout temporary, its own memory).
+// of memory per list, from its pointer; where a layout temporary stands in (Note
+// [layouts]), the memory it stands for is the original's extent, from its lowest element
+// to its highest (views that interleave without sharing an element run serially too).
+// A serial call copies each entry's temporaries in just before its update and back just
+// after (begin_serial_entry, end_serial_entry), so that each entry reads what the ones
+// before it wrote: until 2026-12-06 they were all copied in first and back last, and a
+// param listed twice whose state had another layout, or a transposed grad shared by two
+// params under a GradScaler, came out as neither torch path leaves it (found by a review).
+// So non-contiguous params that share elements with another param are stepped as torch's
+// for-loop steps them (they were refused before: Note [overlapping params]).
 // The check is one pass per list
 // where the spans come in address order (ascending, or descending as mmap hands out big
 // allocations); else the spans are sorted (~35 us for 5,000), and a call whose spans were
 // found disjoint is remembered by a hash of them: a training loop's params are the same
 // tensors step after step (its grads too, where they are kept), so the sort runs once.
 bool MultiTensorPlan::entries_share_memory(int list) const {
+  // An entry whose tensor of this list is a layout temporary: the memory it stands for,
+  // the original's extent (two entries' temporaries of one tensor are different memory).
+  std::vector<std::pair<int64_t, std::pair<const char*, const char*>>> originals;
+  for (const Temporary& t : temps_) {
+    if (t.list == list) originals.emplace_back(t.entry, extent(t.original));
+  }
   return spans_overlap(num_entries(), [&](int64_t j) {
+    if (!originals.empty()) {
+      const auto it = std::lower_bound(
+          originals.begin(), originals.end(), j,
+          [](const auto& o, int64_t entry) { return o.first < entry; });
+      if (it != originals.end() && it->first == j) return it->second;
+    }
     const TensorPtrs& tp = ptrs_[j];
     const auto* lo = static_cast<const char*>(list == kParams  ? tp.param
                                               : list == kGrads ? tp.grad
@@ -394,6 +414,18 @@ bool spans_overlap(int64_t m, c10::function_ref<std::pair<const char*, const cha
   return false;
 }
 
+// The bytes from a tensor's lowest element to the end of its highest (it has elements).
+std::pair<const char*, const char*> extent(const at::Tensor& t) {
+  int64_t lo = 0, hi = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    const int64_t reach = (t.size(d) - 1) * t.stride(d);
+    (reach < 0 ? lo : hi) += reach;
+  }
+  const auto* base = static_cast<const char*>(t.const_data_ptr());
+  const int64_t size = static_cast<int64_t>(t.element_size());
+  return {base + lo * size, base + (hi + 1) * size};
+}
+
 namespace {
 // Whether two views of one storage share an element: decided by ATen where it can, else by
 // marking a's elements in a mask of the storage and looking under b's.
@@ -412,19 +444,28 @@ bool views_overlap(const at::Tensor& a, const at::Tensor& b) {
 }  // namespace
 
 // Note [overlapping params]
-// A param that is neither contiguous nor dense is updated through a contiguous copy, which
-// is written back whole after the update (Note [layouts]). Where it shares memory with
-// another param of the call, that write-back would undo the other's update of the shared
-// elements (torch's for-loop updates them twice, one param after the other): refused.
+// Adafactor's and Muon's kernels update a param that is neither contiguous nor dense
+// through a contiguous copy, written back whole after every param's update. Where it
+// shares memory with another param of the call, that write-back would undo the other's
+// update of the shared elements (torch's for-loop updates them twice, one param after the
+// other): refused. (The elementwise kernels step such params in list order: Note [aliased
+// params].) Shared memory is found by address, not by storage: two storages can hold the
+// same memory, as two from_numpy views of one array do (found by a review, 2026-12-06).
 void MultiTensorPlan::check_no_overlap(const char* op, int64_t i, at::TensorList params) {
   const at::Tensor& p = params[static_cast<size_t>(i)];
+  const auto [p_lo, p_hi] = extent(p);
   for (size_t j = 0; j < params.size(); ++j) {
     const at::Tensor& q = params[j];
-    if (static_cast<int64_t>(j) == i || q.numel() == 0 || !q.storage().is_alias_of(p.storage()) ||
-        q.element_size() != p.element_size()) {
-      continue;
-    }
-    TORCH_CHECK(!views_overlap(p, q), op, ": params[", i, "] is a non-contiguous view that shares "
+    if (static_cast<int64_t>(j) == i || q.numel() == 0) continue;
+    // (by address: two storages can hold the same memory, as two from_numpy views of one
+    // array do; found by a review, 2026-12-06)
+    const auto [q_lo, q_hi] = extent(q);
+    if (q_hi <= p_lo || p_hi <= q_lo) continue;
+    const bool shared = q.storage().is_alias_of(p.storage()) &&
+                                q.element_size() == p.element_size()
+                            ? views_overlap(p, q)
+                            : true;  // (other storages or element sizes: the extents overlap)
+    TORCH_CHECK(!shared, op, ": params[", i, "] is a non-contiguous view that shares "
                 "elements with params[", j, "]; fused_optim updates such a param through a copy, "
                 "which would undo the other's update of the shared elements: make them separate "
                 "tensors (or give them to separate optimizers)");
@@ -449,7 +490,8 @@ TensorPtrs MultiTensorPlan::unusual_layout(int64_t i, at::TensorList params,
   // Never update a copy without writing it back.
   const at::Tensor& p = t[0];
   const bool param_dense = p.is_non_overlapping_and_dense();
-  auto data = [&](const at::Tensor& x, bool mutated) -> void* {
+  const int64_t entry = static_cast<int64_t>(ptrs_.size());  // (pass 2 pushes it next)
+  auto data = [&](const at::Tensor& x, int list, bool mutated) -> void* {
     if (param_dense ? same_layout(x, p) : x.is_contiguous()) return x.data_ptr();
     // (in x's own dtype: a master_param is float32 beside a 16-bit param)
     const auto options = p.options().dtype(x.scalar_type());
@@ -457,18 +499,37 @@ TensorPtrs MultiTensorPlan::unusual_layout(int64_t i, at::TensorList params,
                                  : at::empty(p.sizes(), options);
     tmp.copy_(x);
     void* ptr = tmp.data_ptr();
-    if (mutated) {
-      writebacks_.emplace_back(x, std::move(tmp));
-    } else {
-      keep_alive_.push_back(std::move(tmp));
-    }
+    temps_.push_back(Temporary{x, std::move(tmp), entry, list, mutated});
     return ptr;
   };
   TensorPtrs tp{};
-  tp.param = data(p, /*mutated=*/true);
-  tp.grad = data(t[1], grad_mutable);
-  for (int k = 0; k < num_states_; ++k) tp.state[k] = data(t[2 + k], /*mutated=*/true);
+  tp.param = data(p, kParams, /*mutated=*/true);
+  tp.grad = data(t[1], kGrads, grad_mutable);
+  for (int k = 0; k < num_states_; ++k) tp.state[k] = data(t[2 + k], k, /*mutated=*/true);
   return tp;
+}
+
+std::pair<size_t, size_t> MultiTensorPlan::temporaries_of(int64_t j) const {
+  const auto by_entry = [](const Temporary& t, int64_t e) { return t.entry < e; };
+  const auto lo = std::lower_bound(temps_.begin(), temps_.end(), j, by_entry);
+  auto hi = lo;
+  while (hi != temps_.end() && hi->entry == j) ++hi;
+  return {static_cast<size_t>(lo - temps_.begin()), static_cast<size_t>(hi - temps_.begin())};
+}
+
+void MultiTensorPlan::begin_serial_entry(int64_t j) {
+  if (temps_.empty()) return;
+  const auto [lo, hi] = temporaries_of(j);
+  for (size_t k = lo; k < hi; ++k) temps_[k].tmp.copy_(temps_[k].original);
+}
+
+void MultiTensorPlan::end_serial_entry(int64_t j) {
+  if (temps_.empty()) return;
+  const auto [lo, hi] = temporaries_of(j);
+  for (size_t k = lo; k < hi; ++k) {
+    if (temps_[k].written) temps_[k].original.copy_(temps_[k].tmp);
+    temps_[k].written = false;  // (done: finish() leaves it)
+  }
 }
 
 std::vector<uint64_t> MultiTensorPlan::next_rounding_streams() const {
@@ -484,9 +545,10 @@ std::vector<uint64_t> MultiTensorPlan::next_rounding_streams() const {
 }
 
 void MultiTensorPlan::finish() {
-  for (auto& wb : writebacks_) wb.first.copy_(wb.second);
-  writebacks_.clear();
-  keep_alive_.clear();
+  for (Temporary& t : temps_) {
+    if (t.written) t.original.copy_(t.tmp);
+  }
+  temps_.clear();
 }
 
 namespace {

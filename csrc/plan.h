@@ -175,6 +175,13 @@ class MultiTensorPlan {
 
   // Copies the layout temporaries of written tensors back (on CUDA: stream-ordered).
   void finish();
+  // A serial call's entry j (Note [aliased params] in plan.cpp), around its update: its
+  // layout temporaries copied again from their tensors (an earlier entry may have written
+  // the memory they stand for), then its written ones copied back, so that the next
+  // entries read what it wrote. A call of several entries with temporaries must be walked
+  // so when serial(); finish() then has none of them left to write.
+  void begin_serial_entry(int64_t j);
+  void end_serial_entry(int64_t j);
 
   // Raises where param i, updated through a copy, shares elements with another param
   // (Note [overlapping params] in plan.cpp; also Adafactor's and Muon's kernels, which
@@ -185,6 +192,8 @@ class MultiTensorPlan {
   // The pointers of param i whose tensors need real views or layout temporaries.
   TensorPtrs unusual_layout(int64_t i, at::TensorList params, at::TensorList grads,
                             const std::vector<at::TensorList>& states, bool grad_mutable);
+  // The temporaries of entry j, as a range of temps_ (they are made in entry order).
+  std::pair<size_t, size_t> temporaries_of(int64_t j) const;
   // Whether two entries' params (kParams), grads (kGrads) or states of list k (k >= 0)
   // share memory (Note [aliased params] in plan.cpp).
   static constexpr int kParams = -1;
@@ -204,8 +213,15 @@ class MultiTensorPlan {
   std::vector<int64_t> index_;    // position in the call's lists
   std::vector<int64_t> offsets_;  // prefix sums of numel, size index_.size() + 1
   std::vector<TensorPtrs> ptrs_;
-  std::vector<std::pair<at::Tensor, at::Tensor>> writebacks_;  // (original, temporary)
-  std::vector<at::Tensor> keep_alive_;                          // read-only temporaries
+  // Note [layouts]: the layout temporaries, in entry order. `list` is the list whose
+  // tensor (`original`) the temporary stands for: kParams, kGrads or a state list.
+  struct Temporary {
+    at::Tensor original, tmp;
+    int64_t entry;
+    int list;
+    bool written;  // copied back after the update
+  };
+  std::vector<Temporary> temps_;
 };
 
 // Checks a list of n step tensors: one-element tensors, all on the CPU (the for-loop's
@@ -323,6 +339,9 @@ inline bool has_tensor(const std::optional<at::Tensor>& t) {
 // [aliased params] in plan.cpp): one pass where they come in address order; else they
 // are sorted, and a set found disjoint is remembered by a hash of the spans.
 bool spans_overlap(int64_t m, c10::function_ref<std::pair<const char*, const char*>(int64_t)> span);
+
+// The bytes from a tensor's lowest element to the end of its highest (it has elements).
+std::pair<const char*, const char*> extent(const at::Tensor& t);
 
 // A tensor the step writes whose elements share memory (an expanded state, or an expanded
 // grad that a GradScaler step unscales in place): torch's in-place ops refuse to write it,

@@ -106,6 +106,17 @@ C10_NAMES = {torch.complex32: "ComplexHalf", torch.complex64: "ComplexFloat",
 
 # The param dtypes the kernels take (is_supported_dtype in csrc/plan.h); a step with others
 # runs torch's own (_torch_grads_reason).
+def _dispatch_subclass(t: Tensor) -> bool:
+    """Whether t is a tensor subclass that the dispatcher hands back to Python
+    (__torch_dispatch__), DTensors excepted: the op runs inside it as it chooses (a
+    wrapper subclass, once per inner tensor), where the kernel's plain state tensors
+    (the step counts) would be counted once per run."""
+    kind = type(t)
+    return (kind is not Tensor and kind is not torch.nn.Parameter
+            and getattr(kind, "__torch_dispatch__", None) is not Tensor.__torch_dispatch__
+            and not quantization.is_dtensor(t))
+
+
 _KERNEL_DTYPES = frozenset((torch.float32, torch.float64, torch.bfloat16, torch.float16,
                             torch.complex64, torch.complex128))
 
@@ -695,11 +706,19 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _torch_grads_reason(self) -> Optional[str]:
         """Why the grads of this step make it run torch's own implementation (sparse grads
         for some algorithms), or None. Asked only when the fast path declined."""
+        compiling = torch.compiler.is_compiling()
         for group in self.param_groups:
             for p in group["params"]:
                 g = p.grad
                 if g is None:
                     continue
+                if not compiling and (_dispatch_subclass(p) or _dispatch_subclass(g)):
+                    # (a wrapper subclass such as torch's TwoTensor runs each op once per
+                    # inner tensor: the op counted a step, and NAdam's mu_product and
+                    # ASGD's eta, once per run; torch's for-loop counts them in plain
+                    # tensors, once. Found by a review, 2026-12-06)
+                    return (f"a param or grad of the tensor subclass "
+                            f"{type(p if _dispatch_subclass(p) else g).__name__}")
                 if g.dtype != p.dtype and not g.is_sparse:
                     # (torch >= 2.9 allows it, with p.grad_dtype = None: torch's for-loop
                     # takes such grads in some algorithms, and raises its own error in others)

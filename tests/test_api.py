@@ -571,17 +571,23 @@ def test_namespace_offers_every_torch_optim_name():
     assert isinstance(swa, torch.optim.swa_utils.AveragedModel)
 
 
-def test_params_that_overlap_through_a_copy_are_refused_and_disjoint_views_work():
-    # Note [overlapping params] in csrc/plan.cpp: a non-contiguous view is updated through a
-    # copy written back whole, which would undo another param's update of shared elements.
-    big = torch.zeros(12, dtype=torch.float64)
-    a, b = big[0:6].requires_grad_(), big[::3].requires_grad_()  # share elements 0 and 3
-    opt = fused_optim.SGD([a, b], lr=0.1)
-    a.grad, b.grad = torch.ones(6, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match=r"params\[1\] is a non-contiguous view that shares "
-                                           r"elements with params\[0\]"):
-        opt.step()
-    assert not big.any()  # nothing changed
+def test_params_that_overlap_through_a_copy_step_as_torchs_for_loop():
+    # Note [aliased params] in csrc/plan.cpp: a non-contiguous view is updated through a
+    # copy; where it shares elements with another param, the call runs serially and each
+    # entry's copy is taken just before its update and written back just after, so the
+    # shared elements are updated twice, in list order, as torch's for-loop does (until
+    # 2026-12-06 refused, then, with two storages of one memory, missed: see below).
+    results = []
+    for cls, kw in ((torch.optim.SGD, dict(foreach=False)), (fused_optim.SGD, {})):
+        big = torch.zeros(12, dtype=torch.float64)
+        a, b = big[0:6].requires_grad_(), big[::3].requires_grad_()  # share elements 0 and 3
+        o = cls([a, b], lr=0.1, momentum=0.9, **kw)
+        for step in range(2):
+            a.grad = torch.full((6,), 1.0 + step, dtype=torch.float64)
+            b.grad = torch.arange(4, dtype=torch.float64) - step
+            o.step()
+        results.append(big)
+    assert torch.equal(results[0], results[1])
     # interleaved views share a storage but no element: updated as torch's for-loop does
     results = []
     for cls, kw in ((torch.optim.SGD, dict(foreach=False)), (fused_optim.SGD, {})):
@@ -594,6 +600,72 @@ def test_params_that_overlap_through_a_copy_are_refused_and_disjoint_views_work(
             o.step()
         results.append(store)
     assert torch.equal(results[0], results[1])
+
+
+def test_params_in_two_storages_of_one_memory_step_as_torchs_for_loop():
+    """Two from_numpy views of one array are two storages of the same memory: the overlap
+    check looked for shared storages only, and the strided param's write-back undid the
+    other's update (found by a review, 2026-12-06). Shared memory is now found by address."""
+    np = pytest.importorskip("numpy")
+    results = []
+    for cls, kw in ((torch.optim.SGD, dict(foreach=False)), (fused_optim.SGD, {})):
+        arr = np.arange(20, dtype=np.float32) / 10
+        a, b = torch.from_numpy(arr)[0::2], torch.from_numpy(arr)[0:10]
+        o = cls([a, b], lr=0.1, **kw)
+        a.grad, b.grad = torch.ones(10), torch.linspace(-1, 1, 10)
+        o.step()
+        results.append(torch.from_numpy(arr.copy()))
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
+def test_a_param_listed_twice_whose_state_has_another_layout(name, torch_cls, ours_cls):
+    """A param listed twice (torch warns, and steps it twice) made channels_last after the
+    first step (model.to(memory_format=...)), its state staying contiguous: each entry's
+    state went through its own copy, both taken before either update, so the second entry
+    read a stale copy and its write-back undid the first (found by a review, 2026-12-06).
+    Every param and state element bitwise torch's for-loop (IEEE sqrt)."""
+    out = []
+    for cls, kw in ((torch_cls, dict(foreach=False)), (ours_cls, {})):
+        g = torch.Generator().manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(2, 3, 2, 2, generator=g))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (torch's duplicate-params warning)
+            opt = cls([p, p], **kw)
+        for step in range(3):
+            if step == 1:
+                p.data = p.data.to(memory_format=torch.channels_last)
+            grad = torch.randn(2, 3, 2, 2, generator=g)
+            p.grad = grad.to(memory_format=torch.channels_last) if step else grad
+            with pu.correctly_rounded_sqrt():
+                opt.step()
+        out.append((p, opt))
+    (p_ref, o_ref), (p_ours, o_ours) = out
+    assert torch.equal(p_ours.detach(), p_ref.detach())
+    for key, value in o_ref.state[p_ref].items():
+        assert torch.equal(torch.as_tensor(o_ours.state[p_ours][key]), torch.as_tensor(value)), key
+
+
+def test_a_transposed_grad_shared_by_two_params_under_a_grad_scaler():
+    """Two params given one transposed grad tensor, under a GradScaler: the step unscales the
+    shared grad once per entry in list order, as torch's fused=True does (Note [aliased
+    params]); through copies taken before either update it was unscaled once and read
+    scaled by the second param (found by a review, 2026-12-06). Same as fused=True, and as
+    with a contiguous grad."""
+    def run(cls, layout, **kw):
+        p, q = torch.nn.Parameter(torch.ones(4, 5)), torch.nn.Parameter(torch.ones(4, 5))
+        g = layout(torch.full((4, 5), 8.0))
+        p.grad = q.grad = g
+        opt = cls([p, q], lr=0.1, **kw)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0)
+        scaler.scale(torch.ones(()))
+        scaler.step(opt)
+        return torch.stack([g, p.detach(), q.detach()])
+
+    transposed = lambda t: t.t().contiguous().t()  # noqa: E731
+    ref = run(torch.optim.SGD, lambda t: t, fused=True)
+    for layout in (lambda t: t, transposed):
+        assert torch.equal(run(fused_optim.SGD, layout), ref)
 
 
 @pytest.mark.parametrize("name", pu.algos("Muon", "Adafactor"))
@@ -620,11 +692,14 @@ def _aliased(case, n):
     if case == "duplicate":
         p = torch.randn(n, generator=torch.Generator().manual_seed(0)).requires_grad_()
         return [p, p]
+    if case == "strided_views":  # (b, not contiguous, is updated through a copy)
+        flat = torch.randn(2 * n, generator=torch.Generator().manual_seed(0))
+        return [flat[:n].requires_grad_(), flat[::2].requires_grad_()]
     flat = torch.randn(n + n // 2, generator=torch.Generator().manual_seed(0))
     return [flat[:n].requires_grad_(), flat[n // 2:].requires_grad_()]
 
 
-@pytest.mark.parametrize("case", ["duplicate", "overlapping_views"])
+@pytest.mark.parametrize("case", ["duplicate", "overlapping_views", "strided_views"])
 @pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
 def test_params_sharing_memory_step_as_torchs_for_loop_at_two_threads(name, torch_cls,
                                                                         ours_cls, case):
@@ -1283,3 +1358,44 @@ def test_a_pre_hooks_bad_return_names_the_classs_step_as_torchs(name, torch_cls,
         assert torch.equal(p.detach(), torch.ones(3))
     assert ours_cls.step.__qualname__ == torch_cls.step.__qualname__  # (AdamW's: Adam.step)
     assert messages[0] == messages[1] == f"<function {torch_cls.step.__qualname__}"
+
+
+@pytest.mark.parametrize("name", ["Adam", "Adagrad", "NAdam", "ASGD", "Adafactor", "SGD"])
+@pytest.mark.parametrize("where", ["param", "grad"])
+def test_wrapper_subclass_params_and_grads_run_torchs_step_once_per_step(name, where):
+    """torch's TwoTensor (a __torch_dispatch__ wrapper subclass) runs each op once per inner
+    tensor: the op counted the step (and NAdam's mu_product, ASGD's eta) twice per step, so
+    the bias corrections used the wrong step (found by a review, 2026-12-06). Such params
+    and grads now run torch's step, with its one-time warning: every element as torch's
+    for-loop leaves it."""
+    two_tensor = pytest.importorskip("torch.testing._internal.two_tensor")
+    TwoTensor = two_tensor.TwoTensor
+    kw = {"momentum": 0.9} if name == "SGD" else {}
+
+    def run(cls, **extra):
+        a = torch.linspace(-1, 1, 6)
+        p = (TwoTensor(a, a + 0.5) if where == "param" else a.clone()).requires_grad_()
+        opt = cls([p], lr=0.1, **kw, **extra)
+        g = torch.linspace(0.5, -0.5, 6)
+        with warnings.catch_warnings(record=True) as records:
+            warnings.simplefilter("always")
+            for step in range(3):
+                p.grad = TwoTensor(g * (step + 1), g - step)
+                opt.step()
+        state = opt.state[p]
+        return p.detach(), state, [str(r.message) for r in records]
+
+    fused_optim.optimizer.FusedOptimizer._warned.clear()
+    # (both run torch's for-loop, with torch's own sqrt: correctly_rounded_sqrt goes through
+    # numpy, which TwoTensor refuses)
+    ref, ref_state, _ = run(getattr(torch.optim, name), foreach=False)
+    got, got_state, messages = run(getattr(fused_optim, name))
+    assert type(got) is type(ref)
+    assert torch.equal(got, ref)
+    if isinstance(ref, TwoTensor):
+        assert torch.equal(got.a, ref.a) and torch.equal(got.b, ref.b)
+    assert ref_state.keys() == got_state.keys()
+    for key, value in ref_state.items():
+        assert torch.equal(torch.as_tensor(got_state[key]), torch.as_tensor(value)), key
+    assert any("the fused kernels do not support a param or grad of the tensor subclass "
+               "TwoTensor" in m for m in messages), messages

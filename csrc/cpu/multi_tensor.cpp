@@ -418,7 +418,11 @@ void run(MultiTensorPlan& plan, const std::vector<SegmentFn>& fns,
   }
   const std::vector<int64_t>& offsets_ = plan.offsets();
   if (plan.serial()) {  // Note [aliased params] (plan.cpp): one thread, in list order
-    for (int64_t j = 0; j < entries; ++j) seg_fns[j](*ptrs[j], 0, offsets_[j + 1] - offsets_[j]);
+    for (int64_t j = 0; j < entries; ++j) {
+      plan.begin_serial_entry(j);
+      seg_fns[j](*ptrs[j], 0, offsets_[j + 1] - offsets_[j]);
+      plan.end_serial_entry(j);
+    }
     plan.finish();
     return;
   }

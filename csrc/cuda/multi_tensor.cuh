@@ -610,7 +610,14 @@ void launch_with(MultiTensorPlan& plan, const std::vector<Coeffs>& coeffs,
   for (int64_t j = 0; j < entries; ++j) {
     // (entries that share memory: one launch each, in list order, which the stream runs
     // one after the other: Note [aliased params] in plan.cpp)
-    if (kernels[j] != kernel || plan.serial()) {
+    if (plan.serial()) {
+      // (the entry before, launched; its layout temporaries copied back, stream-ordered,
+      // before this entry's are copied in)
+      flush();
+      if (j > 0) plan.end_serial_entry(j - 1);
+      plan.begin_serial_entry(j);
+      kernel = kernels[j];
+    } else if (kernels[j] != kernel) {
       flush();
       kernel = kernels[j];
     }
@@ -620,6 +627,7 @@ void launch_with(MultiTensorPlan& plan, const std::vector<Coeffs>& coeffs,
     add_tensor(j, chunks);
   }
   flush();
+  if (plan.serial()) plan.end_serial_entry(entries - 1);
   plan.finish();
 }
 
