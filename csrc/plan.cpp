@@ -261,6 +261,30 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
     tp.param = param.data_ptr();
     tp.grad = grads[i].data_ptr();
     for (int k = 0; k < num_states_; ++k) tp.state[k] = states[k][i].data_ptr();
+    // Note [tensors of one param that share memory]: dense and of one layout, each spans
+    // numel elements from its pointer.
+    {
+      const int64_t numel = param.numel();
+      std::array<std::pair<const char*, const char*>, 2 + kMaxStates> spans;
+      auto span = [numel](const void* ptr, const at::Tensor& t) {
+        const auto* lo = static_cast<const char*>(ptr);
+        return std::make_pair(lo, lo + numel * static_cast<int64_t>(t.element_size()));
+      };
+      spans[0] = span(tp.param, param);
+      spans[1] = span(tp.grad, grads[i]);
+      for (int k = 0; k < num_states_; ++k) spans[2 + k] = span(tp.state[k], states[k][i]);
+      const int count = 2 + num_states_;
+      bool any = false;
+      for (int a = 0; a < count; ++a) {
+        for (int b = a + 1; b < count; ++b) {
+          any |= spans[a].first < spans[b].second && spans[b].first < spans[a].second &&
+                 !(a == 0 && b == 1 && spans[0] == spans[1]);
+        }
+      }
+      if (__builtin_expect(any, 0)) {
+        refuse_shared_memory(op, i, param, grads[i], states, state_names, storage_name);
+      }
+    }
     // What pass 2 needs of a direct param, read here while its tensors are in this thread's
     // cache: pass 2 runs on one thread and would otherwise miss on each again.
     tp.numel = param.numel();
@@ -293,6 +317,7 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
         is_direct[i] ? direct[i].numel : params[i].numel() * (is_complex_[i] ? 2 : 1);
     if (numel == 0) continue;
     if (!is_direct[i]) {
+      refuse_shared_memory(op, i, params[i], grads[i], states, state_names, storage_name);
       direct[i] = unusual_layout(i, params, grads, states, grad_mutable);
       for (int k = 0; k < num_states_; ++k) direct[i].state_dtype[k] = states[k][i].scalar_type();
     }
@@ -507,6 +532,58 @@ TensorPtrs MultiTensorPlan::unusual_layout(int64_t i, at::TensorList params,
   tp.grad = data(t[1], kGrads, grad_mutable);
   for (int k = 0; k < num_states_; ++k) tp.state[k] = data(t[2 + k], k, /*mutated=*/true);
   return tp;
+}
+
+// Note [tensors of one param that share memory]
+// torch's in-place ops refuse an input that partly overlaps the tensor they write
+// ("unsupported operation: some elements of the input tensor and the written-to tensor
+// refer to a single memory location"): torch's for-loop raises it for a grad that is
+// part of its param's memory shifted by an element (SGD, Adagrad, NAdam, ASGD), or a
+// state loaded that way; its other ops read such a grad whole before writing, where the
+// kernel, element by element, reads some of it written. A state that is another state
+// of its param, or its param or grad (a crafted state_dict), is updated op after op by
+// torch, and at once by the kernel. All of these are refused, with torch's message and
+// the two tensors named, before anything changes (found by a review, 2026-12-06). The
+// one sharing the kernel gives torch's bits for is kept: a grad that is its param's own
+// memory, exactly (p.grad = p.detach(): docs/parity.md). Where ATen cannot tell (views
+// with strides), torch's ops step, and so does the kernel, through layout copies taken
+// before the update. Checked for every param with elements, from the spans of its tensors
+// (a few compares; then ATen's overlap status, as torch's ops ask it).
+void MultiTensorPlan::refuse_shared_memory(const char* op, int64_t i, const at::Tensor& param,
+                                           const at::Tensor& grad,
+                                           const std::vector<at::TensorList>& states,
+                                           const char* const* state_names,
+                                           const char* storage_name) const {
+  std::array<const at::Tensor*, 2 + kMaxStates> t{};
+  std::array<std::string, 2 + kMaxStates> names;
+  t[0] = &param;
+  t[1] = &grad;
+  names[0] = "params[" + std::to_string(i) + "]";
+  names[1] = "grads[" + std::to_string(i) + "]";
+  for (int k = 0; k < num_states_; ++k) {
+    t[2 + k] = &states[k][i];
+    const bool buffer = storage_name != nullptr && k == num_states_ - 1;
+    names[2 + k] = std::string(buffer ? storage_name : state_names[k]) + "[" + std::to_string(i) + "]";
+  }
+  const int count = 2 + num_states_;
+  for (int a = 0; a < count; ++a) {
+    for (int b = a + 1; b < count; ++b) {
+      const at::Tensor& x = *t[a];
+      const at::Tensor& y = *t[b];
+      if (!x.defined() || !y.defined() || x.numel() == 0 || y.numel() == 0) continue;
+      // (as torch's ops decide it: where ATen cannot tell, strided views, torch steps,
+      // and so do we, through the layout copies, which read every element first)
+      const at::MemOverlapStatus status = at::get_overlap_status(x, y);
+      if (status == at::MemOverlapStatus::No || status == at::MemOverlapStatus::TooHard ||
+          (a == 0 && b == 1 && status == at::MemOverlapStatus::Full)) {
+        continue;  // (the last: a grad that is its param, exactly)
+      }
+      TORCH_CHECK(false, "unsupported operation: some elements of the input tensor and the "
+                  "written-to tensor refer to a single memory location. Please clone() the "
+                  "tensor before performing the operation. (", op, ": ", names[b],
+                  " shares memory with ", names[a], ")");
+    }
+  }
 }
 
 std::pair<size_t, size_t> MultiTensorPlan::temporaries_of(int64_t j) const {

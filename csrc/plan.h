@@ -192,6 +192,11 @@ class MultiTensorPlan {
   // The pointers of param i whose tensors need real views or layout temporaries.
   TensorPtrs unusual_layout(int64_t i, at::TensorList params, at::TensorList grads,
                             const std::vector<at::TensorList>& states, bool grad_mutable);
+  // Raises where two of param i's tensors share memory, but for a grad that is its
+  // param, exactly (Note [tensors of one param that share memory] in plan.cpp).
+  void refuse_shared_memory(const char* op, int64_t i, const at::Tensor& param,
+                            const at::Tensor& grad, const std::vector<at::TensorList>& states,
+                            const char* const* state_names, const char* storage_name) const;
   // The temporaries of entry j, as a range of temps_ (they are made in entry order).
   std::pair<size_t, size_t> temporaries_of(int64_t j) const;
   // Whether two entries' params (kParams), grads (kGrads) or states of list k (k >= 0)

@@ -1399,3 +1399,72 @@ def test_wrapper_subclass_params_and_grads_run_torchs_step_once_per_step(name, w
         assert torch.equal(torch.as_tensor(got_state[key]), torch.as_tensor(value)), key
     assert any("the fused kernels do not support a param or grad of the tensor subclass "
                "TwoTensor" in m for m in messages), messages
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "NAdam", "ASGD"])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_a_grad_that_partly_overlaps_its_param_gets_torchs_error(name, layout):
+    """A grad that is its param's memory shifted by an element: torch's in-place ops refuse
+    it; the kernel stepped silently, reading grad elements it had already written (found by
+    a review, 2026-12-06). Now torch's exception type and message, before anything
+    changes (Note [tensors of one param that share memory] in csrc/plan.cpp)."""
+    out = []
+    for cls, kw in ((getattr(torch.optim, name), {"foreach": False}),
+                    (getattr(fused_optim, name), {})):
+        buf = torch.linspace(-1, 1, 21)
+        # (strided: every other element, the grad one of them further on; ATen cannot tell
+        # such views' overlap, and torch's ops step them, reading the grad before writing)
+        p, g = (buf[:10], buf[1:11]) if layout == "contiguous" else (buf[0:20:2], buf[2:21:2])
+        p.grad = g
+        before = buf.clone()
+        if layout == "strided":
+            cls([p], lr=0.1, **kw).step()
+            out.append(buf)
+            continue
+        with pytest.raises(RuntimeError) as info:
+            cls([p], lr=0.1, **kw).step()
+        out.append(str(info.value))
+        if cls.__module__.startswith("fused_optim"):
+            assert torch.equal(buf, before)  # nothing changed
+    if layout == "strided":
+        if name != "ASGD":  # (which decays the param, and so this grad, before it reads it:
+            # the kernel reads the grad first, as for a grad that is its param, docs/parity.md)
+            assert torch.equal(out[0], out[1])
+    else:
+        assert out[1].startswith(out[0]), out
+
+
+@pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
+def test_a_state_that_shares_memory_with_another_of_its_param_is_refused(name, torch_cls,
+                                                                         ours_cls):
+    """A crafted state_dict whose state is another state of its param, or partly its param:
+    torch updates them op after op, the kernel at once: refused with torch's overlap
+    message and both tensors named, before anything changes (found by a review,
+    2026-12-06)."""
+    p = torch.randn(8, requires_grad=True)
+    opt = ours_cls([p], lr=0.01)
+    p.grad = torch.randn(8)
+    opt.step()
+    keys = [k for k, v in opt.state[p].items() if torch.is_tensor(v) and v.shape == p.shape]
+    if not keys:
+        pytest.skip(f"{name} keeps no state of the param's shape")
+    buf = torch.randn(9)
+    cases = [(keys[0], buf[1:])]  # (a state one element off the param's memory)
+    if len(keys) > 1:
+        cases.append((keys[1], opt.state[p][keys[0]]))  # (two states, one tensor)
+    for key, value in cases:
+        saved = dict(opt.state[p])
+        if key == keys[0] and value is not opt.state[p].get(keys[0]):
+            p.data = buf[:8]
+        opt.state[p][key] = value
+        params_before = p.detach().clone()
+        states_before = {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}
+        with pytest.raises(RuntimeError, match=r"^unsupported operation: some elements of the "
+                           r"input tensor and the written-to tensor refer to a single memory "
+                           r"location\. .*shares memory with"):
+            opt.step()
+        assert torch.equal(p.detach(), params_before)
+        for k, v in states_before.items():
+            assert torch.equal(opt.state[p][k], v), k
+        opt.state[p].clear()
+        opt.state[p].update(saved)
