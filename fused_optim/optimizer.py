@@ -719,6 +719,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                     # tensors, once. Found by a review, 2026-12-06)
                     return (f"a param or grad of the tensor subclass "
                             f"{type(p if _dispatch_subclass(p) else g).__name__}")
+                if not compiling and (p.is_conj() or p.is_neg()):
+                    # (a lazy conjugate, `x.conj()`: the op's mutable lists cannot take one;
+                    # torch's for-loop steps it in SGD and Adadelta and raises its own error
+                    # in the others. Found by a review, 2026-12-06)
+                    return "a param that is a lazy conjugate or negative view"
                 if g.dtype != p.dtype and not g.is_sparse:
                     # (torch >= 2.9 allows it, with p.grad_dtype = None: torch's for-loop
                     # takes such grads in some algorithms, and raises its own error in others)

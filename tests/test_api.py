@@ -1468,3 +1468,27 @@ def test_a_state_that_shares_memory_with_another_of_its_param_is_refused(name, t
             assert torch.equal(opt.state[p][k], v), k
         opt.state[p].clear()
         opt.state[p].update(saved)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adadelta", "Adam", "RMSprop"])
+def test_a_lazy_conjugate_param_steps_or_fails_as_torchs_for_loop(name):
+    """A complex param that is a lazy conjugate (`x.conj()`): the op's lists refused it with
+    the dispatcher's "fallback doesn't currently support mutable TensorLists with conjugate
+    inputs" (found by a review, 2026-12-06). It now runs torch's step: SGD and Adadelta step
+    it, bitwise torch's for-loop; the others raise torch's own error."""
+    outcomes = []
+    for cls, kw in ((getattr(torch.optim, name), {"foreach": False}),
+                    (getattr(fused_optim, name), {})):
+        p = torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex64).conj()
+        p.grad = torch.tensor([0.5 + 0.5j, -1j], dtype=torch.complex64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (ours: the one-time warning of torch's step)
+            try:
+                cls([p], lr=0.1, **kw).step()
+                outcomes.append(p.resolve_conj())
+            except RuntimeError as e:
+                outcomes.append(str(e))
+    if isinstance(outcomes[0], str):
+        assert outcomes[1] == outcomes[0]
+    else:
+        assert torch.equal(outcomes[1], outcomes[0])
