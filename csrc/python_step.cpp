@@ -512,6 +512,11 @@ PyObject* py_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs)
   // copies are dropped once the GIL is taken back. Calls of smaller tensors (under 8,192
   // elements on average: W3's 5,000, about 5 ms a step) keep it: there the copies cost a
   // measurable part of the step, and the wait is one of Python's own switch intervals.
+  // Muon's calls release it whatever their size: they run ATen ops on torch's worker
+  // threads (Note [Muon's small groups] in cpu/muon.cpp), and an op that is a Python kernel
+  // (torch.library) waits there for the GIL, which the calling thread, waiting for the
+  // workers, held: a step hung for good (found by a review, 2026-12-06). Its matrix
+  // iterations dwarf the copies.
   int64_t elements = 0, tensors = 0, num_lists = 0;
   for (const DirectCall& call : calls) {
     for (const at::Tensor& t : call.lists[0]) elements += t.numel();
@@ -520,7 +525,8 @@ PyObject* py_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs)
   }
   std::vector<std::vector<at::Tensor>> owning;
   std::vector<DirectCall> owned_calls;
-  const bool release_gil = elements >= (int64_t{1} << 20) && elements >= 8192 * tensors;
+  const bool release_gil = (elements >= (int64_t{1} << 20) && elements >= 8192 * tensors) ||
+                           name == "muon_" || name == "_muon_aten_";
   if (release_gil) {
     owning.reserve(static_cast<size_t>(num_lists));  // (the lists below point into these)
     owned_calls = calls;

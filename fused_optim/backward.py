@@ -32,6 +32,7 @@ torch.distributed with several processes (DDP all-reduces a grad after its hook 
 A GradScaler is seen only by step(), after the iteration's updates ran: step() raises then.
 """
 import contextlib
+import os
 import threading
 import types
 import weakref
@@ -47,6 +48,22 @@ from .optimizer import FusedOptimizer, bump_versions
 __all__ = ["step_in_backward", "StepInBackward"]
 
 _MISSING = object()
+
+# The live handles, for _locks_anew_after_fork.
+_HANDLES: "weakref.WeakSet[StepInBackward]" = weakref.WeakSet()
+
+
+def _locks_anew_after_fork() -> None:
+    """A child forked while another thread of the parent held a handle's lock (inside a
+    backward's hook or step()) inherits it held by a thread it does not have: its first
+    hook waited for good (found by a review, 2026-12-06). Each live handle gets a new lock
+    in the child, as the logging module renews its own."""
+    for handle in list(_HANDLES):
+        handle._lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_locks_anew_after_fork)
 
 
 def step_in_backward(optimizer: FusedOptimizer, *, bucket_cap_mb: float = 25.0,
@@ -194,6 +211,7 @@ class StepInBackward:
         # backward inside step() is refused in _on_grad: with a plain lock it hung, found by
         # a review, 2026-12-06)
         self._lock = threading.RLock()
+        _HANDLES.add(self)
         self._stepping = False  # step() is running the iteration's last updates
         self._active = True
         # The params whose grads arrived since the last step(), with how many backwards

@@ -301,6 +301,49 @@ def test_small_groups_on_threads_see_the_callers_state():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
+PYTHON_KERNEL_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import torch, fused_optim
+calls = [0]
+lib = torch.library.Library("aten", "IMPL")
+
+def addmm(inp, a, b, *, beta=1, alpha=1):  # (the same product, through another op)
+    calls[0] += 1
+    return torch.baddbmm(inp.unsqueeze(0), a.unsqueeze(0), b.unsqueeze(0), beta=beta,
+                         alpha=alpha).squeeze(0)
+
+lib.impl("addmm", addmm, "CPU")
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+ref = [torch.nn.Parameter(torch.randn(20 + i, 30 + i, generator=g)) for i in range(12)]
+ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+opts = [torch.optim.Muon(ref, lr=1e-2), fused_optim.Muon(ours, lr=1e-2)]
+for step in range(3):
+    for p, q in zip(ref, ours):
+        p.grad = torch.randn(p.shape, generator=g)
+        q.grad = p.grad.clone()
+    for o in opts:
+        o.step()
+assert calls[0] > 0
+for p, q in zip(ref, ours):
+    torch.testing.assert_close(q, p)  # (Note [Muon's tolerance]; the point is the hang)
+print("ok")
+"""
+
+
+def test_a_python_kernel_of_an_op_that_muon_runs_does_not_hang_its_step():
+    """Muon runs small shape groups' ATen ops on torch's worker threads; an op registered
+    as a Python kernel (torch.library) waits there for the GIL, which a step under 2**20
+    elements held on the calling thread, waiting for the workers: the second step hung for
+    good (found by a review, 2026-12-06). Muon's calls now release the GIL (Note [the GIL
+    during a step] in csrc/python_step.cpp). In a subprocess with a timeout."""
+    out = subprocess.run([sys.executable, "-c",
+                          PYTHON_KERNEL_SCRIPT.format(tests=os.path.dirname(__file__))],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
 ISA_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})

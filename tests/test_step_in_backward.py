@@ -936,3 +936,46 @@ def test_a_dropped_optimizer_stops_at_once_and_takes_its_hooks_off():
         assert gone() is None and handle.optimizer is None
     finally:
         gc.enable()
+
+
+FORK_SCRIPT = """
+import faulthandler, os, sys, threading
+import torch, fused_optim
+model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+opt = fused_optim.Adam(model.parameters(), lr=1e-3)
+handle = fused_optim.step_in_backward(opt, bucket_cap_mb=0.0)
+held, release = threading.Event(), threading.Event()
+
+def hold():  # (as a thread inside a backward's hook or step() holds it)
+    with handle._lock:
+        held.set()
+        release.wait()
+
+holder = threading.Thread(target=hold)
+holder.start()
+held.wait()
+pid = os.fork()
+if pid == 0:
+    faulthandler.dump_traceback_later(30, exit=True)  # (a hang: exit status 1)
+    torch.set_num_threads(1)
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    os._exit(7)
+_, status = os.waitpid(pid, 0)
+release.set()
+holder.join()
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_while_another_thread_holds_the_lock_can_train():
+    """A child forked while another thread of the parent was inside a hook or step() (its
+    handle's lock held: DataLoader workers fork at any time) inherited the lock held by a
+    thread it does not have, and its first backward waited for good (found by a review,
+    2026-12-06). Each live handle's lock is made anew in the child (os.register_at_fork).
+    In a subprocess: the child exits with 7 once its iteration is done."""
+    out = subprocess.run([sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert out.returncode == 0 and out.stdout.strip() == "7", (out.stdout, out.stderr)
