@@ -1,5 +1,6 @@
 """The benchmark and the ULP report run, and write well-formed output. No timing is asserted:
 benchmarks are measured with the script, never judged in tests."""
+import importlib.util
 import json
 import math
 import os
@@ -76,6 +77,9 @@ def test_bench_quick_output_is_well_formed(tmp_path, extra):
     assert summary[0] == md[0]
     assert len([line for line in summary if line.startswith("| W")]) == len(keys)
     assert "prefetch" in data["machine"]  # the CPU tuning in force (Note [CPU tuning])
+    if importlib.util.find_spec("matplotlib") is None:  # (the README's command installs it)
+        assert "matplotlib is not installed: no chart written" in out.stdout + out.stderr
+        return
     png = (tmp_path / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -187,8 +191,11 @@ def test_param_storage_benchmark_quick_runs(dtype, modes):
     first = next(t for t in tables if t.startswith("| mode |"))
     rows = [line for line in first.splitlines() if "---" not in line][1:]
     assert [r.split("|")[1].strip() for r in rows] == modes
-    for r in rows:  # ms, bytes, GB/s, % of limit, ratio: positive numbers
-        assert all(float(c) > 0 for c in r.strip("|").split("|")[1:])
+    for r in rows:  # ms, bytes, GB/s, % of limit, ratio: numbers, the first two positive
+        # (the rest rounded: on a machine busy with other work a quick run's GB/s against
+        # its probe's can print as 0% of the limit, as it did once in a full run)
+        cells = [float(c) for c in r.strip("|").split("|")[1:]]
+        assert cells[0] > 0 and cells[1] > 0 and all(c >= 0 for c in cells), r
     # bitsandbytes's and torchao's 8-bit AdamW: each installed one timed against ours (a
     # row each), each other one named as not timed; none of it with bfloat16 params.
     peers = [t for t in tables if t.startswith("| peer's 8-bit AdamW |")]
