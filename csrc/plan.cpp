@@ -6,6 +6,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_strided.h>
@@ -275,10 +276,11 @@ MultiTensorPlan::MultiTensorPlan(const char* op, at::TensorList params, at::Tens
       for (int k = 0; k < num_states_; ++k) spans[2 + k] = span(tp.state[k], states[k][i]);
       const int count = 2 + num_states_;
       bool any = false;
+      // (a grad that is its param exactly overlaps it too: ATen's status decides it, as
+      // for the other layouts, so that both passes draw the line where torch's ops do)
       for (int a = 0; a < count; ++a) {
         for (int b = a + 1; b < count; ++b) {
-          any |= spans[a].first < spans[b].second && spans[b].first < spans[a].second &&
-                 !(a == 0 && b == 1 && spans[0] == spans[1]);
+          any |= spans[a].first < spans[b].second && spans[b].first < spans[a].second;
         }
       }
       if (__builtin_expect(any, 0)) {
@@ -466,6 +468,31 @@ bool views_overlap(const at::Tensor& a, const at::Tensor& b) {
   mask.as_strided(a.sizes(), a.strides(), a.storage_offset()).fill_(true);
   return mask.as_strided(b.sizes(), b.strides(), b.storage_offset()).any().item<bool>();
 }
+// The same for any two tensors whose extents overlap (two storages of one memory, or two
+// element sizes): the bytes of a's elements marked in a mask of both extents, looked up
+// under b's. (A rare case: interleaved views of one numpy array, each its own storage.)
+bool bytes_overlap(const at::Tensor& a, const at::Tensor& b) {
+  const auto [a_lo, a_hi] = extent(a);
+  const auto [b_lo, b_hi] = extent(b);
+  const char* lo = std::min(a_lo, b_lo);
+  const int64_t span = std::max(a_hi, b_hi) - lo;
+  at::Tensor mask = at::zeros({span}, at::TensorOptions().dtype(at::kBool));
+  // The first byte of each element, as an offset from `lo`; then each of its bytes.
+  auto byte_offsets = [&](const at::Tensor& t, const char* t_lo) {
+    const int64_t size = static_cast<int64_t>(t.element_size());
+    const int64_t elements = (extent(t).second - t_lo) / size;
+    const int64_t first = (static_cast<const char*>(t.const_data_ptr()) - t_lo) / size;
+    const at::Tensor index = at::arange(elements, at::TensorOptions().dtype(at::kLong))
+                                 .as_strided(t.sizes(), t.strides(), first)
+                                 .reshape({-1, 1})
+                                 .mul(size)
+                                 .add(static_cast<int64_t>(t_lo - lo));
+    return index.add(at::arange(size, index.options())).reshape({-1});
+  };
+  mask.index_fill_(0, byte_offsets(a, a_lo), true);
+  const at::Tensor under_b = mask.index_select(0, byte_offsets(b, b_lo));
+  return under_b.any().item().toBool();
+}
 }  // namespace
 
 // Note [overlapping params]
@@ -489,7 +516,7 @@ void MultiTensorPlan::check_no_overlap(const char* op, int64_t i, at::TensorList
     const bool shared = q.storage().is_alias_of(p.storage()) &&
                                 q.element_size() == p.element_size()
                             ? views_overlap(p, q)
-                            : true;  // (other storages or element sizes: the extents overlap)
+                            : bytes_overlap(p, q);
     TORCH_CHECK(!shared, op, ": params[", i, "] is a non-contiguous view that shares "
                 "elements with params[", j, "]; fused_optim updates such a param through a copy, "
                 "which would undo the other's update of the shared elements: make them separate "
@@ -555,16 +582,15 @@ void MultiTensorPlan::refuse_shared_memory(const char* op, int64_t i, const at::
                                            const char* const* state_names,
                                            const char* storage_name) const {
   std::array<const at::Tensor*, 2 + kMaxStates> t{};
-  std::array<std::string, 2 + kMaxStates> names;
   t[0] = &param;
   t[1] = &grad;
-  names[0] = "params[" + std::to_string(i) + "]";
-  names[1] = "grads[" + std::to_string(i) + "]";
-  for (int k = 0; k < num_states_; ++k) {
-    t[2 + k] = &states[k][i];
-    const bool buffer = storage_name != nullptr && k == num_states_ - 1;
-    names[2 + k] = std::string(buffer ? storage_name : state_names[k]) + "[" + std::to_string(i) + "]";
-  }
+  for (int k = 0; k < num_states_; ++k) t[2 + k] = &states[k][i];
+  // (named only for the error: pass 2 asks this of its params every step)
+  auto name = [&](int a) {
+    const bool buffer = storage_name != nullptr && a == 2 + num_states_ - 1;
+    const char* list = a == 0 ? "params" : a == 1 ? "grads" : buffer ? storage_name : state_names[a - 2];
+    return std::string(list) + "[" + std::to_string(i) + "]";
+  };
   const int count = 2 + num_states_;
   for (int a = 0; a < count; ++a) {
     for (int b = a + 1; b < count; ++b) {
@@ -580,8 +606,8 @@ void MultiTensorPlan::refuse_shared_memory(const char* op, int64_t i, const at::
       }
       TORCH_CHECK(false, "unsupported operation: some elements of the input tensor and the "
                   "written-to tensor refer to a single memory location. Please clone() the "
-                  "tensor before performing the operation. (", op, ": ", names[b],
-                  " shares memory with ", names[a], ")");
+                  "tensor before performing the operation. (", op, ": ", name(b),
+                  " shares memory with ", name(a), ")");
     }
   }
 }

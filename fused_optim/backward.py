@@ -57,9 +57,14 @@ def _locks_anew_after_fork() -> None:
     """A child forked while another thread of the parent held a handle's lock (inside a
     backward's hook or step()) inherits it held by a thread it does not have: its first
     hook waited for good (found by a review, 2026-12-06). Each live handle gets a new lock
-    in the child, as the logging module renews its own."""
+    in the child, as the logging module renews its own; and where that thread was inside
+    step() (which the child has no thread to finish), the child is not: its first
+    backward was refused as one inside step() (found by a second review). (The child's
+    iteration is then the parent's unfinished one: optimizer.zero_grad() starts its own,
+    as after a backward that raised part way.)"""
     for handle in list(_HANDLES):
         handle._lock = threading.RLock()
+        handle._stepping = False
 
 
 if hasattr(os, "register_at_fork"):

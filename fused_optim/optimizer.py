@@ -112,9 +112,17 @@ def _dispatch_subclass(t: Tensor) -> bool:
     wrapper subclass, once per inner tensor), where the kernel's plain state tensors
     (the step counts) would be counted once per run."""
     kind = type(t)
-    return (kind is not Tensor and kind is not torch.nn.Parameter
-            and getattr(kind, "__torch_dispatch__", None) is not Tensor.__torch_dispatch__
+    if kind is Tensor or kind is torch.nn.Parameter:
+        return False
+    known = _DISPATCH_KINDS.get(kind)
+    if known is None:  # (once per type: FSDP2's steps ask it of every DTensor, every step)
+        known = _DISPATCH_KINDS[kind] = (
+            getattr(kind, "__torch_dispatch__", None) is not Tensor.__torch_dispatch__
             and not quantization.is_dtensor(t))
+    return known
+
+
+_DISPATCH_KINDS: Dict[type, bool] = {}
 
 
 _KERNEL_DTYPES = frozenset((torch.float32, torch.float64, torch.bfloat16, torch.float16,

@@ -686,6 +686,36 @@ def test_muon_and_adafactor_refuse_params_that_overlap_through_a_copy(name):
     assert all(float(s.get("step", 0)) == 0 for s in opt.state.values())
 
 
+@pytest.mark.parametrize("name", pu.algos("Muon", "Adafactor"))
+@pytest.mark.parametrize("overlap", [False, True])
+def test_muon_and_adafactor_params_in_two_storages_of_one_array(name, overlap):
+    """Column views of one numpy array taken through two from_numpy storages: where they
+    share no element (interleaved columns) both step as torch's for-loop (they were refused
+    once shared memory was found by address, found by a review, 2026-12-06); where they do,
+    the refusal above, before anything changes."""
+    np = pytest.importorskip("numpy")
+    out = []
+    for cls, kw in ((getattr(torch.optim, name), dict(foreach=False) if name == "Adafactor" else {}),
+                    (getattr(fused_optim, name), {})):
+        arr = (np.arange(32, dtype=np.float32) / 10).reshape(4, 8)
+        a = torch.from_numpy(arr)[:, 0::2].requires_grad_()
+        # (b: columns 0-3, column 0 shared with a; or the odd columns, none shared)
+        b = (torch.from_numpy(arr)[:, 0:4] if overlap else torch.from_numpy(arr)[:, 1::2])
+        b.requires_grad_()
+        o = cls([a, b], lr=0.01, **kw)
+        a.grad, b.grad = torch.linspace(-1, 1, 16).view(4, 4), torch.linspace(1, -2, 16).view(4, 4)
+        before = arr.copy()
+        if overlap and cls.__module__.startswith("fused_optim"):
+            with pytest.raises(RuntimeError, match="is a non-contiguous view that shares elements"):
+                o.step()
+            assert (arr == before).all()
+            return
+        with pu.correctly_rounded_sqrt():
+            o.step()
+        out.append(torch.from_numpy(arr.copy()))
+    assert torch.equal(out[0], out[1])
+
+
 def _aliased(case, n):
     """Two params sharing memory, as users make them: the same param twice in a group
     (torch warns), or two overlapping views of one flat buffer."""

@@ -941,15 +941,31 @@ def test_a_dropped_optimizer_stops_at_once_and_takes_its_hooks_off():
 FORK_SCRIPT = """
 import faulthandler, os, sys, threading
 import torch, fused_optim
+torch.set_num_threads(1)
 model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
 opt = fused_optim.Adam(model.parameters(), lr=1e-3)
 handle = fused_optim.step_in_backward(opt, bucket_cap_mb=0.0)
 held, release = threading.Event(), threading.Event()
 
-def hold():  # (as a thread inside a backward's hook or step() holds it)
-    with handle._lock:
-        held.set()
-        release.wait()
+
+def train():
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+if sys.argv[1] == "lock":
+    def hold():  # (as a thread inside a backward's hook holds it)
+        with handle._lock:
+            held.set()
+            release.wait()
+else:  # (a thread inside step(), held there by a step pre-hook)
+    def pre_hook(o, args, kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            held.set()
+            release.wait()
+    opt.register_step_pre_hook(pre_hook)
+    hold = train
 
 holder = threading.Thread(target=hold)
 holder.start()
@@ -957,10 +973,9 @@ held.wait()
 pid = os.fork()
 if pid == 0:
     faulthandler.dump_traceback_later(30, exit=True)  # (a hang: exit status 1)
-    torch.set_num_threads(1)
-    model(torch.randn(4, 8)).sum().backward()
-    opt.step()
-    opt.zero_grad()
+    if sys.argv[1] == "step":
+        opt.zero_grad()  # (the parent's iteration, unfinished here: the child's own starts)
+    train()
     os._exit(7)
 _, status = os.waitpid(pid, 0)
 release.set()
@@ -970,12 +985,16 @@ print(os.waitstatus_to_exitcode(status))
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_a_child_forked_while_another_thread_holds_the_lock_can_train():
+@pytest.mark.parametrize("where", ["lock", "step"])
+def test_a_child_forked_while_another_thread_holds_the_lock_can_train(where):
     """A child forked while another thread of the parent was inside a hook or step() (its
     handle's lock held: DataLoader workers fork at any time) inherited the lock held by a
     thread it does not have, and its first backward waited for good (found by a review,
     2026-12-06). Each live handle's lock is made anew in the child (os.register_at_fork).
-    In a subprocess: the child exits with 7 once its iteration is done."""
-    out = subprocess.run([sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True,
+    Where that thread was inside step(), the child is not (its first backward was refused
+    as one inside step(), found by a second review); it starts its own iteration with
+    zero_grad(). In a subprocess: the child exits with 7 once its iteration is done."""
+    out = subprocess.run([sys.executable, "-c", FORK_SCRIPT, where], capture_output=True,
+                         text=True,
                          timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
     assert out.returncode == 0 and out.stdout.strip() == "7", (out.stdout, out.stderr)
