@@ -106,6 +106,10 @@ C10_NAMES = {torch.complex32: "ComplexHalf", torch.complex64: "ComplexFloat",
 
 # The param dtypes the kernels take (is_supported_dtype in csrc/plan.h); a step with others
 # runs torch's own (_torch_grads_reason).
+_KERNEL_DTYPES = frozenset((torch.float32, torch.float64, torch.bfloat16, torch.float16,
+                            torch.complex64, torch.complex128))
+
+
 def _dispatch_subclass(t: Tensor) -> bool:
     """Whether t is a tensor subclass that the dispatcher hands back to Python
     (__torch_dispatch__), DTensors excepted: the op runs inside it as it chooses (a
@@ -123,10 +127,6 @@ def _dispatch_subclass(t: Tensor) -> bool:
 
 
 _DISPATCH_KINDS: Dict[type, bool] = {}
-
-
-_KERNEL_DTYPES = frozenset((torch.float32, torch.float64, torch.bfloat16, torch.float16,
-                            torch.complex64, torch.complex128))
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -720,13 +720,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                 g = p.grad
                 if g is None:
                     continue
-                if not compiling and (_dispatch_subclass(p) or _dispatch_subclass(g)):
+                subclass = None if compiling else next(filter(_dispatch_subclass, (p, g)), None)
+                if subclass is not None:
                     # (a wrapper subclass such as torch's TwoTensor runs each op once per
                     # inner tensor: the op counted a step, and NAdam's mu_product and
                     # ASGD's eta, once per run; torch's for-loop counts them in plain
                     # tensors, once. Found by a review, 2026-12-06)
-                    return (f"a param or grad of the tensor subclass "
-                            f"{type(p if _dispatch_subclass(p) else g).__name__}")
+                    return f"a param or grad of the tensor subclass {type(subclass).__name__}"
                 if not compiling and (p.is_conj() or p.is_neg()):
                     # (a lazy conjugate, `x.conj()`: the op's mutable lists cannot take one;
                     # torch's for-loop steps it in SGD and Adadelta and raises its own error

@@ -820,17 +820,28 @@ def test_a_grad_of_another_dtype_runs_torchs_step(name):
         p.grad_dtype = None
         p.grad = torch.ones(3, dtype=torch.float32)
         opt = cls([p], lr=0.1, **kw)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                opt.step()
-                outcomes.append(p.detach().clone())
-            except RuntimeError as e:
-                outcomes.append(str(e))
-    if isinstance(outcomes[0], str):
-        assert outcomes[0] == outcomes[1]
+        outcomes.append(_outcome_of_step(opt, lambda: p.detach().clone()))
+    _assert_same_outcome(outcomes[1], outcomes[0])
+
+
+def _outcome_of_step(opt, result):
+    """What opt.step() leaves, warnings ignored (ours: the one-time warning of torch's
+    step): `result()` after it, or the message of the RuntimeError it raised."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            opt.step()
+            return result()
+        except RuntimeError as e:
+            return str(e)
+
+
+def _assert_same_outcome(ours, ref):
+    """The same error message, or bitwise the same tensor."""
+    if isinstance(ref, str):
+        assert ours == ref
     else:
-        assert torch.equal(outcomes[0], outcomes[1])
+        assert torch.equal(ours, ref)
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop", "Rprop", "ASGD"])
@@ -1511,14 +1522,5 @@ def test_a_lazy_conjugate_param_steps_or_fails_as_torchs_for_loop(name):
                     (getattr(fused_optim, name), {})):
         p = torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex64).conj()
         p.grad = torch.tensor([0.5 + 0.5j, -1j], dtype=torch.complex64)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # (ours: the one-time warning of torch's step)
-            try:
-                cls([p], lr=0.1, **kw).step()
-                outcomes.append(p.resolve_conj())
-            except RuntimeError as e:
-                outcomes.append(str(e))
-    if isinstance(outcomes[0], str):
-        assert outcomes[1] == outcomes[0]
-    else:
-        assert torch.equal(outcomes[1], outcomes[0])
+        outcomes.append(_outcome_of_step(cls([p], lr=0.1, **kw), p.resolve_conj))
+    _assert_same_outcome(outcomes[1], outcomes[0])
