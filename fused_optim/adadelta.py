@@ -4,7 +4,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .optimizer import FusedOptimizer, hyper_float, lr_args, scalar_state, zeros_states
+from .optimizer import FusedOptimizer, lr_args, scalar_state, zeros_states, weight_decay_arg
 
 __all__ = ["Adadelta"]
 
@@ -59,7 +59,7 @@ class Adadelta(FusedOptimizer, torch.optim.Adadelta):
             **lr_args(group["lr"]),
             rho=group["rho"],
             eps=group["eps"],
-            weight_decay=hyper_float(group["weight_decay"]),
+            weight_decay=weight_decay_arg(group),
             maximize=group["maximize"],
         )
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _device_dtype_check_for_fused, _get_scalar_dtype
 
-from .optimizer import FusedOptimizer, evaluate_host_term, hyper_float, lr_args
+from .optimizer import FusedOptimizer, evaluate_host_term, lr_args, weight_decay_arg
 
 __all__ = ["Adagrad"]
 
@@ -108,7 +108,7 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
         return dict(
             **lr_args(group["lr"]),
             lr_decay=group["lr_decay"],
-            weight_decay=hyper_float(group["weight_decay"]),
+            weight_decay=weight_decay_arg(group),
             eps=group["eps"],
             maximize=group["maximize"],
         )

@@ -5,8 +5,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _device_dtype_check_for_fused, _get_scalar_dtype
 
-from .optimizer import (C10_NAMES, FusedOptimizer, betas_args, hyper_float, lr_args,
-                        raise_as_torchs_host_division, zeros_states)
+from .optimizer import (C10_NAMES, FusedOptimizer, betas_args, lr_args,
+                        raise_as_torchs_host_division, zeros_states, weight_decay_arg)
 
 __all__ = ["Adam", "AdamW"]
 
@@ -51,7 +51,7 @@ class _AdamStep(FusedOptimizer):
         return dict(
             **lr_args(group["lr"]),
             **betas_args(group),
-            weight_decay=hyper_float(group["weight_decay"]),
+            weight_decay=weight_decay_arg(group, group["decoupled_weight_decay"]),
             eps=group["eps"],
             amsgrad=group["amsgrad"],
             maximize=group["maximize"],

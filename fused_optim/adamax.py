@@ -4,8 +4,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .optimizer import (FusedOptimizer, betas_args, hyper_float, lr_args,
-                        raise_as_torchs_host_division, scalar_state, zeros_states)
+from .optimizer import (FusedOptimizer, betas_args, lr_args, raise_as_torchs_host_division,
+                        scalar_state, zeros_states, weight_decay_arg)
 
 __all__ = ["Adamax"]
 
@@ -64,7 +64,7 @@ class Adamax(FusedOptimizer, torch.optim.Adamax):
         return dict(
             **lr_args(group["lr"]),
             **betas_args(group),
-            weight_decay=hyper_float(group["weight_decay"]),
+            weight_decay=weight_decay_arg(group),
             eps=group["eps"],
             maximize=group["maximize"],
         )

@@ -5,8 +5,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype, _to_scalar
 
-from .optimizer import (FusedOptimizer, evaluate_host_term, hyper_float, lr_args,
-                        zeros_states)
+from .optimizer import FusedOptimizer, evaluate_host_term, lr_args, zeros_states, weight_decay_arg
 
 __all__ = ["ASGD"]
 
@@ -85,7 +84,7 @@ class ASGD(FusedOptimizer, torch.optim.ASGD):
             lambd=group["lambd"],
             alpha=group["alpha"],
             t0=group["t0"],
-            weight_decay=hyper_float(group["weight_decay"]),
+            weight_decay=weight_decay_arg(group),
             maximize=group["maximize"],
         )
 

@@ -5,8 +5,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from .optimizer import (FusedOptimizer, betas_args, host_steps, hyper_float, lr_args, scalar_state,
-                        zeros_states)
+from .optimizer import (FusedOptimizer, betas_args, host_steps, lr_args, scalar_state, zeros_states,
+                        weight_decay_arg)
 
 __all__ = ["NAdam"]
 
@@ -71,7 +71,7 @@ class NAdam(FusedOptimizer, torch.optim.NAdam):
         return dict(
             **lr_args(group["lr"]),
             **betas_args(group),
-            weight_decay=hyper_float(group["weight_decay"]),
+            weight_decay=weight_decay_arg(group, group["decoupled_weight_decay"]),
             eps=group["eps"],
             momentum_decay=group["momentum_decay"],
             decoupled_weight_decay=group["decoupled_weight_decay"],

@@ -877,6 +877,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             # step went unclipped.)
             self._torch_step(reason, scales)
             return loss
+        if (found_inf is not None and not torch.compiler.is_compiling()
+                and self._makes_state(groups) and found_inf.item() != 0):
+            # A GradScaler's skipped step that would make state: torch's for-loop is not
+            # called at all, and makes none. The kernels skip the update, but the state was
+            # made first, with the lr of that moment where a state keeps it (Rprop's
+            # step_size, ASGD's eta): a later first real step under another lr (a
+            # scheduler's) then stepped otherwise (found by a review, 2026-12-06). (Only
+            # where a state would be made: reading found_inf synchronises on a GPU.)
+            return loss
         # Group by group only where there are several: a single group was just declined.
         retry = fast and len(groups) > 1
         if modes:  # (before any group is updated: a param's dtype may have changed)
@@ -897,6 +906,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                     self._update_placing_state(group, params, grads, group_keys, group_args)
                     bump_versions(params)
         return loss
+
+    def _makes_state(self, groups: List[Dict[str, Any]]) -> bool:
+        """Whether a step would make state: a param with a grad and no state yet."""
+        state = self.state
+        return any(p.grad is not None and not state.get(p)
+                   for group in groups for p in group["params"])
 
     def _update_placing_state(self, group: Dict[str, Any], params: List[Tensor],
                               grads: List[Tensor], keys: Tuple[Optional[str], ...],
@@ -1004,6 +1019,17 @@ class FusedOptimizer(torch.optim.Optimizer):
             for tensors, key in zip(lists, keys):
                 if key is not None:
                     t = s[key]
+                    if not isinstance(t, Tensor) and key != "step":
+                        # (None or a number put in by hand or by a checkpoint: torch's
+                        # arithmetic raises an AttributeError on it, "'NoneType' object has
+                        # no attribute 'lerp_'"; the op's schema check raised a RuntimeError
+                        # that printed every tensor of the list: found by a review,
+                        # 2026-12-06. A Python number as `step`: docs/parity.md.)
+                        raise AttributeError(
+                            f"'{type(t).__name__}' object has no tensor methods: "
+                            f"fused_optim.{type(self).__name__}'s state['{key}'] of a param "
+                            f"must be a tensor, as torch.optim.{self._torch_class.__name__}"
+                            f"'s step needs it")
                     if type(p) is not Tensor and type(p) is not torch.nn.Parameter:
                         # a DTensor's scales and rounding state as the kernel takes them:
                         # Note [8-bit DTensors], Note [stochastic rounding]
@@ -1084,6 +1110,18 @@ def lr_args(lr) -> Dict[str, Any]:
 def hyper_float(value) -> float:
     """A hyper-parameter given as a float or a 1-element tensor, as a Python float."""
     return value.item() if isinstance(value, Tensor) else float(value)
+
+
+def weight_decay_arg(group: Dict[str, Any], decoupled: Any = False) -> float:
+    """A group's weight_decay for the kernel. Where torch's step adds it to the grad as
+    `grad.add(param, alpha=weight_decay)` (not decoupled), a bool True, which the
+    constructors accept (0.0 <= True), raises torch's error there; ours stepped with 1.0
+    (found by a review, 2026-12-06). Decoupled, torch multiplies the param by 1 - lr *
+    weight_decay, and True is 1."""
+    value = group["weight_decay"]
+    if value is True and not decoupled:
+        raise RuntimeError("Boolean alpha only supported for Boolean results.")
+    return hyper_float(value)
 
 
 def betas_args(group: Dict[str, Any]) -> Dict[str, float]:

@@ -4,8 +4,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .optimizer import (FusedOptimizer, betas_args, hyper_float, lr_args,
-                        raise_as_torchs_host_division, scalar_state, zeros_states)
+from .optimizer import (FusedOptimizer, betas_args, lr_args, raise_as_torchs_host_division,
+                        scalar_state, zeros_states, weight_decay_arg)
 
 __all__ = ["RAdam"]
 
@@ -68,7 +68,7 @@ class RAdam(FusedOptimizer, torch.optim.RAdam):
         return dict(
             **lr_args(group["lr"]),
             **betas_args(group),
-            weight_decay=hyper_float(group["weight_decay"]),
+            weight_decay=weight_decay_arg(group, group["decoupled_weight_decay"]),
             eps=group["eps"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
             maximize=group["maximize"],

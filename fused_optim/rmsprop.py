@@ -5,8 +5,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from .optimizer import FusedOptimizer, hyper_float, lr_args, zeros_states
-
+from .optimizer import FusedOptimizer, lr_args, zeros_states, weight_decay_arg
 __all__ = ["RMSprop"]
 
 
@@ -69,7 +68,7 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             **lr_args(group["lr"]),
             alpha=group["alpha"],
             eps=group["eps"],
-            weight_decay=hyper_float(group["weight_decay"]),
+            weight_decay=weight_decay_arg(group),
             momentum=group["momentum"],
             centered=group["centered"],
             maximize=group["maximize"],
@@ -88,7 +87,12 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
                 zeros_states(state, p, "momentum_buffer")
             if centered:
                 zeros_states(state, p, "grad_avg")
-        elif momentum > 0 and centered and "momentum_buffer" not in state:
-            # Both options switched on after the state was made: torch looks momentum_buffer
-            # up first, so its KeyError names that key.
-            raise KeyError("momentum_buffer")
+        else:
+            # A key missing (an option switched on after the state was made, or a state put
+            # in by hand): torch's _init_group looks them up in this order, and its KeyError
+            # names the first one missing (found by a review, 2026-12-06: ours named
+            # momentum_buffer first).
+            for key in ("square_avg", "step") + (("momentum_buffer",) if momentum > 0 else ()) \
+                    + (("grad_avg",) if centered else ()):
+                if key not in state:
+                    raise KeyError(key)

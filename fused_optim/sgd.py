@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from . import _ops, quantization
-from .optimizer import C10_NAMES, FusedOptimizer, _StateArena, hyper_float, lr_args
+from .optimizer import C10_NAMES, FusedOptimizer, _StateArena, lr_args, weight_decay_arg
 
 __all__ = ["SGD"]
 
@@ -83,7 +83,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             **lr_args(group["lr"]),
             momentum=group["momentum"],
             dampening=group["dampening"],
-            weight_decay=hyper_float(group["weight_decay"]),
+            weight_decay=weight_decay_arg(group),
             nesterov=group["nesterov"],
             maximize=group["maximize"],
             is_first_step=is_first_step,

@@ -54,6 +54,12 @@ class SparseAdam(FusedOptimizer, torch.optim.SparseAdam):
                 if p.grad is not None and not p.grad.is_sparse:
                     raise RuntimeError(
                         "SparseAdam does not support dense gradients, please consider Adam instead")
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.dtype != p.dtype:
+                    # (torch >= 2.9 allows it, with p.grad_dtype = None, and torch's step
+                    # takes it; the kernel refused it: found by a review, 2026-12-06)
+                    return "a grad whose dtype is not its param's"
         return None
 
     def _update_group(self, group: Dict[str, Any], params: List[Tensor], grads: List[Tensor],

@@ -569,6 +569,10 @@ def test_namespace_offers_every_torch_optim_name():
     sched.step()
     swa = optim.swa_utils.AveragedModel(torch.nn.Linear(2, 2))
     assert isinstance(swa, torch.optim.swa_utils.AveragedModel)
+    if "functional" in torch.optim.__all__:  # torch 2.15's functional API: torch's own
+        from fused_optim.functional import adamw
+
+        assert adamw is torch.optim.functional.adamw
 
 
 def test_params_that_overlap_through_a_copy_step_as_torchs_for_loop():
@@ -842,6 +846,99 @@ def _assert_same_outcome(ours, ref):
         assert ours == ref
     else:
         assert torch.equal(ours, ref)
+
+
+@pytest.mark.skipif(not hasattr(torch.Tensor, "grad_dtype"), reason="torch < 2.9: no grad_dtype")
+def test_a_sparse_grad_of_another_dtype_runs_torchs_sparse_adam():
+    # Found by a review (2026-12-06): the kernel refused it, where torch's SparseAdam steps.
+    outcomes = []
+    for cls in (torch.optim.SparseAdam, fused_optim.SparseAdam):
+        w = torch.randn(6, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        opt = cls([w], lr=0.1)
+        for step in range(2):
+            w.grad_dtype = None
+            w.grad = torch.randn(6, 3, generator=torch.Generator().manual_seed(step),
+                                 dtype=torch.float64).to_sparse()
+            if cls is fused_optim.SparseAdam and step == 0:
+                fused_optim.optimizer.FusedOptimizer._warned.clear()
+                assert any("a grad whose dtype is not its param's" in str(x.message)
+                           for x in _recorded(opt.step))
+            else:
+                opt.step()
+        outcomes.append([w.detach().clone(), opt.state[w]["exp_avg"], opt.state[w]["exp_avg_sq"]])
+    for a, b in zip(*outcomes):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax",
+                                  "Adadelta", "NAdam", "RAdam", "ASGD"])
+@pytest.mark.parametrize("later_step", [False, True])
+def test_a_bool_weight_decay_raises_or_steps_as_torchs_for_loop(name, later_step):
+    """weight_decay=True, which the constructors accept (0.0 <= True): torch's step passes a
+    coupled weight decay as `alpha=` and raises there; decoupled (AdamW), it is 1. Ours
+    stepped with 1.0 everywhere (found by a review, 2026-12-06); now torch's error, before
+    anything changes (a later group's, on the fast path too), or torch's step."""
+    torch_cls, ours_cls = pu.ALGOS[name]
+    outcomes, unchanged = [], []
+    for cls, kw in ((torch_cls, dict(foreach=False)), (ours_cls, {})):
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.randn(5, generator=g, requires_grad=True) for _ in range(2)]
+        opt = cls([{"params": [ps[0]]}, {"params": [ps[1]]}], lr=0.1, **kw)
+        for p in ps:
+            p.grad = torch.randn(5, generator=g)
+        if later_step:
+            with pu.correctly_rounded_sqrt():
+                opt.step()
+        opt.param_groups[1]["weight_decay"] = True
+        before = [p.detach().clone() for p in ps]
+        with pu.correctly_rounded_sqrt():  # (torch's CPU sqrt is not: tests/parity_utils.py)
+            outcomes.append(_outcome_of_step(opt, lambda: torch.cat([p.detach() for p in ps])))
+        unchanged.append(all(torch.equal(p, b) for p, b in zip(ps, before)))
+    _assert_same_outcome(outcomes[1], outcomes[0])
+    if isinstance(outcomes[0], str):
+        assert outcomes[0] == "Boolean alpha only supported for Boolean results."
+        assert unchanged[1]  # (torch's had updated the first group)
+
+
+@pytest.mark.parametrize("keys", [["step"], ["exp_avg", "exp_avg_sq", "step"], ["square_avg"],
+                                  ["square_avg", "step"], ["square_avg", "step", "grad_avg"]])
+def test_rmsprops_missing_state_key_is_the_one_torch_names(keys):
+    # torch's _init_group looks up square_avg, step, momentum_buffer and grad_avg in this
+    # order; ours named momentum_buffer first (found by a review, 2026-12-06).
+    errors = []
+    for cls in (torch.optim.RMSprop, fused_optim.RMSprop):
+        w = torch.randn(3, requires_grad=True)
+        opt = cls([w], momentum=0.5, centered=True)
+        opt.state[w] = {k: (torch.tensor(1.0) if k == "step" else torch.zeros(3)) for k in keys}
+        w.grad = torch.randn(3)
+        with pytest.raises(KeyError) as e:
+            opt.step()
+        errors.append(e.value.args)
+    assert errors[0] == errors[1]
+
+
+@pytest.mark.parametrize("name,key", [("Adam", "exp_avg"), ("RMSprop", "square_avg"),
+                                      ("Adagrad", "sum"), ("Adadelta", "square_avg"),
+                                      ("ASGD", "ax")])
+@pytest.mark.parametrize("value", [None, 0.5])
+def test_a_state_that_is_not_a_tensor_raises_torchs_attribute_error(name, key, value):
+    # torch's arithmetic raises AttributeError ("'NoneType' object has no attribute
+    # 'lerp_'"); ours raised the op's schema error, a RuntimeError printing every tensor of
+    # the list (found by a review, 2026-12-06). Now an AttributeError naming the key, with
+    # nothing changed. (torch's Rprop raises a TypeError for its `prev`: ours the same
+    # AttributeError.)
+    for cls in pu.ALGOS[name]:
+        w = torch.randn(3, requires_grad=True)
+        opt = cls([w], lr=0.1)
+        w.grad = torch.randn(3)
+        opt.step()
+        opt.state[w][key] = value
+        before = w.detach().clone()
+        with pytest.raises(AttributeError, match=f"'{type(value).__name__}' object has no"):
+            opt.step()
+        if cls is not pu.ALGOS[name][0]:
+            assert torch.equal(w.detach(), before)
+            assert f"state['{key}']" in str(pytest.raises(AttributeError, opt.step).value)
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop", "Rprop", "ASGD"])
@@ -1269,12 +1366,15 @@ def test_fallback_warning_of_a_subclass_names_torchs_class():
 
 
 @pytest.mark.parametrize("name,make,edit,quiet", [
-    # (ASGD's constructor takes a negative lambd: 1 + lambd * lr * step is 0 at step 1)
-    pytest.param("ASGD", lambda cls, p, kw: cls([p], **{"lr": 0.01, "lambd": -100.0, **kw}),
-                 None, dict(foreach=True), id="ASGD-lambd"),
-    # (and a large negative alpha, which it does not check: the power underflows to 0)
-    pytest.param("ASGD", lambda cls, p, kw: cls([p], **{"lr": 0.01, "alpha": -1e10, **kw}),
-                 None, dict(foreach=True), id="ASGD-alpha"),
+    # (ASGD's constructor took a negative lambd until torch 2.15; set in a group, 1 + lambd
+    # * lr * step is 0 at step 2)
+    pytest.param("ASGD", lambda cls, p, kw: cls([p], **{"lr": 0.01, **kw}),
+                 lambda opt: opt.param_groups[0].__setitem__("lambd", -50.0),
+                 dict(foreach=True), id="ASGD-lambd"),
+    # (and a large negative alpha, which it did not check: the power underflows to 0)
+    pytest.param("ASGD", lambda cls, p, kw: cls([p], **{"lr": 0.01, **kw}),
+                 lambda opt: opt.param_groups[0].__setitem__("alpha", -1e10),
+                 dict(foreach=True), id="ASGD-alpha"),
     # (Adagrad's refuses a negative lr_decay; set in a group, 1 + (step - 1) * lr_decay is
     # 0 at step 2)
     pytest.param("Adagrad", lambda cls, p, kw: cls([p], **{"lr": 0.1, **kw}),

@@ -3,6 +3,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -123,6 +124,41 @@ def test_grad_scaler_overflow_skips_step_then_training_matches_torch(name, torch
     for a, b in zip(ps, ref_model.parameters()):
         for k, v in ref_opt.state[b].items():
             assert torch.equal(opt.state[a][k], v), k
+
+
+@pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
+def test_a_skipped_first_step_makes_no_state(name, torch_cls, ours_cls):
+    """GradScaler skips a first step with an inf grad: torch's for-loop is not called, and
+    makes no state. Ours made it, with the lr of that moment where a state keeps it (Rprop's
+    step_size, ASGD's eta): after a scheduler's change of lr, the first real step differed
+    (found by a review, 2026-12-06). Now torch's state (none), and the real steps bitwise
+    torch's."""
+    out = []
+    for cls, kw in ((torch_cls, dict(STATEFUL[name], foreach=False)), (ours_cls, STATEFUL[name])):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 6))
+        opt = cls([p], **kw)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+        for step in range(3):
+            scaler.scale(torch.ones(()))
+            p.grad = torch.linspace(-0.5, 0.7, 6) * scaler.get_scale()
+            if step == 0:
+                p.grad[1] = float("inf")
+            with pu.correctly_rounded_sqrt(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (the scheduler's "step before optimizer")
+                scaler.step(opt)
+            if step == 0:  # (none; Adagrad's, made by its constructor, unchanged)
+                skipped = {k: v.clone() for k, v in opt.state.get(p, {}).items()}
+            scaler.update()
+            sched.step()
+        out.append((p.detach().clone(), dict(opt.state[p]), skipped))
+    assert out[1][2].keys() == out[0][2].keys()
+    for k, v in out[0][2].items():
+        assert torch.equal(out[1][2][k], v), k
+    assert torch.equal(out[1][0], out[0][0])
+    assert out[1][1].keys() == out[0][1].keys()
+    for k, v in out[0][1].items():
+        assert torch.equal(out[1][1][k], v), k
 
 
 def _deterministic_model():

@@ -312,6 +312,34 @@ def test_max_grad_norm_with_grad_scaler(name, dtype, init_scale, max_norm):
                 assert torch.equal(v, ob.state[pb[n]][k]), f"step {step} state {n}.{k}"
 
 
+@pytest.mark.parametrize("n", [34, 1000])
+@pytest.mark.parametrize("max_norm", [1.0, 1e3])  # clips, and does not
+def test_max_grad_norm_with_grad_scaler_and_a_strided_grad(n, max_norm):
+    """A grad that is not dense (every other element of a buffer) under a GradScaler: the
+    norm was of a contiguous unscaled copy, which sums in another order than torch's norm
+    of the grad unscaled in place, with its strides (found by a review, 2026-12-06: 2 of 34
+    params differed). Bitwise torch's recipe: unscale_, clip_grad_norm_, step."""
+    out = []
+    for ours in (True, False):
+        g = torch.Generator().manual_seed(0)
+        p = torch.randn(n, generator=g).requires_grad_()
+        opt = (fused_optim.SGD([p], lr=0.1, max_grad_norm=max_norm) if ours
+               else torch.optim.SGD([p], lr=0.1, foreach=False))
+        scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+        scaler.scale(torch.ones(()))
+        p.grad = (torch.randn(2 * n, generator=g) * 256.0)[::2]
+        if ours:
+            scaler.step(opt)
+            norm = opt.last_grad_norm
+        else:
+            scaler.unscale_(opt)
+            norm = torch.nn.utils.clip_grad_norm_([p], max_norm)
+            scaler.step(opt)
+        out.append((norm, p.detach().clone()))
+    assert torch.equal(out[0][0], out[1][0])
+    assert torch.equal(out[0][1], out[1][1])
+
+
 def test_max_grad_norm_when_torch_runs_the_step():
     # differentiable=True runs torch's own step: the clipping is torch's own recipe. (Its
     # in-place update needs params that do not require grad.)

@@ -8,9 +8,11 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_foreach_norm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
 #include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -204,7 +206,21 @@ at::Tensor norms_cpu(at::TensorList tensors, double ord, double inv_scale) {
     for (int64_t i = 0; i < n; ++i) {
       if (ours[i]) continue;
       at::Tensor t = tensors[i];
-      if (inv_scale != 1.0) t = t.mul(inv_scale);  // as unscale_ leaves it, rounded to T
+      if (inv_scale != 1.0) {
+        // As unscale_ leaves it, rounded to T, and with its strides: the norm of a strided
+        // tensor sums in another order than that of a contiguous one (t.mul() of a
+        // non-dense t is contiguous: the norm was not torch's, found by a review,
+        // 2026-12-06). An expanded t (a stride 0), which unscale_ refuses, stays as mul
+        // makes it.
+        const bool expanded = std::any_of(t.strides().begin(), t.strides().end(),
+                                          [](int64_t s) { return s == 0; });
+        at::Tensor u = t.mul(inv_scale);
+        if (!expanded && !t.is_non_overlapping_and_dense()) {
+          t = at::empty_strided(t.sizes(), t.strides(), t.options()).copy_(u);
+        } else {
+          t = u;
+        }
+      }
       result[i] = at::linalg_vector_norm(t, ord).item<T>();
     }
     const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
