@@ -102,18 +102,20 @@ TORCH_LIBRARY(fused_optim, m) {
       "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   // Muon (csrc/cpu/muon.cpp): not elementwise; the Newton-Schulz coefficients are a, b, c;
   // adjust_lr 0 is torch's None or "original", 1 "match_rms_adamw", 2 no adjustment, 3
-  // "spectral_unclamped" (fused_optim/muon.py).
+  // "spectral_unclamped" (fused_optim/muon.py); normalize_buffer: whether a bfloat16 momentum
+  // buffer is normalized in place when nesterov is off, as torch before 2.15 did (Note [Muon's
+  // bfloat16 buffer] in csrc/cpu/muon.cpp).
   // _muon_aten_: the same step through ATen ops only (CUDA's kernel), on any device.
   m.def(
       "muon_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, "
       "float lr, float weight_decay, float momentum, bool nesterov, float ns_a, float ns_b, "
-      "float ns_c, float eps, int ns_steps, int adjust_lr, Tensor? lr_tensor=None, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "float ns_c, float eps, int ns_steps, int adjust_lr, bool normalize_buffer, "
+      "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   m.def(
       "_muon_aten_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, "
       "float lr, float weight_decay, float momentum, bool nesterov, float ns_a, float ns_b, "
-      "float ns_c, float eps, int ns_steps, int adjust_lr, Tensor? lr_tensor=None, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "float ns_c, float eps, int ns_steps, int adjust_lr, bool normalize_buffer, "
+      "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   // Gradient clipping by global norm (csrc/cpu/grad_norm.cpp, fused_optim/clip.py): each
   // tensor's norm (ord 2 or inf) as torch.linalg.vector_norm computes it, of the tensors
   // times inv_scale (a GradScaler's unscale); and tensors *= scalar.

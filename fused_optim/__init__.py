@@ -48,7 +48,8 @@ FUSED = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "Adadelta", "NA
          "Rprop", "ASGD", "SparseAdam", "Adafactor")
 FUSED += ("Muon",) if hasattr(torch.optim, "Muon") else ()  # (torch 2.9 and later)
 TORCH_OWN = ("Optimizer", "lr_scheduler", "swa_utils", "swap_in_optimizer_params_and_state",
-             "LBFGS")
+             "LBFGS", "functional")  # (functional: torch 2.15's functional API, torch's own)
+_TORCH_MODULES = ("lr_scheduler", "swa_utils", "functional")
 
 
 def _reexport_torch_names():
@@ -60,7 +61,7 @@ def _reexport_torch_names():
             obj = getattr(torch.optim, name)
             globals()[name] = obj
             names.append(name)
-            if name in ("lr_scheduler", "swa_utils"):  # `from fused_optim.lr_scheduler import X`
+            if name in _TORCH_MODULES:  # `from fused_optim.lr_scheduler import X`
                 sys.modules[f"{__name__}.{name}"] = obj
     return names
 

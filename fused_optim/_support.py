@@ -10,7 +10,7 @@ import re
 # The oldest torch the whole test suite passes on, and the newest one tested (CI runs the
 # smoke suite on TORCH_OLDEST and the whole suite on a release in between; docs/install.md).
 TORCH_OLDEST = (2, 8)
-TORCH_NEWEST_TESTED = (2, 14)
+TORCH_NEWEST_TESTED = (2, 15)
 PYTHON_OLDEST = (3, 10)
 PYTHON_NEWEST_TESTED = (3, 13)
 

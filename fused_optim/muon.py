@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import quantization
+from ._support import _release
 from .optimizer import FusedOptimizer, hyper_float, lr_args
 
 __all__ = ["Muon"]
@@ -53,6 +54,21 @@ def _probe_adjust_lr(name: Any) -> Optional[int]:
         if all(math.isclose(r, k, rel_tol=1e-15) for r, k in zip(ratios, known)):
             return code
     return None
+
+
+def _probe_normalizes_buffer() -> bool:
+    """Whether the installed torch's Newton-Schulz normalizes a bfloat16 input in place (Note
+    [Muon's bfloat16 buffer] in csrc/cpu/muon.cpp: before torch 2.15 it did, and torch's
+    step then left a bfloat16 momentum buffer divided by its norm where nesterov is off)."""
+    zeropower = getattr(torch.optim._muon, "_zeropower_via_newtonschulz", None)
+    if zeropower is None:  # (renamed: the release decides)
+        return _release(torch.__version__) < (2, 15)
+    x = torch.tensor([[3.0, 0.0], [0.0, 4.0]], dtype=torch.bfloat16)
+    zeropower(x, (1.0, 0.0, 0.0), 0, 1e-7)
+    return x[1, 1].item() != 4.0
+
+
+_NORMALIZES_BUFFER = _probe_normalizes_buffer()
 
 
 class Muon(FusedOptimizer, torch.optim.Muon):
@@ -140,6 +156,7 @@ class Muon(FusedOptimizer, torch.optim.Muon):
             eps=float(group["eps"]),
             ns_steps=int(ns_steps),
             adjust_lr=_adjust_lr_code(group["adjust_lr_fn"]),
+            normalize_buffer=_NORMALIZES_BUFFER,
         )
 
     def _update_group(self, group: Dict[str, Any], params: List[Tensor], grads: List[Tensor],

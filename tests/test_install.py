@@ -34,14 +34,15 @@ def test_torch_is_not_a_declared_dependency():
     ("2.8.0", False, False),
     ("2.13.0+cpu", False, False),
     ("2.14.1+cu130", False, False),
-    ("2.15.0", False, True),
+    ("2.15.0", False, False),
+    ("2.16.0", False, True),
     ("3.0.0a0+git1234", False, True),
 ])
 def test_supported_torch_range(version, error, warning):
     e, w = _support.torch_problem(version)
     assert (e is not None, w is not None) == (error, warning)
     for message in filter(None, (e, w)):
-        assert "torch 2.8 to 2.14" in message and version in message
+        assert "torch 2.8 to 2.15" in message and version in message
     if e:
         assert "pip install --no-build-isolation -e ." in e
 
@@ -56,7 +57,7 @@ def test_supported_python_range():
 
 def test_import_refuses_an_unsupported_torch(monkeypatch):
     monkeypatch.setattr(torch, "__version__", "2.6.0")
-    with pytest.raises(ImportError, match=r"supports torch 2\.8 to 2\.14; this environment has "
+    with pytest.raises(ImportError, match=r"supports torch 2\.8 to 2\.15; this environment has "
                                           r"torch 2\.6\.0"):
         _loader.load_extension()
 
@@ -79,7 +80,7 @@ def _setup_py(tmp_path, env_extra, fake_torch=None):
 def test_build_stops_on_an_unsupported_torch_before_touching_anything(tmp_path):
     out = _setup_py(tmp_path, {}, _fake_torch(tmp_path, "2.5.1"))
     assert out.returncode != 0
-    assert "fused_optim supports torch 2.8 to 2.14; this environment has torch 2.5.1" in out.stderr
+    assert "fused_optim supports torch 2.8 to 2.15; this environment has torch 2.5.1" in out.stderr
     assert not list(tmp_path.glob("build*"))
 
 

@@ -653,6 +653,35 @@ def test_aten_path_matches_torch(dtype, nesterov):
             assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("op", ["muon_", "_muon_aten_"])
+def test_bfloat16_buffer_normalized_in_place_only_where_the_installed_torch_does(op, monkeypatch):
+    # Note [Muon's bfloat16 buffer] in muon.cpp: with bfloat16 params and nesterov=False,
+    # torch before 2.15 divided the momentum buffer by its norm in place; torch 2.15 leaves
+    # it as the momentum made it. fused_optim asks torch's own function which it is.
+    from fused_optim import _support, muon
+
+    assert muon._NORMALIZES_BUFFER == (_support._release(torch.__version__) < (2, 15))
+    for flag in (muon._NORMALIZES_BUFFER, not muon._NORMALIZES_BUFFER):
+        monkeypatch.setattr(muon, "_NORMALIZES_BUFFER", flag)
+        kwargs = _opts(dict(nesterov=False))
+        ref = make_params(torch.bfloat16, shapes=[(6, 6), (6, 6), (4, 9)])
+        ours = clone_params(ref)
+        opt_ref, opt_ours = torch.optim.Muon(ref, **kwargs), fused_optim.Muon(ours, **kwargs)
+        opt_ours._op = op
+        set_grads([ref, ours], 0)
+        opt_ref.step()
+        opt_ours.step()
+        for p, q in zip(ours, ref):
+            # the first step's buffer is (1 - momentum) * grad (norm about 0.05 * 6 here), or
+            # that divided by its norm (1 within bfloat16's rounding)
+            norm = opt_ref.state[q]["momentum_buffer"].float().norm().item()
+            normalized = abs(norm - 1.0) < 0.02
+            assert normalized == (_support._release(torch.__version__) < (2, 15))
+            same = torch.equal(opt_ours.state[p]["momentum_buffer"],
+                               opt_ref.state[q]["momentum_buffer"])
+            assert same == (flag == muon._probe_normalizes_buffer())
+
+
 def test_group_of_several_dtypes():
     # (The kernel hands such a group to the ATen-op path.)
     kwargs = _opts(dict(nesterov=False))
@@ -673,7 +702,7 @@ def test_op_passes_opcheck():
     grads = [torch.randn_like(p) for p in ps]
     bufs = [torch.zeros_like(p) for p in ps]
     args = ([p.detach() for p in ps], grads, bufs, 0.02, 0.1, 0.95, True, 3.4445, -4.775,
-            2.0315, 1e-7, 5, 0)
+            2.0315, 1e-7, 5, 0, False)
     torch.library.opcheck(torch.ops.fused_optim.muon_.default, args)
 
 

@@ -68,10 +68,13 @@ constexpr const char* kOp = "fused_optim::muon_";
 //
 // Note [Muon's bfloat16 buffer]
 // With bfloat16 params and nesterov=False, torch's `update` is the momentum buffer
-// itself, update.bfloat16() returns that same tensor, and the in-place normalization
-// divides the buffer by its norm: torch's next step starts from the normalized buffer.
-// We do the same, so that the two stay interchangeable (a checkpoint, a switch of
-// optimizer mid-training).
+// itself. Before torch 2.15, update.bfloat16() returned that same tensor, and the
+// in-place normalization divided the buffer by its norm: torch's next step started from
+// the normalized buffer. torch 2.15 copies it (`grad.to(dtype=torch.bfloat16,
+// copy=True)`), and the buffer stays as the momentum made it. We do what the installed
+// torch does (normalize_buffer: fused_optim/muon.py asks torch's own function once per
+// process), so that the two stay interchangeable (a checkpoint, a switch of optimizer
+// mid-training).
 
 // The update's scaling by shape, as torch's _adjust_lr: 0 is None or "original", 1 is
 // "match_rms_adamw", 3 is "spectral_unclamped" (torch 2.14), 2 no adjustment
@@ -292,6 +295,7 @@ at::Tensor wrapped(double v) {
 void muon_aten(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                double lr, double weight_decay, double momentum, bool nesterov, double ns_a,
                double ns_b, double ns_c, double eps, int64_t ns_steps, int64_t adjust_lr,
+               bool normalize_buffer,
                const std::optional<at::Tensor>& lr_tensor,
                const std::optional<at::Tensor>& grad_scale,
                const std::optional<at::Tensor>& found_inf) {
@@ -328,7 +332,8 @@ void muon_aten(at::TensorList params, at::TensorList grads, at::TensorList momen
         g.rows * g.cols == 1 ? g.x.abs()
                              : at::stack(at::_foreach_norm(g.x.unbind(0), 2)).view({n, 1, 1});
     g.x.div_(norms.clamp_min(eps));
-    for (int64_t j = 0; j < n && !nesterov; ++j) {  // Note [Muon's bfloat16 buffer]
+    // Note [Muon's bfloat16 buffer]
+    for (int64_t j = 0; j < n && normalize_buffer && !nesterov; ++j) {
       if (bufs[j].scalar_type() == at::kBFloat16) bufs[j].copy_(g.x[j]);
     }
     const at::Tensor u = newton_schulz(g.x, g.rows, g.cols, ns_a, ns_b, ns_c, ns_steps);
@@ -638,6 +643,7 @@ FO_INLINE c10::BFloat16 to_bf16(float v) {
 void muon_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
               double lr, double weight_decay, double momentum, bool nesterov, double ns_a,
               double ns_b, double ns_c, double eps, int64_t ns_steps, int64_t adjust_lr,
+              bool normalize_buffer,
               const std::optional<at::Tensor>& lr_tensor,
               const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf) {
@@ -648,7 +654,8 @@ void muon_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
   for (const at::Tensor& p : params) {
     if (p.scalar_type() != dtype) {  // a group of several dtypes (rare): ATen's ops
       muon_aten(params, grads, momentum_buffers, lr, weight_decay, momentum, nesterov, ns_a,
-                ns_b, ns_c, eps, ns_steps, adjust_lr, lr_tensor, grad_scale, found_inf);
+                ns_b, ns_c, eps, ns_steps, adjust_lr, normalize_buffer, lr_tensor, grad_scale,
+                found_inf);
       return;
     }
   }
@@ -730,7 +737,7 @@ void muon_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
         const Slot& s = slots[pc.slot];
         c10::BFloat16* buf = nullptr;
         if constexpr (kBf16) {  // Note [Muon's bfloat16 buffer]
-          if (!nesterov) buf = s.buf.data_ptr<c10::BFloat16>();
+          if (normalize_buffer && !nesterov) buf = s.buf.data_ptr<c10::BFloat16>();
         }
         loops.normalize(stacked(s), buf, divisors[s.index], pc.begin, pc.end);
       });
