@@ -29,6 +29,7 @@ def _torch_refuses_fused_cuda() -> bool:
 class Adagrad(FusedOptimizer, torch.optim.Adagrad):
     __doc__ = torch.optim.Adagrad.__doc__
     _torch_class = torch.optim.Adagrad
+    _constructor_fills = {"sum": "initial_accumulator_value"}
 
     def __init__(
         self,

@@ -26,6 +26,9 @@ CASES = [
     ("AdamW", dict(lr=0.01, betas=(0.8, 0.9))),
     ("RMSprop", dict(lr=0.01, momentum=0.5, centered=True)),
     ("Adagrad", dict(lr=0.05, lr_decay=0.01)),
+    # (a sum made by torch's constructor: in float32 first, then as state_dtype says; it was
+    # rounded to a 16-bit param's dtype first: found by a review, 2026-12-06)
+    ("Adagrad", dict(lr=0.05, initial_accumulator_value=0.1)),
     ("Adamax", dict(lr=0.01, weight_decay=0.1)),
     ("Adadelta", dict(lr=0.5)),
     ("NAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
@@ -127,6 +130,11 @@ def run_reference(name, kwargs, pdtype, sdtype, steps):
     low = [p.detach().clone() for p in make_params(pdtype)]
     work = [p.float().requires_grad_() for p in low]
     opt = getattr(torch.optim, name)(work, foreach=False, **kwargs)
+    with torch.no_grad():  # state made by the constructor (Adagrad's sum), stored as well
+        for w in work:
+            for k, v in opt.state[w].items():
+                if k in MOMENTS and isinstance(v, torch.Tensor):
+                    v.copy_(store_moment(v, sdtype, w))
     for step in range(steps):
         with torch.no_grad():
             for w, p in zip(work, low):
