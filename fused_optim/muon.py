@@ -61,11 +61,14 @@ def _probe_normalizes_buffer() -> bool:
     [Muon's bfloat16 buffer] in csrc/cpu/muon.cpp: before torch 2.15 it did, and torch's
     step then left a bfloat16 momentum buffer divided by its norm where nesterov is off)."""
     zeropower = getattr(torch.optim._muon, "_zeropower_via_newtonschulz", None)
-    if zeropower is None:  # (renamed: the release decides)
+    try:
+        # (on the CPU whatever the default device; under a mode that makes its tensors fake,
+        # or a signature changed, the release decides)
+        x = torch.tensor([[3.0, 0.0], [0.0, 4.0]], dtype=torch.bfloat16, device="cpu")
+        zeropower(x, (1.0, 0.0, 0.0), 0, 1e-7)
+        return x[1, 1].item() != 4.0
+    except Exception:
         return _release(torch.__version__) < (2, 15)
-    x = torch.tensor([[3.0, 0.0], [0.0, 4.0]], dtype=torch.bfloat16)
-    zeropower(x, (1.0, 0.0, 0.0), 0, 1e-7)
-    return x[1, 1].item() != 4.0
 
 
 _NORMALIZES_BUFFER = _probe_normalizes_buffer()

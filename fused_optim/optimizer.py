@@ -890,13 +890,16 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._torch_step(reason, scales)
             return loss
         if (found_inf is not None and not torch.compiler.is_compiling()
-                and self._makes_state(groups) and found_inf.item() != 0):
+                and not (found_inf.is_cuda and torch.cuda.is_current_stream_capturing())
+                and self._makes_state(groups, keys) and found_inf.item() != 0):
             # A GradScaler's skipped step that would make state: torch's for-loop is not
             # called at all, and makes none. The kernels skip the update, but the state was
             # made first, with the lr of that moment where a state keeps it (Rprop's
             # step_size, ASGD's eta): a later first real step under another lr (a
             # scheduler's) then stepped otherwise (found by a review, 2026-12-06). (Only
-            # where a state would be made: reading found_inf synchronises on a GPU.)
+            # where a state would be made, by a group that keeps one (SGD without momentum
+            # keeps none): reading found_inf synchronises on a GPU, and is not allowed in a
+            # CUDA graph capture. Under torch.compile the state is made: docs/parity.md.)
             return loss
         # Group by group only where there are several: a single group was just declined.
         retry = fast and len(groups) > 1
@@ -919,11 +922,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                     bump_versions(params)
         return loss
 
-    def _makes_state(self, groups: List[Dict[str, Any]]) -> bool:
-        """Whether a step would make state: a param with a grad and no state yet."""
+    def _makes_state(self, groups: List[Dict[str, Any]],
+                     keys: List[Tuple[Optional[str], ...]]) -> bool:
+        """Whether a step would make state: a param with a grad and no state yet, in a
+        group whose kernel takes a state (its keys)."""
         state = self.state
-        return any(p.grad is not None and not state.get(p)
-                   for group in groups for p in group["params"])
+        return any(any(k is not None for k in group_keys)
+                   and any(p.grad is not None and not state.get(p) for p in group["params"])
+                   for group, group_keys in zip(groups, keys))
 
     def _update_placing_state(self, group: Dict[str, Any], params: List[Tensor],
                               grads: List[Tensor], keys: Tuple[Optional[str], ...],
@@ -1131,7 +1137,11 @@ def weight_decay_arg(group: Dict[str, Any], decoupled: Any = False) -> float:
     (found by a review, 2026-12-06). Decoupled, torch multiplies the param by 1 - lr *
     weight_decay, and True is 1."""
     value = group["weight_decay"]
-    if value is True and not decoupled:
+    if not decoupled and not group.get("fused") and (
+            value is True or (isinstance(value, Tensor) and value.dtype == torch.bool
+                              and value.numel() == 1 and bool(value))):
+        # (a 0-dim True tensor too; torch's fused kernels take it as 1, and so do ours:
+        # found by a review of the fix, 2026-12-06)
         raise RuntimeError("Boolean alpha only supported for Boolean results.")
     return hyper_float(value)
 

@@ -49,7 +49,7 @@ def _maps() -> Tuple[Tensor, Tensor]:
                 if not unsigned:
                     v.append(-mean)
         v += [0.0, 1.0]
-        f = torch.tensor(v, dtype=torch.float64).float().sort().values
+        f = torch.tensor(v, dtype=torch.float64, device="cpu").float().sort().values
         values.append(f)
         d = f.double()
         thresholds.append(((d[:-1] + d[1:]) / 2).float())
@@ -203,7 +203,9 @@ def to_torch_state_dict(state_dict: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _zero_block() -> Tuple[int, float]:
-    codes, scales = quantize(torch.zeros(BLOCK))
+    # (on the CPU whatever the default device: `import fused_optim` under
+    # torch.set_default_device("meta") failed here, found by a review, 2026-12-06)
+    codes, scales = quantize(torch.zeros(BLOCK, device="cpu"))
     return int(codes[0]), float(scales[0])
 
 

@@ -900,6 +900,31 @@ def test_a_bool_weight_decay_raises_or_steps_as_torchs_for_loop(name, later_step
         assert unchanged[1]  # (torch's had updated the first group)
 
 
+@pytest.mark.parametrize("name", ["SGD", "Adam", "Adagrad"])
+def test_a_bool_weight_decay_steps_as_1_in_a_fused_group_as_torchs_fused(name):
+    # torch's fused kernels take weight_decay=True as 1 (a review of the fix above found
+    # ours raising there); a 0-dim True tensor raises as True does where torch's for-loop
+    # runs.
+    torch_cls, ours_cls = pu.ALGOS[name]
+    results = []
+    for wd in (True, 1.0):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 5))
+        opt = ours_cls([p], lr=0.1, weight_decay=wd, fused=True)
+        p.grad = torch.linspace(0.3, -0.2, 5)
+        opt.step()
+        results.append(p.detach().clone())
+    assert torch.equal(results[0], results[1])
+    p = torch.nn.Parameter(torch.linspace(-1, 1, 5))
+    torch_cls([p], lr=0.1, weight_decay=True, fused=True)  # (torch's fused takes it)
+    for cls in pu.ALGOS[name]:
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 5))
+        opt = cls([p], lr=0.1, foreach=False)
+        opt.param_groups[0]["weight_decay"] = torch.tensor(True)
+        p.grad = torch.linspace(0.3, -0.2, 5)
+        with pytest.raises(RuntimeError, match="Boolean alpha only supported"):
+            opt.step()
+
+
 @pytest.mark.parametrize("keys", [["step"], ["exp_avg", "exp_avg_sq", "step"], ["square_avg"],
                                   ["square_avg", "step"], ["square_avg", "step", "grad_avg"]])
 def test_rmsprops_missing_state_key_is_the_one_torch_names(keys):

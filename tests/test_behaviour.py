@@ -161,6 +161,31 @@ def test_a_skipped_first_step_makes_no_state(name, torch_cls, ours_cls):
         assert torch.equal(out[1][1][k], v), k
 
 
+def test_a_scaler_step_reads_found_inf_only_where_a_state_would_be_made():
+    # Reading found_inf synchronises with a GPU: SGD without momentum keeps no state, so its
+    # steps never make one (a review found every such step asking, 2026-12-06).
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    for momentum, makes in ((0.0, False), (0.9, True)):
+        opt = fused_optim.SGD([p], lr=0.1, momentum=momentum)
+        keys = [opt._step_keys(g) for g in opt.param_groups]
+        assert opt._makes_state(opt.param_groups, keys) == makes
+
+
+def test_import_under_a_meta_default_device():
+    # fused_optim's import makes a few tensors (the 8-bit maps, Muon's probe): on the CPU,
+    # whatever the default device (under torch.set_default_device("meta") it failed; found
+    # by a review, 2026-12-06).
+    script = ("import torch; torch.set_default_device('meta'); import fused_optim, sys; "
+              "from fused_optim import _support; "
+              "m = getattr(fused_optim, 'muon', None); "
+              "sys.exit(m is not None and m._NORMALIZES_BUFFER != "
+              "(_support._release(torch.__version__) < (2, 15)))")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300,
+                   env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
+                       os.path.abspath(__file__)))))
+
+
 def _deterministic_model():
     # Several tensors larger than the parallel grain, odd sizes, mixed dtypes in one group.
     g = torch.Generator().manual_seed(0)

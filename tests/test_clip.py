@@ -312,22 +312,28 @@ def test_max_grad_norm_with_grad_scaler(name, dtype, init_scale, max_norm):
                 assert torch.equal(v, ob.state[pb[n]][k]), f"step {step} state {n}.{k}"
 
 
+@pytest.mark.parametrize("layout", ["every other", "expanded row"])
 @pytest.mark.parametrize("n", [34, 1000])
 @pytest.mark.parametrize("max_norm", [1.0, 1e3])  # clips, and does not
-def test_max_grad_norm_with_grad_scaler_and_a_strided_grad(n, max_norm):
+def test_max_grad_norm_with_grad_scaler_and_a_strided_grad(n, max_norm, layout):
     """A grad that is not dense (every other element of a buffer) under a GradScaler: the
     norm was of a contiguous unscaled copy, which sums in another order than torch's norm
     of the grad unscaled in place, with its strides (found by a review, 2026-12-06: 2 of 34
-    params differed). Bitwise torch's recipe: unscale_, clip_grad_norm_, step."""
+    params differed). Bitwise torch's recipe: unscale_, clip_grad_norm_, step. ("expanded
+    row": a (1, n) grad with strides (0, 2), whose stride 0 repeats no element: it was taken
+    for an expanded grad, found by a review of the fix.)"""
     out = []
     for ours in (True, False):
         g = torch.Generator().manual_seed(0)
-        p = torch.randn(n, generator=g).requires_grad_()
+        p = torch.randn(n, generator=g)
+        p = (p if layout == "every other" else p.view(1, n)).requires_grad_()
         opt = (fused_optim.SGD([p], lr=0.1, max_grad_norm=max_norm) if ours
                else torch.optim.SGD([p], lr=0.1, foreach=False))
         scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
         scaler.scale(torch.ones(()))
-        p.grad = (torch.randn(2 * n, generator=g) * 256.0)[::2]
+        grad = (torch.randn(2 * n, generator=g) * 256.0)[::2]
+        p.grad = grad if layout == "every other" else grad.as_strided((1, n), (0, 2))
+        assert p.grad.stride() == ((2,) if layout == "every other" else (0, 2))
         if ours:
             scaler.step(opt)
             norm = opt.last_grad_norm

@@ -212,8 +212,8 @@ at::Tensor norms_cpu(at::TensorList tensors, double ord, double inv_scale) {
         // non-dense t is contiguous: the norm was not torch's, found by a review,
         // 2026-12-06). An expanded t (a stride 0), which unscale_ refuses, stays as mul
         // makes it.
-        const bool expanded = std::any_of(t.strides().begin(), t.strides().end(),
-                                          [](int64_t s) { return s == 0; });
+        bool expanded = false;  // (a stride 0 over a dimension of one element repeats none)
+        for (int64_t d = 0; d < t.dim(); ++d) expanded |= t.stride(d) == 0 && t.size(d) > 1;
         at::Tensor u = t.mul(inv_scale);
         if (!expanded && !t.is_non_overlapping_and_dense()) {
           t = at::empty_strided(t.sizes(), t.strides(), t.options()).copy_(u);
