@@ -49,18 +49,21 @@ class SparseAdam(FusedOptimizer, torch.optim.SparseAdam):
     def _torch_grads_reason(self) -> Optional[str]:
         # torch raises this at the first dense grad, after the params before it were
         # updated; here it is raised before anything changes.
+        reason = None
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None and not p.grad.is_sparse:
+                g = p.grad
+                if g is None:
+                    continue
+                if not g.is_sparse:
                     raise RuntimeError(
                         "SparseAdam does not support dense gradients, please consider Adam instead")
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and p.grad.dtype != p.dtype:
+                if g.dtype != p.dtype:
                     # (torch >= 2.9 allows it, with p.grad_dtype = None, and torch's step
-                    # takes it; the kernel refused it: found by a review, 2026-12-06)
-                    return "a grad whose dtype is not its param's"
-        return None
+                    # takes it; the kernel refused it: found by a review, 2026-12-06. Any
+                    # dense grad's error comes first, wherever it is.)
+                    reason = "a grad whose dtype is not its param's"
+        return reason
 
     def _update_group(self, group: Dict[str, Any], params: List[Tensor], grads: List[Tensor],
                       keys: Tuple[Optional[str], ...], args: Tuple[Any, ...]) -> None:

@@ -10,6 +10,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_strided.h>
 #include <ATen/ops/linalg_vector_norm.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -212,8 +213,8 @@ at::Tensor norms_cpu(at::TensorList tensors, double ord, double inv_scale) {
         // non-dense t is contiguous: the norm was not torch's, found by a review,
         // 2026-12-06). An expanded t (a stride 0), which unscale_ refuses, stays as mul
         // makes it.
-        bool expanded = false;  // (a stride 0 over a dimension of one element repeats none)
-        for (int64_t d = 0; d < t.dim(); ++d) expanded |= t.stride(d) == 0 && t.size(d) > 1;
+        // (ATen's check: a stride 0 over a dimension of more than one element)
+        const bool expanded = at::has_internal_overlap(t) == at::MemOverlap::Yes;
         at::Tensor u = t.mul(inv_scale);
         if (!expanded && !t.is_non_overlapping_and_dense()) {
           t = at::empty_strided(t.sizes(), t.strides(), t.options()).copy_(u);
