@@ -4,6 +4,7 @@ The schemas are in csrc/ops.cpp. The ops mutate their tensor-list arguments in p
 return nothing, so a fake kernel has nothing to compute: registering it is what lets
 torch.compile trace through an optimizer step without a graph break.
 """
+import contextlib
 import itertools
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -12,6 +13,21 @@ import torch
 from torch import Tensor
 
 _lib = torch.ops.fused_optim
+
+
+@contextlib.contextmanager
+def real_tensors():
+    """Make real CPU tensors whatever mode is active: the few that fused_optim makes at
+    import (the 8-bit maps, Muon's probe). `import fused_optim` inside a FakeTensorMode
+    (a tracer's) made fake ones and failed reading their values; the default device is
+    handled by device="cpu" where they are made."""
+    try:
+        from torch.utils._python_dispatch import _disable_current_modes
+    except ImportError:  # (a torch without it: nothing to disable)
+        yield
+        return
+    with _disable_current_modes():
+        yield
 
 
 def bump_versions(tensors: List[Tensor]) -> None:

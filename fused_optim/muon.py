@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import quantization
+from . import _ops, quantization
 from ._support import _release
 from .optimizer import FusedOptimizer, hyper_float, lr_args
 
@@ -62,11 +62,12 @@ def _probe_normalizes_buffer() -> bool:
     step then left a bfloat16 momentum buffer divided by its norm where nesterov is off)."""
     zeropower = getattr(torch.optim._muon, "_zeropower_via_newtonschulz", None)
     try:
-        # (on the CPU whatever the default device; under a mode that makes its tensors fake,
-        # or a signature changed, the release decides)
-        x = torch.tensor([[3.0, 0.0], [0.0, 4.0]], dtype=torch.bfloat16, device="cpu")
-        zeropower(x, (1.0, 0.0, 0.0), 0, 1e-7)
-        return x[1, 1].item() != 4.0
+        # (on the CPU whatever the default device, real under a FakeTensorMode; where a
+        # signature changed, the release decides)
+        with _ops.real_tensors():
+            x = torch.tensor([[3.0, 0.0], [0.0, 4.0]], dtype=torch.bfloat16, device="cpu")
+            zeropower(x, (1.0, 0.0, 0.0), 0, 1e-7)
+            return x[1, 1].item() != 4.0
     except Exception:
         return _release(torch.__version__) < (2, 15)
 

@@ -56,7 +56,8 @@ def _maps() -> Tuple[Tensor, Tensor]:
     return torch.stack(values), torch.stack(thresholds)
 
 
-_VALUES, _THRESHOLDS = _maps()
+with _ops.real_tensors():
+    _VALUES, _THRESHOLDS = _maps()
 
 
 def quantizes(p: Tensor) -> bool:
@@ -204,9 +205,11 @@ def to_torch_state_dict(state_dict: Dict[str, Any]) -> Dict[str, Any]:
 
 def _zero_block() -> Tuple[int, float]:
     # (on the CPU whatever the default device: `import fused_optim` under
-    # torch.set_default_device("meta") failed here, found by a review, 2026-12-06)
-    codes, scales = quantize(torch.zeros(BLOCK, device="cpu"))
-    return int(codes[0]), float(scales[0])
+    # torch.set_default_device("meta") failed here, found by a review, 2026-12-06; and
+    # real under a FakeTensorMode: _ops.real_tensors)
+    with _ops.real_tensors():
+        codes, scales = quantize(torch.zeros(BLOCK, device="cpu"))
+        return int(codes[0]), float(scales[0])
 
 
 _ZERO = _zero_block()  # (code, scale) of a block of zeros: zeros()

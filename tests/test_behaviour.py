@@ -186,6 +186,29 @@ def test_import_under_a_meta_default_device():
                        os.path.abspath(__file__)))))
 
 
+
+def test_import_inside_a_fake_tensor_mode():
+    # A tracer's FakeTensorMode active at `import fused_optim` made the import's tensors fake,
+    # and reading the 8-bit map's zero code raised DataDependentOutputException (a known,
+    # unmended failure until 2026-12-06): they are made real (_ops.real_tensors). The import's
+    # values are then those of a plain import, and an 8-bit step after it is right.
+    script = ("import torch, sys\n"
+              "from torch._subclasses.fake_tensor import FakeTensorMode\n"
+              "with FakeTensorMode():\n"
+              "    import fused_optim\n"
+              "    from fused_optim import quantization as q\n"
+              "from fused_optim import _support\n"
+              "m = getattr(fused_optim, 'muon', None)\n"
+              "assert m is None or m._NORMALIZES_BUFFER == "
+              "(_support._release(torch.__version__) < (2, 15)), m._NORMALIZES_BUFFER\n"
+              "assert type(q._VALUES) is torch.Tensor and type(q._THRESHOLDS) is torch.Tensor\n"
+              "code, scale = q._ZERO\n"
+              "c, s = q.quantize(torch.zeros(q.BLOCK))\n"
+              "assert (code, scale) == (int(c[0]), float(s[0])), (code, scale)\n")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300,
+                   env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
+                       os.path.abspath(__file__)))))
+
 def _deterministic_model():
     # Several tensors larger than the parallel grain, odd sizes, mixed dtypes in one group.
     g = torch.Generator().manual_seed(0)
