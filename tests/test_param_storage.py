@@ -197,6 +197,7 @@ def test_small_updates_accumulate(mode, dtype):
     elements is within 0.5 ulp of 40 (more than 5 standard errors)."""
     ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10  # at 1.0
     def train(**options):
+        torch.manual_seed(0)  # (the generator's seed: the same bits whatever ran before)
         p = torch.ones(4096, dtype=dtype, requires_grad=True)
         opt = fused_optim.SGD([p], lr=0.1 * ulp, **options)
         for _ in range(400):
@@ -221,6 +222,7 @@ def test_stochastic_rounding_is_unbiased(dtype):
     n = 1 << 20
     ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
     p = torch.ones(n, dtype=dtype, requires_grad=True)
+    torch.manual_seed(0)  # (the generator's seed: the same bits whatever ran before)
     opt = fused_optim.SGD([p], lr=0.3 * ulp, stochastic_rounding=True)
     p.grad = torch.full_like(p, -1.0)
     opt.step()
