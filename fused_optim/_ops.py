@@ -6,6 +6,7 @@ torch.compile trace through an optimizer step without a graph break.
 """
 import contextlib
 import itertools
+import numbers
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -113,6 +114,24 @@ _BOOL_ARGS: Dict[str, Tuple[str, ...]] = {
 }
 
 
+# The op's float arguments: a group's hyper-parameter set to a string or None would reach
+# the op's schema check, a RuntimeError that prints the whole call; torch's step raises a
+# TypeError in its arithmetic.
+_FLOAT_ARGS: Dict[str, Tuple[str, ...]] = {
+    op: tuple(a.name for a in getattr(_lib, op).default._schema.arguments
+              if isinstance(a.type, torch.FloatType))
+    for op in OPTIMIZER_OPS + ("_muon_aten_",)
+}
+
+
+def hyper_type_error(name: str, value: Any) -> TypeError:
+    """The error for a hyper-parameter that is not a number (a string from a config file,
+    None): a TypeError, as torch's step raises one in its arithmetic (its message is that
+    arithmetic's, which differs from op to op), before anything changes."""
+    return TypeError(f"{name} must be a number or a 1-element tensor, not "
+                     f"{type(value).__name__} ({value!r})")
+
+
 def schema_args(op: str, kwargs: Dict[str, Any], grad_scale: Optional[Tensor],
                 found_inf: Optional[Tensor]) -> Tuple[Any, ...]:
     """The op's arguments other than its tensor lists, in schema order (csrc/ops.cpp),
@@ -123,6 +142,9 @@ def schema_args(op: str, kwargs: Dict[str, Any], grad_scale: Optional[Tensor],
         kwargs["param_mode"] = 0  # round to nearest (Note [param storage])
     if len(kwargs) != len(names):
         raise TypeError(f"fused_optim::{op} takes {names}, got {tuple(kwargs)}")
+    for name in _FLOAT_ARGS[op]:
+        if not isinstance(kwargs[name], (numbers.Real, Tensor)):
+            raise hyper_type_error(name, kwargs[name])
     for name in _BOOL_ARGS[op]:
         flag = kwargs[name]
         if flag is not True and flag is not False:

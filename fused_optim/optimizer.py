@@ -12,6 +12,7 @@ All state lives in ``self.state`` as plain tensors with torch's keys, dtypes and
 both directions, and schedulers, GradScaler and torch.distributed see what they expect.
 """
 import inspect
+import numbers
 import threading
 import types
 from collections import OrderedDict
@@ -1125,9 +1126,15 @@ def lr_args(lr) -> Dict[str, Any]:
     return {"lr": lr, "lr_tensor": None}
 
 
-def hyper_float(value) -> float:
-    """A hyper-parameter given as a float or a 1-element tensor, as a Python float."""
-    return value.item() if isinstance(value, Tensor) else float(value)
+def hyper_float(value, name: str = "a hyper-parameter") -> float:
+    """A hyper-parameter given as a number or a 1-element tensor, as a Python float. A
+    string (a config file's '1e-4', say) raises a TypeError, as torch's step raises one in
+    its arithmetic: float() had made it a number (found by a review, 2026-12-06)."""
+    if isinstance(value, Tensor):
+        return value.item()
+    if not isinstance(value, numbers.Real):
+        raise _ops.hyper_type_error(name, value)
+    return float(value)
 
 
 def weight_decay_arg(group: Dict[str, Any], decoupled: Any = False) -> float:
@@ -1143,13 +1150,13 @@ def weight_decay_arg(group: Dict[str, Any], decoupled: Any = False) -> float:
         # (a 0-dim True tensor too; torch's fused kernels take it as 1, and so do ours:
         # found by a review of the fix, 2026-12-06)
         raise RuntimeError("Boolean alpha only supported for Boolean results.")
-    return hyper_float(value)
+    return hyper_float(value, "weight_decay")
 
 
 def betas_args(group: Dict[str, Any]) -> Dict[str, float]:
     """The kernels' beta1 and beta2 from a group's `betas` (floats or 1-element tensors)."""
     beta1, beta2 = group["betas"]
-    return {"beta1": hyper_float(beta1), "beta2": hyper_float(beta2)}
+    return {"beta1": hyper_float(beta1, "betas[0]"), "beta2": hyper_float(beta2, "betas[1]")}
 
 
 def raise_as_torchs_host_division(group: Dict[str, Any], state: Dict[Tensor, Any],

@@ -1653,3 +1653,70 @@ def test_a_lazy_conjugate_param_steps_or_fails_as_torchs_for_loop(name):
         p.grad = torch.tensor([0.5 + 0.5j, -1j], dtype=torch.complex64)
         outcomes.append(_outcome_of_step(cls([p], lr=0.1, **kw), p.resolve_conj))
     _assert_same_outcome(outcomes[1], outcomes[0])
+
+
+def _number_keys(group):
+    """A group's hyper-parameters that are numbers (or pairs of numbers, as betas and etas),
+    with the index of each number in a pair (None for a single number)."""
+    keys = []
+    for key, value in group.items():
+        if isinstance(value, bool) or key in ("params", "foreach", "fused"):
+            continue
+        if isinstance(value, (int, float)):
+            keys.append((key, None))
+        elif isinstance(value, tuple) and all(isinstance(v, (int, float)) for v in value):
+            keys.extend((key, i) for i in range(len(value)))
+    return keys
+
+
+@pytest.mark.parametrize("first_step", [True, False], ids=["first step", "later step"])
+@pytest.mark.parametrize("name", pu.algos(*pu.ALGOS, "Adafactor", "Muon"))
+def test_a_hyper_parameter_given_as_a_string_raises_a_type_error(name, first_step):
+    """A config file's `weight_decay: 1e-4` (a string to PyYAML) set in a param group: torch's
+    step raises a TypeError in its arithmetic. Ours made it a number with float() and
+    trained with it (weight_decay, the betas in Adam, RAdam and Adamax, Muon's momentum, eps
+    and ns_coefficients: found by a review, 2026-12-06), or raised the op's schema
+    RuntimeError (lr, eps, momentum, ...). Now a TypeError (naming the key where the message
+    is ours), for every number of every algorithm's group, on the first step and on the fast
+    path's, with nothing changed. Where torch raises, it is a TypeError too (its messages are
+    its arithmetic's). Where torch's step does not read the value (SGD's first step with
+    momentum clones the grad; Adagrad's initial_accumulator_value after the constructor),
+    ours raises the same TypeError before anything changes, or steps as torch does."""
+    ours_cls = getattr(fused_optim, name)
+    torch_cls = getattr(torch.optim, name)
+    probe = ours_cls([torch.zeros(4, 4, requires_grad=True)])
+    for key, index in _number_keys(probe.param_groups[0]):
+        outcomes = []
+        for cls in (torch_cls, ours_cls):
+            g = torch.Generator().manual_seed(0)
+            p = torch.randn(4, 4, generator=g).requires_grad_()
+            opt = cls([p])
+            if not first_step:
+                p.grad = torch.randn(4, 4, generator=g)
+                opt.step()
+            group = opt.param_groups[0]
+            value = group[key]
+            text = str(value if index is None else value[index])
+            group[key] = text if index is None else tuple(
+                text if i == index else v for i, v in enumerate(value))
+            p.grad = torch.randn(4, 4, generator=g)
+            before = p.detach().clone()
+            state = {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+            error = None
+            try:
+                opt.step()
+            except Exception as e:  # noqa: BLE001 (torch's, whatever it is, is checked below)
+                error = e
+            outcomes.append((error, p.detach().clone()))
+        (torch_error, torch_p), (error, ours_p) = outcomes
+        assert torch_error is None or isinstance(torch_error, TypeError), (key, torch_error)
+        if torch_error is None and error is None:
+            assert torch.equal(ours_p, torch_p), key  # (a value neither step reads)
+            continue
+        assert isinstance(error, TypeError), (key, index, error)
+        if "must be a number" in str(error):  # (ours, naming the key)
+            assert str(error).startswith({"betas": "beta", "etas": "eta",
+                                          "step_sizes": "step_size"}.get(key, key)), error
+        assert torch.equal(ours_p, before), key
+        for k, v in state.items():
+            assert torch.equal(opt.state[p][k], v), (key, k)
