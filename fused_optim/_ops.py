@@ -6,7 +6,6 @@ torch.compile trace through an optimizer step without a graph break.
 """
 import contextlib
 import itertools
-import numbers
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -124,9 +123,15 @@ _FLOAT_ARGS: Dict[str, Tuple[str, ...]] = {
 }
 
 
+def not_a_number(value: Any) -> bool:
+    """Whether a hyper-parameter is a string or None, which torch's arithmetic refuses
+    (anything else that float() takes, a 0-d NumPy array or a Decimal, steps as before)."""
+    return value is None or isinstance(value, (str, bytes, bytearray))
+
+
 def hyper_type_error(name: str, value: Any) -> TypeError:
-    """The error for a hyper-parameter that is not a number (a string from a config file,
-    None): a TypeError, as torch's step raises one in its arithmetic (its message is that
+    """The error for a hyper-parameter that is a string (from a config file) or None: a
+    TypeError, as torch's step raises one in its arithmetic (its message is that
     arithmetic's, which differs from op to op), before anything changes."""
     return TypeError(f"{name} must be a number or a 1-element tensor, not "
                      f"{type(value).__name__} ({value!r})")
@@ -143,7 +148,7 @@ def schema_args(op: str, kwargs: Dict[str, Any], grad_scale: Optional[Tensor],
     if len(kwargs) != len(names):
         raise TypeError(f"fused_optim::{op} takes {names}, got {tuple(kwargs)}")
     for name in _FLOAT_ARGS[op]:
-        if not isinstance(kwargs[name], (numbers.Real, Tensor)):
+        if not_a_number(kwargs[name]):
             raise hyper_type_error(name, kwargs[name])
     for name in _BOOL_ARGS[op]:
         flag = kwargs[name]

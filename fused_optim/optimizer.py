@@ -12,7 +12,6 @@ All state lives in ``self.state`` as plain tensors with torch's keys, dtypes and
 both directions, and schedulers, GradScaler and torch.distributed see what they expect.
 """
 import inspect
-import numbers
 import threading
 import types
 from collections import OrderedDict
@@ -1132,7 +1131,7 @@ def hyper_float(value, name: str = "a hyper-parameter") -> float:
     its arithmetic: float() had made it a number (found by a review, 2026-12-06)."""
     if isinstance(value, Tensor):
         return value.item()
-    if not isinstance(value, numbers.Real):
+    if _ops.not_a_number(value):
         raise _ops.hyper_type_error(name, value)
     return float(value)
 
