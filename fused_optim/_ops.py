@@ -123,18 +123,14 @@ _FLOAT_ARGS: Dict[str, Tuple[str, ...]] = {
 }
 
 
-def not_a_number(value: Any) -> bool:
-    """Whether a hyper-parameter is a string or None, which torch's arithmetic refuses
-    (anything else that float() takes, a 0-d NumPy array or a Decimal, steps as before)."""
-    return value is None or isinstance(value, (str, bytes, bytearray))
-
-
-def hyper_type_error(name: str, value: Any) -> TypeError:
-    """The error for a hyper-parameter that is a string (from a config file) or None: a
+def check_number(name: str, value: Any) -> None:
+    """Raises for a hyper-parameter that is a string (from a config file) or None: a
     TypeError, as torch's step raises one in its arithmetic (its message is that
-    arithmetic's, which differs from op to op), before anything changes."""
-    return TypeError(f"{name} must be a number or a 1-element tensor, not "
-                     f"{type(value).__name__} ({value!r})")
+    arithmetic's, which differs from op to op), before anything changes. Anything else
+    that float() takes (a 0-d NumPy array, a Decimal) steps as before."""
+    if value is None or isinstance(value, (str, bytes, bytearray)):
+        raise TypeError(f"{name} must be a number or a 1-element tensor, not "
+                        f"{type(value).__name__} ({value!r})")
 
 
 def schema_args(op: str, kwargs: Dict[str, Any], grad_scale: Optional[Tensor],
@@ -148,8 +144,7 @@ def schema_args(op: str, kwargs: Dict[str, Any], grad_scale: Optional[Tensor],
     if len(kwargs) != len(names):
         raise TypeError(f"fused_optim::{op} takes {names}, got {tuple(kwargs)}")
     for name in _FLOAT_ARGS[op]:
-        if not_a_number(kwargs[name]):
-            raise hyper_type_error(name, kwargs[name])
+        check_number(name, kwargs[name])
     for name in _BOOL_ARGS[op]:
         flag = kwargs[name]
         if flag is not True and flag is not False:

@@ -1125,14 +1125,13 @@ def lr_args(lr) -> Dict[str, Any]:
     return {"lr": lr, "lr_tensor": None}
 
 
-def hyper_float(value, name: str = "a hyper-parameter") -> float:
+def hyper_float(value, name: str) -> float:
     """A hyper-parameter given as a number or a 1-element tensor, as a Python float. A
     string (a config file's '1e-4', say) raises a TypeError, as torch's step raises one in
     its arithmetic: float() had made it a number (found by a review, 2026-12-06)."""
     if isinstance(value, Tensor):
         return value.item()
-    if _ops.not_a_number(value):
-        raise _ops.hyper_type_error(name, value)
+    _ops.check_number(name, value)
     return float(value)
 
 

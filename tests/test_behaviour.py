@@ -172,6 +172,14 @@ def test_a_scaler_step_reads_found_inf_only_where_a_state_would_be_made():
         assert opt._makes_state(opt.param_groups, keys) == makes
 
 
+def _run_with_fused_optim(script):
+    """`python -c script` in a fresh process (an import's effects), with this checkout's
+    fused_optim importable."""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300,
+                   env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
+                       os.path.abspath(__file__)))))
+
+
 def test_import_under_a_meta_default_device():
     # fused_optim's import makes a few tensors (the 8-bit maps, Muon's probe): on the CPU,
     # whatever the default device (under torch.set_default_device("meta") it failed; found
@@ -181,10 +189,7 @@ def test_import_under_a_meta_default_device():
               "m = getattr(fused_optim, 'muon', None); "
               "sys.exit(m is not None and m._NORMALIZES_BUFFER != "
               "(_support._release(torch.__version__) < (2, 15)))")
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=300,
-                   env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
-                       os.path.abspath(__file__)))))
-
+    _run_with_fused_optim(script)
 
 
 def test_import_inside_a_fake_tensor_mode():
@@ -205,9 +210,8 @@ def test_import_inside_a_fake_tensor_mode():
               "code, scale = q._ZERO\n"
               "c, s = q.quantize(torch.zeros(q.BLOCK))\n"
               "assert (code, scale) == (int(c[0]), float(s[0])), (code, scale)\n")
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=300,
-                   env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
-                       os.path.abspath(__file__)))))
+    _run_with_fused_optim(script)
+
 
 def _deterministic_model():
     # Several tensors larger than the parallel grain, odd sizes, mixed dtypes in one group.
