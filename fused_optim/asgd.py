@@ -54,11 +54,10 @@ class ASGD(FusedOptimizer, torch.optim.ASGD):
     _op = "asgd_"
     _scalar_state_keys = ("eta", "mu")
 
-    def _capturable_on_cuda(self, group: Dict[str, Any]) -> bool:
-        # Note [ASGD's scalar states on CUDA] (csrc/cuda/asgd.cu): the kernels compute eta
-        # and mu on the host, from one copy of the call's steps, etas and mus (a
-        # synchronisation), which a capturable group promises not to make: torch's step.
-        return False
+    # Note [ASGD's scalar states on CUDA] (csrc/cuda/asgd.cu): the kernels compute eta and
+    # mu on the host, from one copy of the call's steps, etas and mus (a synchronisation),
+    # which a capturable group promises not to make: torch's step.
+    _cuda_capturable = False
 
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         return ("ax", "mu", "eta", "step")

@@ -58,10 +58,9 @@ class NAdam(FusedOptimizer, torch.optim.NAdam):
     _moment_keys = ("exp_avg", "exp_avg_sq")  # Note [state storage]
     _scalar_state_keys = ("mu_product",)
 
-    def _capturable_on_cuda(self, group: Dict[str, Any]) -> bool:
-        # Note [scalar states] (csrc/plan.h): the kernels update mu_product on the host, so
-        # a capturable CUDA group (steps and mu_products on the GPU) runs torch's step.
-        return False
+    # Note [scalar states] (csrc/plan.h): the kernels update mu_product on the host, so a
+    # capturable CUDA group (steps and mu_products on the GPU) runs torch's step.
+    _cuda_capturable = False
 
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         return ("exp_avg", "exp_avg_sq", "mu_product", "step")

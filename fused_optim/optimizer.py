@@ -142,6 +142,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     # runs torch's own step, which refuses CPU params with torch's own error.
     _torch_class: type = torch.optim.Optimizer
     _torch_only_options = ("differentiable", "capturable")
+    # False where the CUDA kernels compute the algorithm's coefficients on the host (Note
+    # [scalar states] in csrc/plan.h): a capturable CUDA group then runs torch's step.
+    _cuda_capturable = True
 
     _warned: set = set()
 
@@ -271,9 +274,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             # Only this option draws (after every check): with any other, the generator's
             # stream is the one torch.optim leaves, so a script's later random numbers too.
             self._rounding_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-        # GradScaler then hands us grad_scale/found_inf instead of unscaling the grads
-        # itself; the kernel unscales and skips inf/NaN steps (see step()).
-        self._step_supports_amp_scaling = True
         # Clipping by global norm inside step() (Note [clipping in the step], clip.py):
         # optimizer-wide, like the norm it clips by, so not a param-group option.
         self.max_grad_norm = max_grad_norm
@@ -283,17 +283,53 @@ class FusedOptimizer(torch.optim.Optimizer):
         # inside a compiled step is not).
         self._last_grad_norm: List[Optional[Tensor]] = [None]
 
+    # Note [GradScaler's handoff]: an optimizer whose `_step_supports_amp_scaling` is true
+    # is handed a GradScaler's grad_scale and found_inf (GradScaler.step sets them on it and
+    # calls step(), even on an inf/NaN step); the kernel unscales the grads as it reads them
+    # and skips a step with inf/NaN grads (see step()). Other code reads the flag too:
+    # Lightning refuses its gradient clipping for such an optimizer (in bf16-mixed too,
+    # where no scaler runs), and skips its unscale before its on_before_optimizer_step hook;
+    # Accelerate's step_was_skipped and step hooks count on a skipped step not being a call
+    # of step(). So the flag is torch's own: set where torch sets it (fused=True: torch's
+    # constructor sets it), and where our own options want the scale in the kernel:
+    # max_grad_norm (unscaling, clipping and the update in one pass over the grads) and
+    # step_in_backward (whose step() must see a scaler, to refuse it): those two turn it on
+    # whatever was set. As torch's, copies and pickles do not keep what was set (torch's
+    # __getstate__ leaves the flag out). Until 2026-12-06 it was always set, and Lightning
+    # refused gradient_clip_val for every fused_optim optimizer (found by a review trying
+    # Lightning, timm and Accelerate).
+    @property
+    def _step_supports_amp_scaling(self) -> bool:  # type: ignore[override]
+        return bool(self.__dict__.get("_amp_scaling_requested", False)
+                    or self.__dict__.get("max_grad_norm") is not None
+                    or self.__dict__.get("_fused_step_in_backward") is not None)
+
+    @_step_supports_amp_scaling.setter
+    def _step_supports_amp_scaling(self, value: bool) -> None:
+        # (torch's constructor sets it for fused=True; a user may set it too)
+        self._amp_scaling_requested = bool(value)
+
+    @_step_supports_amp_scaling.deleter
+    def _step_supports_amp_scaling(self) -> None:
+        self.__dict__.pop("_amp_scaling_requested", None)
+
     # The options _fused_setup sets beyond torch's: kept by copies and pickles, which
     # otherwise hold only torch's defaults, state and param_groups (torch's __getstate__),
     # and would step without them (torch's __setstate__ restores whatever is given).
-    _FUSED_ATTRIBUTES = ("_step_supports_amp_scaling", "max_grad_norm", "grad_norm_type",
-                         "_last_grad_norm", "_storage_option", "_param_mode", "_storage_key",
-                         "_rounding_seed", "_state_dtype")
+    _FUSED_ATTRIBUTES = ("max_grad_norm", "grad_norm_type", "_last_grad_norm",
+                         "_storage_option", "_param_mode", "_storage_key", "_rounding_seed",
+                         "_state_dtype")
 
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()
         state.update({k: self.__dict__[k] for k in self._FUSED_ATTRIBUTES if k in self.__dict__})
         return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        # (a pickle made before Note [GradScaler's handoff] holds the flag itself, which the
+        # property would hide in __dict__: left out, as torch's pickles leave it out)
+        state = {k: v for k, v in state.items() if k != "_step_supports_amp_scaling"}
+        super().__setstate__(state)
 
     @property
     def last_grad_norm(self) -> Optional[Tensor]:
@@ -773,8 +809,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         compiling = torch.compiler.is_compiling()
         for group in self.param_groups:
             for option in self._torch_only_options:
+                # (a compiled CUDA group of NAdam or ASGD runs torch's step, as in eager
+                # mode: their kernels refused the GPU steps that the traced step made, found
+                # by a review, 2026-12-06)
                 if group.get(option) and not (option == "capturable" and (
-                        compiling or self._capturable_on_cuda(group))):
+                        self._capturable_on_cuda(group) or (compiling and (
+                            self._cuda_capturable
+                            or not any(p.is_cuda for p in group["params"]))))):
                     return f"{option}=True"
             if compiling and any(isinstance(b, Tensor) for b in group.get("betas", ())) and \
                     torch._dynamo.config.capture_scalar_outputs:
@@ -796,6 +837,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         """A capturable group our CUDA kernels can honour: CUDA params whose steps (where
         they exist) are on the GPU too. Otherwise torch's step runs and raises its own
         error (steps on the CPU would need a host synchronisation)."""
+        if not self._cuda_capturable:
+            return False
         state = self.state
         for p in group["params"]:
             if not p.is_cuda:

@@ -363,13 +363,18 @@ def test_a_step_of_another_real_dtype_steps_as_torchs(dtype):
         assert {k: v.dtype for k, v in o.items()} == {k: v.dtype for k, v in t.items()}
 
 
-def test_grad_scaler_unscales_and_skips_inf_steps():
+@pytest.mark.parametrize("handoff", [False, True])
+def test_grad_scaler_unscales_and_skips_inf_steps(handoff):
+    """As torch's for-loop, the scaler unscales and skips the inf step itself; with the
+    handoff asked for (Note [GradScaler's handoff]), the kernel does both."""
     options = dict(lr=0.01, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0,
                    maximize=False)
     results = []
     for cls, extra in ((fused_optim.Adafactor, {}), (torch.optim.Adafactor, {"foreach": False})):
         params = make_model(torch.float32)
         opt = build(cls, params, options, **extra)
+        if handoff and cls is fused_optim.Adafactor:
+            opt._step_supports_amp_scaling = True
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
         scaler.scale(torch.ones(()))  # (its scale is made by the first scale() call)
         for step in range(6):
@@ -391,7 +396,7 @@ def test_grad_scaler_unscales_and_skips_inf_steps():
                     for key, v in s.items():
                         assert torch.equal(after["state"][k][key], v), (k, key)
         results.append((params, opt))
-    assert results[0][1]._step_supports_amp_scaling  # the scaler handed us grad_scale/found_inf
+    assert results[0][1]._step_supports_amp_scaling == handoff
     assert_close_trajectory(results[0], results[1], TOL[torch.float32], "GradScaler")
 
 

@@ -669,7 +669,9 @@ def test_a_transposed_grad_shared_by_two_params_under_a_grad_scaler():
     transposed = lambda t: t.t().contiguous().t()  # noqa: E731
     ref = run(torch.optim.SGD, lambda t: t, fused=True)
     for layout in (lambda t: t, transposed):
-        assert torch.equal(run(fused_optim.SGD, layout), ref)
+        # (fused=True: as torch's, the scaler hands the scale to the kernel, Note
+        # [GradScaler's handoff])
+        assert torch.equal(run(fused_optim.SGD, layout, fused=True), ref)
 
 
 @pytest.mark.parametrize("name", pu.algos("Muon", "Adafactor"))

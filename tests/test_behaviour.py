@@ -1,5 +1,8 @@
 """Step semantics beyond the math: skipped params, GradScaler, determinism, bad input."""
+import copy
+import inspect
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -72,11 +75,14 @@ def test_params_without_grad_get_no_state_and_no_step(name, torch_cls, ours_cls)
     assert opt.state[a].keys() == ref.state[ref_a].keys()
 
 
-def _scaler_run(cls, kwargs, inf_at_step, steps=6):
-    """A tiny model trained with GradScaler("cpu"); an inf grad is injected at one step."""
+def _scaler_run(cls, kwargs, inf_at_step, steps=6, handoff=False):
+    """A tiny model trained with GradScaler("cpu"); an inf grad is injected at one step.
+    `handoff`: the scaler hands its scale to our step (Note [GradScaler's handoff])."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     opt = cls(model.parameters(), **kwargs)
+    if handoff:
+        opt._step_supports_amp_scaling = True
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     data = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
     history = []
@@ -94,11 +100,14 @@ def _scaler_run(cls, kwargs, inf_at_step, steps=6):
     return model, opt, history
 
 
+@pytest.mark.parametrize("handoff", [False, True])
 @pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
-def test_grad_scaler_overflow_skips_step_then_training_matches_torch(name, torch_cls, ours_cls):
+def test_grad_scaler_overflow_skips_step_then_training_matches_torch(name, torch_cls, ours_cls,
+                                                                     handoff):
     with pu.correctly_rounded_sqrt():  # see parity_utils: makes torch's for-loop exact
         ref_model, ref_opt, ref_hist = _scaler_run(torch_cls, dict(STATEFUL[name], foreach=False), 2)
-    model, opt, hist = _scaler_run(ours_cls, STATEFUL[name], 2)
+    model, opt, hist = _scaler_run(ours_cls, STATEFUL[name], 2, handoff=handoff)
+    assert opt._step_supports_amp_scaling == handoff
     ps = list(model.parameters())
     # The overflow step changed nothing (params, state, step counts)...
     skipped_before = hist[2][0]
@@ -112,7 +121,7 @@ def test_grad_scaler_overflow_skips_step_then_training_matches_torch(name, torch
     assert [h[1] for h in hist] == [h[1] for h in ref_hist]
     assert hist[2][1] == hist[1][1] / 2
     # ...grads were left unscaled on normal steps, as with torch.optim (on the skipped
-    # step they are left untouched, as torch's fused path leaves them)...
+    # step, with the handoff, they are left untouched, as torch's fused path leaves them)...
     for step, ((_, _, g), (_, _, rg)) in enumerate(zip(hist, ref_hist)):
         if step == 2:
             continue
@@ -126,8 +135,9 @@ def test_grad_scaler_overflow_skips_step_then_training_matches_torch(name, torch
             assert torch.equal(opt.state[a][k], v), k
 
 
+@pytest.mark.parametrize("handoff", [False, True])
 @pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
-def test_a_skipped_first_step_makes_no_state(name, torch_cls, ours_cls):
+def test_a_skipped_first_step_makes_no_state(name, torch_cls, ours_cls, handoff):
     """GradScaler skips a first step with an inf grad: torch's for-loop is not called, and
     makes no state. Ours made it, with the lr of that moment where a state keeps it (Rprop's
     step_size, ASGD's eta): after a scheduler's change of lr, the first real step differed
@@ -137,6 +147,8 @@ def test_a_skipped_first_step_makes_no_state(name, torch_cls, ours_cls):
     for cls, kw in ((torch_cls, dict(STATEFUL[name], foreach=False)), (ours_cls, STATEFUL[name])):
         p = torch.nn.Parameter(torch.linspace(-1, 1, 6))
         opt = cls([p], **kw)
+        if handoff and cls is ours_cls:
+            opt._step_supports_amp_scaling = True
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
         scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
         for step in range(3):
@@ -159,6 +171,87 @@ def test_a_skipped_first_step_makes_no_state(name, torch_cls, ours_cls):
     assert out[1][1].keys() == out[0][1].keys()
     for k, v in out[0][1].items():
         assert torch.equal(out[1][1][k], v), k
+
+
+def _fused_true_accepted(torch_cls):
+    return "fused" in inspect.signature(torch_cls.__init__).parameters
+
+
+@pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS + [
+    (n, getattr(torch.optim, n), getattr(fused_optim, n))
+    for n in ("Adafactor", "SparseAdam", "Muon") if hasattr(torch.optim, n)],
+    ids=lambda x: x if isinstance(x, str) else "")
+def test_the_grad_scaler_flag_is_torchs_unless_an_option_of_ours_needs_it(name, torch_cls,
+                                                                         ours_cls):
+    """Note [GradScaler's handoff]: `_step_supports_amp_scaling` (which GradScaler, Lightning
+    and Accelerate read) is what torch's class sets: off, and on for fused=True; on while
+    max_grad_norm is set or a step_in_backward handle is attached; a user may set it. It
+    was always on, and Lightning refused gradient_clip_val with every fused_optim optimizer
+    (found by a review, 2026-12-06). Copies and pickles keep what torch's keep: not the
+    flag itself (torch's __getstate__ leaves it out), but max_grad_norm."""
+    params = [torch.nn.Parameter(torch.randn(4, 4))]
+    kwargs = dict(lr=0.01)
+    variants = [({}, {})]
+    if _fused_true_accepted(torch_cls):
+        variants.append(({"fused": True}, {"fused": True}))
+    for ours_kw, torch_kw in variants:
+        ref = torch_cls([torch.nn.Parameter(torch.randn(4, 4))], **kwargs, **torch_kw)
+        opt = ours_cls(params, **kwargs, **ours_kw)
+        expected = getattr(ref, "_step_supports_amp_scaling", False)
+        assert opt._step_supports_amp_scaling == expected, ours_kw
+        expected = getattr(copy.deepcopy(ref), "_step_supports_amp_scaling", False)
+        assert copy.deepcopy(opt)._step_supports_amp_scaling == expected
+        assert pickle.loads(pickle.dumps(opt))._step_supports_amp_scaling == expected
+    opt = ours_cls(params, **kwargs)
+    assert not opt._step_supports_amp_scaling
+    if name != "SparseAdam":  # (refuses max_grad_norm)
+        opt.max_grad_norm = 1.0
+        assert opt._step_supports_amp_scaling
+        assert pickle.loads(pickle.dumps(opt))._step_supports_amp_scaling
+        opt.max_grad_norm = None
+        assert not opt._step_supports_amp_scaling
+    opt._step_supports_amp_scaling = True
+    assert opt._step_supports_amp_scaling
+    del opt._step_supports_amp_scaling  # (as on torch's fused=True optimizers)
+    assert not opt._step_supports_amp_scaling
+    # A pickle made before the flag was a property held it as an attribute: left out.
+    state = opt.__getstate__()
+    state["_step_supports_amp_scaling"] = True
+    old = ours_cls.__new__(ours_cls)
+    old.__setstate__(state)
+    assert "_step_supports_amp_scaling" not in vars(old) and not old._step_supports_amp_scaling
+    if name in PAIR_IDS:  # (step_in_backward takes the elementwise algorithms)
+        handle = fused_optim.step_in_backward(opt)
+        assert opt._step_supports_amp_scaling  # (so that its step() sees a scaler)
+        handle.remove()
+        assert not opt._step_supports_amp_scaling
+
+
+@pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
+def test_a_step_the_scaler_skips_is_not_a_call_of_step_as_with_torchs_for_loop(name, torch_cls,
+                                                                              ours_cls):
+    """Without the handoff, GradScaler calls neither our step() nor its hooks on an inf
+    step, as with torch's for-loop: step hooks, an LR scheduler's order warning and
+    Accelerate's step_was_skipped see what they see with torch.optim."""
+    calls = []
+    for cls, kw in ((torch_cls, dict(STATEFUL[name], foreach=False)), (ours_cls, STATEFUL[name])):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 6))
+        opt = cls([p], **kw)
+        count = []
+        opt.register_step_pre_hook(lambda *a: count.append("pre"))
+        opt.register_step_post_hook(lambda *a: count.append("post"))
+        scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+        for step in range(3):
+            scaler.scale(torch.ones(()))
+            p.grad = torch.linspace(-0.5, 0.7, 6) * scaler.get_scale()
+            if step == 1:
+                p.grad[1] = float("inf")
+            with pu.correctly_rounded_sqrt():
+                scaler.step(opt)
+            scaler.update()
+        calls.append((count, p.detach().clone()))
+    assert calls[1][0] == calls[0][0] == ["pre", "post"] * 2
+    assert torch.equal(calls[1][1], calls[0][1])
 
 
 def test_a_scaler_step_reads_found_inf_only_where_a_state_would_be_made():

@@ -244,6 +244,7 @@ def test_capturable_adam_with_grad_scaler():
         w.requires_grad_()
         flags = dict(capturable=True) if device == "cuda" else {}
         opt = fused_optim.Adam([w], lr=0.01, **flags)
+        opt._step_supports_amp_scaling = True  # (Note [GradScaler's handoff])
         scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
         for step in range(5):
             opt.zero_grad()
@@ -308,13 +309,16 @@ def test_mixed_devices_with_grad_scaler():
     assert o1.state[b1]["step"].item() == o0.state[b0]["step"].item() == 3
 
 
-@pytest.mark.parametrize("algo", ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad"])
+@pytest.mark.parametrize("algo", ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "NAdam",
+                                  "RAdam", "Adamax", "Adadelta", "ASGD"])
 def test_compiled_step_with_scheduler_on_cuda(algo):
     """torch.compile (aot_eager: no Triton needed) of a step and an LR scheduler driving a
     CUDA Tensor lr gives what the eager step gives. While tracing, torch marks groups
     capturable, so the compiled step keeps its steps on the GPU and computes the bias
     corrections there (the GPU's pow: last-bit differences), hence torch.testing's float32
-    tolerances."""
+    tolerances. NAdam's and ASGD's kernels compute their scalar states on the host, so
+    their compiled CUDA step is torch's (before, the kernel refused the GPU steps the traced
+    step had made: a review, 2026-12-06)."""
     import torch._dynamo
 
     _, ours_cls = pu.ALGOS[algo]
@@ -358,11 +362,13 @@ def test_mixed_devices_in_one_group():
     assert torch.equal(cuda_p.detach().cpu(), alone[1].detach())
 
 
+@pytest.mark.parametrize("handoff", [False, True])
 @pytest.mark.parametrize("algo", ["SGD", "Adam", "AdamW"])
-def test_grad_scaler_on_cuda(algo):
-    """GradScaler hands the kernels grad_scale and found_inf: they unscale in the kernel
-    and skip a step with inf grads (steps not counted), as torch's for-loop with the
-    scaler's own unscale_ does; compared with the CPU kernels bit for bit."""
+def test_grad_scaler_on_cuda(algo, handoff):
+    """With the handoff, GradScaler hands the kernels grad_scale and found_inf: they unscale
+    in the kernel and skip a step with inf grads (steps not counted), as torch's for-loop
+    with the scaler's own unscale_ does (the default, without the handoff); compared with
+    the CPU kernels bit for bit."""
     _, ours_cls = pu.ALGOS[algo]
     results = {}
     for device in ("cpu", "cuda"):
@@ -371,6 +377,7 @@ def test_grad_scaler_on_cuda(algo):
         w = torch.randn(100, generator=torch.Generator().manual_seed(0)).to(device)
         w.requires_grad_()
         opt = ours_cls([w], lr=0.01)
+        opt._step_supports_amp_scaling = handoff  # (Note [GradScaler's handoff])
         scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
         for step in range(4):
             opt.zero_grad()
@@ -442,6 +449,8 @@ def test_params_on_two_gpus():
     ps = [torch.randn(50, device=f"cuda:{i}", requires_grad=True) for i in (0, 1)]
     ref = [p.detach().cpu().requires_grad_() for p in ps]
     opt, ref_opt = fused_optim.Adam(ps, lr=0.1), fused_optim.Adam(ref, lr=0.1)
+    # (Note [GradScaler's handoff])
+    opt._step_supports_amp_scaling = ref_opt._step_supports_amp_scaling = True
     scaler, ref_scaler = torch.amp.GradScaler("cuda"), torch.amp.GradScaler("cpu")
     for step in range(3):
         xs = [torch.randn(50) for _ in ps]
@@ -572,6 +581,7 @@ def test_storage_with_8bit_state_and_grad_scaler_equal_to_cpu(mode):
                   for s in shapes]
         torch.manual_seed(1)
         opt = fused_optim.AdamW(params, lr=0.01, state_dtype=torch.uint8, **{mode: True})
+        opt._step_supports_amp_scaling = True  # (Note [GradScaler's handoff])
         scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 10)
         for step in range(4):
             gg = torch.Generator().manual_seed(10 + step)
@@ -615,6 +625,26 @@ def test_stochastic_rounding_refuses_graph_capture_and_8bit_replays():
     with pytest.raises(RuntimeError, match="stochastic_rounding cannot be captured"):
         with torch.cuda.graph(graph):
             opt.step()
+    # With a GradScaler's found_inf on the GPU, the same error, before found_inf is read on
+    # the host (a read during the capture failed with CUDA's own error and broke the
+    # capture: a review, 2026-12-06).
+    opt.grad_scale = torch.ones((), device="cuda")
+    opt.found_inf = torch.zeros((), device="cuda")
+    with pytest.raises(RuntimeError, match="stochastic_rounding cannot be captured"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            opt.step()
+    del opt.grad_scale, opt.found_inf
+    # The same where the steps live on the CPU (Adagrad has no capture check of its own):
+    # refused before lr and found_inf are read on the host.
+    q = torch.randn(5000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    adagrad = fused_optim.Adagrad([q], lr=0.01, stochastic_rounding=True)
+    q.grad = torch.randn_like(q)
+    adagrad.step()
+    adagrad.grad_scale = torch.ones((), device="cuda")
+    adagrad.found_inf = torch.zeros((), device="cuda")
+    with pytest.raises(RuntimeError, match="stochastic_rounding cannot be captured"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            adagrad.step()
 
     torch.manual_seed(0)
     params = [torch.randn(5000, device="cuda", requires_grad=True)]
@@ -713,6 +743,7 @@ def test_adafactor_grad_scaler_on_cuda_equal_to_cpu():
     def train(device):
         params = ta.make_model(torch.float32, device=device)
         opt = ta.build(fused_optim.Adafactor, params, options)
+        opt._step_supports_amp_scaling = True  # (Note [GradScaler's handoff])
         scaler = torch.amp.GradScaler(device, init_scale=2.0**10, growth_interval=1)
         scaler.scale(torch.ones((), device=device))  # (its scale is made by the first call)
         for step in range(6):

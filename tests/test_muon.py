@@ -481,11 +481,15 @@ def _scaled_step(params, opt, scaler, step, inf=False):
     scaler.update()
 
 
-def test_grad_scaler_matches_torch_and_skips_inf_steps():
+@pytest.mark.parametrize("handoff", [False, True])
+def test_grad_scaler_matches_torch_and_skips_inf_steps(handoff):
+    """As torch's for-loop; with the handoff (Note [GradScaler's handoff]) the kernel
+    unscales the grads and skips the inf step."""
     kwargs = _opts({})
     ref = make_params(torch.float32)
     ours = clone_params(ref)
     opt_ref, opt_ours = torch.optim.Muon(ref, **kwargs), fused_optim.Muon(ours, **kwargs)
+    opt_ours._step_supports_amp_scaling = handoff
     sc_ref = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     sc_ours = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     for step in range(3):

@@ -121,17 +121,21 @@ def test_checkpoints_both_ways(direction):
     assert_same(cont, both)
 
 
+@pytest.mark.parametrize("handoff", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("init_scale", [2.0**10, 1000.0])
-def test_grad_scaler(init_scale, dtype):
-    # GradScaler hands our step grad_scale/found_inf; torch's SparseAdam gets grads it
-    # unscaled itself. Step 2 has an inf: skipped whole (no step counted) by both. A scale
+def test_grad_scaler(init_scale, dtype, handoff):
+    # With the handoff (Note [GradScaler's handoff]), GradScaler hands our step
+    # grad_scale/found_inf; torch's SparseAdam gets grads it unscaled itself (as ours does
+    # without it). Step 2 has an inf: skipped whole (no step counted) by both. A scale
     # that is not a power of two rounds the unscaled grads: bfloat16 ones are unscaled in
     # float, as GradScaler does (not by a scalar rounded to bfloat16 first).
     runs = []
     for cls in (fused_optim.SparseAdam, torch.optim.SparseAdam):
         params = make_params(dtype)
         opt = build(cls, params, OPTIONS[0])
+        if handoff and cls is fused_optim.SparseAdam:
+            opt._step_supports_amp_scaling = True
         scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
         with correctly_rounded_sqrt():
             for step in range(4):

@@ -9,7 +9,8 @@
 # bench.json, bench.md and summary.md.
 #
 #   bash tools/gpu_check.sh                      # everything (on an H200 machine with 16
-#                                                # cores: tests 3 min for 2,325 of them,
+#                                                # cores: tests 3 min for 2,325 of them
+#                                                # on 2026-12-04, 2,707 now,
 #                                                # benchmark 80 s, + a build of some minutes)
 #   GPU_CHECK_BENCH=0 bash tools/gpu_check.sh    # no benchmark
 #   GPU_CHECK_TESTS=0 bash tools/gpu_check.sh    # no tests (the benchmark as a second call)

@@ -423,17 +423,18 @@ void adafactor_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
       break;
     }
   }
+  const c10::cuda::CUDAGuard guard(device);
+  // (torch's Adafactor reads its norms on the host and cannot be captured either; refused
+  // before the plan, which reads found_inf and counts the steps: a review, 2026-12-06)
+  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+              adafactor::kOp, ": Adafactor's step copies its tasks to the GPU and reads lr, "
+              "grad_scale and found_inf on the host, which cannot be captured in a CUDA graph");
   adafactor::Plan plan;
   if (!adafactor::make_plan(plan, device, params, grads, row_vars, col_vars, variances,
                             state_steps, lr, beta2_decay, eps1, eps2, d, weight_decay,
                             maximize, lr_tensor, grad_scale, found_inf)) {
     return;
   }
-  const c10::cuda::CUDAGuard guard(device);
-  // (torch's Adafactor reads its norms on the host and cannot be captured either)
-  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
-              adafactor::kOp, ": Adafactor's step copies its tasks to the GPU and reads lr, "
-              "grad_scale and found_inf on the host, which cannot be captured in a CUDA graph");
 
   // Pass 1's tasks, each with its own column sums, and its slices (Note [Adafactor on
   // CUDA]: a slice's tasks are consecutive, so are their column sums).
