@@ -809,13 +809,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         compiling = torch.compiler.is_compiling()
         for group in self.param_groups:
             for option in self._torch_only_options:
-                # (a compiled CUDA group of NAdam or ASGD runs torch's step, as in eager
-                # mode: their kernels refused the GPU steps that the traced step made, found
-                # by a review, 2026-12-06)
-                if group.get(option) and not (option == "capturable" and (
-                        self._capturable_on_cuda(group) or (compiling and (
-                            self._cuda_capturable
-                            or not any(p.is_cuda for p in group["params"]))))):
+                if group.get(option) and not (option == "capturable" and
+                                              self._kernels_run_capturable(group, compiling)):
                     return f"{option}=True"
             if compiling and any(isinstance(b, Tensor) for b in group.get("betas", ())) and \
                     torch._dynamo.config.capture_scalar_outputs:
@@ -832,6 +827,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Why an update of some of a group's params would depend on which others have
         grads (step in backward updates a bucket of them: backward.py), or None."""
         return None
+
+    def _kernels_run_capturable(self, group: Dict[str, Any], compiling: bool) -> bool:
+        """Whether our kernels run a capturable group (Note [capturable]): a CUDA group they
+        can honour, and under torch.compile any other group, except a CUDA group of an
+        algorithm whose CUDA kernels cannot be captured (NAdam, ASGD: the traced step made
+        its steps on the GPU, which those kernels refuse; found by a review, 2026-12-06)."""
+        if self._capturable_on_cuda(group):
+            return True
+        return compiling and (self._cuda_capturable
+                              or not any(p.is_cuda for p in group["params"]))
 
     def _capturable_on_cuda(self, group: Dict[str, Any]) -> bool:
         """A capturable group our CUDA kernels can honour: CUDA params whose steps (where

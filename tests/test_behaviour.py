@@ -142,13 +142,18 @@ def test_a_skipped_first_step_makes_no_state(name, torch_cls, ours_cls, handoff)
     makes no state. Ours made it, with the lr of that moment where a state keeps it (Rprop's
     step_size, ASGD's eta): after a scheduler's change of lr, the first real step differed
     (found by a review, 2026-12-06). Now torch's state (none), and the real steps bitwise
-    torch's."""
+    torch's. Without the handoff, the skipped step is not a call of step() either, as with
+    torch's for-loop: its step hooks (and an LR scheduler's order warning, Accelerate's
+    step_was_skipped) see what they see with torch.optim."""
     out = []
     for cls, kw in ((torch_cls, dict(STATEFUL[name], foreach=False)), (ours_cls, STATEFUL[name])):
         p = torch.nn.Parameter(torch.linspace(-1, 1, 6))
         opt = cls([p], **kw)
         if handoff and cls is ours_cls:
             opt._step_supports_amp_scaling = True
+        hooks = []
+        opt.register_step_pre_hook(lambda *a: hooks.append("pre"))
+        opt.register_step_post_hook(lambda *a: hooks.append("post"))
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
         scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
         for step in range(3):
@@ -163,7 +168,12 @@ def test_a_skipped_first_step_makes_no_state(name, torch_cls, ours_cls, handoff)
                 skipped = {k: v.clone() for k, v in opt.state.get(p, {}).items()}
             scaler.update()
             sched.step()
-        out.append((p.detach().clone(), dict(opt.state[p]), skipped))
+        out.append((p.detach().clone(), dict(opt.state[p]), skipped, hooks))
+    assert out[0][3] == ["pre", "post"] * 2
+    if not handoff:
+        assert out[1][3] == out[0][3]
+    else:  # (with the handoff the skipped step is a call of step(): docs/parity.md)
+        assert out[1][3] == ["pre", "post"] * 3
     assert out[1][2].keys() == out[0][2].keys()
     for k, v in out[0][2].items():
         assert torch.equal(out[1][2][k], v), k
@@ -171,10 +181,6 @@ def test_a_skipped_first_step_makes_no_state(name, torch_cls, ours_cls, handoff)
     assert out[1][1].keys() == out[0][1].keys()
     for k, v in out[0][1].items():
         assert torch.equal(out[1][1][k], v), k
-
-
-def _fused_true_accepted(torch_cls):
-    return "fused" in inspect.signature(torch_cls.__init__).parameters
 
 
 @pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS + [
@@ -192,7 +198,7 @@ def test_the_grad_scaler_flag_is_torchs_unless_an_option_of_ours_needs_it(name, 
     params = [torch.nn.Parameter(torch.randn(4, 4))]
     kwargs = dict(lr=0.01)
     variants = [({}, {})]
-    if _fused_true_accepted(torch_cls):
+    if "fused" in inspect.signature(torch_cls.__init__).parameters:
         variants.append(({"fused": True}, {"fused": True}))
     for ours_kw, torch_kw in variants:
         ref = torch_cls([torch.nn.Parameter(torch.randn(4, 4))], **kwargs, **torch_kw)
@@ -225,33 +231,6 @@ def test_the_grad_scaler_flag_is_torchs_unless_an_option_of_ours_needs_it(name, 
         assert opt._step_supports_amp_scaling  # (so that its step() sees a scaler)
         handle.remove()
         assert not opt._step_supports_amp_scaling
-
-
-@pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
-def test_a_step_the_scaler_skips_is_not_a_call_of_step_as_with_torchs_for_loop(name, torch_cls,
-                                                                              ours_cls):
-    """Without the handoff, GradScaler calls neither our step() nor its hooks on an inf
-    step, as with torch's for-loop: step hooks, an LR scheduler's order warning and
-    Accelerate's step_was_skipped see what they see with torch.optim."""
-    calls = []
-    for cls, kw in ((torch_cls, dict(STATEFUL[name], foreach=False)), (ours_cls, STATEFUL[name])):
-        p = torch.nn.Parameter(torch.linspace(-1, 1, 6))
-        opt = cls([p], **kw)
-        count = []
-        opt.register_step_pre_hook(lambda *a: count.append("pre"))
-        opt.register_step_post_hook(lambda *a: count.append("post"))
-        scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
-        for step in range(3):
-            scaler.scale(torch.ones(()))
-            p.grad = torch.linspace(-0.5, 0.7, 6) * scaler.get_scale()
-            if step == 1:
-                p.grad[1] = float("inf")
-            with pu.correctly_rounded_sqrt():
-                scaler.step(opt)
-            scaler.update()
-        calls.append((count, p.detach().clone()))
-    assert calls[1][0] == calls[0][0] == ["pre", "post"] * 2
-    assert torch.equal(calls[1][1], calls[0][1])
 
 
 def test_a_scaler_step_reads_found_inf_only_where_a_state_would_be_made():

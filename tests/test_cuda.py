@@ -616,35 +616,27 @@ def test_stochastic_rounding_refuses_graph_capture_and_8bit_replays():
     """A captured step would replay one step's random bits: stochastic rounding refuses
     capture with a clear error. 8-bit state (capturable Adam, after a warm-up step made the
     device maps) captures and replays as eager steps run."""
-    p = torch.randn(5000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    opt = fused_optim.Adam([p], lr=torch.tensor(0.01, device="cuda"), capturable=True,
-                           stochastic_rounding=True)
-    p.grad = torch.randn_like(p)
-    opt.step()
-    graph = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError, match="stochastic_rounding cannot be captured"):
-        with torch.cuda.graph(graph):
-            opt.step()
-    # With a GradScaler's found_inf on the GPU, the same error, before found_inf is read on
-    # the host (a read during the capture failed with CUDA's own error and broke the
-    # capture: a review, 2026-12-06).
-    opt.grad_scale = torch.ones((), device="cuda")
-    opt.found_inf = torch.zeros((), device="cuda")
-    with pytest.raises(RuntimeError, match="stochastic_rounding cannot be captured"):
-        with torch.cuda.graph(torch.cuda.CUDAGraph()):
-            opt.step()
-    del opt.grad_scale, opt.found_inf
-    # The same where the steps live on the CPU (Adagrad has no capture check of its own):
-    # refused before lr and found_inf are read on the host.
-    q = torch.randn(5000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    adagrad = fused_optim.Adagrad([q], lr=0.01, stochastic_rounding=True)
-    q.grad = torch.randn_like(q)
-    adagrad.step()
-    adagrad.grad_scale = torch.ones((), device="cuda")
-    adagrad.found_inf = torch.zeros((), device="cuda")
-    with pytest.raises(RuntimeError, match="stochastic_rounding cannot be captured"):
-        with torch.cuda.graph(torch.cuda.CUDAGraph()):
-            adagrad.step()
+    def assert_capture_refused(cls, scaler_on_gpu, **kwargs):
+        # One eager step, then a captured one, refused. With a GradScaler's found_inf on
+        # the GPU, the same error, before found_inf (or a CUDA lr) is read on the host (a
+        # read during the capture failed with CUDA's own error and broke the capture: a
+        # review, 2026-12-06).
+        p = torch.randn(5000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        opt = cls([p], stochastic_rounding=True, **kwargs)
+        p.grad = torch.randn_like(p)
+        opt.step()
+        if scaler_on_gpu:
+            opt.grad_scale = torch.ones((), device="cuda")
+            opt.found_inf = torch.zeros((), device="cuda")
+        with pytest.raises(RuntimeError, match="stochastic_rounding cannot be captured"):
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                opt.step()
+
+    for scaler_on_gpu in (False, True):
+        assert_capture_refused(fused_optim.Adam, scaler_on_gpu,
+                               lr=torch.tensor(0.01, device="cuda"), capturable=True)
+    # Where the steps live on the CPU (Adagrad has no capture check of its own).
+    assert_capture_refused(fused_optim.Adagrad, True, lr=0.01)
 
     torch.manual_seed(0)
     params = [torch.randn(5000, device="cuda", requires_grad=True)]

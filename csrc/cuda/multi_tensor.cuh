@@ -493,16 +493,6 @@ auto& launch_base(StorageLaunchArgs<C>& a) { return a.base; }
 // A tensor's dtype as the storage kernel reads it (Note [storage on CUDA]).
 uint8_t storage_dtype(at::ScalarType dtype);
 
-// Stochastic rounding's counter is counted on the host at each step (Note [storage on
-// CUDA]): a captured step would replay one step's random bits.
-inline void refuse_stochastic_capture() {
-  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() ==
-                  c10::cuda::CaptureStatus::None,
-              "fused_optim: stochastic_rounding cannot be captured in a CUDA graph: its "
-              "counter is counted on the host at each step, so every replay would round "
-              "with one step's random bits");
-}
-
 // Runs the plan's tensors through the kernels `select(real dtype, is complex)` returns, in
 // as few launches as Note [CUDA launches] allows, on the current stream, then writes back
 // the plan's layout temporaries. `coeffs` holds one struct per tensor of the call, or a
@@ -519,7 +509,6 @@ void launch_with(MultiTensorPlan& plan, const std::vector<Coeffs>& coeffs,
   // Stochastic rounding's streams of this step, counted now (as the CPU's run counts them,
   // whether or not a param has elements).
   std::vector<uint64_t> streams;
-  if (kStorage && plan.param_mode() == ParamMode::kStochastic) refuse_stochastic_capture();
   // Every entry's kernel, before anything runs (a plan's params of a dtype the storage
   // kernels do not take: refused here, not after some launches).
   std::vector<KernelPtr> kernels(static_cast<size_t>(entries));
@@ -664,10 +653,17 @@ class CudaCall {
         has_steps_(steps.has_value()),
         device_steps_(has_steps_ && check_steps(op, steps_, plan_.size(), device_)) {
     if (device_.has_value()) {
-      // (before anything is read on the host, lr and found_inf included: such a read of a
-      // CUDA tensor during a capture fails with CUDA's own error and breaks the capture;
-      // found by a review, 2026-12-06)
-      if (storage.mode == ParamMode::kStochastic) refuse_stochastic_capture();
+      // Stochastic rounding's counter is counted on the host at each step (Note [storage on
+      // CUDA]): a captured step would replay one step's random bits. Refused before
+      // anything is read on the host, lr and found_inf included (such a read of a CUDA
+      // tensor during a capture fails with CUDA's own error and breaks the capture; found
+      // by a review, 2026-12-06).
+      TORCH_CHECK(storage.mode != ParamMode::kStochastic ||
+                      c10::cuda::currentStreamCaptureStatusMayInitCtx() ==
+                          c10::cuda::CaptureStatus::None,
+                  "fused_optim: stochastic_rounding cannot be captured in a CUDA graph: its "
+                  "counter is counted on the host at each step, so every replay would round "
+                  "with one step's random bits");
       sc_ = call_scalars(op, *device_, lr, lr_tensor, grad_scale, found_inf,
                          /*host_steps=*/has_steps_ && !device_steps_, device_steps_);
       // Stochastic rounding counts its step on the host (Note [storage on CUDA]): a step
