@@ -7,6 +7,7 @@ and against the machine's measured memory-bandwidth limit for the same access pa
     python benchmarks/bench.py --quick              # small and fast (CI smoke test)
     python benchmarks/bench.py --device cuda        # on the GPU, against its copy bandwidth
     python benchmarks/bench.py --clip --algos AdamW --workloads W2,W3   # clip + step
+    python benchmarks/bench.py --impls fused_optim --tuning FUSED_OPTIM_PREFETCH=384   # CPU tuning
 
 With --clip every row is a training loop's clip + step: torch's rows run
 torch.nn.utils.clip_grad_norm_ then their step (as users write it today), the fused_optim
@@ -23,6 +24,13 @@ Interleaved: within each (workload, algorithm, threads), every implementation an
 bandwidth probe are timed in turn in every round (--rounds, --steps steps each, the order
 rotating), so each ratio compares the same minutes of a noisy machine; a row's ms/step is
 the median of its rounds' medians, and bench.json keeps every round's time.
+
+With --tuning SETTINGS (repeatable), one more fused_optim row per SETTINGS: the same
+optimizer run with the CPU tuning that the FUSED_OPTIM_* variables in SETTINGS would choose
+(Note [CPU tuning]; e.g. "FUSED_OPTIM_PREFETCH=384 FUSED_OPTIM_FLOAT_LOOPS=avx2"), set
+inside this process around each of its steps, so that the choices are timed in the same
+rounds as each other and as torch (comparing them in separate processes misled on the
+Zen 5: docs/benchmarks.md, CPU tuning).
 
 Per row: ms/step, GB/s (bytes the step must move / time), % of the measured limit, speedup
 over torch fused=True (and DeepSpeed's CPU Adam, where installed), µs per tensor, and the
@@ -203,12 +211,28 @@ def _rounds(runners, rounds, steps, warmup, max_seconds, device, progress, label
     return times
 
 
+def tuned(step, settings):
+    """step() under the CPU tuning that `settings` choose (bench.py --tuning), the process's
+    own restored after it."""
+    def run_tuned():
+        torch.ops.fused_optim._set_cpu_tuning(settings)
+        try:
+            step()
+        finally:
+            torch.ops.fused_optim._set_cpu_tuning([])
+    return run_tuned
+
+
 def run(args):
     wls = workloads(quick=args.quick)
     selected_w = [w for w in args.workloads.split(",") if w]
     selected_a = [a for a in args.algos.split(",") if a]
     all_impls = IMPLS[:1] + [CLIP_IMPL] + IMPLS[1:] if args.clip else IMPLS
     impls = [i for i in all_impls if i in args.impls.split(",")] if args.impls else list(all_impls)
+    # --tuning: fused_optim again, under each SETTINGS (named by them, less FUSED_OPTIM_)
+    variants = {"fused_optim " + " ".join(x.replace("FUSED_OPTIM_", "") for x in spec.split()):
+                spec.split() for spec in args.tuning}
+    impls[1 if impls[:1] == ["fused_optim"] else 0:0] = list(variants)
     device = args.device
     if device == "cuda" and "deepspeed" in impls:
         impls.remove("deepspeed")  # DeepSpeedCPUAdam is a CPU optimizer
@@ -276,10 +300,13 @@ def run(args):
         runners, peaks = {}, {}
         for impl in impls:
             progress.update(f"{label} {impl} (state, memory)")
-            opt = make_optimizer(impl, algo, params, kwargs, wl.dtype)
+            opt = make_optimizer("fused_optim" if impl in variants else impl, algo, params,
+                                 kwargs, wl.dtype)
             if opt is None:
                 continue
-            step = clipped(impl, opt) if args.clip else opt.step
+            step = clipped("fused_optim" if impl in variants else impl, opt) if args.clip else opt.step
+            if impl in variants:
+                step = tuned(step, variants[impl])
             try:
                 step()  # state initialised before anything is measured
             except (RuntimeError, NotImplementedError, ValueError) as e:
@@ -382,7 +409,8 @@ def summary(rows, machine):
         fastest = min(same, key=lambda x: x["ms"], default=None)
         best = (f"{fastest['impl'][6:]} {fastest['ms']:.2f} ({fastest['ms'] / r['ms']:.2f}x)"
                 if fastest else "n/a")
-        algo = r["algo"] + (" (max_grad_norm)" if r["impl"] == CLIP_IMPL else "")
+        algo = r["algo"] + (" (max_grad_norm)" if r["impl"] == CLIP_IMPL
+                            else f" ({r['impl'][12:]})" if r["impl"] != "fused_optim" else "")
         lines.append(
             f"| {r['workload']} | {algo} | {r['threads']} | {r['ms']:.2f} | {r['pct_limit']:.0f} | "
             f"{fmt(r['speedup_vs_torch_fused'], '.2f', 'x')} | {best} | "
@@ -400,7 +428,9 @@ def chart(rows, path):
         print("(matplotlib is not installed: no chart written)", file=sys.stderr)
         return False
     groups = sorted({(r["threads"], r["workload"], r["algo"]) for r in rows})
-    impls = [i for i in IMPLS[:1] + [CLIP_IMPL] + IMPLS[1:] if any(r["impl"] == i for r in rows)]
+    named = list(dict.fromkeys(r["impl"] for r in rows))  # (with --tuning's rows)
+    impls = [i for i in IMPLS[:1] + [CLIP_IMPL] + IMPLS[1:] if i in named]
+    impls[1:1] = [i for i in named if i not in impls]
     fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(groups) * len(impls) / 2), 5))
     width = 0.8 / len(impls)
     for k, impl in enumerate(impls):
@@ -446,6 +476,9 @@ def main(argv=None):
                     help="small workloads and few steps (what is given explicitly stands)")
     ap.add_argument("--clip", action="store_true",
                     help="each row clips the grads by global norm, then steps (see above)")
+    ap.add_argument("--tuning", action="append", default=[], metavar="SETTINGS",
+                    help="one more fused_optim row, under the CPU tuning of these "
+                         "space-separated FUSED_OPTIM_*=VALUE settings (repeatable; see above)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="where the params live (cuda: the limit is the GPU's copy bandwidth)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -463,6 +496,17 @@ def main(argv=None):
             ap.error(f"{flag}: unknown {', '.join(repr(n) for n in bad)}; known: {', '.join(known)}"
                      + (f" ('{CLIP_IMPL}' with --clip)" if flag == "--impls" and not args.clip else ""))
     args.impls = ",".join(n.strip() for n in args.impls.split(",") if n.strip())
+    for spec in args.tuning:
+        try:  # (checked before anything is measured, with the variables' own errors)
+            torch.ops.fused_optim._set_cpu_tuning(spec.split())
+        except RuntimeError as e:
+            ap.error(f"--tuning {spec!r}: {str(e).splitlines()[0]}")
+        finally:
+            torch.ops.fused_optim._set_cpu_tuning([])
+        if not spec.split():
+            ap.error("--tuning: give one or more FUSED_OPTIM_*=VALUE settings")
+        if args.device == "cuda":
+            ap.error("--tuning: the CPU tuning has no effect on CUDA params")
     if args.threads and not all(t.strip().isdigit() and int(t) > 0 for t in args.threads.split(",")):
         ap.error(f"--threads: positive integers, got {args.threads!r}")
     if args.device == "cuda" and not torch.cuda.is_available():

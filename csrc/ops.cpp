@@ -152,6 +152,10 @@ TORCH_LIBRARY(fused_optim, m) {
            " (" + t.cpu + ", " +
            t.source + ")";
   });
+  // Sets the CPU tuning inside this process (cpu/tuning.h's set_cpu_tuning): for
+  // benchmarks that time the choices in the same rounds (bench.py --tuning).
+  m.def("_set_cpu_tuning(str[] settings) -> ()",
+        [](std::vector<std::string> settings) { fused_optim::cpu::set_cpu_tuning(settings); });
   // Which copy of the CPU loops runs here (Note [ISA dispatch]): for benchmark reports.
   m.def("_cpu_isa() -> str", [] {
     switch (fused_optim::cpu::cpu_isa()) {

@@ -127,8 +127,8 @@ void count_writes(at::TensorList tensors) {
 // kWrite: the memory will be written (a reference count), so it is asked for as such.
 template <int kWrite = 0>
 inline void prefetch(const void* p) {
-  static const bool on = cpu::cpu_tuning().gather_prefetch;  // Note [CPU tuning]
-  if (on) __builtin_prefetch(p, kWrite, 3);
+  // Note [CPU tuning]: cpu_tuning().gather_prefetch
+  if (cpu::gather_prefetch_on.load(std::memory_order_relaxed)) __builtin_prefetch(p, kWrite, 3);
 }
 
 // The first cache lines of a TensorImpl: key set, sizes, strides, dtype, storage.

@@ -530,6 +530,78 @@ def test_default_tuning_names_the_cpu_and_how_it_was_chosen():
                           "(AMD Zen 5, table)")
 
 
+def _set_cpu_tuning(settings):
+    torch.ops.fused_optim._set_cpu_tuning(settings)
+
+
+def test_the_tuning_set_inside_a_process_is_what_the_variables_would_choose():
+    """bench.py --tuning times the choices in one process (cpu/tuning.h's set_cpu_tuning):
+    the tuning it sets is the one the same variables give a fresh process, an empty list
+    restores the process's own, and a bad setting raises the variable's own error and
+    changes nothing."""
+    own = torch.ops.fused_optim._cpu_tuning()
+    try:
+        for name, env in TUNINGS.items():
+            settings = [f"{k}={v}" for k, v in env.items() if k != "FUSED_OPTIM_ADAFACTOR_WAVE"]
+            _set_cpu_tuning(settings)
+            fresh = subprocess.run([sys.executable, "-c", "import torch, fused_optim; "
+                                    "print(torch.ops.fused_optim._cpu_tuning())"],
+                                   env=dict(os.environ, **env), capture_output=True, text=True,
+                                   timeout=120, check=True).stdout.strip()
+            assert torch.ops.fused_optim._cpu_tuning() == fresh, name
+        _set_cpu_tuning([])
+        assert torch.ops.fused_optim._cpu_tuning() == own
+        _set_cpu_tuning(["FUSED_OPTIM_PREFETCH=77"])
+        changed = torch.ops.fused_optim._cpu_tuning()
+        assert changed.startswith("prefetch 77") and "FUSED_OPTIM_PREFETCH" in changed
+        for bad, message in ((["FUSED_OPTIM_PREFETCH=far"], "FUSED_OPTIM_PREFETCH must be auto, off or"),
+                             (["FUSED_OPTIM_Q8_CODES=arithmetic", "FUSED_OPTIM_FLOAT_LOOPS=sse"],
+                              "FUSED_OPTIM_FLOAT_LOOPS must be auto, avx512"),
+                             (["PREFETCH=3"], "a CPU tuning setting is NAME=VALUE"),
+                             (["FUSED_OPTIM_ISA=avx2"], "a CPU tuning setting is NAME=VALUE")):
+            with pytest.raises(RuntimeError, match=re.escape(message)):
+                _set_cpu_tuning(bad)
+            assert torch.ops.fused_optim._cpu_tuning() == changed, bad
+        _set_cpu_tuning(["FUSED_OPTIM_PREFETCH=auto"])  # (auto: the process's own)
+        assert torch.ops.fused_optim._cpu_tuning() == own
+    finally:
+        _set_cpu_tuning([])
+
+
+def test_switching_the_tuning_between_steps_changes_no_bit():
+    """The same training with the tuning switched before every step (through each of
+    TUNINGS' choices in turn) and with the process's own: bitwise the same, for float32,
+    bfloat16 and float16 params of many small tensors and one large one (the prefetches
+    run across tensor boundaries) and for 8-bit moments."""
+    def train(switch):
+        g = torch.Generator().manual_seed(3)
+        out = []
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            ps = [torch.randn(int(n), generator=g).to(dtype).requires_grad_()
+                  for n in torch.randint(1, 3000, (200,), generator=g).tolist() + [300_000]]
+            for name, kw in (("Adam", {}), ("SGD", dict(momentum=0.9)),
+                             ("AdamW", dict(state_dtype=torch.uint8))):
+                if name == "AdamW" and dtype == torch.float16:
+                    continue
+                opt = getattr(fused_optim, name)(ps, lr=0.01, **kw)
+                for step in range(len(TUNINGS)):
+                    for p in ps:
+                        p.grad = torch.randn(p.shape, generator=g).to(dtype)
+                    if switch:
+                        env = list(TUNINGS.values())[step]
+                        _set_cpu_tuning([f"{k}={v}" for k, v in env.items()
+                                         if k != "FUSED_OPTIM_ADAFACTOR_WAVE"])
+                    try:
+                        opt.step()
+                    finally:
+                        _set_cpu_tuning([])
+                out += [p.detach().clone() for p in ps]
+                out += [v for p in ps for v in opt.state[p].values()]
+        return out
+    for a, b in zip(train(False), train(True), strict=True):
+        assert torch.equal(a, b)
+
+
 # Every bit pattern of a 16-bit dtype (NaNs of each sign and payload, infinities,
 # subnormals, the largest finite values) as params, grads and so states, for every
 # algorithm and option that changes the loop, and the GradScaler path (grads unscaled and

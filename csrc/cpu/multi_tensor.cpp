@@ -15,16 +15,18 @@
 
 namespace fused_optim::cpu {
 
-std::optional<std::string> env_choice(const char* name) {
-  const char* value = std::getenv(name);
+namespace {
+
+// A choice's value as env_choice gives it: nullopt where unset, empty or "auto".
+std::optional<std::string> chosen(const char* value) {
   if (value == nullptr || *value == '\0' || std::string(value) == "auto") return std::nullopt;
   return std::string(value);
 }
 
-std::optional<int64_t> env_count(const char* name, int64_t max, const char* what) {
-  const auto env = env_choice(name);
-  if (!env) return std::nullopt;
-  const std::string& v = *env;
+std::optional<int64_t> count_of(const char* name, std::optional<std::string> value, int64_t max,
+                                const char* what) {
+  if (!value) return std::nullopt;
+  const std::string& v = *value;
   if (v == "off" || v == "0") return int64_t{0};
   char* end = nullptr;
   const long long n = std::strtoll(v.c_str(), &end, 10);
@@ -33,17 +35,29 @@ std::optional<int64_t> env_count(const char* name, int64_t max, const char* what
   return static_cast<int64_t>(n);
 }
 
-std::optional<std::string> env_one_of(const char* name,
-                                      std::initializer_list<const char*> values) {
-  auto env = env_choice(name);
-  if (env && std::none_of(values.begin(), values.end(),
-                          [&](const char* v) { return *env == v; })) {
+std::optional<std::string> one_of(const char* name, std::optional<std::string> value,
+                                  std::initializer_list<const char*> values) {
+  if (value && std::none_of(values.begin(), values.end(),
+                            [&](const char* v) { return *value == v; })) {
     std::string listed = "auto";
     size_t i = 0;
     for (const char* v : values) listed += (++i == values.size() ? " or " : ", ") + std::string(v);
-    TORCH_CHECK(false, name, " must be ", listed, ", not ", *env);
+    TORCH_CHECK(false, name, " must be ", listed, ", not ", *value);
   }
-  return env;
+  return value;
+}
+
+}  // namespace
+
+std::optional<std::string> env_choice(const char* name) { return chosen(std::getenv(name)); }
+
+std::optional<int64_t> env_count(const char* name, int64_t max, const char* what) {
+  return count_of(name, env_choice(name), max, what);
+}
+
+std::optional<std::string> env_one_of(const char* name,
+                                      std::initializer_list<const char*> values) {
+  return one_of(name, env_choice(name), values);
 }
 
 Isa cpu_isa() {
@@ -151,40 +165,81 @@ CpuTuning tuning_from_table() {
   return t;
 }
 
-}  // namespace
+// The table's choice with the FUSED_OPTIM_* variables applied, each variable's value as
+// `value(name)` gives it (env_choice: the environment).
+template <typename Value>
+CpuTuning tuning_with(const Value& value) {
+  CpuTuning t = tuning_from_table();
+  if (const auto ahead = count_of("FUSED_OPTIM_PREFETCH", value("FUSED_OPTIM_PREFETCH"),
+                                  int64_t{1} << 20, "a distance in elements (1 to 1048576)")) {
+    t.prefetch_ahead = *ahead;
+    t.source = "FUSED_OPTIM_PREFETCH";
+  }
+  const auto forced = [&t](const char* name) {
+    t.source = t.source == "table" || t.source == "default" ? std::string(name)
+                                                             : t.source + ", " + name;
+  };
+  if (const auto gather = one_of("FUSED_OPTIM_GATHER_PREFETCH",
+                                 value("FUSED_OPTIM_GATHER_PREFETCH"), {"on", "off"})) {
+    t.gather_prefetch = *gather == "on";
+    forced("FUSED_OPTIM_GATHER_PREFETCH");
+  }
+  if (const auto codes = one_of("FUSED_OPTIM_Q8_CODES", value("FUSED_OPTIM_Q8_CODES"),
+                                {"gather", "arithmetic"})) {
+    t.q8_arithmetic = *codes == "arithmetic";
+    forced("FUSED_OPTIM_Q8_CODES");
+  }
+  if (const auto loops = one_of("FUSED_OPTIM_FLOAT_LOOPS", value("FUSED_OPTIM_FLOAT_LOOPS"),
+                                {"avx512", "avx2-load-bound", "avx2"})) {
+    using FloatLoops = CpuTuning::FloatLoops;
+    const std::string& v = *loops;
+    t.float_loops = v == "avx512" ? FloatLoops::kAvx512
+                    : v == "avx2" ? FloatLoops::kAvx2
+                                  : FloatLoops::kAvx2LoadBound;
+    forced("FUSED_OPTIM_FLOAT_LOOPS");
+  }
+  return t;
+}
 
-const CpuTuning& cpu_tuning() {
-  static const CpuTuning tuning = [] {
-    CpuTuning t = tuning_from_table();
-    if (const auto ahead = env_count("FUSED_OPTIM_PREFETCH", int64_t{1} << 20,
-                                     "a distance in elements (1 to 1048576)")) {
-      t.prefetch_ahead = *ahead;
-      t.source = "FUSED_OPTIM_PREFETCH";
-    }
-    const auto forced = [&t](const char* name) {
-      t.source = t.source == "table" || t.source == "default" ? std::string(name)
-                                                               : t.source + ", " + name;
-    };
-    if (const auto gather = env_one_of("FUSED_OPTIM_GATHER_PREFETCH", {"on", "off"})) {
-      t.gather_prefetch = *gather == "on";
-      forced("FUSED_OPTIM_GATHER_PREFETCH");
-    }
-    if (const auto codes = env_one_of("FUSED_OPTIM_Q8_CODES", {"gather", "arithmetic"})) {
-      t.q8_arithmetic = *codes == "arithmetic";
-      forced("FUSED_OPTIM_Q8_CODES");
-    }
-    if (const auto loops = env_one_of("FUSED_OPTIM_FLOAT_LOOPS",
-                                      {"avx512", "avx2-load-bound", "avx2"})) {
-      using FloatLoops = CpuTuning::FloatLoops;
-      const std::string& v = *loops;
-      t.float_loops = v == "avx512" ? FloatLoops::kAvx512
-                      : v == "avx2" ? FloatLoops::kAvx2
-                                    : FloatLoops::kAvx2LoadBound;
-      forced("FUSED_OPTIM_FLOAT_LOOPS");
-    }
+CpuTuning& tuning_in_force() {
+  static CpuTuning tuning = [] {
+    CpuTuning t = tuning_with(env_choice);
+    gather_prefetch_on.store(t.gather_prefetch, std::memory_order_relaxed);
     return t;
   }();
   return tuning;
+}
+
+}  // namespace
+
+std::atomic<bool> gather_prefetch_on{true};
+
+const CpuTuning& cpu_tuning() { return tuning_in_force(); }
+
+void set_cpu_tuning(const std::vector<std::string>& settings) {
+  static constexpr std::array<const char*, 4> kNames = {
+      "FUSED_OPTIM_PREFETCH", "FUSED_OPTIM_GATHER_PREFETCH", "FUSED_OPTIM_Q8_CODES",
+      "FUSED_OPTIM_FLOAT_LOOPS"};
+  std::array<std::optional<std::string>, kNames.size()> given;
+  for (const std::string& setting : settings) {
+    const size_t eq = setting.find('=');
+    const std::string name = setting.substr(0, eq);
+    const auto it = std::find_if(kNames.begin(), kNames.end(),
+                                 [&](const char* n) { return name == n; });
+    TORCH_CHECK(eq != std::string::npos && it != kNames.end(),
+                "a CPU tuning setting is NAME=VALUE with NAME one of FUSED_OPTIM_PREFETCH, "
+                "FUSED_OPTIM_GATHER_PREFETCH, FUSED_OPTIM_Q8_CODES and FUSED_OPTIM_FLOAT_LOOPS, "
+                "not '", setting, "'");
+    given[static_cast<size_t>(it - kNames.begin())] = setting.substr(eq + 1);
+  }
+  const CpuTuning t = tuning_with([&](const char* name) {
+    const size_t i = static_cast<size_t>(
+        std::find_if(kNames.begin(), kNames.end(),
+                     [&](const char* n) { return std::string(name) == n; }) - kNames.begin());
+    return given[i] ? chosen(given[i]->c_str()) : env_choice(name);
+  });
+  tuning_in_force() = t;  // (parsed in full first: a bad setting changes nothing)
+  gather_prefetch_on.store(t.gather_prefetch, std::memory_order_relaxed);
 }
 
 void make_cpu_choices() {

@@ -2,10 +2,12 @@
 // The per-CPU choices of the loops (Note [CPU tuning]); a small header, so that code
 // outside the CPU loops (python_step.cpp) can ask too.
 
+#include <atomic>
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace fused_optim::cpu {
 
@@ -34,6 +36,18 @@ struct CpuTuning {
   std::string source;      // "table", "default", or the FUSED_OPTIM_* variable(s) that forced it
 };
 const CpuTuning& cpu_tuning();
+
+// python_step.cpp's gather prefetch (cpu_tuning().gather_prefetch), read once per object it
+// would prefetch: a plain load, where cpu_tuning() is a call.
+extern std::atomic<bool> gather_prefetch_on;
+
+// For benchmarks that compare the choices inside one process (bench.py --tuning): each
+// setting is "NAME=VALUE", NAME one of FUSED_OPTIM_PREFETCH, FUSED_OPTIM_GATHER_PREFETCH,
+// FUSED_OPTIM_Q8_CODES and FUSED_OPTIM_FLOAT_LOOPS, VALUE what the variable takes; the
+// tuning becomes the table's with these (and, for the names not given, the environment's)
+// applied; an empty list restores the process's own choice. A bad setting raises the
+// variable's own error and changes nothing. Not while a step runs on another thread.
+void set_cpu_tuning(const std::vector<std::string>& settings);
 
 // Makes the CPU loops' choices (the ISA, FUSED_OPTIM_ISA, and cpu_tuning()) if they are not
 // made yet: a bad FUSED_OPTIM_* value raises here.
