@@ -101,12 +101,36 @@ def test_bench_dtypes_option_runs_workloads_in_other_dtypes(tmp_path):
     assert "--dtypes: unsupported int8" in out.stderr
 
 
+def test_bench_tuning_option_adds_a_row_per_tuning(tmp_path):
+    """--tuning: one more fused_optim row per SETTINGS, timed in the same rounds, named by
+    its settings; the process's own tuning is back after the run (its machine line)."""
+    _run([BENCH, "--quick", "--out", str(tmp_path), "--workloads", "W1,W3", "--algos", "SGD",
+          "--impls", "fused_optim,torch fused=True",
+          "--tuning", "FUSED_OPTIM_PREFETCH=384",
+          "--tuning", "FUSED_OPTIM_PREFETCH=off FUSED_OPTIM_FLOAT_LOOPS=avx2"])
+    data = json.loads((tmp_path / "bench.json").read_text())
+    rows = data["rows"]
+    names = ["fused_optim", "fused_optim PREFETCH=384", "fused_optim PREFETCH=off FLOAT_LOOPS=avx2",
+             "torch fused=True"]
+    for w in ("W1", "W3"):
+        got = [r for r in rows if r["workload"] == w]
+        assert [r["impl"] for r in got] == names
+        assert len({r["rounds"] for r in got}) == 1 and all(len(r["round_ms"]) == r["rounds"] for r in got)
+    assert "FUSED_OPTIM_" not in data["machine"]  # (the run's own tuning, not a variant's)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| W1 | SGD (PREFETCH=384) | " in summary
+
+
 @pytest.mark.parametrize("args,message", [
     (["--algos", "Adam,Foo"], "--algos: unknown 'Foo'"),
     (["--workloads", "W9"], "--workloads: unknown 'W9'"),
     (["--impls", "foo"], "--impls: unknown 'foo'"),
     (["--impls", "fused_optim max_grad_norm"], "with --clip"),
-    (["--threads", "0"], "--threads: positive integers")])
+    (["--threads", "0"], "--threads: positive integers"),
+    (["--tuning", "FUSED_OPTIM_PREFETCH=far"], "--tuning 'FUSED_OPTIM_PREFETCH=far': "
+                                                "FUSED_OPTIM_PREFETCH must be auto, off or"),
+    (["--tuning", "PREFETCH=3"], "a CPU tuning setting is NAME=VALUE"),
+    (["--tuning", " "], "--tuning: give one or more")])
 def test_bench_refuses_unknown_names_before_measuring(args, message):
     """An unknown name stopped a run with a traceback at its row, minutes of measurements
     lost, or was dropped silently (found by a review, 2026-12-05): refused first."""
