@@ -8,6 +8,10 @@ stream probe of the plain step's pattern timed in turn in every round, the order
 rounds, and a mode's % of limit the median of its per-round ratios.
 
     python benchmarks/param_storage.py [--dtype bfloat16|float16|float32] [--rounds 7] [--quick]
+        [--tuning "FUSED_OPTIM_Q8_CODES=arithmetic" ...]
+
+--tuning SETTINGS (repeatable), as bench.py's: every mode once more, its steps under the
+CPU tuning that these FUSED_OPTIM_*=VALUE settings choose, in the same rounds.
 
 Bytes per element and step: param read and written, grad read, two moments read and
 written (2 bytes each: 14), plus Kahan's compensation read and written (+4), or the float32
@@ -78,24 +82,42 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per mode per round")
     ap.add_argument("--quick", action="store_true", help="2**16 elements, 3 rounds")
+    ap.add_argument("--tuning", action="append", default=[], metavar="SETTINGS",
+                    help="every mode once more under these FUSED_OPTIM_*=VALUE settings")
     ap.add_argument("--no-peers", action="store_true",
                     help="leave out bitsandbytes's and torchao's 8-bit AdamW (--dtype float32)")
     args = ap.parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench import tuned
+    for spec in args.tuning:
+        try:  # (checked before anything is measured, with the variables' own errors)
+            torch.ops.fused_optim._set_cpu_tuning(spec.split())
+        except RuntimeError as e:
+            ap.error(f"--tuning {spec!r}: {str(e).splitlines()[0]}")
+        finally:
+            torch.ops.fused_optim._set_cpu_tuning([])
+    variants = {spec: " ".join(x.replace("FUSED_OPTIM_", "") for x in spec.split())
+                for spec in args.tuning if spec.split()}
     n = 1 << (16 if args.quick else 25)
     rounds = 3 if args.quick else args.rounds
     dtype = getattr(torch, args.dtype)
-    modes = FLOAT32_MODES if dtype == torch.float32 else MODES
-    opts = {}
-    for name, (options, _) in modes.items():
-        p = torch.randn(n).to(dtype).requires_grad_()
-        p.grad = torch.randn(n).to(dtype)
-        opts[name] = fused_optim.AdamW([p], lr=1e-3, **options)
-        opts[name].step()  # the state made, its pages written
+    modes = dict(FLOAT32_MODES if dtype == torch.float32 else MODES)
+    opts, steps = {}, {}
+    for name, (options, _) in list(modes.items()):
+        for spec, short in [(None, None), *variants.items()]:
+            row = name if spec is None else f"{name} ({short})"
+            modes[row] = modes[name]
+            p = torch.randn(n).to(dtype).requires_grad_()
+            p.grad = torch.randn(n).to(dtype)
+            opts[row] = fused_optim.AdamW([p], lr=1e-3, **options)
+            steps[row] = opts[row].step if spec is None else tuned(opts[row].step, spec.split())
+            steps[row]()  # the state made, its pages written
     peers, missing = ({}, []) if dtype != torch.float32 or args.no_peers else peers_8bit()
     for name, cls in peers.items():
         p = torch.randn(n).requires_grad_()
         p.grad = torch.randn(n)
         opts[name] = cls([p], lr=1e-3)
+        steps[name] = opts[name].step
         for _ in range(2):  # the state made; torchao's step compiled
             opts[name].step()
     # The probe: the plain step's pattern in the params' dtype (three tensors read and
@@ -108,7 +130,7 @@ def main(argv=None):
     # % of limit read as much too high; found by a review.)
     probe = [torch.randn(n).to(dtype) for _ in range(4)]
     probe_bytes = 7 * n * probe[0].element_size()
-    runners = {name: opt.step for name, opt in opts.items()}
+    runners = dict(steps)
     runners["limit"] = lambda: _ops.stream_(probe[:3], probe[3:], 0.5)
     times = {name: [] for name in runners}
     names = list(runners)

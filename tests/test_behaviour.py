@@ -522,7 +522,8 @@ def test_default_tuning_names_the_cpu_and_how_it_was_chosen():
             and model and (0x10 <= int(model.group(1)) <= 0x1F or 0x60 <= int(model.group(1)) <= 0xAF):
         # (the table's Zen 4 models: a family-25 CPU with AVX-512 that a VM reports with
         # another model number gets the default)
-        assert tuning == "prefetch off (AMD Zen 4, table)"  # measured: Note [CPU tuning]
+        # measured: Note [CPU tuning]
+        assert tuning == "prefetch off, 8-bit codes by arithmetic (AMD Zen 4, table)"
     if "AuthenticAMD" in info and re.search(r"cpu family\s*: 26\n", info) and model \
             and int(model.group(1)) <= 0x7F:
         # measured: Note [CPU tuning]

@@ -143,7 +143,13 @@ CpuTuning tuning_from_table() {
              ((id.model >= 0x10 && id.model <= 0x1F) || (id.model >= 0x60 && id.model <= 0xAF))) {
     // A 2-core AMD EPYC (Zen 4, family 19h model 11h): with the Xeon's prefetch, fp32 Adam
     // was 0.7-0.98x torch fused=True; without, 1.03-1.25x (session 9: Note [CPU tuning]).
-    t = {0, true, false, CpuTuning::FloatLoops::kAvx512, "AMD Zen 4", "table"};
+    // Again on 2026-12-07, each choice timed in the same rounds in one process (bench.py
+    // --tuning): the Xeon's 384 W1/W2 Adam 0.88-0.94x against 1.04-1.07x without, W3
+    // Adagrad 5.5x against 7.6x; float loops in AVX2 (all, or SGD's) level within the
+    // noise (W1 SGD 0.97-1.04x either way). 8-bit codes by arithmetic
+    // (param_storage.py --tuning): AdamW with 8-bit moments 40.9-41.3 -> 32.2-32.3 ms a
+    // step (2^25 float32 params), 45.8 -> 38.2 ms (bfloat16 params).
+    t = {0, true, true, CpuTuning::FloatLoops::kAvx512, "AMD Zen 4", "table"};
   } else if (id.vendor == "AuthenticAMD" && id.family == 0x1A && id.model <= 0x7F) {
     // A 2-core AMD EPYC (Zen 5, family 1Ah model 02h), 2026-12-04: the Xeon's distance
     // (384) against none, alternating processes, twice each, torch fused=True in the same

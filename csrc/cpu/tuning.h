@@ -18,7 +18,10 @@ namespace fused_optim::cpu {
 // on one CPU was measured to cost 10-30% on another. FUSED_OPTIM_PREFETCH=auto|off|N
 // forces the loops' distance (N: in elements; 16-bit types ask for the same bytes ahead as
 // float, 2N elements), for experiments. No choice changes a result bit: the tests run
-// the bitwise comparisons with each one forced.
+// the bitwise comparisons with each one forced. To measure the choices against each other
+// on a CPU, time them in the same rounds of one process (set_cpu_tuning below, bench.py
+// --tuning): comparing separate processes misled on the Zen 5, where memory placement
+// differed from process to process (docs/benchmarks.md, CPU tuning).
 // FUSED_OPTIM_GATHER_PREFETCH=auto|on|off does the same for the eager step's gather, and
 // FUSED_OPTIM_Q8_CODES=auto|gather|arithmetic for how the AVX-512 copies find 8-bit codes
 // (Note [8-bit codes by arithmetic] in multi_tensor.h), and
