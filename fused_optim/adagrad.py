@@ -1,6 +1,6 @@
 """Adagrad: torch.optim.Adagrad with the step computed by fused_optim::adagrad_."""
 import functools
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -78,6 +78,18 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
             # grads with its own error): run torch's step.
             return "sparse gradients"
         return reason
+
+    def _torch_step(self, reason: str, scales: List[Optional[Tensor]]) -> None:
+        # torch's fused step refuses a sparse grad (torch.optim.adagrad's _fused_adagrad).
+        # Raised here, before the grads are unscaled or clipped for torch's step, and
+        # before any group is updated: that torch step would unscale a GradScaler's grads
+        # in place, and update the groups before the sparse one, then raise (found by a
+        # review, 2026-12-06).
+        for group in self.param_groups:
+            if group["fused"] and any(p.grad is not None and p.grad.is_sparse
+                                      for p in group["params"]):
+                raise self._fused_complex_error(group["params"][0])
+        super()._torch_step(reason, scales)
 
     _checks_fused_once = True
 

@@ -233,6 +233,36 @@ def test_the_grad_scaler_flag_is_torchs_unless_an_option_of_ours_needs_it(name, 
         assert not opt._step_supports_amp_scaling
 
 
+@pytest.mark.parametrize("how", ["grad_scaler", "max_grad_norm", "plain"])
+def test_fused_adagrad_refuses_a_sparse_grad_before_anything_changes(how):
+    """Adagrad(fused=True) with a sparse grad in its second group: torch's error, and no
+    grad or param changed (with max_grad_norm too, whose norm refuses sparse grads). Before 2026-12-07 the torch step it went to unscaled (or
+    clipped) every grad in place and updated the first group, then raised (torch's own
+    fused step updates the first group too: ours checks first)."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    lin = torch.nn.Linear(4, 1)
+    opt = fused_optim.Adagrad([{"params": lin.parameters()}, {"params": emb.parameters()}],
+                              lr=0.1, fused=True,
+                              **({"max_grad_norm": 1e-3} if how == "max_grad_norm" else {}))
+    loss = lin(emb(torch.tensor([1, 2]))).sum()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if how == "grad_scaler" else None
+    (scaler.scale(loss) if scaler else loss).backward()
+    before = [(p.detach().clone(), p.grad.to_dense().clone()) for p in opt.param_groups[0]["params"]
+              + opt.param_groups[1]["params"]]
+    # (with max_grad_norm, the norm's error first: torch has no norm of sparse grads, and
+    # torch.nn.utils.clip_grad_norm_ raises the same)
+    error, message = ((NotImplementedError, "'aten::linalg_vector_norm' with arguments from the 'SparseCPU'")
+                      if how == "max_grad_norm" else
+                      (RuntimeError, "`fused` does not support sparse grad or complex param"))
+    with pytest.raises(error, match=re.escape(message)):
+        scaler.step(opt) if scaler else opt.step()
+    after = [(p.detach(), p.grad.to_dense()) for p in opt.param_groups[0]["params"]
+             + opt.param_groups[1]["params"]]
+    for (p0, g0), (p1, g1) in zip(before, after, strict=True):
+        assert torch.equal(p0, p1) and torch.equal(g0, g1)
+
+
 def test_a_scaler_step_reads_found_inf_only_where_a_state_would_be_made():
     # Reading found_inf synchronises with a GPU: SGD without momentum keeps no state, so its
     # steps never make one (a review found every such step asking, 2026-12-06).
