@@ -305,8 +305,10 @@ def run(args):
             if opt is None:
                 continue
             step = clipped("fused_optim" if impl in variants else impl, opt) if args.clip else opt.step
-            if impl in variants:
-                step = tuned(step, variants[impl])
+            if impl in variants or (variants and impl == "fused_optim"):
+                # (the plain row too, with the process's own tuning: every fused_optim row
+                # pays the same two calls a step)
+                step = tuned(step, variants.get(impl, []))
             try:
                 step()  # state initialised before anything is measured
             except (RuntimeError, NotImplementedError, ValueError) as e:
@@ -505,6 +507,8 @@ def main(argv=None):
             torch.ops.fused_optim._set_cpu_tuning([])
         if not spec.split():
             ap.error("--tuning: give one or more FUSED_OPTIM_*=VALUE settings")
+    if len({" ".join(spec.split()) for spec in args.tuning}) < len(args.tuning):
+        ap.error("--tuning: the same SETTINGS given twice")
         if args.device == "cuda":
             ap.error("--tuning: the CPU tuning has no effect on CUDA params")
     if args.threads and not all(t.strip().isdigit() and int(t) > 0 for t in args.threads.split(",")):

@@ -589,12 +589,33 @@ def test_the_tuning_set_inside_a_process_is_what_the_variables_would_choose():
                              (["FUSED_OPTIM_Q8_CODES=arithmetic", "FUSED_OPTIM_FLOAT_LOOPS=sse"],
                               "FUSED_OPTIM_FLOAT_LOOPS must be auto, avx512"),
                              (["PREFETCH=3"], "a CPU tuning setting is NAME=VALUE"),
-                             (["FUSED_OPTIM_ISA=avx2"], "a CPU tuning setting is NAME=VALUE")):
+                             (["FUSED_OPTIM_ISA=avx2"], "a CPU tuning setting is NAME=VALUE"),
+                             # (a repeated name: the bad first value was taken over by the
+                             # second: found by a review, 2026-12-07)
+                             (["FUSED_OPTIM_PREFETCH=far", "FUSED_OPTIM_PREFETCH=384"],
+                              "names FUSED_OPTIM_PREFETCH twice")):
             with pytest.raises(RuntimeError, match=re.escape(message)):
                 _set_cpu_tuning(bad)
             assert torch.ops.fused_optim._cpu_tuning() == changed, bad
-        _set_cpu_tuning(["FUSED_OPTIM_PREFETCH=auto"])  # (auto: the process's own)
-        assert torch.ops.fused_optim._cpu_tuning() == own
+        # The process's own choice is the environment's at its first step: a later change
+        # of the environment changes neither it nor what an empty list restores (found by
+        # the same review).
+        var = "FUSED_OPTIM_Q8_CODES"
+        saved = os.environ.get(var)
+        os.environ[var] = "bogus"
+        try:
+            _set_cpu_tuning([])
+            assert torch.ops.fused_optim._cpu_tuning() == own
+            _set_cpu_tuning(["FUSED_OPTIM_PREFETCH=77"])
+            assert torch.ops.fused_optim._cpu_tuning() == changed
+        finally:
+            if saved is None:
+                del os.environ[var]
+            else:
+                os.environ[var] = saved
+        if not os.environ.get("FUSED_OPTIM_PREFETCH"):
+            _set_cpu_tuning(["FUSED_OPTIM_PREFETCH=auto"])  # (auto: the table's, here the own)
+            assert torch.ops.fused_optim._cpu_tuning() == own
     finally:
         _set_cpu_tuning([])
 

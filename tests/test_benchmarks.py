@@ -132,7 +132,9 @@ def test_bench_tuning_option_adds_a_row_per_tuning(tmp_path):
     (["--tuning", "FUSED_OPTIM_PREFETCH=far"], "--tuning 'FUSED_OPTIM_PREFETCH=far': "
                                                 "FUSED_OPTIM_PREFETCH must be auto, off or"),
     (["--tuning", "PREFETCH=3"], "a CPU tuning setting is NAME=VALUE"),
-    (["--tuning", " "], "--tuning: give one or more")])
+    (["--tuning", " "], "--tuning: give one or more"),
+    (["--tuning", "FUSED_OPTIM_PREFETCH=8", "--tuning", " FUSED_OPTIM_PREFETCH=8"],
+     "--tuning: the same SETTINGS given twice")])
 def test_bench_refuses_unknown_names_before_measuring(args, message):
     """An unknown name stopped a run with a traceback at its row, minutes of measurements
     lost, or was dropped silently (found by a review, 2026-12-05): refused first."""
@@ -202,6 +204,21 @@ def test_report_scripts_refuse_bad_arguments_before_running(script, args, messag
     out = _run([os.path.join(ROOT, "benchmarks", script), *args], returncode=2, timeout=120)
     assert message in out.stderr
     assert not out.stdout  # (nothing ran)
+
+
+def test_param_storage_tuning_option_adds_each_mode_under_each_tuning():
+    script = os.path.join(ROOT, "benchmarks", "param_storage.py")
+    out = _run([script, "--quick", "--dtype", "float32", "--no-peers",
+                "--tuning", "FUSED_OPTIM_Q8_CODES=arithmetic"])
+    first = next(t for t in out.stdout.split("\n\n") if t.startswith("| mode |"))
+    names = [line.split("|")[1].strip() for line in first.splitlines()[2:]]
+    modes = ["float32 moments (torch's)", "state_dtype=torch.bfloat16", "state_dtype=torch.uint8"]
+    assert names == modes + [f"{m} (Q8_CODES=arithmetic)" for m in modes]
+    for args, message in ((["--tuning", "  "], "--tuning: give one or more"),
+                          (["--tuning", "A=1 B=2", "--tuning", "A=1  B=2"], "a CPU tuning setting is"),
+                          (["--tuning", "FUSED_OPTIM_PREFETCH=8", "--tuning", "FUSED_OPTIM_PREFETCH=8 "],
+                           "--tuning: the same SETTINGS given twice")):
+        assert message in _run([script, "--quick", *args], returncode=2, timeout=120).stderr
 
 
 @pytest.mark.parametrize("dtype,modes", [

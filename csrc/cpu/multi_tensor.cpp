@@ -144,9 +144,9 @@ CpuTuning tuning_from_table() {
     // A 2-core AMD EPYC (Zen 4, family 19h model 11h): with the Xeon's prefetch, fp32 Adam
     // was 0.7-0.98x torch fused=True; without, 1.03-1.25x (session 9: Note [CPU tuning]).
     // Again on 2026-12-07, each choice timed in the same rounds in one process (bench.py
-    // --tuning): the Xeon's 384 W1/W2 Adam 0.88-0.94x against 1.04-1.07x without, W3
-    // Adagrad 5.5x against 7.6x; float loops in AVX2 (all, or SGD's) level within the
-    // noise (W1 SGD 0.97-1.04x either way). 8-bit codes by arithmetic
+    // --tuning): the Xeon's 384 W1/W2 Adam 0.88-0.94x torch fused=True against
+    // 1.04-1.07x without (in three columns that run the same code); the other rows and the
+    // float loops in AVX2 (all, or SGD's) within the noise (W1 SGD 0.97-1.04x either way). 8-bit codes by arithmetic
     // (param_storage.py --tuning): AdamW with 8-bit moments 40.9-41.3 -> 32.2-32.3 ms a
     // step (2^25 float32 params), 45.8 -> 38.2 ms (bfloat16 params).
     t = {0, true, true, CpuTuning::FloatLoops::kAvx512, "AMD Zen 4", "table"};
@@ -175,7 +175,8 @@ CpuTuning tuning_from_table() {
 // `value(name)` gives it (env_choice: the environment).
 template <typename Value>
 CpuTuning tuning_with(const Value& value) {
-  CpuTuning t = tuning_from_table();
+  static const CpuTuning table = tuning_from_table();  // (CPUID is slow under a hypervisor)
+  CpuTuning t = table;
   if (const auto ahead = count_of("FUSED_OPTIM_PREFETCH", value("FUSED_OPTIM_PREFETCH"),
                                   int64_t{1} << 20, "a distance in elements (1 to 1048576)")) {
     t.prefetch_ahead = *ahead;
@@ -207,9 +208,35 @@ CpuTuning tuning_with(const Value& value) {
   return t;
 }
 
+constexpr std::array<const char*, 4> kTuningVariables = {
+    "FUSED_OPTIM_PREFETCH", "FUSED_OPTIM_GATHER_PREFETCH", "FUSED_OPTIM_Q8_CODES",
+    "FUSED_OPTIM_FLOAT_LOOPS"};
+
+size_t tuning_variable(const std::string& name) {
+  return static_cast<size_t>(std::find(kTuningVariables.begin(), kTuningVariables.end(), name) -
+                             kTuningVariables.begin());
+}
+
+// The process's own choice: the table and the variables as they were at its first use (a
+// later change of the environment does not change it; set_cpu_tuning falls back to these).
+struct OwnTuning {
+  std::array<std::optional<std::string>, kTuningVariables.size()> values;
+  CpuTuning tuning;
+};
+
+const OwnTuning& own_tuning() {
+  static const OwnTuning own = [] {
+    OwnTuning o;
+    for (size_t i = 0; i < kTuningVariables.size(); ++i) o.values[i] = env_choice(kTuningVariables[i]);
+    o.tuning = tuning_with([&](const char* name) { return o.values[tuning_variable(name)]; });
+    return o;
+  }();
+  return own;
+}
+
 CpuTuning& tuning_in_force() {
   static CpuTuning tuning = [] {
-    CpuTuning t = tuning_with(env_choice);
+    const CpuTuning t = own_tuning().tuning;
     gather_prefetch_on.store(t.gather_prefetch, std::memory_order_relaxed);
     return t;
   }();
@@ -223,28 +250,25 @@ std::atomic<bool> gather_prefetch_on{true};
 const CpuTuning& cpu_tuning() { return tuning_in_force(); }
 
 void set_cpu_tuning(const std::vector<std::string>& settings) {
-  static constexpr std::array<const char*, 4> kNames = {
-      "FUSED_OPTIM_PREFETCH", "FUSED_OPTIM_GATHER_PREFETCH", "FUSED_OPTIM_Q8_CODES",
-      "FUSED_OPTIM_FLOAT_LOOPS"};
-  std::array<std::optional<std::string>, kNames.size()> given;
+  const OwnTuning& own = own_tuning();
+  std::array<std::optional<std::string>, kTuningVariables.size()> values = own.values;
+  std::array<bool, kTuningVariables.size()> given{};
   for (const std::string& setting : settings) {
     const size_t eq = setting.find('=');
-    const std::string name = setting.substr(0, eq);
-    const auto it = std::find_if(kNames.begin(), kNames.end(),
-                                 [&](const char* n) { return name == n; });
-    TORCH_CHECK(eq != std::string::npos && it != kNames.end(),
+    const size_t i = tuning_variable(setting.substr(0, eq));
+    TORCH_CHECK(eq != std::string::npos && i < kTuningVariables.size(),
                 "a CPU tuning setting is NAME=VALUE with NAME one of FUSED_OPTIM_PREFETCH, "
                 "FUSED_OPTIM_GATHER_PREFETCH, FUSED_OPTIM_Q8_CODES and FUSED_OPTIM_FLOAT_LOOPS, "
                 "not '", setting, "'");
-    given[static_cast<size_t>(it - kNames.begin())] = setting.substr(eq + 1);
+    TORCH_CHECK(!given[i], "a CPU tuning setting names ", kTuningVariables[i], " twice");
+    given[i] = true;
+    values[i] = chosen(setting.c_str() + eq + 1);  // ("auto" or empty: the table's choice)
   }
-  const CpuTuning t = tuning_with([&](const char* name) {
-    const size_t i = static_cast<size_t>(
-        std::find_if(kNames.begin(), kNames.end(),
-                     [&](const char* n) { return std::string(name) == n; }) - kNames.begin());
-    return given[i] ? chosen(given[i]->c_str()) : env_choice(name);
-  });
-  tuning_in_force() = t;  // (parsed in full first: a bad setting changes nothing)
+  // (every value checked before anything changes: a bad setting changes nothing)
+  const CpuTuning t =
+      settings.empty() ? own.tuning
+                       : tuning_with([&](const char* name) { return values[tuning_variable(name)]; });
+  tuning_in_force() = t;
   gather_prefetch_on.store(t.gather_prefetch, std::memory_order_relaxed);
 }
 

@@ -46,10 +46,12 @@ extern std::atomic<bool> gather_prefetch_on;
 
 // For benchmarks that compare the choices inside one process (bench.py --tuning): each
 // setting is "NAME=VALUE", NAME one of FUSED_OPTIM_PREFETCH, FUSED_OPTIM_GATHER_PREFETCH,
-// FUSED_OPTIM_Q8_CODES and FUSED_OPTIM_FLOAT_LOOPS, VALUE what the variable takes; the
-// tuning becomes the table's with these (and, for the names not given, the environment's)
-// applied; an empty list restores the process's own choice. A bad setting raises the
-// variable's own error and changes nothing. Not while a step runs on another thread.
+// FUSED_OPTIM_Q8_CODES and FUSED_OPTIM_FLOAT_LOOPS (each at most once), VALUE what the
+// variable takes ("auto": the table's choice); the tuning becomes the table's with these
+// applied, and for the names not given the values the variables had when the process made
+// its own choice (its first step); an empty list restores that choice. A bad setting
+// raises the variable's own error and changes nothing. Not while a step runs on another
+// thread.
 void set_cpu_tuning(const std::vector<std::string>& settings);
 
 // Makes the CPU loops' choices (the ISA, FUSED_OPTIM_ISA, and cpu_tuning()) if they are not
