@@ -211,6 +211,27 @@ def _rounds(runners, rounds, steps, warmup, max_seconds, device, progress, label
     return times
 
 
+def check_tunings(ap, specs):
+    """--tuning's SETTINGS, each checked before anything is measured (with the variables'
+    own errors: the process's own tuning restored after), none blank or repeated."""
+    for spec in specs:
+        try:
+            torch.ops.fused_optim._set_cpu_tuning(spec.split())
+        except RuntimeError as e:
+            ap.error(f"--tuning {spec!r}: {str(e).splitlines()[0]}")
+        finally:
+            torch.ops.fused_optim._set_cpu_tuning([])
+        if not spec.split():
+            ap.error("--tuning: give one or more FUSED_OPTIM_*=VALUE settings")
+    if len({tuning_label(spec) for spec in specs}) < len(specs):
+        ap.error("--tuning: the same SETTINGS given twice")
+
+
+def tuning_label(spec):
+    """A --tuning SETTINGS as its rows are named: its settings, less FUSED_OPTIM_."""
+    return " ".join(x.replace("FUSED_OPTIM_", "") for x in spec.split())
+
+
 def tuned(step, settings):
     """step() under the CPU tuning that `settings` choose (bench.py --tuning), the process's
     own restored after it."""
@@ -230,8 +251,7 @@ def run(args):
     all_impls = IMPLS[:1] + [CLIP_IMPL] + IMPLS[1:] if args.clip else IMPLS
     impls = [i for i in all_impls if i in args.impls.split(",")] if args.impls else list(all_impls)
     # --tuning: fused_optim again, under each SETTINGS (named by them, less FUSED_OPTIM_)
-    variants = {"fused_optim " + " ".join(x.replace("FUSED_OPTIM_", "") for x in spec.split()):
-                spec.split() for spec in args.tuning}
+    variants = {"fused_optim " + tuning_label(spec): spec.split() for spec in args.tuning}
     impls[1 if impls[:1] == ["fused_optim"] else 0:0] = list(variants)
     device = args.device
     if device == "cuda" and "deepspeed" in impls:
@@ -498,19 +518,9 @@ def main(argv=None):
             ap.error(f"{flag}: unknown {', '.join(repr(n) for n in bad)}; known: {', '.join(known)}"
                      + (f" ('{CLIP_IMPL}' with --clip)" if flag == "--impls" and not args.clip else ""))
     args.impls = ",".join(n.strip() for n in args.impls.split(",") if n.strip())
-    for spec in args.tuning:
-        try:  # (checked before anything is measured, with the variables' own errors)
-            torch.ops.fused_optim._set_cpu_tuning(spec.split())
-        except RuntimeError as e:
-            ap.error(f"--tuning {spec!r}: {str(e).splitlines()[0]}")
-        finally:
-            torch.ops.fused_optim._set_cpu_tuning([])
-        if not spec.split():
-            ap.error("--tuning: give one or more FUSED_OPTIM_*=VALUE settings")
-    if len({" ".join(spec.split()) for spec in args.tuning}) < len(args.tuning):
-        ap.error("--tuning: the same SETTINGS given twice")
-        if args.device == "cuda":
-            ap.error("--tuning: the CPU tuning has no effect on CUDA params")
+    check_tunings(ap, args.tuning)
+    if args.tuning and args.device == "cuda":
+        ap.error("--tuning: the CPU tuning has no effect on CUDA params")
     if args.threads and not all(t.strip().isdigit() and int(t) > 0 for t in args.threads.split(",")):
         ap.error(f"--threads: positive integers, got {args.threads!r}")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -88,20 +88,9 @@ def main(argv=None):
                     help="leave out bitsandbytes's and torchao's 8-bit AdamW (--dtype float32)")
     args = ap.parse_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench import tuned
-    for spec in args.tuning:
-        try:  # (checked before anything is measured, with the variables' own errors)
-            torch.ops.fused_optim._set_cpu_tuning(spec.split())
-        except RuntimeError as e:
-            ap.error(f"--tuning {spec!r}: {str(e).splitlines()[0]}")
-        finally:
-            torch.ops.fused_optim._set_cpu_tuning([])
-        if not spec.split():
-            ap.error("--tuning: give one or more FUSED_OPTIM_*=VALUE settings")
-    if len({" ".join(spec.split()) for spec in args.tuning}) < len(args.tuning):
-        ap.error("--tuning: the same SETTINGS given twice")
-    variants = {spec: " ".join(x.replace("FUSED_OPTIM_", "") for x in spec.split())
-                for spec in args.tuning}
+    from bench import check_tunings, tuned, tuning_label
+    check_tunings(ap, args.tuning)
+    variants = {spec: tuning_label(spec) for spec in args.tuning}
     n = 1 << (16 if args.quick else 25)
     rounds = 3 if args.quick else args.rounds
     dtype = getattr(torch, args.dtype)

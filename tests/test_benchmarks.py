@@ -134,7 +134,10 @@ def test_bench_tuning_option_adds_a_row_per_tuning(tmp_path):
     (["--tuning", "PREFETCH=3"], "a CPU tuning setting is NAME=VALUE"),
     (["--tuning", " "], "--tuning: give one or more"),
     (["--tuning", "FUSED_OPTIM_PREFETCH=8", "--tuning", " FUSED_OPTIM_PREFETCH=8"],
-     "--tuning: the same SETTINGS given twice")])
+     "--tuning: the same SETTINGS given twice"),
+    # (this check sat under the one above, unreachable: found on a reread, 2026-12-07)
+    (["--device", "cuda", "--tuning", "FUSED_OPTIM_PREFETCH=8"], "the CPU tuning has no effect on CUDA"),
+    ])
 def test_bench_refuses_unknown_names_before_measuring(args, message):
     """An unknown name stopped a run with a traceback at its row, minutes of measurements
     lost, or was dropped silently (found by a review, 2026-12-05): refused first."""
