@@ -82,6 +82,12 @@ FO_HOST_DEVICE FO_INLINE M if_less_(M x, M y, M a, M b) {
   return x < y ? a : b;
 }
 
+// x == y ? a : b (a NaN x or y takes b), as if_less_.
+template <typename M>
+FO_HOST_DEVICE FO_INLINE M if_equal_(M x, M y, M a, M b) {
+  return x == y ? a : b;
+}
+
 // |a| (torch.abs): the sign bit cleared, NaN included.
 template <typename M>
 FO_HOST_DEVICE FO_INLINE M abs_(M a) {
@@ -752,14 +758,42 @@ struct RpropRule {
   using WithMath = RpropRule<V, kFma>;
   static constexpr bool kFmaVariant = kFma;  // (false: complex params' variant)
   static constexpr int kStates = 2;
-  M grad_sign, etaminus, etaplus, step_size_min, step_size_max;
+  M grad_sign, etaminus, step_size_min, step_size_max;
+  M held, flipped;  // the sign factors where grad * prev > 0 and < 0 (Note [Rprop's etas])
 
+  // Note [Rprop's etas]
+  // torch writes the etas into the sign tensor (of the grad's dtype, so rounded to it) one
+  // assignment after the other: sign[sign > 0] = etaplus, sign[sign < 0] = etaminus,
+  // sign[sign == 0] = 1, and then zeroes the grads where sign == etaminus. Each assignment
+  // sees the ones before, so where the etas, rounded, are not 0 < etaminus < 1 < etaplus,
+  // the factors collide: an etaplus below 0 becomes etaminus, a factor of 0 becomes 1, and
+  // every element whose factor equals etaminus has its grad zeroed (all of them where
+  // etaminus rounds to 1, none where it rounds to 0). The constructor's range lets some
+  // such etas through, made so by the rounding alone (etaminus=0.999999999 is 1 in
+  // float32, 1e-50 is 0), and a param group can hold any. So the factors of the three
+  // cases are worked out here, as the assignments leave them, and the grad is zeroed where
+  // the factor equals etaminus, as torch compares. With the etas in range, the same bits
+  // as before: etaplus, etaminus and 1, and zeroed where grad * prev < 0.
   FO_HOST_DEVICE explicit RpropRule(const RpropCoeffs& c)
       : grad_sign(static_cast<M>(c.grad_sign)),
         etaminus(static_cast<M>(c.etaminus)),
-        etaplus(static_cast<M>(c.etaplus)),
         step_size_min(static_cast<M>(c.step_size_min)),
-        step_size_max(static_cast<M>(c.step_size_max)) {}
+        step_size_max(static_cast<M>(c.step_size_max)),
+        held(M(held_factor(c))),
+        flipped(M(flipped_factor(c))) {}
+
+  // The factors in the element type (float for the vector types), rounded as torch's
+  // sign tensor rounds them.
+  using S = typename ScalarOf<M>::type;
+  static FO_HOST_DEVICE S held_factor(const RpropCoeffs& c) {
+    S f = static_cast<S>(c.etaplus);
+    if (f < S(0.0)) f = static_cast<S>(c.etaminus);  // sign[sign < 0] = etaminus sees it too
+    return f == S(0.0) ? S(1.0) : f;                   // sign[sign == 0] = 1 (-0 included)
+  }
+  static FO_HOST_DEVICE S flipped_factor(const RpropCoeffs& c) {
+    const S f = static_cast<S>(c.etaminus);
+    return f == S(0.0) ? S(1.0) : f;
+  }
 
   // torch.sign: 1, -1, or +0 (for +-0 and NaN).
   static FO_HOST_DEVICE FO_INLINE M sign(M x) {
@@ -777,12 +811,12 @@ struct RpropRule {
     // rebuild the masks bit by bit with scalar code (Rprop at 68% of the limit on an AMD
     // EPYC, Zen 4).
     const M x = g * prev;
-    const M factor = if_less_(M(0.0), x, etaplus, if_less_(x, M(0.0), etaminus, M(1.0)));
+    const M factor = if_less_(M(0.0), x, held, if_less_(x, M(0.0), flipped, M(1.0)));
     // step_size.mul_(sign).clamp_(step_size_min, step_size_max): min(max(x, lo), hi)
     M size = step_size * factor;
     size = if_less_(size, step_size_min, step_size_min, size);
     step_size = if_less_(step_size_max, size, step_size_max, size);
-    g = if_less_(x, M(0.0), M(0.0), g);  // grad[sign.eq(etaminus)] = 0
+    g = if_equal_(factor, etaminus, M(0.0), g);  // grad[sign.eq(etaminus)] = 0
     p = fma_(-sign(g), step_size, p);    // param.addcmul_(grad.sign(), step_size, value=-1)
     prev = g;                            // prev.copy_(grad)
   }

@@ -1126,6 +1126,55 @@ def test_a_beta_of_one_set_in_a_group_raises_torchs_zero_division(name, edit):
             assert torch.equal(out[0], out[1])
 
 
+# Rprop's etas: in the constructor's range but 1 or 0 once rounded to float32, and, set in
+# a param group, out of it: 0, 1, equal, etaplus of 0 or below, -0, NaN.
+RPROP_ETAS = [(0.999999999, 1.2), (1e-50, 1.2), (0.5, 1.00000001), (0.999999999, 1.00000001),
+              (0.0, 1.2), (1.0, 1.2), (0.5, 0.5), (0.5, 0.0), (0.5, -0.5), (0.0, -0.5),
+              (-0.5, 1.2), (0.5, -0.0), (-0.0, 1.2), (1.0, 1.0), (float("nan"), 1.2),
+              (0.5, float("nan")), (1e-50, 1e-50)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("etas", RPROP_ETAS, ids=[str(e) for e in RPROP_ETAS])
+def test_rprop_etas_that_collide_step_as_torchs_for_loop(etas, dtype):
+    """Note [Rprop's etas] (update_rules.h): torch writes the etas, rounded to the grad's
+    dtype, into its sign tensor one assignment after another and zeroes the grads whose
+    factor equals etaminus, so etas that are not 0 < etaminus < 1 < etaplus once rounded
+    collide. etaminus=0.999999999 (1 in float32) passes the constructor: torch's params
+    then never move; ours moved until 2026-12-07 (found by a differential fuzz). Every
+    element and state bitwise as torch's for-loop over 6 steps with grads of every sign
+    relation (held, flipped, zero, NaN, inf), float32 and float64, at 1 and 2 threads."""
+    g = torch.Generator().manual_seed(3)
+    p0 = torch.randn(64, generator=g, dtype=torch.float64).to(dtype)
+    grads = [torch.randn(64, generator=g, dtype=torch.float64).to(dtype) for _ in range(6)]
+    for k, gr in enumerate(grads):
+        gr[::7] = 0.0  # a product of 0
+        gr[k::11] *= -1  # signs that flip
+        gr[5] = float("nan") if k == 2 else gr[5]
+        gr[9] = float("inf") if k == 3 else gr[9]
+    ctor_ok = 0.0 < etas[0] < 1.0 < etas[1]
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for cls, n_threads in ((torch.optim.Rprop, 1), (fused_optim.Rprop, 1), (fused_optim.Rprop, 2)):
+            torch.set_num_threads(n_threads)
+            p = p0.clone().requires_grad_()
+            opt = cls([p], lr=0.01, etas=etas if ctor_ok else (0.5, 1.2), foreach=False)
+            opt.param_groups[0]["etas"] = etas
+            for gr in grads:
+                p.grad = gr.clone()
+                opt.step()
+            results.append((p.detach().clone(), opt.state[p]["prev"].clone(),
+                            opt.state[p]["step_size"].clone()))
+    finally:
+        torch.set_num_threads(threads)
+    for ours in results[1:]:
+        for name, a, b in zip(("param", "prev", "step_size"), results[0], ours):
+            assert torch.equal(a.isnan(), b.isnan()), name
+            assert torch.equal(a.nan_to_num(), b.nan_to_num()), name
+            assert torch.equal(a.signbit() & ~a.isnan(), b.signbit() & ~b.isnan()), name
+
+
 @pytest.mark.parametrize("name", PAIR_IDS + pu.algos("Adafactor", "SparseAdam", "Muon"))
 def test_a_cuda_graph_capture_of_a_step_that_is_not_capturable_is_refused_as_torch(
         name, monkeypatch):

@@ -4,7 +4,7 @@
 // AVX512-BF16) run the update rules of update_rules.h on F32x8 or F32x16, eight or
 // sixteen floats in one register, instead of on float: the rules are templates over their
 // math type, and these types have the operations the rules use (+ - * /, unary minus, and
-// the fma_, sqrt_, abs_, maximum_, if_less_, div_by_ and div_by_bias_correction_ overloads
+// the fma_, sqrt_, abs_, maximum_, if_less_, if_equal_, div_by_ and div_by_bias_correction_ overloads
 // below), each one exactly rounded IEEE operation, lane by lane, as the scalar float
 // version does (div_by_ in two steps: Note [division by a constant]). So the bits are the
 // same; tests/test_behaviour.py checks it against the baseline loops on every 16-bit input.
@@ -173,6 +173,10 @@ FO_AVX2_INLINE F32x8 maximum_(F32x8 a, F32x8 b) {
 FO_AVX2_INLINE F32x8 if_less_(F32x8 x, F32x8 y, F32x8 a, F32x8 b) {
   return F32x8(_mm256_blendv_ps(b.v, a.v, _mm256_cmp_ps(x.v, y.v, _CMP_LT_OQ)));
 }
+// if_equal_ of update_rules.h lane by lane: a where x == y, else b (NaN: b).
+FO_AVX2_INLINE F32x8 if_equal_(F32x8 x, F32x8 y, F32x8 a, F32x8 b) {
+  return F32x8(_mm256_blendv_ps(b.v, a.v, _mm256_cmp_ps(x.v, y.v, _CMP_EQ_OQ)));
+}
 
 // ---- sixteen floats (AVX-512; bfloat16 with AVX512-BF16) ------------------------------
 struct F32x16 {
@@ -275,6 +279,9 @@ FO_AVX512_INLINE F32x16 maximum_(F32x16 a, F32x16 b) {
 
 FO_AVX512_INLINE F32x16 if_less_(F32x16 x, F32x16 y, F32x16 a, F32x16 b) {
   return F32x16(_mm512_mask_blend_ps(_mm512_cmp_ps_mask(x.v, y.v, _CMP_LT_OQ), b.v, a.v));
+}
+FO_AVX512_INLINE F32x16 if_equal_(F32x16 x, F32x16 y, F32x16 a, F32x16 b) {
+  return F32x16(_mm512_mask_blend_ps(_mm512_cmp_ps_mask(x.v, y.v, _CMP_EQ_OQ), b.v, a.v));
 }
 
 // Note [division by a constant]
