@@ -3,11 +3,12 @@ clip_grads_with_norm_, with the norms in one multi-tensor pass and the multiply 
 parallel region (csrc/cpu/grad_norm.cpp).
 
 Same signatures, return values, errors and results as torch's: the norm of each CPU grad
-is computed in the order torch's kernel uses (Note [global norm]), so the total norm and
-the clipped grads are bitwise torch's. What the CPU kernels do not take (CUDA tensors,
-DTensors and other subclasses, complex grads, norm types other than 2 and inf, a step
-being compiled) runs torch's own implementation: under torch.compile silently (torch's
-code is what gets traced), otherwise with a one-time warning.
+is computed in the order torch's kernel uses (Note [global norm]), for every norm type
+torch takes (2, inf, -inf, 0, 1 and any other p), so the total norm and the clipped grads
+are bitwise torch's. What the CPU kernels do not take (CUDA tensors, DTensors and other
+subclasses, complex grads, a step being compiled) runs torch's own implementation: under
+torch.compile silently (torch's code is what gets traced), otherwise with a one-time
+warning.
 """
 import math
 import numbers
@@ -29,14 +30,10 @@ _KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _warned: set = set()
 
 
-def _why_torch(tensors: List[Tensor], norm_type: Optional[float] = None,
-               norm_name: str = "norm_type") -> Optional[str]:
-    """Why these tensors (and this norm type, the argument `norm_name`) go to torch's own
-    implementation, or None."""
+def _why_torch(tensors: List[Tensor]) -> Optional[str]:
+    """Why these tensors go to torch's own implementation, or None."""
     if torch.compiler.is_compiling():
         return ""  # torch's code is traced: nothing to warn about
-    if norm_type is not None and norm_type != 2.0 and norm_type != float("inf"):
-        return f"{norm_name}={norm_type} (the kernels compute the 2-norm and the inf-norm)"
     for t in tensors:
         if type(t) is not Tensor and type(t) is not torch.nn.Parameter:
             return f"{type(t).__name__} grads"
@@ -49,9 +46,9 @@ def _why_torch(tensors: List[Tensor], norm_type: Optional[float] = None,
     return None
 
 
-def _kernel_norm(norm_type: float) -> bool:
-    """Whether the kernels compute this norm type (in eager mode)."""
-    return (norm_type == 2.0 or norm_type == float("inf")) and not torch.compiler.is_compiling()
+def _kernel_norm() -> bool:
+    """Whether the kernels compute the norms: in eager mode (every norm type)."""
+    return not torch.compiler.is_compiling()
 
 
 def _warn_once(function: str, reason: str, torch_function: Optional[str] = None) -> None:
@@ -101,7 +98,7 @@ def get_total_norm(
     else:
         tensors = list(tensors)
     norm_type = float(norm_type)
-    reason = _why_torch(tensors, norm_type) if tensors else None
+    reason = _why_torch(tensors) if tensors else None
     if reason is not None:
         _warn_once("fused_optim.get_total_norm", reason)
         return torch.nn.utils.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
@@ -119,9 +116,10 @@ _HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 def _per_tensor_errors(tensors: List[Tensor], norm_type: float, foreach: Optional[bool]) -> None:
     """With foreach=False torch takes each tensor's norm with torch.linalg.vector_norm (on
-    the CPU foreach=None and True take torch._foreach_norm, as our kernel does): the infinity
-    norm of an empty tensor then raises linalg.vector_norm's error, not _foreach_norm's."""
-    if foreach is False and norm_type == math.inf:
+    the CPU foreach=None and True take torch._foreach_norm, as our kernel does): a norm type
+    with no identity (inf, -inf, negative p) of an empty tensor then raises
+    linalg.vector_norm's error, not _foreach_norm's."""
+    if foreach is False and (norm_type == math.inf or norm_type < 0):
         for t in tensors:
             if t.numel() == 0:
                 torch.linalg.vector_norm(t, norm_type)  # raises torch's error
@@ -212,7 +210,7 @@ def clip_grad_norm_(
     norm_type = float(norm_type)
     if foreach is False:
         _per_tensor_errors([p.grad for p in parameters if p.grad is not None], norm_type, foreach)
-    if _kernel_norm(norm_type):
+    if _kernel_norm():
         # The fast path (Note [clipping's fast path] in csrc/python_step.cpp).
         norms = _C._grad_norms([parameters], norm_type, 1.0)
         if norms is not None:
@@ -227,7 +225,7 @@ def clip_grad_norm_(
             _C._mul_grads_([parameters], coef)
             return total_norm
     grads = [p.grad for p in parameters if p.grad is not None]
-    reason = _why_torch(grads, norm_type) if grads else None
+    reason = _why_torch(grads) if grads else None
     if reason is not None:
         _warn_once("fused_optim.clip_grad_norm_", reason)
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type,
@@ -289,7 +287,7 @@ def clip_in_step(optimizer, grad_scale: Optional[Tensor], found_inf: Optional[Te
     # 1/scale as GradScaler.unscale_ computes it.
     inv = None if grad_scale is None else grad_scale.double().reciprocal().float()
     inv_value = 1.0 if inv is None or inv.device.type != "cpu" else inv.item()
-    if _kernel_norm(norm_type) and (inv is None or inv.device.type == "cpu"):
+    if _kernel_norm() and (inv is None or inv.device.type == "cpu"):
         # The fast path (Note [clipping's fast path] in csrc/python_step.cpp): every grad of
         # one dtype, dense, on the CPU.
         param_lists = [param_list(group) for group in groups]
@@ -323,7 +321,7 @@ def clip_in_step(optimizer, grad_scale: Optional[Tensor], found_inf: Optional[Te
     unchanged = [grad_scale] * len(groups)
     if not grads:
         return unchanged, torch.tensor(0.0)
-    reason = _why_torch(grads, norm_type, "grad_norm_type")
+    reason = _why_torch(grads)
     if reason is not None or (inv is not None and inv.device.type != "cpu"):
         # torch's recipe itself: unscale_ (GradScaler's op), clip_grad_norm_, a step
         # without the scale.

@@ -52,8 +52,14 @@ def _assert_grads_equal(a, b):
             assert torch.equal(ga, gb), f"grad {n}"
 
 
+# Every kind of norm torch's kernel tells apart (Note [global norm]): 2 (its vector loop),
+# inf and -inf (largest and smallest |x|), 0 (a count), 1, and pow's for any other p
+# (fractional, above 2, negative).
+NORM_TYPES = [2.0, float("inf"), 1.0, 0.0, 0.5, 3.0, -1.0, float("-inf")]
+
+
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("norm_type", [2.0, float("inf")])
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("max_norm", [0.5, 1e6])  # clips, and does not (coefficient 1)
 def test_clip_grad_norm_bitwise_torch(dtype, norm_type, max_norm, threads):
@@ -61,8 +67,10 @@ def test_clip_grad_norm_bitwise_torch(dtype, norm_type, max_norm, threads):
     torch.set_num_threads(threads)
     try:
         ours = _model(dtype)
-        if norm_type == float("inf"):
-            ours.pop("zero_size")  # an error: test_errors_and_edge_cases_as_torch
+        if norm_type == float("inf") or norm_type < 0:
+            # an error (no identity): test_errors_and_edge_cases_as_torch,
+            # test_empty_grad_norm_error_follows_foreach
+            ours.pop("zero_size")
         _grads(ours, dtype, step=3, scale=7.0)
         ref = _clone_grads(ours)
         with warnings.catch_warnings():
@@ -92,6 +100,42 @@ def test_norm_bitwise_on_every_length_and_scale(dtype):
     assert torch.equal(fused_optim.get_total_norm(tensors), torch.nn.utils.get_total_norm(tensors))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_norm_type_bitwise_on_every_length_and_scale(dtype, threads):
+    # torch's generic reduction (every norm type but the 2-norm of float32, float64 and
+    # bfloat16): one chain per thread's run from 32,768 elements on (at::parallel_for's
+    # split at 2 threads), so lengths on both sides of it and of two runs' boundary; values
+    # over many magnitudes with zeros (the 0-"norm" counts them; pow(0, p) for negative p
+    # is inf); a dense transposed tensor; the grads unscaled first (a GradScaler's 1/scale,
+    # a power of two and not), rounded to their dtype, as unscale_ leaves them.
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(7)
+        tensors = []
+        for n in [2, 3, 7, 17, 100, 32767, 32768, 65537, 100001]:
+            t = (torch.randn(n, generator=g, dtype=torch.float64)
+                 * 10.0 ** torch.randint(-2, 3, (n,), generator=g))
+            t[torch.rand(n, generator=g) < 0.05] = 0.0
+            tensors.append(t.to(dtype))
+        tensors.append(torch.randn(40, 30, generator=g, dtype=torch.float64).to(dtype).t())
+        for norm_type in NORM_TYPES + [1.5, -2.0, 2.5, float("nan")]:
+            for inv_scale in (1.0, 2.0**-10, 1e-3):
+                norms = torch.ops.fused_optim._norms(tensors, norm_type, inv_scale)
+                for t, n in zip(tensors, norms):
+                    r = torch.linalg.vector_norm(t if inv_scale == 1.0 else t.mul(inv_scale),
+                                                 norm_type)
+                    assert n.dtype == r.dtype
+                    assert torch.equal(n, r) or (n.isnan() and r.isnan()), (
+                        t.shape, norm_type, inv_scale, n.item(), r.item())
+            total = fused_optim.get_total_norm(tensors, norm_type)
+            ref = torch.nn.utils.get_total_norm(tensors, norm_type)
+            assert torch.equal(total, ref) or (total.isnan() and ref.isnan()), norm_type
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_norm_of_one_element_is_its_magnitude_as_torchs(dtype):
     # torch's norm of a one-element tensor is |x|, where squaring it would over- or underflow
@@ -103,10 +147,12 @@ def test_norm_of_one_element_is_its_magnitude_as_torchs(dtype):
 
     big, small, tiny = (6e4, 1e-7, 3e-5) if dtype == torch.float16 else (1e20, 1e-30, 1e-20)
     for shape in ((), (1,), (1, 1)):
-        for v in (big, -big, small, tiny, -3.0, float("nan"), 0.0):
+        for v in (big, -big, small, tiny, -3.0, float("nan"), 0.0, -0.0):
             t = torch.full(shape, v, dtype=dtype)
-            assert same(torch.ops.fused_optim._norms([t], 2.0)[0],
-                        torch.linalg.vector_norm(t)), (shape, v)
+            # (every norm type: |x|, and for 0 whether x is not 0)
+            for norm_type in NORM_TYPES + [float("nan")]:
+                assert same(torch.ops.fused_optim._norms([t], norm_type)[0],
+                            torch.linalg.vector_norm(t, norm_type)), (shape, v, norm_type)
             p = torch.zeros(shape, dtype=dtype).requires_grad_()
             p.grad = t.clone()
             q = torch.zeros(shape, dtype=dtype).requires_grad_()
@@ -172,24 +218,17 @@ def test_non_dense_and_mixed_dtype_grads():
         assert torch.equal(p.grad, q.grad)
 
 
-def test_other_norm_types_and_complex_run_torch_with_a_warning():
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0])
+def test_complex_grads_run_torch_with_a_warning(norm_type):
     p = torch.randn(50, dtype=torch.complex64).requires_grad_()
     p.grad = torch.randn(50, dtype=torch.complex64)
     q = p.detach().clone().requires_grad_()
     q.grad = p.grad.clone()
     fclip._warned.clear()
     with pytest.warns(UserWarning, match="torch.complex64 grads"):
-        n = fused_optim.clip_grad_norm_([p], 0.1)
-    assert torch.equal(n, torch.nn.utils.clip_grad_norm_([q], 0.1))
+        n = fused_optim.clip_grad_norm_([p], 0.1, norm_type=norm_type)
+    assert torch.equal(n, torch.nn.utils.clip_grad_norm_([q], 0.1, norm_type=norm_type))
     assert torch.equal(p.grad, q.grad)
-    r = torch.randn(30).requires_grad_()
-    r.grad = torch.randn(30)
-    s = r.detach().clone().requires_grad_()
-    s.grad = r.grad.clone()
-    with pytest.warns(UserWarning, match="norm_type=1.0"):
-        n = fused_optim.clip_grad_norm_([r], 0.1, norm_type=1)
-    assert torch.equal(n, torch.nn.utils.clip_grad_norm_([s], 0.1, norm_type=1))
-    assert torch.equal(r.grad, s.grad)
 
 
 def test_errors_and_edge_cases_as_torch():
@@ -310,6 +349,33 @@ def test_max_grad_norm_with_grad_scaler(name, dtype, init_scale, max_norm):
             assert torch.equal(pa[n].detach(), pb[n].detach()), f"step {step} param {n}"
             for k, v in oa.state.get(pa[n], {}).items():
                 assert torch.equal(v, ob.state[pb[n]][k]), f"step {step} state {n}.{k}"
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("norm_type", NORM_TYPES[2:])  # (2 and inf: the tests above)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_max_grad_norm_of_every_norm_type_is_clip_then_step(dtype, norm_type, scaled):
+    # grad_norm_type=p clips in the step by the kernels' p-norm, bitwise torch's recipe:
+    # (unscale_), clip_grad_norm_(norm_type=p), step; without a warning (the kernels take
+    # every norm type). Steps 0-2 clip, step 3 does not.
+    ours, ref = _pair("AdamW", dtype, max_norm=2.0, grad_norm_type=norm_type)
+    s1 = torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=scaled)
+    s2 = torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=scaled)
+    for step in range(4):
+        for (params, _), scaler in ((ours, s1), (ref, s2)):
+            scaler.scale(torch.ones(()))  # (the scaler makes its scale tensor here)
+            _grads(params, dtype, step, (1.0 if step < 3 else 1e-6) * (2.0**12 if scaled else 1.0))
+            params["zero_size"].grad = None  # (inf and negative p have no empty norm)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            s1.step(ours[1])
+        s1.update()
+        s2.unscale_(ref[1])
+        norm = torch.nn.utils.clip_grad_norm_(ref[0].values(), 2.0, norm_type)
+        s2.step(ref[1])
+        s2.update()
+        assert torch.equal(ours[1].last_grad_norm, norm), (step, ours[1].last_grad_norm, norm)
+        _assert_same(ours, ref)
 
 
 @pytest.mark.parametrize("layout", ["every other", "expanded row"])
@@ -505,52 +571,65 @@ def test_zero_dim_float32_grads_beside_float64_ones_are_clipped_as_torch():
             assert torch.equal(p, q) and torch.equal(opt1.state[p]["sum"], opt2.state[q]["sum"])
 
 
-def test_empty_grad_infinity_norm_error_follows_foreach():
-    # foreach=False: torch takes each grad's norm with linalg.vector_norm, whose error for
-    # an empty tensor differs from _foreach_norm's (None and True on the CPU).
+@pytest.mark.parametrize("norm_type", [float("inf"), float("-inf"), -1.0])
+def test_empty_grad_norm_error_follows_foreach(norm_type):
+    # The norm types with no identity (inf, -inf, negative p) raise for an empty grad, as
+    # torch does, before any grad changes. foreach=False: torch takes each grad's norm
+    # with linalg.vector_norm, whose error for the inf-norm of an empty tensor differs from
+    # _foreach_norm's (None and True on the CPU).
     for foreach in (False, None, True):
         messages = []
         for clip in (torch.nn.utils.clip_grad_norm_, fused_optim.clip_grad_norm_):
             p = torch.zeros(0, requires_grad=True)
             p.grad = torch.zeros(0)
+            q = torch.ones(3, requires_grad=True)
+            q.grad = torch.full((3,), 5.0)
             with pytest.raises(RuntimeError) as info:
-                clip([p], 1.0, norm_type=float("inf"), foreach=foreach)
+                clip([q, p], 1.0, norm_type=norm_type, foreach=foreach)
+            assert torch.equal(q.grad, torch.full((3,), 5.0))
             messages.append(str(info.value))
         assert messages[0] == messages[1], foreach
         messages = []
         for total in (torch.nn.utils.get_total_norm, fused_optim.get_total_norm):
             with pytest.raises(RuntimeError) as info:
-                total([torch.zeros(0), torch.ones(2)], float("inf"), foreach=foreach)
+                total([torch.zeros(0), torch.ones(2)], norm_type, foreach=foreach)
             messages.append(str(info.value))
         assert messages[0] == messages[1], foreach
+    # Norm types with an identity: an empty grad's norm is 0, as torch's.
+    for ok in (0.0, 1.0, 0.5, 2.0, 3.0):
+        grads = [torch.zeros(0), torch.full((2,), 3.0)]
+        assert torch.equal(fused_optim.get_total_norm(grads, ok),
+                           torch.nn.utils.get_total_norm(grads, ok)), ok
 
 
 def test_a_clipping_fallback_warning_is_never_silent():
     """Found by a review (2026-12-06): the one-time warning that torch's implementation runs
     was keyed by its reason alone and recorded before it was given. So in-step clipping's
-    warning silenced clip_grad_norm_'s and get_total_norm's for the same norm type, and
-    with warnings as errors the first call raised and every later one ran torch's code
-    silently. Now keyed by the function and the reason, and recorded once given."""
+    warning silenced clip_grad_norm_'s and get_total_norm's for the same reason, and with
+    warnings as errors the first call raised and every later one ran torch's code
+    silently. Now keyed by the function and the reason, and recorded once given. (The
+    reason here: complex grads, which the norm kernels do not take.)"""
     fclip._warned.clear()
-    p = torch.nn.Parameter(torch.randn(20))
+    c = torch.complex64
+    p = torch.nn.Parameter(torch.randn(20, dtype=c))
     for _ in range(2):  # raised each time: never a silent fallback
-        p.grad = torch.randn(20)
+        p.grad = torch.randn(20, dtype=c)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            with pytest.raises(UserWarning, match="norm_type=3.0"):
+            with pytest.raises(UserWarning, match="torch.complex64 grads"):
                 fused_optim.get_total_norm([p.grad], norm_type=3.0)
-    p.grad = torch.randn(20)
+    p.grad = torch.randn(20, dtype=c)
     with pytest.warns(UserWarning, match=r"^fused_optim.SGD\(max_grad_norm=\.\.\.\): the fused "
-                      r"kernels do not support grad_norm_type=1.0 .*running torch.nn.utils."
+                      r"kernels do not support torch.complex64 grads.*running torch.nn.utils."
                       r"get_total_norm and clip_grads_with_norm_'s implementation instead"):
         fused_optim.SGD([p], lr=0.1, max_grad_norm=0.5, grad_norm_type=1.0).step()
-    # each function warns of its own use of the same norm type (in-step clipping's warning
+    # each function warns of its own use for the same reason (in-step clipping's warning
     # silenced these)
     with pytest.warns(UserWarning, match=r"^fused_optim.clip_grad_norm_: the fused kernels do not "
-                      r"support norm_type=1.0"):
+                      r"support torch.complex64 grads"):
         fused_optim.clip_grad_norm_([p], 0.5, norm_type=1.0)
     with pytest.warns(UserWarning, match=r"^fused_optim.get_total_norm: the fused kernels do not "
-                      r"support norm_type=1.0"):
+                      r"support torch.complex64 grads"):
         fused_optim.get_total_norm([p.grad], norm_type=1.0)
 
 

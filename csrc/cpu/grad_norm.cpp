@@ -42,10 +42,20 @@ namespace {
 // suite: float32 and float64 measured the same on torch 2.8, 2.13 and 2.14); what runs
 // in parallel here is tensors, spread over the threads by size. The infinity norm (the
 // largest |x|, NaN if any is NaN) does not depend on the order. torch's norm of a tensor
-// of one element is that element's |x| (no square to over- or underflow): so here too.
-// Anything else (a tensor that is not dense, a norm type other than 2 and inf) gets
-// torch's own norm, on the calling thread; the norm of the norms is always computed by
-// torch (clip.py).
+// of one element is that element's |x| (no square to over- or underflow), and for the
+// 0-"norm" whether it is not 0: so here too.
+// Every other norm type takes torch's generic reduction (binary_kernel_reduce), for every
+// dtype, with its float accumulator for 16-bit tensors (the order above: one chain per
+// contiguous run, runs added in thread order), each element's term and the projection of
+// the sum as torch's ops write them (SharedReduceOps.h): for p = 1, acc + |x|; for p = 0,
+// acc + (x != 0), the count; for p = -inf, the smallest |x| (NaN if any is NaN); for any
+// other p (fractional, negative, NaN), acc + pow(|x|, p) with p rounded to the
+// accumulator's type, then pow(sum, 1 / p), both pow being the C library's pow/powf, as
+// torch calls it. So those norms are bitwise torch's too (tests/test_clip.py: p in 0, 1,
+// 0.5, 1.5, 3, -1, -2, -inf, NaN, on every dtype, 1 and 2 threads).
+// An empty tensor, and one that is not dense, gets torch's own norm, on the calling thread
+// (an empty tensor's norm is 0, or torch's error where the norm type has no identity); the
+// norm of the norms is always computed by torch (clip.py).
 // `inv_scale` != 1: the norm of the tensors multiplied by it and rounded to their dtype,
 // as a GradScaler's unscale_ leaves grads before clip_grad_norm_ reads them.
 
@@ -94,56 +104,107 @@ at::opmath_type<T> sum_squares(const T* x, int64_t n, at::opmath_type<T> inv_sca
   return sum;
 }
 
-// float16: torch's generic reduction (Note [global norm]). `threads`: the caller's
-// at::get_num_threads(), which decides torch's split.
-template <bool kUnscale>
-float sum_squares_f16(const c10::Half* x, int64_t n, float inv_scale, int64_t threads) {
+// The norm types, each with its own reduction (Note [global norm]).
+enum class Ord { kTwo, kInf, kOne, kZero, kNegInf, kP };
+
+Ord ord_kind(double ord) {
+  if (ord == 2.0) return Ord::kTwo;
+  if (ord == 1.0) return Ord::kOne;
+  if (ord == 0.0) return Ord::kZero;
+  if (std::isinf(ord)) return ord > 0 ? Ord::kInf : Ord::kNegInf;
+  return Ord::kP;  // (NaN too: torch's NormOps then)
+}
+
+// torch's generic reduction (binary_kernel_reduce) of x[0, n) to one value of type M:
+// `reduce(acc, begin, end)` folds a run into acc, runs of at::parallel_for's split when the
+// tensor has at::internal::GRAIN_SIZE elements or more and `threads` (the caller's
+// at::get_num_threads(), 1 in a parallel region) is more than 1, each from `init`, then
+// the runs' results folded with `combine` in thread order (the threads torch left without
+// a run add `init`). Computed on the calling thread: what matters is the order.
+template <typename M, typename Reduce, typename Combine>
+M generic_reduce(int64_t n, int64_t threads, M init, Reduce reduce, Combine combine) {
   constexpr int64_t kTorchGrain = 32768;  // at::internal::GRAIN_SIZE
-  auto chain = [&](int64_t begin, int64_t end) {
-    float acc = 0.0f;
-    for (int64_t d = begin; d < end; ++d) {
-      const float v = unscaled(x + d, inv_scale, kUnscale);
-      acc = acc + v * v;
-    }
-    return acc;
-  };
-  if (n < kTorchGrain || threads <= 1) return 0.0f + chain(0, n);
+  if (n < kTorchGrain || threads <= 1) return reduce(init, 0, n);
   const int64_t runs = std::min(threads, (n + kTorchGrain - 1) / kTorchGrain);
   const int64_t run = (n + runs - 1) / runs;
-  float total = 0.0f;
-  for (int64_t begin = 0; begin < n; begin += run) total = total + chain(begin, std::min(n, begin + run));
+  M total = init;
+  int64_t k = 0;
+  for (int64_t begin = 0; begin < n; begin += run, ++k) {
+    total = combine(total, reduce(init, begin, std::min(n, begin + run)));
+  }
+  for (; k < threads; ++k) total = combine(total, init);
   return total;
 }
 
-template <typename T, bool kUnscale>
-at::opmath_type<T> abs_max(const T* x, int64_t n, at::opmath_type<T> inv_scale) {
-  using M = at::opmath_type<T>;
-  M m = M(0);
-  bool nan = false;
-  for (int64_t d = 0; d < n; ++d) {
-    const M v = std::abs(unscaled(x + d, inv_scale, kUnscale));
-    nan |= v != v;
-    m = v > m ? v : m;
-  }
-  return nan ? std::numeric_limits<M>::quiet_NaN() : m;
+// NaN if a or b is NaN, else the smaller (torch's min_propagate_nan; the NaN's bits are
+// not kept: torch's norm of a NaN is a NaN, compared as NaN).
+template <typename M>
+FO_INLINE M min_nan(M a, M b) {
+  return a != a ? a : (b != b || b < a) ? b : a;
 }
 
-// The norm of one dense tensor (Note [global norm]), in its dtype.
+template <typename M>
+FO_INLINE M max_nan(M a, M b) {
+  return a != a ? a : (b != b || b > a) ? b : a;
+}
+
+// The ord-norm of x[0, n) (n >= 2) by torch's generic reduction, in M.
+template <typename T, bool kUnscale>
+at::opmath_type<T> generic_norm(const T* x, int64_t n, Ord kind, double ord,
+                                at::opmath_type<T> inv_scale, int64_t threads) {
+  using M = at::opmath_type<T>;
+  auto fold = [&](auto term) {
+    return generic_reduce<M>(
+        n, threads, M(0),
+        [&](M acc, int64_t begin, int64_t end) {
+          for (int64_t d = begin; d < end; ++d) acc = acc + term(unscaled(x + d, inv_scale, kUnscale));
+          return acc;
+        },
+        [](M a, M b) { return a + b; });
+  };
+  switch (kind) {
+    case Ord::kTwo:
+      return std::sqrt(fold([](M v) { return v * v; }));
+    case Ord::kOne:
+      return fold([](M v) { return std::abs(v); });
+    case Ord::kZero:
+      return fold([](M v) { return v == M(0) ? M(0) : M(1); });
+    case Ord::kP: {
+      const M p = static_cast<M>(ord);  // (torch's NormOps keeps p in the accumulator type)
+      return std::pow(fold([p](M v) { return std::pow(std::abs(v), p); }), M(1) / p);
+    }
+    case Ord::kInf:
+    case Ord::kNegInf: {
+      // (the order does not matter: one pass)
+      M m = kind == Ord::kInf ? M(0) : std::numeric_limits<M>::infinity();
+      for (int64_t d = 0; d < n; ++d) {
+        const M v = std::abs(unscaled(x + d, inv_scale, kUnscale));
+        m = kind == Ord::kInf ? max_nan(m, v) : min_nan(m, v);
+      }
+      return m;
+    }
+  }
+  return M(0);  // (unreachable)
+}
+
+// The norm of one dense tensor of at least one element (Note [global norm]), in its dtype.
 template <typename T>
-T dense_norm(const at::Tensor& t, bool inf, double inv_scale, int64_t threads) {
+T dense_norm(const at::Tensor& t, Ord kind, double ord, double inv_scale, int64_t threads) {
   using M = at::opmath_type<T>;
   const T* x = static_cast<const T*>(t.const_data_ptr());
   const int64_t n = t.numel();
   const M inv = static_cast<M>(inv_scale);
   const bool unscale = inv_scale != 1.0;
   M r;
-  if (inf || n == 1) {  // (torch's norm of one element is its |x|, for every ord but 0)
-    r = unscale ? abs_max<T, true>(x, n, inv) : abs_max<T, false>(x, n, inv);
-  } else if constexpr (std::is_same_v<T, c10::Half>) {
-    r = std::sqrt(unscale ? sum_squares_f16<true>(x, n, inv, threads)
-                          : sum_squares_f16<false>(x, n, inv, threads));
-  } else {
+  if (n == 1) {
+    // torch's norm of one element is its |x|, for every ord but 0: whether it is not 0.
+    const M v = unscale ? unscaled(x, inv, true) : load(x);
+    r = kind == Ord::kZero ? (v != M(0) ? M(1) : M(0)) : std::abs(v);
+  } else if (kind == Ord::kTwo && !std::is_same_v<T, c10::Half>) {
     r = std::sqrt(unscale ? sum_squares<T, true>(x, n, inv) : sum_squares<T, false>(x, n, inv));
+  } else {
+    r = unscale ? generic_norm<T, true>(x, n, kind, ord, inv, threads)
+                : generic_norm<T, false>(x, n, kind, ord, inv, threads);
   }
   T out;
   store(r, &out);
@@ -173,8 +234,7 @@ constexpr int64_t kTensorCost = 256;  // elements' worth of work per tensor (its
 
 at::Tensor norms_cpu(at::TensorList tensors, double ord, double inv_scale) {
   constexpr const char* op = "fused_optim::_norms";
-  const bool inf = std::isinf(ord) && ord > 0;
-  TORCH_CHECK(ord == 2.0 || inf, op, ": expects the norm type 2 or inf, got ", ord);
+  const Ord kind = ord_kind(ord);
   TORCH_CHECK(!tensors.empty(), op, ": expects at least one tensor");
   const at::ScalarType dtype = tensors[0].scalar_type();
   for (const at::Tensor& t : tensors) {
@@ -190,15 +250,7 @@ at::Tensor norms_cpu(at::TensorList tensors, double ord, double inv_scale) {
   std::vector<char> ours(n);
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& t = tensors[i];
-    // torch.nn.utils' clipping calls _foreach_norm on the CPU: its error, from torch's own
-    // op (its message changed between releases: torch 2.8's CPU _foreach_norm raised
-    // linalg.vector_norm's), which raises for an empty tensor and an infinite order.
-    if (inf && t.numel() == 0) {
-      (void)at::_foreach_norm({t}, ord);
-      TORCH_CHECK(false, "_foreach_norm cannot compute the infinity norm on an empty tensor "
-                  "because the operation does not have an identity");  // (if it did not)
-    }
-    ours[i] = t.is_non_overlapping_and_dense() && !t.is_neg() && !t.is_conj();
+    ours[i] = t.numel() > 0 && t.is_non_overlapping_and_dense() && !t.is_neg() && !t.is_conj();
     cost[i] = ours[i] ? t.numel() + kTensorCost : 0;
   }
   dispatch_dtype(dtype, [&]<typename T>() -> SegmentFn {
@@ -222,7 +274,11 @@ at::Tensor norms_cpu(at::TensorList tensors, double ord, double inv_scale) {
           t = u;
         }
       }
-      result[i] = at::linalg_vector_norm(t, ord).item<T>();
+      // torch.nn.utils' clipping calls _foreach_norm on the CPU: its value, or its error
+      // (its message changed between releases: torch 2.8's CPU _foreach_norm raised
+      // linalg.vector_norm's) for an empty tensor and a norm type with no identity.
+      result[i] = t.numel() == 0 ? at::_foreach_norm({t}, ord)[0].item<T>()
+                                 : at::linalg_vector_norm(t, ord).item<T>();
     }
     const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
     const int64_t parts = threads;
@@ -230,7 +286,7 @@ at::Tensor norms_cpu(at::TensorList tensors, double ord, double inv_scale) {
     at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         for (int64_t i = bounds[k]; i < bounds[k + 1]; ++i) {
-          if (ours[i]) result[i] = dense_norm<T>(tensors[i], inf, inv_scale, threads);
+          if (ours[i]) result[i] = dense_norm<T>(tensors[i], kind, ord, inv_scale, threads);
         }
       }
     });

@@ -7,7 +7,7 @@
 
 namespace fused_optim::cpu {
 
-// The ord-norm (2 or inf) of each tensor (all CPU tensors of one real floating dtype), as
+// The ord-norm (any norm type torch.linalg.vector_norm takes) of each tensor (all CPU tensors of one real floating dtype), as
 // a 1-D tensor of that dtype, as torch.linalg.vector_norm computes each (Note [global
 // norm]); of the tensors times inv_scale, rounded to their dtype, where inv_scale != 1.
 at::Tensor norms_cpu(at::TensorList tensors, double ord, double inv_scale);
