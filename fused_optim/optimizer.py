@@ -807,11 +807,30 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _torch_step_reason(self) -> Optional[str]:
         """Why the options make this step run torch's own implementation, or None."""
         compiling = torch.compiler.is_compiling()
+        defaults = self.defaults
         for group in self.param_groups:
             for option in self._torch_only_options:
                 if group.get(option) and not (option == "capturable" and
                                               self._kernels_run_capturable(group, compiling)):
                     return f"{option}=True"
+            # Note [hyper-parameters as Tensors of 1 dim]
+            # torch's for-loops take a hyper-parameter given as a Tensor into their
+            # arithmetic as a Tensor: of shape [1] (not 0-dim), most of them fail at the
+            # first step, each with the error of the op it reaches (`add(): argument
+            # 'alpha' must be Number, not Tensor`, `output with shape [] doesn't match the
+            # broadcast shape [1]`, ...: SGD's weight_decay and dampening, NAdam's betas,
+            # ASGD's lambd, alpha and t0, Adafactor's d, Muon's ns_coefficients, ...), and
+            # AdamW's betas compute other values than their floats give. The kernels would
+            # take the value. So such a group runs torch's own step, which computes or
+            # raises as torch does, in any release (found by a differential fuzz,
+            # 2026-12-07). The lr is the exception: a Tensor lr is torch's to take, of any
+            # shape of one element, and the kernels take it as torch does.
+            for key, value in group.items():
+                if key == "lr" or key not in defaults:
+                    continue
+                for v in (value if type(value) is tuple else (value,)):
+                    if isinstance(v, Tensor) and v.dim() > 0:
+                        return f"a {key} Tensor of {v.dim()} dims"
             if compiling and any(isinstance(b, Tensor) for b in group.get("betas", ())) and \
                     torch._dynamo.config.capture_scalar_outputs:
                 # (the kernels take betas as floats: a traced .item() is a symbolic float

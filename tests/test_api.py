@@ -1848,3 +1848,76 @@ def test_number_like_hyper_parameters_still_step_as_torchs(name):
             assert results[1] is TypeError, (name, type(lr))  # (ours runs the same full_like)
         else:
             assert torch.equal(results[0], results[1]), (name, type(lr))
+
+
+# Each algorithm with the options that reach every hyper-parameter's arithmetic (momentum,
+# weight decay, centered, amsgrad, ...), for the test below.
+_EVERY_TERM = {
+    "SGD": dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01),
+    "Adam": dict(weight_decay=0.01, amsgrad=True), "AdamW": dict(amsgrad=True),
+    "RMSprop": dict(momentum=0.9, centered=True, weight_decay=0.01),
+    "Adagrad": dict(lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1),
+    "NAdam": dict(weight_decay=0.01), "RAdam": dict(weight_decay=0.01),
+    "Adamax": dict(weight_decay=0.01), "Adadelta": dict(weight_decay=0.01),
+    "ASGD": dict(weight_decay=0.01, t0=1), "Rprop": dict(), "Adafactor": dict(weight_decay=0.01),
+    "Muon": dict(weight_decay=0.01),
+}
+
+
+def _hyper_parameter_cases():
+    for name, base in _EVERY_TERM.items():
+        if not hasattr(torch.optim, name):
+            continue
+        for key, prm in inspect.signature(getattr(torch.optim, name).__init__).parameters.items():
+            value = base.get(key, prm.default)
+            if isinstance(value, bool) or not isinstance(value, (int, float, tuple)):
+                continue
+            if isinstance(value, tuple) and (value[0] is None or name in ("Adam", "AdamW")):
+                continue  # (Adam's Tensor betas: docs/parity.md, close, not bitwise)
+            yield name, key
+
+
+@pytest.mark.parametrize("name,key", list(_hyper_parameter_cases()))
+def test_a_hyper_parameter_tensor_of_shape_1_steps_or_fails_as_torchs(name, key):
+    """Found by a differential fuzz (2026-12-07): a hyper-parameter given as a one-element
+    Tensor of shape [1] (a 0-dim one works in both) makes most of torch's for-loops fail at
+    the first step, each with its own op's error (SGD's weight_decay and dampening, NAdam's
+    betas, ASGD's lambd, alpha and t0, Adafactor's d, ...), where the kernels took the
+    value. Now such a group runs torch's own step (Note [hyper-parameters as Tensors of 1
+    dim] in fused_optim/optimizer.py): the same error, type and message, with the params
+    as torch's step leaves them, or the same values, bitwise, where torch takes it (the lr in the kernels,
+    with the IEEE sqrt; eps, momentum, ...: torch's own step)."""
+    outcomes = []
+    for module in (torch.optim, fused_optim):
+        options = dict(_EVERY_TERM[name])
+        value = options.get(key, inspect.signature(
+            getattr(torch.optim, name).__init__).parameters[key].default)
+        if isinstance(value, tuple):
+            options[key] = tuple(torch.tensor([float(v)]) for v in value)
+        else:
+            options[key] = torch.tensor([float(value) if value != 0 else 0.01])
+        g = torch.Generator().manual_seed(0)
+        p = torch.randn(6, 5, generator=g).requires_grad_()
+        before = p.detach().clone()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (the one-time "runs torch's step")
+                opt = getattr(module, name)([p], **options)
+                with pu.correctly_rounded_sqrt():
+                    for _ in range(3):
+                        p.grad = torch.randn(6, 5, generator=g)
+                        opt.step()
+            outcomes.append(("stepped", p.detach().clone()))
+        except (RuntimeError, TypeError, ValueError) as e:
+            outcomes.append((type(e), str(e), torch.equal(p.detach(), before)))
+    theirs, ours = outcomes
+    if theirs[0] == "stepped":
+        assert ours[0] == "stepped", ours
+        if name == "Adafactor" and key == "lr":
+            # (the kernel's row and column sums add in another order than torch's: close,
+            # not bitwise, with a float lr too; docs/parity.md, Adafactor)
+            torch.testing.assert_close(ours[1], theirs[1])
+        else:
+            assert torch.equal(ours[1], theirs[1])
+    else:
+        assert ours == theirs
