@@ -114,7 +114,11 @@ def test_every_norm_type_bitwise_on_every_length_and_scale(dtype, threads):
     try:
         g = torch.Generator().manual_seed(7)
         tensors = []
-        for n in [2, 3, 7, 17, 100, 32767, 32768, 65537, 100001]:
+        # (and 40 short lengths, a one-element tensor among them: the kernel advances eight
+        # tensors' chains in lockstep, each handing its lane on as it ends, Note
+        # [interleaved chains])
+        short = torch.randint(2, 3000, (40,), generator=g).tolist()
+        for n in [2, 3, 7, 17, 100, 32767, 32768, 65537, 100001] + short[:20] + [1] + short[20:]:
             t = (torch.randn(n, generator=g, dtype=torch.float64)
                  * 10.0 ** torch.randint(-2, 3, (n,), generator=g))
             t[torch.rand(n, generator=g) < 0.05] = 0.0

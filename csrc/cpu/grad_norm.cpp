@@ -52,7 +52,9 @@ namespace {
 // other p (fractional, negative, NaN), acc + pow(|x|, p) with p rounded to the
 // accumulator's type, then pow(sum, 1 / p), both pow being the C library's pow/powf, as
 // torch calls it. So those norms are bitwise torch's too (tests/test_clip.py: p in 0, 1,
-// 0.5, 1.5, 3, -1, -2, -inf, NaN, on every dtype, 1 and 2 threads).
+// 0.5, 1.5, 3, -1, -2, -inf, NaN, on every dtype, 1 and 2 threads). Those chains are
+// computed eight at a time (Note [interleaved chains]), the largest and smallest |x| in
+// eight lanes; each thread takes whole tensors.
 // An empty tensor, and one that is not dense, gets torch's own norm, on the calling thread
 // (an empty tensor's norm is 0, or torch's error where the norm type has no identity); the
 // norm of the norms is always computed by torch (clip.py).
@@ -115,27 +117,6 @@ Ord ord_kind(double ord) {
   return Ord::kP;  // (NaN too: torch's NormOps then)
 }
 
-// torch's generic reduction (binary_kernel_reduce) of x[0, n) to one value of type M:
-// `reduce(acc, begin, end)` folds a run into acc, runs of at::parallel_for's split when the
-// tensor has at::internal::GRAIN_SIZE elements or more and `threads` (the caller's
-// at::get_num_threads(), 1 in a parallel region) is more than 1, each from `init`, then
-// the runs' results folded with `combine` in thread order (the threads torch left without
-// a run add `init`). Computed on the calling thread: what matters is the order.
-template <typename M, typename Reduce, typename Combine>
-M generic_reduce(int64_t n, int64_t threads, M init, Reduce reduce, Combine combine) {
-  constexpr int64_t kTorchGrain = 32768;  // at::internal::GRAIN_SIZE
-  if (n < kTorchGrain || threads <= 1) return reduce(init, 0, n);
-  const int64_t runs = std::min(threads, (n + kTorchGrain - 1) / kTorchGrain);
-  const int64_t run = (n + runs - 1) / runs;
-  M total = init;
-  int64_t k = 0;
-  for (int64_t begin = 0; begin < n; begin += run, ++k) {
-    total = combine(total, reduce(init, begin, std::min(n, begin + run)));
-  }
-  for (; k < threads; ++k) total = combine(total, init);
-  return total;
-}
-
 // NaN if a or b is NaN, else the smaller (torch's min_propagate_nan; the NaN's bits are
 // not kept: torch's norm of a NaN is a NaN, compared as NaN).
 template <typename M>
@@ -148,51 +129,33 @@ FO_INLINE M max_nan(M a, M b) {
   return a != a ? a : (b != b || b > a) ? b : a;
 }
 
-// The ord-norm of x[0, n) (n >= 2) by torch's generic reduction, in M.
-template <typename T, bool kUnscale>
-at::opmath_type<T> generic_norm(const T* x, int64_t n, Ord kind, double ord,
-                                at::opmath_type<T> inv_scale, int64_t threads) {
+// The largest (kMax) or smallest |x| of x[0, n), NaN if any is NaN: in any order, so in
+// eight independent lanes (one chain of compares would wait on each).
+template <typename T, bool kUnscale, bool kMax>
+at::opmath_type<T> abs_extreme(const T* x, int64_t n, at::opmath_type<T> inv_scale) {
   using M = at::opmath_type<T>;
-  auto fold = [&](auto term) {
-    return generic_reduce<M>(
-        n, threads, M(0),
-        [&](M acc, int64_t begin, int64_t end) {
-          for (int64_t d = begin; d < end; ++d) acc = acc + term(unscaled(x + d, inv_scale, kUnscale));
-          return acc;
-        },
-        [](M a, M b) { return a + b; });
-  };
-  switch (kind) {
-    case Ord::kTwo:
-      return std::sqrt(fold([](M v) { return v * v; }));
-    case Ord::kOne:
-      return fold([](M v) { return std::abs(v); });
-    case Ord::kZero:
-      return fold([](M v) { return v == M(0) ? M(0) : M(1); });
-    case Ord::kP: {
-      const M p = static_cast<M>(ord);  // (torch's NormOps keeps p in the accumulator type)
-      return std::pow(fold([p](M v) { return std::pow(std::abs(v), p); }), M(1) / p);
-    }
-    case Ord::kInf:
-    case Ord::kNegInf: {
-      // (the order does not matter: one pass)
-      M m = kind == Ord::kInf ? M(0) : std::numeric_limits<M>::infinity();
-      for (int64_t d = 0; d < n; ++d) {
-        const M v = std::abs(unscaled(x + d, inv_scale, kUnscale));
-        m = kind == Ord::kInf ? max_nan(m, v) : min_nan(m, v);
-      }
-      return m;
-    }
+  constexpr int kLanes = 8;
+  const M init = kMax ? M(0) : std::numeric_limits<M>::infinity();
+  M m[kLanes];
+  for (int j = 0; j < kLanes; ++j) m[j] = init;
+  auto pick = [](M a, M b) { return kMax ? max_nan(a, b) : min_nan(a, b); };
+  const int64_t body = n - n % kLanes;
+  for (int64_t d = 0; d < body; d += kLanes) {
+#pragma GCC unroll 8
+    for (int j = 0; j < kLanes; ++j) m[j] = pick(m[j], std::abs(unscaled(x + d + j, inv_scale, kUnscale)));
   }
-  return M(0);  // (unreachable)
+  for (int64_t d = body; d < n; ++d) m[0] = pick(m[0], std::abs(unscaled(x + d, inv_scale, kUnscale)));
+  M r = m[0];
+  for (int j = 1; j < kLanes; ++j) r = pick(r, m[j]);
+  return r;
 }
 
-// The norm of one dense tensor of at least one element (Note [global norm]), in its dtype.
+// The norm of one dense tensor (Note [global norm]), in its dtype, where it takes no chain
+// of torch's generic reduction: one element, the 2-norm of float, double and bfloat16
+// (torch's vector loop), and the inf and -inf norms.
 template <typename T>
-T dense_norm(const at::Tensor& t, Ord kind, double ord, double inv_scale, int64_t threads) {
+T direct_norm(const T* x, int64_t n, Ord kind, double inv_scale) {
   using M = at::opmath_type<T>;
-  const T* x = static_cast<const T*>(t.const_data_ptr());
-  const int64_t n = t.numel();
   const M inv = static_cast<M>(inv_scale);
   const bool unscale = inv_scale != 1.0;
   M r;
@@ -200,15 +163,130 @@ T dense_norm(const at::Tensor& t, Ord kind, double ord, double inv_scale, int64_
     // torch's norm of one element is its |x|, for every ord but 0: whether it is not 0.
     const M v = unscale ? unscaled(x, inv, true) : load(x);
     r = kind == Ord::kZero ? (v != M(0) ? M(1) : M(0)) : std::abs(v);
-  } else if (kind == Ord::kTwo && !std::is_same_v<T, c10::Half>) {
+  } else if (kind == Ord::kTwo) {
     r = std::sqrt(unscale ? sum_squares<T, true>(x, n, inv) : sum_squares<T, false>(x, n, inv));
+  } else if (kind == Ord::kInf) {
+    r = unscale ? abs_extreme<T, true, true>(x, n, inv) : abs_extreme<T, false, true>(x, n, inv);
   } else {
-    r = unscale ? generic_norm<T, true>(x, n, kind, ord, inv, threads)
-                : generic_norm<T, false>(x, n, kind, ord, inv, threads);
+    r = unscale ? abs_extreme<T, true, false>(x, n, inv) : abs_extreme<T, false, false>(x, n, inv);
   }
   T out;
   store(r, &out);
   return out;
+}
+
+// Whether the norm of n elements of T takes torch's generic reduction (binary_kernel_reduce).
+template <typename T>
+bool chained(Ord kind, int64_t n) {
+  if (n < 2 || kind == Ord::kInf || kind == Ord::kNegInf) return false;
+  return kind != Ord::kTwo || std::is_same_v<T, c10::Half>;
+}
+
+// torch's generic reduction (binary_kernel_reduce) splits a tensor of at::internal::
+// GRAIN_SIZE elements or more into one contiguous run per thread (at::parallel_for's split)
+// where `threads` (the caller's at::get_num_threads(), 1 in a parallel region) is more
+// than 1; each run is a chain `acc = acc + term(x)` from 0 in memory order; the runs'
+// sums are added in thread order, the threads left without a run adding 0.
+constexpr int64_t kTorchGrain = 32768;  // at::internal::GRAIN_SIZE
+
+int64_t torch_runs(int64_t n, int64_t threads) {
+  if (n < kTorchGrain || threads <= 1) return 1;
+  return std::min(threads, (n + kTorchGrain - 1) / kTorchGrain);
+}
+
+// One run of a chain: n elements from x, its sum to partial[slot].
+template <typename T>
+struct Chain {
+  const T* x;
+  int64_t n;
+  int64_t slot;
+};
+
+// Note [interleaved chains]
+// Each chain is a sequence of dependent adds (torch's order), one add's latency per
+// element: a single chain runs at a fraction of what the core can add. Chains of different
+// runs and tensors are independent, so kLanes of them advance in lockstep, each in its own
+// accumulator: the sums are each chain's own, bit for bit, kLanes times as fast. A chain
+// that ends hands its lane to the next one; the last fewer than kLanes finish one by one.
+template <int kLanes, typename T, bool kUnscale, typename Term>
+void fold_chains(const std::vector<Chain<T>>& chains, at::opmath_type<T>* partial,
+                 at::opmath_type<T> inv_scale, Term term) {
+  using M = at::opmath_type<T>;
+  const T* x[kLanes];
+  int64_t left[kLanes];
+  int64_t slot[kLanes];
+  M acc[kLanes];
+  int live = 0;
+  size_t next = 0;
+  while (true) {
+    for (; live < kLanes && next < chains.size(); ++live, ++next) {
+      x[live] = chains[next].x;
+      left[live] = chains[next].n;
+      slot[live] = chains[next].slot;
+      acc[live] = M(0);
+    }
+    if (live < kLanes) break;
+    int64_t step = left[0];
+    for (int k = 1; k < kLanes; ++k) step = std::min(step, left[k]);
+    {
+      // (local copies indexed by constants only, so that they live in registers)
+      const T* xs[kLanes];
+      M a[kLanes];
+#pragma GCC unroll 16
+      for (int k = 0; k < kLanes; ++k) {
+        xs[k] = x[k];
+        a[k] = acc[k];
+      }
+      for (int64_t i = 0; i < step; ++i) {
+#pragma GCC unroll 16
+        for (int k = 0; k < kLanes; ++k) a[k] = a[k] + term(unscaled(xs[k] + i, inv_scale, kUnscale));
+      }
+#pragma GCC unroll 16
+      for (int k = 0; k < kLanes; ++k) acc[k] = a[k];
+    }
+    int kept = 0;
+    for (int k = 0; k < kLanes; ++k) {
+      if (left[k] == step) {
+        partial[slot[k]] = acc[k];
+        continue;
+      }
+      x[kept] = x[k] + step;
+      left[kept] = left[k] - step;
+      slot[kept] = slot[k];
+      acc[kept] = acc[k];
+      ++kept;
+    }
+    live = kept;
+  }
+  for (int k = 0; k < live; ++k) {
+    M a = acc[k];
+    for (int64_t i = 0; i < left[k]; ++i) a = a + term(unscaled(x[k] + i, inv_scale, kUnscale));
+    partial[slot[k]] = a;
+  }
+}
+
+// The chains' sums for `kind`, each element's term as torch's ops write it (Note [global
+// norm]). pow is a call into the C library, after which no accumulator stays in a
+// register: its chains go one at a time.
+template <typename T, bool kUnscale>
+void fold_kind(const std::vector<Chain<T>>& chains, at::opmath_type<T>* partial, Ord kind,
+               at::opmath_type<T> p, at::opmath_type<T> inv_scale) {
+  using M = at::opmath_type<T>;
+  constexpr int kLanes = 8;
+  switch (kind) {
+    case Ord::kTwo:
+      return fold_chains<kLanes, T, kUnscale>(chains, partial, inv_scale, [](M v) { return v * v; });
+    case Ord::kOne:
+      return fold_chains<kLanes, T, kUnscale>(chains, partial, inv_scale, [](M v) { return std::abs(v); });
+    case Ord::kZero:
+      return fold_chains<kLanes, T, kUnscale>(chains, partial, inv_scale,
+                                              [](M v) { return v == M(0) ? M(0) : M(1); });
+    case Ord::kP:
+      return fold_chains<1, T, kUnscale>(chains, partial, inv_scale,
+                                         [p](M v) { return std::pow(std::abs(v), p); });
+    default:
+      return;  // (not chained)
+  }
 }
 
 // Splits tensors [0, n) into `parts` runs of consecutive tensors of about equal cost
@@ -283,10 +361,51 @@ at::Tensor norms_cpu(at::TensorList tensors, double ord, double inv_scale) {
     const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
     const int64_t parts = threads;
     const std::vector<int64_t> bounds = balanced_runs(cost, parts);
+    using M = at::opmath_type<T>;
+    const M p = static_cast<M>(ord);  // (torch's NormOps keeps p in the accumulator type)
+    const M inv = static_cast<M>(inv_scale);
     at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
+        // The part's tensors that take torch's generic reduction as chains (one per run),
+        // folded together (Note [interleaved chains]); the others here.
+        std::vector<Chain<T>> chains;
         for (int64_t i = bounds[k]; i < bounds[k + 1]; ++i) {
-          if (ours[i]) result[i] = dense_norm<T>(tensors[i], kind, ord, inv_scale, threads);
+          if (!ours[i]) continue;
+          const T* x = static_cast<const T*>(tensors[i].const_data_ptr());
+          const int64_t n = tensors[i].numel();
+          if (!chained<T>(kind, n)) {
+            result[i] = direct_norm<T>(x, n, kind, inv_scale);
+            continue;
+          }
+          const int64_t runs = torch_runs(n, threads);
+          const int64_t run = (n + runs - 1) / runs;
+          for (int64_t b = 0; b < n; b += run) {
+            chains.push_back({x + b, std::min(run, n - b), static_cast<int64_t>(chains.size())});
+          }
+        }
+        if (chains.empty()) continue;
+        std::vector<M> partial(chains.size());
+        if (inv_scale != 1.0) {
+          fold_kind<T, true>(chains, partial.data(), kind, p, inv);
+        } else {
+          fold_kind<T, false>(chains, partial.data(), kind, p, inv);
+        }
+        // Each tensor's runs added in thread order, then projected.
+        size_t c = 0;
+        for (int64_t i = bounds[k]; i < bounds[k + 1]; ++i) {
+          if (!ours[i] || !chained<T>(kind, tensors[i].numel())) continue;
+          const int64_t runs = torch_runs(tensors[i].numel(), threads);
+          M total = partial[c];
+          if (runs > 1) {
+            total = M(0) + total;
+            for (int64_t j = 1; j < runs; ++j) total = total + partial[c + j];
+            for (int64_t j = runs; j < threads; ++j) total = total + M(0);
+          }
+          c += runs;
+          const M r = kind == Ord::kTwo ? std::sqrt(total)
+                      : kind == Ord::kP ? std::pow(total, M(1) / p)
+                                        : total;
+          store(r, &result[i]);
         }
       }
     });
