@@ -18,6 +18,8 @@
 // rounds every intermediate to 16 bits, so it is not the reference there.
 
 #include <cmath>
+#include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FO_HOST_DEVICE __host__ __device__
@@ -86,6 +88,28 @@ FO_HOST_DEVICE FO_INLINE M if_less_(M x, M y, M a, M b) {
 template <typename M>
 FO_HOST_DEVICE FO_INLINE M if_equal_(M x, M y, M a, M b) {
   return x == y ? a : b;
+}
+
+// c ? a : b for a c that is the same for a whole loop (a tensor's constant), as bit
+// operations on float and double: written as a ternary, GCC made it a branch and moved
+// a's arithmetic under it (a division and a square root, which it does not compute where
+// they are not asked for), and such a loop does not vectorize on AVX2 (RAdam, found
+// 2026-12-07). The same bits as the ternary, NaN included; the vector types and CUDA
+// choose whole values with a branch on c.
+template <typename M>
+FO_HOST_DEVICE FO_INLINE M invariant_select_(bool c, M a, M b) {
+#if !defined(__CUDACC__) && !defined(__HIPCC__)
+  if constexpr (std::is_same_v<M, float> || std::is_same_v<M, double>) {
+    using U = std::conditional_t<sizeof(M) == 4, uint32_t, uint64_t>;
+    const U mask = U(0) - static_cast<U>(c);  // all ones where c, else 0
+    return __builtin_bit_cast(M, static_cast<U>((__builtin_bit_cast(U, a) & mask) |
+                                                (__builtin_bit_cast(U, b) & ~mask)));
+  }
+#endif
+  // (a branch: a ternary of two vector structs became a select of their addresses and a
+  // copy through memory, whose reload stalled RAdam's float16 AVX2 loop, 2x slower)
+  if (c) return a;
+  return b;
 }
 
 // |a| (torch.abs): the sign bit cleared, NaN included.
@@ -721,11 +745,12 @@ struct RadamRule {
     // divided by a tensor is the tensor's reciprocal times the float: Tensor.__rtruediv__),
     // then param.add_(bias_corrected_exp_avg * lr * adaptive_lr * rect, alpha=-1.0).
     // Unrectified: param.add_(bias_corrected_exp_avg * lr, alpha=-1.0), which is the same
-    // with adaptive_lr and rect 1 (x * 1 is x, bit for bit, NaN and -0 included). A select,
-    // not a branch: with a branch here GCC left the float loops with weight decay, and the
-    // bfloat16 loops without AVX512-BF16, scalar (7-9x slower, found 2026-12-07).
+    // with adaptive_lr and rect 1 (x * 1 is x, bit for bit, NaN and -0 included). A select
+    // on bits, not a branch: with a branch here GCC left the float loops with weight
+    // decay, and the bfloat16 loops without AVX512-BF16, scalar (7-9x slower, found
+    // 2026-12-07; a ternary still left two of them scalar on AVX2: invariant_select_).
     const M rectified_lr = (M(1.0f) / (sqrt_(exp_avg_sq) + eps)) * bias_correction2_sqrt;
-    const M adaptive_lr = rectified ? rectified_lr : M(1.0f);
+    const M adaptive_lr = invariant_select_(rectified, rectified_lr, M(1.0f));
     p = p - (update * adaptive_lr) * rect;
   }
 };
