@@ -116,10 +116,13 @@ _HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 def _per_tensor_errors(tensors: List[Tensor], norm_type: float, foreach: Optional[bool]) -> None:
     """With foreach=False torch takes each tensor's norm with torch.linalg.vector_norm (on
-    the CPU foreach=None and True take torch._foreach_norm, as our kernel does): a norm type
-    with no identity (inf, -inf, negative p) of an empty tensor then raises
-    linalg.vector_norm's error, not _foreach_norm's."""
-    if foreach is False and (norm_type == math.inf or norm_type < 0):
+    the CPU foreach=None and True take torch._foreach_norm, as our kernel does), and so
+    with foreach=None where a tensor is not a plain Tensor (an nn.Parameter: torch's
+    _has_foreach_support): a norm type with no identity (inf, -inf, negative p) of an empty
+    tensor then raises linalg.vector_norm's error, not _foreach_norm's."""
+    per_tensor = foreach is False or (
+        foreach is None and any(type(t) is not Tensor for t in tensors))
+    if per_tensor and (norm_type == math.inf or norm_type < 0):
         for t in tensors:
             if t.numel() == 0:
                 torch.linalg.vector_norm(t, norm_type)  # raises torch's error

@@ -807,7 +807,6 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _torch_step_reason(self) -> Optional[str]:
         """Why the options make this step run torch's own implementation, or None."""
         compiling = torch.compiler.is_compiling()
-        defaults = self.defaults
         for group in self.param_groups:
             for option in self._torch_only_options:
                 if group.get(option) and not (option == "capturable" and
@@ -824,13 +823,16 @@ class FusedOptimizer(torch.optim.Optimizer):
             # take the value. So such a group runs torch's own step, which computes or
             # raises as torch does, in any release (found by a differential fuzz,
             # 2026-12-07). The lr is the exception: a Tensor lr is torch's to take, of any
-            # shape of one element, and the kernels take it as torch does.
-            for key, value in group.items():
-                if key == "lr" or key not in defaults:
+            # shape of one element, and the kernels take it as torch does. (Also where
+            # torch would take the Tensor, eps or momentum say: it does only for params of
+            # 1 or more dims.)
+            for key in self._numeric_hyper_parameters():
+                value = group.get(key)
+                if type(value) is float:
                     continue
-                for v in (value if type(value) is tuple else (value,)):
+                for v in (value if isinstance(value, (tuple, list)) else (value,)):
                     if isinstance(v, Tensor) and v.dim() > 0:
-                        return f"a {key} Tensor of {v.dim()} dims"
+                        return f"{key} given as a Tensor of shape {list(v.shape)}"
             if compiling and any(isinstance(b, Tensor) for b in group.get("betas", ())) and \
                     torch._dynamo.config.capture_scalar_outputs:
                 # (the kernels take betas as floats: a traced .item() is a symbolic float
@@ -841,6 +843,23 @@ class FusedOptimizer(torch.optim.Optimizer):
                 # auto_functionalized_v2 was not removed"; torch's step compiles)
                 return "complex params under torch.compile"
         return None
+
+    _NUMERIC_KEYS: Dict[type, Tuple[str, ...]] = {}
+
+    def _numeric_hyper_parameters(self) -> Tuple[str, ...]:
+        """The keys of the class's hyper-parameters that hold numbers (or tuples of them)
+        other than the lr: those that torch's for-loop computes with (Note
+        [hyper-parameters as Tensors of 1 dim])."""
+        keys = FusedOptimizer._NUMERIC_KEYS.get(type(self))
+        if keys is None:
+            # (from the constructor's defaults: the class's, whatever an instance was given)
+            signature = inspect.signature(type(self).__init__).parameters
+            keys = tuple(k for k in self.defaults if k != "lr" and k in signature and (
+                isinstance(signature[k].default, (tuple, list)) or (
+                    isinstance(signature[k].default, (int, float))
+                    and not isinstance(signature[k].default, bool))))
+            FusedOptimizer._NUMERIC_KEYS[type(self)] = keys
+        return keys
 
     def _whole_group_reason(self) -> Optional[str]:
         """Why an update of some of a group's params would depend on which others have

@@ -1874,42 +1874,52 @@ def _hyper_parameter_cases():
                 continue
             if isinstance(value, tuple) and (value[0] is None or name in ("Adam", "AdamW")):
                 continue  # (Adam's Tensor betas: docs/parity.md, close, not bitwise)
-            yield name, key
+            for container in ((tuple, list) if isinstance(value, tuple) else (None,)):
+                for shape in ((6, 5), ()):
+                    yield name, key, container, shape
 
 
-@pytest.mark.parametrize("name,key", list(_hyper_parameter_cases()))
-def test_a_hyper_parameter_tensor_of_shape_1_steps_or_fails_as_torchs(name, key):
+@pytest.mark.parametrize("name,key,container,shape", list(_hyper_parameter_cases()))
+def test_a_hyper_parameter_tensor_of_shape_1_steps_or_fails_as_torchs(name, key, container,
+                                                                      shape):
     """Found by a differential fuzz (2026-12-07): a hyper-parameter given as a one-element
     Tensor of shape [1] (a 0-dim one works in both) makes most of torch's for-loops fail at
     the first step, each with its own op's error (SGD's weight_decay and dampening, NAdam's
-    betas, ASGD's lambd, alpha and t0, Adafactor's d, ...), where the kernels took the
-    value. Now such a group runs torch's own step (Note [hyper-parameters as Tensors of 1
-    dim] in fused_optim/optimizer.py): the same error, type and message, with the params
-    as torch's step leaves them, or the same values, bitwise, where torch takes it (the lr in the kernels,
-    with the IEEE sqrt; eps, momentum, ...: torch's own step)."""
+    betas, ASGD's lambd, alpha and t0, Adafactor's d, ...; on a 0-dim param eps and the
+    rest too), where the kernels took the value. Now such a group runs torch's own step
+    (Note [hyper-parameters as Tensors of 1 dim] in fused_optim/optimizer.py), with its
+    one-time warning: the same error, type and message, with the params as torch's step
+    leaves them, or the same values, bitwise, where torch takes it (the lr in the kernels,
+    with the IEEE sqrt). Tuples of them in a list too (a review found those missed)."""
     outcomes = []
+    fused_optim.optimizer.FusedOptimizer._warned.clear()  # (each warning is given once)
     for module in (torch.optim, fused_optim):
         options = dict(_EVERY_TERM[name])
         value = options.get(key, inspect.signature(
             getattr(torch.optim, name).__init__).parameters[key].default)
         if isinstance(value, tuple):
-            options[key] = tuple(torch.tensor([float(v)]) for v in value)
+            options[key] = container(torch.tensor([float(v)]) for v in value)
         else:
             options[key] = torch.tensor([float(value) if value != 0 else 0.01])
         g = torch.Generator().manual_seed(0)
-        p = torch.randn(6, 5, generator=g).requires_grad_()
+        p = torch.randn(shape, generator=g).requires_grad_()
         before = p.detach().clone()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # (the one-time "runs torch's step")
+        where = "constructor"
+        with warnings.catch_warnings(record=True) as records:
+            warnings.simplefilter("always")
+            try:
                 opt = getattr(module, name)([p], **options)
+                where = "step"
                 with pu.correctly_rounded_sqrt():
                     for _ in range(3):
-                        p.grad = torch.randn(6, 5, generator=g)
+                        p.grad = torch.randn(shape, generator=g)
                         opt.step()
-            outcomes.append(("stepped", p.detach().clone()))
-        except (RuntimeError, TypeError, ValueError) as e:
-            outcomes.append((type(e), str(e), torch.equal(p.detach(), before)))
+                outcomes.append(("stepped", p.detach().clone()))
+            except (RuntimeError, TypeError, ValueError, IndexError) as e:
+                outcomes.append((type(e), str(e), torch.equal(p.detach(), before), where))
+        if module is fused_optim and key != "lr" and where == "step":
+            assert any(f"{key} given as a Tensor of shape [1]" in str(r.message)
+                       for r in records), [str(r.message) for r in records]
     theirs, ours = outcomes
     if theirs[0] == "stepped":
         assert ours[0] == "stepped", ours

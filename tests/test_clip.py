@@ -4,6 +4,9 @@ clip_grad_norm_ followed by the step. Every comparison is bitwise (torch.equal):
 kernel adds in the order torch's does (Note [global norm] in csrc/cpu/grad_norm.cpp), and
 the step's clipping is the same products (Note [clipping in the step] in clip.py)."""
 import copy
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -138,6 +141,76 @@ def test_every_norm_type_bitwise_on_every_length_and_scale(dtype, threads):
             assert torch.equal(total, ref) or (total.isnan() and ref.isnan()), norm_type
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_norms_with_denormals_flushed_as_torchs(dtype):
+    """Found by a review (2026-12-07): torch.set_flush_denormal(True) flushes subnormals on
+    the calling thread only, where torch computes each norm (but the later runs of a split
+    one); the kernel's other thread took its own MXCSR, so the 0-norm of subnormals counted
+    them where torch's did not. Now the caller's, as torch (Note [the norms' MXCSR])."""
+    tiny = {torch.float32: 1e-39, torch.float64: 1e-310, torch.float16: 1e-7}[dtype]
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    g = torch.Generator().manual_seed(3)
+    # subnormals alone and among normal values, short tensors and split ones
+    tensors = [torch.full((50,), tiny, dtype=dtype) for _ in range(6)]
+    tensors += [(torch.randn(n, generator=g, dtype=torch.float64) * tiny).to(dtype)
+                for n in (7, 300, 40000, 70001)]
+    mixed = torch.randn(70001, generator=g, dtype=torch.float64)
+    mixed[::3] *= tiny
+    tensors.append(mixed.to(dtype))
+    if not torch.set_flush_denormal(True):
+        torch.set_num_threads(old)
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        for norm_type in (0.0, 1.0, 2.0, 0.5, 3.0, float("inf"), float("-inf")):
+            norms = torch.ops.fused_optim._norms(tensors, norm_type)
+            for t, n in zip(tensors, norms):
+                assert torch.equal(n, torch.linalg.vector_norm(t, norm_type)), (
+                    norm_type, t.numel(), n.item(), torch.linalg.vector_norm(t, norm_type).item())
+            assert torch.equal(fused_optim.get_total_norm(tensors, norm_type),
+                               torch.nn.utils.get_total_norm(tensors, norm_type))
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(old)
+
+
+def test_norms_split_as_torchs_under_an_openmp_thread_limit():
+    """Found by a review (2026-12-07): torch splits a norm of 32,768 elements or more among
+    the threads OpenMP starts, which OMP_THREAD_LIMIT caps below at::get_num_threads():
+    the kernel split by the latter. (A fresh process: OpenMP reads the limit at its start.)"""
+    code = (
+        "import torch, fused_optim\n"
+        "assert torch.get_num_threads() == 2\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for dt in (torch.float32, torch.float16):\n"
+        "    t = torch.randn(100001, generator=g).to(dt)\n"
+        "    for p in (1.0, 3.0, 2.0):\n"
+        "        n = torch.ops.fused_optim._norms([t], p)[0]\n"
+        "        assert torch.equal(n, torch.linalg.vector_norm(t, p)), (dt, p)\n"
+        "print('ok')\n")
+    env = dict(os.environ, OMP_NUM_THREADS="2", OMP_THREAD_LIMIT="1",
+               PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_the_inf_norms_of_nans_are_torchs_nan(dtype):
+    # torch's largest and smallest |x| of a tensor holding NaNs is the default NaN, whatever
+    # the elements' payloads (a review found ours kept an element's, 2026-12-07).
+    bits = {torch.float32: (torch.int32, [0x7FC00001, 0x7FC00002]),
+            torch.float64: (torch.int64, [0x7FF8000000000001, 0x7FF8000000000002]),
+            torch.bfloat16: (torch.int16, [0x7FC1, 0x7FC2])}[dtype]
+    t = torch.randn(100, dtype=dtype)
+    t.view(bits[0])[17] = bits[1][0]
+    t.view(bits[0])[60] = bits[1][1]
+    for norm_type in (float("inf"), float("-inf")):
+        n = torch.ops.fused_optim._norms([t], norm_type)[0]
+        r = torch.linalg.vector_norm(t, norm_type)
+        assert n.view(bits[0]).item() == r.view(bits[0]).item(), norm_type
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -599,6 +672,15 @@ def test_empty_grad_norm_error_follows_foreach(norm_type):
                 total([torch.zeros(0), torch.ones(2)], norm_type, foreach=foreach)
             messages.append(str(info.value))
         assert messages[0] == messages[1], foreach
+    # nn.Parameters (a list of params, not grads): torch's foreach=None takes each one's
+    # linalg.vector_norm, and its error (found by a review, 2026-12-07).
+    messages = []
+    for total in (torch.nn.utils.get_total_norm, fused_optim.get_total_norm):
+        with pytest.raises(RuntimeError) as info:
+            total([torch.nn.Parameter(torch.zeros(0)), torch.nn.Parameter(torch.ones(2))],
+                  norm_type)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
     # Norm types with an identity: an empty grad's norm is 0, as torch's.
     for ok in (0.0, 1.0, 0.5, 2.0, 3.0):
         grads = [torch.zeros(0), torch.full((2,), 3.0)]

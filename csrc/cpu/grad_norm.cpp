@@ -13,6 +13,13 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -165,10 +172,13 @@ T direct_norm(const T* x, int64_t n, Ord kind, double inv_scale) {
     r = kind == Ord::kZero ? (v != M(0) ? M(1) : M(0)) : std::abs(v);
   } else if (kind == Ord::kTwo) {
     r = std::sqrt(unscale ? sum_squares<T, true>(x, n, inv) : sum_squares<T, false>(x, n, inv));
-  } else if (kind == Ord::kInf) {
-    r = unscale ? abs_extreme<T, true, true>(x, n, inv) : abs_extreme<T, false, true>(x, n, inv);
   } else {
-    r = unscale ? abs_extreme<T, true, false>(x, n, inv) : abs_extreme<T, false, false>(x, n, inv);
+    if (kind == Ord::kInf) {
+      r = unscale ? abs_extreme<T, true, true>(x, n, inv) : abs_extreme<T, false, true>(x, n, inv);
+    } else {
+      r = unscale ? abs_extreme<T, true, false>(x, n, inv) : abs_extreme<T, false, false>(x, n, inv);
+    }
+    if (r != r) r = std::numeric_limits<M>::quiet_NaN();  // (torch's: not the element's bits)
   }
   T out;
   store(r, &out);
@@ -191,8 +201,39 @@ constexpr int64_t kTorchGrain = 32768;  // at::internal::GRAIN_SIZE
 
 int64_t torch_runs(int64_t n, int64_t threads) {
   if (n < kTorchGrain || threads <= 1) return 1;
+#if defined(_OPENMP)
+  // (at::parallel_for splits among the threads OpenMP starts, which OMP_THREAD_LIMIT caps;
+  // with OMP_DYNAMIC=true OpenMP may start fewer, run by run: torch's own norms then vary)
+  threads = std::min<int64_t>(threads, omp_get_thread_limit());
+#endif
   return std::min(threads, (n + kTorchGrain - 1) / kTorchGrain);
 }
+
+// Note [the norms' MXCSR]
+// torch.set_flush_denormal(True) sets MXCSR's flush-to-zero and denormals-are-zero bits of
+// the calling thread only. torch computes a norm on the calling thread, except the runs
+// after the first of a split one, which its pool's other threads compute, each under its
+// own MXCSR (the first run is the calling thread's: OpenMP's thread 0). So our threads take
+// the caller's MXCSR for whole tensors and first runs, and run j of a split tensor that
+// of the pool's thread j (read before, where a tensor is split): with subnormal elements
+// the sums are torch's either way. (Found by a review, 2026-12-07: the 0-norm of
+// subnormals counted them where torch's flushed count did not.)
+class CsrScope {  // sets a thread's MXCSR, and puts its own back at the end of the scope
+ public:
+#if defined(__x86_64__) || defined(__i386__)
+  explicit CsrScope(unsigned csr) : own_(_mm_getcsr()) { _mm_setcsr(csr); }
+  ~CsrScope() { _mm_setcsr(own_); }
+  static void set(unsigned csr) { _mm_setcsr(csr); }
+  static unsigned current() { return _mm_getcsr(); }
+
+ private:
+  unsigned own_;
+#else
+  explicit CsrScope(unsigned) {}
+  static void set(unsigned) {}
+  static unsigned current() { return 0; }
+#endif
+};
 
 // One run of a chain: n elements from x, its sum to partial[slot].
 template <typename T>
@@ -200,6 +241,7 @@ struct Chain {
   const T* x;
   int64_t n;
   int64_t slot;
+  int64_t run;  // which of its tensor's runs: torch's thread (Note [the norms' MXCSR])
 };
 
 // Note [interleaved chains]
@@ -364,11 +406,27 @@ at::Tensor norms_cpu(at::TensorList tensors, double ord, double inv_scale) {
     using M = at::opmath_type<T>;
     const M p = static_cast<M>(ord);  // (torch's NormOps keeps p in the accumulator type)
     const M inv = static_cast<M>(inv_scale);
+    // Each thread's MXCSR, where a tensor is split (Note [the norms' MXCSR]).
+    const unsigned caller_csr = CsrScope::current();
+    std::vector<unsigned> pool_csr(threads, caller_csr);
+    bool split = false;
+    for (int64_t i = 0; i < n && !split; ++i) {
+      split = ours[i] && chained<T>(kind, tensors[i].numel()) &&
+              torch_runs(tensors[i].numel(), threads) > 1;
+    }
+    if (split) {
+      at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+        pool_csr[at::get_thread_num()] = CsrScope::current();
+      });
+    }
     at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+      const CsrScope csr(caller_csr);
       for (int64_t k = begin; k < end; ++k) {
         // The part's tensors that take torch's generic reduction as chains (one per run),
-        // folded together (Note [interleaved chains]); the others here.
+        // folded together (Note [interleaved chains]); the others here. First runs (and
+        // whole tensors) in `chains`, the later runs of split tensors in `later`.
         std::vector<Chain<T>> chains;
+        std::vector<Chain<T>> later;
         for (int64_t i = bounds[k]; i < bounds[k + 1]; ++i) {
           if (!ours[i]) continue;
           const T* x = static_cast<const T*>(tensors[i].const_data_ptr());
@@ -379,16 +437,30 @@ at::Tensor norms_cpu(at::TensorList tensors, double ord, double inv_scale) {
           }
           const int64_t runs = torch_runs(n, threads);
           const int64_t run = (n + runs - 1) / runs;
-          for (int64_t b = 0; b < n; b += run) {
-            chains.push_back({x + b, std::min(run, n - b), static_cast<int64_t>(chains.size())});
+          int64_t slot = static_cast<int64_t>(chains.size() + later.size());
+          for (int64_t b = 0, j = 0; b < n; b += run, ++slot, ++j) {
+            (j == 0 ? chains : later).push_back({x + b, std::min(run, n - b), slot, j});
           }
         }
         if (chains.empty()) continue;
-        std::vector<M> partial(chains.size());
-        if (inv_scale != 1.0) {
-          fold_kind<T, true>(chains, partial.data(), kind, p, inv);
-        } else {
-          fold_kind<T, false>(chains, partial.data(), kind, p, inv);
+        std::vector<M> partial(chains.size() + later.size());
+        auto fold = [&](const std::vector<Chain<T>>& some) {
+          if (inv_scale != 1.0) {
+            fold_kind<T, true>(some, partial.data(), kind, p, inv);
+          } else {
+            fold_kind<T, false>(some, partial.data(), kind, p, inv);
+          }
+        };
+        fold(chains);
+        for (int64_t j = 1; !later.empty() && j < threads; ++j) {
+          std::vector<Chain<T>> runs_j;
+          for (const Chain<T>& chain : later) {
+            if (chain.run == j) runs_j.push_back(chain);
+          }
+          if (runs_j.empty()) continue;
+          CsrScope::set(pool_csr[j]);
+          fold(runs_j);
+          CsrScope::set(caller_csr);
         }
         // Each tensor's runs added in thread order, then projected.
         size_t c = 0;
