@@ -47,7 +47,7 @@ namespace {
 // split), the runs' sums then added in thread order. The functions below add in those
 // same orders, so each norm is bitwise torch's (tests/test_clip.py, also in the smoke
 // suite: float32 and float64 measured the same on torch 2.8, 2.13 and 2.14); what runs
-// in parallel here is tensors, spread over the threads by size. The infinity norm (the
+// in parallel here is tensors (and runs), spread over the threads by size. The infinity norm (the
 // largest |x|, NaN if any is NaN) does not depend on the order. torch's norm of a tensor
 // of one element is that element's |x| (no square to over- or underflow), and for the
 // 0-"norm" whether it is not 0: so here too.
@@ -61,7 +61,8 @@ namespace {
 // torch calls it. So those norms are bitwise torch's too (tests/test_clip.py: p in 0, 1,
 // 0.5, 1.5, 3, -1, -2, -inf, NaN, on every dtype, 1 and 2 threads). Those chains are
 // computed eight at a time (Note [interleaved chains]), the largest and smallest |x| in
-// eight lanes; each thread takes whole tensors.
+// eight lanes; the threads share out whole norms and chains (a split tensor's runs go to
+// different threads, as torch's do), and each tensor's runs are added on the caller.
 // An empty tensor, and one that is not dense, gets torch's own norm, on the calling thread
 // (an empty tensor's norm is 0, or torch's error where the norm type has no identity); the
 // norm of the norms is always computed by torch (clip.py).
@@ -124,37 +125,41 @@ Ord ord_kind(double ord) {
   return Ord::kP;  // (NaN too: torch's NormOps then)
 }
 
-// NaN if a or b is NaN, else the smaller (torch's min_propagate_nan; the NaN's bits are
-// not kept: torch's norm of a NaN is a NaN, compared as NaN).
-template <typename M>
-FO_INLINE M min_nan(M a, M b) {
-  return a != a ? a : (b != b || b < a) ? b : a;
-}
-
-template <typename M>
-FO_INLINE M max_nan(M a, M b) {
-  return a != a ? a : (b != b || b > a) ? b : a;
-}
-
 // The largest (kMax) or smallest |x| of x[0, n), NaN if any is NaN: in any order, so in
-// eight independent lanes (one chain of compares would wait on each).
+// eight independent lanes, each a compare and select (maxps/minps, NaN kept apart), which
+// the compiler vectorizes.
 template <typename T, bool kUnscale, bool kMax>
 at::opmath_type<T> abs_extreme(const T* x, int64_t n, at::opmath_type<T> inv_scale) {
   using M = at::opmath_type<T>;
   constexpr int kLanes = 8;
   const M init = kMax ? M(0) : std::numeric_limits<M>::infinity();
   M m[kLanes];
-  for (int j = 0; j < kLanes; ++j) m[j] = init;
-  auto pick = [](M a, M b) { return kMax ? max_nan(a, b) : min_nan(a, b); };
+  int nan[kLanes];
+  for (int j = 0; j < kLanes; ++j) {
+    m[j] = init;
+    nan[j] = 0;
+  }
   const int64_t body = n - n % kLanes;
   for (int64_t d = 0; d < body; d += kLanes) {
 #pragma GCC unroll 8
-    for (int j = 0; j < kLanes; ++j) m[j] = pick(m[j], std::abs(unscaled(x + d + j, inv_scale, kUnscale)));
+    for (int j = 0; j < kLanes; ++j) {
+      const M v = std::abs(unscaled(x + d + j, inv_scale, kUnscale));
+      nan[j] |= v != v;
+      m[j] = kMax ? (v > m[j] ? v : m[j]) : (v < m[j] ? v : m[j]);
+    }
   }
-  for (int64_t d = body; d < n; ++d) m[0] = pick(m[0], std::abs(unscaled(x + d, inv_scale, kUnscale)));
+  for (int64_t d = body; d < n; ++d) {
+    const M v = std::abs(unscaled(x + d, inv_scale, kUnscale));
+    nan[0] |= v != v;
+    m[0] = kMax ? (v > m[0] ? v : m[0]) : (v < m[0] ? v : m[0]);
+  }
   M r = m[0];
-  for (int j = 1; j < kLanes; ++j) r = pick(r, m[j]);
-  return r;
+  int any_nan = nan[0];
+  for (int j = 1; j < kLanes; ++j) {
+    r = kMax ? (m[j] > r ? m[j] : r) : (m[j] < r ? m[j] : r);
+    any_nan |= nan[j];
+  }
+  return any_nan ? std::numeric_limits<M>::quiet_NaN() : r;
 }
 
 // The norm of one dense tensor (Note [global norm]), in its dtype, where it takes no chain
@@ -242,6 +247,7 @@ struct Chain {
   int64_t n;
   int64_t slot;
   int64_t run;  // which of its tensor's runs: torch's thread (Note [the norms' MXCSR])
+  at::opmath_type<T> acc;  // its sum so far (0 where it starts)
 };
 
 // Note [interleaved chains]
@@ -249,61 +255,59 @@ struct Chain {
 // element: a single chain runs at a fraction of what the core can add. Chains of different
 // runs and tensors are independent, so kLanes of them advance in lockstep, each in its own
 // accumulator: the sums are each chain's own, bit for bit, kLanes times as fast. A chain
-// that ends hands its lane to the next one; the last fewer than kLanes finish one by one.
+// that ends hands its lane to the next one; when fewer than kLanes are left, the rest go
+// on in half as many lanes (a tensor's long runs outlast the short tensors around them:
+// one at a time, GPT-2's embedding took most of a 1-norm's time).
 template <int kLanes, typename T, bool kUnscale, typename Term>
 void fold_chains(const std::vector<Chain<T>>& chains, at::opmath_type<T>* partial,
                  at::opmath_type<T> inv_scale, Term term) {
   using M = at::opmath_type<T>;
-  const T* x[kLanes];
-  int64_t left[kLanes];
-  int64_t slot[kLanes];
-  M acc[kLanes];
-  int live = 0;
-  size_t next = 0;
-  while (true) {
-    for (; live < kLanes && next < chains.size(); ++live, ++next) {
-      x[live] = chains[next].x;
-      left[live] = chains[next].n;
-      slot[live] = chains[next].slot;
-      acc[live] = M(0);
+  if constexpr (kLanes == 1) {
+    for (const Chain<T>& c : chains) {
+      M a = c.acc;
+      for (int64_t i = 0; i < c.n; ++i) a = a + term(unscaled(c.x + i, inv_scale, kUnscale));
+      partial[c.slot] = a;
     }
-    if (live < kLanes) break;
-    int64_t step = left[0];
-    for (int k = 1; k < kLanes; ++k) step = std::min(step, left[k]);
-    {
-      // (local copies indexed by constants only, so that they live in registers)
-      const T* xs[kLanes];
-      M a[kLanes];
+  } else {
+    Chain<T> lane[kLanes];
+    int live = 0;
+    size_t next = 0;
+    while (true) {
+      for (; live < kLanes && next < chains.size(); ++live, ++next) lane[live] = chains[next];
+      if (live < kLanes) break;
+      int64_t step = lane[0].n;
+      for (int k = 1; k < kLanes; ++k) step = std::min(step, lane[k].n);
+      {
+        // (local copies indexed by constants only, so that they live in registers)
+        const T* xs[kLanes];
+        M a[kLanes];
 #pragma GCC unroll 16
+        for (int k = 0; k < kLanes; ++k) {
+          xs[k] = lane[k].x;
+          a[k] = lane[k].acc;
+        }
+        for (int64_t i = 0; i < step; ++i) {
+#pragma GCC unroll 16
+          for (int k = 0; k < kLanes; ++k) a[k] = a[k] + term(unscaled(xs[k] + i, inv_scale, kUnscale));
+        }
+#pragma GCC unroll 16
+        for (int k = 0; k < kLanes; ++k) lane[k].acc = a[k];
+      }
+      int kept = 0;
       for (int k = 0; k < kLanes; ++k) {
-        xs[k] = x[k];
-        a[k] = acc[k];
+        if (lane[k].n == step) {
+          partial[lane[k].slot] = lane[k].acc;
+          continue;
+        }
+        lane[kept] = lane[k];
+        lane[kept].x += step;
+        lane[kept].n -= step;
+        ++kept;
       }
-      for (int64_t i = 0; i < step; ++i) {
-#pragma GCC unroll 16
-        for (int k = 0; k < kLanes; ++k) a[k] = a[k] + term(unscaled(xs[k] + i, inv_scale, kUnscale));
-      }
-#pragma GCC unroll 16
-      for (int k = 0; k < kLanes; ++k) acc[k] = a[k];
+      live = kept;
     }
-    int kept = 0;
-    for (int k = 0; k < kLanes; ++k) {
-      if (left[k] == step) {
-        partial[slot[k]] = acc[k];
-        continue;
-      }
-      x[kept] = x[k] + step;
-      left[kept] = left[k] - step;
-      slot[kept] = slot[k];
-      acc[kept] = acc[k];
-      ++kept;
-    }
-    live = kept;
-  }
-  for (int k = 0; k < live; ++k) {
-    M a = acc[k];
-    for (int64_t i = 0; i < left[k]; ++i) a = a + term(unscaled(x[k] + i, inv_scale, kUnscale));
-    partial[slot[k]] = a;
+    const std::vector<Chain<T>> rest(lane, lane + live);
+    fold_chains<kLanes / 2, T, kUnscale>(rest, partial, inv_scale, term);
   }
 }
 
@@ -401,49 +405,79 @@ at::Tensor norms_cpu(at::TensorList tensors, double ord, double inv_scale) {
                                  : at::linalg_vector_norm(t, ord).item<T>();
     }
     const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-    const int64_t parts = threads;
-    const std::vector<int64_t> bounds = balanced_runs(cost, parts);
     using M = at::opmath_type<T>;
     const M p = static_cast<M>(ord);  // (torch's NormOps keeps p in the accumulator type)
     const M inv = static_cast<M>(inv_scale);
+    // The work: tensors whose norm takes no chain, and chains, one per run of torch's
+    // split (Note [interleaved chains]), in `chains` with their slot in `partial`. Items
+    // are spread over the threads by cost: tensors and first runs in list order, then
+    // the second runs, ..., so that a big tensor's runs go to different threads, as
+    // torch's do.
+    struct Item {
+      int64_t tensor;  // a tensor's whole norm, or -1
+      int64_t chain;   // a chain (index in `chains`), or -1
+    };
+    std::vector<Chain<T>> chains;
+    std::vector<int64_t> first_chain(n, -1);
+    std::vector<int64_t> runs_of(n, 0);
+    std::vector<Item> items;
+    std::vector<int64_t> item_cost;
+    int64_t most_runs = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      if (!ours[i]) continue;
+      const T* x = static_cast<const T*>(tensors[i].const_data_ptr());
+      const int64_t numel = tensors[i].numel();
+      if (!chained<T>(kind, numel)) {
+        items.push_back({i, -1});
+        item_cost.push_back(cost[i]);
+        continue;
+      }
+      const int64_t runs = torch_runs(numel, threads);
+      const int64_t run = (numel + runs - 1) / runs;
+      first_chain[i] = static_cast<int64_t>(chains.size());
+      runs_of[i] = runs;
+      most_runs = std::max(most_runs, runs);
+      for (int64_t b = 0, j = 0; b < numel; b += run, ++j) {
+        const int64_t slot = static_cast<int64_t>(chains.size());
+        chains.push_back({x + b, std::min(run, numel - b), slot, j, M(0)});
+      }
+      items.push_back({-1, first_chain[i]});
+      item_cost.push_back(chains[first_chain[i]].n + kTensorCost);
+    }
+    for (int64_t j = 1; j < most_runs; ++j) {
+      for (int64_t i = 0; i < n; ++i) {
+        if (runs_of[i] > j) {
+          items.push_back({-1, first_chain[i] + j});
+          item_cost.push_back(chains[first_chain[i] + j].n);
+        }
+      }
+    }
     // Each thread's MXCSR, where a tensor is split (Note [the norms' MXCSR]).
     const unsigned caller_csr = CsrScope::current();
-    std::vector<unsigned> pool_csr(threads, caller_csr);
-    bool split = false;
-    for (int64_t i = 0; i < n && !split; ++i) {
-      split = ours[i] && chained<T>(kind, tensors[i].numel()) &&
-              torch_runs(tensors[i].numel(), threads) > 1;
-    }
-    if (split) {
+    std::vector<unsigned> run_csr(std::max<int64_t>(threads, 1), caller_csr);
+    if (most_runs > 1) {
       at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-        pool_csr[at::get_thread_num()] = CsrScope::current();
+        run_csr[at::get_thread_num()] = CsrScope::current();
       });
     }
-    at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    bool one_csr = true;
+    for (int64_t j = 1; j < most_runs; ++j) one_csr = one_csr && run_csr[j] == caller_csr;
+    std::vector<M> partial(chains.size());
+    const std::vector<int64_t> bounds = balanced_runs(item_cost, threads);
+    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
       const CsrScope csr(caller_csr);
       for (int64_t k = begin; k < end; ++k) {
-        // The part's tensors that take torch's generic reduction as chains (one per run),
-        // folded together (Note [interleaved chains]); the others here. First runs (and
-        // whole tensors) in `chains`, the later runs of split tensors in `later`.
-        std::vector<Chain<T>> chains;
-        std::vector<Chain<T>> later;
-        for (int64_t i = bounds[k]; i < bounds[k + 1]; ++i) {
-          if (!ours[i]) continue;
-          const T* x = static_cast<const T*>(tensors[i].const_data_ptr());
-          const int64_t n = tensors[i].numel();
-          if (!chained<T>(kind, n)) {
-            result[i] = direct_norm<T>(x, n, kind, inv_scale);
-            continue;
-          }
-          const int64_t runs = torch_runs(n, threads);
-          const int64_t run = (n + runs - 1) / runs;
-          int64_t slot = static_cast<int64_t>(chains.size() + later.size());
-          for (int64_t b = 0, j = 0; b < n; b += run, ++slot, ++j) {
-            (j == 0 ? chains : later).push_back({x + b, std::min(run, n - b), slot, j});
+        std::vector<Chain<T>> mine;
+        for (int64_t it = bounds[k]; it < bounds[k + 1]; ++it) {
+          const Item& item = items[it];
+          if (item.chain >= 0) {
+            mine.push_back(chains[item.chain]);
+          } else {
+            const at::Tensor& t = tensors[item.tensor];
+            result[item.tensor] = direct_norm<T>(static_cast<const T*>(t.const_data_ptr()),
+                                                 t.numel(), kind, inv_scale);
           }
         }
-        if (chains.empty()) continue;
-        std::vector<M> partial(chains.size() + later.size());
         auto fold = [&](const std::vector<Chain<T>>& some) {
           if (inv_scale != 1.0) {
             fold_kind<T, true>(some, partial.data(), kind, p, inv);
@@ -451,36 +485,37 @@ at::Tensor norms_cpu(at::TensorList tensors, double ord, double inv_scale) {
             fold_kind<T, false>(some, partial.data(), kind, p, inv);
           }
         };
-        fold(chains);
-        for (int64_t j = 1; !later.empty() && j < threads; ++j) {
+        if (one_csr) {
+          fold(mine);
+          continue;
+        }
+        for (int64_t j = 0; j < most_runs; ++j) {  // run j under the MXCSR of torch's thread j
           std::vector<Chain<T>> runs_j;
-          for (const Chain<T>& chain : later) {
+          for (const Chain<T>& chain : mine) {
             if (chain.run == j) runs_j.push_back(chain);
           }
           if (runs_j.empty()) continue;
-          CsrScope::set(pool_csr[j]);
+          CsrScope::set(run_csr[j]);
           fold(runs_j);
           CsrScope::set(caller_csr);
         }
-        // Each tensor's runs added in thread order, then projected.
-        size_t c = 0;
-        for (int64_t i = bounds[k]; i < bounds[k + 1]; ++i) {
-          if (!ours[i] || !chained<T>(kind, tensors[i].numel())) continue;
-          const int64_t runs = torch_runs(tensors[i].numel(), threads);
-          M total = partial[c];
-          if (runs > 1) {
-            total = M(0) + total;
-            for (int64_t j = 1; j < runs; ++j) total = total + partial[c + j];
-            for (int64_t j = runs; j < threads; ++j) total = total + M(0);
-          }
-          c += runs;
-          const M r = kind == Ord::kTwo ? std::sqrt(total)
-                      : kind == Ord::kP ? std::pow(total, M(1) / p)
-                                        : total;
-          store(r, &result[i]);
-        }
       }
     });
+    // Each tensor's runs added in thread order, then projected.
+    for (int64_t i = 0; i < n; ++i) {
+      if (first_chain[i] < 0) continue;
+      const M* sums = partial.data() + first_chain[i];
+      M total = sums[0];
+      if (runs_of[i] > 1) {
+        total = M(0) + total;
+        for (int64_t j = 1; j < runs_of[i]; ++j) total = total + sums[j];
+        for (int64_t j = runs_of[i]; j < threads; ++j) total = total + M(0);
+      }
+      const M r = kind == Ord::kTwo ? std::sqrt(total)
+                  : kind == Ord::kP ? std::pow(total, M(1) / p)
+                                    : total;
+      store(r, &result[i]);
+    }
     return nullptr;
   });
   return out;
