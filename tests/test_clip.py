@@ -143,6 +143,27 @@ def test_every_norm_type_bitwise_on_every_length_and_scale(dtype, threads):
         torch.set_num_threads(old)
 
 
+def test_every_float16_value_widens_as_torchs_in_the_norms():
+    # The chains of float16 tensors widen their elements a block at a time with their own
+    # copy of c10's conversion (widen_half_bits in csrc/cpu/grad_norm.cpp): every finite
+    # float16 value, 64 consecutive bit patterns a tensor (so a wrong one shows in its
+    # tensor's sum), in enough tensors that eight chains run side by side; then inf and NaN.
+    bits = torch.arange(0, 1 << 16, dtype=torch.int32)
+    finite = bits[(bits & 0x7C00) != 0x7C00].to(torch.int16).view(torch.float16)
+    tensors = list(finite.split(64))
+    for norm_type in (1.0, 0.5, 2.0, 0.0):
+        norms = torch.ops.fused_optim._norms(tensors, norm_type)
+        for t, n in zip(tensors, norms):
+            assert torch.equal(n, torch.linalg.vector_norm(t, norm_type)), (norm_type, t[:2])
+    special = bits[(bits & 0x7C00) == 0x7C00].to(torch.int16).view(torch.float16)
+    tensors = [torch.cat([torch.ones(63, dtype=torch.float16), v.view(1)]) for v in special]
+    for norm_type in (1.0, 2.0):
+        norms = torch.ops.fused_optim._norms(tensors, norm_type)
+        for t, n in zip(tensors, norms):
+            r = torch.linalg.vector_norm(t, norm_type)
+            assert torch.equal(n, r) or (n.isnan() and r.isnan()), t[-1]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 def test_norms_with_denormals_flushed_as_torchs(dtype):
     """Found by a review (2026-12-07): torch.set_flush_denormal(True) flushes subnormals on
