@@ -218,6 +218,39 @@ def test_norms_split_as_torchs_under_an_openmp_thread_limit():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
+def test_norms_when_the_pool_threads_flush_denormals_and_the_caller_does_not():
+    """Found by a review (2026-12-07): OpenMP threads made while set_flush_denormal(True)
+    was on keep flushing after the caller stops. torch computes run j of a split norm on
+    its thread j, under that thread's MXCSR: so does the kernel (Note [the norms' MXCSR]),
+    where the largest and smallest |x| had the caller's. A fresh process: the pool's
+    threads keep the setting for the rest of it."""
+    code = (
+        "import torch\n"
+        "torch.set_num_threads(2)\n"
+        "if not torch.set_flush_denormal(True): print('ok'); raise SystemExit\n"
+        "torch.linalg.vector_norm(torch.ones(200000), 1)  # the pool's threads, flushing\n"
+        "torch.set_flush_denormal(False)\n"
+        "import fused_optim\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "tiny = {torch.float32: 1e-39, torch.float64: 1e-310, torch.float16: 1e-7}\n"
+        "for dt, t in tiny.items():\n"
+        "    m = torch.randn(70001, generator=g, dtype=torch.float64)\n"
+        "    m[::2] *= t\n"
+        "    u = torch.zeros(70001, dtype=torch.float64)\n"
+        "    u[40000] = 2 * t\n"
+        "    for x in (m.to(dt), u.to(dt), (u + 1).to(dt)):\n"
+        "        for p in (0.0, 1.0, 2.0, 3.0, float('inf'), float('-inf')):\n"
+        "            for inv in (1.0, 0.5):\n"
+        "                n = torch.ops.fused_optim._norms([x], p, inv)[0]\n"
+        "                r = torch.linalg.vector_norm(x if inv == 1.0 else x.mul(inv), p)\n"
+        "                assert torch.equal(n, r), (dt, p, inv, n.item(), r.item())\n"
+        "print('ok')\n")
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_the_inf_norms_of_nans_are_torchs_nan(dtype):
     # torch's largest and smallest |x| of a tensor holding NaNs is the default NaN, whatever

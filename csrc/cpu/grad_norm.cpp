@@ -21,6 +21,7 @@
 #endif
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -490,7 +491,13 @@ at::Tensor norms_cpu(at::TensorList tensors, double ord, double inv_scale) {
         }
       }
     }
-    // Each thread's MXCSR, where a tensor is split (Note [the norms' MXCSR]).
+    // Each thread's MXCSR, where a tensor is split (Note [the norms' MXCSR]; the largest
+    // and smallest |x| are split as the sums are, though their value does not depend on
+    // the order: the MXCSR of each run's thread does).
+    const bool extreme = kind == Ord::kInf || kind == Ord::kNegInf;
+    for (int64_t i = 0; i < n && extreme; ++i) {
+      if (ours[i]) most_runs = std::max(most_runs, torch_runs(tensors[i].numel(), threads));
+    }
     const unsigned caller_csr = CsrScope::current();
     std::vector<unsigned> run_csr(std::max<int64_t>(threads, 1), caller_csr);
     if (most_runs > 1) {
@@ -512,8 +519,26 @@ at::Tensor norms_cpu(at::TensorList tensors, double ord, double inv_scale) {
             mine.push_back(chains[item.chain]);
           } else {
             const at::Tensor& t = tensors[item.tensor];
-            result[item.tensor] = direct_norm<T>(static_cast<const T*>(t.const_data_ptr()),
-                                                 t.numel(), kind, inv_scale);
+            const T* x = static_cast<const T*>(t.const_data_ptr());
+            const int64_t numel = t.numel();
+            const int64_t runs = extreme && !one_csr ? torch_runs(numel, threads) : 1;
+            if (runs == 1) {
+              result[item.tensor] = direct_norm<T>(x, numel, kind, inv_scale);
+              continue;
+            }
+            // run j under the MXCSR of torch's thread j, then as torch combines them
+            const int64_t run = (numel + runs - 1) / runs;
+            M r = kind == Ord::kInf ? M(0) : std::numeric_limits<M>::infinity();
+            bool nan = false;
+            for (int64_t b = 0, j = 0; b < numel; b += run, ++j) {
+              CsrScope::set(run_csr[j]);
+              const M v = load(std::array<T, 1>{direct_norm<T>(x + b, std::min(run, numel - b),
+                                                               kind, inv_scale)}.data());
+              CsrScope::set(caller_csr);
+              nan = nan || v != v;
+              r = kind == Ord::kInf ? (v > r ? v : r) : (v < r ? v : r);
+            }
+            store(nan ? std::numeric_limits<M>::quiet_NaN() : r, &result[item.tensor]);
           }
         }
         auto fold = [&](const std::vector<Chain<T>>& some) {
