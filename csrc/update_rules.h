@@ -112,6 +112,24 @@ FO_HOST_DEVICE FO_INLINE M invariant_select_(bool c, M a, M b) {
   return b;
 }
 
+// maximize's `-grad`, with grad_sign -1 (maximize) or +1: g with its sign bit flipped where
+// grad_sign's is set, as torch's negation flips it, a NaN's included (`g * grad_sign` kept
+// a NaN's sign, and under MXCSR.DAZ made a subnormal 0). Lane by lane on the vector types
+// of cpu/simd.h.
+template <typename M>
+FO_HOST_DEVICE FO_INLINE M negated_if_(M grad_sign, M g) {
+#if !defined(__CUDACC__) && !defined(__HIPCC__)
+  if constexpr (std::is_same_v<M, float> || std::is_same_v<M, double>) {
+    using U = std::conditional_t<sizeof(M) == 4, uint32_t, uint64_t>;
+    constexpr U kSign = U(1) << (8 * sizeof(M) - 1);
+    return __builtin_bit_cast(M, static_cast<U>(__builtin_bit_cast(U, g) ^
+                                                (__builtin_bit_cast(U, grad_sign) & kSign)));
+  }
+#endif
+  if (grad_sign < M(0)) return -g;
+  return g;
+}
+
 // |a| (torch.abs): the sign bit cleared, NaN included.
 template <typename M>
 FO_HOST_DEVICE FO_INLINE M abs_(M a) {
@@ -214,7 +232,7 @@ struct SgdRule {
 
   // state[0]: momentum_buffer
   FO_HOST_DEVICE FO_INLINE void operator()(M& p, M g, M* state) const {
-    g = g * grad_sign;                        // maximize: grad = -grad (exact)
+    g = negated_if_(grad_sign, g);            // maximize: grad = -grad (a sign flip)
     if constexpr (kWeightDecay) {
       g = madd_<kFma>(p, weight_decay, g);    // grad.add(param, alpha=weight_decay)
     }
@@ -304,7 +322,7 @@ struct AdamRule {
   FO_HOST_DEVICE FO_INLINE void operator()(M& p, M g, M* state) const {
     M& exp_avg = state[0];
     M& exp_avg_sq = state[1];
-    g = g * grad_sign;
+    g = negated_if_(grad_sign, g);
     if constexpr (kWeightDecay == WeightDecay::kDecoupled) {
       p = p * decay_factor;                   // param.mul_(1 - lr * weight_decay)
     } else if constexpr (kWeightDecay == WeightDecay::kL2) {
@@ -362,7 +380,7 @@ struct RmspropRule {
   // state[0]: square_avg, then grad_avg (centered), then momentum_buffer (momentum > 0)
   FO_HOST_DEVICE FO_INLINE void operator()(M& p, M g, M* state) const {
     M& square_avg = state[0];
-    g = g * grad_sign;
+    g = negated_if_(grad_sign, g);
     if constexpr (kWeightDecay) {
       g = madd_<kFma>(p, weight_decay, g);  // grad.add(param, alpha=weight_decay)
     }
@@ -428,7 +446,7 @@ struct AdagradRule {
   // state[0]: sum
   FO_HOST_DEVICE FO_INLINE void operator()(M& p, M g, M* state) const {
     M& sum = state[0];
-    g = g * grad_sign;
+    g = negated_if_(grad_sign, g);
     if constexpr (kWeightDecay) {
       g = madd_<kFma>(p, weight_decay, g);  // grad.add(param, alpha=weight_decay)
     }
@@ -485,7 +503,7 @@ struct AdamaxRule {
   FO_HOST_DEVICE FO_INLINE void operator()(M& p, M g, M* state) const {
     M& exp_avg = state[0];
     M& exp_inf = state[1];
-    g = g * grad_sign;
+    g = negated_if_(grad_sign, g);
     if constexpr (kWeightDecay) {
       g = madd_<kFma>(p, weight_decay, g);  // grad.add(param, alpha=weight_decay)
     }
@@ -534,7 +552,7 @@ struct AdadeltaRule {
   FO_HOST_DEVICE FO_INLINE void operator()(M& p, M g, M* state) const {
     M& square_avg = state[0];
     M& acc_delta = state[1];
-    g = g * grad_sign;
+    g = negated_if_(grad_sign, g);
     if constexpr (kWeightDecay) {
       g = madd_<kFma>(p, weight_decay, g);  // grad.add(param, alpha=weight_decay)
     }
@@ -643,7 +661,7 @@ struct NadamRule {
   FO_HOST_DEVICE FO_INLINE void operator()(M& p, M g, M* state) const {
     M& exp_avg = state[0];
     M& exp_avg_sq = state[1];
-    g = g * grad_sign;
+    g = negated_if_(grad_sign, g);
     if constexpr (kWeightDecay == WeightDecay::kDecoupled) {
       p = p * decay_factor;                 // param.mul_(1 - lr * weight_decay)
     } else if constexpr (kWeightDecay == WeightDecay::kL2) {
@@ -732,7 +750,7 @@ struct RadamRule {
   FO_HOST_DEVICE FO_INLINE void operator()(M& p, M g, M* state) const {
     M& exp_avg = state[0];
     M& exp_avg_sq = state[1];
-    g = g * grad_sign;
+    g = negated_if_(grad_sign, g);
     if constexpr (kWeightDecay == WeightDecay::kDecoupled) {
       p = p * decay_factor;                   // param.mul_(1 - lr * weight_decay)
     } else if constexpr (kWeightDecay == WeightDecay::kL2) {
@@ -829,7 +847,7 @@ struct RpropRule {
   FO_HOST_DEVICE FO_INLINE void operator()(M& p, M g, M* state) const {
     M& prev = state[0];
     M& step_size = state[1];
-    g = g * grad_sign;
+    g = negated_if_(grad_sign, g);
     // sign = grad.mul(prev).sign(); sign[sign > 0] = etaplus; sign[sign < 0] = etaminus;
     // sign[sign == 0] = 1. sign(x) > 0 exactly where x > 0, and < 0 where x < 0 (NaN: 0),
     // so each choice compares x itself: a select of a select made GCC's vectorized loop
@@ -921,7 +939,7 @@ struct AsgdRule {
   // state[0]: ax
   FO_HOST_DEVICE FO_INLINE void operator()(M& p, M g, M* state) const {
     M& ax = state[0];
-    g = g * grad_sign;
+    g = negated_if_(grad_sign, g);
     if constexpr (kWeightDecay) {
       g = fma_(p, weight_decay, g);  // grad.add(param, alpha=weight_decay)
     }
@@ -1011,14 +1029,14 @@ struct AdafactorRule {
   FO_HOST_DEVICE FO_INLINE M clamp_row_mean(M mean) const { return maximum_(mean, eps1); }
   // variance.lerp_(grad * grad, one_minus_beta2_t) (params of fewer than 2 dims).
   FO_HOST_DEVICE FO_INLINE M variance(M old, M g) const {
-    g = g * grad_sign;  // grad = -grad under maximize (exact)
+    g = negated_if_(grad_sign, g);  // grad = -grad under maximize (a sign flip)
     return lerp(old, g * g);
   }
   // The unclipped update from the variance estimate:
   // var_estimate.clamp_(min=eps1 * eps1).rsqrt_().mul_(grad).
   FO_HOST_DEVICE FO_INLINE M update(M var_estimate, M g) const {
     const M v = maximum_(var_estimate, eps1_sq);
-    return (M(1) / sqrt_(v)) * (g * grad_sign);
+    return (M(1) / sqrt_(v)) * negated_if_(grad_sign, g);
   }
   // The unclipped update's square, g^2 / max(estimate, eps1^2), for its RMS (Note
   // [Adafactor's update RMS] in cpu/adafactor.cpp): no square root.

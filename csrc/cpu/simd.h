@@ -4,8 +4,9 @@
 // AVX512-BF16) run the update rules of update_rules.h on F32x8 or F32x16, eight or
 // sixteen floats in one register, instead of on float: the rules are templates over their
 // math type, and these types have the operations the rules use (+ - * /, unary minus, and
-// the fma_, sqrt_, abs_, maximum_, if_less_, if_equal_, div_by_ and div_by_bias_correction_ overloads
-// below), each one exactly rounded IEEE operation, lane by lane, as the scalar float
+// the fma_, sqrt_, abs_, maximum_, if_less_, if_equal_, negated_if_, div_by_ and
+// div_by_bias_correction_ overloads below), each one exactly rounded IEEE operation (or a
+// sign flip), lane by lane, as the scalar float
 // version does (div_by_ in two steps: Note [division by a constant]). So the bits are the
 // same; tests/test_behaviour.py checks it against the baseline loops on every 16-bit input.
 //
@@ -177,6 +178,10 @@ FO_AVX2_INLINE F32x8 if_less_(F32x8 x, F32x8 y, F32x8 a, F32x8 b) {
 FO_AVX2_INLINE F32x8 if_equal_(F32x8 x, F32x8 y, F32x8 a, F32x8 b) {
   return F32x8(_mm256_blendv_ps(b.v, a.v, _mm256_cmp_ps(x.v, y.v, _CMP_EQ_OQ)));
 }
+// negated_if_ of update_rules.h lane by lane: g's sign bit flipped where grad_sign's is set.
+FO_AVX2_INLINE F32x8 negated_if_(F32x8 grad_sign, F32x8 g) {
+  return F32x8(_mm256_xor_ps(g.v, _mm256_and_ps(grad_sign.v, _mm256_set1_ps(-0.0f))));
+}
 
 // ---- sixteen floats (AVX-512; bfloat16 with AVX512-BF16) ------------------------------
 struct F32x16 {
@@ -282,6 +287,11 @@ FO_AVX512_INLINE F32x16 if_less_(F32x16 x, F32x16 y, F32x16 a, F32x16 b) {
 }
 FO_AVX512_INLINE F32x16 if_equal_(F32x16 x, F32x16 y, F32x16 a, F32x16 b) {
   return F32x16(_mm512_mask_blend_ps(_mm512_cmp_ps_mask(x.v, y.v, _CMP_EQ_OQ), b.v, a.v));
+}
+FO_AVX512_INLINE F32x16 negated_if_(F32x16 grad_sign, F32x16 g) {
+  const __m512i sign =
+      _mm512_and_si512(_mm512_castps_si512(grad_sign.v), _mm512_set1_epi32(INT32_MIN));
+  return F32x16(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g.v), sign)));
 }
 
 // Note [division by a constant]
