@@ -301,6 +301,58 @@ def test_bitwise_same_at_every_thread_count(dtype):
     assert_bitwise(big[0], big[1], "multi-block, 1 vs 2 threads")
 
 
+# Note [Adafactor's division by the row mean] (csrc/cpu/adafactor.cpp): the AVX2 and AVX-512
+# copies divide by the row mean with a reciprocal and two corrections where the row's and
+# columns' factors keep every quotient in a domain where that is exact, and the baseline
+# copy always divides. Grads whose rows and columns are scaled by powers of two from 2^-75
+# to 2^60 put factors (means of squares) across float's whole range, rows and columns of
+# zeros among them, so that both sides of every bound are taken; a tiny eps1 lets the
+# clamped row mean itself leave [2^-60, 2^60].
+ISA_SCRIPT = r"""
+import sys, torch, fused_optim
+out = {"isa": torch.ops.fused_optim._cpu_isa()}
+g = torch.Generator().manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16):
+    for eps1 in (None, 1e-38):
+        shapes = [(96, 80), (3, 40, 33), (1, 64), (64, 1), (200, 7)]
+        ps = [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]
+        opt = fused_optim.Adafactor(ps, lr=0.01, eps=(eps1, 1e-3), weight_decay=0.01)
+        for step in range(4):
+            for p in ps:
+                rows = torch.randint(-75, 61, p.shape[:-1] + (1,), generator=g).float()
+                cols = torch.randint(-75, 61, p.shape[-1:], generator=g).float()
+                scale = torch.exp2(rows if step % 2 else rows.clamp(max=0) + cols.clamp(max=0))
+                grad = torch.randn(p.shape, generator=g) * scale
+                grad[..., : p.shape[-1] // 5] *= step != 1      # zero columns (one step)
+                if p.dim() > 1 and p.shape[-2] > 4:
+                    grad[..., 1::4, :] = 0.0                     # zero rows
+                p.grad = grad.to(dtype)
+            opt.step()
+        out[(str(dtype), eps1)] = [p.detach().clone() for p in ps] + [
+            v for p in ps for v in opt.state[p].values()]
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_same_bits_with_every_isa_on_factors_of_every_exponent(tmp_path):
+    results = {}
+    for isa in ("baseline", "avx2", "avx512"):
+        out = tmp_path / f"{isa}.pt"
+        env = dict(os.environ, FUSED_OPTIM_ISA=isa, FUSED_OPTIM_FLOAT_LOOPS="avx512")
+        subprocess.run([sys.executable, "-c", ISA_SCRIPT, str(out)], env=env, check=True,
+                       timeout=300)
+        results[isa] = torch.load(out)
+        results[isa].pop("isa")
+    for isa in ("avx2", "avx512"):
+        for key, tensors in results["baseline"].items():
+            assert len(tensors) == len(results[isa][key])
+            for i, (a, b) in enumerate(zip(tensors, results[isa][key])):
+                assert torch.equal(a, b) or (a.isnan().any() and torch.equal(
+                    a.view(torch.int16 if a.element_size() == 2 else torch.int32),
+                    b.view(torch.int16 if b.element_size() == 2 else torch.int32))), \
+                    f"{key}, tensor {i}: {isa} differs from baseline"
+
+
 # -- checkpoints, GradScaler, clipping -----------------------------------------------------
 def _roundtrip(sd):
     buf = io.BytesIO()

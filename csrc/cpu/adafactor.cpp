@@ -90,6 +90,63 @@ FO_INLINE at::opmath_type<T> grad_value(T* g, at::opmath_type<T> inv_scale) {
   return v;
 }
 
+// Note [Adafactor's division by the row mean]
+// Pass 3 divides each element's row_var * col_var by its slice's clamped row mean c, as
+// torch's var_estimate.div_(...) does: a division per element, on the divider that the
+// update's square root and its reciprocal (torch's rsqrt_) wait for too. On a Zen 4 that
+// divider bounds pass 3 (a profile puts most of its samples behind the square root and the
+// two divisions). Where the copy has FMA (AVX2 and AVX-512), pass 3 takes the quotient's
+// bits from the multiplier instead: y = RN(1 / c) once per slice, q = RN(x * y), then two
+// of Markstein's corrections q = RN(q + RN(x - q * c) * y) (the fma makes the remainder
+// exact once q is within an ulp of x / c; the first correction brings it there, the second
+// is then RN(x / c): Markstein 1990, as Note [division by a constant] in simd.h and Note
+// [8-bit without division] in multi_tensor.h use it). That holds where nothing underflows
+// or overflows: c in [2^-60, 2^60], and x = +0 (q stays +0, as +0 / c does) or x and x / c
+// in [2^-99, 2^70]; the remainder is then a multiple of 2^-149 or more, exactly
+// representable. A row whose factor, or a slice whose column factors, could put an
+// element outside that (a negative factor, -0, NaN or infinity; a product or quotient
+// beyond the bounds, from the row's factor and the extremes of the columns', in double)
+// divides, as the baseline copy always does: every copy gives the same bits (the
+// tests compare them on factors across every exponent).
+constexpr double kReciprocalLow = 0x1p-99, kReciprocalHigh = 0x1p70;
+
+FO_INLINE float div_by_reciprocal(float x, float c, float y) {
+  float q = x * y;
+  q = std::fma(std::fma(-q, c, x), y, q);
+  return std::fma(std::fma(-q, c, x), y, q);
+}
+
+// What the rows of a slice need to know of its column factors for the domain above.
+struct ColumnRange {
+  bool ok;            // every factor +0 or positive and finite (float)
+  double low, high;   // the smallest nonzero factor (0: none) and the largest
+};
+
+inline ColumnRange column_range(const float* col, int64_t n) {
+  float low = std::numeric_limits<float>::infinity(), high = 0.0f;
+  bool ok = true;
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = col[j];
+    ok &= (v >= 0.0f) & !std::signbit(v) & (v <= std::numeric_limits<float>::max());
+    low = v > 0.0f && v < low ? v : low;
+    high = v > high ? v : high;
+  }
+  return {ok, std::isinf(low) ? 0.0 : static_cast<double>(low), static_cast<double>(high)};
+}
+
+// Whether every element of a row with factor rv takes div_by_reciprocal (its division's
+// bits) with c, the slice's clamped row mean.
+inline bool row_in_domain(float rv, const ColumnRange& cols, double c) {
+  if (!cols.ok || !(c >= 0x1p-60 && c <= 0x1p60) || std::signbit(rv) || !(rv >= 0.0f) ||
+      !(rv <= std::numeric_limits<float>::max())) {
+    return false;
+  }
+  if (rv == 0.0f || cols.high == 0.0) return true;  // every x is +0
+  const double lo = static_cast<double>(rv) * cols.low, hi = static_cast<double>(rv) * cols.high;
+  return lo >= kReciprocalLow && lo / c >= kReciprocalLow && hi <= kReciprocalHigh &&
+         hi / c <= kReciprocalHigh;
+}
+
 // Note [Adafactor's 16-bit factors]
 // With 16-bit params the math runs in float and only stored values are rounded, as in the
 // other kernels: the update of this step uses row_var and col_var as lerped, in float, not
@@ -267,7 +324,27 @@ struct Passes {
     sums[1] = ps;
   }
 
-  template <bool kDecay>
+  // Elements [from, to) of a row of a factored param (factor rv): the update and the step.
+  // kReciprocal: the estimate's division by div_by_reciprocal (Note [Adafactor's division
+  // by the row mean]), where the row is in its domain.
+  template <bool kDecay, bool kReciprocal>
+  static FO_INLINE void pass3_row(const Rule& rule, M rv, const M* col, M row_mean,
+                                  M inv_row_mean, const T* g, T* p, int64_t from, int64_t to) {
+#pragma GCC ivdep
+    for (int64_t j = from; j < to; ++j) {
+      M estimate;
+      if constexpr (kReciprocal) {
+        estimate = div_by_reciprocal(rv * col[j], row_mean, inv_row_mean);
+      } else {
+        estimate = Rule::factored_estimate(rv, col[j], row_mean);
+      }
+      const M u = rule.update(estimate, cpu::load(g + j));
+      store(rule.template apply<kDecay>(cpu::load(p + j), u), p + j);
+    }
+  }
+
+  // kFma: the copy has FMA (Note [Adafactor's division by the row mean]).
+  template <bool kDecay, bool kFma>
   static FO_INLINE void pass3(const Entry& e, const Task& t) {
     const Rule rule(e.c);
     if (e.factored) {
@@ -277,20 +354,31 @@ struct Passes {
       const M* row = adafactor::row_factors<T, M>(e) + t.slice * m;
       const M* col = adafactor::col_factors<T, M>(e) + t.slice * n;
       const M row_mean = static_cast<M>(e.row_means[t.slice]);
+      constexpr bool kMayReciprocate = kFma && std::is_same_v<M, float>;
+      ColumnRange cols{false, 0.0, 0.0};
+      M inv_row_mean = M(0);
+      if constexpr (kMayReciprocate) {
+        cols = column_range(col, n);
+        inv_row_mean = M(1) / row_mean;
+      }
       const int64_t ahead = prefetch_distance(sizeof(T));
       for (int64_t r = t.begin; r < t.end; ++r, g += n, p += n) {
         const M rv = row[r];
+        bool by_reciprocal = false;
+        if constexpr (kMayReciprocate) {
+          by_reciprocal = row_in_domain(rv, cols, static_cast<double>(row_mean));
+        }
         for (int64_t c = 0; c < n; c += kPrefetchChunk) {
           const int64_t chunk_end = std::min(n, c + kPrefetchChunk);
           if (ahead > 0) {
             prefetch_elements<0>(g + c + ahead, sizeof(T), 0, chunk_end - c);
             prefetch_elements<1>(p + c + ahead, sizeof(T), 0, chunk_end - c);
           }
-#pragma GCC ivdep
-          for (int64_t j = c; j < chunk_end; ++j) {
-            const M u =
-                rule.update(Rule::factored_estimate(rv, col[j], row_mean), cpu::load(g + j));
-            store(rule.template apply<kDecay>(cpu::load(p + j), u), p + j);
+          if (kMayReciprocate && by_reciprocal) {
+            pass3_row<kDecay, kMayReciprocate>(rule, rv, col, row_mean, inv_row_mean, g, p, c,
+                                               chunk_end);
+          } else {
+            pass3_row<kDecay, false>(rule, rv, col, row_mean, inv_row_mean, g, p, c, chunk_end);
           }
         }
       }
@@ -328,7 +416,7 @@ struct PassFns {
   void (*pass3)(const Entry&, const Task&);
 };
 
-#define FO_ADAFACTOR_COPY(suffix, attr)                                                   \
+#define FO_ADAFACTOR_COPY(suffix, attr, fma)                                               \
   template <typename T, bool kU>                                                          \
   attr void pass1_##suffix(const Entry& e, const Task& t, double* parts, double* means) { \
     Passes<T, kU>::pass1(e, t, parts, means);                                             \
@@ -343,7 +431,7 @@ struct PassFns {
   }                                                                                       \
   template <typename T, bool kU, bool kDecay>                                             \
   attr void pass3_##suffix(const Entry& e, const Task& t) {                               \
-    Passes<T, kU>::template pass3<kDecay>(e, t);                                          \
+    Passes<T, kU>::template pass3<kDecay, fma>(e, t);                                     \
   }                                                                                       \
   template <typename T, bool kU, bool kDecay>                                             \
   PassFns fns_##suffix() {                                                                \
@@ -351,10 +439,10 @@ struct PassFns {
                    &pass3_##suffix<T, kU, kDecay>};                                       \
   }
 
-FO_ADAFACTOR_COPY(baseline, )
+FO_ADAFACTOR_COPY(baseline, , false)
 #if FO_X86_CLONES
-FO_ADAFACTOR_COPY(avx2, FO_AVX2_TARGET)
-FO_ADAFACTOR_COPY(avx512, FO_AVX512_TARGET)
+FO_ADAFACTOR_COPY(avx2, FO_AVX2_TARGET, true)
+FO_ADAFACTOR_COPY(avx512, FO_AVX512_TARGET, true)
 #endif
 #undef FO_ADAFACTOR_COPY
 
