@@ -90,6 +90,24 @@ FO_HOST_DEVICE FO_INLINE M if_equal_(M x, M y, M a, M b) {
   return x == y ? a : b;
 }
 
+// The unsigned integer of float's or double's width, void for any other type (the vector
+// types of cpu/simd.h, c10::complex): what invariant_select_ and negated_if_ work on in
+// host code.
+template <typename M>
+struct BitsOf {
+  using type = void;
+};
+template <>
+struct BitsOf<float> {
+  using type = uint32_t;
+};
+template <>
+struct BitsOf<double> {
+  using type = uint64_t;
+};
+template <typename M>
+using bits_of_t = typename BitsOf<M>::type;
+
 // c ? a : b for a c that is the same for a whole loop (a tensor's constant), as bit
 // operations on float and double: written as a ternary, GCC made it a branch and moved
 // a's arithmetic under it (a division and a square root, which it does not compute where
@@ -99,8 +117,8 @@ FO_HOST_DEVICE FO_INLINE M if_equal_(M x, M y, M a, M b) {
 template <typename M>
 FO_HOST_DEVICE FO_INLINE M invariant_select_(bool c, M a, M b) {
 #if !defined(__CUDACC__) && !defined(__HIPCC__)
-  if constexpr (std::is_same_v<M, float> || std::is_same_v<M, double>) {
-    using U = std::conditional_t<sizeof(M) == 4, uint32_t, uint64_t>;
+  if constexpr (!std::is_void_v<bits_of_t<M>>) {
+    using U = bits_of_t<M>;
     const U mask = U(0) - static_cast<U>(c);  // all ones where c, else 0
     return __builtin_bit_cast(M, static_cast<U>((__builtin_bit_cast(U, a) & mask) |
                                                 (__builtin_bit_cast(U, b) & ~mask)));
@@ -119,8 +137,8 @@ FO_HOST_DEVICE FO_INLINE M invariant_select_(bool c, M a, M b) {
 template <typename M>
 FO_HOST_DEVICE FO_INLINE M negated_if_(M grad_sign, M g) {
 #if !defined(__CUDACC__) && !defined(__HIPCC__)
-  if constexpr (std::is_same_v<M, float> || std::is_same_v<M, double>) {
-    using U = std::conditional_t<sizeof(M) == 4, uint32_t, uint64_t>;
+  if constexpr (!std::is_void_v<bits_of_t<M>>) {
+    using U = bits_of_t<M>;
     constexpr U kSign = U(1) << (8 * sizeof(M) - 1);
     return __builtin_bit_cast(M, static_cast<U>(__builtin_bit_cast(U, g) ^
                                                 (__builtin_bit_cast(U, grad_sign) & kSign)));

@@ -12,6 +12,7 @@
 #include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
+#include <ATen/TensorIterator.h>  // (at::internal::GRAIN_SIZE)
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
@@ -21,7 +22,6 @@
 #endif
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -73,11 +73,11 @@ namespace {
 template <typename T>
 FO_INLINE at::opmath_type<T> unscaled(const T* p, at::opmath_type<T> inv_scale, bool unscale) {
   using M = at::opmath_type<T>;
-  M v = load(p);
+  M v = cpu::load(p);
   if (unscale) {
     T rounded;
     store(v * inv_scale, &rounded);
-    v = load(&rounded);
+    v = cpu::load(&rounded);
   }
   return v;
 }
@@ -174,7 +174,7 @@ T direct_norm(const T* x, int64_t n, Ord kind, double inv_scale) {
   M r;
   if (n == 1) {
     // torch's norm of one element is its |x|, for every ord but 0: whether it is not 0.
-    const M v = unscale ? unscaled(x, inv, true) : load(x);
+    const M v = unscale ? unscaled(x, inv, true) : cpu::load(x);
     r = kind == Ord::kZero ? (v != M(0) ? M(1) : M(0)) : std::abs(v);
   } else if (kind == Ord::kTwo) {
     r = std::sqrt(unscale ? sum_squares<T, true>(x, n, inv) : sum_squares<T, false>(x, n, inv));
@@ -203,7 +203,7 @@ bool chained(Ord kind, int64_t n) {
 // where `threads` (the caller's at::get_num_threads(), 1 in a parallel region) is more
 // than 1; each run is a chain `acc = acc + term(x)` from 0 in memory order; the runs'
 // sums are added in thread order, the threads left without a run adding 0.
-constexpr int64_t kTorchGrain = 32768;  // at::internal::GRAIN_SIZE
+constexpr int64_t kTorchGrain = at::internal::GRAIN_SIZE;  // (torch's own: a release changing it keeps us in step)
 
 int64_t torch_runs(int64_t n, int64_t threads) {
   if (n < kTorchGrain || threads <= 1) return 1;
@@ -532,8 +532,8 @@ at::Tensor norms_cpu(at::TensorList tensors, double ord, double inv_scale) {
             bool nan = false;
             for (int64_t b = 0, j = 0; b < numel; b += run, ++j) {
               CsrScope::set(run_csr[j]);
-              const M v = load(std::array<T, 1>{direct_norm<T>(x + b, std::min(run, numel - b),
-                                                               kind, inv_scale)}.data());
+              const T run_norm = direct_norm<T>(x + b, std::min(run, numel - b), kind, inv_scale);
+              const M v = cpu::load(&run_norm);
               CsrScope::set(caller_csr);
               nan = nan || v != v;
               r = kind == Ord::kInf ? (v > r ? v : r) : (v < r ? v : r);
@@ -640,7 +640,7 @@ void mul_cpu(at::TensorList tensors, const at::Tensor& scalar) {
           T* x = static_cast<T*>(ptrs[k]) - offsets[k];
           const int64_t stop = std::min(end, offsets[k + 1]);
 #pragma GCC ivdep
-          for (int64_t j = i; j < stop; ++j) store(load(x + j) * cm, x + j);
+          for (int64_t j = i; j < stop; ++j) store(cpu::load(x + j) * cm, x + j);
           i = stop;
         }
       };
