@@ -220,11 +220,19 @@ struct F32x16 {
     }
     return r;
   }
-  // Sixteen bfloat16 values (their bits), widened exactly. (__builtin_convertvector
-  // splits this one in two halves here.)
+  // Sixteen bfloat16 values (their bits), widened exactly: each into the high half of its
+  // float, the low half zero. One word permute with zero-masking (vpermw: the odd words
+  // take h's words in order, the even ones are cleared) where a zero-extension and a
+  // shift took two instructions. On a Zen 4 (2026-12-07) a micro-benchmark widening four
+  // vectors and storing two ran 12% faster (8.2 -> 7.2 cycles per 16 elements); the rules'
+  // bfloat16 loops, one thread in the L3 cache, Adamax 0.48-0.54 -> 0.46 ns an element and
+  // SGD 0.14 -> 0.13, the others level within the noise. (__builtin_convertvector split the
+  // old one in two halves.)
   static FO_AVX512_INLINE F32x16 widened(__m256i h) {
-    const U32x16 w = reinterpret_cast<U32x16>(_mm512_maskz_cvtepu16_epi32(0xFFFF, h));
-    return F32x16(reinterpret_cast<__m512>(w << 16));
+    const __m512i odd_words = _mm512_set_epi16(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9,
+                                               8, 8, 7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    return F32x16(_mm512_castsi512_ps(
+        _mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, odd_words, _mm512_castsi256_si512(h))));
   }
   // Note [master follows the param] (plan.h): this vector of masters, except the lanes
   // that do not round to the param's bits at p (as store() rounds, c10's NaNs included),
