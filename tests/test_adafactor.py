@@ -323,7 +323,7 @@ for dtype in (torch.float32, torch.bfloat16):
                 cols = torch.randint(-75, 61, p.shape[-1:], generator=g).float()
                 scale = torch.exp2(rows if step % 2 else rows.clamp(max=0) + cols.clamp(max=0))
                 grad = torch.randn(p.shape, generator=g) * scale
-                grad[..., : p.shape[-1] // 5] *= step != 1      # zero columns (one step)
+                grad[..., : p.shape[-1] // 5] = 0.0              # columns of zero factors
                 if p.dim() > 1 and p.shape[-2] > 4:
                     grad[..., 1::4, :] = 0.0                     # zero rows
                 p.grad = grad.to(dtype)
@@ -335,15 +335,18 @@ torch.save(out, sys.argv[1])
 
 
 def test_same_bits_with_every_isa_on_factors_of_every_exponent(tmp_path):
-    results = {}
+    results, ran = {}, {}
     for isa in ("baseline", "avx2", "avx512"):
         out = tmp_path / f"{isa}.pt"
         env = dict(os.environ, FUSED_OPTIM_ISA=isa, FUSED_OPTIM_FLOAT_LOOPS="avx512")
         subprocess.run([sys.executable, "-c", ISA_SCRIPT, str(out)], env=env, check=True,
                        timeout=300)
         results[isa] = torch.load(out)
-        results[isa].pop("isa")
-    for isa in ("avx2", "avx512"):
+        ran[isa] = results[isa].pop("isa")  # (a cap never raises the ISA: the copy that ran)
+    copies = [isa for isa in ("avx2", "avx512") if ran[isa] != "baseline"]
+    if not copies:
+        pytest.skip("no AVX2 on this CPU: only the baseline copy runs, and it always divides")
+    for isa in copies:
         for key, tensors in results["baseline"].items():
             assert len(tensors) == len(results[isa][key])
             for i, (a, b) in enumerate(zip(tensors, results[isa][key])):
