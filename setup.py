@@ -62,8 +62,21 @@ def check_compiler():
              "Install a newer one and name it in CXX (e.g. `CXX=g++-12`), then install again.")
 
 
+def check_setuptools():
+    """pyproject.toml gives the license as an SPDX expression, which setuptools reads from
+    77 on; an older one stops with a schema error about `project.license`: say what to do."""
+    import setuptools
+
+    version = getattr(setuptools, "__version__", "0")
+    match = re.match(r"(\d+)", version)
+    if match and int(match.group(1)) < 77:
+        fail(f"building needs setuptools 77 or later, and this environment has setuptools "
+             f"{version}. Run `pip install \"setuptools>=77\"`, then install again.")
+
+
 check_python()
 check_compiler()
+check_setuptools()
 try:
     import torch
 except ImportError:

@@ -95,6 +95,19 @@ def test_build_without_torch_says_to_install_it_and_keep_the_build_unisolated(tm
     assert "--no-build-isolation" in out.stderr
 
 
+def test_build_with_an_old_setuptools_says_to_upgrade_it(tmp_path):
+    # (setuptools 65, Python 3.10's own, refuses pyproject.toml's SPDX license with a schema
+    # error that does not say what to do)
+    pkg = tmp_path / "fake" / "setuptools"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("__version__ = '65.5.0'\ndef setup(**kwargs): pass\n")
+    out = _setup_py(tmp_path, {}, str(tmp_path / "fake"))
+    assert out.returncode != 0
+    assert ("building needs setuptools 77 or later, and this environment has setuptools "
+            "65.5.0") in out.stderr
+    assert 'pip install "setuptools>=77"' in out.stderr
+
+
 def test_build_without_a_compiler_says_so(tmp_path):
     out = _setup_py(tmp_path, {"CXX": str(tmp_path / "no-such-c++")})
     assert out.returncode != 0
