@@ -62,11 +62,17 @@ def test_import_refuses_an_unsupported_torch(monkeypatch):
         _loader.load_extension()
 
 
-def _fake_torch(tmp_path, version):
-    pkg = tmp_path / "fake" / "torch"
+def _fake_package(tmp_path, name, source):
+    """A package `name` whose __init__.py is `source`, in a folder to put first on
+    PYTHONPATH (returned), so that setup.py imports it instead of the installed one."""
+    pkg = tmp_path / "fake" / name
     pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text(f"__version__ = {version!r}\n")
+    (pkg / "__init__.py").write_text(source)
     return str(tmp_path / "fake")
+
+
+def _fake_torch(tmp_path, version):
+    return _fake_package(tmp_path, "torch", f"__version__ = {version!r}\n")
 
 
 def _setup_py(tmp_path, env_extra, fake_torch=None):
@@ -86,10 +92,9 @@ def test_build_stops_on_an_unsupported_torch_before_touching_anything(tmp_path):
 
 def test_build_without_torch_says_to_install_it_and_keep_the_build_unisolated(tmp_path):
     # what an isolated build environment looks like to setup.py: no torch to import
-    pkg = tmp_path / "fake" / "torch"
-    pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\")\n")
-    out = _setup_py(tmp_path, {}, str(tmp_path / "fake"))
+    fake = _fake_package(tmp_path, "torch",
+                         "raise ModuleNotFoundError(\"No module named 'torch'\")\n")
+    out = _setup_py(tmp_path, {}, fake)
     assert out.returncode != 0
     assert "building needs PyTorch installed in this environment" in out.stderr
     assert "--no-build-isolation" in out.stderr
@@ -98,10 +103,9 @@ def test_build_without_torch_says_to_install_it_and_keep_the_build_unisolated(tm
 def test_build_with_an_old_setuptools_says_to_upgrade_it(tmp_path):
     # (setuptools 65, Python 3.10's own, refuses pyproject.toml's SPDX license with a schema
     # error that does not say what to do)
-    pkg = tmp_path / "fake" / "setuptools"
-    pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text("__version__ = '65.5.0'\ndef setup(**kwargs): pass\n")
-    out = _setup_py(tmp_path, {}, str(tmp_path / "fake"))
+    fake = _fake_package(tmp_path, "setuptools",
+                         "__version__ = '65.5.0'\ndef setup(**kwargs): pass\n")
+    out = _setup_py(tmp_path, {}, fake)
     assert out.returncode != 0
     assert ("building needs setuptools 77 or later, and this environment has setuptools "
             "65.5.0") in out.stderr

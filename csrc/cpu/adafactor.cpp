@@ -116,35 +116,37 @@ FO_INLINE float div_by_reciprocal(float x, float c, float y) {
   return std::fma(std::fma(-q, c, x), y, q);
 }
 
-// What the rows of a slice need to know of its column factors for the domain above.
-struct ColumnRange {
-  bool ok;            // every factor +0 or positive and finite (float)
-  double low, high;   // the smallest nonzero factor (0: none) and the largest
+// What the rows of a slice need to know of its column factors and its clamped row mean c
+// for the domain above.
+struct SliceDomain {
+  bool ok;            // c in [2^-60, 2^60], every column factor +0 or positive and finite
+  double low, high;   // the smallest nonzero column factor (0: none) and the largest
+  double c;
 };
 
-inline ColumnRange column_range(const float* col, int64_t n) {
+inline SliceDomain slice_domain(const float* col, int64_t n, float row_mean) {
+  const double c = static_cast<double>(row_mean);
   float low = std::numeric_limits<float>::infinity(), high = 0.0f;
-  bool ok = true;
+  bool ok = c >= 0x1p-60 && c <= 0x1p60;
   for (int64_t j = 0; j < n; ++j) {
     const float v = col[j];
     ok &= (v >= 0.0f) & !std::signbit(v) & (v <= std::numeric_limits<float>::max());
     low = v > 0.0f && v < low ? v : low;
     high = v > high ? v : high;
   }
-  return {ok, std::isinf(low) ? 0.0 : static_cast<double>(low), static_cast<double>(high)};
+  return {ok, std::isinf(low) ? 0.0 : static_cast<double>(low), static_cast<double>(high), c};
 }
 
 // Whether every element of a row with factor rv takes div_by_reciprocal (its division's
-// bits) with c, the slice's clamped row mean.
-inline bool row_in_domain(float rv, const ColumnRange& cols, double c) {
-  if (!cols.ok || !(c >= 0x1p-60 && c <= 0x1p60) || std::signbit(rv) || !(rv >= 0.0f) ||
-      !(rv <= std::numeric_limits<float>::max())) {
+// bits) in slice s.
+inline bool row_in_domain(float rv, const SliceDomain& s) {
+  if (!s.ok || std::signbit(rv) || !(rv >= 0.0f) || !(rv <= std::numeric_limits<float>::max())) {
     return false;
   }
-  if (rv == 0.0f || cols.high == 0.0) return true;  // every x is +0
-  const double lo = static_cast<double>(rv) * cols.low, hi = static_cast<double>(rv) * cols.high;
-  return lo >= kReciprocalLow && lo / c >= kReciprocalLow && hi <= kReciprocalHigh &&
-         hi / c <= kReciprocalHigh;
+  if (rv == 0.0f || s.high == 0.0) return true;  // every x is +0
+  const double lo = static_cast<double>(rv) * s.low, hi = static_cast<double>(rv) * s.high;
+  return lo >= kReciprocalLow && lo / s.c >= kReciprocalLow && hi <= kReciprocalHigh &&
+         hi / s.c <= kReciprocalHigh;
 }
 
 // Note [Adafactor's 16-bit factors]
@@ -355,10 +357,10 @@ struct Passes {
       const M* col = adafactor::col_factors<T, M>(e) + t.slice * n;
       const M row_mean = static_cast<M>(e.row_means[t.slice]);
       constexpr bool kMayReciprocate = kFma && std::is_same_v<M, float>;
-      ColumnRange cols{false, 0.0, 0.0};
+      SliceDomain domain{false, 0.0, 0.0, 0.0};
       M inv_row_mean = M(0);
       if constexpr (kMayReciprocate) {
-        cols = column_range(col, n);
+        domain = slice_domain(col, n, row_mean);
         inv_row_mean = M(1) / row_mean;
       }
       const int64_t ahead = prefetch_distance(sizeof(T));
@@ -366,7 +368,7 @@ struct Passes {
         const M rv = row[r];
         bool by_reciprocal = false;
         if constexpr (kMayReciprocate) {
-          by_reciprocal = row_in_domain(rv, cols, static_cast<double>(row_mean));
+          by_reciprocal = row_in_domain(rv, domain);
         }
         for (int64_t c = 0; c < n; c += kPrefetchChunk) {
           const int64_t chunk_end = std::min(n, c + kPrefetchChunk);
