@@ -62,6 +62,9 @@ class ASGD(FusedOptimizer, torch.optim.ASGD):
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         return ("ax", "mu", "eta", "step")
 
+    def _torch_lookup_keys(self, group: Dict[str, Any]) -> Tuple[str, ...]:
+        return ("mu", "ax", "eta", "step")
+
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
         lr, lambd, alpha = group["lr"], group["lambd"], group["alpha"]
         if (not group["capturable"] and not group["foreach"]

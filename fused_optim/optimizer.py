@@ -452,6 +452,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         found_inf."""
         raise NotImplementedError
 
+    def _torch_lookup_keys(self, group: Dict[str, Any]) -> Tuple[str, ...]:
+        """The state keys torch's _init_group looks up for each param, in its order, where
+        a missing one raises its KeyError at that param (an option that adds a state,
+        switched on mid-training, as Adam's amsgrad; a state edited by hand): the state of
+        the group's earlier new params is made by then, the later ones' is not. ()
+        where the class checks its own way."""
+        return ()
+
     def _step_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         """_state_keys, then the op's param_aux: the param storage's buffer where a mode is
         on (Note [param storage]), then the 8-bit moments' scales (Note [state storage])."""
@@ -696,7 +704,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         leaves no empty entry)."""
         state = self.state
         s = state[p] if p in state else {}
+        made = len(s) != 0
         self._init_state(group, p, grad, s)
+        if made:
+            # (ours gathered every param's state before it looked a key up: a missing key
+            # raised the same KeyError with the later params' state made too, found by a
+            # differential fuzz, 2026-12-07)
+            for key in self._torch_lookup_keys(group):
+                if key not in s:
+                    raise KeyError(key)
         if p not in state:
             state[p] = s
         return s

@@ -63,6 +63,10 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             "step",
         )
 
+    def _torch_lookup_keys(self, group: Dict[str, Any]) -> Tuple[str, ...]:
+        return (("square_avg", "step") + (("momentum_buffer",) if group["momentum"] > 0 else ())
+                + (("grad_avg",) if group["centered"] else ()))
+
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
         return dict(
             **lr_args(group["lr"]),
@@ -87,12 +91,3 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
                 zeros_states(state, p, "momentum_buffer")
             if centered:
                 zeros_states(state, p, "grad_avg")
-        else:
-            # A key missing (an option switched on after the state was made, or a state put
-            # in by hand): torch's _init_group looks them up in this order, and its KeyError
-            # names the first one missing (found by a review, 2026-12-06: ours named
-            # momentum_buffer first).
-            for key in ("square_avg", "step") + (("momentum_buffer",) if momentum > 0 else ()) \
-                    + (("grad_avg",) if centered else ()):
-                if key not in state:
-                    raise KeyError(key)

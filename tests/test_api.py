@@ -944,6 +944,65 @@ def test_rmsprops_missing_state_key_is_the_one_torch_names(keys):
     assert errors[0] == errors[1]
 
 
+# Each algorithm whose torch _init_group looks its state keys up param by param, with the
+# options that add a key (switched on for the step that fails below).
+_LOOKED_UP = {
+    "Adam": dict(amsgrad=True), "AdamW": dict(amsgrad=True),
+    "RMSprop": dict(momentum=0.5, centered=True), "Adagrad": {}, "Adamax": {}, "NAdam": {},
+    "RAdam": {}, "Adadelta": {}, "ASGD": {}, "Rprop": {},
+}
+
+
+@pytest.mark.parametrize("new_first", [False, True], ids=["new param after", "new param before"])
+@pytest.mark.parametrize("name", list(_LOOKED_UP))
+def test_a_missing_state_key_leaves_the_state_torch_leaves(name, new_first):
+    """An option that adds a state switched on mid-training (Adam's amsgrad, RMSprop's
+    centered and momentum), or a state key deleted by hand: torch's _init_group raises a
+    KeyError at the first param that lacks the key, with the state of the group's earlier
+    new params made and the later ones' not. Ours made every new param's state, then raised
+    the same KeyError (Adam and AdamW: found by a differential fuzz, 2026-12-07) or named
+    another missing key first (ASGD, whose kernel takes ax before mu). Each key of each
+    state removed in turn, and every option's key switched on at once: the same error
+    (args), the same state keys left for both params, the same values in them, and the
+    params unchanged."""
+    torch_cls, ours_cls = getattr(torch.optim, name), getattr(fused_optim, name)
+    options = _LOOKED_UP[name]
+    probe = torch.zeros(3, requires_grad=True)
+    opt = torch_cls([probe], foreach=False)
+    probe.grad = torch.ones(3)
+    opt.step()
+    cases = [("remove", key) for key in opt.state[probe]] + ([("switch on", None)] if options else [])
+    for how, key in cases:
+        outcomes = []
+        for cls in (torch_cls, ours_cls):
+            g = torch.Generator().manual_seed(0)
+            old, new = (torch.randn(3, generator=g).requires_grad_() for _ in range(2))
+            opt = cls([new, old] if new_first else [old, new], lr=0.1, foreach=False)
+            old.grad = torch.randn(3, generator=g)
+            opt.step()  # (old's state made; new has no grad yet, so none)
+            if how == "remove":
+                del opt.state[old][key]
+            else:
+                opt.param_groups[0].update(options)
+            new.grad, old.grad = (torch.randn(3, generator=g) for _ in range(2))
+            before = [old.detach().clone(), new.detach().clone()]
+            with pytest.raises(KeyError) as e:
+                opt.step()
+            assert torch.equal(old.detach(), before[0]) and torch.equal(new.detach(), before[1])
+            states = [None if q not in opt.state else
+                      {k: v.clone() if isinstance(v, torch.Tensor) else v
+                       for k, v in opt.state[q].items()} for q in (old, new)]
+            outcomes.append((e.value.args, states))
+        (torch_error, torch_states), (ours_error, ours_states) = outcomes
+        assert ours_error == torch_error, (how, key)
+        for t, o in zip(torch_states, ours_states):
+            assert (t is None) == (o is None), (how, key)
+            if t is not None:
+                assert set(t) == set(o), (how, key)
+                for k in t:
+                    assert torch.equal(torch.as_tensor(t[k]), torch.as_tensor(o[k])), (how, key, k)
+
+
 @pytest.mark.parametrize("name,key", [("Adam", "exp_avg"), ("RMSprop", "square_avg"),
                                       ("Adagrad", "sum"), ("Adadelta", "square_avg"),
                                       ("ASGD", "ax")])
