@@ -210,7 +210,15 @@ def clip_grad_norm_(
         parameters = list(parameters)
         if is_generator and len(parameters) == 0:
             warn("`parameters` is an empty generator, no gradient clipping will occur.")
-    norm_type = float(norm_type)
+    try:
+        norm_type = float(norm_type)
+    except (TypeError, ValueError):
+        # torch reads every param's .grad before it converts norm_type: an entry with no
+        # .grad (None, say) raises its AttributeError first (found by a differential
+        # fuzz, 2026-12-07)
+        for p in parameters:
+            p.grad  # noqa: B018
+        raise
     if foreach is False:
         _per_tensor_errors([p.grad for p in parameters if p.grad is not None], norm_type, foreach)
     if _kernel_norm():
@@ -378,6 +386,9 @@ def _power_of_two(x: Tensor) -> bool:
     return torch.frexp(x)[0].item() == 0.5
 
 
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny  # (2^-126, the smallest normal)
+
+
 def _folded_scale(coef: float, inv_scale: float) -> Optional[Tensor]:
     """The grad_scale that makes the kernel multiply each grad by the clip coefficient
     (rounded to float32, as torch multiplies float32 grads by it) times 1/scale: exact for a
@@ -385,11 +396,14 @@ def _folded_scale(coef: float, inv_scale: float) -> Optional[Tensor]:
     rounded to float32, so a float64 scale gives the float32 factor back exactly.
 
     None where no scale gives that factor: it is 0 (an infinite norm makes the coefficient
-    0, as does one that underflows float32) or NaN (a NaN norm). The caller then multiplies
-    the grads in place, as torch's recipe does (0 * inf is NaN there too)."""
+    0, as does one that underflows float32) or NaN (a NaN norm); or where the factor is
+    not the exact product, a subnormal (a tiny max_grad_norm under a large scale: the
+    recipe's two multiplies round once, found by a differential fuzz, 2026-12-07). The
+    caller then multiplies the grads in place, as torch's recipe does (0 * inf is NaN there
+    too)."""
     factor = (torch.tensor(coef, dtype=torch.float32)
               * torch.tensor(inv_scale, dtype=torch.float32)).item()
-    if factor == 0.0 or not math.isfinite(factor):
+    if not abs(factor) >= _FLOAT32_TINY or not math.isfinite(factor):
         return None
     return torch.tensor(1.0 / factor, dtype=torch.float64)
 

@@ -943,7 +943,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._refuse_torch_step(reason)
         # Set by GradScaler.step() for optimizers with _step_supports_amp_scaling.
         grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
+        found_inf = self._scalers_found_inf()
         groups = self.param_groups
         scales = [grad_scale] * len(groups)
         if getattr(self, "max_grad_norm", None) is not None:
@@ -1161,6 +1161,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         _ops.call(self._op, params, grads, lists, args)
         self._storage_done(pending)
 
+    def _scalers_found_inf(self) -> Optional[Tensor]:
+        """The found_inf a GradScaler set on us (we claim amp support), as a Tensor. Where no
+        param has a grad, GradScaler.step hands over sum([]) of its per-device flags, the
+        int 0: torch's fused=True step then does nothing, where ours raised an
+        AttributeError (found by a differential fuzz, 2026-12-07)."""
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and not isinstance(found_inf, Tensor):
+            found_inf = torch.tensor(float(found_inf))
+        return found_inf
+
     def _warn_torch_step(self, reason: str) -> None:
         """The one-time warning that torch's own step runs, for `reason`. Given before
         anything changes (clipping writes the grads): where warnings are errors, the step
@@ -1183,7 +1193,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         or there is nothing to do."""
         self._warn_torch_step(reason)
         saved_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
+        found_inf = self._scalers_found_inf()
         # torch's step, unwrapped: our own step already ran the step hooks once (the
         # wrapper that runs them is on torch's class once a torch optimizer of that class
         # exists, under the one that sets the grad mode).

@@ -482,6 +482,114 @@ def test_max_grad_norm_with_grad_scaler(name, dtype, init_scale, max_norm):
                 assert torch.equal(v, ob.state[pb[n]][k]), f"step {step} state {n}.{k}"
 
 
+_HANDOFFS = [("Adam", dict(max_grad_norm=1e30)), ("Adam", dict(fused=True)),
+             ("Adam", dict(max_grad_norm=1e30, kahan_summation=True)),
+             ("Adam", dict(fused=True, state_dtype=torch.uint8)),
+             ("Adamax", dict(max_grad_norm=1e30)), ("NAdam", dict(max_grad_norm=1e30)),
+             ("Rprop", dict(max_grad_norm=1e30)), ("SGD", dict(fused=True, momentum=0.9)),
+             ("Adagrad", dict(fused=True)), ("RMSprop", dict(max_grad_norm=1e30))]
+
+
+@pytest.mark.parametrize("name,handoff", _HANDOFFS,
+                         ids=[f"{n}-{','.join(k)}" for n, k in _HANDOFFS])
+def test_a_16_bit_grad_unscaled_by_the_kernel_is_the_grad_unscale_leaves(name, handoff):
+    """GradScaler.unscale_ stores each unscaled bfloat16 grad, rounded, and the step reads
+    that. A power-of-two scale makes the product exact, but not where it is a bfloat16
+    subnormal: a kernel handed the scale (fused=True; max_grad_norm= where nothing is
+    clipped) took the float product there, and Adam's, Adamax's and NAdam's moments and
+    Rprop's params differed from unscale_ then the step (found by a differential fuzz,
+    2026-12-07: Note [the unscaled grad as stored] in csrc/cpu/multi_tensor.h). Grads whose
+    unscaled values lie around 2^-126 (bfloat16's subnormals and smallest normals, zeros,
+    both signs), 4,100 of them (vector loops and a scalar tail), three steps; the
+    reference is the same optimizer stepped after scaler.unscale_: every bit of the params,
+    the grads and the state."""
+    g = torch.Generator().manual_seed(0)
+    scale = 2.0 ** 16
+    grads = [(torch.rand(4100, generator=g, dtype=torch.float64) * 2 - 1)
+             * 2.0 ** (16 - 126 + torch.randint(-8, 3, (4100,), generator=g)) for _ in range(3)]
+    for gr in grads:
+        gr[::97] = 0.0
+    kw = {k: v for k, v in handoff.items() if k not in ("max_grad_norm", "fused")}
+    results = []
+    for handed in (True, False):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 4100, dtype=torch.bfloat16))
+        opt = getattr(fused_optim, name)([p], lr=1e-3, **(handoff if handed else kw))
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=1000)
+        seen = []
+        for gr in grads:
+            scaler.scale(torch.ones(()))
+            p.grad = gr.to(torch.bfloat16)
+            if not handed:
+                scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+            seen.append(p.grad.clone())
+        results.append((p.detach().clone(), seen, {k: v.clone() for k, v in opt.state[p].items()
+                                                   if isinstance(v, torch.Tensor)}))
+    (p1, g1, s1), (p2, g2, s2) = results
+    assert torch.equal(p1.view(torch.int16), p2.view(torch.int16))
+    for a, b in zip(g1, g2):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+    assert set(s1) == set(s2)
+    for k in s1:
+        assert torch.equal(s1[k], s2[k]), k
+
+
+def test_max_grad_norm_with_a_subnormal_folded_factor_is_the_recipe():
+    """max_grad_norm= folds the clip coefficient into the kernel's 1/scale: exact for a
+    power-of-two scale while the product is a normal float32. A tiny max_grad_norm under a
+    large scale made it subnormal, so it had lost bits, and every grad and param differed
+    from torch's recipe (unscale_, clip_grad_norm_, step) by a few ulp (found by a
+    differential fuzz, 2026-12-07); such a factor is not folded now."""
+    g = torch.Generator().manual_seed(0)
+    true_grad = torch.randn(35, generator=g)
+    results = []
+    for ours in (True, False):
+        p = torch.nn.Parameter(torch.zeros(35))
+        opt = (fused_optim.SGD([p], lr=1.0, max_grad_norm=1e-33) if ours
+               else torch.optim.SGD([p], lr=1.0, foreach=False))
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+        p.grad = true_grad * scaler.scale(torch.ones(()))
+        if not ours:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_([p], 1e-33)
+        scaler.step(opt)
+        results.append((p.grad.clone(), p.detach().clone()))
+    (ga, pa), (gb, pb) = results
+    assert torch.equal(ga, gb) and torch.equal(pa, pb)
+    assert (pa != 0).all()  # (the step moved every param: the comparison is not of zeros)
+
+
+@pytest.mark.parametrize("kw", [dict(fused=True), dict(max_grad_norm=1.0)], ids=str)
+def test_a_grad_scaler_step_with_no_grads_does_nothing(kw):
+    """With no grad at all, GradScaler.step hands the optimizer found_inf = sum([]), the
+    int 0: torch's Adam(fused=True) steps, doing nothing; ours raised an AttributeError
+    (found by a differential fuzz, 2026-12-07)."""
+    for cls in (torch.optim.Adam, fused_optim.Adam):
+        if cls is torch.optim.Adam and "max_grad_norm" in kw:
+            continue
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = cls([p], **kw)
+        scaler = torch.amp.GradScaler("cpu")
+        scaler.scale(torch.ones(()))
+        scaler.step(opt)  # (update() would then raise, for torch's as for ours: no inf checks)
+        assert torch.equal(p.detach(), torch.ones(3)) and not opt.state.get(p)
+
+
+def test_clip_reads_the_grads_before_it_converts_norm_type():
+    """Two bad arguments: torch's clip_grad_norm_ reads every .grad before float(norm_type),
+    so an entry without one raises its AttributeError first; ours converted norm_type
+    first (found by a differential fuzz, 2026-12-07)."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.ones(2)
+    errors = []
+    for clip in (torch.nn.utils.clip_grad_norm_, fused_optim.clip_grad_norm_):
+        with pytest.raises(AttributeError) as e:
+            clip([p, None], 1.0, norm_type="fro")
+        errors.append(str(e.value))
+    assert errors[0] == errors[1]
+
+
 @pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("norm_type", NORM_TYPES[2:])  # (2 and inf: the tests above)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

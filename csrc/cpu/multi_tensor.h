@@ -209,6 +209,16 @@ FO_INLINE void prefetch_ahead(T* p, T* g, T* const* s, int64_t from, int64_t cou
   }
 }
 
+// Note [the unscaled grad as stored]
+// Where the kernel unscales the grads (a GradScaler's scale handed to it: fused=True,
+// max_grad_norm=), it stores each unscaled grad back, as GradScaler.unscale_ does, and the
+// rule takes the value stored: for 16-bit grads, the product rounded to their dtype, as the
+// step after unscale_ reads it. A power-of-two scale makes the product exact but where it
+// is subnormal in the 16-bit type (below 2^-126 for bfloat16, 2^-14 for float16): until
+// 2026-12-07 the rule took the float product there, and its moments and params differed
+// from unscale_ then the step (found by a differential fuzz; Adafactor's grad_value did it
+// this way already, and the CUDA loops now do it too).
+//
 // The loop over one contiguous segment of one tensor. `Rule` is an update rule from
 // update_rules.h; it sees each element in opmath precision (or, in the 16-bit loops of
 // the vector copies, a vector of them: Note [vector rules]).
@@ -257,6 +267,8 @@ FO_INLINE void segment_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
           if constexpr (kUnscale) {
             gv = gv * vinv_scale;
             gv.store(g + i);
+            // Note [the unscaled grad as stored]
+            if constexpr (!std::is_same_v<T, M>) gv = V::load(g + i);
           }
           V sv[NS > 0 ? NS : 1];
           for (int k = 0; k < NS; ++k) sv[k] = V::load(s[k] + i);
@@ -272,6 +284,7 @@ FO_INLINE void segment_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
         if constexpr (kUnscale) {
           gv = gv * inv_scale;
           store(gv, g + i);
+          if constexpr (!std::is_same_v<T, M>) gv = load(g + i);  // (the same Note)
         }
         M sv[NS > 0 ? NS : 1];
         for (int k = 0; k < NS; ++k) sv[k] = load(s[k] + i);
@@ -297,7 +310,9 @@ FO_INLINE void segment_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
         M pv = pb[i];
         M gv = gb[i];
         if constexpr (kUnscale) {
-          gv = gv * inv_scale;
+          T stored;  // (Note [the unscaled grad as stored])
+          store(gv * inv_scale, &stored);
+          gv = load(&stored);
           gb[i] = gv;
         }
         M sv[NS > 0 ? NS : 1];
@@ -931,6 +946,7 @@ FO_INLINE int64_t mode_vectors(const TensorPtrs& t, int64_t begin, int64_t end, 
         if (unscale) {
           gv = gv * vinv_scale;
           gv.store(g + i);  // the unscaled grad, stored back
+          if constexpr (!kFloatParam) gv = V::load(g + i);  // Note [the unscaled grad as stored]
         }
         V sv[NS > 0 ? NS : 1];
         for (int k = 0; k < NS; ++k) sv[k] = V::load(st[k] + i);
@@ -1066,8 +1082,12 @@ FO_INLINE void storage_loop(const TensorPtrs& t, int64_t begin, int64_t end) {
     if (pt != at::kFloat) load_block<kIsa>(pt, t.grad, b, gb, m, nullptr);
     if (unscale) {
       for (int64_t i = 0; i < m; ++i) gb[i] = gb[i] * inv_scale;
-      // the unscaled grad, stored back
-      if (pt != at::kFloat) store_block<kIsa>(pt, gb, t.grad, b, m, nullptr);
+      // the unscaled grad, stored back, and its stored value used (Note [the unscaled grad
+      // as stored])
+      if (pt != at::kFloat) {
+        store_block<kIsa>(pt, gb, t.grad, b, m, nullptr);
+        load_block<kIsa>(pt, t.grad, b, gb, m, nullptr);
+      }
     }
     for (int k = 0; k < NS; ++k) {
       if (!s_direct[k]) load_block<kIsa>(t.state_dtype[k], t.state[k], b, sb[k], m, t.state_scale[k]);

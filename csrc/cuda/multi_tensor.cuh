@@ -183,6 +183,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const LaunchArgs<typen
     if (a.unscale) {
       gv = gv * inv_scale;
       ge = static_cast<T>(gv);
+      gv = static_cast<M>(ge);  // Note [the unscaled grad as stored] (cpu/multi_tensor.h)
     }
     M sv[kS];
     for (int k = 0; k < NS; ++k) sv[k] = static_cast<M>(state(k));
@@ -373,6 +374,7 @@ __global__ void __launch_bounds__(kThreads) storage_kernel(
       if (a.unscale) {
         gv = gv * inv_scale;
         store_float(g, pt, i, gv);  // the unscaled grad, stored back
+        gv = load_as_float(g, pt, i);  // Note [the unscaled grad as stored] (cpu/multi_tensor.h)
       }
       for (int k = 0; k < NS; ++k) {
         if (st[k] == kStoreU8) {
