@@ -212,10 +212,10 @@ def clip_grad_norm_(
             warn("`parameters` is an empty generator, no gradient clipping will occur.")
     try:
         norm_type = float(norm_type)
-    except (TypeError, ValueError):
+    except Exception:
         # torch reads every param's .grad before it converts norm_type: an entry with no
-        # .grad (None, say) raises its AttributeError first (found by a differential
-        # fuzz, 2026-12-07)
+        # .grad (None, say) raises its AttributeError first, whatever float() raises
+        # (found by a differential fuzz, 2026-12-07)
         for p in parameters:
             p.grad  # noqa: B018
         raise

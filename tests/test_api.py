@@ -962,7 +962,8 @@ def test_a_missing_state_key_leaves_the_state_torch_leaves(name, new_first):
     new params made and the later ones' not. Ours made every new param's state, then raised
     the same KeyError (Adam and AdamW: found by a differential fuzz, 2026-12-07) or named
     another missing key first (ASGD, whose kernel takes ax before mu). Each key of each
-    state removed in turn, and every option's key switched on at once: the same error
+    state removed in turn, each pair of them (the one torch looks up first is named), and
+    every option's key switched on at once: the same error
     (args), the same state keys left for both params, the same values in them, and the
     params unchanged."""
     torch_cls, ours_cls = getattr(torch.optim, name), getattr(fused_optim, name)
@@ -971,7 +972,13 @@ def test_a_missing_state_key_leaves_the_state_torch_leaves(name, new_first):
     opt = torch_cls([probe], foreach=False)
     probe.grad = torch.ones(3)
     opt.step()
-    cases = [("remove", key) for key in opt.state[probe]] + ([("switch on", None)] if options else [])
+    keys = list(opt.state[probe])
+    # each key, and each pair (the one torch looks up first is named) where one is left (an
+    # empty state is made anew, by both)
+    cases = ([("remove", (key,)) for key in keys]
+             + [("remove", (a, b)) for i, a in enumerate(keys) for b in keys[i + 1:]
+                if len(keys) > 2]
+             + ([("switch on", ())] if options else []))
     for how, key in cases:
         outcomes = []
         for cls in (torch_cls, ours_cls):
@@ -981,7 +988,8 @@ def test_a_missing_state_key_leaves_the_state_torch_leaves(name, new_first):
             old.grad = torch.randn(3, generator=g)
             opt.step()  # (old's state made; new has no grad yet, so none)
             if how == "remove":
-                del opt.state[old][key]
+                for k in key:
+                    del opt.state[old][k]
             else:
                 opt.param_groups[0].update(options)
             new.grad, old.grad = (torch.randn(3, generator=g) for _ in range(2))

@@ -490,21 +490,21 @@ _HANDOFFS = [("Adam", dict(max_grad_norm=1e30)), ("Adam", dict(fused=True)),
              ("Adagrad", dict(fused=True)), ("RMSprop", dict(max_grad_norm=1e30))]
 
 
+@pytest.mark.parametrize("scale", [2.0 ** 16, 3000.0], ids=["2^16", "3000"])
 @pytest.mark.parametrize("name,handoff", _HANDOFFS,
                          ids=[f"{n}-{','.join(k)}" for n, k in _HANDOFFS])
-def test_a_16_bit_grad_unscaled_by_the_kernel_is_the_grad_unscale_leaves(name, handoff):
+def test_a_16_bit_grad_unscaled_by_the_kernel_is_the_grad_unscale_leaves(name, handoff, scale):
     """GradScaler.unscale_ stores each unscaled bfloat16 grad, rounded, and the step reads
-    that. A power-of-two scale makes the product exact, but not where it is a bfloat16
-    subnormal: a kernel handed the scale (fused=True; max_grad_norm= where nothing is
-    clipped) took the float product there, and Adam's, Adamax's and NAdam's moments and
-    Rprop's params differed from unscale_ then the step (found by a differential fuzz,
-    2026-12-07: Note [the unscaled grad as stored] in csrc/cpu/multi_tensor.h). Grads whose
-    unscaled values lie around 2^-126 (bfloat16's subnormals and smallest normals, zeros,
-    both signs), 4,100 of them (vector loops and a scalar tail), three steps; the
-    reference is the same optimizer stepped after scaler.unscale_: every bit of the params,
-    the grads and the state."""
+    that. A kernel handed the scale (fused=True; max_grad_norm= where nothing is clipped)
+    took the float product, which differs where it is not a bfloat16 value: a bfloat16
+    subnormal under a power-of-two scale (Adam's, Adamax's and NAdam's moments and Rprop's
+    params differed: found by a differential fuzz, 2026-12-07), and almost every grad under
+    another scale (fused=True; max_grad_norm= unscales those in place first). Note [the
+    unscaled grad as stored] in csrc/cpu/multi_tensor.h. Grads whose unscaled values lie
+    around 2^-126 (bfloat16's subnormals and smallest normals, zeros, both signs), 4,100 of
+    them (vector loops and a scalar tail), three steps; the reference is the same optimizer
+    stepped after scaler.unscale_: every bit of the params, the grads and the state."""
     g = torch.Generator().manual_seed(0)
-    scale = 2.0 ** 16
     grads = [(torch.rand(4100, generator=g, dtype=torch.float64) * 2 - 1)
              * 2.0 ** (16 - 126 + torch.randint(-8, 3, (4100,), generator=g)) for _ in range(3)]
     for gr in grads:

@@ -75,10 +75,10 @@ def _fake_torch(tmp_path, version):
     return _fake_package(tmp_path, "torch", f"__version__ = {version!r}\n")
 
 
-def _setup_py(tmp_path, env_extra, fake_torch=None):
+def _setup_py(tmp_path, env_extra, fakes=None):
     env = dict(os.environ, **env_extra)
-    if fake_torch:
-        env["PYTHONPATH"] = fake_torch
+    if fakes:  # (a _fake_package folder)
+        env["PYTHONPATH"] = fakes
     return subprocess.run([sys.executable, os.path.join(ROOT, "setup.py"), "--name"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
 

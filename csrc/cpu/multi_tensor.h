@@ -213,11 +213,13 @@ FO_INLINE void prefetch_ahead(T* p, T* g, T* const* s, int64_t from, int64_t cou
 // Where the kernel unscales the grads (a GradScaler's scale handed to it: fused=True,
 // max_grad_norm=), it stores each unscaled grad back, as GradScaler.unscale_ does, and the
 // rule takes the value stored: for 16-bit grads, the product rounded to their dtype, as the
-// step after unscale_ reads it. A power-of-two scale makes the product exact but where it
-// is subnormal in the 16-bit type (below 2^-126 for bfloat16, 2^-14 for float16): until
-// 2026-12-07 the rule took the float product there, and its moments and params differed
-// from unscale_ then the step (found by a differential fuzz; Adafactor's grad_value did it
-// this way already, and the CUDA loops now do it too).
+// step after unscale_ reads it. Until 2026-12-07 the rule took the float product, and its
+// moments and params differed from unscale_ then the step wherever the product was not a
+// 16-bit value: with a scale that is not a power of two, almost everywhere (fused=True;
+// max_grad_norm= unscales such grads in place first); with a power of two, where the
+// product is subnormal in the 16-bit type (below 2^-126 for bfloat16). Found by a
+// differential fuzz; Adafactor's grad_value and Muon did it this way already, and the
+// CUDA loops now do it too.
 //
 // The loop over one contiguous segment of one tensor. `Rule` is an update rule from
 // update_rules.h; it sees each element in opmath precision (or, in the 16-bit loops of
