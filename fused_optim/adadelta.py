@@ -54,9 +54,6 @@ class Adadelta(FusedOptimizer, torch.optim.Adadelta):
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         return ("square_avg", "acc_delta", "step")
 
-    def _torch_lookup_keys(self, group: Dict[str, Any]) -> Tuple[str, ...]:
-        return ("square_avg", "acc_delta", "step")
-
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
         return dict(
             **lr_args(group["lr"]),

@@ -50,6 +50,8 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
     # general path (_update_group below), which costs a Python loop over the params.
     _fast_path = False
 
+    _torch_looks_up_state = False  # (_torch_lookup_keys)
+
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         return ("row_var", "col_var", "variance", "step")
 

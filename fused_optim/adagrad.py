@@ -108,9 +108,6 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         return ("sum", "step")
 
-    def _torch_lookup_keys(self, group: Dict[str, Any]) -> Tuple[str, ...]:
-        return ("sum", "step")
-
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
         lr, lr_decay = group["lr"], group["lr_decay"]
         if (not group["fused"] and not isinstance(lr, Tensor) and not isinstance(lr_decay, Tensor)

@@ -36,10 +36,6 @@ class _AdamStep(FusedOptimizer):
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if group["amsgrad"] else None, "step")
 
-    def _torch_lookup_keys(self, group: Dict[str, Any]) -> Tuple[str, ...]:
-        amsgrad = ("max_exp_avg_sq",) if group["amsgrad"] else ()
-        return ("exp_avg", "exp_avg_sq") + amsgrad + ("step",)
-
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
         lr, beta1 = group["lr"], group["betas"][0]
         if isinstance(lr, Tensor) and group["foreach"] and not group["capturable"] and any(

@@ -55,9 +55,6 @@ class Adamax(FusedOptimizer, torch.optim.Adamax):
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         return ("exp_avg", "exp_inf", "step")
 
-    def _torch_lookup_keys(self, group: Dict[str, Any]) -> Tuple[str, ...]:
-        return ("exp_avg", "exp_inf", "step")
-
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
         lr, beta1 = group["lr"], group["betas"][0]
         if not group["capturable"]:

@@ -63,6 +63,7 @@ class ASGD(FusedOptimizer, torch.optim.ASGD):
         return ("ax", "mu", "eta", "step")
 
     def _torch_lookup_keys(self, group: Dict[str, Any]) -> Tuple[str, ...]:
+        # (torch looks mu up before ax)
         return ("mu", "ax", "eta", "step")
 
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:

@@ -109,6 +109,8 @@ class Muon(FusedOptimizer, torch.optim.Muon):
         )
         self._fused_setup(max_grad_norm, grad_norm_type)
 
+    _torch_looks_up_state = False  # (_torch_lookup_keys)
+
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         return ("momentum_buffer",)
 

@@ -65,9 +65,6 @@ class NAdam(FusedOptimizer, torch.optim.NAdam):
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         return ("exp_avg", "exp_avg_sq", "mu_product", "step")
 
-    def _torch_lookup_keys(self, group: Dict[str, Any]) -> Tuple[str, ...]:
-        return ("exp_avg", "exp_avg_sq", "mu_product", "step")
-
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
         self._raise_as_torchs_host_division(group)
         return dict(

@@ -452,13 +452,20 @@ class FusedOptimizer(torch.optim.Optimizer):
         found_inf."""
         raise NotImplementedError
 
+    # Whether torch's _init_group looks each of a param's state keys up (False: it makes a
+    # missing one, as SGD's momentum_buffer, or checks its own way).
+    _torch_looks_up_state: bool = True
+
     def _torch_lookup_keys(self, group: Dict[str, Any]) -> Tuple[str, ...]:
         """The state keys torch's _init_group looks up for each param, in its order, where
         a missing one raises its KeyError at that param (an option that adds a state,
         switched on mid-training, as Adam's amsgrad; a state edited by hand): the state of
-        the group's earlier new params is made by then, the later ones' is not. ()
-        where the class checks its own way."""
-        return ()
+        the group's earlier new params is made by then, the later ones' is not. By default
+        the keys of _state_keys in their order; () where _torch_looks_up_state is False;
+        a class whose torch looks them up in another order says so."""
+        if not self._torch_looks_up_state:
+            return ()
+        return tuple(k for k in self._state_keys(group) if k is not None)
 
     def _step_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         """_state_keys, then the op's param_aux: the param storage's buffer where a mode is

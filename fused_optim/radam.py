@@ -57,9 +57,6 @@ class RAdam(FusedOptimizer, torch.optim.RAdam):
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         return ("exp_avg", "exp_avg_sq", "step")
 
-    def _torch_lookup_keys(self, group: Dict[str, Any]) -> Tuple[str, ...]:
-        return ("exp_avg", "exp_avg_sq", "step")
-
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
         beta2 = group["betas"][1]
         # (torch: rho_inf = 2 / (1 - beta2) - 1, then rho_t = rho_inf - 2 * step * beta2 **

@@ -64,6 +64,7 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
         )
 
     def _torch_lookup_keys(self, group: Dict[str, Any]) -> Tuple[str, ...]:
+        # (torch looks step up second, and momentum_buffer before grad_avg)
         return (("square_avg", "step") + (("momentum_buffer",) if group["momentum"] > 0 else ())
                 + (("grad_avg",) if group["centered"] else ()))
 

@@ -52,9 +52,6 @@ class Rprop(FusedOptimizer, torch.optim.Rprop):
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         return ("prev", "step_size", "step")
 
-    def _torch_lookup_keys(self, group: Dict[str, Any]) -> Tuple[str, ...]:
-        return ("prev", "step_size", "step")
-
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
         # lr is only the initial step size (_init_state): the kernel does not take it.
         etaminus, etaplus = group["etas"]

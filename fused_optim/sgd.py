@@ -75,6 +75,8 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     _op = "sgd_"
     _moment_keys = ("momentum_buffer",)  # Note [state storage]
 
+    _torch_looks_up_state = False  # (_torch_lookup_keys)
+
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         return ("momentum_buffer" if group["momentum"] != 0 else None,)
 

@@ -40,6 +40,8 @@ class SparseAdam(FusedOptimizer, torch.optim.SparseAdam):
         super().__init__(params, lr=lr, betas=betas, eps=eps, maximize=maximize)
         self._fused_setup(max_grad_norm, grad_norm_type)
 
+    _torch_looks_up_state = False  # (_torch_lookup_keys)
+
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         return ("exp_avg", "exp_avg_sq")
 

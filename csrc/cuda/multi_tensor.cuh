@@ -374,7 +374,7 @@ __global__ void __launch_bounds__(kThreads) storage_kernel(
       if (a.unscale) {
         gv = gv * inv_scale;
         store_float(g, pt, i, gv);  // the unscaled grad, stored back
-        gv = load_as_float(g, pt, i);  // Note [the unscaled grad as stored] (cpu/multi_tensor.h)
+        gv = rounded_as(gv, pt);  // Note [the unscaled grad as stored] (cpu/multi_tensor.h)
       }
       for (int k = 0; k < NS; ++k) {
         if (st[k] == kStoreU8) {
