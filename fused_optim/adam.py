@@ -37,7 +37,7 @@ class _AdamStep(FusedOptimizer):
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if group["amsgrad"] else None, "step")
 
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
-        lr, beta1 = group["lr"], group["betas"][0]
+        (beta1, _), lr = group["betas"], group["lr"]  # (unpacked as torch's step unpacks them)
         if isinstance(lr, Tensor) and group["foreach"] and not group["capturable"] and any(
                 p.grad is not None for p in group["params"]):
             # (torch's foreach step checks it each step, for a group with grads; its

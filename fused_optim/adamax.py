@@ -56,7 +56,7 @@ class Adamax(FusedOptimizer, torch.optim.Adamax):
         return ("exp_avg", "exp_inf", "step")
 
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
-        lr, beta1 = group["lr"], group["betas"][0]
+        (beta1, _), lr = group["betas"], group["lr"]  # (unpacked as torch's step unpacks them)
         if not group["capturable"]:
             # (torch's for-loop and foreach step: clr = lr / (1 - beta1 ** step))
             raise_as_torchs_host_division(group, self.state, beta1,

@@ -90,7 +90,7 @@ class NAdam(FusedOptimizer, torch.optim.NAdam):
         arithmetic for the product, before anything changes; elsewhere nothing is (a
         Tensor beta1 or momentum_decay makes tensors of them, which divide without
         raising; torch.compile traces none of this)."""
-        beta1, decay = group["betas"][0], group["momentum_decay"]
+        (beta1, _), decay = group["betas"], group["momentum_decay"]  # (unpacked as torch's)
         if (isinstance(beta1, Tensor) or isinstance(decay, Tensor)
                 or torch.compiler.is_compiling()):
             return

@@ -1209,8 +1209,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         def torch_step(opt: "FusedOptimizer") -> None:
             # As torch's own decorators run it (_use_grad_for_differentiable, or no_grad
             # where the class has no `differentiable`): the in-place updates of leaf
-            # params need grad mode off, unless differentiable=True.
-            with torch.set_grad_enabled(bool(opt.defaults.get("differentiable", False))):
+            # params need grad mode off, unless differentiable=True. (Not bool(): a truthy
+            # differentiable that is not a bool raises torch's TypeError here, before its
+            # step changes anything, as torch's decorator does; found by a fuzz, 2026-12-07.)
+            with torch.set_grad_enabled(opt.defaults.get("differentiable", False)):
                 raw_step(opt)
 
         if saved_scale is None and found_inf is None and all(s is None for s in scales):

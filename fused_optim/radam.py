@@ -58,7 +58,7 @@ class RAdam(FusedOptimizer, torch.optim.RAdam):
         return ("exp_avg", "exp_avg_sq", "step")
 
     def _kernel_args(self, group: Dict[str, Any]) -> Dict[str, Any]:
-        beta2 = group["betas"][1]
+        _, beta2 = group["betas"]  # (unpacked as torch's step unpacks them)
         # (torch: rho_inf = 2 / (1 - beta2) - 1, then rho_t = rho_inf - 2 * step * beta2 **
         # step / (1 - beta2 ** step), whose divisor is 0 at even steps for a beta2 of -1:
         # until 2026-12-06 only rho_inf was evaluated, found by a review)

@@ -62,6 +62,17 @@ class SGD(FusedOptimizer, torch.optim.SGD):
                     raise RuntimeError("`_fused_sgd` does not support sparse gradients")
                 # torch's for-loop handles sparse grads.
                 return "sparse gradients"
+            # A momentum_buffer made by a step with a sparse grad is sparse (torch's for-loop
+            # clones the grad): torch's step raises its own error when a dense grad meets
+            # it (the kernels, a dispatcher's NotImplementedError; found by a fuzz,
+            # 2026-12-07).
+            state = self.state
+            for group in self.param_groups:
+                if group["momentum"] != 0:
+                    for p in group["params"]:
+                        buf = state[p].get("momentum_buffer") if p in state else None
+                        if isinstance(buf, Tensor) and buf.is_sparse and p.grad is not None:
+                            return "a sparse momentum_buffer (made by a step with sparse gradients)"
         return reason
 
     _checks_fused_once = True

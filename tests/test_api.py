@@ -214,6 +214,64 @@ def test_differentiable_runs_torchs_implementation_with_one_warning(name, torch_
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("value", [1, 2.0, "yes"])
+@pytest.mark.parametrize("name,torch_cls,ours_cls", PAIRS, ids=PAIR_IDS)
+def test_a_truthy_differentiable_that_is_not_a_bool_raises_torchs_type_error(
+        name, torch_cls, ours_cls, value):
+    """torch's step sets the grad mode to `differentiable` as given, and set_grad_enabled
+    refuses anything but a bool: its TypeError, before the step changes anything. Ours ran
+    torch's step with bool(value), which made the state and raised a leaf-variable
+    RuntimeError (found by a differential fuzz, 2026-12-07)."""
+    outcomes = []
+    for cls in (torch_cls, ours_cls):
+        torch.manual_seed(0)
+        ps = params(2)
+        opt = cls(ps, differentiable=value)
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        before = [p.detach().clone() for p in ps]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(TypeError) as e:
+                opt.step()
+        assert all(torch.equal(p.detach(), b) for p, b in zip(ps, before))
+        outcomes.append((str(e.value), {i: sorted(opt.state[p]) for i, p in enumerate(ps)
+                                        if p in opt.state}))
+    assert outcomes[1] == outcomes[0]
+    assert "set_grad_enabled" in outcomes[0][0]
+
+
+@pytest.mark.parametrize("betas", [(), (0.9,), (0.9, 0.999, 0.5)], ids=len)
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "Adamax", "NAdam", "RAdam"])
+def test_betas_of_another_length_set_in_a_group_raise_torchs_value_error(name, betas):
+    """torch's step unpacks a group's betas as `beta1, beta2 = group["betas"]`: a tuple of
+    another length set in a group (the constructor checks only its own) raises Python's
+    ValueError. Ours indexed RAdam's beta2 (an IndexError for one element; found by a
+    differential fuzz, 2026-12-07) and Adam's, Adamax's and NAdam's beta1 (for none).
+    Nothing changes: a step before it made the state, whose values are compared too."""
+    torch_cls, ours_cls = pu.ALGOS[name]
+    outcomes = []
+    for cls in (torch_cls, ours_cls):
+        torch.manual_seed(0)
+        ps = params(2)
+        opt = cls(ps)
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        opt.param_groups[0]["betas"] = betas
+        before = [p.detach().clone() for p in ps]
+        state = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in ps}
+        with pytest.raises(ValueError) as e:
+            opt.step()
+        assert all(torch.equal(p.detach(), b) for p, b in zip(ps, before))
+        for p in ps:
+            assert opt.state[p].keys() == state[p].keys()
+            for k, v in opt.state[p].items():
+                assert torch.equal(v, state[p][k]), k
+        outcomes.append(str(e.value))
+    assert outcomes[1] == outcomes[0]
+
+
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "Adamax", "Adadelta", "NAdam",
                                   "RAdam", "Rprop", "ASGD"])
 def test_capturable_on_cpu_raises_torchs_error(name):
@@ -414,6 +472,35 @@ def test_sgd_sparse_grads_use_torchs_for_loop_with_warning():
                 m(idx).sum().backward()
                 o.step()
     assert torch.equal(emb_ours.weight, emb_ref.weight)
+
+
+def test_a_sparse_momentum_buffer_met_by_a_dense_grad_raises_torchs_error():
+    """SGD's momentum_buffer, made by a step with a sparse grad, is sparse (torch's
+    for-loop clones the grad); a dense grad then meets it in torch's `add_`, which raises
+    its RuntimeError. Ours runs torch's step for it: the kernels had raised a dispatcher's
+    NotImplementedError (found by a differential fuzz, 2026-12-07). The param is left
+    as it was, and the buffer as torch's leaves it (its `mul_` by the momentum runs before
+    the `add_` raises)."""
+    outcomes = []
+    for cls in (torch.optim.SGD, fused_optim.SGD):
+        torch.manual_seed(0)
+        p = torch.randn(4, 3, requires_grad=True)
+        opt = cls([p], lr=0.1, momentum=0.9)
+        p.grad = torch.randn(4, 3).to_sparse()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step()
+        assert opt.state[p]["momentum_buffer"].is_sparse
+        p.grad = torch.randn(4, 3)
+        before = p.detach().clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(Exception) as e:
+                opt.step()
+        assert torch.equal(p.detach(), before)
+        outcomes.append((e.type, str(e.value), opt.state[p]["momentum_buffer"].to_dense()))
+    assert outcomes[1][:2] == outcomes[0][:2] and outcomes[0][0] is RuntimeError
+    assert torch.equal(outcomes[1][2], outcomes[0][2])
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adagrad"])
