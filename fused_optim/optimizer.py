@@ -1033,11 +1033,16 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _makes_state(self, groups: List[Dict[str, Any]],
                      keys: List[Tuple[Optional[str], ...]]) -> bool:
-        """Whether a step would make state: a param with a grad and no state yet, in a
-        group whose kernel takes a state (its keys)."""
+        """Whether a step would make state: a param with a grad whose state lacks one of
+        its group's keys (the kernel's states and a storage mode's buffer; a param without
+        state lacks them all). (Adagrad's state is made by its constructor, and only its
+        master_param or kahan_comp is left to make: a skipped first step had made it, where
+        unscale_ then a skipped step() makes nothing; found by a fuzz, 2026-12-07.)"""
         state = self.state
-        return any(any(k is not None for k in group_keys)
-                   and any(p.grad is not None and not state.get(p) for p in group["params"])
+        empty: Dict[str, Any] = {}
+        return any(any(p.grad is not None and any(k is not None and k not in state.get(p, empty)
+                                                  for k in group_keys)
+                       for p in group["params"])
                    for group, group_keys in zip(groups, keys))
 
     def _update_placing_state(self, group: Dict[str, Any], params: List[Tensor],

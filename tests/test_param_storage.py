@@ -7,6 +7,7 @@ the param and state then stored as the mode says, written here in Python (stocha
 rounding's generator in numpy: Note [stochastic rounding] in csrc/rounding.h)."""
 import copy
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -602,6 +603,48 @@ def test_old_sgd_checkpoint_with_a_none_momentum_buffer_loads(state_dtype):
     p.grad = torch.full((10,), 2.0)
     opt.step()  # the first step with momentum: the buffer is the grad, as torch makes it
     assert torch.equal(p.detach(), torch.full((10,), 1.0 - 0.1 * 2.0))
+
+
+@pytest.mark.parametrize("handoff", ["fused", "max_grad_norm", "unscale_"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["Adagrad", "Adam", "SGD"])
+def test_a_skipped_first_step_makes_no_state_in_a_storage_mode(name, mode, handoff):
+    """A GradScaler's first step skipped (an inf grad) makes no state, whether the kernel
+    takes the scale (fused=True, max_grad_norm=) or unscale_ runs and step() is not
+    called: Adagrad's state exists from its constructor, and the skipped step had made its
+    mode's master_param or kahan_comp, which unscale_'s path does not (found by a fuzz,
+    2026-12-07). The next real steps then match the unscale_ path's, bitwise."""
+    kw = {"Adagrad": dict(lr=0.1), "Adam": dict(lr=0.01), "SGD": dict(lr=0.1, momentum=0.9)}
+    results = []
+    for how in (handoff, "unscale_"):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(40).bfloat16())
+        extra = {"fused": dict(fused=True), "max_grad_norm": dict(max_grad_norm=1e30),
+                 "unscale_": {}}[how]
+        if name == "SGD" and how == "fused":
+            extra = {}  # (torch's SGD takes fused=True, but GradScaler's handoff is ours)
+        opt = getattr(fused_optim, name)([p], **kw[name], **extra, **{mode: True})
+        if how == "unscale_":
+            opt._step_supports_amp_scaling = False  # (GradScaler unscales, then steps)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        keys = []
+        for step in range(3):
+            g = torch.linspace(-1, 1, 40).bfloat16()
+            if step == 0:
+                g[3] = float("inf")
+            scaler.scale(torch.ones(()))
+            p.grad = (g.float() * scaler.get_scale()).bfloat16()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                scaler.step(opt)
+            scaler.update()
+            keys.append(sorted(opt.state.get(p, {})))
+        results.append((keys, p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}))
+    assert results[0][0] == results[1][0]
+    assert_bitwise(results[0][1], results[1][1], "param")
+    for k, v in results[1][2].items():
+        if k != "rounding_state":
+            assert_bitwise(results[0][2][k], v, k)
 
 
 @pytest.mark.parametrize("mode", MODES)
