@@ -205,10 +205,10 @@ def test_bitwise_where_blas_batches_like_torch(dtype, options):
         assert torch.equal(opt_ours.state[p]["momentum_buffer"], opt_ref.state[q]["momentum_buffer"])
 
 
-def assert_bitwise_torchs(dtype, kwargs, shapes, steps=3):
-    """`steps` steps of ours and torch.optim.Muon's on params of `shapes`: every param and
-    buffer bitwise equal."""
-    ref = make_params(dtype, shapes=shapes)
+def assert_bitwise_torchs(dtype, kwargs, shapes, steps=3, layout="contiguous"):
+    """`steps` steps of ours and torch.optim.Muon's on params of `shapes` (and `layout`):
+    every param and buffer bitwise equal."""
+    ref = make_params(dtype, layout, shapes)
     ours = clone_params(ref)
     opt_ref, opt_ours = torch.optim.Muon(ref, **kwargs), fused_optim.Muon(ours, **kwargs)
     threads = torch.get_num_threads()
@@ -217,7 +217,7 @@ def assert_bitwise_torchs(dtype, kwargs, shapes, steps=3):
     torch.set_num_threads(1 if dtype in (torch.bfloat16, torch.float16) else threads)
     try:
         for step in range(steps):
-            set_grads([ref, ours], step)
+            set_grads([ref, ours], step, layout=layout)
             opt_ref.step()
             opt_ours.step()
     finally:
@@ -240,6 +240,21 @@ def test_bitwise_for_params_alone_in_their_shape(dtype, options):
     calls (newton_schulz in muon.cpp): its step is torch's bit for bit on any BLAS, also
     where batched products round otherwise (the test above then skips)."""
     assert_bitwise_torchs(dtype, _opts(options), LONE_SHAPES)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bitwise_for_non_contiguous_params_alone_in_their_shape(dtype, layout):
+    """A param alone in its group and not row-major: torch's bfloat16 add_ takes its scalar
+    loop (two roundings) where the update's strides are not the param's, and the loops of
+    the CPU kernel, on the param's contiguous copy, had fused them (Note [torch's bfloat16
+    add]); a bfloat16 group with such a param runs ATen's ops on the params themselves. Its
+    bits were torch's only beside a param of another dtype, which took that path already
+    (found by an invariance fuzz, 2026-12-07)."""
+    for shape in LONE_SHAPES[:-1]:  # (one param a group, the path a lone param takes)
+        assert_bitwise_torchs(dtype, {}, [shape], layout=layout)
+    assert_bitwise_torchs(dtype, dict(nesterov=False, weight_decay=0.1), LONE_SHAPES[:3],
+                          layout=layout)
 
 
 # Several params of each shape, at and above the size from which a group's matrices take

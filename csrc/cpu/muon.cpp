@@ -659,6 +659,22 @@ void muon_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
       return;
     }
   }
+  if (dtype == at::kBFloat16) {
+    for (const at::Tensor& p : params) {
+      if (!p.is_contiguous()) {
+        // Note [torch's bfloat16 add]: torch's add_ on a bfloat16 param that is not
+        // row-major (transposed, every other column) takes its scalar loop wherever the
+        // update's strides differ from the param's, and the run structure follows the
+        // param's layout; the loops here round as for a contiguous param (its copy). ATen's
+        // ops, on the param itself, are torch's (found by a fuzz, 2026-12-07: up to 80 of
+        // a param's elements an ulp apart where it was alone in its group).
+        muon_aten(params, grads, momentum_buffers, lr, weight_decay, momentum, nesterov, ns_a,
+                  ns_b, ns_c, eps, ns_steps, adjust_lr, normalize_buffer, lr_tensor,
+                  grad_scale, found_inf);
+        return;
+      }
+    }
+  }
   if (in.skip) return;
   const bool unscale = in.unscale, lr_f32 = in.lr_f32;
   const double inv_scale = in.inv_scale;
