@@ -1033,17 +1033,24 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _makes_state(self, groups: List[Dict[str, Any]],
                      keys: List[Tuple[Optional[str], ...]]) -> bool:
-        """Whether a step would make state: a param with a grad whose state lacks one of
-        its group's keys (the kernel's states and a storage mode's buffer; a param without
-        state lacks them all). (Adagrad's state is made by its constructor, and only its
-        master_param or kahan_comp is left to make: a skipped first step had made it, where
-        unscale_ then a skipped step() makes nothing; found by a fuzz, 2026-12-07.)"""
+        """Whether a step would make state: a param with a grad and no state yet, or
+        without the state its group's param_aux keeps (a storage mode's buffer, the 8-bit
+        moments' scales), in a group whose kernel takes a state (its keys). (Adagrad's
+        state is made by its constructor, and only its master_param or kahan_comp is left
+        to make: a skipped first step had made it, where unscale_ then a skipped step()
+        makes nothing; found by a fuzz, 2026-12-07. Not every rule key: Adafactor keeps
+        `variance` or the row and column ones, and a GPU step would wait on found_inf.)"""
         state = self.state
-        empty: Dict[str, Any] = {}
-        return any(any(p.grad is not None and any(k is not None and k not in state.get(p, empty)
-                                                  for k in group_keys)
-                       for p in group["params"])
-                   for group, group_keys in zip(groups, keys))
+        for group, group_keys in zip(groups, keys):
+            if not any(k is not None for k in group_keys):
+                continue
+            aux = group_keys[len(self._state_keys(group)):]
+            for p in group["params"]:
+                if p.grad is not None:
+                    s = state.get(p)
+                    if not s or any(k not in s for k in aux):
+                        return True
+        return False
 
     def _update_placing_state(self, group: Dict[str, Any], params: List[Tensor],
                               grads: List[Tensor], keys: Tuple[Optional[str], ...],
@@ -1216,8 +1223,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             # where the class has no `differentiable`): the in-place updates of leaf
             # params need grad mode off, unless differentiable=True. (Not bool(): a truthy
             # differentiable that is not a bool raises torch's TypeError here, before its
-            # step changes anything, as torch's decorator does; found by a fuzz, 2026-12-07.)
-            with torch.set_grad_enabled(opt.defaults.get("differentiable", False)):
+            # step changes anything, as torch's decorator does; found by a fuzz, 2026-12-07.
+            # A falsy one, 0 or None, steps, as the kernels' steps do: docs/parity.md.)
+            with torch.set_grad_enabled(opt.defaults.get("differentiable", False) or False):
                 raw_step(opt)
 
         if saved_scale is None and found_inf is None and all(s is None for s in scales):

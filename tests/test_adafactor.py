@@ -418,6 +418,22 @@ def test_a_step_of_another_real_dtype_steps_as_torchs(dtype):
         assert {k: v.dtype for k, v in o.items()} == {k: v.dtype for k, v in t.items()}
 
 
+def test_a_made_state_is_not_taken_for_one_to_make():
+    """Once each param has its state, a step makes none: Adafactor keeps `variance` for a
+    1-D param and the row and column ones for a 2-D one, so a check of every rule key
+    (a review, 2026-12-07) would have read a GradScaler's found_inf at every step, which
+    waits for a GPU (Note [GradScaler's handoff])."""
+    ps = [torch.randn(6, 4, requires_grad=True), torch.randn(5, requires_grad=True)]
+    opt = fused_optim.Adafactor(ps, lr=0.01)
+    groups = opt.param_groups
+    keys = [opt._step_keys(g) for g in groups]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    assert opt._makes_state(groups, keys)
+    opt.step()
+    assert not opt._makes_state(groups, keys)
+
+
 @pytest.mark.parametrize("handoff", [False, True])
 def test_grad_scaler_unscales_and_skips_inf_steps(handoff):
     """As torch's for-loop, the scaler unscales and skips the inf step itself; with the

@@ -248,13 +248,37 @@ def test_bitwise_for_non_contiguous_params_alone_in_their_shape(dtype, layout):
     """A param alone in its group and not row-major: torch's bfloat16 add_ takes its scalar
     loop (two roundings) where the update's strides are not the param's, and the loops of
     the CPU kernel, on the param's contiguous copy, had fused them (Note [torch's bfloat16
-    add]); a bfloat16 group with such a param runs ATen's ops on the params themselves. Its
-    bits were torch's only beside a param of another dtype, which took that path already
-    (found by an invariance fuzz, 2026-12-07)."""
+    add]); such a param is now stepped by ATen's mul_ and add_ on the param itself, with
+    the update in torch's layout. A transposed one's bits were torch's only beside a param
+    of another dtype, whose group took ATen's ops already (found by an invariance fuzz,
+    2026-12-07; every other column was torch's before too)."""
     for shape in LONE_SHAPES[:-1]:  # (one param a group, the path a lone param takes)
         assert_bitwise_torchs(dtype, {}, [shape], layout=layout)
     assert_bitwise_torchs(dtype, dict(nesterov=False, weight_decay=0.1), LONE_SHAPES[:3],
                           layout=layout)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+def test_non_contiguous_bfloat16_params_in_small_groups_side_by_side(layout):
+    """Such params in several small shape groups, which run side by side on two threads
+    (Note [Muon's small groups]): their ATen calls are made on the calling thread, and the
+    bits are torch's (params of under 32,768 elements: torch's own bits do not depend on
+    its thread count there)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ref = make_params(torch.bfloat16, layout, LONE_SHAPES[:-1])  # (no batched products)
+        ours = clone_params(ref)
+        opt_ref, opt_ours = torch.optim.Muon(ref), fused_optim.Muon(ours)
+        for step in range(3):
+            set_grads([ref, ours], step, layout=layout)
+            opt_ref.step()
+            opt_ours.step()
+    finally:
+        torch.set_num_threads(threads)
+    for p, q in zip(ours, ref):
+        assert torch.equal(p, q)
+        assert torch.equal(opt_ours.state[p]["momentum_buffer"], opt_ref.state[q]["momentum_buffer"])
 
 
 # Several params of each shape, at and above the size from which a group's matrices take

@@ -377,6 +377,12 @@ int64_t torch_bf16_lanes() {
 struct Slot {
   at::Tensor p, g, buf;  // contiguous
   bool p_temp = false, g_temp = false, buf_temp = false;
+  // A bfloat16 param that is not row-major, stepped by ATen's mul_ and add_ on the param
+  // itself, on the calling thread (Note [torch's bfloat16 add]), with `update` and these
+  // scalars; its contiguous copy is not written back.
+  bool aten_step = false;
+  at::Tensor update;
+  double decay = 1.0, alpha = 0.0;
   int64_t group = 0, index = 0;  // its shape group, and its place in that group's stack
 };
 
@@ -659,22 +665,6 @@ void muon_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
       return;
     }
   }
-  if (dtype == at::kBFloat16) {
-    for (const at::Tensor& p : params) {
-      if (!p.is_contiguous()) {
-        // Note [torch's bfloat16 add]: torch's add_ on a bfloat16 param that is not
-        // row-major (transposed, every other column) takes its scalar loop wherever the
-        // update's strides differ from the param's, and the run structure follows the
-        // param's layout; the loops here round as for a contiguous param (its copy). ATen's
-        // ops, on the param itself, are torch's (found by a fuzz, 2026-12-07: up to 80 of
-        // a param's elements an ulp apart where it was alone in its group).
-        muon_aten(params, grads, momentum_buffers, lr, weight_decay, momentum, nesterov, ns_a,
-                  ns_b, ns_c, eps, ns_steps, adjust_lr, normalize_buffer, lr_tensor,
-                  grad_scale, found_inf);
-        return;
-      }
-    }
-  }
   if (in.skip) return;
   const bool unscale = in.unscale, lr_f32 = in.lr_f32;
   const double inv_scale = in.inv_scale;
@@ -695,6 +685,7 @@ void muon_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
         out = temp ? t.contiguous().resolve_neg() : t;
       };
       take(params[i], s.p, s.p_temp);
+      s.aten_step = dtype == at::kBFloat16 && !params[i].is_contiguous() && !params[i].is_neg();
       // (a param updated through a copy must share no element with another: Note
       // [overlapping params] in plan.cpp)
       if (s.p_temp && params[i].numel() != 0) MultiTensorPlan::check_no_overlap(kOp, i, params);
@@ -776,10 +767,25 @@ void muon_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
         const c10::BFloat16* u = updates.const_data_ptr<c10::BFloat16>();
         for_pieces(pieces, [&](const Piece& pc) {
           const Slot& s = slots[pc.slot];
-          if (s.index < first || s.index >= first + updates.size(0)) return;
+          if (s.index < first || s.index >= first + updates.size(0) || s.aten_step) return;
           loops.step(s.p.data_ptr<T>(), u + (s.index - first) * n, decay, alpha, fused_end,
                      pc.begin, pc.end);
         });
+        // Note [torch's bfloat16 add]: a param that is not row-major, by torch's own two
+        // calls on it, with the update in the layout torch's has (a tall matrix's is a
+        // transposed view): where the strides differ torch's add_ rounds twice, and where
+        // they agree its vector loop follows the param's memory order (found by a fuzz,
+        // 2026-12-07: such a param, stepped as its contiguous copy, was up to 80 elements
+        // an ulp from torch's).
+        // (The calls are copy_back's, on the calling thread: Note [Muon's small groups].)
+        for (int64_t i : g.members) {
+          Slot& s = slots[i];
+          if (!s.aten_step || s.index < first || s.index >= first + updates.size(0)) continue;
+          s.update = updates[s.index - first];
+          if (g.rows > g.cols && ns_steps > 0) s.update = s.update.t().contiguous().t();
+          s.decay = sc.decay;
+          s.alpha = sc.alpha;
+        }
       };
       // The products (Note [Muon's products]), each result made row-major for the step:
       // the whole stack at once, or matrix by matrix, each stepped as soon as it is made.
@@ -801,7 +807,14 @@ void muon_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
         const Slot& s = slots[i];
         if (s.buf_temp) momentum_buffers[i].copy_(s.buf);
         if (unscale && s.g_temp) grads[i].copy_(s.g);
-        if (s.p_temp) params[i].copy_(s.p);
+        if (s.p_temp && !s.aten_step) params[i].copy_(s.p);
+      }
+      for (int64_t i : groups[gi].members) {
+        Slot& s = slots[i];
+        if (!s.aten_step || !s.update.defined()) continue;
+        params[i].mul_(wrapped(s.decay));
+        params[i].add_(s.update, at::Scalar(s.alpha));
+        s.update.reset();
       }
     };
     for_groups(groups, run_group, copy_back, overlap);
