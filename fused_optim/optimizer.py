@@ -471,10 +471,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         """_state_keys, then the op's param_aux: the param storage's buffer where a mode is
         on (Note [param storage]), then the 8-bit moments' scales (Note [state storage])."""
         keys = self._state_keys(group)
+        return keys + self._aux_keys(keys)
+
+    def _aux_keys(self, keys: Tuple[Optional[str], ...]) -> Tuple[str, ...]:
+        """The param_aux part of _step_keys, for a group of state keys `keys`."""
         aux = (self._storage_key,) if getattr(self, "_param_mode", 0) else ()
         if getattr(self, "_state_dtype", None) is torch.uint8:
             aux += tuple(k + _ABSMAX for k in keys if k in self._moment_keys)
-        return keys + aux
+        return aux
 
     def _step_kwargs(self, group: Dict[str, Any], **extra: Any) -> Dict[str, Any]:
         """_kernel_args, and the param storage's mode where one is on."""
@@ -1044,7 +1048,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for group, group_keys in zip(groups, keys):
             if not any(k is not None for k in group_keys):
                 continue
-            aux = group_keys[len(self._state_keys(group)):]
+            aux = self._aux_keys(self._state_keys(group))
             for p in group["params"]:
                 if p.grad is not None:
                     s = state.get(p)

@@ -205,23 +205,27 @@ def test_bitwise_where_blas_batches_like_torch(dtype, options):
         assert torch.equal(opt_ours.state[p]["momentum_buffer"], opt_ref.state[q]["momentum_buffer"])
 
 
-def assert_bitwise_torchs(dtype, kwargs, shapes, steps=3, layout="contiguous"):
-    """`steps` steps of ours and torch.optim.Muon's on params of `shapes` (and `layout`):
-    every param and buffer bitwise equal."""
+def assert_bitwise_torchs(dtype, kwargs, shapes, steps=3, layout="contiguous", threads=None):
+    """`steps` steps of ours and torch.optim.Muon's on params of `shapes` (and `layout`), at
+    `threads` threads (by default the current count, one for 16-bit params): every param
+    and buffer bitwise equal."""
     ref = make_params(dtype, layout, shapes)
     ours = clone_params(ref)
     opt_ref, opt_ours = torch.optim.Muon(ref, **kwargs), fused_optim.Muon(ours, **kwargs)
-    threads = torch.get_num_threads()
-    # torch's 16-bit add splits a param of 32,768 elements or more into one run per thread,
-    # each with its own scalar tail (Note [torch's bfloat16 add]): one thread, one run.
-    torch.set_num_threads(1 if dtype in (torch.bfloat16, torch.float16) else threads)
+    before = torch.get_num_threads()
+    if threads is None:
+        # torch's 16-bit add splits a param of 32,768 elements or more into one run per
+        # thread, each with its own scalar tail (Note [torch's bfloat16 add]): one thread,
+        # one run.
+        threads = 1 if dtype in (torch.bfloat16, torch.float16) else before
+    torch.set_num_threads(threads)
     try:
         for step in range(steps):
             set_grads([ref, ours], step, layout=layout)
             opt_ref.step()
             opt_ours.step()
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
     for p, q in zip(ours, ref):
         assert torch.equal(p, q)
         assert torch.equal(opt_ours.state[p]["momentum_buffer"], opt_ref.state[q]["momentum_buffer"])
@@ -264,21 +268,8 @@ def test_non_contiguous_bfloat16_params_in_small_groups_side_by_side(layout):
     (Note [Muon's small groups]): their ATen calls are made on the calling thread, and the
     bits are torch's (params of under 32,768 elements: torch's own bits do not depend on
     its thread count there)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        ref = make_params(torch.bfloat16, layout, LONE_SHAPES[:-1])  # (no batched products)
-        ours = clone_params(ref)
-        opt_ref, opt_ours = torch.optim.Muon(ref), fused_optim.Muon(ours)
-        for step in range(3):
-            set_grads([ref, ours], step, layout=layout)
-            opt_ref.step()
-            opt_ours.step()
-    finally:
-        torch.set_num_threads(threads)
-    for p, q in zip(ours, ref):
-        assert torch.equal(p, q)
-        assert torch.equal(opt_ours.state[p]["momentum_buffer"], opt_ref.state[q]["momentum_buffer"])
+    # (each shape once: no batched products)
+    assert_bitwise_torchs(torch.bfloat16, {}, LONE_SHAPES[:-1], layout=layout, threads=2)
 
 
 # Several params of each shape, at and above the size from which a group's matrices take
