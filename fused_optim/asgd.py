@@ -62,6 +62,38 @@ class ASGD(FusedOptimizer, torch.optim.ASGD):
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         return ("ax", "mu", "eta", "step")
 
+    def _torch_step_reason(self) -> Optional[str]:
+        reason = super()._torch_step_reason()
+        if reason is None:
+            for i, group in enumerate(self.param_groups):
+                reason = self._numpy_scalar_reason(i, group)
+                if reason is not None:
+                    break
+        return reason
+
+    def _numpy_scalar_reason(self, i: int, group: Dict[str, Any]) -> Optional[str]:
+        """Note [ASGD's NumPy hyper-parameters]
+        torch's for-loop computes the new eta and mu as Python numbers, `lr / ((1 + lambd *
+        lr * step) ** alpha)` and `1 / max(1, step - t0)`, and copies torch.as_tensor(value)
+        into its states. A Python float makes a tensor of the default dtype (the kernels
+        round to it, then to the state's dtype); a NumPy scalar among lr, lambd, alpha or
+        t0 makes the value a NumPy scalar and the tensor its dtype: a float64 one keeps
+        every bit where eta and mu are float64 (after load_state_dict with float64 params,
+        as a LambdaLR whose lambda returns np.cos(...) leaves the lr), and NumPy's float32
+        computes in float32 (lambd's `1 - lambd * eta` too). Such a group runs torch's own
+        step (found by a differential fuzz, 2026-12-07), except NumPy float64 values with
+        states of the default dtype: the same bits as a Python float there."""
+        keys = [k for k in ("lr", "lambd", "alpha", "t0") if type(group[k]).__module__ == "numpy"]
+        if not keys:
+            return None
+        default = torch.get_default_dtype()
+        if all(type(group[k]).__name__ == "float64" for k in keys) and all(
+                state[k].dtype == default for p in group["params"]
+                if (state := self.state.get(p)) for k in ("eta", "mu") if k in state):
+            return None
+        return (f"{keys[0]} given as a NumPy {type(group[keys[0]]).__name__} in param group {i} "
+                "(torch's ASGD computes eta and mu in its type)")
+
     def _torch_lookup_keys(self, group: Dict[str, Any]) -> Tuple[str, ...]:
         # (torch looks mu up before ax)
         return ("mu", "ax", "eta", "step")

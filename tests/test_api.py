@@ -1,6 +1,7 @@
 """The torch.optim contract: signatures, defaults, errors, param_groups, repr, copies, hooks."""
 import copy
 import inspect
+import math
 import pickle
 import os
 import warnings
@@ -2136,3 +2137,47 @@ def test_maximize_flips_the_sign_of_a_nan_grad_as_torchs_negation(name, options,
             continue
         assert torch.equal(a.view(int_dt), b.view(int_dt)), (
             key, (a.view(int_dt) != b.view(int_dt)).sum().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("key,np_type", [("lr", "float64"), ("t0", "float64"),
+                                         ("alpha", "float64"), ("lambd", "float32"),
+                                         ("lr", "float32")])
+def test_asgd_numpy_hyper_parameters_step_as_torchs_for_loop(dtype, key, np_type):
+    """Found by a differential fuzz (2026-12-07): torch's ASGD copies torch.as_tensor of its
+    new eta and mu, Python numbers of the hyper-parameters' type, into its states, so a NumPy
+    float64 lr or t0 (a LambdaLR whose lambda returns np.cos(...)) keeps float64 eta and mu
+    (float64 params, after load_state_dict) unrounded, where a Python float is rounded to
+    float32 first, and NumPy float32 computes in float32; the kernels rounded every one as a
+    Python float. Now such a group runs torch's own step, with its one-time warning (Note
+    [ASGD's NumPy hyper-parameters]), except NumPy float64 with states of the default dtype,
+    which the kernels step with the same bits. Params, eta and mu bitwise, after five steps
+    (ASGD has no sqrt)."""
+    np = pytest.importorskip("numpy")
+    results = []
+    fused_optim.optimizer.FusedOptimizer._warned.clear()  # (each warning is given once)
+    for module in (torch.optim, fused_optim):
+        g = torch.Generator().manual_seed(0)
+        p = torch.randn(10, dtype=dtype, generator=g).requires_grad_()
+        first = torch.optim.ASGD([p], lr=0.01, t0=1)
+        p.grad = torch.randn(10, dtype=dtype, generator=g)
+        first.step()
+        opt = module.ASGD([p], lr=0.01)
+        opt.load_state_dict(first.state_dict())  # (eta and mu take the params' dtype)
+        group = opt.param_groups[0]
+        group.update(t0=1.0, lambd=1e-4, alpha=0.75)
+        with warnings.catch_warnings(record=True) as records:
+            warnings.simplefilter("always")
+            for epoch in range(5):
+                group["lr"] = 0.01 * math.cos(epoch / 10)
+                group[key] = getattr(np, np_type)(group[key])
+                p.grad = torch.randn(10, dtype=dtype, generator=g)
+                opt.step()
+        state = opt.state[p]
+        results.append((p.detach().clone(), state["eta"].clone(), state["mu"].clone()))
+        if module is fused_optim:
+            torchs_step = np_type != "float64" or dtype != torch.get_default_dtype()
+            warned = any(f"{key} given as a NumPy {np_type}" in str(r.message) for r in records)
+            assert warned == torchs_step, [str(r.message) for r in records]
+    for theirs, ours in zip(*results):
+        assert theirs.dtype == ours.dtype and torch.equal(theirs, ours), (theirs, ours)
