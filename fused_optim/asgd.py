@@ -80,16 +80,28 @@ class ASGD(FusedOptimizer, torch.optim.ASGD):
         t0 makes the value a NumPy scalar and the tensor its dtype: a float64 one keeps
         every bit where eta and mu are float64 (after load_state_dict with float64 params,
         as a LambdaLR whose lambda returns np.cos(...) leaves the lr), and NumPy's float32
-        computes in float32 (lambd's `1 - lambd * eta` too). Such a group runs torch's own
-        step (found by a differential fuzz, 2026-12-07), except NumPy float64 values with
-        states of the default dtype: the same bits as a Python float there."""
+        computes in float32 (lambd's `1 - lambd * eta` too). Such a group makes the step
+        torch's own (found by a differential fuzz, 2026-12-07), except:
+        - NumPy float64 values under a float64 default dtype (both tensors are float64), or
+          under a float32 one with every eta and mu float32 (new ones are): the same bits;
+        - where torch's step is not the for-loop (foreach=True, or CUDA params, where
+          foreach=None means it: tensor arithmetic), where a param storage mode or
+          state_dtype keeps the params otherwise anyway (which torch's step cannot keep):
+          the kernels, with the values rounded as a Python float's (docs/parity.md).
+        step_in_backward refuses the others with its error (it needs the kernels). Under
+        torch.compile a NumPy scalar is traced as an array: torch's step (before, the op
+        refused the traced lr)."""
         keys = [k for k in ("lr", "lambd", "alpha", "t0") if type(group[k]).__module__ == "numpy"]
-        if not keys:
+        if not keys or group["foreach"] or getattr(self, "_param_mode", 0) or \
+                getattr(self, "_state_dtype", None) is not None:
+            return None
+        if any(p.device.type != "cpu" for p in group["params"]):
             return None
         default = torch.get_default_dtype()
-        if all(type(group[k]).__name__ == "float64" for k in keys) and all(
-                state[k].dtype == default for p in group["params"]
-                if (state := self.state.get(p)) for k in ("eta", "mu") if k in state):
+        if all(type(group[k]).__name__ == "float64" for k in keys) and (
+                default == torch.float64 or (default == torch.float32 and all(
+                    state[k].dtype == default for p in group["params"]
+                    if (state := self.state.get(p)) for k in ("eta", "mu") if k in state))):
             return None
         return (f"{keys[0]} given as a NumPy {type(group[keys[0]]).__name__} in param group {i} "
                 "(torch's ASGD computes eta and mu in its type)")

@@ -869,6 +869,15 @@ class FusedOptimizer(torch.optim.Optimizer):
                 # (Inductor fails on the op's in-place update of complex tensors, "
                 # auto_functionalized_v2 was not removed"; torch's step compiles)
                 return "complex params under torch.compile"
+            if compiling:
+                # (Dynamo traces a NumPy scalar, an lr that a LambdaLR returning np.cos(...)
+                # made, say, as an array: a FakeTensor, which the op's float argument
+                # refuses; torch's step computes with it. Found by a review, 2026-12-07.)
+                for key in ("lr",) + self._numeric_hyper_parameters():
+                    value = group.get(key)
+                    for v in (value if isinstance(value, (tuple, list)) else (value,)):
+                        if type(v).__module__ == "numpy":
+                            return f"{key} given as a NumPy scalar under torch.compile"
         return None
 
     _NUMERIC_KEYS: Dict[type, Tuple[str, ...]] = {}

@@ -2139,45 +2139,97 @@ def test_maximize_flips_the_sign_of_a_nan_grad_as_torchs_negation(name, options,
             key, (a.view(int_dt) != b.view(int_dt)).sum().item())
 
 
+def _asgd_with_numpy(module, dtype, key, np_type, load):
+    """Five steps of ASGD (after one of torch's, loaded where `load`) with `key` a NumPy
+    `np_type` scalar; the params, eta and mu, and the warnings given."""
+    np = pytest.importorskip("numpy")
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(10, dtype=dtype, generator=g).requires_grad_()
+    opt = module.ASGD([p], lr=0.01)
+    if load:
+        first = torch.optim.ASGD([p], lr=0.01, t0=1)
+        p.grad = torch.randn(10, dtype=dtype, generator=g)
+        first.step()
+        opt.load_state_dict(first.state_dict())  # (eta and mu take the params' dtype)
+    group = opt.param_groups[0]
+    group.update(t0=1.0, lambd=1e-4, alpha=0.75)
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        for epoch in range(5):
+            group["lr"] = 0.01 * math.cos(epoch / 10)
+            group[key] = getattr(np, np_type)(group[key])
+            p.grad = torch.randn(10, dtype=dtype, generator=g)
+            opt.step()
+    state = opt.state[p]
+    return (p.detach().clone(), state["eta"].clone(), state["mu"].clone()), [
+        str(r.message) for r in records]
+
+
+@pytest.mark.parametrize("load", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("key,np_type", [("lr", "float64"), ("t0", "float64"),
                                          ("alpha", "float64"), ("lambd", "float32"),
                                          ("lr", "float32")])
-def test_asgd_numpy_hyper_parameters_step_as_torchs_for_loop(dtype, key, np_type):
+def test_asgd_numpy_hyper_parameters_step_as_torchs_for_loop(dtype, key, np_type, load):
     """Found by a differential fuzz (2026-12-07): torch's ASGD copies torch.as_tensor of its
     new eta and mu, Python numbers of the hyper-parameters' type, into its states, so a NumPy
     float64 lr or t0 (a LambdaLR whose lambda returns np.cos(...)) keeps float64 eta and mu
     (float64 params, after load_state_dict) unrounded, where a Python float is rounded to
     float32 first, and NumPy float32 computes in float32; the kernels rounded every one as a
-    Python float. Now such a group runs torch's own step, with its one-time warning (Note
-    [ASGD's NumPy hyper-parameters]), except NumPy float64 with states of the default dtype,
-    which the kernels step with the same bits. Params, eta and mu bitwise, after five steps
-    (ASGD has no sqrt)."""
-    np = pytest.importorskip("numpy")
-    results = []
+    Python float. Now such a step is torch's own, with its one-time warning (Note [ASGD's
+    NumPy hyper-parameters]), except NumPy float64 with float32 states (new ones are), which
+    the kernels step with the same bits. Params, eta and mu bitwise, after five steps (ASGD
+    has no sqrt)."""
     fused_optim.optimizer.FusedOptimizer._warned.clear()  # (each warning is given once)
-    for module in (torch.optim, fused_optim):
+    theirs, _ = _asgd_with_numpy(torch.optim, dtype, key, np_type, load)
+    ours, messages = _asgd_with_numpy(fused_optim, dtype, key, np_type, load)
+    torchs_step = np_type != "float64" or (load and dtype == torch.float64)
+    assert any(f"{key} given as a NumPy {np_type}" in m for m in messages) == torchs_step, \
+        messages
+    for a, b in zip(theirs, ours):
+        assert a.dtype == b.dtype and torch.equal(a, b), (a, b)
+
+
+@pytest.mark.parametrize("default", [torch.float64, torch.float16])
+def test_asgd_numpy_float64_lr_under_another_default_dtype(default):
+    """A review's case (2026-12-07): under a float16 (or bfloat16) default dtype torch
+    makes a Python float's eta a float16 tensor, and a NumPy float64's a float64 one, while
+    the new states are float32: such a step is torch's own. Under a float64 default both
+    are float64 tensors: the kernels', with the same bits, and no warning."""
+    fused_optim.optimizer.FusedOptimizer._warned.clear()
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        theirs, _ = _asgd_with_numpy(torch.optim, torch.float32, "lr", "float64", False)
+        ours, messages = _asgd_with_numpy(fused_optim, torch.float32, "lr", "float64", False)
+    finally:
+        torch.set_default_dtype(before)
+    assert any("lr given as a NumPy float64" in m for m in messages) == (default != torch.float64)
+    for a, b in zip(theirs, ours):
+        assert a.dtype == b.dtype and torch.equal(a, b), (a, b)
+
+
+@pytest.mark.parametrize("options", [dict(foreach=True), dict(master_weights=True)])
+def test_asgd_numpy_hyper_parameters_stay_on_the_kernels_where_torchs_step_would_not_do(options):
+    """Note [ASGD's NumPy hyper-parameters]: with foreach=True torch's step is not the
+    for-loop (tensor arithmetic), and a storage mode keeps the params as torch's step cannot
+    (it would refuse with an error, every step: a review found that, 2026-12-07). There a
+    NumPy float32 lr stays on the kernels, as its value as a Python float: the same bits as
+    that run, no warning."""
+    np = pytest.importorskip("numpy")
+    fused_optim.optimizer.FusedOptimizer._warned.clear()
+    dtype = torch.bfloat16 if "master_weights" in options else torch.float32
+    runs = []
+    for convert in (np.float32, lambda v: float(np.float32(v))):
         g = torch.Generator().manual_seed(0)
-        p = torch.randn(10, dtype=dtype, generator=g).requires_grad_()
-        first = torch.optim.ASGD([p], lr=0.01, t0=1)
-        p.grad = torch.randn(10, dtype=dtype, generator=g)
-        first.step()
-        opt = module.ASGD([p], lr=0.01)
-        opt.load_state_dict(first.state_dict())  # (eta and mu take the params' dtype)
-        group = opt.param_groups[0]
-        group.update(t0=1.0, lambd=1e-4, alpha=0.75)
-        with warnings.catch_warnings(record=True) as records:
-            warnings.simplefilter("always")
-            for epoch in range(5):
-                group["lr"] = 0.01 * math.cos(epoch / 10)
-                group[key] = getattr(np, np_type)(group[key])
-                p.grad = torch.randn(10, dtype=dtype, generator=g)
+        p = torch.randn(10, generator=g).to(dtype).requires_grad_()
+        opt = fused_optim.ASGD([p], lr=0.01, t0=1, **options)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for epoch in range(4):
+                opt.param_groups[0]["lr"] = convert(0.01 * math.cos(epoch / 10))
+                p.grad = torch.randn(10, generator=g).to(dtype)
                 opt.step()
-        state = opt.state[p]
-        results.append((p.detach().clone(), state["eta"].clone(), state["mu"].clone()))
-        if module is fused_optim:
-            torchs_step = np_type != "float64" or dtype != torch.get_default_dtype()
-            warned = any(f"{key} given as a NumPy {np_type}" in str(r.message) for r in records)
-            assert warned == torchs_step, [str(r.message) for r in records]
-    for theirs, ours in zip(*results):
-        assert theirs.dtype == ours.dtype and torch.equal(theirs, ours), (theirs, ours)
+        runs.append([p.detach().clone()] + [v.clone() for v in opt.state[p].values()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b), (a, b)

@@ -355,3 +355,35 @@ def test_complex_params_under_torch_compile_run_torchs_compiled_step(algo):
         out.append(p.detach().clone())
     assert any("complex params under torch.compile" in str(w.message) for w in caught)
     assert torch.equal(out[0], out[1])
+
+
+@pytest.mark.parametrize("algo", ["SGD", "Adam"])
+def test_a_numpy_lr_under_torch_compile_runs_torchs_compiled_step(algo):
+    """A LambdaLR whose lambda returns np.cos(...) makes the lr a NumPy float64, which
+    Dynamo traces as an array: the op's float argument refused its FakeTensor, an error
+    where torch's compiled step works (found by a review, 2026-12-07). Such a compiled step
+    runs torch's own, with the one-time warning: torch's compiled step's values, bit for
+    bit, the lr changing every step."""
+    np = pytest.importorskip("numpy")
+    import torch._dynamo
+
+    torch_cls, ours_cls, kwargs = ALGOS[algo]
+    fused_optim.optimizer.FusedOptimizer._warned.discard(
+        (algo, "lr given as a NumPy scalar under torch.compile"))
+    out = []
+    for cls in (torch_cls, ours_cls):
+        torch._dynamo.reset()
+        g = torch.Generator().manual_seed(0)
+        p = torch.randn(4, 3, generator=g, requires_grad=True)
+        opt = cls([p], **kwargs)
+        step = torch.compile(opt.step)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i in range(3):
+                opt.param_groups[0]["lr"] = np.float64(0.01 * np.cos(i / 10))
+                p.grad = torch.randn(4, 3, generator=g)
+                step()
+        out.append(p.detach().clone())
+    assert any("lr given as a NumPy scalar under torch.compile" in str(w.message)
+               for w in caught)
+    assert torch.equal(out[0], out[1])
