@@ -5,7 +5,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype, _to_scalar
 
-from .optimizer import FusedOptimizer, evaluate_host_term, lr_args, zeros_states, weight_decay_arg
+from .optimizer import (FusedOptimizer, evaluate_host_term, is_numpy_scalar, lr_args, zeros_states,
+                        weight_decay_arg)
 
 __all__ = ["ASGD"]
 
@@ -91,7 +92,7 @@ class ASGD(FusedOptimizer, torch.optim.ASGD):
         step_in_backward refuses the others with its error (it needs the kernels). Under
         torch.compile a NumPy scalar is traced as an array: torch's step (before, the op
         refused the traced lr)."""
-        keys = [k for k in ("lr", "lambd", "alpha", "t0") if type(group[k]).__module__ == "numpy"]
+        keys = [k for k in ("lr", "lambd", "alpha", "t0") if is_numpy_scalar(group[k])]
         if not keys or group["foreach"] or getattr(self, "_param_mode", 0) or \
                 getattr(self, "_state_dtype", None) is not None:
             return None

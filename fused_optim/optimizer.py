@@ -129,6 +129,12 @@ def _dispatch_subclass(t: Tensor) -> bool:
 _DISPATCH_KINDS: Dict[type, bool] = {}
 
 
+def is_numpy_scalar(value: Any) -> bool:
+    """Whether `value` is a NumPy number (or, traced by Dynamo, the array it becomes): not
+    imported, so NumPy stays optional."""
+    return type(value).__module__ == "numpy"
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     # Set per algorithm: the torch.optim class it replaces, and the group options that
     # make us run that class's own step instead of the kernel.
@@ -853,13 +859,19 @@ class FusedOptimizer(torch.optim.Optimizer):
             # shape of one element, and the kernels take it as torch does. (Also where
             # torch would take the Tensor, eps or momentum say: it does only for params of
             # 1 or more dims.)
-            for key in self._numeric_hyper_parameters():
+            for key in ("lr",) + self._numeric_hyper_parameters():
                 value = group.get(key)
                 if type(value) is float:
                     continue
                 for v in (value if isinstance(value, (tuple, list)) else (value,)):
-                    if isinstance(v, Tensor) and v.dim() > 0:
+                    if key != "lr" and isinstance(v, Tensor) and v.dim() > 0:
                         return f"{key} given as a Tensor of shape {list(v.shape)}"
+                    if compiling and is_numpy_scalar(v):
+                        # (Dynamo traces a NumPy scalar, an lr that a LambdaLR returning
+                        # np.cos(...) made, say, as an array: a FakeTensor, which the op's
+                        # float argument refuses; torch's step computes with it. Found by a
+                        # review, 2026-12-07.)
+                        return f"{key} given as a NumPy scalar under torch.compile"
             if compiling and any(isinstance(b, Tensor) for b in group.get("betas", ())) and \
                     torch._dynamo.config.capture_scalar_outputs:
                 # (the kernels take betas as floats: a traced .item() is a symbolic float
@@ -869,15 +881,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                 # (Inductor fails on the op's in-place update of complex tensors, "
                 # auto_functionalized_v2 was not removed"; torch's step compiles)
                 return "complex params under torch.compile"
-            if compiling:
-                # (Dynamo traces a NumPy scalar, an lr that a LambdaLR returning np.cos(...)
-                # made, say, as an array: a FakeTensor, which the op's float argument
-                # refuses; torch's step computes with it. Found by a review, 2026-12-07.)
-                for key in ("lr",) + self._numeric_hyper_parameters():
-                    value = group.get(key)
-                    for v in (value if isinstance(value, (tuple, list)) else (value,)):
-                        if type(v).__module__ == "numpy":
-                            return f"{key} given as a NumPy scalar under torch.compile"
         return None
 
     _NUMERIC_KEYS: Dict[type, Tuple[str, ...]] = {}
