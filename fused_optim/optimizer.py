@@ -264,14 +264,16 @@ class FusedOptimizer(torch.optim.Optimizer):
             # again from its option's value in float32 first, as the reference (torch's
             # for-loop in float32, its moments stored as state_dtype says) makes it; torch
             # made it in a 16-bit param's dtype, and converting that rounded the value
-            # twice (found by a review, 2026-12-06: 0.1 was bfloat16's 0.10009765625).
+            # twice (found by a review, 2026-12-06: 0.1 was bfloat16's 0.10009765625). The
+            # value is the constructor's (self.defaults), as torch's constructor fills it, not
+            # a param group's own (found by a differential fuzz, 2026-12-08).
             for group in self.param_groups:
                 for p in group["params"]:
                     if p in self.state:
                         st = self.state[p]
                         for key, option in self._constructor_fills.items():
                             if isinstance(st.get(key), Tensor) and not p.is_complex():
-                                st[key] = torch.full_like(p, group[option], dtype=torch.float32,
+                                st[key] = torch.full_like(p, self.defaults[option], dtype=torch.float32,
                                                           memory_format=torch.preserve_format)
                         self._convert_moments(p, st)
         if stochastic_rounding:
@@ -444,8 +446,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     # Whether the eager fast path (Note [fast path]) can take this algorithm's groups: it
     # needs a direct call registered for _op and one state entry per param and key.
     _fast_path: bool = True
-    # State that torch's constructor makes, filled with a group option's value: {state key:
-    # option} (Adagrad's sum, initial_accumulator_value).
+    # State that torch's constructor makes, filled with the value the constructor was given
+    # for an option (self.defaults', not a param group's own): {state key: option}
+    # (Adagrad's sum, initial_accumulator_value).
     _constructor_fills: Dict[str, str] = {}
 
     def _state_keys(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:

@@ -204,6 +204,46 @@ def test_state_dtype_matches_the_float32_reference_bitwise(name, kwargs, pdtype,
                 assert float(ours[k]) == float(v)
 
 
+@pytest.mark.parametrize("sdtype", STATE_DTYPES, ids=str)
+@pytest.mark.parametrize("pdtype", PARAM_DTYPES, ids=str)
+def test_adagrad_sum_starts_from_the_constructors_value_not_a_groups(pdtype, sdtype):
+    """torch.optim.Adagrad's constructor fills every param's sum with its own
+    initial_accumulator_value argument; a param group's value is never read (nor by
+    _init_group, which takes the defaults'). With a state_dtype the sum is made again in
+    float32 (test above): from the constructor's value too, so a group's own value changes
+    nothing (until 2026-12-08 it was taken: found by a differential fuzz). Bitwise: the same
+    run with and without the group's value."""
+    def run(group_value):
+        params = make_params(pdtype)
+        group = {"params": params}
+        if group_value is not None:
+            group["initial_accumulator_value"] = group_value
+        opt = fused_optim.Adagrad([group], lr=0.05, initial_accumulator_value=0.1,
+                                  state_dtype=sdtype)
+        made = [moment_as_float(opt.state[p], "sum").clone() for p in params]
+        run_ours("Adagrad", {}, pdtype, sdtype, 3, params=params, opt=opt)
+        return made, params, opt
+    made, params, opt = run(0.5)
+    made_ref, params_ref, opt_ref = run(None)
+    for i, (p, r) in enumerate(zip(params, params_ref)):
+        assert_bitwise(made[i], made_ref[i], f"sum of param {i} as made")
+        assert bool((made[i] > 0.09).all() and (made[i] < 0.11).all())  # 0.1, not 0.5
+        assert_bitwise(p, r, f"param {i}")
+        assert_bitwise(moment_as_float(opt.state[p], "sum"),
+                       moment_as_float(opt_ref.state[r], "sum"), f"sum of param {i}")
+    if pdtype is torch.float32 and sdtype is torch.float32:  # torch's own, the anchor
+        work = [p.detach().requires_grad_() for p in make_params(pdtype)]
+        ref = torch.optim.Adagrad([{"params": work, "initial_accumulator_value": 0.5}],
+                                  lr=0.05, initial_accumulator_value=0.1, foreach=False)
+        for step in range(3):
+            for w, g in zip(work, grads_at(step, pdtype)):
+                w.grad = g
+            with correctly_rounded_sqrt():
+                ref.step()
+        for i, (p, w) in enumerate(zip(params, work)):
+            assert_bitwise(p, w, f"param {i} against torch")
+
+
 def test_quantization_module_matches_the_reference():
     """fused_optim.quantization (checkpoint conversion) quantizes as the kernels do."""
     g = torch.Generator().manual_seed(3)
