@@ -67,6 +67,11 @@ class SparseAdam(FusedOptimizer, torch.optim.SparseAdam):
                     reason = "a grad whose dtype is not its param's"
         return reason
 
+    # Not traced by torch.compile: Dynamo cannot wrap the sparse grads (torch's own SparseAdam
+    # step falls back to eager for the same reason), and tracing this loop guarded on each
+    # param's Python-int step, so that a compiled step made new graphs step after step until
+    # Dynamo's recompile limit (found by a differential fuzz, 2026-12-08).
+    @torch.compiler.disable
     def _update_group(self, group: Dict[str, Any], params: List[Tensor], grads: List[Tensor],
                       keys: Tuple[Optional[str], ...], args: Tuple[Any, ...]) -> None:
         found_inf = getattr(self, "found_inf", None)

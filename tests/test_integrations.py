@@ -202,6 +202,41 @@ def test_compiled_training_step_has_no_graph_break_from_fused_optim(algo):
         torch.testing.assert_close(p, q)
 
 
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_compiled_sparse_adam_step_does_not_recompile_every_step(dynamic):
+    """Dynamo cannot trace sparse grads; torch's SparseAdam step falls back to eager. Ours
+    traced its group loop and guarded on each param's Python-int step, so that a compiled
+    step made a new graph at every step until Dynamo's recompile limit (8) and its warning
+    (found by a differential fuzz, 2026-12-08). Now the loop is not traced: after the
+    first steps no step compiles anything, and the values are torch's eager SparseAdam's,
+    bit for bit, over 10 steps of sparse grads that name different rows."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    out, graphs = [], []
+    for cls, compiled in ((torch.optim.SparseAdam, False), (fused_optim.SparseAdam, True)):
+        torch._dynamo.reset()
+        counters.clear()
+        g = torch.Generator().manual_seed(0)
+        p = torch.randn(6, 4, generator=g, requires_grad=True)
+        opt = cls([p], lr=0.01)
+        step = torch.compile(opt.step, dynamic=dynamic) if compiled else opt.step
+        per_step = []
+        for i in range(10):
+            nnz = 1 + i % 5
+            p.grad = torch.sparse_coo_tensor(torch.randint(0, 6, (1, nnz), generator=g),
+                                             torch.randn(nnz, 4, generator=g), p.shape)
+            before = counters["stats"].get("unique_graphs", 0)
+            step()
+            per_step.append(counters["stats"].get("unique_graphs", 0) - before)
+        out.append((p.detach().clone(), opt.state[p]["exp_avg"].clone(),
+                    opt.state[p]["exp_avg_sq"].clone(), opt.state[p]["step"]))
+        graphs = per_step
+    assert sum(graphs[3:]) == 0, graphs  # (the old code: a graph at each of steps 1-8)
+    for a, b in zip(out[0], out[1]):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+
+
 @pytest.mark.parametrize("algo", ["SGD", "Adam", "RMSprop", "Adagrad", "Rprop"])
 def test_compiled_step_with_tensor_lr_scheduler_does_not_recompile(algo):
     """torch's recipe for compiled optimizers with a scheduler: a tensor lr, and the step and
