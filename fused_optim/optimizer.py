@@ -282,6 +282,17 @@ class FusedOptimizer(torch.optim.Optimizer):
             # Only this option draws (after every check): with any other, the generator's
             # stream is the one torch.optim leaves, so a script's later random numbers too.
             self._rounding_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        if self._param_mode:
+            # State torch's constructor made (Adagrad's): the mode's buffer made with it, as
+            # the first step would make it, so that the state has every key before a step.
+            # torch.distributed.checkpoint loads only the keys an optimizer's state has, and
+            # makes the state by a step only where there is none: without the buffer, a
+            # checkpoint's master, compensation or rounding state was dropped as it loaded,
+            # silently (found by a differential fuzz, 2026-12-08).
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if self.state.get(p):
+                        self._init_storage(p, self.state[p])
         # Clipping by global norm inside step() (Note [clipping in the step], clip.py):
         # optimizer-wide, like the norm it clips by, so not a param-group option.
         self.max_grad_norm = max_grad_norm
@@ -395,6 +406,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     f"{option}=True applies to bfloat16 and float16 params; param {i} of param "
                     f"group {index} has dtype {p.dtype} (put it in an optimizer without "
                     f"{option})")
+            if option == "stochastic_rounding" and quantization.is_dtensor(p):
+                _check_rounding_placements(p, i, index)
 
     def _refuse_group_options(self, group: Dict[str, Any]) -> None:
         """A param group that names one of fused_optim's options, which are optimizer-wide,
@@ -1302,6 +1315,27 @@ def weight_decay_arg(group: Dict[str, Any], decoupled: Any = False) -> float:
         # found by a review of the fix, 2026-12-06)
         raise RuntimeError("Boolean alpha only supported for Boolean results.")
     return hyper_float(value, "weight_decay")
+
+
+def _check_rounding_placements(p: Tensor, i: int, index: int) -> None:
+    """Stochastic rounding numbers a DTensor's local elements from the position of its
+    shard's first element in the whole param (_kernel_storage): right where every shard is
+    a range of the whole param's elements, as FSDP2's default Shard(0) makes them. A shard
+    of another dim (FSDP2's shard_placement_fn=Shard(1)), or a strided one, is a box whose
+    rows lie apart in the whole param: its elements would take other elements' random
+    numbers (shards sharing them, the sharded step not the unsharded one's: found by a
+    differential fuzz, 2026-12-08). Refused, the same on every rank (the placements are)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    for placement in p.placements:
+        if type(placement) is Replicate or (type(placement) is Shard and placement.dim == 0):
+            continue
+        raise ValueError(
+            f"stochastic_rounding=True takes DTensor params sharded on dim 0 (Shard(0), FSDP2's "
+            f"default) or replicated; param {i} of param group {index} has placements "
+            f"{tuple(p.placements)}: its shards' elements would not draw the random numbers of "
+            "their positions in the whole param (shard it on dim 0, or put it in an optimizer "
+            "without stochastic_rounding)")
 
 
 def betas_args(group: Dict[str, Any]) -> Dict[str, float]:

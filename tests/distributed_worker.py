@@ -204,30 +204,44 @@ def dcp(rank):
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
 
-    model = _fsdp2_model()
-    opt = fused_optim.AdamW(model.parameters(), lr=0.01)
-    train(model, opt, rank, 3)
-    path = [tempfile.mkdtemp() if rank == 0 else None]
-    dist.broadcast_object_list(path, src=0)
-    dcp_.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-              checkpoint_id=path[0])
+    # AdamW on float32 params; and Adagrad, whose state torch's constructor makes, with each
+    # 16-bit mode on bfloat16 params: DCP loads only the keys the new optimizer's state has,
+    # and makes that state by a step only where there is none, so the mode's buffer must be
+    # made with Adagrad's state (until 2026-12-08 it was dropped as it loaded, silently)
+    cases = (("AdamW", torch.float32, {}), ("Adagrad", torch.bfloat16, {"master_weights": True}),
+             ("Adagrad", torch.bfloat16, {"kahan_summation": True}),
+             ("Adagrad", torch.bfloat16, {"stochastic_rounding": True}))
+    for name, dtype, options in cases:
+        what = f"{name} {options}"
+        make = getattr(fused_optim, name)
+        run = train if dtype is torch.float32 else _low_precision_train
+        model = _fsdp2_model(model_fn().to(dtype))
+        torch.manual_seed(5)
+        opt = make(model.parameters(), lr=0.01, **options)
+        run(model, opt, rank, 3)
+        path = [tempfile.mkdtemp() if rank == 0 else None]
+        dist.broadcast_object_list(path, src=0)
+        dcp_.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                  checkpoint_id=path[0])
 
-    restored = _fsdp2_model()
-    restored_opt = fused_optim.AdamW(restored.parameters(), lr=0.01)
-    sd = {"model": get_model_state_dict(restored), "optim": get_optimizer_state_dict(restored, restored_opt)}
-    dcp_.load(sd, checkpoint_id=path[0])
-    set_model_state_dict(restored, sd["model"])
-    set_optimizer_state_dict(restored, restored_opt, sd["optim"])
-    assert_params_equal(restored, model, exact=True, what="DCP restored params")
-    for p, q in zip(model.parameters(), restored.parameters()):
-        for key, value in opt.state[p].items():
-            other = restored_opt.state[q][key]
-            a = value.to_local() if hasattr(value, "to_local") else value
-            b = other.to_local() if hasattr(other, "to_local") else other
-            assert torch.equal(a, b), f"DCP restored state {key}"
-    train(model, opt, rank, 3, first=3)
-    train(restored, restored_opt, rank, 3, first=3)
-    assert_params_equal(restored, model, exact=True, what="DCP training continued")
+        restored = _fsdp2_model(model_fn().to(dtype))
+        torch.manual_seed(6)  # (another rounding seed: the checkpoint's must be the one used)
+        restored_opt = make(restored.parameters(), lr=0.01, **options)
+        sd = {"model": get_model_state_dict(restored), "optim": get_optimizer_state_dict(restored, restored_opt)}
+        dcp_.load(sd, checkpoint_id=path[0])
+        set_model_state_dict(restored, sd["model"])
+        set_optimizer_state_dict(restored, restored_opt, sd["optim"])
+        assert_params_equal(restored, model, exact=True, what=f"{what}: DCP restored params")
+        for p, q in zip(model.parameters(), restored.parameters()):
+            assert set(restored_opt.state[q]) == set(opt.state[p]), what
+            for key, value in opt.state[p].items():
+                other = restored_opt.state[q][key]
+                a = value.to_local() if hasattr(value, "to_local") else value
+                b = other.to_local() if hasattr(other, "to_local") else other
+                assert torch.equal(a, b), f"{what}: DCP restored state {key}"
+        run(model, opt, rank, 3, first=3)
+        run(restored, restored_opt, rank, 3, first=3)
+        assert_params_equal(restored, model, exact=True, what=f"{what}: DCP training continued")
 
 
 def _low_precision_model(dtype):
@@ -489,6 +503,27 @@ def fsdp2_modes(rank):
             if "stochastic_rounding" in options:
                 assert opt.state[p]["rounding_state"].shape == (2,)
                 assert opt.state[p]["rounding_state"][1].item() == 3
+    # Shards on dim 1 (FSDP2's shard_placement_fn) are boxes whose rows lie apart in the
+    # whole param: stochastic rounding would number their elements wrongly (ranks sharing
+    # random numbers), so it refuses them when the optimizer is made, on every rank alike;
+    # Kahan summation takes them.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 6, bias=False).to(torch.bfloat16)
+    fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)), shard_placement_fn=lambda p: Shard(1))
+    try:
+        fused_optim.SGD(model.parameters(), lr=0.05, stochastic_rounding=True)
+    except ValueError as e:
+        assert "stochastic_rounding=True takes DTensor params sharded on dim 0" in str(e), e
+        assert "param 0 of param group 0" in str(e), e
+    else:
+        raise AssertionError("stochastic rounding took a param sharded on dim 1")
+    opt = fused_optim.SGD(model.parameters(), lr=0.05, kahan_summation=True)
+    model(torch.randn(3, 4, dtype=torch.bfloat16)).float().square().mean().backward()
+    opt.step()
 
 
 def fsdp2_muon(ours_model, ref_model, rank):
