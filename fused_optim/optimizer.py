@@ -1068,9 +1068,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Whether a step would make state: a param with a grad and no state yet, or
         without the state its group's param_aux keeps (a storage mode's buffer, the 8-bit
         moments' scales), in a group whose kernel takes a state (its keys). (Adagrad's
-        state is made by its constructor, and only its master_param or kahan_comp is left
-        to make: a skipped first step had made it, where unscale_ then a skipped step()
-        makes nothing; found by a fuzz, 2026-12-07. Not every rule key: Adafactor keeps
+        state is made by its constructor, with a mode's buffer since 2026-12-08: that buffer
+        is left to make only after a torch.optim checkpoint's load, or for a param added
+        since; a skipped first step had made it, where unscale_ then a skipped step() makes
+        nothing; found by a fuzz, 2026-12-07. Not every rule key: Adafactor keeps
         `variance` or the row and column ones, and a GPU step would wait on found_inf.)"""
         state = self.state
         for group, group_keys in zip(groups, keys):
@@ -1319,23 +1320,43 @@ def weight_decay_arg(group: Dict[str, Any], decoupled: Any = False) -> float:
 
 def _check_rounding_placements(p: Tensor, i: int, index: int) -> None:
     """Stochastic rounding numbers a DTensor's local elements from the position of its
-    shard's first element in the whole param (_kernel_storage): right where every shard is
-    a range of the whole param's elements, as FSDP2's default Shard(0) makes them. A shard
-    of another dim (FSDP2's shard_placement_fn=Shard(1)), or a strided one, is a box whose
-    rows lie apart in the whole param: its elements would take other elements' random
-    numbers (shards sharing them, the sharded step not the unsharded one's: found by a
-    differential fuzz, 2026-12-08). Refused, the same on every rank (the placements are)."""
+    shard's first element in the whole param (_kernel_storage): right where the whole param
+    is contiguous and every shard is a range of its rows, as FSDP2's default Shard(0) makes
+    them, nested (HSDP's Replicate, Shard(0); Shard(0) on two mesh dims) or not, and as FSDP2
+    over tensor or expert parallelism makes them, (_StridedShard(0, split_factor=n),
+    Shard(0)) with the later dims' mesh sizes multiplying to n: the later shard's chunk is
+    taken first, the strided one's inside it. A shard of another dim (FSDP2's
+    shard_placement_fn=Shard(1)) is a box whose rows lie apart in the whole param, and a
+    non-contiguous param's shard is no range of its positions: their elements would take
+    other elements' random numbers (shards sharing them, the sharded step not the unsharded
+    one's: found by a differential fuzz, 2026-12-08). Refused, on every rank alike: decided
+    from the placements and the layout, which every rank shares, not from a rank's shard."""
     from torch.distributed.tensor import Replicate, Shard
 
-    for placement in p.placements:
+    placements = tuple(p.placements)
+    sizes = tuple(p.device_mesh.shape)
+    ok = p.is_contiguous()
+    for k, placement in enumerate(placements):
+        if not ok:
+            break
         if type(placement) is Replicate or (type(placement) is Shard and placement.dim == 0):
             continue
+        if (type(placement).__name__ == "_StridedShard" and placement.dim == 0):
+            later = 1
+            for j in range(k + 1, len(placements)):
+                if isinstance(placements[j], Shard) and placements[j].dim == 0:
+                    later *= sizes[j]
+            if getattr(placement, "split_factor", None) == later:
+                continue
+        ok = False
+    if not ok:
         raise ValueError(
             f"stochastic_rounding=True takes DTensor params sharded on dim 0 (Shard(0), FSDP2's "
-            f"default) or replicated; param {i} of param group {index} has placements "
-            f"{tuple(p.placements)}: its shards' elements would not draw the random numbers of "
-            "their positions in the whole param (shard it on dim 0, or put it in an optimizer "
-            "without stochastic_rounding)")
+            f"default) or replicated, and contiguous; param {i} of param group {index} has "
+            f"placements {placements}{'' if p.is_contiguous() else ' and is not contiguous'}: "
+            "its shards' elements would not draw the random numbers of their positions in the "
+            "whole param (shard it on dim 0, or put it in an optimizer without "
+            "stochastic_rounding)")
 
 
 def betas_args(group: Dict[str, Any]) -> Dict[str, float]:

@@ -509,7 +509,7 @@ def fsdp2_modes(rank):
     # Kahan summation takes them.
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import Replicate, Shard
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 6, bias=False).to(torch.bfloat16)
@@ -524,6 +524,46 @@ def fsdp2_modes(rank):
     opt = fused_optim.SGD(model.parameters(), lr=0.05, kahan_summation=True)
     model(torch.randn(3, 4, dtype=torch.bfloat16)).float().square().mean().backward()
     opt.step()
+    # FSDP2 over tensor parallelism shards dim 0 as (_StridedShard(0, split_factor=n),
+    # Shard(0)), the later mesh dims' sizes multiplying to n: each shard a range of rows,
+    # taken, with the unsharded step's bits (a 1 x 2 mesh: the TP dim holds both ranks);
+    # a transposed (not contiguous) param sharded on dim 0 is refused
+    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    mesh2 = init_device_mesh("cpu", (1, WORLD))
+    torch.manual_seed(0)
+    whole = torch.randn(6, 4).to(torch.bfloat16)
+    for placements, taken in (((_StridedShard(0, split_factor=WORLD), Shard(0)), True),
+                              ((_StridedShard(0, split_factor=3), Shard(0)), False)):
+        p = torch.nn.Parameter(distribute_tensor(whole, mesh2, placements))
+        q = torch.nn.Parameter(whole.clone())
+        try:
+            torch.manual_seed(5)
+            opt = fused_optim.SGD([p], lr=0.05, stochastic_rounding=True)
+        except ValueError as e:
+            assert not taken and "placements" in str(e), e
+            continue
+        assert taken, placements
+        torch.manual_seed(5)
+        ref = fused_optim.SGD([q], lr=0.05, stochastic_rounding=True)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            grad = torch.randn(6, 4, generator=g).to(torch.bfloat16)
+            p.grad = distribute_tensor(grad, mesh2, placements)
+            q.grad = grad
+            opt.step()
+            ref.step()
+        assert torch.equal(p.full_tensor(), q.detach()), placements
+    p = torch.nn.Parameter(distribute_tensor(whole.t().contiguous(), mesh2,
+                                             (Replicate(), Shard(1))).t())
+    assert not p.is_contiguous() and tuple(p.placements) == (Replicate(), Shard(0))
+    try:
+        fused_optim.SGD([p], lr=0.05, stochastic_rounding=True)
+    except ValueError as e:
+        assert "is not contiguous" in str(e), e
+    else:
+        raise AssertionError("stochastic rounding took a param that is not contiguous")
 
 
 def fsdp2_muon(ours_model, ref_model, rank):
